@@ -1,0 +1,3 @@
+from pipegate.cli import main
+
+raise SystemExit(main())

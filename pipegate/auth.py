@@ -1,0 +1,185 @@
+"""
+JWT minting and verification for connector logins.
+
+Run as C{python -m pipegate.auth} to mint a token, like C{pipegate token}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Mapping
+
+import attrs
+import jwt
+
+ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
+MIN_SECRET_BYTES = 16
+LEEWAY_SECONDS = 30
+CONNECTION_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+RESERVED_IDS = frozenset({"healthz"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message is one line naming it."""
+
+
+class TokenError(ValueError):
+    """A token was refused; the message says why (and never contains the token)."""
+
+
+def valid_connection_id(value: str) -> bool:
+    return bool(CONNECTION_ID.match(value)) and value.lower() not in RESERVED_IDS
+
+
+def parse_algorithms(value: str) -> tuple[str, ...]:
+    """Accept a JSON list (C{'["HS256"]'}) or a comma list (C{HS256,HS512})."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"PIPEGATE_JWT_ALGORITHMS: not a JSON list: {e}") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError("PIPEGATE_JWT_ALGORITHMS: must be a list of strings")
+    else:
+        items = text.split(",")
+    algorithms = tuple(i.strip() for i in items if i.strip())
+    if not algorithms:
+        raise ConfigError("PIPEGATE_JWT_ALGORITHMS: no algorithm given")
+    for alg in algorithms:
+        if alg not in ALLOWED_ALGORITHMS:
+            raise ConfigError(
+                f"PIPEGATE_JWT_ALGORITHMS: {alg!r} is not one of {', '.join(ALLOWED_ALGORITHMS)}"
+            )
+    return algorithms
+
+
+@attrs.frozen(repr=False)
+class JWTSettings:
+    secret: str
+    algorithms: tuple[str, ...] = ("HS256",)
+    issuer: str = "pipegate"
+    audience: str = "pipegate"
+    ttl_days: float = 21.0
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"JWTSettings(algorithms={self.algorithms!r}, issuer={self.issuer!r}, ...)"
+
+    @classmethod
+    def from_values(
+        cls, secret: str | None, algorithms: str | None = None, issuer: str | None = None,
+        audience: str | None = None, ttl_days: str | None = None,
+    ) -> JWTSettings:
+        if not secret:
+            raise ConfigError("PIPEGATE_JWT_SECRET is not set (export a secret of 16 or more bytes)")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"PIPEGATE_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+        algs = parse_algorithms(algorithms) if algorithms else ("HS256",)
+        ttl = 21.0
+        if ttl_days not in (None, ""):
+            try:
+                ttl = float(ttl_days)
+            except ValueError:
+                raise ConfigError(f"PIPEGATE_JWT_TTL_DAYS: not a number: {ttl_days!r}") from None
+            if not ttl > 0:
+                raise ConfigError("PIPEGATE_JWT_TTL_DAYS: must be greater than 0")
+        return cls(secret, algs, issuer or "pipegate", audience or "pipegate", ttl)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> JWTSettings:
+        return cls.from_values(
+            environ.get("PIPEGATE_JWT_SECRET"), environ.get("PIPEGATE_JWT_ALGORITHMS"),
+            environ.get("PIPEGATE_JWT_ISSUER"), environ.get("PIPEGATE_JWT_AUDIENCE"),
+            environ.get("PIPEGATE_JWT_TTL_DAYS"),
+        )
+
+
+def mint(settings: JWTSettings, connection_id: str, now: float) -> str:
+    """Sign a token for C{connection_id} with the first configured algorithm."""
+    if not valid_connection_id(connection_id):
+        raise ConfigError(
+            f"connection id {connection_id!r}: use 1-64 of A-Z a-z 0-9 _ - (not 'healthz')"
+        )
+    issued = int(now)
+    claims = {
+        "sub": connection_id,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(settings.ttl_days * 86400),
+        "iss": settings.issuer,
+        "aud": settings.audience,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, settings.secret, algorithm=settings.algorithms[0])
+
+
+def verify(settings: JWTSettings, token: str, now: float) -> str:
+    """Return the token's connection id (C{sub}) or raise L{TokenError}."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise TokenError("malformed token") from None
+    if header.get("alg") not in settings.algorithms:
+        raise TokenError(f"token algorithm {header.get('alg')!r} is not allowed")
+    try:
+        claims = jwt.decode(
+            token, settings.secret, algorithms=list(settings.algorithms),
+            audience=settings.audience, issuer=settings.issuer, leeway=LEEWAY_SECONDS,
+            options={"require": ["sub", "exp", "nbf", "iat", "iss", "aud"],
+                     "verify_iat": False},
+        )
+    except jwt.ExpiredSignatureError:
+        raise TokenError("token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise TokenError("token not yet valid") from None
+    except jwt.InvalidAudienceError:
+        raise TokenError("token audience not accepted") from None
+    except jwt.InvalidIssuerError:
+        raise TokenError("token issuer not accepted") from None
+    except jwt.MissingRequiredClaimError as e:
+        raise TokenError(f"token lacks the {e.claim!r} claim") from None
+    except jwt.InvalidSignatureError:
+        raise TokenError("token signature does not verify") from None
+    except jwt.PyJWTError as e:
+        raise TokenError(f"invalid token ({type(e).__name__})") from None
+    # PyJWT checks exp/nbf against the wall clock; check them against `now` as well so
+    # that callers with an injected clock get the same answer.
+    if claims["exp"] + LEEWAY_SECONDS < now:
+        raise TokenError("token expired")
+    if claims["nbf"] - LEEWAY_SECONDS > now:
+        raise TokenError("token not yet valid")
+    sub = claims["sub"]
+    if not isinstance(sub, str) or not valid_connection_id(sub):
+        raise TokenError("token subject is not a valid connection id")
+    return sub
+
+
+def unverified_subject(token: str) -> str | None:
+    """The C{sub} of a token without checking it (for display by a connector)."""
+    try:
+        sub = jwt.decode(token, options={"verify_signature": False}).get("sub")
+    except jwt.PyJWTError:
+        return None
+    return sub if isinstance(sub, str) else None
+
+
+def token_lines(connection_id: str | None, environ: Mapping[str, str], now: float) -> str:
+    """The two lines printed by C{pipegate token} and C{python -m pipegate.auth}."""
+    settings = JWTSettings.from_environ(environ)
+    cid = connection_id or environ.get("PIPEGATE_CONNECTION_ID") or uuid.uuid4().hex
+    token = mint(settings, cid, now)
+    return f"Connection-id: {cid}\nJWT Bearer:    {token}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipegate.cli import main as cli_main
+
+    return cli_main(["token", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""
+The C{pipegate} command: C{token}, C{router-secret}, C{demo}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+
+from pipegate import auth
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        sys.stdout.write(auth.token_lines(args.connection_id, os.environ, time.time()))
+    except auth.ConfigError as e:
+        print(f"pipegate token: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_router_secret(args: argparse.Namespace) -> int:
+    print(secrets.token_hex(32))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipegate.demo import run
+
+    return run(args.port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipegate", description="PipeGate tunnels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    token = sub.add_parser("token", help="mint a connection id and a JWT (needs PIPEGATE_JWT_SECRET)")
+    token.add_argument("-c", "--connection-id", default=None,
+                       help="pin the connection id (default: PIPEGATE_CONNECTION_ID, else random)")
+    token.set_defaults(func=cmd_token)
+    secret = sub.add_parser("router-secret", help="print a new router secret (64 hex characters)")
+    secret.set_defaults(func=cmd_router_secret)
+    demo = sub.add_parser("demo", help="run a relay, a connector and a small web app on loopback")
+    demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,97 @@
+"""
+Option and environment plumbing shared by every service.
+
+Every long option C{--some-option} of a service also reads C{PIPEGATE_SOME_OPTION};
+a flag on the command line beats the variable.  Values are converted and checked in
+C{postOptions} so that a bad value stops startup with one line naming the option.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.python import usage
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_name(option: str) -> str:
+    return "PIPEGATE_" + option.upper().replace("-", "_")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+class EnvOptions(usage.Options):
+    """
+    C{usage.Options} whose parameters and flags fall back to C{PIPEGATE_*} variables.
+
+    Subclasses list converters in C{converters = {"option-name": callable}}; each value,
+    whether from the flag, the variable or the default, is converted once in
+    L{postOptions} and any error names the option.
+    """
+
+    converters: Mapping[str, Callable[[str], Any]] = {}
+    environ: Mapping[str, str] = os.environ
+
+    def parseOptions(self, options=None):
+        # Variables first, so that whatever the command line says overwrites them.
+        self._apply_env()
+        super().parseOptions(options)
+
+    def _apply_env(self) -> None:
+        names = [p[0] for p in getattr(self, "optParameters", [])]
+        flags = [f[0] for f in getattr(self, "optFlags", [])]
+        for name in names + flags:
+            value = self.environ.get(env_name(name))
+            if value is None:
+                continue
+            if name in flags:
+                lowered = value.strip().lower()
+                if lowered not in TRUE | FALSE:
+                    raise usage.UsageError(f"{env_name(name)}: expected true or false, got {value!r}")
+                self[name] = 1 if lowered in TRUE else 0
+            else:
+                self[name] = value
+
+    def postOptions(self) -> None:
+        for name, convert in self.converters.items():
+            value = self.get(name)
+            if not isinstance(value, str):
+                continue
+            try:
+                self[name] = convert(value)
+            except (ValueError, TypeError) as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
+        self.check()
+
+    def check(self) -> None:
+        """Cross-option validation; raise L{usage.UsageError} naming the option."""

@@ -1,0 +1,1 @@
+"""The HTTP plane: relay (pipegate-server) and connector (pipegate-client)."""

@@ -1,0 +1,550 @@
+"""
+The connector (C{twistd pipegate-client TARGET_URL SERVER_URL}).
+
+It keeps one WebSocket to the relay inside a L{ClientService} and forwards every
+request stream to the local app with L{Agent} over a persistent pool, streaming
+bodies both ways within the streams' credit windows.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+from urllib.parse import urlsplit
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client, http
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from pipegate.http import frames
+from pipegate.http.pipe import StreamPipe, filter_headers
+
+
+class ConnectorError(ValueError):
+    """A connector setting is unusable; one line naming it."""
+
+
+@attrs.frozen
+class Target:
+    """Where the local app lives: C{http://127.0.0.1:3000/base}."""
+
+    scheme: bytes
+    host: bytes
+    port: int
+    base: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConnectorError(f"TARGET_URL: expected http(s)://host[:port][/path], got {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme.encode(), parts.hostname.encode("idna"), port,
+                   parts.path.rstrip("/").encode())
+
+    @property
+    def authority(self) -> bytes:
+        host = b"[" + self.host + b"]" if b":" in self.host else self.host
+        default = 443 if self.scheme == b"https" else 80
+        return host if self.port == default else host + b":%d" % self.port
+
+    def url(self, target: bytes) -> bytes:
+        return self.scheme + b"://" + self.authority + self.path(target)
+
+    def path(self, target: bytes) -> bytes:
+        """The base path joined with the tunnel target, dot segments kept inside the tunnel."""
+        path, sep, query = target.partition(b"?")
+        return self.base + safe_path(path) + sep + query
+
+
+def _is_dot(segment: bytes, dots: bytes) -> bool:
+    return segment.lower().replace(b"%2e", b".") == dots
+
+
+def safe_path(path: bytes) -> bytes:
+    """
+    Resolve C{.} and C{..} segments (also percent-encoded ones) without ever rising
+    above the root, leaving every other byte, percent-escapes included, as it is.
+    """
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:] if path.startswith(b"/") else path.split(b"/")
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if _is_dot(segment, b"."):
+            if last:
+                out.append(b"")
+        elif _is_dot(segment, b".."):
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+@attrs.frozen
+class ConnectorConfig:
+    target: Target
+    max_streams: int = 100
+    connect_timeout: float = 10.0
+    ping_interval: float = 20.0
+
+
+@implementer(IBodyProducer)
+class TunnelBody:
+    """The request body as it arrives in DATA frames, written to the Agent's consumer."""
+
+    def __init__(self, stream: ConnectorStream, length: int | object) -> None:
+        self.stream = stream
+        self.length = length
+        self.consumer = None
+        self.finished: defer.Deferred[None] = defer.Deferred()
+        self._early: list[bytes] = []
+        self._ended = False
+        self._paused = False
+        self._pending_credit = 0
+        self._stopped = False
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        early, self._early = self._early, []
+        for chunk in early:
+            self._write(chunk)
+        if self._ended and not self._stopped:
+            self.finished.callback(None)
+        return self.finished
+
+    def data(self, chunk: bytes) -> None:
+        if self.consumer is None:
+            self._early.append(chunk)
+        else:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        if self._stopped:
+            return
+        self.consumer.write(chunk)
+        credit = self.stream.upload.consumed(len(chunk))
+        if self._paused:
+            self._pending_credit += credit
+        else:
+            self.stream.send(frames.Window(self.stream.stream_id, credit))
+
+    def end(self) -> None:
+        self._ended = True
+        if self.consumer is not None and not self.finished.called and not self._stopped:
+            self.finished.callback(None)
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        if self._pending_credit:
+            credit, self._pending_credit = self._pending_credit, 0
+            self.stream.send(frames.Window(self.stream.stream_id, credit))
+
+    def stopProducing(self):
+        # The Agent gave up on the request; its Deferred reports why.  Per IBodyProducer,
+        # `finished` must never fire now.
+        self._stopped = True
+
+
+class ResponseForwarder(Protocol):
+    """Receives the local app's response body and sends it as DATA within the window."""
+
+    def __init__(self, stream: ConnectorStream) -> None:
+        self.stream = stream
+        self.window = frames.SendWindow()
+        self._ended = False
+
+    def dataReceived(self, data: bytes) -> None:
+        for chunk in self.window.write(data):
+            self.stream.send(frames.Data(self.stream.stream_id, chunk))
+        if self.window.blocked:
+            self.transport.pauseProducing()
+
+    def credit(self, increment: int) -> None:
+        for chunk in self.window.credit(increment):
+            self.stream.send(frames.Data(self.stream.stream_id, chunk))
+        if not self.window.blocked and self.transport is not None:
+            self.transport.resumeProducing()
+        self._maybe_end()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if reason.check(client.ResponseDone, http.PotentialDataLoss):
+            self._ended = True
+            self._maybe_end()
+        else:
+            self.stream.reset(http.BAD_GATEWAY, "the local app failed mid-response")
+
+    def _maybe_end(self) -> None:
+        if self._ended and self.window.queued == 0:
+            self.stream.send(frames.End(self.stream.stream_id))
+            self.stream.close()
+
+
+class ConnectorStream:
+    """One request from the relay, forwarded to the local app."""
+
+    log = Logger()
+
+    def __init__(self, session: ConnectorSession, head: frames.RequestHead) -> None:
+        self.session = session
+        self.stream_id = head.stream
+        self.head = head
+        self.upload = frames.ReceiveWindow()
+        self.body: TunnelBody | None = None
+        self.forwarder: ResponseForwarder | None = None
+        self.pipe: StreamPipe | None = None
+        self._request: defer.Deferred | None = None
+        self._closed = False
+
+    def send(self, frame: frames.Frame) -> None:
+        if not self._closed:
+            self.session.send(frame)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.session.streams.pop(self.stream_id, None)
+
+    def reset(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self.log.info("request {correlation} failed: {code} {reason}",
+                          correlation=self.head.correlation.decode(), code=code, reason=reason)
+            self.send(frames.Reset(self.stream_id, code, reason.encode()))
+            self.close()
+
+    def request_headers(self) -> Headers:
+        head = self.head
+        target = self.session.config.target
+        drop = frozenset({b"host", b"content-length", b"x-pipegate-correlation-id"})
+        headers = Headers()
+        forwarded_for = []
+        for name, value in filter_headers(head.headers, keep_upgrade=head.upgrade, drop=drop):
+            if name.lower() == b"x-forwarded-for":
+                forwarded_for.append(value)
+            else:
+                headers.addRawHeader(name, value)
+        if head.client:
+            forwarded_for.append(head.client)
+        if forwarded_for:
+            headers.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded_for)])
+        headers.setRawHeaders(b"x-forwarded-proto", [head.scheme])
+        if head.host:
+            headers.setRawHeaders(b"x-forwarded-host", [head.host])
+        if head.prefix:
+            headers.setRawHeaders(b"x-forwarded-prefix", [head.prefix])
+        headers.setRawHeaders(b"x-pipegate-correlation-id", [head.correlation])
+        if head.upgrade:
+            headers.setRawHeaders(b"host", [target.authority])
+        return headers
+
+    def start(self) -> None:
+        if self.head.upgrade:
+            self._start_passthrough()
+            return
+        headers = self.request_headers()
+        body = None
+        if not self.head.end:
+            length: int | object = UNKNOWN_LENGTH
+            declared = [v for n, v in self.head.headers if n.lower() == b"content-length"]
+            if declared:
+                try:
+                    length = int(declared[0])
+                except ValueError:
+                    self.reset(http.BAD_REQUEST, "invalid Content-Length")
+                    return
+            body = self.body = TunnelBody(self, length)
+        url = self.session.config.target.url(self.head.target)
+        try:
+            d = self._request = self.session.agent.request(self.head.method, url, headers, body)
+        except Exception as e:
+            self.reset(http.BAD_REQUEST, f"cannot send the request to the local app: {e}")
+            return
+        d.addCallbacks(self._response, self._failed)
+
+    def _response(self, response) -> None:
+        self._request = None
+        if self._closed:
+            response.deliverBody(_Drop())
+            return
+        headers = filter_headers(list(response.headers.getAllRawHeaders()))
+        try:
+            self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
+        except frames.FrameError:
+            self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
+            response.deliverBody(_Drop())
+            return
+        self.forwarder = ResponseForwarder(self)
+        response.deliverBody(self.forwarder)
+
+    def _failed(self, failure: Failure) -> None:
+        self._request = None
+        if failure.check(defer.CancelledError):
+            return
+        reason = failure.getErrorMessage()
+        if failure.check(client.ResponseNeverReceived, client.RequestTransmissionFailed):
+            inner = failure.value.reasons[0] if failure.value.reasons else None
+            if inner is not None and inner.check(defer.CancelledError):
+                return
+            reason = inner.getErrorMessage() if inner is not None else reason
+        self.reset(http.BAD_GATEWAY, f"local app unreachable: {reason}")
+
+    def frame_received(self, frame: frames.Frame) -> None:
+        if self.pipe is not None:
+            self.pipe.frame_received(frame)
+            if isinstance(frame, frames.Reset):
+                self.close()
+            return
+        if isinstance(frame, frames.Data):
+            self.upload.received(len(frame.data))
+            if self.body is None:
+                raise frames.FrameError("DATA for a request without a body")
+            self.body.data(frame.data)
+        elif isinstance(frame, frames.End):
+            if self.body is not None:
+                self.body.end()
+        elif isinstance(frame, frames.Window):
+            if self.forwarder is not None:
+                self.forwarder.credit(frame.increment)
+        elif isinstance(frame, frames.Reset):
+            self.abandon()
+
+    def abandon(self) -> None:
+        """The relay gave up on this request: stop talking to the local app."""
+        self.close()
+        if self._request is not None:
+            self._request.cancel()
+        if self.forwarder is not None and self.forwarder.transport is not None:
+            self.forwarder.transport.stopProducing()
+
+    # -- passthrough
+    def _start_passthrough(self) -> None:
+        target = self.session.config.target
+        session = self.session
+        reactor = session.reactor
+        endpoint = endpoints.HostnameEndpoint(reactor, target.host, target.port,
+                                              timeout=session.config.connect_timeout)
+        if target.scheme == b"https":
+            endpoint = endpoints.wrapClientTLS(
+                ssl.optionsForClientTLS(target.host.decode("idna")), endpoint)
+        head = self.head
+        lines = [head.method + b" " + target.path(head.target) + b" HTTP/1.1"]
+        lines += [n + b": " + v for n, v in self.request_headers().getAllRawHeaders()
+                  for v in ([v] if isinstance(v, bytes) else v)]
+        request_head = b"\r\n".join(lines) + b"\r\n\r\n"
+        self.pipe = StreamPipe(self, self.stream_id)
+        pipe = self.pipe
+
+        def connected(protocol):
+            protocol.transport.write(request_head)
+
+        def failed(failure):
+            self.reset(http.BAD_GATEWAY, f"local app unreachable: {failure.getErrorMessage()}")
+
+        d = endpoints.connectProtocol(endpoint, pipe)
+        d.addCallbacks(connected, failed)
+
+    def stream_closed(self, stream_id: int) -> None:
+        self.close()
+
+
+class _Drop(Protocol):
+    def dataReceived(self, data):
+        pass
+
+    def connectionMade(self):
+        self.transport.stopProducing()
+
+
+class ConnectorSession:
+    """The connector's side of one WebSocket: its streams and the Agent they use."""
+
+    log = Logger()
+
+    def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, agent, reactor) -> None:
+        self.link = link
+        self.config = config
+        self.agent = agent
+        self.reactor = reactor
+        self.streams: dict[int, ConnectorStream] = {}
+
+    def send(self, frame: frames.Frame) -> None:
+        self.link.send(frame)
+
+    def frame_received(self, frame: frames.Frame) -> None:
+        if isinstance(frame, frames.RequestHead):
+            if frame.stream in self.streams or frame.stream == 0:
+                raise frames.FrameError(f"REQUEST_HEAD for stream {frame.stream} already in use")
+            stream = ConnectorStream(self, frame)
+            if len(self.streams) >= self.config.max_streams:
+                self.send(frames.Reset(frame.stream, http.SERVICE_UNAVAILABLE, b"connector busy"))
+                return
+            self.streams[frame.stream] = stream
+            stream.start()
+        elif isinstance(frame, frames.GoAway):
+            self.log.info("relay is going away: {reason}", reason=frame.reason.decode("utf-8", "replace"))
+        elif isinstance(frame, frames.ResponseHead):
+            raise frames.FrameError("RESPONSE_HEAD sent to a connector")
+        else:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.frame_received(frame)
+
+    def lost(self) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream._closed = True
+            if stream.pipe is not None:
+                stream.pipe.abort()
+            else:
+                stream.abandon()
+
+
+class ConnectorProtocol(WebSocketClientProtocol):
+    """The connector's end of its WebSocket to the relay."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: ConnectorSession | None = None
+
+    def onConnect(self, response):
+        connector: Connector = self.factory.connector
+        self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor)
+
+    def onOpen(self):
+        self.factory.connector.link_up(self)
+
+    def send(self, frame: frames.Frame) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frames.encode(frame), isBinary=True)
+
+    def onMessage(self, payload, isBinary):
+        try:
+            if not isBinary:
+                raise frames.FrameError("text message")
+            self.session.frame_received(frames.decode(payload))
+        except Exception as e:
+            if not isinstance(e, frames.FrameError):
+                self._log.failure("error handling a frame from the relay")
+            self._log.warn("protocol error from the relay: {reason}; closing link", reason=str(e))
+            self.sendClose(1002, str(e)[:100])
+
+    def failHandshake(self, reason):
+        status_line = getattr(self, "http_status_line", "") or ""
+        parts = status_line.split(" ", 2)
+        if len(parts) >= 2 and parts[1] in ("401", "403"):
+            self.factory.connector.refused(f"{parts[1]} {parts[2] if len(parts) > 2 else ''}".strip())
+        return super().failHandshake(reason)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            self.session.lost()
+        self.factory.connector.link_down(self, code, reason)
+
+
+def backoff(initial: float = 1.0, maximum: float = 60.0, rng: Callable[[], float] = random.random):
+    """Jittered exponential backoff: 1 s doubling to 60 s, each delay scaled by 0.5..1.0."""
+    def policy(attempt: int) -> float:
+        delay = min(maximum, initial * 2 ** min(attempt, 30))
+        return delay * (0.5 + rng() / 2)
+    return policy
+
+
+class Connector(service.MultiService):
+    """
+    The connector service: dials the relay through a L{ClientService} and serves the
+    requests it is sent.  C{on_fatal(message)} runs when the relay refuses the token.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, config: ConnectorConfig, server_url: str, token: str,
+                 tunnel_id: str, *, ca_file: str | None = None, retry_policy=None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.tunnel_id = tunnel_id
+        self.on_fatal = on_fatal
+        self.links: list[ConnectorProtocol] = []
+        self.online: defer.Deferred | None = defer.Deferred()
+        self.pool = client.HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 16
+        self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
+        parts = urlsplit(server_url)
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        base = parts.path.rstrip("/")
+        # The login path is /<id> under any path prefix of SERVER_URL; the token travels
+        # in the Authorization header, never in the URL.
+        known = base.rsplit("/", 1)[-1] if base else ""
+        path = base if known == tunnel_id else f"{base}/{tunnel_id}"
+        url = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1].split('?')[0]}{path}"
+        self.public_url = f"{'https' if secure else 'http'}://{parts.netloc}{path}/"
+        self.display_url = url
+        factory = WebSocketClientFactory(
+            url, protocols=[frames.SUBPROTOCOL],
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        factory.protocol = ConnectorProtocol
+        factory.connector = self
+        factory.setProtocolOptions(
+            maxFramePayloadSize=frames.MAX_FRAME_SIZE,
+            maxMessagePayloadSize=frames.MAX_FRAME_SIZE,
+            autoPingInterval=config.ping_interval or None,
+            autoPingTimeout=config.ping_interval or None,
+            openHandshakeTimeout=30, closeHandshakeTimeout=5,
+        )
+        endpoint = endpoints.HostnameEndpoint(reactor, parts.hostname, port, timeout=30)
+        if secure:
+            trust = None
+            if ca_file:
+                with open(ca_file, "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+            endpoint = endpoints.wrapClientTLS(
+                ssl.optionsForClientTLS(parts.hostname, trustRoot=trust), endpoint)
+        self.client_service = internet.ClientService(
+            endpoint, factory, retryPolicy=retry_policy or backoff(), clock=reactor)
+        self.client_service.setServiceParent(self)
+
+    def link_up(self, link: ConnectorProtocol) -> None:
+        self.links.append(link)
+        self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
+        online, self.online = self.online, None
+        if online is not None:
+            online.callback(link)
+
+    def link_down(self, link: ConnectorProtocol, code, reason) -> None:
+        if link in self.links:
+            self.links.remove(link)
+            self.log.info("link to the relay lost ({code} {reason}); reconnecting",
+                          code=code, reason=reason or "")
+            self.online = defer.Deferred()
+
+    def refused(self, reason: str) -> None:
+        message = f"the relay refused the login: {reason}"
+        self.log.critical("{message}", message=message)
+        self.client_service.stopService()
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    def stopService(self):
+        d = super().stopService()
+        for link in list(self.links):
+            link.sendClose(1001, "connector stopping")
+        d.addBoth(lambda r: self.pool.closeCachedConnections())
+        return d

@@ -1,0 +1,318 @@
+"""
+Sans-IO codec and flow-control accounting for the HTTP plane (`pipegate.v1`).
+
+One WebSocket message carries one frame; see docs/protocol.md section 1.  Nothing here
+touches a transport or a reactor: frames are built from and parsed into attrs objects.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+import attrs
+
+SUBPROTOCOL = "pipegate.v1"
+MAX_FRAME_SIZE = 262_144
+MAX_DATA = 65_536
+INITIAL_WINDOW = 262_144
+MAX_WINDOW_INCREMENT = 2**31 - 1
+
+REQUEST_HEAD = 0x01
+RESPONSE_HEAD = 0x02
+DATA = 0x03
+END = 0x04
+WINDOW = 0x05
+RESET = 0x06
+GOAWAY = 0x07
+
+FLAG_END = 0x01
+FLAG_UPGRADE = 0x02
+
+_HEADER = struct.Struct(">BI")
+
+
+class FrameError(ValueError):
+    """A frame could not be decoded or violated the protocol."""
+
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@attrs.frozen
+class RequestHead:
+    stream: int
+    method: bytes
+    target: bytes
+    client: bytes = b""
+    scheme: bytes = b"http"
+    host: bytes = b""
+    prefix: bytes = b""
+    correlation: bytes = b""
+    headers: Headers = ()
+    end: bool = False
+    upgrade: bool = False
+
+
+@attrs.frozen
+class ResponseHead:
+    stream: int
+    status: int
+    reason: bytes = b""
+    headers: Headers = ()
+    end: bool = False
+
+
+@attrs.frozen
+class Data:
+    stream: int
+    data: bytes
+
+
+@attrs.frozen
+class End:
+    stream: int
+
+
+@attrs.frozen
+class Window:
+    stream: int
+    increment: int
+
+
+@attrs.frozen
+class Reset:
+    stream: int
+    code: int
+    reason: bytes = b""
+
+
+@attrs.frozen
+class GoAway:
+    reason: bytes = b""
+    stream: int = 0
+
+
+Frame = RequestHead | ResponseHead | Data | End | Window | Reset | GoAway
+
+
+def _str8(value: bytes) -> bytes:
+    if len(value) > 0xFF:
+        raise FrameError(f"field longer than 255 bytes ({len(value)})")
+    return bytes((len(value),)) + value
+
+
+def _str16(value: bytes) -> bytes:
+    if len(value) > 0xFFFF:
+        raise FrameError(f"field longer than 65535 bytes ({len(value)})")
+    return struct.pack(">H", len(value)) + value
+
+
+def _headers(headers: Headers) -> bytes:
+    if len(headers) > 0xFFFF:
+        raise FrameError("too many headers")
+    return struct.pack(">H", len(headers)) + b"".join(
+        _str16(name) + _str16(value) for name, value in headers
+    )
+
+
+def encode(frame: Frame) -> bytes:
+    """
+    Serialise one frame.  Raises L{FrameError} when it would exceed a bound, so a
+    caller learns before sending that e.g. a response head is too large.
+    """
+    match frame:
+        case Data(stream, data):
+            if not 0 < len(data) <= MAX_DATA:
+                raise FrameError(f"DATA payload of {len(data)} bytes")
+            return _HEADER.pack(DATA, stream) + data
+        case Window(stream, increment):
+            if not 0 < increment <= MAX_WINDOW_INCREMENT:
+                raise FrameError(f"WINDOW increment {increment}")
+            return _HEADER.pack(WINDOW, stream) + struct.pack(">I", increment)
+        case End(stream):
+            return _HEADER.pack(END, stream)
+        case Reset(stream, code, reason):
+            return _HEADER.pack(RESET, stream) + struct.pack(">H", code) + _str16(reason)
+        case GoAway(reason, stream):
+            return _HEADER.pack(GOAWAY, stream) + _str16(reason)
+        case RequestHead():
+            flags = (FLAG_END if frame.end else 0) | (FLAG_UPGRADE if frame.upgrade else 0)
+            out = b"".join((
+                _HEADER.pack(REQUEST_HEAD, frame.stream), bytes((flags,)),
+                _str8(frame.method), _str16(frame.target), _str8(frame.client),
+                _str8(frame.scheme), _str16(frame.host), _str16(frame.prefix),
+                _str8(frame.correlation), _headers(frame.headers),
+            ))
+        case ResponseHead():
+            if not 100 <= frame.status <= 599:
+                raise FrameError(f"status {frame.status}")
+            out = b"".join((
+                _HEADER.pack(RESPONSE_HEAD, frame.stream),
+                bytes((FLAG_END if frame.end else 0,)),
+                struct.pack(">H", frame.status), _str8(frame.reason), _headers(frame.headers),
+            ))
+        case _:
+            raise TypeError(f"not a frame: {frame!r}")
+    if len(out) > MAX_FRAME_SIZE:
+        raise FrameError(f"frame of {len(out)} bytes exceeds {MAX_FRAME_SIZE}")
+    return out
+
+
+class _Reader:
+    """Bounds-checked cursor over one frame's payload."""
+
+    def __init__(self, data: bytes, offset: int) -> None:
+        self._data = data
+        self._pos = offset
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise FrameError("truncated frame")
+        chunk = self._data[self._pos:end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack(">H", self.take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def str8(self) -> bytes:
+        return self.take(self.u8())
+
+    def str16(self) -> bytes:
+        return self.take(self.u16())
+
+    def headers(self) -> Headers:
+        count = self.u16()
+        return tuple((self.str16(), self.str16()) for _ in range(count))
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise FrameError(f"{len(self._data) - self._pos} trailing bytes")
+
+
+def decode(message: bytes) -> Frame:
+    """
+    Parse one WebSocket message into a frame, or raise L{FrameError}.  Every length is
+    checked against the message before anything is sliced out of it.
+    """
+    if len(message) > MAX_FRAME_SIZE:
+        raise FrameError(f"frame of {len(message)} bytes exceeds {MAX_FRAME_SIZE}")
+    if len(message) < _HEADER.size:
+        raise FrameError("truncated frame header")
+    kind, stream = _HEADER.unpack_from(message)
+    r = _Reader(message, _HEADER.size)
+    frame: Frame
+    if kind == DATA:
+        size = len(message) - _HEADER.size
+        if not 0 < size <= MAX_DATA:
+            raise FrameError(f"DATA payload of {size} bytes")
+        return Data(stream, message[_HEADER.size:])
+    elif kind == WINDOW:
+        increment = r.u32()
+        if not 0 < increment <= MAX_WINDOW_INCREMENT:
+            raise FrameError(f"WINDOW increment {increment}")
+        frame = Window(stream, increment)
+    elif kind == END:
+        frame = End(stream)
+    elif kind == RESET:
+        frame = Reset(stream, r.u16(), r.str16())
+    elif kind == GOAWAY:
+        if stream != 0:
+            raise FrameError("GOAWAY on a stream")
+        frame = GoAway(r.str16())
+    elif kind == REQUEST_HEAD:
+        flags = r.u8()
+        if flags & ~(FLAG_END | FLAG_UPGRADE):
+            raise FrameError(f"unknown REQUEST_HEAD flags {flags:#x}")
+        frame = RequestHead(
+            stream=stream, method=r.str8(), target=r.str16(), client=r.str8(),
+            scheme=r.str8(), host=r.str16(), prefix=r.str16(), correlation=r.str8(),
+            headers=r.headers(), end=bool(flags & FLAG_END), upgrade=bool(flags & FLAG_UPGRADE),
+        )
+        if not frame.method or not frame.target.startswith(b"/"):
+            raise FrameError("REQUEST_HEAD without method or absolute target")
+    elif kind == RESPONSE_HEAD:
+        flags = r.u8()
+        if flags & ~FLAG_END:
+            raise FrameError(f"unknown RESPONSE_HEAD flags {flags:#x}")
+        status = r.u16()
+        if not 100 <= status <= 599:
+            raise FrameError(f"status {status}")
+        frame = ResponseHead(stream, status, r.str8(), r.headers(), bool(flags & FLAG_END))
+    else:
+        raise FrameError(f"unknown frame type {kind:#x}")
+    r.done()
+    return frame
+
+
+@attrs.define
+class SendWindow:
+    """
+    The sending half of one stream direction: splits bytes into DATA payloads no larger
+    than L{MAX_DATA} and no more than the credit the peer granted; what does not fit
+    waits in a queue until L{credit} is called.  The owner pauses its producer while
+    L{blocked} is true, so the queue holds at most one read's worth.
+    """
+
+    window: int = INITIAL_WINDOW
+    _queue: deque[bytes] = attrs.field(factory=deque)
+    queued: int = 0
+
+    @property
+    def blocked(self) -> bool:
+        return self.queued > 0 or self.window <= 0
+
+    def write(self, data: bytes) -> list[bytes]:
+        if data:
+            self._queue.append(data)
+            self.queued += len(data)
+        return self._drain()
+
+    def credit(self, increment: int) -> list[bytes]:
+        self.window += increment
+        return self._drain()
+
+    def _drain(self) -> list[bytes]:
+        out = []
+        while self._queue and self.window > 0:
+            head = self._queue[0]
+            n = min(len(head), self.window, MAX_DATA)
+            out.append(head[:n])
+            if n == len(head):
+                self._queue.popleft()
+            else:
+                self._queue[0] = head[n:]
+            self.window -= n
+            self.queued -= n
+        return out
+
+
+@attrs.define
+class ReceiveWindow:
+    """
+    The receiving half of one stream direction: checks that the peer stays within the
+    credit granted, and tracks bytes handed on that can be granted again.
+    """
+
+    available: int = INITIAL_WINDOW
+    buffered: int = 0
+
+    def received(self, size: int) -> None:
+        if size > self.available:
+            raise FrameError(f"peer sent {size} bytes with {self.available} of credit")
+        self.available -= size
+        self.buffered += size
+
+    def consumed(self, size: int) -> int:
+        """Record C{size} bytes handed on; returns the credit to grant back."""
+        self.buffered -= size
+        self.available += size
+        return size

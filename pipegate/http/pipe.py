@@ -1,0 +1,150 @@
+"""
+Pieces shared by the relay and the connector: header filtering, the link's frame
+sending interface, and L{StreamPipe}, a protocol that carries a raw byte stream
+(passthrough connections) over one tunnel stream with credit windows both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pipegate.http import frames
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
+    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+})
+
+
+def filter_headers(raw: list[tuple[bytes, list[bytes]]] | frames.Headers, *,
+                   keep_upgrade: bool = False, drop: frozenset[bytes] = frozenset()) -> frames.Headers:
+    """
+    Flatten C{(name, [values])} or C{(name, value)} pairs in order, dropping hop-by-hop
+    headers and any header that C{Connection} names.  With C{keep_upgrade}, C{Connection}
+    and C{Upgrade} stay (passthrough).
+    """
+    pairs: list[tuple[bytes, bytes]] = []
+    for name, values in raw:
+        if isinstance(values, bytes):
+            pairs.append((name, values))
+        else:
+            pairs.extend((name, v) for v in values)
+    named = set()
+    for name, value in pairs:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    if keep_upgrade:
+        named -= {b"upgrade"}
+        strip = HOP_BY_HOP - {b"connection", b"upgrade"}
+    else:
+        strip = HOP_BY_HOP
+    strip = strip | named | drop
+    return tuple((n, v) for n, v in pairs if n.lower() not in strip)
+
+
+class FrameSink(TypingProtocol):
+    """What a stream needs from its link."""
+
+    def send(self, frame: frames.Frame) -> None: ...
+
+    def stream_closed(self, stream_id: int) -> None: ...
+
+
+@implementer(IPushProducer)
+class StreamPipe(Protocol):
+    """
+    A raw byte pipe between a socket and a tunnel stream.  Bytes read from the socket go
+    out as DATA within the peer's credit (the socket is paused while there is none);
+    DATA from the tunnel is written to the socket and credited back once the socket is
+    not pushing back.  END half-closes; connection loss ends the stream.
+    """
+
+    log = Logger()
+
+    def __init__(self, link: FrameSink, stream_id: int,
+                 on_first_byte: Callable[[], None] | None = None) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self.send_window = frames.SendWindow()
+        self.recv_window = frames.ReceiveWindow()
+        self._pending_credit = 0
+        self._paused = False
+        self._ended_by_peer = False
+        self._done = False
+        self._early: list[bytes] = []
+        self._on_first_byte = on_first_byte
+
+    # socket side
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        early, self._early = self._early, []
+        for chunk in early:
+            self.transport.write(chunk)
+            self._pending_credit += self.recv_window.consumed(len(chunk))
+        self.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._on_first_byte is not None:
+            callback, self._on_first_byte = self._on_first_byte, None
+            callback()
+        for chunk in self.send_window.write(data):
+            self.link.send(frames.Data(self.stream_id, chunk))
+        if self.send_window.blocked:
+            self.transport.pauseProducing()
+
+    def connectionLost(self, reason=None) -> None:
+        if not self._done:
+            self._done = True
+            self.link.send(frames.End(self.stream_id))
+            self.link.stream_closed(self.stream_id)
+
+    # IPushProducer: the socket tells us when its write buffer is full
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._pending_credit and not self._done:
+            credit, self._pending_credit = self._pending_credit, 0
+            self.link.send(frames.Window(self.stream_id, credit))
+
+    def stopProducing(self) -> None:
+        pass
+
+    # tunnel side
+    def frame_received(self, frame: frames.Frame) -> None:
+        if isinstance(frame, frames.Data):
+            self.recv_window.received(len(frame.data))
+            if self.transport is None:
+                self._early.append(frame.data)
+                return
+            self.transport.write(frame.data)
+            credit = self.recv_window.consumed(len(frame.data))
+            if self._paused:
+                self._pending_credit += credit
+            else:
+                self.link.send(frames.Window(self.stream_id, credit))
+        elif isinstance(frame, frames.Window):
+            for chunk in self.send_window.credit(frame.increment):
+                self.link.send(frames.Data(self.stream_id, chunk))
+            if not self.send_window.blocked and self.transport is not None:
+                self.transport.resumeProducing()
+        elif isinstance(frame, frames.End):
+            self._ended_by_peer = True
+            if self.transport is not None:
+                self.transport.loseConnection()
+        elif isinstance(frame, frames.Reset):
+            self.abort()
+
+    def abort(self) -> None:
+        """The tunnel side is gone: drop the socket without sending anything more."""
+        self._done = True
+        if self.transport is not None:
+            self.transport.abortConnection()

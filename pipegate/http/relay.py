@@ -1,0 +1,721 @@
+"""
+The public HTTP relay (C{twistd pipegate-server}).
+
+One twisted.web L{Site} serves C{/healthz}, connector logins (Autobahn WebSocket with
+subprotocol C{pipegate.v1}) and public traffic for C{/<connection-id>/...}.  Public
+requests are streamed: processing starts as soon as the headers are in, so request
+bodies go to the connector chunk by chunk within the stream's credit window instead of
+being buffered first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from typing import Any
+
+import attrs
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.application import service
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web import http, resource, server
+from zope.interface import implementer
+
+from pipegate import auth
+from pipegate.http import frames
+from pipegate.http.pipe import StreamPipe, filter_headers
+
+_TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
+
+
+@attrs.frozen
+class RelayConfig:
+    jwt: auth.JWTSettings
+    domain: str | None = None
+    max_body_bytes: int = 0
+    max_in_flight: int = 100
+    request_timeout: float = 300.0
+    offline_grace: float = 0.0
+    ping_interval: float = 20.0
+    idle_timeout: float = 60.0
+    access_log: bool = False
+
+
+def _plain(request: server.Request, code: int, message: str) -> None:
+    """Answer with a short text/plain body and finish."""
+    body = message.encode() + b"\n"
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.write(body)
+    request.finish()
+
+
+@attrs.define(eq=False)
+class Tunnel:
+    """The connectors logged in under one connection id and its requests in flight."""
+
+    id: str
+    links: list[ConnectorLink] = attrs.field(factory=list)
+    waiting: list[RelayStream] = attrs.field(factory=list)
+    in_flight: int = 0
+    _next: int = 0
+
+    def pick(self) -> ConnectorLink:
+        link = self.links[self._next % len(self.links)]
+        self._next += 1
+        return link
+
+    @property
+    def idle(self) -> bool:
+        return not self.links and not self.waiting and self.in_flight == 0
+
+
+class Relay(service.Service):
+    """
+    The relay's state: tunnels by id, and the policies applied to public requests.
+    As a service, stopping it answers every request in flight and closes every link.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: RelayConfig, clock: IReactorTime) -> None:
+        self.config = config
+        self.clock = clock
+        self.tunnels: dict[str, Tunnel] = {}
+        self.stopping = False
+
+    # -- connectors
+    def authenticate(self, path_id: str | None, token: str | None) -> str:
+        if not token:
+            raise ConnectionDeny(401, "missing token")
+        try:
+            sub = auth.verify(self.config.jwt, token, self.clock.seconds())
+        except auth.TokenError as e:
+            raise ConnectionDeny(401, str(e))
+        if path_id is not None and path_id != sub:
+            raise ConnectionDeny(403, "token subject does not match the path")
+        return sub
+
+    def attach(self, link: ConnectorLink) -> None:
+        tunnel = self.tunnels.setdefault(link.tunnel_id, Tunnel(link.tunnel_id))
+        tunnel.links.append(link)
+        self.log.info("connector up for tunnel {tunnel_id} ({count} connected)",
+                      tunnel_id=link.tunnel_id, count=len(tunnel.links))
+        waiting, tunnel.waiting = tunnel.waiting, []
+        for stream in waiting:
+            stream.assign(tunnel.pick())
+
+    def detach(self, link: ConnectorLink) -> None:
+        tunnel = self.tunnels.get(link.tunnel_id)
+        if tunnel is None or link not in tunnel.links:
+            return
+        tunnel.links.remove(link)
+        self.log.info("connector down for tunnel {tunnel_id} ({count} left)",
+                      tunnel_id=link.tunnel_id, count=len(tunnel.links))
+        self._forget_if_idle(tunnel)
+
+    def _forget_if_idle(self, tunnel: Tunnel) -> None:
+        if tunnel.idle and self.tunnels.get(tunnel.id) is tunnel:
+            del self.tunnels[tunnel.id]
+
+    # -- public requests
+    def route(self, request: server.Request) -> tuple[str, bytes, bytes] | str:
+        """
+        Map a request to (tunnel id, target, prefix), or return an error reason.
+        """
+        uri = request.uri
+        if not uri.startswith(b"/"):
+            return "bad request target"
+        if self.config.domain:
+            host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            suffix = "." + self.config.domain.lower()
+            if host.endswith(suffix):
+                label = host[: -len(suffix)]
+                if not auth.valid_connection_id(label):
+                    return "unknown tunnel"
+                return label, uri, b""
+        path, sep, query = uri.partition(b"?")
+        first, slash, rest = path[1:].partition(b"/")
+        try:
+            tunnel_id = first.decode("ascii")
+        except UnicodeDecodeError:
+            return "unknown tunnel"
+        if not auth.valid_connection_id(tunnel_id):
+            return "unknown tunnel"
+        return tunnel_id, b"/" + rest + sep + query, b"/" + first
+
+    def public_request(self, request: RelayRequest) -> None:
+        routed = self.route(request)
+        if isinstance(routed, str):
+            request.body_sink = None
+            _plain(request, http.NOT_FOUND if routed == "unknown tunnel" else http.BAD_REQUEST,
+                   routed)
+            return
+        tunnel_id, target, prefix = routed
+        if self.stopping:
+            _plain(request, http.SERVICE_UNAVAILABLE, "relay shutting down")
+            return
+        length = request.declared_length
+        if self.config.max_body_bytes and length is not None and length > self.config.max_body_bytes:
+            _plain(request, http.REQUEST_ENTITY_TOO_LARGE,
+                   f"request body exceeds {self.config.max_body_bytes} bytes")
+            return
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None or not tunnel.links:
+            if self.config.offline_grace <= 0:
+                _plain(request, http.NOT_FOUND, "tunnel offline")
+                return
+            tunnel = self.tunnels.setdefault(tunnel_id, Tunnel(tunnel_id))
+        if tunnel.in_flight >= self.config.max_in_flight:
+            _plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
+            return
+        upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade"))
+        stream = RelayStream(self, tunnel, request, target, prefix, upgrade)
+        tunnel.in_flight += 1
+        request.body_sink = stream
+        if tunnel.links:
+            stream.assign(tunnel.pick())
+        else:
+            stream.wait_for_connector()
+
+    def stream_done(self, stream: RelayStream) -> None:
+        stream.tunnel.in_flight -= 1
+        if stream in stream.tunnel.waiting:
+            stream.tunnel.waiting.remove(stream)
+        self._forget_if_idle(stream.tunnel)
+
+    def stopService(self):
+        self.stopping = True
+        for tunnel in list(self.tunnels.values()):
+            for stream in list(tunnel.waiting):
+                stream.fail(http.SERVICE_UNAVAILABLE, "relay shutting down")
+            for link in list(tunnel.links):
+                link.go_away("relay shutting down")
+        return super().stopService()
+
+
+@implementer(IPushProducer)
+class RelayStream:
+    """One public request carried over one connector link."""
+
+    log = Logger()
+
+    def __init__(self, relay: Relay, tunnel: Tunnel, request: RelayRequest, target: bytes,
+                 prefix: bytes, upgrade: bool) -> None:
+        self.relay = relay
+        self.tunnel = tunnel
+        self.request = request
+        self.target = target
+        self.prefix = prefix
+        self.upgrade = upgrade
+        self.link: ConnectorLink | None = None
+        self.stream_id = 0
+        self.upload = frames.SendWindow()
+        self.download = frames.ReceiveWindow()
+        self._early: list[bytes] = []
+        self._body_bytes = 0
+        self._body_done = request.declared_length == 0
+        self._end_sent = False
+        self._responding = False
+        self._paused = False
+        self._pending_credit = 0
+        self._done = False
+        self._timer: IDelayedCall | None = None
+        self.pipe: StreamPipe | None = None
+        request.notifyFinish().addErrback(self._caller_gone)
+
+    # -- lifecycle
+    def wait_for_connector(self) -> None:
+        self.tunnel.waiting.append(self)
+        self._pause_upload()
+        self._arm(self.relay.config.offline_grace, http.NOT_FOUND, "tunnel offline")
+
+    def assign(self, link: ConnectorLink) -> None:
+        if self._done:
+            return
+        self.link = link
+        self.stream_id = link.add_stream(self)
+        req = self.request
+        client = req.getClientAddress()
+        head = frames.RequestHead(
+            stream=self.stream_id,
+            method=req.method,
+            target=self.target,
+            client=getattr(client, "host", "").encode("ascii", "replace"),
+            scheme=b"https" if req.isSecure() else b"http",
+            host=req.getHeader(b"host") or b"",
+            prefix=self.prefix,
+            correlation=uuid.uuid4().hex.encode(),
+            headers=filter_headers(list(req.requestHeaders.getAllRawHeaders()),
+                                   keep_upgrade=self.upgrade),
+            end=self._body_done and not self.upgrade,
+            upgrade=self.upgrade,
+        )
+        try:
+            link.send(head)
+        except frames.FrameError:
+            self.fail(http.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+            return
+        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+                  "the local app did not answer in time")
+        if self.upgrade:
+            self._hijack()
+            return
+        self._end_sent = head.end
+        early, self._early = self._early, []
+        for chunk in early:
+            self._send_body(chunk)
+        if not self.upload.blocked:
+            self._resume_upload()
+        self._maybe_send_end()
+
+    def _arm(self, seconds: float, code: int, reason: str) -> None:
+        if seconds <= 0:
+            return
+        timer = self._timer
+        if timer is not None and timer.active() and timer.args == (code, reason):
+            timer.reset(seconds)
+        else:
+            self._cancel_timer()
+            self._timer = self.relay.clock.callLater(seconds, self._expired, code, reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expired(self, code: int, reason: str) -> None:
+        self._timer = None
+        self.fail(code, reason, notify=http.GATEWAY_TIMEOUT)
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancel_timer()
+        if self.link is not None:
+            self.link.remove_stream(self.stream_id)
+        self.relay.stream_done(self)
+
+    def fail(self, code: int, reason: str, notify: int | None = None) -> None:
+        """Answer the caller with C{code} (or cut it off once a response has begun)."""
+        if self._done:
+            return
+        if self.link is not None and notify is not None:
+            self.link.send(frames.Reset(self.stream_id, notify, reason.encode()))
+        self._finish()
+        if self.pipe is not None:
+            if self.pipe.transport is not None and not self._responding:
+                self.pipe.transport.write(
+                    b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n%s\n"
+                    % (code, http.RESPONSES.get(code, b"Error"), reason.encode()))
+                self.pipe.transport.loseConnection()
+            else:
+                self.pipe.abort()
+            return
+        if self.request.caller_gone:
+            return
+        if self._responding:
+            self.request.unregisterProducer()
+            self.request.abort()
+        else:
+            self.request.body_sink = None
+            _plain(self.request, code, reason)
+
+    def _caller_gone(self, failure: Any) -> None:
+        if not self._done and self.link is not None:
+            self.link.send(frames.Reset(self.stream_id, 499, b"caller went away"))
+        self._finish()
+
+    # -- request body (caller -> connector)
+    def body_chunk(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._body_bytes += len(data)
+        limit = self.relay.config.max_body_bytes
+        if limit and self._body_bytes > limit:
+            self.fail(http.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes", notify=413)
+            return
+        if self.link is None:
+            self._early.append(data)
+            self._pause_upload()
+            return
+        self._send_body(data)
+
+    def _send_body(self, data: bytes) -> None:
+        for chunk in self.upload.write(data):
+            self.link.send(frames.Data(self.stream_id, chunk))
+        if self.upload.blocked:
+            self._pause_upload()
+
+    def body_complete(self) -> None:
+        self._body_done = True
+        self._maybe_send_end()
+
+    def _maybe_send_end(self) -> None:
+        if (self._body_done and not self._end_sent and self.link is not None
+                and not self._done and self.upload.queued == 0):
+            self._end_sent = True
+            self.link.send(frames.End(self.stream_id))
+
+    def _pause_upload(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self._body_done:
+            transport.pauseProducing()
+
+    def _resume_upload(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self._body_done:
+            transport.resumeProducing()
+
+    # -- frames from the connector
+    def frame_received(self, frame: frames.Frame) -> None:
+        if self._done:
+            return
+        if self.pipe is not None:
+            if isinstance(frame, frames.Reset):
+                self.fail(http.BAD_GATEWAY, frame.reason.decode("utf-8", "replace"))
+                return
+            if isinstance(frame, frames.Data) and not self._responding:
+                # The local app answered: a passthrough connection may now live on.
+                self._responding = True
+                self._cancel_timer()
+            self.pipe.frame_received(frame)
+            return
+        if isinstance(frame, frames.ResponseHead):
+            self._response_head(frame)
+        elif isinstance(frame, frames.Data):
+            if not self._responding:
+                raise frames.FrameError("DATA before RESPONSE_HEAD")
+            self.download.received(len(frame.data))
+            self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+                      "the local app stalled")
+            self.request.write(frame.data)
+            credit = self.download.consumed(len(frame.data))
+            if self._paused:
+                self._pending_credit += credit
+            else:
+                self.link.send(frames.Window(self.stream_id, credit))
+        elif isinstance(frame, frames.End):
+            if not self._responding:
+                raise frames.FrameError("END before RESPONSE_HEAD")
+            self._finish()
+            self.request.unregisterProducer()
+            self.request.finish()
+        elif isinstance(frame, frames.Window):
+            for chunk in self.upload.credit(frame.increment):
+                self.link.send(frames.Data(self.stream_id, chunk))
+            if not self.upload.blocked:
+                self._resume_upload()
+            self._maybe_send_end()
+        elif isinstance(frame, frames.Reset):
+            self.fail(frame.code if 400 <= frame.code <= 599 else http.BAD_GATEWAY,
+                      frame.reason.decode("utf-8", "replace") or "connector reset the request")
+
+    def _response_head(self, head: frames.ResponseHead) -> None:
+        if self._responding:
+            raise frames.FrameError("second RESPONSE_HEAD")
+        if head.status < 200:
+            return  # interim responses are not forwarded
+        self._responding = True
+        request = self.request
+        request.body_sink = self if not self._body_done else None
+        request.setResponseCode(head.status, head.reason or None)
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in filter_headers(head.headers):
+            grouped.setdefault(name.lower(), []).append(value)
+        for name in (b"date", b"server", b"content-type"):
+            request.responseHeaders.removeHeader(name)
+        for name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        if head.end:
+            self._finish()
+            request.finish()
+            return
+        request.registerProducer(self, True)
+        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT, "the local app stalled")
+
+    # IPushProducer: the caller's connection pushes back on the response
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._pending_credit and not self._done:
+            credit, self._pending_credit = self._pending_credit, 0
+            self.link.send(frames.Window(self.stream_id, credit))
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- passthrough
+    def _hijack(self) -> None:
+        request = self.request
+        transport, request.channel.transport = request.channel.transport, None
+        pipe = StreamPipe(self.link, self.stream_id)
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = pipe
+        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+            transport.protocol.wrappedProtocol = pipe
+        else:
+            transport.protocol = pipe
+        self.pipe = pipe
+        pipe.makeConnection(transport)
+        transport.resumeProducing()
+
+
+class RelayRequest(server.Request):
+    """
+    A request whose processing starts when its headers are complete (see
+    L{RelayChannel}); body chunks then go to C{body_sink} as they arrive.
+    """
+
+    body_sink: RelayStream | None = None
+    declared_length: int | None = 0
+    caller_gone = False
+    _started_early = False
+    _body_done = True
+    _parsePOSTFormSubmission = False
+
+    def gotLength(self, length):
+        self.declared_length = length
+        if self._started_early:
+            self.content = io.BytesIO()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if not self._started_early:
+            return super().handleContentChunk(data)
+        if self.body_sink is not None:
+            self.body_sink.body_chunk(data)
+
+    def body_complete(self) -> None:
+        sink, self.body_sink = self.body_sink, None
+        if sink is not None:
+            sink.body_complete()
+
+    def connectionLost(self, reason):
+        self.caller_gone = True
+        super().connectionLost(reason)
+
+    def finish(self):
+        if self.channel is not None and not self._body_done:
+            # Answering before the whole body arrived: the connection cannot be reused.
+            self.channel.persistent = False
+        return super().finish()
+
+    def abort(self) -> None:
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abortConnection()
+
+
+
+class RelayChannel(http.HTTPChannel):
+    """An HTTP channel that starts processing public requests at the end of the headers."""
+
+    _pg_early: RelayRequest | None = None
+
+    def allHeadersReceived(self):
+        req = self.requests[-1]
+        early = self.site.relay_resource.wants_early_start(req, self._command, self._path)
+        if early:
+            req._started_early = True
+            req._body_done = self.length == 0
+            self._pg_early = req
+        super().allHeadersReceived()
+        if early:
+            req.requestReceived(self._command, self._path, self._version)
+
+    def allContentReceived(self):
+        req, self._pg_early = self._pg_early, None
+        if req is None:
+            return super().allContentReceived()
+        # The same resets as HTTPChannel.allContentReceived, without processing again.
+        self.length = 0
+        self._receivedHeaderCount = 0
+        self._receivedHeaderSize = 0
+        self._HTTPChannel__first_line = 1
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        req._body_done = True
+        if req.finished or req not in self.requests:
+            # Already answered: requestDone has moved the channel on (next request or close).
+            return
+        if self.timeOut:
+            self._savedTimeOut = self.setTimeout(None)
+        self._handlingRequest = True
+        self.setRawMode()
+        if not req.caller_gone:
+            req.body_complete()
+
+
+class ConnectorLink(WebSocketServerProtocol):
+    """The relay's end of one connector's WebSocket."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tunnel_id = ""
+        self.streams: dict[int, RelayStream] = {}
+        self._next_stream = 1
+        self._open = False
+
+    def onConnect(self, request):
+        relay: Relay = self.factory.relay
+        if frames.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"subprotocol {frames.SUBPROTOCOL} required")
+        path_id = request.path.strip("/") or None
+        token = None
+        header = request.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            token = header[7:].strip()
+        elif request.params.get("token"):
+            token = request.params["token"][0]
+        try:
+            self.tunnel_id = relay.authenticate(path_id, token)
+        except ConnectionDeny as e:
+            self._log.info("connector login refused: {reason}", reason=e.reason)
+            raise
+        return frames.SUBPROTOCOL
+
+    def onOpen(self):
+        self._open = True
+        self.factory.relay.attach(self)
+
+    def send(self, frame: frames.Frame) -> None:
+        if self._open:
+            self.sendMessage(frames.encode(frame), isBinary=True)
+
+    def add_stream(self, stream: RelayStream) -> int:
+        stream_id = self._next_stream
+        self._next_stream += 1
+        self.streams[stream_id] = stream
+        return stream_id
+
+    def remove_stream(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    def stream_closed(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._finish()
+
+    def onMessage(self, payload, isBinary):
+        try:
+            if not isBinary:
+                raise frames.FrameError("text message")
+            frame = frames.decode(payload)
+            if isinstance(frame, frames.RequestHead):
+                raise frames.FrameError("REQUEST_HEAD sent to the relay")
+            if isinstance(frame, frames.GoAway):
+                self._log.info("connector for {tunnel_id} going away: {reason}",
+                               tunnel_id=self.tunnel_id, reason=frame.reason)
+                self.factory.relay.detach(self)
+                return
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.frame_received(frame)
+        except Exception as e:
+            if not isinstance(e, frames.FrameError):
+                self._log.failure("error handling a frame from {tunnel_id}", tunnel_id=self.tunnel_id)
+            self._log.warn("protocol error from connector of {tunnel_id}: {reason}; closing link",
+                           tunnel_id=self.tunnel_id, reason=str(e))
+            self._drop(http.BAD_GATEWAY, "connector protocol error")
+            self.sendClose(1002, str(e)[:100])
+
+    def go_away(self, reason: str) -> None:
+        self.send(frames.GoAway(reason.encode()))
+        self._drop(http.SERVICE_UNAVAILABLE, reason)
+        self.sendClose(1001, reason)
+
+    def _drop(self, code: int, reason: str) -> None:
+        was_open, self._open = self._open, False
+        if was_open:
+            self.factory.relay.detach(self)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.fail(code, reason)
+
+    def onClose(self, wasClean, code, reason):
+        self._drop(http.BAD_GATEWAY, "connector disconnected")
+
+
+class RelayResource(resource.Resource):
+    """Dispatches every request: health, connector logins, public traffic."""
+
+    isLeaf = True
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+        factory = WebSocketServerFactory()
+        factory.protocol = ConnectorLink
+        factory.relay = relay
+        interval = relay.config.ping_interval
+        factory.setProtocolOptions(
+            maxFramePayloadSize=frames.MAX_FRAME_SIZE,
+            maxMessagePayloadSize=frames.MAX_FRAME_SIZE,
+            autoPingInterval=interval or None, autoPingTimeout=interval or None,
+            openHandshakeTimeout=30, closeHandshakeTimeout=5,
+        )
+        self.websocket = WebSocketResource(factory)
+
+    def is_login(self, request: server.Request) -> bool:
+        offered = b",".join(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []))
+        return frames.SUBPROTOCOL.encode() in [p.strip() for p in offered.split(b",")]
+
+    def wants_early_start(self, request: server.Request, method: bytes, uri: bytes) -> bool:
+        """Public requests start at their headers; health and upgrades do not."""
+        if request.requestHeaders.getRawHeaders(b"upgrade"):
+            return False
+        return uri.split(b"?")[0] != b"/healthz"
+
+    def render(self, request: server.Request):
+        if request.uri.split(b"?")[0] == b"/healthz" and not request.requestHeaders.hasHeader(b"upgrade"):
+            if request.method not in (b"GET", b"HEAD"):
+                request.setResponseCode(http.NOT_ALLOWED)
+                request.setHeader(b"allow", b"GET, HEAD")
+                return b""
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"status": "ok"}).encode()
+        if request.requestHeaders.getRawHeaders(b"upgrade") and self.is_login(request):
+            return self.websocket.render(request)
+        self.relay.public_request(request)
+        return server.NOT_DONE_YET
+
+
+class RelaySite(server.Site):
+    requestFactory = RelayRequest
+    protocol = RelayChannel
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay_resource = RelayResource(relay)
+        super().__init__(self.relay_resource, timeout=relay.config.idle_timeout or None,
+                         logFormatter=redacting_formatter, reactor=relay.clock)
+        self._access_log = relay.config.access_log
+
+    def log(self, request):
+        if self._access_log:
+            super().log(request)
+
+
+def redacting_formatter(timestamp: str, request: server.Request) -> str:
+    """Combined log format with any C{token=} value in the URI replaced."""
+    original = request.uri
+    request.uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", original)
+    try:
+        return http.combinedLogFormatter(timestamp, request)
+    finally:
+        request.uri = original
+
+

@@ -1,0 +1,118 @@
+"""twistd pipegate-client TARGET_URL SERVER_URL: the connector."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from urllib.parse import parse_qs, urlsplit
+
+from twisted.application import service
+from twisted.python import usage
+
+from pipegate import auth
+from pipegate.config import EnvOptions, non_negative_float, positive_float, positive_int
+from pipegate.http.connector import Connector, ConnectorConfig, ConnectorError, Target
+
+
+class Options(EnvOptions):
+    synopsis = "[options] TARGET_URL SERVER_URL"
+    longdesc = (
+        "Connect to a relay at SERVER_URL (ws://host:port[/<connection-id>] or wss://...) and "
+        "forward its requests to the local web app at TARGET_URL (http://127.0.0.1:3000). "
+        "The token comes from --token, PIPEGATE_TOKEN, ?token= in SERVER_URL, or is minted "
+        "locally when PIPEGATE_JWT_SECRET is set."
+    )
+    optParameters = [
+        ["token", "t", None, "JWT to log in with (sub = connection id)."],
+        ["ca-file", None, None, "PEM file of the CA that signed the relay's certificate (wss://)."],
+        ["max-streams", None, "100", "Requests handled at once; beyond it the relay gets 503."],
+        ["connect-timeout", None, "10", "Seconds to connect to the local app before 502."],
+        ["ping-interval", None, "20", "Seconds between WebSocket pings to the relay; 0 = off."],
+    ]
+    converters = {
+        "max-streams": positive_int,
+        "connect-timeout": positive_float,
+        "ping-interval": non_negative_float,
+    }
+
+    def parseArgs(self, target_url=None, server_url=None):
+        self["target-url"] = target_url or self.environ.get("PIPEGATE_TARGET_URL")
+        self["server-url"] = server_url or self.environ.get("PIPEGATE_SERVER_URL")
+
+    def check(self) -> None:
+        if not self["target-url"] or not self["server-url"]:
+            raise usage.UsageError("TARGET_URL and SERVER_URL are required")
+        try:
+            self["target"] = Target.parse(self["target-url"])
+        except ConnectorError as e:
+            raise usage.UsageError(str(e)) from None
+        parts = urlsplit(self["server-url"])
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise usage.UsageError(
+                f"SERVER_URL: expected ws(s)://host[:port][/<connection-id>], got {parts.scheme}://...")
+        try:
+            parts.port
+        except ValueError as e:
+            raise usage.UsageError(f"SERVER_URL: {e}") from None
+        if self["ca-file"] and not os.path.isfile(self["ca-file"]):
+            raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
+        path_id = parts.path.strip("/").rsplit("/", 1)[-1] or None
+        token = self["token"] or self.environ.get("PIPEGATE_TOKEN")
+        if not token:
+            token = (parse_qs(parts.query).get("token") or [None])[0]
+        if not token:
+            if not self.environ.get("PIPEGATE_JWT_SECRET"):
+                raise usage.UsageError(
+                    "--token: no token (give --token, PIPEGATE_TOKEN, ?token= in SERVER_URL, "
+                    "or PIPEGATE_JWT_SECRET to mint one)")
+            try:
+                settings = auth.JWTSettings.from_environ(self.environ)
+                cid = path_id or self.environ.get("PIPEGATE_CONNECTION_ID")
+                if cid is None:
+                    import uuid
+                    cid = uuid.uuid4().hex
+                token = auth.mint(settings, cid, time.time())
+            except auth.ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+        sub = auth.unverified_subject(token)
+        if sub is None or not auth.valid_connection_id(sub):
+            raise usage.UsageError("--token: not a PipeGate token (no valid sub claim)")
+        if path_id is not None and path_id != sub:
+            raise usage.UsageError(
+                f"SERVER_URL: connection id {path_id!r} differs from the token's {sub!r}")
+        self["token"] = token
+        self["tunnel-id"] = sub
+        # Never keep the token in the URL: it would reach logs.
+        self["server-url"] = parts._replace(query="").geturl()
+
+
+def fatal_exit(reactor, message: str, code: int = 1) -> None:
+    """Stop the reactor and leave the process with C{code} once it has stopped."""
+    def leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    reactor.addSystemEventTrigger("after", "shutdown", leave)
+    if reactor.running:
+        reactor.stop()
+
+
+def make_connector(options: Options, reactor, **kwargs) -> Connector:
+    config = ConnectorConfig(
+        target=options["target"], max_streams=options["max-streams"],
+        connect_timeout=options["connect-timeout"], ping_interval=options["ping-interval"],
+    )
+    return Connector(reactor, config, options["server-url"], options["token"],
+                     options["tunnel-id"], ca_file=options["ca-file"], **kwargs)
+
+
+def makeService(options: Options, reactor=None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    top = service.MultiService()
+    connector = make_connector(
+        options, reactor, on_fatal=lambda message: fatal_exit(reactor, message))
+    connector.setServiceParent(top)
+    return top

@@ -1,0 +1,86 @@
+"""twistd pipegate-server: the public HTTP relay."""
+
+from __future__ import annotations
+
+from twisted.application import service, strports
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from pipegate import auth
+from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.http.relay import Relay, RelayConfig, RelaySite
+
+
+class Options(EnvOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the public HTTP relay. Connectors log in over a WebSocket with a JWT; public "
+        "callers reach /<connection-id>/<path>. Every option also reads PIPEGATE_<OPTION> "
+        "(for example PIPEGATE_MAX_IN_FLIGHT); a flag beats the variable. The JWT secret comes "
+        "from PIPEGATE_JWT_SECRET."
+    )
+    optFlags = [
+        ["access-log", None, "Write an access log line per request (tokens are redacted)."],
+    ]
+    optParameters = [
+        ["listen", "l", "tcp:8000", "Server endpoint to listen on (tcp:PORT, ssl:..., systemd:..., unix:...)."],
+        ["domain", None, None, "Also route Host: <id>.<domain> to tunnel <id>."],
+        ["max-body-bytes", None, "0", "Largest request body accepted, in bytes; 0 = unlimited (bodies stream). Larger -> 413."],
+        ["max-in-flight", None, "100", "Requests in flight per tunnel; beyond it -> 503."],
+        ["request-timeout", None, "300", "Seconds to wait for the local app's answer (and longest pause inside a body) before 504."],
+        ["offline-grace", None, "0", "Seconds a request for a tunnel with no connector waits for one; 0 = answer 404 at once."],
+        ["ping-interval", None, "20", "Seconds between WebSocket pings to connectors; a link that does not answer within it is closed. 0 = off."],
+        ["idle-timeout", None, "60", "Seconds an idle public HTTP connection is kept open; 0 = forever."],
+        ["jwt-algorithms", None, "HS256", "Accepted JWT algorithms: a JSON list or a comma list of HS256/HS384/HS512."],
+        ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
+        ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
+    ]
+    converters = {
+        "max-body-bytes": non_negative_int,
+        "max-in-flight": positive_int,
+        "request-timeout": non_negative_float,
+        "offline-grace": non_negative_float,
+        "ping-interval": non_negative_float,
+        "idle-timeout": non_negative_float,
+    }
+
+    def check(self) -> None:
+        try:
+            self["jwt"] = auth.JWTSettings.from_values(
+                self.environ.get("PIPEGATE_JWT_SECRET"), self["jwt-algorithms"],
+                self["jwt-issuer"], self["jwt-audience"])
+        except auth.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        from twisted.internet import reactor
+
+        try:
+            endpoints.serverFromString(reactor, self["listen"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--listen: {e}") from None
+        if self["domain"] is not None and not self["domain"].strip("."):
+            raise usage.UsageError("--domain: empty domain")
+
+
+def relay_config(options: Options) -> RelayConfig:
+    return RelayConfig(
+        jwt=options["jwt"],
+        domain=options["domain"].strip(".") if options["domain"] else None,
+        max_body_bytes=options["max-body-bytes"],
+        max_in_flight=options["max-in-flight"],
+        request_timeout=options["request-timeout"],
+        offline_grace=options["offline-grace"],
+        ping_interval=options["ping-interval"],
+        idle_timeout=options["idle-timeout"],
+        access_log=bool(options["access-log"]),
+    )
+
+
+def makeService(options: Options, reactor=None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    top = service.MultiService()
+    relay = Relay(relay_config(options), reactor)
+    relay.setServiceParent(top)
+    listener = strports.service(options["listen"], RelaySite(relay), reactor=reactor)
+    listener.setServiceParent(top)
+    return top
