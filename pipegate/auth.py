@@ -17,7 +17,8 @@ import attrs
 import jwt
 
 ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
-MIN_SECRET_BYTES = 16
+MIN_SECRET_BYTES = 32  # what PyJWT asks of an HS256 key
+MAX_TTL_DAYS = 3650
 LEEWAY_SECONDS = 30
 CONNECTION_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 RESERVED_IDS = frozenset({"healthz"})
@@ -75,7 +76,9 @@ class JWTSettings:
         audience: str | None = None, ttl_days: str | None = None,
     ) -> JWTSettings:
         if not secret:
-            raise ConfigError("PIPEGATE_JWT_SECRET is not set (export a secret of 16 or more bytes)")
+            raise ConfigError(
+                f"PIPEGATE_JWT_SECRET is not set (export a secret of {MIN_SECRET_BYTES} or more bytes,"
+                " e.g. `openssl rand -hex 32`)")
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(f"PIPEGATE_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
         algs = parse_algorithms(algorithms) if algorithms else ("HS256",)
@@ -85,8 +88,8 @@ class JWTSettings:
                 ttl = float(ttl_days)
             except ValueError:
                 raise ConfigError(f"PIPEGATE_JWT_TTL_DAYS: not a number: {ttl_days!r}") from None
-            if not ttl > 0:
-                raise ConfigError("PIPEGATE_JWT_TTL_DAYS: must be greater than 0")
+            if not 0 < ttl <= MAX_TTL_DAYS:
+                raise ConfigError(f"PIPEGATE_JWT_TTL_DAYS: must be above 0 and at most {MAX_TTL_DAYS}")
         return cls(secret, algs, issuer or "pipegate", audience or "pipegate", ttl)
 
     @classmethod

@@ -25,7 +25,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from pipegate.http import frames
-from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
+from pipegate.http.relay import PROTOCOL_ERROR
 
 
 class ConnectorError(ValueError):
@@ -46,9 +47,12 @@ class Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConnectorError(f"TARGET_URL: expected http(s)://host[:port][/path], got {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme.encode(), parts.hostname.encode("idna"), port,
-                   parts.path.rstrip("/").encode())
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            host = parts.hostname.encode("idna")
+        except (ValueError, UnicodeError) as e:
+            raise ConnectorError(f"TARGET_URL: {e}") from None
+        return cls(parts.scheme.encode(), host, port, parts.path.rstrip("/").encode())
 
     @property
     def authority(self) -> bytes:
@@ -94,7 +98,7 @@ def safe_path(path: bytes) -> bytes:
 @attrs.frozen
 class ConnectorConfig:
     target: Target
-    max_streams: int = 100
+    max_streams: int = 256
     connect_timeout: float = 10.0
     ping_interval: float = 20.0
 
@@ -280,6 +284,11 @@ class ConnectorStream:
             response.deliverBody(_Drop())
             return
         headers = filter_headers(list(response.headers.getAllRawHeaders()))
+        # Agent keeps Content-Length out of response.headers; restore it from the length
+        # it parsed (not for HEAD, 204 and 304, whose length Agent reports as 0).
+        if (isinstance(response.length, int) and self.head.method != b"HEAD"
+                and response.code not in (204, 304)):
+            headers += ((b"Content-Length", str(response.length).encode()),)
         try:
             self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
         except frames.FrameError:
@@ -441,7 +450,7 @@ class ConnectorProtocol(WebSocketClientProtocol):
             if not isinstance(e, frames.FrameError):
                 self._log.failure("error handling a frame from the relay")
             self._log.warn("protocol error from the relay: {reason}; closing link", reason=str(e))
-            self.sendClose(1002, str(e)[:100])
+            self.sendClose(PROTOCOL_ERROR, str(e)[:100])
 
     def failHandshake(self, reason):
         status_line = getattr(self, "http_status_line", "") or ""
@@ -451,6 +460,7 @@ class ConnectorProtocol(WebSocketClientProtocol):
         return super().failHandshake(reason)
 
     def onClose(self, wasClean, code, reason):
+        cancel_close_timer(self)
         if self.session is not None:
             self.session.lost()
         self.factory.connector.link_down(self, code, reason)
@@ -459,7 +469,8 @@ class ConnectorProtocol(WebSocketClientProtocol):
 def backoff(initial: float = 1.0, maximum: float = 60.0, rng: Callable[[], float] = random.random):
     """Jittered exponential backoff: 1 s doubling to 60 s, each delay scaled by 0.5..1.0."""
     def policy(attempt: int) -> float:
-        delay = min(maximum, initial * 2 ** min(attempt, 30))
+        # ClientService counts failed attempts from 1.
+        delay = min(maximum, initial * 2 ** min(max(attempt - 1, 0), 30))
         return delay * (0.5 + rng() / 2)
     return policy
 
@@ -545,6 +556,7 @@ class Connector(service.MultiService):
     def stopService(self):
         d = super().stopService()
         for link in list(self.links):
-            link.sendClose(1001, "connector stopping")
+            link.send(frames.GoAway(b"connector stopping"))
+            link.sendClose(1000, "connector stopping")
         d.addBoth(lambda r: self.pool.closeCachedConnections())
         return d

@@ -118,9 +118,17 @@ def _headers(headers: Headers) -> bytes:
 
 def encode(frame: Frame) -> bytes:
     """
-    Serialise one frame.  Raises L{FrameError} when it would exceed a bound, so a
-    caller learns before sending that e.g. a response head is too large.
+    Serialise one frame.  Raises L{FrameError} when it would exceed a bound or be
+    refused by L{decode}, so a caller learns before sending that e.g. a response head
+    is too large.
     """
+    try:
+        return _encode(frame)
+    except struct.error as e:
+        raise FrameError(f"field out of range: {e}") from None
+
+
+def _encode(frame: Frame) -> bytes:
     match frame:
         case Data(stream, data):
             if not 0 < len(data) <= MAX_DATA:
@@ -135,8 +143,12 @@ def encode(frame: Frame) -> bytes:
         case Reset(stream, code, reason):
             return _HEADER.pack(RESET, stream) + struct.pack(">H", code) + _str16(reason)
         case GoAway(reason, stream):
+            if stream != 0:
+                raise FrameError("GOAWAY on a stream")
             return _HEADER.pack(GOAWAY, stream) + _str16(reason)
         case RequestHead():
+            if not frame.method or not frame.target.startswith(b"/"):
+                raise FrameError("REQUEST_HEAD without method or absolute target")
             flags = (FLAG_END if frame.end else 0) | (FLAG_UPGRADE if frame.upgrade else 0)
             out = b"".join((
                 _HEADER.pack(REQUEST_HEAD, frame.stream), bytes((flags,)),

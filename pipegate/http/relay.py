@@ -29,8 +29,9 @@ from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.http import frames
-from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 
+PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 
 
@@ -222,7 +223,8 @@ class RelayStream:
         self.download = frames.ReceiveWindow()
         self._early: list[bytes] = []
         self._body_bytes = 0
-        self._body_done = request.declared_length == 0
+        self._has_body = request.declared_length != 0
+        self._body_done = not self._has_body
         self._end_sent = False
         self._responding = False
         self._paused = False
@@ -256,7 +258,7 @@ class RelayStream:
             correlation=uuid.uuid4().hex.encode(),
             headers=filter_headers(list(req.requestHeaders.getAllRawHeaders()),
                                    keep_upgrade=self.upgrade),
-            end=self._body_done and not self.upgrade,
+            end=not self._has_body and not self.upgrade,
             upgrade=self.upgrade,
         )
         try:
@@ -460,6 +462,7 @@ class RelayStream:
     def _hijack(self) -> None:
         request = self.request
         transport, request.channel.transport = request.channel.transport, None
+        transport.unregisterProducer()  # the HTTP channel's registration
         pipe = StreamPipe(self.link, self.stream_id)
         if isinstance(transport, ProtocolWrapper):
             transport.wrappedProtocol = pipe
@@ -570,6 +573,13 @@ class ConnectorLink(WebSocketServerProtocol):
         self._next_stream = 1
         self._open = False
 
+    def connectionMade(self):
+        super().connectionMade()
+        # The transport came from twisted.web, whose HTTPChannel is still registered as
+        # its producer; left there, a full write buffer would pause reading for good.
+        if self.transport is not None and getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+
     def onConnect(self, request):
         relay: Relay = self.factory.relay
         if frames.SUBPROTOCOL not in request.protocols:
@@ -631,12 +641,12 @@ class ConnectorLink(WebSocketServerProtocol):
             self._log.warn("protocol error from connector of {tunnel_id}: {reason}; closing link",
                            tunnel_id=self.tunnel_id, reason=str(e))
             self._drop(http.BAD_GATEWAY, "connector protocol error")
-            self.sendClose(1002, str(e)[:100])
+            self.sendClose(PROTOCOL_ERROR, str(e)[:100])
 
     def go_away(self, reason: str) -> None:
         self.send(frames.GoAway(reason.encode()))
         self._drop(http.SERVICE_UNAVAILABLE, reason)
-        self.sendClose(1001, reason)
+        self.sendClose(1000, reason)
 
     def _drop(self, code: int, reason: str) -> None:
         was_open, self._open = self._open, False
@@ -647,6 +657,7 @@ class ConnectorLink(WebSocketServerProtocol):
             stream.fail(code, reason)
 
     def onClose(self, wasClean, code, reason):
+        cancel_close_timer(self)
         self._drop(http.BAD_GATEWAY, "connector disconnected")
 
 

@@ -26,7 +26,7 @@ class Options(EnvOptions):
     optParameters = [
         ["token", "t", None, "JWT to log in with (sub = connection id)."],
         ["ca-file", None, None, "PEM file of the CA that signed the relay's certificate (wss://)."],
-        ["max-streams", None, "100", "Requests handled at once; beyond it the relay gets 503."],
+        ["max-streams", None, "256", "Requests handled at once; beyond it the relay gets 503."],
         ["connect-timeout", None, "10", "Seconds to connect to the local app before 502."],
         ["ping-interval", None, "20", "Seconds between WebSocket pings to the relay; 0 = off."],
     ]
@@ -84,7 +84,8 @@ class Options(EnvOptions):
         self["token"] = token
         self["tunnel-id"] = sub
         # Never keep the token in the URL: it would reach logs.
-        self["server-url"] = parts._replace(query="").geturl()
+        query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("token="))
+        self["server-url"] = parts._replace(query=query).geturl()
 
 
 def fatal_exit(reactor, message: str, code: int = 1) -> None:

@@ -55,8 +55,8 @@ class Options(EnvOptions):
 
         try:
             endpoints.serverFromString(reactor, self["listen"])
-        except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"--listen: {e}") from None
+        except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
+            raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
         if self["domain"] is not None and not self["domain"].strip("."):
             raise usage.UsageError("--domain: empty domain")
 

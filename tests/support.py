@@ -1,0 +1,360 @@
+"""
+Loopback helpers for integration tests: real listeners on 127.0.0.1, real clients,
+and a cleanup that closes every connection so trial's reactor stays clean.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import secrets
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import WrappingFactory
+from twisted.web import resource, server
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from pipegate import auth
+from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.relay import Relay, RelayConfig, RelaySite
+
+SECRET = "integration-test-secret-0123456789-abcdefghijklmn"
+SETTINGS = auth.JWTSettings(secret=SECRET)
+
+
+def token_for(tunnel_id: str, settings: auth.JWTSettings = SETTINGS, now: float | None = None) -> str:
+    return auth.mint(settings, tunnel_id, reactor.seconds() if now is None else now)
+
+
+async def eventually(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Poll C{predicate} until true; fail after C{timeout} seconds (a bound, not a goal)."""
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await task.deferLater(reactor, interval, lambda: None)
+        waited += interval
+
+
+def pattern(size: int, seed: int = 7) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+class Loopback:
+    """Owns listeners and connections of one test and tears them all down."""
+
+    def __init__(self, testcase) -> None:
+        self.testcase = testcase
+        self.wrappers: list[WrappingFactory] = []
+        self.ports = []
+        self.services = []
+        self.pools: list[HTTPConnectionPool] = []
+        testcase.addCleanup(self.close)
+
+    async def listen(self, factory, port: int = 0):
+        wrapper = WrappingFactory(factory)
+        self.wrappers.append(wrapper)
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        listening = await endpoint.listen(wrapper)
+        self.ports.append(listening)
+        return listening
+
+    async def drop_connections(self, wrapper: WrappingFactory | None = None) -> None:
+        for w in ([wrapper] if wrapper else self.wrappers):
+            for proto in list(w.protocols):
+                if proto.transport is not None:
+                    proto.transport.abortConnection()
+        await eventually(lambda: all(not w.protocols for w in ([wrapper] if wrapper else self.wrappers)))
+
+    async def relay(self, port: int = 0, **config):
+        relay = Relay(RelayConfig(jwt=config.pop("jwt", SETTINGS), **config), reactor)
+        relay.startService()
+        self.services.append(relay)
+        listening = await self.listen(RelaySite(relay), port)
+        return relay, listening
+
+    async def app(self, root: resource.Resource | None = None):
+        listening = await self.listen(server.Site(root or TestApp()))
+        return listening
+
+    async def connector(self, relay_port, app_port_or_url, tunnel_id: str = "t1", *,
+                        token: str | None = None, wait: bool = True, **kwargs):
+        target = app_port_or_url if isinstance(app_port_or_url, str) else (
+            f"http://127.0.0.1:{app_port_or_url.getHost().port}")
+        config = ConnectorConfig(Target.parse(target), **kwargs.pop("config", {}))
+        connector = Connector(
+            reactor, config, f"ws://127.0.0.1:{relay_port.getHost().port}",
+            token or token_for(tunnel_id), tunnel_id,
+            retry_policy=kwargs.pop("retry_policy", lambda attempt: 0.1), **kwargs)
+        connector.startService()
+        self.services.append(connector)
+        if wait:
+            await connector.online
+        return connector
+
+    def agent(self) -> Agent:
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.pools.append(pool)
+        return Agent(reactor, pool=pool)
+
+    async def close(self) -> None:
+        for pool in self.pools:
+            await pool.closeCachedConnections()
+        for service in reversed(self.services):
+            if service.running:
+                await defer.maybeDeferred(service.stopService)
+        for port in self.ports:
+            await port.stopListening()
+        await self.drop_connections()
+        # Let aborted connections deliver connectionLost and cancel their timers.
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+async def request(agent: Agent, method: bytes, url: str, headers: dict | None = None,
+                  body: bytes | None = None):
+    """Send a request; returns (response, body)."""
+    from twisted.web.client import FileBodyProducer
+    import io
+
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+    hdrs = Headers({k: v if isinstance(v, list) else [v] for k, v in (headers or {}).items()})
+    response = await agent.request(method, url.encode(), hdrs, producer)
+    data = await readBody(response)
+    return response, data
+
+
+class RawHTTP(Protocol):
+    """Sends bytes as they are and collects everything the server sends back."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = bytearray()
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        if self.payload:
+            self.transport.write(self.payload)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(bytes(self.received))
+
+
+async def connect_raw(port, payload: bytes) -> RawHTTP:
+    proto = RawHTTP(payload)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    await endpoints.connectProtocol(endpoint, proto)
+    return proto
+
+
+async def raw_request(port, payload: bytes) -> bytes:
+    """Send raw bytes (ending with a Connection: close request) and read until close."""
+    proto = await connect_raw(port, payload)
+    return await proto.done
+
+
+def split_response(raw: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
+    return lines[0], headers, body
+
+
+def dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2:]
+    return bytes(out)
+
+
+# -- the local app used behind the connector -----------------------------------------
+
+
+@implementer(IPushProducer)
+class PatternProducer:
+    """Writes C{size} bytes of L{pattern} to a request, honouring backpressure."""
+
+    def __init__(self, request, size: int, app: TestApp) -> None:
+        self.request = request
+        self.data = pattern(size)
+        self.offset = 0
+        self.paused = False
+        self.app = app
+
+    def start(self):
+        self.request.registerProducer(self, True)
+        self._pump()
+
+    def _pump(self):
+        while not self.paused and self.offset < len(self.data):
+            chunk = self.data[self.offset:self.offset + 65536]
+            self.offset += len(chunk)
+            self.app.produced += len(chunk)
+            self.request.write(chunk)
+        if self.offset >= len(self.data) and not self.paused:
+            self.request.unregisterProducer()
+            self.request.finish()
+            self.offset += 1  # finished
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        if self.offset > len(self.data):
+            return
+        self.paused = False
+        self._pump()
+
+    def stopProducing(self):
+        self.paused = True
+        self.offset = len(self.data) + 1
+
+
+class TestApp(resource.Resource):
+    """
+    The local web app: /echo, /headers, /cookies, /gzip, /status/N, /big/N, /sha,
+    /hang, /slow/SECONDS, /chunks (second chunk waits for release_chunks()), /ws.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict] = []
+        self.hanging: list = []
+        self.produced = 0
+        self.chunk_gate: defer.Deferred | None = None
+        ws = WebSocketServerFactory()
+        ws.protocol = EchoServer
+        self.ws = WebSocketResource(ws)
+
+    def release_chunks(self):
+        gate, self.chunk_gate = self.chunk_gate, None
+        if gate is not None:
+            gate.callback(None)
+
+    def render(self, request):
+        body = request.content.read()
+        info = {
+            "method": request.method.decode(),
+            "uri": request.uri.decode("latin-1"),
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")]
+                        for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_len": len(body),
+        }
+        self.seen.append(info)
+        path = request.path.decode("latin-1")
+        if path.startswith("/ws"):
+            return self.ws.render(request)
+        if path == "/echo":
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"x-body-sha256", info["body_sha256"].encode())
+            return body
+        if path == "/cookies":
+            request.responseHeaders.setRawHeaders(
+                b"set-cookie", [b"a=1; Path=/", b"b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT; Path=/"])
+            return b"cookies"
+        if path == "/gzip":
+            request.setHeader(b"content-encoding", b"gzip")
+            request.setHeader(b"content-type", b"text/plain")
+            return gzip.compress(b"hello compressed world\n" * 100, mtime=0)
+        if path.startswith("/status/"):
+            code = int(path.rsplit("/", 1)[1])
+            request.setResponseCode(code)
+            if code == 302:
+                request.setHeader(b"location", b"/elsewhere")
+            return b"" if code in (204, 304) else f"status {code}".encode()
+        if path.startswith("/big/"):
+            PatternProducer(request, int(path.rsplit("/", 1)[1]), self).start()
+            return server.NOT_DONE_YET
+        if path == "/hang":
+            self.hanging.append(request)
+            request.notifyFinish().addErrback(lambda f: None)
+            return server.NOT_DONE_YET
+        if path.startswith("/slow/"):
+            seconds = float(path.rsplit("/", 1)[1])
+            call = reactor.callLater(seconds, self._late, request)
+            request.notifyFinish().addErrback(lambda f: call.cancel() if call.active() else None)
+            return server.NOT_DONE_YET
+        if path == "/chunks":
+            request.setHeader(b"content-type", b"text/plain")
+            request.write(b"first chunk\n")
+            self.chunk_gate = defer.Deferred()
+            self.chunk_gate.addCallback(lambda _: (request.write(b"last chunk\n"), request.finish()))
+            return server.NOT_DONE_YET
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(info).encode()
+
+    def _late(self, request):
+        request.write(b"late answer")
+        request.finish()
+
+
+class EchoServer(WebSocketServerProtocol):
+    def onMessage(self, payload, isBinary):
+        self.sendMessage(b"echo:" + payload, isBinary)
+
+
+class WSClient(WebSocketClientProtocol):
+    def onOpen(self):
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.factory.messages.append(payload)
+        waiter, self.factory.waiter = self.factory.waiter, None
+        if waiter is not None:
+            waiter.callback(payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closed.append((code, reason))
+        if not self.factory.opened.called:
+            self.factory.opened.errback(Exception(f"closed {code} {reason}"))
+        waiter, self.factory.waiter = self.factory.waiter, None
+        if waiter is not None:
+            waiter.errback(Exception(f"closed {code} {reason}"))
+
+
+async def ws_connect(loop: Loopback, port, path: str, protocols=None, headers=None):
+    url = f"ws://127.0.0.1:{port.getHost().port}{path}"
+    factory = WebSocketClientFactory(url, protocols=protocols or [], headers=headers or {})
+    factory.protocol = WSClient
+    factory.opened = defer.Deferred()
+    factory.messages = []
+    factory.closed = []
+    factory.waiter = None
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    proto = await endpoint.connect(factory)
+
+    async def close():
+        if proto.transport is not None and proto.transport.connected:
+            proto.transport.abortConnection()
+        await task.deferLater(reactor, 0, lambda: None)
+    loop.testcase.addCleanup(close)
+    return factory, proto
+
+
+def new_secret() -> str:
+    return secrets.token_hex(16)
+

@@ -1,0 +1,349 @@
+"""
+Tests for L{pipegate.config} and the twistd options of C{pipegate-server} and
+C{pipegate-client}.  Every test sets C{options.environ}; C{os.environ} is never read.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial import unittest
+
+from pipegate import auth, config
+from pipegate.http.connector import ConnectorConfig, Target
+from pipegate.http.relay import RelayConfig
+from pipegate.tap import client, server
+
+SECRET = "config-test-secret-" + "0123456789abcdef" * 3
+SETTINGS = auth.JWTSettings.from_values(SECRET)
+TARGET = "http://127.0.0.1:3000"
+
+
+def token(cid: str = "abc", settings: auth.JWTSettings = SETTINGS) -> str:
+    return auth.mint(settings, cid, time.time())
+
+
+class HelperTests(unittest.TestCase):
+
+    def test_env_name(self):
+        self.assertEqual(config.env_name("max-in-flight"), "PIPEGATE_MAX_IN_FLIGHT")
+        self.assertEqual(config.env_name("listen"), "PIPEGATE_LISTEN")
+        self.assertEqual(config.env_name("ca-file"), "PIPEGATE_CA_FILE")
+
+    def test_positive_int(self):
+        self.assertEqual(config.positive_int("7"), 7)
+        for bad in ("0", "-1", "x", "1.5", ""):
+            self.assertRaises(ValueError, config.positive_int, bad)
+
+    def test_non_negative_int(self):
+        self.assertEqual(config.non_negative_int("0"), 0)
+        self.assertEqual(config.non_negative_int("12"), 12)
+        for bad in ("-1", "x", "1.5"):
+            self.assertRaises(ValueError, config.non_negative_int, bad)
+
+    def test_positive_float(self):
+        self.assertEqual(config.positive_float("0.25"), 0.25)
+        for bad in ("0", "-1", "x", "nan"):
+            self.assertRaises(ValueError, config.positive_float, bad)
+
+    def test_non_negative_float(self):
+        self.assertEqual(config.non_negative_float("0"), 0.0)
+        self.assertEqual(config.non_negative_float("2.5"), 2.5)
+        for bad in ("-0.1", "x", "nan"):
+            self.assertRaises(ValueError, config.non_negative_float, bad)
+
+
+class ServerOptionsTests(unittest.TestCase):
+
+    def parse(self, args=(), secret=SECRET, **env) -> server.Options:
+        options = server.Options()
+        options.environ = dict(env, **({"PIPEGATE_JWT_SECRET": secret} if secret else {}))
+        options.parseOptions(list(args))
+        return options
+
+    def assertUsage(self, *names, args=(), secret=SECRET, **env) -> str:
+        e = self.assertRaises(usage.UsageError, self.parse, args, secret, **env)
+        for name in names:
+            self.assertIn(name, str(e))
+        return str(e)
+
+    def test_defaults(self):
+        o = self.parse()
+        self.assertEqual(o["listen"], "tcp:8000")
+        self.assertIsNone(o["domain"])
+        self.assertFalse(o["access-log"])
+        self.assertEqual(o["jwt"], SETTINGS)
+        # The option defaults are those of RelayConfig, converted to numbers.
+        defaults = RelayConfig(jwt=SETTINGS)
+        for option in ("max-body-bytes", "max-in-flight", "request-timeout", "offline-grace",
+                       "ping-interval", "idle-timeout"):
+            value = o[option]
+            self.assertNotIsInstance(value, str)
+            self.assertEqual(value, getattr(defaults, option.replace("-", "_")), option)
+        self.assertEqual(server.relay_config(o), defaults)
+
+    def test_variable_fills_option(self):
+        o = self.parse(PIPEGATE_MAX_IN_FLIGHT="7", PIPEGATE_REQUEST_TIMEOUT="2.5",
+                       PIPEGATE_MAX_BODY_BYTES="1024", PIPEGATE_LISTEN="tcp:9000",
+                       PIPEGATE_DOMAIN="tunnels.example", PIPEGATE_IDLE_TIMEOUT="0",
+                       PIPEGATE_OFFLINE_GRACE="3", PIPEGATE_PING_INTERVAL="0")
+        self.assertEqual(o["max-in-flight"], 7)
+        self.assertIsInstance(o["max-in-flight"], int)
+        self.assertEqual(o["request-timeout"], 2.5)
+        self.assertEqual(o["max-body-bytes"], 1024)
+        self.assertEqual(o["listen"], "tcp:9000")
+        self.assertEqual(o["domain"], "tunnels.example")
+        self.assertEqual(o["idle-timeout"], 0.0)
+        self.assertEqual(o["offline-grace"], 3.0)
+        self.assertEqual(o["ping-interval"], 0.0)
+
+    def test_flag_beats_variable(self):
+        o = self.parse(["--max-in-flight", "9", "--listen", "tcp:9001"],
+                       PIPEGATE_MAX_IN_FLIGHT="7", PIPEGATE_LISTEN="tcp:9000")
+        self.assertEqual(o["max-in-flight"], 9)
+        self.assertEqual(o["listen"], "tcp:9001")
+        o = self.parse(["-l", "tcp:9002"], PIPEGATE_LISTEN="tcp:9000")
+        self.assertEqual(o["listen"], "tcp:9002")
+
+    def test_flag_beats_bad_variable(self):
+        o = self.parse(["--max-in-flight", "9"], PIPEGATE_MAX_IN_FLIGHT="lots")
+        self.assertEqual(o["max-in-flight"], 9)
+
+    def test_boolean_flag_from_variable(self):
+        for value in ("1", "true", "YES", " on "):
+            self.assertTrue(self.parse(PIPEGATE_ACCESS_LOG=value)["access-log"], value)
+        for value in ("0", "false", "No", "off", ""):
+            self.assertFalse(self.parse(PIPEGATE_ACCESS_LOG=value)["access-log"], value)
+
+    def test_boolean_flag_beats_variable(self):
+        self.assertTrue(self.parse(["--access-log"], PIPEGATE_ACCESS_LOG="false")["access-log"])
+
+    def test_bad_boolean_variable(self):
+        self.assertUsage("PIPEGATE_ACCESS_LOG", PIPEGATE_ACCESS_LOG="maybe")
+
+    def test_bad_values_name_the_option(self):
+        cases = [
+            ("max-in-flight", "abc"), ("max-in-flight", "0"), ("max-in-flight", "-3"),
+            ("max-in-flight", "1.5"), ("max-body-bytes", "-1"), ("max-body-bytes", "1k"),
+            ("request-timeout", "-1"), ("request-timeout", "soon"), ("offline-grace", "-1"),
+            ("ping-interval", "nan"), ("idle-timeout", "-0.5"),
+        ]
+        for option, value in cases:
+            message = self.assertUsage(f"--{option}", **{config.env_name(option): value})
+            self.assertTrue(message.startswith(f"--{option}:"), message)
+            message = self.assertUsage(f"--{option}", args=[f"--{option}", value])
+            self.assertTrue(message.startswith(f"--{option}:"), message)
+
+    def test_missing_secret(self):
+        self.assertUsage("PIPEGATE_JWT_SECRET", secret=None)
+
+    def test_short_secret(self):
+        self.assertUsage("PIPEGATE_JWT_SECRET", secret="x" * 15)
+
+    def test_jwt_options(self):
+        o = self.parse(["--jwt-algorithms", "HS256,HS512", "--jwt-issuer", "me"],
+                       PIPEGATE_JWT_AUDIENCE="you")
+        self.assertEqual(o["jwt"].algorithms, ("HS256", "HS512"))
+        self.assertEqual(o["jwt"].issuer, "me")
+        self.assertEqual(o["jwt"].audience, "you")
+        self.assertEqual(o["jwt"].secret, SECRET)
+        o = self.parse(PIPEGATE_JWT_ALGORITHMS='["HS384"]')
+        self.assertEqual(o["jwt"].algorithms, ("HS384",))
+
+    def test_bad_jwt_algorithms(self):
+        self.assertUsage("PIPEGATE_JWT_ALGORITHMS", args=["--jwt-algorithms", "RS256"])
+        self.assertUsage("PIPEGATE_JWT_ALGORITHMS", PIPEGATE_JWT_ALGORITHMS="none")
+
+    def test_bad_listen(self):
+        for listen in ("bogus:1", "tcp:abc", "tcp:8000:nonsense=1"):
+            message = self.assertUsage("--listen", args=["--listen", listen])
+            self.assertTrue(message.startswith("--listen:"), message)
+        self.assertUsage("--listen", PIPEGATE_LISTEN="bogus:1")
+
+    def test_good_listen_strings(self):
+        for listen in ("tcp:0", "tcp:8080:interface=127.0.0.1", "unix:/tmp/pipegate.sock"):
+            self.assertEqual(self.parse(["--listen", listen])["listen"], listen)
+
+    def test_empty_domain(self):
+        for domain in ("", ".", "..."):
+            self.assertUsage("--domain", args=["--domain", domain])
+
+    def test_relay_config(self):
+        o = self.parse(["--domain", ".tunnels.example.", "--access-log"],
+                       PIPEGATE_MAX_IN_FLIGHT="7", PIPEGATE_MAX_BODY_BYTES="10")
+        rc = server.relay_config(o)
+        self.assertEqual(rc.domain, "tunnels.example")
+        self.assertEqual(rc.max_in_flight, 7)
+        self.assertEqual(rc.max_body_bytes, 10)
+        self.assertIs(rc.access_log, True)
+        self.assertEqual(rc.jwt, SETTINGS)
+        self.assertIsNone(server.relay_config(self.parse()).domain)
+
+    def test_unknown_flag(self):
+        self.assertRaises(usage.UsageError, self.parse, ["--no-such-option"])
+
+
+class ClientOptionsTests(unittest.TestCase):
+
+    def parse(self, *args, **env) -> client.Options:
+        options = client.Options()
+        options.environ = env
+        options.parseOptions(list(args))
+        return options
+
+    def assertUsage(self, *names, args=(), **env) -> str:
+        e = self.assertRaises(usage.UsageError, self.parse, *args, **env)
+        for name in names:
+            self.assertIn(name, str(e))
+        return str(e)
+
+    def test_token_flag(self):
+        tok = token()
+        o = self.parse("--token", tok, TARGET, "ws://relay.example:8080/abc")
+        self.assertEqual(o["token"], tok)
+        self.assertEqual(o["tunnel-id"], "abc")
+        self.assertEqual(o["server-url"], "ws://relay.example:8080/abc")
+        self.assertEqual(o["target"], Target(b"http", b"127.0.0.1", 3000, b""))
+        # The option defaults are those of ConnectorConfig, converted to numbers.
+        defaults = ConnectorConfig(target=o["target"])
+        for option in ("max-streams", "connect-timeout", "ping-interval"):
+            self.assertNotIsInstance(o[option], str)
+            self.assertEqual(o[option], getattr(defaults, option.replace("-", "_")), option)
+
+    def test_token_short_flag_and_no_path(self):
+        tok = token("xyz")
+        o = self.parse("-t", tok, TARGET, "wss://relay.example")
+        self.assertEqual(o["tunnel-id"], "xyz")
+        self.assertEqual(o["server-url"], "wss://relay.example")
+
+    def test_token_from_variable(self):
+        tok = token()
+        o = self.parse(TARGET, "ws://relay/abc", PIPEGATE_TOKEN=tok)
+        self.assertEqual(o["token"], tok)
+        self.assertEqual(o["tunnel-id"], "abc")
+
+    def test_flag_beats_variable(self):
+        flag, variable = token("abc"), token("xyz")
+        o = self.parse("--token", flag, TARGET, "ws://relay", PIPEGATE_TOKEN=variable)
+        self.assertEqual(o["token"], flag)
+        self.assertEqual(o["tunnel-id"], "abc")
+
+    def test_token_from_url(self):
+        tok = token()
+        o = self.parse(TARGET, "ws://relay.example:8080/abc?token=" + tok)
+        self.assertEqual(o["token"], tok)
+        self.assertEqual(o["tunnel-id"], "abc")
+        self.assertEqual(o["server-url"], "ws://relay.example:8080/abc")
+        self.assertNotIn(tok, o["server-url"])
+        self.assertNotIn("token", o["server-url"])
+
+    def test_url_token_removed_even_when_flag_given(self):
+        flag, in_url = token("abc"), token("abc")
+        o = self.parse("--token", flag, TARGET, "ws://relay/abc?token=" + in_url)
+        self.assertEqual(o["token"], flag)
+        self.assertNotIn(in_url, o["server-url"])
+
+    def test_urls_from_variables(self):
+        tok = token()
+        o = self.parse(PIPEGATE_TARGET_URL="http://localhost:5000/app",
+                       PIPEGATE_SERVER_URL="ws://relay/abc", PIPEGATE_TOKEN=tok)
+        self.assertEqual(o["target"], Target(b"http", b"localhost", 5000, b"/app"))
+        self.assertEqual(o["server-url"], "ws://relay/abc")
+
+    def test_minted_with_path_id(self):
+        env = {"PIPEGATE_JWT_SECRET": SECRET}
+        o = self.parse(TARGET, "ws://relay/my-app", **env)
+        self.assertEqual(o["tunnel-id"], "my-app")
+        self.assertEqual(auth.verify(auth.JWTSettings.from_environ(env), o["token"], time.time()),
+                         "my-app")
+
+    def test_minted_uses_jwt_variables(self):
+        env = {"PIPEGATE_JWT_SECRET": SECRET, "PIPEGATE_JWT_ISSUER": "me",
+               "PIPEGATE_JWT_AUDIENCE": "you", "PIPEGATE_JWT_ALGORITHMS": "HS384"}
+        o = self.parse(TARGET, "ws://relay/abc", **env)
+        self.assertEqual(auth.verify(auth.JWTSettings.from_environ(env), o["token"], time.time()),
+                         "abc")
+        self.assertRaises(auth.TokenError, auth.verify, SETTINGS, o["token"], time.time())
+
+    def test_minted_with_connection_id_variable(self):
+        o = self.parse(TARGET, "ws://relay", PIPEGATE_JWT_SECRET=SECRET,
+                       PIPEGATE_CONNECTION_ID="from-env")
+        self.assertEqual(o["tunnel-id"], "from-env")
+        self.assertEqual(auth.verify(SETTINGS, o["token"], time.time()), "from-env")
+
+    def test_minted_random_id(self):
+        o = self.parse(TARGET, "ws://relay", PIPEGATE_JWT_SECRET=SECRET)
+        self.assertRegex(o["tunnel-id"], r"\A[0-9a-f]{32}\Z")
+        self.assertEqual(auth.verify(SETTINGS, o["token"], time.time()), o["tunnel-id"])
+
+    def test_minting_refusals(self):
+        self.assertUsage("PIPEGATE_JWT_SECRET", args=(TARGET, "ws://relay/abc"),
+                         PIPEGATE_JWT_SECRET="short")
+        self.assertUsage("connection id", args=(TARGET, "ws://relay/healthz"),
+                         PIPEGATE_JWT_SECRET=SECRET)
+
+    def test_no_token(self):
+        message = self.assertUsage("--token", args=(TARGET, "ws://relay/abc"))
+        self.assertIn("PIPEGATE_JWT_SECRET", message)
+
+    def test_sub_path_mismatch(self):
+        self.assertUsage("SERVER_URL", "'xyz'", "'abc'",
+                         args=("--token", token("abc"), TARGET, "ws://relay/xyz"))
+        self.assertUsage("SERVER_URL", args=(TARGET, "ws://relay/xyz?token=" + token("abc")))
+        self.assertUsage("SERVER_URL", args=(TARGET, "ws://relay/xyz"), PIPEGATE_TOKEN=token())
+
+    def test_not_a_token(self):
+        for bad in ("garbage", "a.b.c", auth.mint(SETTINGS, "abc", 0)[:20]):
+            self.assertUsage("--token", args=("--token", bad, TARGET, "ws://relay"))
+
+    def test_token_with_invalid_subject(self):
+        bad = jwt.encode({"sub": "a/b"}, SECRET, algorithm="HS256")
+        self.assertUsage("--token", args=("--token", bad, TARGET, "ws://relay"))
+
+    def test_bad_target_url(self):
+        for url in ("ftp://127.0.0.1/", "127.0.0.1:3000", "http://", "ws://127.0.0.1:3000",
+                    "/just/a/path"):
+            self.assertUsage("TARGET_URL", args=("--token", token(), url, "ws://relay/abc"))
+
+    def test_bad_server_url(self):
+        for url in ("http://relay/abc", "https://relay", "ws://", "ws:///abc", "relay:8080",
+                    "ws://relay:99999/abc", "ws://relay:port/abc"):
+            self.assertUsage("SERVER_URL", args=("--token", token(), TARGET, url))
+
+    def test_missing_urls(self):
+        self.assertUsage("TARGET_URL", "SERVER_URL", args=("--token", token()))
+        self.assertUsage("TARGET_URL", "SERVER_URL", args=("--token", token(), TARGET))
+
+    def test_too_many_arguments(self):
+        self.assertRaises(usage.UsageError, self.parse, "--token", token(), TARGET,
+                          "ws://relay/abc", "extra")
+
+    def test_numeric_options(self):
+        o = self.parse("--token", token(), "--max-streams", "3", TARGET, "ws://relay",
+                       PIPEGATE_MAX_STREAMS="7", PIPEGATE_CONNECT_TIMEOUT="2.5",
+                       PIPEGATE_PING_INTERVAL="0")
+        self.assertEqual(o["max-streams"], 3)
+        self.assertEqual(o["connect-timeout"], 2.5)
+        self.assertEqual(o["ping-interval"], 0.0)
+
+    def test_bad_numeric_options(self):
+        args = ("--token", token(), TARGET, "ws://relay")
+        self.assertUsage("--max-streams", args=args, PIPEGATE_MAX_STREAMS="0")
+        self.assertUsage("--max-streams", args=("--max-streams", "x") + args)
+        self.assertUsage("--connect-timeout", args=args, PIPEGATE_CONNECT_TIMEOUT="0")
+        self.assertUsage("--ping-interval", args=args, PIPEGATE_PING_INTERVAL="-1")
+
+    def test_ca_file(self):
+        args = ("--token", token(), TARGET, "wss://relay")
+        missing = self.mktemp()
+        self.assertUsage("--ca-file", args=("--ca-file", missing) + args)
+        present = FilePath(self.mktemp())
+        present.parent().makedirs(ignoreExistingDirectory=True)
+        present.setContent(b"")
+        o = self.parse("--ca-file", present.path, *args)
+        self.assertEqual(o["ca-file"], present.path)
+        o = self.parse(*args, PIPEGATE_CA_FILE=present.path)
+        self.assertEqual(o["ca-file"], present.path)

@@ -1,0 +1,440 @@
+"""
+End-to-end tests of the HTTP plane: a real relay, a real connector and a real local
+app, all on 127.0.0.1, talking real HTTP and real WebSockets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+
+import attrs
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from pipegate.http import frames
+from tests.support import (
+    Loopback, TestApp, connect_raw, dechunk, eventually, pattern, raw_request, request,
+    split_response, ws_connect,
+)
+
+
+class Tunnel(unittest.TestCase):
+    """Round trips through relay + connector."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        self.app_port = await self.loop.app(self.app)
+        self.relay, self.relay_port = await self.loop.relay()
+        self.connector = await self.loop.connector(self.relay_port, self.app_port, "t1")
+        self.base = f"http://127.0.0.1:{self.relay_port.getHost().port}"
+        self.agent = self.loop.agent()
+
+    async def test_get_head_post(self):
+        response, body = await request(self.agent, b"GET", self.base + "/t1/api/x?a=1&b=2&a=3&flag")
+        self.assertEqual(response.code, 200)
+        seen = json.loads(body)
+        self.assertEqual(seen["method"], "GET")
+        self.assertEqual(seen["uri"], "/api/x?a=1&b=2&a=3&flag")
+
+        response, body = await request(self.agent, b"HEAD", self.base + "/t1/big/1000")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, b"")
+        self.assertEqual(self.app.seen[-1]["method"], "HEAD")
+
+        payload = pattern(5 * 1024 * 1024)
+        response, body = await request(self.agent, b"POST", self.base + "/t1/echo",
+                                       {b"content-type": b"application/octet-stream"}, payload)
+        self.assertEqual(response.code, 200)
+        digest = hashlib.sha256(payload).hexdigest()
+        self.assertEqual(hashlib.sha256(body).hexdigest(), digest)
+        self.assertEqual(response.headers.getRawHeaders(b"x-body-sha256"), [digest.encode()])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/octet-stream"])
+
+    async def test_forwarded_headers(self):
+        response, body = await request(self.agent, b"GET", self.base + "/t1/who", {
+            b"x-pipegate-correlation-id": b"forged", b"x-dup": [b"1", b"2"],
+            b"connection": b"keep-alive, x-secret-hop", b"x-secret-hop": b"drop me",
+        })
+        headers = json.loads(body)["headers"]
+        names = [k.lower() for k, v in headers]
+        self.assertEqual([v for k, v in headers if k.lower() == "x-dup"], ["1", "2"])
+        self.assertNotIn("x-secret-hop", names)
+        self.assertNotIn("connection", [n for n in names if n != "connection"] or names[:0])
+        correlation = [v for k, v in headers if k.lower() == "x-pipegate-correlation-id"]
+        self.assertEqual(len(correlation), 1)
+        self.assertRegex(correlation[0], r"^[0-9a-f]{32}$")
+        self.assertIn(["X-Forwarded-For", "127.0.0.1"], headers)
+        self.assertIn(["X-Forwarded-Proto", "http"], headers)
+        self.assertIn(["X-Forwarded-Prefix", "/t1"], headers)
+        self.assertIn(["X-Forwarded-Host", f"127.0.0.1:{self.relay_port.getHost().port}"], headers)
+        host = [v for k, v in headers if k.lower() == "host"]
+        self.assertEqual(host, [f"127.0.0.1:{self.app_port.getHost().port}"])
+
+    async def test_status_passthrough(self):
+        for code in (201, 204, 302, 304, 404, 418, 500, 503, 299):
+            response, body = await request(self.agent, b"GET", self.base + f"/t1/status/{code}")
+            self.assertEqual(response.code, code)
+            if code in (204, 304):
+                self.assertEqual(body, b"")
+        response, _ = await request(self.agent, b"GET", self.base + "/t1/status/302")
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/elsewhere"])
+
+    async def test_methods(self):
+        for method in (b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"PROPFIND", b"MKCOL"):
+            response, body = await request(self.agent, method, self.base + "/t1/m")
+            self.assertEqual(response.code, 200)
+            self.assertEqual(json.loads(body)["method"], method.decode())
+
+    async def test_id_only_path(self):
+        response, body = await request(self.agent, b"GET", self.base + "/t1?x=1")
+        self.assertEqual(json.loads(body)["uri"], "/?x=1")
+
+    async def test_concurrent_requests(self):
+        self.relay.config = attrs.evolve(self.relay.config, max_in_flight=200)
+        async def one(i):
+            response, body = await request(self.agent, b"GET", self.base + f"/t1/n/{i}")
+            return response.code, json.loads(body)["uri"]
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(one(i)) for i in range(200)])
+        self.assertEqual(results, [(200, f"/n/{i}") for i in range(200)])
+
+    async def test_set_cookie_kept_separate(self):
+        response, _ = await request(self.agent, b"GET", self.base + "/t1/cookies")
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"),
+                         [b"a=1; Path=/", b"b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT; Path=/"])
+
+    async def test_gzip_byte_identical(self):
+        response, body = await request(self.agent, b"GET", self.base + "/t1/gzip",
+                                       {b"accept-encoding": b"gzip"})
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertEqual(body, gzip.compress(b"hello compressed world\n" * 100, mtime=0))
+        raw = await raw_request(self.relay_port, b"GET /t1/gzip HTTP/1.1\r\nHost: x\r\n"
+                                b"Accept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        status, headers, raw_body = split_response(raw)
+        self.assertIn((b"content-length", str(len(body)).encode()), headers)
+        self.assertEqual(raw_body, body)
+
+    async def test_encoded_path_bytes_unchanged(self):
+        port = self.relay_port
+        for path in (b"/a%2Fb", b"/q%3Fnot-a-query", b"/h%23not-a-fragment", b"/p%2541", b"/sp%20ace"):
+            raw = await raw_request(port, b"GET /t1" + path + b"?k=v&k=w HTTP/1.1\r\nHost: x\r\n"
+                                    b"Connection: close\r\n\r\n")
+            status, headers, body = split_response(raw)
+            self.assertIn(b" 200 ", status)
+            self.assertEqual(self.app.seen[-1]["uri"], (path + b"?k=v&k=w").decode())
+
+    async def test_dot_segments_cannot_escape_base(self):
+        connector = await self.loop.connector(
+            self.relay_port, f"http://127.0.0.1:{self.app_port.getHost().port}/base", "t2")
+        self.assertEqual(connector.tunnel_id, "t2")
+        for path in (b"/../../cookies", b"/%2e%2e/%2E%2E/cookies", b"/x/../../cookies"):
+            raw = await raw_request(self.relay_port, b"GET /t2" + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                    b"Connection: close\r\n\r\n")
+            self.assertIn(b" 200 ", split_response(raw)[0])
+            self.assertEqual(self.app.seen[-1]["uri"], "/base/cookies")
+
+    async def test_chunked_upload(self):
+        raw = await raw_request(
+            self.relay_port,
+            b"POST /t1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        status, headers, body = split_response(raw)
+        self.assertIn(b" 200 ", status)
+        seen = self.app.seen[-1]
+        self.assertEqual(seen["body_sha256"], hashlib.sha256(b"hello world").hexdigest())
+        names = [k.lower() for k, v in seen["headers"]]
+        self.assertNotIn("content-length", names)
+        self.assertEqual([v for k, v in seen["headers"] if k.lower() == "transfer-encoding"], ["chunked"])
+
+    async def test_first_chunk_before_last(self):
+        proto = await connect_raw(self.relay_port,
+                                  b"GET /t1/chunks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await eventually(lambda: b"first chunk" in proto.received)
+        self.assertNotIn(b"last chunk", bytes(proto.received))
+        self.app.release_chunks()
+        raw = await proto.done
+        self.assertEqual(dechunk(split_response(raw)[2]), b"first chunk\nlast chunk\n")
+
+    async def test_slow_app_within_timeout(self):
+        """A local app taking 30 s still answers (the older PipeGate cut it at 5 s)."""
+        response, body = await request(self.agent, b"GET", self.base + "/t1/slow/30")
+        self.assertEqual((response.code, body), (200, b"late answer"))
+
+    test_slow_app_within_timeout.timeout = 60
+
+    async def test_slow_consumer_bounded(self):
+        """A caller that stops reading stalls the app; nothing buffers the whole body."""
+        size = 64 * 1024 * 1024
+        proto = await connect_raw(self.relay_port,
+                                  b"GET /t1/big/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        proto.transport.pauseProducing()
+        last = -1
+        while last != self.app.produced:  # wait until the app is held back
+            last = self.app.produced
+            await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertLess(self.app.produced, size // 2)
+        stream = next(iter(self.connector.links[0].session.streams.values()))
+        self.assertLessEqual(stream.forwarder.window.window, frames.INITIAL_WINDOW)
+        self.assertLessEqual(stream.forwarder.window.queued, 65536)
+        relay_stream = next(iter(self.relay.tunnels["t1"].links[0].streams.values()))
+        self.assertLessEqual(relay_stream.download.buffered, frames.INITIAL_WINDOW)
+        proto.transport.resumeProducing()
+        raw = await proto.done
+        status, headers, body = split_response(raw)
+        if (b"transfer-encoding", b"chunked") in headers:
+            body = dechunk(body)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(pattern(size)).digest())
+
+    test_slow_consumer_bounded.timeout = 120
+
+    async def test_websocket_passthrough(self):
+        factory, proto = await ws_connect(self.loop, self.relay_port, "/t1/ws/chat")
+        await factory.opened
+        for text in (b"one", b"two"):
+            factory.waiter = defer.Deferred()
+            proto.sendMessage(text)
+            self.assertEqual(await factory.waiter, b"echo:" + text)
+        self.assertEqual(self.app.seen[-1]["uri"], "/ws/chat")
+
+    async def test_multiple_connectors_share_load(self):
+        second_app = TestApp()
+        second_port = await self.loop.app(second_app)
+        await self.loop.connector(self.relay_port, second_port, "t1")
+        for i in range(10):
+            response, _ = await request(self.agent, b"GET", self.base + f"/t1/r/{i}")
+            self.assertEqual(response.code, 200)
+        self.assertEqual((len(self.app.seen), len(second_app.seen)), (5, 5))
+
+    async def test_one_connector_leaving_fails_only_its_requests(self):
+        second_app = TestApp()
+        second_port = await self.loop.app(second_app)
+        second = await self.loop.connector(self.relay_port, second_port, "t1")
+        first = request(self.agent, b"GET", self.base + "/t1/hang")
+        other = request(self.agent, b"GET", self.base + "/t1/hang")
+        d1, d2 = defer.Deferred.fromCoroutine(first), defer.Deferred.fromCoroutine(other)
+        await eventually(lambda: len(self.app.hanging) == 1 and len(second_app.hanging) == 1)
+        await second.stopService()
+        response, body = await d2 if d2.called else await d2
+        self.assertEqual(response.code, 502)
+        self.assertFalse(d1.called)
+        self.app.hanging[0].write(b"survivor")
+        self.app.hanging[0].finish()
+        response, body = await d1
+        self.assertEqual((response.code, body), (200, b"survivor"))
+        response, _ = await request(self.agent, b"GET", self.base + "/t1/after")
+        self.assertEqual(response.code, 200)
+
+
+class StatusCodes(unittest.TestCase):
+    """Every error status the relay documents, each caused for real."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        self.app_port = await self.loop.app(self.app)
+        self.agent = self.loop.agent()
+
+    async def start(self, **config):
+        self.relay, self.relay_port = await self.loop.relay(**config)
+        self.base = f"http://127.0.0.1:{self.relay_port.getHost().port}"
+
+    async def test_unknown_tunnel_404(self):
+        await self.start()
+        for path in ("/nobody/x", "/", "/..%2f/x", "/a.b/x"):
+            response, body = await request(self.agent, b"GET", self.base + path)
+            self.assertEqual(response.code, 404, path)
+        response, body = await request(self.agent, b"GET", self.base + "/nobody/x")
+        self.assertEqual(body, b"tunnel offline\n")
+
+    async def test_healthz(self):
+        await self.start()
+        response, body = await request(self.agent, b"GET", self.base + "/healthz")
+        self.assertEqual((response.code, json.loads(body)), (200, {"status": "ok"}))
+
+    async def test_app_unreachable_502(self):
+        await self.start()
+        closed = await self.loop.app()
+        url = f"http://127.0.0.1:{closed.getHost().port}"
+        await closed.stopListening()
+        self.loop.ports.remove(closed)
+        await self.loop.connector(self.relay_port, url, "t1")
+        response, body = await request(self.agent, b"GET", self.base + "/t1/x")
+        self.assertEqual(response.code, 502)
+        self.assertIn(b"unreachable", body)
+        response, body = await request(self.agent, b"GET", self.base + "/t1/again")
+        self.assertEqual(response.code, 502)
+
+    async def test_connector_lost_mid_request_502(self):
+        await self.start()
+        connector = await self.loop.connector(self.relay_port, self.app_port, "t1")
+        d = defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang"))
+        await eventually(lambda: self.app.hanging)
+        for link in list(connector.links):
+            link.transport.abortConnection()
+        response, body = await d
+        self.assertEqual(response.code, 502)
+
+    async def test_timeout_504(self):
+        await self.start(request_timeout=0.5)
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        started = reactor.seconds()
+        response, body = await request(self.agent, b"GET", self.base + "/t1/hang")
+        self.assertEqual(response.code, 504)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        await eventually(lambda: self.app.hanging and self.app.hanging[0]._disconnected)
+
+    async def test_in_flight_limit_503(self):
+        await self.start(max_in_flight=2)
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        held = [defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang"))
+                for _ in range(2)]
+        await eventually(lambda: len(self.app.hanging) == 2)
+        response, body = await request(self.agent, b"GET", self.base + "/t1/x")
+        self.assertEqual(response.code, 503)
+        for r in self.app.hanging:
+            r.finish()
+        for d in held:
+            response, _ = await d
+            self.assertEqual(response.code, 200)
+
+    async def test_body_too_large_413(self):
+        await self.start(max_body_bytes=1000)
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        response, body = await request(self.agent, b"POST", self.base + "/t1/echo", body=b"x" * 1001)
+        self.assertEqual(response.code, 413)
+        raw = await raw_request(
+            self.relay_port,
+            b"POST /t1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"200\r\n" + b"y" * 512 + b"\r\n" + b"400\r\n" + b"z" * 1024 + b"\r\n")
+        self.assertIn(b" 413 ", split_response(raw)[0])
+        self.assertEqual([s for s in self.app.seen if s["uri"] == "/echo"], [])
+        response, body = await request(self.agent, b"POST", self.base + "/t1/echo", body=b"x" * 1000)
+        self.assertEqual((response.code, body), (200, b"x" * 1000))
+
+    async def test_offline_grace(self):
+        await self.start(offline_grace=10)
+        d = defer.Deferred.fromCoroutine(
+            request(self.agent, b"POST", self.base + "/t1/echo", body=b"queued body"))
+        await eventually(lambda: "t1" in self.relay.tunnels and self.relay.tunnels["t1"].waiting)
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        response, body = await d
+        self.assertEqual((response.code, body), (200, b"queued body"))
+
+    async def test_offline_grace_expires_404(self):
+        await self.start(offline_grace=0.3)
+        response, body = await request(self.agent, b"GET", self.base + "/t1/x")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(self.relay.tunnels, {})
+
+    async def test_shutdown_answers_in_flight_503(self):
+        await self.start()
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        d = defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang"))
+        await eventually(lambda: self.app.hanging)
+        self.relay.stopService()
+        response, body = await d
+        self.assertEqual(response.code, 503)
+
+    async def test_caller_gone_cancels_upstream(self):
+        await self.start()
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        proto = await connect_raw(self.relay_port, b"GET /t1/hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: self.app.hanging)
+        proto.transport.abortConnection()
+        await eventually(lambda: self.app.hanging[0]._disconnected)
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
+
+
+class DomainRouting(unittest.TestCase):
+    async def test_host_header_routes(self):
+        loop = Loopback(self)
+        app = TestApp()
+        app_port = await loop.app(app)
+        relay, relay_port = await loop.relay(domain="tunnels.example")
+        await loop.connector(relay_port, app_port, "t1")
+        raw = await raw_request(relay_port, b"GET /some/path?q=1 HTTP/1.1\r\n"
+                                b"Host: t1.tunnels.example:8000\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(app.seen[-1]["uri"], "/some/path?q=1")
+        names = [k.lower() for k, v in app.seen[-1]["headers"]]
+        self.assertNotIn("x-forwarded-prefix", names)
+        # path routing still works next to it
+        agent = loop.agent()
+        response, body = await request(agent, b"GET", f"http://127.0.0.1:{relay_port.getHost().port}/t1/p")
+        self.assertEqual(json.loads(body)["uri"], "/p")
+
+
+class Reconnect(unittest.TestCase):
+    async def test_relay_restart(self):
+        loop = Loopback(self)
+        app_port = await loop.app()
+        relay, relay_port = await loop.relay()
+        number = relay_port.getHost().port
+        connector = await loop.connector(relay_port, app_port, "t1")
+        relay.stopService()
+        await relay_port.stopListening()
+        loop.ports.remove(relay_port)
+        await loop.drop_connections()
+        await eventually(lambda: not connector.links)
+        relay2, relay_port2 = await loop.relay(port=number)
+        await connector.online
+        agent = loop.agent()
+        response, body = await request(agent, b"GET", f"http://127.0.0.1:{number}/t1/back")
+        self.assertEqual(json.loads(body)["uri"], "/back")
+
+
+class BadConnectors(unittest.TestCase):
+    """Malformed frames close one link; other tunnels keep running."""
+
+    async def test_garbage_frame_closes_only_that_link(self):
+        from tests.support import token_for
+
+        loop = Loopback(self)
+        app_port = await loop.app()
+        relay, relay_port = await loop.relay()
+        await loop.connector(relay_port, app_port, "good")
+        factory, proto = await ws_connect(
+            loop, relay_port, "/evil", protocols=[frames.SUBPROTOCOL],
+            headers={"Authorization": "Bearer " + token_for("evil")})
+        await factory.opened
+        await eventually(lambda: "evil" in relay.tunnels)
+        proto.sendMessage(b"\xff\x00\x00\x00\x01garbage", isBinary=True)
+        await eventually(lambda: factory.closed)
+        self.assertEqual(factory.closed[0][0], 4002)
+        self.assertNotIn("evil", relay.tunnels)
+        agent = loop.agent()
+        response, body = await request(agent, b"GET", f"http://127.0.0.1:{relay_port.getHost().port}/good/ok")
+        self.assertEqual(response.code, 200)
+        self.flushLoggedErrors()
+
+    async def test_window_violation_closes_link(self):
+        from tests.support import token_for
+
+        loop = Loopback(self)
+        relay, relay_port = await loop.relay()
+        factory, proto = await ws_connect(
+            loop, relay_port, "/evil", protocols=[frames.SUBPROTOCOL],
+            headers={"Authorization": "Bearer " + token_for("evil")})
+        await factory.opened
+        caller = await connect_raw(relay_port, b"GET /evil/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        caller.transport.pauseProducing()  # the caller reads nothing: the relay must stop crediting
+        await eventually(lambda: factory.messages)
+        head = frames.decode(factory.messages[0])
+        proto.sendMessage(frames.encode(frames.ResponseHead(head.stream, 200, b"OK", ())), isBinary=True)
+        chunk = frames.encode(frames.Data(head.stream, b"x" * 65536))
+        sent = 0
+        while "evil" in relay.tunnels and sent < 1000:  # ignores WINDOW frames entirely
+            for _ in range(16):
+                proto.sendMessage(chunk, isBinary=True)
+            sent += 16
+            await task.deferLater(reactor, 0.01, lambda: None)
+        await eventually(lambda: "evil" not in relay.tunnels, timeout=30)
+        await eventually(lambda: factory.closed, timeout=30)
+        self.assertEqual(factory.closed[0][0], 4002)
+        caller.transport.resumeProducing()
+        raw = await caller.done
+        self.assertNotIn(b"0\r\n\r\n", raw[-5:])  # cut off, never a clean end
