@@ -476,18 +476,21 @@ class ReceiveWindowTests(unittest.TestCase):
         r = ReceiveWindow(available=10)
         self.assertRaises(FrameError, r.received, 11)
 
-    def test_consumed_returns_credit(self):
+    def test_credit_returns_only_when_granted(self):
         r = ReceiveWindow(available=100)
         r.received(100)
         self.assertRaises(FrameError, r.received, 1)
-        self.assertEqual(r.consumed(40), 40)
-        self.assertEqual(r.available, 40)
-        self.assertEqual(r.buffered, 60)
+        r.consumed(40)
+        self.assertEqual((r.available, r.buffered, r.ungranted), (0, 60, 40))
+        self.assertRaises(FrameError, r.received, 1)  # handed on, but not granted back
+        self.assertEqual(r.grant(), 40)
+        self.assertEqual((r.available, r.ungranted), (40, 0))
+        self.assertEqual(r.grant(), 0)
         r.received(40)
         self.assertRaises(FrameError, r.received, 1)
-        self.assertEqual(r.consumed(100), 100)
-        self.assertEqual(r.available, 100)
-        self.assertEqual(r.buffered, 0)
+        r.consumed(100)
+        self.assertEqual(r.grant(), 100)
+        self.assertEqual((r.available, r.buffered), (100, 0))
 
 
 # -- properties -------------------------------------------------------------------------------

@@ -115,7 +115,6 @@ class TunnelBody:
         self._early: list[bytes] = []
         self._ended = False
         self._paused = False
-        self._pending_credit = 0
         self._stopped = False
 
     def startProducing(self, consumer):
@@ -137,11 +136,9 @@ class TunnelBody:
         if self._stopped:
             return
         self.consumer.write(chunk)
-        credit = self.stream.upload.consumed(len(chunk))
-        if self._paused:
-            self._pending_credit += credit
-        else:
-            self.stream.send(frames.Window(self.stream.stream_id, credit))
+        self.stream.upload.consumed(len(chunk))
+        if not self._paused:
+            self.stream.send(frames.Window(self.stream.stream_id, self.stream.upload.grant()))
 
     def end(self) -> None:
         self._ended = True
@@ -153,8 +150,8 @@ class TunnelBody:
 
     def resumeProducing(self):
         self._paused = False
-        if self._pending_credit:
-            credit, self._pending_credit = self._pending_credit, 0
+        credit = self.stream.upload.grant()
+        if credit:
             self.stream.send(frames.Window(self.stream.stream_id, credit))
 
     def stopProducing(self):

@@ -310,12 +310,14 @@ class SendWindow:
 @attrs.define
 class ReceiveWindow:
     """
-    The receiving half of one stream direction: checks that the peer stays within the
-    credit granted, and tracks bytes handed on that can be granted again.
+    The receiving half of one stream direction.  C{available} is the credit the peer
+    still holds: it shrinks as DATA arrives and grows only when credit is granted back,
+    so a peer that ignores backpressure is caught by L{received}.
     """
 
     available: int = INITIAL_WINDOW
-    buffered: int = 0
+    buffered: int = 0    # received, not yet handed on
+    ungranted: int = 0   # handed on, credit not yet returned to the peer
 
     def received(self, size: int) -> None:
         if size > self.available:
@@ -323,8 +325,13 @@ class ReceiveWindow:
         self.available -= size
         self.buffered += size
 
-    def consumed(self, size: int) -> int:
-        """Record C{size} bytes handed on; returns the credit to grant back."""
+    def consumed(self, size: int) -> None:
+        """Record C{size} bytes handed on to the next hop."""
         self.buffered -= size
-        self.available += size
-        return size
+        self.ungranted += size
+
+    def grant(self) -> int:
+        """Return the credit to send in a WINDOW frame now (0 = nothing to send)."""
+        credit, self.ungranted = self.ungranted, 0
+        self.available += credit
+        return credit

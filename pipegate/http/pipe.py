@@ -86,7 +86,6 @@ class StreamPipe(Protocol):
         self.stream_id = stream_id
         self.send_window = frames.SendWindow()
         self.recv_window = frames.ReceiveWindow()
-        self._pending_credit = 0
         self._paused = False
         self._ended_by_peer = False
         self._done = False
@@ -99,7 +98,7 @@ class StreamPipe(Protocol):
         early, self._early = self._early, []
         for chunk in early:
             self.transport.write(chunk)
-            self._pending_credit += self.recv_window.consumed(len(chunk))
+            self.recv_window.consumed(len(chunk))
         self.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
@@ -125,8 +124,8 @@ class StreamPipe(Protocol):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._pending_credit and not self._done:
-            credit, self._pending_credit = self._pending_credit, 0
+        credit = self.recv_window.grant()
+        if credit and not self._done:
             self.link.send(frames.Window(self.stream_id, credit))
 
     def stopProducing(self) -> None:
@@ -140,11 +139,9 @@ class StreamPipe(Protocol):
                 self._early.append(frame.data)
                 return
             self.transport.write(frame.data)
-            credit = self.recv_window.consumed(len(frame.data))
-            if self._paused:
-                self._pending_credit += credit
-            else:
-                self.link.send(frames.Window(self.stream_id, credit))
+            self.recv_window.consumed(len(frame.data))
+            if not self._paused:
+                self.link.send(frames.Window(self.stream_id, self.recv_window.grant()))
         elif isinstance(frame, frames.Window):
             for chunk in self.send_window.credit(frame.increment):
                 self.link.send(frames.Data(self.stream_id, chunk))

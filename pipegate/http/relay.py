@@ -228,7 +228,6 @@ class RelayStream:
         self._end_sent = False
         self._responding = False
         self._paused = False
-        self._pending_credit = 0
         self._done = False
         self._timer: IDelayedCall | None = None
         self.pipe: StreamPipe | None = None
@@ -401,11 +400,9 @@ class RelayStream:
             self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
                       "the local app stalled")
             self.request.write(frame.data)
-            credit = self.download.consumed(len(frame.data))
-            if self._paused:
-                self._pending_credit += credit
-            else:
-                self.link.send(frames.Window(self.stream_id, credit))
+            self.download.consumed(len(frame.data))
+            if not self._paused:
+                self.link.send(frames.Window(self.stream_id, self.download.grant()))
         elif isinstance(frame, frames.End):
             if not self._responding:
                 raise frames.FrameError("END before RESPONSE_HEAD")
@@ -451,8 +448,8 @@ class RelayStream:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._pending_credit and not self._done:
-            credit, self._pending_credit = self._pending_credit, 0
+        credit = self.download.grant()
+        if credit and not self._done:
             self.link.send(frames.Window(self.stream_id, credit))
 
     def stopProducing(self) -> None:
