@@ -1,0 +1,170 @@
+"""
+The commands as users run them: twistd plugins, the connector process, the demo.
+Each test starts a real process and talks to it over 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from pipegate import auth
+from tests.support import SECRET, Loopback, eventually, request, token_for
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPEGATE_")}
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+class Child(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+def spawn(testcase, argv: list[str], env: dict[str, str]) -> Child:
+    child = Child()
+    process = reactor.spawnProcess(child, argv[0], argv, env=env, path=os.getcwd())
+
+    async def stop():
+        if not child.ended.called:
+            process.signalProcess(signal.SIGKILL)
+            await child.ended
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+    return child
+
+
+async def run(testcase, argv: list[str], **env: str) -> tuple[int, str]:
+    child = spawn(testcase, argv, child_env(**env))
+    code = await child.ended
+    return code, child.output.decode("utf-8", "replace")
+
+
+class Plugins(unittest.TestCase):
+    async def test_twistd_lists_all_four(self):
+        code, out = await run(self, TWISTD + ["--help"])
+        self.assertEqual(code, 0, out)
+        for name in ("pipegate-server", "pipegate-client", "pipegate-provider", "pipegate-gateway"):
+            self.assertIn(name, out)
+
+    async def test_server_help_shows_options_and_defaults(self):
+        code, out = await run(self, TWISTD + ["-n", "pipegate-server", "--help"])
+        self.assertEqual(code, 0, out)
+        for option, default in (("--listen", "tcp:8000"), ("--max-in-flight", "100"),
+                                ("--request-timeout", "300"), ("--offline-grace", "0"),
+                                ("--max-body-bytes", "0"), ("--domain", None)):
+            self.assertIn(option, out)
+            if default is not None:
+                line = next(l for l in out.splitlines() if option in l)
+                self.assertIn(f"[default: {default}]", line)
+
+    async def test_missing_secret_stops_startup_with_one_line(self):
+        code, out = await run(self, TWISTD + ["-n", "pipegate-server", "--listen", "tcp:0:interface=127.0.0.1"])
+        self.assertNotEqual(code, 0)
+        self.assertIn("PIPEGATE_JWT_SECRET is not set", out)
+        self.assertNotIn("Traceback", out)
+
+    async def test_bad_option_names_it(self):
+        code, out = await run(self, TWISTD + ["-n", "pipegate-server", "--max-in-flight", "lots"],
+                              PIPEGATE_JWT_SECRET=SECRET)
+        self.assertNotEqual(code, 0)
+        self.assertIn("--max-in-flight", out)
+        self.assertNotIn("Traceback", out)
+        code, out = await run(self, TWISTD + ["-n", "pipegate-server"],
+                              PIPEGATE_JWT_SECRET=SECRET, PIPEGATE_LISTEN="tcpp:8000")
+        self.assertNotEqual(code, 0)
+        self.assertIn("--listen", out)
+
+    async def test_port_plane_plugins_answer_help(self):
+        for name in ("pipegate-provider", "pipegate-gateway"):
+            code, out = await run(self, TWISTD + ["-n", name, "--help"])
+            self.assertEqual(code, 0, out)
+            self.assertIn("--router", out)
+
+
+class ConnectorProcess(unittest.TestCase):
+    """The real `twistd -n pipegate-client` against an in-test relay."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app_port = await self.loop.app()
+        self.relay, self.relay_port = await self.loop.relay(access_log=True)
+        self.app_url = f"http://127.0.0.1:{self.app_port.getHost().port}"
+        self.relay_url = f"ws://127.0.0.1:{self.relay_port.getHost().port}"
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    async def test_refused_tokens_exit_non_zero(self):
+        now = reactor.seconds()
+        other = auth.JWTSettings(secret="another-secret-another-secret-0123456789")
+        cases = {
+            "expired": auth.mint(auth.JWTSettings(secret=SECRET), "t1", now - 30 * 86400),
+            "wrong secret": auth.mint(other, "t1", now),
+            "wrong audience": auth.mint(auth.JWTSettings(secret=SECRET, audience="elsewhere"), "t1", now),
+            "alg none": "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0."
+                        "eyJzdWIiOiJ0MSIsImV4cCI6OTk5OTk5OTk5OSwibmJmIjowLCJpYXQiOjAsImlzcyI6InBpcGVnYXRlIiwiYXVkIjoicGlwZWdhdGUifQ.",
+        }
+        for name, token in cases.items():
+            code, out = await run(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token", token,
+                                                  self.app_url, self.relay_url])
+            self.assertNotEqual(code, 0, name)
+            self.assertIn("the relay refused the login: 401", out, name)
+            self.assertNotIn(token, out, name)
+        self.assertEqual(self.relay.tunnels, {})
+
+    async def test_sub_path_mismatch_refused(self):
+        code, out = await run(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token",
+                                              token_for("t1"), self.app_url, self.relay_url + "/t2"])
+        self.assertNotEqual(code, 0)
+        self.assertIn("differs from the token", out)
+
+    async def test_serves_and_never_logs_the_token(self):
+        token = token_for("t1")
+        child = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", self.app_url,
+                                      f"{self.relay_url}/?token={token}"], child_env())
+        await eventually(lambda: "t1" in self.relay.tunnels and self.relay.tunnels["t1"].links,
+                         timeout=30)
+        agent = self.loop.agent()
+        response, body = await request(agent, b"GET",
+                                       f"http://127.0.0.1:{self.relay_port.getHost().port}/t1/x?token=abc")
+        self.assertEqual(response.code, 200)
+        await eventually(lambda: b"online at" in child.output, timeout=10)
+        self.assertNotIn(token.encode(), child.output)
+        logged = " ".join(str(e.get("log_format", "")) + repr(e) for e in self.events)
+        self.assertNotIn(token, logged)
+        access = [e for e in self.events if "log_legacy" in repr(e) or "GET /t1/x" in repr(e)]
+        self.assertTrue(any("token=<redacted>" in repr(e) for e in access), access)
+
+
+class Demo(unittest.TestCase):
+    async def test_demo_serves_a_tunnel(self):
+        child = spawn(self, [sys.executable, "-m", "pipegate", "demo", "--port", "0"], child_env())
+        await eventually(lambda: b"Public URL:" in child.output, timeout=30)
+        url = re.search(rb"Public URL: (\S+)", child.output).group(1).decode()
+        self.assertIn(b"curl -s", child.output)
+        loop = Loopback(self)
+        response, body = await request(loop.agent(), b"GET", url + "hello?name=world")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"hello from the app behind the tunnel", body)
+        self.assertIn(b"/hello?name=world", body)
