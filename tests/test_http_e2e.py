@@ -440,3 +440,30 @@ class BadConnectors(unittest.TestCase):
         caller.transport.resumeProducing()
         raw = await caller.done
         self.assertNotIn(b"0\r\n\r\n", raw[-5:])  # cut off, never a clean end
+
+
+class Logins(unittest.TestCase):
+    """The relay refuses bad logins over HTTP before any upgrade, with the reason."""
+
+    async def test_refusals(self):
+        from tests.support import token_for
+
+        loop = Loopback(self)
+        relay, relay_port = await loop.relay()
+        cases = [
+            ("/t2", {"Authorization": "Bearer " + token_for("t1")}, "403"),
+            ("/t1", {}, "401"),
+            ("/t1", {"Authorization": "Bearer garbage"}, "401"),
+            ("/?token=garbage", {}, "401"),
+        ]
+        for path, headers, status in cases:
+            factory, proto = await ws_connect(loop, relay_port, path, protocols=[frames.SUBPROTOCOL],
+                                              headers=headers)
+            with self.assertRaises(Exception):
+                await factory.opened
+            self.assertIn(status, proto.http_status_line)
+        self.assertEqual(relay.tunnels, {})
+        factory, proto = await ws_connect(loop, relay_port, "/?token=" + token_for("t3"),
+                                          protocols=[frames.SUBPROTOCOL])
+        await factory.opened
+        await eventually(lambda: "t3" in relay.tunnels)

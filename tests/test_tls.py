@@ -1,0 +1,107 @@
+"""
+wss:// end to end: the relay behind a real `ssl:` endpoint with a certificate from a
+private CA, and a connector that verifies it (service_identity) with --ca-file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import endpoints, reactor
+from twisted.trial import unittest
+
+from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from tests.support import SETTINGS, Loopback, request, token_for
+
+
+def make_ca_and_cert(directory, hostname: str = "localhost"):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "PipeGate test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    key_path = directory.child("relay.key")
+    key_path.setContent(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                          serialization.NoEncryption()))
+    cert_path = directory.child("relay.crt")
+    cert_path.setContent(cert.public_bytes(pem))
+    ca_path = directory.child("ca.crt")
+    ca_path.setContent(ca.public_bytes(pem))
+    return key_path.path, cert_path.path, ca_path.path
+
+
+class SecureWebSocket(unittest.TestCase):
+    async def setUp(self):
+        from twisted.python.filepath import FilePath
+
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.key, self.cert, self.ca = make_ca_and_cert(directory)
+        self.loop = Loopback(self)
+        self.app_port = await self.loop.app()
+        self.relay = Relay(RelayConfig(jwt=SETTINGS), reactor)
+        self.relay.startService()
+        self.loop.services.append(self.relay)
+        endpoint = endpoints.serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}")
+        # Not wrapped in the Loopback's WrappingFactory: Autobahn must see the TLS transport
+        # itself (it binds the WebSocket to the TLS channel).
+        self.port = await endpoint.listen(RelaySite(self.relay))
+        self.loop.ports.append(self.port)
+
+    def connector(self, ca_file):
+        connector = Connector(
+            reactor, ConnectorConfig(Target.parse(f"http://127.0.0.1:{self.app_port.getHost().port}")),
+            f"wss://localhost:{self.port.getHost().port}", token_for("t1"), "t1",
+            ca_file=ca_file, retry_policy=lambda attempt: 0.2)
+        connector.startService()
+        self.loop.services.append(connector)
+        return connector
+
+    async def test_verified_wss(self):
+        connector = self.connector(self.ca)
+        await connector.online
+        self.assertEqual(connector.public_url, f"https://localhost:{self.port.getHost().port}/t1/")
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+        from twisted.internet import ssl
+
+        with open(self.ca, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.loop.pools.append(pool)
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), pool=pool)
+        response, body = await request(agent, b"GET", f"https://localhost:{self.port.getHost().port}/t1/s?x=1")
+        self.assertEqual(response.code, 200)
+        seen = json.loads(body)
+        self.assertEqual(seen["uri"], "/s?x=1")
+        self.assertIn(["X-Forwarded-Proto", "https"], seen["headers"])
+
+    async def test_unknown_ca_never_logs_in(self):
+        connector = self.connector(None)  # system trust store: the private CA is unknown
+        from twisted.internet import task
+
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(connector.links, [])
+        self.assertEqual(self.relay.tunnels, {})
+        await connector.stopService()
+        self.flushLoggedErrors()
