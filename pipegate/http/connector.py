@@ -374,6 +374,10 @@ class _Drop(Protocol):
         self.transport.stopProducing()
 
 
+class _QuietHTTPClientFactory(client._HTTP11ClientFactory):
+    noisy = False
+
+
 class ConnectorSession:
     """The connector's side of one WebSocket: its streams and the Agent they use."""
 
@@ -492,6 +496,7 @@ class Connector(service.MultiService):
         self.online: defer.Deferred | None = defer.Deferred()
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
+        self.pool._factory = _QuietHTTPClientFactory  # no log lines per local connection
         self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
         parts = urlsplit(server_url)
         secure = parts.scheme == "wss"
@@ -510,6 +515,7 @@ class Connector(service.MultiService):
         )
         factory.protocol = ConnectorProtocol
         factory.connector = self
+        factory.noisy = False
         factory.setProtocolOptions(
             maxFramePayloadSize=frames.MAX_FRAME_SIZE,
             maxMessagePayloadSize=frames.MAX_FRAME_SIZE,
@@ -539,9 +545,10 @@ class Connector(service.MultiService):
     def link_down(self, link: ConnectorProtocol, code, reason) -> None:
         if link in self.links:
             self.links.remove(link)
-            self.log.info("link to the relay lost ({code} {reason}); reconnecting",
-                          code=code, reason=reason or "")
             self.online = defer.Deferred()
+            if self.running:
+                self.log.info("link to the relay lost ({code} {reason}); reconnecting",
+                              code=code, reason=reason or "")
 
     def refused(self, reason: str) -> None:
         message = f"the relay refused the login: {reason}"

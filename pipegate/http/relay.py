@@ -669,6 +669,7 @@ class RelayResource(resource.Resource):
         factory = WebSocketServerFactory()
         factory.protocol = ConnectorLink
         factory.relay = relay
+        factory.noisy = False
         interval = relay.config.ping_interval
         factory.setProtocolOptions(
             maxFramePayloadSize=frames.MAX_FRAME_SIZE,
