@@ -467,3 +467,61 @@ class Logins(unittest.TestCase):
                                           protocols=[frames.SUBPROTOCOL])
         await factory.opened
         await eventually(lambda: "t3" in relay.tunnels)
+
+
+class EdgeCases(unittest.TestCase):
+    """Regressions found while documenting the relay."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        self.app_port = await self.loop.app(self.app)
+
+    async def test_oversized_head_431_releases_slot(self):
+        relay, port = await self.loop.relay(max_in_flight=1)
+        await self.loop.connector(port, self.app_port, "t1")
+        for _ in range(3):
+            raw = await raw_request(port, b"X" * 300 + b" /t1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertIn(b" 431 ", split_response(raw)[0])
+        raw = await raw_request(port, b"GET /t1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", split_response(raw)[0])
+
+    async def test_slow_upload_is_not_a_timeout(self):
+        relay, port = await self.loop.relay(request_timeout=0.5)
+        await self.loop.connector(port, self.app_port, "t1")
+        proto = await connect_raw(port, b"POST /t1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n"
+                                        b"Connection: close\r\n\r\n")
+        for piece in (b"ab", b"cd", b"ef", b"gh"):  # 1.2 s in all, never 0.5 s of silence
+            await task.deferLater(reactor, 0.3, lambda: None)
+            proto.transport.write(piece)
+        status, headers, body = split_response(await proto.done)
+        self.assertIn(b" 200 ", status)
+        self.assertEqual(body, b"abcdefgh")
+
+    async def test_domain_hosts_reach_the_apps_healthz_and_ignore_case(self):
+        relay, port = await self.loop.relay(domain="example.test")
+        await self.loop.connector(port, self.app_port, "MyApp")
+        raw = await raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: myapp.example.test\r\n"
+                                      b"Connection: close\r\n\r\n")
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(self.app.seen[-1]["uri"], "/healthz")
+        raw = await raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        self.assertEqual(json.loads(split_response(raw)[2]), {"status": "ok"})
+        self.assertEqual(len(self.app.seen), 1)
+
+    async def test_absolute_form_target(self):
+        relay, port = await self.loop.relay()
+        await self.loop.connector(port, self.app_port, "t1")
+        raw = await raw_request(port, b"GET http://relay.example/t1/abs?q=1 HTTP/1.1\r\nHost: relay.example\r\n"
+                                      b"Connection: close\r\n\r\n")
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(self.app.seen[-1]["uri"], "/abs?q=1")
+
+    async def test_login_under_a_path_prefix(self):
+        from tests.support import token_for
+
+        relay, port = await self.loop.relay()
+        factory, proto = await ws_connect(self.loop, port, "/prefix/t1", protocols=[frames.SUBPROTOCOL],
+                                          headers={"Authorization": "Bearer " + token_for("t1")})
+        await factory.opened
+        await eventually(lambda: "t1" in relay.tunnels)

@@ -127,22 +127,39 @@ class Relay(service.Service):
             del self.tunnels[tunnel.id]
 
     # -- public requests
+    def domain_label(self, request: server.Request) -> str | None:
+        """With C{--domain}: the first label of a C{Host: <label>.<domain>}, else None."""
+        if not self.config.domain:
+            return None
+        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        suffix = "." + self.config.domain.lower()
+        return host[: -len(suffix)] if host.endswith(suffix) else None
+
+    def is_health(self, request: server.Request, uri: bytes) -> bool:
+        """C{/healthz} is the relay's own, except on a tunnel's host name."""
+        return uri.split(b"?")[0] == b"/healthz" and self.domain_label(request) is None
+
     def route(self, request: server.Request) -> tuple[str, bytes, bytes] | str:
         """
         Map a request to (tunnel id, target, prefix), or return an error reason.
         """
         uri = request.uri
+        if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
+            # absolute-form (RFC 9112 3.2.2): keep the origin-form part
+            rest = uri.split(b"//", 1)[1]
+            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+            uri = rest[cut:] if rest[cut:cut + 1] == b"/" else b"/" + rest[cut:]
         if not uri.startswith(b"/"):
             return "bad request target"
-        if self.config.domain:
-            host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
-            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            suffix = "." + self.config.domain.lower()
-            if host.endswith(suffix):
-                label = host[: -len(suffix)]
-                if not auth.valid_connection_id(label):
-                    return "unknown tunnel"
-                return label, uri, b""
+        label = self.domain_label(request)
+        if label is not None:
+            if not auth.valid_connection_id(label):
+                return "unknown tunnel"
+            # Host names are case-insensitive; connection ids are not.
+            if label not in self.tunnels:
+                label = next((t for t in self.tunnels if t.lower() == label), label)
+            return label, uri, b""
         path, sep, query = uri.partition(b"?")
         first, slash, rest = path[1:].partition(b"/")
         try:
@@ -263,7 +280,7 @@ class RelayStream:
         try:
             link.send(head)
         except frames.FrameError:
-            self.fail(http.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+            self.fail(431, "request head too large")
             return
         self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
                   "the local app did not answer in time")
@@ -349,6 +366,9 @@ class RelayStream:
             self._early.append(data)
             self._pause_upload()
             return
+        # A body still arriving is progress: the timeout is for silence, not for size.
+        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+                  "the local app did not answer in time")
         self._send_body(data)
 
     def _send_body(self, data: bytes) -> None:
@@ -581,7 +601,8 @@ class ConnectorLink(WebSocketServerProtocol):
         relay: Relay = self.factory.relay
         if frames.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"subprotocol {frames.SUBPROTOCOL} required")
-        path_id = request.path.strip("/") or None
+        # The id is the last path segment, so a proxy may mount the relay under a prefix.
+        path_id = request.path.rstrip("/").rsplit("/", 1)[-1] or None
         token = None
         header = request.headers.get("authorization", "")
         if header[:7].lower() == "bearer ":
@@ -687,10 +708,10 @@ class RelayResource(resource.Resource):
         """Public requests start at their headers; health and upgrades do not."""
         if request.requestHeaders.getRawHeaders(b"upgrade"):
             return False
-        return uri.split(b"?")[0] != b"/healthz"
+        return not self.relay.is_health(request, uri)
 
     def render(self, request: server.Request):
-        if request.uri.split(b"?")[0] == b"/healthz" and not request.requestHeaders.hasHeader(b"upgrade"):
+        if self.relay.is_health(request, request.uri) and not request.requestHeaders.hasHeader(b"upgrade"):
             if request.method not in (b"GET", b"HEAD"):
                 request.setResponseCode(http.NOT_ALLOWED)
                 request.setHeader(b"allow", b"GET, HEAD")
