@@ -85,18 +85,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vmhwm(pid: int) -> int:
+def proc_status(pid: int, field: str) -> int:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM), in bytes."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def vmrss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -190,12 +183,12 @@ def main() -> int:
                                                f"ws://127.0.0.1:{relay_port}/bench"], env=env)
         procs.append(connector)
         wait_http(relay_port, "/bench/big/1")
-        base = {"relay": vmrss(relay.pid), "connector": vmrss(connector.pid)}
+        base = {"relay": proc_status(relay.pid, "VmRSS"), "connector": proc_status(connector.pid, "VmRSS")}
         seconds, digest = download(relay_port, size)
         down_ok = digest == expected_sha(size)
         up_seconds, answer = upload(relay_port, size)
         up_ok = answer.decode() == f"{size} {expected_sha(size)}"
-        peak = {"relay": vmhwm(relay.pid), "connector": vmhwm(connector.pid)}
+        peak = {"relay": proc_status(relay.pid, "VmHWM"), "connector": proc_status(connector.pid, "VmHWM")}
         result = {
             "size_mib": args.size_mib,
             "download": {"seconds": round(seconds, 2), "mb_per_s": round(size / seconds / 1e6, 1),
