@@ -1,26 +1,72 @@
-"""twistd pipegate-gateway: the port plane gateway (being built; see docs/configuration.md)."""
+"""twistd pipegate-gateway: open announced gate ports and forward them to providers."""
 
 from __future__ import annotations
+
+import ipaddress
 
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import EnvOptions
+from pipegate.config import positive_float
+from pipegate.mux import frames
+from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
+from pipegate.ports.gateway import Gateway, GatewayConfig
+from pipegate.ports.services import (
+    Exposure, ServiceError, load_source, parse_filters, parse_only_services,
+)
+from pipegate.tap.provider import fetch
 
 
-class Options(EnvOptions):
+class Options(MuxOptions):
     synopsis = "[options]"
     longdesc = (
-        "The port plane gateway. Not available in this release yet: the plugin is registered so "
-        "that deployments can be prepared; starting it stops with a one-line message."
+        "Open a public gate for every route that providers announce and carry each TCP "
+        "connection or UDP flow to a provider over TLS mux links. Every option also reads "
+        "PIPEGATE_<OPTION>."
     )
-    optParameters = [
-        ["router", None, None, "Router secret shared by providers and gateways (64 hex chars)."],
+    optFlags = [
+        ["expose-only-published", None, "Expose only routes tagged 'published'."],
+        ["expose-only-docker", None, "Expose only routes tagged 'docker'."],
     ]
+    optParameters = MuxOptions.optParameters + [
+        ["listen", None, "127.0.0.1", "Address the gate ports bind to (0.0.0.0, ::, or one address)."],
+        ["filter", None, None, "Routes to expose: inline JSON, a file or an http(s) URL; a list of "
+                               "filters, a route matching every field of at least one is exposed."],
+        ["expose-only-services", None, None, "Comma list of serviceHost names to expose."],
+        ["open-timeout", None, "5", "Seconds a provider has to accept a channel before the next is tried."],
+    ]
+    converters = {**MuxOptions.converters, "open-timeout": positive_float}
 
     def check(self) -> None:
-        raise usage.UsageError("pipegate-gateway: the port plane is not available in this release yet")
+        super().check()
+        try:
+            ipaddress.ip_address(self["listen"].split("%")[0])
+        except ValueError:
+            raise usage.UsageError(f"--listen: not an IP address: {self['listen']!r}") from None
+        filters = ()
+        if self["filter"]:
+            try:
+                filters = tuple(parse_filters(load_source(self["filter"], fetch), self["filter"]))
+            except (ServiceError, OSError) as e:
+                raise usage.UsageError(f"--filter: {e}") from None
+        self["exposure"] = Exposure(
+            filters=filters,
+            only_services=parse_only_services(self["expose-only-services"] or ""),
+            only_published=bool(self["expose-only-published"]),
+            only_docker=bool(self["expose-only-docker"]),
+        )
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
-    raise usage.UsageError("pipegate-gateway: the port plane is not available in this release yet")
+    if reactor is None:
+        from twisted.internet import reactor
+    top = service.MultiService()
+    gateway = Gateway(GatewayConfig(
+        listen=options["listen"], exposure=options["exposure"], open_timeout=options["open-timeout"],
+        udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor)
+    gateway.setServiceParent(top)
+    for svc in link_services(gateway, link_config(options, frames.ROLE_GATEWAY), reactor,
+                             options["mux"], options["connect"], certificate=certificate_from(options),
+                             verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
+        svc.setServiceParent(top)
+    return top

@@ -1,0 +1,171 @@
+"""
+Channels: a TCP connection or a UDP flow carried over a mux link.
+
+L{StreamChannel} joins a TCP socket (the client's at the gateway, the backend's at the
+provider) to a mux channel with credit windows both ways and half-close: a FIN from
+either socket travels as a Fin frame after all of that direction's data, and the
+socket closes once both directions are done.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pipegate.http.frames import ReceiveWindow, SendWindow
+from pipegate.mux import frames
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class StreamChannel(Protocol):
+    """A TCP socket on one side, a mux channel on the other."""
+
+    log = Logger()
+
+    def __init__(self, window: int) -> None:
+        self.link = None
+        self.channel_id = 0
+        self.send_window = SendWindow(window=window)
+        self.recv_window = ReceiveWindow(available=window)
+        self._early: list[bytes] = []
+        self._socket_full = False
+        self._fin_pending = False
+        self.fin_sent = False
+        self.fin_received = False
+        self.done = False
+        self.on_done = None
+
+    # -- wiring
+    def attach(self, link, channel_id: int) -> None:
+        """Bind to a link channel; socket bytes read so far go out now."""
+        self.link = link
+        self.channel_id = channel_id
+        early, self._early = self._early, []
+        for chunk in early:
+            self._send(chunk)
+        if self._fin_pending:
+            self._maybe_fin()
+        self._update_reading()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this side holds for the channel: unsent socket bytes and undelivered frames."""
+        return self.send_window.queued + sum(map(len, self._early)) + self.recv_window.buffered
+
+    # -- socket side
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        if self.link is None:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.link is None:
+            self._early.append(data)
+            return
+        self._send(data)
+        self._update_reading()
+
+    def _send(self, data: bytes) -> None:
+        for chunk in self.send_window.write(data):
+            self.link.send(frames.Data(self.channel_id, chunk))
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.done:
+            return
+        if self.send_window.blocked or self.link is None or self.link.paused:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:
+        self._fin_pending = True
+        self._maybe_fin()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def _maybe_fin(self) -> None:
+        if (self._fin_pending and not self.fin_sent and self.link is not None
+                and self.send_window.queued == 0):
+            self.fin_sent = True
+            self.link.send(frames.Fin(self.channel_id))
+            self._maybe_done()
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.done:
+            self.done = True
+            if self.link is not None:
+                self.link.send(frames.Reset(self.channel_id, "connection closed"))
+            self._finished()
+
+    # -- link side
+    def frame_received(self, frame) -> None:
+        if self.done:
+            return
+        match frame:
+            case frames.Data(_, data):
+                self.recv_window.received(len(data))
+                self.transport.write(data)
+                self.recv_window.consumed(len(data))
+                if not self._socket_full:
+                    self.link.send(frames.Window(self.channel_id, self.recv_window.grant()))
+            case frames.Window(_, increment):
+                for chunk in self.send_window.credit(increment):
+                    self.link.send(frames.Data(self.channel_id, chunk))
+                self._maybe_fin()
+                self._update_reading()
+            case frames.Fin():
+                self.fin_received = True
+                try:
+                    self.transport.loseWriteConnection()
+                except (AttributeError, NotImplementedError):
+                    pass
+                self._maybe_done()
+            case frames.Reset():
+                self.abort()
+
+    def _maybe_done(self) -> None:
+        if self.fin_sent and self.fin_received and not self.done:
+            self.done = True
+            self.transport.loseConnection()
+            self._finished()
+
+    def link_paused(self) -> None:
+        self._update_reading()
+
+    def link_resumed(self) -> None:
+        self._update_reading()
+
+    def link_lost(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self._finished()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _finished(self) -> None:
+        if self.link is not None:
+            self.link.remove_channel(self.channel_id)
+        if self.on_done is not None:
+            callback, self.on_done = self.on_done, None
+            callback(self)
+
+    # -- IPushProducer: the socket's write buffer is full; stop returning credit
+    def pauseProducing(self) -> None:
+        self._socket_full = True
+
+    def resumeProducing(self) -> None:
+        self._socket_full = False
+        credit = self.recv_window.grant()
+        if credit and not self.done and self.link is not None:
+            self.link.send(frames.Window(self.channel_id, credit))
+
+    def stopProducing(self) -> None:
+        pass

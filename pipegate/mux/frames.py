@@ -1,0 +1,575 @@
+"""
+Sans-IO codec for the port plane multiplexer (mux v1) and its admission helpers.
+
+A link is one TLS connection carrying a stream of length-prefixed frames; see
+docs/protocol.md section 2.  Nothing here touches a transport or a reactor: frames are
+built from and parsed into attrs objects, and L{FrameDecoder} turns arbitrary read
+boundaries into whole frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+import struct
+from collections.abc import Iterable
+
+import attrs
+
+VERSION = 1
+MAX_FRAME_SIZE = 1_048_576        # default limit on a frame's declared length (--max-frame-size)
+MAX_DATA = 65_536                 # DATA payload bound
+MAX_DATAGRAM = 65_507             # DATAGRAM payload bound (the largest UDP/IPv4 payload)
+INITIAL_WINDOW = 262_144          # default per-channel credit (--window)
+MAX_WINDOW_INCREMENT = 2**31 - 1
+ROUTES_MAX = 4096                 # routes in one ROUTES frame
+NONCE_SIZE = 32
+MAC_SIZE = 32
+EXPORTER_LABEL = b"EXPORTER-pipegate-mux-v1"
+EXPORTER_LENGTH = 32
+
+HELLO = 0x01
+ROUTES = 0x02
+OPEN = 0x03
+OPEN_OK = 0x04
+OPEN_FAIL = 0x05
+DATA = 0x06
+WINDOW = 0x07
+FIN = 0x08
+RESET = 0x09
+DATAGRAM = 0x0A
+PING = 0x0B
+PONG = 0x0C
+GOAWAY = 0x0D
+
+ROLE_PROVIDER = 1
+ROLE_GATEWAY = 2
+ROLE_OBSERVER = 3
+ROLES = frozenset({ROLE_PROVIDER, ROLE_GATEWAY, ROLE_OBSERVER})
+
+PROTOCOLS = {"tcp": 0, "udp": 1}
+_PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+
+_LENGTH = struct.Struct(">I")
+_HEADER = struct.Struct(">BI")    # type, channel
+HEADER_SIZE = _HEADER.size        # the smallest declared length (type + channel)
+MIN_MAX_FRAME_SIZE = HEADER_SIZE + MAX_DATA   # a limit below this could not carry full DATA
+_MAX_CHANNEL = 2**32 - 1
+
+_HELLO_CONTEXT = b"pipegate-mux-v1 hello\x00"
+_SECRET = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class FrameError(ValueError):
+    """A frame could not be decoded or violated the protocol."""
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    # A bare string would otherwise become a tuple of its characters.
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"expected a sequence of strings, not {type(value).__name__}")
+    return tuple(value)
+
+
+@attrs.frozen
+class Route:
+    gate_port: int
+    protocol: str                 # "tcp" or "udp"
+    service_host: str
+    service_port: int
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    policy: bytes = b""           # opaque JSON, may be empty
+
+
+@attrs.frozen
+class Hello:
+    version: int = attrs.field(default=VERSION, kw_only=True)
+    role: int
+    nonce: bytes
+    mac: bytes
+
+
+@attrs.frozen
+class Routes:
+    routes: tuple[Route, ...] = attrs.field(default=(), converter=tuple)
+
+
+@attrs.frozen
+class Open:
+    channel: int
+    gate_port: int
+    protocol: str
+    client_host: str
+    client_port: int
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+
+
+@attrs.frozen
+class OpenOk:
+    channel: int
+
+
+@attrs.frozen
+class OpenFail:
+    channel: int
+    reason: str
+
+
+@attrs.frozen
+class Data:
+    channel: int
+    data: bytes
+
+
+@attrs.frozen
+class Window:
+    channel: int
+    increment: int
+
+
+@attrs.frozen
+class Fin:
+    channel: int
+
+
+@attrs.frozen
+class Reset:
+    channel: int
+    reason: str = ""
+
+
+@attrs.frozen
+class Datagram:
+    channel: int
+    data: bytes
+
+
+@attrs.frozen
+class Ping:
+    token: int
+
+
+@attrs.frozen
+class Pong:
+    token: int
+
+
+@attrs.frozen
+class GoAway:
+    reason: str = ""
+
+
+Frame = (Hello | Routes | Open | OpenOk | OpenFail | Data | Window | Fin | Reset | Datagram
+         | Ping | Pong | GoAway)
+
+
+# -- field rules shared by encode and decode ------------------------------------------------
+
+def _check_channel(channel: int, name: str) -> None:
+    if not 0 < channel <= _MAX_CHANNEL:
+        raise FrameError(f"{name} on channel {channel}")
+
+
+def _check_port(port: int, what: str) -> None:
+    if not 0 < port <= 0xFFFF:
+        raise FrameError(f"{what} {port} out of range")
+
+
+def _check_role(role: int) -> None:
+    if role not in ROLES:
+        raise FrameError(f"unknown role {role}")
+
+
+def _check_tag(word: str) -> None:
+    if not word or any(c.isspace() for c in word):
+        raise FrameError(f"bad route tag {word!r}")
+
+
+def _check_label(label: str) -> None:
+    if not label or "," in label:
+        raise FrameError(f"bad label {label!r}")
+
+
+def _check_service_host(host: str) -> None:
+    if not host or any(c.isspace() for c in host):
+        raise FrameError(f"bad service host {host!r}")
+
+
+def _check_client_host(host: str) -> None:
+    try:
+        if not host.isascii():
+            raise ValueError(host)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise FrameError(f"client host {host!r} is not an IP address") from None
+
+
+def _protocol_number(protocol: str) -> int:
+    try:
+        return PROTOCOLS[protocol]
+    except (KeyError, TypeError):
+        raise FrameError(f"unknown protocol {protocol!r}") from None
+
+
+def _protocol_name(number: int) -> str:
+    try:
+        return _PROTOCOL_NAMES[number]
+    except KeyError:
+        raise FrameError(f"unknown protocol byte {number}") from None
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FrameError(f"text not encodable as UTF-8: {e}") from None
+
+
+def _str8(value: bytes) -> bytes:
+    if len(value) > 0xFF:
+        raise FrameError(f"field longer than 255 bytes ({len(value)})")
+    return bytes((len(value),)) + value
+
+
+def _str16(value: bytes) -> bytes:
+    if len(value) > 0xFFFF:
+        raise FrameError(f"field longer than 65535 bytes ({len(value)})")
+    return struct.pack(">H", len(value)) + value
+
+
+def _encode_route(route: Route) -> bytes:
+    _check_port(route.gate_port, "gate port")
+    _check_port(route.service_port, "service port")
+    _check_service_host(route.service_host)
+    for word in route.tags:
+        _check_tag(word)
+    return b"".join((
+        struct.pack(">HBH", route.gate_port, _protocol_number(route.protocol), route.service_port),
+        _str8(_utf8(route.service_host)),
+        _str16(_utf8(" ".join(route.tags))),
+        _str16(route.policy),
+    ))
+
+
+def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
+    """
+    Serialise one frame, 4-byte length prefix included.  Raises L{FrameError} when a field
+    is out of bounds or the frame would be refused by a L{FrameDecoder} with the same
+    C{max_frame_size}, so a caller learns before sending that e.g. a route list is too big.
+    """
+    try:
+        kind, channel, payload = _encode(frame)
+    except struct.error as e:
+        raise FrameError(f"field out of range: {e}") from None
+    size = HEADER_SIZE + len(payload)
+    if size > max_frame_size:
+        raise FrameError(f"frame of {size} bytes exceeds {max_frame_size}")
+    return _LENGTH.pack(size) + _HEADER.pack(kind, channel) + payload
+
+
+def _encode(frame: Frame) -> tuple[int, int, bytes]:
+    match frame:
+        case Data(channel, data):
+            _check_channel(channel, "DATA")
+            if not 0 < len(data) <= MAX_DATA:
+                raise FrameError(f"DATA payload of {len(data)} bytes")
+            return DATA, channel, bytes(data)
+        case Datagram(channel, data):
+            _check_channel(channel, "DATAGRAM")
+            if len(data) > MAX_DATAGRAM:
+                raise FrameError(f"DATAGRAM payload of {len(data)} bytes")
+            return DATAGRAM, channel, bytes(data)
+        case Window(channel, increment):
+            _check_channel(channel, "WINDOW")
+            if not 0 < increment <= MAX_WINDOW_INCREMENT:
+                raise FrameError(f"WINDOW increment {increment}")
+            return WINDOW, channel, struct.pack(">I", increment)
+        case Fin(channel):
+            _check_channel(channel, "FIN")
+            return FIN, channel, b""
+        case Reset(channel, reason):
+            _check_channel(channel, "RESET")
+            return RESET, channel, _str16(_utf8(reason))
+        case OpenOk(channel):
+            _check_channel(channel, "OPEN_OK")
+            return OPEN_OK, channel, b""
+        case OpenFail(channel, reason):
+            _check_channel(channel, "OPEN_FAIL")
+            return OPEN_FAIL, channel, _str16(_utf8(reason))
+        case Open():
+            _check_channel(frame.channel, "OPEN")
+            _check_port(frame.gate_port, "gate port")
+            _check_client_host(frame.client_host)
+            for label in frame.labels:
+                _check_label(label)
+            return OPEN, frame.channel, b"".join((
+                struct.pack(">HBH", frame.gate_port, _protocol_number(frame.protocol),
+                            frame.client_port),
+                _str8(frame.client_host.encode("ascii")),
+                _str16(_utf8(",".join(frame.labels))),
+            ))
+        case Ping(token):
+            return PING, 0, struct.pack(">Q", token)
+        case Pong(token):
+            return PONG, 0, struct.pack(">Q", token)
+        case Hello(version=version, role=role, nonce=nonce, mac=mac):
+            _check_role(role)
+            if len(nonce) != NONCE_SIZE or len(mac) != MAC_SIZE:
+                raise FrameError("HELLO nonce and mac must be 32 bytes each")
+            return HELLO, 0, struct.pack(">BB", version, role) + bytes(nonce) + bytes(mac)
+        case Routes(routes):
+            if len(routes) > ROUTES_MAX:
+                raise FrameError(f"{len(routes)} routes in one frame (at most {ROUTES_MAX})")
+            return ROUTES, 0, struct.pack(">H", len(routes)) + b"".join(map(_encode_route, routes))
+        case GoAway(reason):
+            return GOAWAY, 0, _str16(_utf8(reason))
+        case _:
+            raise TypeError(f"not a frame: {frame!r}")
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+class _Reader:
+    """Bounds-checked cursor over one frame's payload."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise FrameError("truncated frame")
+        chunk = self._data[self._pos:end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack(">H", self.take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack(">Q", self.take(8))[0]
+
+    def str8(self) -> bytes:
+        return self.take(self.u8())
+
+    def str16(self) -> bytes:
+        return self.take(self.u16())
+
+    def text(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FrameError(f"bad UTF-8: {e}") from None
+
+    def utf8(self) -> str:
+        return self.text(self.str16())
+
+    def ascii8(self) -> str:
+        raw = self.str8()
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise FrameError(f"non-ASCII client host {raw!r}") from None
+
+    def protocol(self) -> str:
+        return _protocol_name(self.u8())
+
+    def route(self) -> Route:
+        gate_port, protocol, service_port = self.u16(), self.protocol(), self.u16()
+        _check_port(gate_port, "gate port")
+        _check_port(service_port, "service port")
+        host = self.text(self.str8())
+        _check_service_host(host)
+        text = self.utf8()
+        tags = tuple(text.split(" ")) if text else ()
+        for word in tags:
+            _check_tag(word)
+        return Route(gate_port, protocol, host, service_port, tags, self.str16())
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise FrameError(f"{len(self._data) - self._pos} trailing bytes")
+
+
+_LINK_LEVEL = {HELLO: "HELLO", ROUTES: "ROUTES", PING: "PING", PONG: "PONG", GOAWAY: "GOAWAY"}
+_CHANNEL_LEVEL = {OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_FAIL: "OPEN_FAIL", DATA: "DATA",
+                  WINDOW: "WINDOW", FIN: "FIN", RESET: "RESET", DATAGRAM: "DATAGRAM"}
+
+
+def _decode_body(kind: int, channel: int, payload: bytes) -> Frame:
+    """Parse one frame from its type, channel and payload, or raise L{FrameError}."""
+    if kind in _LINK_LEVEL:
+        if channel != 0:
+            raise FrameError(f"{_LINK_LEVEL[kind]} on channel {channel}")
+    elif kind in _CHANNEL_LEVEL:
+        _check_channel(channel, _CHANNEL_LEVEL[kind])
+    else:
+        raise FrameError(f"unknown frame type {kind:#04x}")
+
+    if kind == DATA:
+        if not 0 < len(payload) <= MAX_DATA:
+            raise FrameError(f"DATA payload of {len(payload)} bytes")
+        return Data(channel, payload)
+    if kind == DATAGRAM:
+        if len(payload) > MAX_DATAGRAM:
+            raise FrameError(f"DATAGRAM payload of {len(payload)} bytes")
+        return Datagram(channel, payload)
+
+    r = _Reader(payload)
+    frame: Frame
+    if kind == WINDOW:
+        increment = r.u32()
+        if not 0 < increment <= MAX_WINDOW_INCREMENT:
+            raise FrameError(f"WINDOW increment {increment}")
+        frame = Window(channel, increment)
+    elif kind == FIN:
+        frame = Fin(channel)
+    elif kind == RESET:
+        frame = Reset(channel, r.utf8())
+    elif kind == OPEN_OK:
+        frame = OpenOk(channel)
+    elif kind == OPEN_FAIL:
+        frame = OpenFail(channel, r.utf8())
+    elif kind == OPEN:
+        gate_port, protocol, client_port = r.u16(), r.protocol(), r.u16()
+        _check_port(gate_port, "gate port")
+        client_host = r.ascii8()
+        _check_client_host(client_host)
+        text = r.utf8()
+        labels = tuple(text.split(",")) if text else ()
+        for label in labels:
+            _check_label(label)
+        frame = Open(channel, gate_port, protocol, client_host, client_port, labels)
+    elif kind == PING:
+        frame = Ping(r.u64())
+    elif kind == PONG:
+        frame = Pong(r.u64())
+    elif kind == HELLO:
+        if len(payload) != 2 + NONCE_SIZE + MAC_SIZE:
+            raise FrameError(f"HELLO payload of {len(payload)} bytes")
+        version, role = r.u8(), r.u8()
+        _check_role(role)
+        frame = Hello(version=version, role=role, nonce=r.take(NONCE_SIZE), mac=r.take(MAC_SIZE))
+    elif kind == ROUTES:
+        count = r.u16()
+        if count > ROUTES_MAX:
+            raise FrameError(f"{count} routes in one frame (at most {ROUTES_MAX})")
+        frame = Routes(tuple(r.route() for _ in range(count)))
+    else:  # GOAWAY
+        frame = GoAway(r.utf8())
+    r.done()
+    return frame
+
+
+def _check_limit(max_frame_size: int) -> None:
+    if max_frame_size < MIN_MAX_FRAME_SIZE:
+        raise ValueError(f"max frame size must be at least {MIN_MAX_FRAME_SIZE} bytes")
+
+
+class FrameDecoder:
+    """
+    Incremental decoder for one link's byte stream.  L{feed} takes whatever a read
+    returned and gives back the frames it completed; a partial frame is kept for the
+    next call.  A declared length above C{max_frame_size} (or below the 5-byte header)
+    is refused as soon as the 4 length bytes are in, before any of the body is buffered,
+    so the decoder never holds more than one frame plus one read.  After a L{FrameError}
+    the stream is unusable and every further L{feed} raises again.
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        _check_limit(max_frame_size)
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._failed: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._failed is not None:
+            raise FrameError(f"link already failed: {self._failed}")
+        try:
+            return self._feed(data)
+        except FrameError as e:
+            self._failed = e
+            self._buffer.clear()
+            raise
+
+    def _feed(self, data: bytes) -> list[Frame]:
+        buf = self._buffer
+        buf += data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        with memoryview(buf) as view:
+            while end - pos >= _LENGTH.size:
+                (size,) = _LENGTH.unpack_from(view, pos)
+                if size > self.max_frame_size:
+                    raise FrameError(
+                        f"declared frame length {size} exceeds {self.max_frame_size}")
+                if size < HEADER_SIZE:
+                    raise FrameError(f"declared frame length {size} is shorter than the header")
+                start = pos + _LENGTH.size
+                if end - start < size:
+                    break
+                kind, channel = _HEADER.unpack_from(view, start)
+                payload = bytes(view[start + HEADER_SIZE:start + size])
+                frames.append(_decode_body(kind, channel, payload))
+                pos = start + size
+        del buf[:pos]
+        return frames
+
+
+def decode(data: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> Frame:
+    """Parse exactly one complete encoded frame (length prefix included)."""
+    decoder = FrameDecoder(max_frame_size)
+    frames = decoder.feed(data)
+    if len(frames) != 1 or decoder.buffered:
+        raise FrameError("expected exactly one complete frame")
+    return frames[0]
+
+
+# -- admission --------------------------------------------------------------------------------
+
+def hello_mac(secret: bytes, exporter: bytes, role: int, nonce: bytes, is_tls_client: bool) -> bytes:
+    """
+    The HELLO MAC: HMAC-SHA256 keyed with the router secret over a fixed context, the
+    sender's TLS direction, its role, its nonce and the TLS session's exporter value
+    (label L{EXPORTER_LABEL}, no context, 32 bytes).  The direction byte stops a peer from
+    reflecting our own HELLO back; the exporter binds the HELLO to this TLS session.
+    """
+    message = _HELLO_CONTEXT + (b"C" if is_tls_client else b"S") + bytes((role,)) + nonce + exporter
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def verify_hello(secret: bytes, exporter: bytes, hello: Hello, peer_is_tls_client: bool) -> bool:
+    """
+    Whether the peer's HELLO carries the MAC only a holder of C{secret} on this TLS
+    session could compute, compared in constant time.  The version is not covered by
+    the MAC; the caller checks it.
+    """
+    if not 0 <= hello.role <= 0xFF:
+        return False
+    expected = hello_mac(secret, exporter, hello.role, hello.nonce, peer_is_tls_client)
+    return hmac.compare_digest(expected, hello.mac)
+
+
+def parse_router_secret(text: str) -> bytes:
+    """Parse the shared router secret: 64 hex characters, surrounding whitespace ignored."""
+    text = text.strip()
+    if not _SECRET.fullmatch(text):
+        raise ValueError("router secret must be 64 hex characters (pipegate router-secret makes one)")
+    return bytes.fromhex(text)

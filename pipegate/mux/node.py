@@ -1,0 +1,129 @@
+"""
+Listening for and dialling mux links, shared by the provider and the gateway:
+C{--mux} server endpoints and C{--connect} client endpoints (reconnecting with
+jittered backoff), both wrapped in TLS, plus the options every port-plane service has.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import internet, service, strports
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from pipegate.config import EnvOptions, positive_float, positive_int
+from pipegate.http.connector import backoff
+from pipegate.mux import frames, tls
+from pipegate.mux.session import LinkConfig, LinkFactory
+
+
+class MuxOptions(EnvOptions):
+    """Options shared by pipegate-provider and pipegate-gateway."""
+
+    optParameters = [
+        ["router", None, None, "Router secret shared by providers and gateways: 64 hex characters "
+                               "(`pipegate router-secret` makes one). Required."],
+        ["tls-key", None, None, "PEM private key for this node's TLS certificate (default: a generated one)."],
+        ["tls-cert", None, None, "PEM certificate matching --tls-key."],
+        ["tls-verify", None, None, "Check the certificate of peers we dial against this host name."],
+        ["tls-ca", None, None, "PEM CA certificate for --tls-verify (default: the system's trust store)."],
+        ["max-frame-size", None, "1048576", "Largest mux frame accepted, in bytes."],
+        ["window", None, "262144", "Per-channel credit window, in bytes, each direction."],
+        ["ping-interval", None, "10", "Seconds between pings on a link."],
+        ["ping-deadline", None, "30", "A link silent for this many seconds is closed."],
+        ["handshake-timeout", None, "10", "Seconds a new link has to complete TLS and admission."],
+        ["max-channels", None, "10000", "Channels per link."],
+        ["udp-idle-timeout", None, "120", "Seconds after which an idle UDP flow is closed."],
+    ]
+    converters = {
+        "max-frame-size": positive_int,
+        "window": positive_int,
+        "ping-interval": positive_float,
+        "ping-deadline": positive_float,
+        "handshake-timeout": positive_float,
+        "max-channels": positive_int,
+        "udp-idle-timeout": positive_float,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["mux"] = []
+        self["connect"] = []
+
+    def opt_mux(self, value: str) -> None:
+        """Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."""
+        self["mux"].append(value)
+
+    def opt_connect(self, value: str) -> None:
+        """Client endpoint of a peer to dial (e.g. tcp:gw.example.com:7000); repeatable. TLS is added."""
+        self["connect"].append(value)
+
+    def _apply_env(self) -> None:
+        super()._apply_env()
+        for name in ("mux", "connect"):
+            value = self.environ.get("PIPEGATE_" + name.upper())
+            if value:
+                self[name] = value.split()
+
+    def check(self) -> None:
+        if not self["router"]:
+            raise usage.UsageError("--router: the router secret is required (or PIPEGATE_ROUTER)")
+        try:
+            self["secret"] = frames.parse_router_secret(self["router"])
+        except ValueError as e:
+            raise usage.UsageError(f"--router: {e}") from None
+        if not self["mux"] and not self["connect"]:
+            raise usage.UsageError("--mux or --connect: give at least one (where to meet peers)")
+        from twisted.internet import reactor
+
+        for value in self["mux"]:
+            try:
+                endpoints.serverFromString(reactor, value)
+            except Exception as e:
+                raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}") from None
+        for value in self["connect"]:
+            try:
+                endpoints.clientFromString(reactor, value)
+            except Exception as e:
+                raise usage.UsageError(f"--connect: {value}: {e or type(e).__name__}") from None
+        if bool(self["tls-key"]) != bool(self["tls-cert"]):
+            raise usage.UsageError("--tls-key and --tls-cert go together")
+        for name in ("tls-key", "tls-cert", "tls-ca"):
+            if self[name] and not os.path.isfile(self[name]):
+                raise usage.UsageError(f"--{name}: no such file: {self[name]}")
+        if self["max-frame-size"] < frames.MIN_MAX_FRAME_SIZE:
+            raise usage.UsageError(f"--max-frame-size: must be at least {frames.MIN_MAX_FRAME_SIZE}")
+        if self["ping-deadline"] <= self["ping-interval"]:
+            raise usage.UsageError("--ping-deadline: must be longer than --ping-interval")
+
+
+def link_config(options: MuxOptions, role: int) -> LinkConfig:
+    return LinkConfig(
+        secret=options["secret"], role=role, max_frame_size=options["max-frame-size"],
+        window=options["window"], ping_interval=options["ping-interval"],
+        ping_deadline=options["ping-deadline"], handshake_timeout=options["handshake-timeout"],
+        max_channels=options["max-channels"],
+    )
+
+
+def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: list[str], *,
+                  certificate=None, verify_hostname=None, ca_file=None, retry_policy=None) -> list:
+    """Services that accept (--mux) and dial (--connect) links for C{node}."""
+    certificate = certificate or tls.generated_certificate()
+    services: list[service.Service] = []
+    for description in mux:
+        factory = tls.server_factory(certificate, LinkFactory(node, config, reactor, False))
+        services.append(strports.service(description, factory, reactor=reactor))
+    for description in connect:
+        endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
+        services.append(internet.ClientService(
+            endpoint, LinkFactory(node, config, reactor, True),
+            retryPolicy=retry_policy or backoff(), clock=reactor))
+    return services
+
+
+def certificate_from(options: MuxOptions):
+    if options["tls-key"]:
+        return tls.load_certificate(options["tls-key"], options["tls-cert"])
+    return None

@@ -1,0 +1,257 @@
+"""
+One mux link: admission, frame dispatch, liveness, and the channels it carries.
+
+The protocol sits inside Twisted's TLS layer.  When the TLS handshake completes it
+sends its Hello, bound to this TLS session by the keying-material exporter; nothing
+but a verified Hello is accepted before admission.  After admission the link is
+symmetric: frames for channels go to the channel objects, everything else to the
+node (the gateway or the provider that owns the link).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol as TypingProtocol
+
+import attrs
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pipegate.mux import frames
+
+ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
+              frames.ROLE_OBSERVER: "observer"}
+
+
+@attrs.frozen
+class LinkConfig:
+    secret: bytes
+    role: int
+    max_frame_size: int = 1_048_576
+    window: int = 262_144
+    ping_interval: float = 10.0
+    ping_deadline: float = 30.0
+    handshake_timeout: float = 10.0
+    max_channels: int = 10_000
+
+
+class Node(TypingProtocol):
+    """What a link needs from the service that owns it."""
+
+    def link_admitted(self, link: MuxLink) -> None: ...
+
+    def link_lost(self, link: MuxLink) -> None: ...
+
+    def link_frame(self, link: MuxLink, frame) -> None: ...
+
+
+class LinkError(Exception):
+    """The peer broke the protocol; the link is closed with this reason."""
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class MuxLink(Protocol):
+    log = Logger()
+
+    def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool) -> None:
+        self.node = node
+        self.config = config
+        self.clock = clock
+        self.is_tls_client = is_tls_client
+        self.decoder = frames.FrameDecoder(config.max_frame_size)
+        self.admitted = False
+        self.peer_role: int | None = None
+        self.channels: dict[int, object] = {}
+        self.next_channel = 1
+        self.closed = False
+        self.going_away = False
+        self.paused = False
+        self._exporter: bytes | None = None
+        self._last_seen = clock.seconds()
+        self._pinger: LoopingCall | None = None
+        self._handshake_timer = None
+        self._ping_token = 0
+
+    def __repr__(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return f"<MuxLink {ROLE_NAMES.get(self.peer_role, '?')} {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}>"
+
+    @property
+    def peer_name(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    # -- connection
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self._handshake_timer = self.clock.callLater(
+            self.config.handshake_timeout, self.fail, "no admission within the handshake timeout")
+
+    def handshakeCompleted(self) -> None:
+        try:
+            self._exporter = self.transport.getHandle().export_keying_material(
+                frames.EXPORTER_LABEL, 32)
+        except Exception as e:
+            self.fail(f"TLS exporter unavailable: {e}")
+            return
+        nonce = os.urandom(32)
+        mac = frames.hello_mac(self.config.secret, self._exporter, self.config.role, nonce,
+                               self.is_tls_client)
+        self._write(frames.Hello(version=1, role=self.config.role, nonce=nonce, mac=mac))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            for frame in self.decoder.feed(data):
+                self._last_seen = self.clock.seconds()
+                self._frame(frame)
+                if self.closed:
+                    return
+        except (frames.FrameError, LinkError) as e:
+            self.fail(str(e))
+
+    def connectionLost(self, reason=None) -> None:
+        self._stop_timers()
+        was_admitted, self.admitted = self.admitted, False
+        self.closed = True
+        channels, self.channels = self.channels, {}
+        for channel in channels.values():
+            channel.link_lost()
+        if was_admitted:
+            self.node.link_lost(self)
+
+    # -- admission and dispatch
+    def _frame(self, frame) -> None:
+        if not self.admitted:
+            if not isinstance(frame, frames.Hello):
+                raise LinkError(f"{type(frame).__name__} before admission")
+            self._admit(frame)
+            return
+        match frame:
+            case frames.Hello():
+                raise LinkError("second Hello")
+            case frames.Ping(token):
+                self._write(frames.Pong(token))
+            case frames.Pong():
+                pass
+            case frames.GoAway(reason):
+                self.going_away = True
+                self.log.info("peer {peer} going away: {reason}", peer=self.peer_name, reason=reason)
+                self.node.link_frame(self, frame)
+            case frames.Data() | frames.Window() | frames.Fin() | frames.Reset() | frames.Datagram() \
+                    | frames.OpenOk() | frames.OpenFail():
+                channel = self.channels.get(frame.channel)
+                if channel is not None:
+                    channel.frame_received(frame)
+            case _:
+                self.node.link_frame(self, frame)
+
+    def _admit(self, hello) -> None:
+        if self._exporter is None:
+            raise LinkError("Hello before the TLS handshake completed")
+        if hello.version != 1:
+            raise LinkError(f"unsupported mux version {hello.version}")
+        if not frames.verify_hello(self.config.secret, self._exporter, hello, not self.is_tls_client):
+            raise LinkError("admission failed: the peer does not know the router secret")
+        if hello.role == frames.ROLE_PROVIDER and self.config.role == frames.ROLE_PROVIDER:
+            raise LinkError("provider-to-provider links are refused")
+        self.peer_role = hello.role
+        self.admitted = True
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.clock
+        self._pinger.start(self.config.ping_interval, now=False)
+        self.log.info("link to {role} {peer} admitted", role=ROLE_NAMES[hello.role], peer=self.peer_name)
+        self.node.link_admitted(self)
+
+    def _ping(self) -> None:
+        if self.clock.seconds() - self._last_seen > self.config.ping_deadline:
+            self.fail(f"no frame for {self.config.ping_deadline:g} s (ping deadline)")
+            return
+        self._ping_token += 1
+        self._write(frames.Ping(self._ping_token))
+
+    # -- sending
+    def _write(self, frame) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(frames.encode(frame))
+
+    def send(self, frame) -> None:
+        """Send a frame on an admitted link (dropped once the link is closed)."""
+        if self.admitted:
+            self._write(frame)
+
+    def allocate_channel(self, channel) -> int:
+        if len(self.channels) >= self.config.max_channels:
+            raise LinkError("too many channels")
+        while self.next_channel in self.channels or self.next_channel == 0:
+            self.next_channel = (self.next_channel + 1) & 0xFFFFFFFF
+        channel_id = self.next_channel
+        self.next_channel = (self.next_channel + 1) & 0xFFFFFFFF
+        self.channels[channel_id] = channel
+        return channel_id
+
+    def remove_channel(self, channel_id: int) -> None:
+        self.channels.pop(channel_id, None)
+
+    # -- closing
+    def fail(self, reason: str) -> None:
+        """Close this link, logging why; other links are untouched."""
+        if self.closed:
+            return
+        self.log.warn("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
+        self.closed = True
+        self._stop_timers()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def go_away(self, reason: str) -> None:
+        self.send(frames.GoAway(reason))
+        self._stop_timers()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _stop_timers(self) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._pinger = None
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    # -- IPushProducer: the link's TLS transport is full; hold every channel's socket
+    def pauseProducing(self) -> None:
+        self.paused = True
+        for channel in list(self.channels.values()):
+            channel.link_paused()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for channel in list(self.channels.values()):
+            channel.link_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class LinkFactory(Factory):
+    """Builds links for one node; C{is_tls_client} tells which side of TLS we are."""
+
+    noisy = False
+
+    def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool) -> None:
+        self.node = node
+        self.config = config
+        self.clock = clock
+        self.is_tls_client = is_tls_client
+
+    def buildProtocol(self, addr):
+        link = MuxLink(self.node, self.config, self.clock, self.is_tls_client)
+        link.factory = self
+        return link

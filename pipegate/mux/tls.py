@@ -1,0 +1,64 @@
+"""
+TLS for mux links: a node certificate (generated when none is given) and the server
+and client sides of Twisted's TLS layer around plain stream endpoints.
+
+Peers are authenticated by the router secret, bound to the TLS session through the
+keying-material exporter (see docs/protocol.md section 2); certificate checks are
+optional (C{--tls-verify}) on top of that.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import endpoints, ssl
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+
+def generated_certificate(name: str = "pipegate-node") -> ssl.PrivateCertificate:
+    """A fresh self-signed P-256 certificate, valid for ten years."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ssl.PrivateCertificate.loadPEM(pem)
+
+
+def load_certificate(key_path: str, cert_path: str) -> ssl.PrivateCertificate:
+    with open(cert_path, "rb") as f:
+        cert = f.read()
+    with open(key_path, "rb") as f:
+        key = f.read()
+    return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
+
+
+def server_factory(certificate: ssl.PrivateCertificate, factory):
+    options = ssl.CertificateOptions(
+        privateKey=certificate.privateKey.original, certificate=certificate.original,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    return TLSMemoryBIOFactory(options, False, factory)
+
+
+def client_endpoint(reactor, description: str, verify_hostname: str | None = None,
+                    ca_file: str | None = None):
+    """A client endpoint for C{description} (tcp:HOST:PORT) wrapped in TLS."""
+    plain = endpoints.clientFromString(reactor, description)
+    if verify_hostname:
+        trust = None
+        if ca_file:
+            with open(ca_file, "rb") as f:
+                trust = ssl.Certificate.loadPEM(f.read())
+        creator = ssl.optionsForClientTLS(verify_hostname, trustRoot=trust)
+    else:
+        creator = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    return endpoints.wrapClientTLS(creator, plain)

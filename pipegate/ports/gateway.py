@@ -1,0 +1,316 @@
+"""
+The gateway: opens a gate (a public TCP or UDP port) for every exposed route that
+providers announce, and carries each TCP connection or UDP flow to a provider.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.logger import Logger
+
+from pipegate.mux import frames
+from pipegate.mux.channel import StreamChannel
+from pipegate.ports.services import Exposure, Service
+from pipegate.ports.udp import Flow
+
+
+def route_service(route: frames.Route) -> Service:
+    return Service(gate_port=route.gate_port, service_host=route.service_host,
+                   service_port=route.service_port, protocol=route.protocol, tags=tuple(route.tags))
+
+
+@attrs.frozen
+class GatewayConfig:
+    listen: str = "127.0.0.1"
+    exposure: Exposure = Exposure()
+    open_timeout: float = 5.0
+    udp_idle_timeout: float = 120.0
+    window: int = 262_144
+
+
+class Opening:
+    """An OPEN in flight to one provider for one client connection or flow."""
+
+    def __init__(self, gateway: Gateway, key, client, candidates: list, link, channel_id: int) -> None:
+        self.gateway = gateway
+        self.key = key
+        self.client = client            # StreamChannel or Flow
+        self.candidates = candidates    # links still to try after this one
+        self.link = link
+        self.channel_id = channel_id
+        self.timer = gateway.clock.callLater(gateway.config.open_timeout, self._timed_out)
+
+    def frame_received(self, frame) -> None:
+        if isinstance(frame, frames.OpenOk):
+            self._cancel()
+            self.link.channels[self.channel_id] = self.client
+            self.client.attach(self.link, self.channel_id)
+        elif isinstance(frame, frames.OpenFail):
+            self._cancel()
+            self.link.remove_channel(self.channel_id)
+            self.gateway.log.info("gate {port}/{proto}: provider {peer} refused channel {channel}: {reason}",
+                                  port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
+                                  channel=self.channel_id, reason=frame.reason)
+            self.gateway.try_open(self.key, self.client, self.candidates)
+        elif isinstance(frame, frames.Reset):
+            self._cancel()
+            self.link.remove_channel(self.channel_id)
+            self.gateway.try_open(self.key, self.client, self.candidates)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.link.send(frames.Reset(self.channel_id, "open timed out"))
+        self.link.remove_channel(self.channel_id)
+        self.gateway.log.info("gate {port}/{proto}: provider {peer} did not answer channel {channel}",
+                              port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
+                              channel=self.channel_id)
+        self.gateway.try_open(self.key, self.client, self.candidates)
+
+    def _cancel(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def abandon(self) -> None:
+        """The client went away while the OPEN was in flight."""
+        self._cancel()
+        self.link.send(frames.Reset(self.channel_id, "client went away"))
+        self.link.remove_channel(self.channel_id)
+
+    def link_paused(self) -> None:
+        pass
+
+    def link_resumed(self) -> None:
+        pass
+
+    def link_lost(self) -> None:
+        self._cancel()
+        self.gateway.try_open(self.key, self.client, self.candidates)
+
+
+class GateFactory(Factory):
+    noisy = False
+
+    def __init__(self, gateway: Gateway, key) -> None:
+        self.gateway = gateway
+        self.key = key
+
+    def buildProtocol(self, addr):
+        channel = GateConnection(self.gateway.config.window)
+        channel.gateway = self.gateway
+        channel.key = self.key
+        channel.factory = self
+        return channel
+
+
+class GateConnection(StreamChannel):
+    """A client's TCP connection to a gate."""
+
+    gateway: Gateway
+    key: tuple[int, str]
+    opening: Opening | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.gateway.tcp_clients.add(self)
+        self.on_done = self.gateway.tcp_clients.discard
+        self.gateway.try_open(self.key, self, None)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.opening is not None and self.link is None:
+            self.opening.abandon()
+            self.opening = None
+        self.gateway.tcp_clients.discard(self)
+        super().connectionLost(reason)
+
+    def open_failed(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def attach(self, link, channel_id: int) -> None:
+        self.opening = None
+        super().attach(link, channel_id)
+
+
+class UDPGate(DatagramProtocol):
+    """One UDP gate: a flow (and a channel) per client address."""
+
+    def __init__(self, gateway: Gateway, key) -> None:
+        self.gateway = gateway
+        self.key = key
+        self.flows: dict[tuple, Flow] = {}
+
+    def datagramReceived(self, data, addr):
+        flow = self.flows.get(addr)
+        if flow is None:
+            flow = Flow(self.gateway.clock, self.gateway.config.udp_idle_timeout,
+                        lambda datagram, addr=addr: self.transport.write(datagram, addr),
+                        lambda f, addr=addr: self.flows.pop(addr, None))
+            flow.client_address = addr
+            flow.open_failed = lambda f=flow: f.close(notify=False)
+            self.flows[addr] = flow
+            flow.outbound(data)
+            self.gateway.try_open(self.key, flow, None)
+        else:
+            flow.outbound(data)
+
+    def stop(self) -> None:
+        for flow in list(self.flows.values()):
+            flow.close()
+
+
+class Gateway(service.Service):
+    log = Logger()
+
+    def __init__(self, config: GatewayConfig, clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.routes: dict[object, tuple[frames.Route, ...]] = {}
+        self.links: set = set()
+        self.gates: dict[tuple[int, str], object] = {}
+        self._binding: set = set()
+        self._next: dict[tuple[int, str], int] = {}
+        self.tcp_clients: set[GateConnection] = set()
+
+    # -- links
+    def link_admitted(self, link) -> None:
+        self.links.add(link)
+        if link.peer_role == frames.ROLE_OBSERVER:
+            link.send(frames.Routes(tuple(r for rs in self.routes.values() for r in rs)))
+
+    def link_lost(self, link) -> None:
+        self.links.discard(link)
+        if self.routes.pop(link, None):
+            self.sync_gates()
+
+    def link_frame(self, link, frame) -> None:
+        if isinstance(frame, frames.Routes):
+            if link.peer_role != frames.ROLE_PROVIDER:
+                return
+            self.routes[link] = frame.routes
+            self.log.info("provider {peer} announces {count} route(s)", peer=link.peer_name,
+                          count=len(frame.routes))
+            self.sync_gates()
+        elif isinstance(frame, frames.GoAway):
+            if self.routes.pop(link, None):
+                self.sync_gates()
+        elif isinstance(frame, frames.Open):
+            link.send(frames.OpenFail(frame.channel, "a gateway serves no services"))
+
+    # -- routes and gates
+    def exposed(self) -> dict[tuple[int, str], list]:
+        table: dict[tuple[int, str], list] = {}
+        for link, routes in self.routes.items():
+            if link.going_away:
+                continue
+            for route in routes:
+                if self.config.exposure.exposes(route_service(route)):
+                    table.setdefault((route.gate_port, route.protocol), []).append(link)
+        return table
+
+    def sync_gates(self) -> None:
+        if not self.running:
+            return
+        wanted = self.exposed()
+        for key in list(self.gates):
+            if key not in wanted:
+                self._close_gate(key)
+        for key in wanted:
+            if key not in self.gates and key not in self._binding:
+                self._open_gate(key)
+
+    def _open_gate(self, key) -> None:
+        port, proto = key
+        reactor = self.clock  # the reactor: IReactorTime, IReactorUDP, IReactorTCP
+
+        if proto == "udp":
+            gate = UDPGate(self, key)
+            try:
+                listening = reactor.listenUDP(port, gate, interface=self.config.listen)
+            except CannotListenError as e:
+                self.log.error("gate {port}/udp: cannot bind: {error}", port=port, error=e.socketError)
+                return
+            self.gates[key] = (listening, gate)
+            self.log.info("gate {port}/udp open", port=port)
+            return
+        family = endpoints.TCP6ServerEndpoint if _is_v6(self.config.listen) else endpoints.TCP4ServerEndpoint
+        endpoint = family(reactor, port, interface=self.config.listen)
+        self._binding.add(key)
+
+        def bound(listening):
+            self._binding.discard(key)
+            if not self.running or key not in self.exposed():
+                return listening.stopListening()
+            self.gates[key] = (listening, None)
+            self.log.info("gate {port}/tcp open", port=port)
+
+        def failed(failure):
+            self._binding.discard(key)
+            self.log.error("gate {port}/tcp: cannot bind: {error}", port=port,
+                           error=failure.getErrorMessage())
+
+        endpoint.listen(GateFactory(self, key)).addCallbacks(bound, failed)
+
+    def _close_gate(self, key):
+        listening, gate = self.gates.pop(key)
+        if gate is not None:
+            gate.stop()
+        self.log.info("gate {port}/{proto} closed", port=key[0], proto=key[1])
+        return listening.stopListening()
+
+    # -- channels
+    def try_open(self, key, client, candidates: list | None) -> None:
+        """Open a channel for C{client} on the next provider; close it when none is left."""
+        if candidates is None:
+            links = self.exposed().get(key, [])
+            start = self._next.get(key, 0)
+            self._next[key] = start + 1
+            candidates = links[start % len(links):] + links[:start % len(links)] if links else []
+        while candidates:
+            link = candidates[0]
+            candidates = candidates[1:]
+            if link.closed or not link.admitted or link.going_away:
+                continue
+            opening = Opening(self, key, client, candidates, link, 0)
+            try:
+                channel_id = link.allocate_channel(opening)
+            except Exception:
+                opening._cancel()
+                continue
+            opening.channel_id = channel_id
+            client.opening = opening
+            host, port = _client_address(client)
+            link.send(frames.Open(channel_id, gate_port=key[0], protocol=key[1],
+                                  client_host=host, client_port=port))
+            return
+        client.open_failed()
+
+    def stopService(self):
+        super().stopService()
+        for link in list(self.links):
+            link.go_away("gateway stopping")
+        for client in list(self.tcp_clients):
+            client.abort()
+        from twisted.internet.defer import gatherResults
+        return gatherResults([self._close_gate(key) for key in list(self.gates)])
+
+
+def _is_v6(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).version == 6
+    except ValueError:
+        return False
+
+
+def _client_address(client) -> tuple[str, int]:
+    if isinstance(client, Flow):
+        host, port = client.client_address[:2]
+        return host, port
+    peer = client.transport.getPeer()
+    return peer.host, peer.port

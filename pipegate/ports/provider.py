@@ -1,0 +1,158 @@
+"""
+The provider: announces its services to every admitted gateway and, for each OPEN,
+connects to the service (TCP) or opens a connected socket towards it (UDP).
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+
+from pipegate.mux import frames
+from pipegate.mux.channel import StreamChannel
+from pipegate.ports.services import Service
+from pipegate.ports.udp import BackendSocket, Flow
+
+
+def service_route(svc: Service) -> frames.Route:
+    return frames.Route(gate_port=svc.gate_port, protocol=svc.protocol,
+                        service_host=svc.service_host, service_port=svc.service_port,
+                        tags=tuple(svc.tags))
+
+
+@attrs.frozen
+class ProviderConfig:
+    services: tuple[Service, ...] = ()
+    connect_timeout: float = 5.0
+    udp_idle_timeout: float = 120.0
+    window: int = 262_144
+
+
+class Provider(service.Service):
+    log = Logger()
+
+    def __init__(self, config: ProviderConfig, reactor) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.services = list(config.services)
+        self.links: set = set()
+
+    def routes(self) -> frames.Routes:
+        return frames.Routes(tuple(service_route(s) for s in self.services))
+
+    def set_services(self, services: list[Service]) -> None:
+        """Replace the announced services; every gateway hears of the change at once."""
+        self.services = list(services)
+        for link in list(self.links):
+            link.send(self.routes())
+
+    # -- links
+    def link_admitted(self, link) -> None:
+        self.links.add(link)
+        link.send(self.routes())
+
+    def link_lost(self, link) -> None:
+        self.links.discard(link)
+
+    def link_frame(self, link, frame) -> None:
+        if isinstance(frame, frames.Open):
+            self._open(link, frame)
+
+    def _find(self, gate_port: int, protocol: str) -> Service | None:
+        return next((s for s in self.services
+                     if s.gate_port == gate_port and s.protocol == protocol), None)
+
+    def _open(self, link, frame: frames.Open) -> None:
+        if frame.channel in link.channels:
+            link.fail(f"OPEN for channel {frame.channel} already in use")
+            return
+        svc = self._find(frame.gate_port, frame.protocol)
+        if svc is None:
+            link.send(frames.OpenFail(frame.channel, "unknown service"))
+            return
+        if len(link.channels) >= link.config.max_channels:
+            link.send(frames.OpenFail(frame.channel, "overloaded"))
+            return
+        if svc.protocol == "udp":
+            self._open_udp(link, frame, svc)
+        else:
+            self._open_tcp(link, frame, svc)
+
+    def _open_tcp(self, link, frame, svc: Service) -> None:
+        channel = StreamChannel(self.config.window)
+        placeholder = _Pending(link, frame.channel)
+        link.channels[frame.channel] = placeholder
+        endpoint = endpoints.HostnameEndpoint(self.reactor, svc.service_host, svc.service_port,
+                                              timeout=self.config.connect_timeout)
+
+        def connected(protocol):
+            if link.closed or link.channels.get(frame.channel) is not placeholder:
+                protocol.transport.abortConnection()
+                return
+            link.channels[frame.channel] = channel
+            link.send(frames.OpenOk(frame.channel))
+            channel.attach(link, frame.channel)
+
+        def failed(failure):
+            if link.channels.get(frame.channel) is placeholder:
+                link.remove_channel(frame.channel)
+                reason = failure.getErrorMessage()
+                self.log.info("channel {channel} to {host}:{port} failed: {reason}",
+                              channel=frame.channel, host=svc.service_host, port=svc.service_port,
+                              reason=reason)
+                link.send(frames.OpenFail(frame.channel, f"{svc.service_host}:{svc.service_port}: {reason}"[:1000]))
+
+        endpoints.connectProtocol(endpoint, channel).addCallbacks(connected, failed)
+
+    def _open_udp(self, link, frame, svc: Service) -> None:
+        placeholder = _Pending(link, frame.channel)
+        link.channels[frame.channel] = placeholder
+
+        def resolved(address):
+            if link.closed or link.channels.get(frame.channel) is not placeholder:
+                return
+            socket = BackendSocket(None)
+            interface = "::" if ":" in address else "0.0.0.0"
+            listening = self.reactor.listenUDP(0, socket, interface=interface)
+            socket.transport.connect(address, svc.service_port)
+            flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write,
+                        lambda f: listening.stopListening())
+            socket.flow = flow
+            link.channels[frame.channel] = flow
+            link.send(frames.OpenOk(frame.channel))
+            flow.attach(link, frame.channel)
+
+        def failed(failure):
+            if link.channels.get(frame.channel) is placeholder:
+                link.remove_channel(frame.channel)
+                link.send(frames.OpenFail(frame.channel, f"{svc.service_host}: {failure.getErrorMessage()}"))
+
+        self.reactor.resolve(svc.service_host).addCallbacks(resolved, failed)
+
+    def stopService(self):
+        super().stopService()
+        for link in list(self.links):
+            link.go_away("provider stopping")
+
+
+class _Pending:
+    """Holds a channel id while the service connection is being made."""
+
+    def __init__(self, link, channel_id: int) -> None:
+        self.link = link
+        self.channel_id = channel_id
+
+    def frame_received(self, frame) -> None:
+        if isinstance(frame, frames.Reset):  # the gateway gave up (open timeout)
+            self.link.remove_channel(self.channel_id)
+
+    def link_paused(self) -> None:
+        pass
+
+    def link_resumed(self) -> None:
+        pass
+
+    def link_lost(self) -> None:
+        pass

@@ -1,0 +1,403 @@
+"""
+Service lists and gateway filters for the port plane (pure: no reactor, no sockets).
+
+A provider's C{--services} SOURCE and a gateway's C{--filter} SOURCE are either inline
+JSON (starting with C{[} or C{{}), an C{http(s)://} URL read through a caller-supplied
+C{fetch(url) -> bytes}, or a file path.  The JSON follows Hypergate's C{services.json}:
+a list of entries, or C{{"services": [...]}} with any other top-level keys ignored.
+
+Differences from Hypergate, on purpose:
+  - an invalid entry stops loading with one line naming the source, the entry index
+    (0-based, as in C{services[2]}) and the field, instead of being logged and skipped;
+  - an unknown protocol is an error instead of silently meaning tcp; unknown fields
+    are errors too;
+  - two different services on the same (gatePort, protocol) are an error;
+  - gateway filters are ORed (a service needs to match one of them), and the
+    C{only_*} restrictions of L{Exposure} apply with or without filters.
+
+Every L{ServiceError} message is a single line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+__all__ = [
+    "Exposure",
+    "Filter",
+    "Service",
+    "ServiceError",
+    "load_filters",
+    "load_services",
+    "load_source",
+    "merge_services",
+    "parse_filters",
+    "parse_only_services",
+    "parse_services",
+    "source_label",
+]
+
+PROTOCOLS = ("tcp", "udp")
+# Hypergate's wire encoding, also accepted in JSON: 0 is tcp, 1 is udp.
+_PROTOCOL_NUMBERS = {0: "tcp", 1: "udp"}
+_FIELDS = ("gatePort", "serviceHost", "servicePort", "protocol", "tags")
+_INLINE_LABEL_CHARS = 40
+_VALUE_CHARS = 40
+
+Fetch = Callable[[str], bytes]
+
+
+class ServiceError(ValueError):
+    """A service or filter source cannot be loaded or is invalid; the message is one line."""
+
+
+@attrs.frozen
+class Service:
+    """One advertised service: clients of gateway port C{gate_port} reach C{service_host:service_port}."""
+
+    gate_port: int
+    service_host: str
+    service_port: int
+    protocol: str = "tcp"
+    tags: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """What a gateway listens on: C{(gate_port, protocol)}."""
+        return (self.gate_port, self.protocol)
+
+    def describe(self) -> str:
+        """C{8080/tcp -> localhost:80 [web]}, for messages and logs."""
+        text = f"{self.gate_port}/{self.protocol} -> {self.service_host}:{self.service_port}"
+        if self.tags:
+            text += f" [{' '.join(self.tags)}]"
+        return text
+
+
+@attrs.frozen
+class Filter:
+    """
+    One gateway filter: every field that is set must match, and every tag in C{tags}
+    must be among the service's tags.  An empty filter matches everything.
+    """
+
+    gate_port: int | None = None
+    service_host: str | None = None
+    service_port: int | None = None
+    protocol: str | None = None
+    tags: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    def matches(self, service: Service) -> bool:
+        if self.gate_port is not None and service.gate_port != self.gate_port:
+            return False
+        if self.service_host is not None and service.service_host != self.service_host:
+            return False
+        if self.service_port is not None and service.service_port != self.service_port:
+            return False
+        if self.protocol is not None and service.protocol.lower() != self.protocol.lower():
+            return False
+        return set(self.tags).issubset(service.tags)
+
+
+@attrs.frozen
+class Exposure:
+    """
+    Which advertised services a gateway opens ports for.
+
+    With C{filters}, a service must match at least one of them.  Independently of the
+    filters, a non-empty C{only_services} requires C{service_host} to be listed,
+    C{only_published} requires the tag C{published} and C{only_docker} the tag
+    C{docker}.  With nothing set, everything is exposed.
+    """
+
+    filters: tuple[Filter, ...] = attrs.field(default=(), converter=tuple)
+    only_services: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    only_published: bool = False
+    only_docker: bool = False
+
+    def exposes(self, service: Service) -> bool:
+        if self.filters and not any(f.matches(service) for f in self.filters):
+            return False
+        if self.only_services and service.service_host not in self.only_services:
+            return False
+        if self.only_published and "published" not in service.tags:
+            return False
+        if self.only_docker and "docker" not in service.tags:
+            return False
+        return True
+
+
+def parse_only_services(csv: str) -> frozenset[str]:
+    """C{"a, b,,c"} -> C{{"a", "b", "c"}}: a comma list, items stripped, empty items ignored."""
+    return frozenset(item.strip() for item in csv.split(",") if item.strip())
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _short(value: Any, limit: int = _VALUE_CHARS) -> str:
+    text = _one_line(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_url(text: str) -> bool:
+    lowered = text.lower()
+    return lowered.startswith("http://") or lowered.startswith("https://")
+
+
+def _redact_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc="***@" + host))
+
+
+def source_label(source: str) -> str:
+    """
+    How messages name a SOURCE: the path, the URL (any C{user:password@} hidden), or
+    C{inline JSON '<first 40 characters>...'}.  Always one line.
+    """
+    text = source.strip()
+    if text.startswith(("[", "{")):
+        flat = _one_line(text)
+        if len(flat) > _INLINE_LABEL_CHARS:
+            flat = flat[:_INLINE_LABEL_CHARS] + "..."
+        return f"inline JSON '{flat}'"
+    if _is_url(text):
+        return _one_line(_redact_url(text))
+    return _one_line(text) if text == _one_line(text) else repr(text)
+
+
+def _decode(data: bytes | str, label: str) -> object:
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ServiceError(f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ServiceError(f"{label}: not UTF-8 text (byte {e.start})") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ServiceError(f"{label}: invalid JSON: {_one_line(str(e))}") from None
+
+
+def load_source(source: str, fetch: Fetch | None = None) -> object:
+    """
+    Read the JSON document a C{--services} or C{--filter} SOURCE names.
+
+    The value is stripped, then read as inline JSON if it starts with C{[} or C{{}, as
+    the body of C{fetch(url)} if it is an C{http://} or C{https://} URL, and as a file
+    path otherwise.  Any failure is a L{ServiceError} naming the source.
+    """
+    text = source.strip()
+    label = source_label(source)
+    if not text:
+        raise ServiceError("empty source: expected inline JSON, an http(s) URL or a file path")
+    if text.startswith(("[", "{")):
+        return _decode(text, label)
+    if _is_url(text):
+        if fetch is None:
+            raise ServiceError(f"{label}: URLs need a fetch function; none was given")
+        try:
+            body = fetch(text)
+        except ServiceError:
+            raise
+        except Exception as e:
+            detail = _one_line(str(e)) or type(e).__name__
+            raise ServiceError(f"{label}: fetch failed: {detail}") from None
+        return _decode(body, label)
+    try:
+        with open(text, "rb") as f:
+            body = f.read()
+    except FileNotFoundError:
+        raise ServiceError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ServiceError(f"{label}: is a directory, not a file") from None
+    except OSError as e:
+        raise ServiceError(f"{label}: cannot read: {e.strerror or e}") from None
+    return _decode(body, label)
+
+
+# ---------------------------------------------------------------------------
+# Entries
+
+
+class _FieldError(Exception):
+    """One invalid entry; the message goes after C{<source>: entry <n>: }."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+def _port(entry: dict, field: str) -> int:
+    value = entry[field]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _FieldError(field, f"must be an integer 1-65535, got {_short(value)}")
+    return value
+
+
+def _host(entry: dict, field: str) -> str:
+    value = entry[field]
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise _FieldError(field, f"must be a non-empty host name without spaces, got {_short(value)}")
+    return value
+
+
+def _protocol(entry: dict, field: str) -> str:
+    value = entry[field]
+    if isinstance(value, str) and value.lower() in PROTOCOLS:
+        return value.lower()
+    if not isinstance(value, bool) and isinstance(value, int) and value in _PROTOCOL_NUMBERS:
+        return _PROTOCOL_NUMBERS[value]
+    raise _FieldError(field, f'must be "tcp" or "udp" (or 0 / 1), got {_short(value)}')
+
+
+def _tags(entry: dict, field: str) -> tuple[str, ...]:
+    value = entry[field]
+    if not isinstance(value, str):
+        raise _FieldError(field, f"must be a string of space-separated words, got {_short(value)}")
+    return tuple(dict.fromkeys(value.split()))
+
+
+def _check_fields(entry: object) -> dict:
+    if not isinstance(entry, dict):
+        raise _FieldError(None, f"must be an object, got {_short(entry)}")
+    unknown = [name for name in entry if name not in _FIELDS]
+    if unknown:
+        raise _FieldError(None, f"unknown field {_short(unknown[0])} (known: {', '.join(_FIELDS)})")
+    return entry
+
+
+def _entries(doc: object, label: str, what: str) -> list:
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict):
+        if "services" not in doc:
+            raise ServiceError(f'{label}: expected a list of {what} or an object with a "services" list')
+        entries = doc["services"]
+        if not isinstance(entries, list):
+            raise ServiceError(f'{label}: "services" must be a list, got {_short(entries)}')
+        return entries
+    raise ServiceError(
+        f'{label}: expected a list of {what} or an object with a "services" list, got {_short(doc)}'
+    )
+
+
+def _parse_service(entry: object) -> Service:
+    entry = _check_fields(entry)
+    for name in ("gatePort", "serviceHost", "servicePort"):
+        if name not in entry:
+            raise _FieldError(name, "missing")
+    return Service(
+        gate_port=_port(entry, "gatePort"),
+        service_host=_host(entry, "serviceHost"),
+        service_port=_port(entry, "servicePort"),
+        protocol=_protocol(entry, "protocol") if "protocol" in entry else "tcp",
+        tags=_tags(entry, "tags") if "tags" in entry else (),
+    )
+
+
+def parse_services(doc: object, source: str) -> list[Service]:
+    """
+    The services of a parsed C{services.json} document, in order, exact duplicates dropped.
+
+    C{source} names the document in messages (see L{source_label}).  Any invalid entry,
+    or two different services on one C{(gatePort, protocol)}, raises L{ServiceError}.
+    """
+    label = _one_line(source)
+    services: list[Service] = []
+    claimed: dict[tuple[int, str], tuple[int, Service]] = {}
+    for index, entry in enumerate(_entries(doc, label, "services")):
+        try:
+            service = _parse_service(entry)
+        except _FieldError as e:
+            raise ServiceError(f"{label}: entry {index}: {e}") from None
+        if service.key in claimed:
+            first_index, first = claimed[service.key]
+            if first == service:
+                continue
+            raise ServiceError(
+                f"{label}: entry {index}: gatePort {service.gate_port}/{service.protocol} is ambiguous:"
+                f" entry {first_index} already maps it to {first.service_host}:{first.service_port}"
+                f"{_tag_note(first)}"
+            )
+        claimed[service.key] = (index, service)
+        services.append(service)
+    return services
+
+
+def _tag_note(service: Service) -> str:
+    return f" [{' '.join(service.tags)}]" if service.tags else ""
+
+
+def merge_services(lists: Iterable[Iterable[Service]]) -> list[Service]:
+    """
+    Concatenate service lists (e.g. one per C{--services}), keeping order and dropping
+    exact duplicates; two different services on one C{(gate_port, protocol)} raise
+    L{ServiceError}.
+    """
+    merged: list[Service] = []
+    claimed: dict[tuple[int, str], Service] = {}
+    for services in lists:
+        for service in services:
+            first = claimed.get(service.key)
+            if first is None:
+                claimed[service.key] = service
+                merged.append(service)
+            elif first != service:
+                raise ServiceError(
+                    f"gatePort {service.gate_port}/{service.protocol} is ambiguous:"
+                    f" {first.describe()} and {service.describe()}"
+                )
+    return merged
+
+
+def _parse_filter(entry: object) -> Filter:
+    entry = _check_fields(entry)
+    return Filter(
+        gate_port=_port(entry, "gatePort") if "gatePort" in entry else None,
+        service_host=_host(entry, "serviceHost") if "serviceHost" in entry else None,
+        service_port=_port(entry, "servicePort") if "servicePort" in entry else None,
+        protocol=_protocol(entry, "protocol") if "protocol" in entry else None,
+        tags=_tags(entry, "tags") if "tags" in entry else (),
+    )
+
+
+def parse_filters(doc: object, source: str) -> list[Filter]:
+    """
+    The gateway filters of a parsed document: a list, or C{{"services": [...]}}.
+
+    Every field is optional and validated as in L{parse_services}; an invalid entry or
+    an unknown field raises L{ServiceError} naming C{source} and the entry index.
+    """
+    label = _one_line(source)
+    filters: list[Filter] = []
+    for index, entry in enumerate(_entries(doc, label, "filters")):
+        try:
+            filters.append(_parse_filter(entry))
+        except _FieldError as e:
+            raise ServiceError(f"{label}: entry {index}: {e}") from None
+    return filters
+
+
+def load_services(source: str, fetch: Fetch | None = None) -> list[Service]:
+    """L{load_source} then L{parse_services}, with messages naming the source."""
+    return parse_services(load_source(source, fetch), source_label(source))
+
+
+def load_filters(source: str, fetch: Fetch | None = None) -> list[Filter]:
+    """L{load_source} then L{parse_filters}, with messages naming the source."""
+    return parse_filters(load_source(source, fetch), source_label(source))
