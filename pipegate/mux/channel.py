@@ -120,6 +120,8 @@ class StreamChannel(Protocol):
                 self._update_reading()
             case frames.Fin():
                 self.fin_received = True
+                # A transport with a registered producer never finishes closing.
+                self.transport.unregisterProducer()
                 try:
                     self.transport.loseWriteConnection()
                 except (AttributeError, NotImplementedError):
@@ -131,6 +133,8 @@ class StreamChannel(Protocol):
     def _maybe_done(self) -> None:
         if self.fin_sent and self.fin_received and not self.done:
             self.done = True
+            if self.transport.producer is not None:
+                self.transport.unregisterProducer()
             self.transport.loseConnection()
             self._finished()
 

@@ -215,6 +215,8 @@ class MuxLink(Protocol):
         self.send(frames.GoAway(reason))
         self._stop_timers()
         if self.transport is not None:
+            # A transport with a registered producer never finishes closing.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _stop_timers(self) -> None:

@@ -232,7 +232,7 @@ class Gateway(service.Service):
         if proto == "udp":
             gate = UDPGate(self, key)
             try:
-                listening = reactor.listenUDP(port, gate, interface=self.config.listen)
+                listening = reactor.listenUDP(port, gate, interface=self.config.listen, maxPacketSize=65535)
             except CannotListenError as e:
                 self.log.error("gate {port}/udp: cannot bind: {error}", port=port, error=e.socketError)
                 return

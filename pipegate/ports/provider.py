@@ -115,7 +115,7 @@ class Provider(service.Service):
                 return
             socket = BackendSocket(None)
             interface = "::" if ":" in address else "0.0.0.0"
-            listening = self.reactor.listenUDP(0, socket, interface=interface)
+            listening = self.reactor.listenUDP(0, socket, interface=interface, maxPacketSize=65535)
             socket.transport.connect(address, svc.service_port)
             flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write,
                         lambda f: listening.stopListening())

@@ -64,9 +64,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     gateway = Gateway(GatewayConfig(
         listen=options["listen"], exposure=options["exposure"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor)
-    gateway.setServiceParent(top)
     for svc in link_services(gateway, link_config(options, frames.ROLE_GATEWAY), reactor,
                              options["mux"], options["connect"], certificate=certificate_from(options),
                              verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
         svc.setServiceParent(top)
+    # Added last so that it stops first: links get a GOAWAY before their listeners
+    # and dialers go.
+    gateway.setServiceParent(top)
     return top

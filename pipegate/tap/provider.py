@@ -68,9 +68,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     provider = Provider(ProviderConfig(
         services=tuple(options["service-list"]), connect_timeout=options["connect-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor)
-    provider.setServiceParent(top)
     for svc in link_services(provider, link_config(options, frames.ROLE_PROVIDER), reactor,
                              options["mux"], options["connect"], certificate=certificate_from(options),
                              verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
         svc.setServiceParent(top)
+    # Added last so that it stops first: links get a GOAWAY before their listeners
+    # and dialers go.
+    provider.setServiceParent(top)
     return top

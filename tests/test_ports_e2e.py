@@ -1,0 +1,403 @@
+"""
+The port plane end to end: a real gateway and real providers on 127.0.0.1, joined by
+real TLS mux links, carrying real TCP connections and UDP datagrams to real backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+from twisted.application import internet
+from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from pipegate.mux import frames, tls
+from pipegate.mux.session import LinkConfig, LinkFactory
+from pipegate.ports.gateway import Gateway, GatewayConfig
+from pipegate.ports.provider import Provider, ProviderConfig
+from pipegate.ports.services import Exposure, Filter, Service
+from tests.support import eventually, pattern
+
+SECRET = bytes(range(32))
+CERT = tls.generated_certificate()
+
+
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(protocol.Protocol):
+    """Echoes; on EOF answers 'bye' and closes (half-close aware)."""
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+    def readConnectionLost(self):
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+class Source(protocol.Protocol):
+    """Sends C{size} bytes of pattern data with backpressure, then closes."""
+
+    size = 0
+
+    def connectionMade(self):
+        self.data = pattern(self.size)
+        self.offset = 0
+        self.factory.produced = 0
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        while not self.paused and self.offset < len(self.data):
+            chunk = self.data[self.offset:self.offset + 65536]
+            self.offset += len(chunk)
+            self.factory.produced += len(chunk)
+            self.transport.write(chunk)
+        if self.offset >= len(self.data) and not self.paused:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            self.offset = len(self.data) + 1
+
+    def stopProducing(self):
+        self.paused = True
+
+
+class UDPEcho(protocol.DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+class Client(protocol.Protocol):
+    def __init__(self):
+        self.received = bytearray()
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(bytes(self.received))
+
+
+class UDPClient(protocol.DatagramProtocol):
+    def __init__(self):
+        self.received: list[bytes] = []
+
+    def datagramReceived(self, data, addr):
+        self.received.append(data)
+
+
+class PortPlane(unittest.TestCase):
+    """Builds gateways, providers and backends; tears everything down."""
+
+    def setUp(self):
+        self.cleanups = []
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.addCleanup(self._teardown)
+
+    async def _teardown(self):
+        for cleanup in reversed(self.cleanups):
+            await defer.maybeDeferred(cleanup)
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+    def logged(self, text: str) -> bool:
+        from twisted.logger import formatEvent
+        return any(text in formatEvent(e) for e in self.events)
+
+    async def listen_tcp(self, factory, port=0):
+        p = await endpoints.TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(factory)
+        self.cleanups.append(p.stopListening)
+        return p
+
+    async def backend_echo(self):
+        factory = protocol.Factory.forProtocol(Echo)
+        factory.noisy = False
+        return await self.listen_tcp(factory)
+
+    async def gateway(self, secret=SECRET, **config):
+        gw = Gateway(GatewayConfig(**config), reactor)
+        gw.startService()
+        self.cleanups.append(gw.stopService)
+        link_config = LinkConfig(secret=secret, role=frames.ROLE_GATEWAY, ping_interval=0.5, ping_deadline=2)
+        mux = await self.listen_tcp(tls.server_factory(CERT, LinkFactory(gw, link_config, reactor, False)))
+        self.cleanups.append(lambda: self._drop_links(gw))
+        return gw, mux
+
+    def _drop_links(self, node):
+        for link in list(node.links):
+            link.fail("test over")
+
+    def provider(self, mux_port, services, secret=SECRET, role=frames.ROLE_PROVIDER, **config):
+        prov = Provider(ProviderConfig(services=tuple(services), **config), reactor)
+        prov.startService()
+        link_config = LinkConfig(secret=secret, role=role, ping_interval=0.5, ping_deadline=2)
+        endpoint = tls.client_endpoint(reactor, f"tcp:127.0.0.1:{mux_port.getHost().port}")
+        client = internet.ClientService(endpoint, LinkFactory(prov, link_config, reactor, True),
+                                        retryPolicy=lambda n: 0.2, clock=reactor)
+        client.startService()
+        self.cleanups.append(client.stopService)
+        self.cleanups.append(prov.stopService)
+        self.cleanups.append(lambda: self._drop_links(prov))
+        prov.client = client
+        return prov
+
+    async def connect(self, port) -> Client:
+        client = Client()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        self.cleanups.append(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        return client
+
+    async def udp_client(self) -> UDPClient:
+        client = UDPClient()
+        port = reactor.listenUDP(0, client, interface="127.0.0.1", maxPacketSize=65535)
+        self.cleanups.append(port.stopListening)
+        return client
+
+    async def open_tcp_gate(self, gw, port):
+        await eventually(lambda: (port, "tcp") in gw.gates)
+
+
+class TCP(PortPlane):
+    async def setUp(self):
+        super().setUp()
+        self.backend = await self.backend_echo()
+        self.gate = free_port()
+        self.gw, self.mux = await self.gateway()
+        self.prov = self.provider(self.mux, [Service(self.gate, "127.0.0.1", self.backend.getHost().port)])
+        await self.open_tcp_gate(self.gw, self.gate)
+
+    async def test_echo_50_mib_each_way(self):
+        payload = pattern(50 * 1024 * 1024, seed=3)
+        client = await self.connect(self.gate)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        received = await client.closed
+        self.assertEqual(hashlib.sha256(received).hexdigest(),
+                         hashlib.sha256(payload + b"bye").hexdigest())
+
+    test_echo_50_mib_each_way.timeout = 120
+
+    async def test_half_close(self):
+        client = await self.connect(self.gate)
+        client.transport.write(b"question")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"questionbye")
+
+    async def test_gate_follows_the_provider(self):
+        self.assertTrue(self.logged(f"gate {self.gate}/tcp open"))
+        stopped = self.prov.client.stopService()
+        self._drop_links(self.prov)
+        await stopped
+        await eventually(lambda: (self.gate, "tcp") not in self.gw.gates)
+        with self.assertRaises(Exception):  # listener stopped: connection refused
+            await self.connect(self.gate)
+        self.prov.client.startService()
+        await self.open_tcp_gate(self.gw, self.gate)
+        client = await self.connect(self.gate)
+        client.transport.write(b"again")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"againbye")
+
+    async def test_slow_consumer_bounded_by_window(self):
+        size = 64 * 1024 * 1024
+        source = protocol.Factory.forProtocol(Source)
+        source.noisy = False
+        source.produced = 0
+        Source.size = size
+        backend = await self.listen_tcp(source)
+        gate = free_port()
+        prov2 = self.provider(self.mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(self.gw, gate)
+        client = await self.connect(gate)
+        client.transport.pauseProducing()
+        last = -1
+        while last != source.produced:
+            last = source.produced
+            await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertLess(source.produced, size // 2)
+        window = frames.INITIAL_WINDOW
+        (gw_channel,) = [c for c in self.gw.tcp_clients]
+        (link,) = [l for l in prov2.links]
+        (prov_channel,) = list(link.channels.values())
+        self.assertLessEqual(gw_channel.buffered, window + frames.MAX_DATA)
+        self.assertLessEqual(prov_channel.buffered, window + frames.MAX_DATA)
+        client.transport.resumeProducing()
+        received = await client.closed
+        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(pattern(size)).digest())
+
+    test_slow_consumer_bounded_by_window.timeout = 120
+
+    async def test_backend_closed_fails_fast(self):
+        dead = free_port()
+        gate = free_port()
+        self.provider(self.mux, [Service(gate, "127.0.0.1", dead)])
+        await self.open_tcp_gate(self.gw, gate)
+        started = reactor.seconds()
+        client = await self.connect(gate)
+        self.assertEqual(await client.closed, b"")
+        self.assertLess(reactor.seconds() - started, 5)  # bound, not a goal: the open timeout
+        self.assertTrue(self.logged("refused channel"))
+
+
+class Failover(PortPlane):
+    async def test_two_providers_alternate_and_fail_over(self):
+        gw, mux = await self.gateway()
+        gate = free_port()
+        backends, providers = [], []
+        for tag in (b"A", b"B"):
+            class Tagged(protocol.Protocol):
+                def connectionMade(self, tag=tag):
+                    self.transport.write(tag)
+                    self.transport.loseConnection()
+            factory = protocol.Factory.forProtocol(Tagged)
+            factory.noisy = False
+            backend = await self.listen_tcp(factory)
+            backends.append(backend)
+            providers.append(self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)]))
+        await eventually(lambda: len(gw.exposed().get((gate, "tcp"), [])) == 2)
+        await self.open_tcp_gate(gw, gate)
+        answers = []
+        for _ in range(4):
+            client = await self.connect(gate)
+            answers.append(await client.closed)
+        self.assertEqual(sorted(answers), [b"A", b"A", b"B", b"B"])
+        stopped = providers[0].client.stopService()
+        self._drop_links(providers[0])
+        await stopped
+        for _ in range(4):
+            client = await self.connect(gate)
+            self.assertEqual(await client.closed, b"B")
+
+    async def test_provider_with_dead_backend_fails_over(self):
+        gw, mux = await self.gateway()
+        gate = free_port()
+        backend = await self.backend_echo()
+        self.provider(mux, [Service(gate, "127.0.0.1", free_port())])
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await eventually(lambda: len(gw.exposed().get((gate, "tcp"), [])) == 2)
+        await self.open_tcp_gate(gw, gate)
+        for _ in range(4):
+            client = await self.connect(gate)
+            client.transport.write(b"x")
+            client.transport.loseWriteConnection()
+            self.assertEqual(await client.closed, b"xbye")
+
+
+class Admission(PortPlane):
+    async def test_wrong_secret_opens_nothing(self):
+        gw, mux = await self.gateway()
+        gate = free_port()
+        backend = await self.backend_echo()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)], secret=b"\x01" * 32)
+        await eventually(lambda: self.logged("admission failed"))
+        self.assertEqual(gw.gates, {})
+        self.assertEqual(gw.routes, {})
+
+    async def test_provider_to_provider_refused(self):
+        prov_a = Provider(ProviderConfig(), reactor)
+        link_config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
+        mux = await self.listen_tcp(tls.server_factory(CERT, LinkFactory(prov_a, link_config, reactor, False)))
+        self.cleanups.append(lambda: self._drop_links(prov_a))
+        self.provider(mux, [])
+        await eventually(lambda: self.logged("provider-to-provider links are refused"))
+        self.assertEqual(prov_a.links, set())
+
+    async def test_garbage_closes_only_that_link(self):
+        gw, mux = await self.gateway()
+        backend = await self.backend_echo()
+        gate = free_port()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        bad = self.provider(mux, [Service(free_port(), "127.0.0.1", backend.getHost().port)])
+        await eventually(lambda: len(gw.links) == 2)
+        (bad_link,) = bad.links
+        bad_link.transport.write(b"\x00\x00\x00\x07\x7fjunk!!")  # unknown frame type
+        await eventually(lambda: len(gw.links) == 1)
+        await eventually(lambda: self.logged("unknown frame type"))
+        client = await self.connect(gate)
+        client.transport.write(b"still")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"stillbye")
+
+    async def test_oversized_frame_closes_link(self):
+        gw, mux = await self.gateway()
+        prov = self.provider(mux, [])
+        await eventually(lambda: len(gw.links) == 1)
+        (link,) = prov.links
+        link.transport.write((50_000_000).to_bytes(4, "big"))
+        await eventually(lambda: len(gw.links) == 0)
+
+
+class Exposing(PortPlane):
+    async def test_expose_only_services_and_filters(self):
+        backend = await self.backend_echo()
+        port = backend.getHost().port
+        a, b = free_port(), free_port()
+        services = [Service(a, "svc-a", port, tags=("web",)), Service(b, "svc-b", port)]
+        gw1, mux1 = await self.gateway(exposure=Exposure(only_services=frozenset({"svc-a"})))
+        self.provider(mux1, services)
+        await eventually(lambda: gw1.routes)
+        await self.open_tcp_gate(gw1, a)
+        self.assertEqual(set(gw1.gates), {(a, "tcp")})
+        await gw1.stopService()
+        gw2, mux2 = await self.gateway(exposure=Exposure(filters=(Filter(tags=("web",)),)))
+        self.provider(mux2, services)
+        await eventually(lambda: gw2.routes)
+        await self.open_tcp_gate(gw2, a)
+        self.assertEqual(set(gw2.gates), {(a, "tcp")})
+
+
+class UDP(PortPlane):
+    async def setUp(self):
+        super().setUp()
+        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1", maxPacketSize=65535)
+        self.cleanups.append(echo.stopListening)
+        self.gate = free_port(socket.SOCK_DGRAM)
+        self.gw, self.mux = await self.gateway(udp_idle_timeout=1.0)
+        self.provider(self.mux, [Service(self.gate, "127.0.0.1", echo.getHost().port, "udp")],
+                      udp_idle_timeout=1.0)
+        await eventually(lambda: (self.gate, "udp") in self.gw.gates)
+
+    async def test_datagrams_keep_their_boundaries(self):
+        client = await self.udp_client()
+        sent = [os.urandom(3011) for _ in range(90)]
+        for datagram in sent:
+            client.transport.write(datagram, ("127.0.0.1", self.gate))
+            await task.deferLater(reactor, 0.002, lambda: None)
+        await eventually(lambda: len(client.received) == 90)
+        self.assertEqual(sorted(client.received), sorted(sent))
+        big = os.urandom(65000)
+        client.transport.write(big, ("127.0.0.1", self.gate))
+        await eventually(lambda: big in client.received)
+
+    async def test_clients_are_isolated_and_flows_expire(self):
+        one, two = await self.udp_client(), await self.udp_client()
+        one.transport.write(b"one", ("127.0.0.1", self.gate))
+        two.transport.write(b"two", ("127.0.0.1", self.gate))
+        await eventually(lambda: one.received and two.received)
+        self.assertEqual((one.received, two.received), ([b"one"], [b"two"]))
+        (_, gate) = self.gw.gates[(self.gate, "udp")]
+        self.assertEqual(len(gate.flows), 2)
+        await eventually(lambda: not gate.flows, timeout=10)
+        one.transport.write(b"back", ("127.0.0.1", self.gate))
+        await eventually(lambda: b"back" in one.received)
