@@ -36,6 +36,23 @@ class StreamChannel(Protocol):
         self.fin_received = False
         self.done = False
         self.on_done = None
+        self._idle_timer = None
+
+    def set_idle_timeout(self, clock, seconds: float) -> None:
+        """Close the channel after C{seconds} with no byte in either direction."""
+        if seconds > 0:
+            self._idle_seconds = seconds
+            self._idle_timer = clock.callLater(seconds, self._idle)
+
+    def _touch(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._idle_seconds)
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        if not self.done and self.link is not None:
+            self.link.send(frames.Reset(self.channel_id, "idle timeout"))
+        self.abort()
 
     # -- wiring
     def attach(self, link, channel_id: int) -> None:
@@ -63,6 +80,7 @@ class StreamChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done:
             return
+        self._touch()
         if self.link is None:
             self._early.append(data)
             return
@@ -108,6 +126,7 @@ class StreamChannel(Protocol):
             return
         match frame:
             case frames.Data(_, data):
+                self._touch()
                 self.recv_window.received(len(data))
                 self.transport.write(data)
                 self.recv_window.consumed(len(data))
@@ -155,6 +174,9 @@ class StreamChannel(Protocol):
             self.transport.abortConnection()
 
     def _finished(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
         if self.link is not None:
             self.link.remove_channel(self.channel_id)
         if self.on_done is not None:

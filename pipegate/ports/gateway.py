@@ -31,6 +31,7 @@ class GatewayConfig:
     exposure: Exposure = Exposure()
     open_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
+    tcp_idle_timeout: float = 0.0
     window: int = 262_144
 
 
@@ -119,6 +120,7 @@ class GateConnection(StreamChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.gateway.tcp_clients.add(self)
+        self.set_idle_timeout(self.gateway.clock, self.gateway.config.tcp_idle_timeout)
         self.on_done = self.gateway.tcp_clients.discard
         self.gateway.try_open(self.key, self, None)
 

@@ -7,7 +7,7 @@ import ipaddress
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import positive_float
+from pipegate.config import non_negative_float, positive_float
 from pipegate.mux import frames
 from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -34,8 +34,10 @@ class Options(MuxOptions):
                                "filters, a route matching every field of at least one is exposed."],
         ["expose-only-services", None, None, "Comma list of serviceHost names to expose."],
         ["open-timeout", None, "5", "Seconds a provider has to accept a channel before the next is tried."],
+        ["tcp-idle-timeout", None, "0", "Seconds without a byte either way after which a TCP connection is closed; 0 = off."],
     ]
-    converters = {**MuxOptions.converters, "open-timeout": positive_float}
+    converters = {**MuxOptions.converters, "open-timeout": positive_float,
+                  "tcp-idle-timeout": non_negative_float}
 
     def check(self) -> None:
         super().check()
@@ -63,7 +65,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     gateway = Gateway(GatewayConfig(
         listen=options["listen"], exposure=options["exposure"], open_timeout=options["open-timeout"],
-        udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor)
+        udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
+        window=options["window"]), reactor)
     for svc in link_services(gateway, link_config(options, frames.ROLE_GATEWAY), reactor,
                              options["mux"], options["connect"], certificate=certificate_from(options),
                              verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
