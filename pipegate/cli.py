@@ -27,6 +27,16 @@ def cmd_router_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from pipegate.mux.scan import main as scan_main
+
+    secret = args.router or os.environ.get("PIPEGATE_ROUTER")
+    if not secret:
+        print("pipegate scan: --router: the router secret is required (or PIPEGATE_ROUTER)", file=sys.stderr)
+        return 2
+    return scan_main(secret, args.connect, args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipegate.demo import run
 
@@ -42,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     token.set_defaults(func=cmd_token)
     secret = sub.add_parser("router-secret", help="print a new router secret (64 hex characters)")
     secret.set_defaults(func=cmd_router_secret)
+    scan = sub.add_parser("scan", help="connect to a provider or gateway as an observer and list its routes")
+    scan.add_argument("--router", default=None, help="router secret (default: PIPEGATE_ROUTER)")
+    scan.add_argument("--connect", required=True, help="client endpoint of the peer, e.g. tcp:gw.example.com:7000")
+    scan.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for an answer (default 15)")
+    scan.set_defaults(func=cmd_scan)
     demo = sub.add_parser("demo", help="run a relay, a connector and a small web app on loopback")
     demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
     demo.set_defaults(func=cmd_demo)

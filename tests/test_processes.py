@@ -39,6 +39,7 @@ class Child(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason) -> None:
+        self.signal = getattr(reason.value, "signal", None)
         self.ended.callback(reason.value.exitCode)
 
 
