@@ -401,3 +401,48 @@ class UDP(PortPlane):
         await eventually(lambda: not gate.flows, timeout=10)
         one.transport.write(b"back", ("127.0.0.1", self.gate))
         await eventually(lambda: b"back" in one.received)
+
+
+class Robustness(PortPlane):
+    async def test_stalled_link_hits_the_ping_deadline(self):
+        gw, mux = await self.gateway()
+        backend = await self.backend_echo()
+        gate = free_port()
+        prov = self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        (link,) = prov.links
+        link._pinger.stop()               # the provider falls silent ...
+        link.transport.pauseProducing()   # ... and stops reading: packets stop, no FIN
+        await eventually(lambda: (gate, "tcp") not in gw.gates, timeout=15)
+        self.assertTrue(self.logged("ping deadline"))
+
+    async def test_bind_failure_skips_only_that_gate(self):
+        gw, mux = await self.gateway()
+        backend = await self.backend_echo()
+        busy = await self.backend_echo()  # a port already in use
+        gate = free_port()
+        self.provider(mux, [Service(busy.getHost().port, "127.0.0.1", backend.getHost().port),
+                            Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        await eventually(lambda: self.logged(f"gate {busy.getHost().port}/tcp: cannot bind"))
+        client = await self.connect(gate)
+        client.transport.write(b"ok")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"okbye")
+
+    async def test_ipv6_listen(self):
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except OSError:
+            raise unittest.SkipTest("no IPv6 loopback on this machine")
+        gw, mux = await self.gateway(listen="::1")
+        backend = await self.backend_echo()
+        gate = free_port()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        client = Client()
+        await endpoints.connectProtocol(endpoints.TCP6ClientEndpoint(reactor, "::1", gate), client)
+        client.transport.write(b"six")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"sixbye")
