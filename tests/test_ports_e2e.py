@@ -446,3 +446,56 @@ class Robustness(PortPlane):
         client.transport.write(b"six")
         client.transport.loseWriteConnection()
         self.assertEqual(await client.closed, b"sixbye")
+
+
+class Replay(PortPlane):
+    """A Hello recorded on one TLS session is useless on another; nothing precedes Hello."""
+
+    async def dial(self, mux, link_class):
+        from pipegate.mux.session import MuxLink
+
+        node = Provider(ProviderConfig(), reactor)
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
+        factory = LinkFactory(node, config, reactor, True)
+        factory.buildProtocol = lambda addr: link_class(node, config, reactor, True)
+        endpoint = tls.client_endpoint(reactor, f"tcp:127.0.0.1:{mux.getHost().port}")
+        link = await endpoint.connect(factory)
+        self.cleanups.append(lambda: link.fail("test over"))
+        assert isinstance(link, MuxLink)
+        return link
+
+    async def test_replayed_hello_refused(self):
+        from pipegate.mux.session import MuxLink
+
+        gw, mux = await self.gateway()
+        recorded = []
+
+        class Recorder(MuxLink):
+            def _write(self, frame):
+                recorded.append(frame)
+                super()._write(frame)
+
+        first = await self.dial(mux, Recorder)
+        await eventually(lambda: first.admitted)
+
+        class Replayer(MuxLink):
+            def handshakeCompleted(self):
+                self._exporter = self.transport.getHandle().export_keying_material(frames.EXPORTER_LABEL, 32)
+                self._write(recorded[0])  # the other session's valid Hello
+
+        await self.dial(mux, Replayer)
+        await eventually(lambda: self.logged("admission failed"))
+        self.assertEqual(len(gw.links), 1)
+
+    async def test_frame_before_hello_refused(self):
+        from pipegate.mux.session import MuxLink
+
+        gw, mux = await self.gateway()
+
+        class Eager(MuxLink):
+            def handshakeCompleted(self):
+                self._write(frames.Routes(()))
+
+        await self.dial(mux, Eager)
+        await eventually(lambda: self.logged("Routes before admission"))
+        self.assertEqual(gw.links, set())
