@@ -299,8 +299,8 @@ class Gateway(service.Service):
             link.go_away("gateway stopping")
         for client in list(self.tcp_clients):
             client.abort()
-        from twisted.internet.defer import gatherResults
-        return gatherResults([self._close_gate(key) for key in list(self.gates)])
+        from twisted.internet.defer import gatherResults, maybeDeferred
+        return gatherResults([maybeDeferred(self._close_gate, key) for key in list(self.gates)])
 
 
 def _is_v6(address: str) -> bool:
