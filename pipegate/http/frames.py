@@ -12,6 +12,8 @@ from collections import deque
 
 import attrs
 
+from pipegate.codec import FrameError, Reader
+
 SUBPROTOCOL = "pipegate.v1"
 MAX_FRAME_SIZE = 262_144
 MAX_DATA = 65_536
@@ -30,10 +32,6 @@ FLAG_END = 0x01
 FLAG_UPGRADE = 0x02
 
 _HEADER = struct.Struct(">BI")
-
-
-class FrameError(ValueError):
-    """A frame could not be decoded or violated the protocol."""
 
 
 Headers = tuple[tuple[bytes, bytes], ...]
@@ -171,43 +169,12 @@ def _encode(frame: Frame) -> bytes:
     return out
 
 
-class _Reader:
-    """Bounds-checked cursor over one frame's payload."""
-
-    def __init__(self, data: bytes, offset: int) -> None:
-        self._data = data
-        self._pos = offset
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end > len(self._data):
-            raise FrameError("truncated frame")
-        chunk = self._data[self._pos:end]
-        self._pos = end
-        return chunk
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return struct.unpack(">H", self.take(2))[0]
-
-    def u32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
-
-    def str8(self) -> bytes:
-        return self.take(self.u8())
-
-    def str16(self) -> bytes:
-        return self.take(self.u16())
+class _Reader(Reader):
+    """The codec reader plus header lists."""
 
     def headers(self) -> Headers:
         count = self.u16()
         return tuple((self.str16(), self.str16()) for _ in range(count))
-
-    def done(self) -> None:
-        if self._pos != len(self._data):
-            raise FrameError(f"{len(self._data) - self._pos} trailing bytes")
 
 
 def decode(message: bytes) -> Frame:

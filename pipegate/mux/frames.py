@@ -18,6 +18,8 @@ from collections.abc import Iterable
 
 import attrs
 
+from pipegate.codec import FrameError, Reader
+
 VERSION = 1
 MAX_FRAME_SIZE = 1_048_576        # default limit on a frame's declared length (--max-frame-size)
 MAX_DATA = 65_536                 # DATA payload bound
@@ -60,10 +62,6 @@ _MAX_CHANNEL = 2**32 - 1
 
 _HELLO_CONTEXT = b"pipegate-mux-v1 hello\x00"
 _SECRET = re.compile(r"[0-9a-fA-F]{64}")
-
-
-class FrameError(ValueError):
-    """A frame could not be decoded or violated the protocol."""
 
 
 def _strings(value: Iterable[str]) -> tuple[str, ...]:
@@ -333,38 +331,8 @@ def _encode(frame: Frame) -> tuple[int, int, bytes]:
 
 # -- decoding ---------------------------------------------------------------------------------
 
-class _Reader:
-    """Bounds-checked cursor over one frame's payload."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end > len(self._data):
-            raise FrameError("truncated frame")
-        chunk = self._data[self._pos:end]
-        self._pos = end
-        return chunk
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return struct.unpack(">H", self.take(2))[0]
-
-    def u32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
-
-    def u64(self) -> int:
-        return struct.unpack(">Q", self.take(8))[0]
-
-    def str8(self) -> bytes:
-        return self.take(self.u8())
-
-    def str16(self) -> bytes:
-        return self.take(self.u16())
+class _Reader(Reader):
+    """The codec reader plus text, protocol and route fields."""
 
     def text(self, raw: bytes) -> str:
         try:
@@ -396,10 +364,6 @@ class _Reader:
         for word in tags:
             _check_tag(word)
         return Route(gate_port, protocol, host, service_port, tags, self.str16())
-
-    def done(self) -> None:
-        if self._pos != len(self._data):
-            raise FrameError(f"{len(self._data) - self._pos} trailing bytes")
 
 
 _LINK_LEVEL = {HELLO: "HELLO", ROUTES: "ROUTES", PING: "PING", PONG: "PONG", GOAWAY: "GOAWAY"}
