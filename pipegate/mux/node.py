@@ -50,21 +50,30 @@ class MuxOptions(EnvOptions):
         super().__init__()
         self["mux"] = []
         self["connect"] = []
+        self._from_env: set[str] = set()
+
+    def append(self, name: str, value: str) -> None:
+        """Add to a repeatable option; the first flag replaces what the variable gave."""
+        if name in self._from_env:
+            self._from_env.discard(name)
+            self[name] = []
+        self[name].append(value)
 
     def opt_mux(self, value: str) -> None:
         """Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."""
-        self["mux"].append(value)
+        self.append("mux", value)
 
     def opt_connect(self, value: str) -> None:
         """Client endpoint of a peer to dial (e.g. tcp:gw.example.com:7000); repeatable. TLS is added."""
-        self["connect"].append(value)
+        self.append("connect", value)
 
     def _apply_env(self) -> None:
         super()._apply_env()
         for name in ("mux", "connect"):
             value = self.environ.get("PIPEGATE_" + name.upper())
-            if value:
+            if value is not None:
                 self[name] = value.split()
+                self._from_env.add(name)
 
     def check(self) -> None:
         if not self["router"]:

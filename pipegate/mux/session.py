@@ -115,6 +115,9 @@ class MuxLink(Protocol):
             self.fail(str(e))
 
     def connectionLost(self, reason=None) -> None:
+        if not self.admitted and not self.closed:
+            self.log.warn("link with {peer} closed before admission (wrong router secret, "
+                          "refused role, or TLS failure)", peer=self.peer_name)
         self._stop_timers()
         was_admitted, self.admitted = self.admitted, False
         self.closed = True
