@@ -15,6 +15,8 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
 from pipegate.mux import frames
+from pipegate.policy import EMPTY, Decision, Grants, Policy, PolicyError, decide, policy_from_bytes
+from pipegate.throttle import BucketPool, Shaper, datagram_allowed
 from pipegate.mux.channel import StreamChannel
 from pipegate.ports.services import Exposure, Service
 from pipegate.ports.udp import Flow
@@ -29,6 +31,7 @@ def route_service(route: frames.Route) -> Service:
 class GatewayConfig:
     listen: str = "127.0.0.1"
     exposure: Exposure = Exposure()
+    policy: Policy = EMPTY  # the operator's own rules; they beat every provider's
     open_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
     tcp_idle_timeout: float = 0.0
@@ -103,11 +106,38 @@ class GateFactory(Factory):
         self.key = key
 
     def buildProtocol(self, addr):
-        channel = GateConnection(self.gateway.config.window)
-        channel.gateway = self.gateway
+        """Apply the ingress policy at accept time: a denied client gets no protocol at all."""
+        gateway = self.gateway
+        decision = gateway.decide(self.key, addr.host)
+        if not decision.allow:
+            gateway.denied += 1
+            gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
+                             port=self.key[0], matched=decision.matched)
+            return None
+        channel = GateConnection(gateway.config.window)
+        channel.gateway = gateway
         channel.key = self.key
         channel.factory = self
-        return channel
+        channel.labels = decision.labels
+        if decision.limit is None:
+            return channel
+        up, down, release = gateway.buckets(addr.host, decision.limit)
+        return Shaper(_Release(release), channel, gateway.clock, read_bucket=up, write_bucket=down)
+
+
+class _Release:
+    """Stands in for a WrappingFactory: gives the client IP's buckets back on disconnect."""
+
+    def __init__(self, release) -> None:
+        self.release = release
+
+    def registerProtocol(self, protocol) -> None:
+        pass
+
+    def unregisterProtocol(self, protocol) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 class GateConnection(StreamChannel):
@@ -149,18 +179,45 @@ class UDPGate(DatagramProtocol):
         self.flows: dict[tuple, Flow] = {}
 
     def datagramReceived(self, data, addr):
+        gateway = self.gateway
         flow = self.flows.get(addr)
         if flow is None:
-            flow = Flow(self.gateway.clock, self.gateway.config.udp_idle_timeout,
-                        lambda datagram, addr=addr: self.transport.write(datagram, addr),
-                        lambda f, addr=addr: self.flows.pop(addr, None))
+            decision = gateway.decide(self.key, addr[0])
+            if not decision.allow:
+                gateway.denied += 1
+                gateway.dropped_datagrams += 1
+                return
+            up = down = release = None
+            if decision.limit is not None:
+                up, down, release = gateway.buckets(addr[0], decision.limit)
+
+            def deliver(datagram, addr=addr, down=down):
+                if datagram_allowed(down, len(datagram), gateway.clock.seconds(), _burst(down)):
+                    self.transport.write(datagram, addr)
+                else:
+                    gateway.dropped_datagrams += 1
+
+            def done(f, addr=addr, release=release):
+                self.flows.pop(addr, None)
+                if release is not None:
+                    release()
+
+            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done)
             flow.client_address = addr
+            flow.labels = decision.labels
+            flow.up = up
             flow.open_failed = lambda f=flow: f.close(notify=False)
             self.flows[addr] = flow
-            flow.outbound(data)
-            self.gateway.try_open(self.key, flow, None)
+            self._outbound(flow, data)
+            gateway.try_open(self.key, flow, None)
         else:
+            self._outbound(flow, data)
+
+    def _outbound(self, flow: Flow, data: bytes) -> None:
+        if datagram_allowed(flow.up, len(data), self.gateway.clock.seconds(), _burst(flow.up)):
             flow.outbound(data)
+        else:
+            self.gateway.dropped_datagrams += 1
 
     def stop(self) -> None:
         for flow in list(self.flows.values()):
@@ -179,6 +236,39 @@ class Gateway(service.Service):
         self._binding: set = set()
         self._next: dict[tuple[int, str], int] = {}
         self.tcp_clients: set[GateConnection] = set()
+        self.link_policies: dict[object, Policy] = {}
+        self.grants = Grants()
+        self.pool = BucketPool()
+        self.denied = 0
+        self.dropped_datagrams = 0
+
+    # -- ingress policy and shaping
+    def decide(self, key, ip: str) -> Decision:
+        """Grants first, then the operator's rules, then those of the providers serving C{key}."""
+        now_ms = self.clock.seconds() * 1000
+        policies = [self.grants.policy(now_ms), self.config.policy]
+        policies += [self.link_policies.get(link) for link in self.exposed().get(key, [])]
+        try:
+            return decide(policies, ip, key[0], key[1], now_ms)
+        except PolicyError:
+            return Decision(allow=False, matched="not an IP address")
+
+    def buckets(self, ip: str, limit):
+        """The client IP's shared (upload, download) buckets and a function to release them."""
+        now = self.clock.seconds()
+        keys = []
+        up = down = None
+        if limit.shapes_upload:
+            keys.append((ip, "up", limit.rate, limit.burst))
+            up = self.pool.acquire(keys[-1], limit.rate, limit.burst, now)
+        if limit.shapes_download:
+            keys.append((ip, "down", limit.rate, limit.burst))
+            down = self.pool.acquire(keys[-1], limit.rate, limit.burst, now)
+
+        def release():
+            for key in keys:
+                self.pool.release(key)
+        return up, down, release
 
     # -- links
     def link_admitted(self, link) -> None:
@@ -188,12 +278,22 @@ class Gateway(service.Service):
 
     def link_lost(self, link) -> None:
         self.links.discard(link)
+        self.link_policies.pop(link, None)
         if self.routes.pop(link, None):
             self.sync_gates()
 
     def link_frame(self, link, frame) -> None:
         if isinstance(frame, frames.Routes):
             if link.peer_role != frames.ROLE_PROVIDER:
+                return
+            shipped = frame.routes[0].policy if frame.routes else b""
+            try:
+                self.link_policies[link] = policy_from_bytes(shipped, f"policy of provider {link.peer_name}")
+            except PolicyError as e:
+                # Fail closed: a provider whose policy cannot be read gets no gates.
+                self.log.error("ignoring the routes of provider {peer}: {error}", peer=link.peer_name, error=e)
+                self.routes.pop(link, None)
+                self.sync_gates()
                 return
             self.routes[link] = frame.routes
             self.log.info("provider {peer} announces {count} route(s)", peer=link.peer_name,
@@ -289,7 +389,8 @@ class Gateway(service.Service):
             client.opening = opening
             host, port = _client_address(client)
             link.send(frames.Open(channel_id, gate_port=key[0], protocol=key[1],
-                                  client_host=host, client_port=port))
+                                  client_host=host, client_port=port,
+                                  labels=getattr(client, "labels", ())))
             return
         client.open_failed()
 
@@ -301,6 +402,10 @@ class Gateway(service.Service):
             client.abort()
         from twisted.internet.defer import gatherResults, maybeDeferred
         return gatherResults([maybeDeferred(self._close_gate, key) for key in list(self.gates)])
+
+
+def _burst(bucket) -> float:
+    return bucket.burst if bucket is not None else 0.0
 
 
 def _is_v6(address: str) -> bool:

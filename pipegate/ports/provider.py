@@ -5,26 +5,30 @@ connects to the service (TCP) or opens a connected socket towards it (UDP).
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from pipegate.mux import frames
 from pipegate.mux.channel import StreamChannel
+from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
 from pipegate.ports.udp import BackendSocket, Flow
 
 
-def service_route(svc: Service) -> frames.Route:
+def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
     return frames.Route(gate_port=svc.gate_port, protocol=svc.protocol,
                         service_host=svc.service_host, service_port=svc.service_port,
-                        tags=tuple(svc.tags))
+                        tags=tuple(svc.tags), policy=policy)
 
 
 @attrs.frozen
 class ProviderConfig:
     services: tuple[Service, ...] = ()
+    policy: bytes = b""  # the merged ingress policy, shipped with every route
     connect_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
     window: int = 262_144
@@ -33,14 +37,15 @@ class ProviderConfig:
 class Provider(service.Service):
     log = Logger()
 
-    def __init__(self, config: ProviderConfig, reactor) -> None:
+    def __init__(self, config: ProviderConfig, reactor, records: Records | None = None) -> None:
         self.config = config
         self.reactor = reactor
+        self.records = records
         self.services = list(config.services)
         self.links: set = set()
 
     def routes(self) -> frames.Routes:
-        return frames.Routes(tuple(service_route(s) for s in self.services))
+        return frames.Routes(tuple(service_route(s, self.config.policy) for s in self.services))
 
     def set_services(self, services: list[Service]) -> None:
         """Replace the announced services; every gateway hears of the change at once."""
@@ -92,6 +97,9 @@ class Provider(service.Service):
                 protocol.transport.abortConnection()
                 return
             link.channels[frame.channel] = channel
+            if self.records is not None:
+                mine, theirs = protocol.transport.getHost(), protocol.transport.getPeer()
+                self._record("tcp", mine, theirs.host, theirs.port, frame, channel)
             link.send(frames.OpenOk(frame.channel))
             channel.attach(link, frame.channel)
 
@@ -120,6 +128,8 @@ class Provider(service.Service):
             flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write,
                         lambda f: listening.stopListening())
             socket.flow = flow
+            if self.records is not None:
+                self._record("udp", socket.transport.getHost(), address, svc.service_port, frame, flow)
             link.channels[frame.channel] = flow
             link.send(frames.OpenOk(frame.channel))
             flow.attach(link, frame.channel)
@@ -129,7 +139,26 @@ class Provider(service.Service):
                 link.remove_channel(frame.channel)
                 link.send(frames.OpenFail(frame.channel, f"{svc.service_host}: {failure.getErrorMessage()}"))
 
-        self.reactor.resolve(svc.service_host).addCallbacks(resolved, failed)
+        try:
+            ipaddress.ip_address(svc.service_host)
+            d = defer.succeed(svc.service_host)  # a literal address (IPv6 too) needs no lookup
+        except ValueError:
+            d = self.reactor.resolve(svc.service_host)
+        d.addCallbacks(resolved, failed)
+
+    def _record(self, protocol: str, mine, backend_host: str, backend_port: int, frame, channel) -> None:
+        """Register the channel with the resolver until it ends."""
+        key = tuple_key(protocol, mine.host, mine.port, backend_host, backend_port)
+        self.records.add(key, protocol=protocol, gate_port=frame.gate_port, channel_port=mine.port,
+                         client=(frame.client_host, frame.client_port), labels=frame.labels,
+                         now_ms=self.reactor.seconds() * 1000)
+        previous = channel.on_done
+
+        def done(ch, key=key):
+            self.records.remove(key)
+            if previous is not None:
+                previous(ch)
+        channel.on_done = done
 
     def stopService(self):
         super().stopService()

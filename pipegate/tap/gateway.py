@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from pipegate.config import non_negative_float, positive_float
 from pipegate.mux import frames
+from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.services import (
@@ -39,8 +40,20 @@ class Options(MuxOptions):
     converters = {**MuxOptions.converters, "open-timeout": positive_float,
                   "tcp-idle-timeout": non_negative_float}
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["ingress-policy"] = []
+
+    def opt_ingress_policy(self, value: str) -> None:
+        """The operator's ingress policy (beats every provider's): inline JSON, a file or a URL; repeatable."""
+        self.append("ingress-policy", value)
+
     def check(self) -> None:
         super().check()
+        try:
+            self["policy"] = load_policy(self["ingress-policy"], fetch)[0]
+        except PolicyError as e:
+            raise usage.UsageError(f"--ingress-policy: {e}") from None
         try:
             ipaddress.ip_address(self["listen"].split("%")[0])
         except ValueError:
@@ -64,7 +77,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     gateway = Gateway(GatewayConfig(
-        listen=options["listen"], exposure=options["exposure"], open_timeout=options["open-timeout"],
+        listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
         window=options["window"]), reactor)
     for svc in link_services(gateway, link_config(options, frames.ROLE_GATEWAY), reactor,

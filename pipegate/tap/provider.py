@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import urllib.request
 
-from twisted.application import service
+from twisted.application import service, strports
+from twisted.web import server
 from twisted.python import usage
 
 from pipegate.config import positive_float
 from pipegate.mux import frames
 from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
+from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
+from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import ServiceError, load_source, merge_services, parse_services
 
 
@@ -24,35 +27,61 @@ class Options(MuxOptions):
     synopsis = "[options]"
     longdesc = (
         "Announce private services to gateways over TLS mux links and carry their TCP "
-        "connections and UDP flows. Every option also reads PIPEGATE_<OPTION>; --mux, --connect "
-        "and --services read space-separated lists from PIPEGATE_MUX, PIPEGATE_CONNECT and "
-        "PIPEGATE_SERVICES."
+        "connections and UDP flows. Every option also reads PIPEGATE_<OPTION>; --mux and --connect "
+        "read space-separated lists from PIPEGATE_MUX and PIPEGATE_CONNECT, --services one source "
+        "from PIPEGATE_SERVICES; flags given on the command line replace the variable."
     )
     optParameters = MuxOptions.optParameters + [
         ["connect-timeout", None, "5", "Seconds to connect to a service before the gateway is told it failed."],
+        ["resolver", None, None, "Server endpoint for the fingerprint resolver HTTP API (off unless given), "
+                                 "e.g. tcp:8080:interface=127.0.0.1."],
+        ["resolver-basic-auth", None, None, "user:password required by /resolve and /all."],
     ]
     converters = {**MuxOptions.converters, "connect-timeout": positive_float}
 
     def __init__(self) -> None:
         super().__init__()
         self["services"] = []
+        self["ingress-policy"] = []
+
+    def opt_ingress_policy(self, value: str) -> None:
+        """Ingress policy shipped to gateways: inline JSON, a file or an http(s) URL; repeatable, merged."""
+        self.append("ingress-policy", value)
 
     def opt_services(self, value: str) -> None:
         """Services: inline JSON, a file or an http(s) URL; a list or {"services": [...]}; repeatable."""
-        self["services"].append(value)
+        self.append("services", value)
 
     def _apply_env(self) -> None:
         super()._apply_env()
         value = self.environ.get("PIPEGATE_SERVICES")
-        if value:
-            self["services"] = [value]
+        if value is not None:
+            self["services"] = [value]  # one source (inline JSON may contain spaces)
+            self._from_env.add("services")
 
     def check(self) -> None:
         super().check()
+        if self["resolver-basic-auth"] is not None:
+            user, colon, password = self["resolver-basic-auth"].partition(":")
+            if not colon or not user:
+                raise usage.UsageError("--resolver-basic-auth: expected user:password")
+            self["resolver-auth"] = (user, password)
+        else:
+            self["resolver-auth"] = None
+        if self["resolver"]:
+            from twisted.internet import endpoints, reactor
+
+            try:
+                endpoints.serverFromString(reactor, self["resolver"])
+            except Exception as e:
+                raise usage.UsageError(f"--resolver: {e or type(e).__name__}") from None
         try:
             lists = [parse_services(load_source(s, fetch), s) for s in self["services"]]
             self["service-list"] = merge_services(lists)
-            frames.encode(frames.Routes(tuple(service_route(s) for s in self["service-list"])))
+            self["policy"] = load_policy(self["ingress-policy"], fetch)[1]
+            frames.encode(frames.Routes(tuple(service_route(s, self["policy"]) for s in self["service-list"])))
+        except PolicyError as e:
+            raise usage.UsageError(f"--ingress-policy: {e}") from None
         except frames.FrameError as e:
             raise usage.UsageError(f"--services: cannot be announced: {e}") from None
         except ServiceError as e:
@@ -65,9 +94,14 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    records = Records() if options["resolver"] else None
     provider = Provider(ProviderConfig(
-        services=tuple(options["service-list"]), connect_timeout=options["connect-timeout"],
-        udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor)
+        services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],
+        udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor, records)
+    if records is not None:
+        site = server.Site(ResolverResource(records, options["resolver-auth"]))
+        site.noisy = False
+        strports.service(options["resolver"], site, reactor=reactor).setServiceParent(top)
     for svc in link_services(provider, link_config(options, frames.ROLE_PROVIDER), reactor,
                              options["mux"], options["connect"], certificate=certificate_from(options),
                              verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):

@@ -1,0 +1,776 @@
+"""
+Ingress policy: who may connect to a gate, with which labels and which bandwidth limit
+(pure: no reactor, no sockets).
+
+A policy document is Hypergate's (C{reference/hypergate.md} S{sect}4)::
+
+    {"defaults": Rule?, "ips": {"<pattern>": Rule, ...}}     # the order of "ips" matters
+
+with its tagged bugs fixed; C{docs/policy.md} is the user-facing description.  In short:
+
+  - a matching rule without C{allow} inherits the C{allow} of its policy's C{defaults},
+    which itself defaults to true (Hypergate refused it), and a rule that says nothing
+    about bandwidth inherits the defaults' limit;
+  - C{onlyPorts}/C{excludePorts} take C{[min, max]} or a list of C{{"from", "to"}}
+    ranges (Hypergate silently ignored the second form);
+  - anything invalid or unknown is an error naming the source and the place, never
+    silently ignored (fail closed);
+  - several policies are consulted in order by L{decide}: every C{ips} rule of every
+    policy before any C{defaults}, so C{/unlimited} grants (L{Grants}) come first and
+    expire on their own without touching any other rule.
+
+Times are epoch milliseconds, passed in by the caller (C{now_ms}).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from pipegate.ports.services import ServiceError, load_source, source_label
+
+__all__ = [
+    "DEFAULT_DIRECTION",
+    "DIRECTIONS",
+    "EMPTY",
+    "GRANT_LABEL",
+    "MAX_POLICY_BYTES",
+    "BandwidthLimit",
+    "Decision",
+    "Grants",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "decide",
+    "grant_rule",
+    "load_policy",
+    "merge_documents",
+    "normalize_ip",
+    "parse_policy",
+    "policy_from_bytes",
+]
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Fetch = Callable[[str], bytes]
+
+PROTOCOLS = ("tcp", "udp")
+DIRECTIONS = ("both", "upload", "download")
+# What a bandwidthLimit without "direction" means: client -> provider only, as in Hypergate
+# (reference S4.4, scenario 16: "a 5 MB download is unshaped").
+DEFAULT_DIRECTION = "upload"
+GRANT_LABEL = "gateway-unlimited"
+GRANT_SECONDS = 1800
+# The merged document travels in a ROUTES frame as a str16 field (docs/protocol.md 2.3.2).
+MAX_POLICY_BYTES = 0xFFFF
+# Keys dropped at every level when merging (prototype pollution in Hypergate's JavaScript).
+FORBIDDEN_KEYS = frozenset({"__proto__", "prototype", "constructor"})
+# A valid policy is at most 5 levels deep; anything much deeper is refused before merging.
+_MAX_DEPTH = 32
+_VALUE_CHARS = 40
+_PATTERN_CHARS = 60
+
+_TOP_FIELDS = ("defaults", "ips")
+_RULE_FIELDS = (
+    "allow", "bandwidthLimit", "labels", "expireAt", "desc",
+    "onlyPorts", "excludePorts", "onlyProtocols", "excludeProtocols",
+)
+_QUALIFIERS = ("onlyPorts", "excludePorts", "onlyProtocols", "excludeProtocols")
+_LIMIT_FIELDS = ("mbps", "burstMbps", "direction")
+_RANGE_FIELDS = ("from", "to")
+
+
+class PolicyError(ValueError):
+    """A policy cannot be loaded or is invalid; the message is one line naming the source and place."""
+
+
+# ---------------------------------------------------------------------------
+# Model
+
+
+def _finite_positive(name: str) -> Callable[[Any, Any, Any], None]:
+    def check(_instance: Any, _attribute: Any, value: Any) -> None:
+        if value is None and name == "burst_mbps":
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return check
+
+
+def _check_direction(_instance: Any, _attribute: Any, value: Any) -> None:
+    if value not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {value!r}")
+
+
+@attrs.frozen
+class BandwidthLimit:
+    """
+    A token-bucket limit: C{mbps} sustained (10**6 bits per second), a bucket of
+    C{burst_mbps} (default C{mbps}) worth of one second, applied to C{direction}:
+    C{"upload"} (client -> provider), C{"download"} (provider -> client) or C{"both"}
+    (one bucket per direction, each at the full rate).
+    """
+
+    mbps: float = attrs.field(validator=_finite_positive("mbps"))
+    burst_mbps: float | None = attrs.field(default=None, validator=_finite_positive("burst_mbps"))
+    direction: str = attrs.field(default="both", validator=_check_direction)
+
+    @property
+    def rate(self) -> float:
+        """Sustained rate in bytes per second."""
+        return self.mbps * 1e6 / 8
+
+    @property
+    def burst(self) -> float:
+        """Bucket capacity in bytes."""
+        return (self.burst_mbps or self.mbps) * 1e6 / 8
+
+    @property
+    def shapes_upload(self) -> bool:
+        """Whether client -> provider bytes are shaped."""
+        return self.direction in ("both", "upload")
+
+    @property
+    def shapes_download(self) -> bool:
+        """Whether provider -> client bytes are shaped."""
+        return self.direction in ("both", "download")
+
+
+def _port_ranges(value: Any) -> tuple[tuple[int, int], ...] | None:
+    if value is None:
+        return None
+    return tuple((int(low), int(high)) for low, high in value)
+
+
+def _optional_frozenset(value: Any) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError("expected a collection of protocol names, not a string")
+    return frozenset(p.lower() for p in value)
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError("expected a sequence of labels, not a string")
+    return tuple(value)
+
+
+def _in_ranges(port: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(low <= port <= high for low, high in ranges)
+
+
+@attrs.frozen
+class Rule:
+    """
+    One rule of C{defaults} or C{ips}.
+
+    C{allow} None means "not said": inherited from the policy's defaults (L{decide}).
+    C{limit} None with C{unlimited} False means "not said" too (inherit the defaults'
+    limit); C{unlimited} True means explicitly no limit (C{bandwidthLimit: null} or
+    C{mbps: 0}).  C{expire_at} is in epoch ms.
+    """
+
+    allow: bool | None = None
+    limit: BandwidthLimit | None = None
+    unlimited: bool = False
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_labels)
+    expire_at: float | None = None
+    desc: str = ""
+    only_ports: tuple[tuple[int, int], ...] | None = attrs.field(default=None, converter=_port_ranges)
+    exclude_ports: tuple[tuple[int, int], ...] | None = attrs.field(default=None, converter=_port_ranges)
+    only_protocols: frozenset[str] | None = attrs.field(default=None, converter=_optional_frozenset)
+    exclude_protocols: frozenset[str] | None = attrs.field(default=None, converter=_optional_frozenset)
+
+    def __attrs_post_init__(self) -> None:
+        if self.unlimited and self.limit is not None:
+            raise ValueError("a rule cannot be unlimited and have a limit")
+
+    @property
+    def says_bandwidth(self) -> bool:
+        """Whether the rule sets its own bandwidth (a limit, or explicitly none)."""
+        return self.unlimited or self.limit is not None
+
+    @property
+    def qualified(self) -> bool:
+        """Whether the rule has a port or protocol qualifier."""
+        return any(q is not None for q in (
+            self.only_ports, self.exclude_ports, self.only_protocols, self.exclude_protocols))
+
+    def applies(self, port: int, protocol: str) -> bool:
+        """Whether the port and protocol qualifiers let this rule apply to C{port}/C{protocol}."""
+        protocol = protocol.lower()
+        if self.only_ports is not None and not _in_ranges(port, self.only_ports):
+            return False
+        if self.exclude_ports is not None and _in_ranges(port, self.exclude_ports):
+            return False
+        if self.only_protocols is not None and protocol not in self.only_protocols:
+            return False
+        if self.exclude_protocols is not None and protocol in self.exclude_protocols:
+            return False
+        return True
+
+    def expired(self, now_ms: float) -> bool:
+        """True from the moment C{now_ms} reaches C{expire_at} (equal counts as expired)."""
+        return self.expire_at is not None and self.expire_at <= now_ms
+
+
+def normalize_ip(text: str) -> Address:
+    """
+    The address C{text} names: surrounding space and an IPv6 zone (C{%eth0}) removed,
+    and an IPv4-mapped IPv6 address (C{::ffff:a.b.c.d}) turned into IPv4.  Raises
+    L{PolicyError} if it is not an IP address.
+    """
+    if not isinstance(text, str):
+        raise PolicyError(f"not an IP address: {_show(text)}")
+    stripped = text.strip().split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(stripped)
+    except ValueError:
+        raise PolicyError(f"not an IP address: {_show(text)}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _network(pattern: str) -> Network | None:
+    """None for C{*}, else the network the pattern covers; ValueError if invalid."""
+    text = pattern.strip()
+    if text == "*":
+        return None
+    if not text:
+        raise ValueError("empty")
+    if "/" in text:
+        base, prefix = text.rsplit("/", 1)
+        base = base.split("%", 1)[0]
+        if not (prefix.isascii() and prefix.isdigit()):
+            raise ValueError("bad prefix")
+        network = ipaddress.ip_network(f"{base}/{prefix}", strict=False)
+    else:
+        network = ipaddress.ip_network(normalize_ip(text))
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _compile_patterns(ips: tuple[tuple[str, Rule], ...]) -> tuple[Network | None, ...]:
+    networks = []
+    for pattern, _rule in ips:
+        try:
+            networks.append(_network(pattern))
+        except (ValueError, TypeError, AttributeError):
+            raise PolicyError(
+                f"ips[{_key(pattern)}]: invalid pattern: expected \"*\", an IP address or a CIDR"
+            ) from None
+    return tuple(networks)
+
+
+@attrs.frozen
+class Policy:
+    """
+    A parsed policy document: C{defaults} and the C{ips} rules as C{(pattern, rule)}
+    pairs in written order.  Patterns are checked when the policy is built.
+    """
+
+    defaults: Rule | None = None
+    ips: tuple[tuple[str, Rule], ...] = attrs.field(default=(), converter=lambda v: tuple(map(tuple, v)))
+    _networks: tuple[Network | None, ...] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_networks", _compile_patterns(self.ips))
+
+    @property
+    def empty(self) -> bool:
+        return self.defaults is None and not self.ips
+
+    def matches(self, address: Address) -> list[tuple[str, Rule]]:
+        """The C{(pattern, rule)} pairs whose pattern covers C{address}, in order (no other check)."""
+        return [
+            entry for entry, network in zip(self.ips, self._networks)
+            if network is None or (network.version == address.version and address in network)
+        ]
+
+    def live_defaults(self, now_ms: float) -> Rule | None:
+        """C{defaults}, unless absent or expired at C{now_ms}."""
+        if self.defaults is None or self.defaults.expired(now_ms):
+            return None
+        return self.defaults
+
+
+EMPTY = Policy()
+Policy.EMPTY = EMPTY  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------
+# Decisions
+
+
+@attrs.frozen
+class Decision:
+    """
+    The outcome for one connection or flow.  C{matched} is the C{ips} pattern, C{"defaults"},
+    or None when no policy said anything.  C{limit} is the effective limit (None = unlimited,
+    always None when C{allow} is False); C{rule} is the rule as written.
+    """
+
+    allow: bool
+    labels: tuple[str, ...] = ()
+    limit: BandwidthLimit | None = None
+    rule: Rule | None = None
+    matched: str | None = None
+
+
+def decide(policies: Sequence[Policy | None], ip: str, port: int, protocol: str,
+           now_ms: float) -> Decision:
+    """
+    Decide for client C{ip} reaching gate C{port}/C{protocol} at C{now_ms}.
+
+    The C{ips} rules of C{policies[0]} in written order, then those of C{policies[1]}, and
+    so on: the first whose pattern covers the IP, that has not expired and whose qualifiers
+    apply, wins.  Only if none does, the first unexpired C{defaults} in policy order
+    applies.  Otherwise the client is admitted with no limit.  None entries are skipped.
+    Raises L{PolicyError} if C{ip} is not an IP address.
+    """
+    address = normalize_ip(ip)
+    protocol = protocol.lower()
+    present = [p for p in policies if p is not None]
+    for policy in present:
+        for pattern, rule in policy.matches(address):
+            if rule.expired(now_ms) or not rule.applies(port, protocol):
+                continue
+            return _decision(rule, pattern, policy.live_defaults(now_ms))
+    for policy in present:
+        defaults = policy.live_defaults(now_ms)
+        if defaults is not None:
+            return _decision(defaults, "defaults", None)
+    return Decision(allow=True)
+
+
+def _decision(rule: Rule, matched: str, defaults: Rule | None) -> Decision:
+    allow = rule.allow
+    if allow is None:
+        allow = defaults.allow if defaults is not None and defaults.allow is not None else True
+    if not allow:
+        return Decision(allow=False, labels=rule.labels, limit=None, rule=rule, matched=matched)
+    if rule.says_bandwidth or defaults is None:
+        limit = rule.limit
+    else:
+        limit = defaults.limit
+    return Decision(allow=True, labels=rule.labels, limit=limit, rule=rule, matched=matched)
+
+
+# ---------------------------------------------------------------------------
+# /unlimited grants
+
+
+def grant_rule(now_ms: float, duration_s: float = GRANT_SECONDS) -> Rule:
+    """The rule an accepted C{/unlimited} token installs: admitted, unlimited, for C{duration_s}."""
+    return Rule(allow=True, unlimited=True, labels=(GRANT_LABEL,), desc=GRANT_LABEL,
+                expire_at=now_ms + duration_s * 1000)
+
+
+@attrs.define
+class Grants:
+    """
+    The gateway's live C{/unlimited} grants, one per client IP (pure, mutable).
+
+    Pass C{grants.policy(now)} first to L{decide}: a grant beats every operator and
+    provider rule, and when it expires only the grant goes away.
+    """
+
+    _expiry: dict[str, float] = attrs.field(factory=dict)
+
+    def grant(self, ip: str, now_ms: float, duration_s: float = GRANT_SECONDS) -> float:
+        """Grant (or extend) C{ip} until C{now_ms + duration_s}; return that expiry in epoch ms."""
+        if isinstance(duration_s, bool) or not isinstance(duration_s, (int, float)) \
+                or not math.isfinite(duration_s) or duration_s <= 0:
+            raise PolicyError(f"grant duration must be a finite number of seconds > 0, got {duration_s!r}")
+        key = str(normalize_ip(ip))
+        self._prune(now_ms)
+        expire_at = max(now_ms + duration_s * 1000, self._expiry.get(key, 0.0))
+        self._expiry[key] = expire_at
+        return expire_at
+
+    def expiry(self, ip: str, now_ms: float) -> float | None:
+        """When C{ip}'s grant ends (epoch ms), or None if it has none at C{now_ms}."""
+        expire_at = self._expiry.get(str(normalize_ip(ip)))
+        return expire_at if expire_at is not None and expire_at > now_ms else None
+
+    def policy(self, now_ms: float) -> Policy:
+        """The grants live at C{now_ms} as an ips-only policy of exact-IP rules; expired grants are dropped."""
+        self._prune(now_ms)
+        return Policy(ips=tuple(
+            (ip, Rule(allow=True, unlimited=True, labels=(GRANT_LABEL,), desc=GRANT_LABEL,
+                      expire_at=expire_at))
+            for ip, expire_at in self._expiry.items()
+        ))
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def _prune(self, now_ms: float) -> None:
+        for ip in [ip for ip, expire_at in self._expiry.items() if expire_at <= now_ms]:
+            del self._expiry[ip]
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _show(value: Any, limit: int = _VALUE_CHARS) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = _one_line(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(pattern: str) -> str:
+    return _show(pattern, _PATTERN_CHARS) if isinstance(pattern, str) else _show(pattern)
+
+
+def _place(path: Sequence[str | int]) -> str:
+    """C{("ips", "10.0.0.0/8", "onlyPorts", 1, "from")} -> C{ips["10.0.0.0/8"]: onlyPorts[1]: from}."""
+    parts: list[str] = []
+    for index, item in enumerate(path):
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        elif index == 1 and path[0] == "ips":
+            parts[-1] += f"[{_key(item)}]"
+        else:
+            parts.append(item)
+    return ": ".join(parts)
+
+
+class _Invalid(Exception):
+    """An invalid value at C{path}; becomes C{<source>: <place>: <message>}."""
+
+    def __init__(self, path: Sequence[str | int], message: str,
+                 blame: Sequence[str | int] | None = None) -> None:
+        super().__init__(message)
+        self.path = tuple(path)
+        self.message = message
+        # Where to look for the source to name, when it differs from the place shown.
+        self.blame = self.path if blame is None else tuple(blame)
+
+    def text(self, label: str) -> str:
+        place = _place(self.path)
+        return f"{label}: {place}: {self.message}" if place else f"{label}: {self.message}"
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_fields(value: Any, path: tuple, known: tuple[str, ...], what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be {what}, got {_show(value)}")
+    for name in value:
+        if name not in known:
+            raise _Invalid(path, f"unknown field {_show(name)} (known: {', '.join(known)})",
+                           blame=path + (name,))
+    return value
+
+
+def _port_number(value: Any, path: tuple) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _Invalid(path, f"must be an integer 1-65535, got {_show(value)}")
+    return value
+
+
+def _parse_ports(value: Any, path: tuple) -> tuple[tuple[int, int], ...]:
+    forms = 'expected [min, max] or a list of {"from": min, "to": max}'
+    if not isinstance(value, list) or not value:
+        raise _Invalid(path, f"{forms}, got {_show(value)}")
+    if all(not isinstance(item, dict) for item in value):
+        if len(value) != 2:
+            raise _Invalid(path, f"{forms}, got {_show(value)}")
+        low = _port_number(value[0], path + (0,))
+        high = _port_number(value[1], path + (1,))
+        if low > high:
+            raise _Invalid(path, f"min {low} is greater than max {high}")
+        return ((low, high),)
+    ranges = []
+    for index, item in enumerate(value):
+        where = path + (index,)
+        if not isinstance(item, dict):
+            raise _Invalid(where, f"{forms}, got {_show(item)}")
+        _check_fields(item, where, _RANGE_FIELDS, 'an object {"from": min, "to": max}')
+        for name in _RANGE_FIELDS:
+            if name not in item:
+                raise _Invalid(where + (name,), "missing")
+        low = _port_number(item["from"], where + ("from",))
+        high = _port_number(item["to"], where + ("to",))
+        if low > high:
+            raise _Invalid(where, f"from {low} is greater than to {high}")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def _parse_protocols(value: Any, path: tuple, allow_empty: bool) -> frozenset[str]:
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise _Invalid(path, f'expected a non-empty list of "tcp" / "udp", got {_show(value)}')
+    protocols = set()
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or item.lower() not in PROTOCOLS:
+            raise _Invalid(path + (index,), f'must be "tcp" or "udp", got {_show(item)}')
+        protocols.add(item.lower())
+    return frozenset(protocols)
+
+
+def _parse_labels(value: Any, path: tuple) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(path, f"expected a list of strings, got {_show(value)}")
+    labels: dict[str, None] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item or "," in item:
+            raise _Invalid(path + (index,), f"must be a non-empty string without commas, got {_show(item)}")
+        labels[item] = None
+    return tuple(labels)
+
+
+def _parse_limit(value: Any, path: tuple) -> tuple[BandwidthLimit | None, bool]:
+    """C{(limit, unlimited)} for a C{bandwidthLimit} value."""
+    if value is None:
+        return None, True
+    _check_fields(value, path, _LIMIT_FIELDS, 'an object {"mbps": n, "burstMbps": n?, "direction": s?} or null')
+    if "mbps" not in value:
+        raise _Invalid(path + ("mbps",), "missing")
+    mbps = value["mbps"]
+    if not _is_number(mbps) or mbps < 0:
+        raise _Invalid(path + ("mbps",), f"must be a finite number >= 0 (0 = unlimited), got {_show(mbps)}")
+    burst = value.get("burstMbps")
+    if burst is not None and (not _is_number(burst) or burst <= 0):
+        raise _Invalid(path + ("burstMbps",), f"must be a finite number > 0, got {_show(burst)}")
+    direction = value.get("direction")
+    if direction is None:
+        direction = DEFAULT_DIRECTION
+    elif not isinstance(direction, str) or direction.lower() not in DIRECTIONS:
+        raise _Invalid(path + ("direction",),
+                       f'must be "both", "upload" or "download", got {_show(direction)}')
+    if mbps == 0:
+        return None, True
+    return BandwidthLimit(mbps=mbps, burst_mbps=burst, direction=direction.lower()), False
+
+
+def _parse_rule(value: Any, path: tuple, is_defaults: bool = False) -> Rule:
+    rule = _check_fields(value, path, _RULE_FIELDS, "an object")
+    if is_defaults:
+        for name in _QUALIFIERS:
+            if rule.get(name) is not None:
+                raise _Invalid(path + (name,), 'not allowed in defaults (use an ips rule with "*")')
+    fields: dict[str, Any] = {}
+    allow = rule.get("allow")
+    if allow is not None:
+        if not isinstance(allow, bool):
+            raise _Invalid(path + ("allow",), f"must be true or false, got {_show(allow)}")
+        fields["allow"] = allow
+    if "bandwidthLimit" in rule:
+        fields["limit"], fields["unlimited"] = _parse_limit(rule["bandwidthLimit"], path + ("bandwidthLimit",))
+    if rule.get("labels") is not None:
+        fields["labels"] = _parse_labels(rule["labels"], path + ("labels",))
+    expire_at = rule.get("expireAt")
+    if expire_at is not None:
+        if not _is_number(expire_at):
+            raise _Invalid(path + ("expireAt",), f"must be a number (epoch milliseconds), got {_show(expire_at)}")
+        fields["expire_at"] = expire_at
+    desc = rule.get("desc")
+    if desc is not None:
+        if not isinstance(desc, str):
+            raise _Invalid(path + ("desc",), f"must be a string, got {_show(desc)}")
+        fields["desc"] = desc
+    for name, attr in (("onlyPorts", "only_ports"), ("excludePorts", "exclude_ports")):
+        if rule.get(name) is not None:
+            fields[attr] = _parse_ports(rule[name], path + (name,))
+    for name, attr in (("onlyProtocols", "only_protocols"), ("excludeProtocols", "exclude_protocols")):
+        if rule.get(name) is not None:
+            fields[attr] = _parse_protocols(rule[name], path + (name,), allow_empty=name.startswith("exclude"))
+    return Rule(**fields)
+
+
+def _parse(doc: Any) -> Policy:
+    top = _check_fields(doc, (), _TOP_FIELDS, "a JSON object")
+    defaults = None
+    if top.get("defaults") is not None:
+        defaults = _parse_rule(top["defaults"], ("defaults",), is_defaults=True)
+    ips: list[tuple[str, Rule]] = []
+    raw_ips = top.get("ips")
+    if raw_ips is not None:
+        if not isinstance(raw_ips, dict):
+            raise _Invalid(("ips",), f"must be an object of pattern: rule, got {_show(raw_ips)}")
+        for pattern, rule in raw_ips.items():
+            path = ("ips", pattern)
+            try:
+                _network(pattern)
+            except (ValueError, PolicyError):
+                raise _Invalid(path, 'invalid pattern: expected "*", an IP address or a CIDR') from None
+            if rule is None:
+                continue  # a later source deleted this rule
+            ips.append((pattern, _parse_rule(rule, path)))
+    return Policy(defaults=defaults, ips=tuple(ips))
+
+
+def parse_policy(doc: object, source: str) -> Policy:
+    """
+    The L{Policy} of a decoded JSON document; C{source} names it in messages.  Anything
+    invalid or unknown raises L{PolicyError}.
+    """
+    try:
+        return _parse(doc)
+    except _Invalid as e:
+        raise PolicyError(e.text(_one_line(source))) from None
+
+
+# ---------------------------------------------------------------------------
+# Merging, loading
+
+
+def _clean(value: Any, path: tuple, depth: int = 0) -> Any:
+    """A copy of C{value} with the forbidden keys dropped at every level."""
+    if depth > _MAX_DEPTH:
+        raise _Invalid(path, f"nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, dict):
+        return {k: _clean(v, path + (k,), depth + 1) for k, v in value.items() if k not in FORBIDDEN_KEYS}
+    if isinstance(value, list):
+        return [_clean(v, path + (i,), depth + 1) for i, v in enumerate(value)]
+    return value
+
+
+def _merge_into(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict):
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
+def _merge_clean(docs: Sequence[dict]) -> dict:
+    merged: dict = {}
+    for doc in docs:
+        _merge_into(merged, doc)
+    return merged
+
+
+def merge_documents(docs: Sequence[object]) -> dict:
+    """
+    Deep-merge JSON objects left to right: objects merge, later scalars, arrays and
+    nulls replace; C{__proto__}, C{prototype} and C{constructor} are dropped at every
+    level; keys keep their first-appearance order.  The inputs are not modified.
+    """
+    cleaned = []
+    for index, doc in enumerate(docs):
+        label = f"document {index}"
+        if not isinstance(doc, dict):
+            raise PolicyError(f"{label}: expected a JSON object, got {_show(doc)}")
+        try:
+            cleaned.append(_clean(doc, ()))
+        except _Invalid as e:
+            raise PolicyError(e.text(label)) from None
+    return _merge_clean(cleaned)
+
+
+def _depth_in(doc: Any, path: tuple) -> int:
+    """How many leading elements of C{path} exist in C{doc}."""
+    depth = 0
+    for item in path:
+        if isinstance(item, str) and isinstance(doc, dict) and item in doc:
+            doc = doc[item]
+        elif isinstance(item, int) and isinstance(doc, list) and 0 <= item < len(doc):
+            doc = doc[item]
+        else:
+            break
+        depth += 1
+    return depth
+
+
+def _blame(labels: Sequence[str], docs: Sequence[dict], path: tuple) -> str:
+    """
+    How to name the source of an error in the merged document at C{path}: the last source
+    that reaches deepest into C{path}, with its position when there are several.
+    """
+    best, best_depth = len(labels) - 1, -1
+    for index, doc in enumerate(docs):
+        depth = _depth_in(doc, path)
+        if depth >= best_depth:
+            best, best_depth = index, depth
+    if len(labels) == 1:
+        return labels[0]
+    return f"{labels[best]} (source {best + 1} of {len(labels)}, merged)"
+
+
+def _encode(merged: dict) -> bytes:
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def load_policy(sources: Sequence[str], fetch: Fetch | None = None) -> tuple[Policy, bytes]:
+    """
+    Load every source (inline JSON, an http(s) URL read with C{fetch}, or a file; see
+    L{load_source}), merge them left to right, and parse the result.
+
+    Returns the L{Policy} and the merged document as compact UTF-8 JSON for shipping to
+    gateways.  No sources: C{(EMPTY, b"")}.  Any failure, in any source, raises
+    L{PolicyError} naming the source: nothing is skipped.
+    """
+    if not sources:
+        return EMPTY, b""
+    labels: list[str] = []
+    docs: list[dict] = []
+    for source in sources:
+        label = source_label(source)
+        try:
+            doc = load_source(source, fetch)
+        except ServiceError as e:
+            raise PolicyError(str(e)) from None
+        if not isinstance(doc, dict):
+            raise PolicyError(f'{label}: expected a JSON object {{"defaults": ..., "ips": ...}}, got {_show(doc)}')
+        try:
+            docs.append(_clean(doc, ()))
+        except _Invalid as e:
+            raise PolicyError(e.text(label)) from None
+        labels.append(label)
+    merged = _merge_clean(docs)
+    try:
+        policy = _parse(merged)
+    except _Invalid as e:
+        raise PolicyError(e.text(_blame(labels, docs, e.blame))) from None
+    data = _encode(merged)
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            f"{', '.join(labels)}: merged policy is {len(data)} bytes; routes carry at most {MAX_POLICY_BYTES}"
+        )
+    return policy, data
+
+
+def policy_from_bytes(data: bytes, source: str) -> Policy:
+    """
+    The L{Policy} of shipped bytes (as L{load_policy} returns them); empty bytes give
+    L{EMPTY}.  Invalid UTF-8, JSON or content raises L{PolicyError} naming C{source}.
+    """
+    label = _one_line(source)
+    if not data:
+        return EMPTY
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"{label}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise PolicyError(f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:
+        raise PolicyError(f"{label}: invalid JSON: {_one_line(str(e))}") from None
+    return parse_policy(doc, label)
