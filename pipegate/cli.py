@@ -37,6 +37,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return scan_main(secret, args.connect, args.timeout)
 
 
+def cmd_unlimited_token(args: argparse.Namespace) -> int:
+    from pipegate.ports.unlimited import make_token
+
+    secret = args.secret or os.environ.get("PIPEGATE_UNLIMITED_SECRET")
+    if not secret:
+        print("pipegate unlimited-token: --secret is required (or PIPEGATE_UNLIMITED_SECRET)", file=sys.stderr)
+        return 2
+    print(make_token(secret, args.ip, time.time() * 1000))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipegate.demo import run
 
@@ -57,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--connect", required=True, help="client endpoint of the peer, e.g. tcp:gw.example.com:7000")
     scan.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for an answer (default 15)")
     scan.set_defaults(func=cmd_scan)
+    unlimited = sub.add_parser("unlimited-token", help="print a token for a gateway's /unlimited endpoint")
+    unlimited.add_argument("--secret", default=None, help="the gateway's --unlimited-secret")
+    unlimited.add_argument("--ip", required=True, help="the client IP the grant is for")
+    unlimited.set_defaults(func=cmd_unlimited_token)
     demo = sub.add_parser("demo", help="run a relay, a connector and a small web app on loopback")
     demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
     demo.set_defaults(func=cmd_demo)

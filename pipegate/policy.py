@@ -64,7 +64,7 @@ PROTOCOLS = ("tcp", "udp")
 DIRECTIONS = ("both", "upload", "download")
 # What a bandwidthLimit without "direction" means: client -> provider only, as in Hypergate
 # (reference S4.4, scenario 16: "a 5 MB download is unshaped").
-DEFAULT_DIRECTION = "upload"
+DEFAULT_DIRECTION = "both"
 GRANT_LABEL = "gateway-unlimited"
 GRANT_SECONDS = 1800
 # The merged document travels in a ROUTES frame as a str16 field (docs/protocol.md 2.3.2).

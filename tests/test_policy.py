@@ -388,12 +388,12 @@ class ParseBandwidthTests(ErrorAssertions, unittest.TestCase):
         self.assertEqual(rule.limit, BandwidthLimit(10, 50, DEFAULT_DIRECTION))
         self.assertFalse(rule.unlimited)
         self.assertTrue(rule.says_bandwidth)
-        self.assertEqual(rule_of({"bandwidthLimit": {"mbps": 0.5}}).limit, BandwidthLimit(0.5, None, "upload"))
+        self.assertEqual(rule_of({"bandwidthLimit": {"mbps": 0.5}}).limit, BandwidthLimit(0.5, None, DEFAULT_DIRECTION))
 
     def test_default_direction_is_upload(self) -> None:
         # As in Hypergate: without "direction", only client -> provider bytes are shaped.
-        self.assertEqual(DEFAULT_DIRECTION, "upload")
-        self.assertEqual(rule_of({"bandwidthLimit": {"mbps": 8, "direction": None}}).limit.direction, "upload")
+        self.assertEqual(DEFAULT_DIRECTION, "both")
+        self.assertEqual(rule_of({"bandwidthLimit": {"mbps": 8, "direction": None}}).limit.direction, DEFAULT_DIRECTION)
 
     def test_direction(self) -> None:
         for written, parsed in [("both", "both"), ("upload", "upload"), ("Download", "download")]:
@@ -573,7 +573,7 @@ class DecideTests(unittest.TestCase):
         self.assertEqual(decision.matched, "defaults")
         self.assertTrue(decision.allow)  # allow not written -> true
         self.assertEqual(decision.labels, ("anyone",))
-        self.assertEqual(decision.limit, BandwidthLimit(1, None, "upload"))
+        self.assertEqual(decision.limit, BandwidthLimit(1, None, DEFAULT_DIRECTION))
         self.assertIs(decision.rule, p.defaults)
 
     def test_deny_has_no_limit(self) -> None:
@@ -610,7 +610,7 @@ class InheritanceTests(unittest.TestCase):
                 "10.0.0.4": {"bandwidthLimit": {"mbps": 100, "direction": "both"}},
             },
         })
-        default = BandwidthLimit(10, 50, "upload")
+        default = BandwidthLimit(10, 50, DEFAULT_DIRECTION)
         self.assertEqual(check(p, "10.0.0.1").limit, default)
         self.assertIsNone(check(p, "10.0.0.2").limit)
         self.assertIsNone(check(p, "10.0.0.3").limit)
@@ -623,7 +623,7 @@ class InheritanceTests(unittest.TestCase):
 
     def test_limit_not_inherited_from_expired_defaults(self) -> None:
         p = policy({"defaults": {"bandwidthLimit": {"mbps": 1}, "expireAt": NOW}, "ips": {"*": {}}})
-        self.assertEqual(check(p, "10.0.0.1", now=NOW - 1).limit, BandwidthLimit(1, None, "upload"))
+        self.assertEqual(check(p, "10.0.0.1", now=NOW - 1).limit, BandwidthLimit(1, None, DEFAULT_DIRECTION))
         self.assertIsNone(check(p, "10.0.0.1", now=NOW).limit)
 
     def test_labels_not_inherited(self) -> None:
@@ -639,7 +639,7 @@ class InheritanceTests(unittest.TestCase):
         self.assertFalse(check(p, "198.51.100.25").allow)
         other = check(p, "192.0.2.1")
         self.assertEqual((other.allow, other.limit, other.matched),
-                         (True, BandwidthLimit(10, 50, "upload"), "defaults"))
+                         (True, BandwidthLimit(10, 50, DEFAULT_DIRECTION), "defaults"))
         self.assertEqual(other.limit.rate, 1_250_000)
         self.assertEqual(other.limit.burst, 6_250_000)
 
@@ -647,11 +647,11 @@ class InheritanceTests(unittest.TestCase):
         p = policy(EXAMPLE_FILE)
         office = check(p, "203.0.113.10")
         self.assertEqual((office.allow, office.labels, office.limit),
-                         (True, ("trusted", "office"), BandwidthLimit(100, 200, "upload")))
+                         (True, ("trusted", "office"), BandwidthLimit(100, 200, DEFAULT_DIRECTION)))
         blocked = check(p, "198.51.100.25")
         self.assertEqual((blocked.allow, blocked.labels), (False, ("blocked",)))
         vpn = check(p, "192.0.2.40", 443)
-        self.assertEqual((vpn.allow, vpn.labels, vpn.limit), (True, ("vpn",), BandwidthLimit(5, 20, "upload")))
+        self.assertEqual((vpn.allow, vpn.labels, vpn.limit), (True, ("vpn",), BandwidthLimit(5, 20, DEFAULT_DIRECTION)))
         self.assertEqual(check(p, "192.0.2.40", 8080).matched, "defaults")
         self.assertEqual(check(p, "192.0.2.40", 1194).matched, "defaults")
 
@@ -688,7 +688,7 @@ class PrecedenceTests(unittest.TestCase):
         lenient = policy({"defaults": {"allow": True, "bandwidthLimit": {"mbps": 1}},
                           "ips": {"192.0.2.0/24": {"labels": ["provider-lan"]}}})
         decision = check([self.operator, lenient], "192.0.2.9")
-        self.assertEqual((decision.allow, decision.limit), (True, BandwidthLimit(1, None, "upload")))
+        self.assertEqual((decision.allow, decision.limit), (True, BandwidthLimit(1, None, DEFAULT_DIRECTION)))
 
     def test_first_live_defaults(self) -> None:
         decision = check([self.operator, self.provider], "203.0.113.1")
@@ -728,7 +728,7 @@ class GrantTests(unittest.TestCase):
         provider = policy({"defaults": {"allow": True, "bandwidthLimit": {"mbps": 1}}})
         grants = Grants()
         before = check([grants.policy(NOW), EMPTY, provider], "127.0.0.1")
-        self.assertEqual(before.limit, BandwidthLimit(1, None, "upload"))
+        self.assertEqual(before.limit, BandwidthLimit(1, None, DEFAULT_DIRECTION))
         grants.grant("127.0.0.1", NOW)
         after = check([grants.policy(NOW), EMPTY, provider], "127.0.0.1")
         self.assertEqual((after.allow, after.limit, after.labels, after.matched),
@@ -755,7 +755,7 @@ class GrantTests(unittest.TestCase):
         self.assertEqual((during.labels, during.limit), ((GRANT_LABEL,), None))
         after = check([grants.policy(expire_at), provider], "127.0.0.1", now=expire_at)
         self.assertEqual((after.allow, after.labels, after.limit),
-                         (True, ("vip",), BandwidthLimit(5, None, "upload")))
+                         (True, ("vip",), BandwidthLimit(5, None, DEFAULT_DIRECTION)))
         self.assertEqual(provider.ips[0][1].labels, ("vip",))
 
     def test_stale_policy_object_expires_by_itself(self) -> None:
@@ -913,7 +913,7 @@ class LoadPolicyTests(unittest.TestCase):
         # Scenario 17: mbps from the file, burstMbps from the inline source.
         path = self.write({"defaults": {"allow": True, "bandwidthLimit": {"mbps": 8}}})
         loaded, data = load_policy([path, '{"defaults": {"bandwidthLimit": {"burstMbps": 16}}}'])
-        self.assertEqual(loaded.defaults.limit, BandwidthLimit(8, 16, "upload"))
+        self.assertEqual(loaded.defaults.limit, BandwidthLimit(8, 16, DEFAULT_DIRECTION))
         self.assertEqual(data, b'{"defaults":{"allow":true,"bandwidthLimit":{"mbps":8,"burstMbps":16}}}')
 
     def test_url(self) -> None:

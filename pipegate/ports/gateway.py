@@ -15,7 +15,9 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
 from pipegate.mux import frames
-from pipegate.policy import EMPTY, Decision, Grants, Policy, PolicyError, decide, policy_from_bytes
+from pipegate.policy import (
+    EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,
+)
 from pipegate.throttle import BucketPool, Shaper, datagram_allowed
 from pipegate.mux.channel import StreamChannel
 from pipegate.ports.services import Exposure, Service
@@ -256,6 +258,7 @@ class Gateway(service.Service):
     def buckets(self, ip: str, limit):
         """The client IP's shared (upload, download) buckets and a function to release them."""
         now = self.clock.seconds()
+        ip = str(normalize_ip(ip))  # ::ffff:1.2.3.4 and 1.2.3.4 share one bucket
         keys = []
         up = down = None
         if limit.shapes_upload:

@@ -39,6 +39,7 @@ import attrs
 from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from twisted.web import resource
 
 MAGIC = b"Salted__"
 SALT_LENGTH = 8
@@ -318,3 +319,38 @@ class UnlimitedGate:
     def tracked_ips(self) -> int:
         """How many caller IPs have failures on record."""
         return len(self._failures)
+
+
+class UnlimitedResource(resource.Resource):
+    """
+    C{/unlimited} on the gateway: a valid token grants its IP unlimited, admitted access
+    for new connections until the grant expires.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gate: UnlimitedGate, grants, clock) -> None:
+        super().__init__()
+        self.gate = gate
+        self.grants = grants
+        self.clock = clock
+
+    def render(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        if request.path != b"/unlimited":
+            request.setResponseCode(404)
+            return b'{"error": "not_found"}'
+        if request.method not in (b"GET", b"POST"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, POST")
+            return b'{"error": "method_not_allowed"}'
+        query = (request.args.get(b"payload") or [None])[0]
+        payload = extract_payload(query, request.content.read(65536),
+                                  request.getHeader(b"content-type"))
+        caller = getattr(request.getClientAddress(), "host", None)
+        now_ms = self.clock.seconds() * 1000
+        status, body = self.gate.check(payload, caller, now_ms)
+        if status == 200:
+            body["expireAt"] = self.grants.grant(body["ip"], now_ms, self.gate.grant_s)
+        request.setResponseCode(status)
+        return json.dumps(body).encode()

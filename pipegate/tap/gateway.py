@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from twisted.application import service
+from twisted.application import service, strports
+from twisted.web import server
 from twisted.python import usage
 
 from pipegate.config import non_negative_float, positive_float
@@ -12,6 +13,7 @@ from pipegate.mux import frames
 from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
 from pipegate.ports.gateway import Gateway, GatewayConfig
+from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import (
     Exposure, ServiceError, load_source, parse_filters, parse_only_services,
 )
@@ -35,9 +37,12 @@ class Options(MuxOptions):
                                "filters, a route matching every field of at least one is exposed."],
         ["expose-only-services", None, None, "Comma list of serviceHost names to expose."],
         ["open-timeout", None, "5", "Seconds a provider has to accept a channel before the next is tried."],
+        ["unlimited-secret", None, None, "Secret of /unlimited tokens; enables the /unlimited endpoint."],
+        ["unlimited", None, "tcp:8091:interface=127.0.0.1", "Server endpoint of the /unlimited endpoint."],
+        ["unlimited-grant", None, "1800", "Seconds an /unlimited grant lasts."],
         ["tcp-idle-timeout", None, "0", "Seconds without a byte either way after which a TCP connection is closed; 0 = off."],
     ]
-    converters = {**MuxOptions.converters, "open-timeout": positive_float,
+    converters = {**MuxOptions.converters, "open-timeout": positive_float, "unlimited-grant": positive_float,
                   "tcp-idle-timeout": non_negative_float}
 
     def __init__(self) -> None:
@@ -80,6 +85,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
         window=options["window"]), reactor)
+    if options["unlimited-secret"]:
+        gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
+        site = server.Site(UnlimitedResource(gate, gateway.grants, reactor))
+        site.noisy = False
+        strports.service(options["unlimited"], site, reactor=reactor).setServiceParent(top)
     for svc in link_services(gateway, link_config(options, frames.ROLE_GATEWAY), reactor,
                              options["mux"], options["connect"], certificate=certificate_from(options),
                              verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
