@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from pipegate.mux import frames
 from pipegate.mux.channel import StreamChannel
+from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
 from pipegate.ports.udp import BackendSocket, Flow
@@ -97,6 +98,11 @@ class Provider(service.Service):
                 protocol.transport.abortConnection()
                 return
             link.channels[frame.channel] = channel
+            if svc.proxy_protocol:
+                # The gate's address as this provider knows it: the gateway's IP, the gate port.
+                protocol.transport.write(proxyprotocol.header(
+                    svc.proxy_protocol, "tcp", frame.client_host, frame.client_port,
+                    link.transport.getPeer().host, frame.gate_port))
             if self.records is not None:
                 mine, theirs = protocol.transport.getHost(), protocol.transport.getPeer()
                 self._record("tcp", mine, theirs.host, theirs.port, frame, channel)

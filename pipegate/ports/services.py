@@ -66,6 +66,7 @@ class Service:
     service_port: int
     protocol: str = "tcp"
     tags: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    proxy_protocol: str | None = None  # "v1" or "v2": send a PROXY header to the backend (TCP)
 
     @property
     def key(self) -> tuple[int, str]:
@@ -272,13 +273,24 @@ def _tags(entry: dict, field: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value.split()))
 
 
-def _check_fields(entry: object) -> dict:
+def _check_fields(entry: object, known: tuple[str, ...] = _FIELDS) -> dict:
     if not isinstance(entry, dict):
         raise _FieldError(None, f"must be an object, got {_short(entry)}")
-    unknown = [name for name in entry if name not in _FIELDS]
+    unknown = [name for name in entry if name not in known]
     if unknown:
-        raise _FieldError(None, f"unknown field {_short(unknown[0])} (known: {', '.join(_FIELDS)})")
+        raise _FieldError(None, f"unknown field {_short(unknown[0])} (known: {', '.join(known)})")
     return entry
+
+
+def _proxy_protocol(entry: dict, field: str) -> str | None:
+    value = entry[field]
+    if value is None:
+        return None
+    if value not in ("v1", "v2"):
+        raise _FieldError(field, f'must be "v1", "v2" or null, got {_short(value)}')
+    if str(entry.get("protocol", "tcp")).lower() not in ("tcp", "0"):
+        raise _FieldError(field, "is supported for tcp services only")
+    return value
 
 
 def _entries(doc: object, label: str, what: str) -> list:
@@ -297,7 +309,7 @@ def _entries(doc: object, label: str, what: str) -> list:
 
 
 def _parse_service(entry: object) -> Service:
-    entry = _check_fields(entry)
+    entry = _check_fields(entry, _FIELDS + ("proxyProtocol",))
     for name in ("gatePort", "serviceHost", "servicePort"):
         if name not in entry:
             raise _FieldError(name, "missing")
@@ -307,6 +319,7 @@ def _parse_service(entry: object) -> Service:
         service_port=_port(entry, "servicePort"),
         protocol=_protocol(entry, "protocol") if "protocol" in entry else "tcp",
         tags=_tags(entry, "tags") if "tags" in entry else (),
+        proxy_protocol=_proxy_protocol(entry, "proxyProtocol") if "proxyProtocol" in entry else None,
     )
 
 
