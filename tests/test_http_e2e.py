@@ -525,3 +525,40 @@ class EdgeCases(unittest.TestCase):
                                           headers={"Authorization": "Bearer " + token_for("t1")})
         await factory.opened
         await eventually(lambda: "t1" in relay.tunnels)
+
+
+class RelayPolicy(unittest.TestCase):
+    """The relay applies the ingress policy and per-tunnel rates to public callers."""
+
+    async def test_denied_caller_gets_403(self):
+        from pipegate.policy import load_policy
+
+        loop = Loopback(self)
+        app_port = await loop.app()
+        policy = load_policy(['{"ips": {"127.0.0.1": {"allow": false}}}'])[0]
+        relay, port = await loop.relay(policy=policy)
+        await loop.connector(port, app_port, "t1")
+        raw = await raw_request(port, b"GET /t1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, headers, body = split_response(raw)
+        self.assertIn(b" 403 ", status)
+        self.assertEqual(body, b"forbidden by ingress policy\n")
+        self.assertEqual(relay.tunnels["t1"].in_flight, 0)
+
+    async def test_tunnel_rate_slows_a_download(self):
+        loop = Loopback(self)
+        app = TestApp()
+        app_port = await loop.app(app)
+        relay, port = await loop.relay(tunnel_rate=1_000_000)  # 1 MB/s, 1 MB burst
+        await loop.connector(port, app_port, "t1")
+        started = reactor.seconds()
+        proto = await connect_raw(port, b"GET /t1/big/3000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await proto.done
+        status, headers, body = split_response(raw)
+        if (b"transfer-encoding", b"chunked") in headers:
+            body = dechunk(body)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(pattern(3_000_000)).digest())
+        # (3 MB - 1 MB burst - one 256 KiB window already granted) at 1 MB/s
+        self.assertGreaterEqual(reactor.seconds() - started, 1.7)
+        self.assertEqual(len(relay.pool), 0)
+
+    test_tunnel_rate_slows_a_download.timeout = 60

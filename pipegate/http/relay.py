@@ -29,6 +29,8 @@ from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.http import frames
+from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
+from pipegate.throttle import BucketPool
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
@@ -46,6 +48,8 @@ class RelayConfig:
     ping_interval: float = 20.0
     idle_timeout: float = 60.0
     access_log: bool = False
+    policy: Policy = EMPTY              # ingress policy for public callers (deny -> 403)
+    tunnel_rate: float = 0.0            # bytes/s per tunnel and direction; 0 = unlimited
 
 
 def _plain(request: server.Request, code: int, message: str) -> None:
@@ -91,6 +95,41 @@ class Relay(service.Service):
         self.clock = clock
         self.tunnels: dict[str, Tunnel] = {}
         self.stopping = False
+        self.pool = BucketPool()
+
+    def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
+        """
+        (upload buckets, download buckets, keys to release) for a public request, or None
+        when the ingress policy refuses the caller.
+        """
+        config = self.config
+        now = self.clock.seconds()
+        wanted = []
+        if not config.policy.empty:
+            ip = getattr(request.getClientAddress(), "host", "")
+            try:
+                decision = decide([config.policy], ip, request.getHost().port, "tcp", now * 1000)
+            except PolicyError:
+                return None
+            if not decision.allow:
+                return None
+            limit = decision.limit
+            if limit is not None:
+                ip = str(normalize_ip(ip))
+                if limit.shapes_upload:
+                    wanted.append(("up", (ip, "up", limit.rate, limit.burst), limit.rate, limit.burst))
+                if limit.shapes_download:
+                    wanted.append(("down", (ip, "down", limit.rate, limit.burst), limit.rate, limit.burst))
+        if config.tunnel_rate:
+            for direction in ("up", "down"):
+                wanted.append((direction, ("tunnel", tunnel_id, direction), config.tunnel_rate,
+                               config.tunnel_rate))
+        up, down, keys = [], [], []
+        for direction, key, rate, burst in wanted:
+            bucket = self.pool.acquire(key, rate, burst, now)
+            (up if direction == "up" else down).append(bucket)
+            keys.append(key)
+        return up, down, keys
 
     # -- connectors
     def authenticate(self, path_id: str | None, token: str | None) -> str:
@@ -195,8 +234,14 @@ class Relay(service.Service):
         if tunnel.in_flight >= self.config.max_in_flight:
             _plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
+        shaping = self._buckets(request, tunnel_id)
+        if shaping is None:
+            _plain(request, http.FORBIDDEN, "forbidden by ingress policy")
+            self._forget_if_idle(tunnel)
+            return
         upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade"))
         stream = RelayStream(self, tunnel, request, target, prefix, upgrade)
+        stream.up_buckets, stream.down_buckets, stream.bucket_keys = shaping
         tunnel.in_flight += 1
         request.body_sink = stream
         if tunnel.links:
@@ -205,6 +250,8 @@ class Relay(service.Service):
             stream.wait_for_connector()
 
     def stream_done(self, stream: RelayStream) -> None:
+        for key in stream.bucket_keys:
+            self.pool.release(key)
         stream.tunnel.in_flight -= 1
         if stream in stream.tunnel.waiting:
             stream.tunnel.waiting.remove(stream)
@@ -225,6 +272,11 @@ class RelayStream:
     """One public request carried over one connector link."""
 
     log = Logger()
+    up_buckets: list = []
+    down_buckets: list = []
+    bucket_keys: list = []
+    _download_hold = None
+    _upload_hold = None
 
     def __init__(self, relay: Relay, tunnel: Tunnel, request: RelayRequest, target: bytes,
                  prefix: bytes, upgrade: bool) -> None:
@@ -319,6 +371,9 @@ class RelayStream:
             return
         self._done = True
         self._cancel_timer()
+        for hold in (self._download_hold, self._upload_hold):
+            if hold is not None and hold.active():
+                hold.cancel()
         if self.link is not None:
             self.link.remove_stream(self.stream_id)
         self.relay.stream_done(self)
@@ -376,6 +431,32 @@ class RelayStream:
             self.link.send(frames.Data(self.stream_id, chunk))
         if self.upload.blocked:
             self._pause_upload()
+        delay = self._charge(self.up_buckets, len(data))
+        if delay > 0:
+            self._pause_upload()
+            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released)
+
+    def _charge(self, buckets, size: int) -> float:
+        now = self.relay.clock.seconds()
+        return max((bucket.take(size, now) for bucket in buckets), default=0.0)
+
+    def _hold(self, call, delay: float, release):
+        """Schedule C{release} in C{delay} s, or push an earlier one out to then."""
+        if call is not None and call.active():
+            if call.getTime() < self.relay.clock.seconds() + delay:
+                call.reset(delay)
+            return call
+        return self.relay.clock.callLater(delay, release)
+
+    def _upload_released(self) -> None:
+        self._upload_hold = None
+        if not self._done and not self.upload.blocked:
+            self._resume_upload()
+
+    def _download_released(self) -> None:
+        self._download_hold = None
+        if not self._paused:
+            self.resumeProducing()
 
     def body_complete(self) -> None:
         self._body_done = True
@@ -393,6 +474,8 @@ class RelayStream:
             transport.pauseProducing()
 
     def _resume_upload(self) -> None:
+        if self._upload_hold is not None:
+            return  # shaped: _upload_released resumes it
         transport = self.request.channel.transport if self.request.channel else None
         if transport is not None and not self._body_done:
             transport.resumeProducing()
@@ -421,7 +504,10 @@ class RelayStream:
                       "the local app stalled")
             self.request.write(frame.data)
             self.download.consumed(len(frame.data))
-            if not self._paused:
+            delay = self._charge(self.down_buckets, len(frame.data))
+            if delay > 0:
+                self._download_hold = self._hold(self._download_hold, delay, self._download_released)
+            if not self._paused and self._download_hold is None:
                 self.link.send(frames.Window(self.stream_id, self.download.grant()))
         elif isinstance(frame, frames.End):
             if not self._responding:
@@ -468,6 +554,8 @@ class RelayStream:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._download_hold is not None:
+            return  # shaped: _download_released grants the credit
         credit = self.download.grant()
         if credit and not self._done:
             self.link.send(frames.Window(self.stream_id, credit))

@@ -9,6 +9,13 @@ from twisted.python import usage
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.policy import PolicyError, load_policy
+
+
+def _fetch(url: str) -> bytes:
+    from pipegate.tap.provider import fetch
+
+    return fetch(url)
 
 
 class Options(EnvOptions):
@@ -31,6 +38,7 @@ class Options(EnvOptions):
         ["offline-grace", None, "0", "Seconds a request for a tunnel with no connector waits for one; 0 = answer 404 at once."],
         ["ping-interval", None, "20", "Seconds between WebSocket pings to connectors; a link that does not answer within it is closed. 0 = off."],
         ["idle-timeout", None, "60", "Seconds an idle public HTTP connection is kept open; 0 = forever."],
+        ["tunnel-rate", None, "0", "Mbit/s each tunnel may move per direction (1 s of burst); 0 = unlimited."],
         ["jwt-algorithms", None, "HS256", "Accepted JWT algorithms: a JSON list or a comma list of HS256/HS384/HS512."],
         ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
         ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
@@ -42,9 +50,22 @@ class Options(EnvOptions):
         "offline-grace": non_negative_float,
         "ping-interval": non_negative_float,
         "idle-timeout": non_negative_float,
+        "tunnel-rate": non_negative_float,
     }
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["ingress-policy"] = []
+
+    def opt_ingress_policy(self, value: str) -> None:
+        """Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; repeatable."""
+        self["ingress-policy"].append(value)
+
     def check(self) -> None:
+        try:
+            self["policy"] = load_policy(self["ingress-policy"], _fetch)[0]
+        except PolicyError as e:
+            raise usage.UsageError(f"--ingress-policy: {e}") from None
         try:
             self["jwt"] = auth.JWTSettings.from_values(
                 self.environ.get("PIPEGATE_JWT_SECRET"), self["jwt-algorithms"],
@@ -72,6 +93,8 @@ def relay_config(options: Options) -> RelayConfig:
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
         access_log=bool(options["access-log"]),
+        policy=options["policy"],
+        tunnel_rate=options["tunnel-rate"] * 1e6 / 8,
     )
 
 
