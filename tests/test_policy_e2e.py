@@ -166,3 +166,17 @@ class Unlimited(Policy):
         await task.deferLater(reactor, 0, lambda: None)
 
     test_unlimited_endpoint.timeout = 60
+
+
+class UnlimitedTokenCommand(PortPlane):
+    def test_pipegate_unlimited_token(self):
+        import subprocess
+        import sys
+
+        from pipegate.ports.unlimited import decrypt_token
+
+        out = subprocess.run([sys.executable, "-m", "pipegate", "unlimited-token", "--secret", "s3cret",
+                              "--ip", "203.0.113.7"], capture_output=True, text=True, check=True).stdout
+        payload = decrypt_token(out.strip(), "s3cret")
+        self.assertEqual(payload["ip"], "203.0.113.7")
+        self.assertLess(abs(payload["timestamp"] - reactor.seconds() * 1000), 60_000)
