@@ -532,7 +532,6 @@ class RelayStream:
             return  # interim responses are not forwarded
         self._responding = True
         request = self.request
-        request.body_sink = self if not self._body_done else None
         request.setResponseCode(head.status, head.reason or None)
         grouped: dict[bytes, list[bytes]] = {}
         for name, value in filter_headers(head.headers):
