@@ -1,5 +1,5 @@
 """
-The C{pipegate} command: C{token}, C{router-secret}, C{demo}.
+The C{pipegate} command: C{token}, C{router-secret}, C{scan}, C{unlimited-token}, C{demo}.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def cmd_unlimited_token(args: argparse.Namespace) -> int:
     if not secret:
         print("pipegate unlimited-token: --secret is required (or PIPEGATE_UNLIMITED_SECRET)", file=sys.stderr)
         return 2
-    print(make_token(secret, args.ip, time.time() * 1000))
+    print(make_token(secret, args.ip, int(time.time() * 1000)))
     return 0
 
 

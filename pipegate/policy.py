@@ -62,8 +62,8 @@ Fetch = Callable[[str], bytes]
 
 PROTOCOLS = ("tcp", "udp")
 DIRECTIONS = ("both", "upload", "download")
-# What a bandwidthLimit without "direction" means: client -> provider only, as in Hypergate
-# (reference S4.4, scenario 16: "a 5 MB download is unshaped").
+# What a bandwidthLimit without "direction" means: both directions, each with its own bucket
+# (Hypergate shaped uploads only; our issue asks for both by default).
 DEFAULT_DIRECTION = "both"
 GRANT_LABEL = "gateway-unlimited"
 GRANT_SECONDS = 1800

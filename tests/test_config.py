@@ -347,3 +347,27 @@ class ClientOptionsTests(unittest.TestCase):
         self.assertEqual(o["ca-file"], present.path)
         o = self.parse(*args, PIPEGATE_CA_FILE=present.path)
         self.assertEqual(o["ca-file"], present.path)
+
+
+class IngressPolicyVariable(unittest.TestCase):
+    """PIPEGATE_INGRESS_POLICY is read by all three services; a flag replaces it."""
+
+    def options(self, module, environ, argv=()):
+        options = module.Options()
+        options.environ = environ
+        options.parseOptions(list(argv))
+        return options
+
+    def test_read_by_every_service(self):
+        from pipegate.tap import gateway, provider, server
+
+        deny = '{"ips": {"192.0.2.1": {"allow": false}}}'
+        common = {"PIPEGATE_ROUTER": "ab" * 32, "PIPEGATE_MUX": "tcp:0", "PIPEGATE_INGRESS_POLICY": deny}
+        self.assertFalse(self.options(gateway, common)["policy"].empty)
+        self.assertIn(b"192.0.2.1", self.options(provider, common)["policy"])
+        relay_env = {"PIPEGATE_JWT_SECRET": "x" * 40, "PIPEGATE_INGRESS_POLICY": deny}
+        self.assertFalse(self.options(server, relay_env)["policy"].empty)
+        replaced = self.options(server, relay_env, ["--ingress-policy", "{}"])
+        self.assertTrue(replaced["policy"].empty)
+        bad = dict(relay_env, PIPEGATE_INGRESS_POLICY='{"ips": {"nope": {}}}')
+        self.assertRaises(usage.UsageError, self.options, server, bad)

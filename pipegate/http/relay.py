@@ -108,7 +108,8 @@ class Relay(service.Service):
         if not config.policy.empty:
             ip = getattr(request.getClientAddress(), "host", "")
             try:
-                decision = decide([config.policy], ip, request.getHost().port, "tcp", now * 1000)
+                port = getattr(request.getHost(), "port", 0)  # 0 on a unix: listener
+                decision = decide([config.policy], ip, port, "tcp", now * 1000)
             except PolicyError:
                 return None
             if not decision.allow:

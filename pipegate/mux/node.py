@@ -69,6 +69,10 @@ class MuxOptions(EnvOptions):
 
     def _apply_env(self) -> None:
         super()._apply_env()
+        value = self.environ.get("PIPEGATE_INGRESS_POLICY")
+        if value is not None and "ingress-policy" in self:
+            self["ingress-policy"] = [value]  # one source (inline JSON may contain spaces)
+            self._from_env.add("ingress-policy")
         for name in ("mux", "connect"):
             value = self.environ.get("PIPEGATE_" + name.upper())
             if value is not None:

@@ -351,6 +351,6 @@ class UnlimitedResource(resource.Resource):
         now_ms = self.clock.seconds() * 1000
         status, body = self.gate.check(payload, caller, now_ms)
         if status == 200:
-            body["expireAt"] = self.grants.grant(body["ip"], now_ms, self.gate.grant_s)
+            body["expireAt"] = int(self.grants.grant(body["ip"], now_ms, self.gate.grant_s))
         request.setResponseCode(status)
         return json.dumps(body).encode()

@@ -56,10 +56,21 @@ class Options(EnvOptions):
     def __init__(self) -> None:
         super().__init__()
         self["ingress-policy"] = []
+        self._policy_from_env = False
 
     def opt_ingress_policy(self, value: str) -> None:
         """Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; repeatable."""
+        if self._policy_from_env:
+            self._policy_from_env = False
+            self["ingress-policy"] = []
         self["ingress-policy"].append(value)
+
+    def _apply_env(self) -> None:
+        super()._apply_env()
+        value = self.environ.get("PIPEGATE_INGRESS_POLICY")
+        self._policy_from_env = value is not None
+        if value is not None:
+            self["ingress-policy"] = [value]  # one source; a flag replaces it
 
     def check(self) -> None:
         try:
