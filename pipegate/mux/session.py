@@ -48,6 +48,22 @@ class Node(TypingProtocol):
     def link_frame(self, link: MuxLink, frame) -> None: ...
 
 
+class LinkChannel:
+    """An entry of a link's channel table; every notification defaults to doing nothing."""
+
+    def frame_received(self, frame) -> None:
+        pass
+
+    def link_paused(self) -> None:
+        pass
+
+    def link_resumed(self) -> None:
+        pass
+
+    def link_lost(self) -> None:
+        pass
+
+
 class LinkError(Exception):
     """The peer broke the protocol; the link is closed with this reason."""
 

@@ -20,6 +20,7 @@ from pipegate.policy import (
 )
 from pipegate.throttle import BucketPool, Shaper, datagram_allowed
 from pipegate.mux.channel import StreamChannel
+from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
 from pipegate.ports.udp import Flow
 
@@ -40,7 +41,7 @@ class GatewayConfig:
     window: int = 262_144
 
 
-class Opening:
+class Opening(LinkChannel):
     """An OPEN in flight to one provider for one client connection or flow."""
 
     def __init__(self, gateway: Gateway, key, client, candidates: list, link, channel_id: int) -> None:
@@ -88,12 +89,6 @@ class Opening:
         self._cancel()
         self.link.send(frames.Reset(self.channel_id, "client went away"))
         self.link.remove_channel(self.channel_id)
-
-    def link_paused(self) -> None:
-        pass
-
-    def link_resumed(self) -> None:
-        pass
 
     def link_lost(self) -> None:
         self._cancel()

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from pipegate.mux import frames
 from pipegate.mux.channel import StreamChannel
+from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
@@ -127,7 +128,7 @@ class Provider(service.Service):
         def resolved(address):
             if link.closed or link.channels.get(frame.channel) is not placeholder:
                 return
-            socket = BackendSocket(None)
+            socket = BackendSocket()
             interface = "::" if ":" in address else "0.0.0.0"
             listening = self.reactor.listenUDP(0, socket, interface=interface, maxPacketSize=65535)
             socket.transport.connect(address, svc.service_port)
@@ -172,7 +173,7 @@ class Provider(service.Service):
             link.go_away("provider stopping")
 
 
-class _Pending:
+class _Pending(LinkChannel):
     """Holds a channel id while the service connection is being made."""
 
     def __init__(self, link, channel_id: int) -> None:
@@ -183,11 +184,3 @@ class _Pending:
         if isinstance(frame, frames.Reset):  # the gateway gave up (open timeout)
             self.link.remove_channel(self.channel_id)
 
-    def link_paused(self) -> None:
-        pass
-
-    def link_resumed(self) -> None:
-        pass
-
-    def link_lost(self) -> None:
-        pass

@@ -11,11 +11,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from pipegate.mux import frames
+from pipegate.mux.session import LinkChannel
 
 BACKLOG_DATAGRAMS = 64
 
 
-class Flow:
+class Flow(LinkChannel):
     """One UDP flow's channel state, shared by the gateway and the provider side."""
 
     log = Logger()
@@ -84,12 +85,6 @@ class Flow:
             self.link.remove_channel(self.channel_id)
         self.on_done(self)
 
-    def link_paused(self) -> None:
-        pass
-
-    def link_resumed(self) -> None:
-        pass
-
     def link_lost(self) -> None:
         self.link = None
         self.close(notify=False)
@@ -98,9 +93,8 @@ class Flow:
 class BackendSocket(DatagramProtocol):
     """The provider's connected UDP socket for one flow."""
 
-    def __init__(self, flow_factory) -> None:
+    def __init__(self) -> None:
         self.flow: Flow | None = None
-        self._flow_factory = flow_factory
 
     def datagramReceived(self, data, addr):
         if self.flow is not None:
