@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from pipegate.http.frames import ReceiveWindow, SendWindow
 from pipegate.mux import frames
+from pipegate.mux.session import no_delay
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -73,6 +74,7 @@ class StreamChannel(Protocol):
 
     # -- socket side
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)
         if self.link is None:
             self.transport.pauseProducing()

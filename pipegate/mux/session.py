@@ -48,6 +48,17 @@ class Node(TypingProtocol):
     def link_frame(self, link: MuxLink, frame) -> None: ...
 
 
+def no_delay(transport) -> None:
+    """Turn Nagle off on the TCP socket under C{transport} (through TLS or a wrapper)."""
+    while transport is not None and not hasattr(transport, "setTcpNoDelay"):
+        transport = getattr(transport, "transport", None)
+    if transport is not None:
+        try:
+            transport.setTcpNoDelay(True)
+        except OSError:
+            pass
+
+
 class LinkChannel:
     """An entry of a link's channel table; every notification defaults to doing nothing."""
 
@@ -102,6 +113,7 @@ class MuxLink(Protocol):
 
     # -- connection
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self._handshake_timer = self.clock.callLater(
             self.config.handshake_timeout, self.fail, "no admission within the handshake timeout")
