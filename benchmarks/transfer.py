@@ -159,30 +159,63 @@ def upload(port: int, size: int) -> tuple[float, bytes]:
     return time.perf_counter() - start, answer.split(b"\r\n\r\n", 1)[-1]
 
 
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+JWT_SECRET = "benchmark-secret-" + "x" * 32
+
+
+def relay_env(base: dict | None = None) -> dict:
+    return dict(os.environ if base is None else base, PIPEGATE_JWT_SECRET=JWT_SECRET)
+
+
+def start_app(popen, source: str = APP, **kwargs) -> tuple[subprocess.Popen, int]:
+    """Start a local app (Python source that prints its port); return it and the port."""
+    app = popen([sys.executable, "-c", source], stdout=subprocess.PIPE, text=True, **kwargs)
+    return app, int(app.stdout.readline())
+
+
+def start_relay(popen, env: dict, twistd_opts=("-l", "/dev/null"), extra_args=(), twistd=TWISTD,
+                **kwargs) -> tuple[subprocess.Popen, int]:
+    """Start C{twistd -n pipegate-server} on a free port of 127.0.0.1; wait for /healthz."""
+    relay_port = free_port()
+    relay = popen(twistd + ["-n", "--pidfile=", *twistd_opts, "pipegate-server",
+                            "--listen", f"tcp:{relay_port}:interface=127.0.0.1", *extra_args], env=env, **kwargs)
+    wait_http(relay_port, "/healthz")
+    return relay, relay_port
+
+
+def mint_token(env: dict, connection_id: str = "bench") -> str:
+    return subprocess.run([sys.executable, "-m", "pipegate", "token", "-c", connection_id], env=env,
+                          capture_output=True, text=True, check=True).stdout.split()[-1]
+
+
+def start_connector(popen, env: dict, app_port: int, relay_port: int, connection_id: str = "bench",
+                    twistd_opts=("-l", "/dev/null"), ready_path: str = "/big/1", extra_args=(), twistd=TWISTD,
+                    **kwargs) -> subprocess.Popen:
+    """Start C{twistd -n pipegate-client} for the app; wait until the tunnel answers 200."""
+    token = mint_token(env, connection_id)
+    connector = popen(twistd + ["-n", "--pidfile=", *twistd_opts, "pipegate-client",
+                                "--token", token, *extra_args, f"http://127.0.0.1:{app_port}",
+                                f"ws://127.0.0.1:{relay_port}/{connection_id}"], env=env, **kwargs)
+    wait_http(relay_port, f"/{connection_id}{ready_path}")
+    return connector
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     args = parser.parse_args()
     size = args.size_mib * 1024 * 1024
-    env = dict(os.environ, PIPEGATE_JWT_SECRET="benchmark-secret-" + "x" * 32)
-    twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    env = relay_env()
     procs = []
+
+    def popen(argv, **kwargs):
+        procs.append(subprocess.Popen(argv, **kwargs))
+        return procs[-1]
+
     try:
-        app = subprocess.Popen([sys.executable, "-c", APP], stdout=subprocess.PIPE, text=True)
-        procs.append(app)
-        app_port = int(app.stdout.readline())
-        relay_port = free_port()
-        relay = subprocess.Popen(twistd + ["-n", "--pidfile=", "-l", "/dev/null", "pipegate-server",
-                                           "--listen", f"tcp:{relay_port}:interface=127.0.0.1"], env=env)
-        procs.append(relay)
-        wait_http(relay_port, "/healthz")
-        token = subprocess.run([sys.executable, "-m", "pipegate", "token", "-c", "bench"], env=env,
-                               capture_output=True, text=True, check=True).stdout.split()[-1]
-        connector = subprocess.Popen(twistd + ["-n", "--pidfile=", "-l", "/dev/null", "pipegate-client",
-                                               "--token", token, f"http://127.0.0.1:{app_port}",
-                                               f"ws://127.0.0.1:{relay_port}/bench"], env=env)
-        procs.append(connector)
-        wait_http(relay_port, "/bench/big/1")
+        app, app_port = start_app(popen)
+        relay, relay_port = start_relay(popen, env)
+        connector = start_connector(popen, env, app_port, relay_port)
         base = {"relay": proc_status(relay.pid, "VmRSS"), "connector": proc_status(connector.pid, "VmRSS")}
         seconds, digest = download(relay_port, size)
         down_ok = digest == expected_sha(size)

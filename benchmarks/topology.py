@@ -1,0 +1,126 @@
+"""
+The two topologies, each started as real processes on 127.0.0.1:
+
+- L{HttpPlane}: a local app, C{twistd -n pipegate-server} (relay) and
+  C{twistd -n pipegate-client} (connector), tunnel id C{bench}; the tunnel's URL
+  prefix is C{/bench}.  Started with the helpers of L{benchmarks.transfer}.
+- L{PortPlane}: a backend (the TCP/UDP echo server or C{iperf3 -s}),
+  C{twistd -n pipegate-gateway} and C{twistd -n pipegate-provider}; one gate port
+  carries the backend's port for TCP and for UDP alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+from benchmarks import transfer
+from benchmarks.procs import (
+    Processes, child_env, free_port, python, read_json_line, wait_echo, wait_listening,
+)
+from benchmarks.tools import iperf3_server_argv
+
+ROUTER_SECRET = "5e" * 32
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU use (% of one core) of some processes over one measurement."""
+
+    def __init__(self, children) -> None:
+        self.children = [c for c in children if c is not None]
+
+    def __enter__(self):
+        import time
+        self._t = time.monotonic()
+        self._cpu = {c.name: cpu_seconds(c.pid) for c in self.children}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+        wall = time.monotonic() - self._t
+        self.percent = {c.name: round(100 * (cpu_seconds(c.pid) - self._cpu[c.name]) / wall, 1)
+                        for c in self.children if c.alive()}
+
+
+class HttpPlane:
+    """app + relay + connector.  C{app}: "small" (1 KiB GETs) or "stream" (transfer.py's app)."""
+
+    def __init__(self, procs: Processes, app: str = "small") -> None:
+        self.procs = procs
+        env = transfer.relay_env(child_env())
+        if app == "small":
+            popen = procs.namer("app", stdout=subprocess.PIPE, text=True, env=env)
+            proc = popen([python(), "-m", "benchmarks.backends", "small-http"])
+            self.app_port = json.loads(read_json_line(proc))["http"]
+            ready = "/small"
+        else:
+            _, self.app_port = transfer.start_app(procs.namer("app", env=env))
+            ready = "/big/1"
+        self.app = procs.child("app")
+        _, self.relay_port = transfer.start_relay(procs.namer("relay"), env, twistd_opts=procs.twistd_opts("relay"),
+                                                  extra_args=procs.extra("relay"), twistd=procs.twistd_cmd("relay"))
+        self.relay = procs.started("relay")
+        transfer.start_connector(procs.namer("connector"), env, self.app_port, self.relay_port,
+                                 twistd_opts=procs.twistd_opts("connector"), ready_path=ready,
+                                 extra_args=procs.extra("connector"), twistd=procs.twistd_cmd("connector"))
+        self.connector = procs.started("connector")
+
+    @property
+    def services(self):
+        return [self.relay, self.connector]
+
+
+class PortPlane:
+    """backend + gateway + provider.  C{backend}: "echo" or "iperf3"."""
+
+    def __init__(self, procs: Processes, backend: str = "echo") -> None:
+        self.procs = procs
+        env = child_env(PIPEGATE_ROUTER=ROUTER_SECRET)
+        if backend == "echo":
+            popen = procs.namer("backend", stdout=subprocess.PIPE, text=True, env=env)
+            ports = json.loads(read_json_line(popen([python(), "-m", "benchmarks.backends", "echo"])))
+            self.backend_tcp, self.backend_udp = ports["tcp"], ports["udp"]
+            self.direct_tcp, self.direct_udp = self.backend_tcp, self.backend_udp
+        else:
+            # Two iperf3 servers (one answers one test at a time): one behind the gate, one direct.
+            for name in ("backend", "backend-direct"):
+                port = free_port()
+                procs.popen(iperf3_server_argv(port), name=name, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, stop_signal=signal.SIGTERM)
+                wait_listening(port, "tcp", procs=procs)
+                if name == "backend":
+                    self.backend_tcp = self.backend_udp = port
+                else:
+                    self.direct_tcp = self.direct_udp = port
+        self.backend = procs.child("backend")
+        mux = free_port()
+        self.gate = free_port()
+        gateway = procs.twistd("gateway", "pipegate-gateway",
+                               ["--mux", f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1"], env)
+        wait_listening(mux, "tcp", procs=procs)
+        services = json.dumps([
+            {"gatePort": self.gate, "serviceHost": "127.0.0.1", "servicePort": self.backend_tcp, "protocol": "tcp"},
+            {"gatePort": self.gate, "serviceHost": "127.0.0.1", "servicePort": self.backend_udp, "protocol": "udp"},
+        ])
+        provider = procs.twistd("provider", "pipegate-provider",
+                                ["--services", services, "--connect", f"tcp:127.0.0.1:{mux}"], env)
+        # A gate opens once the provider's link is admitted and its routes are in.
+        wait_listening(self.gate, "tcp", procs=procs)
+        wait_listening(self.gate, "udp", procs=procs)
+        if backend == "echo":
+            wait_echo(self.gate, procs=procs)
+        self.gateway = procs.started(gateway.name)
+        self.provider = procs.started(provider.name)
+
+    @property
+    def services(self):
+        return [self.gateway, self.provider]
