@@ -9,6 +9,20 @@ class FrameError(ValueError):
     """A frame could not be decoded or violated the protocol."""
 
 
+def str8(value: bytes) -> bytes:
+    """A 1-byte length and the bytes."""
+    if len(value) > 0xFF:
+        raise FrameError(f"field longer than 255 bytes ({len(value)})")
+    return bytes((len(value),)) + value
+
+
+def str16(value: bytes) -> bytes:
+    """A 2-byte big-endian length and the bytes."""
+    if len(value) > 0xFFFF:
+        raise FrameError(f"field longer than 65535 bytes ({len(value)})")
+    return struct.pack(">H", len(value)) + value
+
+
 class Reader:
     """Bounds-checked cursor over one frame: nothing is sliced past the end."""
 

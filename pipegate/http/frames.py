@@ -13,6 +13,7 @@ from collections import deque
 import attrs
 
 from pipegate.codec import FrameError, Reader
+from pipegate.codec import str8 as _str8, str16 as _str16
 
 SUBPROTOCOL = "pipegate.v1"
 MAX_FRAME_SIZE = 262_144
@@ -92,18 +93,6 @@ class GoAway:
 
 
 Frame = RequestHead | ResponseHead | Data | End | Window | Reset | GoAway
-
-
-def _str8(value: bytes) -> bytes:
-    if len(value) > 0xFF:
-        raise FrameError(f"field longer than 255 bytes ({len(value)})")
-    return bytes((len(value),)) + value
-
-
-def _str16(value: bytes) -> bytes:
-    if len(value) > 0xFFFF:
-        raise FrameError(f"field longer than 65535 bytes ({len(value)})")
-    return struct.pack(">H", len(value)) + value
 
 
 def _headers(headers: Headers) -> bytes:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import attrs
 
 from pipegate.codec import FrameError, Reader
+from pipegate.codec import str8 as _str8, str16 as _str16
 
 VERSION = 1
 MAX_FRAME_SIZE = 1_048_576        # default limit on a frame's declared length (--max-frame-size)
@@ -225,18 +226,6 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise FrameError(f"text not encodable as UTF-8: {e}") from None
-
-
-def _str8(value: bytes) -> bytes:
-    if len(value) > 0xFF:
-        raise FrameError(f"field longer than 255 bytes ({len(value)})")
-    return bytes((len(value),)) + value
-
-
-def _str16(value: bytes) -> bytes:
-    if len(value) > 0xFFFF:
-        raise FrameError(f"field longer than 65535 bytes ({len(value)})")
-    return struct.pack(">H", len(value)) + value
 
 
 def _encode_route(route: Route) -> bytes:
