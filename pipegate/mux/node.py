@@ -140,3 +140,23 @@ def certificate_from(options: MuxOptions):
     if options["tls-key"]:
         return tls.load_certificate(options["tls-key"], options["tls-cert"])
     return None
+
+
+def add_node(top: service.MultiService, node, options: MuxOptions, role: int, reactor) -> None:
+    """Add C{node} and its link listeners and dialers to C{top}."""
+    for svc in link_services(node, link_config(options, role), reactor, options["mux"], options["connect"],
+                             certificate=certificate_from(options), verify_hostname=options["tls-verify"],
+                             ca_file=options["tls-ca"]):
+        svc.setServiceParent(top)
+    # Added last so that it stops first: links get a GOAWAY before their listeners
+    # and dialers go.
+    node.setServiceParent(top)
+
+
+def add_http(top: service.MultiService, description: str, root, reactor) -> None:
+    """Serve C{root} (a small JSON API: resolver, /unlimited) on server endpoint C{description}."""
+    from twisted.web import server
+
+    site = server.Site(root)
+    site.noisy = False
+    strports.service(description, site, reactor=reactor).setServiceParent(top)

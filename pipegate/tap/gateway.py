@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from twisted.application import service, strports
-from twisted.web import server
+from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import non_negative_float, positive_float
 from pipegate.mux import frames
 from pipegate.policy import PolicyError, load_policy
-from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
+from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import (
@@ -87,14 +86,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         window=options["window"]), reactor)
     if options["unlimited-secret"]:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
-        site = server.Site(UnlimitedResource(gate, gateway.grants, reactor))
-        site.noisy = False
-        strports.service(options["unlimited"], site, reactor=reactor).setServiceParent(top)
-    for svc in link_services(gateway, link_config(options, frames.ROLE_GATEWAY), reactor,
-                             options["mux"], options["connect"], certificate=certificate_from(options),
-                             verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
-        svc.setServiceParent(top)
-    # Added last so that it stops first: links get a GOAWAY before their listeners
-    # and dialers go.
-    gateway.setServiceParent(top)
+        add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
+    add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
     return top

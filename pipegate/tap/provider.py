@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import urllib.request
 
-from twisted.application import service, strports
-from twisted.web import server
+from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import positive_float
 from pipegate.mux import frames
-from pipegate.mux.node import MuxOptions, certificate_from, link_config, link_services
+from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
@@ -99,14 +98,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor, records)
     if records is not None:
-        site = server.Site(ResolverResource(records, options["resolver-auth"]))
-        site.noisy = False
-        strports.service(options["resolver"], site, reactor=reactor).setServiceParent(top)
-    for svc in link_services(provider, link_config(options, frames.ROLE_PROVIDER), reactor,
-                             options["mux"], options["connect"], certificate=certificate_from(options),
-                             verify_hostname=options["tls-verify"], ca_file=options["tls-ca"]):
-        svc.setServiceParent(top)
-    # Added last so that it stops first: links get a GOAWAY before their listeners
-    # and dialers go.
-    provider.setServiceParent(top)
+        add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
+    add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
     return top
