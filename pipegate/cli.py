@@ -1,5 +1,6 @@
 """
-The C{pipegate} command: C{token}, C{router-secret}, C{scan}, C{unlimited-token}, C{demo}.
+The C{pipegate} command: C{token}, C{router-secret}, C{scan}, C{unlimited-token}, C{demo},
+C{forward}.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args.port)
 
 
+def cmd_forward(args: argparse.Namespace) -> int:
+    from pipegate.ports.forward import main as forward_main
+
+    return forward_main(args.to, args.forwards, args.listen)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipegate", description="PipeGate tunnels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,5 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run a relay, a connector and a small web app on loopback")
     demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
     demo.set_defaults(func=cmd_demo)
+    forward = sub.add_parser("forward", help="forward ports to a gateway's gates (the Docker helper's program)")
+    forward.add_argument("--to", required=True, help="host or address of the gateway, as seen from here")
+    forward.add_argument("--listen", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    forward.add_argument("forwards", nargs="+", metavar="PORT/PROTO=GATE_PORT",
+                         help="listen on PORT (tcp or udp) and forward to the gateway's GATE_PORT")
+    forward.set_defaults(func=cmd_forward)
     args = parser.parse_args(argv)
     return args.func(args)

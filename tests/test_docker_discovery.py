@@ -433,7 +433,7 @@ class ContainerServicesTests(unittest.TestCase):
 
     def test_helper_containers_are_excluded(self) -> None:
         listing, inspect = make_container("pipegate-helper-db", exposed=("3306/tcp",), aliases=("db",))
-        labels = helper_spec("db", [(3306, "tcp")], "pipegate", NETWORK, NETWORK_ID, [])["Labels"]
+        labels = helper_spec("db", [(3306, "tcp", 3306)], "pipegate", NETWORK, NETWORK_ID, "10.89.0.1")["Labels"]
         listing["Labels"] = inspect["Config"]["Labels"] = labels
         self.assertEqual(container_services(listing, inspect, NETWORK), [])
 
@@ -574,20 +574,18 @@ class MergeTests(unittest.TestCase):
 
 class HelperTests(unittest.TestCase):
 
-    GATEWAY_ARGS = ["--relay", "wss://relay.example.net/v1"]
-
     def spec(self, network_id: str | None = NETWORK_ID) -> dict:
-        return helper_spec("mysql.hyper", [(3306, "tcp"), (3306, "udp")], "pipegate:latest", NETWORK,
-                           network_id, self.GATEWAY_ARGS)
+        return helper_spec("mysql.hyper", [(3306, "udp", 13306), (3306, "tcp", 3306)], "pipegate:latest", NETWORK,
+                           network_id, "172.18.0.1")
 
     def test_shape(self) -> None:
         self.assertEqual(self.spec(), {
             "Image": "pipegate:latest",
-            "Cmd": ["twistd", "-n", "--pidfile=", "pipegate-gateway", "--relay", "wss://relay.example.net/v1",
-                    "--expose-only-services", "mysql.hyper", "--listen", "0.0.0.0"],
+            "Cmd": ["pipegate", "forward", "--to", "172.18.0.1", "3306/tcp=3306", "3306/udp=13306"],
             "ExposedPorts": {"3306/tcp": {}, "3306/udp": {}},
             "Hostname": "mysql.hyper",
-            "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": "mysql.hyper"},
+            "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": "mysql.hyper",
+                       "pipegate.helper.network": NETWORK},
             "NetworkingConfig": {
                 "EndpointsConfig": {NETWORK: {"Aliases": ["mysql.hyper"], "NetworkID": NETWORK_ID}},
             },
@@ -605,7 +603,7 @@ class HelperTests(unittest.TestCase):
         self.assertTrue(secret_free(helper_name("mysql.hyper"), SECRET))
 
     def test_secret_free_finds_leaks(self) -> None:
-        leaky = helper_spec("db", [(5432, "tcp")], "pipegate", NETWORK, None, ["--router", SECRET])
+        leaky = helper_spec("db", [(5432, "tcp", 5432)], "pipegate", NETWORK, None, SECRET)
         self.assertFalse(secret_free(leaky, SECRET))
         self.assertFalse(secret_free({"Env": [f"PIPEGATE_ROUTER={SECRET}"]}, SECRET))
         self.assertFalse(secret_free({"Labels": {f"x-{SECRET.upper()}": "1"}}, SECRET))
@@ -615,14 +613,17 @@ class HelperTests(unittest.TestCase):
         self.assertRaises(ValueError, secret_free, {}, "")
 
     def test_bad_arguments(self) -> None:
-        self.assertRaises(ValueError, helper_spec, "", [(80, "tcp")], "pipegate", NETWORK, None, [])
-        self.assertRaises(ValueError, helper_spec, "a b", [(80, "tcp")], "pipegate", NETWORK, None, [])
-        self.assertRaises(ValueError, helper_spec, "web", [(0, "tcp")], "pipegate", NETWORK, None, [])
-        self.assertRaises(ValueError, helper_spec, "web", [(80, "sctp")], "pipegate", NETWORK, None, [])
+        for host, forwards, target in [
+            ("", [(80, "tcp", 80)], "gw"), ("a b", [(80, "tcp", 80)], "gw"), ("web", [(0, "tcp", 80)], "gw"),
+            ("web", [(80, "tcp", 70000)], "gw"), ("web", [(80, "sctp", 80)], "gw"), ("web", [], "gw"),
+            ("web", [(80, "tcp", 80), (80, "tcp", 81)], "gw"), ("web", [(80, "tcp", 80)], ""),
+            ("web", [(80, "tcp", 80)], "g w"),
+        ]:
+            self.assertRaises(ValueError, helper_spec, host, forwards, "pipegate", NETWORK, None, target)
 
     def test_long_host(self) -> None:
         host = "a" * 40 + "." + "b" * 40
-        spec = helper_spec(host, [(80, "tcp")], "pipegate", NETWORK, None, [])
+        spec = helper_spec(host, [(80, "tcp", 80)], "pipegate", NETWORK, None, "gw")
         self.assertLessEqual(len(spec["Hostname"]), 63)
         self.assertEqual(spec["NetworkingConfig"]["EndpointsConfig"][NETWORK]["Aliases"], [host])
 

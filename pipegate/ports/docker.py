@@ -16,8 +16,9 @@ Hypergate's Docker mode (C{hypergate.md} section 7), with its tagged bugs fixed:
     skipped and reported by L{discover}, instead of the item being silently dropped;
   - discovered services are merged with the static ones (L{merge_with_static}) instead
     of replacing them;
-  - the helper container of a gateway (L{helper_spec}, L{helper_name}) never carries the
-    router secret in its name, labels, command line or environment.
+  - the helper container of a gateway (L{helper_spec}, L{helper_name}) is built from the
+    routes the gateway learned, and is a plain forwarder to the gateway's gates that
+    needs no router secret (Hypergate put it in the name and the environment).
 """
 
 from __future__ import annotations
@@ -522,57 +523,66 @@ def _hostname(route_host: str) -> str:
 
 def helper_spec(
     route_host: str,
-    ports: Iterable[tuple[int, str]],
+    forwards: Iterable[tuple[int, str, int]],
     image: str,
     network: str,
     network_id: str | None,
-    gateway_args: Iterable[str],
+    target: str,
 ) -> dict:
     """
     The JSON body of C{POST /containers/create?name=<helper_name(route_host)>} for the
-    gateway-side helper of C{route_host}: a C{pipegate-gateway} inside the network,
-    answering to the alias C{route_host}, exposing only that host's routes.
+    gateway-side helper of C{route_host}: a plain TCP/UDP forwarder inside the network,
+    answering to the alias C{route_host} on each service port and forwarding to the
+    gateway's gate port at C{target} (the gateway's address as seen from the network).
+
+    C{forwards} are C{(service_port, protocol, gate_port)} triples: local containers
+    connect to C{route_host:service_port}, as if the service were on their network, and
+    the helper carries the connection (or datagrams) to C{target:gate_port}.
 
       - C{Image}: C{image};
-      - C{Cmd}: C{twistd -n --pidfile= pipegate-gateway <gateway_args>
-        --expose-only-services <route_host> --listen 0.0.0.0};
-      - C{ExposedPorts}: C{{"<port>/<proto>": {}}} for C{ports}, the (port, protocol)
-        pairs the helper's gateway listens on (the routes' gate ports);
+      - C{Cmd}: C{pipegate forward --to <target> <port>/<proto>=<gate port> ...};
+      - C{ExposedPorts}: C{{"<port>/<proto>": {}}} for the service ports;
       - C{Hostname}: C{route_host} (cut to 63 characters);
-      - C{Labels}: C{pipegate.EXCLUDE=true} (discovery skips helpers) and
-        C{pipegate.helper=<route_host>} (to find and remove them);
+      - C{Labels}: C{pipegate.EXCLUDE=true} (discovery skips helpers),
+        C{pipegate.helper=<route_host>} and C{pipegate.helper.network=<network>} (to find
+        them again, also after a crash);
       - C{NetworkingConfig.EndpointsConfig[network]}: C{{"Aliases": [route_host],
         "NetworkID": network_id}}, without C{NetworkID} when it is C{None};
       - no C{Env}, no published host ports.
 
-    Nothing here may contain the router secret, and this function never sees it: the
-    caller gives helpers the secret only through an env file or a mounted secret file
-    it manages (added to the spec by the caller, e.g. as a C{HostConfig.Mounts} entry),
-    never as a command-line argument, label, name, hostname or C{Env} value, all of
-    which anyone allowed to list or inspect containers can read.  The caller should
-    check the final body with L{secret_free} before sending it.
+    A forwarder needs no router secret at all, so none can leak through the name,
+    labels, command line or environment that anyone allowed to inspect containers can
+    read; the gate ports it reaches are the gateway's public gates, already guarded by
+    the gateway's ingress policy.  Callers still check the final body with
+    L{secret_free} before sending it.
     """
     if not route_host or any(c.isspace() for c in route_host):
         raise ValueError(f"helper route host must be a non-empty name without spaces, got {route_host!r}")
+    if not target or any(c.isspace() for c in target):
+        raise ValueError(f"helper target must be a host name or address without spaces, got {target!r}")
     exposed: dict[str, dict] = {}
-    for port, protocol in sorted(set(ports)):
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ValueError(f"helper port must be an integer 1-65535, got {port!r}")
+    arguments: list[str] = []
+    for port, protocol, gate_port in sorted(set(forwards)):
+        for number in (port, gate_port):
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+                raise ValueError(f"helper port must be an integer 1-65535, got {number!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f'helper protocol must be "tcp" or "udp", got {protocol!r}')
+        if f"{port}/{protocol}" in exposed:
+            raise ValueError(f"helper port {port}/{protocol} is given twice")
         exposed[f"{port}/{protocol}"] = {}
+        arguments.append(f"{port}/{protocol}={gate_port}")
+    if not arguments:
+        raise ValueError("a helper needs at least one port")
     endpoint: dict[str, Any] = {"Aliases": [route_host]}
     if network_id is not None:
         endpoint["NetworkID"] = network_id
     return {
         "Image": image,
-        "Cmd": [
-            "twistd", "-n", "--pidfile=", "pipegate-gateway", *gateway_args,
-            "--expose-only-services", route_host, "--listen", "0.0.0.0",
-        ],
+        "Cmd": ["pipegate", "forward", "--to", target, *arguments],
         "ExposedPorts": exposed,
         "Hostname": _hostname(route_host),
-        "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": route_host},
+        "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": route_host, "pipegate.helper.network": network},
         "NetworkingConfig": {"EndpointsConfig": {network: endpoint}},
     }
 

@@ -238,6 +238,7 @@ class Gateway(service.Service):
         self.pool = BucketPool()
         self.denied = 0
         self.dropped_datagrams = 0
+        self.route_listeners: list = []  # called with no argument after every route change (Docker helpers)
 
     # -- ingress policy and shaping
     def decide(self, key, ip: str) -> Decision:
@@ -317,6 +318,8 @@ class Gateway(service.Service):
     def sync_gates(self) -> None:
         if not self.running:
             return
+        for listener in list(self.route_listeners):
+            listener()
         wanted = self.exposed()
         for key in list(self.gates):
             if key not in wanted:

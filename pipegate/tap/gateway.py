@@ -16,10 +16,11 @@ from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import (
     Exposure, ServiceError, load_source, parse_filters, parse_only_services,
 )
+from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
 
 
-class Options(MuxOptions):
+class Options(DockerOptionsMixin, MuxOptions):
     synopsis = "[options]"
     longdesc = (
         "Open a public gate for every route that providers announce and carry each TCP "
@@ -40,9 +41,12 @@ class Options(MuxOptions):
         ["unlimited", None, "tcp:8091:interface=127.0.0.1", "Server endpoint of the /unlimited endpoint."],
         ["unlimited-grant", None, "1800", "Seconds an /unlimited grant lasts."],
         ["tcp-idle-timeout", None, "0", "Seconds without a byte either way after which a TCP connection is closed; 0 = off."],
-    ]
+        ["image", None, "pipegate", "Docker mode: image of the helper containers (runs `pipegate forward`)."],
+        ["helper-target", None, None, "Docker mode: this gateway's address as helpers see it "
+                                      "(default: the Docker network's gateway address)."],
+    ] + DOCKER_PARAMETERS
     converters = {**MuxOptions.converters, "open-timeout": positive_float, "unlimited-grant": positive_float,
-                  "tcp-idle-timeout": non_negative_float}
+                  "tcp-idle-timeout": non_negative_float, **DOCKER_CONVERTERS}
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +58,12 @@ class Options(MuxOptions):
 
     def check(self) -> None:
         super().check()
+        self.check_docker()
+        if self["docker-endpoint"] and (not self["image"] or any(c.isspace() for c in self["image"])):
+            raise usage.UsageError(f"--image: expected an image name, got {self['image']!r}")
+        if self["helper-target"] is not None and (not self["helper-target"] or
+                                                  any(c.isspace() for c in self["helper-target"])):
+            raise usage.UsageError(f"--helper-target: expected a host name or address, got {self['helper-target']!r}")
         try:
             self["policy"] = load_policy(self["ingress-policy"], fetch)[0]
         except PolicyError as e:
@@ -88,4 +98,23 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
     add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
+    if options["docker-endpoint"]:
+        add_helpers(top, gateway, options, reactor)
     return top
+
+
+def add_helpers(top: service.MultiService, gateway: Gateway, options: Options, reactor) -> None:
+    """Docker mode: a helper container per learned service host, removed when the gateway stops."""
+    from twisted.logger import Logger
+
+    from pipegate.ports.dockermode import HelperManager
+    from pipegate.ports.engine import EngineClient
+
+    if ipaddress.ip_address(options["listen"].split("%")[0]).is_loopback:
+        Logger(namespace="pipegate.docker").warn(
+            "docker: gates listen on {listen}, which helper containers cannot reach; use --listen 0.0.0.0 "
+            "or the network's gateway address", listen=options["listen"])
+    engine = EngineClient(reactor, options["docker-endpoint"])
+    HelperManager(engine, gateway, options["network"], options["image"], reactor,
+                  target=options["helper-target"], secret=options["secret"],
+                  period=options["refresh"]).setServiceParent(top)

@@ -14,6 +14,7 @@ from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import ServiceError, load_source, merge_services, parse_services
+from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
 
 
 def fetch(url: str) -> bytes:
@@ -22,7 +23,7 @@ def fetch(url: str) -> bytes:
         return response.read(16 * 1024 * 1024)
 
 
-class Options(MuxOptions):
+class Options(DockerOptionsMixin, MuxOptions):
     synopsis = "[options]"
     longdesc = (
         "Announce private services to gateways over TLS mux links and carry their TCP "
@@ -35,8 +36,8 @@ class Options(MuxOptions):
         ["resolver", None, None, "Server endpoint for the fingerprint resolver HTTP API (off unless given), "
                                  "e.g. tcp:8080:interface=127.0.0.1."],
         ["resolver-basic-auth", None, None, "user:password required by /resolve and /all."],
-    ]
-    converters = {**MuxOptions.converters, "connect-timeout": positive_float}
+    ] + DOCKER_PARAMETERS
+    converters = {**MuxOptions.converters, "connect-timeout": positive_float, **DOCKER_CONVERTERS}
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,6 +61,7 @@ class Options(MuxOptions):
 
     def check(self) -> None:
         super().check()
+        self.check_docker()
         if self["resolver-basic-auth"] is not None:
             user, colon, password = self["resolver-basic-auth"].partition(":")
             if not colon or not user:
@@ -100,4 +102,24 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if records is not None:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
     add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
+    if options["docker-endpoint"]:
+        add_discovery(top, provider, options, reactor)
     return top
+
+
+def add_discovery(top: service.MultiService, provider: Provider, options: Options, reactor) -> None:
+    """Docker mode: discovered services are merged with the --services ones on every change."""
+    from twisted.logger import Logger
+
+    from pipegate.ports.docker import merge_with_static
+    from pipegate.ports.dockermode import DockerDiscovery
+    from pipegate.ports.engine import EngineClient
+
+    log = Logger(namespace="pipegate.docker")
+    static = list(options["service-list"])
+
+    def publish(discovered):
+        provider.set_services(merge_with_static(static, discovered, lambda m: log.warn("{m}", m=m)))
+
+    engine = EngineClient(reactor, options["docker-endpoint"])
+    DockerDiscovery(engine, options["network"], options["refresh"], publish, reactor).setServiceParent(top)
