@@ -198,7 +198,7 @@ class DockerDiscovery(_Loop):
         services = discover(listings, inspects, self.network, messages.append)
         for message in messages:
             if message not in self._reported:
-                self.log.warn("{message}", message=message)
+                self.log.warn("{text}", text=message)
         self._reported = set(messages)
         if services != self.discovered:
             self.discovered = services

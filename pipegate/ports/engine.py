@@ -28,7 +28,7 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
@@ -114,6 +114,10 @@ class _BoundedBody(protocol.Protocol):
             self.done.errback(EngineError(f"{self.what}: response cut short: {_one_line(reason.getErrorMessage())}"))
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 class EngineClient:
     """
     Requests to one Docker Engine.  C{description} is a Twisted client endpoint string
@@ -127,6 +131,7 @@ class EngineClient:
         self.timeout = timeout
         self.max_body = max_body
         self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.pool._factory = _QuietFactory  # no "Starting factory" line per request
         self.agent = Agent.usingEndpointFactory(reactor, _SocketEndpoints(reactor, description, timeout),
                                                 pool=self.pool)
 
