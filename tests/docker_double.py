@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 import os
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, endpoints, reactor
 from twisted.web import resource, server
