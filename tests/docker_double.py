@@ -106,6 +106,7 @@ class Engine(resource.Resource):
         self.stall = False
         self.stalled: list = []
         self.start_fails = False
+        self.events_status: int | None = None  # answer /events with this error status
 
     # -- test controls
     def add_image(self, name: str, exposed: list[str]) -> None:
@@ -193,6 +194,8 @@ class Engine(resource.Resource):
         except ValueError:
             return self._json(request, {"message": "invalid JSON"}, 400)
         if parts == ["events"] and method == "GET":
+            if self.events_status is not None:
+                return self._json(request, {"message": "events are not offered here"}, self.events_status)
             return self._events(request, query)
         if parts == ["containers", "json"] and method == "GET":
             return self._list(request, query)

@@ -12,9 +12,10 @@ import re
 
 import attrs
 from twisted.internet import defer, endpoints
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.portforward import ProxyFactory
+from zope.interface import implementer
 
 from pipegate.ports.services import PROTOCOLS
 
@@ -41,6 +42,65 @@ def parse_forward(text: str) -> Forward:
         if not 1 <= number <= 65535:
             raise ValueError(f"port must be 1-65535, got {number}")
     return Forward(port, protocol, gate)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Leg(Protocol):
+    """One side of a forwarded TCP connection; the peers are each other's producers, half-close is carried."""
+
+    peer: _Leg | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None and peer.transport is not None:
+            peer.peer = None
+            peer.transport.loseConnection()
+
+
+class _Inbound(_Leg):
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # nothing is read until the gate answers
+        factory = self.factory
+        endpoint = endpoints.HostnameEndpoint(factory.reactor, factory.host, factory.port, timeout=10)
+        endpoints.connectProtocol(endpoint, _Leg()).addCallbacks(self._connected, self._failed)
+
+    def _connected(self, outbound: _Leg) -> None:
+        if self.transport is None or not self.connected:
+            outbound.transport.loseConnection()
+            return
+        self.peer, outbound.peer = outbound, self
+        self.transport.registerProducer(outbound.transport, True)
+        outbound.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+
+    def _failed(self, failure) -> None:
+        ForwardFactory.log.info("forward to {host}:{port} failed: {error}", host=self.factory.host,
+                                port=self.factory.port, error=failure.getErrorMessage())
+        self.transport.loseConnection()
+
+
+class ForwardFactory(Factory):
+    """TCP connections to C{host:port}, with backpressure both ways and half-close."""
+
+    log = Logger()
+    noisy = False
+    protocol = _Inbound
+
+    def __init__(self, reactor, host: str, port: int) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
 
 
 class _Backend(DatagramProtocol):
@@ -108,8 +168,7 @@ async def start(reactor, target: str, forwards: list[Forward], listen: str = "0.
     udp_target = None
     for forward in forwards:
         if forward.protocol == "tcp":
-            factory = ProxyFactory(target, forward.gate_port)
-            factory.noisy = False
+            factory = ForwardFactory(reactor, target, forward.gate_port)
             endpoint = endpoints.TCP4ServerEndpoint(reactor, forward.port, interface=listen)
             ports.append(await endpoint.listen(factory))
         else:
