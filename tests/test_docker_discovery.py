@@ -586,6 +586,7 @@ class HelperTests(unittest.TestCase):
             "Hostname": "mysql.hyper",
             "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": "mysql.hyper",
                        "pipegate.helper.network": NETWORK},
+            "HostConfig": {"Sysctls": {"net.ipv4.ip_unprivileged_port_start": "0"}},
             "NetworkingConfig": {
                 "EndpointsConfig": {NETWORK: {"Aliases": ["mysql.hyper"], "NetworkID": NETWORK_ID}},
             },

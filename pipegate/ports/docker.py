@@ -548,6 +548,9 @@ def helper_spec(
         them again, also after a crash);
       - C{NetworkingConfig.EndpointsConfig[network]}: C{{"Aliases": [route_host],
         "NetworkID": network_id}}, without C{NetworkID} when it is C{None};
+      - C{HostConfig.Sysctls}: C{net.ipv4.ip_unprivileged_port_start=0}, so that the
+        image's unprivileged user may listen on a service port below 1024 (it is the
+        helper's own network namespace);
       - no C{Env}, no published host ports.
 
     A forwarder needs no router secret at all, so none can leak through the name,
@@ -583,6 +586,7 @@ def helper_spec(
         "ExposedPorts": exposed,
         "Hostname": _hostname(route_host),
         "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": route_host, "pipegate.helper.network": network},
+        "HostConfig": {"Sysctls": {"net.ipv4.ip_unprivileged_port_start": "0"}},
         "NetworkingConfig": {"EndpointsConfig": {network: endpoint}},
     }
 

@@ -39,6 +39,7 @@ class DockerOptionsMixin:
     def parseOptions(self, options=None):
         if options is None:
             options = sys.argv[1:]
+        self._docker_flag = any(a == "--docker" or a.startswith("--docker=") for a in options)
         return super().parseOptions(optional_docker_value(list(options)))
 
     def check_docker(self) -> None:
@@ -48,8 +49,8 @@ class DockerOptionsMixin:
         if value is None:
             return
         lowered = value.strip().lower()
-        if lowered in FALSE and value != "":
-            return  # PIPEGATE_DOCKER=false and friends: off
+        if lowered in FALSE and (value != "" or not getattr(self, "_docker_flag", False)):
+            return  # PIPEGATE_DOCKER=false (or 0, no, off, empty): off
         if value == "" or lowered in TRUE:
             value = self.environ.get("DOCKER_HOST", "")
             source = "DOCKER_HOST"
