@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 
@@ -23,6 +24,7 @@ from tests.docker_double import EngineDouble
 from tests.support import eventually
 from pipegate.ports.services import Service
 from tests.test_ports_e2e import SECRET, PortPlane, UDPEcho, free_port
+from tests.test_processes import TWISTD, child_env, spawn
 
 SECRET_HEX = SECRET.hex()
 
@@ -256,3 +258,48 @@ class ForwardTests(DockerPlane):
         self.assertEqual(forward.main("gw", ["nonsense"]), 2)
         self.assertEqual(forward.main("gw", []), 2)
 
+
+
+class Processes(DockerPlane):
+    """twistd pipegate-provider / pipegate-gateway --docker as real processes; SIGTERM and SIGINT remove helpers."""
+
+    async def test_sigterm(self):
+        """A provider process discovers through DOCKER_HOST; the gateway process's helpers go on SIGTERM."""
+        mux, gate = free_port(), free_port()
+        gateway = spawn(self, TWISTD + [
+            "-n", "--pidfile=", "pipegate-gateway", "--mux", f"tcp:{mux}:interface=127.0.0.1",
+            "--docker", self.double.endpoint, "--helper-target", "127.0.0.1"], child_env(PIPEGATE_ROUTER=SECRET_HEX))
+        provider = spawn(self, TWISTD + [
+            "-n", "--pidfile=", "pipegate-provider", "--connect", f"tcp:127.0.0.1:{mux}", "--docker",
+            "--services", json.dumps([{"gatePort": free_port(), "serviceHost": "files.hyper", "servicePort": 1}])],
+            child_env(PIPEGATE_ROUTER=SECRET_HEX, DOCKER_HOST="unix://" + self.double.path))
+        self.engine.add_network("pipegate")
+        self.engine.run(self.engine.container("db", image="app:1", aliases=["db.hyper"],
+                                              labels={"pipegate.EXPOSE": f"5432:{gate}"}))
+        await eventually(lambda: b"gate %d/tcp open" % gate in gateway.output, timeout=30)
+        helpers = {helper_name("db.hyper"), helper_name("files.hyper")}
+        await eventually(lambda: {c.name for c in self.engine.containers.values() if c.status == "running"}
+                         == helpers | {"db"}, timeout=30)
+        gateway.transport.signalProcess(signal.SIGTERM)
+        await gateway.ended
+        self.assertEqual({c.name for c in self.engine.containers.values()}, {"db"})
+        provider.transport.signalProcess(signal.SIGTERM)
+        await provider.ended
+        for process in (gateway, provider):
+            self.assertIn(b"Main loop terminated", process.output)
+            self.assertNotIn(b"Traceback", process.output)
+            self.assertNotIn(SECRET_HEX.encode(), process.output)
+
+    async def test_sigint(self):
+        mux = free_port()
+        gateway = spawn(self, TWISTD + [
+            "-n", "--pidfile=", "pipegate-gateway", "--mux", f"tcp:{mux}:interface=127.0.0.1",
+            "--docker", self.double.endpoint, "--helper-target", "127.0.0.1"], child_env(PIPEGATE_ROUTER=SECRET_HEX))
+        self.provider(_Port(mux), [Service(free_port(), "cache.hyper", 6379, "tcp")])
+        await eventually(lambda: helper_name("cache.hyper") in {c.name for c in self.engine.containers.values()},
+                         timeout=30)
+        gateway.transport.signalProcess(signal.SIGINT)
+        await gateway.ended
+        self.assertEqual(self.engine.containers, {})
+        self.assertIn(b"gateway stopping", gateway.output)
+        self.assertNotIn(b"Traceback", gateway.output)

@@ -270,6 +270,7 @@ class HelperManager(_Loop):
         self.helpers: dict[str, tuple[str, str]] = {}  # host -> (container name, spec digest)
         self._collected = False
         self._network: dict | None = None
+        self._refused: set[str] = set()
 
     def startService(self) -> None:
         self.gateway.route_listeners.append(self.routes_changed)
@@ -295,7 +296,13 @@ class HelperManager(_Loop):
         for host in [h for h in self.helpers if h not in wanted]:
             await self._remove(host, "its routes are gone")
         for host, forwards in wanted.items():
-            spec = helper_spec(host, forwards, self.image, self.network, self._network.get("Id"), target)
+            try:
+                spec = helper_spec(host, forwards, self.image, self.network, self._network.get("Id"), target)
+            except ValueError as e:
+                if host not in self._refused:
+                    self.log.warn("docker: no helper for {host}: {error}", host=host, error=str(e))
+                    self._refused.add(host)
+                continue
             digest = spec_digest(spec)
             spec["Labels"]["pipegate.helper.spec"] = digest
             current = self.helpers.get(host)
@@ -357,13 +364,15 @@ class HelperManager(_Loop):
         return defer.ensureDeferred(self._remove_all())
 
     async def _remove_all(self) -> None:
-        for host in list(self.helpers):
+        async def remove(host: str) -> None:
+            name = self.helpers[host][0]
             try:
                 await self._remove(host, "gateway stopping")
             except EngineError as e:
-                self.log.error("docker: helper {name} not removed: {error}", name=self.helpers[host][0],
-                               error=str(e))
-                del self.helpers[host]
+                self.log.error("docker: helper {name} not removed: {error}", name=name, error=str(e))
+                self.helpers.pop(host, None)
+
+        await defer.gatherResults([defer.ensureDeferred(remove(h)) for h in list(self.helpers)])
 
 
 def _network_gateway(network: dict) -> str | None:
