@@ -313,7 +313,7 @@ class HelperManager(_Loop):
             await self._create(host, spec, digest)
 
     async def _collect(self) -> None:
-        """Remove helpers of this network that an earlier run left behind."""
+        """Remove every helper of this network (on start: those an earlier run left behind)."""
         stale = _listing(await self.engine.containers(
             all=True, filters={"label": [f"pipegate.helper.network={self.network}"]}), "GET /containers/json")
         for entry in stale:
@@ -373,6 +373,12 @@ class HelperManager(_Loop):
                 self.helpers.pop(host, None)
 
         await defer.gatherResults([defer.ensureDeferred(remove(h)) for h in list(self.helpers)])
+        if self.healthy:
+            # A create cut short by the stop may have left a helper this run did not record.
+            try:
+                await self._collect()
+            except EngineError as e:
+                self.log.error("docker: could not look for leftover helpers: {error}", error=str(e))
 
 
 def _network_gateway(network: dict) -> str | None:
