@@ -303,3 +303,33 @@ class Processes(DockerPlane):
         self.assertEqual(self.engine.containers, {})
         self.assertIn(b"gateway stopping", gateway.output)
         self.assertNotIn(b"Traceback", gateway.output)
+
+
+class HelperRepairTests(DockerPlane):
+
+    async def test_removed_helper_comes_back_and_network_is_recreated(self):
+        from pipegate.ports.dockermode import HelperManager
+        from pipegate.ports.engine import EngineClient
+
+        gw, mux = await self.gateway()
+        self.provider(mux, [Service(free_port(), "db.hyper", 5432, "tcp")])
+        client = EngineClient(reactor, self.double.endpoint)
+        self.cleanups.append(client.close)
+        manager = HelperManager(client, gw, "pipegate", "pipegate", reactor, target="gw", period=0.2, debounce=0.05)
+        manager.startService()
+        self.cleanups.append(manager.stopService)
+        name = helper_name("db.hyper")
+        await eventually(lambda: name in {c.name for c in self.engine.containers.values()})
+        # Someone removes the helper, then the network itself.
+        (helper,) = self.engine.containers.values()
+        del self.engine.containers[helper.id]
+        await eventually(lambda: self.logged(f"helper {name} has disappeared"))
+        await eventually(lambda: name in {c.name for c in self.engine.containers.values()})
+        old_id = self.engine.networks["pipegate"]["Id"]
+        for c in list(self.engine.containers.values()):
+            del self.engine.containers[c.id]
+        del self.engine.networks["pipegate"]
+        await eventually(lambda: name in {c.name for c in self.engine.containers.values()})
+        self.assertNotEqual(self.engine.networks["pipegate"]["Id"], old_id)
+        (helper,) = self.engine.containers.values()
+        self.assertEqual(helper.networks["pipegate"]["NetworkID"], self.engine.networks["pipegate"]["Id"])

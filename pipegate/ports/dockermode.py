@@ -284,11 +284,20 @@ class HelperManager(_Loop):
         return wanted_helpers(routes, self.gateway.config.exposure)
 
     async def refresh(self) -> None:
+        try:
+            await self._reconcile()
+        except EngineError:
+            self._network = None  # inspected again next time (it may have been re-created)
+            raise
+
+    async def _reconcile(self) -> None:
         if self._network is None:
             self._network = await ensure_network(self.engine, self.network)
         if not self._collected:
             await self._collect()
             self._collected = True
+        else:
+            await self._forget_missing()
         target = self.target or _network_gateway(self._network)
         if not target:
             raise EngineError(f"network {self.network} has no gateway address; give --helper-target")
@@ -311,6 +320,17 @@ class HelperManager(_Loop):
             if current is not None:
                 await self._remove(host, "its routes changed")
             await self._create(host, spec, digest)
+
+    async def _forget_missing(self) -> None:
+        """Helpers removed behind our back (C{docker rm}) are forgotten, so they are created again."""
+        present = set()
+        for entry in _listing(await self.engine.containers(
+                all=True, filters={"label": [f"pipegate.helper.network={self.network}"]}), "GET /containers/json"):
+            present.update(n.lstrip("/") for n in entry.get("Names") or () if isinstance(n, str))
+        for host, (name, _) in list(self.helpers.items()):
+            if name not in present:
+                self.log.warn("docker: helper {name} has disappeared; creating it again", name=name)
+                del self.helpers[host]
 
     async def _collect(self) -> None:
         """Remove every helper of this network (on start: those an earlier run left behind)."""
