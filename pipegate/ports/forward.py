@@ -104,6 +104,8 @@ class ForwardFactory(Factory):
 
 
 class _Backend(DatagramProtocol):
+    noisy = False
+
     def __init__(self, relay: UDPForwarder, client) -> None:
         self.relay = relay
         self.client = client
@@ -120,6 +122,7 @@ class UDPForwarder(DatagramProtocol):
     """Datagrams from each client go out of their own connected socket to the target."""
 
     log = Logger()
+    noisy = False
 
     def __init__(self, reactor, target_ip: str, gate_port: int, idle_timeout: float = 120.0,
                  max_flows: int = MAX_UDP_FLOWS) -> None:
