@@ -239,3 +239,40 @@ class FromTheTap(PortPlane):
         client.transport.write(b"through the relay")
         client.transport.loseWriteConnection()
         self.assertEqual(await client.closed, b"through the relaybye")
+
+
+class Policies(Hub):
+
+    async def test_each_providers_policy_travels_with_its_routes(self):
+        """Two providers behind the hub, one denying every client: the gateway applies
+        each provider's policy to that provider's gate only."""
+        import json
+
+        from pipegate.policy import load_policy
+
+        deny = load_policy([json.dumps({"defaults": {"allow": False}})])[1]
+        backend = await self.backend_echo()
+        closed, open_ = free_port(), free_port()
+        self.provider(self.hub_port, [Service(closed, "127.0.0.1", backend.getHost().port)], policy=deny)
+        self.provider(self.hub_port, [Service(open_, "127.0.0.1", backend.getHost().port)])
+        gw = self.dialling_gateway()
+        await eventually(lambda: {(closed, "tcp"), (open_, "tcp")} <= set(gw.gates))
+        refused = await self.connect(closed)
+        self.assertEqual(await refused.closed, b"")
+        self.assertEqual(gw.denied, 1)
+        client = await self.connect(open_)
+        client.transport.write(b"in")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"inbye")
+
+    async def test_an_unreadable_policy_closes_only_its_providers_gates(self):
+        backend = await self.backend_echo()
+        bad, good = free_port(), free_port()
+        self.provider(self.hub_port, [Service(bad, "127.0.0.1", backend.getHost().port)], policy=b"{not json")
+        self.provider(self.hub_port, [Service(good, "127.0.0.1", backend.getHost().port)])
+        gw = self.dialling_gateway()
+        await eventually(lambda: (good, "tcp") in gw.gates)
+        await eventually(lambda: len(self.hub.core.routes_for(0)) == 2)
+        await task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(set(gw.gates), {(good, "tcp")})   # fail closed for the unreadable one
+        self.assertTrue(self.logged(f"ignoring route {bad}/tcp"))
