@@ -7,12 +7,15 @@ dial out to it over real TLS mux links, carrying real TCP connections and UDP da
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 
 from twisted.application import internet
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.address import IPv4Address
+
+from twisted.trial import unittest
 
 from pipegate.mux import frames, tls
 from pipegate.mux.hub import HubConfig, HubLinkFactory, HubNode
@@ -276,3 +279,39 @@ class Policies(Hub):
         await task.deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(set(gw.gates), {(good, "tcp")})   # fail closed for the unreadable one
         self.assertTrue(self.logged(f"ignoring route {bad}/tcp"))
+
+
+class AsProcesses(unittest.TestCase):
+    """As users run it: three twistd processes; provider and gateway only dial out."""
+
+    async def test_relay_hub_provider_gateway(self):
+        from tests.test_ports_e2e import Client, Echo
+        from tests.test_processes import TWISTD, child_env, spawn
+
+        secret = SECRET.hex()
+        factory = protocol.Factory.forProtocol(Echo)
+        factory.noisy = False
+        backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(backend.stopListening)
+        http_port, mux, gate = free_port(), free_port(), free_port()
+        relay = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen",
+                                      f"tcp:{http_port}:interface=127.0.0.1"],
+                      child_env(PIPEGATE_JWT_SECRET="j" * 40, PIPEGATE_MUX=f"tcp:{mux}:interface=127.0.0.1",
+                                PIPEGATE_MUX_ROUTER=secret))
+        await eventually(lambda: b"starting on %d" % mux in relay.output, timeout=30)
+        services = json.dumps([{"gatePort": gate, "serviceHost": "127.0.0.1",
+                                "servicePort": backend.getHost().port}])
+        spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-provider", "--services", services,
+                              "--connect", f"tcp:127.0.0.1:{mux}"], child_env(PIPEGATE_ROUTER=secret))
+        gateway = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-gateway", "--listen", "127.0.0.1",
+                                        "--connect", f"tcp:127.0.0.1:{mux}"], child_env(PIPEGATE_ROUTER=secret))
+        await eventually(lambda: b"gate %d/tcp open" % gate in gateway.output, timeout=30)
+        client = Client()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gate), client)
+        client.transport.write(b"through the relay's hub")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.closed, b"through the relay's hubbye")
+        self.assertIn(b"hub: provider", relay.output)
+        self.assertIn(b"hub: gateway", relay.output)
+        self.assertNotIn(secret.encode(), relay.output + gateway.output)
+        self.assertNotIn(b"Traceback", relay.output)
