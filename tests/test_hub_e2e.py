@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 
 from twisted.application import internet
 from twisted.internet import defer, endpoints, protocol, reactor, task
@@ -286,7 +287,7 @@ class AsProcesses(unittest.TestCase):
 
     async def test_relay_hub_provider_gateway(self):
         from tests.test_ports_e2e import Client, Echo
-        from tests.test_processes import TWISTD, child_env, spawn
+        from tests.test_processes import TWISTD, child_env, run, spawn
 
         secret = SECRET.hex()
         factory = protocol.Factory.forProtocol(Echo)
@@ -311,6 +312,11 @@ class AsProcesses(unittest.TestCase):
         client.transport.write(b"through the relay's hub")
         client.transport.loseWriteConnection()
         self.assertEqual(await client.closed, b"through the relay's hubbye")
+        # An observer (pipegate scan) on the hub sees the router's routes, as on a gateway.
+        code, out = await run(self, [sys.executable, "-m", "pipegate", "scan", "--router", secret,
+                                     "--connect", f"tcp:127.0.0.1:{mux}"])
+        self.assertEqual(code, 0, out)
+        self.assertIn(f"{gate}/tcp -> 127.0.0.1:{backend.getHost().port}", out)
         self.assertIn(b"hub: provider", relay.output)
         self.assertIn(b"hub: gateway", relay.output)
         self.assertNotIn(secret.encode(), relay.output + gateway.output)
