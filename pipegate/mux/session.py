@@ -190,6 +190,10 @@ class MuxLink(Protocol):
             raise LinkError("admission failed: the peer does not know the router secret")
         if hello.role == frames.ROLE_PROVIDER and self.config.role == frames.ROLE_PROVIDER:
             raise LinkError("provider-to-provider links are refused")
+        self._admitted(hello)
+
+    def _admitted(self, hello) -> None:
+        """The peer's Hello verified: start pinging and hand the link to the node."""
         self.peer_role = hello.role
         self.admitted = True
         if self._handshake_timer is not None and self._handshake_timer.active():

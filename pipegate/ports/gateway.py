@@ -245,7 +245,8 @@ class Gateway(service.Service):
         """Grants first, then the operator's rules, then those of the providers serving C{key}."""
         now_ms = self.clock.seconds() * 1000
         policies = [self.grants.policy(now_ms), self.config.policy]
-        policies += [self.link_policies.get(link) for link in self.exposed().get(key, [])]
+        for link in self.exposed().get(key, []):
+            policies += self.link_policies.get(link, {}).get(key, [])
         try:
             return decide(policies, ip, key[0], key[1], now_ms)
         except PolicyError:
@@ -285,16 +286,30 @@ class Gateway(service.Service):
         if isinstance(frame, frames.Routes):
             if link.peer_role != frames.ROLE_PROVIDER:
                 return
-            shipped = frame.routes[0].policy if frame.routes else b""
-            try:
-                self.link_policies[link] = policy_from_bytes(shipped, f"policy of provider {link.peer_name}")
-            except PolicyError as e:
-                # Fail closed: a provider whose policy cannot be read gets no gates.
-                self.log.error("ignoring the routes of provider {peer}: {error}", peer=link.peer_name, error=e)
-                self.routes.pop(link, None)
-                self.sync_gates()
-                return
-            self.routes[link] = frame.routes
+            # Each route carries the policy of the provider behind it (a hub's routes come
+            # from several providers), so policies are kept per gate.
+            parsed: dict[bytes, Policy | None] = {}
+            policies: dict[tuple[int, str], list[Policy]] = {}
+            routes = []
+            for route in frame.routes:
+                if route.policy not in parsed:
+                    try:
+                        parsed[route.policy] = policy_from_bytes(
+                            route.policy, f"policy of provider {link.peer_name}")
+                    except PolicyError as e:
+                        # Fail closed: a route whose policy cannot be read gets no gate.
+                        self.log.error("ignoring route {port}/{proto} of provider {peer}: {error}",
+                                       port=route.gate_port, proto=route.protocol,
+                                       peer=link.peer_name, error=e)
+                        parsed[route.policy] = None
+                if parsed[route.policy] is None:
+                    continue
+                routes.append(route)
+                key = (route.gate_port, route.protocol)
+                if parsed[route.policy] not in policies.setdefault(key, []):
+                    policies[key].append(parsed[route.policy])
+            self.link_policies[link] = policies
+            self.routes[link] = tuple(routes)
             self.log.info("provider {peer} announces {count} route(s)", peer=link.peer_name,
                           count=len(frame.routes))
             self.sync_gates()
@@ -312,7 +327,9 @@ class Gateway(service.Service):
                 continue
             for route in routes:
                 if self.config.exposure.exposes(route_service(route)):
-                    table.setdefault((route.gate_port, route.protocol), []).append(link)
+                    links = table.setdefault((route.gate_port, route.protocol), [])
+                    if link not in links:
+                        links.append(link)
         return table
 
     def sync_gates(self) -> None:

@@ -9,6 +9,7 @@ from twisted.python import usage
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub
 from pipegate.policy import PolicyError, load_policy
 
 
@@ -18,7 +19,7 @@ def _fetch(url: str) -> bytes:
     return fetch(url)
 
 
-class Options(EnvOptions):
+class Options(HubOptions, EnvOptions):
     synopsis = "[options]"
     longdesc = (
         "Run the public HTTP relay. Connectors log in over a WebSocket with a JWT; public "
@@ -42,7 +43,7 @@ class Options(EnvOptions):
         ["jwt-algorithms", None, "HS256", "Accepted JWT algorithms: a JSON list or a comma list of HS256/HS384/HS512."],
         ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
         ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
-    ]
+    ] + HUB_PARAMETERS
     converters = {
         "max-body-bytes": non_negative_int,
         "max-in-flight": positive_int,
@@ -51,12 +52,14 @@ class Options(EnvOptions):
         "ping-interval": non_negative_float,
         "idle-timeout": non_negative_float,
         "tunnel-rate": non_negative_float,
+        **HUB_CONVERTERS,
     }
 
     def __init__(self) -> None:
         super().__init__()
         self["ingress-policy"] = []
         self._policy_from_env = False
+        self.init_hub()
 
     def opt_ingress_policy(self, value: str) -> None:
         """Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; repeatable."""
@@ -67,6 +70,7 @@ class Options(EnvOptions):
 
     def _apply_env(self) -> None:
         super()._apply_env()
+        self.apply_hub_env()
         value = self.environ.get("PIPEGATE_INGRESS_POLICY")
         self._policy_from_env = value is not None
         if value is not None:
@@ -91,6 +95,7 @@ class Options(EnvOptions):
             raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
         if self["domain"] is not None and not self["domain"].strip("."):
             raise usage.UsageError("--domain: empty domain")
+        self.check_hub()
 
 
 def relay_config(options: Options) -> RelayConfig:
@@ -117,4 +122,5 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     relay.setServiceParent(top)
     listener = strports.service(options["listen"], RelaySite(relay), reactor=reactor)
     listener.setServiceParent(top)
+    add_hub(top, options, reactor)
     return top
