@@ -19,7 +19,8 @@ class _Leg(protocol.Protocol):
         self.held: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
-        self.proxy.recorded[self.direction] += data
+        if self.proxy.record:
+            self.proxy.recorded[self.direction] += data
         if self.proxy.stalled or self.peer is None:
             self.held.append(data)
             return
@@ -65,7 +66,8 @@ class FaultProxy(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, record: bool = True) -> None:
+        self.record = record    # keep every byte in C{recorded} (off for long fault runs)
         self.host = host
         self.port = port
         self.stalled = False
