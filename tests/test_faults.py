@@ -15,7 +15,7 @@ import os
 import signal
 
 from twisted.internet import defer, endpoints, protocol, reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.ports.services import Service
@@ -26,6 +26,12 @@ from tests.test_processes import TWISTD, child_env, spawn
 from tests.test_secrets import JWT_SECRET
 
 ROUTER = "a1" * 32
+_figures = Logger(namespace="reliability")
+
+
+def figure(name: str, value: float, unit: str = "s") -> None:
+    """Log a measured figure (for docs/reliability.md); never an assertion."""
+    _figures.info("figure {name}: {value:.2f} {unit}", name=name, value=value, unit=unit)
 
 
 def open_fds() -> int:
@@ -147,7 +153,7 @@ class PortPlaneProcesses(unittest.TestCase):
         self.provider()
         await eventually(lambda: gateway.output.count(b"gate %d/tcp open" % self.gate) == 2, timeout=30)
         self.assertEqual(await self.echo(), b"pingbye")
-        self.recovery = reactor.seconds() - start
+        figure("provider restarted -> echo through the gate", reactor.seconds() - start)
         self.assertNotIn(b"Traceback", gateway.output)
 
     async def test_gateway_killed_provider_reconnects(self):
@@ -160,9 +166,11 @@ class PortPlaneProcesses(unittest.TestCase):
         await stream.ended
         await task.deferLater(reactor, 1.0, lambda: None)   # the provider is alone for a while
         lost_at = len(provider.output)
+        start = reactor.seconds()
         gateway = self.gateway()
         await eventually(lambda: b"gate %d/tcp open" % self.gate in gateway.output, timeout=60)
         self.assertEqual(await self.echo(), b"pingbye")
+        figure("gateway restarted -> echo through the gate", reactor.seconds() - start)
         self.assertNotIn(b"Traceback", provider.output)
         self.assertIn(b"admitted", provider.output[lost_at:])
         self.provider_log = provider.output
@@ -210,17 +218,22 @@ class HTTPPlaneProcesses(unittest.TestCase):
         hanging = [await connect_raw(self.port_object(), b"GET /t1/hang HTTP/1.1\r\nHost: x\r\n\r\n")
                    for _ in range(3)]
         await eventually(lambda: len(self.app.hanging) == 3)
+        start = reactor.seconds()
         connector.transport.signalProcess(signal.SIGKILL)
         await connector.ended
         for proto in hanging:
             await eventually(lambda p=proto: b"\r\n\r\n" in p.received, timeout=30)
+        figure("connector killed -> 502 to 3 in-flight callers", reactor.seconds() - start)
+        for proto in hanging:
             self.assertTrue(proto.received.startswith(b"HTTP/1.1 502"), proto.received[:40])
             proto.transport.loseConnection()
         raw = await raw_request(self.port_object(), b"GET /t1/ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 404") or raw.startswith(b"HTTP/1.1 502")
                         or raw.startswith(b"HTTP/1.1 503"), raw[:40])
+        start = reactor.seconds()
         self.connector()
         await self.wait_ok()
+        figure("connector restarted -> 200 through the tunnel", reactor.seconds() - start)
         self.assertNotIn(b"Traceback", relay.output)
 
     async def test_relay_killed_connector_reconnects(self):
@@ -233,8 +246,10 @@ class HTTPPlaneProcesses(unittest.TestCase):
         await relay.ended
         await hanging.done                       # the caller is cut off, not left hanging
         await eventually(lambda: self.app.hanging[0].finished or self.app.hanging[0]._disconnected, timeout=30)
+        start = reactor.seconds()
         self.relay()
         await self.wait_ok()
+        figure("relay restarted -> 200 through the tunnel", reactor.seconds() - start)
         self.assertNotIn(b"Traceback", connector.output)
 
     def port_object(self):
@@ -281,6 +296,8 @@ class LinkFaults(PortPlane):
         start = reactor.seconds()
         await eventually(lambda: self.logged("ping deadline"), timeout=30)
         self.assertGreaterEqual(reactor.seconds() - start, 1.5)
+        figure("link stalled -> closed by the ping deadline (interval 0.5 s, deadline 2 s)",
+               reactor.seconds() - start)
         await eventually(lambda: len(self.gw.exposed().get((gate, "tcp"), [])) == 1)
         for _ in range(6):                       # round robin has only the healthy provider left
             self.assertEqual(await self.echo(gate), b"hellobye")
@@ -304,10 +321,13 @@ class LinkFaults(PortPlane):
         self.assertEqual(len(self.gw.links), 50)
         for round_ in range(2):
             old = set(self.gw.links)
+            start = reactor.seconds()
             proxy.drop()                          # every link cut at once; all dial back together
             await eventually(lambda: not (old & self.gw.links) and len(self.gw.links) == 50
                              and all((g, "tcp") in self.gw.gates for g in gates)
                              and len(self.gw.routes) == 50, timeout=60)
+            figure("50 links cut at once -> all readmitted, 50 gates open (retry 0.2 s)",
+                   reactor.seconds() - start)
         self.assertEqual(sorted(p for p, _ in self.gw.gates), sorted(gates))
         for g in gates[::10]:
             self.assertEqual(await self.echo(g), b"hellobye")
@@ -332,6 +352,7 @@ class LinkFaults(PortPlane):
         self.assertLessEqual(open_fds(), fds)
         self.assertEqual(census() - objects, collections.Counter())
         timers_bounded(self, timers)
+        figure("port plane: RSS growth over 100 link cuts mid-transfer", (rss_bytes() - rss) / 2**20, "MiB")
         self.assertLess(rss_bytes() - rss, 8 * 2**20)
         self.assertEqual(len(self.gw.links), 1)
         self.assertEqual(len(prov.links), 1)
@@ -416,6 +437,7 @@ class RelayFaults(unittest.TestCase):
         self.assertLessEqual(open_fds(), fds)
         self.assertEqual(census() - objects, collections.Counter())
         timers_bounded(self, timers)
+        figure("HTTP plane: RSS growth over 100 connector link cuts", (rss_bytes() - rss) / 2**20, "MiB")
         self.assertLess(rss_bytes() - rss, 8 * 2**20)
         self.assertEqual(len(relay.tunnels["t1"].links), 1)
         self.assertEqual(relay.tunnels["t1"].in_flight, 0)
