@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("http-load")
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--op-timeout", type=float, default=OP_TIMEOUT,
+    parser.add_argument("--op-timeout", type=float, default=30.0,
                         help="seconds one operation (connect, one read, one request) may take")
     p = sub.add_parser("tcp-channels")
     p.add_argument("--channels", type=int, default=2_000)
