@@ -160,13 +160,18 @@ async def tcp_echo(port: int, payload: bytes, finished: list | None = None) -> b
         sender = asyncio.ensure_future(send())
         got = hashlib.sha256()
         left = len(payload)
-        while left > 0:
-            chunk = await asyncio.wait_for(reader.read(min(left, 1 << 20)), OP_TIMEOUT)
-            if not chunk:
-                break
-            got.update(chunk)
-            left -= len(chunk)
-        await sender
+        try:
+            while left > 0:
+                chunk = await asyncio.wait_for(reader.read(min(left, 1 << 20)), OP_TIMEOUT)
+                if not chunk:
+                    break
+                got.update(chunk)
+                left -= len(chunk)
+            await sender
+        finally:
+            if not sender.done():
+                sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
         if finished is not None:
             finished.append(time.monotonic())
         return left == 0 and got.digest() == hashlib.sha256(payload).digest()
