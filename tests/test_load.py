@@ -13,11 +13,13 @@ import json
 import resource
 
 from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
 
+from pipegate.mux import session
 from pipegate.ports.services import Service
 from tests.support import Loopback, TestApp, eventually, pattern
 from tests.test_ports_e2e import PortPlane, free_port
@@ -159,5 +161,17 @@ class TCPLoad(PortPlane):
             self.assertEqual(answer, sender.expected)
         self.assertEqual(gw.links, {link})       # one link carried them all
         self.assertEqual(link.channels, {})
+
+    async def test_link_socket_buffers_4_mib_before_pausing_its_channels(self):
+        # Regression: with Twisted's 64 KiB, 2,000 busy channels (1 MiB each, real processes)
+        # spent the link pausing and resuming every channel, and data almost stopped.
+        gw, mux = await self.gateway()
+        prov = self.provider(mux, [])
+        await eventually(lambda: gw.links and prov.links)
+        for link in (next(iter(gw.links)), next(iter(prov.links))):
+            tcp = link.transport.transport          # under the TLS layer
+            self.assertIsInstance(tcp, FileDescriptor)
+            self.assertGreaterEqual(tcp.bufferSize, session.LINK_WRITE_BUFFER)
+            self.assertEqual(session.LINK_WRITE_BUFFER, 4 * 1024 * 1024)
 
     test_2000_concurrent_channels_on_one_link_byte_exact.timeout = 300
