@@ -35,6 +35,10 @@ from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
+# What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
+# values or the reason): anything else would split the caller's response.
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSAFE_TEXT = re.compile(rb"[\r\n\x00]")
 
 
 @attrs.frozen
@@ -531,6 +535,9 @@ class RelayStream:
             raise frames.FrameError("second RESPONSE_HEAD")
         if head.status < 200:
             return  # interim responses are not forwarded
+        if _UNSAFE_TEXT.search(head.reason) or any(
+                not _HEADER_NAME.fullmatch(name) or _UNSAFE_TEXT.search(value) for name, value in head.headers):
+            raise frames.FrameError("RESPONSE_HEAD with a header name or value that is not valid HTTP")
         self._responding = True
         request = self.request
         request.setResponseCode(head.status, head.reason or None)
@@ -628,11 +635,41 @@ class RelayRequest(server.Request):
 
 
 class RelayChannel(http.HTTPChannel):
-    """An HTTP channel that starts processing public requests at the end of the headers."""
+    """
+    An HTTP channel that starts processing public requests at the end of the headers.
+
+    A request head must be complete within the idle timeout of its first byte: the idle
+    timer alone restarts on every byte, so a caller trickling header lines (slowloris)
+    would hold the connection forever.
+    """
 
     _pg_early: RelayRequest | None = None
+    _pg_in_head = True
+    _pg_head_timer = None
+
+    def dataReceived(self, data):
+        if self._pg_in_head and self._pg_head_timer is None and data and self.timeOut:
+            self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
+        super().dataReceived(data)
+
+    def _pg_head_late(self):
+        self._pg_head_timer = None
+        self._log.info("request head from {peer} not complete within {seconds:g} s; closing",
+                       peer=str(self.transport.getPeer()), seconds=self.timeOut)
+        self.timeoutConnection()
+
+    def _pg_cancel_head_timer(self):
+        timer, self._pg_head_timer = self._pg_head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def connectionLost(self, reason):
+        self._pg_cancel_head_timer()
+        super().connectionLost(reason)
 
     def allHeadersReceived(self):
+        self._pg_in_head = False
+        self._pg_cancel_head_timer()
         req = self.requests[-1]
         early = self.site.relay_resource.wants_early_start(req, self._command, self._path)
         if early:
@@ -644,6 +681,7 @@ class RelayChannel(http.HTTPChannel):
             req.requestReceived(self._command, self._path, self._version)
 
     def allContentReceived(self):
+        self._pg_in_head = True   # the next bytes start the next request's head
         req, self._pg_early = self._pg_early, None
         if req is None:
             return super().allContentReceived()
