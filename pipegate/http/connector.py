@@ -27,6 +27,7 @@ from zope.interface import implementer
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
+from pipegate.metrics import Stats
 
 
 class ConnectorError(ValueError):
@@ -493,6 +494,8 @@ class Connector(service.MultiService):
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
         self.links: list[ConnectorProtocol] = []
+        self.stats = Stats()
+        self._ever_online = False
         self.online: defer.Deferred | None = defer.Deferred()
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
@@ -537,6 +540,9 @@ class Connector(service.MultiService):
 
     def link_up(self, link: ConnectorProtocol) -> None:
         self.links.append(link)
+        if self._ever_online:
+            self.stats.inc("reconnects")
+        self._ever_online = True
         self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
         online, self.online = self.online, None
         if online is not None:

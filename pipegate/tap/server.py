@@ -8,7 +8,10 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.drain import AfterDrain
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.metrics import relay_collector
+from pipegate.status import add_ops, relay_status
 from pipegate.policy import PolicyError, load_policy
 
 
@@ -42,6 +45,11 @@ class Options(EnvOptions):
         ["jwt-algorithms", None, "HS256", "Accepted JWT algorithms: a JSON list or a comma list of HS256/HS384/HS512."],
         ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
         ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
+        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
+        ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
+                                "given, e.g. tcp:9100:interface=127.0.0.1."],
+        ["tls-cert", None, None, "PEM certificate (chain) to serve TLS on --listen; reloaded on SIGHUP."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
     ]
     converters = {
         "max-body-bytes": non_negative_int,
@@ -51,6 +59,7 @@ class Options(EnvOptions):
         "ping-interval": non_negative_float,
         "idle-timeout": non_negative_float,
         "tunnel-rate": non_negative_float,
+        "drain-timeout": non_negative_float,
     }
 
     def __init__(self) -> None:
@@ -91,6 +100,19 @@ class Options(EnvOptions):
             raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
         if self["domain"] is not None and not self["domain"].strip("."):
             raise usage.UsageError("--domain: empty domain")
+        from pipegate.mux.node import check_server_endpoint
+
+        check_server_endpoint("metrics", self["metrics"])
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        self["tls"] = None
+        if self["tls-cert"]:
+            from pipegate.tlsreload import CertificateError, ReloadingServerTLS
+
+            try:
+                self["tls"] = ReloadingServerTLS(self["tls-cert"], self["tls-key"])
+            except CertificateError as e:
+                raise usage.UsageError(f"--tls-cert: {e}") from None
 
 
 def relay_config(options: Options) -> RelayConfig:
@@ -106,6 +128,7 @@ def relay_config(options: Options) -> RelayConfig:
         access_log=bool(options["access-log"]),
         policy=options["policy"],
         tunnel_rate=options["tunnel-rate"] * 1e6 / 8,
+        drain_timeout=options["drain-timeout"],
     )
 
 
@@ -114,7 +137,20 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     relay = Relay(relay_config(options), reactor)
+    ops = AfterDrain(relay)  # scrapes still answer while the relay drains
+    add_ops(ops, options["metrics"], relay_collector(relay), lambda: relay_status(relay), reactor)
+    ops.setServiceParent(top)
     relay.setServiceParent(top)
-    listener = strports.service(options["listen"], RelaySite(relay), reactor=reactor)
+    factory = RelaySite(relay)
+    tls = options.get("tls")
+    if tls is not None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from pipegate.tlsreload import ReloadOnSignal
+
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+        ReloadOnSignal(tls.reload, reactor).setServiceParent(top)
+    # Added last so that it stops first: no new connections while the relay drains.
+    listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
     return top
