@@ -54,6 +54,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args.port)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from pipegate.status import format_status
+
+    url = args.url.rstrip("/")
+    if not url.endswith("/status"):
+        url += "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            status = json.loads(response.read(16 * 1024 * 1024))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"pipegate status: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        sys.stdout.write(format_status(status))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipegate", description="PipeGate tunnels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,5 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run a relay, a connector and a small web app on loopback")
     demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
     demo.set_defaults(func=cmd_demo)
+    status = sub.add_parser("status", help="show the /status of a relay, gateway, provider or connector as tables")
+    status.add_argument("url", help="the --metrics listener, e.g. http://127.0.0.1:9100")
+    status.add_argument("--json", action="store_true", help="print the JSON as it is")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     return args.func(args)
