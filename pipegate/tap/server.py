@@ -96,6 +96,10 @@ class Options(EnvOptions):
 
         try:
             endpoints.serverFromString(reactor, self["listen"])
+        except (IndexError, KeyError) if self["listen"].startswith("systemd:") else ():
+            raise usage.UsageError(
+                f"--listen: {self['listen']}: no such socket from systemd (LISTEN_FDS, LISTEN_FDNAMES, "
+                "LISTEN_PID)") from None
         except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
             raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
         if self["domain"] is not None and not self["domain"].strip("."):
