@@ -333,13 +333,17 @@ class StatusCodes(unittest.TestCase):
         self.assertEqual(self.relay.tunnels, {})
 
     async def test_shutdown_answers_in_flight_503(self):
-        await self.start()
+        # Stopping drains first; a request still without a response at the drain timeout gets 503.
+        await self.start(drain_timeout=0.2)
         await self.loop.connector(self.relay_port, self.app_port, "t1")
         d = defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang"))
         await eventually(lambda: self.app.hanging)
-        self.relay.stopService()
+        stopped = self.relay.stopService()
         response, body = await d
         self.assertEqual(response.code, 503)
+        self.assertEqual(body, b"relay shutting down: drain timeout\n")
+        await stopped
+        self.assertEqual(self.relay.stats.get("drain_cut"), 1)
 
     async def test_caller_gone_cancels_upstream(self):
         await self.start()
