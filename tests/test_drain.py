@@ -297,3 +297,45 @@ class GatewayDrain(unittest.TestCase):
         self.assertNotIn(b"Traceback", gateway.output)
         provider.transport.signalProcess(signal.SIGTERM)
         await provider.ended
+
+
+class ConnectorMovesOn(unittest.TestCase):
+    """In process: a relay drains while another takes its address; the connector moves over."""
+
+    async def test_goaway_dials_a_fresh_link_while_the_old_one_finishes(self):
+        from tests.support import Loopback, request
+
+        loop = Loopback(self)
+        app = TestApp()
+        app_port = await loop.app(app)
+        relay_a, port_a = await loop.relay(drain_timeout=60)
+        connector = await loop.connector(port_a, app_port, "t1")
+        agent = loop.agent()
+        number = port_a.getHost().port
+        base = f"http://127.0.0.1:{number}"
+        pending = defer.Deferred.fromCoroutine(request(agent, b"GET", base + "/t1/hang"))
+        await eventually(lambda: app.hanging)
+        await port_a.stopListening()  # what the relay's own listener does first on SIGTERM
+        loop.ports.remove(port_a)
+        stopping = relay_a.stopService()
+
+        async def finish_drain():
+            for hung in app.hanging:
+                if not hung.finished and not hung._disconnected:
+                    hung.finish()
+            await stopping
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(finish_drain()))
+        relay_b, port_b = await loop.relay(port=number)
+        await eventually(lambda: "t1" in relay_b.tunnels and relay_b.tunnels["t1"].links)
+        await eventually(lambda: len(connector.links) == 2)  # the old link still carries its request
+        response, body = await request(agent, b"GET", base + "/t1/echo")
+        self.assertEqual(response.code, 200)
+        self.assertFalse(stopping.called)
+        app.hanging[0].write(b"finished on the old relay")
+        app.hanging[0].finish()
+        response, body = await pending
+        self.assertEqual((response.code, body), (200, b"finished on the old relay"))
+        await stopping
+        await eventually(lambda: len(connector.links) == 1)
+        self.assertEqual(relay_a.stats.get("drain_cut"), 0)
+        self.assertEqual(connector.stats.get("reconnects"), 1)
