@@ -161,7 +161,8 @@ class RelayDrain(unittest.TestCase):
             self.fail(connector.output.decode("utf-8", "replace")[-3000:])
 
     async def test_download_finishes_and_the_connector_reconnects(self):
-        relay = self.start_relay()
+        metrics = free_port()
+        relay = self.start_relay("--metrics", f"tcp:{metrics}:interface=127.0.0.1")
         connector = self.start_connector()
         await self.online(connector)
         response, big = await self.get("/t1/trickle/100")  # 6.25 MiB over ~2 s
@@ -169,6 +170,14 @@ class RelayDrain(unittest.TestCase):
         await eventually(lambda: len(big.received) > 0)
         _, short = await self.get("/t1/trickle/10")
         relay.transport.signalProcess(signal.SIGTERM)
+        await eventually(lambda: b"draining: " in relay.output, timeout=10)
+        # The metrics listener still answers while the relay drains.
+        response = await self.agent.request(b"GET", f"http://127.0.0.1:{metrics}/metrics".encode(), Headers())
+        scraped = Body()
+        response.deliverBody(scraped)
+        await scraped.done
+        self.assertIn(b"pipegate_draining 1.0", scraped.received)
+        self.assertRegex(bytes(scraped.received), rb"pipegate_requests_in_flight [12]\.0")
         self.assertIsInstance(await big.done, ResponseDone)
         self.assertEqual(hashlib.sha256(big.received).digest(),
                          hashlib.sha256(pattern(100 * CHUNK)).digest())
