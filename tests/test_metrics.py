@@ -20,7 +20,7 @@ from pipegate.metrics import (
 from pipegate.ports.services import Service
 from pipegate.status import OpsResource, format_status, gateway_status, provider_status, relay_status
 from tests.support import Loopback, eventually, request
-from tests.test_ports_e2e import PortPlane, free_port
+from tests.test_ports_e2e import Client, PortPlane, free_port
 from tests.test_processes import child_env, spawn
 
 
@@ -176,6 +176,57 @@ class RelayMetrics(unittest.TestCase):
         self.assertIn(b"pipegate status:", child.output)
 
 
+class RelayShapingMetrics(unittest.TestCase):
+    async def test_policy_denials_and_throttled_seconds(self):
+        from pipegate.policy import load_policy
+
+        loop = Loopback(self)
+        app_port = await loop.app()
+        policy = load_policy(['{"ips": {"127.0.0.2": {"allow": false}}}'])[0]
+        relay, port = await loop.relay(policy=policy, tunnel_rate=500_000)  # 0.5 MB/s, 0.5 MB burst
+        await loop.connector(port, app_port, "t1")
+        ops = await ops_listener(self, loop, relay_collector(relay), lambda: relay_status(relay))
+        agent = loop.agent()
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        response, body = await request(agent, b"GET", base + "/t1/big/1500000")
+        self.assertEqual(len(body), 1_500_000)
+        # A caller from 127.0.0.2 is refused by the policy.
+        from tests.support import RawHTTP
+
+        raw = RawHTTP(b"GET /t1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port, bindAddress=("127.0.0.2", 0)), raw)
+        self.assertIn(b" 403 ", await raw.done)
+        code, text = await get(agent, ops + "/metrics")
+        got = samples(text.decode())
+        self.assertEqual(got[("pipegate_policy_denials_total", ())], 1)
+        self.assertEqual(got[("pipegate_requests_total", (("code", "403"),))], 1)
+        self.assertGreater(got[("pipegate_throttled_seconds_total", (("direction", "down"),))], 0.5)
+
+
+class ConnectorMetrics(unittest.TestCase):
+    async def test_connector_listener(self):
+        from pipegate.metrics import connector_collector
+        from pipegate.status import connector_status
+
+        loop = Loopback(self)
+        app_port = await loop.app()
+        relay, port = await loop.relay()
+        connector = await loop.connector(port, app_port, "t1")
+        ops = await ops_listener(self, loop, connector_collector(connector), lambda: connector_status(connector))
+        agent = loop.agent()
+        code, text = await get(agent, ops + "/metrics")
+        got = samples(text.decode())
+        self.assertEqual(got[("pipegate_relay_links", ())], 1)
+        self.assertEqual(got[("pipegate_reconnects_total", ())], 0)
+        for link in relay.tunnels["t1"].links:
+            link.transport.abortConnection()  # the link drops; the connector comes back
+        await eventually(lambda: connector.stats.get("reconnects") == 1)
+        code, body = await get(agent, ops + "/status")
+        status = json.loads(body)
+        self.assertEqual((status["service"], status["tunnel"], len(status["links"])), ("connector", "t1", 1))
+
+
 class GatewayMetrics(PortPlane):
     async def setUp(self):
         super().setUp()
@@ -246,3 +297,36 @@ class GatewayMetrics(PortPlane):
         self.assertGreaterEqual(failures, 1)
         self.assertEqual(after[("pipegate_links", (("role", "provider"),))], 1)
 
+
+
+class GatewayShapingMetrics(PortPlane):
+    async def test_policy_denials_and_throttled_seconds(self):
+        from pipegate.policy import load_policy
+
+        backend = await self.backend_echo()
+        gate = free_port()
+        doc = {"defaults": {"bandwidthLimit": {"mbps": 4, "burstMbps": 4}},  # 0.5 MB/s, 0.5 MB burst
+               "ips": {"127.0.0.2": {"allow": False}}}
+        gw, mux = await self.gateway(policy=load_policy([json.dumps(doc)])[0])
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        loop = Loopback(self)
+        ops = await ops_listener(self, loop, gateway_collector(gw), lambda: gateway_status(gw))
+        client = await self.connect(gate)
+        client.transport.write(b"y" * 1_500_000)
+        await eventually(lambda: len(client.received) >= 1_500_000, timeout=30)
+        # Live connection: its pauses so far are already in the scrape.
+        got = samples((await get(loop.agent(), ops + "/metrics"))[1].decode())
+        self.assertGreater(got[("pipegate_throttled_seconds_total", (("direction", "up"),))], 0.5)
+        refused = Client()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", gate, bindAddress=("127.0.0.2", 0)), refused)
+        await refused.closed
+        client.transport.loseWriteConnection()
+        await client.closed
+        got = samples((await get(loop.agent(), ops + "/metrics"))[1].decode())
+        self.assertEqual(got[("pipegate_policy_denials_total", ())], 1)
+        self.assertGreater(got[("pipegate_throttled_seconds_total", (("direction", "up"),))], 0.5)
+        self.assertGreater(got[("pipegate_throttled_seconds_total", (("direction", "down"),))], 0.5)
+
+    test_policy_denials_and_throttled_seconds.timeout = 60
