@@ -348,3 +348,82 @@ class ConnectorMovesOn(unittest.TestCase):
         await eventually(lambda: len(connector.links) == 1)
         self.assertEqual(relay_a.stats.get("drain_cut"), 0)
         self.assertEqual(connector.stats.get("reconnects"), 1)
+
+
+class ProviderMovesOn(unittest.TestCase):
+    """In process: a gateway drains while another takes its address; the provider moves over."""
+
+    async def test_goaway_redials_while_the_old_link_finishes(self):
+        from twisted.application import service
+
+        from pipegate.mux import frames, tls
+        from pipegate.mux.node import link_services
+        from pipegate.mux.session import LinkConfig, LinkFactory
+        from pipegate.ports.gateway import Gateway, GatewayConfig
+        from pipegate.ports.provider import Provider, ProviderConfig
+        from pipegate.ports.services import Service
+        from tests.test_ports_e2e import CERT, SECRET, Echo
+
+        echo = protocol.Factory.forProtocol(Echo)
+        echo.noisy = False
+        backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echo)
+        self.addCleanup(backend.stopListening)
+        gate, mux_port = free_port(), free_port()
+
+        async def gateway():
+            gw = Gateway(GatewayConfig(drain_timeout=60), reactor)
+            gw.startService()
+            config = LinkConfig(secret=SECRET, role=frames.ROLE_GATEWAY)
+            factory = tls.server_factory(CERT, LinkFactory(gw, config, reactor, False))
+            listening = await endpoints.TCP4ServerEndpoint(
+                reactor, mux_port, interface="127.0.0.1").listen(factory)
+            return gw, listening
+
+        gw_a, mux_a = await gateway()
+        provider = Provider(ProviderConfig(services=(Service(gate, "127.0.0.1", backend.getHost().port),)),
+                            reactor)
+        top = service.MultiService()
+        provider.setServiceParent(top)
+        dialers = service.MultiService()
+        dialers.setServiceParent(top)
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
+        for svc in link_services(provider, config, reactor, [], [f"tcp:127.0.0.1:{mux_port}"],
+                                 certificate=CERT, retry_policy=lambda n: 0.1):
+            svc.setServiceParent(dialers)
+        top.startService()
+        await eventually(lambda: (gate, "tcp") in gw_a.gates)
+
+        old = Client()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gate), old)
+        old.transport.write(b"before")
+        await eventually(lambda: bytes(old.received) == b"before")
+
+        await mux_a.stopListening()
+        stopping = gw_a.stopService()
+        gw_b, mux_b = await gateway()
+
+        async def cleanup():
+            if old.transport.connected:
+                old.transport.abortConnection()
+            await stopping
+            await top.stopService()
+            for link in list(gw_b.links):
+                link.fail("test over")
+            await gw_b.stopService()
+            await mux_b.stopListening()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(cleanup()))
+
+        await eventually(lambda: (gate, "tcp") in gw_b.gates)  # the provider redialled
+        self.assertEqual(len(provider.links), 2)
+        new = Client()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gate), new)
+        new.transport.write(b"through b")
+        new.transport.loseWriteConnection()
+        self.assertEqual(await new.closed, b"through bbye")
+        old.transport.write(b" after")  # still carried by the draining gateway
+        old.transport.loseWriteConnection()
+        self.assertEqual(await old.closed, b"before afterbye")
+        await stopping
+        self.assertEqual(gw_a.stats.get("drain_cut"), 0)
+        await eventually(lambda: len(provider.links) == 1)
+        await eventually(lambda: len(list(dialers)) == 1)  # the old dialler is gone

@@ -136,10 +136,35 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
         services.append(strports.service(description, factory, reactor=reactor))
     for description in connect:
         endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
-        services.append(internet.ClientService(
-            endpoint, LinkFactory(node, config, reactor, True),
-            retryPolicy=retry_policy or backoff(), clock=reactor))
+        factory = LinkFactory(node, config, reactor, True)
+        dialer = internet.ClientService(endpoint, factory, retryPolicy=retry_policy or backoff(), clock=reactor)
+        factory.redial = Redial(dialer, endpoint, factory, retry_policy or backoff(), reactor)
+        services.append(dialer)
     return services
+
+
+class Redial:
+    """
+    When the peer of a dialled link says GOAWAY, dial the same endpoint again at once (a
+    balancer or DNS in front reaches a peer that is not stopping) while the old link
+    finishes its channels; the old dialler stops once that link has closed.
+    """
+
+    def __init__(self, dialer, endpoint, factory, retry_policy, reactor) -> None:
+        self.dialer = dialer
+        self.endpoint = endpoint
+        self.factory = factory
+        self.retry_policy = retry_policy
+        self.reactor = reactor
+
+    def __call__(self, link) -> None:
+        old = self.dialer
+        if not old.running or old.parent is None or getattr(link, "retiring", None) is not None:
+            return
+        self.dialer = internet.ClientService(self.endpoint, self.factory, retryPolicy=self.retry_policy,
+                                             clock=self.reactor)
+        self.dialer.setServiceParent(old.parent)
+        link.retiring = old
 
 
 def certificate_from(options: MuxOptions):

@@ -158,6 +158,10 @@ class MuxLink(Protocol):
         self._stop_timers()
         was_admitted, self.admitted = self.admitted, False
         self.closed = True
+        retiring, self.retiring = getattr(self, "retiring", None), None
+        if retiring is not None:
+            # Not from inside its own connectionLost: stop the old dialler on the next turn.
+            self.clock.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.link_lost()
@@ -182,6 +186,9 @@ class MuxLink(Protocol):
                 self.going_away = True
                 self.log.info("peer {peer} going away: {reason}", peer=self.peer_name, reason=reason)
                 self.node.link_frame(self, frame)
+                redial = getattr(getattr(self, "factory", None), "redial", None)
+                if redial is not None:
+                    redial(self)
             case frames.Data() | frames.Window() | frames.Fin() | frames.Reset() | frames.Datagram() \
                     | frames.OpenOk() | frames.OpenFail():
                 if type(frame) in _PAYLOAD:
