@@ -73,6 +73,10 @@ class ReloadingServerTLS:
         return SSL.Connection(self.options.getContext(), None)
 
 
+def nothing_to_reload() -> None:
+    Logger().info("SIGHUP: nothing to reload (no --tls-cert)")
+
+
 class ReloadOnSignal(service.Service):
     """Calls C{reload()} on the reactor thread when the process gets C{signum} (SIGHUP)."""
 

@@ -226,3 +226,19 @@ class TLSReload(unittest.TestCase):
                       child_env(PIPEGATE_JWT_SECRET=SECRET))
         self.assertNotEqual(await child.ended, 0)
         self.assertIn(b"--tls-cert: the key does not match the certificate", child.output)
+
+    async def test_sighup_without_tls_keeps_the_relay_running(self):
+        port = free_port()
+        relay = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen",
+                                      f"tcp:{port}:interface=127.0.0.1"], child_env(PIPEGATE_JWT_SECRET=SECRET))
+        await eventually(lambda: b"starting on %d" % port in relay.output, timeout=20)
+        relay.transport.signalProcess(signal.SIGHUP)
+        await eventually(lambda: b"SIGHUP: nothing to reload" in relay.output, timeout=10)
+        client = Fetch()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        self.addCleanup(lambda: client.transport.abortConnection())
+        client.get("/healthz")
+        await eventually(lambda: b'{"status": "ok"}' in client.received)
+        self.assertFalse(relay.ended.called)
+        relay.transport.signalProcess(signal.SIGTERM)
+        await relay.ended

@@ -150,10 +150,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if tls is not None:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from pipegate.tlsreload import ReloadOnSignal
-
         factory = TLSMemoryBIOFactory(tls, False, factory)
-        ReloadOnSignal(tls.reload, reactor).setServiceParent(top)
+    # SIGHUP (systemctl reload) reloads the certificate; without one it must not kill the relay.
+    from pipegate.tlsreload import ReloadOnSignal, nothing_to_reload
+
+    ReloadOnSignal(tls.reload if tls is not None else nothing_to_reload, reactor).setServiceParent(top)
     # Added last so that it stops first: no new connections while the relay drains.
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
