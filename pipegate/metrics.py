@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 # name -> (help, label name or None); exported as pipegate_<name>_total
 COUNTERS: dict[str, tuple[str, str | None]] = {
-    "requests": ("Public HTTP requests answered by the relay, by status code.", "code"),
+    "requests": ("HTTP requests answered by the relay (public ones and /healthz), by status code.", "code"),
     "bytes": ("Payload bytes carried; up = caller/client towards the service, down = back.", "direction"),
     "admission_failures": ("Connector logins or mux links refused before admission, by reason.", "reason"),
     "policy_denials": ("Callers or clients refused by an ingress policy.", None),
