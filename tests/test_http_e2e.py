@@ -215,12 +215,14 @@ class Tunnel(unittest.TestCase):
         second_app = TestApp()
         second_port = await self.loop.app(second_app)
         second = await self.loop.connector(self.relay_port, second_port, "t1")
-        first = request(self.agent, b"GET", self.base + "/t1/hang")
-        other = request(self.agent, b"GET", self.base + "/t1/hang")
-        d1, d2 = defer.Deferred.fromCoroutine(first), defer.Deferred.fromCoroutine(other)
+        calls = {name: defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang?" + name))
+                 for name in ("a", "b")}
         await eventually(lambda: len(self.app.hanging) == 1 and len(second_app.hanging) == 1)
+        # The two requests race to the relay: look up which connector got which.
+        kept = self.app.hanging[0].uri.rsplit(b"?", 1)[1].decode()
+        d1, d2 = calls[kept], calls["b" if kept == "a" else "a"]
         await second.stopService()
-        response, body = await d2 if d2.called else await d2
+        response, body = await d2
         self.assertEqual(response.code, 502)
         self.assertFalse(d1.called)
         self.app.hanging[0].write(b"survivor")
