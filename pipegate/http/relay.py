@@ -463,24 +463,27 @@ class RelayStream:
             self.link.send(frames.Data(self.stream_id, chunk))
         if self.upload.blocked:
             self._pause_upload()
-        delay = self._charge(self.up_buckets, len(data), "up")
+        delay = self._charge(self.up_buckets, len(data))
         if delay > 0:
             self._pause_upload()
-            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released)
+            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released, "up")
 
-    def _charge(self, buckets, size: int, direction: str) -> float:
+    def _charge(self, buckets, size: int) -> float:
         now = self.relay.clock.seconds()
-        delay = max((bucket.take(size, now) for bucket in buckets), default=0.0)
-        if delay > 0:
-            self.relay.stats.inc("throttled_seconds", direction, delay)
-        return delay
+        return max((bucket.take(size, now) for bucket in buckets), default=0.0)
 
-    def _hold(self, call, delay: float, release):
-        """Schedule C{release} in C{delay} s, or push an earlier one out to then."""
+    def _hold(self, call, delay: float, release, direction: str):
+        """
+        Schedule C{release} in C{delay} s, or push an earlier one out to then; the pause
+        time added is counted (overlapping extensions count once).
+        """
+        until = self.relay.clock.seconds() + delay
         if call is not None and call.active():
-            if call.getTime() < self.relay.clock.seconds() + delay:
+            if call.getTime() < until:
+                self.relay.stats.inc("throttled_seconds", direction, until - call.getTime())
                 call.reset(delay)
             return call
+        self.relay.stats.inc("throttled_seconds", direction, delay)
         return self.relay.clock.callLater(delay, release)
 
     def _upload_released(self) -> None:
@@ -540,9 +543,9 @@ class RelayStream:
                       "the local app stalled")
             self.request.write(frame.data)
             self.download.consumed(len(frame.data))
-            delay = self._charge(self.down_buckets, len(frame.data), "down")
+            delay = self._charge(self.down_buckets, len(frame.data))
             if delay > 0:
-                self._download_hold = self._hold(self._download_hold, delay, self._download_released)
+                self._download_hold = self._hold(self._download_hold, delay, self._download_released, "down")
             if not self._paused and self._download_hold is None:
                 self.link.send(frames.Window(self.stream_id, self.download.grant()))
         elif isinstance(frame, frames.End):
