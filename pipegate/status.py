@@ -67,6 +67,7 @@ def provider_status(provider) -> dict:
 
     return {
         "service": "provider",
+        "draining": bool(getattr(provider, "draining", False)),
         "links": [
             {"peer": _peer(link), "role": ROLE_NAMES.get(link.peer_role, "?"),
              "channels": len(link.channels), "going_away": link.going_away}

@@ -287,6 +287,9 @@ class Gateway(service.Service, Drainer):
 
     # -- links
     def link_admitted(self, link) -> None:
+        if self.draining:  # admitted while stopping: it would outlive the drain
+            link.go_away("gateway stopping")
+            return
         self.links.add(link)
         if link.peer_role == frames.ROLE_OBSERVER:
             link.send(frames.Routes(tuple(r for rs in self.routes.values() for r in rs)))

@@ -49,6 +49,7 @@ class Provider(service.Service, Drainer):
         self.services = list(config.services)
         self.links: set = set()
         self.stats = Stats()
+        self.draining = False
 
     def routes(self) -> frames.Routes:
         return frames.Routes(tuple(service_route(s, self.config.policy) for s in self.services))
@@ -61,6 +62,9 @@ class Provider(service.Service, Drainer):
 
     # -- links
     def link_admitted(self, link) -> None:
+        if self.draining:  # admitted while stopping: it would outlive the drain
+            link.go_away("provider stopping")
+            return
         self.links.add(link)
         link.send(self.routes())
 
@@ -175,6 +179,7 @@ class Provider(service.Service, Drainer):
         """GOAWAY every link (gateways withdraw our routes), let open channels finish up to
         C{drain_timeout} seconds, then close the links."""
         super().stopService()
+        self.draining = True
         for link in list(self.links):
             link.announce_going_away("provider stopping")
         return self.start_drain(self.reactor, self.config.drain_timeout,
