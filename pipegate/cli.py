@@ -61,6 +61,29 @@ def cmd_forward(args: argparse.Namespace) -> int:
     return forward_main(args.to, args.forwards, args.listen)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from pipegate.status import format_status
+
+    url = args.url.rstrip("/")
+    if not url.endswith("/status"):
+        url += "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            status = json.loads(response.read(16 * 1024 * 1024))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"pipegate status: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        sys.stdout.write(format_status(status))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipegate", description="PipeGate tunnels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,5 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     forward.add_argument("forwards", nargs="+", metavar="PORT/PROTO=GATE_PORT",
                          help="listen on PORT (tcp or udp) and forward to the gateway's GATE_PORT")
     forward.set_defaults(func=cmd_forward)
+    status = sub.add_parser("status", help="show the /status of a relay, gateway, provider or connector as tables")
+    status.add_argument("url", help="the --metrics listener, e.g. http://127.0.0.1:9100")
+    status.add_argument("--json", action="store_true", help="print the JSON as it is")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -215,12 +215,14 @@ class Tunnel(unittest.TestCase):
         second_app = TestApp()
         second_port = await self.loop.app(second_app)
         second = await self.loop.connector(self.relay_port, second_port, "t1")
-        first = request(self.agent, b"GET", self.base + "/t1/hang")
-        other = request(self.agent, b"GET", self.base + "/t1/hang")
-        d1, d2 = defer.Deferred.fromCoroutine(first), defer.Deferred.fromCoroutine(other)
+        calls = {name: defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang?" + name))
+                 for name in ("a", "b")}
         await eventually(lambda: len(self.app.hanging) == 1 and len(second_app.hanging) == 1)
+        # The two requests race to the relay: look up which connector got which.
+        kept = self.app.hanging[0].uri.rsplit(b"?", 1)[1].decode()
+        d1, d2 = calls[kept], calls["b" if kept == "a" else "a"]
         await second.stopService()
-        response, body = await d2 if d2.called else await d2
+        response, body = await d2
         self.assertEqual(response.code, 502)
         self.assertFalse(d1.called)
         self.app.hanging[0].write(b"survivor")
@@ -333,13 +335,17 @@ class StatusCodes(unittest.TestCase):
         self.assertEqual(self.relay.tunnels, {})
 
     async def test_shutdown_answers_in_flight_503(self):
-        await self.start()
+        # Stopping drains first; a request still without a response at the drain timeout gets 503.
+        await self.start(drain_timeout=0.2)
         await self.loop.connector(self.relay_port, self.app_port, "t1")
         d = defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang"))
         await eventually(lambda: self.app.hanging)
-        self.relay.stopService()
+        stopped = self.relay.stopService()
         response, body = await d
         self.assertEqual(response.code, 503)
+        self.assertEqual(body, b"relay shutting down: drain timeout\n")
+        await stopped
+        self.assertEqual(self.relay.stats.get("drain_cut"), 1)
 
     async def test_caller_gone_cancels_upstream(self):
         await self.start()

@@ -342,7 +342,7 @@ class Admission(PortPlane):
     async def test_oversized_frame_closes_link(self):
         gw, mux = await self.gateway()
         prov = self.provider(mux, [])
-        await eventually(lambda: len(gw.links) == 1)
+        await eventually(lambda: len(gw.links) == 1 and len(prov.links) == 1)  # both ends admitted
         (link,) = prov.links
         link.transport.write((50_000_000).to_bytes(4, "big"))
         await eventually(lambda: len(gw.links) == 0)

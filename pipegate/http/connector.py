@@ -27,6 +27,7 @@ from zope.interface import implementer
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
+from pipegate.metrics import Stats
 
 
 class ConnectorError(ValueError):
@@ -405,6 +406,7 @@ class ConnectorSession:
             stream.start()
         elif isinstance(frame, frames.GoAway):
             self.log.info("relay is going away: {reason}", reason=frame.reason.decode("utf-8", "replace"))
+            self.link.factory.connector.relay_going_away(self.link)
         elif isinstance(frame, frames.ResponseHead):
             raise frames.FrameError("RESPONSE_HEAD sent to a connector")
         else:
@@ -493,6 +495,8 @@ class Connector(service.MultiService):
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
         self.links: list[ConnectorProtocol] = []
+        self.stats = Stats()
+        self._ever_online = False
         self.online: defer.Deferred | None = defer.Deferred()
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
@@ -531,24 +535,47 @@ class Connector(service.MultiService):
                     trust = ssl.Certificate.loadPEM(f.read())
             endpoint = endpoints.wrapClientTLS(
                 ssl.optionsForClientTLS(parts.hostname, trustRoot=trust), endpoint)
+        self._endpoint, self._factory, self._retry = endpoint, factory, retry_policy or backoff()
         self.client_service = internet.ClientService(
-            endpoint, factory, retryPolicy=retry_policy or backoff(), clock=reactor)
+            endpoint, factory, retryPolicy=self._retry, clock=reactor)
+        self.client_service.setServiceParent(self)
+
+    def relay_going_away(self, link: ConnectorProtocol) -> None:
+        """
+        GOAWAY from the relay: dial a fresh link at once (behind a balancer it reaches a relay
+        that is not stopping) while this one finishes its requests; the old dialler is retired
+        when its link closes.
+        """
+        if not self.running or getattr(link, "retiring", None) is not None:
+            return
+        link.retiring = self.client_service
+        self.client_service = internet.ClientService(
+            self._endpoint, self._factory, retryPolicy=self._retry, clock=self.reactor)
         self.client_service.setServiceParent(self)
 
     def link_up(self, link: ConnectorProtocol) -> None:
         self.links.append(link)
+        if self._ever_online:
+            self.stats.inc("reconnects")
+        self._ever_online = True
         self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
         online, self.online = self.online, None
         if online is not None:
             online.callback(link)
 
     def link_down(self, link: ConnectorProtocol, code, reason) -> None:
+        retiring = getattr(link, "retiring", None)
+        if retiring is not None:
+            # Not from inside its own connectionLost: stop the old dialler on the next turn.
+            link.retiring = None
+            self.reactor.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
         if link in self.links:
             self.links.remove(link)
-            self.online = defer.Deferred()
+            if not self.links and self.online is None:
+                self.online = defer.Deferred()
             if self.running:
-                self.log.info("link to the relay lost ({code} {reason}); reconnecting",
-                              code=code, reason=reason or "")
+                self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
+                              reason=reason or "", what="replaced" if retiring else "reconnecting")
 
     def refused(self, reason: str) -> None:
         message = f"the relay refused the login: {reason}"

@@ -29,6 +29,8 @@ from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.http import frames
+from pipegate.drain import Drainer
+from pipegate.metrics import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
@@ -54,6 +56,7 @@ class RelayConfig:
     access_log: bool = False
     policy: Policy = EMPTY              # ingress policy for public callers (deny -> 403)
     tunnel_rate: float = 0.0            # bytes/s per tunnel and direction; 0 = unlimited
+    drain_timeout: float = 30.0         # seconds requests in flight may take to finish on stop
 
 
 def _plain(request: server.Request, code: int, message: str) -> None:
@@ -86,10 +89,11 @@ class Tunnel:
         return not self.links and not self.waiting and self.in_flight == 0
 
 
-class Relay(service.Service):
+class Relay(service.Service, Drainer):
     """
     The relay's state: tunnels by id, and the policies applied to public requests.
-    As a service, stopping it answers every request in flight and closes every link.
+    As a service, stopping it drains: connectors get GOAWAY, requests in flight have up
+    to C{drain_timeout} seconds to finish, then the rest are cut and every link closes.
     """
 
     log = Logger()
@@ -100,6 +104,8 @@ class Relay(service.Service):
         self.tunnels: dict[str, Tunnel] = {}
         self.stopping = False
         self.pool = BucketPool()
+        self.stats = Stats()
+        self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -139,12 +145,15 @@ class Relay(service.Service):
     # -- connectors
     def authenticate(self, path_id: str | None, token: str | None) -> str:
         if not token:
+            self.stats.inc("admission_failures", "no_token")
             raise ConnectionDeny(401, "missing token")
         try:
             sub = auth.verify(self.config.jwt, token, self.clock.seconds())
         except auth.TokenError as e:
+            self.stats.inc("admission_failures", "bad_token")
             raise ConnectionDeny(401, str(e))
         if path_id is not None and path_id != sub:
+            self.stats.inc("admission_failures", "wrong_path")
             raise ConnectionDeny(403, "token subject does not match the path")
         return sub
 
@@ -241,6 +250,7 @@ class Relay(service.Service):
             return
         shaping = self._buckets(request, tunnel_id)
         if shaping is None:
+            self.stats.inc("policy_denials")
             _plain(request, http.FORBIDDEN, "forbidden by ingress policy")
             self._forget_if_idle(tunnel)
             return
@@ -263,13 +273,32 @@ class Relay(service.Service):
         self._forget_if_idle(stream.tunnel)
 
     def stopService(self):
+        super().stopService()
         self.stopping = True
         for tunnel in list(self.tunnels.values()):
             for stream in list(tunnel.waiting):
                 stream.fail(http.SERVICE_UNAVAILABLE, "relay shutting down")
             for link in list(tunnel.links):
-                link.go_away("relay shutting down")
-        return super().stopService()
+                link.announce_going_away("relay shutting down")
+        in_flight = sum(t.in_flight for t in self.tunnels.values())
+        if in_flight:
+            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s",
+                          count=in_flight, timeout=self.config.drain_timeout)
+        return self.start_drain(self.clock, self.config.drain_timeout,
+                                lambda: not any(t.in_flight for t in self.tunnels.values()),
+                                self._drained)
+
+    def _drained(self, in_time: bool) -> None:
+        cut = 0
+        for link in list(self.leaving) + [link for t in self.tunnels.values() for link in t.links]:
+            cut += len(link.streams)
+            link.go_away("relay shutting down: drain timeout")
+        if cut:
+            self.stats.inc("drain_cut", amount=cut)
+            self.log.warn("drain timeout: {count} request(s) cut (503, or the connection closed "
+                          "when the response had begun)", count=cut)
+        elif in_time:
+            self.log.info("drained")
 
 
 @implementer(IPushProducer)
@@ -402,6 +431,7 @@ class RelayStream:
         if self.request.caller_gone:
             return
         if self._responding:
+            self.relay.stats.inc("requests", "aborted")
             self.request.unregisterProducer()
             self.request.abort()
         else:
@@ -432,6 +462,7 @@ class RelayStream:
         self._send_body(data)
 
     def _send_body(self, data: bytes) -> None:
+        self.relay.stats.inc("bytes", "up", len(data))
         for chunk in self.upload.write(data):
             self.link.send(frames.Data(self.stream_id, chunk))
         if self.upload.blocked:
@@ -439,18 +470,24 @@ class RelayStream:
         delay = self._charge(self.up_buckets, len(data))
         if delay > 0:
             self._pause_upload()
-            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released)
+            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released, "up")
 
     def _charge(self, buckets, size: int) -> float:
         now = self.relay.clock.seconds()
         return max((bucket.take(size, now) for bucket in buckets), default=0.0)
 
-    def _hold(self, call, delay: float, release):
-        """Schedule C{release} in C{delay} s, or push an earlier one out to then."""
+    def _hold(self, call, delay: float, release, direction: str):
+        """
+        Schedule C{release} in C{delay} s, or push an earlier one out to then; the pause
+        time added is counted (overlapping extensions count once).
+        """
+        until = self.relay.clock.seconds() + delay
         if call is not None and call.active():
-            if call.getTime() < self.relay.clock.seconds() + delay:
+            if call.getTime() < until:
+                self.relay.stats.inc("throttled_seconds", direction, until - call.getTime())
                 call.reset(delay)
             return call
+        self.relay.stats.inc("throttled_seconds", direction, delay)
         return self.relay.clock.callLater(delay, release)
 
     def _upload_released(self) -> None:
@@ -505,13 +542,14 @@ class RelayStream:
             if not self._responding:
                 raise frames.FrameError("DATA before RESPONSE_HEAD")
             self.download.received(len(frame.data))
+            self.relay.stats.inc("bytes", "down", len(frame.data))
             self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
                       "the local app stalled")
             self.request.write(frame.data)
             self.download.consumed(len(frame.data))
             delay = self._charge(self.down_buckets, len(frame.data))
             if delay > 0:
-                self._download_hold = self._hold(self._download_hold, delay, self._download_released)
+                self._download_hold = self._hold(self._download_hold, delay, self._download_released, "down")
             if not self._paused and self._download_hold is None:
                 self.link.send(frames.Window(self.stream_id, self.download.grant()))
         elif isinstance(frame, frames.End):
@@ -715,6 +753,7 @@ class ConnectorLink(WebSocketServerProtocol):
         self.streams: dict[int, RelayStream] = {}
         self._next_stream = 1
         self._open = False
+        self._going_away = ""
 
     def connectionMade(self):
         super().connectionMade()
@@ -745,6 +784,8 @@ class ConnectorLink(WebSocketServerProtocol):
     def onOpen(self):
         self._open = True
         self.factory.relay.attach(self)
+        if self.factory.relay.stopping:
+            self.announce_going_away("relay shutting down")
 
     def send(self, frame: frames.Frame) -> None:
         if self._open:
@@ -758,6 +799,8 @@ class ConnectorLink(WebSocketServerProtocol):
 
     def remove_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        if self._going_away and not self.streams and self._open:
+            self.go_away(self._going_away)
 
     def stream_closed(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -787,13 +830,27 @@ class ConnectorLink(WebSocketServerProtocol):
             self._drop(http.BAD_GATEWAY, "connector protocol error")
             self.sendClose(PROTOCOL_ERROR, str(e)[:100])
 
-    def go_away(self, reason: str) -> None:
+    def announce_going_away(self, reason: str) -> None:
+        """GOAWAY: no new requests here; the link closes once its last request is done."""
+        if self._going_away or not self._open:
+            return
+        self._going_away = reason
         self.send(frames.GoAway(reason.encode()))
+        self.factory.relay.detach(self)  # no new streams are assigned to it
+        self.factory.relay.leaving.add(self)
+        if not self.streams:
+            self.go_away(reason)
+
+    def go_away(self, reason: str) -> None:
+        if not self._going_away:
+            self.send(frames.GoAway(reason.encode()))
+        self._going_away = self._going_away or reason
         self._drop(http.SERVICE_UNAVAILABLE, reason)
         self.sendClose(1000, reason)
 
     def _drop(self, code: int, reason: str) -> None:
         was_open, self._open = self._open, False
+        self.factory.relay.leaving.discard(self)
         if was_open:
             self.factory.relay.detach(self)
         streams, self.streams = self.streams, {}
@@ -861,6 +918,8 @@ class RelaySite(server.Site):
         self._access_log = relay.config.access_log
 
     def log(self, request):
+        if request.code != 101:  # connector logins are counted as links
+            self.relay_resource.relay.stats.inc("requests", str(request.code))
         if self._access_log:
             super().log(request)
 

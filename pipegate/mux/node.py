@@ -12,7 +12,8 @@ from twisted.application import internet, service, strports
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from pipegate.config import EnvOptions, positive_float, positive_int
+from pipegate.config import EnvOptions, non_negative_float, positive_float, positive_int
+from pipegate.drain import AfterDrain, Drainer
 from pipegate.http.connector import backoff
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
@@ -35,6 +36,9 @@ class MuxOptions(EnvOptions):
         ["handshake-timeout", None, "10", "Seconds a new link has to complete TLS and admission."],
         ["max-channels", None, "10000", "Channels per link."],
         ["udp-idle-timeout", None, "120", "Seconds after which an idle UDP flow is closed."],
+        ["drain-timeout", None, "30", "Seconds open channels may take to finish on SIGTERM before they are cut."],
+        ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
+                                "given, e.g. tcp:9100:interface=127.0.0.1."],
     ]
     converters = {
         "max-frame-size": positive_int,
@@ -44,6 +48,7 @@ class MuxOptions(EnvOptions):
         "handshake-timeout": positive_float,
         "max-channels": positive_int,
         "udp-idle-timeout": positive_float,
+        "drain-timeout": non_negative_float,
     }
 
     def __init__(self) -> None:
@@ -100,6 +105,7 @@ class MuxOptions(EnvOptions):
                 endpoints.clientFromString(reactor, value)
             except Exception as e:
                 raise usage.UsageError(f"--connect: {value}: {e or type(e).__name__}") from None
+        check_server_endpoint("metrics", self["metrics"])
         if bool(self["tls-key"]) != bool(self["tls-cert"]):
             raise usage.UsageError("--tls-key and --tls-cert go together")
         for name in ("tls-key", "tls-cert", "tls-ca"):
@@ -130,10 +136,35 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
         services.append(strports.service(description, factory, reactor=reactor))
     for description in connect:
         endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
-        services.append(internet.ClientService(
-            endpoint, LinkFactory(node, config, reactor, True),
-            retryPolicy=retry_policy or backoff(), clock=reactor))
+        factory = LinkFactory(node, config, reactor, True)
+        dialer = internet.ClientService(endpoint, factory, retryPolicy=retry_policy or backoff(), clock=reactor)
+        factory.redial = Redial(dialer, endpoint, factory, retry_policy or backoff(), reactor)
+        services.append(dialer)
     return services
+
+
+class Redial:
+    """
+    When the peer of a dialled link says GOAWAY, dial the same endpoint again at once (a
+    balancer or DNS in front reaches a peer that is not stopping) while the old link
+    finishes its channels; the old dialler stops once that link has closed.
+    """
+
+    def __init__(self, dialer, endpoint, factory, retry_policy, reactor) -> None:
+        self.dialer = dialer
+        self.endpoint = endpoint
+        self.factory = factory
+        self.retry_policy = retry_policy
+        self.reactor = reactor
+
+    def __call__(self, link) -> None:
+        old = self.dialer
+        if not old.running or old.parent is None or getattr(link, "retiring", None) is not None:
+            return
+        self.dialer = internet.ClientService(self.endpoint, self.factory, retryPolicy=self.retry_policy,
+                                             clock=self.reactor)
+        self.dialer.setServiceParent(old.parent)
+        link.retiring = old
 
 
 def certificate_from(options: MuxOptions):
@@ -144,13 +175,29 @@ def certificate_from(options: MuxOptions):
 
 def add_node(top: service.MultiService, node, options: MuxOptions, role: int, reactor) -> None:
     """Add C{node} and its link listeners and dialers to C{top}."""
+    # Dialers stop only once the node has drained: stopping a ClientService cuts its link.
+    later = AfterDrain(node) if isinstance(node, Drainer) else top
     for svc in link_services(node, link_config(options, role), reactor, options["mux"], options["connect"],
                              certificate=certificate_from(options), verify_hostname=options["tls-verify"],
                              ca_file=options["tls-ca"]):
-        svc.setServiceParent(top)
+        svc.setServiceParent(later if isinstance(svc, internet.ClientService) else top)
+    if later is not top:
+        later.setServiceParent(top)
     # Added last so that it stops first: links get a GOAWAY before their listeners
     # and dialers go.
     node.setServiceParent(top)
+
+
+def check_server_endpoint(name: str, value: str | None) -> None:
+    """Stop startup with one line naming C{--name} when C{value} is not a server endpoint."""
+    if not value:
+        return
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, value)
+    except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
+        raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None
 
 
 def add_http(top: service.MultiService, description: str, root, reactor) -> None:

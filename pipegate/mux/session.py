@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pipegate.metrics import stats_of
 from pipegate.mux import frames
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
@@ -92,6 +93,9 @@ class LinkChannel:
         pass
 
 
+_PAYLOAD = (frames.Data, frames.Datagram)
+
+
 class LinkError(Exception):
     """The peer broke the protocol; the link is closed with this reason."""
 
@@ -111,13 +115,17 @@ class MuxLink(Protocol):
         self.channels: dict[int, object] = {}
         self.next_channel = 1
         self.closed = False
-        self.going_away = False
+        self.going_away = False  # the peer sent GOAWAY
+        self.goaway_sent = False
         self.paused = False
         self._exporter: bytes | None = None
         self._last_seen = clock.seconds()
         self._pinger: LoopingCall | None = None
         self._handshake_timer = None
         self._ping_token = 0
+        self.stats = stats_of(node)
+        # bytes direction: up = client -> service, i.e. gateway -> provider
+        self._sent, self._received = ("up", "down") if config.role == frames.ROLE_GATEWAY else ("down", "up")
 
     def __repr__(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -162,11 +170,16 @@ class MuxLink(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         if not self.admitted and not self.closed:
+            self.stats.inc("admission_failures", "tls")
             self.log.warn("link with {peer} closed before admission (wrong router secret, "
                           "refused role, or TLS failure)", peer=self.peer_name)
         self._stop_timers()
         was_admitted, self.admitted = self.admitted, False
         self.closed = True
+        retiring, self.retiring = getattr(self, "retiring", None), None
+        if retiring is not None:
+            # Not from inside its own connectionLost: stop the old dialler on the next turn.
+            self.clock.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.link_lost()
@@ -191,8 +204,13 @@ class MuxLink(Protocol):
                 self.going_away = True
                 self.log.info("peer {peer} going away: {reason}", peer=self.peer_name, reason=reason)
                 self.node.link_frame(self, frame)
+                redial = getattr(getattr(self, "factory", None), "redial", None)
+                if redial is not None:
+                    redial(self)
             case frames.Data() | frames.Window() | frames.Fin() | frames.Reset() | frames.Datagram() \
                     | frames.OpenOk() | frames.OpenFail():
+                if type(frame) in _PAYLOAD:
+                    self.stats.inc("bytes", self._received, len(frame.data))
                 channel = self.channels.get(frame.channel)
                 if channel is not None:
                     channel.frame_received(frame)
@@ -205,6 +223,7 @@ class MuxLink(Protocol):
         if hello.version != 1:
             raise LinkError(f"unsupported mux version {hello.version}")
         if not frames.verify_hello(self.config.secret, self._exporter, hello, not self.is_tls_client):
+            self.stats.inc("admission_failures", "secret")
             raise LinkError("admission failed: the peer does not know the router secret")
         if hello.role == frames.ROLE_PROVIDER and self.config.role == frames.ROLE_PROVIDER:
             raise LinkError("provider-to-provider links are refused")
@@ -221,6 +240,11 @@ class MuxLink(Protocol):
         self._pinger.clock = self.clock
         self._pinger.start(self.config.ping_interval, now=False)
         self.log.info("link to {role} {peer} admitted", role=ROLE_NAMES[hello.role], peer=self.peer_name)
+        factory = getattr(self, "factory", None)
+        if factory is not None and self.is_tls_client:
+            factory.admitted += 1
+            if factory.admitted > 1:
+                self.stats.inc("reconnects")
         self.node.link_admitted(self)
 
     def _ping(self) -> None:
@@ -238,6 +262,8 @@ class MuxLink(Protocol):
     def send(self, frame) -> None:
         """Send a frame on an admitted link (dropped once the link is closed)."""
         if self.admitted:
+            if type(frame) in _PAYLOAD:
+                self.stats.inc("bytes", self._sent, len(frame.data))
             self._write(frame)
 
     def allocate_channel(self, channel) -> int:
@@ -258,14 +284,22 @@ class MuxLink(Protocol):
         """Close this link, logging why; other links are untouched."""
         if self.closed:
             return
+        if not self.admitted and "router secret" not in reason:
+            self.stats.inc("admission_failures", "timeout" if "handshake timeout" in reason else "protocol")
         self.log.warn("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
         self.closed = True
         self._stop_timers()
         if self.transport is not None:
             self.transport.abortConnection()
 
+    def announce_going_away(self, reason: str) -> None:
+        """Send GOAWAY once: the peer opens no new channels here; open ones run on."""
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self.send(frames.GoAway(reason))
+
     def go_away(self, reason: str) -> None:
-        self.send(frames.GoAway(reason))
+        self.announce_going_away(reason)
         self._stop_timers()
         if self.transport is not None:
             # A transport with a registered producer never finishes closing.
@@ -305,6 +339,7 @@ class LinkFactory(Factory):
         self.config = config
         self.clock = clock
         self.is_tls_client = is_tls_client
+        self.admitted = 0  # links admitted through this factory (a dialer: 1 + reconnects)
 
     def buildProtocol(self, addr):
         link = MuxLink(self.node, self.config, self.clock, self.is_tls_client)

@@ -14,6 +14,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
+from pipegate.drain import Drainer
+from pipegate.metrics import Stats
 from pipegate.mux import frames
 from pipegate.policy import (
     EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,
@@ -39,6 +41,7 @@ class GatewayConfig:
     udp_idle_timeout: float = 120.0
     tcp_idle_timeout: float = 0.0
     window: int = 262_144
+    drain_timeout: float = 30.0
 
 
 class Opening(LinkChannel):
@@ -56,10 +59,12 @@ class Opening(LinkChannel):
     def frame_received(self, frame) -> None:
         if isinstance(frame, frames.OpenOk):
             self._cancel()
+            self.gateway.stats.inc("channel_opens", "ok")
             self.link.channels[self.channel_id] = self.client
             self.client.attach(self.link, self.channel_id)
         elif isinstance(frame, frames.OpenFail):
             self._cancel()
+            self.gateway.stats.inc("channel_opens", "refused")
             self.link.remove_channel(self.channel_id)
             self.gateway.log.info("gate {port}/{proto}: provider {peer} refused channel {channel}: {reason}",
                                   port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
@@ -72,6 +77,7 @@ class Opening(LinkChannel):
 
     def _timed_out(self) -> None:
         self.timer = None
+        self.gateway.stats.inc("channel_opens", "timeout")
         self.link.send(frames.Reset(self.channel_id, "open timed out"))
         self.link.remove_channel(self.channel_id)
         self.gateway.log.info("gate {port}/{proto}: provider {peer} did not answer channel {channel}",
@@ -108,6 +114,7 @@ class GateFactory(Factory):
         decision = gateway.decide(self.key, addr.host)
         if not decision.allow:
             gateway.denied += 1
+            gateway.stats.inc("policy_denials")
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
@@ -119,19 +126,23 @@ class GateFactory(Factory):
         if decision.limit is None:
             return channel
         up, down, release = gateway.buckets(addr.host, decision.limit)
-        return Shaper(_Release(release), channel, gateway.clock, read_bucket=up, write_bucket=down)
+        return Shaper(_Release(release, gateway.stats), channel, gateway.clock, read_bucket=up, write_bucket=down)
 
 
 class _Release:
     """Stands in for a WrappingFactory: gives the client IP's buckets back on disconnect."""
 
-    def __init__(self, release) -> None:
+    def __init__(self, release, stats: Stats | None = None) -> None:
         self.release = release
+        self.stats = stats
 
     def registerProtocol(self, protocol) -> None:
         pass
 
     def unregisterProtocol(self, protocol) -> None:
+        if self.stats is not None:
+            self.stats.inc("throttled_seconds", "up", protocol.read_throttled_seconds)
+            self.stats.inc("throttled_seconds", "down", protocol.write_throttled_seconds)
         release, self.release = self.release, None
         if release is not None:
             release()
@@ -183,6 +194,8 @@ class UDPGate(DatagramProtocol):
             if not decision.allow:
                 gateway.denied += 1
                 gateway.dropped_datagrams += 1
+                gateway.stats.inc("policy_denials")
+                gateway.stats.inc("dropped_datagrams")
                 return
             up = down = release = None
             if decision.limit is not None:
@@ -193,6 +206,7 @@ class UDPGate(DatagramProtocol):
                     self.transport.write(datagram, addr)
                 else:
                     gateway.dropped_datagrams += 1
+                    gateway.stats.inc("dropped_datagrams")
 
             def done(f, addr=addr, release=release):
                 self.flows.pop(addr, None)
@@ -215,13 +229,14 @@ class UDPGate(DatagramProtocol):
             flow.outbound(data)
         else:
             self.gateway.dropped_datagrams += 1
+            self.gateway.stats.inc("dropped_datagrams")
 
     def stop(self) -> None:
         for flow in list(self.flows.values()):
             flow.close()
 
 
-class Gateway(service.Service):
+class Gateway(service.Service, Drainer):
     log = Logger()
 
     def __init__(self, config: GatewayConfig, clock) -> None:
@@ -239,6 +254,8 @@ class Gateway(service.Service):
         self.denied = 0
         self.dropped_datagrams = 0
         self.route_listeners: list = []  # called with no argument after every route change (Docker helpers)
+        self.stats = Stats()
+        self.draining = False
 
     # -- ingress policy and shaping
     def decide(self, key, ip: str) -> Decision:
@@ -272,6 +289,9 @@ class Gateway(service.Service):
 
     # -- links
     def link_admitted(self, link) -> None:
+        if self.draining:  # admitted while stopping: it would outlive the drain
+            link.go_away("gateway stopping")
+            return
         self.links.add(link)
         if link.peer_role == frames.ROLE_OBSERVER:
             link.send(frames.Routes(tuple(r for rs in self.routes.values() for r in rs)))
@@ -413,13 +433,36 @@ class Gateway(service.Service):
         client.open_failed()
 
     def stopService(self):
+        """
+        Drain: close the gates (no new clients; UDP flows end with their gate), GOAWAY
+        every link, let open TCP connections finish for up to C{drain_timeout} seconds,
+        then cut the rest and close the links.
+        """
+        from twisted.internet.defer import gatherResults, maybeDeferred
+
         super().stopService()
+        self.draining = True
+        closing = [maybeDeferred(self._close_gate, key) for key in list(self.gates)]
+        for link in list(self.links):
+            link.announce_going_away("gateway stopping")
+        if self.tcp_clients:
+            self.log.info("draining: {count} connection(s) open, up to {timeout:g} s",
+                          count=len(self.tcp_clients), timeout=self.config.drain_timeout)
+        drained = self.start_drain(self.clock, self.config.drain_timeout,
+                                   lambda: not self.tcp_clients, self._drained)
+        return gatherResults(closing + [drained])
+
+    def _drained(self, in_time: bool) -> None:
+        cut = len(self.tcp_clients)
+        for client in list(self.tcp_clients):
+            if client.link is not None:
+                client.link.send(frames.Reset(client.channel_id, "gateway stopping: drain timeout"))
+            client.abort()
+        if cut:
+            self.stats.inc("drain_cut", amount=cut)
+            self.log.warn("drain timeout: {count} connection(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("gateway stopping")
-        for client in list(self.tcp_clients):
-            client.abort()
-        from twisted.internet.defer import gatherResults, maybeDeferred
-        return gatherResults([maybeDeferred(self._close_gate, key) for key in list(self.gates)])
 
 
 def _burst(bucket) -> float:

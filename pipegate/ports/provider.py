@@ -12,6 +12,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from pipegate.drain import Drainer
+from pipegate.metrics import Stats
 from pipegate.mux import frames
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
@@ -34,9 +36,10 @@ class ProviderConfig:
     connect_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
     window: int = 262_144
+    drain_timeout: float = 30.0
 
 
-class Provider(service.Service):
+class Provider(service.Service, Drainer):
     log = Logger()
 
     def __init__(self, config: ProviderConfig, reactor, records: Records | None = None) -> None:
@@ -45,6 +48,8 @@ class Provider(service.Service):
         self.records = records
         self.services = list(config.services)
         self.links: set = set()
+        self.stats = Stats()
+        self.draining = False
 
     def routes(self) -> frames.Routes:
         return frames.Routes(tuple(service_route(s, self.config.policy) for s in self.services))
@@ -57,6 +62,9 @@ class Provider(service.Service):
 
     # -- links
     def link_admitted(self, link) -> None:
+        if self.draining:  # admitted while stopping: it would outlive the drain
+            link.go_away("provider stopping")
+            return
         self.links.add(link)
         link.send(self.routes())
 
@@ -168,7 +176,20 @@ class Provider(service.Service):
         channel.on_done = done
 
     def stopService(self):
+        """GOAWAY every link (gateways withdraw our routes), let open channels finish up to
+        C{drain_timeout} seconds, then close the links."""
         super().stopService()
+        self.draining = True
+        for link in list(self.links):
+            link.announce_going_away("provider stopping")
+        return self.start_drain(self.reactor, self.config.drain_timeout,
+                                lambda: not any(link.channels for link in self.links), self._drained)
+
+    def _drained(self, in_time: bool) -> None:
+        cut = sum(len(link.channels) for link in self.links)
+        if cut:
+            self.stats.inc("drain_cut", amount=cut)
+            self.log.warn("drain timeout: {count} channel(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("provider stopping")
 

@@ -29,6 +29,7 @@ class Options(EnvOptions):
         ["max-streams", None, "256", "Requests handled at once; beyond it the relay gets 503."],
         ["connect-timeout", None, "10", "Seconds to connect to the local app before 502."],
         ["ping-interval", None, "20", "Seconds between WebSocket pings to the relay; 0 = off."],
+        ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless given."],
     ]
     converters = {
         "max-streams": positive_int,
@@ -55,6 +56,9 @@ class Options(EnvOptions):
             parts.port
         except ValueError as e:
             raise usage.UsageError(f"SERVER_URL: {e}") from None
+        from pipegate.mux.node import check_server_endpoint
+
+        check_server_endpoint("metrics", self["metrics"])
         if self["ca-file"] and not os.path.isfile(self["ca-file"]):
             raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
         path_id = parts.path.strip("/").rsplit("/", 1)[-1] or None
@@ -116,4 +120,10 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     connector = make_connector(
         options, reactor, on_fatal=lambda message: fatal_exit(reactor, message))
     connector.setServiceParent(top)
+    if options["metrics"]:
+        from pipegate.metrics import connector_collector
+        from pipegate.status import add_ops, connector_status
+
+        add_ops(top, options["metrics"], connector_collector(connector),
+                lambda: connector_status(connector), reactor)
     return top

@@ -8,7 +8,10 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import non_negative_float, positive_float
+from pipegate.drain import AfterDrain
+from pipegate.metrics import gateway_collector
 from pipegate.mux import frames
+from pipegate.status import add_ops, gateway_status
 from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -93,10 +96,13 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     gateway = Gateway(GatewayConfig(
         listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
-        window=options["window"]), reactor)
+        window=options["window"], drain_timeout=options["drain-timeout"]), reactor)
     if options["unlimited-secret"]:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
+    ops = AfterDrain(gateway)  # scrapes still answer while the gateway drains
+    add_ops(ops, options["metrics"], gateway_collector(gateway), lambda: gateway_status(gateway), reactor)
+    ops.setServiceParent(top)
     add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
     if options["docker-endpoint"]:
         add_helpers(top, gateway, options, reactor)

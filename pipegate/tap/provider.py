@@ -8,7 +8,10 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import positive_float
+from pipegate.drain import AfterDrain
+from pipegate.metrics import provider_collector
 from pipegate.mux import frames
+from pipegate.status import add_ops, provider_status
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
@@ -98,9 +101,13 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     records = Records() if options["resolver"] else None
     provider = Provider(ProviderConfig(
         services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],
-        udp_idle_timeout=options["udp-idle-timeout"], window=options["window"]), reactor, records)
+        udp_idle_timeout=options["udp-idle-timeout"], window=options["window"],
+        drain_timeout=options["drain-timeout"]), reactor, records)
     if records is not None:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
+    ops = AfterDrain(provider)  # scrapes still answer while the provider drains
+    add_ops(ops, options["metrics"], provider_collector(provider), lambda: provider_status(provider), reactor)
+    ops.setServiceParent(top)
     add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
     if options["docker-endpoint"]:
         add_discovery(top, provider, options, reactor)

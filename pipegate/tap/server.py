@@ -8,8 +8,11 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.drain import AfterDrain
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub
+from pipegate.metrics import relay_collector
+from pipegate.status import add_ops, relay_status
 from pipegate.policy import PolicyError, load_policy
 
 
@@ -43,6 +46,11 @@ class Options(HubOptions, EnvOptions):
         ["jwt-algorithms", None, "HS256", "Accepted JWT algorithms: a JSON list or a comma list of HS256/HS384/HS512."],
         ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
         ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
+        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
+        ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
+                                "given, e.g. tcp:9100:interface=127.0.0.1."],
+        ["tls-cert", None, None, "PEM certificate (chain) to serve TLS on --listen; reloaded on SIGHUP."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
     ] + HUB_PARAMETERS
     converters = {
         "max-body-bytes": non_negative_int,
@@ -53,6 +61,7 @@ class Options(HubOptions, EnvOptions):
         "idle-timeout": non_negative_float,
         "tunnel-rate": non_negative_float,
         **HUB_CONVERTERS,
+        "drain-timeout": non_negative_float,
     }
 
     def __init__(self) -> None:
@@ -91,11 +100,28 @@ class Options(HubOptions, EnvOptions):
 
         try:
             endpoints.serverFromString(reactor, self["listen"])
+        except (IndexError, KeyError) if self["listen"].startswith("systemd:") else ():
+            raise usage.UsageError(
+                f"--listen: {self['listen']}: no such socket from systemd (LISTEN_FDS, LISTEN_FDNAMES, "
+                "LISTEN_PID)") from None
         except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
             raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
         if self["domain"] is not None and not self["domain"].strip("."):
             raise usage.UsageError("--domain: empty domain")
         self.check_hub()
+        from pipegate.mux.node import check_server_endpoint
+
+        check_server_endpoint("metrics", self["metrics"])
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        self["tls"] = None
+        if self["tls-cert"]:
+            from pipegate.tlsreload import CertificateError, ReloadingServerTLS
+
+            try:
+                self["tls"] = ReloadingServerTLS(self["tls-cert"], self["tls-key"])
+            except CertificateError as e:
+                raise usage.UsageError(f"--tls-cert: {e}") from None
 
 
 def relay_config(options: Options) -> RelayConfig:
@@ -111,6 +137,7 @@ def relay_config(options: Options) -> RelayConfig:
         access_log=bool(options["access-log"]),
         policy=options["policy"],
         tunnel_rate=options["tunnel-rate"] * 1e6 / 8,
+        drain_timeout=options["drain-timeout"],
     )
 
 
@@ -119,8 +146,22 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     relay = Relay(relay_config(options), reactor)
+    ops = AfterDrain(relay)  # scrapes still answer while the relay drains
+    add_ops(ops, options["metrics"], relay_collector(relay), lambda: relay_status(relay), reactor)
+    ops.setServiceParent(top)
     relay.setServiceParent(top)
-    listener = strports.service(options["listen"], RelaySite(relay), reactor=reactor)
+    factory = RelaySite(relay)
+    tls = options.get("tls")
+    if tls is not None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    # SIGHUP (systemctl reload) reloads the certificate; without one it must not kill the relay.
+    from pipegate.tlsreload import ReloadOnSignal, nothing_to_reload
+
+    ReloadOnSignal(tls.reload if tls is not None else nothing_to_reload, reactor).setServiceParent(top)
+    # Added last so that it stops first: no new connections while the relay drains.
+    listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
     add_hub(top, options, reactor)
     return top

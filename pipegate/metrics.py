@@ -1,0 +1,183 @@
+"""
+Prometheus metrics for every service, on a per-service registry.
+
+Services keep plain numbers in a L{Stats} (no Prometheus import in the data paths); a
+L{ServiceCollector} turns those counters, plus gauges read from the service's live state
+(tunnels, links, gates, channels) at scrape time, into metric families.  Scrapes run on
+the reactor thread (L{pipegate.status.OpsResource} renders synchronously), so collectors
+read the live objects without locks.
+
+Names follow the Prometheus conventions: C{pipegate_<what>_total} for counters, base
+units (bytes, seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+# name -> (help, label name or None); exported as pipegate_<name>_total
+COUNTERS: dict[str, tuple[str, str | None]] = {
+    "requests": ("HTTP requests answered by the relay (public ones and /healthz), by status code.", "code"),
+    "bytes": ("Payload bytes carried; up = caller/client towards the service, down = back.", "direction"),
+    "admission_failures": ("Connector logins or mux links refused before admission, by reason.", "reason"),
+    "policy_denials": ("Callers or clients refused by an ingress policy.", None),
+    "throttled_seconds": ("Pause time imposed by shaping, by direction.", "direction"),
+    "reconnects": ("Links to a relay or peer re-established after a loss.", None),
+    "channel_opens": ("Channels the gateway tried to open on a provider, by result.", "result"),
+    "dropped_datagrams": ("UDP datagrams dropped (policy, shaping, full link).", None),
+    "drain_cut": ("Requests or channels still open when the drain timeout ended them.", None),
+}
+
+
+class Stats:
+    """Monotonic counters by (name, label value); a service owns one."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], float] = {}
+
+    def inc(self, name: str, label: str = "", amount: float = 1) -> None:
+        if name not in COUNTERS:
+            raise KeyError(f"unknown counter {name!r}")
+        key = (name, label)
+        self.counts[key] = self.counts.get(key, 0) + amount
+
+    def get(self, name: str, label: str = "") -> float:
+        return self.counts.get((name, label), 0)
+
+    def by_label(self, name: str) -> dict[str, float]:
+        return {label: value for (n, label), value in self.counts.items() if n == name}
+
+
+def stats_of(obj) -> Stats:
+    """The L{Stats} of a service, or a throwaway one for objects without (test doubles)."""
+    stats = getattr(obj, "stats", None)
+    return stats if isinstance(stats, Stats) else Stats()
+
+
+# A gauge: (name, help, label name or None, {label value: number})
+Gauge = tuple[str, str, str | None, dict[str, float]]
+
+
+class ServiceCollector(Collector):
+    """
+    Counters from C{stats} (C{counters} names which ones this service exports, plus any
+    live additions from C{extra()}), and gauges from C{gauges()}.
+    """
+
+    def __init__(self, stats: Stats, counters: Iterable[str], gauges: Callable[[], list[Gauge]],
+                 extra: Callable[[], dict[tuple[str, str], float]] | None = None) -> None:
+        self.stats = stats
+        self.counters = tuple(counters)
+        self.gauges = gauges
+        self.extra = extra
+
+    def collect(self):
+        counts = dict(self.stats.counts)
+        if self.extra is not None:
+            for key, value in self.extra().items():
+                counts[key] = counts.get(key, 0) + value
+        for name in self.counters:
+            text, label = COUNTERS[name]
+            family = CounterMetricFamily(f"pipegate_{name}", text, labels=[label] if label else None)
+            if label:
+                for (n, value), number in sorted(counts.items()):
+                    if n == name:
+                        family.add_metric([value], number)
+            else:
+                family.add_metric([], counts.get((name, ""), 0))
+            yield family
+        for name, text, label, values in self.gauges():
+            family = GaugeMetricFamily(f"pipegate_{name}", text, labels=[label] if label else None)
+            for value, number in sorted(values.items()):
+                family.add_metric([value] if label else [], number)
+            yield family
+
+
+def registry_for(collector: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+# -- per service
+
+
+def relay_collector(relay) -> ServiceCollector:
+    def gauges() -> list[Gauge]:
+        tunnels = list(relay.tunnels.values())
+        return [
+            ("tunnels", "Tunnels with at least one connector online.", None,
+             {"": sum(1 for t in tunnels if t.links)}),
+            ("connectors", "Connector links logged in.", None, {"": sum(len(t.links) for t in tunnels)}),
+            ("requests_in_flight", "Public requests being carried.", None,
+             {"": sum(t.in_flight for t in tunnels)}),
+            ("draining", "1 while the service drains before stopping.", None, {"": int(relay.stopping)}),
+        ]
+    return ServiceCollector(relay.stats, ("requests", "bytes", "admission_failures", "policy_denials",
+                                          "throttled_seconds", "drain_cut"), gauges)
+
+
+def _link_gauges(links) -> dict[str, float]:
+    from pipegate.mux.session import ROLE_NAMES
+
+    roles = {name: 0 for name in ROLE_NAMES.values()}
+    for link in links:
+        roles[ROLE_NAMES.get(link.peer_role, "?")] = roles.get(ROLE_NAMES.get(link.peer_role, "?"), 0) + 1
+    return roles
+
+
+def gateway_collector(gateway) -> ServiceCollector:
+    def gauges() -> list[Gauge]:
+        gates: dict[str, float] = {"tcp": 0, "udp": 0}
+        for port, proto in gateway.gates:
+            gates[proto] = gates.get(proto, 0) + 1
+        return [
+            ("links", "Admitted mux links, by peer role.", "role", _link_gauges(gateway.links)),
+            ("gates", "Gate ports open, by protocol.", "protocol", gates),
+            ("channels", "Client connections and UDP flows open, by protocol.", "protocol",
+             {"tcp": len(gateway.tcp_clients),
+              "udp": sum(len(g.flows) for _, g in gateway.gates.values() if g is not None)}),
+            ("routes", "Routes announced by providers.", None,
+             {"": sum(len(r) for r in gateway.routes.values())}),
+            ("draining", "1 while the service drains before stopping.", None,
+             {"": int(getattr(gateway, "draining", False))}),
+        ]
+
+    def extra():
+        # Shaping pauses of connections still open (closed ones are in stats already).
+        out: dict[tuple[str, str], float] = {}
+        for client in gateway.tcp_clients:
+            shaper = client.transport
+            if hasattr(shaper, "read_throttled_seconds"):
+                out[("throttled_seconds", "up")] = out.get(("throttled_seconds", "up"), 0) + \
+                    shaper.read_throttled_seconds
+                out[("throttled_seconds", "down")] = out.get(("throttled_seconds", "down"), 0) + \
+                    shaper.write_throttled_seconds
+        return out
+    return ServiceCollector(gateway.stats, ("bytes", "admission_failures", "policy_denials",
+                                            "throttled_seconds", "reconnects", "channel_opens",
+                                            "dropped_datagrams", "drain_cut"), gauges, extra)
+
+
+def provider_collector(provider) -> ServiceCollector:
+    def gauges() -> list[Gauge]:
+        return [
+            ("links", "Admitted mux links, by peer role.", "role", _link_gauges(provider.links)),
+            ("services", "Services announced.", None, {"": len(provider.services)}),
+            ("channels", "Channels open over all links.", None,
+             {"": sum(len(link.channels) for link in provider.links)}),
+        ]
+    return ServiceCollector(provider.stats, ("bytes", "admission_failures", "reconnects", "drain_cut"), gauges)
+
+
+def connector_collector(connector) -> ServiceCollector:
+    def gauges() -> list[Gauge]:
+        return [
+            ("relay_links", "WebSocket links to the relay that are open.", None, {"": len(connector.links)}),
+            ("streams", "Requests being forwarded to the local app.", None,
+             {"": sum(len(link.session.streams) for link in connector.links if link.session)}),
+        ]
+    return ServiceCollector(connector.stats, ("reconnects",), gauges)

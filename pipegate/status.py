@@ -1,0 +1,172 @@
+"""
+The operations listener (C{--metrics ENDPOINT}): C{/metrics} in the Prometheus text
+format and C{/status} as JSON, both read from the service's live state on the reactor
+thread.  Also the table printer behind C{pipegate status URL}.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application import service, strports
+from twisted.web import resource, server
+
+from pipegate.metrics import ServiceCollector, registry_for
+
+
+def _peer(link) -> str:
+    return link.peer_name
+
+
+def relay_status(relay) -> dict:
+    return {
+        "service": "relay",
+        "draining": relay.stopping,
+        "tunnels": [
+            {"id": t.id, "connectors": len(t.links), "in_flight": t.in_flight, "waiting": len(t.waiting)}
+            for t in sorted(relay.tunnels.values(), key=lambda t: t.id)
+        ],
+    }
+
+
+def gateway_status(gateway) -> dict:
+    from pipegate.mux.session import ROLE_NAMES
+
+    per_gate: dict[tuple[int, str], int] = {}
+    for client in gateway.tcp_clients:
+        per_gate[client.key] = per_gate.get(client.key, 0) + 1
+    for key, (_, gate) in gateway.gates.items():
+        if gate is not None:
+            per_gate[key] = per_gate.get(key, 0) + len(gate.flows)
+    exposed = gateway.exposed()
+    return {
+        "service": "gateway",
+        "draining": bool(getattr(gateway, "draining", False)),
+        "peers": [
+            {"peer": _peer(link), "role": ROLE_NAMES.get(link.peer_role, "?"),
+             "routes": len(gateway.routes.get(link, ())), "channels": len(link.channels),
+             "going_away": link.going_away}
+            for link in sorted(gateway.links, key=_peer)
+        ],
+        "routes": [
+            {"gate": f"{r.gate_port}/{r.protocol}", "service": f"{r.service_host}:{r.service_port}",
+             "provider": _peer(link), "tags": ",".join(r.tags)}
+            for link, routes in sorted(gateway.routes.items(), key=lambda i: _peer(i[0])) for r in routes
+        ],
+        "gates": [
+            {"gate": f"{port}/{proto}", "providers": len(exposed.get((port, proto), [])),
+             "channels": per_gate.get((port, proto), 0)}
+            for port, proto in sorted(gateway.gates)
+        ],
+    }
+
+
+def provider_status(provider) -> dict:
+    from pipegate.mux.session import ROLE_NAMES
+
+    return {
+        "service": "provider",
+        "draining": bool(getattr(provider, "draining", False)),
+        "links": [
+            {"peer": _peer(link), "role": ROLE_NAMES.get(link.peer_role, "?"),
+             "channels": len(link.channels), "going_away": link.going_away}
+            for link in sorted(provider.links, key=_peer)
+        ],
+        "services": [
+            {"gate": f"{s.gate_port}/{s.protocol}", "service": f"{s.service_host}:{s.service_port}",
+             "tags": ",".join(s.tags)}
+            for s in provider.services
+        ],
+    }
+
+
+def connector_status(connector) -> dict:
+    return {
+        "service": "connector",
+        "tunnel": connector.tunnel_id,
+        "url": connector.public_url,
+        "links": [
+            {"relay": connector.display_url,
+             "streams": len(link.session.streams) if link.session else 0}
+            for link in connector.links
+        ],
+    }
+
+
+class _Metrics(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.registry)
+
+
+class _Status(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, status) -> None:
+        super().__init__()
+        self.status = status
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.status(), indent=1).encode() + b"\n"
+
+
+class OpsResource(resource.Resource):
+    """C{/metrics} and C{/status}; anything else is 404."""
+
+    def __init__(self, collector: ServiceCollector, status) -> None:
+        super().__init__()
+        self.registry = registry_for(collector)
+        self.putChild(b"metrics", _Metrics(self.registry))
+        self.putChild(b"status", _Status(status))
+
+
+def add_ops(top: service.MultiService, description: str | None, collector: ServiceCollector,
+            status, reactor) -> None:
+    """Serve C{/metrics} and C{/status} on server endpoint C{description} (nothing when None)."""
+    if not description:
+        return
+    site = server.Site(OpsResource(collector, status), reactor=reactor)
+    site.noisy = False
+    site.displayTracebacks = False
+    strports.service(description, site, reactor=reactor).setServiceParent(top)
+
+
+# -- pipegate status URL
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    """Rows of dicts as aligned text columns (the keys of the first row are the header)."""
+    if not rows:
+        return ["  (none)"]
+    columns = list(rows[0])
+    cells = [[str(c).upper() for c in columns]] + [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "" if value is None else str(value)
+
+
+def format_status(status: dict) -> str:
+    """A /status document as text: scalars first, then one table per list."""
+    lines = []
+    for key, value in status.items():
+        if not isinstance(value, list):
+            lines.append(f"{key}: {_cell(value)}")
+    for key, value in status.items():
+        if isinstance(value, list):
+            lines.append("")
+            lines.append(f"{key} ({len(value)}):")
+            lines.extend(format_table(value))
+    return "\n".join(lines) + "\n"
