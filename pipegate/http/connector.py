@@ -495,7 +495,9 @@ class Connector(service.MultiService):
         self.links: list[ConnectorProtocol] = []
         self.online: defer.Deferred | None = defer.Deferred()
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 16
+        # Keep as many idle connections as there can be streams: with fewer, every request
+        # above the pool size dials the app anew (and resolves its name in a thread).
+        self.pool.maxPersistentPerHost = config.max_streams
         self.pool._factory = _QuietHTTPClientFactory  # no log lines per local connection
         self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
         parts = urlsplit(server_url)
