@@ -35,6 +35,7 @@ class MuxOptions(EnvOptions):
         ["handshake-timeout", None, "10", "Seconds a new link has to complete TLS and admission."],
         ["max-channels", None, "10000", "Channels per link."],
         ["udp-idle-timeout", None, "120", "Seconds after which an idle UDP flow is closed."],
+        ["udp-buffer", None, "2097152", "Kernel receive and send buffer of each UDP socket, in bytes."],
     ]
     converters = {
         "max-frame-size": positive_int,
@@ -44,6 +45,7 @@ class MuxOptions(EnvOptions):
         "handshake-timeout": positive_float,
         "max-channels": positive_int,
         "udp-idle-timeout": positive_float,
+        "udp-buffer": positive_int,
     }
 
     def __init__(self) -> None:

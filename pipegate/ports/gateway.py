@@ -22,7 +22,7 @@ from pipegate.throttle import BucketPool, Shaper, datagram_allowed
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
-from pipegate.ports.udp import Flow
+from pipegate.ports.udp import UDP_BUFFER, Flow, set_buffers
 
 
 def route_service(route: frames.Route) -> Service:
@@ -39,6 +39,7 @@ class GatewayConfig:
     udp_idle_timeout: float = 120.0
     tcp_idle_timeout: float = 0.0
     window: int = 262_144
+    udp_buffer: int = UDP_BUFFER
 
 
 class Opening(LinkChannel):
@@ -336,6 +337,7 @@ class Gateway(service.Service):
             except CannotListenError as e:
                 self.log.error("gate {port}/udp: cannot bind: {error}", port=port, error=e.socketError)
                 return
+            set_buffers(listening, self.config.udp_buffer)
             self.gates[key] = (listening, gate)
             self.log.info("gate {port}/udp open", port=port)
             return
