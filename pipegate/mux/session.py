@@ -14,6 +14,7 @@ import os
 from typing import Protocol as TypingProtocol
 
 import attrs
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -21,6 +22,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pipegate.mux import frames
+
+# Bytes a link's socket may hold unsent before its channels stop reading (Twisted's
+# default, 64 KiB, is less than one full DATA frame after TLS, so every frame paused and
+# resumed every channel of the link).  Also the link's read size.
+LINK_BUFFER = 262_144
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
               frames.ROLE_OBSERVER: "observer"}
@@ -48,10 +54,17 @@ class Node(TypingProtocol):
     def link_frame(self, link: MuxLink, frame) -> None: ...
 
 
+def socket_transport(transport):
+    """The TCP transport under C{transport} (through TLS or a wrapper), or None."""
+    # Not hasattr(..., "setTcpNoDelay"): protocol wrappers such as TLS delegate it.
+    while transport is not None and not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)
+    return transport
+
+
 def no_delay(transport) -> None:
     """Turn Nagle off on the TCP socket under C{transport} (through TLS or a wrapper)."""
-    while transport is not None and not hasattr(transport, "setTcpNoDelay"):
-        transport = getattr(transport, "transport", None)
+    transport = socket_transport(transport)
     if transport is not None:
         try:
             transport.setTcpNoDelay(True)
@@ -114,6 +127,9 @@ class MuxLink(Protocol):
     # -- connection
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        sock = socket_transport(self.transport)
+        if sock is not None:
+            sock.bufferSize = LINK_BUFFER
         self.transport.registerProducer(self, True)
         self._handshake_timer = self.clock.callLater(
             self.config.handshake_timeout, self.fail, "no admission within the handshake timeout")
