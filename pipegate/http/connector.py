@@ -8,7 +8,6 @@ bodies both ways within the streams' credit windows.
 
 from __future__ import annotations
 
-import random
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -27,6 +26,7 @@ from zope.interface import implementer
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
+from pipegate.retry import backoff
 
 
 class ConnectorError(ValueError):
@@ -465,15 +465,6 @@ class ConnectorProtocol(WebSocketClientProtocol):
         if self.session is not None:
             self.session.lost()
         self.factory.connector.link_down(self, code, reason)
-
-
-def backoff(initial: float = 1.0, maximum: float = 60.0, rng: Callable[[], float] = random.random):
-    """Jittered exponential backoff: 1 s doubling to 60 s, each delay scaled by 0.5..1.0."""
-    def policy(attempt: int) -> float:
-        # ClientService counts failed attempts from 1.
-        delay = min(maximum, initial * 2 ** min(max(attempt - 1, 0), 30))
-        return delay * (0.5 + rng() / 2)
-    return policy
 
 
 class Connector(service.MultiService):

@@ -13,9 +13,9 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from pipegate.config import EnvOptions, positive_float, positive_int
-from pipegate.http.connector import backoff
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
+from pipegate.retry import backoff
 
 
 class MuxOptions(EnvOptions):
