@@ -209,6 +209,12 @@ def tcp(ctx: Ctx) -> dict:
                    target=tgt)
         med[key] = f["tunnel"]["median"] if f["tunnel"] else None
         figs.append(f)
+    for key, rr in runs.items():
+        # CPU time gateway + provider spend per GB moved: steadier than MB/s on a busy
+        # machine, and it bounds the rate: 2 cores / (this) GB/s, with nothing left for iperf3.
+        per_gb = [round(sum(r["tunnel"]["cpu_percent"].values()) / 100 / (r["tunnel"]["mb_per_s"] / 1000), 2)
+                  for r in rr if r["tunnel"].get("mb_per_s") and r["tunnel"].get("cpu_percent")]
+        figs.append(figure(f"{names[key]}: CPU seconds per GB, gateway + provider", "s", per_gb, better="lower"))
     checks = []
     for a, b in (("P8", "P1"), ("P8-R", "P1-R")):
         if med.get(a) is not None and med.get(b) is not None:

@@ -492,6 +492,18 @@ class ReceiveWindowTests(unittest.TestCase):
         self.assertEqual(r.grant(), 100)
         self.assertEqual((r.available, r.buffered), (100, 0))
 
+    def test_grant_held_back_until_due(self):
+        r = ReceiveWindow(available=100)
+        r.received(100)
+        r.consumed(49)
+        self.assertEqual(r.grant(50), 0)
+        self.assertEqual((r.available, r.ungranted), (0, 49))
+        r.consumed(1)
+        self.assertEqual(r.grant(50), 50)
+        self.assertEqual((r.available, r.ungranted), (50, 0))
+        r.consumed(10)
+        self.assertEqual(r.grant(), 10)  # no threshold: everything due goes back
+
 
 # -- properties -------------------------------------------------------------------------------
 

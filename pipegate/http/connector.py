@@ -8,7 +8,6 @@ bodies both ways within the streams' credit windows.
 
 from __future__ import annotations
 
-import random
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -28,6 +27,7 @@ from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
 from pipegate.metrics import Stats
+from pipegate.retry import backoff
 
 
 class ConnectorError(ValueError):
@@ -469,15 +469,6 @@ class ConnectorProtocol(WebSocketClientProtocol):
         self.factory.connector.link_down(self, code, reason)
 
 
-def backoff(initial: float = 1.0, maximum: float = 60.0, rng: Callable[[], float] = random.random):
-    """Jittered exponential backoff: 1 s doubling to 60 s, each delay scaled by 0.5..1.0."""
-    def policy(attempt: int) -> float:
-        # ClientService counts failed attempts from 1.
-        delay = min(maximum, initial * 2 ** min(max(attempt - 1, 0), 30))
-        return delay * (0.5 + rng() / 2)
-    return policy
-
-
 class Connector(service.MultiService):
     """
     The connector service: dials the relay through a L{ClientService} and serves the
@@ -499,7 +490,9 @@ class Connector(service.MultiService):
         self._ever_online = False
         self.online: defer.Deferred | None = defer.Deferred()
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 16
+        # Keep as many idle connections as there can be streams: with fewer, every request
+        # above the pool size dials the app anew (and resolves its name in a thread).
+        self.pool.maxPersistentPerHost = config.max_streams
         self.pool._factory = _QuietHTTPClientFactory  # no log lines per local connection
         self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
         parts = urlsplit(server_url)

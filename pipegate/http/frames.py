@@ -286,8 +286,14 @@ class ReceiveWindow:
         self.buffered -= size
         self.ungranted += size
 
-    def grant(self) -> int:
-        """Return the credit to send in a WINDOW frame now (0 = nothing to send)."""
+    def grant(self, at_least: int = 0) -> int:
+        """
+        Return the credit to send in a WINDOW frame now (0 = nothing to send).  With
+        C{at_least}, credit is held back until that much is due, so that a receiver
+        can return credit in a few large WINDOW frames instead of one per DATA frame.
+        """
+        if self.ungranted < at_least:
+            return 0
         credit, self.ungranted = self.ungranted, 0
         self.available += credit
         return credit

@@ -30,6 +30,10 @@ class StreamChannel(Protocol):
         self.channel_id = 0
         self.send_window = SendWindow(window=window)
         self.recv_window = ReceiveWindow(available=window)
+        # Credit goes back once half the window is consumed, not after every DATA frame:
+        # half as many WINDOW frames, and the sender's socket is paused and resumed half
+        # as often.  The sender still holds the other half, so it never stalls on it.
+        self._grant_at = max(1, window // 2)
         self._early: list[bytes] = []
         self._socket_full = False
         self._fin_pending = False
@@ -133,7 +137,9 @@ class StreamChannel(Protocol):
                 self.transport.write(data)
                 self.recv_window.consumed(len(data))
                 if not self._socket_full:
-                    self.link.send(frames.Window(self.channel_id, self.recv_window.grant()))
+                    credit = self.recv_window.grant(self._grant_at)
+                    if credit:
+                        self.link.send(frames.Window(self.channel_id, credit))
             case frames.Window(_, increment):
                 for chunk in self.send_window.credit(increment):
                     self.link.send(frames.Data(self.channel_id, chunk))

@@ -14,9 +14,9 @@ from twisted.python import usage
 
 from pipegate.config import EnvOptions, non_negative_float, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
-from pipegate.http.connector import backoff
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
+from pipegate.retry import backoff
 
 
 class MuxOptions(EnvOptions):
@@ -39,6 +39,7 @@ class MuxOptions(EnvOptions):
         ["drain-timeout", None, "30", "Seconds open channels may take to finish on SIGTERM before they are cut."],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
                                 "given, e.g. tcp:9100:interface=127.0.0.1."],
+        ["udp-buffer", None, "2097152", "Kernel receive and send buffer of each UDP socket, in bytes."],
     ]
     converters = {
         "max-frame-size": positive_int,
@@ -49,6 +50,7 @@ class MuxOptions(EnvOptions):
         "max-channels": positive_int,
         "udp-idle-timeout": positive_float,
         "drain-timeout": non_negative_float,
+        "udp-buffer": positive_int,
     }
 
     def __init__(self) -> None:

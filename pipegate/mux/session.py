@@ -50,10 +50,17 @@ class Node(TypingProtocol):
     def link_frame(self, link: MuxLink, frame) -> None: ...
 
 
+def socket_transport(transport):
+    """The TCP transport under C{transport} (through TLS or a wrapper), or None."""
+    # Not hasattr(..., "setTcpNoDelay"): protocol wrappers such as TLS delegate it.
+    while transport is not None and not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)
+    return transport
+
+
 def no_delay(transport) -> None:
     """Turn Nagle off on the TCP socket under C{transport} (through TLS or a wrapper)."""
-    while transport is not None and not hasattr(transport, "setTcpNoDelay"):
-        transport = getattr(transport, "transport", None)
+    transport = socket_transport(transport)
     if transport is not None:
         try:
             transport.setTcpNoDelay(True)
@@ -70,9 +77,7 @@ LINK_WRITE_BUFFER = 4 * 1024 * 1024
 
 def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
     """Raise the write buffer of the socket under C{transport} (through TLS or wrappers)."""
-    # Wrappers forward attribute reads to what they wrap: look for the real descriptor.
-    while transport is not None and not isinstance(transport, FileDescriptor):
-        transport = transport.__dict__.get("transport")
+    transport = socket_transport(transport)
     if transport is not None:
         transport.bufferSize = max(transport.bufferSize, size)
 

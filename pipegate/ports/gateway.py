@@ -24,7 +24,7 @@ from pipegate.throttle import BucketPool, Shaper, datagram_allowed
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
-from pipegate.ports.udp import Flow
+from pipegate.ports.udp import UDP_BUFFER, Flow, set_buffers
 
 
 def route_service(route: frames.Route) -> Service:
@@ -42,6 +42,7 @@ class GatewayConfig:
     tcp_idle_timeout: float = 0.0
     window: int = 262_144
     drain_timeout: float = 30.0
+    udp_buffer: int = UDP_BUFFER
 
 
 class Opening(LinkChannel):
@@ -376,6 +377,7 @@ class Gateway(service.Service, Drainer):
             except CannotListenError as e:
                 self.log.error("gate {port}/udp: cannot bind: {error}", port=port, error=e.socketError)
                 return
+            set_buffers(listening, self.config.udp_buffer)
             self.gates[key] = (listening, gate)
             self.log.info("gate {port}/udp open", port=port)
             return

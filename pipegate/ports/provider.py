@@ -20,7 +20,7 @@ from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
-from pipegate.ports.udp import BackendSocket, Flow
+from pipegate.ports.udp import UDP_BUFFER, BackendSocket, Flow, set_buffers
 
 
 def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
@@ -37,6 +37,7 @@ class ProviderConfig:
     udp_idle_timeout: float = 120.0
     window: int = 262_144
     drain_timeout: float = 30.0
+    udp_buffer: int = UDP_BUFFER
 
 
 class Provider(service.Service, Drainer):
@@ -139,6 +140,7 @@ class Provider(service.Service, Drainer):
             socket = BackendSocket()
             interface = "::" if ":" in address else "0.0.0.0"
             listening = self.reactor.listenUDP(0, socket, interface=interface, maxPacketSize=65535)
+            set_buffers(listening, self.config.udp_buffer)
             socket.transport.connect(address, svc.service_port)
             flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write,
                         lambda f: listening.stopListening())

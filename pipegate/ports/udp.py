@@ -7,6 +7,8 @@ counted, as UDP would drop them.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -14,6 +16,21 @@ from pipegate.mux import frames
 from pipegate.mux.session import LinkChannel
 
 BACKLOG_DATAGRAMS = 64
+UDP_BUFFER = 2_097_152  # default --udp-buffer: SO_RCVBUF and SO_SNDBUF of every UDP socket
+
+
+def set_buffers(port, size: int) -> None:
+    """
+    Ask for C{size}-byte kernel receive and send buffers on a listening UDP port.  The
+    default (about 208 KiB) holds only a few ms of a fast flow, so datagrams were dropped
+    whenever the process was busy; Linux caps the request at net.core.rmem_max/wmem_max.
+    """
+    handle = port.getHandle()
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass
 
 
 class Flow(LinkChannel):
@@ -31,11 +48,13 @@ class Flow(LinkChannel):
         self.backlog: list[bytes] = []
         self.dropped = 0
         self.done = False
+        self._last = clock.seconds()
         self._timer = clock.callLater(idle_timeout, self.expire) if idle_timeout > 0 else None
 
     def touch(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.idle_timeout)
+        # The idle timer is not re-armed per datagram (that was a heap operation each
+        # time); it checks the time of the last datagram when it fires.
+        self._last = self.clock.seconds()
 
     def attach(self, link, channel_id: int) -> None:
         self.link = link
@@ -69,6 +88,10 @@ class Flow(LinkChannel):
             self.close(notify=False)
 
     def expire(self) -> None:
+        remaining = self._last + self.idle_timeout - self.clock.seconds()
+        if remaining > 0 and not self.done:
+            self._timer = self.clock.callLater(remaining, self.expire)
+            return
         self._timer = None
         self.close(notify=True, reason="idle timeout")
 

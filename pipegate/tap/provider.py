@@ -102,7 +102,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     provider = Provider(ProviderConfig(
         services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], window=options["window"],
-        drain_timeout=options["drain-timeout"]), reactor, records)
+        drain_timeout=options["drain-timeout"], udp_buffer=options["udp-buffer"]), reactor, records)
     if records is not None:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
     ops = AfterDrain(provider)  # scrapes still answer while the provider drains
