@@ -294,9 +294,23 @@ ROUTER = bytes(range(32))
 EXPORTER = b"E" * 32
 
 
+class _SocketOptions:
+    """Stands in for a UDP port's socket: records the options the gateway sets (buffer sizes)."""
+
+    def __init__(self) -> None:
+        self.options = {}
+
+    def setsockopt(self, level, option, value):
+        self.options[level, option] = value
+
+
 class _UDPPort:
     def __init__(self, port: int) -> None:
         self.port = port
+        self.handle = _SocketOptions()
+
+    def getHandle(self):
+        return self.handle
 
     def stopListening(self):
         return None
