@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from pipegate.http.connector import Connector, ConnectorConfig, Target
 from tests.support import Loopback, TestApp, pattern, request, token_for
-from tests.test_proxyprotocol import HAProxyProcess, accepts, free_port, haproxy_or_skip
+from tests.test_proxyprotocol import free_port, haproxy_or_skip, start_haproxy
 
 DOMAIN = "tunnels.test"
 
@@ -104,26 +104,8 @@ class ScaleOutTests(unittest.TestCase):
                                   relay1=ports[0], relay2=ports[1], domain=DOMAIN))
         check = await _run(path, ["-c", "-f", config])
         self.assertEqual(check[0], 0, check[1])
-        process = HAProxyProcess()
-        reactor.spawnProcess(process, path, [path, "-f", config, "-db"], env=dict(os.environ))
-        self.addCleanup(self.stop_haproxy, process)
-        waited = 0.0
-        while not all(accepts(port) for port in self.front.values()):
-            if process.done:
-                self.fail(f"haproxy exited: {process.output.decode(errors='replace')}")
-            if waited > 10:
-                self.fail(f"haproxy did not listen within 10 s: {process.output.decode(errors='replace')}")
-            await task.deferLater(reactor, 0.05, lambda: None)
-            waited += 0.05
+        await start_haproxy(self, path, config, self.front.values())
         self.agent = self.loop.agent()
-
-    async def stop_haproxy(self, process: HAProxyProcess) -> None:
-        if not process.done:
-            process.transport.signalProcess("TERM")
-            killer = reactor.callLater(5, lambda: process.done or process.transport.signalProcess("KILL"))
-            await process.ended
-            if killer.active():
-                killer.cancel()
 
     async def connect_all(self, front: str) -> None:
         """One connector per id, dialling HAProxy (not a relay) and serving /c<i> of the app."""

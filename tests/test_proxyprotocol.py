@@ -347,6 +347,31 @@ class HAProxyProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
+async def start_haproxy(case: unittest.TestCase, path: str, config: str, ports) -> HAProxyProcess:
+    """Run C{haproxy -f config} until C{case} ends; return once it accepts on every port."""
+    process = HAProxyProcess()
+    reactor.spawnProcess(process, path, [path, "-f", config, "-db"], env=dict(os.environ))
+    case.addCleanup(stop_haproxy, process)
+    waited = 0.0
+    while not all(accepts(port) for port in ports):
+        if process.done:
+            case.fail(f"haproxy exited: {process.output.decode(errors='replace')}")
+        if waited > 10:
+            case.fail(f"haproxy did not listen within 10 s: {process.output.decode(errors='replace')}")
+        await task.deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+    return process
+
+
+async def stop_haproxy(process: HAProxyProcess) -> None:
+    if not process.done:
+        process.transport.signalProcess("TERM")
+        killer = reactor.callLater(5, lambda: process.done or process.transport.signalProcess("KILL"))
+        await process.ended
+        if killer.active():
+            killer.cancel()
+
+
 class HeaderReader(Protocol):
     """Backend behind HAProxy: reads the PROXY header HAProxy sends, echoes the rest."""
 
@@ -477,26 +502,7 @@ class HAProxyTests(unittest.TestCase):
         with open(config, "w") as f:
             f.write(CONFIG.format(front_v1=self.front["v1"], front_v2=self.front["v2"],
                                   back_v1=back["v1"], back_v2=back["v2"]))
-        process = HAProxyProcess()
-        reactor.spawnProcess(process, path, [path, "-f", config, "-db"], env=dict(os.environ))
-        self.addCleanup(self.stop_haproxy, process)
-        waited = 0.0
-        while not all(accepts(port) for port in self.front.values()):
-            if process.done:
-                self.fail(f"haproxy exited: {process.output.decode(errors='replace')}")
-            if waited > 10:
-                self.fail(f"haproxy did not listen within 10 s: {process.output.decode(errors='replace')}")
-            await task.deferLater(reactor, 0.05, lambda: None)
-            waited += 0.05
-        return process
-
-    async def stop_haproxy(self, process: HAProxyProcess) -> None:
-        if not process.done:
-            process.transport.signalProcess("TERM")
-            killer = reactor.callLater(5, lambda: process.done or process.transport.signalProcess("KILL"))
-            await process.ended
-            if killer.active():
-                killer.cancel()
+        return await start_haproxy(self, path, config, self.front.values())
 
     async def close_reader(self, port, factory: HeaderReaderFactory) -> None:
         await port.stopListening()
