@@ -1,7 +1,7 @@
 """
 Prometheus metrics for every service, on a per-service registry.
 
-Services keep plain numbers in a L{Stats} (no Prometheus import in the data paths); a
+Services keep plain numbers in a L{pipegate.stats.Stats} (no Prometheus import in the data paths); a
 L{ServiceCollector} turns those counters, plus gauges read from the service's live state
 (tunnels, links, gates, channels) at scrape time, into metric families.  Scrapes run on
 the reactor thread (L{pipegate.status.OpsResource} renders synchronously), so collectors
@@ -18,44 +18,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-# name -> (help, label name or None); exported as pipegate_<name>_total
-COUNTERS: dict[str, tuple[str, str | None]] = {
-    "requests": ("HTTP requests answered by the relay (public ones and /healthz), by status code.", "code"),
-    "bytes": ("Payload bytes carried; up = caller/client towards the service, down = back.", "direction"),
-    "admission_failures": ("Connector logins or mux links refused before admission, by reason.", "reason"),
-    "policy_denials": ("Callers or clients refused by an ingress policy.", None),
-    "throttled_seconds": ("Pause time imposed by shaping, by direction.", "direction"),
-    "reconnects": ("Links to a relay or peer re-established after a loss.", None),
-    "channel_opens": ("Channels the gateway tried to open on a provider, by result.", "result"),
-    "dropped_datagrams": ("UDP datagrams dropped (policy, shaping, full link).", None),
-    "drain_cut": ("Requests or channels still open when the drain timeout ended them.", None),
-}
-
-
-class Stats:
-    """Monotonic counters by (name, label value); a service owns one."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], float] = {}
-
-    def inc(self, name: str, label: str = "", amount: float = 1) -> None:
-        if name not in COUNTERS:
-            raise KeyError(f"unknown counter {name!r}")
-        key = (name, label)
-        self.counts[key] = self.counts.get(key, 0) + amount
-
-    def get(self, name: str, label: str = "") -> float:
-        return self.counts.get((name, label), 0)
-
-    def by_label(self, name: str) -> dict[str, float]:
-        return {label: value for (n, label), value in self.counts.items() if n == name}
-
-
-def stats_of(obj) -> Stats:
-    """The L{Stats} of a service, or a throwaway one for objects without (test doubles)."""
-    stats = getattr(obj, "stats", None)
-    return stats if isinstance(stats, Stats) else Stats()
-
+from pipegate.stats import COUNTERS, Stats
 
 # A gauge: (name, help, label name or None, {label value: number})
 Gauge = tuple[str, str, str | None, dict[str, float]]

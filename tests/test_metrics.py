@@ -15,9 +15,10 @@ from twisted.trial import unittest
 from twisted.web import server
 
 from pipegate.metrics import (
-    ServiceCollector, Stats, gateway_collector, provider_collector, registry_for, relay_collector,
+    ServiceCollector, gateway_collector, provider_collector, registry_for, relay_collector,
 )
 from pipegate.ports.services import Service
+from pipegate.stats import Stats
 from pipegate.status import OpsResource, format_status, gateway_status, provider_status, relay_status
 from tests.support import Loopback, eventually, request
 from tests.test_ports_e2e import Client, PortPlane, free_port

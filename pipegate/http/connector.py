@@ -26,7 +26,7 @@ from zope.interface import implementer
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
-from pipegate.metrics import Stats
+from pipegate.stats import Stats
 from pipegate.retry import backoff
 
 

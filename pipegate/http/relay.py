@@ -30,7 +30,7 @@ from zope.interface import implementer
 from pipegate import auth
 from pipegate.http import frames
 from pipegate.drain import Drainer
-from pipegate.metrics import Stats
+from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
 from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers

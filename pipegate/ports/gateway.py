@@ -15,7 +15,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
 from pipegate.drain import Drainer
-from pipegate.metrics import Stats
+from pipegate.stats import Stats
 from pipegate.mux import frames
 from pipegate.policy import (
     EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,

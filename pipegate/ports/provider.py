@@ -13,7 +13,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from pipegate.drain import Drainer
-from pipegate.metrics import Stats
+from pipegate.stats import Stats
 from pipegate.mux import frames
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel

@@ -9,9 +9,7 @@ from twisted.python import usage
 
 from pipegate.config import non_negative_float, positive_float
 from pipegate.drain import AfterDrain
-from pipegate.metrics import gateway_collector
 from pipegate.mux import frames
-from pipegate.status import add_ops, gateway_status
 from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -102,7 +100,12 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
     ops = AfterDrain(gateway)  # scrapes still answer while the gateway drains
-    add_ops(ops, options["metrics"], gateway_collector(gateway), lambda: gateway_status(gateway), reactor)
+    if options["metrics"]:
+        # Imported only when asked for: twisted.web and prometheus-client cost ~4 MiB of idle RSS.
+        from pipegate.metrics import gateway_collector
+        from pipegate.status import add_ops, gateway_status
+
+        add_ops(ops, options["metrics"], gateway_collector(gateway), lambda: gateway_status(gateway), reactor)
     ops.setServiceParent(top)
     add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
     if options["docker-endpoint"]:
