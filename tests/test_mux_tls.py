@@ -1,0 +1,184 @@
+"""
+The mux links' TLS layer (pipegate/mux/tls.py: LinkTLSProtocol): whole writes into
+OpenSSL, one transport write per flush, one dataReceived per read; and a guard on the
+private parts of Twisted's TLS layer and pyOpenSSL that it overrides or calls.
+
+Sans-IO: two protocols on StringTransports, bytes moved between them by hand (the
+end-to-end behaviour through real sockets is covered by tests/test_ports_e2e.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from OpenSSL import SSL
+from twisted.internet import protocol, ssl, task
+from twisted.internet.testing import StringTransport
+from twisted.protocols import tls as twisted_tls
+from twisted.trial import unittest
+
+from pipegate.mux import tls
+from tests.support import pattern
+
+
+class Recorder(protocol.Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost = reason
+
+
+class CountingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class Pair:
+    """A client and a server LinkTLSProtocol, handshaken over StringTransports."""
+
+    def __init__(self) -> None:
+        cert = tls.generated_certificate()
+        self.clock = task.Clock()
+        server_options = ssl.CertificateOptions(privateKey=cert.privateKey.original,
+                                                certificate=cert.original)
+        server_factory = tls.LinkTLSFactory(server_options, False,
+                                            protocol.Factory.forProtocol(Recorder), self.clock)
+        client_factory = tls.LinkTLSFactory(ssl.CertificateOptions(verify=False), True,
+                                            protocol.ClientFactory.forProtocol(Recorder), self.clock)
+        self.server = server_factory.buildProtocol(None)
+        self.client = client_factory.buildProtocol(None)
+        self.server_transport, self.client_transport = CountingTransport(), CountingTransport()
+        self.server.makeConnection(self.server_transport)
+        self.client.makeConnection(self.client_transport)
+        self.pump()
+        assert self.client._handshakeDone and self.server._handshakeDone
+
+    def pump(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for source, sink in ((self.client_transport, self.server), (self.server_transport, self.client)):
+                data = source.value()
+                if data:
+                    source.clear()
+                    sink.dataReceived(data)
+                    moved = True
+
+
+def mode_of(connection: SSL.Connection) -> int:
+    """The connection's SSL mode bits (SSL_set_mode adds nothing and returns them)."""
+    return SSL._lib.SSL_set_mode(connection._ssl, 0)
+
+
+class PrivateInternals(unittest.TestCase):
+    """
+    LinkTLSProtocol overrides private methods of Twisted's TLSMemoryBIOProtocol and
+    calls private parts of it and of pyOpenSSL. If an upgrade changes them, this
+    fails here rather than as a silent loss of data or speed on the links.
+    """
+
+    def test_overridden_methods_keep_their_shape(self):
+        base = twisted_tls.TLSMemoryBIOProtocol
+        for name, params in [("_write", ["self", "bytes"]), ("_flushSendBIO", ["self"]),
+                             ("_flushReceiveBIO", ["self"]), ("_bufferedWrite", ["self", "octets"]),
+                             ("_shutdownTLS", ["self"]), ("_tlsShutdownFinished", ["self", "reason"])]:
+            self.assertEqual(list(inspect.signature(getattr(base, name)).parameters), params, name)
+        self.assertTrue(issubclass(tls.LinkTLSProtocol, twisted_tls.BufferingTLSTransport))
+        self.assertIs(twisted_tls.TLSMemoryBIOFactory.protocol, twisted_tls.BufferingTLSTransport)
+
+    def test_base_class_still_routes_through_the_overrides(self):
+        base = twisted_tls.TLSMemoryBIOProtocol
+        self.assertIn("self._write(", inspect.getsource(base.write))
+        self.assertIn("self._flushReceiveBIO()", inspect.getsource(base.dataReceived))
+        self.assertIn("self._flushSendBIO()", inspect.getsource(base._checkHandshakeStatus))
+        self.assertIn("self._flushSendBIO()", inspect.getsource(base._shutdownTLS))
+        self.assertIn("self._flushReceiveBIO()", inspect.getsource(base.connectionLost))
+        self.assertIn("self._write(", inspect.getsource(base._unbufferPendingWrites))
+
+    def test_state_used_by_the_overrides(self):
+        pair = Pair()
+        for side in (pair.client, pair.server):
+            self.assertIsInstance(side, tls.LinkTLSProtocol)
+            self.assertIsInstance(side._tlsConnection, SSL.Connection)
+            self.assertIs(side._lostTLSConnection, False)
+            self.assertIs(side._aborted, False)
+            self.assertEqual(side._appSendBuffer, [])
+        self.assertTrue(hasattr(SSL._lib, "SSL_clear_mode"))
+        for side in (pair.client, pair.server):
+            self.assertFalse(mode_of(side._tlsConnection) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        # pyOpenSSL's default is on: the factory turned it off.
+        plain = SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+        self.assertTrue(mode_of(plain) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+
+class Batching(unittest.TestCase):
+    def test_one_write_is_one_ssl_write_and_one_transport_write(self):
+        pair = Pair()
+        sends = []
+        connection = pair.client._tlsConnection
+        original = connection.send
+        connection.send = lambda data: sends.append(len(data)) or original(data)
+        payload = pattern(256 * 1024)
+        pair.client_transport.writes = 0
+        pair.client.write(payload)
+        self.assertEqual(sends, [len(payload)])
+        self.assertEqual(pair.client_transport.writes, 1)
+        # 16 records of 16 KiB, each with its header and tag.
+        self.assertGreater(len(pair.client_transport.value()), len(payload) + 16 * 16)
+
+    def test_everything_received_is_delivered_in_one_call(self):
+        pair = Pair()
+        payload = pattern(256 * 1024)
+        pair.client.write(payload)
+        pair.pump()
+        app = pair.server.wrappedProtocol
+        self.assertEqual(app.chunks, [payload])
+
+    def test_small_writes_keep_order_and_content(self):
+        pair = Pair()
+        pieces = [pattern(n, seed=n) for n in (1, 100, 70000, 5, 16384, 16385, 3)]
+        for piece in pieces:
+            pair.client.write(piece)
+        pair.clock.advance(0)   # the base class's aggregation of small writes
+        pair.pump()
+        self.assertEqual(b"".join(pair.server.wrappedProtocol.chunks), b"".join(pieces))
+
+    def test_data_before_close_notify_is_delivered_then_the_link_closes(self):
+        pair = Pair()
+        payload = pattern(100 * 1024)
+        pair.client.write(payload)
+        pair.client.loseConnection()
+        # Data records and the close_notify reach the server in one read.
+        pair.pump()
+        app = pair.server.wrappedProtocol
+        self.assertEqual(b"".join(app.chunks), payload)
+        self.assertTrue(pair.server._lostTLSConnection)
+        self.assertTrue(pair.server_transport.disconnecting)
+
+    def test_corrupt_record_fails_the_link_after_delivering_what_came_before(self):
+        pair = Pair()
+        good = pattern(20000)
+        pair.client.write(good)
+        pair.clock.advance(0)   # the base class's aggregation of small writes
+        wire = pair.client_transport.value()
+        pair.client_transport.clear()
+        pair.client.write(pattern(20000, seed=9))
+        pair.clock.advance(0)
+        bad = bytearray(pair.client_transport.value())
+        pair.client_transport.clear()
+        bad[-1] ^= 0xFF   # the last record's authentication tag
+        pair.server.dataReceived(wire + bytes(bad))
+        app = pair.server.wrappedProtocol
+        self.assertEqual(b"".join(app.chunks)[:len(good)], good)
+        self.assertTrue(pair.server._lostTLSConnection)
+        self.assertIsInstance(pair.server._reason.value, SSL.Error)
