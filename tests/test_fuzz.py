@@ -318,12 +318,6 @@ class _UDPPort:
     def write(self, data, addr=None):
         pass
 
-    def getHandle(self):
-        return self   # pipegate.ports.udp.set_buffers sets kernel buffers on the socket
-
-    def setsockopt(self, level, option, value):
-        pass
-
 
 class MemoryReactor(MemoryReactorClock):
     """MemoryReactorClock plus a recording listenUDP (the gateway opens UDP gates too)."""
