@@ -17,7 +17,6 @@ from tests import test_proxyprotocol as consumer
 class ProviderProxyProtocol(PortPlane):
     timeout = 60
     start_haproxy = consumer.HAProxyTests.start_haproxy
-    stop_haproxy = consumer.HAProxyTests.stop_haproxy
     close_reader = consumer.HAProxyTests.close_reader
 
     async def check(self, version: str):
