@@ -105,6 +105,7 @@ class Engine(resource.Resource):
         self.fail_status: int | None = None
         self.stall = False
         self.stalled: list = []
+        self.stall_create_answer = False  # create the container, then hold the answer (a create cut short)
         self.start_fails = False
         self.events_status: int | None = None  # answer /events with this error status
 
@@ -290,6 +291,9 @@ class Engine(resource.Resource):
             hostname=body.get("Hostname"))
         self.containers[c.id] = c
         self.emit("container", "create", c)
+        if self.stall_create_answer:
+            self.stalled.append(request)
+            return server.NOT_DONE_YET
         return self._json(request, {"Id": c.id, "Warnings": []}, 201)
 
     def _events(self, request, query):

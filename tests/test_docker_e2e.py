@@ -307,6 +307,26 @@ class Processes(DockerPlane):
 
 class HelperRepairTests(DockerPlane):
 
+    async def test_stop_during_first_create_leaves_no_helper(self):
+        """A stop while the first refresh's create is unanswered still sweeps the helper it made."""
+        from pipegate.ports.dockermode import HelperManager
+        from pipegate.ports.engine import EngineClient
+
+        gw, mux = await self.gateway()
+        self.provider(mux, [Service(free_port(), "db.hyper", 5432, "tcp")])
+        await eventually(lambda: gw.routes)
+        self.engine.stall_create_answer = True
+        client = EngineClient(reactor, self.double.endpoint)
+        self.cleanups.append(client.close)
+        manager = HelperManager(client, gw, "pipegate", "pipegate", reactor, target="gw", period=3600.0)
+        manager.startService()
+        await eventually(lambda: self.engine.stalled)
+        self.assertEqual({c.name for c in self.engine.containers.values()}, {helper_name("db.hyper")})
+        self.assertIsNone(manager.healthy)  # the first refresh has not finished
+        self.engine.stall_create_answer = False
+        await manager.stopService()
+        self.assertEqual(self.engine.containers, {})
+
     async def test_removed_helper_comes_back_and_network_is_recreated(self):
         from pipegate.ports.dockermode import HelperManager
         from pipegate.ports.engine import EngineClient

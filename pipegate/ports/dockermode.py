@@ -393,7 +393,7 @@ class HelperManager(_Loop):
                 self.helpers.pop(host, None)
 
         await defer.gatherResults([defer.ensureDeferred(remove(h)) for h in list(self.helpers)])
-        if self.healthy:
+        if self.healthy is not False:  # None: stopped during the first refresh
             # A create cut short by the stop may have left a helper this run did not record.
             try:
                 await self._collect()

@@ -172,6 +172,8 @@ class EngineClient:
         except defer.CancelledError:
             raise
         except Exception as e:
+            if _was_cancelled(e):  # Agent wraps a cancel after the request went out
+                raise defer.CancelledError() from None
             raise EngineError(f"{what}: cannot reach the engine at {self.description}: {_reason(e)}") from None
         reader = _BoundedBody(self.max_body, what)
         response.deliverBody(reader)
@@ -220,6 +222,11 @@ class EngineClient:
 
 def _timed_out(result, what: str, timeout: float):
     raise EngineError(f"{what}: no answer from the engine within {timeout:g} s")
+
+
+def _was_cancelled(e: Exception) -> bool:
+    """Agent reports a request cancelled in flight as ResponseNeverReceived/RequestTransmissionFailed."""
+    return any(isinstance(r, Failure) and r.check(defer.CancelledError) for r in getattr(e, "reasons", None) or ())
 
 
 def _reason(e: BaseException) -> str:
