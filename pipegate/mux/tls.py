@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _lib
+from OpenSSL import SSL
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet import endpoints, interfaces, ssl
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -135,7 +136,10 @@ def whole_writes(connection) -> None:
     can write every record of the buffer in one call instead. (No public call
     clears a mode on one connection: pyOpenSSL's C{_ssl} and C{_lib}.)
     """
-    _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    lib, ssl_pointer = getattr(SSL, "_lib", None), getattr(connection, "_ssl", None)
+    if lib is None or ssl_pointer is None or not hasattr(lib, "SSL_clear_mode"):
+        return  # a pyOpenSSL without these internals: partial writes, still correct (the loop in _write)
+    lib.SSL_clear_mode(ssl_pointer, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
 
 class LinkTLSFactory(TLSMemoryBIOFactory):
