@@ -8,8 +8,8 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import non_negative_float, positive_float
-from pipegate.drain import AfterDrain
 from pipegate.mux import frames
+from pipegate.opslistener import add_metrics_listener
 from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -99,14 +99,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if options["unlimited-secret"]:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
-    ops = AfterDrain(gateway)  # scrapes still answer while the gateway drains
-    if options["metrics"]:
-        # Imported only when asked for: twisted.web and prometheus-client cost ~4 MiB of idle RSS.
-        from pipegate.metrics import gateway_collector
-        from pipegate.status import add_ops, gateway_status
-
-        add_ops(ops, options["metrics"], gateway_collector(gateway), lambda: gateway_status(gateway), reactor)
-    ops.setServiceParent(top)
+    add_metrics_listener(top, gateway, "gateway", options["metrics"], reactor)
     add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
     if options["docker-endpoint"]:
         add_helpers(top, gateway, options, reactor)

@@ -8,8 +8,8 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import positive_float
-from pipegate.drain import AfterDrain
 from pipegate.mux import frames
+from pipegate.opslistener import add_metrics_listener
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
@@ -103,14 +103,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         drain_timeout=options["drain-timeout"], udp_buffer=options["udp-buffer"]), reactor, records)
     if records is not None:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
-    ops = AfterDrain(provider)  # scrapes still answer while the provider drains
-    if options["metrics"]:
-        # Imported only when asked for: twisted.web and prometheus-client cost ~4 MiB of idle RSS.
-        from pipegate.metrics import provider_collector
-        from pipegate.status import add_ops, provider_status
-
-        add_ops(ops, options["metrics"], provider_collector(provider), lambda: provider_status(provider), reactor)
-    ops.setServiceParent(top)
+    add_metrics_listener(top, provider, "provider", options["metrics"], reactor)
     add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
     if options["docker-endpoint"]:
         add_discovery(top, provider, options, reactor)

@@ -8,11 +8,9 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
-from pipegate.drain import AfterDrain
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub
-from pipegate.metrics import relay_collector
-from pipegate.status import add_ops, relay_status
+from pipegate.opslistener import add_metrics_listener
 from pipegate.policy import PolicyError, load_policy
 
 
@@ -146,9 +144,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     relay = Relay(relay_config(options), reactor)
-    ops = AfterDrain(relay)  # scrapes still answer while the relay drains
-    add_ops(ops, options["metrics"], relay_collector(relay), lambda: relay_status(relay), reactor)
-    ops.setServiceParent(top)
+    add_metrics_listener(top, relay, "relay", options["metrics"], reactor)
     relay.setServiceParent(top)
     factory = RelaySite(relay)
     tls = options.get("tls")
