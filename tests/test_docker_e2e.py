@@ -60,12 +60,6 @@ class DockerPlane(PortPlane):
             "--ping-interval", "0.5", "--ping-deadline", "2",
             "--services", json.dumps(static), "--docker", self.double.endpoint, "--refresh", str(refresh)])
 
-    async def echo_through(self, port: int, data: bytes = b"ping") -> bytes:
-        client = await self.connect(port)
-        client.transport.write(data)
-        client.transport.loseWriteConnection()
-        return await client.closed
-
     def run_container(self, name: str, gate: int, **kwargs):
         c = self.engine.container(name, image="app:1", aliases=["localhost"],
                                   labels={"pipegate.EXPOSE": f"{self.echo_port}:{gate}"}, **kwargs)

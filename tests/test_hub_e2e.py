@@ -171,10 +171,7 @@ class Routers(Hub):
         self.assertEqual(stranger.gates, {})
         self.assertEqual(len(self.hub.core.peers), 4)
         for gate in (gate_a, gate_b):
-            client = await self.connect(gate)
-            client.transport.write(b"ping")
-            client.transport.loseWriteConnection()
-            self.assertEqual(await client.closed, b"pingbye")
+            self.assertEqual(await self.echo_through(gate, b"ping"), b"pingbye")
 
 
 class MixedLinks(Hub):
@@ -239,10 +236,7 @@ class FromTheTap(PortPlane):
         self.provider(MuxPort(), [Service(gate, "127.0.0.1", backend.getHost().port)])
         gw = dialling_gateway(self, mux_port)
         await eventually(lambda: (gate, "tcp") in gw.gates)
-        client = await self.connect(gate)
-        client.transport.write(b"through the relay")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.closed, b"through the relaybye")
+        self.assertEqual(await self.echo_through(gate, b"through the relay"), b"through the relaybye")
 
 
 class Policies(Hub):
@@ -264,10 +258,7 @@ class Policies(Hub):
         refused = await self.connect(closed)
         self.assertEqual(await refused.closed, b"")
         self.assertEqual(gw.denied, 1)
-        client = await self.connect(open_)
-        client.transport.write(b"in")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.closed, b"inbye")
+        self.assertEqual(await self.echo_through(open_, b"in"), b"inbye")
 
     async def test_an_unreadable_policy_closes_only_its_providers_gates(self):
         backend = await self.backend_echo()

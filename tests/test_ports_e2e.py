@@ -160,6 +160,13 @@ class PortPlane(unittest.TestCase):
         prov.client = client
         return prov
 
+    async def echo_through(self, port: int, data: bytes = b"ping") -> bytes:
+        """Connect to C{port}, send C{data}, half-close, and return all that came back."""
+        client = await self.connect(port)
+        client.transport.write(data)
+        client.transport.loseWriteConnection()
+        return await client.closed
+
     async def connect(self, port) -> Client:
         client = Client()
         await endpoints.connectProtocol(
@@ -188,20 +195,14 @@ class TCP(PortPlane):
 
     async def test_echo_50_mib_each_way(self):
         payload = pattern(50 * 1024 * 1024, seed=3)
-        client = await self.connect(self.gate)
-        client.transport.write(payload)
-        client.transport.loseWriteConnection()
-        received = await client.closed
+        received = await self.echo_through(self.gate, payload)
         self.assertEqual(hashlib.sha256(received).hexdigest(),
                          hashlib.sha256(payload + b"bye").hexdigest())
 
     test_echo_50_mib_each_way.timeout = 120
 
     async def test_half_close(self):
-        client = await self.connect(self.gate)
-        client.transport.write(b"question")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.closed, b"questionbye")
+        self.assertEqual(await self.echo_through(self.gate, b"question"), b"questionbye")
 
     async def test_gate_follows_the_provider(self):
         self.assertTrue(self.logged(f"gate {self.gate}/tcp open"))
@@ -213,10 +214,7 @@ class TCP(PortPlane):
             await self.connect(self.gate)
         self.prov.client.startService()
         await self.open_tcp_gate(self.gw, self.gate)
-        client = await self.connect(self.gate)
-        client.transport.write(b"again")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.closed, b"againbye")
+        self.assertEqual(await self.echo_through(self.gate, b"again"), b"againbye")
 
     async def test_slow_consumer_bounded_by_window(self):
         size = 64 * 1024 * 1024
@@ -297,10 +295,7 @@ class Failover(PortPlane):
         await eventually(lambda: len(gw.exposed().get((gate, "tcp"), [])) == 2)
         await self.open_tcp_gate(gw, gate)
         for _ in range(4):
-            client = await self.connect(gate)
-            client.transport.write(b"x")
-            client.transport.loseWriteConnection()
-            self.assertEqual(await client.closed, b"xbye")
+            self.assertEqual(await self.echo_through(gate, b"x"), b"xbye")
 
 
 class Admission(PortPlane):
@@ -334,10 +329,7 @@ class Admission(PortPlane):
         bad_link.transport.write(b"\x00\x00\x00\x07\x7fjunk!!")  # unknown frame type
         await eventually(lambda: len(gw.links) == 1)
         await eventually(lambda: self.logged("unknown frame type"))
-        client = await self.connect(gate)
-        client.transport.write(b"still")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.closed, b"stillbye")
+        self.assertEqual(await self.echo_through(gate, b"still"), b"stillbye")
 
     async def test_oversized_frame_closes_link(self):
         gw, mux = await self.gateway()
@@ -426,10 +418,7 @@ class Robustness(PortPlane):
                             Service(gate, "127.0.0.1", backend.getHost().port)])
         await self.open_tcp_gate(gw, gate)
         await eventually(lambda: self.logged(f"gate {busy.getHost().port}/tcp: cannot bind"))
-        client = await self.connect(gate)
-        client.transport.write(b"ok")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.closed, b"okbye")
+        self.assertEqual(await self.echo_through(gate, b"ok"), b"okbye")
 
     async def test_ipv6_listen(self):
         try:
