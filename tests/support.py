@@ -8,8 +8,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
 import secrets
+import shutil
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import (
@@ -21,6 +23,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
+from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -358,3 +361,17 @@ async def ws_connect(loop: Loopback, port, path: str, protocols=None, headers=No
 def new_secret() -> str:
     return secrets.token_hex(16)
 
+
+def debian_tool(testcase, name: str, path: str | None = None) -> str:
+    """
+    The path of a Debian tool a test uses as a real peer (C{path} if executable, else
+    found on C{PATH}).  Missing: the test skips, except under C{CI=true}, where
+    C{.ci/run} installs it and its absence fails the test.
+    """
+    found = path if path and os.access(path, os.X_OK) else shutil.which(name)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            testcase.fail(f"{name} is required when CI=true but is not installed")
+        where = f" ({path})" if path else ""
+        raise unittest.SkipTest(f"{name} is not installed{where}")
+    return found

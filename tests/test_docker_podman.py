@@ -31,7 +31,7 @@ from pipegate.ports.dockermode import DockerDiscovery, HelperManager, ensure_net
 from pipegate.ports.engine import EngineClient, EngineError, EventStream
 from pipegate.ports.services import Service
 from tests.docker_double import EngineDouble
-from tests.support import eventually
+from tests.support import debian_tool, eventually
 from tests.test_ports_e2e import PortPlane
 
 DOCKER = ("docker",)
@@ -40,12 +40,7 @@ IMAGE = "localhost/pipegate-test:1"
 
 
 def podman_or_skip(testcase) -> str:
-    path = shutil.which("podman")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail("podman is required when CI=true but is not installed")
-        raise unittest.SkipTest("podman is not installed")
-    return path
+    return debian_tool(testcase, "podman")
 
 
 class _Process(protocol.ProcessProtocol):

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.trial import unittest
 
 from pipegate.ports import proxyprotocol as pp
+from tests.support import debian_tool
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -308,12 +309,7 @@ HAPROXY = "/usr/sbin/haproxy"
 
 
 def haproxy_or_skip(testcase) -> str:
-    path = HAPROXY if os.access(HAPROXY, os.X_OK) else shutil.which("haproxy")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail("haproxy is required when CI=true but is not installed")
-        raise unittest.SkipTest("haproxy is not installed (/usr/sbin/haproxy)")
-    return path
+    return debian_tool(testcase, "haproxy", HAPROXY)
 
 
 def free_port() -> int:

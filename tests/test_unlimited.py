@@ -21,6 +21,7 @@ from twisted.trial import unittest
 
 from pipegate.ports import unlimited
 from pipegate.ports.unlimited import TokenInvalid, UnlimitedGate, decrypt_token, extract_payload, make_token
+from tests.support import debian_tool
 
 SECRET = "unlimited-test-secret"
 NOW = 1_700_000_000_000
@@ -28,12 +29,7 @@ OPENSSL = "/usr/bin/openssl"
 
 
 def openssl_or_skip(testcase) -> str:
-    path = OPENSSL if os.access(OPENSSL, os.X_OK) else shutil.which("openssl")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail("openssl is required when CI=true but is not installed")
-        raise unittest.SkipTest("openssl is not installed (/usr/bin/openssl)")
-    return path
+    return debian_tool(testcase, "openssl", OPENSSL)
 
 
 def openssl_token(testcase, plaintext_format: str, timestamp: int, secret: str = SECRET) -> str:
