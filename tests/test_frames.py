@@ -505,6 +505,106 @@ class ReceiveWindowTests(unittest.TestCase):
         self.assertEqual(r.grant(), 10)  # no threshold: everything due goes back
 
 
+class GrowingWindowTests(unittest.TestCase):
+    """ReceiveWindow with max_window: grows while the next hop keeps up, shrinks when it does not."""
+
+    def cycle(self, r: ReceiveWindow, size: int) -> int:
+        """The peer sends C{size}, it is all handed on; return the credit granted."""
+        r.received(size)
+        r.consumed(size)
+        return r.grant()
+
+    def test_fixed_without_max_window(self):
+        r = ReceiveWindow(available=100)
+        for _ in range(5):
+            self.assertEqual(self.cycle(r, 100), 100)
+        self.assertEqual((r.window, r.available), (100, 100))
+        self.assertRaises(FrameError, r.received, 101)
+
+    def test_doubles_after_each_whole_window_up_to_max(self):
+        r = ReceiveWindow(available=100, max_window=400)
+        self.assertEqual(self.cycle(r, 100), 200)   # 100 handed on + 100 more credit
+        self.assertEqual((r.window, r.available), (200, 200))
+        self.assertEqual(self.cycle(r, 200), 400)
+        self.assertEqual(self.cycle(r, 400), 400)   # at max_window: no more growth
+        self.assertEqual((r.window, r.available), (400, 400))
+        self.assertRaises(FrameError, r.received, 401)
+
+    def test_max_window_not_a_multiple(self):
+        r = ReceiveWindow(available=100, max_window=250)
+        self.cycle(r, 100)
+        self.cycle(r, 200)
+        self.assertEqual((r.window, r.available), (250, 250))
+
+    def test_less_than_a_window_does_not_grow(self):
+        r = ReceiveWindow(available=100, max_window=400)
+        self.assertEqual(self.cycle(r, 99), 99)
+        self.assertEqual(r.window, 100)
+        self.assertEqual(self.cycle(r, 1), 101)     # the run reached one window
+        self.assertEqual(r.window, 200)
+
+    def test_shrink_withholds_credit_until_back_to_initial(self):
+        r = ReceiveWindow(available=100, max_window=400)
+        self.cycle(r, 100)
+        self.cycle(r, 200)
+        r.received(400)                             # the peer used all 400
+        r.shrink()
+        self.assertEqual(r.window, 100)
+        r.consumed(300)
+        self.assertEqual(r.grant(), 0)              # 300 handed on: all withheld
+        r.consumed(50)
+        self.assertEqual(r.grant(), 50)             # paying back the withheld credit is no growth
+        self.assertEqual((r.window, r.available), (100, 50))
+        self.assertRaises(FrameError, r.received, 51)
+        r.consumed(50)
+        self.assertEqual(r.grant(), 150)            # a whole window since the debt: it grows again
+        self.assertEqual((r.window, r.available), (200, 200))
+
+    def test_shrink_while_credit_outstanding(self):
+        r = ReceiveWindow(available=100, max_window=400)
+        self.cycle(r, 100)
+        self.cycle(r, 200)                          # the peer holds 400
+        r.received(50)
+        r.shrink()
+        r.consumed(50)
+        self.assertEqual(r.grant(), 0)              # the peer still holds 350 > 100
+        r.received(350)
+        r.consumed(300)
+        self.assertEqual(r.grant(), 50)
+        self.assertEqual(r.available, 50)
+        r.consumed(50)
+        self.assertEqual(r.grant(), 150)
+        self.assertEqual((r.window, r.available), (200, 200))
+
+    def test_shrink_restarts_the_run(self):
+        r = ReceiveWindow(available=100, max_window=400)
+        r.received(100)
+        r.consumed(90)
+        r.shrink()
+        r.consumed(10)
+        self.assertEqual(r.grant(), 100)
+        self.assertEqual(r.window, 100)             # 90 of the run came before the shrink
+
+    @given(st.lists(st.tuples(st.sampled_from(["send", "consume", "grant", "shrink"]),
+                              st.integers(min_value=0, max_value=1000)), max_size=200))
+    def test_invariants(self, ops):
+        r = ReceiveWindow(available=100, max_window=800)
+        for op, n in ops:
+            if op == "send":
+                size = min(n, r.available)
+                r.received(size)
+            elif op == "consume":
+                r.consumed(min(n, r.buffered))
+            elif op == "grant":
+                self.assertGreaterEqual(r.grant(n % 300), 0)
+            else:
+                r.shrink()
+            self.assertEqual(r.available + r.buffered + r.ungranted, r.window)
+            self.assertLessEqual(r.window, 800)
+            self.assertLessEqual(r.available, 800)
+            self.assertGreaterEqual(min(r.available, r.buffered), 0)
+
+
 # -- properties -------------------------------------------------------------------------------
 
 streams = st.integers(min_value=0, max_value=2**32 - 1)

@@ -36,7 +36,7 @@ def sent(outputs, peer=None) -> list:
 class Hub(unittest.TestCase):
 
     def setUp(self):
-        self.hub = HubCore(HubConfig(window=WINDOW, max_peers=10, max_channels=3))
+        self.hub = HubCore(HubConfig(window=WINDOW, max_window=2 * WINDOW, max_peers=10, max_channels=3))
 
     def join(self, name: str, role: int, router: int = 0, routes=()) -> list:
         out = self.hub.admit(name, router, role)
@@ -140,6 +140,8 @@ class Hub(unittest.TestCase):
         self.assertEqual(sent(self.hub.frame("gw", frames.Data(5, b"x" * WINDOW))), [frames.Data(pc, b"x" * WINDOW)])
         self.assertEqual(self.hub.frame("gw", frames.Data(5, b"y")), [Close("gw", "DATA beyond the granted credit on channel 5")])
         self.hub.frame("p1", frames.Window(pc, WINDOW))
+        # An end may grow the window up to max_window (ReceiveWindow), not beyond.
+        self.assertEqual(sent(self.hub.frame("p1", frames.Window(pc, WINDOW))), [frames.Window(5, WINDOW)])
         self.assertEqual(self.hub.frame("p1", frames.Window(pc, 1)), [Close("p1", f"WINDOW beyond the window on channel {pc}")])
 
     def test_credit_returned_allows_more(self):
@@ -277,6 +279,7 @@ class HubOptionsTests(unittest.TestCase):
                               "--mux-router", self.SECRET.upper()])
         self.assertEqual(options["mux-secrets"], (bytes.fromhex(self.SECRET), bytes.fromhex("cd" * 32)))
         self.assertEqual(options["mux-window"], 262_144)
+        self.assertEqual(options["mux-max-window"], 4_194_304)
         self.assertEqual(options["mux-max-peers"], 1000)
 
     def test_environment(self):

@@ -245,6 +245,26 @@ class TCP(PortPlane):
 
     test_slow_consumer_bounded_by_window.timeout = 120
 
+    async def test_window_grows_for_a_fast_consumer(self):
+        size = 64 * 1024 * 1024
+        source = protocol.Factory.forProtocol(Source)
+        source.noisy = False
+        Source.size = size
+        backend = await self.listen_tcp(source)
+        gate = free_port()
+        self.provider(self.mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(self.gw, gate)
+        client = await self.connect(gate)
+        await eventually(lambda: len(self.gw.tcp_clients) == 1)
+        (gw_channel,) = self.gw.tcp_clients
+        # Credit beyond the initial window: the gateway's receive window grew (ReceiveWindow).
+        await eventually(lambda: gw_channel.recv_window.window > frames.INITIAL_WINDOW, timeout=60)
+        self.assertLessEqual(gw_channel.recv_window.window, frames.MAX_WINDOW)
+        received = await client.closed
+        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(pattern(size)).digest())
+
+    test_window_grows_for_a_fast_consumer.timeout = 120
+
     async def test_backend_closed_fails_fast(self):
         dead = free_port()
         gate = free_port()

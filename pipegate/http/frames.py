@@ -269,11 +269,26 @@ class ReceiveWindow:
     The receiving half of one stream direction.  C{available} is the credit the peer
     still holds: it shrinks as DATA arrives and grows only when credit is granted back,
     so a peer that ignores backpressure is caught by L{received}.
+
+    With C{max_window} above the initial credit the window grows: each time a whole
+    window has been handed on with the next hop keeping up, it doubles (up to
+    C{max_window}) and the extra credit goes out with the next grant.  L{shrink} (the
+    next hop is not keeping up) returns it to the initial credit by withholding grants, so a
+    fast stream gets a window that covers the time credit takes to come back, and a slow
+    one goes back to the initial credit once its next hop holds more than that.  The
+    peer needs no notice: it only ever sees more or less credit.
     """
 
     available: int = INITIAL_WINDOW
     buffered: int = 0    # received, not yet handed on
-    ungranted: int = 0   # handed on, credit not yet returned to the peer
+    ungranted: int = 0   # handed on, credit not yet returned to the peer (< 0: withheld after a shrink)
+    max_window: int = 0  # 0 (or at most the initial credit): a fixed window
+    window: int = attrs.field(init=False)  # available + buffered + ungranted: what the peer may have in flight
+    initial: int = attrs.field(init=False)  # the credit the peer starts with
+    _run: int = attrs.field(init=False, default=0)  # handed on since the window last changed
+
+    def __attrs_post_init__(self) -> None:
+        self.window = self.initial = self.available + self.buffered + self.ungranted
 
     def received(self, size: int) -> None:
         if size > self.available:
@@ -284,6 +299,8 @@ class ReceiveWindow:
     def consumed(self, size: int) -> None:
         """Record C{size} bytes handed on to the next hop."""
         self.buffered -= size
+        # Bytes that pay back credit withheld after a shrink do not count toward growth.
+        self._run += max(0, self.ungranted + size) - max(0, self.ungranted)
         self.ungranted += size
 
     def grant(self, at_least: int = 0) -> int:
@@ -292,8 +309,20 @@ class ReceiveWindow:
         C{at_least}, credit is held back until that much is due, so that a receiver
         can return credit in a few large WINDOW frames instead of one per DATA frame.
         """
-        if self.ungranted < at_least:
+        if self._run >= self.window and self.window < self.max_window:
+            extra = min(self.window, self.max_window - self.window)
+            self.window += extra
+            self.ungranted += extra
+            self._run = 0
+        if self.ungranted <= 0 or self.ungranted < at_least:
             return 0
         credit, self.ungranted = self.ungranted, 0
         self.available += credit
         return credit
+
+    def shrink(self) -> None:
+        """The next hop is not keeping up: back to the initial window (credit granted stands)."""
+        self._run = 0
+        if self.window > self.initial:
+            self.ungranted -= self.window - self.initial
+            self.window = self.initial

@@ -19,21 +19,23 @@ from pipegate.mux import frames
 from pipegate.mux.session import no_delay
 
 
+# A channel's socket that stays full this long (seconds) is not keeping up.
+SLOW_SOCKET = 0.1
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
 class StreamChannel(Protocol):
     """A TCP socket on one side, a mux channel on the other."""
 
     log = Logger()
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, max_window: int = 0) -> None:
         self.link = None
         self.channel_id = 0
         self.send_window = SendWindow(window=window)
-        self.recv_window = ReceiveWindow(available=window)
-        # Credit goes back once half the window is consumed, not after every DATA frame:
-        # half as many WINDOW frames, and the sender's socket is paused and resumed half
-        # as often.  The sender still holds the other half, so it never stalls on it.
-        self._grant_at = max(1, window // 2)
+        # The window grows toward max_window while the socket keeps up (and shrinks back
+        # when it pushes back): see ReceiveWindow and docs/protocol.md section 2.6.
+        self.recv_window = ReceiveWindow(available=window, max_window=max_window)
         self._early: list[bytes] = []
         self._socket_full = False
         self._fin_pending = False
@@ -42,6 +44,7 @@ class StreamChannel(Protocol):
         self.done = False
         self.on_done = None
         self._idle_timer = None
+        self._full_since = 0.0
 
     def set_idle_timeout(self, clock, seconds: float) -> None:
         """Close the channel after C{seconds} with no byte in either direction."""
@@ -94,8 +97,7 @@ class StreamChannel(Protocol):
         self._update_reading()
 
     def _send(self, data: bytes) -> None:
-        for chunk in self.send_window.write(data):
-            self.link.send(frames.Data(self.channel_id, chunk))
+        self.link.send_data(self.channel_id, self.send_window.write(data))
 
     def _update_reading(self) -> None:
         if self.transport is None or self.done:
@@ -137,12 +139,14 @@ class StreamChannel(Protocol):
                 self.transport.write(data)
                 self.recv_window.consumed(len(data))
                 if not self._socket_full:
-                    credit = self.recv_window.grant(self._grant_at)
+                    # Credit goes back once half the window is due, not after every DATA
+                    # frame: fewer WINDOW frames, and the sender's socket is paused and
+                    # resumed less often.  The sender still holds the other half.
+                    credit = self.recv_window.grant(max(1, self.recv_window.window // 2))
                     if credit:
                         self.link.send(frames.Window(self.channel_id, credit))
             case frames.Window(_, increment):
-                for chunk in self.send_window.credit(increment):
-                    self.link.send(frames.Data(self.channel_id, chunk))
+                self.link.send_data(self.channel_id, self.send_window.credit(increment))
                 self._maybe_fin()
                 self._update_reading()
             case frames.Fin():
@@ -194,9 +198,16 @@ class StreamChannel(Protocol):
     # -- IPushProducer: the socket's write buffer is full; stop returning credit
     def pauseProducing(self) -> None:
         self._socket_full = True
+        if self.link is not None:
+            self._full_since = self.link.clock.seconds()
 
     def resumeProducing(self) -> None:
         self._socket_full = False
+        # Twisted pauses at 64 KiB buffered, which a socket that keeps up clears on the next
+        # turn or so; one that stayed full for SLOW_SOCKET is not keeping up: its window
+        # goes back to the initial credit (ReceiveWindow.shrink).
+        if self.link is not None and self.link.clock.seconds() - self._full_since >= SLOW_SOCKET:
+            self.recv_window.shrink()
         credit = self.recv_window.grant()
         if credit and not self.done and self.link is not None:
             self.link.send(frames.Window(self.channel_id, credit))

@@ -26,6 +26,7 @@ MAX_FRAME_SIZE = 1_048_576        # default limit on a frame's declared length (
 MAX_DATA = 65_536                 # DATA payload bound
 MAX_DATAGRAM = 65_507             # DATAGRAM payload bound (the largest UDP/IPv4 payload)
 INITIAL_WINDOW = 262_144          # default per-channel credit (--window)
+MAX_WINDOW = 4_194_304            # default credit a channel may grow to (--max-window)
 MAX_WINDOW_INCREMENT = 2**31 - 1
 ROUTES_MAX = 4096                 # routes in one ROUTES frame
 NONCE_SIZE = 32

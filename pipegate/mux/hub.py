@@ -52,6 +52,7 @@ class Close:
 @attrs.frozen
 class HubConfig:
     window: int = frames.INITIAL_WINDOW
+    max_window: int = frames.MAX_WINDOW  # the most credit an end may grow a channel's window to
     max_peers: int = 1000
     max_channels: int = 10_000          # per link
     max_frame_size: int = frames.MAX_FRAME_SIZE
@@ -237,7 +238,7 @@ class HubCore:
                 return [Send(target.key, frames.Data(channel, data))]
             case frames.Window(_, increment):
                 splice.credit[side] += increment
-                if splice.credit[side] > self.config.window:
+                if splice.credit[side] > max(self.config.window, self.config.max_window):
                     return [Close(key, f"WINDOW beyond the window on channel {frame.channel}")]
                 return [Send(target.key, frames.Window(channel, increment))]
             case frames.Fin():
@@ -421,7 +422,7 @@ _ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
 # --- options -----------------------------------------------------------------------
 
 # The link options of pipegate-provider/-gateway, as --mux-<name> on pipegate-server.
-_SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "ping-interval", "ping-deadline",
+_SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "ping-interval", "ping-deadline",
            "handshake-timeout", "max-channels")
 HUB_PARAMETERS = [["mux-" + p[0], None, p[2], p[3].replace("--tls-key", "--mux-tls-key")]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
@@ -504,7 +505,7 @@ def add_hub(top: service.MultiService, options, reactor) -> HubNode | None:
         window=options["mux-window"], ping_interval=options["mux-ping-interval"],
         ping_deadline=options["mux-ping-deadline"], handshake_timeout=options["mux-handshake-timeout"],
         max_channels=options["mux-max-channels"])
-    hub = HubNode(HubConfig(window=options["mux-window"], max_peers=options["mux-max-peers"],
+    hub = HubNode(HubConfig(window=options["mux-window"], max_window=options["mux-max-window"], max_peers=options["mux-max-peers"],
                             max_channels=options["mux-max-channels"],
                             max_frame_size=options["mux-max-frame-size"]))
     if options["mux-tls-key"]:

@@ -30,7 +30,9 @@ class MuxOptions(EnvOptions):
         ["tls-verify", None, None, "Check the certificate of peers we dial against this host name."],
         ["tls-ca", None, None, "PEM CA certificate for --tls-verify (default: the system's trust store)."],
         ["max-frame-size", None, "1048576", "Largest mux frame accepted, in bytes."],
-        ["window", None, "262144", "Per-channel credit window, in bytes, each direction."],
+        ["window", None, "262144", "Per-channel initial credit window, in bytes, each direction."],
+        ["max-window", None, "4194304", "Credit window a channel grows to while its socket keeps up, in bytes "
+                                        "(at most --window: the window stays at --window)."],
         ["ping-interval", None, "10", "Seconds between pings on a link."],
         ["ping-deadline", None, "30", "A link silent for this many seconds is closed."],
         ["handshake-timeout", None, "10", "Seconds a new link has to complete TLS and admission."],
@@ -44,6 +46,7 @@ class MuxOptions(EnvOptions):
     converters = {
         "max-frame-size": positive_int,
         "window": positive_int,
+        "max-window": positive_int,
         "ping-interval": positive_float,
         "ping-deadline": positive_float,
         "handshake-timeout": positive_float,

@@ -271,6 +271,12 @@ class MuxLink(Protocol):
                 self.stats.inc("bytes", self._sent, len(frame.data))
             self._write(frame)
 
+    def send_data(self, channel_id: int, chunks) -> None:
+        """Send DATA frames for C{chunks} in one write (one TLS record batch)."""
+        if self.admitted and chunks and not self.closed and self.transport is not None:
+            self.stats.inc("bytes", self._sent, sum(map(len, chunks)))
+            self.transport.write(b"".join([frames.encode(frames.Data(channel_id, c)) for c in chunks]))
+
     def allocate_channel(self, channel) -> int:
         if len(self.channels) >= self.config.max_channels:
             raise LinkError("too many channels")

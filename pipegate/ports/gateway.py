@@ -40,7 +40,8 @@ class GatewayConfig:
     open_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
     tcp_idle_timeout: float = 0.0
-    window: int = 262_144
+    window: int = frames.INITIAL_WINDOW
+    max_window: int = frames.MAX_WINDOW
     drain_timeout: float = 30.0
     udp_buffer: int = UDP_BUFFER
 
@@ -119,7 +120,7 @@ class GateFactory(Factory):
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
-        channel = GateConnection(gateway.config.window)
+        channel = GateConnection(gateway.config.window, gateway.config.max_window)
         channel.gateway = gateway
         channel.key = self.key
         channel.factory = self

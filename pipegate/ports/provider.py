@@ -35,7 +35,8 @@ class ProviderConfig:
     policy: bytes = b""  # the merged ingress policy, shipped with every route
     connect_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
-    window: int = 262_144
+    window: int = frames.INITIAL_WINDOW
+    max_window: int = frames.MAX_WINDOW
     drain_timeout: float = 30.0
     udp_buffer: int = UDP_BUFFER
 
@@ -97,7 +98,7 @@ class Provider(service.Service, Drainer):
             self._open_tcp(link, frame, svc)
 
     def _open_tcp(self, link, frame, svc: Service) -> None:
-        channel = StreamChannel(self.config.window)
+        channel = StreamChannel(self.config.window, self.config.max_window)
         placeholder = _Pending(link, frame.channel)
         link.channels[frame.channel] = placeholder
         endpoint = endpoints.HostnameEndpoint(self.reactor, svc.service_host, svc.service_port,

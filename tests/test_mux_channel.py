@@ -1,0 +1,130 @@
+"""
+StreamChannel's flow control without sockets: a StringTransport for the TCP side, a
+recording link for the mux side, task.Clock for time.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
+from twisted.trial import unittest
+
+from pipegate.mux import frames
+from pipegate.mux.channel import SLOW_SOCKET, StreamChannel
+from pipegate.tap import gateway, provider
+
+WINDOW = 2 * frames.MAX_DATA
+MAX_WINDOW = 8 * WINDOW
+
+
+class RecordingLink:
+    paused = False
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.sent: list = []
+
+    def send(self, frame) -> None:
+        self.sent.append(frame)
+
+    def send_data(self, channel_id: int, chunks) -> None:
+        self.sent.extend(frames.Data(channel_id, c) for c in chunks)
+
+    def remove_channel(self, channel_id: int) -> None:
+        pass
+
+    def credit(self) -> int:
+        granted = sum(f.increment for f in self.sent if isinstance(f, frames.Window))
+        self.sent = [f for f in self.sent if not isinstance(f, frames.Window)]
+        return granted
+
+
+class ChannelWindow(unittest.TestCase):
+
+    def setUp(self):
+        self.link = RecordingLink()
+        self.channel = StreamChannel(WINDOW, MAX_WINDOW)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+        self.channel.attach(self.link, 1)
+        self.held = WINDOW  # credit the peer holds, as the peer counts it
+
+    def deliver(self, size: int) -> None:
+        """The peer sends C{size} bytes in full DATA frames, within its credit."""
+        while size:
+            n = min(size, frames.MAX_DATA, self.held)
+            self.assertGreater(n, 0, "the peer ran out of credit")
+            self.channel.frame_received(frames.Data(1, b"d" * n))
+            self.held -= n
+            size -= n
+        self.held += self.link.credit()
+
+    def test_grows_while_the_socket_keeps_up(self):
+        for _ in range(3):
+            self.deliver(self.held)             # 1, 2, then 4 windows
+        self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
+        self.deliver(self.held)
+        self.deliver(self.held)
+        self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
+        self.assertEqual(len(self.transport.value()), WINDOW * (1 + 2 + 4 + 8 + 8))
+
+    def test_fixed_without_max_window(self):
+        self.channel = StreamChannel(WINDOW)
+        self.channel.makeConnection(StringTransport())
+        self.channel.attach(self.link, 1)
+        for _ in range(5):
+            self.deliver(self.held)
+        self.assertEqual((self.channel.recv_window.window, self.held), (WINDOW, WINDOW))
+
+    def test_socket_full_for_long_shrinks_on_resume(self):
+        for _ in range(4):
+            self.deliver(self.held)
+        self.assertEqual(self.channel.recv_window.window, MAX_WINDOW)
+        self.channel.pauseProducing()           # the client stopped reading
+        self.deliver(self.held)                 # everything in flight lands in the socket buffer
+        self.assertEqual(self.held, 0)          # no credit while the socket is full
+        self.link.clock.advance(SLOW_SOCKET)
+        self.channel.resumeProducing()
+        self.held += self.link.credit()
+        self.assertEqual(self.channel.recv_window.window, WINDOW)
+        self.assertEqual(self.held, WINDOW)     # back to the initial credit, not MAX_WINDOW
+
+    def test_short_pushback_keeps_the_window(self):
+        for _ in range(4):
+            self.deliver(self.held)
+        self.channel.pauseProducing()
+        self.deliver(self.held)
+        self.link.clock.advance(SLOW_SOCKET / 10)
+        self.channel.resumeProducing()
+        self.held += self.link.credit()
+        self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
+
+
+class WindowOptions(unittest.TestCase):
+    """--window / --max-window reach the channels' configuration of both services."""
+
+    def node(self, tap, argv, environ=None):
+        options = tap.Options()
+        options.environ = environ or {}
+        options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:7000"] + argv)
+        top = tap.makeService(options, MemoryReactorClock())
+        (node,) = [s for s in top if hasattr(s, "config") and hasattr(s.config, "max_window")]
+        return node.config
+
+    def test_defaults(self):
+        for tap in (gateway, provider):
+            config = self.node(tap, [])
+            self.assertEqual((config.window, config.max_window), (frames.INITIAL_WINDOW, frames.MAX_WINDOW))
+
+    def test_flag_and_environment(self):
+        for tap in (gateway, provider):
+            self.assertEqual(self.node(tap, ["--max-window", "1048576"]).max_window, 1_048_576)
+            self.assertEqual(self.node(tap, [], {"PIPEGATE_MAX_WINDOW": "524288"}).max_window, 524_288)
+
+    def test_bad_value_names_the_option(self):
+        options = gateway.Options()
+        options.environ = {}
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--router", "ab" * 32, "--max-window", "lots"])
+        self.assertIn("max-window", str(caught.exception))
