@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from pipegate.http import frames
 from pipegate.http.frames import (
-    MAX_DATA, MAX_FRAME_SIZE, Data, End, FrameError, GoAway, ReceiveWindow, RequestHead, Reset,
+    MAX_DATA, MAX_FRAME_SIZE, Data, End, FrameError, GoAway, GrowthBudget, ReceiveWindow, RequestHead, Reset,
     ResponseHead, SendWindow, Window, decode, encode,
 )
 
@@ -585,10 +585,28 @@ class GrowingWindowTests(unittest.TestCase):
         self.assertEqual(r.grant(), 100)
         self.assertEqual(r.window, 100)             # 90 of the run came before the shrink
 
+    def test_budget_shared_by_windows(self):
+        budget = GrowthBudget(150)
+        a = ReceiveWindow(available=100, max_window=400, budget=budget)
+        b = ReceiveWindow(available=100, max_window=400, budget=budget)
+        self.assertEqual(self.cycle(a, 100), 200)   # a takes 100 of the 150
+        self.assertEqual(self.cycle(b, 100), 150)   # b gets the 50 left
+        self.assertEqual((a.window, b.window, budget.used), (200, 150, 150))
+        self.assertEqual(self.cycle(a, 200), 200)   # nothing left: a stays at 200
+        a.shrink()                                  # a's 100 go back ...
+        self.assertEqual(budget.used, 50)
+        self.assertEqual(self.cycle(b, 150), 250)   # ... and b can take them
+        self.assertEqual((b.window, budget.used), (250, 150))
+        b.release()                                 # b's stream is done
+        self.assertEqual(budget.used, 0)
+        self.assertEqual(self.cycle(b, 250), 250)   # and b grows no more
+        self.assertEqual(budget.used, 0)
+
     @given(st.lists(st.tuples(st.sampled_from(["send", "consume", "grant", "shrink"]),
                               st.integers(min_value=0, max_value=1000)), max_size=200))
     def test_invariants(self, ops):
-        r = ReceiveWindow(available=100, max_window=800)
+        budget = GrowthBudget(500)
+        r = ReceiveWindow(available=100, max_window=800, budget=budget)
         for op, n in ops:
             if op == "send":
                 size = min(n, r.available)
@@ -600,6 +618,7 @@ class GrowingWindowTests(unittest.TestCase):
             else:
                 r.shrink()
             self.assertEqual(r.available + r.buffered + r.ungranted, r.window)
+            self.assertEqual(budget.used, r.window - 100)
             self.assertLessEqual(r.window, 800)
             self.assertLessEqual(r.available, 800)
             self.assertGreaterEqual(min(r.available, r.buffered), 0)

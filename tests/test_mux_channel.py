@@ -10,6 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial import unittest
 
+from pipegate.http.frames import GrowthBudget
 from pipegate.mux import frames
 from pipegate.mux.channel import SLOW_SOCKET, StreamChannel
 from pipegate.tap import gateway, provider
@@ -100,6 +101,23 @@ class ChannelWindow(unittest.TestCase):
         self.held += self.link.credit()
         self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
 
+    def test_budget_shared_and_returned_when_done(self):
+        budget = GrowthBudget(3 * WINDOW)
+        self.channel = StreamChannel(WINDOW, MAX_WINDOW, budget)
+        self.channel.makeConnection(StringTransport())
+        self.channel.attach(self.link, 1)
+        for _ in range(4):
+            self.deliver(self.held)
+        self.assertEqual((self.channel.recv_window.window, budget.used), (4 * WINDOW, 3 * WINDOW))
+        other = StreamChannel(WINDOW, MAX_WINDOW, budget)
+        other.makeConnection(StringTransport())
+        other.attach(self.link, 3)
+        other.frame_received(frames.Data(3, b"d" * frames.MAX_DATA))
+        other.frame_received(frames.Data(3, b"d" * frames.MAX_DATA))
+        self.assertEqual(other.recv_window.window, WINDOW)   # nothing left to grow by
+        self.channel.frame_received(frames.Reset(1, "done"))
+        self.assertEqual(budget.used, 0)
+
 
 class WindowOptions(unittest.TestCase):
     """--window / --max-window reach the channels' configuration of both services."""
@@ -115,12 +133,14 @@ class WindowOptions(unittest.TestCase):
     def test_defaults(self):
         for tap in (gateway, provider):
             config = self.node(tap, [])
-            self.assertEqual((config.window, config.max_window), (frames.INITIAL_WINDOW, frames.MAX_WINDOW))
+            self.assertEqual((config.window, config.max_window, config.window_budget),
+                             (frames.INITIAL_WINDOW, frames.MAX_WINDOW, frames.WINDOW_BUDGET))
 
     def test_flag_and_environment(self):
         for tap in (gateway, provider):
             self.assertEqual(self.node(tap, ["--max-window", "1048576"]).max_window, 1_048_576)
             self.assertEqual(self.node(tap, [], {"PIPEGATE_MAX_WINDOW": "524288"}).max_window, 524_288)
+            self.assertEqual(self.node(tap, ["--window-budget", "0"]).window_budget, 0)
 
     def test_bad_value_names_the_option(self):
         options = gateway.Options()

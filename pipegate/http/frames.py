@@ -264,6 +264,25 @@ class SendWindow:
 
 
 @attrs.define
+class GrowthBudget:
+    """
+    Credit that windows may grow by, shared by every window of a service: bounds what
+    all grown windows together can make it buffer.  L{take} hands out what is left.
+    """
+
+    limit: int
+    used: int = 0
+
+    def take(self, size: int) -> int:
+        size = max(0, min(size, self.limit - self.used))
+        self.used += size
+        return size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+@attrs.define
 class ReceiveWindow:
     """
     The receiving half of one stream direction.  C{available} is the credit the peer
@@ -276,13 +295,16 @@ class ReceiveWindow:
     next hop is not keeping up) returns it to the initial credit by withholding grants, so a
     fast stream gets a window that covers the time credit takes to come back, and a slow
     one goes back to the initial credit once its next hop holds more than that.  The
-    peer needs no notice: it only ever sees more or less credit.
+    peer needs no notice: it only ever sees more or less credit.  With a C{budget}
+    (L{GrowthBudget}), growth beyond the initial credit is taken from it and given
+    back by L{shrink} and L{release}.
     """
 
     available: int = INITIAL_WINDOW
     buffered: int = 0    # received, not yet handed on
     ungranted: int = 0   # handed on, credit not yet returned to the peer (< 0: withheld after a shrink)
     max_window: int = 0  # 0 (or at most the initial credit): a fixed window
+    budget: GrowthBudget | None = None
     window: int = attrs.field(init=False)  # available + buffered + ungranted: what the peer may have in flight
     initial: int = attrs.field(init=False)  # the credit the peer starts with
     _run: int = attrs.field(init=False, default=0)  # handed on since the window last changed
@@ -311,6 +333,8 @@ class ReceiveWindow:
         """
         if self._run >= self.window and self.window < self.max_window:
             extra = min(self.window, self.max_window - self.window)
+            if self.budget is not None:
+                extra = self.budget.take(extra)
             self.window += extra
             self.ungranted += extra
             self._run = 0
@@ -324,5 +348,13 @@ class ReceiveWindow:
         """The next hop is not keeping up: back to the initial window (credit granted stands)."""
         self._run = 0
         if self.window > self.initial:
+            if self.budget is not None:
+                self.budget.give(self.window - self.initial)
             self.ungranted -= self.window - self.initial
             self.window = self.initial
+
+    def release(self) -> None:
+        """The stream is done: give its growth back to the budget, and grow no more."""
+        if self.budget is not None:
+            self.budget.give(self.window - self.initial)
+            self.budget, self.max_window = None, 0

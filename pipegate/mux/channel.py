@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate.http.frames import ReceiveWindow, SendWindow
+from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
 from pipegate.mux.session import no_delay
 
@@ -29,13 +29,13 @@ class StreamChannel(Protocol):
 
     log = Logger()
 
-    def __init__(self, window: int, max_window: int = 0) -> None:
+    def __init__(self, window: int, max_window: int = 0, budget: GrowthBudget | None = None) -> None:
         self.link = None
         self.channel_id = 0
         self.send_window = SendWindow(window=window)
         # The window grows toward max_window while the socket keeps up (and shrinks back
         # when it pushes back): see ReceiveWindow and docs/protocol.md section 2.6.
-        self.recv_window = ReceiveWindow(available=window, max_window=max_window)
+        self.recv_window = ReceiveWindow(available=window, max_window=max_window, budget=budget)
         self._early: list[bytes] = []
         self._socket_full = False
         self._fin_pending = False
@@ -186,6 +186,7 @@ class StreamChannel(Protocol):
             self.transport.abortConnection()
 
     def _finished(self) -> None:
+        self.recv_window.release()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None

@@ -27,6 +27,7 @@ MAX_DATA = 65_536                 # DATA payload bound
 MAX_DATAGRAM = 65_507             # DATAGRAM payload bound (the largest UDP/IPv4 payload)
 INITIAL_WINDOW = 262_144          # default per-channel credit (--window)
 MAX_WINDOW = 4_194_304            # default credit a channel may grow to (--max-window)
+WINDOW_BUDGET = 8_388_608         # default growth shared by all channels of a service (--window-budget)
 MAX_WINDOW_INCREMENT = 2**31 - 1
 ROUTES_MAX = 4096                 # routes in one ROUTES frame
 NONCE_SIZE = 32

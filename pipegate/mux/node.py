@@ -12,7 +12,7 @@ from twisted.application import internet, service, strports
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from pipegate.config import EnvOptions, non_negative_float, positive_float, positive_int
+from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
@@ -33,6 +33,8 @@ class MuxOptions(EnvOptions):
         ["window", None, "262144", "Per-channel initial credit window, in bytes, each direction."],
         ["max-window", None, "4194304", "Credit window a channel grows to while its socket keeps up, in bytes "
                                         "(at most --window: the window stays at --window)."],
+        ["window-budget", None, "8388608", "Bytes by which all channels' windows together may grow beyond "
+                                            "--window."],
         ["ping-interval", None, "10", "Seconds between pings on a link."],
         ["ping-deadline", None, "30", "A link silent for this many seconds is closed."],
         ["handshake-timeout", None, "10", "Seconds a new link has to complete TLS and admission."],
@@ -47,6 +49,7 @@ class MuxOptions(EnvOptions):
         "max-frame-size": positive_int,
         "window": positive_int,
         "max-window": positive_int,
+        "window-budget": non_negative_int,
         "ping-interval": positive_float,
         "ping-deadline": positive_float,
         "handshake-timeout": positive_float,

@@ -21,6 +21,7 @@ from pipegate.policy import (
     EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,
 )
 from pipegate.throttle import BucketPool, Shaper, datagram_allowed
+from pipegate.http.frames import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
@@ -42,6 +43,7 @@ class GatewayConfig:
     tcp_idle_timeout: float = 0.0
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.MAX_WINDOW
+    window_budget: int = frames.WINDOW_BUDGET
     drain_timeout: float = 30.0
     udp_buffer: int = UDP_BUFFER
 
@@ -120,7 +122,7 @@ class GateFactory(Factory):
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
-        channel = GateConnection(gateway.config.window, gateway.config.max_window)
+        channel = GateConnection(gateway.config.window, gateway.config.max_window, gateway.window_budget)
         channel.gateway = gateway
         channel.key = self.key
         channel.factory = self
@@ -243,6 +245,7 @@ class Gateway(service.Service, Drainer):
 
     def __init__(self, config: GatewayConfig, clock) -> None:
         self.config = config
+        self.window_budget = GrowthBudget(config.window_budget)
         self.clock = clock
         self.routes: dict[object, tuple[frames.Route, ...]] = {}
         self.links: set = set()

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
+from pipegate.http.frames import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
@@ -37,6 +38,7 @@ class ProviderConfig:
     udp_idle_timeout: float = 120.0
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.MAX_WINDOW
+    window_budget: int = frames.WINDOW_BUDGET
     drain_timeout: float = 30.0
     udp_buffer: int = UDP_BUFFER
 
@@ -46,6 +48,7 @@ class Provider(service.Service, Drainer):
 
     def __init__(self, config: ProviderConfig, reactor, records: Records | None = None) -> None:
         self.config = config
+        self.window_budget = GrowthBudget(config.window_budget)
         self.reactor = reactor
         self.records = records
         self.services = list(config.services)
@@ -98,7 +101,7 @@ class Provider(service.Service, Drainer):
             self._open_tcp(link, frame, svc)
 
     def _open_tcp(self, link, frame, svc: Service) -> None:
-        channel = StreamChannel(self.config.window, self.config.max_window)
+        channel = StreamChannel(self.config.window, self.config.max_window, self.window_budget)
         placeholder = _Pending(link, frame.channel)
         link.channels[frame.channel] = placeholder
         endpoint = endpoints.HostnameEndpoint(self.reactor, svc.service_host, svc.service_port,

@@ -94,7 +94,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     gateway = Gateway(GatewayConfig(
         listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
-        window=options["window"], max_window=options["max-window"], drain_timeout=options["drain-timeout"],
+        window=options["window"], max_window=options["max-window"],
+        window_budget=options["window-budget"], drain_timeout=options["drain-timeout"],
         udp_buffer=options["udp-buffer"]), reactor)
     if options["unlimited-secret"]:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])

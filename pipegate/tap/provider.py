@@ -100,7 +100,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     provider = Provider(ProviderConfig(
         services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], window=options["window"], max_window=options["max-window"],
-        drain_timeout=options["drain-timeout"], udp_buffer=options["udp-buffer"]), reactor, records)
+        window_budget=options["window-budget"], drain_timeout=options["drain-timeout"],
+        udp_buffer=options["udp-buffer"]), reactor, records)
     if records is not None:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
     add_metrics_listener(top, provider, "provider", options["metrics"], reactor)
