@@ -13,6 +13,7 @@ from twisted.python import usage
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, positive_float, positive_int
 from pipegate.http.connector import Connector, ConnectorConfig, ConnectorError, Target
+from pipegate.heap import FrozenStartupHeap
 
 
 class Options(EnvOptions):
@@ -117,6 +118,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    FrozenStartupHeap(reactor).setServiceParent(top)
     connector = make_connector(
         options, reactor, on_fatal=lambda message: fatal_exit(reactor, message))
     connector.setServiceParent(top)

@@ -19,6 +19,7 @@ from pipegate.ports.services import (
 )
 from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
+from pipegate.heap import FrozenStartupHeap
 
 
 class Options(DockerOptionsMixin, MuxOptions):
@@ -91,6 +92,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    FrozenStartupHeap(reactor).setServiceParent(top)
     gateway = Gateway(GatewayConfig(
         listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],

@@ -16,6 +16,7 @@ from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import ServiceError, load_source, merge_services, parse_services
 from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
+from pipegate.heap import FrozenStartupHeap
 
 
 def fetch(url: str) -> bytes:
@@ -96,6 +97,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    FrozenStartupHeap(reactor).setServiceParent(top)
     records = Records() if options["resolver"] else None
     provider = Provider(ProviderConfig(
         services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],

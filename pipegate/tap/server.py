@@ -12,6 +12,7 @@ from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub
 from pipegate.opslistener import add_metrics_listener
 from pipegate.policy import PolicyError, load_policy
+from pipegate.heap import FrozenStartupHeap
 
 
 def _fetch(url: str) -> bytes:
@@ -143,6 +144,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    FrozenStartupHeap(reactor).setServiceParent(top)
     relay = Relay(relay_config(options), reactor)
     add_metrics_listener(top, relay, "relay", options["metrics"], reactor)
     relay.setServiceParent(top)
