@@ -24,7 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from pipegate.http import frames
-from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
+from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
 from pipegate.stats import Stats
 from pipegate.retry import backoff
@@ -170,8 +170,9 @@ class ResponseForwarder(Protocol):
         self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
-        for chunk in self.window.write(data):
-            self.stream.send(frames.Data(self.stream.stream_id, chunk))
+        with self.stream.session.link.corked():
+            for chunk in self.window.write(data):
+                self.stream.send(frames.Data(self.stream.stream_id, chunk))
         if self.window.blocked:
             self.transport.pauseProducing()
 
@@ -287,14 +288,17 @@ class ConnectorStream:
         if (isinstance(response.length, int) and self.head.method != b"HEAD"
                 and response.code not in (204, 304)):
             headers += ((b"Content-Length", str(response.length).encode()),)
-        try:
-            self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
-        except frames.FrameError:
-            self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
-            response.deliverBody(_Drop())
-            return
-        self.forwarder = ResponseForwarder(self)
-        response.deliverBody(self.forwarder)
+        # The head, and the body and END when the app's answer is already in (the Agent
+        # delivers what it buffered from within deliverBody), leave in one socket write.
+        with self.session.link.corked():
+            try:
+                self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
+            except frames.FrameError:
+                self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
+                response.deliverBody(_Drop())
+                return
+            self.forwarder = ResponseForwarder(self)
+            response.deliverBody(self.forwarder)
 
     def _failed(self, failure: Failure) -> None:
         self._request = None
@@ -424,7 +428,7 @@ class ConnectorSession:
                 stream.abandon()
 
 
-class ConnectorProtocol(WebSocketClientProtocol):
+class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
     """The connector's end of its WebSocket to the relay."""
 
     _log = Logger()
@@ -438,11 +442,12 @@ class ConnectorProtocol(WebSocketClientProtocol):
         self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor)
 
     def onOpen(self):
+        self.link_opened()
         self.factory.connector.link_up(self)
 
     def send(self, frame: frames.Frame) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(frames.encode(frame), isBinary=True)
+            self.send_message(frame)
 
     def onMessage(self, payload, isBinary):
         try:

@@ -6,7 +6,8 @@ sending interface, and L{StreamPipe}, a protocol that carries a raw byte stream
 
 from __future__ import annotations
 
-from typing import Callable, Protocol as TypingProtocol
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pipegate.http import frames
+from pipegate.sockets import no_delay, send_now
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
@@ -59,6 +61,39 @@ def cancel_close_timer(protocol) -> None:
             call.cancel()
         except (AttributeError, ValueError):
             pass  # already fired or cancelled
+
+
+class FrameLink:
+    """
+    The frame-sending half of a link's WebSocket protocol (relay and connector ends).
+
+    Each frame is one binary message.  The link's socket has Nagle off, and what one
+    C{send} (or one L{corked} block) wrote goes to the kernel at once
+    (L{pipegate.sockets.send_now}) instead of after the reactor has handled every
+    other ready socket: the next hop starts on this request while this end is still
+    reading the next ones.
+    """
+
+    _corked = 0
+
+    def link_opened(self) -> None:
+        no_delay(self.transport)
+
+    def send_message(self, frame: frames.Frame) -> None:
+        self.sendMessage(frames.encode(frame), isBinary=True)
+        if not self._corked:
+            send_now(self.transport)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Frames sent inside the block go to the kernel together when it ends."""
+        self._corked += 1
+        try:
+            yield
+        finally:
+            self._corked -= 1
+            if not self._corked and self.transport is not None:
+                send_now(self.transport)
 
 
 class FrameSink(TypingProtocol):

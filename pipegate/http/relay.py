@@ -33,7 +33,7 @@ from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
-from pipegate.http.pipe import StreamPipe, cancel_close_timer, filter_headers
+from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -742,7 +742,7 @@ class RelayChannel(http.HTTPChannel):
             req.body_complete()
 
 
-class ConnectorLink(WebSocketServerProtocol):
+class ConnectorLink(FrameLink, WebSocketServerProtocol):
     """The relay's end of one connector's WebSocket."""
 
     _log = Logger()
@@ -783,13 +783,14 @@ class ConnectorLink(WebSocketServerProtocol):
 
     def onOpen(self):
         self._open = True
+        self.link_opened()
         self.factory.relay.attach(self)
         if self.factory.relay.stopping:
             self.announce_going_away("relay shutting down")
 
     def send(self, frame: frames.Frame) -> None:
         if self._open:
-            self.sendMessage(frames.encode(frame), isBinary=True)
+            self.send_message(frame)
 
     def add_stream(self, stream: RelayStream) -> int:
         stream_id = self._next_stream

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
-from pipegate.mux.session import no_delay
+from pipegate.sockets import no_delay
 
 
 # A channel's socket that stays full this long (seconds) is not keeping up.

@@ -14,13 +14,13 @@ import os
 from typing import Protocol as TypingProtocol
 
 import attrs
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pipegate.sockets import no_delay, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
 
@@ -48,24 +48,6 @@ class Node(TypingProtocol):
     def link_lost(self, link: MuxLink) -> None: ...
 
     def link_frame(self, link: MuxLink, frame) -> None: ...
-
-
-def socket_transport(transport):
-    """The TCP transport under C{transport} (through TLS or a wrapper), or None."""
-    # Not hasattr(..., "setTcpNoDelay"): protocol wrappers such as TLS delegate it.
-    while transport is not None and not isinstance(transport, FileDescriptor):
-        transport = getattr(transport, "transport", None)
-    return transport
-
-
-def no_delay(transport) -> None:
-    """Turn Nagle off on the TCP socket under C{transport} (through TLS or a wrapper)."""
-    transport = socket_transport(transport)
-    if transport is not None:
-        try:
-            transport.setTcpNoDelay(True)
-        except OSError:
-            pass
 
 
 # The link's socket buffers this much before it pauses its producer.  A pause and the

@@ -1,0 +1,120 @@
+"""
+Tests for L{pipegate.sockets}: what a link's writes do to its socket, observed from a
+plain socket at the other end of a real loopback connection.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer, endpoints, reactor, ssl
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols import tls
+from twisted.trial import unittest
+
+from pipegate.sockets import no_delay, send_now, socket_transport
+from tests.support import Loopback, TestApp, request
+
+
+class _Client(Protocol):
+    def __init__(self) -> None:
+        self.made = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self)
+
+
+class _Producer:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class SendNowTests(unittest.TestCase):
+
+    async def setUp(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
+        self.client = await endpoints.connectProtocol(endpoint, _Client())
+        await self.client.made
+        self.peer, _ = listener.accept()
+        self.peer.setblocking(False)
+        self.addCleanup(self.peer.close)
+        self.addCleanup(self.client.transport.abortConnection)
+
+    def waiting(self) -> bytes:
+        """What has reached the peer's socket so far (without letting the reactor run)."""
+        try:
+            return self.peer.recv(65536)
+        except BlockingIOError:
+            return b""
+
+    def test_a_write_waits_for_the_reactor(self):
+        # What send_now changes: a plain write is still in Twisted's buffer.
+        self.client.transport.write(b"queued")
+        self.assertEqual(self.waiting(), b"")
+
+    def test_send_now_hands_the_bytes_to_the_kernel(self):
+        self.client.transport.write(b"first ")
+        self.client.transport.write(b"second")
+        send_now(self.client.transport)
+        self.assertEqual(self.waiting(), b"first second")
+        # Nothing is left for the reactor to send twice.
+        self.client.transport.write(b" third")
+        send_now(self.client.transport)
+        self.assertEqual(self.waiting(), b" third")
+
+    def test_not_while_a_producer_is_registered(self):
+        self.client.transport.registerProducer(_Producer(), True)
+        self.client.transport.write(b"queued")
+        send_now(self.client.transport)
+        self.assertEqual(self.waiting(), b"")
+
+    def test_not_once_closing(self):
+        self.client.transport.write(b"queued")
+        self.client.transport.loseConnection()
+        send_now(self.client.transport)
+        self.assertEqual(self.waiting(), b"")
+
+    def test_no_delay_and_socket_transport_through_a_wrapper(self):
+        class Wrapper:
+            transport = self.client.transport
+        self.assertIs(socket_transport(Wrapper()), self.client.transport)
+        sock = self.client.transport.getHandle()
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+        no_delay(Wrapper())
+        self.assertNotEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+
+    def test_twisted_buffering_tls_layer_still_has_its_aggregator(self):
+        # send_now flushes twisted.protocols.tls.BufferingTLSTransport's _aggregator
+        # (private); this fails when a Twisted release renames it.
+        options = ssl.CertificateOptions()
+        protocol = tls.BufferingTLSTransport(
+            tls.TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol)), Protocol(), False)
+        self.assertTrue(callable(protocol._aggregator.flush))
+
+
+class LinkSocketTests(unittest.TestCase):
+    """Both ends of a real relay-connector WebSocket turn Nagle off."""
+
+    async def test_link_sockets_have_nagle_off(self):
+        loop = Loopback(self)
+        app_port = await loop.app(TestApp())
+        relay, relay_port = await loop.relay()
+        connector = await loop.connector(relay_port, app_port, "t1")
+        response, _ = await request(loop.agent(), b"GET",
+                                    f"http://127.0.0.1:{relay_port.getHost().port}/t1/who")
+        self.assertEqual(response.code, 200)
+        ends = [connector.links[0].transport] + [link.transport for link in relay.tunnels["t1"].links]
+        self.assertEqual(len(ends), 2)
+        for transport in ends:
+            sock = socket_transport(transport).getHandle()
+            self.assertNotEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
