@@ -15,7 +15,9 @@ while this one is still reading the rest (benchmarks/README.md).
 
 from __future__ import annotations
 
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet import endpoints
+from twisted.internet.protocol import Factory
+from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
 
 def socket_transport(transport):
@@ -43,9 +45,9 @@ def send_now(transport) -> None:
 
     Through TLS the records that Twisted's buffering TLS layer holds for the next turn
     are written first.  What the socket does not take stays queued for the reactor,
-    as after any write.  Nothing is done while the socket has a producer registered
-    (its C{doWrite} could resume that producer from inside this call) or once it is
-    closing; a send error is left for the reactor, whose next C{doWrite} meets it
+    as after any write.  Nothing is done while the socket has a paused or pull producer
+    registered (its C{doWrite} would resume that producer from inside this call) or
+    once it is closing; a send error is left for the reactor, whose next C{doWrite} meets it
     again and closes the connection the usual way.
     """
     while transport is not None and not isinstance(transport, FileDescriptor):
@@ -54,7 +56,46 @@ def send_now(transport) -> None:
         if aggregator is not None:
             aggregator.flush()
         transport = getattr(transport, "transport", None)
-    if (transport is None or not transport.connected or transport.disconnecting
-            or transport.producer is not None):
+    if transport is None or not transport.connected or transport.disconnecting:
         return
+    if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
+        return  # doWrite would resume it, from inside this call
     transport.doWrite()
+
+
+def stream_endpoint(reactor, host: str, port: int, timeout: float):
+    """
+    A TCP client endpoint for C{host}: a name goes through C{HostnameEndpoint}
+    (resolution, happy eyeballs), an address literal straight to the socket.
+
+    C{HostnameEndpoint} sends even C{127.0.0.1} through the reactor's resolver,
+    a C{getaddrinfo} in the thread pool for every connection; for a service at
+    a fixed address that was most of what the provider added to a connect.
+    """
+    if isIPAddress(host):
+        return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+class _OneShotFactory(Factory):
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
+
+
+def connect_protocol(endpoint, protocol):
+    """
+    C{endpoints.connectProtocol} without its two log lines per connection.
+
+    Twisted's version builds a new factory class on every call, and that factory is
+    noisy: "Starting factory ..." and "Stopping factory ..." in the service's log for
+    every tunnelled connection, which also cost the provider a tenth of its CPU per
+    connection (py-spy, benchmarks/README.md).
+    """
+    return endpoint.connect(_OneShotFactory(protocol))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import defer, endpoints, reactor, ssl
+from twisted.internet import defer, endpoints, reactor, ssl, task
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
 from twisted.protocols import tls
 from twisted.trial import unittest
 
-from pipegate.sockets import no_delay, send_now, socket_transport
+from pipegate.sockets import connect_protocol, no_delay, send_now, socket_transport, stream_endpoint
 from tests.support import Loopback, TestApp, request
 
 
@@ -72,10 +73,25 @@ class SendNowTests(unittest.TestCase):
         send_now(self.client.transport)
         self.assertEqual(self.waiting(), b" third")
 
-    def test_not_while_a_producer_is_registered(self):
+    def test_with_a_streaming_producer_that_runs(self):
+        # doWrite would not touch a running streaming producer: send.
         self.client.transport.registerProducer(_Producer(), True)
-        self.client.transport.write(b"queued")
+        self.client.transport.write(b"sent")
         send_now(self.client.transport)
+        self.assertEqual(self.waiting(), b"sent")
+
+    def test_not_while_a_producer_could_be_resumed(self):
+        # A paused streaming producer, or a pull producer: doWrite could resume it
+        # from inside send_now, so the bytes wait for the reactor.
+        transport = self.client.transport
+        transport.registerProducer(_Producer(), True)
+        transport.producerPaused = True  # what a full write buffer does to it
+        transport.write(b"queued")
+        send_now(transport)
+        self.assertEqual(self.waiting(), b"")
+        transport.unregisterProducer()
+        transport.registerProducer(_Producer(), False)
+        send_now(transport)
         self.assertEqual(self.waiting(), b"")
 
     def test_not_once_closing(self):
@@ -100,6 +116,42 @@ class SendNowTests(unittest.TestCase):
         protocol = tls.BufferingTLSTransport(
             tls.TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol)), Protocol(), False)
         self.assertTrue(callable(protocol._aggregator.flush))
+
+
+class ConnectTests(unittest.TestCase):
+
+    def test_address_literals_skip_the_resolver(self):
+        for host, kind in [("127.0.0.1", endpoints.TCP4ClientEndpoint), ("::1", endpoints.TCP6ClientEndpoint),
+                           ("localhost", endpoints.HostnameEndpoint), ("db.internal", endpoints.HostnameEndpoint)]:
+            self.assertIsInstance(stream_endpoint(reactor, host, 5432, 3.0), kind, host)
+
+    async def test_connect_protocol_is_quiet(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2)
+        self.addCleanup(listener.close)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        endpoint = stream_endpoint(reactor, "127.0.0.1", listener.getsockname()[1], 3.0)
+
+        async def connect_and_close(connect) -> None:
+            client = _Client()
+            await connect(endpoint, client)
+            lost = defer.Deferred()
+            client.connectionLost = lambda reason: lost.callback(None)
+            client.transport.loseConnection()
+            await lost
+            await task.deferLater(reactor, 0, lambda: None)  # the factory stops after the protocol
+
+        # Twisted's connectProtocol logs "Starting factory" and "Stopping factory" ...
+        await connect_and_close(endpoints.connectProtocol)
+        self.assertEqual([e.get("log_format") for e in events],
+                         ["Starting factory {factory!r}", "Stopping factory {factory!r}"])
+        del events[:]
+        # ... ours nothing.
+        await connect_and_close(connect_protocol)
+        self.assertEqual([e.get("log_format") for e in events], [])
 
 
 class LinkSocketTests(unittest.TestCase):

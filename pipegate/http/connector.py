@@ -28,6 +28,7 @@ from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter
 from pipegate.http.relay import PROTOCOL_ERROR
 from pipegate.stats import Stats
 from pipegate.retry import backoff
+from pipegate.sockets import connect_protocol
 
 
 class ConnectorError(ValueError):
@@ -364,7 +365,7 @@ class ConnectorStream:
         def failed(failure):
             self.reset(http.BAD_GATEWAY, f"local app unreachable: {failure.getErrorMessage()}")
 
-        d = endpoints.connectProtocol(endpoint, pipe)
+        d = connect_protocol(endpoint, pipe)
         d.addCallbacks(connected, failed)
 
     def stream_closed(self, stream_id: int) -> None:

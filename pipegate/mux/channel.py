@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
-from pipegate.sockets import no_delay
+from pipegate.sockets import no_delay, send_now
 
 
 # A channel's socket that stays full this long (seconds) is not keeping up.
@@ -137,6 +137,7 @@ class StreamChannel(Protocol):
                 self._touch()
                 self.recv_window.received(len(data))
                 self.transport.write(data)
+                send_now(self.transport)
                 self.recv_window.consumed(len(data))
                 if not self._socket_full:
                     # Credit goes back once half the window is due, not after every DATA

@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate.sockets import no_delay, socket_transport
+from pipegate.sockets import no_delay, send_now, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
 
@@ -245,6 +245,7 @@ class MuxLink(Protocol):
     def _write(self, frame) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(frames.encode(frame))
+            send_now(self.transport)
 
     def send(self, frame) -> None:
         """Send a frame on an admitted link (dropped once the link is closed)."""
@@ -258,6 +259,7 @@ class MuxLink(Protocol):
         if self.admitted and chunks and not self.closed and self.transport is not None:
             self.stats.inc("bytes", self._sent, sum(map(len, chunks)))
             self.transport.write(b"".join([frames.encode(frames.Data(channel_id, c)) for c in chunks]))
+            send_now(self.transport)
 
     def allocate_channel(self, channel) -> int:
         if len(self.channels) >= self.config.max_channels:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pipegate.ports.services import PROTOCOLS
+from pipegate.sockets import connect_protocol
 
 _FORWARD_RE = re.compile(r"([0-9]{1,5})/([a-zA-Z]+)=([0-9]{1,5})")
 MAX_UDP_FLOWS = 4096
@@ -73,7 +74,7 @@ class _Inbound(_Leg):
         self.transport.pauseProducing()  # nothing is read until the gate answers
         factory = self.factory
         endpoint = endpoints.HostnameEndpoint(factory.reactor, factory.host, factory.port, timeout=10)
-        endpoints.connectProtocol(endpoint, _Leg()).addCallbacks(self._connected, self._failed)
+        connect_protocol(endpoint, _Leg()).addCallbacks(self._connected, self._failed)
 
     def _connected(self, outbound: _Leg) -> None:
         if self.transport is None or not self.connected:

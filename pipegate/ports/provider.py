@@ -9,7 +9,7 @@ import ipaddress
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from pipegate.drain import Drainer
@@ -22,6 +22,7 @@ from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
 from pipegate.ports.udp import UDP_BUFFER, BackendSocket, Flow, set_buffers
+from pipegate.sockets import connect_protocol, stream_endpoint
 
 
 def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
@@ -104,8 +105,8 @@ class Provider(service.Service, Drainer):
         channel = StreamChannel(self.config.window, self.config.max_window, self.window_budget)
         placeholder = _Pending(link, frame.channel)
         link.channels[frame.channel] = placeholder
-        endpoint = endpoints.HostnameEndpoint(self.reactor, svc.service_host, svc.service_port,
-                                              timeout=self.config.connect_timeout)
+        endpoint = stream_endpoint(self.reactor, svc.service_host, svc.service_port,
+                                   timeout=self.config.connect_timeout)
 
         def connected(protocol):
             if link.closed or link.channels.get(frame.channel) is not placeholder:
@@ -132,7 +133,7 @@ class Provider(service.Service, Drainer):
                               reason=reason)
                 link.send(frames.OpenFail(frame.channel, f"{svc.service_host}:{svc.service_port}: {reason}"[:1000]))
 
-        endpoints.connectProtocol(endpoint, channel).addCallbacks(connected, failed)
+        connect_protocol(endpoint, channel).addCallbacks(connected, failed)
 
     def _open_udp(self, link, frame, svc: Service) -> None:
         placeholder = _Pending(link, frame.channel)
