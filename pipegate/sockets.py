@@ -15,7 +15,9 @@ while this one is still reading the rest (benchmarks/README.md).
 
 from __future__ import annotations
 
-from twisted.internet import endpoints
+from errno import EWOULDBLOCK
+
+from twisted.internet import endpoints, main
 from twisted.internet.protocol import Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
@@ -36,6 +38,42 @@ def no_delay(transport) -> None:
             transport.setTcpNoDelay(True)
         except OSError:
             pass
+
+
+READ_SIZE = 65_536
+
+
+def bounded_reads(transport, size: int = READ_SIZE) -> None:
+    """
+    Read at most C{size} bytes per wakeup from the socket under C{transport},
+    whatever its C{bufferSize}.
+
+    Twisted's TCP transport uses C{bufferSize} twice: as how much it buffers before
+    pausing its producer, and as the size of every C{recv}.  A mux link raises the
+    first to 4 MiB (L{pipegate.mux.session.link_write_buffer}), which made each read
+    allocate a 4 MiB bytes object: above the C library's mmap threshold, so every
+    read cost an C{mmap}, an C{mremap} and a C{munmap} and a page fault per 4 KiB
+    received (strace of the provider: 3 of each per tunnelled connection).  The
+    transport's C{doRead} is replaced by the same code with a fixed size.
+    Overrides a private method of C{twisted.internet.tcp.Connection}
+    (C{_dataReceived}); tests/test_sockets.py checks it is still there.
+    """
+    transport = socket_transport(transport)
+    received = getattr(transport, "_dataReceived", None)
+    if received is None:
+        return
+    recv = transport.socket.recv
+
+    def doRead():
+        try:
+            data = recv(size)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return received(data)
+
+    transport.doRead = doRead
 
 
 def send_now(transport) -> None:

@@ -5,15 +5,16 @@ plain socket at the other end of a real loopback connection.
 
 from __future__ import annotations
 
+import inspect
 import socket
 
-from twisted.internet import defer, endpoints, reactor, ssl, task
+from twisted.internet import defer, endpoints, error, reactor, ssl, task, tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.protocols import tls
 from twisted.trial import unittest
 
-from pipegate.sockets import connect_protocol, no_delay, send_now, socket_transport, stream_endpoint
+from pipegate.sockets import bounded_reads, connect_protocol, no_delay, send_now, socket_transport, stream_endpoint
 from tests.support import Loopback, TestApp, request
 
 
@@ -116,6 +117,47 @@ class SendNowTests(unittest.TestCase):
         protocol = tls.BufferingTLSTransport(
             tls.TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol)), Protocol(), False)
         self.assertTrue(callable(protocol._aggregator.flush))
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(reason.value)
+
+
+class BoundedReadTests(unittest.TestCase):
+
+    async def test_reads_stay_small_under_a_large_write_buffer(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
+        collect = await endpoints.connectProtocol(endpoint, _Collect())
+        transport = collect.transport
+        transport.bufferSize = 4 * 1024 * 1024   # what a mux link sets (write side)
+        bounded_reads(transport, 65536)
+        self.assertEqual(transport.bufferSize, 4 * 1024 * 1024)
+        peer, _ = listener.accept()
+        payload = bytes(range(256)) * 8192        # 2 MiB, sent before the reactor reads
+        peer.sendall(payload)
+        peer.close()
+        reason = await collect.lost
+        self.assertEqual(b"".join(collect.chunks), payload)
+        self.assertLessEqual(max(map(len, collect.chunks)), 65536)
+        self.assertGreater(len(collect.chunks), 1)
+        self.assertIsInstance(reason, error.ConnectionDone)
+
+    def test_twisted_tcp_connection_still_has_what_it_replaces(self):
+        # bounded_reads calls tcp.Connection._dataReceived (private) from its doRead.
+        self.assertTrue(callable(getattr(tcp.Connection, "_dataReceived", None)))
+        self.assertIn("self.socket.recv(self.bufferSize)", inspect.getsource(tcp.Connection.doRead))
 
 
 class ConnectTests(unittest.TestCase):

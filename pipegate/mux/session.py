@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate.sockets import no_delay, send_now, socket_transport
+from pipegate.sockets import bounded_reads, no_delay, send_now, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
 
@@ -58,10 +58,14 @@ LINK_WRITE_BUFFER = 4 * 1024 * 1024
 
 
 def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
-    """Raise the write buffer of the socket under C{transport} (through TLS or wrappers)."""
+    """
+    Raise the write buffer of the socket under C{transport} (through TLS or wrappers),
+    keeping its reads at 64 KiB (L{pipegate.sockets.bounded_reads}).
+    """
     transport = socket_transport(transport)
     if transport is not None:
         transport.bufferSize = max(transport.bufferSize, size)
+        bounded_reads(transport)
 
 
 class LinkChannel:
