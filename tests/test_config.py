@@ -79,7 +79,7 @@ class ServerOptionsTests(unittest.TestCase):
         # The option defaults are those of RelayConfig, converted to numbers.
         defaults = RelayConfig(jwt=SETTINGS)
         for option in ("max-body-bytes", "max-in-flight", "request-timeout", "offline-grace",
-                       "ping-interval", "idle-timeout"):
+                       "ping-interval", "idle-timeout", "max-window", "window-budget"):
             value = o[option]
             self.assertNotIsInstance(value, str)
             self.assertEqual(value, getattr(defaults, option.replace("-", "_")), option)
@@ -209,7 +209,7 @@ class ClientOptionsTests(unittest.TestCase):
         self.assertEqual(o["target"], Target(b"http", b"127.0.0.1", 3000, b""))
         # The option defaults are those of ConnectorConfig, converted to numbers.
         defaults = ConnectorConfig(target=o["target"])
-        for option in ("max-streams", "connect-timeout", "ping-interval"):
+        for option in ("max-streams", "connect-timeout", "ping-interval", "max-window", "window-budget"):
             self.assertNotIsInstance(o[option], str)
             self.assertEqual(o[option], getattr(defaults, option.replace("-", "_")), option)
 

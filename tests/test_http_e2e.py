@@ -54,6 +54,29 @@ class Tunnel(unittest.TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"x-body-sha256"), [digest.encode()])
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/octet-stream"])
 
+    async def test_windows_grow_while_the_next_hop_keeps_up(self):
+        # Download: the relay's window for the response grows beyond the initial credit.
+        size = 32 * 1024 * 1024
+        link = self.relay.tunnels["t1"].links[0]
+        done = defer.ensureDeferred(request(self.agent, b"GET", self.base + f"/t1/big/{size}"))
+        await eventually(lambda: any(s.download.window > frames.INITIAL_WINDOW for s in link.streams.values()),
+                         timeout=30)
+        self.assertLessEqual(max(s.download.window for s in link.streams.values()), frames.MAX_WINDOW)
+        response, body = await done
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(pattern(size)).digest())
+        # Upload: the connector's window for the request body grows too.
+        session = self.connector.links[0].session
+        payload = pattern(size)
+        done = defer.ensureDeferred(request(self.agent, b"POST", self.base + "/t1/sha", body=payload))
+        await eventually(lambda: any(s.upload.window > frames.INITIAL_WINDOW for s in session.streams.values()),
+                         timeout=30)
+        response, body = await done
+        self.assertEqual(json.loads(body)["body_sha256"], hashlib.sha256(payload).hexdigest())
+        # Both services got every byte of growth back from the finished streams.
+        await eventually(lambda: self.relay.window_budget.used == 0 and self.connector.window_budget.used == 0)
+
+    test_windows_grow_while_the_next_hop_keeps_up.timeout = 120
+
     async def test_forwarded_headers(self):
         response, body = await request(self.agent, b"GET", self.base + "/t1/who", {
             b"x-pipegate-correlation-id": b"forged", b"x-dup": [b"1", b"2"],
@@ -178,12 +201,15 @@ class Tunnel(unittest.TestCase):
             await task.deferLater(reactor, 0.3, lambda: None)
         self.assertLess(self.app.produced, size // 2)
         stream = next(iter(self.connector.links[0].session.streams.values()))
-        self.assertLessEqual(stream.forwarder.window.window, frames.INITIAL_WINDOW)
-        self.assertLessEqual(stream.forwarder.window.queued, 65536)
         relay_stream = next(iter(self.relay.tunnels["t1"].links[0].streams.values()))
+        # The window may have grown before the caller stopped, never beyond --max-window.
+        window = relay_stream.download.window
+        self.assertLessEqual(window, frames.MAX_WINDOW)
+        self.assertLessEqual(stream.forwarder.window.window, window)
+        self.assertLessEqual(stream.forwarder.window.queued, 65536)
         # The relay holds back credit while the caller is not reading.
         self.assertTrue(relay_stream._paused)
-        self.assertLessEqual(relay_stream.download.ungranted, frames.INITIAL_WINDOW)
+        self.assertLessEqual(relay_stream.download.ungranted, window)
         proto.transport.resumeProducing()
         raw = await proto.done
         status, headers, body = split_response(raw)

@@ -18,14 +18,6 @@ from pipegate.sockets import bounded_reads, connect_protocol, no_delay, send_now
 from tests.support import Loopback, TestApp, request
 
 
-class _Client(Protocol):
-    def __init__(self) -> None:
-        self.made = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.made.callback(self)
-
-
 class _Producer:
     def pauseProducing(self) -> None:
         pass
@@ -37,17 +29,27 @@ class _Producer:
         pass
 
 
+def plain_listener(testcase) -> socket.socket:
+    """A listening socket on 127.0.0.1 that the reactor does not watch: the test reads it itself."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2)
+    testcase.addCleanup(listener.close)
+    return listener
+
+
+async def connect_to(listener: socket.socket, protocol):
+    """Connect C{protocol} to C{listener} through the reactor; returns the protocol and the accepted socket."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
+    protocol = await endpoints.connectProtocol(endpoint, protocol)
+    peer, _ = listener.accept()
+    return protocol, peer
+
+
 class SendNowTests(unittest.TestCase):
 
     async def setUp(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        self.addCleanup(listener.close)
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
-        self.client = await endpoints.connectProtocol(endpoint, _Client())
-        await self.client.made
-        self.peer, _ = listener.accept()
+        self.client, self.peer = await connect_to(plain_listener(self), Protocol())
         self.peer.setblocking(False)
         self.addCleanup(self.peer.close)
         self.addCleanup(self.client.transport.abortConnection)
@@ -134,17 +136,11 @@ class _Collect(Protocol):
 class BoundedReadTests(unittest.TestCase):
 
     async def test_reads_stay_small_under_a_large_write_buffer(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        self.addCleanup(listener.close)
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
-        collect = await endpoints.connectProtocol(endpoint, _Collect())
+        collect, peer = await connect_to(plain_listener(self), _Collect())
         transport = collect.transport
         transport.bufferSize = 4 * 1024 * 1024   # what a mux link sets (write side)
         bounded_reads(transport, 65536)
         self.assertEqual(transport.bufferSize, 4 * 1024 * 1024)
-        peer, _ = listener.accept()
         payload = bytes(range(256)) * 8192        # 2 MiB, sent before the reactor reads
         peer.sendall(payload)
         peer.close()
@@ -168,17 +164,14 @@ class ConnectTests(unittest.TestCase):
             self.assertIsInstance(stream_endpoint(reactor, host, 5432, 3.0), kind, host)
 
     async def test_connect_protocol_is_quiet(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(2)
-        self.addCleanup(listener.close)
+        listener = plain_listener(self)
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         endpoint = stream_endpoint(reactor, "127.0.0.1", listener.getsockname()[1], 3.0)
 
         async def connect_and_close(connect) -> None:
-            client = _Client()
+            client = Protocol()
             await connect(endpoint, client)
             lost = defer.Deferred()
             client.connectionLost = lambda reason: lost.callback(None)

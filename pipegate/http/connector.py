@@ -103,6 +103,8 @@ class ConnectorConfig:
     max_streams: int = 256
     connect_timeout: float = 10.0
     ping_interval: float = 20.0
+    max_window: int = frames.MAX_WINDOW        # credit a request body's window may grow to
+    window_budget: int = frames.WINDOW_BUDGET  # growth shared by all request bodies in flight
 
 
 @implementer(IBodyProducer)
@@ -117,6 +119,7 @@ class TunnelBody:
         self._early: list[bytes] = []
         self._ended = False
         self._paused = False
+        self._paused_since = 0.0
         self._stopped = False
 
     def startProducing(self, consumer):
@@ -138,9 +141,13 @@ class TunnelBody:
         if self._stopped:
             return
         self.consumer.write(chunk)
-        self.stream.upload.consumed(len(chunk))
+        upload = self.stream.upload
+        upload.consumed(len(chunk))
         if not self._paused:
-            self.stream.send(frames.Window(self.stream.stream_id, self.stream.upload.grant()))
+            # Credit goes back once half the window is due, not per DATA frame.
+            credit = upload.grant(max(1, upload.window // 2))
+            if credit:
+                self.stream.send(frames.Window(self.stream.stream_id, credit))
 
     def end(self) -> None:
         self._ended = True
@@ -149,9 +156,12 @@ class TunnelBody:
 
     def pauseProducing(self):
         self._paused = True
+        self._paused_since = self.stream.session.reactor.seconds()
 
     def resumeProducing(self):
         self._paused = False
+        if self.stream.session.reactor.seconds() - self._paused_since >= frames.SLOW_CONSUMER:
+            self.stream.upload.shrink()  # the local app is not keeping up
         credit = self.stream.upload.grant()
         if credit:
             self.stream.send(frames.Window(self.stream.stream_id, credit))
@@ -206,7 +216,9 @@ class ConnectorStream:
         self.session = session
         self.stream_id = head.stream
         self.head = head
-        self.upload = frames.ReceiveWindow()
+        config = session.config
+        # The request body's window grows while the local app keeps up (docs/protocol.md 1.5).
+        self.upload = frames.ReceiveWindow(max_window=config.max_window, budget=session.window_budget)
         self.body: TunnelBody | None = None
         self.forwarder: ResponseForwarder | None = None
         self.pipe: StreamPipe | None = None
@@ -220,6 +232,7 @@ class ConnectorStream:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.upload.release()
             self.session.streams.pop(self.stream_id, None)
 
     def reset(self, code: int, reason: str) -> None:
@@ -389,11 +402,13 @@ class ConnectorSession:
 
     log = Logger()
 
-    def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, agent, reactor) -> None:
+    def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, agent, reactor,
+                 window_budget: frames.GrowthBudget | None = None) -> None:
         self.link = link
         self.config = config
         self.agent = agent
         self.reactor = reactor
+        self.window_budget = window_budget
         self.streams: dict[int, ConnectorStream] = {}
 
     def send(self, frame: frames.Frame) -> None:
@@ -423,6 +438,7 @@ class ConnectorSession:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._closed = True
+            stream.upload.release()
             if stream.pipe is not None:
                 stream.pipe.abort()
             else:
@@ -440,7 +456,8 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
 
     def onConnect(self, response):
         connector: Connector = self.factory.connector
-        self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor)
+        self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor,
+                                        connector.window_budget)
 
     def onOpen(self):
         self.link_opened()
@@ -492,6 +509,7 @@ class Connector(service.MultiService):
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
         self.links: list[ConnectorProtocol] = []
+        self.window_budget = frames.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self._ever_online = False
         self.online: defer.Deferred | None = defer.Deferred()

@@ -19,6 +19,10 @@ SUBPROTOCOL = "pipegate.v1"
 MAX_FRAME_SIZE = 262_144
 MAX_DATA = 65_536
 INITIAL_WINDOW = 262_144
+MAX_WINDOW = 4_194_304        # default credit a stream's window may grow to (--max-window)
+WINDOW_BUDGET = 8_388_608     # default growth shared by all streams of a service (--window-budget)
+# A next hop (socket) that pushed back this long (seconds) is not keeping up: the window shrinks.
+SLOW_CONSUMER = 0.1
 MAX_WINDOW_INCREMENT = 2**31 - 1
 
 REQUEST_HEAD = 0x01

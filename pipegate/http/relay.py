@@ -57,6 +57,8 @@ class RelayConfig:
     policy: Policy = EMPTY              # ingress policy for public callers (deny -> 403)
     tunnel_rate: float = 0.0            # bytes/s per tunnel and direction; 0 = unlimited
     drain_timeout: float = 30.0         # seconds requests in flight may take to finish on stop
+    max_window: int = frames.MAX_WINDOW        # credit a response's window may grow to
+    window_budget: int = frames.WINDOW_BUDGET  # growth shared by all responses in flight
 
 
 def _plain(request: server.Request, code: int, message: str) -> None:
@@ -104,6 +106,7 @@ class Relay(service.Service, Drainer):
         self.tunnels: dict[str, Tunnel] = {}
         self.stopping = False
         self.pool = BucketPool()
+        self.window_budget = frames.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
 
@@ -323,7 +326,9 @@ class RelayStream:
         self.link: ConnectorLink | None = None
         self.stream_id = 0
         self.upload = frames.SendWindow()
-        self.download = frames.ReceiveWindow()
+        # The response's window grows while the caller keeps up (docs/protocol.md 1.5).
+        self.download = frames.ReceiveWindow(max_window=relay.config.max_window, budget=relay.window_budget)
+        self._paused_since = 0.0
         self._early: list[bytes] = []
         self._body_bytes = 0
         self._has_body = request.declared_length != 0
@@ -404,6 +409,7 @@ class RelayStream:
         if self._done:
             return
         self._done = True
+        self.download.release()
         self._cancel_timer()
         for hold in (self._download_hold, self._upload_hold):
             if hold is not None and hold.active():
@@ -549,9 +555,13 @@ class RelayStream:
             self.download.consumed(len(frame.data))
             delay = self._charge(self.down_buckets, len(frame.data))
             if delay > 0:
+                self.download.shrink()  # a shaped response keeps the initial window
                 self._download_hold = self._hold(self._download_hold, delay, self._download_released, "down")
             if not self._paused and self._download_hold is None:
-                self.link.send(frames.Window(self.stream_id, self.download.grant()))
+                # Credit goes back once half the window is due, not per DATA frame.
+                credit = self.download.grant(max(1, self.download.window // 2))
+                if credit:
+                    self.link.send(frames.Window(self.stream_id, credit))
         elif isinstance(frame, frames.End):
             if not self._responding:
                 raise frames.FrameError("END before RESPONSE_HEAD")
@@ -596,9 +606,12 @@ class RelayStream:
     # IPushProducer: the caller's connection pushes back on the response
     def pauseProducing(self) -> None:
         self._paused = True
+        self._paused_since = self.relay.clock.seconds()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self.relay.clock.seconds() - self._paused_since >= frames.SLOW_CONSUMER:
+            self.download.shrink()  # the caller is not keeping up
         if self._download_hold is not None:
             return  # shaped: _download_released grants the credit
         credit = self.download.grant()

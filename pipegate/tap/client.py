@@ -11,7 +11,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import EnvOptions, non_negative_float, positive_float, positive_int
+from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.http.connector import Connector, ConnectorConfig, ConnectorError, Target
 from pipegate.heap import FrozenStartupHeap
 
@@ -30,12 +30,18 @@ class Options(EnvOptions):
         ["max-streams", None, "256", "Requests handled at once; beyond it the relay gets 503."],
         ["connect-timeout", None, "10", "Seconds to connect to the local app before 502."],
         ["ping-interval", None, "20", "Seconds between WebSocket pings to the relay; 0 = off."],
+        ["max-window", None, "4194304", "Credit window a request body grows to while the local app keeps up, "
+                                        "in bytes (at most 262144, the initial window: it stays there)."],
+        ["window-budget", None, "8388608", "Bytes by which all request bodies' windows together may grow "
+                                            "beyond the initial 262144."],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless given."],
     ]
     converters = {
         "max-streams": positive_int,
         "connect-timeout": positive_float,
         "ping-interval": non_negative_float,
+        "max-window": positive_int,
+        "window-budget": non_negative_int,
     }
 
     def parseArgs(self, target_url=None, server_url=None):
@@ -109,6 +115,7 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
     config = ConnectorConfig(
         target=options["target"], max_streams=options["max-streams"],
         connect_timeout=options["connect-timeout"], ping_interval=options["ping-interval"],
+        max_window=options["max-window"], window_budget=options["window-budget"],
     )
     return Connector(reactor, config, options["server-url"], options["token"],
                      options["tunnel-id"], ca_file=options["ca-file"], **kwargs)

@@ -46,6 +46,10 @@ class Options(HubOptions, EnvOptions):
         ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
         ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
         ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
+        ["max-window", None, "4194304", "Credit window a response grows to while its caller keeps up, in bytes "
+                                        "(at most 262144, the initial window: it stays there)."],
+        ["window-budget", None, "8388608", "Bytes by which all responses' windows together may grow beyond "
+                                            "the initial 262144."],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
                                 "given, e.g. tcp:9100:interface=127.0.0.1."],
         ["tls-cert", None, None, "PEM certificate (chain) to serve TLS on --listen; reloaded on SIGHUP."],
@@ -61,6 +65,8 @@ class Options(HubOptions, EnvOptions):
         "tunnel-rate": non_negative_float,
         **HUB_CONVERTERS,
         "drain-timeout": non_negative_float,
+        "max-window": positive_int,
+        "window-budget": non_negative_int,
     }
 
     def __init__(self) -> None:
@@ -137,6 +143,8 @@ def relay_config(options: Options) -> RelayConfig:
         policy=options["policy"],
         tunnel_rate=options["tunnel-rate"] * 1e6 / 8,
         drain_timeout=options["drain-timeout"],
+        max_window=options["max-window"],
+        window_budget=options["window-budget"],
     )
 
 
