@@ -1,7 +1,7 @@
 """
 PipeGate benchmarks, side by side with the direct path:
 
-    python -m benchmarks                  # every scenario, 3 repetitions (about 8 minutes)
+    python -m benchmarks                  # every scenario, 3 repetitions (about 6 minutes)
     python -m benchmarks --quick          # smoke run: 1 repetition, short durations, small sizes
     python -m benchmarks --only tcp,udp   # some scenarios
     python -m benchmarks --profile tcp    # one scenario with py-spy (or cProfile) on the services
