@@ -16,6 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from pipegate.mux.channel import CHANNEL_SOCKET_BUFFER
+from pipegate.sockets import socket_transport
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -257,6 +259,8 @@ class TCP(PortPlane):
         client = await self.connect(gate)
         await eventually(lambda: len(self.gw.tcp_clients) == 1)
         (gw_channel,) = self.gw.tcp_clients
+        # The client's socket reads (and buffers) two DATA frames' worth at once.
+        self.assertEqual(socket_transport(gw_channel.transport).bufferSize, CHANNEL_SOCKET_BUFFER)
         # Credit beyond the initial window: the gateway's receive window grew (ReceiveWindow).
         await eventually(lambda: gw_channel.recv_window.window > frames.INITIAL_WINDOW, timeout=60)
         self.assertLessEqual(gw_channel.recv_window.window, frames.MAX_WINDOW)

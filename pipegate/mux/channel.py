@@ -16,11 +16,19 @@ from zope.interface import implementer
 
 from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
-from pipegate.sockets import no_delay, send_now
+from pipegate.sockets import no_delay, send_now, socket_transport
 
 
 # A channel's socket that stays full this long (seconds) is not keeping up.
 SLOW_SOCKET = 0.1
+
+# What a channel's socket reads at once, and holds unsent before it pushes back (Twisted's
+# bufferSize is both; its default is 64 KiB).  Two DATA frames per read halve the work per
+# byte moved; just under glibc's 128 KiB mmap threshold, so each read's bytes come from
+# the heap (a larger read costs an mmap, an mremap, a munmap and page faults: see
+# pipegate.sockets.bounded_reads).  One stream through gateway + provider: 577-677 ->
+# 657-852 MB/s, 2.5-3.0 -> 2.0-2.5 CPU-s/GB (benchmarks/README.md).
+CHANNEL_SOCKET_BUFFER = 130_048
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -82,6 +90,9 @@ class StreamChannel(Protocol):
     # -- socket side
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        sock = socket_transport(self.transport)
+        if sock is not None:
+            sock.bufferSize = CHANNEL_SOCKET_BUFFER
         self.transport.registerProducer(self, True)
         if self.link is None:
             self.transport.pauseProducing()
