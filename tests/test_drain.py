@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 
 from pipegate.drain import AfterDrain, Drainer, drain
 from tests.support import SECRET, TestApp, eventually, pattern, token_for
-from tests.test_ports_e2e import Client, free_port
+from tests.test_ports_e2e import Client, free_port, free_ports
 from tests.test_processes import TWISTD, child_env, spawn
 
 CHUNK = 64 * 1024
@@ -258,7 +258,7 @@ class GatewayDrain(unittest.TestCase):
         Trickler.count = count
         backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(backend.stopListening)
-        mux, self.gate = free_port(), free_port()
+        mux, self.gate = free_ports(2)
         gateway = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-gateway", "--mux",
                                         f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1", *extra],
                         child_env(PIPEGATE_ROUTER=self.ROUTER))
@@ -368,7 +368,7 @@ class ProviderMovesOn(unittest.TestCase):
         echo.noisy = False
         backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echo)
         self.addCleanup(backend.stopListening)
-        gate, mux_port = free_port(), free_port()
+        gate, mux_port = free_ports(2)
 
         async def gateway():
             gw = Gateway(GatewayConfig(drain_timeout=60), reactor)

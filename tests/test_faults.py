@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from pipegate.ports.services import Service
 from tests.faultproxy import FaultProxy
 from tests.support import Loopback, TestApp, connect_raw, eventually, raw_request, request, token_for
-from tests.test_ports_e2e import Client, Echo, PortPlane, free_port
+from tests.test_ports_e2e import Client, Echo, PortPlane, free_port, free_ports
 from tests.test_processes import TWISTD, child_env, spawn
 from tests.test_secrets import JWT_SECRET
 
@@ -104,7 +104,7 @@ class PortPlaneProcesses(unittest.TestCase):
         factory.noisy = False
         self.backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(self.backend.stopListening)
-        self.mux, self.gate = free_port(), free_port()
+        self.mux, self.gate = free_ports(2)
         self.services = json.dumps([{"gatePort": self.gate, "serviceHost": "127.0.0.1",
                                      "servicePort": self.backend.getHost().port, "protocol": "TCP"}])
 
@@ -314,7 +314,7 @@ class LinkFaults(PortPlane):
 
     async def test_reconnect_storm_of_50_providers(self):
         proxy = await self.via_proxy()
-        gates = [free_port() for _ in range(50)]
+        gates = free_ports(50)
         providers = [self.provider(proxy.listening, [Service(g, "127.0.0.1", self.backend.getHost().port)])
                      for g in gates]
         await eventually(lambda: all((g, "tcp") in self.gw.gates for g in gates), timeout=60)

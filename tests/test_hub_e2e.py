@@ -24,7 +24,7 @@ from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.services import Service
 from tests.support import eventually, pattern
-from tests.test_ports_e2e import CERT, SECRET, PortPlane, Source, UDPEcho, free_port
+from tests.test_ports_e2e import CERT, SECRET, PortPlane, Source, UDPEcho, free_port, free_ports
 
 OTHER = bytes(range(100, 132))     # a second router's secret
 STRANGER = bytes(range(200, 232))  # a secret the hub does not know
@@ -157,7 +157,7 @@ class Routers(Hub):
     async def test_routers_are_isolated_and_strangers_refused(self):
         backend = await self.backend_echo()
         port = backend.getHost().port
-        gate_a, gate_b = free_port(), free_port()
+        gate_a, gate_b = free_ports(2)
         self.provider(self.hub_port, [Service(gate_a, "127.0.0.1", port)], secret=SECRET)
         self.provider(self.hub_port, [Service(gate_b, "127.0.0.1", port)], secret=OTHER)
         gw_a = self.dialling_gateway(secret=SECRET)
@@ -189,7 +189,7 @@ class MixedLinks(Hub):
         client.startService()
         self.cleanups.append(client.stopService)
         self.cleanups.append(lambda: self._drop_links(gw))
-        direct, via_hub, both = free_port(), free_port(), free_port()
+        direct, via_hub, both = free_ports(3)
         self.provider(mux, [Service(direct, "127.0.0.1", port), Service(both, "127.0.0.1", port)])
         self.provider(self.hub_port, [Service(via_hub, "127.0.0.1", port), Service(both, "127.0.0.1", port)])
         await eventually(lambda: {(direct, "tcp"), (via_hub, "tcp"), (both, "tcp")} <= set(gw.gates))
@@ -215,7 +215,7 @@ class FromTheTap(PortPlane):
         mux port both serve; a provider and a gateway meet through the latter."""
         from pipegate.tap import server as server_tap
 
-        http_port, mux_port = free_port(), free_port()
+        http_port, mux_port = free_ports(2)
         options = server_tap.Options()
         options.environ = {"PIPEGATE_JWT_SECRET": "s" * 40}
         options.parseOptions(["--listen", f"tcp:{http_port}:interface=127.0.0.1",
@@ -250,7 +250,7 @@ class Policies(Hub):
 
         deny = load_policy([json.dumps({"defaults": {"allow": False}})])[1]
         backend = await self.backend_echo()
-        closed, open_ = free_port(), free_port()
+        closed, open_ = free_ports(2)
         self.provider(self.hub_port, [Service(closed, "127.0.0.1", backend.getHost().port)], policy=deny)
         self.provider(self.hub_port, [Service(open_, "127.0.0.1", backend.getHost().port)])
         gw = self.dialling_gateway()
@@ -262,7 +262,7 @@ class Policies(Hub):
 
     async def test_an_unreadable_policy_closes_only_its_providers_gates(self):
         backend = await self.backend_echo()
-        bad, good = free_port(), free_port()
+        bad, good = free_ports(2)
         self.provider(self.hub_port, [Service(bad, "127.0.0.1", backend.getHost().port)], policy=b"{not json")
         self.provider(self.hub_port, [Service(good, "127.0.0.1", backend.getHost().port)])
         gw = self.dialling_gateway()
@@ -285,7 +285,7 @@ class AsProcesses(unittest.TestCase):
         factory.noisy = False
         backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(backend.stopListening)
-        http_port, mux, gate = free_port(), free_port(), free_port()
+        http_port, mux, gate = free_ports(3)
         relay = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen",
                                       f"tcp:{http_port}:interface=127.0.0.1"],
                       child_env(PIPEGATE_JWT_SECRET="j" * 40, PIPEGATE_MUX=f"tcp:{mux}:interface=127.0.0.1",

@@ -35,6 +35,19 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, kind=socket.SOCK_STREAM) -> list[int]:
+    """C{count} distinct free ports: all held at once while they are picked (free_port
+    called twice in a row may return the same port)."""
+    held = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 @implementer(IHalfCloseableProtocol)
 class Echo(protocol.Protocol):
     """Echoes; on EOF answers 'bye' and closes (half-close aware)."""

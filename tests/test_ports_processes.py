@@ -14,7 +14,7 @@ from twisted.internet import endpoints, protocol, reactor
 from twisted.trial import unittest
 
 from tests.support import eventually
-from tests.test_ports_e2e import Client, Echo, free_port
+from tests.test_ports_e2e import Client, Echo, free_ports
 from tests.test_processes import TWISTD, child_env, run, spawn
 
 SECRET = "ab" * 32
@@ -26,7 +26,7 @@ class Processes(unittest.TestCase):
         factory.noisy = False
         backend = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(backend.stopListening)
-        mux, gate = free_port(), free_port()
+        mux, gate = free_ports(2)
         gateway = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-gateway", "--mux",
                                         f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1"],
                         child_env(PIPEGATE_ROUTER=SECRET))

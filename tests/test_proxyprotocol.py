@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from pipegate.ports import proxyprotocol as pp
 from tests.support import debian_tool
+from tests.test_ports_e2e import free_ports
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -491,7 +492,8 @@ class HAProxyTests(unittest.TestCase):
             port = reactor.listenTCP(0, factory, interface="127.0.0.1")
             self.addCleanup(self.close_reader, port, factory)
             back[version] = port.getHost().port
-        self.front = {"v1": free_port(), "v2": free_port()}
+        v1, v2 = free_ports(2)
+        self.front = {"v1": v1, "v2": v2}
         directory = self.mktemp()
         os.makedirs(directory)
         config = os.path.join(directory, "haproxy.cfg")

@@ -25,7 +25,7 @@ from pipegate.mux.session import LinkConfig, LinkFactory, MuxLink
 from pipegate.ports.services import Service
 from tests.faultproxy import FaultProxy
 from tests.support import SECRET as JWT_SECRET, Loopback, TestApp, eventually, raw_request, request, token_for
-from tests.test_ports_e2e import Client, Echo, PortPlane, free_port
+from tests.test_ports_e2e import Client, Echo, PortPlane, free_port, free_ports
 from tests.test_processes import TWISTD, child_env, spawn
 
 ROUTER = bytes.fromhex("5e" * 16 + "c7" * 16)
@@ -188,7 +188,7 @@ class FullRunLogs(unittest.TestCase):
         self.addCleanup(backend.stopListening)
         loop = Loopback(self)
         app_port = await loop.app(TestApp())
-        relay_port, mux, gate = free_port(), free_port(), free_port()
+        relay_port, mux, gate = free_ports(3)
         relay = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen",
                                       f"tcp:{relay_port}:interface=127.0.0.1", "--access-log"],
                       child_env(PIPEGATE_JWT_SECRET=JWT_SECRET))
