@@ -86,10 +86,21 @@ class ReloadOnSignal(service.Service):
         self.signum = signum
         self._previous = None
 
+    def privilegedStartService(self):
+        # twistd listens (and logs "starting on") in privilegedStartService, before any
+        # startService: install the handler now so that a SIGHUP sent as soon as the port
+        # answers finds it, instead of the default action, which ends the process.
+        super().privilegedStartService()
+        self._install()
+
     def startService(self):
         super().startService()
-        self._previous = signal.signal(
-            self.signum, lambda *_: self.reactor.callFromThread(self.reload))
+        self._install()
+
+    def _install(self):
+        if self._previous is None:
+            self._previous = signal.signal(
+                self.signum, lambda *_: self.reactor.callFromThread(self.reload))
 
     def stopService(self):
         if self._previous is not None:

@@ -155,6 +155,31 @@ class SocketActivation(unittest.TestCase):
         self.assertIn(b"--listen: systemd:domain=INET:index=0: no such socket from systemd", child.output)
 
 
+class SignalHandlerTiming(unittest.TestCase):
+    """twistd listens in privilegedStartService; the reload handler must be in place by then."""
+
+    def test_handler_is_installed_before_start_service(self):
+        from pipegate.tlsreload import ReloadOnSignal
+
+        calls = []
+
+        class ThreadlessReactor:
+            def callFromThread(self, f, *args):
+                f(*args)
+
+        before = signal.getsignal(signal.SIGUSR2)
+        self.addCleanup(signal.signal, signal.SIGUSR2, before)
+        svc = ReloadOnSignal(lambda: calls.append("reload"), ThreadlessReactor(), signal.SIGUSR2)
+        svc.privilegedStartService()
+        # Checked before the signal is sent: without a handler, SIGUSR2 would end trial itself.
+        self.assertNotEqual(signal.getsignal(signal.SIGUSR2), before)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        self.assertEqual(calls, ["reload"])
+        svc.startService()  # installs nothing twice: stopping restores the original handler
+        svc.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR2), before)
+
+
 class TLSReload(unittest.TestCase):
     timeout = 60
 
