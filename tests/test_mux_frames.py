@@ -284,6 +284,49 @@ class DecoderTests(unittest.TestCase):
             chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
             self.assertEqual(feed_all(FrameDecoder(), chunks), SAMPLES)
 
+    def test_full_data_frames_across_reads_of_every_size(self):
+        # The hot path: 64 KiB DATA frames spanning reads, with views kept between feeds.
+        frames = [Data(c, bytes([c]) * MAX_DATA) for c in range(1, 6)] + [Fin(3), Data(2, b"x")]
+        stream = b"".join(encode(f) for f in frames)
+        rng = random.Random(11)
+        for _ in range(20):
+            chunks, pos = [], 0
+            while pos < len(stream):
+                n = rng.choice((1, 3, 8, 9, 10, 4095, 4096, 16_384, 65_536, 65_545, 100_000))
+                chunks.append(stream[pos:pos + n])
+                pos += n
+            decoder = FrameDecoder()
+            self.assertEqual(feed_all(decoder, chunks), frames)
+            self.assertEqual(decoder.buffered, 0)
+
+    def test_encode_data_is_the_frames_of_its_chunks(self):
+        payload = bytes(range(256)) * 300
+        chunks = [payload[:MAX_DATA], memoryview(payload)[MAX_DATA:MAX_DATA + 5], b"z"]
+        wire = frames.encode_data(7, chunks)
+        self.assertEqual(wire, b"".join(encode(Data(7, bytes(c))) for c in chunks))
+        self.assertEqual(FrameDecoder().feed(wire), [Data(7, bytes(c)) for c in chunks])
+        for bad in ([b""], [payload[:MAX_DATA + 1]]):
+            self.assertRaises(FrameError, frames.encode_data, 7, bad)
+        self.assertRaises(FrameError, frames.encode_data, 0, [b"a"])
+
+    def test_reads_are_not_kept_by_reference(self):
+        # A caller may reuse its buffer after feed returns.
+        wire = encode(Data(9, b"abcdefgh" * 100))
+        buffer = bytearray(wire[:300])
+        decoder = FrameDecoder()
+        self.assertEqual(decoder.feed(buffer), [])
+        buffer[:] = b"\xff" * 300
+        self.assertEqual(decoder.feed(wire[300:]), [Data(9, b"abcdefgh" * 100)])
+
+    def test_a_trickled_frame_is_held_in_few_pieces(self):
+        wire = encode(Data(1, bytes(range(256)) * 256))
+        decoder = FrameDecoder()
+        for i in range(len(wire) - 1):
+            self.assertEqual(decoder.feed(wire[i:i + 1]), [])
+            self.assertLessEqual(len(decoder._parts), decoder.buffered // 4096 + 1)
+        self.assertEqual(decoder.feed(wire[-1:]), [Data(1, bytes(range(256)) * 256)])
+        self.assertEqual((decoder.buffered, decoder._parts), (0, []))
+
     def test_empty_feed(self):
         decoder = FrameDecoder()
         self.assertEqual(decoder.feed(b""), [])

@@ -242,26 +242,30 @@ class SendWindow:
     def blocked(self) -> bool:
         return self.queued > 0 or self.window <= 0
 
-    def write(self, data: bytes) -> list[bytes]:
+    def write(self, data: bytes) -> list[bytes | memoryview]:
         if data:
             self._queue.append(data)
             self.queued += len(data)
         return self._drain()
 
-    def credit(self, increment: int) -> list[bytes]:
+    def credit(self, increment: int) -> list[bytes | memoryview]:
         self.window += increment
         return self._drain()
 
-    def _drain(self) -> list[bytes]:
+    def _drain(self) -> list[bytes | memoryview]:
+        # Split without copying: a payload cut from a larger read is a memoryview of it
+        # (each is copied once, into the frame that carries it).
         out = []
         while self._queue and self.window > 0:
             head = self._queue[0]
             n = min(len(head), self.window, MAX_DATA)
-            out.append(head[:n])
             if n == len(head):
+                out.append(head)
                 self._queue.popleft()
             else:
-                self._queue[0] = head[n:]
+                view = memoryview(head)
+                out.append(view[:n])
+                self._queue[0] = view[n:]
             self.window -= n
             self.queued -= n
         return out

@@ -260,6 +260,26 @@ def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
     return _LENGTH.pack(size) + _HEADER.pack(kind, channel) + payload
 
 
+_DATA_PREFIX = struct.Struct(">IBI")   # length, DATA, channel
+
+
+def encode_data(channel: int, chunks: Iterable[bytes | memoryview]) -> bytes:
+    """
+    DATA frames for C{chunks}, all of one channel, in one buffer: the same bytes as
+    C{b"".join(encode(Data(channel, c)) for c in chunks)}, with each payload copied
+    once (the hot path of a tunnelled TCP connection; C{chunks} may be memoryviews).
+    """
+    _check_channel(channel, "DATA")
+    parts = []
+    for chunk in chunks:
+        size = len(chunk)
+        if not 0 < size <= MAX_DATA:
+            raise FrameError(f"DATA payload of {size} bytes")
+        parts.append(_DATA_PREFIX.pack(HEADER_SIZE + size, DATA, channel))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def _encode(frame: Frame) -> tuple[int, int, bytes]:
     match frame:
         case Data(channel, data):
@@ -432,6 +452,10 @@ def _check_limit(max_frame_size: int) -> None:
         raise ValueError(f"max frame size must be at least {MIN_MAX_FRAME_SIZE} bytes")
 
 
+_PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
+_SMALL_READ = 4096
+
+
 class FrameDecoder:
     """
     Incremental decoder for one link's byte stream.  L{feed} takes whatever a read
@@ -440,18 +464,23 @@ class FrameDecoder:
     is refused as soon as the 4 length bytes are in, before any of the body is buffered,
     so the decoder never holds more than one frame plus one read.  After a L{FrameError}
     the stream is unusable and every further L{feed} raises again.
+
+    What is not yet a whole frame is kept as views of the reads it came in (not
+    copied into a buffer), and each payload is copied once, from those views into
+    the bytes its frame carries: a 64 KiB DATA frame usually spans two reads.
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         _check_limit(max_frame_size)
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._parts: list[memoryview] = []
+        self._held = 0
         self._failed: FrameError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for a frame not yet complete."""
-        return len(self._buffer)
+        return self._held
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._failed is not None:
@@ -460,31 +489,66 @@ class FrameDecoder:
             return self._feed(data)
         except FrameError as e:
             self._failed = e
-            self._buffer.clear()
+            self._parts.clear()
+            self._held = 0
             raise
 
     def _feed(self, data: bytes) -> list[Frame]:
-        buf = self._buffer
-        buf += data
+        if not data:
+            return []
+        if type(data) is not bytes:
+            data = bytes(data)  # views are kept: they must not see the caller reuse a buffer
+        parts = self._parts
+        if parts and len(data) < _SMALL_READ and len(parts[-1]) < _SMALL_READ:
+            # Small reads are merged (a copy of at most 2 x _SMALL_READ bytes), so a peer
+            # trickling a frame a byte per read makes no more than one view per 4 KiB held.
+            parts[-1] = memoryview(parts[-1].tobytes() + data)
+        else:
+            parts.append(memoryview(data))
+        self._held += len(data)
         frames: list[Frame] = []
-        pos = 0
-        end = len(buf)
-        with memoryview(buf) as view:
-            while end - pos >= _LENGTH.size:
-                (size,) = _LENGTH.unpack_from(view, pos)
-                if size > self.max_frame_size:
-                    raise FrameError(
-                        f"declared frame length {size} exceeds {self.max_frame_size}")
-                if size < HEADER_SIZE:
-                    raise FrameError(f"declared frame length {size} is shorter than the header")
-                start = pos + _LENGTH.size
-                if end - start < size:
-                    break
-                kind, channel = _HEADER.unpack_from(view, start)
-                payload = bytes(view[start + HEADER_SIZE:start + size])
-                frames.append(_decode_body(kind, channel, payload))
-                pos = start + size
-        del buf[:pos]
+        while self._held >= _LENGTH.size:
+            first = parts[0]
+            if len(first) < min(_PREFIX, self._held):
+                # A read ended inside a length or header: join the views that hold it.
+                count, got = 1, len(first)
+                while got < _PREFIX and count < len(parts):
+                    got += len(parts[count])
+                    count += 1
+                first = memoryview(b"".join(parts[:count]))
+                parts[:count] = [first]
+            (size,) = _LENGTH.unpack_from(first)
+            if size > self.max_frame_size:
+                raise FrameError(f"declared frame length {size} exceeds {self.max_frame_size}")
+            if size < HEADER_SIZE:
+                raise FrameError(f"declared frame length {size} is shorter than the header")
+            total = _LENGTH.size + size
+            if self._held < total:
+                break
+            kind, channel = _HEADER.unpack_from(first, _LENGTH.size)
+            if len(first) >= total:
+                payload = bytes(first[_PREFIX:total])
+                if len(first) == total:
+                    del parts[0]
+                else:
+                    parts[0] = first[total:]
+            else:
+                pieces = [first[_PREFIX:]]
+                need = total - len(first)
+                del parts[0]
+                while need:
+                    part = parts[0]
+                    if len(part) <= need:
+                        pieces.append(part)
+                        need -= len(part)
+                        del parts[0]
+                    else:
+                        pieces.append(part[:need])
+                        parts[0] = part[need:]
+                        need = 0
+                payload = b"".join(pieces)
+            self._held -= total
+            frames.append(_decode_body(kind, channel, payload))
         return frames
 
 

@@ -266,7 +266,7 @@ class MuxLink(Protocol):
         """Send DATA frames for C{chunks} in one write (one TLS record batch)."""
         if self.admitted and chunks and not self.closed and self.transport is not None:
             self.stats.inc("bytes", self._sent, sum(map(len, chunks)))
-            self.transport.write(b"".join([frames.encode(frames.Data(channel_id, c)) for c in chunks]))
+            self.transport.write(frames.encode_data(channel_id, chunks))
             send_now(self.transport)
 
     def allocate_channel(self, channel) -> int:
