@@ -76,6 +76,42 @@ def bounded_reads(transport, size: int = READ_SIZE) -> None:
     transport.doRead = doRead
 
 
+def eager_writes(transport) -> None:
+    """
+    Make each C{write} on the socket under C{transport} go to the kernel at once when
+    nothing is queued before it; only what the socket does not take is queued for the
+    reactor, as before.
+
+    Twisted's C{write} always queues and registers the socket for writing, and the bytes
+    go out at the reactor's next poll, or at L{send_now}, after which the socket is
+    unregistered again: two C{epoll_ctl} calls and the reactor's bookkeeping for every
+    write of a link or channel that keeps up.  Overrides the transport's C{write} with
+    one that reads private state of C{twisted.internet.abstract.FileDescriptor}
+    (C{_tempDataLen}, C{dataBuffer}, C{offset}, C{_writeDisconnected}); tests/test_sockets.py
+    checks it is still there.  A send error is left to the reactor, as in L{send_now}.
+    """
+    transport = socket_transport(transport)
+    if transport is None or not hasattr(transport, "_tempDataLen"):
+        return
+    send = transport.socket.send
+    queued_write = transport.write
+
+    def write(data: bytes) -> None:
+        if (not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
+                and transport.connected and not transport.disconnecting
+                and not transport._writeDisconnected and type(data) is bytes):
+            try:
+                sent = send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        queued_write(data)
+
+    transport.write = write
+
+
 def send_now(transport) -> None:
     """
     Hand what C{transport} holds to the kernel now instead of at the reactor's next
@@ -96,6 +132,8 @@ def send_now(transport) -> None:
         transport = getattr(transport, "transport", None)
     if transport is None or not transport.connected or transport.disconnecting:
         return
+    if not transport._tempDataLen and transport.offset >= len(transport.dataBuffer):
+        return  # nothing queued (L{eager_writes} sent it)
     if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
         return  # doWrite would resume it, from inside this call
     transport.doWrite()

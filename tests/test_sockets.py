@@ -8,13 +8,14 @@ from __future__ import annotations
 import inspect
 import socket
 
-from twisted.internet import defer, endpoints, error, reactor, ssl, task, tcp
+from twisted.internet import abstract, defer, endpoints, error, reactor, ssl, task, tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.protocols import tls
 from twisted.trial import unittest
 
-from pipegate.sockets import bounded_reads, connect_protocol, no_delay, send_now, socket_transport, stream_endpoint
+from pipegate.sockets import (
+    bounded_reads, connect_protocol, eager_writes, no_delay, send_now, socket_transport, stream_endpoint)
 from tests.support import Loopback, TestApp, request
 
 
@@ -119,6 +120,66 @@ class SendNowTests(unittest.TestCase):
         protocol = tls.BufferingTLSTransport(
             tls.TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol)), Protocol(), False)
         self.assertTrue(callable(protocol._aggregator.flush))
+
+
+class EagerWriteTests(unittest.TestCase):
+
+    async def setUp(self):
+        self.client, self.peer = await connect_to(plain_listener(self), Protocol())
+        self.addCleanup(self.peer.close)
+        self.addCleanup(self.client.transport.abortConnection)
+        eager_writes(self.client.transport)
+
+    def drain_peer(self, until: int) -> bytes:
+        """Read the peer's socket (blocking, 5 s at most) until C{until} bytes came."""
+        self.peer.settimeout(5)
+        got = []
+        while sum(map(len, got)) < until:
+            got.append(self.peer.recv(1 << 20))
+        return b"".join(got)
+
+    def test_a_write_goes_out_at_once_and_leaves_the_reactor_alone(self):
+        transport = self.client.transport
+        transport.write(b"at once")
+        self.assertEqual(self.drain_peer(7), b"at once")
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(transport._tempDataLen, 0)
+
+    async def test_what_the_socket_does_not_take_is_queued_in_order(self):
+        transport = self.client.transport
+        big = bytes(range(256)) * 40_000          # 10 MiB: more than the socket buffers take
+        transport.write(big)
+        self.assertGreater(transport._tempDataLen, 0)
+        self.assertIn(transport, reactor.getWriters())
+        transport.write(b"behind")                 # must not overtake the queued bytes
+        self.peer.setblocking(False)
+        got = []
+        for _ in range(500):
+            await task.deferLater(reactor, 0.01, lambda: None)
+            try:
+                while True:
+                    chunk = self.peer.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got.append(chunk)
+            except BlockingIOError:
+                pass
+            if sum(map(len, got)) >= len(big) + 6:
+                break
+        self.assertEqual(b"".join(got), big + b"behind")
+
+    def test_not_once_closing(self):
+        transport = self.client.transport
+        transport.loseConnection()
+        transport.write(b"queued")
+        self.assertEqual(transport._tempDataLen, 6)
+
+    def test_twisted_file_descriptor_still_has_what_it_reads(self):
+        # eager_writes reads private state of FileDescriptor; this fails when a Twisted
+        # release renames it.
+        source = inspect.getsource(abstract.FileDescriptor)
+        for name in ("self._tempDataLen", "self.dataBuffer", "self.offset", "self._writeDisconnected"):
+            self.assertIn(name, source)
 
 
 class _Collect(Protocol):

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
-from pipegate.sockets import no_delay, send_now, socket_transport
+from pipegate.sockets import eager_writes, no_delay, send_now, socket_transport
 
 
 # A channel's socket that stays full this long (seconds) is not keeping up.
@@ -90,6 +90,7 @@ class StreamChannel(Protocol):
     # -- socket side
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        eager_writes(self.transport)
         sock = socket_transport(self.transport)
         if sock is not None:
             sock.bufferSize = CHANNEL_SOCKET_BUFFER

@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate.sockets import bounded_reads, no_delay, send_now, socket_transport
+from pipegate.sockets import bounded_reads, eager_writes, no_delay, send_now, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
 
@@ -130,6 +130,7 @@ class MuxLink(Protocol):
     # -- connection
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        eager_writes(self.transport)
         link_write_buffer(self.transport)
         self.transport.registerProducer(self, True)
         self._handshake_timer = self.clock.callLater(
