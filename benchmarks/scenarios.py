@@ -196,6 +196,7 @@ def tcp(ctx: Ctx) -> dict:
                 with CpuMeter(plane.services) as cpu:
                     t = tools.iperf3(plane.gate, seconds, parallel=parallel, reverse=reverse)
                 t["cpu_percent"] = cpu.percent
+                t["kernel_cpu_percent"] = cpu.kernel_percent
                 runs[key].append({"direct": d, "tunnel": t})
                 ctx.say(f"rep {rep + 1} {key}: tunnel {t['mb_per_s']} MB/s, direct {d['mb_per_s']} MB/s; cpu {cpu.percent}")
         peak = _peak_rss(plane.services, 80, "under load")
@@ -215,6 +216,16 @@ def tcp(ctx: Ctx) -> dict:
         per_gb = [round(sum(r["tunnel"]["cpu_percent"].values()) / 100 / (r["tunnel"]["mb_per_s"] / 1000), 2)
                   for r in rr if r["tunnel"].get("mb_per_s") and r["tunnel"].get("cpu_percent")]
         figs.append(figure(f"{names[key]}: CPU seconds per GB, gateway + provider", "s", per_gb, better="lower"))
+    for key, rr in runs.items():
+        # Where the extra CPU of 8 streams goes: the kernel's share of gateway + provider,
+        # and the load generator's own (both iperf3s), per GB moved.
+        done = [r["tunnel"] for r in rr if r["tunnel"].get("mb_per_s") and r["tunnel"].get("kernel_cpu_percent")]
+        figs.append(figure(f"{names[key]}: of which kernel (system time)", "s",
+                           [round(sum(t["kernel_cpu_percent"].values()) / 100 / (t["mb_per_s"] / 1000), 2)
+                            for t in done], better="lower"))
+        figs.append(figure(f"{names[key]}: iperf3's own CPU seconds per GB", "s",
+                           [round(t["iperf3_cpu_percent"] / 100 / (t["mb_per_s"] / 1000), 2)
+                            for t in done if "iperf3_cpu_percent" in t], better="lower"))
     checks = []
     for a, b in (("P8", "P1"), ("P8-R", "P1-R")):
         if med.get(a) is not None and med.get(b) is not None:
@@ -256,6 +267,7 @@ def udp(ctx: Ctx) -> dict:
                 k2 = _udp_rcvbuf_errors()
                 d["kernel_rcvbuf_drops"], t["kernel_rcvbuf_drops"] = k1 - k0, k2 - k1
                 t["cpu_percent"] = cpu.percent
+                t["kernel_cpu_percent"] = cpu.kernel_percent
                 runs[key].append({"direct": d, "tunnel": t})
                 ctx.say(f"rep {rep + 1} -b {bitrate} -l {length}: tunnel {t['delivered_mbit_per_s']} Mbit/s "
                         f"loss {t['lost_percent']} %, direct {d['delivered_mbit_per_s']} Mbit/s loss "

@@ -110,6 +110,10 @@ def iperf3(port: int, seconds: float, *, parallel: int = 1, reverse: bool = Fals
         out["mb_per_s"] = round(received["bits_per_second"] / 8e6, 1)
         out["gbit_per_s"] = round(received["bits_per_second"] / 1e9, 3)
         out["retransmits"] = end.get("sum_sent", {}).get("retransmits")
+        # iperf3's own CPU (% of one core), client and server: the load generator shares the cores.
+        cpu = end.get("cpu_utilization_percent") or {}
+        if "host_total" in cpu and "remote_total" in cpu:
+            out["iperf3_cpu_percent"] = round(cpu["host_total"] + cpu["remote_total"], 1)
     else:
         # The receiver's report: what arrived, and how many datagrams were lost on the way.
         received = end.get("sum_received") or end["sum"]

@@ -25,11 +25,17 @@ from benchmarks.tools import iperf3_server_argv
 ROUTER_SECRET = "5e" * 32
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc/PID/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system (kernel) CPU time of a process so far, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    return sum(cpu_times(pid))
 
 
 class CpuMeter:
@@ -41,14 +47,17 @@ class CpuMeter:
     def __enter__(self):
         import time
         self._t = time.monotonic()
-        self._cpu = {c.name: cpu_seconds(c.pid) for c in self.children}
+        self._cpu = {c.name: cpu_times(c.pid) for c in self.children}
         return self
 
     def __exit__(self, *exc) -> None:
         import time
         wall = time.monotonic() - self._t
-        self.percent = {c.name: round(100 * (cpu_seconds(c.pid) - self._cpu[c.name]) / wall, 1)
-                        for c in self.children if c.alive()}
+        spent = {c.name: [b - a for a, b in zip(self._cpu[c.name], cpu_times(c.pid))]
+                 for c in self.children if c.alive()}
+        self.percent = {name: round(100 * sum(t) / wall, 1) for name, t in spent.items()}
+        # Of which in the kernel (system time): sockets, TCP, the loopback's delivery.
+        self.kernel_percent = {name: round(100 * t[1] / wall, 1) for name, t in spent.items()}
 
 
 class HttpPlane:
