@@ -192,13 +192,19 @@ def tcp(ctx: Ctx) -> dict:
         for rep in range(ctx.reps):
             for parallel, reverse in configs:
                 key = f"P{parallel}{'-R' if reverse else ''}"
+                before = _tcp_reordering()
                 d = tools.iperf3(plane.direct_tcp, seconds, parallel=parallel, reverse=reverse)
+                d["loopback_reordering"] = {k: v - before[k] for k, v in _tcp_reordering().items()}
+                before = _tcp_reordering()
                 with CpuMeter(plane.services) as cpu:
                     t = tools.iperf3(plane.gate, seconds, parallel=parallel, reverse=reverse)
                 t["cpu_percent"] = cpu.percent
                 t["kernel_cpu_percent"] = cpu.kernel_percent
+                t["loopback_reordering"] = {k: v - before[k] for k, v in _tcp_reordering().items()}
                 runs[key].append({"direct": d, "tunnel": t})
-                ctx.say(f"rep {rep + 1} {key}: tunnel {t['mb_per_s']} MB/s, direct {d['mb_per_s']} MB/s; cpu {cpu.percent}")
+                ctx.say(f"rep {rep + 1} {key}: tunnel {t['mb_per_s']} MB/s, direct {d['mb_per_s']} MB/s; "
+                        f"cpu {cpu.percent}, of which kernel {cpu.kernel_percent}; "
+                        f"reordering tunnel {t['loopback_reordering']}, direct {d['loopback_reordering']}")
         peak = _peak_rss(plane.services, 80, "under load")
     names = {"P1": "1 stream, client → service", "P1-R": "1 stream, service → client (-R)",
              "P8": "8 streams, client → service (-P 8)", "P8-R": "8 streams, service → client (-P 8 -R)"}
@@ -239,6 +245,21 @@ def tcp(ctx: Ctx) -> dict:
                 f"through the gate; receiver-side throughput (1 MB = 10^6 bytes)."),
         "figures": figs + peak, "checks": checks, "runs": runs,
     }
+
+
+def _tcp_reordering() -> dict:
+    """
+    Machine-wide TCP counters that show the loopback delivering segments out of order
+    (a sender that moved between cores mid-stream): segments queued out of order and
+    fast retransmits they caused.  Recorded with each TCP run (benchmarks/README.md).
+    """
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f]
+    values = {}
+    for names, numbers in zip(lines[::2], lines[1::2]):
+        if names[0] == "TcpExt:":
+            values = dict(zip(names[1:], map(int, numbers[1:])))
+    return {name: values.get(name, 0) for name in ("TCPOFOQueue", "TCPFastRetrans")}
 
 
 def _udp_rcvbuf_errors() -> int:
