@@ -92,8 +92,8 @@ def eager_writes(transport) -> None:
     checks it is still there.  A send error is left to the reactor, as in L{send_now}.
     """
     transport = socket_transport(transport)
-    if transport is None or not hasattr(transport, "_tempDataLen"):
-        return
+    if transport is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "TLS"):
+        return  # not a twisted.internet.tcp.Connection
     # A bound method, not a closure: this is per tunnelled connection (about 64 bytes).
     transport.write = MethodType(_eager_write, transport)
 

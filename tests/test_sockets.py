@@ -180,6 +180,7 @@ class EagerWriteTests(unittest.TestCase):
         source = inspect.getsource(abstract.FileDescriptor)
         for name in ("self._tempDataLen", "self.dataBuffer", "self.offset", "self._writeDisconnected"):
             self.assertIn(name, source)
+        self.assertIs(tcp.Connection.TLS, False)  # set True by startTLS, which eager writes avoid
 
 
 class _Collect(Protocol):
