@@ -98,9 +98,13 @@ def eager_writes(transport) -> None:
     transport.write = MethodType(_eager_write, transport)
 
 
+def _nothing_queued(transport) -> bool:
+    """Whether Twisted's write buffers of C{transport} (a FileDescriptor) are empty."""
+    return not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
+
+
 def _eager_write(transport, data: bytes) -> None:
-    if (not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
-            and transport.connected and not transport.disconnecting
+    if (_nothing_queued(transport) and transport.connected and not transport.disconnecting
             and not transport._writeDisconnected and type(data) is bytes
             and not transport.TLS):  # (startTLS: bytes must go through its TLS layer)
         try:
@@ -133,8 +137,8 @@ def send_now(transport) -> None:
         transport = getattr(transport, "transport", None)
     if transport is None or not transport.connected or transport.disconnecting:
         return
-    if not transport._tempDataLen and transport.offset >= len(transport.dataBuffer):
-        return  # nothing queued (L{eager_writes} sent it)
+    if _nothing_queued(transport):
+        return  # (L{eager_writes} sent it)
     if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
         return  # doWrite would resume it, from inside this call
     transport.doWrite()
