@@ -194,13 +194,13 @@ def tcp(ctx: Ctx) -> dict:
                 key = f"P{parallel}{'-R' if reverse else ''}"
                 before = _tcp_reordering()
                 d = tools.iperf3(plane.direct_tcp, seconds, parallel=parallel, reverse=reverse)
-                d["loopback_reordering"] = {k: v - before[k] for k, v in _tcp_reordering().items()}
+                d["loopback_reordering"] = _tcp_reordering(since=before)
                 before = _tcp_reordering()
                 with CpuMeter(plane.services) as cpu:
                     t = tools.iperf3(plane.gate, seconds, parallel=parallel, reverse=reverse)
                 t["cpu_percent"] = cpu.percent
                 t["kernel_cpu_percent"] = cpu.kernel_percent
-                t["loopback_reordering"] = {k: v - before[k] for k, v in _tcp_reordering().items()}
+                t["loopback_reordering"] = _tcp_reordering(since=before)
                 runs[key].append({"direct": d, "tunnel": t})
                 ctx.say(f"rep {rep + 1} {key}: tunnel {t['mb_per_s']} MB/s, direct {d['mb_per_s']} MB/s; "
                         f"cpu {cpu.percent}, of which kernel {cpu.kernel_percent}; "
@@ -219,7 +219,7 @@ def tcp(ctx: Ctx) -> dict:
     for key, rr in runs.items():
         # CPU time gateway + provider spend per GB moved: steadier than MB/s on a busy
         # machine, and it bounds the rate: 2 cores / (this) GB/s, with nothing left for iperf3.
-        per_gb = [round(sum(r["tunnel"]["cpu_percent"].values()) / 100 / (r["tunnel"]["mb_per_s"] / 1000), 2)
+        per_gb = [_per_gb(sum(r["tunnel"]["cpu_percent"].values()), r["tunnel"])
                   for r in rr if r["tunnel"].get("mb_per_s") and r["tunnel"].get("cpu_percent")]
         figs.append(figure(f"{names[key]}: CPU seconds per GB, gateway + provider", "s", per_gb, better="lower"))
     for key, rr in runs.items():
@@ -227,11 +227,10 @@ def tcp(ctx: Ctx) -> dict:
         # and the load generator's own (both iperf3s), per GB moved.
         done = [r["tunnel"] for r in rr if r["tunnel"].get("mb_per_s") and r["tunnel"].get("kernel_cpu_percent")]
         figs.append(figure(f"{names[key]}: of which kernel (system time)", "s",
-                           [round(sum(t["kernel_cpu_percent"].values()) / 100 / (t["mb_per_s"] / 1000), 2)
-                            for t in done], better="lower"))
+                           [_per_gb(sum(t["kernel_cpu_percent"].values()), t) for t in done], better="lower"))
         figs.append(figure(f"{names[key]}: iperf3's own CPU seconds per GB", "s",
-                           [round(t["iperf3_cpu_percent"] / 100 / (t["mb_per_s"] / 1000), 2)
-                            for t in done if "iperf3_cpu_percent" in t], better="lower"))
+                           [_per_gb(t["iperf3_cpu_percent"], t) for t in done if "iperf3_cpu_percent" in t],
+                           better="lower"))
     checks = []
     for a, b in (("P8", "P1"), ("P8-R", "P1-R")):
         if med.get(a) is not None and med.get(b) is not None:
@@ -247,11 +246,17 @@ def tcp(ctx: Ctx) -> dict:
     }
 
 
-def _tcp_reordering() -> dict:
+def _per_gb(cpu_percent: float, run: dict) -> float:
+    """CPU seconds per GB moved, from CPU use (% of one core) during an iperf3 C{run}."""
+    return round(cpu_percent / 100 / (run["mb_per_s"] / 1000), 2)
+
+
+def _tcp_reordering(since: dict | None = None) -> dict:
     """
     Machine-wide TCP counters that show the loopback delivering segments out of order
     (a sender that moved between cores mid-stream): segments queued out of order and
-    fast retransmits they caused.  Recorded with each TCP run (benchmarks/README.md).
+    fast retransmits they caused; their growth C{since} an earlier reading, if given.
+    Recorded with each TCP run (benchmarks/README.md).
     """
     with open("/proc/net/netstat") as f:
         lines = [line.split() for line in f]
@@ -259,7 +264,8 @@ def _tcp_reordering() -> dict:
     for names, numbers in zip(lines[::2], lines[1::2]):
         if names[0] == "TcpExt:":
             values = dict(zip(names[1:], map(int, numbers[1:])))
-    return {name: values.get(name, 0) for name in ("TCPOFOQueue", "TCPFastRetrans")}
+    now = {name: values.get(name, 0) for name in ("TCPOFOQueue", "TCPFastRetrans")}
+    return now if since is None else {name: value - since[name] for name, value in now.items()}
 
 
 def _udp_rcvbuf_errors() -> int:
