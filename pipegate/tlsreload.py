@@ -85,6 +85,7 @@ class ReloadOnSignal(service.Service):
         self.reactor = reactor
         self.signum = signum
         self._previous = None
+        self._installed = False
 
     def privilegedStartService(self):
         # twistd listens (and logs "starting on") in privilegedStartService, before any
@@ -98,12 +99,15 @@ class ReloadOnSignal(service.Service):
         self._install()
 
     def _install(self):
-        if self._previous is None:
+        if not self._installed:
+            self._installed = True
             self._previous = signal.signal(
                 self.signum, lambda *_: self.reactor.callFromThread(self.reload))
 
     def stopService(self):
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
+        if self._installed:
+            self._installed = False
+            if self._previous is not None:  # None: a handler set outside Python, not restorable
+                signal.signal(self.signum, self._previous)
             self._previous = None
         return super().stopService()
