@@ -282,6 +282,13 @@ class HubOptionsTests(unittest.TestCase):
         self.assertEqual(options["mux-max-window"], 4_194_304)
         self.assertEqual(options["mux-max-peers"], 1000)
 
+    def test_hub_admits_the_credit_of_ends_with_old_or_new_defaults(self):
+        # An end grows a channel's window up to its --max-window; a hub closes a link that
+        # grants more than its --mux-max-window.  Ends defaulted to 4 MiB before 2 MiB.
+        options = self.parse(["--mux", "tcp:0", "--mux-router", self.SECRET])
+        self.assertGreaterEqual(options["mux-max-window"], max(frames.MAX_WINDOW, 4_194_304))
+        self.assertEqual(HubConfig().max_window, options["mux-max-window"])
+
     def test_environment(self):
         options = self.parse([], {"PIPEGATE_MUX": "tcp:0 tcp:1", "PIPEGATE_MUX_ROUTER": self.SECRET,
                                   "PIPEGATE_MUX_MAX_PEERS": "5"})

@@ -52,7 +52,7 @@ class Close:
 @attrs.frozen
 class HubConfig:
     window: int = frames.INITIAL_WINDOW
-    max_window: int = frames.MAX_WINDOW  # the most credit an end may grow a channel's window to
+    max_window: int = frames.HUB_MAX_WINDOW  # the most credit an end may grow a channel's window to
     max_peers: int = 1000
     max_channels: int = 10_000          # per link
     max_frame_size: int = frames.MAX_FRAME_SIZE
@@ -424,7 +424,11 @@ _ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
 # The link options of pipegate-provider/-gateway, as --mux-<name> on pipegate-server.
 _SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "ping-interval", "ping-deadline",
            "handshake-timeout", "max-channels")
-HUB_PARAMETERS = [["mux-" + p[0], None, p[2], p[3].replace("--tls-key", "--mux-tls-key")]
+# The hub's --mux-max-window bounds what the ends may grant, so its default is the largest
+# --max-window an end has had by default (4 MiB before the ends' default went to 2 MiB).
+_HUB_OWN = {"max-window": [str(frames.HUB_MAX_WINDOW), "The most credit per channel and direction an end "
+                           "may grant, in bytes (at least the ends' --max-window)."]}
+HUB_PARAMETERS = [["mux-" + p[0], None, *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
     ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers)."],
 ]

@@ -31,9 +31,9 @@ class MuxOptions(EnvOptions):
         ["tls-ca", None, None, "PEM CA certificate for --tls-verify (default: the system's trust store)."],
         ["max-frame-size", None, "1048576", "Largest mux frame accepted, in bytes."],
         ["window", None, "262144", "Per-channel initial credit window, in bytes, each direction."],
-        ["max-window", None, "4194304", "Credit window a channel grows to while its socket keeps up, in bytes "
+        ["max-window", None, str(frames.MAX_WINDOW), "Credit window a channel grows to while its socket keeps up, in bytes "
                                         "(at most --window: the window stays at --window)."],
-        ["window-budget", None, "8388608", "Bytes by which all channels' windows together may grow beyond "
+        ["window-budget", None, str(frames.WINDOW_BUDGET), "Bytes by which all channels' windows together may grow beyond "
                                             "--window."],
         ["ping-interval", None, "10", "Seconds between pings on a link."],
         ["ping-deadline", None, "30", "A link silent for this many seconds is closed."],
