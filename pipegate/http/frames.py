@@ -8,7 +8,6 @@ touches a transport or a reactor: frames are built from and parsed into attrs ob
 from __future__ import annotations
 
 import struct
-from collections import deque
 
 import attrs
 
@@ -235,7 +234,10 @@ class SendWindow:
     """
 
     window: int = INITIAL_WINDOW
-    _queue: deque[bytes] = attrs.field(factory=deque)
+    # A list, not a deque: it is empty nearly always and never longer than one read's
+    # chunks, and an empty deque costs 760 bytes with its first 64-slot block, an empty
+    # list 56: 7 MiB less at the gateway and at the provider for 10,000 idle connections.
+    _queue: list[bytes | memoryview] = attrs.field(factory=list)
     queued: int = 0
 
     @property
@@ -254,20 +256,25 @@ class SendWindow:
 
     def _drain(self) -> list[bytes | memoryview]:
         # Split without copying: a payload cut from a larger read is a memoryview of it
-        # (each is copied once, into the frame that carries it).
+        # (each is copied once, into the frame that carries it).  Sent chunks leave the
+        # queue in one del at the end, so a drain is linear in the chunks it sends.
         out = []
-        while self._queue and self.window > 0:
-            head = self._queue[0]
+        queue = self._queue
+        sent = 0
+        while sent < len(queue) and self.window > 0:
+            head = queue[sent]
             n = min(len(head), self.window, MAX_DATA)
             if n == len(head):
                 out.append(head)
-                self._queue.popleft()
+                sent += 1
             else:
                 view = memoryview(head)
                 out.append(view[:n])
-                self._queue[0] = view[n:]
+                queue[sent] = view[n:]
             self.window -= n
             self.queued -= n
+        if sent:
+            del queue[:sent]
         return out
 
 
