@@ -47,6 +47,20 @@ def _mib(n: int) -> float:
     return round(n / MIB, 1)
 
 
+class _Peak:
+    """The highest VmHWM a service reached over the fresh processes of several repetitions."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._hwm = 0
+
+    def add(self, child) -> None:
+        self._hwm = max(self._hwm, child.hwm())
+
+    def hwm(self) -> int:
+        return self._hwm
+
+
 def _peak_rss(children, limit_mib: float, label: str) -> list[dict]:
     """Peak RSS (VmHWM) of each service over this scenario's run, against C{limit_mib}."""
     return [figure(f"peak RSS {c.name} ({label})", "MiB", [_mib(c.hwm())], better="lower",
@@ -187,25 +201,39 @@ def tcp(ctx: Ctx) -> dict:
     seconds = ctx.d(3, 1)
     configs = [(1, False), (1, True), (8, False), (8, True)]
     runs = {f"P{p}{'-R' if r else ''}": [] for p, r in configs}
-    with ctx.procs() as procs:
-        plane = PortPlane(procs, "iperf3")
-        for rep in range(ctx.reps):
+    peaks: dict[str, _Peak] = {}
+    for rep in range(ctx.reps):
+        # A fresh gateway + provider pair for each repetition: how fast a pair runs on
+        # this 2-core machine depends on where the scheduler puts it, for its lifetime
+        # (pairs started one after the other differed by up to a quarter), so three
+        # repetitions in one pair would measure one placement three times.
+        with ctx.procs() as procs:
+            plane = PortPlane(procs, "iperf3")
+            # The tunnel's four runs first, then the direct path's: a direct run moves 3-7 GB/s
+            # through the loopback, and the tunnel run right after one was slower (8 streams:
+            # median 852 after a direct run of 8 streams, 949 after one of 1, alternated pairs).
+            tunnel = {}
             for parallel, reverse in configs:
-                key = f"P{parallel}{'-R' if reverse else ''}"
-                before = _tcp_reordering()
-                d = tools.iperf3(plane.direct_tcp, seconds, parallel=parallel, reverse=reverse)
-                d["loopback_reordering"] = _tcp_reordering(since=before)
                 before = _tcp_reordering()
                 with CpuMeter(plane.services) as cpu:
                     t = tools.iperf3(plane.gate, seconds, parallel=parallel, reverse=reverse)
                 t["cpu_percent"] = cpu.percent
                 t["kernel_cpu_percent"] = cpu.kernel_percent
                 t["loopback_reordering"] = _tcp_reordering(since=before)
+                tunnel[parallel, reverse] = t
+            for parallel, reverse in configs:
+                key = f"P{parallel}{'-R' if reverse else ''}"
+                before = _tcp_reordering()
+                d = tools.iperf3(plane.direct_tcp, seconds, parallel=parallel, reverse=reverse)
+                d["loopback_reordering"] = _tcp_reordering(since=before)
+                t = tunnel[parallel, reverse]
                 runs[key].append({"direct": d, "tunnel": t})
                 ctx.say(f"rep {rep + 1} {key}: tunnel {t['mb_per_s']} MB/s, direct {d['mb_per_s']} MB/s; "
-                        f"cpu {cpu.percent}, of which kernel {cpu.kernel_percent}; "
+                        f"cpu {t['cpu_percent']}, of which kernel {t['kernel_cpu_percent']}; "
                         f"reordering tunnel {t['loopback_reordering']}, direct {d['loopback_reordering']}")
-        peak = _peak_rss(plane.services, 80, "under load")
+            for c in plane.services:
+                peaks.setdefault(c.name, _Peak(c.name)).add(c)
+    peak = _peak_rss(list(peaks.values()), 80, "under load")
     names = {"P1": "1 stream, client → service", "P1-R": "1 stream, service → client (-R)",
              "P8": "8 streams, client → service (-P 8)", "P8-R": "8 streams, service → client (-P 8 -R)"}
     figs = []
@@ -241,7 +269,8 @@ def tcp(ctx: Ctx) -> dict:
     return {
         "title": "3. TCP through gateway + provider (TLS mux), iperf3",
         "how": (f"`iperf3 -c 127.0.0.1 -p PORT -t {seconds:g} [-P 8] [-R] -J` to `iperf3 -s` directly and "
-                f"through the gate; receiver-side throughput (1 MB = 10^6 bytes)."),
+                f"through the gate; receiver-side throughput (1 MB = 10^6 bytes). Each repetition starts a fresh "
+                f"gateway + provider pair (a pair keeps its speed for its lifetime: see benchmarks/README.md)."),
         "figures": figs + peak, "checks": checks, "runs": runs,
     }
 
