@@ -267,7 +267,7 @@ class TCP(PortPlane):
         Source.size = size
         backend = await self.listen_tcp(source)
         gate = free_port()
-        self.provider(self.mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        prov = self.provider(self.mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
         await self.open_tcp_gate(self.gw, gate)
         client = await self.connect(gate)
         await eventually(lambda: len(self.gw.tcp_clients) == 1)
@@ -277,8 +277,11 @@ class TCP(PortPlane):
         # Credit beyond the initial window: the gateway's receive window grew (ReceiveWindow).
         await eventually(lambda: gw_channel.recv_window.window > frames.INITIAL_WINDOW, timeout=60)
         self.assertLessEqual(gw_channel.recv_window.window, frames.MAX_WINDOW)
+        self.assertGreater(self.gw.window_budget.used, 0)
         received = await client.closed
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(pattern(size)).digest())
+        # A finished channel gives its growth back: the next connections start with the whole budget.
+        await eventually(lambda: (self.gw.window_budget.used, prov.window_budget.used) == (0, 0))
 
     test_window_grows_for_a_fast_consumer.timeout = 120
 
