@@ -31,10 +31,11 @@ class MuxOptions(EnvOptions):
         ["tls-ca", None, None, "PEM CA certificate for --tls-verify (default: the system's trust store)."],
         ["max-frame-size", None, "1048576", "Largest mux frame accepted, in bytes."],
         ["window", None, "262144", "Per-channel initial credit window, in bytes, each direction."],
-        ["max-window", None, str(frames.MAX_WINDOW), "Credit window a channel grows to while its socket keeps up, in bytes "
-                                        "(at most --window: the window stays at --window)."],
-        ["window-budget", None, str(frames.WINDOW_BUDGET), "Bytes by which all channels' windows together may grow beyond "
-                                            "--window."],
+        ["max-window", None, str(frames.MAX_WINDOW),
+         "Credit window a channel grows to while its socket keeps up, in bytes "
+         "(at most --window: the window stays at --window)."],
+        ["window-budget", None, str(frames.WINDOW_BUDGET),
+         "Bytes by which all channels' windows together may grow beyond --window."],
         ["ping-interval", None, "10", "Seconds between pings on a link."],
         ["ping-deadline", None, "30", "A link silent for this many seconds is closed."],
         ["handshake-timeout", None, "10", "Seconds a new link has to complete TLS and admission."],
