@@ -209,9 +209,10 @@ def tcp(ctx: Ctx) -> dict:
         # repetitions in one pair would measure one placement three times.
         with ctx.procs() as procs:
             plane = PortPlane(procs, "iperf3")
-            # The tunnel's four runs first, then the direct path's: a direct run moves 3-7 GB/s
-            # through the loopback, and the tunnel run right after one was slower (8 streams:
-            # median 852 after a direct run of 8 streams, 949 after one of 1, alternated pairs).
+            # The tunnel's four runs first, then the direct path's, so that no tunnel run follows
+            # a direct one, which moves 3-7 GB/s through the loopback (in one A/B, 8 streams ran
+            # at a median 852 MB/s after a direct run of 8 streams and 949 after one of 1 stream:
+            # suggestive, within this machine's spread).
             tunnel = {}
             for parallel, reverse in configs:
                 before = _tcp_reordering()
