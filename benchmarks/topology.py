@@ -33,11 +33,6 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    return sum(cpu_times(pid))
-
-
 class CpuMeter:
     """CPU use (% of one core) of some processes over one measurement."""
 
