@@ -45,6 +45,15 @@ class Tunnel(unittest.TestCase):
         self.assertEqual(body, b"")
         self.assertEqual(self.app.seen[-1]["method"], "HEAD")
 
+        # A HEAD answer's Content-Length is the length a GET would have (RFC 9110 9.3.2),
+        # and it reaches the caller as the app sent it, not as the empty body's 0.
+        app = f"http://127.0.0.1:{self.app_port.getHost().port}/status/200"
+        direct, _ = await request(self.agent, b"HEAD", app)
+        self.assertEqual(direct.headers.getRawHeaders(b"content-length"), [b"10"])
+        response, body = await request(self.agent, b"HEAD", self.base + "/t1/status/200")
+        self.assertEqual((response.code, body), (200, b""))
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"10"])
+
         payload = pattern(5 * 1024 * 1024)
         response, body = await request(self.agent, b"POST", self.base + "/t1/echo",
                                        {b"content-type": b"application/octet-stream"}, payload)
