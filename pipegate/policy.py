@@ -240,7 +240,7 @@ def normalize_ip(text: str) -> Address:
     return address
 
 
-def _network(pattern: str) -> Network | None:
+def parse_network(pattern: str) -> Network | None:
     """None for C{*}, else the network the pattern covers; ValueError if invalid."""
     text = pattern.strip()
     if text == "*":
@@ -266,7 +266,7 @@ def _compile_patterns(ips: tuple[tuple[str, Rule], ...]) -> tuple[Network | None
     networks = []
     for pattern, _rule in ips:
         try:
-            networks.append(_network(pattern))
+            networks.append(parse_network(pattern))
         except (ValueError, TypeError, AttributeError):
             raise PolicyError(
                 f"ips[{_key(pattern)}]: invalid pattern: expected \"*\", an IP address or a CIDR"
@@ -615,7 +615,7 @@ def _parse(doc: Any) -> Policy:
         for pattern, rule in raw_ips.items():
             path = ("ips", pattern)
             try:
-                _network(pattern)
+                parse_network(pattern)
             except (ValueError, PolicyError):
                 raise _Invalid(path, 'invalid pattern: expected "*", an IP address or a CIDR') from None
             if rule is None:
