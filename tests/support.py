@@ -65,10 +65,14 @@ class Loopback:
         self.pools: list[HTTPConnectionPool] = []
         testcase.addCleanup(self.close)
 
-    async def listen(self, factory, port: int = 0):
+    async def listen(self, factory, port: int = 0, description: str | None = None):
+        """Listen on 127.0.0.1:C{port}, or on the server endpoint C{description}."""
         wrapper = WrappingFactory(factory)
         self.wrappers.append(wrapper)
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        if description is None:
+            endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        else:
+            endpoint = endpoints.serverFromString(reactor, description)
         listening = await endpoint.listen(wrapper)
         self.ports.append(listening)
         return listening
@@ -80,11 +84,11 @@ class Loopback:
                     proto.transport.abortConnection()
         await eventually(lambda: all(not w.protocols for w in ([wrapper] if wrapper else self.wrappers)))
 
-    async def relay(self, port: int = 0, **config):
+    async def relay(self, port: int = 0, listen: str | None = None, **config):
         relay = Relay(RelayConfig(jwt=config.pop("jwt", SETTINGS), **config), reactor)
         relay.startService()
         self.services.append(relay)
-        listening = await self.listen(RelaySite(relay), port)
+        listening = await self.listen(RelaySite(relay), port, listen)
         return relay, listening
 
     async def app(self, root: resource.Resource | None = None):
@@ -96,8 +100,9 @@ class Loopback:
         target = app_port_or_url if isinstance(app_port_or_url, str) else (
             f"http://127.0.0.1:{app_port_or_url.getHost().port}")
         config = ConnectorConfig(Target.parse(target), **kwargs.pop("config", {}))
+        number = relay_port if isinstance(relay_port, int) else relay_port.getHost().port
         connector = Connector(
-            reactor, config, f"ws://127.0.0.1:{relay_port.getHost().port}",
+            reactor, config, f"ws://127.0.0.1:{number}",
             token or token_for(tunnel_id), tunnel_id,
             retry_policy=kwargs.pop("retry_policy", lambda attempt: 0.1), **kwargs)
         connector.startService()
@@ -156,16 +161,19 @@ class RawHTTP(Protocol):
         self.done.callback(bytes(self.received))
 
 
-async def connect_raw(port, payload: bytes) -> RawHTTP:
+async def connect_raw(port, payload: bytes, source: str | None = None) -> RawHTTP:
+    """Connect to C{port} (a listening port or its number) on 127.0.0.1, from C{source} if given."""
     proto = RawHTTP(payload)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    number = port if isinstance(port, int) else port.getHost().port
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", number,
+                                            bindAddress=(source, 0) if source else None)
     await endpoints.connectProtocol(endpoint, proto)
     return proto
 
 
-async def raw_request(port, payload: bytes) -> bytes:
+async def raw_request(port, payload: bytes, source: str | None = None) -> bytes:
     """Send raw bytes (ending with a Connection: close request) and read until close."""
-    proto = await connect_raw(port, payload)
+    proto = await connect_raw(port, payload, source)
     return await proto.done
 
 

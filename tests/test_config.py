@@ -164,7 +164,8 @@ class ServerOptionsTests(unittest.TestCase):
         self.assertUsage("--listen", PIPEGATE_LISTEN="bogus:1")
 
     def test_good_listen_strings(self):
-        for listen in ("tcp:0", "tcp:8080:interface=127.0.0.1", "unix:/tmp/pipegate.sock"):
+        for listen in ("tcp:0", "tcp:8080:interface=127.0.0.1", "unix:/tmp/pipegate.sock",
+                       "haproxy:tcp:8000:interface=127.0.0.1"):
             self.assertEqual(self.parse(["--listen", listen])["listen"], listen)
 
     def test_empty_domain(self):
@@ -181,6 +182,20 @@ class ServerOptionsTests(unittest.TestCase):
         self.assertIs(rc.access_log, True)
         self.assertEqual(rc.jwt, SETTINGS)
         self.assertIsNone(server.relay_config(self.parse()).domain)
+
+    def test_trusted_proxies(self):
+        trusted = lambda o: [str(n) for n in server.relay_config(o).trusted_proxies.networks]
+        self.assertEqual(trusted(self.parse()), [])
+        o = self.parse(["--trusted-proxy", "10.0.0.0/8, 127.0.0.1", "--trusted-proxy", "::1"])
+        self.assertEqual(trusted(o), ["10.0.0.0/8", "127.0.0.1/32", "::1/128"])
+        self.assertEqual(trusted(self.parse(PIPEGATE_TRUSTED_PROXY="192.0.2.0/24,10.1.1.1")),
+                         ["192.0.2.0/24", "10.1.1.1/32"])
+        # A flag replaces the variable, as for --ingress-policy.
+        o = self.parse(["--trusted-proxy", "127.0.0.1"], PIPEGATE_TRUSTED_PROXY="192.0.2.0/24")
+        self.assertEqual(trusted(o), ["127.0.0.1/32"])
+        message = self.assertUsage("--trusted-proxy", args=["--trusted-proxy", "10.0.0.0/8,nginx"])
+        self.assertTrue(message.startswith("--trusted-proxy: 'nginx' is not an IP address"), message)
+        self.assertUsage("--trusted-proxy", PIPEGATE_TRUSTED_PROXY="10.0.0.0/40")
 
     def test_unknown_flag(self):
         self.assertRaises(usage.UsageError, self.parse, ["--no-such-option"])

@@ -585,6 +585,62 @@ class RelayPolicy(unittest.TestCase):
         self.assertEqual(body, b"forbidden by ingress policy\n")
         self.assertEqual(relay.tunnels["t1"].in_flight, 0)
 
+    async def _behind_proxy(self, trusted: str):
+        from pipegate.http.forwarded import parse_trusted_proxies
+        from pipegate.policy import load_policy
+        from twisted.logger import globalLogPublisher
+
+        loop = Loopback(self)
+        self.app = TestApp()
+        app_port = await loop.app(self.app)
+        policy = load_policy(['{"ips": {"203.0.113.7": {"allow": false}}}'])[0]
+        relay, self.port = await loop.relay(policy=policy, access_log=True,
+                                            trusted_proxies=parse_trusted_proxies(trusted))
+        await loop.connector(self.port, app_port, "t1")
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    async def _get(self, forwarded_for: bytes, proto: bytes = b"https"):
+        raw = await raw_request(self.port, b"GET /t1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                b"X-Forwarded-For: " + forwarded_for + b"\r\n"
+                                b"X-Forwarded-Proto: " + proto + b"\r\n\r\n")
+        status, _, body = split_response(raw)
+        return int(status.split()[1]), body
+
+    def _forwarded(self) -> tuple[str, str]:
+        headers = dict((k.lower(), v) for k, v in self.app.seen[-1]["headers"])
+        return headers["x-forwarded-for"], headers["x-forwarded-proto"]
+
+    def _access_lines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if "GET /t1/x" in formatEvent(e)]
+
+    async def test_behind_a_trusted_proxy_the_forwarded_caller_counts(self):
+        # The relay's TCP peer is 127.0.0.1, the "proxy"; it appended the caller's address.
+        await self._behind_proxy("127.0.0.0/8")
+        code, body = await self._get(b"203.0.113.7")
+        self.assertEqual((code, body), (403, b"forbidden by ingress policy\n"))
+        self.assertEqual(self.app.seen, [])
+        # What the caller claims left of the proxy's entry is not believed, either way round.
+        self.assertEqual((await self._get(b"198.51.100.1, 203.0.113.7"))[0], 403)
+        code, _ = await self._get(b"203.0.113.7, 198.51.100.1")
+        self.assertEqual(code, 200)
+        # The app gets the whole chain with the relay's own hop appended, and the proxy's scheme.
+        self.assertEqual(self._forwarded(), ("203.0.113.7, 198.51.100.1, 127.0.0.1", "https"))
+        await eventually(lambda: len(self._access_lines()) == 3)
+        self.assertEqual([line.split()[0] for line in self._access_lines()],
+                         ['"203.0.113.7"', '"203.0.113.7"', '"198.51.100.1"'])
+
+    async def test_forwarding_headers_from_an_untrusted_peer_count_for_nothing(self):
+        await self._behind_proxy("192.0.2.0/24")
+        code, _ = await self._get(b"203.0.113.7")
+        self.assertEqual(code, 200)
+        self.assertEqual(self._forwarded(), ("203.0.113.7, 127.0.0.1", "http"))
+        await eventually(lambda: len(self._access_lines()) == 1)
+        self.assertEqual(self._access_lines()[0].split()[0], '"127.0.0.1"')
+
     async def test_tunnel_rate_slows_a_download(self):
         loop = Loopback(self)
         app = TestApp()

@@ -21,6 +21,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -29,6 +30,7 @@ from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.http import frames
+from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
@@ -59,6 +61,7 @@ class RelayConfig:
     drain_timeout: float = 30.0         # seconds requests in flight may take to finish on stop
     max_window: int = frames.MAX_WINDOW        # credit a response's window may grow to
     window_budget: int = frames.WINDOW_BUDGET  # growth shared by all responses in flight
+    trusted_proxies: TrustedProxies = NOBODY   # peers whose X-Forwarded-For/-Proto are believed
 
 
 def _plain(request: server.Request, code: int, message: str) -> None:
@@ -353,13 +356,13 @@ class RelayStream:
         self.link = link
         self.stream_id = link.add_stream(self)
         req = self.request
-        client = req.getClientAddress()
         head = frames.RequestHead(
             stream=self.stream_id,
             method=req.method,
             target=self.target,
-            client=getattr(client, "host", "").encode("ascii", "replace"),
-            scheme=b"https" if req.isSecure() else b"http",
+            # The relay's own hop: the connector appends it to the caller's X-Forwarded-For.
+            client=getattr(req.client, "host", "").encode("ascii", "replace"),
+            scheme=req.caller_scheme(),
             host=req.getHeader(b"host") or b"",
             prefix=self.prefix,
             correlation=uuid.uuid4().hex.encode(),
@@ -650,6 +653,34 @@ class RelayRequest(server.Request):
     _started_early = False
     _body_done = True
     _parsePOSTFormSubmission = False
+    _caller: Any = None
+
+    def _trusted(self) -> TrustedProxies:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "trusted_proxies", NOBODY)
+
+    def getClientAddress(self):
+        """
+        The public caller: the TCP peer (C{self.client}), or, when that peer is a proxy
+        named by C{--trusted-proxy}, the caller its C{X-Forwarded-For} names (port 0).
+        The ingress policy, per-IP shaping and the access log go by this address.
+        """
+        if self._caller is None:
+            peer = self.client
+            self._caller = peer
+            if isinstance(peer, (IPv4Address, IPv6Address)):
+                ip = self._trusted().caller(
+                    peer.host, self.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
+                if ip != peer.host:
+                    kind = IPv6Address if ":" in ip else IPv4Address
+                    self._caller = kind("TCP", ip, 0)
+        return self._caller
+
+    def caller_scheme(self) -> bytes:
+        """C{https} or C{http}: as the caller reached the relay, or its trusted proxy."""
+        seen = b"https" if self.isSecure() else b"http"
+        return self._trusted().scheme(getattr(self.client, "host", ""), seen,
+                                      self.requestHeaders.getRawHeaders(b"x-forwarded-proto", []))
 
     def gotLength(self, length):
         self.declared_length = length
@@ -927,6 +958,7 @@ class RelaySite(server.Site):
 
     def __init__(self, relay: Relay) -> None:
         self.relay_resource = RelayResource(relay)
+        self.trusted_proxies = relay.config.trusted_proxies
         super().__init__(self.relay_resource, timeout=relay.config.idle_timeout or None,
                          logFormatter=redacting_formatter, reactor=relay.clock)
         self._access_log = relay.config.access_log

@@ -8,6 +8,7 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub
 from pipegate.opslistener import add_metrics_listener
@@ -73,6 +74,8 @@ class Options(HubOptions, EnvOptions):
         super().__init__()
         self["ingress-policy"] = []
         self._policy_from_env = False
+        self["trusted-proxy"] = []
+        self._trusted_from_env = False
         self.init_hub()
 
     def opt_ingress_policy(self, value: str) -> None:
@@ -82,6 +85,13 @@ class Options(HubOptions, EnvOptions):
             self["ingress-policy"] = []
         self["ingress-policy"].append(value)
 
+    def opt_trusted_proxy(self, value: str) -> None:
+        """Proxy whose X-Forwarded-For/-Proto the relay believes: IP, CIDR or comma list; repeatable."""
+        if self._trusted_from_env:
+            self._trusted_from_env = False
+            self["trusted-proxy"] = []
+        self["trusted-proxy"].append(value)
+
     def _apply_env(self) -> None:
         super()._apply_env()
         self.apply_hub_env()
@@ -89,12 +99,20 @@ class Options(HubOptions, EnvOptions):
         self._policy_from_env = value is not None
         if value is not None:
             self["ingress-policy"] = [value]  # one source; a flag replaces it
+        value = self.environ.get("PIPEGATE_TRUSTED_PROXY")
+        self._trusted_from_env = value is not None
+        if value is not None:
+            self["trusted-proxy"] = [value]
 
     def check(self) -> None:
         try:
             self["policy"] = load_policy(self["ingress-policy"], _fetch)[0]
         except PolicyError as e:
             raise usage.UsageError(f"--ingress-policy: {e}") from None
+        try:
+            self["trusted-proxies"] = parse_trusted_proxies(",".join(self["trusted-proxy"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy: {e}") from None
         try:
             self["jwt"] = auth.JWTSettings.from_values(
                 self.environ.get("PIPEGATE_JWT_SECRET"), self["jwt-algorithms"],
@@ -145,6 +163,7 @@ def relay_config(options: Options) -> RelayConfig:
         drain_timeout=options["drain-timeout"],
         max_window=options["max-window"],
         window_budget=options["window-budget"],
+        trusted_proxies=options["trusted-proxies"],
     )
 
 
