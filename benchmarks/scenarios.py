@@ -13,7 +13,7 @@ import time
 import attrs
 
 from benchmarks import loadgen, tools, transfer
-from benchmarks.procs import Processes
+from benchmarks.procs import Processes, child_env
 from benchmarks.report import check, figure
 from benchmarks.topology import CpuMeter, HttpPlane, PortPlane
 
@@ -469,6 +469,9 @@ def idle_rss(ctx: Ctx) -> dict:
     with ctx.procs() as procs:
         http = HttpPlane(procs, "small")
         ports = PortPlane(procs, "echo")
+        # Twisted's own smallest twistd service: what twistd costs before a plugin does anything.
+        procs.twistd("portforward", "portforward",
+                     ["-p", "tcp:0:interface=127.0.0.1", "-d", "9", "-h", "127.0.0.1"], child_env())
         # one request through each plane so that the paths are loaded, then nothing
         loadgen.fixed_rate(http.relay_port, "/bench/small", 10, 0.2, warmup=0)
         loadgen.connect_latency(ports.gate, 1, warmup=0)
@@ -476,15 +479,19 @@ def idle_rss(ctx: Ctx) -> dict:
         bare = procs.namer("python", stdout=subprocess.PIPE, text=True)(
             [sys.executable, "-c", "import time; print(1, flush=True); time.sleep(600)"])
         bare.stdout.readline()
-        children = http.services + ports.services + [ports.backend, procs.child("python")]
+        children = http.services + ports.services + [ports.backend, procs.child("python"),
+                                                     procs.child("portforward")]
         for rep in range(ctx.reps):
             for c in children:
                 readings.setdefault(c.name, []).append(_mib(c.rss()))
             time.sleep(0.5)
     baseline = readings.pop("backend")
     python_only = readings.pop("python")
+    portforward = readings.pop("portforward")
     figs = [figure(f"{name} idle RSS", "MiB", values, baseline, better="lower", target=("<", 40, "< 40 MiB"))
             for name, values in readings.items()]
+    figs.append(figure("floor: `twistd -n portforward` (Twisted's own TCP forwarder under twistd)", "MiB",
+                       portforward, better="lower"))
     figs.append(figure("floor: the echo backend (Python + Twisted reactor, no PipeGate)", "MiB", baseline,
                        better="lower"))
     figs.append(figure("floor: Python alone (`python -c 'import time; time.sleep()'`)", "MiB", python_only,
@@ -493,7 +500,9 @@ def idle_rss(ctx: Ctx) -> dict:
     return {
         "title": "7. Idle RSS of each service",
         "how": (f"VmRSS {settle:g} s after startup and one request through each plane. Direct column: the "
-                "echo backend, a bare Python + Twisted process (the floor for any Twisted service)."),
+                "echo backend, a bare Python + Twisted process (the floor for any Twisted service). "
+                "The twistd floor is Twisted's own `portforward` plugin idle under `twistd -n`: twistd's "
+                "imports and plugin discovery, before PipeGate's code."),
         "figures": figs,
     }
 
