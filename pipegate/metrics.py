@@ -31,11 +31,12 @@ class ServiceCollector(Collector):
     """
 
     def __init__(self, stats: Stats, counters: Iterable[str], gauges: Callable[[], list[Gauge]],
-                 extra: Callable[[], dict[tuple[str, str], float]] | None = None) -> None:
+                 extra: Callable[[], dict[tuple[str, str], float]] | None = None, prefix: str = "") -> None:
         self.stats = stats
         self.counters = tuple(counters)
         self.gauges = gauges
         self.extra = extra
+        self.prefix = "pipegate_" + prefix   # "pipegate_hub_" for the hub inside the relay
 
     def collect(self):
         counts = dict(self.stats.counts)
@@ -44,7 +45,7 @@ class ServiceCollector(Collector):
                 counts[key] = counts.get(key, 0) + value
         for name in self.counters:
             text, label = COUNTERS[name]
-            family = CounterMetricFamily(f"pipegate_{name}", text, labels=[label] if label else None)
+            family = CounterMetricFamily(self.prefix + name, text, labels=[label] if label else None)
             if label:
                 for (n, value), number in sorted(counts.items()):
                     if n == name:
@@ -53,15 +54,16 @@ class ServiceCollector(Collector):
                 family.add_metric([], counts.get((name, ""), 0))
             yield family
         for name, text, label, values in self.gauges():
-            family = GaugeMetricFamily(f"pipegate_{name}", text, labels=[label] if label else None)
+            family = GaugeMetricFamily(self.prefix + name, text, labels=[label] if label else None)
             for value, number in sorted(values.items()):
                 family.add_metric([value] if label else [], number)
             yield family
 
 
-def registry_for(collector: Collector) -> CollectorRegistry:
+def registry_for(*collectors: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return registry
 
 
@@ -81,6 +83,22 @@ def relay_collector(relay) -> ServiceCollector:
         ]
     return ServiceCollector(relay.stats, ("requests", "bytes", "admission_failures", "policy_denials",
                                           "throttled_seconds", "drain_cut"), gauges)
+
+
+def hub_collector(hub) -> ServiceCollector:
+    """The hub of C{pipegate-server --mux}: C{pipegate_hub_*}, next to the relay's metrics."""
+    def gauges() -> list[Gauge]:
+        routers = hub.core.summary().values()
+        return [
+            ("links", "Admitted hub links, by peer role.", "role",
+             {role: sum(r[role + "s"] for r in routers) for role in ("provider", "gateway", "observer")}),
+            ("routers", "Routers with at least one admitted link.", None, {"": len(routers)}),
+            ("routes", "Routes announced to gateways, summed over routers.", None,
+             {"": sum(r["routes"] for r in routers)}),
+            ("channels", "Channels spliced through the hub (gateway to provider).", None,
+             {"": sum(r["channels"] for r in routers)}),
+        ]
+    return ServiceCollector(hub.stats, ("admission_failures", "dropped_datagrams"), gauges, prefix="hub_")
 
 
 def _link_gauges(links) -> dict[str, float]:

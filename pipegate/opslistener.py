@@ -9,13 +9,15 @@ from twisted.application import service
 from pipegate.drain import AfterDrain
 
 
-def add_metrics_listener(top: service.MultiService, node, kind: str, description: str | None, reactor) -> None:
+def add_metrics_listener(top: service.MultiService, node, kind: str, description: str | None, reactor,
+                         hub=None) -> None:
     """
     Serve C{/metrics} and C{/status} of C{node} (a relay, gateway or provider: C{kind})
     on server endpoint C{description}; nothing when it is None.  The listener sits in
     an L{AfterDrain}, so scrapes still answer while C{node} drains.  twisted.web and
     prometheus-client are imported only when a listener is asked for (about 4 MiB of
-    idle RSS for the gateway and provider).
+    idle RSS for the gateway and provider).  A relay's C{hub} (C{--mux}) adds its
+    C{pipegate_hub_*} metrics and C{hub_routers} rows.
     """
     if not description:
         return
@@ -24,5 +26,13 @@ def add_metrics_listener(top: service.MultiService, node, kind: str, description
     collector = getattr(metrics, f"{kind}_collector")(node)
     describe = getattr(status, f"{kind}_status")
     ops = AfterDrain(node)
-    status.add_ops(ops, description, collector, lambda: describe(node), reactor)
+
+    def current() -> dict:
+        state = describe(node)
+        if hub is not None:
+            state.update(status.hub_status(hub))
+        return state
+
+    more = () if hub is None else (metrics.hub_collector(hub),)
+    status.add_ops(ops, description, collector, current, reactor, *more)
     ops.setServiceParent(top)

@@ -81,6 +81,15 @@ def provider_status(provider) -> dict:
     }
 
 
+def hub_status(hub) -> dict:
+    """The hub's part of the relay's /status: one row per router (its number, never its secret)."""
+    return {
+        "hub_routers": [
+            {"router": f"#{router}", **row} for router, row in sorted(hub.core.summary().items())
+        ],
+    }
+
+
 def connector_status(connector) -> dict:
     return {
         "service": "connector",
@@ -121,19 +130,22 @@ class _Status(resource.Resource):
 class OpsResource(resource.Resource):
     """C{/metrics} and C{/status}; anything else is 404."""
 
-    def __init__(self, collector: ServiceCollector, status) -> None:
+    def __init__(self, collector: ServiceCollector, status, *more: ServiceCollector) -> None:
         super().__init__()
-        self.registry = registry_for(collector)
+        self.registry = registry_for(collector, *more)
         self.putChild(b"metrics", _Metrics(self.registry))
         self.putChild(b"status", _Status(status))
 
 
 def add_ops(top: service.MultiService, description: str | None, collector: ServiceCollector,
-            status, reactor) -> None:
-    """Serve C{/metrics} and C{/status} on server endpoint C{description} (nothing when None)."""
+            status, reactor, *more: ServiceCollector) -> None:
+    """
+    Serve C{/metrics} (C{collector}'s and C{more}'s) and C{/status} on server endpoint
+    C{description} (nothing when None).
+    """
     if not description:
         return
-    site = server.Site(OpsResource(collector, status), reactor=reactor)
+    site = server.Site(OpsResource(collector, status, *more), reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
     strports.service(description, site, reactor=reactor).setServiceParent(top)

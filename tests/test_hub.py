@@ -240,6 +240,30 @@ class Hub(unittest.TestCase):
                          [Close("gw", "Data on channel 1 before OPEN_OK")])
 
     # -- bounds
+    def test_summary_per_router(self):
+        self.assertEqual(self.hub.summary(), {})
+        self.join("gw", G)
+        self.join("obs", O)
+        self.join("p1", P, routes=[route(2222), route(53, "udp")])
+        self.join("p2", P, routes=[route(2222)])
+        self.join("other-gw", G, router=1)
+        self.splice(5)                                   # to p1
+        (opened,) = sent(self.hub.frame("gw", open_frame(6)), "p2")   # round robin: p2
+        self.hub.frame("p2", frames.OpenOk(opened.channel))
+        self.assertEqual(self.hub.summary(), {
+            0: {"providers": 2, "gateways": 1, "observers": 1, "routes": 2, "channels": 2},
+            1: {"providers": 0, "gateways": 1, "observers": 0, "routes": 0, "channels": 0},
+        })
+        self.hub.frame("gw", frames.Reset(6, "done"))
+        self.hub.lost("p2")
+        self.hub.lost("other-gw")
+        self.assertEqual(self.hub.summary(), {
+            0: {"providers": 1, "gateways": 1, "observers": 1, "routes": 2, "channels": 1},
+        })
+        self.hub.lost("p1")
+        self.assertEqual(self.hub.summary()[0]["routes"], 0)
+        self.assertEqual(self.hub.summary()[0]["channels"], 0)
+
     def test_max_peers(self):
         for n in range(10):
             self.join(f"p{n}", P)

@@ -312,3 +312,70 @@ class AsProcesses(unittest.TestCase):
         self.assertIn(b"hub: gateway", relay.output)
         self.assertNotIn(secret.encode(), relay.output + gateway.output)
         self.assertNotIn(b"Traceback", relay.output)
+
+
+class HubMetrics(PortPlane):
+    """pipegate-server --mux --metrics: the relay's /metrics and /status show the hub too."""
+
+    async def test_links_routes_channels_and_refusals(self):
+        from pipegate.tap import server as server_tap
+        from tests.support import Loopback, request
+        from tests.test_metrics import samples
+
+        http_port, mux_port, ops = free_ports(3)
+        options = server_tap.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": "s" * 40}
+        options.parseOptions(["--listen", f"tcp:{http_port}:interface=127.0.0.1",
+                              "--mux", f"tcp:{mux_port}:interface=127.0.0.1", "--mux-router", SECRET.hex(),
+                              "--metrics", f"tcp:{ops}:interface=127.0.0.1",
+                              "--mux-ping-interval", "0.5", "--mux-ping-deadline", "2"])
+        top = server_tap.makeService(options, reactor)
+        top.startService()
+        self.cleanups.append(top.stopService)
+        (hub,) = [s for s in top if isinstance(s, HubNode)]
+        self.cleanups.append(lambda: self._drop_links(hub))
+        agent = Loopback(self).agent()
+
+        async def scrape() -> dict:
+            response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/metrics")
+            self.assertEqual(response.code, 200)
+            return samples(body.decode())
+
+        before = await scrape()
+        self.assertEqual(before[("pipegate_hub_routers", ())], 0)
+        self.assertEqual(before[("pipegate_tunnels", ())], 0)    # the relay's own metrics are still there
+
+        class MuxPort:   # what provider() reads of a listening port
+            def getHost(self):
+                return IPv4Address("TCP", "127.0.0.1", mux_port)
+
+        backend = await self.backend_echo()
+        gates = free_ports(2)
+        self.provider(MuxPort(), [Service(g, "127.0.0.1", backend.getHost().port) for g in gates])
+        self.provider(MuxPort(), [], secret=STRANGER)
+        gw = dialling_gateway(self, mux_port)
+        await eventually(lambda: {(g, "tcp") for g in gates} <= set(gw.gates))
+        await eventually(lambda: hub.stats.by_label("admission_failures"))
+        client = await self.connect(gates[0])
+        client.transport.write(b"ping")
+        await eventually(lambda: client.received.startswith(b"ping"))
+
+        during = await scrape()
+        self.assertEqual(during[("pipegate_hub_links", (("role", "provider"),))], 1)
+        self.assertEqual(during[("pipegate_hub_links", (("role", "gateway"),))], 1)
+        self.assertEqual(during[("pipegate_hub_routers", ())], 1)
+        self.assertEqual(during[("pipegate_hub_routes", ())], 2)
+        self.assertEqual(during[("pipegate_hub_channels", ())], 1)
+        self.assertGreaterEqual(during[("pipegate_hub_admission_failures_total", (("reason", "secret"),))], 1)
+        self.assertEqual(during[("pipegate_hub_dropped_datagrams_total", ())], 0)
+        response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/status")
+        status = json.loads(body)
+        self.assertEqual(status["service"], "relay")
+        self.assertEqual(status["hub_routers"], [
+            {"router": "#0", "providers": 1, "gateways": 1, "observers": 0, "routes": 2, "channels": 1}])
+        self.assertNotIn(SECRET.hex(), body.decode())
+
+        client.transport.loseConnection()
+        await client.closed
+        await eventually(lambda: hub.core.splices() == 0)
+        self.assertEqual((await scrape())[("pipegate_hub_channels", ())], 0)

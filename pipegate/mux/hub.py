@@ -31,6 +31,7 @@ from pipegate.config import positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.node import MuxOptions
 from pipegate.mux.session import LinkConfig, LinkError, LinkFactory, MuxLink
+from pipegate.stats import Stats
 
 GATEWAY, PROVIDER = "gateway", "provider"   # the two sides of a splice
 _OTHER = {GATEWAY: PROVIDER, PROVIDER: GATEWAY}
@@ -314,6 +315,22 @@ class HubCore:
         """Channels through the hub (each has one end on a gateway)."""
         return sum(len(p.ends) for p in self.peers.values() if not p.is_provider)
 
+    def summary(self) -> dict[int, dict[str, int]]:
+        """
+        For each router with an admitted link: its links by role, the routes last
+        announced to its gateways, and its channels through the hub.
+        """
+        out: dict[int, dict[str, int]] = {}
+        for peer in self.peers.values():
+            row = out.get(peer.router)
+            if row is None:
+                row = out[peer.router] = {"providers": 0, "gateways": 0, "observers": 0,
+                                          "routes": len(self._announced.get(peer.router, ())), "channels": 0}
+            row[_ROLE_NAMES.get(peer.role, "observer") + "s"] += 1
+            if not peer.is_provider:
+                row["channels"] += len(peer.ends)
+        return out
+
 
 # --- the Twisted shell ---------------------------------------------------------------
 
@@ -346,6 +363,7 @@ class HubLink(MuxLink):
             if frames.verify_hello(secret, self._exporter, hello, True):
                 break
         else:
+            self.stats.inc("admission_failures", "secret")
             raise LinkError("admission failed: the peer knows none of the hub's router secrets")
         self.router = router
         role = frames.ROLE_PROVIDER if hello.role == frames.ROLE_GATEWAY else frames.ROLE_GATEWAY
@@ -382,7 +400,9 @@ class HubNode(service.Service):
     def __init__(self, config: HubConfig) -> None:
         self.core = HubCore(config)
         self.links: set = set()
-        self.dropped_datagrams = 0
+        # admission_failures (counted by the links) and dropped_datagrams; exported with a
+        # hub_ prefix next to the relay's own counters.
+        self.stats = Stats()
 
     def link_admitted(self, link) -> None:
         self.links.add(link)
@@ -402,7 +422,7 @@ class HubNode(service.Service):
             if isinstance(out, Close):
                 out.peer.fail(out.reason)
             elif isinstance(out.frame, frames.Datagram) and out.peer.paused:
-                self.dropped_datagrams += 1   # the link is full: dropped, as UDP would
+                self.stats.inc("dropped_datagrams")   # the link is full: dropped, as UDP would
             else:
                 try:
                     out.peer.send(out.frame)
@@ -499,19 +519,25 @@ class HubOptions:
             raise usage.UsageError("--mux-ping-deadline: must be longer than --mux-ping-interval")
 
 
-def add_hub(top: service.MultiService, options, reactor) -> HubNode | None:
-    """Add the hub and its --mux listeners to C{top} when --mux is given."""
+def hub_node(options) -> HubNode | None:
+    """The hub that C{--mux} asks for, not yet started; None without C{--mux}."""
     if not options["mux"]:
         return None
+    return HubNode(HubConfig(window=options["mux-window"], max_window=options["mux-max-window"],
+                             max_peers=options["mux-max-peers"], max_channels=options["mux-max-channels"],
+                             max_frame_size=options["mux-max-frame-size"]))
+
+
+def add_hub(top: service.MultiService, options, reactor, hub: HubNode | None) -> None:
+    """Add C{hub} (from L{hub_node}) and its --mux listeners to C{top}, if there is one."""
+    if hub is None:
+        return
     secrets = options["mux-secrets"]
     link_config = LinkConfig(
         secret=secrets[0], role=frames.ROLE_GATEWAY, max_frame_size=options["mux-max-frame-size"],
         window=options["mux-window"], ping_interval=options["mux-ping-interval"],
         ping_deadline=options["mux-ping-deadline"], handshake_timeout=options["mux-handshake-timeout"],
         max_channels=options["mux-max-channels"])
-    hub = HubNode(HubConfig(window=options["mux-window"], max_window=options["mux-max-window"], max_peers=options["mux-max-peers"],
-                            max_channels=options["mux-max-channels"],
-                            max_frame_size=options["mux-max-frame-size"]))
     if options["mux-tls-key"]:
         certificate = tls.load_certificate(options["mux-tls-key"], options["mux-tls-cert"])
     else:
@@ -520,4 +546,3 @@ def add_hub(top: service.MultiService, options, reactor) -> HubNode | None:
         factory = tls.server_factory(certificate, HubLinkFactory(hub, link_config, reactor, secrets))
         strports.service(description, factory, reactor=reactor).setServiceParent(top)
     hub.setServiceParent(top)   # added last so that it stops first: links get a GOAWAY
-    return hub

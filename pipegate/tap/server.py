@@ -10,7 +10,7 @@ from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
-from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub
+from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub, hub_node
 from pipegate.opslistener import add_metrics_listener
 from pipegate.policy import PolicyError, load_policy
 from pipegate.heap import FrozenStartupHeap
@@ -173,7 +173,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
     relay = Relay(relay_config(options), reactor)
-    add_metrics_listener(top, relay, "relay", options["metrics"], reactor)
+    hub = hub_node(options)
+    add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub)
     relay.setServiceParent(top)
     factory = RelaySite(relay)
     tls = options.get("tls")
@@ -188,5 +189,5 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     # Added last so that it stops first: no new connections while the relay drains.
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
-    add_hub(top, options, reactor)
+    add_hub(top, options, reactor, hub)
     return top
