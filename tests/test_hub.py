@@ -313,6 +313,16 @@ class HubOptionsTests(unittest.TestCase):
         self.assertGreaterEqual(options["mux-max-window"], max(frames.MAX_WINDOW, 4_194_304))
         self.assertEqual(HubConfig().max_window, options["mux-max-window"])
 
+    def test_hub_node_takes_the_relays_bounds(self):
+        from pipegate.mux.hub import hub_node
+
+        self.assertIsNone(hub_node(self.parse([])))
+        hub = hub_node(self.parse(["--mux", "tcp:0", "--mux-router", self.SECRET, "--drain-timeout", "7",
+                                   "--mux-max-peers", "9", "--mux-max-channels", "11"]))
+        self.assertEqual((hub.core.config.drain_timeout, hub.core.config.max_peers,
+                          hub.core.config.max_channels), (7.0, 9, 11))
+        self.assertFalse(hub.running)
+
     def test_environment(self):
         options = self.parse([], {"PIPEGATE_MUX": "tcp:0 tcp:1", "PIPEGATE_MUX_ROUTER": self.SECRET,
                                   "PIPEGATE_MUX_MAX_PEERS": "5"})

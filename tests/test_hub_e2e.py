@@ -12,6 +12,8 @@ import os
 import socket
 import sys
 
+import attrs
+
 from twisted.application import internet
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.address import IPv4Address
@@ -379,3 +381,54 @@ class HubMetrics(PortPlane):
         await client.closed
         await eventually(lambda: hub.core.splices() == 0)
         self.assertEqual((await scrape())[("pipegate_hub_channels", ())], 0)
+
+
+class HubDrain(Hub):
+    """Stopping the hub (SIGTERM to the relay) lets channels through it finish, within a bound."""
+
+    async def setUp(self):
+        await super().setUp()
+        self.backend = await self.backend_echo()
+        self.gate = free_port()
+        self.prov = self.provider(self.hub_port, [Service(self.gate, "127.0.0.1", self.backend.getHost().port)])
+        self.gw = self.dialling_gateway()
+        await eventually(lambda: (self.gate, "tcp") in self.gw.gates)
+
+    async def echo(self, client, data: bytes) -> None:
+        start = len(client.received)
+        client.transport.write(data)
+        await eventually(lambda: bytes(client.received[start:]) == data)
+
+    async def test_open_channels_finish_after_goaway(self):
+        client = await self.connect(self.gate)
+        await self.echo(client, b"before")
+        (hub_link,) = self.gw.links
+        stopped = self.hub.stopService()
+        await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(stopped.called)
+        # The gateway heard GOAWAY on its hub link, and the open connection still works.
+        await eventually(lambda: hub_link.going_away)
+        await self.echo(client, b"during the drain")
+        client.transport.loseWriteConnection()
+        self.assertTrue((await client.closed).endswith(b"bye"))
+        await stopped
+        await eventually(lambda: not self.hub.links)
+        self.assertEqual(self.hub.stats.get("drain_cut"), 0)
+        self.assertTrue(self.logged("hub draining: 1 channel(s) open, up to 30 s"))
+
+    async def test_drain_timeout_cuts_what_is_left(self):
+        self.hub.core.config = attrs.evolve(self.hub.core.config, drain_timeout=0.5)
+        client = await self.connect(self.gate)
+        await self.echo(client, b"held open")
+        started = reactor.seconds()
+        await self.hub.stopService()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertEqual(await client.closed, b"held open")   # cut, not finished: no "bye"
+        self.assertEqual(self.hub.stats.get("drain_cut"), 1)
+        self.assertTrue(self.logged("hub drain timeout: 1 channel(s) cut"))
+
+    async def test_nothing_open_stops_at_once(self):
+        stopped = self.hub.stopService()
+        self.assertTrue(stopped.called)
+        await stopped
+        await eventually(lambda: not self.hub.links)

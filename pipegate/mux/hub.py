@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 from twisted.application import service, strports
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -31,6 +32,7 @@ from pipegate.config import positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.node import MuxOptions
 from pipegate.mux.session import LinkConfig, LinkError, LinkFactory, MuxLink
+from pipegate.drain import Drainer
 from pipegate.stats import Stats
 
 GATEWAY, PROVIDER = "gateway", "provider"   # the two sides of a splice
@@ -57,6 +59,7 @@ class HubConfig:
     max_peers: int = 1000
     max_channels: int = 10_000          # per link
     max_frame_size: int = frames.MAX_FRAME_SIZE
+    drain_timeout: float = 30.0         # seconds channels through the hub may take to end on stop
 
 
 @attrs.define(eq=False)
@@ -392,12 +395,15 @@ class HubLinkFactory(LinkFactory):
         return link
 
 
-class HubNode(service.Service):
+class HubNode(Drainer, service.Service):
     """The links of the hub and the L{HubCore} that routes between them."""
 
     log = Logger()
 
-    def __init__(self, config: HubConfig) -> None:
+    def __init__(self, config: HubConfig, clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.core = HubCore(config)
         self.links: set = set()
         # admission_failures (counted by the links) and dropped_datagrams; exported with a
@@ -405,6 +411,9 @@ class HubNode(service.Service):
         self.stats = Stats()
 
     def link_admitted(self, link) -> None:
+        if not self.running:   # admitted while stopping: it would outlive the drain
+            link.go_away("hub stopping")
+            return
         self.links.add(link)
         self.log.info("hub: {role} {peer} joined router #{router}",
                       role=_ROLE_NAMES.get(link.peer_role, "?"), peer=link.peer_name, router=link.router)
@@ -430,7 +439,25 @@ class HubNode(service.Service):
                     out.peer.fail(f"cannot forward {type(out.frame).__name__}: {e}")
 
     def stopService(self):
+        """
+        Drain: GOAWAY every link (gateways open no new channels here), let the channels
+        through the hub end for up to C{drain_timeout} seconds, then close the links.
+        """
         super().stopService()
+        for link in list(self.links):
+            link.announce_going_away("hub stopping")
+        channels = self.core.splices()
+        if channels:
+            self.log.info("hub draining: {count} channel(s) open, up to {timeout:g} s",
+                          count=channels, timeout=self.core.config.drain_timeout)
+        return self.start_drain(self.clock, self.core.config.drain_timeout,
+                                lambda: self.core.splices() == 0, self._drained)
+
+    def _drained(self, in_time: bool) -> None:
+        cut = self.core.splices()
+        if cut:
+            self.stats.inc("drain_cut", amount=cut)
+            self.log.warn("hub drain timeout: {count} channel(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("hub stopping")
 
@@ -525,7 +552,8 @@ def hub_node(options) -> HubNode | None:
         return None
     return HubNode(HubConfig(window=options["mux-window"], max_window=options["mux-max-window"],
                              max_peers=options["mux-max-peers"], max_channels=options["mux-max-channels"],
-                             max_frame_size=options["mux-max-frame-size"]))
+                             max_frame_size=options["mux-max-frame-size"],
+                             drain_timeout=options["drain-timeout"]))
 
 
 def add_hub(top: service.MultiService, options, reactor, hub: HubNode | None) -> None:
