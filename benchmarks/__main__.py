@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment: extra options for one service (relay, connector, gateway, provider), "
                              "e.g. 'gateway=--window 4194304'; repeatable")
     parser.add_argument("--require-tools", action="store_true",
-                        help="exit 2 if wrk or iperf3 is missing instead of skipping their scenarios (for CI)")
+                        help="exit 2 if wrk, iperf3 or haproxy is missing instead of skipping what needs them (for CI)")
     parser.add_argument("--render", metavar="JSON", help="print the Markdown table of a saved result and exit")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--out", default=RESULTS, help="results directory (default benchmarks/results)")
@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in hit:
             skipped[s] = f"{tool} is not installed (`sudo apt-get install {tool}`)"
 
-    if missing and args.require_tools:
+    references = tools.missing_references()
+    for tool, scenarios in references.items():
+        print(f"{tool} is not installed (sudo apt-get install {tool}): "
+              f"{', '.join(scenarios)} without its {tool} reference")
+
+    if (missing or references) and args.require_tools:
         return 2
 
     os.makedirs(args.out, exist_ok=True)

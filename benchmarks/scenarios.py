@@ -6,8 +6,10 @@ the same run, repetition by repetition, and returns figures for the report.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import attrs
@@ -15,7 +17,7 @@ import attrs
 from benchmarks import loadgen, tools, transfer
 from benchmarks.procs import Processes, child_env
 from benchmarks.report import check, figure
-from benchmarks.topology import CpuMeter, HttpPlane, PortPlane
+from benchmarks.topology import CpuMeter, HAProxyPair, HttpPlane, PortPlane
 
 MIB = 2**20
 
@@ -232,6 +234,18 @@ def tcp(ctx: Ctx) -> dict:
                 ctx.say(f"rep {rep + 1} {key}: tunnel {t['mb_per_s']} MB/s, direct {d['mb_per_s']} MB/s; "
                         f"cpu {t['cpu_percent']}, of which kernel {t['kernel_cpu_percent']}; "
                         f"reordering tunnel {t['loopback_reordering']}, direct {d['loopback_reordering']}")
+            if shutil.which("haproxy"):
+                # The yardstick last: the same runs through an HAProxy pair in the same shape.
+                with tempfile.TemporaryDirectory() as workdir:
+                    pair = HAProxyPair(procs, plane.backend_tcp, workdir)
+                    for parallel, reverse in configs:
+                        key = f"P{parallel}{'-R' if reverse else ''}"
+                        with CpuMeter(pair.services) as cpu:
+                            h = tools.iperf3(pair.front, seconds, parallel=parallel, reverse=reverse)
+                        h["cpu_percent"] = cpu.percent
+                        h["kernel_cpu_percent"] = cpu.kernel_percent
+                        runs[key][-1]["haproxy"] = h
+                        ctx.say(f"rep {rep + 1} {key}: HAProxy pair {h['mb_per_s']} MB/s, cpu {h['cpu_percent']}")
             for c in plane.services:
                 peaks.setdefault(c.name, _Peak(c.name)).add(c)
     peak = _peak_rss(list(peaks.values()), 80, "under load")
@@ -260,10 +274,25 @@ def tcp(ctx: Ctx) -> dict:
         figs.append(figure(f"{names[key]}: iperf3's own CPU seconds per GB", "s",
                            [_per_gb(t["iperf3_cpu_percent"], t) for t in done if "iperf3_cpu_percent" in t],
                            better="lower"))
+    reference = {}
+    for key, rr in runs.items():
+        done = [r["haproxy"] for r in rr if r.get("haproxy", {}).get("mb_per_s")]
+        if not done:
+            continue
+        f = figure(f"reference, HAProxy pair: {names[key]}", "MB/s", [h["mb_per_s"] for h in done],
+                   [r["direct"]["mb_per_s"] for r in rr if r.get("haproxy", {}).get("mb_per_s")])
+        reference[key] = f["tunnel"]["median"] if f["tunnel"] else None
+        figs.append(f)
+        figs.append(figure(f"reference, HAProxy pair: {names[key]}: CPU seconds per GB, both processes", "s",
+                           [_per_gb(sum(h["cpu_percent"].values()), h) for h in done], better="lower"))
     checks = []
     for a, b in (("P8", "P1"), ("P8-R", "P1-R")):
         if med.get(a) is not None and med.get(b) is not None:
-            checks.append(check(f"{names[a]} ≥ {names[b]}", f"{med[a]} vs {med[b]} MB/s", med[a] >= med[b]))
+            measured = f"{med[a]} vs {med[b]} MB/s ({med[a] / med[b]:.2f})"
+            if reference.get(a) and reference.get(b):
+                measured += (f"; the HAProxy pair: {reference[a]} vs {reference[b]} MB/s "
+                             f"({reference[a] / reference[b]:.2f})")
+            checks.append(check(f"{names[a]} ≥ {names[b]}", measured, med[a] >= med[b]))
     for key in ("P1", "P1-R"):
         if med.get(key) is not None:
             checks.append(check(f"{names[key]}: floor ≥ 300 MB/s", f"{med[key]} MB/s", med[key] >= 300))
@@ -271,7 +300,12 @@ def tcp(ctx: Ctx) -> dict:
         "title": "3. TCP through gateway + provider (TLS mux), iperf3",
         "how": (f"`iperf3 -c 127.0.0.1 -p PORT -t {seconds:g} [-P 8] [-R] -J` to `iperf3 -s` directly and "
                 f"through the gate; receiver-side throughput (1 MB = 10^6 bytes). Each repetition starts a fresh "
-                f"gateway + provider pair (a pair keeps its speed for its lifetime: see benchmarks/README.md)."),
+                f"gateway + provider pair (a pair keeps its speed for its lifetime: see benchmarks/README.md). "
+                f"Reference rows: the same runs, after the tunnel's and the direct path's, through two "
+                f"single-threaded HAProxy processes in the gateway's and the provider's places with TLS "
+                f"between them (`mode tcp`, `nbthread 1`, TLS 1.3 defaults, a P-256 certificate like the "
+                f"mux's; one TLS connection per client connection, not a multiplexer); direct column as "
+                f"for the tunnel."),
         "figures": figs + peak, "checks": checks, "runs": runs,
     }
 

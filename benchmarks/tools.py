@@ -11,11 +11,18 @@ from benchmarks.procs import run_tool
 
 # Which scenarios need which Debian tool (`sudo apt-get install wrk iperf3`).
 NEEDS = {"wrk": ("http_small",), "iperf3": ("tcp", "udp")}
+# Tools without which a scenario still runs, losing one comparison (`sudo apt-get install haproxy`).
+REFERENCES = {"haproxy": ("tcp",)}
 
 
 def missing_tools() -> dict[str, tuple[str, ...]]:
     """{tool: scenarios it skips} for each tool that is not on PATH."""
     return {tool: scenarios for tool, scenarios in NEEDS.items() if shutil.which(tool) is None}
+
+
+def missing_references() -> dict[str, tuple[str, ...]]:
+    """{tool: scenarios that run without its reference figures} for each one not on PATH."""
+    return {tool: scenarios for tool, scenarios in REFERENCES.items() if shutil.which(tool) is None}
 
 
 def versions() -> dict[str, str | None]:
@@ -27,6 +34,9 @@ def versions() -> dict[str, str | None]:
     if shutil.which("iperf3"):
         text = run_tool(["iperf3", "--version"], timeout=10)
         out["iperf3"] = text.stdout.splitlines()[0].strip() if text.stdout else None
+    if shutil.which("haproxy"):
+        text = run_tool(["haproxy", "-v"], timeout=10)
+        out["haproxy"] = text.stdout.splitlines()[0].split(" - ")[0].strip() if text.stdout else None
     return out
 
 

@@ -128,3 +128,44 @@ class PortPlane:
     @property
     def services(self):
         return [self.gateway, self.provider]
+
+
+# Two HAProxy processes in the gateway's and the provider's places: the same shape (one
+# process per side, one thread each, TLS between them) written in C, as a yardstick for
+# what this machine allows.  Unlike the mux, each client connection gets its own TLS
+# connection between the two.
+_HAPROXY_CONFIG = """\
+global
+    nbthread 1
+    maxconn 256
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client  60s
+    timeout server  60s
+listen pipegate_reference
+    bind 127.0.0.1:{listen}
+    server next 127.0.0.1:{to}{tls}
+"""
+
+
+class HAProxyPair:
+    """haproxy-front (plain TCP in, TLS out) + haproxy-back (TLS in, plain TCP to C{backend_port})."""
+
+    def __init__(self, procs: Processes, backend_port: int, workdir: str) -> None:
+        from pipegate.mux.tls import generated_certificate
+
+        pem = os.path.join(workdir, "haproxy.pem")
+        with open(pem, "wb") as f:
+            f.write(generated_certificate("haproxy-reference").dumpPEM())
+        self.front, hop = free_port(), free_port()
+        configs = {"haproxy-back": dict(listen=f"{hop} ssl crt {pem}", to=backend_port, tls=""),
+                   "haproxy-front": dict(listen=self.front, to=hop, tls=" ssl verify none")}
+        for name, values in configs.items():
+            path = os.path.join(workdir, name + ".cfg")
+            with open(path, "w") as f:
+                f.write(_HAPROXY_CONFIG.format(**values))
+            procs.popen(["haproxy", "-f", path, "-db"], name=name, stdout=subprocess.DEVNULL)
+        wait_listening(hop, "tcp", procs=procs)
+        wait_listening(self.front, "tcp", procs=procs)
+        self.services = [procs.child("haproxy-front"), procs.child("haproxy-back")]
