@@ -7,7 +7,8 @@ PipeGate benchmarks, side by side with the direct path:
     python -m benchmarks --profile tcp    # one scenario with py-spy (or cProfile) on the services
 
 Needs `wrk` and `iperf3` (`sudo apt-get install wrk iperf3`); without one, the scenarios
-that need it are skipped and said so.  Writes benchmarks/results/run-<time>.json, and
+that need it are skipped and said so.  `haproxy` gives the TCP scenario its yardstick
+rows; without it they are left out.  Writes benchmarks/results/run-<time>.json, and
 for a run of every scenario latest.json and latest.md (latest-quick.* with --quick).
 See benchmarks/README.md.
 """

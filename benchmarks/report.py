@@ -70,7 +70,8 @@ def markdown(result: dict) -> str:
     lines.append(f"Machine: {env['cpu']} ({env['cpus']} CPUs), {env['memory_gib']} GiB RAM, Linux {env['kernel']}; "
                  f"Python {env['python']}, " + ", ".join(f"{k} {v}" for k, v in env["packages"].items())
                  + f"; {env['tools'].get('wrk') or 'wrk missing'}; {env['tools'].get('iperf3') or 'iperf3 missing'}; "
-                 f"OpenSSL {env['openssl']}.")
+                 + (f"{env['tools']['haproxy']}; " if env["tools"].get("haproxy") else "")
+                 + f"OpenSSL {env['openssl']}.")
     lines.append(f"Code: `{env['git']}`. Command: `{env['command']}` "
                  f"({'quick smoke run, 1 repetition, short durations' if result['quick'] else str(result['repetitions']) + ' repetitions'}, "
                  f"{result['elapsed_s']:.0f} s).")
