@@ -210,35 +210,94 @@ def _tls_buffered(link) -> int:
     return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
 
 
+class MuxPort:
+    """What L{PortPlane.provider} reads of a listening port, for a port opened elsewhere."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def getHost(self):
+        return IPv4Address("TCP", "127.0.0.1", self.port)
+
+
 class FromTheTap(PortPlane):
 
-    async def test_pipegate_server_mux(self):
-        """makeService of pipegate-server with --mux: the relay's HTTP port and the hub's
-        mux port both serve; a provider and a gateway meet through the latter."""
+    def relay_with_hub(self, metrics: bool = False) -> tuple[HubNode, int, int]:
+        """Start makeService of `pipegate-server --mux ...`; its hub, mux port and --metrics port."""
         from pipegate.tap import server as server_tap
 
-        http_port, mux_port = free_ports(2)
+        http_port, mux_port, ops = free_ports(3)
         options = server_tap.Options()
         options.environ = {"PIPEGATE_JWT_SECRET": "s" * 40}
         options.parseOptions(["--listen", f"tcp:{http_port}:interface=127.0.0.1",
                               "--mux", f"tcp:{mux_port}:interface=127.0.0.1", "--mux-router", SECRET.hex(),
-                              "--mux-ping-interval", "0.5", "--mux-ping-deadline", "2"])
+                              "--mux-ping-interval", "0.5", "--mux-ping-deadline", "2"]
+                             + (["--metrics", f"tcp:{ops}:interface=127.0.0.1"] if metrics else []))
         top = server_tap.makeService(options, reactor)
         top.startService()
         self.cleanups.append(top.stopService)
         (hub,) = [s for s in top if isinstance(s, HubNode)]
         self.cleanups.append(lambda: self._drop_links(hub))
+        return hub, mux_port, ops
+
+    async def test_pipegate_server_mux(self):
+        """makeService of pipegate-server with --mux: the relay's HTTP port and the hub's
+        mux port both serve; a provider and a gateway meet through the latter."""
+        hub, mux_port, _ = self.relay_with_hub()
         backend = await self.backend_echo()
         gate = free_port()
-
-        class MuxPort:   # what provider() reads of a listening port
-            def getHost(self):
-                return IPv4Address("TCP", "127.0.0.1", mux_port)
-
-        self.provider(MuxPort(), [Service(gate, "127.0.0.1", backend.getHost().port)])
+        self.provider(MuxPort(mux_port), [Service(gate, "127.0.0.1", backend.getHost().port)])
         gw = dialling_gateway(self, mux_port)
         await eventually(lambda: (gate, "tcp") in gw.gates)
         self.assertEqual(await self.echo_through(gate, b"through the relay"), b"through the relaybye")
+
+    async def test_metrics_show_the_hub(self):
+        """pipegate-server --mux --metrics: the relay's /metrics and /status show the hub too."""
+        from tests.support import Loopback, request
+        from tests.test_metrics import samples
+
+        hub, mux_port, ops = self.relay_with_hub(metrics=True)
+        agent = Loopback(self).agent()
+
+        async def scrape() -> dict:
+            response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/metrics")
+            self.assertEqual(response.code, 200)
+            return samples(body.decode())
+
+        before = await scrape()
+        self.assertEqual(before[("pipegate_hub_routers", ())], 0)
+        self.assertEqual(before[("pipegate_tunnels", ())], 0)    # the relay's own metrics are still there
+
+        backend = await self.backend_echo()
+        gates = free_ports(2)
+        self.provider(MuxPort(mux_port), [Service(g, "127.0.0.1", backend.getHost().port) for g in gates])
+        self.provider(MuxPort(mux_port), [], secret=STRANGER)
+        gw = dialling_gateway(self, mux_port)
+        await eventually(lambda: {(g, "tcp") for g in gates} <= set(gw.gates))
+        await eventually(lambda: hub.stats.by_label("admission_failures"))
+        client = await self.connect(gates[0])
+        client.transport.write(b"ping")
+        await eventually(lambda: client.received.startswith(b"ping"))
+
+        during = await scrape()
+        self.assertEqual(during[("pipegate_hub_links", (("role", "provider"),))], 1)
+        self.assertEqual(during[("pipegate_hub_links", (("role", "gateway"),))], 1)
+        self.assertEqual(during[("pipegate_hub_routers", ())], 1)
+        self.assertEqual(during[("pipegate_hub_routes", ())], 2)
+        self.assertEqual(during[("pipegate_hub_channels", ())], 1)
+        self.assertGreaterEqual(during[("pipegate_hub_admission_failures_total", (("reason", "secret"),))], 1)
+        self.assertEqual(during[("pipegate_hub_dropped_datagrams_total", ())], 0)
+        response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/status")
+        status = json.loads(body)
+        self.assertEqual(status["service"], "relay")
+        self.assertEqual(status["hub_routers"], [
+            {"router": "#0", "providers": 1, "gateways": 1, "observers": 0, "routes": 2, "channels": 1}])
+        self.assertNotIn(SECRET.hex(), body.decode())
+
+        client.transport.loseConnection()
+        await client.closed
+        await eventually(lambda: hub.core.splices() == 0)
+        self.assertEqual((await scrape())[("pipegate_hub_channels", ())], 0)
 
 
 class Policies(Hub):
@@ -315,72 +374,6 @@ class AsProcesses(unittest.TestCase):
         self.assertNotIn(secret.encode(), relay.output + gateway.output)
         self.assertNotIn(b"Traceback", relay.output)
 
-
-class HubMetrics(PortPlane):
-    """pipegate-server --mux --metrics: the relay's /metrics and /status show the hub too."""
-
-    async def test_links_routes_channels_and_refusals(self):
-        from pipegate.tap import server as server_tap
-        from tests.support import Loopback, request
-        from tests.test_metrics import samples
-
-        http_port, mux_port, ops = free_ports(3)
-        options = server_tap.Options()
-        options.environ = {"PIPEGATE_JWT_SECRET": "s" * 40}
-        options.parseOptions(["--listen", f"tcp:{http_port}:interface=127.0.0.1",
-                              "--mux", f"tcp:{mux_port}:interface=127.0.0.1", "--mux-router", SECRET.hex(),
-                              "--metrics", f"tcp:{ops}:interface=127.0.0.1",
-                              "--mux-ping-interval", "0.5", "--mux-ping-deadline", "2"])
-        top = server_tap.makeService(options, reactor)
-        top.startService()
-        self.cleanups.append(top.stopService)
-        (hub,) = [s for s in top if isinstance(s, HubNode)]
-        self.cleanups.append(lambda: self._drop_links(hub))
-        agent = Loopback(self).agent()
-
-        async def scrape() -> dict:
-            response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/metrics")
-            self.assertEqual(response.code, 200)
-            return samples(body.decode())
-
-        before = await scrape()
-        self.assertEqual(before[("pipegate_hub_routers", ())], 0)
-        self.assertEqual(before[("pipegate_tunnels", ())], 0)    # the relay's own metrics are still there
-
-        class MuxPort:   # what provider() reads of a listening port
-            def getHost(self):
-                return IPv4Address("TCP", "127.0.0.1", mux_port)
-
-        backend = await self.backend_echo()
-        gates = free_ports(2)
-        self.provider(MuxPort(), [Service(g, "127.0.0.1", backend.getHost().port) for g in gates])
-        self.provider(MuxPort(), [], secret=STRANGER)
-        gw = dialling_gateway(self, mux_port)
-        await eventually(lambda: {(g, "tcp") for g in gates} <= set(gw.gates))
-        await eventually(lambda: hub.stats.by_label("admission_failures"))
-        client = await self.connect(gates[0])
-        client.transport.write(b"ping")
-        await eventually(lambda: client.received.startswith(b"ping"))
-
-        during = await scrape()
-        self.assertEqual(during[("pipegate_hub_links", (("role", "provider"),))], 1)
-        self.assertEqual(during[("pipegate_hub_links", (("role", "gateway"),))], 1)
-        self.assertEqual(during[("pipegate_hub_routers", ())], 1)
-        self.assertEqual(during[("pipegate_hub_routes", ())], 2)
-        self.assertEqual(during[("pipegate_hub_channels", ())], 1)
-        self.assertGreaterEqual(during[("pipegate_hub_admission_failures_total", (("reason", "secret"),))], 1)
-        self.assertEqual(during[("pipegate_hub_dropped_datagrams_total", ())], 0)
-        response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/status")
-        status = json.loads(body)
-        self.assertEqual(status["service"], "relay")
-        self.assertEqual(status["hub_routers"], [
-            {"router": "#0", "providers": 1, "gateways": 1, "observers": 0, "routes": 2, "channels": 1}])
-        self.assertNotIn(SECRET.hex(), body.decode())
-
-        client.transport.loseConnection()
-        await client.closed
-        await eventually(lambda: hub.core.splices() == 0)
-        self.assertEqual((await scrape())[("pipegate_hub_channels", ())], 0)
 
 
 class HubDrain(Hub):
