@@ -98,7 +98,8 @@ def hub_collector(hub) -> ServiceCollector:
             ("channels", "Channels spliced through the hub (gateway to provider).", None,
              {"": sum(r["channels"] for r in routers)}),
         ]
-    return ServiceCollector(hub.stats, ("admission_failures", "dropped_datagrams"), gauges, prefix="hub_")
+    return ServiceCollector(hub.stats, ("admission_failures", "dropped_datagrams", "drain_cut"), gauges,
+                            prefix="hub_")
 
 
 def _link_gauges(links) -> dict[str, float]:

@@ -287,6 +287,7 @@ class FromTheTap(PortPlane):
         self.assertEqual(during[("pipegate_hub_channels", ())], 1)
         self.assertGreaterEqual(during[("pipegate_hub_admission_failures_total", (("reason", "secret"),))], 1)
         self.assertEqual(during[("pipegate_hub_dropped_datagrams_total", ())], 0)
+        self.assertEqual(during[("pipegate_hub_drain_cut_total", ())], 0)
         response, body = await request(agent, b"GET", f"http://127.0.0.1:{ops}/status")
         status = json.loads(body)
         self.assertEqual(status["service"], "relay")

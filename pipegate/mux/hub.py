@@ -406,8 +406,8 @@ class HubNode(Drainer, service.Service):
         self.clock = clock
         self.core = HubCore(config)
         self.links: set = set()
-        # admission_failures (counted by the links) and dropped_datagrams; exported with a
-        # hub_ prefix next to the relay's own counters.
+        # admission_failures (counted by the links), dropped_datagrams and drain_cut;
+        # exported with a hub_ prefix next to the relay's own counters.
         self.stats = Stats()
 
     def link_admitted(self, link) -> None:
