@@ -62,6 +62,28 @@ class EnvOptions(usage.Options):
     converters: Mapping[str, Callable[[str], Any]] = {}
     environ: Mapping[str, str] = os.environ
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._from_env: set[str] = set()   # repeatable options whose values came from a variable
+
+    def append(self, name: str, value: str) -> None:
+        """Add to a repeatable option; the first flag replaces what the variable gave."""
+        if name in self._from_env:
+            self._from_env.discard(name)
+            self[name] = []
+        self[name].append(value)
+
+    def repeatable_from_env(self, name: str, split: bool = False) -> None:
+        """
+        Take repeatable option C{name} from its C{PIPEGATE_*} variable, if set: a
+        space-separated list with C{split}, else one value (inline JSON may hold spaces).
+        A flag on the command line then replaces it (L{append}).
+        """
+        value = self.environ.get(env_name(name))
+        if value is not None:
+            self[name] = value.split() if split else [value]
+            self._from_env.add(name)
+
     def parseOptions(self, options=None):
         # Variables first, so that whatever the command line says overwrites them.
         self._apply_env()

@@ -489,28 +489,18 @@ class HubOptions:
     def init_hub(self) -> None:
         self["mux"] = []
         self["mux-router"] = []
-        self._hub_env: set[str] = set()
-
-    def _hub_append(self, name: str, value: str) -> None:
-        if name in self._hub_env:   # the first flag replaces what the variable gave
-            self._hub_env.discard(name)
-            self[name] = []
-        self[name].append(value)
 
     def opt_mux(self, value: str) -> None:
         """Server endpoint where providers and gateways meet (port plane hub, TLS added); repeatable."""
-        self._hub_append("mux", value)
+        self.append("mux", value)
 
     def opt_mux_router(self, value: str) -> None:
         """A router secret the hub admits (64 hex characters); repeatable, one router each."""
-        self._hub_append("mux-router", value)
+        self.append("mux-router", value)
 
     def apply_hub_env(self) -> None:
         for name in ("mux", "mux-router"):
-            value = self.environ.get("PIPEGATE_" + name.upper().replace("-", "_"))
-            if value is not None:
-                self[name] = value.split()
-                self._hub_env.add(name)
+            self.repeatable_from_env(name, split=True)
 
     def check_hub(self) -> None:
         if not self["mux"]:

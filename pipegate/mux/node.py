@@ -64,14 +64,6 @@ class MuxOptions(EnvOptions):
         super().__init__()
         self["mux"] = []
         self["connect"] = []
-        self._from_env: set[str] = set()
-
-    def append(self, name: str, value: str) -> None:
-        """Add to a repeatable option; the first flag replaces what the variable gave."""
-        if name in self._from_env:
-            self._from_env.discard(name)
-            self[name] = []
-        self[name].append(value)
 
     def opt_mux(self, value: str) -> None:
         """Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."""
@@ -83,15 +75,10 @@ class MuxOptions(EnvOptions):
 
     def _apply_env(self) -> None:
         super()._apply_env()
-        value = self.environ.get("PIPEGATE_INGRESS_POLICY")
-        if value is not None and "ingress-policy" in self:
-            self["ingress-policy"] = [value]  # one source (inline JSON may contain spaces)
-            self._from_env.add("ingress-policy")
+        if "ingress-policy" in self:
+            self.repeatable_from_env("ingress-policy")
         for name in ("mux", "connect"):
-            value = self.environ.get("PIPEGATE_" + name.upper())
-            if value is not None:
-                self[name] = value.split()
-                self._from_env.add(name)
+            self.repeatable_from_env(name, split=True)
 
     def check(self) -> None:
         if not self["router"]:

@@ -56,10 +56,7 @@ class Options(DockerOptionsMixin, MuxOptions):
 
     def _apply_env(self) -> None:
         super()._apply_env()
-        value = self.environ.get("PIPEGATE_SERVICES")
-        if value is not None:
-            self["services"] = [value]  # one source (inline JSON may contain spaces)
-            self._from_env.add("services")
+        self.repeatable_from_env("services")
 
     def check(self) -> None:
         super().check()

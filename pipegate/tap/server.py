@@ -73,36 +73,22 @@ class Options(HubOptions, EnvOptions):
     def __init__(self) -> None:
         super().__init__()
         self["ingress-policy"] = []
-        self._policy_from_env = False
         self["trusted-proxy"] = []
-        self._trusted_from_env = False
         self.init_hub()
 
     def opt_ingress_policy(self, value: str) -> None:
         """Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; repeatable."""
-        if self._policy_from_env:
-            self._policy_from_env = False
-            self["ingress-policy"] = []
-        self["ingress-policy"].append(value)
+        self.append("ingress-policy", value)
 
     def opt_trusted_proxy(self, value: str) -> None:
         """Proxy whose X-Forwarded-For/-Proto the relay believes: IP, CIDR or comma list; repeatable."""
-        if self._trusted_from_env:
-            self._trusted_from_env = False
-            self["trusted-proxy"] = []
-        self["trusted-proxy"].append(value)
+        self.append("trusted-proxy", value)
 
     def _apply_env(self) -> None:
         super()._apply_env()
         self.apply_hub_env()
-        value = self.environ.get("PIPEGATE_INGRESS_POLICY")
-        self._policy_from_env = value is not None
-        if value is not None:
-            self["ingress-policy"] = [value]  # one source; a flag replaces it
-        value = self.environ.get("PIPEGATE_TRUSTED_PROXY")
-        self._trusted_from_env = value is not None
-        if value is not None:
-            self["trusted-proxy"] = [value]
+        self.repeatable_from_env("ingress-policy")
+        self.repeatable_from_env("trusted-proxy")   # one comma list
 
     def check(self) -> None:
         try:
