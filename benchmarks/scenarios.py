@@ -202,7 +202,7 @@ def tcp(ctx: Ctx) -> dict:
     """TCP through gateway + provider: iperf3 1 and 8 streams, both directions (iperf3)."""
     seconds = ctx.d(3, 1)
     configs = [(1, False), (1, True), (8, False), (8, True)]
-    runs = {f"P{p}{'-R' if r else ''}": [] for p, r in configs}
+    runs = {_tcp_key(p, r): [] for p, r in configs}
     peaks: dict[str, _Peak] = {}
     for rep in range(ctx.reps):
         # A fresh gateway + provider pair for each repetition: how fast a pair runs on
@@ -218,14 +218,11 @@ def tcp(ctx: Ctx) -> dict:
             tunnel = {}
             for parallel, reverse in configs:
                 before = _tcp_reordering()
-                with CpuMeter(plane.services) as cpu:
-                    t = tools.iperf3(plane.gate, seconds, parallel=parallel, reverse=reverse)
-                t["cpu_percent"] = cpu.percent
-                t["kernel_cpu_percent"] = cpu.kernel_percent
+                t = _iperf3_metered(plane.services, plane.gate, seconds, parallel, reverse)
                 t["loopback_reordering"] = _tcp_reordering(since=before)
                 tunnel[parallel, reverse] = t
             for parallel, reverse in configs:
-                key = f"P{parallel}{'-R' if reverse else ''}"
+                key = _tcp_key(parallel, reverse)
                 before = _tcp_reordering()
                 d = tools.iperf3(plane.direct_tcp, seconds, parallel=parallel, reverse=reverse)
                 d["loopback_reordering"] = _tcp_reordering(since=before)
@@ -239,11 +236,8 @@ def tcp(ctx: Ctx) -> dict:
                 with tempfile.TemporaryDirectory() as workdir:
                     pair = HAProxyPair(procs, plane.backend_tcp, workdir)
                     for parallel, reverse in configs:
-                        key = f"P{parallel}{'-R' if reverse else ''}"
-                        with CpuMeter(pair.services) as cpu:
-                            h = tools.iperf3(pair.front, seconds, parallel=parallel, reverse=reverse)
-                        h["cpu_percent"] = cpu.percent
-                        h["kernel_cpu_percent"] = cpu.kernel_percent
+                        key = _tcp_key(parallel, reverse)
+                        h = _iperf3_metered(pair.services, pair.front, seconds, parallel, reverse)
                         runs[key][-1]["haproxy"] = h
                         ctx.say(f"rep {rep + 1} {key}: HAProxy pair {h['mb_per_s']} MB/s, cpu {h['cpu_percent']}")
             for c in plane.services:
@@ -308,6 +302,19 @@ def tcp(ctx: Ctx) -> dict:
                 f"for the tunnel."),
         "figures": figs + peak, "checks": checks, "runs": runs,
     }
+
+
+def _tcp_key(parallel: int, reverse: bool) -> str:
+    return f"P{parallel}{'-R' if reverse else ''}"
+
+
+def _iperf3_metered(children, port: int, seconds: float, parallel: int, reverse: bool) -> dict:
+    """An iperf3 TCP run through C{port}, with the CPU use (all, and kernel) of C{children}."""
+    with CpuMeter(children) as cpu:
+        run = tools.iperf3(port, seconds, parallel=parallel, reverse=reverse)
+    run["cpu_percent"] = cpu.percent
+    run["kernel_cpu_percent"] = cpu.kernel_percent
+    return run
 
 
 def _per_gb(cpu_percent: float, run: dict) -> float:

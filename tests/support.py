@@ -100,9 +100,8 @@ class Loopback:
         target = app_port_or_url if isinstance(app_port_or_url, str) else (
             f"http://127.0.0.1:{app_port_or_url.getHost().port}")
         config = ConnectorConfig(Target.parse(target), **kwargs.pop("config", {}))
-        number = relay_port if isinstance(relay_port, int) else relay_port.getHost().port
         connector = Connector(
-            reactor, config, f"ws://127.0.0.1:{number}",
+            reactor, config, f"ws://127.0.0.1:{port_number(relay_port)}",
             token or token_for(tunnel_id), tunnel_id,
             retry_policy=kwargs.pop("retry_policy", lambda attempt: 0.1), **kwargs)
         connector.startService()
@@ -161,11 +160,15 @@ class RawHTTP(Protocol):
         self.done.callback(bytes(self.received))
 
 
+def port_number(port) -> int:
+    """A port number, or the number of a listening port."""
+    return port if isinstance(port, int) else port.getHost().port
+
+
 async def connect_raw(port, payload: bytes, source: str | None = None) -> RawHTTP:
     """Connect to C{port} (a listening port or its number) on 127.0.0.1, from C{source} if given."""
     proto = RawHTTP(payload)
-    number = port if isinstance(port, int) else port.getHost().port
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", number,
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port_number(port),
                                             bindAddress=(source, 0) if source else None)
     await endpoints.connectProtocol(endpoint, proto)
     return proto
