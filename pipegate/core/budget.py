@@ -1,0 +1,103 @@
+"""
+Connection and flow budgets: how many connections (or UDP flows) one source may hold,
+and how many all sources together may hold.
+
+A listener asks L{Budget.acquire} before it builds a protocol for a new connection and
+calls L{Budget.release} once that connection is gone.  Past a cap, C{acquire} names the
+cap that refused it, the listener refuses the connection (or drops the new flow), counts
+the refusal and logs it through a L{LogThrottle}, so that a flood of refusals costs one
+log line per interval rather than one per connection.
+
+Pure: no reactor, no sockets.  Times are passed in as C{now}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import attrs
+
+PER_SOURCE = "per-source"
+TOTAL = "total"
+
+
+@attrs.define(eq=False)
+class Budget:
+    """
+    Counts what each source holds and the total; refuses past either cap.
+
+    @ivar per_source: the most one source may hold at once; 0 means no per-source cap.
+    @ivar total: the most all sources together may hold at once; 0 means no total cap.
+    @ivar exempt: sources never held to C{per_source} (a trusted proxy carries many
+        callers on its one address); they still count toward C{total}.
+    @ivar refused: refusals so far, by the cap that refused (L{PER_SOURCE}, L{TOTAL}).
+    """
+
+    per_source: int
+    total: int
+    exempt: frozenset = frozenset()
+    _held: dict[Hashable, int] = attrs.field(factory=dict, init=False)
+    _count: int = attrs.field(default=0, init=False)
+    refused: dict[str, int] = attrs.field(factory=lambda: {PER_SOURCE: 0, TOTAL: 0}, init=False)
+
+    def acquire(self, source: Hashable) -> str | None:
+        """
+        Take one unit for C{source}.
+
+        @return: C{None} when taken; otherwise the cap that refused (L{PER_SOURCE} or
+            L{TOTAL}), and nothing is taken.
+        """
+        if self.total and self._count >= self.total:
+            self.refused[TOTAL] += 1
+            return TOTAL
+        held = self._held.get(source, 0)
+        if self.per_source and held >= self.per_source and source not in self.exempt:
+            self.refused[PER_SOURCE] += 1
+            return PER_SOURCE
+        self._held[source] = held + 1
+        self._count += 1
+        return None
+
+    def release(self, source: Hashable) -> None:
+        """Give back one unit C{source} took; a release without a matching acquire is ignored."""
+        held = self._held.get(source, 0)
+        if held <= 0:
+            return
+        if held == 1:
+            del self._held[source]
+        else:
+            self._held[source] = held - 1
+        self._count -= 1
+
+    def held(self, source: Hashable | None = None) -> int:
+        """What C{source} holds, or, without a source, what all sources hold."""
+        if source is None:
+            return self._count
+        return self._held.get(source, 0)
+
+    def sources(self) -> int:
+        """How many distinct sources hold at least one unit."""
+        return len(self._held)
+
+
+@attrs.define
+class LogThrottle:
+    """
+    At most one log line per C{interval} seconds for one kind of event.
+
+    C{allow(now)} returns C{None} while the interval runs (the event is only counted), and
+    otherwise the number of events it held back since the last line, so that the line can
+    say "and N more".
+    """
+
+    interval: float = 10.0
+    _next: float = attrs.field(default=float("-inf"), init=False)
+    _held_back: int = attrs.field(default=0, init=False)
+
+    def allow(self, now: float) -> int | None:
+        if now < self._next:
+            self._held_back += 1
+            return None
+        held_back, self._held_back = self._held_back, 0
+        self._next = now + self.interval
+        return held_back
