@@ -96,6 +96,17 @@ def drive(playwright, chromium: str, ui: str, public: str, screenshot: str) -> d
             page.locator("#rows tr", has_text="/hooks/stripe?attempt=2").locator("td.s2").wait_for()
             seen["rows"] = page.locator("#rows tr").count()
             seen["editor_hidden"] = page.locator("#editor").is_hidden()
+            # Form data as fields, binary as size and hex.
+            send(public + "/login", b"user=ann&note=hi+there%21", {"Content-Type": "application/x-www-form-urlencoded"})
+            send(public + "/upload", bytes(range(256)) * 4, {"Content-Type": "application/octet-stream"})
+            for path, selector, key in (("/login", "#request table.form", "form"),
+                                        ("/upload", "#request pre.hex", "hex")):
+                page.locator("#rows tr", has_text=path).locator("td.s2").wait_for()
+                page.locator("#rows tr", has_text=path).click()
+                page.locator("#title", has_text=path).wait_for()
+                page.wait_for_selector(selector)
+                seen[key] = page.inner_text(selector)
+                seen[key + "_note"] = page.locator("#request .body .note").first.inner_text()
             # The screenshot for the README: the original webhook opened.
             page.locator("#rows tr", has_text="/hooks/stripe?attempt=1", has_not_text="replay of").click()
             page.locator("#title", has_text=seen["title"]).wait_for()
@@ -127,6 +138,10 @@ class InspectorPage(unittest.TestCase):
         original = seen["title"].split()[0].lstrip("#")
         self.assertIn(f"replay of #{original}", seen["replay_meta"])
         self.assertEqual(seen["rows"], 5)
+        self.assertEqual([line.split("\t") for line in seen["form"].splitlines()],
+                         [["user", "ann"], ["note", "hi there!"]])
+        self.assertEqual(seen["hex_note"], "1024 bytes")
+        self.assertTrue(seen["hex"].startswith("00000000  00 01 02 03"), seen["hex"][:60])
         self.assertTrue(seen["editor_hidden"])
         # What the app received: the webhook, its replay and the edited replay.
         hooks = [(s["method"], s["uri"]) for s in self.app.seen if s["uri"].startswith("/hooks/")]
