@@ -11,7 +11,8 @@ import re
 import sys
 import time
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -69,6 +70,17 @@ class InspectOptions(unittest.TestCase):
         top.startService()
         self.addCleanup(top.stopService)
         self.assertIn((4040, "127.0.0.1"), [(port, interface) for port, _, _, interface in reactor.tcpServers])
+
+    def test_an_endpoint_beyond_loopback_is_warned_about(self):
+        for endpoint, warned in (("tcp:4040", True), ("tcp:4040:interface=0.0.0.0", True),
+                                 ("tcp:4040:interface=127.0.0.1", False)):
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            top = client.makeService(parse("--inspect", endpoint), MemoryReactorClock())
+            [inspector] = [s for s in top if isinstance(s, Inspector)]
+            inspector.startService()
+            self.addCleanup(inspector.stopService)
+            warnings = [e for e in events if "keep it on loopback" in e.get("log_format", "")]
+            self.assertEqual(len(warnings), int(warned), endpoint)
 
     def test_bad_values_name_the_option(self):
         for args, env, name in [
