@@ -174,6 +174,28 @@ class InspectorAPI(unittest.TestCase):
         self.assertIsNone(entry["status"])
         self.assertIn("the local app failed", entry["error"])
 
+    async def test_replays_at_once_are_bounded_and_each_times_out(self):
+        self.inspector.replayer.max_running = 1
+        self.inspector.replayer.timeout = 0.5
+        await request(self.agent, b"GET", self.base + "/app/ok")
+        [original] = await self.done(1)
+        hanging = defer.ensureDeferred(self.api(b"POST", f"/api/requests/{original['id']}/replay",
+                                                {"path": "/hang"}))
+        await eventually(lambda: self.app.hanging)
+        code, answer = await self.api(b"POST", f"/api/requests/{original['id']}/replay", {})
+        self.assertEqual((code, answer), (429, {"error": "1 replays are already running"}))
+        code, entry = await hanging
+        self.assertEqual(code, 201)
+        self.assertEqual((entry["path"], entry["status"], entry["error"]),
+                         ("/hang", None, "no complete answer within 0.5 s"))
+        self.assertEqual(self.inspector.replayer.running, set())
+        # Timed out in the middle of the body: what came is kept, the error says why.
+        code, entry = await self.api(b"POST", f"/api/requests/{original['id']}/replay", {"path": "/chunks"})
+        self.assertEqual((code, entry["status"], entry["error"]), (201, 200, "no complete answer within 0.5 s"))
+        self.assertEqual(base64.b64decode(entry["response"]["body"]), b"first chunk\n")
+        code, entry = await self.api(b"POST", f"/api/requests/{original['id']}/replay", {})
+        self.assertEqual((code, entry["status"], entry["error"]), (201, 200, None))
+
     async def test_clear(self):
         await request(self.agent, b"GET", self.base + "/a")
         [entry] = await self.done(1)

@@ -227,3 +227,4 @@ class GuardTests(unittest.TestCase):
         self.assertTrue(is_loopback_endpoint("unix:/run/inspect.sock"))
         self.assertFalse(is_loopback_endpoint("tcp:4040"))
         self.assertFalse(is_loopback_endpoint("tcp:4040:interface=0.0.0.0"))
+

@@ -141,7 +141,7 @@ class Replayer:
         if original is None:
             raise ReplayError(http.NOT_FOUND, f"no request {entry_id!r}")
         if len(self.running) >= self.max_running:
-            raise ReplayError(http.TOO_MANY_REQUESTS, f"{self.max_running} replays are already running")
+            raise ReplayError(429, f"{self.max_running} replays are already running")
         method, path, headers, body = build_request(original, overrides)
         entry = self.recorder.add(method, path, headers, replay_of=original.id)
         entry.request.feed(body)
@@ -159,9 +159,9 @@ class Replayer:
 
         def stop():
             timed_out.append(True)
-            if not d.called:
-                d.cancel()
-            elif capture.transport is not None:
+            if capture.transport is None:
+                d.cancel()  # (d may be 'called' yet waiting on the connection's Deferred)
+            else:
                 capture.transport.stopProducing()
 
         self.running.add(stop)
