@@ -52,7 +52,7 @@ def cmd_unlimited_token(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipegate.demo import run
 
-    return run(args.port)
+    return run(args.port, args.inspect_port)
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     unlimited.set_defaults(func=cmd_unlimited_token)
     demo = sub.add_parser("demo", help="run a relay, a connector and a small web app on loopback")
     demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
+    demo.add_argument("--inspect-port", type=int, default=4040,
+                      help="request inspector port on 127.0.0.1 (default 4040, any free one if taken; 0 = any)")
     demo.set_defaults(func=cmd_demo)
     forward = sub.add_parser("forward", help="forward ports to a gateway's gates (the Docker helper's program)")
     forward.add_argument("--to", required=True, help="host or address of the gateway, as seen from here")

@@ -9,12 +9,14 @@ import json
 import secrets
 import sys
 
-from twisted.internet import endpoints
+from twisted.internet import endpoints, error
 from twisted.logger import Logger
 from twisted.web import resource, server
 
 from pipegate import auth
 from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.inspect.recorder import Recorder
+from pipegate.http.inspect.web import Inspector, inspector_url
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 
 log = Logger()
@@ -40,8 +42,11 @@ class DemoApp(resource.Resource):
         return json.dumps(answer, indent=2).encode() + b"\n"
 
 
-def start(reactor, port: int = 8000):
-    """Start the three pieces; returns a Deferred firing with (relay_url, connector)."""
+def start(reactor, port: int = 8000, inspect_port: int = 4040):
+    """
+    Start the three pieces and the request inspector; returns a Deferred firing with
+    (relay_url, connector, relay, ports, inspector_url).
+    """
     settings = auth.JWTSettings(secret=secrets.token_hex(32))
     relay = Relay(RelayConfig(jwt=settings), reactor)
     relay.startService()
@@ -53,12 +58,32 @@ def start(reactor, port: int = 8000):
         app_url = f"http://127.0.0.1:{app_port.getHost().port}"
         relay_url = f"ws://127.0.0.1:{relay_port.getHost().port}"
         token = auth.mint(settings, "demo", reactor.seconds())
+        recorder = Recorder(reactor)
         connector = Connector(reactor, ConnectorConfig(Target.parse(app_url)), relay_url,
-                              token, "demo")
+                              token, "demo", observer=recorder)
         connector.startService()
-        return connector.online.addCallback(
-            lambda _: (f"http://127.0.0.1:{relay_port.getHost().port}/demo/", connector,
-                       relay, [app_port, relay_port]))
+        inspector = Inspector(recorder, connector.agent, connector.config.target, reactor)
+        inspector.startService()
+
+        async def inspect():
+            try:
+                return await endpoints.TCP4ServerEndpoint(
+                    reactor, inspect_port, interface="127.0.0.1").listen(inspector.site)
+            except error.CannotListenError:
+                if inspect_port != 4040:
+                    raise
+                # 4040 is taken (another tunnel's inspector?): any free port will do.
+                return await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(inspector.site)
+
+        async def ready():
+            inspect_listener = await inspect()
+            await connector.online
+            return (f"http://127.0.0.1:{relay_port.getHost().port}/demo/", connector,
+                    relay, [app_port, relay_port, inspect_listener], inspector_url(inspect_listener))
+
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(ready())
 
     from twisted.internet.defer import gatherResults
 
@@ -67,21 +92,22 @@ def start(reactor, port: int = 8000):
     return d.addCallback(started)
 
 
-def run(port: int = 8000) -> int:
+def run(port: int = 8000, inspect_port: int = 4040) -> int:
     from twisted.internet import reactor
 
     def ready(result):
-        url = result[0]
+        url, inspect_url = result[0], result[4]
         print(f"PipeGate demo: relay, connector and a demo app are running on 127.0.0.1.\n"
               f"Public URL: {url}\n"
               f"Try:        curl -s '{url}hello?name=world'\n"
+              f"Inspector:  {inspect_url}  (every request through the tunnel, with replay)\n"
               f"Press Ctrl-C to stop.", flush=True)
 
     def failed(failure):
         print(f"pipegate demo: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
         reactor.stop()
 
-    d = start(reactor, port)
+    d = start(reactor, port, inspect_port)
     d.addCallbacks(ready, failed)
     reactor.run()
     return 0

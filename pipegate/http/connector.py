@@ -224,14 +224,19 @@ class ConnectorStream:
         self.pipe: StreamPipe | None = None
         self._request: defer.Deferred | None = None
         self._closed = False
+        self.record = None  # the inspector's StreamRecording, when --inspect is on
 
     def send(self, frame: frames.Frame) -> None:
         if not self._closed:
+            if self.record is not None:
+                self.record.sent(frame)
             self.session.send(frame)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.record is not None:
+                self.record.closed()
             self.upload.release()
             self.session.streams.pop(self.stream_id, None)
 
@@ -268,6 +273,10 @@ class ConnectorStream:
         return headers
 
     def start(self) -> None:
+        observer = self.session.observer
+        if observer is not None:
+            self.record = observer.begin(
+                self.head, self.session.config.target.path(self.head.target), self.request_headers())
         if self.head.upgrade:
             self._start_passthrough()
             return
@@ -327,6 +336,8 @@ class ConnectorStream:
         self.reset(http.BAD_GATEWAY, f"local app unreachable: {reason}")
 
     def frame_received(self, frame: frames.Frame) -> None:
+        if self.record is not None:
+            self.record.received(frame)
         if self.pipe is not None:
             self.pipe.frame_received(frame)
             if isinstance(frame, frames.Reset):
@@ -403,8 +414,9 @@ class ConnectorSession:
     log = Logger()
 
     def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, agent, reactor,
-                 window_budget: frames.GrowthBudget | None = None) -> None:
+                 window_budget: frames.GrowthBudget | None = None, observer=None) -> None:
         self.link = link
+        self.observer = observer  # pipegate.http.inspect.recorder.Recorder, or None
         self.config = config
         self.agent = agent
         self.reactor = reactor
@@ -438,6 +450,8 @@ class ConnectorSession:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._closed = True
+            if stream.record is not None:
+                stream.record.closed("the link to the relay was lost")
             stream.upload.release()
             if stream.pipe is not None:
                 stream.pipe.abort()
@@ -457,7 +471,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
     def onConnect(self, response):
         connector: Connector = self.factory.connector
         self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor,
-                                        connector.window_budget)
+                                        connector.window_budget, observer=connector.observer)
 
     def onOpen(self):
         self.link_opened()
@@ -502,8 +516,9 @@ class Connector(service.MultiService):
 
     def __init__(self, reactor, config: ConnectorConfig, server_url: str, token: str,
                  tunnel_id: str, *, ca_file: str | None = None, retry_policy=None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, observer=None) -> None:
         super().__init__()
+        self.observer = observer  # the request inspector (--inspect), None when off
         self.reactor = reactor
         self.config = config
         self.tunnel_id = tunnel_id

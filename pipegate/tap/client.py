@@ -35,6 +35,10 @@ class Options(EnvOptions):
         ["window-budget", None, "8388608", "Bytes by which all request bodies' windows together may grow "
                                             "beyond the initial 262144."],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless given."],
+        ["inspect", None, None, "Server endpoint of the request inspector (page, API, replay), off unless given; "
+                                "it shows bodies and headers: keep it on loopback (tcp:4040:interface=127.0.0.1)."],
+        ["inspect-max", None, "500", "Requests the inspector keeps (the oldest are dropped)."],
+        ["inspect-body-bytes", None, "65536", "Bytes of each request and response body the inspector keeps."],
     ]
     converters = {
         "max-streams": positive_int,
@@ -42,6 +46,8 @@ class Options(EnvOptions):
         "ping-interval": non_negative_float,
         "max-window": positive_int,
         "window-budget": non_negative_int,
+        "inspect-max": positive_int,
+        "inspect-body-bytes": non_negative_int,
     }
 
     def parseArgs(self, target_url=None, server_url=None):
@@ -66,6 +72,7 @@ class Options(EnvOptions):
         from pipegate.mux.node import check_server_endpoint
 
         check_server_endpoint("metrics", self["metrics"])
+        check_server_endpoint("inspect", self["inspect"])
         if self["ca-file"] and not os.path.isfile(self["ca-file"]):
             raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
         path_id = parts.path.strip("/").rsplit("/", 1)[-1] or None
@@ -126,9 +133,19 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    recorder = None
+    if options["inspect"]:
+        from pipegate.http.inspect.recorder import Recorder
+
+        recorder = Recorder(reactor, options["inspect-max"], options["inspect-body-bytes"])
     connector = make_connector(
-        options, reactor, on_fatal=lambda message: fatal_exit(reactor, message))
+        options, reactor, on_fatal=lambda message: fatal_exit(reactor, message), observer=recorder)
     connector.setServiceParent(top)
+    if recorder is not None:
+        from pipegate.http.inspect.web import Inspector
+
+        Inspector(recorder, connector.agent, connector.config.target, reactor,
+                  options["inspect"]).setServiceParent(top)
     if options["metrics"]:
         from pipegate.metrics import connector_collector
         from pipegate.status import add_ops, connector_status
