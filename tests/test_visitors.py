@@ -218,3 +218,18 @@ class Networks(unittest.TestCase):
         self.assertEqual(visitors.parse_network("10.1.2.3"), ipaddress.ip_network("10.1.2.3/32"))
         self.assertEqual(visitors.parse_network("10.1.2.3/8"), ipaddress.ip_network("10.0.0.0/8"))
         self.assertEqual(visitors.parse_network("2001:db8::/32").version, 6)
+
+
+class HashBudget(unittest.TestCase):
+    def test_guessing_is_throttled_per_tunnel_but_cached_credentials_pass(self):
+        gate = VisitorGate("app", VisitorPolicy.from_options("app", ["ann:pw"]), hash_rate=2, hash_burst=3)
+        self.assertTrue(gate.check("127.0.0.1", basic("ann", "pw"), now=100.0).allowed)
+        outcomes = [gate.check("127.0.0.1", basic("ann", f"guess{i}"), now=100.0).outcome for i in range(4)]
+        self.assertEqual(outcomes, ["bad_credentials", "bad_credentials", "throttled", "throttled"])
+        # Cached good credentials need no hash; missing ones need none either.
+        self.assertTrue(gate.check("127.0.0.1", basic("ann", "pw"), now=100.0).allowed)
+        self.assertEqual(gate.check("127.0.0.1", None, now=100.0).outcome, "no_credentials")
+        # The budget refills with time.
+        self.assertEqual(gate.check("127.0.0.1", basic("ann", "guess"), now=101.0).outcome, "bad_credentials")
+        other = VisitorGate("other", VisitorPolicy.from_options("other", ["ann:pw"]), hash_rate=2, hash_burst=3)
+        self.assertTrue(other.check("127.0.0.1", basic("ann", "pw"), now=100.0).allowed)

@@ -29,6 +29,8 @@ MAX_USERS = 64
 MAX_RULES = 256
 MAX_HEADER = 16384
 MAX_USER = 128
+HASH_RATE = 50.0             # password hashes per second and tunnel (about 6% of a core)
+HASH_BURST = 100.0
 
 
 class VisitorPolicyError(ValueError):
@@ -67,7 +69,7 @@ def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
 
 @attrs.frozen
 class Verdict:
-    """C{outcome}: allowed, ip_denied, no_credentials or bad_credentials."""
+    """C{outcome}: allowed, ip_denied, no_credentials, bad_credentials or throttled."""
 
     outcome: str
     user: str | None = None
@@ -205,17 +207,25 @@ class VisitorGate:
     One tunnel's policy applied to callers, with a small cache of Authorization values
     that passed (a browser repeats the same header on every request; the hash is computed
     once, not per request).  The cache keys are SHA-256 digests, never the header itself.
+
+    Hashing costs about a millisecond, so a stranger guessing passwords could spend the
+    relay's CPU: each tunnel may hash at most C{hash_rate} passwords a second (burst
+    C{hash_burst}); beyond that, credentials not in the cache get C{throttled} (429)
+    without a hash, and only this tunnel's new visitors wait.
     """
 
     CACHE = 64
 
-    def __init__(self, tunnel_id: str, policy: VisitorPolicy) -> None:
+    def __init__(self, tunnel_id: str, policy: VisitorPolicy, hash_rate: float = HASH_RATE,
+                 hash_burst: float = HASH_BURST) -> None:
         self.tunnel_id = tunnel_id
         self.policy = policy
         self._users = dict(policy.users)
         self._good: OrderedDict[bytes, str] = OrderedDict()
+        self._rate, self._burst = hash_rate, hash_burst
+        self._level, self._last = hash_burst, None   # the hash budget, a token bucket
 
-    def check(self, ip: str, authorization: bytes | None) -> Verdict:
+    def check(self, ip: str, authorization: bytes | None, now: float = 0.0) -> Verdict:
         """IP rules first (403 even with good credentials), then credentials (401)."""
         if not self.policy.ip_allowed(ip):
             return Verdict("ip_denied")
@@ -231,6 +241,12 @@ class VisitorGate:
         parsed = basic_credentials(authorization)
         if parsed is None:
             return Verdict("bad_credentials")
+        if self._last is not None and now > self._last:
+            self._level = min(self._burst, self._level + (now - self._last) * self._rate)
+        self._last = now if self._last is None else max(self._last, now)
+        if self._level < 1:
+            return Verdict("throttled")
+        self._level -= 1
         user, password = parsed
         expected = self._users.get(user)
         # Hash even for an unknown user, so that the time taken does not tell which names exist.
