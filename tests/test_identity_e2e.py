@@ -302,3 +302,41 @@ class RelayProcess(unittest.TestCase):
         self.assertIn("revoked", fatal[0])
         self.assertIn(b"disconnecting a connector of tunnel t1: token revoked", relay.output)
 
+
+
+class Attacks(unittest.TestCase):
+    """What a stranger can try against the login and the visitor policy."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        self.app_port = await self.loop.app(self.app)
+
+    def login(self, port, token: str, policy: str) -> bytes:
+        return get(port, "/t1", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+            "Sec-WebSocket-Protocol": "pipegate.v1", "Authorization": "Bearer " + token,
+            "PipeGate-Visitor-Policy": policy})
+
+    async def test_malformed_or_oversized_policy_is_refused_and_others_keep_running(self):
+        relay, port = await self.loop.relay()
+        await self.loop.connector(port, self.app_port, "t2")
+        for policy in ('{"basic":[["ann","nothex"]]}', "not json",
+                       json.dumps({"deny": [f"10.0.{i // 256}.{i % 256}" for i in range(300)]})):
+            status, _, _ = split_response(await self.login(port, token_for("t1"), policy))
+            self.assertIn(b" 400 bad PipeGate-Visitor-Policy", status)
+        self.assertEqual(relay.stats.get("admission_failures", "bad_policy"), 3)
+        self.assertNotIn("t1", relay.tunnels)
+        status, _, _ = split_response(await get(port, "/t2/x"))
+        self.assertIn(b" 200 ", status)
+
+    async def test_made_up_ids_add_no_metric_series(self):
+        from pipegate.policy import load_policy
+
+        relay, port = await self.loop.relay(offline_grace=0.05, policy=load_policy(
+            [json.dumps({"ips": {"127.0.0.1": {"allow": False}}})])[0])
+        for i in range(5):
+            status, _, _ = split_response(await get(port, f"/made-up-{i}/x"))
+            self.assertIn(b" 403 ", status)
+        self.assertEqual(relay.stats.by_label("caller_decisions"), {"(offline),ingress_denied": 5})
