@@ -273,7 +273,7 @@ class RelayProcess(unittest.TestCase):
 
     timeout = 120
 
-    async def test_sighup_and_access_log(self):
+    async def test_file_change_sighup_and_access_log(self):
         loop = Loopback(self)
         app_port = await loop.app()
         path = os.path.abspath(self.mktemp())
@@ -285,23 +285,69 @@ class RelayProcess(unittest.TestCase):
                                       f"tcp:{port}:interface=127.0.0.1", "--access-log"],
                       child_env(PIPEGATE_JWT_SECRET=SECRET, PIPEGATE_REVOKED=path, PYTHONPATH=root))
         await eventually(lambda: b"starting on" in relay.output, timeout=60)
-        fatal = []
-        token = token_for("t1")
-        await loop.connector(port, app_port, "t1", token=token,
-                             visitor_policy=VisitorPolicy.from_options("t1", ["ann:pw"]), on_fatal=fatal.append)
+        fatal1, fatal2 = [], []
+        token1, token2 = token_for("t1"), token_for("t2")
+        await loop.connector(port, app_port, "t1", token=token1,
+                             visitor_policy=VisitorPolicy.from_options("t1", ["ann:pw"]), on_fatal=fatal1.append)
+        await loop.connector(port, app_port, "t2", token=token2, on_fatal=fatal2.append)
         status, _, _ = split_response(await get(port, "/t1/x"))
         self.assertIn(b" 401 ", status)
         await eventually(lambda: b'"visitor_no_credentials"' in relay.output)
+        # A change to the file alone (the relay polls its stat) cuts t2 off.
+        with open(path, "a") as f:
+            f.write(jti_of(token2) + "  # t2's token\n")
+        await eventually(lambda: fatal2, timeout=30)
+        self.assertIn("revoked", fatal2[0])
+        self.assertEqual(fatal1, [])
+        self.assertIn(b"1 entries", relay.output)
+        # SIGHUP reads the file even when it did not change ...
+        self.assertNotIn(b"(unchanged)", relay.output)
         relay.transport.signalProcess(signal.SIGHUP)
-        await eventually(lambda: b"1 entries" not in relay.output and b"(unchanged)" in relay.output)
-        # Written without the poll noticing a difference in time would be a race; SIGHUP reads it at once.
-        with open(path, "w") as f:
-            f.write(jti_of(token) + "\n")
+        await eventually(lambda: b"(unchanged)" in relay.output)
+        # ... and a change with it.
+        with open(path, "a") as f:
+            f.write(jti_of(token1) + "\n")
         relay.transport.signalProcess(signal.SIGHUP)
-        await eventually(lambda: fatal, timeout=30)
-        self.assertIn("revoked", fatal[0])
+        await eventually(lambda: fatal1, timeout=30)
         self.assertIn(b"disconnecting a connector of tunnel t1: token revoked", relay.output)
 
+
+class ConnectorProcesses(unittest.TestCase):
+    """twistd pipegate-client with --basic-auth (from the variable), --deny, and a 409 it survives."""
+
+    timeout = 120
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        self.app_port = await self.loop.app(self.app)
+        self.relay, self.port = await self.loop.relay()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(auth.__file__)))
+        self.env = dict(PYTHONPATH=root)   # this checkout's code in the child (it runs in _trial_temp)
+
+    def client(self, token: str, *args: str, **env: str):
+        return spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token", token, *args,
+                                     f"http://127.0.0.1:{self.app_port.getHost().port}",
+                                     f"ws://127.0.0.1:{self.port.getHost().port}/t1"],
+                     child_env(**self.env, **env))
+
+    async def test_policy_from_the_command_line_and_a_second_token(self):
+        first = self.client(token_for("t1"), "--deny", "127.0.0.2",
+                            PIPEGATE_BASIC_AUTH="ann:first-password bob:second")
+        await eventually(lambda: b"tunnel t1 online" in first.output, timeout=60)
+        self.assertNotIn(b"first-password", first.output)
+        status, headers, _ = split_response(await get(self.port, "/t1/x"))
+        self.assertIn(b" 401 ", status)
+        status, _, _ = split_response(await get(self.port, "/t1/x", "127.0.0.2", basic("bob", "second")))
+        self.assertIn(b" 403 ", status)
+        status, _, _ = split_response(await get(self.port, "/t1/x", "127.0.0.1", basic("bob", "second")))
+        self.assertIn(b" 200 ", status)
+        self.assertNotIn("authorization", [k.lower() for k, v in self.app.seen[-1]["headers"]])
+        second = self.client(token_for("t1"), PIPEGATE_BASIC_AUTH="ann:first-password bob:second")
+        await eventually(lambda: b"(409 tunnel already served by another token" in second.output, timeout=60)
+        await eventually(lambda: second.output.count(b"409") >= 2, timeout=60)   # it retries
+        self.assertFalse(second.ended.called)
+        self.assertEqual(len(self.relay.tunnels["t1"].links), 1)
 
 
 class Attacks(unittest.TestCase):
