@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from pipegate import auth
+from pipegate.http import frames
 from pipegate.http.revocation import RevocationWatcher
 from pipegate.http.visitors import VisitorPolicy
 from tests.support import (
@@ -386,3 +387,30 @@ class Attacks(unittest.TestCase):
             status, _, _ = split_response(await get(port, f"/made-up-{i}/x"))
             self.assertIn(b" 403 ", status)
         self.assertEqual(relay.stats.by_label("caller_decisions"), {"(offline),ingress_denied": 5})
+
+
+class PolicyChange(unittest.TestCase):
+    async def test_a_new_connector_set_brings_its_own_policy(self):
+        """
+        When the last connector leaves, its policy goes with it, even while the tunnel lives on
+        (a request still finishing on a link that said GOAWAY); the next connector's applies.
+        """
+        loop = Loopback(self)
+        app = TestApp()
+        app_port = await loop.app(app)
+        relay, port = await loop.relay(offline_grace=30)
+        first = await loop.connector(port, app_port, "t1",
+                                     visitor_policy=VisitorPolicy.from_options("t1", ["ann:pw"]))
+        hanging = defer.Deferred.fromCoroutine(get(port, "/t1/hang", headers=basic("ann", "pw")))
+        await eventually(lambda: app.hanging)
+        first.links[0].send(frames.GoAway(b"leaving"))   # no new requests for it; the one in flight runs on
+        await eventually(lambda: not relay.tunnels["t1"].links)
+        self.assertEqual(relay.tunnels["t1"].in_flight, 1)
+        waiting = defer.Deferred.fromCoroutine(get(port, "/t1/x", headers={"Authorization": "Bearer app"}))
+        await eventually(lambda: relay.tunnels["t1"].waiting)
+        await loop.connector(port, app_port, "t1", token=token_for("t1"))   # no policy now
+        status, _, _ = split_response(await waiting)
+        self.assertIn(b" 200 ", status)
+        self.assertIn(["Authorization", "Bearer app"], app.seen[-1]["headers"])
+        app.hanging[0].finish()
+        await hanging

@@ -249,6 +249,8 @@ class Relay(service.Service, Drainer):
         if tunnel is None or link not in tunnel.links:
             return
         tunnel.links.remove(link)
+        if not tunnel.links:
+            tunnel.gate = None   # the next connector declares the policy; waiting requests meet it then
         self.log.info("connector down for tunnel {tunnel_id} ({count} left)",
                       tunnel_id=link.tunnel_id, count=len(tunnel.links))
         self._forget_if_idle(tunnel)
