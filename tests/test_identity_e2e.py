@@ -217,6 +217,19 @@ class Visitors(unittest.TestCase):
         status, _, _ = split_response(await get(self.port, "/t1/x", "127.0.0.2"))
         self.assertIn(b" 200 ", status)
 
+    async def test_behind_a_trusted_proxy_the_forwarded_caller_counts(self):
+        from pipegate.http.forwarded import parse_trusted_proxies
+
+        relay, port = await self.loop.relay(trusted_proxies=parse_trusted_proxies("127.0.0.1"))
+        await self.loop.connector(port, self.app_port, "t1", visitor_policy=self.policy(deny=["203.0.113.0/24"]))
+        status, _, _ = split_response(await get(port, "/t1/x", "127.0.0.1", {"X-Forwarded-For": "203.0.113.9"}))
+        self.assertIn(b" 403 ", status)
+        status, _, _ = split_response(await get(port, "/t1/x", "127.0.0.1", {"X-Forwarded-For": "198.51.100.1"}))
+        self.assertIn(b" 200 ", status)
+        # From a peer that is not a trusted proxy, X-Forwarded-For counts for nothing.
+        status, _, _ = split_response(await get(port, "/t1/x", "127.0.0.2", {"X-Forwarded-For": "203.0.113.9"}))
+        self.assertIn(b" 200 ", status)
+
     async def test_ingress_policy_applies_first(self):
         from pipegate.policy import load_policy
 
