@@ -383,10 +383,11 @@ class Attacks(unittest.TestCase):
         relay, port = await self.loop.relay()
         await self.loop.connector(port, self.app_port, "t2")
         for policy in ('{"basic":[["ann","nothex"]]}', "not json",
-                       json.dumps({"deny": [f"10.0.{i // 256}.{i % 256}" for i in range(300)]})):
+                       json.dumps({"deny": [f"10.0.{i // 256}.{i % 256}" for i in range(300)]}),
+                       "[" * 8000):   # nesting that overflows the JSON decoder's stack
             status, _, _ = split_response(await self.login(port, token_for("t1"), policy))
             self.assertIn(b" 400 bad PipeGate-Visitor-Policy", status)
-        self.assertEqual(relay.stats.get("admission_failures", "bad_policy"), 3)
+        self.assertEqual(relay.stats.get("admission_failures", "bad_policy"), 4)
         self.assertNotIn("t1", relay.tunnels)
         status, _, _ = split_response(await get(port, "/t2/x"))
         self.assertIn(b" 200 ", status)

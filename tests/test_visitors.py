@@ -52,7 +52,7 @@ class Policy(unittest.TestCase):
                      '{"basic":[["ann","00"]]}', '{"allow":["300.1.1.1"]}', '{"allow":[1]}',
                      '{"basic":[["a:b","' + "00" * 32 + '"]]}',
                      '{"basic":[["ann","' + "00" * 32 + '"],["ann","' + "11" * 32 + '"]]}',
-                     "x" * (visitors.MAX_HEADER + 1)]:
+                     "x" * (visitors.MAX_HEADER + 1), "[" * 10000, '{"basic":' + "[" * 5000 + "]" * 5000 + "}"]:
             with self.assertRaises(VisitorPolicyError, msg=text[:60]):
                 VisitorPolicy.decode(text)
 

@@ -137,8 +137,8 @@ class VisitorPolicy:
             raise VisitorPolicyError(f"longer than {MAX_HEADER} bytes")
         try:
             body = json.loads(text)
-        except ValueError:
-            raise VisitorPolicyError("not JSON") from None
+        except (ValueError, RecursionError):  # deep nesting overflows the decoder's stack
+            raise VisitorPolicyError("not JSON (or nested too deeply)") from None
         if not isinstance(body, dict) or set(body) - {"basic", "allow", "deny"}:
             raise VisitorPolicyError("expected an object with basic, allow and deny only")
         users = []
