@@ -101,8 +101,37 @@ class JWTSettings:
         )
 
 
-def mint(settings: JWTSettings, connection_id: str, now: float) -> str:
-    """Sign a token for C{connection_id} with the first configured algorithm."""
+_TTL = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*\Z")
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_ttl(value: str) -> float:
+    """C{90s}, C{30m}, C{1h}, C{7d}, C{2w} in seconds; ConfigError names C{--ttl}."""
+    match = _TTL.match(value)
+    if match is None:
+        raise ConfigError(f"--ttl: expected a number with a unit s, m, h, d or w (e.g. 1h, 7d), got {value!r}")
+    seconds = float(match.group(1)) * _TTL_UNITS[match.group(2)]
+    if not 0 < seconds <= MAX_TTL_DAYS * 86400:
+        raise ConfigError(f"--ttl: must be above 0 and at most {MAX_TTL_DAYS}d")
+    return seconds
+
+
+@attrs.frozen
+class Claims:
+    """What the relay takes from a verified token."""
+
+    sub: str
+    jti: str | None = None   # None: a token minted elsewhere without one
+    shared: bool = False     # minted with --shared: may serve one tunnel with other shared tokens
+
+
+def mint(settings: JWTSettings, connection_id: str, now: float, *, shared: bool = False,
+         ttl_seconds: float | None = None, jti: str | None = None) -> str:
+    """
+    Sign a token for C{connection_id} with the first configured algorithm.  It carries a
+    unique C{jti} (C{jti} pins it, for callers that print it) and, with C{shared}, the
+    claim C{"shared": true}.
+    """
     if not valid_connection_id(connection_id):
         raise ConfigError(
             f"connection id {connection_id!r}: use 1-64 of A-Z a-z 0-9 _ - (not 'healthz')"
@@ -112,16 +141,23 @@ def mint(settings: JWTSettings, connection_id: str, now: float) -> str:
         "sub": connection_id,
         "iat": issued,
         "nbf": issued,
-        "exp": issued + int(settings.ttl_days * 86400),
+        "exp": issued + int(settings.ttl_days * 86400 if ttl_seconds is None else ttl_seconds),
         "iss": settings.issuer,
         "aud": settings.audience,
-        "jti": uuid.uuid4().hex,
+        "jti": jti or uuid.uuid4().hex,
     }
+    if shared:
+        claims["shared"] = True
     return jwt.encode(claims, settings.secret, algorithm=settings.algorithms[0])
 
 
 def verify(settings: JWTSettings, token: str, now: float) -> str:
     """Return the token's connection id (C{sub}) or raise L{TokenError}."""
+    return verify_claims(settings, token, now).sub
+
+
+def verify_claims(settings: JWTSettings, token: str, now: float) -> Claims:
+    """Return the token's L{Claims} or raise L{TokenError}."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -158,7 +194,13 @@ def verify(settings: JWTSettings, token: str, now: float) -> str:
     sub = claims["sub"]
     if not isinstance(sub, str) or not valid_connection_id(sub):
         raise TokenError("token subject is not a valid connection id")
-    return sub
+    jti = claims.get("jti")
+    if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > 128):
+        raise TokenError("token jti is not a string of 1-128 characters")
+    shared = claims.get("shared", False)
+    if not isinstance(shared, bool):
+        raise TokenError("token shared claim is not true or false")
+    return Claims(sub, jti, shared)
 
 
 def unverified_subject(token: str) -> str | None:
@@ -170,12 +212,20 @@ def unverified_subject(token: str) -> str | None:
     return sub if isinstance(sub, str) else None
 
 
-def token_lines(connection_id: str | None, environ: Mapping[str, str], now: float) -> str:
-    """The two lines printed by C{pipegate token} and C{python -m pipegate.auth}."""
+def token_lines(connection_id: str | None, environ: Mapping[str, str], now: float, *,
+                shared: bool = False, ttl_seconds: float | None = None, show_id: bool = False) -> str:
+    """
+    The two lines printed by C{pipegate token} and C{python -m pipegate.auth}; with
+    C{show_id} a third, C{Token-id: <jti>} (the id to put in the relay's C{--revoked} file).
+    """
     settings = JWTSettings.from_environ(environ)
     cid = connection_id or environ.get("PIPEGATE_CONNECTION_ID") or uuid.uuid4().hex
-    token = mint(settings, cid, now)
-    return f"Connection-id: {cid}\nJWT Bearer:    {token}\n"
+    jti = uuid.uuid4().hex
+    token = mint(settings, cid, now, shared=shared, ttl_seconds=ttl_seconds, jti=jti)
+    lines = f"Connection-id: {cid}\nJWT Bearer:    {token}\n"
+    if show_id:
+        lines += f"Token-id:      {jti}\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,11 +45,11 @@ class ServiceCollector(Collector):
                 counts[key] = counts.get(key, 0) + value
         for name in self.counters:
             text, label = COUNTERS[name]
-            family = CounterMetricFamily(self.prefix + name, text, labels=[label] if label else None)
+            family = CounterMetricFamily(self.prefix + name, text, labels=label.split(",") if label else None)
             if label:
                 for (n, value), number in sorted(counts.items()):
                     if n == name:
-                        family.add_metric([value], number)
+                        family.add_metric(value.split(","), number)
             else:
                 family.add_metric([], counts.get((name, ""), 0))
             yield family
@@ -82,7 +82,7 @@ def relay_collector(relay) -> ServiceCollector:
             ("draining", "1 while the service drains before stopping.", None, {"": int(relay.stopping)}),
         ]
     return ServiceCollector(relay.stats, ("requests", "bytes", "admission_failures", "policy_denials",
-                                          "throttled_seconds", "drain_cut"), gauges)
+                                          "caller_decisions", "throttled_seconds", "drain_cut"), gauges)
 
 
 def hub_collector(hub) -> ServiceCollector:

@@ -6,12 +6,15 @@ C{--metrics} listener is asked for.
 
 from __future__ import annotations
 
-# name -> (help, label name or None); exported as pipegate_<name>_total
+# name -> (help, label name or None); exported as pipegate_<name>_total.  A label "a,b"
+# names two labels, and its values are "x,y".
 COUNTERS: dict[str, tuple[str, str | None]] = {
     "requests": ("HTTP requests answered by the relay (public ones and /healthz), by status code.", "code"),
     "bytes": ("Payload bytes carried; up = caller/client towards the service, down = back.", "direction"),
     "admission_failures": ("Connector logins or mux links refused before admission, by reason.", "reason"),
     "policy_denials": ("Callers or clients refused by an ingress policy.", None),
+    "caller_decisions": ("Public requests decided by the relay's ingress policy or a tunnel's visitor policy, "
+                         "by tunnel and outcome.", "tunnel,outcome"),
     "throttled_seconds": ("Pause time imposed by shaping, by direction.", "direction"),
     "reconnects": ("Links to a relay or peer re-established after a loss.", None),
     "channel_opens": ("Channels the gateway tried to open on a provider, by result.", "result"),

@@ -36,8 +36,10 @@ SECRET = "integration-test-secret-0123456789-abcdefghijklmn"
 SETTINGS = auth.JWTSettings(secret=SECRET)
 
 
-def token_for(tunnel_id: str, settings: auth.JWTSettings = SETTINGS, now: float | None = None) -> str:
-    return auth.mint(settings, tunnel_id, reactor.seconds() if now is None else now)
+def token_for(tunnel_id: str, settings: auth.JWTSettings = SETTINGS, now: float | None = None,
+              shared: bool = False) -> str:
+    """A fresh token (its own jti); several connectors of one tunnel need C{shared} or one token."""
+    return auth.mint(settings, tunnel_id, reactor.seconds() if now is None else now, shared=shared)
 
 
 async def eventually(predicate, timeout: float = 10.0, interval: float = 0.01):

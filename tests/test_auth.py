@@ -436,3 +436,61 @@ class CommandLineTests(unittest.TestCase):
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertRegex(result.stdout, r"\A[0-9a-f]{64}\n\Z")
         self.assertNotEqual(first.stdout, second.stdout)
+
+
+class IdentityTests(unittest.TestCase):
+    """Token ids, --shared and --ttl (issue 20)."""
+
+    def test_claims(self):
+        now = time.time()
+        claims = auth.verify_claims(SETTINGS, mint(SETTINGS, "app", now), now)
+        self.assertRegex(claims.jti, r"\A[0-9a-f]{32}\Z")
+        self.assertFalse(claims.shared)
+        shared = auth.verify_claims(SETTINGS, mint(SETTINGS, "app", now, shared=True, jti="j1"), now)
+        self.assertEqual((shared.sub, shared.jti, shared.shared), ("app", "j1", True))
+
+    def test_bad_shared_or_jti_claims_are_refused(self):
+        now = int(time.time())
+        base = {"sub": "app", "iat": now, "nbf": now, "exp": now + 60, "iss": "pipegate", "aud": "pipegate"}
+        for extra in ({"shared": "yes"}, {"jti": 5}, {"jti": ""}, {"jti": "x" * 129}):
+            token = jwt.encode({**base, **extra}, SECRET, algorithm="HS256")
+            with self.assertRaises(TokenError, msg=extra):
+                auth.verify_claims(SETTINGS, token, now)
+        # A token minted elsewhere without a jti is still accepted (it cannot share by jti).
+        token = jwt.encode(base, SECRET, algorithm="HS256")
+        self.assertIsNone(auth.verify_claims(SETTINGS, token, now).jti)
+
+    def test_ttl(self):
+        self.assertEqual(auth.parse_ttl("1h"), 3600)
+        self.assertEqual(auth.parse_ttl("7d"), 7 * DAY)
+        self.assertEqual(auth.parse_ttl("30m"), 1800)
+        self.assertEqual(auth.parse_ttl("2w"), 14 * DAY)
+        self.assertEqual(auth.parse_ttl("90s"), 90)
+        self.assertEqual(auth.parse_ttl("1.5h"), 5400)
+        for bad in ("1", "h", "0h", "-1h", "1y", "3651d", "1 h x"):
+            with self.assertRaises(ConfigError, msg=bad) as e:
+                auth.parse_ttl(bad)
+            self.assertIn("--ttl", str(e.exception))
+        now = time.time()
+        token = mint(SETTINGS, "app", now, ttl_seconds=3600)
+        self.assertEqual(unverified(token)["exp"], int(now) + 3600)
+
+    def test_command_line(self):
+        # This checkout first on the path (the child runs in _trial_temp).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(auth.__file__)))
+        env = clean_environ(PIPEGATE_JWT_SECRET=SECRET, PYTHONPATH=root)
+        result = subprocess.run(
+            [sys.executable, "-m", "pipegate", "token", "-c", "app", "--ttl", "1h", "--shared", "--show-id"],
+            env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        match = re.match(r"\AConnection-id: app\nJWT Bearer:    (\S+)\nToken-id:      ([0-9a-f]{32})\n\Z",
+                         result.stdout)
+        self.assertIsNotNone(match, result.stdout)
+        claims = auth.verify_claims(SETTINGS, match.group(1), time.time())
+        self.assertEqual((claims.jti, claims.shared), (match.group(2), True))
+        self.assertLessEqual(unverified(match.group(1))["exp"] - time.time(), 3600 + 5)
+        bad = subprocess.run([sys.executable, "-m", "pipegate", "token", "--ttl", "1y"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(bad.returncode, 2)
+        self.assertEqual(len(bad.stderr.splitlines()), 1, bad.stderr)
+        self.assertIn("--ttl", bad.stderr)

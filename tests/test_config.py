@@ -386,3 +386,95 @@ class IngressPolicyVariable(unittest.TestCase):
         self.assertTrue(replaced["policy"].empty)
         bad = dict(relay_env, PIPEGATE_INGRESS_POLICY='{"ips": {"nope": {}}}')
         self.assertRaises(usage.UsageError, self.options, server, bad)
+
+
+class IdentityOptions(unittest.TestCase):
+    """--basic-auth, --allow, --deny, --shared on the connector; --revoked on the relay (issue 20)."""
+
+    def client(self, *args, **env) -> client.Options:
+        options = client.Options()
+        options.environ = env
+        options.parseOptions(list(args))
+        return options
+
+    def test_visitor_policy_from_flags_and_variables(self):
+        from pipegate.http.visitors import VisitorPolicy
+
+        o = self.client("--token", token("app"), "--basic-auth", "ann:pw", "--basic-auth", "bob:x:y",
+                        "--allow", "10.0.0.0/8", "--deny", "10.1.2.3", TARGET, "ws://relay.example/app")
+        self.assertEqual(o["visitor-policy"], VisitorPolicy.from_options(
+            "app", ["ann:pw", "bob:x:y"], ["10.0.0.0/8"], ["10.1.2.3"]))
+        o = self.client("--token", token("app"), TARGET, "ws://relay.example/app",
+                        PIPEGATE_BASIC_AUTH="ann:pw bob:x:y", PIPEGATE_ALLOW="10.0.0.0/8 ::1",
+                        PIPEGATE_DENY="10.1.2.3")
+        self.assertEqual(o["visitor-policy"], VisitorPolicy.from_options(
+            "app", ["bob:x:y", "ann:pw"], ["::1", "10.0.0.0/8"], ["10.1.2.3"]))
+        # A flag replaces the variable's list.
+        o = self.client("--token", token("app"), "--allow", "127.0.0.1", TARGET, "ws://relay.example/app",
+                        PIPEGATE_ALLOW="10.0.0.0/8")
+        self.assertEqual([str(n) for n in o["visitor-policy"].allow], ["127.0.0.1/32"])
+        self.assertTrue(self.client("--token", token("app"), TARGET, "ws://relay.example/app")["visitor-policy"].empty)
+
+    def test_bad_values_name_the_option_and_hide_the_password(self):
+        for args, name in ((["--basic-auth", "annsecretpw"], "--basic-auth"), (["--allow", "10.0.0.0/40"], "--allow"),
+                           (["--deny", "nowhere"], "--deny"),
+                           (["--basic-auth", "ann:secretpw", "--basic-auth", "ann:secretpw2"], "--basic-auth")):
+            e = self.assertRaises(usage.UsageError, self.client, "--token", token("app"), *args, TARGET,
+                                  "ws://relay.example/app")
+            self.assertIn(name, str(e))
+            self.assertNotIn("secretpw", str(e))
+
+    def test_shared_self_minted_token(self):
+        o = self.client(TARGET, "ws://relay.example/app", PIPEGATE_JWT_SECRET=SECRET, PIPEGATE_SHARED="true")
+        self.assertTrue(auth.verify_claims(SETTINGS, o["token"], time.time()).shared)
+        o = self.client(TARGET, "ws://relay.example/app", PIPEGATE_JWT_SECRET=SECRET)
+        claims = auth.verify_claims(SETTINGS, o["token"], time.time())
+        self.assertFalse(claims.shared)
+        self.assertRegex(claims.jti, r"\A[0-9a-f]{32}\Z")
+
+    def test_ids_differing_in_case_are_one(self):
+        o = self.client("--token", token("MyApp"), TARGET, "ws://relay.example/myapp")
+        self.assertEqual(o["tunnel-id"], "MyApp")
+
+    def test_revoked_file(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("abc # one\nmyapp\n")
+        o = server.Options()
+        o.environ = {"PIPEGATE_JWT_SECRET": SECRET, "PIPEGATE_REVOKED": path}
+        o.parseOptions([])
+        self.assertEqual(o["revocations"].current.entries, frozenset({"abc", "myapp"}))
+        o = server.Options()
+        o.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+        e = self.assertRaises(usage.UsageError, o.parseOptions, ["--revoked", path + ".missing"])
+        self.assertTrue(str(e).startswith("--revoked:"), str(e))
+
+    def test_relay_service_watches_the_file_and_reloads_on_sighup(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from pipegate.http.revocation import RevocationWatcher
+        from pipegate.tlsreload import ReloadOnSignal
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("abc\n")
+        o = server.Options()
+        o.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+        o.parseOptions(["--revoked", path, "--listen", "tcp:0:interface=127.0.0.1"])
+        reactor = MemoryReactorClock()
+        top = server.makeService(o, reactor)
+        services = list(top)
+        relay = next(s for s in services if isinstance(s, server.Relay))
+        watcher = next(s for s in services if isinstance(s, RevocationWatcher))
+        hup = next(s for s in services if isinstance(s, ReloadOnSignal))
+        self.assertEqual(relay.revocations.entries, frozenset({"abc"}))
+        with open(path, "w") as f:
+            f.write("def\n")
+        hup.reload()
+        self.assertEqual(relay.revocations.entries, frozenset({"def"}))
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        with open(path, "w") as f:
+            f.write("ghi\n")
+        reactor.advance(2.0)
+        self.assertEqual(relay.revocations.entries, frozenset({"ghi"}))

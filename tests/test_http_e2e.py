@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from pipegate.http import frames
 from tests.support import (
-    Loopback, TestApp, connect_raw, dechunk, eventually, pattern, raw_request, request,
+    Loopback, TestApp, connect_raw, dechunk, eventually, pattern, raw_request, request, token_for,
     split_response, ws_connect,
 )
 
@@ -29,7 +29,9 @@ class Tunnel(unittest.TestCase):
         self.app = TestApp()
         self.app_port = await self.loop.app(self.app)
         self.relay, self.relay_port = await self.loop.relay()
-        self.connector = await self.loop.connector(self.relay_port, self.app_port, "t1")
+        # A shared token, so that tests may add connectors to t1 with other shared tokens.
+        self.connector = await self.loop.connector(self.relay_port, self.app_port, "t1",
+                                                   token=token_for("t1", shared=True))
         self.base = f"http://127.0.0.1:{self.relay_port.getHost().port}"
         self.agent = self.loop.agent()
 
@@ -240,7 +242,8 @@ class Tunnel(unittest.TestCase):
     async def test_multiple_connectors_share_load(self):
         second_app = TestApp()
         second_port = await self.loop.app(second_app)
-        await self.loop.connector(self.relay_port, second_port, "t1")
+        await self.loop.connector(self.relay_port, second_port, "t1",
+                                         token=token_for("t1", shared=True))
         for i in range(10):
             response, _ = await request(self.agent, b"GET", self.base + f"/t1/r/{i}")
             self.assertEqual(response.code, 200)
@@ -249,7 +252,8 @@ class Tunnel(unittest.TestCase):
     async def test_one_connector_leaving_fails_only_its_requests(self):
         second_app = TestApp()
         second_port = await self.loop.app(second_app)
-        second = await self.loop.connector(self.relay_port, second_port, "t1")
+        second = await self.loop.connector(self.relay_port, second_port, "t1",
+                                                 token=token_for("t1", shared=True))
         calls = {name: defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang?" + name))
                  for name in ("a", "b")}
         await eventually(lambda: len(self.app.hanging) == 1 and len(second_app.hanging) == 1)

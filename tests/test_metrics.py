@@ -20,7 +20,7 @@ from pipegate.metrics import (
 from pipegate.ports.services import Service
 from pipegate.stats import Stats
 from pipegate.status import OpsResource, format_status, gateway_status, provider_status, relay_status
-from tests.support import Loopback, eventually, request
+from tests.support import Loopback, eventually, request, token_for
 from tests.test_ports_e2e import Client, PortPlane, free_port
 from tests.test_processes import child_env, spawn
 
@@ -139,8 +139,9 @@ class RelayMetrics(unittest.TestCase):
         self.assertEqual(after[("pipegate_admission_failures_total", (("reason", "bad_token"),))], 1)
 
     async def test_status_shows_live_tunnels(self):
-        await self.loop.connector(self.relay_port, self.app_port, "t1")
-        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        token = token_for("t1")   # one token, two connectors (the same jti may share a tunnel)
+        await self.loop.connector(self.relay_port, self.app_port, "t1", token=token)
+        await self.loop.connector(self.relay_port, self.app_port, "t1", token=token)
         await self.loop.connector(self.relay_port, self.app_port, "t2")
         hang = request(self.agent, b"GET", self.base + "/t2/hang")
         from twisted.internet import defer

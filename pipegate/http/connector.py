@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from pipegate.http import frames
+from pipegate.http import frames, visitors
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
 from pipegate.stats import Stats
@@ -468,12 +468,22 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
         super().__init__()
         self.session: ConnectorSession | None = None
 
+    unprotected = False
+
     def onConnect(self, response):
         connector: Connector = self.factory.connector
         self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor,
                                         connector.window_budget, observer=connector.observer)
+        # A relay that predates visitor policies ignores the header: it must not serve the tunnel.
+        self.unprotected = (not connector.visitors.empty
+                            and response.headers.get(visitors.HEADER.lower()) != visitors.ACCEPTED)
 
     def onOpen(self):
+        if self.unprotected:
+            self.factory.connector.refused("it does not enforce visitor policies (--basic-auth, --allow, "
+                                           "--deny); upgrade the relay")
+            self.dropConnection(abort=True)
+            return
         self.link_opened()
         self.factory.connector.link_up(self)
 
@@ -495,7 +505,9 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
     def failHandshake(self, reason):
         status_line = getattr(self, "http_status_line", "") or ""
         parts = status_line.split(" ", 2)
-        if len(parts) >= 2 and parts[1] in ("401", "403"):
+        if len(parts) >= 2 and parts[1] == "409":
+            self.factory.connector.conflict(parts[2] if len(parts) > 2 else "")
+        elif len(parts) >= 2 and parts[1] in ("401", "403"):
             self.factory.connector.refused(f"{parts[1]} {parts[2] if len(parts) > 2 else ''}".strip())
         return super().failHandshake(reason)
 
@@ -516,10 +528,12 @@ class Connector(service.MultiService):
 
     def __init__(self, reactor, config: ConnectorConfig, server_url: str, token: str,
                  tunnel_id: str, *, ca_file: str | None = None, retry_policy=None,
-                 on_fatal: Callable[[str], None] | None = None, observer=None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, observer=None,
+                 visitor_policy: visitors.VisitorPolicy = visitors.EMPTY) -> None:
         super().__init__()
         self.observer = observer  # the request inspector (--inspect), None when off
         self.reactor = reactor
+        self.visitors = visitor_policy
         self.config = config
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
@@ -541,14 +555,14 @@ class Connector(service.MultiService):
         # The login path is /<id> under any path prefix of SERVER_URL; the token travels
         # in the Authorization header, never in the URL.
         known = base.rsplit("/", 1)[-1] if base else ""
-        path = base if known == tunnel_id else f"{base}/{tunnel_id}"
+        path = base if known.lower() == tunnel_id.lower() else f"{base}/{tunnel_id}"
         url = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1].split('?')[0]}{path}"
         self.public_url = f"{'https' if secure else 'http'}://{parts.netloc}{path}/"
         self.display_url = url
-        factory = WebSocketClientFactory(
-            url, protocols=[frames.SUBPROTOCOL],
-            headers={"Authorization": f"Bearer {token}"},
-        )
+        headers = {"Authorization": f"Bearer {token}"}
+        if not self.visitors.empty:
+            headers[visitors.HEADER] = self.visitors.encode()
+        factory = WebSocketClientFactory(url, protocols=[frames.SUBPROTOCOL], headers=headers)
         factory.protocol = ConnectorProtocol
         factory.connector = self
         factory.noisy = False
@@ -609,8 +623,19 @@ class Connector(service.MultiService):
                 self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
                               reason=reason or "", what="replaced" if retiring else "reconnecting")
 
+    def conflict(self, reason: str) -> None:
+        """
+        409: another connector holds the tunnel (possibly a stale link of our own last run the
+        relay has not timed out yet), or declared another visitor policy.  Not fatal: retry.
+        """
+        self.stats.inc("admission_failures", "conflict")
+        self.log.warn("the relay refused the login for tunnel {tunnel_id} (409 {reason}); retrying",
+                      tunnel_id=self.tunnel_id, reason=reason)
+
     def refused(self, reason: str) -> None:
         message = f"the relay refused the login: {reason}"
+        if "revoked" in reason:
+            message += " (this token was revoked on the relay; ask its operator for a new one)"
         self.log.critical("{message}", message=message)
         self.client_service.stopService()
         if self.on_fatal is not None:

@@ -36,6 +36,9 @@ from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
+from pipegate.http import visitors
+from pipegate.http.ownership import Holder, join_refusal
+from pipegate.http.revocation import Revocations
 
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -67,7 +70,7 @@ class RelayConfig:
 def _plain(request: server.Request, code: int, message: str) -> None:
     """Answer with a short text/plain body and finish."""
     body = message.encode() + b"\n"
-    request.setResponseCode(code)
+    request.setResponseCode(code, b"Too Many Requests" if code == 429 else None)  # not in twisted's table
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
     request.write(body)
@@ -82,6 +85,7 @@ class Tunnel:
     links: list[ConnectorLink] = attrs.field(factory=list)
     waiting: list[RelayStream] = attrs.field(factory=list)
     in_flight: int = 0
+    gate: visitors.VisitorGate | None = None   # the visitor policy its connectors declared
     _next: int = 0
 
     def pick(self) -> ConnectorLink:
@@ -112,6 +116,7 @@ class Relay(service.Service, Drainer):
         self.window_budget = frames.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
+        self.revocations = Revocations()           # --revoked: token ids and connection ids
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -150,33 +155,102 @@ class Relay(service.Service, Drainer):
 
     # -- connectors
     def authenticate(self, path_id: str | None, token: str | None) -> str:
+        return self.authenticate_claims(path_id, token).sub
+
+    def authenticate_claims(self, path_id: str | None, token: str | None) -> auth.Claims:
+        """
+        The token's claims, with C{sub} lower-cased (connection ids are case-insensitive),
+        or L{ConnectionDeny}: 401 (no, bad or revoked token), 403 (path differs).
+        """
         if not token:
             self.stats.inc("admission_failures", "no_token")
             raise ConnectionDeny(401, "missing token")
         try:
-            sub = auth.verify(self.config.jwt, token, self.clock.seconds())
+            claims = auth.verify_claims(self.config.jwt, token, self.clock.seconds())
         except auth.TokenError as e:
             self.stats.inc("admission_failures", "bad_token")
             raise ConnectionDeny(401, str(e))
-        if path_id is not None and path_id != sub:
+        sub = claims.sub.lower()
+        if path_id is not None and path_id.lower() != sub:
             self.stats.inc("admission_failures", "wrong_path")
             raise ConnectionDeny(403, "token subject does not match the path")
-        return sub
+        if self.revocations.revoked(claims.jti, sub):
+            self.stats.inc("admission_failures", "revoked")
+            raise ConnectionDeny(401, "token revoked")
+        return attrs.evolve(claims, sub=sub)
+
+    def admit(self, tunnel_id: str, holder: Holder) -> None:
+        """The ownership rule (L{join_refusal}): L{ConnectionDeny} 409 when it refuses."""
+        tunnel = self.tunnels.get(tunnel_id)
+        reason = join_refusal([link.holder for link in tunnel.links] if tunnel else [], holder)
+        if reason is not None:
+            self.stats.inc("admission_failures", "conflict")
+            raise ConnectionDeny(409, reason)
+
+    def set_revocations(self, revocations: Revocations) -> None:
+        """A new C{--revoked} list: connectors logged in with a revoked token are cut off now."""
+        self.revocations = revocations
+        links = [link for t in self.tunnels.values() for link in t.links] + list(self.leaving)
+        for link in links:
+            if revocations.revoked(link.holder.jti, link.tunnel_id):
+                self.log.info("disconnecting a connector of tunnel {tunnel_id}: token revoked",
+                              tunnel_id=link.tunnel_id)
+                link.go_away("token revoked")
+
+    def _count_caller(self, request, tunnel: Tunnel, outcome: str) -> None:
+        """Ingress and visitor decisions: the access log's last field and a counter by tunnel."""
+        request.decision = outcome
+        label = tunnel.id if tunnel.links else "(offline)"  # no label per id a stranger makes up
+        self.stats.inc("caller_decisions", f"{label},{outcome}")
+
+    def visitor_refusal(self, tunnel: Tunnel, request) -> tuple[int, str] | None:
+        """
+        The tunnel's visitor policy applied to a caller: None to go on (the caller's
+        C{Authorization} then removed when it served as the tunnel's credentials), else the
+        status and reason to answer with (401 comes with C{WWW-Authenticate}).
+        """
+        gate = tunnel.gate
+        if gate is None:
+            return None
+        ip = getattr(request.getClientAddress(), "host", "")
+        verdict = gate.check(ip, request.getHeader(b"authorization"), self.clock.seconds())
+        self._count_caller(request, tunnel, "visitor_" + verdict.outcome)
+        if verdict.allowed:
+            if gate.policy.users:
+                request.requestHeaders.removeHeader(b"authorization")
+            return None
+        if verdict.outcome == "ip_denied":
+            return http.FORBIDDEN, "forbidden by the tunnel's visitor policy"
+        if verdict.outcome == "throttled":
+            request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+            return 429, "too many credentials to check for this tunnel; retry later"
+        request.responseHeaders.setRawHeaders(
+            b"www-authenticate", [b'Basic realm="%s", charset="UTF-8"' % tunnel.id.encode()])
+        return http.UNAUTHORIZED, "credentials required"
 
     def attach(self, link: ConnectorLink) -> None:
         tunnel = self.tunnels.setdefault(link.tunnel_id, Tunnel(link.tunnel_id))
+        if not tunnel.links:
+            policy = link.holder.policy
+            tunnel.gate = None if policy.empty else visitors.VisitorGate(tunnel.id, policy)
         tunnel.links.append(link)
         self.log.info("connector up for tunnel {tunnel_id} ({count} connected)",
                       tunnel_id=link.tunnel_id, count=len(tunnel.links))
         waiting, tunnel.waiting = tunnel.waiting, []
         for stream in waiting:
-            stream.assign(tunnel.pick())
+            refusal = self.visitor_refusal(tunnel, stream.request)
+            if refusal is not None:
+                stream.fail(*refusal)
+            else:
+                stream.assign(tunnel.pick())
 
     def detach(self, link: ConnectorLink) -> None:
         tunnel = self.tunnels.get(link.tunnel_id)
         if tunnel is None or link not in tunnel.links:
             return
         tunnel.links.remove(link)
+        if not tunnel.links:
+            tunnel.gate = None   # the next connector declares the policy; waiting requests meet it then
         self.log.info("connector down for tunnel {tunnel_id} ({count} left)",
                       tunnel_id=link.tunnel_id, count=len(tunnel.links))
         self._forget_if_idle(tunnel)
@@ -215,9 +289,6 @@ class Relay(service.Service, Drainer):
         if label is not None:
             if not auth.valid_connection_id(label):
                 return "unknown tunnel"
-            # Host names are case-insensitive; connection ids are not.
-            if label not in self.tunnels:
-                label = next((t for t in self.tunnels if t.lower() == label), label)
             return label, uri, b""
         path, sep, query = uri.partition(b"?")
         first, slash, rest = path[1:].partition(b"/")
@@ -227,7 +298,8 @@ class Relay(service.Service, Drainer):
             return "unknown tunnel"
         if not auth.valid_connection_id(tunnel_id):
             return "unknown tunnel"
-        return tunnel_id, b"/" + rest + sep + query, b"/" + first
+        # Connection ids are case-insensitive (as host names are): /MyApp is tunnel myapp.
+        return tunnel_id.lower(), b"/" + rest + sep + query, b"/" + first
 
     def public_request(self, request: RelayRequest) -> None:
         routed = self.route(request)
@@ -257,7 +329,16 @@ class Relay(service.Service, Drainer):
         shaping = self._buckets(request, tunnel_id)
         if shaping is None:
             self.stats.inc("policy_denials")
+            self._count_caller(request, tunnel, "ingress_denied")
             _plain(request, http.FORBIDDEN, "forbidden by ingress policy")
+            self._forget_if_idle(tunnel)
+            return
+        refusal = self.visitor_refusal(tunnel, request)
+        if refusal is not None:
+            for key in shaping[2]:
+                self.pool.release(key)
+            request.body_sink = None
+            _plain(request, *refusal)
             self._forget_if_idle(tunnel)
             return
         upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade"))
@@ -649,6 +730,7 @@ class RelayRequest(server.Request):
 
     body_sink: RelayStream | None = None
     declared_length: int | None = 0
+    decision: str | None = None   # an ingress or visitor policy outcome, for the access log
     caller_gone = False
     _started_early = False
     _body_done = True
@@ -794,6 +876,7 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.tunnel_id = ""
+        self.holder = Holder(None, False, visitors.EMPTY)
         self.streams: dict[int, RelayStream] = {}
         self._next_stream = 1
         self._open = False
@@ -819,11 +902,20 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         elif request.params.get("token"):
             token = request.params["token"][0]
         try:
-            self.tunnel_id = relay.authenticate(path_id, token)
+            claims = relay.authenticate_claims(path_id, token)
+            try:
+                policy = visitors.VisitorPolicy.decode(request.headers.get(visitors.HEADER.lower()))
+            except visitors.VisitorPolicyError as e:
+                relay.stats.inc("admission_failures", "bad_policy")
+                raise ConnectionDeny(400, f"bad {visitors.HEADER}: {e}")
+            holder = Holder(claims.jti, claims.shared, policy)
+            relay.admit(claims.sub, holder)
         except ConnectionDeny as e:
-            self._log.info("connector login refused: {reason}", reason=e.reason)
+            self._log.info("connector login refused ({code}): {reason}", code=e.code, reason=e.reason)
             raise
-        return frames.SUBPROTOCOL
+        self.tunnel_id, self.holder = claims.sub, holder
+        # The answer tells a connector that declared a policy that this relay enforces it.
+        return frames.SUBPROTOCOL, {visitors.HEADER: visitors.ACCEPTED}
 
     def onOpen(self):
         self._open = True
@@ -975,8 +1067,10 @@ def redacting_formatter(timestamp: str, request: server.Request) -> str:
     original = request.uri
     request.uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", original)
     try:
-        return http.combinedLogFormatter(timestamp, request)
+        line = http.combinedLogFormatter(timestamp, request)
     finally:
         request.uri = original
+    decision = getattr(request, "decision", None)
+    return line if decision is None else f'{line} "{decision}"'
 
 

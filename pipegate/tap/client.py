@@ -13,6 +13,7 @@ from twisted.python import usage
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.http.connector import Connector, ConnectorConfig, ConnectorError, Target
+from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -40,6 +41,10 @@ class Options(EnvOptions):
         ["inspect-max", None, "500", "Requests the inspector keeps (the oldest are dropped)."],
         ["inspect-body-bytes", None, "65536", "Bytes of each request and response body the inspector keeps."],
     ]
+    optFlags = [
+        ["shared", None, "Mint the token this connector makes for itself with shared=true (PIPEGATE_JWT_SECRET "
+                         "set, no --token), so that several connectors may serve one tunnel."],
+    ]
     converters = {
         "max-streams": positive_int,
         "connect-timeout": positive_float,
@@ -49,6 +54,28 @@ class Options(EnvOptions):
         "inspect-max": positive_int,
         "inspect-body-bytes": non_negative_int,
     }
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("basic-auth", "allow", "deny"):
+            self[name] = []
+
+    def opt_basic_auth(self, value: str) -> None:
+        """USER:PASSWORD callers must give (HTTP basic auth, checked by the relay); repeatable."""
+        self.append("basic-auth", value)
+
+    def opt_allow(self, value: str) -> None:
+        """Only callers from this IP or CIDR (IPv4/IPv6) may reach the tunnel; repeatable."""
+        self.append("allow", value)
+
+    def opt_deny(self, value: str) -> None:
+        """Callers from this IP or CIDR get 403 (beats --allow); repeatable."""
+        self.append("deny", value)
+
+    def _apply_env(self) -> None:
+        super()._apply_env()
+        for name in ("basic-auth", "allow", "deny"):
+            self.repeatable_from_env(name, split=True)   # space-separated lists
 
     def parseArgs(self, target_url=None, server_url=None):
         self["target-url"] = target_url or self.environ.get("PIPEGATE_TARGET_URL")
@@ -90,17 +117,27 @@ class Options(EnvOptions):
                 if cid is None:
                     import uuid
                     cid = uuid.uuid4().hex
-                token = auth.mint(settings, cid, time.time())
+                token = auth.mint(settings, cid, time.time(), shared=bool(self["shared"]))
             except auth.ConfigError as e:
                 raise usage.UsageError(str(e)) from None
         sub = auth.unverified_subject(token)
         if sub is None or not auth.valid_connection_id(sub):
             raise usage.UsageError("--token: not a PipeGate token (no valid sub claim)")
-        if path_id is not None and path_id != sub:
+        if path_id is not None and path_id.lower() != sub.lower():
             raise usage.UsageError(
                 f"SERVER_URL: connection id {path_id!r} differs from the token's {sub!r}")
         self["token"] = token
         self["tunnel-id"] = sub
+        for name, parse in (("basic-auth", parse_credentials), ("allow", parse_network), ("deny", parse_network)):
+            for value in self[name]:
+                try:
+                    parse(value)
+                except VisitorPolicyError as e:
+                    raise usage.UsageError(f"--{name}: {e}") from None
+        try:
+            self["visitor-policy"] = VisitorPolicy.from_options(sub, self["basic-auth"], self["allow"], self["deny"])
+        except VisitorPolicyError as e:
+            raise usage.UsageError(f"--basic-auth/--allow/--deny: {e}") from None
         # Never keep the token in the URL: it would reach logs.
         query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("token="))
         self["server-url"] = parts._replace(query=query).geturl()
@@ -125,7 +162,8 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
         max_window=options["max-window"], window_budget=options["window-budget"],
     )
     return Connector(reactor, config, options["server-url"], options["token"],
-                     options["tunnel-id"], ca_file=options["ca-file"], **kwargs)
+                     options["tunnel-id"], ca_file=options["ca-file"],
+                     visitor_policy=options["visitor-policy"], **kwargs)
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:

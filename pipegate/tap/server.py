@@ -55,6 +55,8 @@ class Options(HubOptions, EnvOptions):
                                 "given, e.g. tcp:9100:interface=127.0.0.1."],
         ["tls-cert", None, None, "PEM certificate (chain) to serve TLS on --listen; reloaded on SIGHUP."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["revoked", None, None, "File of revoked token ids (jti) and connection ids, one a line, # comments; "
+                                "re-read when it changes and on SIGHUP."],
     ] + HUB_PARAMETERS
     converters = {
         "max-body-bytes": non_negative_int,
@@ -123,6 +125,17 @@ class Options(HubOptions, EnvOptions):
         check_server_endpoint("metrics", self["metrics"])
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        self["revocations"] = None
+        if self["revoked"]:
+            from pipegate.http.revocation import RevocationWatcher
+
+            # Read once now: a missing or unreadable file stops startup (later, it keeps the last list).
+            watcher = RevocationWatcher(self["revoked"], None, lambda revocations: None)
+            try:
+                watcher.load()
+            except (OSError, UnicodeError) as e:
+                raise usage.UsageError(f"--revoked: {e}") from None
+            self["revocations"] = watcher
         self["tls"] = None
         if self["tls-cert"]:
             from pipegate.tlsreload import CertificateError, ReloadingServerTLS
@@ -159,6 +172,13 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
     relay = Relay(relay_config(options), reactor)
+    reloads = []
+    if options.get("revocations") is not None:
+        watcher = options["revocations"]   # read by check(); polled from now on
+        watcher.clock, watcher.on_change = reactor, relay.set_revocations
+        relay.set_revocations(watcher.current)
+        watcher.setServiceParent(top)
+        reloads.append(watcher.reload)
     hub = hub_node(options)
     add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub)
     relay.setServiceParent(top)
@@ -168,10 +188,18 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         factory = TLSMemoryBIOFactory(tls, False, factory)
-    # SIGHUP (systemctl reload) reloads the certificate; without one it must not kill the relay.
+    # SIGHUP (systemctl reload) reloads the certificate and the --revoked file; without
+    # either it must not kill the relay.
     from pipegate.tlsreload import ReloadOnSignal, nothing_to_reload
 
-    ReloadOnSignal(tls.reload if tls is not None else nothing_to_reload, reactor).setServiceParent(top)
+    if tls is not None:
+        reloads.insert(0, tls.reload)
+
+    def reload_all() -> None:
+        for reload in reloads:
+            reload()
+
+    ReloadOnSignal(reload_all if reloads else nothing_to_reload, reactor).setServiceParent(top)
     # Added last so that it stops first: no new connections while the relay drains.
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
