@@ -121,9 +121,36 @@ class Tunnel(unittest.TestCase):
             self.assertEqual(response.code, 200)
             self.assertEqual(json.loads(body)["method"], method.decode())
 
-    async def test_id_only_path(self):
-        response, body = await request(self.agent, b"GET", self.base + "/t1?x=1")
+    async def test_id_only_path_redirects_to_the_directory(self):
+        # Issue 18 item 1: GET /t1 used to be proxied as "/", so the app's relative links
+        # and assets resolved against the relay's root.  Now: 301 to /t1/, query kept.
+        seen = len(self.app.seen)
+        for method in (b"GET", b"HEAD"):
+            response, body = await request(self.agent, method, self.base + "/t1?x=1&y=%20")
+            self.assertEqual(response.code, 301, method)
+            self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/t1/?x=1&y=%20"])
+        response, body = await request(self.agent, b"GET", self.base + "/t1")
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/t1/"])
+        self.assertEqual(len(self.app.seen), seen)  # nothing reached the app
+        response, body = await request(self.agent, b"GET", self.base + "/t1/?x=1")
         self.assertEqual(json.loads(body)["uri"], "/?x=1")
+        # A redirect would lose another method's body: that one still goes to "/".
+        response, body = await request(self.agent, b"POST", self.base + "/t1?x=1", body=b"data")
+        self.assertEqual(json.loads(body)["uri"], "/?x=1")
+        self.assertEqual(json.loads(body)["body_len"], 4)
+
+    async def test_raw_utf8_request_line_is_accepted(self):
+        # Issue 18 item 7: curl and several HTTP libraries send UTF-8 paths unencoded; the
+        # relay answered 400.  Now the bytes cross the tunnel unchanged and the app gets
+        # them percent-encoded (an HTTP/1.1 request target is ASCII).
+        raw = await raw_request(self.relay_port, "GET /t1/café/ünï?q=ö HTTP/1.1\r\nHost: x\r\n"
+                                                 "Connection: close\r\n\r\n".encode())
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(self.app.seen[-1]["uri"], "/caf%C3%A9/%C3%BCn%C3%AF?q=%C3%B6")
+        # Control characters and raw bytes in the method or version are still refused.
+        for line in (b"GET /t1/a\x01b HTTP/1.1", "GËT /t1/x HTTP/1.1".encode()):
+            raw = await raw_request(self.relay_port, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertIn(b" 400 ", split_response(raw)[0])
 
     async def test_concurrent_requests(self):
         self.relay.config = attrs.evolve(self.relay.config, max_in_flight=200)
@@ -354,6 +381,24 @@ class StatusCodes(unittest.TestCase):
         response, body = await request(self.agent, b"POST", self.base + "/t1/echo", body=b"x" * 1000)
         self.assertEqual((response.code, body), (200, b"x" * 1000))
 
+    async def test_expect_continue_over_the_limit_gets_413_without_100(self):
+        # Issue 18 item 9: Twisted sent "100 Continue" and then the relay said 413, so the
+        # client sent the body the relay had refused.  Now the 413 comes first and alone.
+        await self.start(max_body_bytes=1000)
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        raw = await raw_request(self.relay_port, b"POST /t1/echo HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
+        self.assertNotIn(b"100 Continue", raw)
+        # Within the limit, the client is still invited to send its body.
+        proto = await connect_raw(self.relay_port, b"POST /t1/echo HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        await eventually(lambda: b"100 Continue" in proto.received)
+        proto.transport.write(b"hello")
+        raw = await proto.done
+        self.assertIn(b"HTTP/1.1 200 ", raw)
+        self.assertTrue(raw.endswith(b"hello"), raw)
+
     async def test_offline_grace(self):
         await self.start(offline_grace=10)
         d = defer.Deferred.fromCoroutine(
@@ -405,6 +450,15 @@ class DomainRouting(unittest.TestCase):
         self.assertEqual(app.seen[-1]["uri"], "/some/path?q=1")
         names = [k.lower() for k, v in app.seen[-1]["headers"]]
         self.assertNotIn("x-forwarded-prefix", names)
+        # Issue 18 item 8: a fully qualified name (trailing dot) is the same host; it used
+        # to fall through to path routing (404 for /some/path).
+        raw = await raw_request(relay_port, b"GET /dotted?q=2 HTTP/1.1\r\n"
+                                b"Host: T1.tunnels.example.:8000\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(app.seen[-1]["uri"], "/dotted?q=2")
+        raw = await raw_request(relay_port, b"GET /t1/p HTTP/1.1\r\n"
+                                b"Host: t1.tunnels.example.\r\nConnection: close\r\n\r\n")
+        self.assertEqual(app.seen[-1]["uri"], "/t1/p")
         # path routing still works next to it
         agent = loop.agent()
         response, body = await request(agent, b"GET", f"http://127.0.0.1:{relay_port.getHost().port}/t1/p")

@@ -8,6 +8,7 @@ bodies both ways within the streams' credit windows.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -66,9 +67,20 @@ class Target:
         return self.scheme + b"://" + self.authority + self.path(target)
 
     def path(self, target: bytes) -> bytes:
-        """The base path joined with the tunnel target, dot segments kept inside the tunnel."""
+        """
+        The base path joined with the tunnel target, dot segments kept inside the tunnel.
+        Bytes an HTTP/1.1 request target may not hold (raw UTF-8 a caller sent unencoded)
+        are percent-encoded: the app gets C{/caf%C3%A9} for C{/café}.
+        """
         path, sep, query = target.partition(b"?")
-        return self.base + safe_path(path) + sep + query
+        return _OUTSIDE_TARGET.sub(_percent, self.base + safe_path(path) + sep + query)
+
+
+_OUTSIDE_TARGET = re.compile(rb"[^\x21-\x7e]")
+
+
+def _percent(match: re.Match) -> bytes:
+    return b"%%%02X" % match.group()[0]
 
 
 def _is_dot(segment: bytes, dots: bytes) -> bool:
