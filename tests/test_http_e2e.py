@@ -713,3 +713,83 @@ class RelayPolicy(unittest.TestCase):
         self.assertEqual(len(relay.pool), 0)
 
     test_tunnel_rate_slows_a_download.timeout = 60
+
+
+class LoginFailures(unittest.TestCase):
+    """
+    Issue 18 items 4 and 6: a connector whose login fails after TCP connected retried
+    every 0.5-1 s for ever and said nothing.  Now every failed attempt grows the delay
+    (Redial) and logs one line with the reason, asserted here through a log observer.
+    """
+
+    async def failures(self, url: str, count: int = 3) -> str:
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        from pipegate.core.redial import Redial
+        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from tests.support import token_for
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = Connector(reactor, ConnectorConfig(Target.parse("http://127.0.0.1:9")), url,
+                              token_for("t1"), "t1", retry_policy=Redial(initial=0.05, rng=lambda: 1.0))
+        connector.startService()
+        self.addCleanup(lambda: connector.running and connector.stopService())
+
+        def mine():
+            return [e for e in events if e.get("url") == connector.display_url and "why" in e]
+        await eventually(lambda: len(mine()) >= count, timeout=20)
+        await connector.stopService()
+        got = mine()
+        self.assertEqual([e["delay"] for e in got[:count]], [0.05, 0.1, 0.2][:count])
+        self.assertEqual(connector.links, [])
+        whys = {e["why"] for e in got}
+        self.assertEqual(len(whys), 1, whys)
+        return whys.pop()
+
+    async def test_not_a_relay_404(self):
+        from twisted.web import resource, server
+
+        loop = Loopback(self)
+        port = await loop.listen(server.Site(resource.NoResource()))
+        why = await self.failures(f"ws://127.0.0.1:{port.getHost().port}/t1")
+        self.assertEqual(why, "the server answered HTTP 404 Not Found to the login "
+                              "(is SERVER_URL a PipeGate relay, ws(s)://host[:port]/<connection-id>?)")
+
+    async def test_wss_to_a_plain_port(self):
+        loop = Loopback(self)
+        relay, port = await loop.relay(idle_timeout=0.2)
+        why = await self.failures(f"wss://127.0.0.1:{port.getHost().port}/t1", count=2)
+        self.assertIn("a plain port needs ws://, not wss://", why)
+        self.assertEqual(relay.tunnels, {})
+
+    async def test_connection_refused(self):
+        from tests.test_ports_e2e import free_port
+
+        why = await self.failures(f"ws://127.0.0.1:{free_port()}/t1")
+        self.assertEqual(why, "cannot connect: connection refused")
+
+    async def test_dns_name_not_found(self):
+        why = await self.failures("ws://no-such-host.invalid/t1", count=2)
+        self.assertTrue(why.startswith("cannot connect: DNS name not found"), why)
+        self.assertIn("no-such-host.invalid", why)
+
+    def test_timed_out(self):
+        # A connect timeout takes 30 s on the wire; the same line, from the same code path.
+        from twisted.internet import error
+        from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+        from twisted.logger import globalLogPublisher
+        from twisted.python.failure import Failure
+
+        from pipegate.core.redial import Redial
+        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from tests.support import token_for
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = Connector(MemoryReactorClock(), ConnectorConfig(Target.parse("http://127.0.0.1:9")),
+                              "ws://relay.example/t1", token_for("t1"), "t1",
+                              retry_policy=Redial(rng=lambda: 1.0))
+        connector.connect_failed(Failure(error.TimeoutError()))
+        self.assertEqual(connector._next_attempt(1), 1.0)
+        self.assertEqual(events[-1]["why"], "cannot connect: timed out")
+        self.assertEqual(connector.stats.get("admission_failures", "connect"), 1)

@@ -794,6 +794,13 @@ class RelayChannel(http.HTTPChannel):
                        peer=str(self.transport.getPeer()), seconds=self.timeOut)
         self.timeoutConnection()
 
+    def timeoutConnection(self):
+        # The head timer and the idle timer fire together when a caller sent its bytes at
+        # once and stalled (a TLS ClientHello to this plain port); a second timeout would
+        # replace, and so leak, the first one's pending forced abort.
+        if self._abortingCall is None:
+            super().timeoutConnection()
+
     def _pg_cancel_head_timer(self):
         timer, self._pg_head_timer = self._pg_head_timer, None
         if timer is not None and timer.active():

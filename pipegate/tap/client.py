@@ -35,6 +35,7 @@ class Options(EnvOptions):
         ["window-budget", None, "8388608", "Bytes by which all request bodies' windows together may grow "
                                             "beyond the initial 262144."],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless given."],
+        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
     ]
     converters = {
         "max-streams": positive_int,
@@ -42,6 +43,7 @@ class Options(EnvOptions):
         "ping-interval": non_negative_float,
         "max-window": positive_int,
         "window-budget": non_negative_int,
+        "drain-timeout": non_negative_float,
     }
 
     def parseArgs(self, target_url=None, server_url=None):
@@ -68,7 +70,14 @@ class Options(EnvOptions):
         check_server_endpoint("metrics", self["metrics"])
         if self["ca-file"] and not os.path.isfile(self["ca-file"]):
             raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
-        path_id = parts.path.strip("/").rsplit("/", 1)[-1] or None
+        segments = [segment for segment in parts.path.split("/") if segment]
+        if len(segments) > 1:
+            # The relay routes public traffic by the first path segment: behind a prefix
+            # the public URL printed at login would not exist.
+            raise usage.UsageError(
+                f"SERVER_URL: a path prefix (/{'/'.join(segments[:-1])}) is not supported; the relay "
+                "serves /<connection-id> at the root of its host: ws(s)://host[:port][/<connection-id>]")
+        path_id = segments[-1] if segments else None
         token = self["token"] or self.environ.get("PIPEGATE_TOKEN")
         if not token:
             token = (parse_qs(parts.query).get("token") or [None])[0]
@@ -116,6 +125,7 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
         target=options["target"], max_streams=options["max-streams"],
         connect_timeout=options["connect-timeout"], ping_interval=options["ping-interval"],
         max_window=options["max-window"], window_budget=options["window-budget"],
+        drain_timeout=options["drain-timeout"],
     )
     return Connector(reactor, config, options["server-url"], options["token"],
                      options["tunnel-id"], ca_file=options["ca-file"], **kwargs)

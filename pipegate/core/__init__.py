@@ -1,0 +1,1 @@
+"""Plane-neutral, sans-IO machines: no reactor, no sockets (see DESIGN.md section 3)."""
