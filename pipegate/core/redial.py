@@ -16,7 +16,10 @@ import random
 from collections.abc import Callable
 
 import attrs
-from twisted.internet import error
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
 @attrs.define
@@ -64,3 +67,27 @@ def describe_connect_error(reason: BaseException) -> str:
         return "no route to host"
     text = str(reason).strip()
     return f"{type(reason).__name__}: {text}" if text else type(reason).__name__
+
+
+@implementer(IStreamClientEndpoint)
+class ReportingEndpoint:
+    """
+    A client endpoint that tells C{failed(failure)} why a connection attempt failed
+    (before the dialer's retry policy picks the next delay); cancellations are not
+    failures.
+    """
+
+    def __init__(self, endpoint, failed: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, factory):
+        def report(failure: Failure) -> Failure:
+            if not failure.check(defer.CancelledError, error.ConnectingCancelledError):
+                self._failed(failure)
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(report)
+
+    def __repr__(self) -> str:
+        return repr(self._endpoint)

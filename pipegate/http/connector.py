@@ -16,8 +16,6 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +27,7 @@ from zope.interface import implementer
 from pipegate.http import frames
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
-from pipegate.core.redial import Redial, describe_connect_error
+from pipegate.core.redial import Redial, ReportingEndpoint, describe_connect_error
 from pipegate.drain import drain
 from pipegate.stats import Stats
 from pipegate.sockets import connect_protocol
@@ -563,26 +561,6 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
         self.factory.connector.link_down(self, code, reason)
 
 
-@implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """An endpoint that tells C{failed(failure)} why a connection attempt failed."""
-
-    def __init__(self, endpoint, failed: Callable[[Failure], None]) -> None:
-        self._endpoint = endpoint
-        self._failed = failed
-
-    def connect(self, factory):
-        def report(failure: Failure) -> Failure:
-            if not failure.check(defer.CancelledError, ConnectingCancelledError):
-                self._failed(failure)
-            return failure
-
-        return self._endpoint.connect(factory).addErrback(report)
-
-    def __repr__(self) -> str:
-        return repr(self._endpoint)
-
-
 class Connector(service.MultiService):
     """
     The connector service: dials the relay through a L{ClientService} and serves the
@@ -647,7 +625,7 @@ class Connector(service.MultiService):
         # A policy that grows over failed logins, not only failed TCP connects (core/redial.py).
         self.redial = retry_policy or Redial()
         self._why: str | None = None  # why the last attempt failed, logged with the next delay
-        self._endpoint, self._factory = _ReportingEndpoint(endpoint, self.connect_failed), factory
+        self._endpoint, self._factory = ReportingEndpoint(endpoint, self.connect_failed), factory
         self.client_service = internet.ClientService(
             self._endpoint, factory, retryPolicy=self._next_attempt, clock=reactor)
         self.client_service.setServiceParent(self)
