@@ -775,6 +775,8 @@ class RelayChannel(http.HTTPChannel):
     _pg_head_timer = None
 
     def lineReceived(self, line):
+        # Private names of HTTPChannel (__first_line, _path; Twisted 26.10.0), as in
+        # allContentReceived below; test_http_e2e's raw UTF-8 test fails if they change.
         raw = raw_request_line(line) if self._HTTPChannel__first_line and line else None
         if raw is None:
             return super().lineReceived(line)
@@ -797,7 +799,9 @@ class RelayChannel(http.HTTPChannel):
     def timeoutConnection(self):
         # The head timer and the idle timer fire together when a caller sent its bytes at
         # once and stalled (a TLS ClientHello to this plain port); a second timeout would
-        # replace, and so leak, the first one's pending forced abort.
+        # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
+        # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
+        # leaves the reactor dirty if it changes.)
         if self._abortingCall is None:
             super().timeoutConnection()
 
