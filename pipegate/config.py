@@ -9,6 +9,7 @@ C{postOptions} so that a bad value stops startup with one line naming the option
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,9 +86,24 @@ class EnvOptions(usage.Options):
             self._from_env.add(name)
 
     def parseOptions(self, options=None):
-        # Variables first, so that whatever the command line says overwrites them.
-        self._apply_env()
-        super().parseOptions(options)
+        try:
+            # Variables first, so that whatever the command line says overwrites them.
+            self._apply_env()
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise  # a caller of our own (python -m, tests) reports it
+            # Under twistd: left alone, twistd prints its whole usage (about 60 lines)
+            # before the line that matters.  Print that line only, and exit 1.
+            raise SystemExit(f"{self.program_name()}: {e}") from None
+
+    def program_name(self) -> str:
+        """C{twistd pipegate-server} under twistd, else the running script's name."""
+        script = os.path.basename(sys.argv[0])
+        if self.parent is not None and getattr(self.parent, "subCommand", None):
+            runner = script if script in ("twistd", "twist") else "twistd"
+            return f"{runner} {self.parent.subCommand}"
+        return script
 
     def _apply_env(self) -> None:
         names = [p[0] for p in getattr(self, "optParameters", [])]

@@ -162,4 +162,4 @@ def connector_collector(connector) -> ServiceCollector:
             ("streams", "Requests being forwarded to the local app.", None,
              {"": sum(len(link.session.streams) for link in connector.links if link.session)}),
         ]
-    return ServiceCollector(connector.stats, ("reconnects",), gauges)
+    return ServiceCollector(connector.stats, ("reconnects", "admission_failures"), gauges)

@@ -8,16 +8,21 @@ import sys
 from twisted.python import usage
 
 
-def run_foreground(module_name: str, argv: list[str]) -> int:
+def run_foreground(module_name: str, argv: list[str], program: str) -> int:
+    """
+    Run tap module C{module_name} with C{argv}; C{program} (C{python -m pipegate.server})
+    names the command in the usage line and in the one-line error a bad option gives.
+    """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     module = importlib.import_module(module_name)
     options = module.Options()
+    options.synopsis = f"Usage: {program} {options.synopsis}"
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        print(f"{sys.argv[0]}: {e}", file=sys.stderr)
+        print(f"{program}: {e}", file=sys.stderr)
         return 1
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     top = module.makeService(options, reactor)

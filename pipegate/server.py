@@ -11,7 +11,8 @@ from pipegate.run import run_foreground
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_foreground("pipegate.tap.server", sys.argv[1:] if argv is None else argv)
+    return run_foreground("pipegate.tap.server", sys.argv[1:] if argv is None else argv,
+                          "python -m pipegate.server")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ from __future__ import annotations
 from errno import EWOULDBLOCK
 from types import MethodType
 
-from twisted.internet import endpoints, main
+from twisted.internet import endpoints, main, udp
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import LogLevel
+from twisted.python import log
 from twisted.internet.protocol import Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
@@ -180,3 +183,24 @@ def connect_protocol(endpoint, protocol):
     connection (py-spy, benchmarks/README.md).
     """
     return endpoint.connect(_OneShotFactory(protocol))
+
+
+class _QuietUDPPort(udp.Port):
+    """A UDP port whose close line ("(UDP Port N Closed)") is a debug event."""
+
+    def connectionLost(self, reason=None):
+        log.callWithContext({"log_level": LogLevel.debug}, super().connectionLost, reason)
+
+
+def listen_udp_quietly(reactor, port: int, protocol, interface: str = "", max_packet_size: int = 8192):
+    """
+    C{reactor.listenUDP}, for sockets opened per flow: Twisted logs "starting on N" and
+    "(UDP Port N Closed)" for each, at info level, through its legacy log; here they are
+    debug events (the legacy log takes the level from the log context).  Reactors that
+    do not use L{udp.Port} (IOCP) get a plain C{listenUDP}.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=max_packet_size)
+    listening = _QuietUDPPort(port, protocol, interface, max_packet_size, reactor)
+    log.callWithContext({"log_level": LogLevel.debug}, listening.startListening)
+    return listening

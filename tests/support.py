@@ -101,7 +101,9 @@ class Loopback:
                         token: str | None = None, wait: bool = True, **kwargs):
         target = app_port_or_url if isinstance(app_port_or_url, str) else (
             f"http://127.0.0.1:{app_port_or_url.getHost().port}")
-        config = ConnectorConfig(Target.parse(target), **kwargs.pop("config", {}))
+        # A short drain: a test that leaves a request hanging in the app would wait out
+        # the 30 s default when the connector stops at cleanup.
+        config = ConnectorConfig(Target.parse(target), **{"drain_timeout": 0.5, **kwargs.pop("config", {})})
         connector = Connector(
             reactor, config, f"ws://127.0.0.1:{port_number(relay_port)}",
             token or token_for(tunnel_id), tunnel_id,

@@ -224,9 +224,26 @@ class ClientOptionsTests(unittest.TestCase):
         self.assertEqual(o["target"], Target(b"http", b"127.0.0.1", 3000, b""))
         # The option defaults are those of ConnectorConfig, converted to numbers.
         defaults = ConnectorConfig(target=o["target"])
-        for option in ("max-streams", "connect-timeout", "ping-interval", "max-window", "window-budget"):
+        for option in ("max-streams", "connect-timeout", "ping-interval", "max-window", "window-budget",
+                       "drain-timeout"):
             self.assertNotIsInstance(o[option], str)
             self.assertEqual(o[option], getattr(defaults, option.replace("-", "_")), option)
+
+    def test_drain_timeout(self):
+        # Issue 18 item 2: how long requests in flight may take on SIGTERM.
+        self.assertEqual(self.parse("--token", token(), TARGET, "ws://relay/abc")["drain-timeout"], 30.0)
+        o = self.parse("--token", token(), TARGET, "ws://relay/abc", PIPEGATE_DRAIN_TIMEOUT="2.5")
+        self.assertEqual(o["drain-timeout"], 2.5)
+        self.assertUsage("--drain-timeout", args=("--drain-timeout", "-1", "--token", token(), TARGET, "ws://r/abc"))
+
+    def test_path_prefix_in_server_url_is_refused(self):
+        # Issue 18 item 3: with wss://host/tunnels/<id> the connector printed a public URL
+        # that 404s (the relay routes by the first path segment).  Now startup stops.
+        message = self.assertUsage("SERVER_URL", args=("--token", token(), TARGET, "wss://relay/tunnels/abc"))
+        self.assertEqual(message, "SERVER_URL: a path prefix (/tunnels) is not supported; the relay serves "
+                                  "/<connection-id> at the root of its host: ws(s)://host[:port][/<connection-id>]")
+        self.assertUsage("SERVER_URL", args=("--token", token(), TARGET, "ws://relay/a/b/abc/"))
+        self.assertEqual(self.parse("--token", token(), TARGET, "ws://relay/abc/")["tunnel-id"], "abc")
 
     def test_token_short_flag_and_no_path(self):
         tok = token("xyz")

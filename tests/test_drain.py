@@ -427,3 +427,78 @@ class ProviderMovesOn(unittest.TestCase):
         self.assertEqual(gw_a.stats.get("drain_cut"), 0)
         await eventually(lambda: len(provider.links) == 1)
         await eventually(lambda: len(list(dialers)) == 1)  # the old dialler is gone
+
+
+class ConnectorDrain(unittest.TestCase):
+    """
+    Issue 18 item 2: SIGTERM to a real `twistd pipegate-client` with 20 requests in flight
+    used to fail all 20 with 502 "connector disconnected".  Now the connector says GOAWAY
+    (the relay sends it nothing new), finishes what is in flight within --drain-timeout,
+    and exits 0; requests that arrive meanwhile go to the other connector.
+    """
+
+    timeout = 120
+
+    async def setUp(self):
+        from tests.support import Loopback
+
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        self.app_port = await self.loop.app(self.app)
+        self.relay, self.relay_port = await self.loop.relay()
+        self.base = f"http://127.0.0.1:{self.relay_port.getHost().port}"
+        self.agent = self.loop.agent()
+
+    def start_connector(self, *extra: str):
+        # One token for both connectors of t1: a second, unshared token would get 409 (issue 20).
+        self.token = token_for("t1")
+        return spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token", self.token,
+                                     *extra, f"http://127.0.0.1:{self.app_port.getHost().port}",
+                                     f"ws://127.0.0.1:{self.relay_port.getHost().port}/t1"],
+                     child_env())
+
+    async def answer(self, path: str):
+        response = await self.agent.request(b"GET", (self.base + path).encode(), Headers())
+        body = Body()
+        response.deliverBody(body)
+        await body.done
+        return response.code, bytes(body.received)
+
+    async def clean_exit(self, child):
+        # twistd ends an orderly SIGTERM shutdown by re-raising SIGTERM on itself, so the
+        # exit status says "terminated by SIGTERM" (systemd counts it as clean), as for
+        # the relay and the gateway; python -m pipegate.client exits 0.
+        code = await child.ended
+        self.assertTrue(code == 0 or child.signal == signal.SIGTERM, (code, child.signal))
+        self.assertIn(b"Server Shut Down.", child.output)
+
+    async def test_requests_in_flight_finish_and_the_process_exits_cleanly(self):
+        child = self.start_connector()
+        await eventually(lambda: b"tunnel t1 online" in child.output, timeout=30)
+        tunnel = self.relay.tunnels["t1"]
+        child_link = tunnel.links[0]
+        # A second connector (in this process) takes what arrives during the drain.
+        await self.loop.connector(self.relay_port, self.app_port, "t1", token=self.token)
+        calls = [defer.ensureDeferred(self.answer(f"/t1/slow/1.5?i={i}")) for i in range(40)]
+        await eventually(lambda: len(child_link.streams) >= 20, timeout=10)
+        child.transport.signalProcess(signal.SIGTERM)
+        await eventually(lambda: child_link not in tunnel.links, timeout=10)
+        late = await self.answer("/t1/after?x=1")  # served by the other connector
+        self.assertEqual(late[0], 200)
+        results = await defer.gatherResults(calls)
+        self.assertEqual([code for code, _ in results], [200] * 40)
+        self.assertTrue(all(body == b"late answer" for _, body in results))
+        await self.clean_exit(child)
+        self.assertRegex(bytes(child.output), rb"draining: \d+ request\(s\) in flight, up to 30 s")
+        self.assertNotIn(b"Traceback", child.output)
+
+    async def test_drain_timeout_cuts_what_is_left(self):
+        child = self.start_connector("--drain-timeout", "0.5")
+        await eventually(lambda: b"tunnel t1 online" in child.output, timeout=30)
+        call = defer.ensureDeferred(self.answer("/t1/hang"))
+        await eventually(lambda: self.app.hanging)
+        child.transport.signalProcess(signal.SIGTERM)
+        code, body = await call
+        self.assertEqual(code, 502)
+        await self.clean_exit(child)
+        self.assertIn(b"drain timeout: 1 request(s) cut", child.output)

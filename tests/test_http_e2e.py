@@ -123,9 +123,36 @@ class Tunnel(unittest.TestCase):
             self.assertEqual(response.code, 200)
             self.assertEqual(json.loads(body)["method"], method.decode())
 
-    async def test_id_only_path(self):
-        response, body = await request(self.agent, b"GET", self.base + "/t1?x=1")
+    async def test_id_only_path_redirects_to_the_directory(self):
+        # Issue 18 item 1: GET /t1 used to be proxied as "/", so the app's relative links
+        # and assets resolved against the relay's root.  Now: 301 to /t1/, query kept.
+        seen = len(self.app.seen)
+        for method in (b"GET", b"HEAD"):
+            response, body = await request(self.agent, method, self.base + "/t1?x=1&y=%20")
+            self.assertEqual(response.code, 301, method)
+            self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/t1/?x=1&y=%20"])
+        response, body = await request(self.agent, b"GET", self.base + "/t1")
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/t1/"])
+        self.assertEqual(len(self.app.seen), seen)  # nothing reached the app
+        response, body = await request(self.agent, b"GET", self.base + "/t1/?x=1")
         self.assertEqual(json.loads(body)["uri"], "/?x=1")
+        # A redirect would lose another method's body: that one still goes to "/".
+        response, body = await request(self.agent, b"POST", self.base + "/t1?x=1", body=b"data")
+        self.assertEqual(json.loads(body)["uri"], "/?x=1")
+        self.assertEqual(json.loads(body)["body_len"], 4)
+
+    async def test_raw_utf8_request_line_is_accepted(self):
+        # Issue 18 item 7: curl and several HTTP libraries send UTF-8 paths unencoded; the
+        # relay answered 400.  Now the bytes cross the tunnel unchanged and the app gets
+        # them percent-encoded (an HTTP/1.1 request target is ASCII).
+        raw = await raw_request(self.relay_port, "GET /t1/café/ünï?q=ö HTTP/1.1\r\nHost: x\r\n"
+                                                 "Connection: close\r\n\r\n".encode())
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(self.app.seen[-1]["uri"], "/caf%C3%A9/%C3%BCn%C3%AF?q=%C3%B6")
+        # Control characters and raw bytes in the method or version are still refused.
+        for line in (b"GET /t1/a\x01b HTTP/1.1", "GËT /t1/x HTTP/1.1".encode()):
+            raw = await raw_request(self.relay_port, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertIn(b" 400 ", split_response(raw)[0])
 
     async def test_concurrent_requests(self):
         self.relay.config = attrs.evolve(self.relay.config, max_in_flight=200)
@@ -358,6 +385,24 @@ class StatusCodes(unittest.TestCase):
         response, body = await request(self.agent, b"POST", self.base + "/t1/echo", body=b"x" * 1000)
         self.assertEqual((response.code, body), (200, b"x" * 1000))
 
+    async def test_expect_continue_over_the_limit_gets_413_without_100(self):
+        # Issue 18 item 9: Twisted sent "100 Continue" and then the relay said 413, so the
+        # client sent the body the relay had refused.  Now the 413 comes first and alone.
+        await self.start(max_body_bytes=1000)
+        await self.loop.connector(self.relay_port, self.app_port, "t1")
+        raw = await raw_request(self.relay_port, b"POST /t1/echo HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
+        self.assertNotIn(b"100 Continue", raw)
+        # Within the limit, the client is still invited to send its body.
+        proto = await connect_raw(self.relay_port, b"POST /t1/echo HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        await eventually(lambda: b"100 Continue" in proto.received)
+        proto.transport.write(b"hello")
+        raw = await proto.done
+        self.assertIn(b"HTTP/1.1 200 ", raw)
+        self.assertTrue(raw.endswith(b"hello"), raw)
+
     async def test_offline_grace(self):
         await self.start(offline_grace=10)
         d = defer.Deferred.fromCoroutine(
@@ -409,6 +454,15 @@ class DomainRouting(unittest.TestCase):
         self.assertEqual(app.seen[-1]["uri"], "/some/path?q=1")
         names = [k.lower() for k, v in app.seen[-1]["headers"]]
         self.assertNotIn("x-forwarded-prefix", names)
+        # Issue 18 item 8: a fully qualified name (trailing dot) is the same host; it used
+        # to fall through to path routing (404 for /some/path).
+        raw = await raw_request(relay_port, b"GET /dotted?q=2 HTTP/1.1\r\n"
+                                b"Host: T1.tunnels.example.:8000\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", split_response(raw)[0])
+        self.assertEqual(app.seen[-1]["uri"], "/dotted?q=2")
+        raw = await raw_request(relay_port, b"GET /t1/p HTTP/1.1\r\n"
+                                b"Host: t1.tunnels.example.\r\nConnection: close\r\n\r\n")
+        self.assertEqual(app.seen[-1]["uri"], "/t1/p")
         # path routing still works next to it
         agent = loop.agent()
         response, body = await request(agent, b"GET", f"http://127.0.0.1:{relay_port.getHost().port}/t1/p")
@@ -663,3 +717,83 @@ class RelayPolicy(unittest.TestCase):
         self.assertEqual(len(relay.pool), 0)
 
     test_tunnel_rate_slows_a_download.timeout = 60
+
+
+class LoginFailures(unittest.TestCase):
+    """
+    Issue 18 items 4 and 6: a connector whose login fails after TCP connected retried
+    every 0.5-1 s for ever and said nothing.  Now every failed attempt grows the delay
+    (Redial) and logs one line with the reason, asserted here through a log observer.
+    """
+
+    async def failures(self, url: str, count: int = 3) -> str:
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        from pipegate.core.redial import Redial
+        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from tests.support import token_for
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = Connector(reactor, ConnectorConfig(Target.parse("http://127.0.0.1:9")), url,
+                              token_for("t1"), "t1", retry_policy=Redial(initial=0.05, rng=lambda: 1.0))
+        connector.startService()
+        self.addCleanup(lambda: connector.running and connector.stopService())
+
+        def mine():
+            return [e for e in events if e.get("url") == connector.display_url and "why" in e]
+        await eventually(lambda: len(mine()) >= count, timeout=20)
+        await connector.stopService()
+        got = mine()
+        self.assertEqual([e["delay"] for e in got[:count]], [0.05, 0.1, 0.2][:count])
+        self.assertEqual(connector.links, [])
+        whys = {e["why"] for e in got}
+        self.assertEqual(len(whys), 1, whys)
+        return whys.pop()
+
+    async def test_not_a_relay_404(self):
+        from twisted.web import resource, server
+
+        loop = Loopback(self)
+        port = await loop.listen(server.Site(resource.NoResource()))
+        why = await self.failures(f"ws://127.0.0.1:{port.getHost().port}/t1")
+        self.assertEqual(why, "the server answered HTTP 404 Not Found to the login "
+                              "(is SERVER_URL a PipeGate relay, ws(s)://host[:port]/<connection-id>?)")
+
+    async def test_wss_to_a_plain_port(self):
+        loop = Loopback(self)
+        relay, port = await loop.relay(idle_timeout=0.2)
+        why = await self.failures(f"wss://127.0.0.1:{port.getHost().port}/t1", count=2)
+        self.assertIn("a plain port needs ws://, not wss://", why)
+        self.assertEqual(relay.tunnels, {})
+
+    async def test_connection_refused(self):
+        from tests.test_ports_e2e import free_port
+
+        why = await self.failures(f"ws://127.0.0.1:{free_port()}/t1")
+        self.assertEqual(why, "cannot connect: connection refused")
+
+    async def test_dns_name_not_found(self):
+        why = await self.failures("ws://no-such-host.invalid/t1", count=2)
+        self.assertTrue(why.startswith("cannot connect: DNS name not found"), why)
+        self.assertIn("no-such-host.invalid", why)
+
+    def test_timed_out(self):
+        # A connect timeout takes 30 s on the wire; the same line, from the same code path.
+        from twisted.internet import error
+        from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+        from twisted.logger import globalLogPublisher
+        from twisted.python.failure import Failure
+
+        from pipegate.core.redial import Redial
+        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from tests.support import token_for
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = Connector(MemoryReactorClock(), ConnectorConfig(Target.parse("http://127.0.0.1:9")),
+                              "ws://relay.example/t1", token_for("t1"), "t1",
+                              retry_policy=Redial(rng=lambda: 1.0))
+        connector.connect_failed(Failure(error.TimeoutError()))
+        self.assertEqual(connector._next_attempt(1), 1.0)
+        self.assertEqual(events[-1]["why"], "cannot connect: timed out")
+        self.assertEqual(connector.stats.get("admission_failures", "connect"), 1)

@@ -348,6 +348,55 @@ class Admission(PortPlane):
         self.assertEqual(gw.gates, {})
         self.assertEqual(gw.routes, {})
 
+    async def test_wrong_secret_redials_with_a_growing_delay(self):
+        # Issue 18 item 4: ClientService restarts its count once TCP connects, so a provider
+        # with a wrong secret redialled every 0.5-1 s for ever.  With Redial the delay grows
+        # per refused admission and resets once a link is admitted.
+        from twisted.internet.testing import EventLoggingObserver
+
+        from pipegate.core.redial import Redial
+        from pipegate.mux.node import link_services
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        gw, mux = await self.gateway()
+        policy = Redial(initial=0.05, rng=lambda: 1.0)
+
+        def dial(secret):
+            prov = Provider(ProviderConfig(), reactor)
+            prov.startService()
+            self.cleanups.append(prov.stopService)
+            config = LinkConfig(secret=secret, role=frames.ROLE_PROVIDER)
+            (dialer,) = link_services(prov, config, reactor, [], [f"tcp:127.0.0.1:{mux.getHost().port}"],
+                                      certificate=CERT, retry_policy=policy)
+            dialer.startService()
+            self.cleanups.append(dialer.stopService)
+            self.cleanups.append(lambda: self._drop_links(prov))
+            return prov, dialer
+
+        _, dialer = dial(b"\x01" * 32)
+        await eventually(lambda: policy.failures >= 4, timeout=20)
+        await dialer.stopService()
+        retries = [e["delay"] for e in events if "Scheduling retry" in e.get("log_format", "")]
+        self.assertEqual(retries[:4], [0.05, 0.1, 0.2, 0.4])
+        self.assertTrue(self.logged("admission failed: the peer does not know the router secret"))
+        self.assertEqual(gw.routes, {})
+        prov, _ = dial(SECRET)  # the right secret: admitted, and the delays start over
+        await eventually(lambda: prov.links)
+        self.assertEqual(policy.failures, 0)
+
+    async def test_dial_failures_say_why(self):
+        # Item 6 on the port plane: "connection refused" in the dialler's own line.
+        from pipegate.mux.node import link_services
+
+        prov = Provider(ProviderConfig(), reactor)
+        port = free_port()
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
+        (dialer,) = link_services(prov, config, reactor, [], [f"tcp:127.0.0.1:{port}"], certificate=CERT,
+                                  retry_policy=lambda attempt: 0.05)
+        dialer.startService()
+        self.cleanups.append(dialer.stopService)
+        await eventually(lambda: self.logged(f"cannot connect to tcp:127.0.0.1:{port}: connection refused"))
+
     async def test_provider_to_provider_refused(self):
         prov_a = Provider(ProviderConfig(), reactor)
         link_config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
@@ -434,6 +483,25 @@ class UDP(PortPlane):
         await eventually(lambda: not gate.flows, timeout=10)
         one.transport.write(b"back", ("127.0.0.1", self.gate))
         await eventually(lambda: b"back" in one.received)
+
+    async def test_flows_log_at_debug(self):
+        # Item 13: the provider logged 4 info lines per UDP flow (Twisted's port and
+        # protocol start/stop lines).  Now one debug line each way, and a periodic summary.
+        from twisted.logger import formatEvent
+
+        client = await self.udp_client()
+        start = len(self.events)
+        client.transport.write(b"hello", ("127.0.0.1", self.gate))
+        await eventually(lambda: client.received)
+        await eventually(lambda: self.logged(" closed") and any(
+            "UDP flow" in e.get("log_format", "") and "closed" in e.get("log_format", "")
+            for e in self.events[start:]), timeout=10)
+        during = self.events[start:]
+        noisy = [formatEvent(e) for e in during if level_at_least_info(e)
+                 and any(word in formatEvent(e) for word in ("UDP Port", "starting on", "protocol"))]
+        self.assertEqual(noisy, [])
+        flow_lines = [e for e in during if "UDP flow {channel}" in e.get("log_format", "")]
+        self.assertEqual([e["log_level"].name for e in flow_lines], ["debug", "debug"])
 
 
 class Robustness(PortPlane):
@@ -529,3 +597,75 @@ class Replay(PortPlane):
         await self.dial(mux, Eager)
         await eventually(lambda: self.logged("Routes before admission"))
         self.assertEqual(gw.links, set())
+
+
+def level_at_least_info(event) -> bool:
+    from twisted.logger import LogLevel
+
+    return event.get("log_level", LogLevel.info) >= LogLevel.info
+
+
+class FirstHourLogs(PortPlane):
+    """Issue 18 items 13-15: what the port plane logs, asserted through a log observer."""
+
+    async def test_each_provider_loss_is_logged_with_its_routes(self):
+        # Item 14: the gateway said nothing when a provider died unless it was the gate's last.
+        gw, mux = await self.gateway()
+        gate = free_port()
+        backend = await self.backend_echo()
+        first = self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await eventually(lambda: len(gw.exposed().get((gate, "tcp"), [])) == 2)
+        (link,) = first.links
+        peer = f"127.0.0.1:{link.transport.getHost().port}"
+        link.transport.abortConnection()  # dies abruptly: no GOAWAY
+        await eventually(lambda: len(gw.links) == 1)
+        self.assertTrue(self.logged(f"provider {peer} lost; it served {gate}/tcp"),
+                        [e.get("log_format") for e in self.events])
+        self.assertIn((gate, "tcp"), gw.gates)  # the other provider still serves it
+        self.assertFalse(self.logged(f"gate {gate}/tcp closed"))
+
+    async def test_a_silent_tcp_probe_is_not_an_admission_failure(self):
+        # Item 15: a health check (`nc -z`) logged "link closed before admission (wrong
+        # router secret, ...)" as a warning each time.
+        from twisted.logger import LogLevel
+
+        gw, mux = await self.gateway()
+        port = mux.getHost().port
+        probe = await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol.Protocol())
+        probe.transport.loseConnection()
+        await eventually(lambda: self.logged("closed without sending anything (a TCP probe)"))
+        probe_event = next(e for e in self.events if "TCP probe" in e.get("log_format", ""))
+        self.assertEqual(probe_event["log_level"], LogLevel.debug)
+        self.assertFalse(self.logged("closed before admission"))
+        self.assertEqual(gw.stats.by_label("admission_failures"), {})
+        # A peer that did send bytes and then went away is still a warning.
+        talker = await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol.Protocol())
+        talker.transport.write(b"\x16\x03\x01\x00\x05hello")
+        talker.transport.loseConnection()
+        await eventually(lambda: self.logged("closed before admission") or self.logged("closing link with"))
+        self.assertTrue(gw.stats.by_label("admission_failures"))
+
+
+class UDPFlowLogs(PortPlane):
+    def test_summary_every_interval_on_a_clock(self):
+        from twisted.internet.testing import EventLoggingObserver
+
+        from pipegate.ports.provider import FLOW_SUMMARY_INTERVAL
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = task.Clock()
+        prov = Provider(ProviderConfig(), clock)
+        prov.startService()
+        prov.udp_flows.flow_opened()
+        prov.udp_flows.flow_opened()
+        prov.udp_flows.flow_closed()
+        clock.advance(FLOW_SUMMARY_INTERVAL)
+        summaries = [e for e in events if "UDP flows in the last" in e.get("log_format", "")]
+        self.assertEqual([(e["opened"], e["closed"], e["open"]) for e in summaries], [(2, 1, 1)])
+        clock.advance(FLOW_SUMMARY_INTERVAL)  # a quiet interval says nothing
+        self.assertEqual(len([e for e in events if "UDP flows in the last" in e.get("log_format", "")]), 1)
+        prov.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -49,9 +49,14 @@ class Processes(unittest.TestCase):
         self.assertIn("gateway, 1 route(s)", out)
         self.assertIn(f"{gate}/tcp -> 127.0.0.1:{backend.getHost().port} [web]", out)
 
+        # Issue 18 item 11: a wrong secret used to wait out --timeout and then die with
+        # "'NoneType' object has no attribute 'shutdown'".  Now it says so at once.
         code, out = await run(self, [sys.executable, "-m", "pipegate", "scan", "--router", "cd" * 32,
-                                     "--connect", f"tcp:127.0.0.1:{mux}", "--timeout", "3"])
-        self.assertNotEqual(code, 0)
+                                     "--connect", f"tcp:127.0.0.1:{mux}", "--timeout", "60"])
+        self.assertEqual(code, 1, out)
+        self.assertTrue(out.startswith("pipegate scan: admission refused (wrong router secret?): "), out)
+        self.assertNotIn("no answer within", out)
+        self.assertNotIn("NoneType", out)
 
         provider.transport.signalProcess(signal.SIGTERM)
         await provider.ended  # twistd re-raises SIGTERM on itself after a clean shutdown

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from pipegate.http.connector import Connector, ConnectorConfig, Target
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
-from tests.support import SETTINGS, Loopback, request, token_for
+from tests.support import SETTINGS, Loopback, eventually, request, token_for
 
 
 def make_ca_and_cert(directory, hostname: str = "localhost"):
@@ -105,3 +105,47 @@ class SecureWebSocket(unittest.TestCase):
         self.assertEqual(self.relay.tunnels, {})
         await connector.stopService()
         self.flushLoggedErrors()
+
+    async def failure_line(self, url: str, ca_file=None) -> str:
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        from pipegate.core.redial import Redial
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = Connector(
+            reactor, ConnectorConfig(Target.parse(f"http://127.0.0.1:{self.app_port.getHost().port}")),
+            url, token_for("t1"), "t1", ca_file=ca_file, retry_policy=Redial(initial=0.05, rng=lambda: 1.0))
+        connector.startService()
+        self.loop.services.append(connector)
+        await eventually(lambda: len([e for e in events if "why" in e]) >= 2, timeout=20)
+        await connector.stopService()
+        whys = [e for e in events if "why" in e]
+        self.assertEqual([e["delay"] for e in whys[:2]], [0.05, 0.1])  # growing
+        self.assertEqual(self.relay.tunnels, {})
+        return whys[0]["why"]
+
+    async def test_untrusted_certificate_names_ca_file_and_ssl_cert_file(self):
+        # Issue 18 item 5: the certificate error did not say how to trust the relay.
+        why = await self.failure_line(f"wss://localhost:{self.port.getHost().port}/t1")
+        self.assertTrue(why.startswith("TLS: the relay's certificate is not trusted "
+                                       "(certificate verify failed)"), why)
+        self.assertIn("--ca-file", why)
+        self.assertIn("SSL_CERT_FILE", why)
+        self.flushLoggedErrors()
+
+    async def test_ssl_cert_file_is_a_trust_store_too(self):
+        # Issue 18 item 5: it worked but was not documented; now docs and the error say so.
+        import os
+
+        before = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = self.ca  # OpenSSL reads the process environment
+        self.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if before is None
+                        else os.environ.__setitem__("SSL_CERT_FILE", before))
+        connector = self.connector(None)
+        await connector.online
+        self.assertEqual(list(self.relay.tunnels), ["t1"])
+
+    async def test_ws_to_a_tls_port_says_wss(self):
+        why = await self.failure_line(f"ws://localhost:{self.port.getHost().port}/t1")
+        self.assertIn("a TLS port needs wss://, not ws://", why)

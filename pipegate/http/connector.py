@@ -8,6 +8,7 @@ bodies both ways within the streams' credit windows.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -26,13 +27,55 @@ from zope.interface import implementer
 from pipegate.http import frames, visitors
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
+from pipegate.core.redial import Redial, ReportingEndpoint, describe_connect_error
+from pipegate.drain import drain
 from pipegate.stats import Stats
-from pipegate.retry import backoff
 from pipegate.sockets import connect_protocol
 
 
 class ConnectorError(ValueError):
     """A connector setting is unusable; one line naming it."""
+
+
+CA_HINT = ("give the CA that signed it with --ca-file (PIPEGATE_CA_FILE), or point SSL_CERT_FILE "
+           "at a CA bundle that holds it")
+
+
+def explain_login_failure(lost: Failure | None, status_line: str, handshake_error: str | None,
+                          secure: bool) -> str:
+    """
+    Why a connection to the relay ended before the WebSocket login completed, in one
+    phrase: the HTTP status, the TLS error (with what to do about it), or the mismatch.
+    """
+    parts = status_line.split(" ", 2)
+    if len(parts) >= 2 and parts[1].isdigit():
+        status = " ".join(parts[1:]).strip()
+        if parts[1] == "101":
+            return f"protocol mismatch: {handshake_error or 'the WebSocket handshake failed'}"
+        hint = ""
+        if parts[1] in ("400", "404", "405", "426"):
+            hint = " (is SERVER_URL a PipeGate relay, ws(s)://host[:port]/<connection-id>?)"
+        return f"the server answered HTTP {status} to the login{hint}"
+    if lost is not None:
+        from OpenSSL import SSL
+
+        if lost.check(SSL.Error):
+            text = "; ".join(str(reason[-1]) for reason in (lost.value.args[0] if lost.value.args else [])
+                             if isinstance(reason, tuple)) or str(lost.value)
+            if "certificate verify failed" in text:
+                return f"TLS: the relay's certificate is not trusted ({text}); {CA_HINT}"
+            if "wrong version number" in text or "packet length too long" in text or "record layer" in text:
+                return f"TLS handshake failed ({text}): the port does not speak TLS (use ws:// for a plain port)"
+            return f"TLS handshake failed ({text})"
+        if type(lost.value).__name__ == "VerificationError":  # service_identity: wrong host name
+            return f"TLS: the relay's certificate does not match its host name ({lost.getErrorMessage()})"
+    if handshake_error:
+        return f"the WebSocket login failed: {handshake_error}"
+    if secure:
+        return ("the connection closed before the TLS handshake and the login finished "
+                "(a plain port needs ws://, not wss://)")
+    return ("the connection closed before the WebSocket login finished "
+            "(a TLS port needs wss://, not ws://)")
 
 
 @attrs.frozen
@@ -66,9 +109,20 @@ class Target:
         return self.scheme + b"://" + self.authority + self.path(target)
 
     def path(self, target: bytes) -> bytes:
-        """The base path joined with the tunnel target, dot segments kept inside the tunnel."""
+        """
+        The base path joined with the tunnel target, dot segments kept inside the tunnel.
+        Bytes an HTTP/1.1 request target may not hold (raw UTF-8 a caller sent unencoded)
+        are percent-encoded: the app gets C{/caf%C3%A9} for C{/café}.
+        """
         path, sep, query = target.partition(b"?")
-        return self.base + safe_path(path) + sep + query
+        return _OUTSIDE_TARGET.sub(_percent, self.base + safe_path(path) + sep + query)
+
+
+_OUTSIDE_TARGET = re.compile(rb"[^\x21-\x7e]")
+
+
+def _percent(match: re.Match) -> bytes:
+    return b"%%%02X" % match.group()[0]
 
 
 def _is_dot(segment: bytes, dots: bytes) -> bool:
@@ -105,6 +159,7 @@ class ConnectorConfig:
     ping_interval: float = 20.0
     max_window: int = frames.MAX_WINDOW        # credit a request body's window may grow to
     window_budget: int = frames.WINDOW_BUDGET  # growth shared by all request bodies in flight
+    drain_timeout: float = 30.0                # seconds requests in flight may take on stop
 
 
 @implementer(IBodyProducer)
@@ -467,6 +522,13 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.session: ConnectorSession | None = None
+        self._opened = False
+        self._lost_reason: Failure | None = None
+        self._handshake_error: str | None = None
+
+    def connectionLost(self, reason):
+        self._lost_reason = reason  # onClose, called from here, says why a login failed
+        super().connectionLost(reason)
 
     unprotected = False
 
@@ -480,10 +542,12 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
 
     def onOpen(self):
         if self.unprotected:
+            self._opened = True  # not a failure to retry: the connector stops
             self.factory.connector.refused("it does not enforce visitor policies (--basic-auth, --allow, "
                                            "--deny); upgrade the relay")
             self.dropConnection(abort=True)
             return
+        self._opened = True
         self.link_opened()
         self.factory.connector.link_up(self)
 
@@ -505,9 +569,11 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
     def failHandshake(self, reason):
         status_line = getattr(self, "http_status_line", "") or ""
         parts = status_line.split(" ", 2)
+        self._handshake_error = str(reason)
         if len(parts) >= 2 and parts[1] == "409":
             self.factory.connector.conflict(parts[2] if len(parts) > 2 else "")
         elif len(parts) >= 2 and parts[1] in ("401", "403"):
+            self._opened = True  # not a failure to retry: the connector stops
             self.factory.connector.refused(f"{parts[1]} {parts[2] if len(parts) > 2 else ''}".strip())
         return super().failHandshake(reason)
 
@@ -515,6 +581,10 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
         cancel_close_timer(self)
         if self.session is not None:
             self.session.lost()
+        if not self._opened:
+            self.factory.connector.login_failed(explain_login_failure(
+                self._lost_reason, getattr(self, "http_status_line", "") or "", self._handshake_error,
+                bool(self.factory.isSecure)))
         self.factory.connector.link_down(self, code, reason)
 
 
@@ -541,6 +611,8 @@ class Connector(service.MultiService):
         self.window_budget = frames.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self._ever_online = False
+        self._conflict: str | None = None
+        self.stopping = False
         self.online: defer.Deferred | None = defer.Deferred()
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
         # Keep as many idle connections as there can be streams: with fewer, every request
@@ -581,10 +653,36 @@ class Connector(service.MultiService):
                     trust = ssl.Certificate.loadPEM(f.read())
             endpoint = endpoints.wrapClientTLS(
                 ssl.optionsForClientTLS(parts.hostname, trustRoot=trust), endpoint)
-        self._endpoint, self._factory, self._retry = endpoint, factory, retry_policy or backoff()
+        # A policy that grows over failed logins, not only failed TCP connects (core/redial.py).
+        self.redial = retry_policy or Redial()
+        self._why: str | None = None  # why the last attempt failed, logged with the next delay
+        self._endpoint, self._factory = ReportingEndpoint(endpoint, self.connect_failed), factory
         self.client_service = internet.ClientService(
-            endpoint, factory, retryPolicy=self._retry, clock=reactor)
+            self._endpoint, factory, retryPolicy=self._next_attempt, clock=reactor)
         self.client_service.setServiceParent(self)
+
+    def connect_failed(self, failure: Failure) -> None:
+        """TCP (or the name lookup) failed: say so in the user's words."""
+        self._why = f"cannot connect: {describe_connect_error(failure.value)}"
+        self.stats.inc("admission_failures", "connect")
+
+    def login_failed(self, why: str) -> None:
+        """The connection ended before the WebSocket login completed."""
+        conflict, self._conflict = self._conflict, None
+        if conflict is not None:
+            self._why = conflict   # counted when the 409 arrived
+            return
+        self._why = why
+        self.stats.inc("admission_failures", "tls" if why.startswith("TLS") else "login")
+
+    def _next_attempt(self, attempt: int) -> float:
+        # ClientService's retry policy: our own count, and one line saying why.
+        delay = self.redial(attempt)
+        why, self._why = self._why, None
+        if why is not None:
+            self.log.warn("relay {url}: {why}; next attempt in {delay:.1f} s",
+                          url=self.display_url, why=why, delay=delay)
+        return delay
 
     def relay_going_away(self, link: ConnectorProtocol) -> None:
         """
@@ -592,14 +690,18 @@ class Connector(service.MultiService):
         that is not stopping) while this one finishes its requests; the old dialler is retired
         when its link closes.
         """
-        if not self.running or getattr(link, "retiring", None) is not None:
+        if not self.running or self.stopping or getattr(link, "retiring", None) is not None:
             return
         link.retiring = self.client_service
         self.client_service = internet.ClientService(
-            self._endpoint, self._factory, retryPolicy=self._retry, clock=self.reactor)
+            self._endpoint, self._factory, retryPolicy=self._next_attempt, clock=self.reactor)
         self.client_service.setServiceParent(self)
 
     def link_up(self, link: ConnectorProtocol) -> None:
+        if isinstance(self.redial, Redial):
+            self.redial.succeeded()
+        if self.stopping:
+            link.send(frames.GoAway(b"connector stopping"))  # redialled while draining
         self.links.append(link)
         if self._ever_online:
             self.stats.inc("reconnects")
@@ -619,7 +721,7 @@ class Connector(service.MultiService):
             self.links.remove(link)
             if not self.links and self.online is None:
                 self.online = defer.Deferred()
-            if self.running:
+            if self.running and not self.stopping:
                 self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
                               reason=reason or "", what="replaced" if retiring else "reconnecting")
 
@@ -628,9 +730,10 @@ class Connector(service.MultiService):
         409: another connector holds the tunnel (possibly a stale link of our own last run the
         relay has not timed out yet), or declared another visitor policy.  Not fatal: retry.
         """
+        # One line per attempt: L{login_failed} follows (the link closes) and the retry policy
+        # logs this reason with the next delay, which grows like any other failed login.
         self.stats.inc("admission_failures", "conflict")
-        self.log.warn("the relay refused the login for tunnel {tunnel_id} (409 {reason}); retrying",
-                      tunnel_id=self.tunnel_id, reason=reason)
+        self._conflict = f"the relay refused the login for tunnel {self.tunnel_id} (409 {reason}); retrying"
 
     def refused(self, reason: str) -> None:
         message = f"the relay refused the login: {reason}"
@@ -641,10 +744,32 @@ class Connector(service.MultiService):
         if self.on_fatal is not None:
             self.on_fatal(message)
 
+    def in_flight(self) -> int:
+        return sum(len(link.session.streams) for link in self.links if link.session is not None)
+
     def stopService(self):
-        d = super().stopService()
+        """
+        Drain (SIGTERM): GOAWAY tells the relay to send this connector no new requests
+        (it uses other connectors, or holds them within its --offline-grace); requests in
+        flight have up to C{drain_timeout} seconds to finish; then the links close.
+        """
+        self.stopping = True
         for link in list(self.links):
             link.send(frames.GoAway(b"connector stopping"))
+        count = self.in_flight()
+        if count:
+            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s",
+                          count=count, timeout=self.config.drain_timeout)
+        d = drain(self.reactor, self.config.drain_timeout, lambda: self.in_flight() == 0)
+        d.addCallback(self._drained)
+        return d
+
+    def _drained(self, in_time: bool):
+        cut = self.in_flight()
+        if not in_time and cut:
+            self.log.warn("drain timeout: {count} request(s) cut", count=cut)
+        d = super().stopService()
+        for link in list(self.links):
             link.sendClose(1000, "connector stopping")
         d.addBoth(lambda r: self.pool.closeCachedConnections())
         return d

@@ -46,6 +46,41 @@ _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 # values or the reason): anything else would split the caller's response.
 _HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE_TEXT = re.compile(rb"[\r\n\x00]")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+@attrs.frozen
+class Redirect:
+    """L{Relay.route}'s answer for a bare C{/<id>}: go to C{location} (C{/<id>/?query})."""
+
+    location: bytes
+
+
+def directory_redirect(first: bytes, slash: bytes, query_sep: bytes, query: bytes,
+                       method: bytes, upgrade: bool) -> Redirect | None:
+    """
+    C{GET /<id>?q} (no slash after the id) -> redirect to C{/<id>/?q}, as a web server
+    does for a directory: proxied as C{/}, the app's relative links would resolve
+    against the relay's root.  Only GET and HEAD without Upgrade: a redirect would drop
+    another method's body, and a WebSocket client does not follow one.
+    """
+    if slash or upgrade or method not in (b"GET", b"HEAD"):
+        return None
+    return Redirect(b"/" + first + b"/" + query_sep + query)
+
+
+def raw_request_line(line: bytes) -> tuple[bytes, bytes] | None:
+    """
+    A request line whose target holds raw bytes >= 0x80 (unencoded UTF-8, as curl and
+    several HTTP libraries send it): (the line with those bytes percent-encoded, the raw
+    target), so that Twisted's request-line check, which allows printable ASCII only,
+    accepts it; None for any other line.  Control characters stay refused.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _NON_ASCII.search(parts[1]) or _NON_ASCII.search(parts[0] + parts[2]):
+        return None
+    encoded = _NON_ASCII.sub(lambda m: b"%%%02X" % m.group()[0], parts[1])
+    return b" ".join((parts[0], encoded, parts[2])), parts[1]
 
 
 @attrs.frozen
@@ -266,6 +301,7 @@ class Relay(service.Service, Drainer):
             return None
         host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
         host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        host = host.rstrip(".")  # a fully qualified name (abc.example.com.) is the same host
         suffix = "." + self.config.domain.lower()
         return host[: -len(suffix)] if host.endswith(suffix) else None
 
@@ -273,9 +309,9 @@ class Relay(service.Service, Drainer):
         """C{/healthz} is the relay's own, except on a tunnel's host name."""
         return uri.split(b"?")[0] == b"/healthz" and self.domain_label(request) is None
 
-    def route(self, request: server.Request) -> tuple[str, bytes, bytes] | str:
+    def route(self, request: server.Request) -> tuple[str, bytes, bytes] | Redirect | str:
         """
-        Map a request to (tunnel id, target, prefix), or return an error reason.
+        Map a request to (tunnel id, target, prefix), a L{Redirect}, or an error reason.
         """
         uri = request.uri
         if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
@@ -298,11 +334,20 @@ class Relay(service.Service, Drainer):
             return "unknown tunnel"
         if not auth.valid_connection_id(tunnel_id):
             return "unknown tunnel"
+        redirect = directory_redirect(first, slash, sep, query, request.method,
+                                      bool(request.requestHeaders.getRawHeaders(b"upgrade")))
+        if redirect is not None:
+            return redirect
         # Connection ids are case-insensitive (as host names are): /MyApp is tunnel myapp.
         return tunnel_id.lower(), b"/" + rest + sep + query, b"/" + first
 
     def public_request(self, request: RelayRequest) -> None:
         routed = self.route(request)
+        if isinstance(routed, Redirect):
+            request.body_sink = None
+            request.setHeader(b"location", routed.location)
+            _plain(request, http.MOVED_PERMANENTLY, "moved to " + routed.location.decode("latin-1"))
+            return
         if isinstance(routed, str):
             request.body_sink = None
             _plain(request, http.NOT_FOUND if routed == "unknown tunnel" else http.BAD_REQUEST,
@@ -811,6 +856,17 @@ class RelayChannel(http.HTTPChannel):
     _pg_in_head = True
     _pg_head_timer = None
 
+    def lineReceived(self, line):
+        # Private names of HTTPChannel (__first_line, _path; Twisted 26.10.0), as in
+        # allContentReceived below; test_http_e2e's raw UTF-8 test fails if they change.
+        raw = raw_request_line(line) if self._HTTPChannel__first_line and line else None
+        if raw is None:
+            return super().lineReceived(line)
+        encoded, target = raw
+        super().lineReceived(encoded)
+        if getattr(self, "_path", None) == encoded.split(b" ")[1]:
+            self._path = target  # the app's bytes go on as the caller sent them
+
     def dataReceived(self, data):
         if self._pg_in_head and self._pg_head_timer is None and data and self.timeOut:
             self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
@@ -821,6 +877,15 @@ class RelayChannel(http.HTTPChannel):
         self._log.info("request head from {peer} not complete within {seconds:g} s; closing",
                        peer=str(self.transport.getPeer()), seconds=self.timeOut)
         self.timeoutConnection()
+
+    def timeoutConnection(self):
+        # The head timer and the idle timer fire together when a caller sent its bytes at
+        # once and stalled (a TLS ClientHello to this plain port); a second timeout would
+        # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
+        # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
+        # leaves the reactor dirty if it changes.)
+        if self._abortingCall is None:
+            super().timeoutConnection()
 
     def _pg_cancel_head_timer(self):
         timer, self._pg_head_timer = self._pg_head_timer, None
@@ -835,6 +900,11 @@ class RelayChannel(http.HTTPChannel):
         self._pg_in_head = False
         self._pg_cancel_head_timer()
         req = self.requests[-1]
+        limit = self.site.relay_resource.relay.config.max_body_bytes
+        if limit and self.length is not None and self.length > limit:
+            # The 413 goes out at once (public_request); Twisted would send
+            # "100 Continue" first and invite the body it is about to refuse.
+            req.requestHeaders.removeHeader(b"expect")
         early = self.site.relay_resource.wants_early_start(req, self._command, self._path)
         if early:
             req._started_early = True

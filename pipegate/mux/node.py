@@ -10,13 +10,14 @@ import os
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
-from pipegate.retry import backoff
+from pipegate.core.redial import Redial, ReportingEndpoint, describe_connect_error
 
 
 class MuxOptions(EnvOptions):
@@ -132,14 +133,32 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
         services.append(strports.service(description, factory, reactor=reactor))
     for description in connect:
         endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
-        factory = LinkFactory(node, config, reactor, True)
-        dialer = internet.ClientService(endpoint, factory, retryPolicy=retry_policy or backoff(), clock=reactor)
-        factory.redial = Redial(dialer, endpoint, factory, retry_policy or backoff(), reactor)
+        # The delay grows over failed admissions (a wrong router secret), not only over
+        # failed TCP connects, and resets once a link is admitted (core/redial.py).
+        policy = retry_policy or Redial()
+        factory = LinkFactory(node, config, reactor, True,
+                              backoff=policy if isinstance(policy, Redial) else None)
+        endpoint = ReportingEndpoint(endpoint, DialFailures(description))
+        dialer = internet.ClientService(endpoint, factory, retryPolicy=policy, clock=reactor)
+        factory.redial = GoAwayRedial(dialer, endpoint, factory, policy, reactor)
         services.append(dialer)
     return services
 
 
-class Redial:
+class DialFailures:
+    """Logs why a dial of C{description} failed, in the words of describe_connect_error."""
+
+    log = Logger()
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __call__(self, failure) -> None:
+        self.log.warn("cannot connect to {peer}: {why}", peer=self.description,
+                      why=describe_connect_error(failure.value))
+
+
+class GoAwayRedial:
     """
     When the peer of a dialled link says GOAWAY, dial the same endpoint again at once (a
     balancer or DNS in front reaches a peer that is not stopping) while the old link

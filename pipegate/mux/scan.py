@@ -21,6 +21,11 @@ class Observer:
     def link_admitted(self, link) -> None:
         self.links.add(link)
 
+    def refused(self, reason: str) -> None:
+        """The link ended before admission: say so at once instead of waiting out the timeout."""
+        if not self.result.called:
+            self.result.errback(ConnectionRefusedError(f"admission refused (wrong router secret?): {reason}"))
+
     def link_lost(self, link) -> None:
         self.links.discard(link)
         if not self.result.called:
@@ -44,7 +49,7 @@ async def scan(reactor, secret: bytes, description: str, timeout: float = 15.0,
     observer = Observer()
     config = LinkConfig(secret=secret, role=frames.ROLE_OBSERVER, handshake_timeout=timeout)
     endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
-    link = await endpoint.connect(LinkFactory(observer, config, reactor, True))
+    link = await endpoint.connect(LinkFactory(observer, config, reactor, True, on_refused=observer.refused))
     timer = reactor.callLater(timeout, lambda: observer.result.called or observer.result.errback(
         TimeoutError(f"no answer within {timeout:g} s (wrong router secret?)")))
     try:
@@ -52,7 +57,8 @@ async def scan(reactor, secret: bytes, description: str, timeout: float = 15.0,
     finally:
         if timer.active():
             timer.cancel()
-        link.go_away("scan done")
+        if not link.closed:
+            link.go_away("scan done")
     return format_routes(role, peer, routes)
 
 

@@ -11,6 +11,7 @@ node (the gateway or the provider that owns the link).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -20,9 +21,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pipegate.core.redial import Redial
 from pipegate.sockets import bounded_reads, eager_writes, no_delay, send_now, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
+from pipegate.mux.tls import LinkTLSProtocol
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
               frames.ROLE_OBSERVER: "observer"}
@@ -160,11 +163,21 @@ class MuxLink(Protocol):
         except (frames.FrameError, LinkError) as e:
             self.fail(str(e))
 
+    def silent_peer(self) -> bool:
+        """The peer sent no byte at all: a TCP probe (health check, C{nc -z}), not a login."""
+        return isinstance(self.transport, LinkTLSProtocol) and self.transport.raw_bytes_received == 0
+
     def connectionLost(self, reason=None) -> None:
         if not self.admitted and not self.closed:
-            self.stats.inc("admission_failures", "tls")
-            self.log.warn("link with {peer} closed before admission (wrong router secret, "
-                          "refused role, or TLS failure)", peer=self.peer_name)
+            if self.silent_peer():
+                self.log.debug("connection from {peer} closed without sending anything (a TCP probe)",
+                               peer=self.peer_name)
+            else:
+                self.stats.inc("admission_failures", "tls")
+                self.log.warn("link with {peer} closed before admission (wrong router secret, "
+                              "refused role, or TLS failure)", peer=self.peer_name)
+                self._refused("the link closed before admission (wrong router secret, refused role, "
+                              "or TLS failure)")
         self._stop_timers()
         was_admitted, self.admitted = self.admitted, False
         self.closed = True
@@ -234,10 +247,15 @@ class MuxLink(Protocol):
         self.log.info("link to {role} {peer} admitted", role=ROLE_NAMES[hello.role], peer=self.peer_name)
         factory = getattr(self, "factory", None)
         if factory is not None and self.is_tls_client:
-            factory.admitted += 1
+            factory.link_admitted()
             if factory.admitted > 1:
                 self.stats.inc("reconnects")
         self.node.link_admitted(self)
+
+    def _refused(self, reason: str) -> None:
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.link_refused(reason)
 
     def _ping(self) -> None:
         if self.clock.seconds() - self._last_seen > self.config.ping_deadline:
@@ -288,9 +306,15 @@ class MuxLink(Protocol):
         """Close this link, logging why; other links are untouched."""
         if self.closed:
             return
-        if not self.admitted and "router secret" not in reason:
-            self.stats.inc("admission_failures", "timeout" if "handshake timeout" in reason else "protocol")
-        self.log.warn("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
+        if not self.admitted and self.silent_peer():
+            # Connected and said nothing until the handshake timeout: not an admission failure.
+            self.log.debug("closing silent connection from {peer}: {reason}", peer=self.peer_name, reason=reason)
+        else:
+            if not self.admitted and "router secret" not in reason:
+                self.stats.inc("admission_failures", "timeout" if "handshake timeout" in reason else "protocol")
+            self.log.warn("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
+            if not self.admitted:
+                self._refused(reason)
         self.closed = True
         self._stop_timers()
         if self.transport is not None:
@@ -338,12 +362,24 @@ class LinkFactory(Factory):
 
     noisy = False
 
-    def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool) -> None:
+    def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool, *,
+                 backoff: Redial | None = None, on_refused: Callable[[str], None] | None = None) -> None:
         self.node = node
         self.config = config
         self.clock = clock
         self.is_tls_client = is_tls_client
         self.admitted = 0  # links admitted through this factory (a dialer: 1 + reconnects)
+        self.backoff = backoff        # a dialer's redial delays: reset by an admission, not by TCP
+        self.on_refused = on_refused  # told why a link ended before admission
+
+    def link_admitted(self) -> None:
+        self.admitted += 1
+        if self.backoff is not None:
+            self.backoff.succeeded()
+
+    def link_refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason)
 
     def buildProtocol(self, addr):
         link = MuxLink(self.node, self.config, self.clock, self.is_tls_client)

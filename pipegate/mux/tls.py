@@ -66,9 +66,18 @@ class LinkTLSProtocol(BufferingTLSTransport):
     A 64 KiB frame is one C{SSL_write}, one C{bio_read} and one transport write
     instead of 5, 5 and 5 (with L{whole_writes}).
 
+    C{raw_bytes_received} tells a link whether its peer sent anything at all: a plain
+    TCP probe (a balancer's health check, C{nc -z}) sends nothing.
+
     Overrides private methods of C{TLSMemoryBIOProtocol}; tests/test_mux_tls.py checks
     that they are still there with the signatures relied on here.
     """
+
+    raw_bytes_received = 0
+
+    def dataReceived(self, data):
+        self.raw_bytes_received += len(data)
+        super().dataReceived(data)
 
     def _write(self, bytes):
         if self._lostTLSConnection:

@@ -304,7 +304,15 @@ class Gateway(service.Service, Drainer):
     def link_lost(self, link) -> None:
         self.links.discard(link)
         self.link_policies.pop(link, None)
-        if self.routes.pop(link, None):
+        routes = self.routes.pop(link, None)
+        if link.peer_role == frames.ROLE_PROVIDER and not link.going_away:
+            # Every provider lost, not only a gate's last one: its gates may stay open on
+            # other providers, but the operator needs to know one went away.
+            self.log.info("provider {peer} lost; it served {routes}", peer=link.peer_name,
+                          routes=", ".join(f"{r.gate_port}/{r.protocol}" for r in routes or ()) or "no routes")
+        elif link.peer_role == frames.ROLE_PROVIDER:
+            self.log.info("provider {peer} left (GOAWAY)", peer=link.peer_name)
+        if routes:
             self.sync_gates()
 
     def link_frame(self, link, frame) -> None:

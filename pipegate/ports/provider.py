@@ -10,6 +10,7 @@ import ipaddress
 import attrs
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pipegate.drain import Drainer
@@ -22,7 +23,7 @@ from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
 from pipegate.ports.udp import UDP_BUFFER, BackendSocket, Flow, set_buffers
-from pipegate.sockets import connect_protocol, stream_endpoint
+from pipegate.sockets import connect_protocol, listen_udp_quietly, stream_endpoint
 
 
 def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
@@ -44,6 +45,32 @@ class ProviderConfig:
     udp_buffer: int = UDP_BUFFER
 
 
+FLOW_SUMMARY_INTERVAL = 60.0
+
+
+@attrs.define
+class FlowSummary:
+    """UDP flows opened and closed since the last summary, and open now."""
+
+    opened: int = 0
+    closed: int = 0
+    open: int = 0
+
+    def flow_opened(self) -> None:
+        self.opened += 1
+        self.open += 1
+
+    def flow_closed(self) -> None:
+        self.closed += 1
+        self.open -= 1
+
+    def take(self) -> tuple[int, int, int] | None:
+        """(opened, closed, open) since the last call, or None when nothing happened."""
+        counts = (self.opened, self.closed, self.open)
+        self.opened = self.closed = 0
+        return counts if counts[0] or counts[1] else None
+
+
 class Provider(service.Service, Drainer):
     log = Logger()
 
@@ -56,6 +83,21 @@ class Provider(service.Service, Drainer):
         self.links: set = set()
         self.stats = Stats()
         self.draining = False
+        # UDP flows are logged at debug level one by one; at info, a summary per interval.
+        self.udp_flows = FlowSummary()
+        self._summary = LoopingCall(self._log_flow_summary)
+        self._summary.clock = reactor
+
+    def startService(self):
+        super().startService()
+        self._summary.start(FLOW_SUMMARY_INTERVAL, now=False)
+
+    def _log_flow_summary(self) -> None:
+        counts = self.udp_flows.take()
+        if counts is not None:
+            self.log.info("UDP flows in the last {interval:g} s: {opened} opened, {closed} closed, "
+                          "{open} open", interval=FLOW_SUMMARY_INTERVAL, opened=counts[0],
+                          closed=counts[1], open=counts[2])
 
     def routes(self) -> frames.Routes:
         return frames.Routes(tuple(service_route(s, self.config.policy) for s in self.services))
@@ -143,12 +185,22 @@ class Provider(service.Service, Drainer):
             if link.closed or link.channels.get(frame.channel) is not placeholder:
                 return
             socket = BackendSocket()
+            socket.noisy = False  # no "Starting protocol" / "Stopping protocol" per flow
             interface = "::" if ":" in address else "0.0.0.0"
-            listening = self.reactor.listenUDP(0, socket, interface=interface, maxPacketSize=65535)
+            listening = listen_udp_quietly(self.reactor, 0, socket, interface, 65535)
             set_buffers(listening, self.config.udp_buffer)
             socket.transport.connect(address, svc.service_port)
-            flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write,
-                        lambda f: listening.stopListening())
+            channel = frame.channel
+
+            def done(flow):
+                self.udp_flows.flow_closed()
+                self.log.debug("UDP flow {channel} to {host}:{port} closed", channel=channel,
+                               host=address, port=svc.service_port)
+                return listening.stopListening()
+            flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write, done)
+            self.udp_flows.flow_opened()
+            self.log.debug("UDP flow {channel} to {host}:{port} open", channel=channel,
+                           host=address, port=svc.service_port)
             socket.flow = flow
             if self.records is not None:
                 self._record("udp", socket.transport.getHost(), address, svc.service_port, frame, flow)
@@ -186,6 +238,8 @@ class Provider(service.Service, Drainer):
         """GOAWAY every link (gateways withdraw our routes), let open channels finish up to
         C{drain_timeout} seconds, then close the links."""
         super().stopService()
+        if self._summary.running:
+            self._summary.stop()
         self.draining = True
         for link in list(self.links):
             link.announce_going_away("provider stopping")

@@ -40,6 +40,7 @@ class Options(EnvOptions):
                                 "it shows bodies and headers: keep it on loopback (tcp:4040:interface=127.0.0.1)."],
         ["inspect-max", None, "500", "Requests the inspector keeps (the oldest are dropped)."],
         ["inspect-body-bytes", None, "65536", "Bytes of each request and response body the inspector keeps."],
+        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
     ]
     optFlags = [
         ["shared", None, "Mint the token this connector makes for itself with shared=true (PIPEGATE_JWT_SECRET "
@@ -53,6 +54,7 @@ class Options(EnvOptions):
         "window-budget": non_negative_int,
         "inspect-max": positive_int,
         "inspect-body-bytes": non_negative_int,
+        "drain-timeout": non_negative_float,
     }
 
     def __init__(self) -> None:
@@ -102,7 +104,14 @@ class Options(EnvOptions):
         check_server_endpoint("inspect", self["inspect"])
         if self["ca-file"] and not os.path.isfile(self["ca-file"]):
             raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
-        path_id = parts.path.strip("/").rsplit("/", 1)[-1] or None
+        segments = [segment for segment in parts.path.split("/") if segment]
+        if len(segments) > 1:
+            # The relay routes public traffic by the first path segment: behind a prefix
+            # the public URL printed at login would not exist.
+            raise usage.UsageError(
+                f"SERVER_URL: a path prefix (/{'/'.join(segments[:-1])}) is not supported; the relay "
+                "serves /<connection-id> at the root of its host: ws(s)://host[:port][/<connection-id>]")
+        path_id = segments[-1] if segments else None
         token = self["token"] or self.environ.get("PIPEGATE_TOKEN")
         if not token:
             token = (parse_qs(parts.query).get("token") or [None])[0]
@@ -160,6 +169,7 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
         target=options["target"], max_streams=options["max-streams"],
         connect_timeout=options["connect-timeout"], ping_interval=options["ping-interval"],
         max_window=options["max-window"], window_budget=options["window-budget"],
+        drain_timeout=options["drain-timeout"],
     )
     return Connector(reactor, config, options["server-url"], options["token"],
                      options["tunnel-id"], ca_file=options["ca-file"],
