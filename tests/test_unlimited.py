@@ -352,12 +352,13 @@ class GateTests(unittest.TestCase):
     def test_rate_limit(self):
         calls = self.count_decrypts()
         gate = UnlimitedGate(SECRET, max_failures=3, failure_window_s=60)
+        bad = make_token("not the gateway's secret", "1.2.3.4", NOW)  # well formed: it costs a decryption
         for i in range(3):
-            self.assertEqual(gate.check("bad", "1.2.3.4", NOW + i), (403, {"error": "invalid_token"}))
+            self.assertEqual(gate.check(bad, "1.2.3.4", NOW + i), (403, {"error": "invalid_token"}))
         self.assertEqual(len(calls), 3)
         good = make_token(SECRET, "1.2.3.4", NOW)
         for i in range(10):
-            self.assertEqual(gate.check(good if i % 2 else "bad", "1.2.3.4", NOW + 10 + i),
+            self.assertEqual(gate.check(good if i % 2 else bad, "1.2.3.4", NOW + 10 + i),
                              (429, {"error": "too_many_attempts"}))
         self.assertEqual(len(calls), 3, "no decryption while limited")
         # Another IP is unaffected; the mapped form of the limited IP is the same IP.

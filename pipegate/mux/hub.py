@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate.codec import FrameError
-from pipegate.config import positive_int
+from pipegate.config import auto_or_positive_int, positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.node import MuxOptions
 from pipegate.mux.session import LinkConfig, LinkError, LinkFactory, MuxLink
@@ -57,6 +57,7 @@ class HubConfig:
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.HUB_MAX_WINDOW  # the most credit an end may grow a channel's window to
     max_peers: int = 1000
+    max_peers_per_router: int = 0       # 0 = no cap of its own (only max_peers)
     max_channels: int = 10_000          # per link
     max_frame_size: int = frames.MAX_FRAME_SIZE
     drain_timeout: float = 30.0         # seconds channels through the hub may take to end on stop
@@ -120,6 +121,9 @@ class HubCore:
     def admit(self, key, router: int, role: int) -> list:
         if len(self.peers) >= self.config.max_peers:
             return [Close(key, f"the hub serves at most {self.config.max_peers} peers")]
+        cap = self.config.max_peers_per_router
+        if cap and sum(1 for p in self.peers.values() if p.router == router) >= cap:
+            return [Close(key, f"the hub serves at most {cap} peers per router")]
         peer = self.peers[key] = Peer(key, router, role)
         if peer.is_provider:
             return []
@@ -478,9 +482,13 @@ _HUB_OWN = {"max-window": [str(frames.HUB_MAX_WINDOW), "The most credit per chan
 HUB_PARAMETERS = [["mux-" + p[0], None, *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
     ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers)."],
+    ["mux-max-peers-per-router", None, "auto", "Links of one router the hub accepts at once, so that one "
+                                               "router's peers cannot lock out another's; auto = "
+                                               "--mux-max-peers divided by the number of routers."],
 ]
 HUB_CONVERTERS = {"mux-" + name: convert for name, convert in MuxOptions.converters.items() if name in _SHARED}
 HUB_CONVERTERS["mux-max-peers"] = positive_int
+HUB_CONVERTERS["mux-max-peers-per-router"] = auto_or_positive_int
 
 
 class HubOptions:
@@ -540,8 +548,12 @@ def hub_node(options) -> HubNode | None:
     """The hub that C{--mux} asks for, not yet started; None without C{--mux}."""
     if not options["mux"]:
         return None
+    per_router = options["mux-max-peers-per-router"]
+    if per_router is None:
+        per_router = max(1, options["mux-max-peers"] // len(options["mux-secrets"]))
     return HubNode(HubConfig(window=options["mux-window"], max_window=options["mux-max-window"],
-                             max_peers=options["mux-max-peers"], max_channels=options["mux-max-channels"],
+                             max_peers=options["mux-max-peers"], max_peers_per_router=per_router,
+                             max_channels=options["mux-max-channels"],
                              max_frame_size=options["mux-max-frame-size"],
                              drain_timeout=options["drain-timeout"]))
 

@@ -5,6 +5,7 @@ providers announce, and carries each TCP connection or UDP flow to a provider.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
 import attrs
@@ -14,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
+from pipegate.core.budget import Budget, LogThrottle
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -25,7 +27,11 @@ from pipegate.http.frames import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
-from pipegate.ports.udp import UDP_BUFFER, Flow, set_buffers
+from pipegate.ports.udp import UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, set_buffers
+
+#: A full UDP flow table makes room by closing its longest-idle flow, but only one idle at
+#: least this long: a flood of new flows cannot push out flows that are in use.
+EVICT_MIN_IDLE = 5.0
 
 
 def route_service(route: frames.Route) -> Service:
@@ -40,7 +46,15 @@ class GatewayConfig:
     policy: Policy = EMPTY  # the operator's own rules; they beat every provider's
     open_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
-    tcp_idle_timeout: float = 0.0
+    tcp_idle_timeout: float = 900.0
+    # Connection and flow caps (0 = none); pipegate.tap.gateway sizes them from the fd budget.
+    tcp_per_source: int = 256        # TCP connections one client IP holds, all gates together
+    tcp_total: int = 4096            # TCP connections all clients hold
+    udp_per_source: int = 256        # UDP flows one client IP holds, all gates together
+    udp_total: int = 16384           # UDP flows in the table; a full table evicts its longest-idle flow
+    gate_backlog: int = 1024         # listen() backlog of TCP gates
+    udp_hold: int = UDP_HOLD
+    udp_hold_total: int = UDP_HOLD_TOTAL
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.MAX_WINDOW
     window_budget: int = frames.WINDOW_BUDGET
@@ -122,8 +136,14 @@ class GateFactory(Factory):
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
+        source = str(normalize_ip(addr.host))
+        refused = gateway.tcp_budget.acquire(source)
+        if refused is not None:
+            gateway.refused("tcp", refused, self.key[0])
+            return None
         channel = GateConnection(gateway.config.window, gateway.config.max_window, gateway.window_budget)
         channel.gateway = gateway
+        channel.source = source
         channel.key = self.key
         channel.factory = self
         channel.labels = decision.labels
@@ -158,6 +178,7 @@ class GateConnection(StreamChannel):
     gateway: Gateway
     key: tuple[int, str]
     opening: Opening | None = None
+    source: str | None = None   # the client IP, while it holds a unit of the TCP budget
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -170,6 +191,9 @@ class GateConnection(StreamChannel):
         if self.opening is not None and self.link is None:
             self.opening.abandon()
             self.opening = None
+        source, self.source = self.source, None
+        if source is not None:
+            self.gateway.tcp_budget.release(source)
         self.gateway.tcp_clients.discard(self)
         super().connectionLost(reason)
 
@@ -201,31 +225,42 @@ class UDPGate(DatagramProtocol):
                 gateway.stats.inc("policy_denials")
                 gateway.stats.inc("dropped_datagrams")
                 return
+            source = str(normalize_ip(addr[0]))
+            if not gateway.admit_flow(source, self.key[0]):
+                gateway.dropped_datagrams += 1
+                gateway.stats.inc("dropped_datagrams")
+                return
             up = down = release = None
             if decision.limit is not None:
                 up, down, release = gateway.buckets(addr[0], decision.limit)
 
             def deliver(datagram, addr=addr, down=down):
                 if datagram_allowed(down, len(datagram), gateway.clock.seconds(), _burst(down)):
+                    if flow in gateway.udp_flows:
+                        gateway.udp_flows.move_to_end(flow)
                     self.transport.write(datagram, addr)
                 else:
                     gateway.dropped_datagrams += 1
                     gateway.stats.inc("dropped_datagrams")
 
-            def done(f, addr=addr, release=release):
+            def done(f, addr=addr, release=release, source=source):
                 self.flows.pop(addr, None)
+                gateway.udp_flows.pop(f, None)
+                gateway.udp_budget.release(source)
                 if release is not None:
                     release()
 
-            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done)
+            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done, gateway.hold)
             flow.client_address = addr
             flow.labels = decision.labels
             flow.up = up
             flow.open_failed = lambda f=flow: f.close(notify=False)
             self.flows[addr] = flow
+            gateway.udp_flows[flow] = None
             self._outbound(flow, data)
             gateway.try_open(self.key, flow, None)
         else:
+            gateway.udp_flows.move_to_end(flow)
             self._outbound(flow, data)
 
     def _outbound(self, flow: Flow, data: bytes) -> None:
@@ -261,6 +296,43 @@ class Gateway(service.Service, Drainer):
         self.route_listeners: list = []  # called with no argument after every route change (Docker helpers)
         self.stats = Stats()
         self.draining = False
+        self.tcp_budget = Budget(config.tcp_per_source, config.tcp_total)
+        self.udp_budget = Budget(config.udp_per_source, config.udp_total)
+        # Every UDP flow, least recently used first: a full table evicts from the front.
+        self.udp_flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
+        self.hold = Hold(config.udp_hold, config.udp_hold_total,
+                         on_drop=lambda: self.stats.inc("held_datagrams_dropped"))
+        self._refusal_logs: dict[str, LogThrottle] = {}
+
+    # -- connection and flow caps
+    def refused(self, kind: str, cap: str, port: int) -> None:
+        """Count a refusal past a cap and log it, at most one line per cap every 10 s."""
+        label = f"{kind}-{cap}"
+        self.stats.inc("cap_refusals", label)
+        throttle = self._refusal_logs.setdefault(label, LogThrottle())
+        held_back = throttle.allow(self.clock.seconds())
+        if held_back is None:
+            return
+        budget = self.tcp_budget if kind == "tcp" else self.udp_budget
+        what = "connection" if kind == "tcp" else "flow"
+        limit = budget.per_source if cap == "per-source" else budget.total
+        self.log.warn("gate {port}/{kind}: new {what} refused: {cap} cap of {limit} reached "
+                      "({more} more refused in the last interval)",
+                      port=port, kind=kind, what=what, cap=cap, limit=limit, more=held_back)
+
+    def admit_flow(self, source: str, port: int) -> bool:
+        """Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow first."""
+        refused = self.udp_budget.acquire(source)
+        if refused == "total" and self.udp_flows:
+            oldest = next(iter(self.udp_flows))
+            if oldest.link is not None and self.clock.seconds() - oldest.last_active >= EVICT_MIN_IDLE:
+                self.stats.inc("evicted_flows")
+                oldest.close(notify=True, reason="evicted: flow table full")
+                refused = self.udp_budget.acquire(source)
+        if refused is not None:
+            self.refused("udp", refused, port)
+            return False
+        return True
 
     # -- ingress policy and shaping
     def decide(self, key, ip: str) -> Decision:
@@ -386,7 +458,7 @@ class Gateway(service.Service, Drainer):
             self.log.info("gate {port}/udp open", port=port)
             return
         family = endpoints.TCP6ServerEndpoint if _is_v6(self.config.listen) else endpoints.TCP4ServerEndpoint
-        endpoint = family(reactor, port, interface=self.config.listen)
+        endpoint = family(reactor, port, backlog=self.config.gate_backlog, interface=self.config.listen)
         self._binding.add(key)
 
         def bound(listening):
