@@ -13,9 +13,11 @@ import socket
 
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.logger import formatEvent
+from twisted.python import usage
 from twisted.trial import unittest
 
 from pipegate.ports import gateway as gateway_module
+from pipegate.ports import provider as provider_module
 from pipegate.ports.gateway import GatewayConfig
 from pipegate.ports.services import Service
 from pipegate.ports.udp import Flow, Hold
@@ -154,6 +156,7 @@ class ProviderCaps(PortPlane):
         await eventually(lambda: small.backends.held() == 0)
 
     async def test_udp_flows_take_at_most_their_share_of_backends(self):
+        self.patch(provider_module, "EVICT_MIN_IDLE", 0.3)
         udp_backend = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
         self.cleanups.append(udp_backend.stopListening)
         udp_gate = free_port(socket.SOCK_DGRAM)
@@ -172,6 +175,26 @@ class ProviderCaps(PortPlane):
         # TCP still has its room.
         for _ in range(3):
             self.assertEqual(await self.echo_through(self.gate), b"pingbye")
+        # Once the flood's flows have idled, a new client's flow takes the place of the
+        # longest-idle one.
+        await task.deferLater(reactor, 0.5, lambda: None)
+        legit = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(legit.close)
+        legit.bind(("127.0.0.60", 0))
+        legit.settimeout(0)
+        legit.sendto(b"legit", ("127.0.0.1", udp_gate))
+        got = []
+
+        def answered():
+            try:
+                got.append(legit.recv(100))
+            except BlockingIOError:
+                pass
+            return got
+        await eventually(answered)
+        self.assertEqual(got, [b"legit"])
+        self.assertEqual(prov.stats.get("evicted_flows"), 1)
+        self.assertEqual(prov.udp_flows.held(), 4)
 
 
 class UDPGateCaps(PortPlane):
@@ -292,3 +315,88 @@ class HoldTests(unittest.SynchronousTestCase):
             a.outbound(b"x" * 1000)
             b.outbound(b"x" * 1000)
         self.assertEqual((a.held, b.held, shared.used, shared.dropped), (2000, 2000, 4000, 2))
+
+
+class UnlimitedFlood(PortPlane):
+    """Bad /unlimited tokens from rotating IPs: the key derivations are bounded, others are served."""
+
+    async def test_bad_tokens_from_rotating_ips_cost_at_most_the_kdf_rate(self):
+        from twisted.web import server
+
+        from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource, make_token
+
+        backend = await self.backend_echo()
+        gate = free_port()
+        gw, mux = await self.gateway()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        unlimited = UnlimitedGate("a-long-enough-secret", kdf_rate=10)
+        site = server.Site(UnlimitedResource(unlimited, gw.grants, reactor))
+        site.noisy = False
+        http = await self.listen_tcp(site)
+        start = reactor.seconds()
+
+        async def attempt(n: int) -> int:
+            source = f"127.0.{1 + n // 250}.{2 + n % 250}"   # a new IP every time
+            token = make_token("not-the-secret!!", source, reactor.seconds() * 1000)
+            client = Client()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", http.getHost().port,
+                                                    bindAddress=(source, 0))
+            await endpoints.connectProtocol(endpoint, client)
+            client.transport.write(b"GET /unlimited?payload=%s HTTP/1.0\r\n\r\n" % token.encode())
+            return int((await client.closed).split(b" ", 2)[1])
+
+        codes = await defer.gatherResults([defer.ensureDeferred(attempt(n)) for n in range(200)])
+        elapsed = reactor.seconds() - start
+        # Every answer is a refusal; at most burst + rate * elapsed of them cost a key derivation.
+        self.assertEqual(set(codes) - {403, 503}, set())
+        self.assertLessEqual(codes.count(403), 10 + 10 * elapsed + 1)
+        self.assertEqual(codes.count(503), unlimited.kdf_refused)
+        self.assertGreater(unlimited.kdf_refused, 0)
+        # Other traffic is served meanwhile and after.
+        self.assertEqual(await self.echo_through(gate), b"pingbye")
+        # A legitimate token still works once the budget has refilled.
+        await task.deferLater(reactor, 0.2, lambda: None)
+        status, body = unlimited.check(make_token("a-long-enough-secret", "127.0.0.1", reactor.seconds() * 1000),
+                                       "127.0.0.1", reactor.seconds() * 1000)
+        self.assertEqual(status, 200)
+
+
+class Options(unittest.SynchronousTestCase):
+    def parse(self, *args):
+        options = gateway_tap.Options()
+        options.environ = {}
+        options.parseOptions(["--router", "ab" * 32, "--mux", "tcp:0", *args])
+        return options
+
+    def test_a_short_unlimited_secret_is_refused_with_advice(self):
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--unlimited-secret", "hunter2hunter2")
+        message = str(e.exception)
+        self.assertTrue(message.startswith("--unlimited-secret: at least 16 characters"), message)
+        self.assertIn("openssl rand -hex 32", message)
+        self.assertNotIn("\n", message)
+        self.assertEqual(self.parse("--unlimited-secret", "x" * 16)["unlimited-secret"], "x" * 16)
+
+    def test_caps_default_to_the_fd_budget(self):
+        from pipegate.fdlimit import FdBudget
+
+        options = self.parse()
+        caps = gateway_tap.gate_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
+        self.assertEqual(caps, {"max-conns-per-ip": 240, "max-conns": 960,
+                                "max-flows-per-ip": 256, "max-flows": 16384})
+        options = self.parse("--max-conns-per-ip", "0", "--max-conns", "50")
+        caps = gateway_tap.gate_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
+        self.assertEqual((caps["max-conns-per-ip"], caps["max-conns"]), (0, 50))
+        with self.assertRaises(usage.UsageError):
+            self.parse("--max-flows", "-1")
+
+    def test_provider_caps_default_to_the_fd_budget(self):
+        from pipegate.fdlimit import FdBudget
+        from pipegate.tap import provider as provider_tap
+
+        options = provider_tap.Options()
+        options.environ = {"PIPEGATE_MAX_UDP_BACKENDS": "100"}
+        options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
+        caps = provider_tap.backend_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
+        self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 240, "max-udp-backends": 100})

@@ -176,6 +176,25 @@ class Routers(Hub):
             self.assertEqual(await self.echo_through(gate, b"ping"), b"pingbye")
 
 
+class PeersPerRouter(Hub):
+
+    async def test_one_routers_flood_of_peers_does_not_lock_out_another(self):
+        self.hub.core.config = attrs.evolve(self.hub.core.config, max_peers_per_router=3)
+        backend = await self.backend_echo()
+        port = backend.getHost().port
+        gate_a, gate_b = free_ports(2)
+        # Router OTHER dials in ten providers; the hub keeps three of them.
+        for _ in range(10):
+            self.provider(self.hub_port, [Service(gate_b, "127.0.0.1", port)], secret=OTHER)
+        await eventually(lambda: self.logged("the hub serves at most 3 peers per router"))
+        self.assertEqual(sum(1 for p in self.hub.core.peers.values() if p.router == 1), 3)
+        # Router SECRET's provider and gateway still get in, and its gate works.
+        self.provider(self.hub_port, [Service(gate_a, "127.0.0.1", port)], secret=SECRET)
+        gw_a = self.dialling_gateway(secret=SECRET)
+        await eventually(lambda: (gate_a, "tcp") in gw_a.gates)
+        self.assertEqual(await self.echo_through(gate_a, b"ping"), b"pingbye")
+
+
 class MixedLinks(Hub):
 
     async def test_direct_and_hub_links_at_once(self):

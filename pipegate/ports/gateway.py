@@ -27,11 +27,9 @@ from pipegate.http.frames import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
-from pipegate.ports.udp import UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, set_buffers
-
-#: A full UDP flow table makes room by closing its longest-idle flow, but only one idle at
-#: least this long: a flood of new flows cannot push out flows that are in use.
-EVICT_MIN_IDLE = 5.0
+from pipegate.ports.udp import (
+    EVICT_MIN_IDLE, UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, evict_idle, set_buffers,
+)
 
 
 def route_service(route: frames.Route) -> Service:
@@ -236,8 +234,6 @@ class UDPGate(DatagramProtocol):
 
             def deliver(datagram, addr=addr, down=down):
                 if datagram_allowed(down, len(datagram), gateway.clock.seconds(), _burst(down)):
-                    if flow in gateway.udp_flows:
-                        gateway.udp_flows.move_to_end(flow)
                     self.transport.write(datagram, addr)
                 else:
                     gateway.dropped_datagrams += 1
@@ -245,7 +241,6 @@ class UDPGate(DatagramProtocol):
 
             def done(f, addr=addr, release=release, source=source):
                 self.flows.pop(addr, None)
-                gateway.udp_flows.pop(f, None)
                 gateway.udp_budget.release(source)
                 if release is not None:
                     release()
@@ -256,11 +251,11 @@ class UDPGate(DatagramProtocol):
             flow.up = up
             flow.open_failed = lambda f=flow: f.close(notify=False)
             self.flows[addr] = flow
+            flow.table = gateway.udp_flows
             gateway.udp_flows[flow] = None
             self._outbound(flow, data)
             gateway.try_open(self.key, flow, None)
         else:
-            gateway.udp_flows.move_to_end(flow)
             self._outbound(flow, data)
 
     def _outbound(self, flow: Flow, data: bytes) -> None:
@@ -323,12 +318,9 @@ class Gateway(service.Service, Drainer):
     def admit_flow(self, source: str, port: int) -> bool:
         """Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow first."""
         refused = self.udp_budget.acquire(source)
-        if refused == "total" and self.udp_flows:
-            oldest = next(iter(self.udp_flows))
-            if oldest.link is not None and self.clock.seconds() - oldest.last_active >= EVICT_MIN_IDLE:
-                self.stats.inc("evicted_flows")
-                oldest.close(notify=True, reason="evicted: flow table full")
-                refused = self.udp_budget.acquire(source)
+        if refused == "total" and evict_idle(self.udp_flows, self.clock.seconds(), EVICT_MIN_IDLE):
+            self.stats.inc("evicted_flows")
+            refused = self.udp_budget.acquire(source)
         if refused is not None:
             self.refused("udp", refused, port)
             return False

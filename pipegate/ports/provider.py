@@ -5,6 +5,7 @@ connects to the service (TCP) or opens a connected socket towards it (UDP).
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
 import attrs
@@ -23,7 +24,7 @@ from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
-from pipegate.ports.udp import UDP_BUFFER, BackendSocket, Flow, set_buffers
+from pipegate.ports.udp import EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, evict_idle, set_buffers
 from pipegate.sockets import connect_protocol, stream_endpoint
 
 
@@ -67,6 +68,8 @@ class Provider(service.Service, Drainer):
         self.draining = False
         self.backends = Budget(config.backends_per_source, config.max_backends)
         self.udp_flows = Budget(0, config.max_udp_flows)
+        # Open UDP flows, least recently used first: at the cap, one idle long enough makes room.
+        self.udp_table: collections.OrderedDict[Flow, None] = collections.OrderedDict()
         self._refusal_log = LogThrottle()
 
     def _acquire(self, link, frame) -> object | None:
@@ -81,6 +84,9 @@ class Provider(service.Service, Drainer):
         if refused is None and frame.protocol == "udp":
             refused = self.udp_flows.acquire(None)
             kind = "udp"
+            if refused is not None and evict_idle(self.udp_table, self.reactor.seconds(), EVICT_MIN_IDLE):
+                self.stats.inc("evicted_flows")
+                refused = self.udp_flows.acquire(None)
             if refused is not None:
                 self.backends.release(source)
         if refused is not None:
@@ -220,6 +226,8 @@ class Provider(service.Service, Drainer):
                 return listening.stopListening()
             flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write, done)
             socket.flow = flow
+            flow.table = self.udp_table
+            self.udp_table[flow] = None
             if self.records is not None:
                 self._record("udp", socket.transport.getHost(), address, svc.service_port, frame, flow)
             link.channels[frame.channel] = flow

@@ -20,6 +20,9 @@ from pipegate.mux.session import LinkChannel
 UDP_HOLD = 2_500_000
 #: Default --udp-hold-total: bytes all new flows together may keep.
 UDP_HOLD_TOTAL = 64 * 1024 * 1024
+#: A full flow table (gateway or provider) makes room by closing its longest-idle flow, but
+#: only one idle at least this long: a flood of new flows cannot push out flows in use.
+EVICT_MIN_IDLE = 5.0
 UDP_BUFFER = 2_097_152  # default --udp-buffer: SO_RCVBUF and SO_SNDBUF of every UDP socket
 
 
@@ -74,6 +77,7 @@ class Flow(LinkChannel):
         self.clock = clock
         self.hold = hold if hold is not None else Hold()
         self.held = 0               # bytes in the backlog
+        self.table = None           # an OrderedDict of flows, least recently used first, kept in order
         self.idle_timeout = idle_timeout
         self.write = write          # deliver one datagram to the local socket
         self.on_done = on_done
@@ -94,6 +98,8 @@ class Flow(LinkChannel):
         # The idle timer is not re-armed per datagram (that was a heap operation each
         # time); it checks the time of the last datagram when it fires.
         self._last = self.clock.seconds()
+        if self.table is not None:
+            self.table.move_to_end(self)
 
     def attach(self, link, channel_id: int) -> None:
         self.link = link
@@ -146,6 +152,9 @@ class Flow(LinkChannel):
         self._timer = None
         self.hold.give(self.held)
         self.held, self.backlog = 0, []
+        if self.table is not None:
+            self.table.pop(self, None)
+            self.table = None
         if self.link is not None:
             if notify:
                 self.link.send(frames.Reset(self.channel_id, reason))
@@ -155,6 +164,17 @@ class Flow(LinkChannel):
     def link_lost(self) -> None:
         self.link = None
         self.close(notify=False)
+
+
+def evict_idle(table, now: float, min_idle: float) -> bool:
+    """Close the longest-idle attached flow of C{table} if it has been idle C{min_idle} s; did it?"""
+    if not table:
+        return False
+    oldest = next(iter(table))
+    if oldest.link is None or now - oldest.last_active < min_idle:
+        return False
+    oldest.close(notify=True, reason="evicted: flow table full")
+    return True
 
 
 class BackendSocket(DatagramProtocol):
