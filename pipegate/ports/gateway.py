@@ -32,6 +32,27 @@ from pipegate.ports.udp import (
 )
 
 
+def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...] | None:
+    """
+    C{"any"} -> C{None}; C{"80,443,1024-65535"} -> C{((80, 80), (443, 443), (1024, 65535))}.
+    C{ValueError} with a one-line message otherwise.
+    """
+    if text.strip().lower() == "any":
+        return None
+    ranges = []
+    for item in text.split(","):
+        item = item.strip()
+        low, dash, high = item.partition("-")
+        try:
+            first, last = int(low), int(high) if dash else int(low)
+        except ValueError:
+            raise ValueError(f'expected "any" or ports and ranges such as 80,443,1024-65535, got {item!r}') from None
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"ports must be 1-65535, low to high, got {item!r}")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
 def route_service(route: frames.Route) -> Service:
     return Service(gate_port=route.gate_port, service_host=route.service_host,
                    service_port=route.service_port, protocol=route.protocol, tags=tuple(route.tags))
@@ -53,6 +74,7 @@ class GatewayConfig:
     gate_backlog: int = 1024         # listen() backlog of TCP gates
     udp_hold: int = UDP_HOLD
     udp_hold_total: int = UDP_HOLD_TOTAL
+    gate_ports: tuple[tuple[int, int], ...] | None = None   # ranges announced routes may open; None = any
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.MAX_WINDOW
     window_budget: int = frames.WINDOW_BUDGET
@@ -393,6 +415,10 @@ class Gateway(service.Service, Drainer):
                         parsed[route.policy] = None
                 if parsed[route.policy] is None:
                     continue
+                if not self.port_allowed(route.gate_port):
+                    self.log.warn("ignoring route {port}/{proto} of provider {peer}: gate port outside "
+                                  "--gate-ports", port=route.gate_port, proto=route.protocol, peer=link.peer_name)
+                    continue
                 routes.append(route)
                 key = (route.gate_port, route.protocol)
                 if parsed[route.policy] not in policies.setdefault(key, []):
@@ -409,6 +435,10 @@ class Gateway(service.Service, Drainer):
             link.send(frames.OpenFail(frame.channel, "a gateway serves no services"))
 
     # -- routes and gates
+    def port_allowed(self, port: int) -> bool:
+        ranges = self.config.gate_ports
+        return ranges is None or any(low <= port <= high for low, high in ranges)
+
     def exposed(self) -> dict[tuple[int, str], list]:
         table: dict[tuple[int, str], list] = {}
         for link, routes in self.routes.items():

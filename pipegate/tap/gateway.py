@@ -13,7 +13,7 @@ from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
-from pipegate.ports.gateway import Gateway, GatewayConfig
+from pipegate.ports.gateway import Gateway, GatewayConfig, parse_port_ranges
 from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import (
     Exposure, ServiceError, load_source, parse_filters, parse_only_services,
@@ -54,6 +54,8 @@ class Options(DockerOptionsMixin, MuxOptions):
                                            "auto = 256; 0 = no cap."],
         ["max-flows", None, "auto", "UDP flows in the flow table; a full table closes its longest-idle "
                                     "flow (idle 5 s or more) or drops the new one; auto = 16384; 0 = no cap."],
+        ["gate-ports", None, "any", "Gate ports announced routes may open: any, or ports and ranges such as "
+                                    "80,443,1024-65535 (keep 22 or this host's own listeners out)."],
         ["gate-backlog", None, "1024", "listen() backlog of each TCP gate (the kernel caps it at somaxconn)."],
         ["udp-hold", None, "2500000", "Bytes of datagrams a new UDP flow keeps until its channel opens "
                                       "(1 Gbit/s for 20 ms); more are dropped and counted."],
@@ -66,7 +68,7 @@ class Options(DockerOptionsMixin, MuxOptions):
                   "unlimited-kdf-rate": positive_float,
                   "tcp-idle-timeout": non_negative_float, "max-conns-per-ip": auto_or_non_negative_int,
                   "max-conns": auto_or_non_negative_int, "max-flows-per-ip": auto_or_non_negative_int,
-                  "max-flows": auto_or_non_negative_int, "gate-backlog": positive_int,
+                  "max-flows": auto_or_non_negative_int, "gate-backlog": positive_int, "gate-ports": parse_port_ranges,
                   "udp-hold": positive_int, "udp-hold-total": positive_int, **DOCKER_CONVERTERS}
 
     def __init__(self) -> None:
@@ -121,7 +123,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     gateway = Gateway(GatewayConfig(
         tcp_per_source=caps["max-conns-per-ip"], tcp_total=caps["max-conns"],
         udp_per_source=caps["max-flows-per-ip"], udp_total=caps["max-flows"],
-        gate_backlog=options["gate-backlog"], udp_hold=options["udp-hold"],
+        gate_backlog=options["gate-backlog"], gate_ports=options["gate-ports"], udp_hold=options["udp-hold"],
         udp_hold_total=options["udp-hold-total"],
         listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],

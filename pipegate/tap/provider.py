@@ -7,7 +7,7 @@ import urllib.request
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import auto_or_non_negative_int, positive_float
+from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
@@ -50,8 +50,11 @@ class Options(DockerOptionsMixin, MuxOptions):
                                               "of --max-backends, at most 256; 0 = no cap."],
         ["max-udp-backends", None, "auto", "Of those, how many may be UDP flows; auto = half of "
                                            "--max-backends, so a UDP flood leaves room for TCP; 0 = no cap."],
+        ["docker-max-ports", None, "100", "Docker mode: services one container may announce (its lowest "
+                                          "ports); 0 = no cap."],
     ] + DOCKER_PARAMETERS
     converters = {**MuxOptions.converters, "connect-timeout": positive_float,
+                  "docker-max-ports": non_negative_int,
                   "max-backends": auto_or_non_negative_int, "max-backends-per-ip": auto_or_non_negative_int,
                   "max-udp-backends": auto_or_non_negative_int, **DOCKER_CONVERTERS}
 
@@ -163,4 +166,5 @@ def add_discovery(top: service.MultiService, provider: Provider, options: Option
         provider.set_services(merge_with_static(static, discovered, lambda m: log.warn("{m}", m=m)))
 
     engine = EngineClient(reactor, options["docker-endpoint"])
-    DockerDiscovery(engine, options["network"], options["refresh"], publish, reactor).setServiceParent(top)
+    DockerDiscovery(engine, options["network"], options["refresh"], publish, reactor,
+                    max_ports=options["docker-max-ports"]).setServiceParent(top)
