@@ -24,6 +24,7 @@ Hypergate's Docker mode (C{hypergate.md} section 7), with its tagged bugs fixed:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -417,6 +418,17 @@ def _quiet(message: str) -> None:
     pass
 
 
+def _dns_alias(host: str) -> bool:
+    """Is C{host} a name Docker's DNS resolves to containers (so one container could take it from another)?"""
+    if not host or host.lower() == "localhost":
+        return False
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return False
+    except ValueError:
+        return True
+
+
 def _created(listing: Mapping) -> float:
     value = listing.get("Created") if isinstance(listing, Mapping) else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("inf")
@@ -480,7 +492,7 @@ def discover(
     # Claims held at the last refresh stay with their holder while it still offers them.
     for name, cid, services in offers:
         for service in services:
-            if previous.get(("alias", service.service_host)) == cid:
+            if _dns_alias(service.service_host) and previous.get(("alias", service.service_host)) == cid:
                 aliases.setdefault(service.service_host, (cid, name))
             if previous.get(("port", service.key)) == cid and service.key not in ports:
                 ports[service.key] = (cid, name, service)
@@ -488,7 +500,8 @@ def discover(
     for name, cid, services in offers:
         for service in services:
             first = ports.get(service.key)
-            alias = aliases.setdefault(service.service_host, (cid, name))
+            alias = aliases.setdefault(service.service_host, (cid, name)) if _dns_alias(service.service_host) \
+                else (cid, name)
             if alias[0] != cid and (first is None or first[2] != service):
                 report(f"docker: alias {service.service_host} of container {name} ({service.describe()})"
                        f" is already used by container {alias[1]}; ignored")
