@@ -184,6 +184,19 @@ class EdgeProcesses(unittest.TestCase):
         await eventually(lambda: b"cannot open a UDP socket" in self.gateway.output, timeout=15)
         self.assert_clean()
 
+    async def test_a_gateway_out_of_fds_pauses_accepting_and_resumes(self):
+        # No caps (0) and 256 descriptors: a flood of idle connections runs the gateway into
+        # EMFILE.  The gate stays open: accepting pauses (the kernel's queue holds new
+        # connections) and resumes once descriptors are free again.
+        await self.start("1024:1024", "256:256", gateway_args=("--max-conns", "0", "--max-conns-per-ip", "0"))
+        clients = await self.tcp_flood(400, ["127.0.0.2", "127.0.0.3"])
+        await eventually(lambda: b"accepting paused" in self.gateway.output, timeout=30)
+        for client in clients:
+            client.transport.abortConnection()
+        self.assertEqual(await self.tcp_echo("127.0.0.9"), b"echo")
+        self.assertEqual(await self.udp_echo("127.0.0.9"), b"udp-echo")
+        self.assert_clean()
+
     async def test_the_soft_limit_is_raised_to_the_hard_limit(self):
         await self.start("512:4096")
         self.assertIn(b"fd budget: 4096 descriptors (soft limit was 512, hard 4096)", self.provider.output)

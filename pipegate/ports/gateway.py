@@ -295,8 +295,11 @@ class UDPGate(DatagramProtocol):
 class Gateway(service.Service, Drainer):
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, clock) -> None:
+    def __init__(self, config: GatewayConfig, clock, guard=None) -> None:
         self.config = config
+        # A pipegate.accept.EmfileGuard: pauses accepting on the TCP gates when the process
+        # runs out of descriptors anyway, and resumes it.
+        self.guard = guard
         self.window_budget = GrowthBudget(config.window_budget)
         self.clock = clock
         self.routes: dict[object, tuple[frames.Route, ...]] = {}
@@ -488,6 +491,8 @@ class Gateway(service.Service, Drainer):
             if not self.running or key not in self.exposed():
                 return listening.stopListening()
             self.gates[key] = (listening, None)
+            if self.guard is not None:
+                self.guard.ports.append(listening)
             self.log.info("gate {port}/tcp open", port=port)
 
         def failed(failure):
@@ -501,6 +506,8 @@ class Gateway(service.Service, Drainer):
         listening, gate = self.gates.pop(key)
         if gate is not None:
             gate.stop()
+        if self.guard is not None and listening in self.guard.ports:
+            self.guard.ports.remove(listening)
         self.log.info("gate {port}/{proto} closed", port=key[0], proto=key[1])
         return listening.stopListening()
 

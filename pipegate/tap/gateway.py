@@ -7,6 +7,7 @@ import ipaddress
 from twisted.application import service
 from twisted.python import usage
 
+from pipegate.accept import EmfileGuard
 from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
@@ -120,6 +121,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
     caps = gate_caps(options)
+    guard = EmfileGuard(reactor)
+    guard.setServiceParent(top)
     gateway = Gateway(GatewayConfig(
         tcp_per_source=caps["max-conns-per-ip"], tcp_total=caps["max-conns"],
         udp_per_source=caps["max-flows-per-ip"], udp_total=caps["max-flows"],
@@ -129,7 +132,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
         window=options["window"], max_window=options["max-window"],
         window_budget=options["window-budget"], drain_timeout=options["drain-timeout"],
-        udp_buffer=options["udp-buffer"]), reactor)
+        udp_buffer=options["udp-buffer"]), reactor, guard)
     if options["unlimited-secret"]:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"],
                              kdf_rate=options["unlimited-kdf-rate"])
