@@ -104,9 +104,13 @@ class Opening(LinkChannel):
             self._cancel()
             self.gateway.stats.inc("channel_opens", "refused")
             self.link.remove_channel(self.channel_id)
-            self.gateway.log.info("gate {port}/{proto}: provider {peer} refused channel {channel}: {reason}",
-                                  port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
-                                  channel=self.channel_id, reason=frame.reason)
+            # A provider past its caps refuses every OPEN of a flood: one line per gate per 10 s.
+            held_back = self.gateway.refusal_log(self.key).allow(self.gateway.clock.seconds())
+            if held_back is not None:
+                self.gateway.log.info("gate {port}/{proto}: provider {peer} refused channel {channel}: {reason}"
+                                      " ({more} more refusals on this gate in the last interval)",
+                                      port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
+                                      channel=self.channel_id, reason=frame.reason, more=held_back)
             self.gateway.try_open(self.key, self.client, self.candidates)
         elif isinstance(frame, frames.Reset):
             self._cancel()
@@ -325,6 +329,10 @@ class Gateway(service.Service, Drainer):
         self._refusal_logs: dict[str, LogThrottle] = {}
 
     # -- connection and flow caps
+    def refusal_log(self, key) -> LogThrottle:
+        """The throttle of the "provider refused channel" line of gate C{key}."""
+        return self._refusal_logs.setdefault(key, LogThrottle())
+
     def refused(self, kind: str, cap: str, port: int) -> None:
         """Count a refusal past a cap and log it, at most one line per cap every 10 s."""
         label = f"{kind}-{cap}"
