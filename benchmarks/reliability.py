@@ -111,11 +111,14 @@ class Topology:
             echo = self._backend("echo")
             self.mux, self.gate = free_port(), free_port()
             self.add("gateway", ["pipegate-gateway", "--mux", f"tcp:{self.mux}:interface=127.0.0.1",
-                                 "--listen", "127.0.0.1"], lambda: wait_port(self.mux))
+                                 "--listen", "127.0.0.1",
+                                 # every client is 127.0.0.1: no per-IP caps (the totals still apply)
+                                 "--max-conns-per-ip", "0", "--max-flows-per-ip", "0"], lambda: wait_port(self.mux))
             services = json.dumps([{"gatePort": self.gate, "serviceHost": "127.0.0.1",
                                     "servicePort": echo["tcp"], "protocol": "tcp"}])
             self.add("provider", ["pipegate-provider", "--services", services,
-                                  "--connect", f"tcp:127.0.0.1:{self.mux}"], lambda: wait_port(self.gate, 60))
+                                  "--connect", f"tcp:127.0.0.1:{self.mux}", "--max-backends-per-ip", "0"],
+                     lambda: wait_port(self.gate, 60))
 
     def _backend(self, kind: str) -> dict:
         popen = subprocess.Popen([sys.executable, "-m", "benchmarks.backends", kind], stdout=subprocess.PIPE,

@@ -109,14 +109,17 @@ class PortPlane:
         mux = free_port()
         self.gate = free_port()
         gateway = procs.twistd("gateway", "pipegate-gateway",
-                               ["--mux", f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1"], env)
+                               ["--mux", f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1",
+                                # every client is 127.0.0.1: no per-IP caps (the totals still apply)
+                                "--max-conns-per-ip", "0", "--max-flows-per-ip", "0"], env)
         wait_listening(mux, "tcp", procs=procs)
         services = json.dumps([
             {"gatePort": self.gate, "serviceHost": "127.0.0.1", "servicePort": self.backend_tcp, "protocol": "tcp"},
             {"gatePort": self.gate, "serviceHost": "127.0.0.1", "servicePort": self.backend_udp, "protocol": "udp"},
         ])
         provider = procs.twistd("provider", "pipegate-provider",
-                                ["--services", services, "--connect", f"tcp:127.0.0.1:{mux}"], env)
+                                ["--services", services, "--connect", f"tcp:127.0.0.1:{mux}",
+                                 "--max-backends-per-ip", "0"], env)
         # A gate opens once the provider's link is admitted and its routes are in.
         wait_listening(self.gate, "tcp", procs=procs)
         wait_listening(self.gate, "udp", procs=procs)

@@ -133,3 +133,18 @@ class EnvOptions(usage.Options):
 
     def check(self) -> None:
         """Cross-option validation; raise L{usage.UsageError} naming the option."""
+
+
+def auto_or_non_negative_int(value: str) -> int | None:
+    """C{"auto"} -> C{None} (the service sizes it from its fd budget); else an int >= 0 (0 = no cap)."""
+    if value.strip().lower() == "auto":
+        return None
+    number = int(value)
+    if number < 0:
+        raise ValueError('must be "auto", 0 (no cap) or more')
+    return number
+
+
+def auto_or_positive_int(value: str) -> int | None:
+    """C{"auto"} -> C{None} (the service works it out); else an int > 0."""
+    return None if value.strip().lower() == "auto" else positive_int(value)

@@ -64,3 +64,8 @@ def default_caps(usable: int, per_unit: int = 1, share: int = 4, per_source_max:
     total = max(1, usable // max(1, per_unit))
     per_source = max(1, min(per_source_max, total // max(1, share)))
     return per_source, total
+
+
+def pick(value: int | None, default: int) -> int:
+    """An option's value, or C{default} when it was left to the fd budget (C{None})."""
+    return default if value is None else value

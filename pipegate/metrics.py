@@ -111,6 +111,10 @@ def _link_gauges(links) -> dict[str, float]:
     return roles
 
 
+# Refusals past connection and flow caps, and flows evicted from a full table (issue 17).
+EDGE_COUNTERS = ("cap_refusals", "evicted_flows")
+
+
 def gateway_collector(gateway) -> ServiceCollector:
     def gauges() -> list[Gauge]:
         gates: dict[str, float] = {"tcp": 0, "udp": 0}
@@ -141,7 +145,8 @@ def gateway_collector(gateway) -> ServiceCollector:
         return out
     return ServiceCollector(gateway.stats, ("bytes", "admission_failures", "policy_denials",
                                             "throttled_seconds", "reconnects", "channel_opens",
-                                            "dropped_datagrams", "drain_cut"), gauges, extra)
+                                            "dropped_datagrams", "drain_cut",
+                                            *EDGE_COUNTERS, "held_datagrams_dropped"), gauges, extra)
 
 
 def provider_collector(provider) -> ServiceCollector:
@@ -152,7 +157,8 @@ def provider_collector(provider) -> ServiceCollector:
             ("channels", "Channels open over all links.", None,
              {"": sum(len(link.channels) for link in provider.links)}),
         ]
-    return ServiceCollector(provider.stats, ("bytes", "admission_failures", "reconnects", "drain_cut"), gauges)
+    return ServiceCollector(provider.stats, ("bytes", "admission_failures", "reconnects", "drain_cut",
+                                             *EDGE_COUNTERS), gauges)
 
 
 def connector_collector(connector) -> ServiceCollector:

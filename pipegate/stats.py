@@ -20,6 +20,11 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "channel_opens": ("Channels the gateway tried to open on a provider, by result.", "result"),
     "dropped_datagrams": ("UDP datagrams dropped (policy, shaping, full link).", None),
     "drain_cut": ("Requests or channels still open when the drain timeout ended them.", None),
+    "cap_refusals": ("Gate connections or UDP flows refused, and OPENs a provider refused, past a "
+                     "connection or flow cap, by cap.", "cap"),
+    "evicted_flows": ("Idle UDP flows closed early to make room in a full flow table.", None),
+    "held_datagrams_dropped": ("UDP datagrams of a new flow dropped because its hold (kept until the "
+                               "channel opens) was full.", None),
 }
 
 

@@ -273,6 +273,18 @@ class Hub(unittest.TestCase):
         self.hub.lost("p0")
         self.assertEqual(sent(self.join("gw", G)), [frames.Routes(())])
 
+    def test_max_peers_per_router(self):
+        """One router's peers cannot take the whole hub: each router has its own cap too."""
+        hub = HubCore(HubConfig(max_peers=10, max_peers_per_router=4))
+        for n in range(4):
+            self.assertEqual(hub.admit(f"a{n}", 0, P), [])
+        self.assertEqual(hub.admit("a4", 0, G), [Close("a4", "the hub serves at most 4 peers per router")])
+        self.assertNotIn("a4", hub.peers)
+        for n in range(4):
+            self.assertEqual(sent(hub.admit(f"b{n}", 1, G)), [frames.Routes(())])
+        hub.lost("a0")
+        self.assertEqual(hub.admit("a5", 0, P), [])
+
     def test_max_channels(self):
         self.join("gw", G)
         self.join("p1", P, routes=[route(2222)])
@@ -322,6 +334,20 @@ class HubOptionsTests(unittest.TestCase):
         self.assertEqual((hub.core.config.drain_timeout, hub.core.config.max_peers,
                           hub.core.config.max_channels), (7.0, 9, 11))
         self.assertFalse(hub.running)
+
+    def test_peers_per_router_default_shares_the_total(self):
+        from pipegate.mux.hub import hub_node
+
+        one = hub_node(self.parse(["--mux", "tcp:0", "--mux-router", self.SECRET, "--mux-max-peers", "90"]))
+        self.assertEqual(one.core.config.max_peers_per_router, 90)
+        three = hub_node(self.parse(["--mux", "tcp:0", "--mux-router", self.SECRET, "--mux-router", "cd" * 32,
+                                     "--mux-router", "ef" * 32, "--mux-max-peers", "90"]))
+        self.assertEqual(three.core.config.max_peers_per_router, 30)
+        given = hub_node(self.parse(["--mux", "tcp:0", "--mux-router", self.SECRET, "--mux-router", "cd" * 32],
+                                    {"PIPEGATE_MUX_MAX_PEERS_PER_ROUTER": "7"}))
+        self.assertEqual(given.core.config.max_peers_per_router, 7)
+        with self.assertRaises(usage.UsageError):
+            self.parse(["--mux", "tcp:0", "--mux-router", self.SECRET, "--mux-max-peers-per-router", "0"])
 
     def test_environment(self):
         options = self.parse([], {"PIPEGATE_MUX": "tcp:0 tcp:1", "PIPEGATE_MUX_ROUTER": self.SECRET,

@@ -26,7 +26,7 @@ from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.services import Service
 from tests.support import eventually, pattern
-from tests.test_ports_e2e import CERT, SECRET, PortPlane, Source, UDPEcho, free_port, free_ports
+from tests.test_ports_e2e import CERT, SECRET, Client, PortPlane, Source, UDPEcho, free_port, free_ports
 
 OTHER = bytes(range(100, 132))     # a second router's secret
 STRANGER = bytes(range(200, 232))  # a secret the hub does not know
@@ -176,6 +176,25 @@ class Routers(Hub):
             self.assertEqual(await self.echo_through(gate, b"ping"), b"pingbye")
 
 
+class PeersPerRouter(Hub):
+
+    async def test_one_routers_flood_of_peers_does_not_lock_out_another(self):
+        self.hub.core.config = attrs.evolve(self.hub.core.config, max_peers_per_router=3)
+        backend = await self.backend_echo()
+        port = backend.getHost().port
+        gate_a, gate_b = free_ports(2)
+        # Router OTHER dials in ten providers; the hub keeps three of them.
+        for _ in range(10):
+            self.provider(self.hub_port, [Service(gate_b, "127.0.0.1", port)], secret=OTHER)
+        await eventually(lambda: self.logged("the hub serves at most 3 peers per router"))
+        self.assertEqual(sum(1 for p in self.hub.core.peers.values() if p.router == 1), 3)
+        # Router SECRET's provider and gateway still get in, and its gate works.
+        self.provider(self.hub_port, [Service(gate_a, "127.0.0.1", port)], secret=SECRET)
+        gw_a = self.dialling_gateway(secret=SECRET)
+        await eventually(lambda: (gate_a, "tcp") in gw_a.gates)
+        self.assertEqual(await self.echo_through(gate_a, b"ping"), b"pingbye")
+
+
 class MixedLinks(Hub):
 
     async def test_direct_and_hub_links_at_once(self):
@@ -222,7 +241,7 @@ class MuxPort:
 
 class FromTheTap(PortPlane):
 
-    def relay_with_hub(self, metrics: bool = False) -> tuple[HubNode, int, int]:
+    def relay_with_hub(self, metrics: bool = False, extra: tuple = ()) -> tuple[HubNode, int, int]:
         """Start makeService of `pipegate-server --mux ...`; its hub, mux port and --metrics port."""
         from pipegate.tap import server as server_tap
 
@@ -231,7 +250,7 @@ class FromTheTap(PortPlane):
         options.environ = {"PIPEGATE_JWT_SECRET": "s" * 40}
         options.parseOptions(["--listen", f"tcp:{http_port}:interface=127.0.0.1",
                               "--mux", f"tcp:{mux_port}:interface=127.0.0.1", "--mux-router", SECRET.hex(),
-                              "--mux-ping-interval", "0.5", "--mux-ping-deadline", "2"]
+                              "--mux-ping-interval", "0.5", "--mux-ping-deadline", "2", *extra]
                              + (["--metrics", f"tcp:{ops}:interface=127.0.0.1"] if metrics else []))
         top = server_tap.makeService(options, reactor)
         top.startService()
@@ -250,6 +269,27 @@ class FromTheTap(PortPlane):
         gw = dialling_gateway(self, mux_port)
         await eventually(lambda: (gate, "tcp") in gw.gates)
         self.assertEqual(await self.echo_through(gate, b"through the relay"), b"through the relaybye")
+
+    async def test_connections_per_ip_are_capped_before_admission(self):
+        """Idle connections (no TLS, no Hello) from one IP hold at most --mux-max-conns-per-ip
+        slots; peers from another address are still admitted and served."""
+        hub, mux_port, _ = self.relay_with_hub(extra=("--mux-max-conns-per-ip", "5", "--mux-max-conns", "50"))
+        held = []
+        for _ in range(12):
+            client = Client()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", mux_port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, client)
+            self.cleanups.append(lambda c=client: c.transport.abortConnection() if c.transport.connected else None)
+            held.append(client)
+        await eventually(lambda: sum(c.closed.called for c in held) == 7)
+        self.assertEqual(hub.stats.get("admission_failures", "cap"), 7)
+        self.assertTrue(self.logged("hub: mux connection refused: per-source cap reached"))
+        backend = await self.backend_echo()
+        gate = free_port()
+        self.provider(MuxPort(mux_port), [Service(gate, "127.0.0.1", backend.getHost().port)])
+        gw = dialling_gateway(self, mux_port)
+        await eventually(lambda: (gate, "tcp") in gw.gates)
+        self.assertEqual(await self.echo_through(gate, b"still"), b"stillbye")
 
     async def test_metrics_show_the_hub(self):
         """pipegate-server --mux --metrics: the relay's /metrics and /status show the hub too."""

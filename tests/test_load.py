@@ -139,9 +139,10 @@ class TCPLoad(PortPlane):
         factory = protocol.Factory.forProtocol(Digest)
         factory.noisy = False
         backend = await self.listen_tcp(factory)
-        gw, mux = await self.gateway()
+        # Every client here is 127.0.0.1: no per-IP cap (the caps have their own tests).
+        gw, mux = await self.gateway(tcp_per_source=0)
         gate = free_port()
-        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)], backends_per_source=0)
         await self.open_tcp_gate(gw, gate)
         self.assertEqual(len(gw.links), 1)
         link = next(iter(gw.links))

@@ -659,9 +659,9 @@ class UDPFlowLogs(PortPlane):
         clock = task.Clock()
         prov = Provider(ProviderConfig(), clock)
         prov.startService()
-        prov.udp_flows.flow_opened()
-        prov.udp_flows.flow_opened()
-        prov.udp_flows.flow_closed()
+        prov.flow_summary.flow_opened()
+        prov.flow_summary.flow_opened()
+        prov.flow_summary.flow_closed()
         clock.advance(FLOW_SUMMARY_INTERVAL)
         summaries = [e for e in events if "UDP flows in the last" in e.get("log_format", "")]
         self.assertEqual([(e["opened"], e["closed"], e["open"]) for e in summaries], [(2, 1, 1)])

@@ -89,3 +89,40 @@ class Resolver(PortPlane):
         code, body, _ = await self.get("/resolve", params)
         self.assertEqual(code, 404)
 
+
+
+class ListingIsPrivate(Resolver):
+    """/all lists client IPs: without basic auth it is off unless the operator opts in (issue 17 item 11)."""
+
+    async def listing(self, open_listing: bool):
+        site = server.Site(ResolverResource(self.records, None, open_listing))
+        site.noisy = False
+        port = await self.listen_tcp(site)
+        response, body = await request(self.agent, b"GET", f"http://127.0.0.1:{port.getHost().port}/all")
+        return response.code, json.loads(body)
+
+    async def test_all_without_auth_needs_the_opt_in(self):
+        client = Client()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.gate), client)
+        client.transport.write(b"hi")
+        await eventually(lambda: client.received == b"hi")
+        code, body = await self.listing(False)
+        self.assertEqual(code, 403)
+        self.assertEqual(body["error"], "listing_disabled")
+        self.assertNotIn("127.0.0.1", json.dumps(body))
+        code, body = await self.listing(True)
+        self.assertEqual((code, body[0]["source"]["ip"]), (200, "127.0.0.1"))
+        client.transport.loseConnection()
+        await client.closed
+
+    def test_provider_option(self):
+        from pipegate.tap import provider as provider_tap
+
+        options = provider_tap.Options()
+        options.environ = {"PIPEGATE_RESOLVER_OPEN_LISTING": "true"}
+        options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
+        self.assertTrue(options["resolver-open-listing"])
+        options = provider_tap.Options()
+        options.environ = {}
+        options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
+        self.assertFalse(options["resolver-open-listing"])

@@ -352,12 +352,13 @@ class GateTests(unittest.TestCase):
     def test_rate_limit(self):
         calls = self.count_decrypts()
         gate = UnlimitedGate(SECRET, max_failures=3, failure_window_s=60)
+        bad = make_token("not the gateway's secret", "1.2.3.4", NOW)  # well formed: it costs a decryption
         for i in range(3):
-            self.assertEqual(gate.check("bad", "1.2.3.4", NOW + i), (403, {"error": "invalid_token"}))
+            self.assertEqual(gate.check(bad, "1.2.3.4", NOW + i), (403, {"error": "invalid_token"}))
         self.assertEqual(len(calls), 3)
         good = make_token(SECRET, "1.2.3.4", NOW)
         for i in range(10):
-            self.assertEqual(gate.check(good if i % 2 else "bad", "1.2.3.4", NOW + 10 + i),
+            self.assertEqual(gate.check(good if i % 2 else bad, "1.2.3.4", NOW + 10 + i),
                              (429, {"error": "too_many_attempts"}))
         self.assertEqual(len(calls), 3, "no decryption while limited")
         # Another IP is unaffected; the mapped form of the limited IP is the same IP.
@@ -464,3 +465,25 @@ class ExtractPayloadTests(unittest.TestCase):
         for request in requests:
             gate = UnlimitedGate(SECRET)
             self.assertEqual(gate.check(extract_payload(*request), "1.2.3.4", NOW)[0], 200, request)
+
+
+class KeyDerivationBudgetTests(unittest.TestCase):
+    """PBKDF2 work is bounded for all callers together (issue 17 item 8)."""
+
+    def test_rotating_ips_share_one_budget(self):
+        gate = UnlimitedGate(SECRET, kdf_rate=5)
+        wrong = make_token("not the gateway's secret", "1.2.3.4", NOW)
+        answers = [gate.check(wrong, f"10.0.0.{n}", NOW)[0] for n in range(20)]
+        self.assertEqual(answers, [403] * 5 + [503] * 15)
+        self.assertEqual(gate.kdf_refused, 15)
+        # One second later, five more derivations; a good token among them is granted.
+        self.assertEqual(gate.check(make_token(SECRET, "10.0.1.1", NOW), "10.0.1.1", NOW + 1000)[0], 200)
+        self.assertEqual([gate.check(wrong, f"10.0.2.{n}", NOW + 1000)[0] for n in range(5)],
+                         [403] * 4 + [503])
+
+    def test_malformed_tokens_cost_no_derivation(self):
+        gate = UnlimitedGate(SECRET, kdf_rate=1)
+        for n in range(50):
+            self.assertEqual(gate.check("not-a-token", f"10.0.0.{n}", NOW), (403, {"error": "invalid_token"}))
+        self.assertEqual(gate.kdf_refused, 0)
+        self.assertEqual(gate.check(make_token(SECRET, "10.9.9.9", NOW), "10.9.9.9", NOW)[0], 200)

@@ -25,10 +25,12 @@ from twisted.application import service, strports
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
 from pipegate.codec import FrameError
-from pipegate.config import positive_int
+from pipegate.core.budget import Budget, LogThrottle
+from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.node import MuxOptions
 from pipegate.mux.session import LinkConfig, LinkError, LinkFactory, MuxLink
@@ -57,6 +59,7 @@ class HubConfig:
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.HUB_MAX_WINDOW  # the most credit an end may grow a channel's window to
     max_peers: int = 1000
+    max_peers_per_router: int = 0       # 0 = no cap of its own (only max_peers)
     max_channels: int = 10_000          # per link
     max_frame_size: int = frames.MAX_FRAME_SIZE
     drain_timeout: float = 30.0         # seconds channels through the hub may take to end on stop
@@ -120,6 +123,9 @@ class HubCore:
     def admit(self, key, router: int, role: int) -> list:
         if len(self.peers) >= self.config.max_peers:
             return [Close(key, f"the hub serves at most {self.config.max_peers} peers")]
+        cap = self.config.max_peers_per_router
+        if cap and sum(1 for p in self.peers.values() if p.router == router) >= cap:
+            return [Close(key, f"the hub serves at most {cap} peers per router")]
         peer = self.peers[key] = Peer(key, router, role)
         if peer.is_provider:
             return []
@@ -395,6 +401,45 @@ class HubLinkFactory(LinkFactory):
         return link
 
 
+class CappedFactory(WrappingFactory):
+    """
+    Connections to the hub's --mux listener, per source IP and in total, counted from
+    accept (before TLS and admission) until the connection is gone: past a cap a new one
+    is closed at once, counted (C{admission_failures{reason="cap"}}) and logged at most
+    once per 10 s.  Peers behind one NAT share an address, hence a generous per-IP cap.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, wrapped, budget: Budget, stats: Stats, clock) -> None:
+        super().__init__(wrapped)
+        self.budget = budget
+        self.stats = stats
+        self.clock = clock
+        self._sources: dict = {}
+        self._log = LogThrottle()
+
+    def buildProtocol(self, addr):
+        source = getattr(addr, "host", None)
+        refused = self.budget.acquire(source)
+        if refused is not None:
+            self.stats.inc("admission_failures", "cap")
+            held_back = self._log.allow(self.clock.seconds())
+            if held_back is not None:
+                self.log.warn("hub: mux connection refused: {cap} cap reached ({more} more refused in the "
+                              "last interval)", cap=refused, more=held_back)
+            return None
+        protocol = super().buildProtocol(addr)
+        self._sources[protocol] = source
+        return protocol
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        if protocol in self._sources:
+            self.budget.release(self._sources.pop(protocol))
+
+
 class HubNode(Drainer, service.Service):
     """The links of the hub and the L{HubCore} that routes between them."""
 
@@ -478,9 +523,18 @@ _HUB_OWN = {"max-window": [str(frames.HUB_MAX_WINDOW), "The most credit per chan
 HUB_PARAMETERS = [["mux-" + p[0], None, *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
     ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers)."],
+    ["mux-max-conns-per-ip", None, "100", "Connections to --mux from one IP address, admitted or not "
+                                          "(TLS handshakes count); 0 = no cap."],
+    ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap."],
+    ["mux-max-peers-per-router", None, "auto", "Links of one router the hub accepts at once, so that one "
+                                               "router's peers cannot lock out another's; auto = "
+                                               "--mux-max-peers divided by the number of routers."],
 ]
 HUB_CONVERTERS = {"mux-" + name: convert for name, convert in MuxOptions.converters.items() if name in _SHARED}
 HUB_CONVERTERS["mux-max-peers"] = positive_int
+HUB_CONVERTERS["mux-max-peers-per-router"] = auto_or_positive_int
+HUB_CONVERTERS["mux-max-conns-per-ip"] = non_negative_int
+HUB_CONVERTERS["mux-max-conns"] = non_negative_int
 
 
 class HubOptions:
@@ -540,8 +594,12 @@ def hub_node(options) -> HubNode | None:
     """The hub that C{--mux} asks for, not yet started; None without C{--mux}."""
     if not options["mux"]:
         return None
+    per_router = options["mux-max-peers-per-router"]
+    if per_router is None:
+        per_router = max(1, options["mux-max-peers"] // len(options["mux-secrets"]))
     return HubNode(HubConfig(window=options["mux-window"], max_window=options["mux-max-window"],
-                             max_peers=options["mux-max-peers"], max_channels=options["mux-max-channels"],
+                             max_peers=options["mux-max-peers"], max_peers_per_router=per_router,
+                             max_channels=options["mux-max-channels"],
                              max_frame_size=options["mux-max-frame-size"],
                              drain_timeout=options["drain-timeout"]))
 
@@ -560,7 +618,9 @@ def add_hub(top: service.MultiService, options, reactor, hub: HubNode | None) ->
         certificate = tls.load_certificate(options["mux-tls-key"], options["mux-tls-cert"])
     else:
         certificate = tls.generated_certificate()
+    budget = Budget(options["mux-max-conns-per-ip"], options["mux-max-conns"])   # all --mux listeners
     for description in options["mux"]:
         factory = tls.server_factory(certificate, HubLinkFactory(hub, link_config, reactor, secrets))
+        factory = CappedFactory(factory, budget, hub.stats, reactor)
         strports.service(description, factory, reactor=reactor).setServiceParent(top)
     hub.setServiceParent(top)   # added last so that it stops first: links get a GOAWAY

@@ -24,6 +24,7 @@ Hypergate's Docker mode (C{hypergate.md} section 7), with its tagged bugs fixed:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -68,6 +69,10 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _ITEM_CHARS = 40
 
 Log = Callable[[str], None]
+
+#: Default --docker-max-ports: services one container may announce; the rest (highest
+#: ports first) are dropped and reported.  One label could otherwise announce 5,000 ports.
+MAX_PORTS_PER_CONTAINER = 100
 
 
 class DockerLabelError(ValueError):
@@ -413,11 +418,29 @@ def _quiet(message: str) -> None:
     pass
 
 
+def _dns_alias(host: str) -> bool:
+    """Is C{host} a name Docker's DNS resolves to containers (so one container could take it from another)?"""
+    if not host or host.lower() == "localhost":
+        return False
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return False
+    except ValueError:
+        return True
+
+
+def _created(listing: Mapping) -> float:
+    value = listing.get("Created") if isinstance(listing, Mapping) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("inf")
+
+
 def discover(
     listings: Iterable[Mapping],
     inspects: Mapping[str, Mapping],
     network: str,
     log: Log | None = None,
+    claims: dict | None = None,
+    max_ports: int = MAX_PORTS_PER_CONTAINER,
 ) -> list[Service]:
     """
     The services of every container, for one refresh.
@@ -429,8 +452,12 @@ def discover(
     result is skipped when its listing says it might matter (see L{wants_inspect});
     both are reported through C{log(message)}.  Exact duplicates (scaled replicas
     sharing an alias) are kept once; when two containers claim the same
-    C{(gate_port, protocol)} differently, the first container keeps it and the conflict
-    is reported.
+    C{(gate_port, protocol)} or the same alias (service host) differently, the container
+    that claimed it first keeps it and the conflict is reported.  "First" is the holder
+    in C{claims} (what the last refresh decided, updated here, so a claim is stable
+    across refreshes), and otherwise the container created first (then name, then id);
+    never the sort order of names alone.  A container offering more than C{max_ports}
+    services keeps its lowest C{max_ports} ports (0 = no cap) and the rest is reported.
     """
     report = log or _quiet
     entries = []
@@ -442,28 +469,58 @@ def discover(
             if wants_inspect(listing, network):
                 report(f"docker: container {name}: no inspect result (removed meanwhile?); skipped")
             continue
-        entries.append((name, cid, listing, inspect))
-    entries.sort(key=lambda e: (e[0], e[1]))
+        entries.append((_created(listing), name, cid, listing, inspect))
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
 
-    result: list[Service] = []
-    claimed: dict[tuple[int, str], tuple[str, Service]] = {}
-    for name, _, listing, inspect in entries:
+    offers: list[tuple[str, str, list[Service]]] = []
+    for _, name, cid, listing, inspect in entries:
         try:
             services = container_services(listing, inspect, network)
         except DockerLabelError as e:
             report(f"docker: {e}; container skipped")
             continue
+        if max_ports and len(services) > max_ports:
+            report(f"docker: container {name} offers {len(services)} ports, more than --docker-max-ports "
+                   f"({max_ports}); ports from {services[max_ports].service_port}/{services[max_ports].protocol}"
+                   " on are ignored")
+            services = services[:max_ports]
+        offers.append((name, cid or name, services))
+
+    previous = claims if claims is not None else {}
+    ports: dict[tuple[int, str], tuple[str, str, Service]] = {}   # key -> (container id, name, service)
+    aliases: dict[str, tuple[str, str]] = {}                      # service host -> (container id, name)
+    # Claims held at the last refresh stay with their holder while it still offers them.
+    for name, cid, services in offers:
         for service in services:
-            first = claimed.get(service.key)
+            if _dns_alias(service.service_host) and previous.get(("alias", service.service_host)) == cid:
+                aliases.setdefault(service.service_host, (cid, name))
+            if previous.get(("port", service.key)) == cid and service.key not in ports:
+                ports[service.key] = (cid, name, service)
+    result: list[Service] = []
+    for name, cid, services in offers:
+        for service in services:
+            first = ports.get(service.key)
+            alias = aliases.setdefault(service.service_host, (cid, name)) if _dns_alias(service.service_host) \
+                else (cid, name)
+            if alias[0] != cid and (first is None or first[2] != service):
+                report(f"docker: alias {service.service_host} of container {name} ({service.describe()})"
+                       f" is already used by container {alias[1]}; ignored")
+                continue
             if first is None:
-                claimed[service.key] = (name, service)
-                result.append(service)
-            elif first[1] != service:
+                ports[service.key] = first = (cid, name, service)
+            if first[0] == cid and first[2] == service:
+                if service not in result:
+                    result.append(service)
+            elif first[2] != service:
                 report(
                     f"docker: gate port {service.gate_port}/{service.protocol} of container {name}"
-                    f" ({service.describe()}) is already taken by container {first[0]}"
-                    f" ({first[1].describe()}); ignored"
+                    f" ({service.describe()}) is already taken by container {first[1]}"
+                    f" ({first[2].describe()}); ignored"
                 )
+    if claims is not None:
+        claims.clear()
+        claims.update({("port", key): holder[0] for key, holder in ports.items()})
+        claims.update({("alias", host): holder[0] for host, holder in aliases.items()})
     return result
 
 

@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pipegate.ports.docker import (
-    discover, helper_name, helper_spec, secret_free, wants_inspect,
+    MAX_PORTS_PER_CONTAINER, discover, helper_name, helper_spec, secret_free, wants_inspect,
 )
 from pipegate.ports.engine import EngineClient, EngineError, EventStream
 from pipegate.ports.gateway import route_service
@@ -151,8 +151,10 @@ class DockerDiscovery(_Loop):
 
     def __init__(self, engine: EngineClient, network: str, period: float,
                  publish: Callable[[list[Service]], None], clock, debounce: float = DEBOUNCE,
-                 events: bool = True) -> None:
+                 events: bool = True, max_ports: int = MAX_PORTS_PER_CONTAINER) -> None:
         super().__init__(clock, period, debounce)
+        self.max_ports = max_ports
+        self.claims: dict = {}   # gate ports and aliases: which container holds each (kept across refreshes)
         self.engine = engine
         self.network = network
         self.publish = publish
@@ -195,7 +197,7 @@ class DockerDiscovery(_Loop):
             if isinstance(result, dict):
                 inspects[cid] = result
         messages: list[str] = []
-        services = discover(listings, inspects, self.network, messages.append)
+        services = discover(listings, inspects, self.network, messages.append, self.claims, self.max_ports)
         for message in messages:
             if message not in self._reported:
                 self.log.warn("{text}", text=message)

@@ -5,6 +5,7 @@ providers announce, and carries each TCP connection or UDP flow to a provider.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
 import attrs
@@ -14,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
+from pipegate.core.budget import Budget, LogThrottle
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -25,7 +27,30 @@ from pipegate.http.frames import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service
-from pipegate.ports.udp import UDP_BUFFER, Flow, set_buffers
+from pipegate.ports.udp import (
+    EVICT_MIN_IDLE, UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, evict_idle, set_buffers,
+)
+
+
+def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...] | None:
+    """
+    C{"any"} -> C{None}; C{"80,443,1024-65535"} -> C{((80, 80), (443, 443), (1024, 65535))}.
+    C{ValueError} with a one-line message otherwise.
+    """
+    if text.strip().lower() == "any":
+        return None
+    ranges = []
+    for item in text.split(","):
+        item = item.strip()
+        low, dash, high = item.partition("-")
+        try:
+            first, last = int(low), int(high) if dash else int(low)
+        except ValueError:
+            raise ValueError(f'expected "any" or ports and ranges such as 80,443,1024-65535, got {item!r}') from None
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"ports must be 1-65535, low to high, got {item!r}")
+        ranges.append((first, last))
+    return tuple(ranges)
 
 
 def route_service(route: frames.Route) -> Service:
@@ -40,7 +65,16 @@ class GatewayConfig:
     policy: Policy = EMPTY  # the operator's own rules; they beat every provider's
     open_timeout: float = 5.0
     udp_idle_timeout: float = 120.0
-    tcp_idle_timeout: float = 0.0
+    tcp_idle_timeout: float = 900.0
+    # Connection and flow caps (0 = none); pipegate.tap.gateway sizes them from the fd budget.
+    tcp_per_source: int = 256        # TCP connections one client IP holds, all gates together
+    tcp_total: int = 4096            # TCP connections all clients hold
+    udp_per_source: int = 256        # UDP flows one client IP holds, all gates together
+    udp_total: int = 16384           # UDP flows in the table; a full table evicts its longest-idle flow
+    gate_backlog: int = 1024         # listen() backlog of TCP gates
+    udp_hold: int = UDP_HOLD
+    udp_hold_total: int = UDP_HOLD_TOTAL
+    gate_ports: tuple[tuple[int, int], ...] | None = None   # ranges announced routes may open; None = any
     window: int = frames.INITIAL_WINDOW
     max_window: int = frames.MAX_WINDOW
     window_budget: int = frames.WINDOW_BUDGET
@@ -70,9 +104,13 @@ class Opening(LinkChannel):
             self._cancel()
             self.gateway.stats.inc("channel_opens", "refused")
             self.link.remove_channel(self.channel_id)
-            self.gateway.log.info("gate {port}/{proto}: provider {peer} refused channel {channel}: {reason}",
-                                  port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
-                                  channel=self.channel_id, reason=frame.reason)
+            # A provider past its caps refuses every OPEN of a flood: one line per gate per 10 s.
+            held_back = self.gateway.refusal_log(self.key).allow(self.gateway.clock.seconds())
+            if held_back is not None:
+                self.gateway.log.info("gate {port}/{proto}: provider {peer} refused channel {channel}: {reason}"
+                                      " ({more} more refusals on this gate in the last interval)",
+                                      port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
+                                      channel=self.channel_id, reason=frame.reason, more=held_back)
             self.gateway.try_open(self.key, self.client, self.candidates)
         elif isinstance(frame, frames.Reset):
             self._cancel()
@@ -122,8 +160,14 @@ class GateFactory(Factory):
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
+        source = str(normalize_ip(addr.host))
+        refused = gateway.tcp_budget.acquire(source)
+        if refused is not None:
+            gateway.refused("tcp", refused, self.key[0])
+            return None
         channel = GateConnection(gateway.config.window, gateway.config.max_window, gateway.window_budget)
         channel.gateway = gateway
+        channel.source = source
         channel.key = self.key
         channel.factory = self
         channel.labels = decision.labels
@@ -158,6 +202,7 @@ class GateConnection(StreamChannel):
     gateway: Gateway
     key: tuple[int, str]
     opening: Opening | None = None
+    source: str | None = None   # the client IP, while it holds a unit of the TCP budget
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -170,6 +215,9 @@ class GateConnection(StreamChannel):
         if self.opening is not None and self.link is None:
             self.opening.abandon()
             self.opening = None
+        source, self.source = self.source, None
+        if source is not None:
+            self.gateway.tcp_budget.release(source)
         self.gateway.tcp_clients.discard(self)
         super().connectionLost(reason)
 
@@ -201,6 +249,11 @@ class UDPGate(DatagramProtocol):
                 gateway.stats.inc("policy_denials")
                 gateway.stats.inc("dropped_datagrams")
                 return
+            source = str(normalize_ip(addr[0]))
+            if not gateway.admit_flow(source, self.key[0]):
+                gateway.dropped_datagrams += 1
+                gateway.stats.inc("dropped_datagrams")
+                return
             up = down = release = None
             if decision.limit is not None:
                 up, down, release = gateway.buckets(addr[0], decision.limit)
@@ -212,17 +265,20 @@ class UDPGate(DatagramProtocol):
                     gateway.dropped_datagrams += 1
                     gateway.stats.inc("dropped_datagrams")
 
-            def done(f, addr=addr, release=release):
+            def done(f, addr=addr, release=release, source=source):
                 self.flows.pop(addr, None)
+                gateway.udp_budget.release(source)
                 if release is not None:
                     release()
 
-            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done)
+            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done, gateway.hold)
             flow.client_address = addr
             flow.labels = decision.labels
             flow.up = up
             flow.open_failed = lambda f=flow: f.close(notify=False)
             self.flows[addr] = flow
+            flow.table = gateway.udp_flows
+            gateway.udp_flows[flow] = None
             self._outbound(flow, data)
             gateway.try_open(self.key, flow, None)
         else:
@@ -243,8 +299,11 @@ class UDPGate(DatagramProtocol):
 class Gateway(service.Service, Drainer):
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, clock) -> None:
+    def __init__(self, config: GatewayConfig, clock, guard=None) -> None:
         self.config = config
+        # A pipegate.accept.EmfileGuard: pauses accepting on the TCP gates when the process
+        # runs out of descriptors anyway, and resumes it.
+        self.guard = guard
         self.window_budget = GrowthBudget(config.window_budget)
         self.clock = clock
         self.routes: dict[object, tuple[frames.Route, ...]] = {}
@@ -261,6 +320,44 @@ class Gateway(service.Service, Drainer):
         self.route_listeners: list = []  # called with no argument after every route change (Docker helpers)
         self.stats = Stats()
         self.draining = False
+        self.tcp_budget = Budget(config.tcp_per_source, config.tcp_total)
+        self.udp_budget = Budget(config.udp_per_source, config.udp_total)
+        # Every UDP flow, least recently used first: a full table evicts from the front.
+        self.udp_flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
+        self.hold = Hold(config.udp_hold, config.udp_hold_total,
+                         on_drop=lambda: self.stats.inc("held_datagrams_dropped"))
+        self._refusal_logs: dict[str, LogThrottle] = {}
+
+    # -- connection and flow caps
+    def refusal_log(self, key) -> LogThrottle:
+        """The throttle of the "provider refused channel" line of gate C{key}."""
+        return self._refusal_logs.setdefault(key, LogThrottle())
+
+    def refused(self, kind: str, cap: str, port: int) -> None:
+        """Count a refusal past a cap and log it, at most one line per cap every 10 s."""
+        label = f"{kind}-{cap}"
+        self.stats.inc("cap_refusals", label)
+        throttle = self._refusal_logs.setdefault(label, LogThrottle())
+        held_back = throttle.allow(self.clock.seconds())
+        if held_back is None:
+            return
+        budget = self.tcp_budget if kind == "tcp" else self.udp_budget
+        what = "connection" if kind == "tcp" else "flow"
+        limit = budget.per_source if cap == "per-source" else budget.total
+        self.log.warn("gate {port}/{kind}: new {what} refused: {cap} cap of {limit} reached "
+                      "({more} more refused in the last interval)",
+                      port=port, kind=kind, what=what, cap=cap, limit=limit, more=held_back)
+
+    def admit_flow(self, source: str, port: int) -> bool:
+        """Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow first."""
+        refused = self.udp_budget.acquire(source)
+        if refused == "total" and evict_idle(self.udp_flows, self.clock.seconds(), EVICT_MIN_IDLE):
+            self.stats.inc("evicted_flows")
+            refused = self.udp_budget.acquire(source)
+        if refused is not None:
+            self.refused("udp", refused, port)
+            return False
+        return True
 
     # -- ingress policy and shaping
     def decide(self, key, ip: str) -> Decision:
@@ -337,6 +434,10 @@ class Gateway(service.Service, Drainer):
                         parsed[route.policy] = None
                 if parsed[route.policy] is None:
                     continue
+                if not self.port_allowed(route.gate_port):
+                    self.log.warn("ignoring route {port}/{proto} of provider {peer}: gate port outside "
+                                  "--gate-ports", port=route.gate_port, proto=route.protocol, peer=link.peer_name)
+                    continue
                 routes.append(route)
                 key = (route.gate_port, route.protocol)
                 if parsed[route.policy] not in policies.setdefault(key, []):
@@ -353,6 +454,10 @@ class Gateway(service.Service, Drainer):
             link.send(frames.OpenFail(frame.channel, "a gateway serves no services"))
 
     # -- routes and gates
+    def port_allowed(self, port: int) -> bool:
+        ranges = self.config.gate_ports
+        return ranges is None or any(low <= port <= high for low, high in ranges)
+
     def exposed(self) -> dict[tuple[int, str], list]:
         table: dict[tuple[int, str], list] = {}
         for link, routes in self.routes.items():
@@ -394,7 +499,7 @@ class Gateway(service.Service, Drainer):
             self.log.info("gate {port}/udp open", port=port)
             return
         family = endpoints.TCP6ServerEndpoint if _is_v6(self.config.listen) else endpoints.TCP4ServerEndpoint
-        endpoint = family(reactor, port, interface=self.config.listen)
+        endpoint = family(reactor, port, backlog=self.config.gate_backlog, interface=self.config.listen)
         self._binding.add(key)
 
         def bound(listening):
@@ -402,6 +507,8 @@ class Gateway(service.Service, Drainer):
             if not self.running or key not in self.exposed():
                 return listening.stopListening()
             self.gates[key] = (listening, None)
+            if self.guard is not None:
+                self.guard.ports.append(listening)
             self.log.info("gate {port}/tcp open", port=port)
 
         def failed(failure):
@@ -415,6 +522,8 @@ class Gateway(service.Service, Drainer):
         listening, gate = self.gates.pop(key)
         if gate is not None:
             gate.stop()
+        if self.guard is not None and listening in self.guard.ports:
+            self.guard.ports.remove(listening)
         self.log.info("gate {port}/{proto} closed", port=key[0], proto=key[1])
         return listening.stopListening()
 

@@ -5,14 +5,17 @@ connects to the service (TCP) or opens a connected socket towards it (UDP).
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
 import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from pipegate.core.budget import Budget, LogThrottle
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -22,7 +25,7 @@ from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
-from pipegate.ports.udp import UDP_BUFFER, BackendSocket, Flow, set_buffers
+from pipegate.ports.udp import EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, evict_idle, set_buffers
 from pipegate.sockets import connect_protocol, listen_udp_quietly, stream_endpoint
 
 
@@ -43,6 +46,13 @@ class ProviderConfig:
     window_budget: int = frames.WINDOW_BUDGET
     drain_timeout: float = 30.0
     udp_buffer: int = UDP_BUFFER
+    # Backend sockets (TCP connections and UDP flows to services) this provider holds at
+    # once, in total and per client IP, and how many of them may be UDP flows; 0 = no cap.
+    # pipegate.tap.provider sizes them from the fd budget.  Past a cap an OPEN gets
+    # OPEN_FAIL, so the gateway tries its next provider.
+    max_backends: int = 4096
+    backends_per_source: int = 256
+    max_udp_flows: int = 2048
 
 
 FLOW_SUMMARY_INTERVAL = 60.0
@@ -84,20 +94,61 @@ class Provider(service.Service, Drainer):
         self.stats = Stats()
         self.draining = False
         # UDP flows are logged at debug level one by one; at info, a summary per interval.
-        self.udp_flows = FlowSummary()
+        self.flow_summary = FlowSummary()
         self._summary = LoopingCall(self._log_flow_summary)
         self._summary.clock = reactor
+        self.backends = Budget(config.backends_per_source, config.max_backends)
+        self.udp_flows = Budget(0, config.max_udp_flows)
+        # Open UDP flows, least recently used first: at the cap, one idle long enough makes room.
+        self.udp_table: collections.OrderedDict[Flow, None] = collections.OrderedDict()
+        self._refusal_log = LogThrottle()
 
     def startService(self):
         super().startService()
         self._summary.start(FLOW_SUMMARY_INTERVAL, now=False)
 
     def _log_flow_summary(self) -> None:
-        counts = self.udp_flows.take()
+        counts = self.flow_summary.take()
         if counts is not None:
             self.log.info("UDP flows in the last {interval:g} s: {opened} opened, {closed} closed, "
                           "{open} open", interval=FLOW_SUMMARY_INTERVAL, opened=counts[0],
                           closed=counts[1], open=counts[2])
+
+    def _acquire(self, link, frame) -> object | None:
+        """
+        Take a backend socket for C{frame}'s client (and a UDP flow for a UDP open); on
+        refusal send OPEN_FAIL and return C{None}.  The return value, called, gives it back
+        (once, however often it is called).
+        """
+        source = frame.client_host
+        refused = self.backends.acquire(source)
+        kind = "backend"
+        if refused is None and frame.protocol == "udp":
+            refused = self.udp_flows.acquire(None)
+            kind = "udp"
+            if refused is not None and evict_idle(self.udp_table, self.reactor.seconds(), EVICT_MIN_IDLE):
+                self.stats.inc("evicted_flows")
+                refused = self.udp_flows.acquire(None)
+            if refused is not None:
+                self.backends.release(source)
+        if refused is not None:
+            self.stats.inc("cap_refusals", f"{kind}-{refused}")
+            held_back = self._refusal_log.allow(self.reactor.seconds())
+            if held_back is not None:
+                self.log.warn("open of gate {port}/{proto} refused: {kind} {cap} cap reached "
+                              "({more} more refused in the last interval)", port=frame.gate_port,
+                              proto=frame.protocol, kind=kind, cap=refused, more=held_back)
+            link.send(frames.OpenFail(frame.channel, f"overloaded: {kind} {refused} cap reached"))
+            return None
+        released = []
+
+        def release(*_):
+            if not released:
+                released.append(True)
+                self.backends.release(source)
+                if frame.protocol == "udp":
+                    self.udp_flows.release(None)
+        return release
 
     def routes(self) -> frames.Routes:
         return frames.Routes(tuple(service_route(s, self.config.policy) for s in self.services))
@@ -138,13 +189,17 @@ class Provider(service.Service, Drainer):
         if len(link.channels) >= link.config.max_channels:
             link.send(frames.OpenFail(frame.channel, "overloaded"))
             return
+        release = self._acquire(link, frame)
+        if release is None:
+            return
         if svc.protocol == "udp":
-            self._open_udp(link, frame, svc)
+            self._open_udp(link, frame, svc, release)
         else:
-            self._open_tcp(link, frame, svc)
+            self._open_tcp(link, frame, svc, release)
 
-    def _open_tcp(self, link, frame, svc: Service) -> None:
+    def _open_tcp(self, link, frame, svc: Service, release) -> None:
         channel = StreamChannel(self.config.window, self.config.max_window, self.window_budget)
+        channel.on_done = release
         placeholder = _Pending(link, frame.channel)
         link.channels[frame.channel] = placeholder
         endpoint = stream_endpoint(self.reactor, svc.service_host, svc.service_port,
@@ -153,6 +208,7 @@ class Provider(service.Service, Drainer):
         def connected(protocol):
             if link.closed or link.channels.get(frame.channel) is not placeholder:
                 protocol.transport.abortConnection()
+                release()
                 return
             link.channels[frame.channel] = channel
             if svc.proxy_protocol:
@@ -167,6 +223,7 @@ class Provider(service.Service, Drainer):
             channel.attach(link, frame.channel)
 
         def failed(failure):
+            release()
             if link.channels.get(frame.channel) is placeholder:
                 link.remove_channel(frame.channel)
                 reason = failure.getErrorMessage()
@@ -177,31 +234,51 @@ class Provider(service.Service, Drainer):
 
         connect_protocol(endpoint, channel).addCallbacks(connected, failed)
 
-    def _open_udp(self, link, frame, svc: Service) -> None:
+    def _open_udp(self, link, frame, svc: Service, release) -> None:
         placeholder = _Pending(link, frame.channel)
         link.channels[frame.channel] = placeholder
 
         def resolved(address):
             if link.closed or link.channels.get(frame.channel) is not placeholder:
+                release()
                 return
             socket = BackendSocket()
             socket.noisy = False  # no "Starting protocol" / "Stopping protocol" per flow
             interface = "::" if ":" in address else "0.0.0.0"
-            listening = listen_udp_quietly(self.reactor, 0, socket, interface, 65535)
-            set_buffers(listening, self.config.udp_buffer)
-            socket.transport.connect(address, svc.service_port)
+            try:
+                listening = listen_udp_quietly(self.reactor, 0, socket, interface, 65535)
+            except CannotListenError as e:  # EMFILE and the like: say so at once
+                release()
+                link.remove_channel(frame.channel)
+                self.log.info("channel {channel}: cannot open a UDP socket: {error}",
+                              channel=frame.channel, error=e.socketError)
+                link.send(frames.OpenFail(frame.channel, f"cannot open a UDP socket: {e.socketError}"[:1000]))
+                return
+            try:
+                set_buffers(listening, self.config.udp_buffer)
+                socket.transport.connect(address, svc.service_port)
+            except (OSError, ValueError) as e:
+                release()
+                listening.stopListening()
+                link.remove_channel(frame.channel)
+                link.send(frames.OpenFail(frame.channel, f"{svc.service_host}:{svc.service_port}: {e}"[:1000]))
+                return
+
             channel = frame.channel
 
             def done(flow):
-                self.udp_flows.flow_closed()
+                release()
+                self.flow_summary.flow_closed()
                 self.log.debug("UDP flow {channel} to {host}:{port} closed", channel=channel,
                                host=address, port=svc.service_port)
                 return listening.stopListening()
             flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write, done)
-            self.udp_flows.flow_opened()
+            self.flow_summary.flow_opened()
             self.log.debug("UDP flow {channel} to {host}:{port} open", channel=channel,
                            host=address, port=svc.service_port)
             socket.flow = flow
+            flow.table = self.udp_table
+            self.udp_table[flow] = None
             if self.records is not None:
                 self._record("udp", socket.transport.getHost(), address, svc.service_port, frame, flow)
             link.channels[frame.channel] = flow
@@ -209,16 +286,18 @@ class Provider(service.Service, Drainer):
             flow.attach(link, frame.channel)
 
         def failed(failure):
+            release()
             if link.channels.get(frame.channel) is placeholder:
                 link.remove_channel(frame.channel)
-                link.send(frames.OpenFail(frame.channel, f"{svc.service_host}: {failure.getErrorMessage()}"))
+                link.send(frames.OpenFail(frame.channel, f"{svc.service_host}: {failure.getErrorMessage()}"[:1000]))
 
         try:
             ipaddress.ip_address(svc.service_host)
             d = defer.succeed(svc.service_host)  # a literal address (IPv6 too) needs no lookup
         except ValueError:
             d = self.reactor.resolve(svc.service_host)
-        d.addCallbacks(resolved, failed)
+        d.addCallback(resolved)
+        d.addErrback(failed)  # also when resolved() itself fails: OPEN_FAIL, never an unhandled error
 
     def _record(self, protocol: str, mine, backend_host: str, backend_port: int, frame, channel) -> None:
         """Register the channel with the resolver until it ends."""

@@ -67,10 +67,14 @@ def _param(request, *names: str) -> str | None:
 class ResolverResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, records: Records, basic_auth: tuple[str, str] | None = None) -> None:
+    def __init__(self, records: Records, basic_auth: tuple[str, str] | None = None,
+                 open_listing: bool = False) -> None:
         super().__init__()
         self.records = records
         self.basic_auth = basic_auth
+        # /all lists every client IP: it needs basic auth, or the operator's explicit
+        # opt-in (--resolver-open-listing); /resolve answers one known tuple.
+        self.open_listing = open_listing
 
     def _json(self, request, code: int, body) -> bytes:
         request.setResponseCode(code)
@@ -103,6 +107,10 @@ class ResolverResource(resource.Resource):
             request.setHeader(b"www-authenticate", b'Basic realm="pipegate-fingerprint-resolver"')
             return self._json(request, 401, {"error": "unauthorized"})
         if path == b"/all":
+            if self.basic_auth is None and not self.open_listing:
+                return self._json(request, 403, {
+                    "error": "listing_disabled",
+                    "detail": "/all needs --resolver-basic-auth or --resolver-open-listing"})
             return self._json(request, 200, self.records.all())
         protocol = _param(request, "proto", "protocol") or "tcp"
         remote_addr = _param(request, "remote_addr", "remoteAddr")

@@ -15,7 +15,14 @@ from twisted.logger import Logger
 from pipegate.mux import frames
 from pipegate.mux.session import LinkChannel
 
-BACKLOG_DATAGRAMS = 64
+#: Default --udp-hold: bytes of datagrams a new flow keeps while its channel opens, one
+#: gateway-provider round trip.  1 Gbit/s for 20 ms is 2.5 MB; a longer round trip needs more.
+UDP_HOLD = 2_500_000
+#: Default --udp-hold-total: bytes all new flows together may keep.
+UDP_HOLD_TOTAL = 64 * 1024 * 1024
+#: A full flow table (gateway or provider) makes room by closing its longest-idle flow, but
+#: only one idle at least this long: a flood of new flows cannot push out flows in use.
+EVICT_MIN_IDLE = 5.0
 UDP_BUFFER = 2_097_152  # default --udp-buffer: SO_RCVBUF and SO_SNDBUF of every UDP socket
 
 
@@ -33,13 +40,44 @@ def set_buffers(port, size: int) -> None:
             pass
 
 
+class Hold:
+    """
+    The bytes that flows not yet attached to a channel keep: at most C{per_flow} bytes each
+    and C{total} bytes together.  What does not fit is dropped and counted in C{dropped}
+    (and reported through C{on_drop}).
+    """
+
+    def __init__(self, per_flow: int = UDP_HOLD, total: int = UDP_HOLD_TOTAL, on_drop=None) -> None:
+        self.per_flow = per_flow
+        self.total = total
+        self.used = 0
+        self.dropped = 0
+        self.on_drop = on_drop
+
+    def take(self, held: int, size: int) -> bool:
+        """May a flow already holding C{held} bytes keep C{size} more?  Counts them if so."""
+        if held + size > self.per_flow or self.used + size > self.total:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+
+
 class Flow(LinkChannel):
     """One UDP flow's channel state, shared by the gateway and the provider side."""
 
     log = Logger()
 
-    def __init__(self, clock, idle_timeout: float, write, on_done) -> None:
+    def __init__(self, clock, idle_timeout: float, write, on_done, hold: Hold | None = None) -> None:
         self.clock = clock
+        self.hold = hold if hold is not None else Hold()
+        self.held = 0               # bytes in the backlog
+        self.table = None           # an OrderedDict of flows, least recently used first, kept in order
         self.idle_timeout = idle_timeout
         self.write = write          # deliver one datagram to the local socket
         self.on_done = on_done
@@ -51,15 +89,24 @@ class Flow(LinkChannel):
         self._last = clock.seconds()
         self._timer = clock.callLater(idle_timeout, self.expire) if idle_timeout > 0 else None
 
+    @property
+    def last_active(self) -> float:
+        """When the last datagram went through, either way."""
+        return self._last
+
     def touch(self) -> None:
         # The idle timer is not re-armed per datagram (that was a heap operation each
         # time); it checks the time of the last datagram when it fires.
         self._last = self.clock.seconds()
+        if self.table is not None:
+            self.table.move_to_end(self)
 
     def attach(self, link, channel_id: int) -> None:
         self.link = link
         self.channel_id = channel_id
         backlog, self.backlog = self.backlog, []
+        self.hold.give(self.held)
+        self.held = 0
         for datagram in backlog:
             self.link.send(frames.Datagram(self.channel_id, datagram))
 
@@ -69,8 +116,9 @@ class Flow(LinkChannel):
             return
         self.touch()
         if self.link is None:
-            if len(self.backlog) < BACKLOG_DATAGRAMS:
+            if self.hold.take(self.held, len(datagram)):
                 self.backlog.append(datagram)
+                self.held += len(datagram)
             else:
                 self.dropped += 1
         elif self.link.paused:
@@ -102,6 +150,11 @@ class Flow(LinkChannel):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.hold.give(self.held)
+        self.held, self.backlog = 0, []
+        if self.table is not None:
+            self.table.pop(self, None)
+            self.table = None
         if self.link is not None:
             if notify:
                 self.link.send(frames.Reset(self.channel_id, reason))
@@ -111,6 +164,17 @@ class Flow(LinkChannel):
     def link_lost(self) -> None:
         self.link = None
         self.close(notify=False)
+
+
+def evict_idle(table, now: float, min_idle: float) -> bool:
+    """Close the longest-idle attached flow of C{table} if it has been idle C{min_idle} s; did it?"""
+    if not table:
+        return False
+    oldest = next(iter(table))
+    if oldest.link is None or now - oldest.last_active < min_idle:
+        return False
+    oldest.close(notify=True, reason="evicted: flow table full")
+    return True
 
 
 class BackendSocket(DatagramProtocol):

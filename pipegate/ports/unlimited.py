@@ -41,12 +41,21 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from twisted.web import resource
 
+from pipegate.throttle import TokenBucket
+
 MAGIC = b"Salted__"
 SALT_LENGTH = 8
 PBKDF2_ITERATIONS = 10_000
 KEY_LENGTH = 32
 IV_LENGTH = 16
 BLOCK = 16
+#: The shortest --unlimited-secret accepted: PBKDF2 over a short passphrase can be guessed
+#: offline from one captured token.
+MIN_SECRET_CHARS = 16
+#: Default PBKDF2 derivations per second, all callers together (--unlimited-kdf-rate); each
+#: costs about 6 ms of the reactor's time, so 20/s keeps other traffic's latency flat.
+KDF_RATE = 20.0
+
 # A real token is ~100 characters; anything far longer is refused before decoding.
 MAX_TOKEN_CHARS = 4096
 
@@ -95,6 +104,18 @@ def _decrypt(token: str, secret: str) -> dict:
     if not isinstance(payload, dict):
         raise ValueError("not a JSON object")
     return payload
+
+
+def _well_formed(token: str) -> bool:
+    """Could C{token} be OpenSSL salted output at all?  (Cheap: no key derivation.)"""
+    try:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+            return False
+        raw = _b64decode(token)
+    except Exception:
+        return False
+    body = raw[len(MAGIC) + SALT_LENGTH:]
+    return raw.startswith(MAGIC) and bool(body) and len(body) % BLOCK == 0
 
 
 def decrypt_token(token: str, secret: str) -> dict:
@@ -237,6 +258,12 @@ class UnlimitedGate:
     max_failures: int = attrs.field(default=10, validator=_at_least_one)
     failure_window_s: float = attrs.field(default=60, validator=_positive)
     max_tracked_ips: int = attrs.field(default=65_536, validator=_at_least_one)
+    # PBKDF2 work, all callers together: at most kdf_rate derivations per second (bursts of
+    # kdf_rate); past it a caller gets 503 before any work.  Derivations run one at a time
+    # on the reactor thread, so their concurrency is 1.
+    kdf_rate: float = attrs.field(default=KDF_RATE, validator=_positive)
+    _kdf: TokenBucket | None = attrs.field(default=None, init=False, repr=False)
+    kdf_refused: int = attrs.field(default=0, init=False)
     # (ip, timestamp) -> forget after (ms); a heap orders the forgetting.
     _seen: dict = attrs.field(factory=dict, init=False, repr=False)
     _seen_heap: list = attrs.field(factory=list, init=False, repr=False)
@@ -253,6 +280,15 @@ class UnlimitedGate:
         self._prune(now_ms)
         if self.failures(caller, now_ms) >= self.max_failures:
             return 429, {"error": "too_many_attempts"}
+        if not _well_formed(payload):  # refused without key derivation
+            self._fail(caller, now_ms)
+            return 403, {"error": "invalid_token"}
+        if self._kdf is None:
+            self._kdf = TokenBucket(self.kdf_rate, max(1.0, self.kdf_rate), now=now_ms / 1000)
+        if self._kdf.level(now_ms / 1000) < 1:
+            self.kdf_refused += 1
+            return 503, {"error": "busy"}
+        self._kdf.take(1, now_ms / 1000)
         status, body = self._decide(payload, caller, now_ms)
         if status != 200:
             self._fail(caller, now_ms)
@@ -352,5 +388,7 @@ class UnlimitedResource(resource.Resource):
         status, body = self.gate.check(payload, caller, now_ms)
         if status == 200:
             body["expireAt"] = int(self.grants.grant(body["ip"], now_ms, self.gate.grant_s))
+        elif status == 503:
+            request.setHeader(b"retry-after", b"1")
         request.setResponseCode(status)
         return json.dumps(body).encode()

@@ -7,13 +7,15 @@ import ipaddress
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import non_negative_float, positive_float
+from pipegate.accept import EmfileGuard
+from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
+from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
-from pipegate.ports.gateway import Gateway, GatewayConfig
-from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource
+from pipegate.ports.gateway import Gateway, GatewayConfig, parse_port_ranges
+from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import (
     Exposure, ServiceError, load_source, parse_filters, parse_only_services,
 )
@@ -42,13 +44,33 @@ class Options(DockerOptionsMixin, MuxOptions):
         ["unlimited-secret", None, None, "Secret of /unlimited tokens; enables the /unlimited endpoint."],
         ["unlimited", None, "tcp:8091:interface=127.0.0.1", "Server endpoint of the /unlimited endpoint."],
         ["unlimited-grant", None, "1800", "Seconds an /unlimited grant lasts."],
-        ["tcp-idle-timeout", None, "0", "Seconds without a byte either way after which a TCP connection is closed; 0 = off."],
+        ["unlimited-kdf-rate", None, "20", "Token checks (PBKDF2 derivations, ~6 ms each) per second, all "
+                                           "callers together; past it /unlimited answers 503."],
+        ["tcp-idle-timeout", None, "900", "Seconds without a byte either way after which a TCP connection is closed; 0 = off."],
+        ["max-conns-per-ip", None, "auto", "TCP connections one client IP may hold on all gates together; "
+                                           "auto = from the fd budget (at most 256); 0 = no cap."],
+        ["max-conns", None, "auto", "TCP connections all clients may hold on the gates; auto = the fd "
+                                    "budget less a reserve; 0 = no cap."],
+        ["max-flows-per-ip", None, "auto", "UDP flows one client IP may hold on all gates together; "
+                                           "auto = 256; 0 = no cap."],
+        ["max-flows", None, "auto", "UDP flows in the flow table; a full table closes its longest-idle "
+                                    "flow (idle 5 s or more) or drops the new one; auto = 16384; 0 = no cap."],
+        ["gate-ports", None, "any", "Gate ports announced routes may open: any, or ports and ranges such as "
+                                    "80,443,1024-65535 (keep 22 or this host's own listeners out)."],
+        ["gate-backlog", None, "1024", "listen() backlog of each TCP gate (the kernel caps it at somaxconn)."],
+        ["udp-hold", None, "2500000", "Bytes of datagrams a new UDP flow keeps until its channel opens "
+                                      "(1 Gbit/s for 20 ms); more are dropped and counted."],
+        ["udp-hold-total", None, "67108864", "Bytes all new UDP flows together keep until their channels open."],
         ["image", None, "pipegate", "Docker mode: image of the helper containers (runs `pipegate forward`)."],
         ["helper-target", None, None, "Docker mode: this gateway's address as helpers see it "
                                       "(default: the Docker network's gateway address)."],
     ] + DOCKER_PARAMETERS
     converters = {**MuxOptions.converters, "open-timeout": positive_float, "unlimited-grant": positive_float,
-                  "tcp-idle-timeout": non_negative_float, **DOCKER_CONVERTERS}
+                  "unlimited-kdf-rate": positive_float,
+                  "tcp-idle-timeout": non_negative_float, "max-conns-per-ip": auto_or_non_negative_int,
+                  "max-conns": auto_or_non_negative_int, "max-flows-per-ip": auto_or_non_negative_int,
+                  "max-flows": auto_or_non_negative_int, "gate-backlog": positive_int, "gate-ports": parse_port_ranges,
+                  "udp-hold": positive_int, "udp-hold-total": positive_int, **DOCKER_CONVERTERS}
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,6 +88,11 @@ class Options(DockerOptionsMixin, MuxOptions):
         if self["helper-target"] is not None and (not self["helper-target"] or
                                                   any(c.isspace() for c in self["helper-target"])):
             raise usage.UsageError(f"--helper-target: expected a host name or address, got {self['helper-target']!r}")
+        secret = self["unlimited-secret"]
+        if secret and len(secret) < MIN_SECRET_CHARS:
+            raise usage.UsageError(
+                f"--unlimited-secret: at least {MIN_SECRET_CHARS} characters are required (a short secret "
+                "can be guessed offline from one token); make one with: openssl rand -hex 32")
         try:
             self["policy"] = load_policy(self["ingress-policy"], fetch)[0]
         except PolicyError as e:
@@ -93,20 +120,53 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    caps = gate_caps(options)
+    guard = EmfileGuard(reactor)
+    guard.setServiceParent(top)
     gateway = Gateway(GatewayConfig(
+        tcp_per_source=caps["max-conns-per-ip"], tcp_total=caps["max-conns"],
+        udp_per_source=caps["max-flows-per-ip"], udp_total=caps["max-flows"],
+        gate_backlog=options["gate-backlog"], gate_ports=options["gate-ports"], udp_hold=options["udp-hold"],
+        udp_hold_total=options["udp-hold-total"],
         listen=options["listen"], exposure=options["exposure"], policy=options["policy"], open_timeout=options["open-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
         window=options["window"], max_window=options["max-window"],
         window_budget=options["window-budget"], drain_timeout=options["drain-timeout"],
-        udp_buffer=options["udp-buffer"]), reactor)
+        udp_buffer=options["udp-buffer"]), reactor, guard)
     if options["unlimited-secret"]:
-        gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"])
+        gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"],
+                             kdf_rate=options["unlimited-kdf-rate"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
     add_metrics_listener(top, gateway, "gateway", options["metrics"], reactor)
     add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
     if options["docker-endpoint"]:
         add_helpers(top, gateway, options, reactor)
     return top
+
+
+def gate_caps(options: Options, budget=None) -> dict[str, int]:
+    """
+    Raise the soft RLIMIT_NOFILE to the hard limit, log the fd budget, and size the caps
+    left at "auto" from it: a gate's TCP connection costs this process one descriptor; a
+    UDP flow costs none here (it shares its gate's socket) but one on the provider, which
+    protects itself with its own caps.
+    """
+    from twisted.logger import Logger
+
+    budget = budget or raise_nofile()
+    per_ip, total = default_caps(budget.usable())
+    caps = {
+        "max-conns-per-ip": pick(options["max-conns-per-ip"], per_ip),
+        "max-conns": pick(options["max-conns"], total),
+        "max-flows-per-ip": pick(options["max-flows-per-ip"], 256),
+        "max-flows": pick(options["max-flows"], 16384),
+    }
+    Logger(namespace="pipegate.gateway").info(
+        "fd budget: {soft} descriptors (soft limit was {before}, hard {hard}); TCP connections "
+        "{conns_ip} per IP, {conns} in all; UDP flows {flows_ip} per IP, {flows} in all",
+        soft=budget.soft, before=budget.before, hard=budget.hard, conns_ip=caps["max-conns-per-ip"],
+        conns=caps["max-conns"], flows_ip=caps["max-flows-per-ip"], flows=caps["max-flows"])
+    return caps
 
 
 def add_helpers(top: service.MultiService, gateway: Gateway, options: Options, reactor) -> None:

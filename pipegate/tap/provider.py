@@ -7,7 +7,8 @@ import urllib.request
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import positive_float
+from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
+from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.mux.node import MuxOptions, add_http, add_node
@@ -33,13 +34,29 @@ class Options(DockerOptionsMixin, MuxOptions):
         "read space-separated lists from PIPEGATE_MUX and PIPEGATE_CONNECT, --services one source "
         "from PIPEGATE_SERVICES; flags given on the command line replace the variable."
     )
+    optFlags = [
+        ["resolver-open-listing", None, "Serve the resolver's /all (every client IP) without "
+                                        "--resolver-basic-auth (off: /all answers 403)."],
+    ]
     optParameters = MuxOptions.optParameters + [
         ["connect-timeout", None, "5", "Seconds to connect to a service before the gateway is told it failed."],
         ["resolver", None, None, "Server endpoint for the fingerprint resolver HTTP API (off unless given), "
                                  "e.g. tcp:8080:interface=127.0.0.1."],
         ["resolver-basic-auth", None, None, "user:password required by /resolve and /all."],
+        ["max-backends", None, "auto", "Sockets to services (TCP channels and UDP flows) held at once; past it "
+                                       "an OPEN gets OPEN_FAIL and the gateway tries its next provider; "
+                                       "auto = the fd budget less a reserve; 0 = no cap."],
+        ["max-backends-per-ip", None, "auto", "Of those, what one client IP may hold; auto = a quarter "
+                                              "of --max-backends, at most 256; 0 = no cap."],
+        ["max-udp-backends", None, "auto", "Of those, how many may be UDP flows; auto = half of "
+                                           "--max-backends, so a UDP flood leaves room for TCP; 0 = no cap."],
+        ["docker-max-ports", None, "100", "Docker mode: services one container may announce (its lowest "
+                                          "ports); 0 = no cap."],
     ] + DOCKER_PARAMETERS
-    converters = {**MuxOptions.converters, "connect-timeout": positive_float, **DOCKER_CONVERTERS}
+    converters = {**MuxOptions.converters, "connect-timeout": positive_float,
+                  "docker-max-ports": non_negative_int,
+                  "max-backends": auto_or_non_negative_int, "max-backends-per-ip": auto_or_non_negative_int,
+                  "max-udp-backends": auto_or_non_negative_int, **DOCKER_CONVERTERS}
 
     def __init__(self) -> None:
         super().__init__()
@@ -96,18 +113,42 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
     records = Records() if options["resolver"] else None
+    caps = backend_caps(options)
     provider = Provider(ProviderConfig(
+        max_backends=caps["max-backends"], backends_per_source=caps["max-backends-per-ip"],
+        max_udp_flows=caps["max-udp-backends"],
         services=tuple(options["service-list"]), policy=options["policy"], connect_timeout=options["connect-timeout"],
         udp_idle_timeout=options["udp-idle-timeout"], window=options["window"], max_window=options["max-window"],
         window_budget=options["window-budget"], drain_timeout=options["drain-timeout"],
         udp_buffer=options["udp-buffer"]), reactor, records)
     if records is not None:
-        add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"]), reactor)
+        add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"],
+                                                               bool(options["resolver-open-listing"])), reactor)
     add_metrics_listener(top, provider, "provider", options["metrics"], reactor)
     add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
     if options["docker-endpoint"]:
         add_discovery(top, provider, options, reactor)
     return top
+
+
+def backend_caps(options: Options, budget=None) -> dict[str, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, log the fd budget, size the "auto" caps from it."""
+    from twisted.logger import Logger
+
+    budget = budget or raise_nofile()
+    total = pick(options["max-backends"], budget.usable())
+    per_ip, _ = default_caps(total or budget.usable())
+    caps = {
+        "max-backends": total,
+        "max-backends-per-ip": pick(options["max-backends-per-ip"], per_ip),
+        "max-udp-backends": pick(options["max-udp-backends"], max(1, total // 2) if total else 0),
+    }
+    Logger(namespace="pipegate.provider").info(
+        "fd budget: {soft} descriptors (soft limit was {before}, hard {hard}); backend sockets "
+        "{total} in all, {per_ip} per client IP, {udp} of them UDP flows",
+        soft=budget.soft, before=budget.before, hard=budget.hard, total=caps["max-backends"],
+        per_ip=caps["max-backends-per-ip"], udp=caps["max-udp-backends"])
+    return caps
 
 
 def add_discovery(top: service.MultiService, provider: Provider, options: Options, reactor) -> None:
@@ -125,4 +166,5 @@ def add_discovery(top: service.MultiService, provider: Provider, options: Option
         provider.set_services(merge_with_static(static, discovered, lambda m: log.warn("{m}", m=m)))
 
     engine = EngineClient(reactor, options["docker-endpoint"])
-    DockerDiscovery(engine, options["network"], options["refresh"], publish, reactor).setServiceParent(top)
+    DockerDiscovery(engine, options["network"], options["refresh"], publish, reactor,
+                    max_ports=options["docker-max-ports"]).setServiceParent(top)

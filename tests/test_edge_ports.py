@@ -1,0 +1,406 @@
+"""
+The port plane's public edge against hostile clients (issue 17, items 3, 4, 13, 15 and
+issue 18 item 16), on real loopback sockets: a real gateway and real providers joined by
+real TLS mux links, real TCP and UDP backends, attackers spread over 127.0.0.x.  Each
+test runs the attack and checks that the attacker is held to its cap AND that other
+clients keep working.  The fd-exhaustion attacks against real twistd processes under a
+lowered RLIMIT_NOFILE are in tests/test_edge_processes.py.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.logger import formatEvent
+from twisted.python import usage
+from twisted.trial import unittest
+
+from pipegate.ports import gateway as gateway_module
+from pipegate.ports import provider as provider_module
+from pipegate.ports.gateway import GatewayConfig
+from pipegate.ports.services import Service
+from pipegate.ports.udp import Flow, Hold
+from pipegate.tap import gateway as gateway_tap
+from tests.support import eventually
+from tests.test_ports_e2e import Client, Echo, PortPlane, UDPEcho, free_port
+
+
+class Held(Client):
+    """A client connection that records whether it is still open."""
+
+    def connectionMade(self):
+        self.open = True
+
+    def connectionLost(self, reason):
+        self.open = False
+        super().connectionLost(reason)
+
+
+class TCPGateCaps(PortPlane):
+    async def setUp(self):
+        super().setUp()
+        self.backend = await self.backend_echo()
+        self.gate = free_port()
+
+    async def serve(self, **config):
+        self.gw, self.mux = await self.gateway(**config)
+        self.prov = self.provider(self.mux, [Service(self.gate, "127.0.0.1", self.backend.getHost().port)])
+        await self.open_tcp_gate(self.gw, self.gate)
+
+    async def connect_from(self, source: str) -> Held:
+        client = Held()
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.gate, bindAddress=(source, 0))
+        await endpoints.connectProtocol(endpoint, client)
+        self.cleanups.append(lambda: client.transport.abortConnection() if client.open else None)
+        return client
+
+    async def echo_from(self, source: str, data: bytes = b"ping") -> bytes:
+        client = await self.connect_from(source)
+        client.transport.write(data)
+        client.transport.loseWriteConnection()
+        return await client.closed
+
+    async def test_idle_connections_from_one_ip_are_capped_and_others_still_served(self):
+        await self.serve(tcp_per_source=5, tcp_total=100)
+        held = [await self.connect_from("127.0.0.2") for _ in range(12)]
+        await eventually(lambda: sum(not c.open for c in held) == 7)
+        await task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual([c.open for c in held], [True] * 5 + [False] * 7)
+        self.assertEqual(self.gw.stats.get("cap_refusals", "tcp-per-source"), 7)
+        # The five held connections still work, and so does everybody else.
+        held[0].transport.write(b"still here")
+        await eventually(lambda: bytes(held[0].received) == b"still here")
+        self.assertEqual(await self.echo_from("127.0.0.3"), b"pingbye")
+        # One log line for the burst, not one per refusal.
+        lines = [e for e in self.events if "new connection refused" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertTrue(self.logged("per-source cap of 5 reached"))
+        # A slot comes back when a held connection goes.
+        held[1].transport.loseConnection()
+        await eventually(lambda: self.gw.tcp_budget.held("127.0.0.2") == 4)
+        self.assertEqual(await self.echo_from("127.0.0.2"), b"pingbye")
+
+    async def test_total_cap_spread_over_many_ips(self):
+        await self.serve(tcp_per_source=3, tcp_total=8)
+        held = []
+        for n in range(2, 7):   # five IPs, three each: 15 tries, 8 held
+            held += [await self.connect_from(f"127.0.0.{n}") for _ in range(3)]
+        await eventually(lambda: sum(not c.open for c in held) == 7)
+        self.assertEqual(self.gw.tcp_budget.held(), 8)
+        self.assertEqual(self.gw.stats.get("cap_refusals", "tcp-total"), 7)
+        for client in held:
+            if client.open:
+                client.transport.loseConnection()
+        await eventually(lambda: self.gw.tcp_budget.held() == 0)
+        self.assertEqual(await self.echo_from("127.0.0.7"), b"pingbye")
+
+    async def test_idle_connections_are_closed_by_default(self):
+        self.assertGreater(GatewayConfig().tcp_idle_timeout, 0)
+        options = gateway_tap.Options()
+        options.environ = {}
+        options.parseOptions(["--router", "ab" * 32, "--mux", "tcp:0"])
+        self.assertEqual(options["tcp-idle-timeout"], 900)
+        await self.serve(tcp_idle_timeout=0.5)
+        idle = await self.connect_from("127.0.0.2")
+        await idle.closed
+        self.assertEqual(self.gw.tcp_budget.held(), 0)
+
+    async def test_gates_listen_with_a_deep_accept_queue(self):
+        """
+        300 clients connect at once, each writes one byte and half-closes.  With Twisted's
+        default queue of 50 the kernel overflows it; with SYN cookies (Linux's default) a
+        connection is then rebuilt from a later segment and the bytes before it are lost
+        for good: clients got only "bye".  A queue of 1,024 serves them all.
+        """
+        factory = protocol.Factory.forProtocol(Echo)
+        factory.noisy = False
+        deep = await endpoints.TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1").listen(factory)
+        self.cleanups.append(deep.stopListening)   # the backend's own queue is not under test
+        self.backend = deep
+        await self.serve()
+        listening = self.gw.gates[(self.gate, "tcp")][0]
+        self.assertEqual(listening.backlog, 1024)
+        answers = await defer.gatherResults([
+            defer.ensureDeferred(self.echo_from(f"127.0.0.{2 + i % 100}", b"x")) for i in range(300)])
+        self.assertEqual({a: answers.count(a) for a in set(answers)}, {b"xbye": 300})
+
+class ProviderCaps(PortPlane):
+    async def setUp(self):
+        super().setUp()
+        self.backend = await self.backend_echo()
+        self.gate = free_port()
+
+    async def test_a_full_provider_answers_open_fail_and_the_next_one_serves(self):
+        gw, mux = await self.gateway(open_timeout=30)
+        small = self.provider(mux, [Service(self.gate, "127.0.0.1", self.backend.getHost().port)], max_backends=2)
+        await eventually(lambda: (self.gate, "tcp") in gw.gates)
+        held = [await self.connect(self.gate) for _ in range(2)]
+        for client in held:
+            client.transport.write(b"x")
+        await eventually(lambda: all(c.received == b"x" for c in held))
+        self.assertEqual(small.backends.held(), 2)
+        # The only provider is full: the client is closed at once, not after the open timeout.
+        start = reactor.seconds()
+        self.assertEqual(await self.echo_through(self.gate), b"")
+        self.assertLess(reactor.seconds() - start, 5)
+        self.assertEqual(small.stats.get("cap_refusals", "backend-total"), 1)
+        self.assertTrue(self.logged("backend total cap reached"))
+        # A second provider for the same gate: the OPEN_FAIL sends every client there.
+        big = self.provider(mux, [Service(self.gate, "127.0.0.1", self.backend.getHost().port)])
+        await eventually(lambda: len(gw.exposed().get((self.gate, "tcp"), [])) == 2)
+        for _ in range(4):
+            self.assertEqual(await self.echo_through(self.gate), b"pingbye")
+        self.assertEqual(small.backends.held(), 2)
+        await eventually(lambda: big.backends.held() == 0)  # all four finished
+        self.assertEqual(big.stats.get("cap_refusals", "backend-total"), 0)
+        # Slots come back when channels end.
+        for client in held:
+            client.transport.loseConnection()
+        await eventually(lambda: small.backends.held() == 0)
+
+    async def test_udp_flows_take_at_most_their_share_of_backends(self):
+        self.patch(provider_module, "EVICT_MIN_IDLE", 0.3)
+        udp_backend = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
+        self.cleanups.append(udp_backend.stopListening)
+        udp_gate = free_port(socket.SOCK_DGRAM)
+        gw, mux = await self.gateway()
+        prov = self.provider(mux, [Service(udp_gate, "127.0.0.1", udp_backend.getHost().port, protocol="udp"),
+                                   Service(self.gate, "127.0.0.1", self.backend.getHost().port)],
+                             max_backends=10, max_udp_flows=4)
+        await eventually(lambda: (udp_gate, "udp") in gw.gates and (self.gate, "tcp") in gw.gates)
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(12)]
+        for n, s in enumerate(senders):
+            self.addCleanup(s.close)
+            s.bind((f"127.0.0.{2 + n}", 0))
+            s.sendto(b"flood", ("127.0.0.1", udp_gate))
+        await eventually(lambda: prov.stats.get("cap_refusals", "udp-total") == 8)
+        self.assertEqual(prov.udp_flows.held(), 4)
+        # TCP still has its room.
+        for _ in range(3):
+            self.assertEqual(await self.echo_through(self.gate), b"pingbye")
+        # Once the flood's flows have idled, a new client's flow takes the place of the
+        # longest-idle one.
+        await task.deferLater(reactor, 0.5, lambda: None)
+        legit = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(legit.close)
+        legit.bind(("127.0.0.60", 0))
+        legit.settimeout(0)
+        legit.sendto(b"legit", ("127.0.0.1", udp_gate))
+        got = []
+
+        def answered():
+            try:
+                got.append(legit.recv(100))
+            except BlockingIOError:
+                pass
+            return got
+        await eventually(answered)
+        self.assertEqual(got, [b"legit"])
+        self.assertEqual(prov.stats.get("evicted_flows"), 1)
+        self.assertEqual(prov.udp_flows.held(), 4)
+
+
+class UDPGateCaps(PortPlane):
+    async def setUp(self):
+        super().setUp()
+        self.backend = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
+        self.cleanups.append(self.backend.stopListening)
+        self.gate = free_port(socket.SOCK_DGRAM)
+
+    async def serve(self, **config):
+        self.gw, self.mux = await self.gateway(**config)
+        self.prov = self.provider(self.mux, [Service(self.gate, "127.0.0.1", self.backend.getHost().port,
+                                                     protocol="udp")])
+        await eventually(lambda: (self.gate, "udp") in self.gw.gates)
+
+    def sender(self, source: str) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        s.bind((source, 0))
+        s.setblocking(False)
+        return s
+
+    @staticmethod
+    def answers(s: socket.socket) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(s.recv(65535))
+            except BlockingIOError:
+                return out
+
+    async def test_flows_per_ip_are_capped_and_others_still_served(self):
+        await self.serve(udp_per_source=4)
+        flood = [self.sender("127.0.0.2") for _ in range(10)]
+        for s in flood:
+            s.sendto(b"hi", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("cap_refusals", "udp-per-source") == 6)
+        self.assertEqual(self.gw.udp_budget.held("127.0.0.2"), 4)
+        got = {}
+
+        def answered():
+            for n, s in enumerate(flood):
+                got.setdefault(n, []).extend(self.answers(s))
+            return sum(1 for v in got.values() if v) == 4
+        await eventually(answered)
+        other = self.sender("127.0.0.3")
+        other.sendto(b"legit", ("127.0.0.1", self.gate))
+        seen = []
+        await eventually(lambda: seen.extend(self.answers(other)) or seen == [b"legit"])
+        self.assertTrue(self.logged("new flow refused: per-source cap of 4 reached"))
+
+    async def test_a_full_table_evicts_only_flows_idle_long_enough(self):
+        self.patch(gateway_module, "EVICT_MIN_IDLE", 0.4)
+        await self.serve(udp_per_source=0, udp_total=4)
+        legit = self.sender("127.0.0.9")
+        echoes = []
+
+        def talk():
+            legit.sendto(b"legit", ("127.0.0.1", self.gate))
+            echoes.extend(self.answers(legit))
+        talking = task.LoopingCall(talk)
+        talking.start(0.05)
+        self.addCleanup(lambda: talking.running and talking.stop())
+        await eventually(lambda: echoes)
+        # The attacker fills the table from three addresses...
+        for n in range(2, 5):
+            self.sender(f"127.0.0.{n}").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.udp_budget.held() == 4)
+        # ... and new flows right away are dropped: nothing is idle long enough to go.
+        for n in range(10, 20):
+            self.sender(f"127.0.0.{n}").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("cap_refusals", "udp-total") == 10)
+        self.assertEqual(self.gw.stats.get("evicted_flows"), 0)
+        # Once the attacker's flows have idled, new flows replace them: the longest-idle
+        # first, never the legitimate flow that keeps talking.
+        await task.deferLater(reactor, 0.6, lambda: None)
+        for n in range(20, 40):
+            self.sender(f"127.0.0.{n}").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("evicted_flows") >= 3)
+        self.assertEqual(self.gw.udp_budget.held("127.0.0.9"), 1)
+        before = len(echoes)
+        await eventually(lambda: len(echoes) > before + 3)
+        self.assertLessEqual(self.gw.udp_budget.held(), 4)
+
+    async def test_a_burst_before_the_flow_opens_is_held_up_to_its_bound(self):
+        await self.serve(udp_hold=10 * 1000, udp_hold_total=1_000_000)
+        s = self.sender("127.0.0.2")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        for _ in range(40):   # 40 kB at once: 10 kB is held until the flow opens
+            s.sendto(b"d" * 1000, ("127.0.0.1", self.gate))
+        got = []
+        await eventually(lambda: got.extend(self.answers(s)) or len(got) >= 10)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        got.extend(self.answers(s))
+        self.assertEqual(len(got), 10)
+        self.assertEqual(self.gw.stats.get("held_datagrams_dropped"), 30)
+        self.assertEqual(self.gw.hold.used, 0)
+
+
+class HoldTests(unittest.SynchronousTestCase):
+    def test_default_holds_one_round_trip_at_one_gigabit(self):
+        hold = Hold()
+        self.assertGreaterEqual(hold.per_flow, 1_000_000_000 // 8 * 20 // 1000)  # 20 ms at 1 Gbit/s
+        clock = task.Clock()
+        flow = Flow(clock, 0, lambda d: None, lambda f: None, Hold(per_flow=3000, total=5000))
+        for _ in range(5):
+            flow.outbound(b"x" * 1000)
+        self.assertEqual((flow.held, flow.dropped, flow.hold.used), (3000, 2, 3000))
+        flow.close(notify=False)
+        self.assertEqual(flow.hold.used, 0)
+
+    def test_total_hold_is_shared(self):
+        clock = task.Clock()
+        shared = Hold(per_flow=3000, total=4000)
+        a = Flow(clock, 0, lambda d: None, lambda f: None, shared)
+        b = Flow(clock, 0, lambda d: None, lambda f: None, shared)
+        for _ in range(3):
+            a.outbound(b"x" * 1000)
+            b.outbound(b"x" * 1000)
+        self.assertEqual((a.held, b.held, shared.used, shared.dropped), (2000, 2000, 4000, 2))
+
+
+class UnlimitedFlood(PortPlane):
+    """Bad /unlimited tokens from rotating IPs: the key derivations are bounded, others are served."""
+
+    async def test_bad_tokens_from_rotating_ips_cost_at_most_the_kdf_rate(self):
+        from twisted.web import server
+
+        from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource, make_token
+
+        backend = await self.backend_echo()
+        gate = free_port()
+        gw, mux = await self.gateway()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        unlimited = UnlimitedGate("a-long-enough-secret", kdf_rate=10)
+        site = server.Site(UnlimitedResource(unlimited, gw.grants, reactor))
+        site.noisy = False
+        http = await self.listen_tcp(site)
+        start = reactor.seconds()
+
+        async def attempt(n: int) -> int:
+            source = f"127.0.{1 + n // 250}.{2 + n % 250}"   # a new IP every time
+            token = make_token("not-the-secret!!", source, reactor.seconds() * 1000)
+            client = Client()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", http.getHost().port,
+                                                    bindAddress=(source, 0))
+            await endpoints.connectProtocol(endpoint, client)
+            client.transport.write(b"GET /unlimited?payload=%s HTTP/1.0\r\n\r\n" % token.encode())
+            return int((await client.closed).split(b" ", 2)[1])
+
+        codes = await defer.gatherResults([defer.ensureDeferred(attempt(n)) for n in range(200)])
+        elapsed = reactor.seconds() - start
+        # Every answer is a refusal; at most burst + rate * elapsed of them cost a key derivation.
+        self.assertEqual(set(codes) - {403, 503}, set())
+        self.assertLessEqual(codes.count(403), 10 + 10 * elapsed + 1)
+        self.assertEqual(codes.count(503), unlimited.kdf_refused)
+        self.assertGreater(unlimited.kdf_refused, 0)
+        # Other traffic is served meanwhile and after.
+        self.assertEqual(await self.echo_through(gate), b"pingbye")
+        # A legitimate token still works once the budget has refilled.
+        await task.deferLater(reactor, 0.2, lambda: None)
+        status, body = unlimited.check(make_token("a-long-enough-secret", "127.0.0.1", reactor.seconds() * 1000),
+                                       "127.0.0.1", reactor.seconds() * 1000)
+        self.assertEqual(status, 200)
+
+
+class Options(unittest.SynchronousTestCase):
+    def parse(self, *args):
+        options = gateway_tap.Options()
+        options.environ = {}
+        options.parseOptions(["--router", "ab" * 32, "--mux", "tcp:0", *args])
+        return options
+
+    def test_a_short_unlimited_secret_is_refused_with_advice(self):
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--unlimited-secret", "hunter2hunter2")
+        message = str(e.exception)
+        self.assertTrue(message.startswith("--unlimited-secret: at least 16 characters"), message)
+        self.assertIn("openssl rand -hex 32", message)
+        self.assertNotIn("\n", message)
+        self.assertEqual(self.parse("--unlimited-secret", "x" * 16)["unlimited-secret"], "x" * 16)
+
+    def test_caps_default_to_the_fd_budget(self):
+        from pipegate.fdlimit import FdBudget
+
+        options = self.parse()
+        caps = gateway_tap.gate_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
+        self.assertEqual(caps, {"max-conns-per-ip": 240, "max-conns": 960,
+                                "max-flows-per-ip": 256, "max-flows": 16384})
+        options = self.parse("--max-conns-per-ip", "0", "--max-conns", "50")
+        caps = gateway_tap.gate_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
+        self.assertEqual((caps["max-conns-per-ip"], caps["max-conns"]), (0, 50))
+        with self.assertRaises(usage.UsageError):
+            self.parse("--max-flows", "-1")
+
+    def test_provider_caps_default_to_the_fd_budget(self):
+        from pipegate.fdlimit import FdBudget
+        from pipegate.tap import provider as provider_tap
+
+        options = provider_tap.Options()
+        options.environ = {"PIPEGATE_MAX_UDP_BACKENDS": "100"}
+        options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
+        caps = provider_tap.backend_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
+        self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 240, "max-udp-backends": 100})
