@@ -17,6 +17,9 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "channel_opens": ("Channels the gateway tried to open on a provider, by result.", "result"),
     "dropped_datagrams": ("UDP datagrams dropped (policy, shaping, full link).", None),
     "drain_cut": ("Requests or channels still open when the drain timeout ended them.", None),
+    "acme_orders": ("ACME certificate orders started (first issuance and renewals).", None),
+    "acme_failures": ("ACME orders that failed, by kind (unreachable, challenge, ca_error, rate_limited, "
+                      "timeout).", "kind"),
 }
 
 

@@ -112,6 +112,7 @@ class Relay(service.Service, Drainer):
         self.window_budget = frames.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
+        self.login_observers: list = []  # callables(tunnel_id) told of every connector login (ACME)
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -171,6 +172,8 @@ class Relay(service.Service, Drainer):
         waiting, tunnel.waiting = tunnel.waiting, []
         for stream in waiting:
             stream.assign(tunnel.pick())
+        for observer in self.login_observers:
+            observer(link.tunnel_id)
 
     def detach(self, link: ConnectorLink) -> None:
         tunnel = self.tunnels.get(link.tunnel_id)
