@@ -219,6 +219,26 @@ class Failures(AcmeRelay):
         leaf = await threads.deferToThread(unverified_leaf, self.https_port, DOMAIN)
         self.assertEqual(leaf.issuer, leaf.subject)   # the self-signed fallback
 
+    async def test_stalled_handshake_is_closed(self):
+        """A stranger who opens --https and stalls mid-handshake is closed by --idle-timeout."""
+        from twisted.internet import endpoints, protocol
+
+        await self.start(self.options("--idle-timeout", "1", directory=f"https://127.0.0.1:{free_port()}/dir"))
+
+        class Staller(protocol.Protocol):
+            lost = False
+
+            def connectionMade(self):
+                self.transport.write(b"\x16\x03\x01\x02\x00")   # a ClientHello record header, then nothing
+
+            def connectionLost(self, reason):
+                Staller.lost = True
+
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.https_port)
+        client = await endpoint.connect(protocol.Factory.forProtocol(Staller))
+        self.addCleanup(lambda: client.transport.abortConnection() if not Staller.lost else None)
+        await eventually(lambda: Staller.lost, 30)   # idle timeout 1 s, then abort after at most 15 s
+
     async def test_failed_challenge(self):
         """Nothing answers HTTP-01 where Pebble looks: the CA's problem document is logged."""
         await self.start(self.options(listen=False))

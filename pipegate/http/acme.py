@@ -315,6 +315,12 @@ class AcmeManager(service.Service):
 
     def login(self, tunnel_id: str) -> None:
         """A connector of C{tunnel_id} logged in: make sure C{<id>.<domain>} has a certificate."""
+        try:
+            self._login(tunnel_id)
+        except Exception:   # never let ACME bookkeeping break a connector's login
+            self.log.failure("ACME: handling the login of tunnel {tunnel_id}", tunnel_id=tunnel_id)
+
+    def _login(self, tunnel_id: str) -> None:
         label = tunnel_id.lower()
         name = f"{label}.{self.domain}"
         if "." in label or not valid_host_name(name):
