@@ -8,6 +8,7 @@ The same pieces against a real ACME server: tests/test_acme_pebble.py.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import stat
 import subprocess
@@ -609,3 +610,69 @@ class Options(unittest.TestCase):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+
+
+# -- the issuer's reading of CA errors
+
+
+class _ProblemCA:
+    """A CA endpoint that answers every request with one problem document (a stand-in only
+    for what Pebble cannot be made to do: rate limits)."""
+
+    def __init__(self, status: int, problem: dict, retry_after: str | None) -> None:
+        from twisted.web import resource
+
+        outer = self
+
+        class Root(resource.Resource):
+            isLeaf = True
+
+            def render(self, request):
+                outer.hits += 1
+                request.setResponseCode(status)
+                request.setHeader(b"content-type", b"application/problem+json")
+                if retry_after is not None:
+                    request.setHeader(b"retry-after", retry_after.encode())
+                return json.dumps(problem).encode()
+
+        self.hits = 0
+        self.root = Root()
+
+
+class IssuerErrors(unittest.TestCase):
+    async def issue_against(self, status: int, problem: dict, retry_after: str | None = None):
+        from twisted.internet import threads
+        from twisted.web import server
+
+        from pipegate.http.acmeclient import Issuer
+
+        ca = _ProblemCA(status, problem, retry_after)
+        port = await Loopback(self).listen(server.Site(ca.root))
+        store = CertStore(self.mktemp())
+        store.prepare()
+        challenges = Challenges()
+        issuer = Issuer(f"http://127.0.0.1:{port.getHost().port}/dir", store, challenges.publish,
+                        challenges.withdraw, timeout=5)
+        with self.assertRaises(AcmeFailure) as caught:
+            await threads.deferToThread(issuer.issue, "example.test")
+        self.assertEqual(ca.hits, 1)
+        return caught.exception
+
+    async def test_rate_limited_with_retry_after(self):
+        error = await self.issue_against(429, {"type": "urn:ietf:params:acme:error:rateLimited",
+                                               "detail": "too many certificates already issued"}, "120")
+        self.assertEqual(error.kind, "rate_limited")
+        self.assertTrue(error.rate_limited)
+        self.assertIn("too many certificates already issued", error.problem)
+        self.assertLessEqual(abs(error.retry_after - 120), 2)
+
+    async def test_ca_error_carries_the_problem_document(self):
+        error = await self.issue_against(503, {"type": "urn:ietf:params:acme:error:serverInternal",
+                                               "detail": "maintenance"}, "30")
+        self.assertEqual(error.kind, "ca_error")
+        self.assertEqual(error.problem, "urn:ietf:params:acme:error:serverInternal: maintenance")
+        self.assertLessEqual(abs(error.retry_after - 30), 2)
+
+    async def test_not_json_is_a_ca_error(self):
+        error = await self.issue_against(500, [])
+        self.assertEqual(error.kind, "ca_error")
