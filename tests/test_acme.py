@@ -531,6 +531,23 @@ class PlainListener(unittest.TestCase):
             response, _ = await self.get("/", bad)
             self.assertEqual(response.code, 400, bad)
 
+    async def test_redirect_answers_at_the_headers_and_drops_the_body(self):
+        """A huge upload to the plain listener is answered at once, never buffered."""
+        from twisted.internet import endpoints, protocol
+
+        from tests.support import RawHTTP
+
+        await self.listen(redirect=8443)
+        for path in (b"/upload", b"/.well-known/acme-challenge/tok-EN_1"):
+            raw = RawHTTP(b"POST " + path + b" HTTP/1.1\r\nHost: example.test\r\n"
+                          b"Content-Length: 10000000000\r\n\r\n" + b"x" * 65536)
+            port = int(self.base.rsplit(":", 1)[1])
+            await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+                protocol.Factory.forProtocol(lambda: raw))
+            await raw.done
+            head = bytes(raw.received).split(b"\r\n")[0]
+            self.assertIn(head, (b"HTTP/1.1 308 Permanent Redirect", b"HTTP/1.1 405 Method Not Allowed"), path)
+
     async def test_logins_are_observed(self):
         await self.listen()
         app = await self.loop.app()

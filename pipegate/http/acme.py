@@ -209,13 +209,9 @@ class ChallengeFirstResource(RelayResource):
         self.challenges = challenges
         self.redirect_port = redirect_port   # None: no redirect
 
-    def _ours(self, uri: bytes) -> bool:
-        return uri.startswith(CHALLENGE_PREFIX) or self.redirect_port is not None
-
-    def wants_early_start(self, request, method: bytes, uri: bytes) -> bool:
-        if self._ours(uri):
-            return False
-        return super().wants_early_start(request, method, uri)
+    # wants_early_start stays the relay's: challenges and redirects are answered at the end
+    # of the headers like public requests, and a body sent with them is read and dropped,
+    # never buffered (a stranger's 10 GB POST to port 80 fills no temporary file).
 
     def render(self, request):
         uri = request.uri
