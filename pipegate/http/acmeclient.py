@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from collections.abc import Callable
 
 import attrs
@@ -183,8 +184,11 @@ class Issuer:
                     self.publish(token, validation)
                     published.append(token)
                     acme.answer_challenge(challb, response)
-                deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.poll_timeout)
-                order = acme.poll_and_finalize(order, deadline)
+                started = time.monotonic()
+                self._wait_for_validation(acme, order, started)
+                self._check()
+                remaining = max(1.0, self.poll_timeout - (time.monotonic() - started))
+                order = acme.finalize_order(order, datetime.datetime.now() + datetime.timedelta(seconds=remaining))
             finally:
                 for token in published:
                     self.withdraw(token)
@@ -193,6 +197,30 @@ class Issuer:
             return Issued(stored, self._renew_at(acme, chain))
         finally:
             net.session.close()
+
+    def _wait_for_validation(self, acme: client.ClientV2, order: messages.OrderResource, started: float) -> None:
+        """
+        Poll the order's authorizations until all are valid.  The library's own loop
+        (poll_and_finalize) sleeps without looking at L{cancel}; this one waits on it, so
+        a stopping relay is not held up for the whole polling deadline.
+        """
+        pending = [a for a in order.authorizations if a.body.status != messages.STATUS_VALID]
+        while pending:
+            self._check()
+            if time.monotonic() - started > self.poll_timeout:
+                raise errors.TimeoutError()
+            waiting, pause = [], 1.0
+            for authzr in pending:
+                authzr, response = acme.poll(authzr)
+                if authzr.body.status == messages.STATUS_INVALID:
+                    raise errors.ValidationError([authzr])
+                if authzr.body.status != messages.STATUS_VALID:
+                    waiting.append(authzr)
+                    when = acme.retry_after(response, 1)
+                    pause = max(pause, (when - datetime.datetime.now()).total_seconds())
+            pending = waiting
+            if pending:
+                self.cancelled.wait(min(pause, 10.0))
 
     def _renew_at(self, acme: client.ClientV2, chain: bytes) -> float | None:
         """The CA's renewal window (ARI), if its directory has C{renewalInfo}."""
