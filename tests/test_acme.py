@@ -618,15 +618,45 @@ class Options(unittest.TestCase):
         self.assertEqual(endpoint_port("systemd:domain=INET:index=0"), 443)
         self.assertEqual(endpoint_port("tcp:0"), 443)
 
-    def test_acme_library_loaded_only_when_asked(self):
-        code = ("import sys; from pipegate.tap import server as tap; from twisted.internet.testing import "
-                "MemoryReactorClock; o = tap.Options(); o.environ = {'PIPEGATE_JWT_SECRET': 'x' * 40}; "
-                "o.parseOptions([]); tap.makeService(o, MemoryReactorClock()); "
-                "print(sorted(m for m in ('acme', 'josepy', 'requests', 'pipegate.http.acmeclient') "
-                "if m in sys.modules))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+    def test_acme_library_loaded_only_for_an_order(self):
+        """Not without --acme-directory, and with it not before the first order."""
+        state = os.path.abspath(self.mktemp())
+        for args in ([], ["--acme-directory", "https://acme.test/dir", "--https", "tcp:0", "--domain", "a.test",
+                          "--acme-state", state]):
+            code = ("import sys; from pipegate.tap import server as tap; from twisted.internet.testing import "
+                    "MemoryReactorClock; o = tap.Options(); o.environ = {'PIPEGATE_JWT_SECRET': 'x' * 40}; "
+                    f"o.parseOptions({args!r}); tap.makeService(o, MemoryReactorClock()); "
+                    "print(sorted(m for m in ('acme', 'josepy', 'requests', 'pipegate.http.acmeclient') "
+                    "if m in sys.modules))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+
+    def test_lazy_issuer(self):
+        from pipegate.http.acme import LazyIssuer
+
+        made = []
+
+        class Real:
+            cancelled = False
+
+            def issue(self, name):
+                return f"cert for {name}"
+
+            def cancel(self):
+                self.cancelled = True
+
+        lazy = LazyIssuer(lambda: made.append(Real()) or made[-1])
+        self.assertEqual(made, [])
+        self.assertEqual(lazy.issue("a.test"), "cert for a.test")
+        self.assertEqual(lazy.issue("b.test"), "cert for b.test")
+        self.assertEqual(len(made), 1)
+        lazy.cancel()
+        self.assertTrue(made[0].cancelled)
+        cancelled_first = LazyIssuer(Real)
+        cancelled_first.cancel()
+        cancelled_first.issue("a.test")
+        self.assertTrue(cancelled_first._issuer.cancelled)
 
 
 # -- the issuer's reading of CA errors

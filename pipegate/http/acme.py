@@ -524,6 +524,36 @@ class AcmeWiring:
         strports.service(self.https, factory, reactor=reactor).setServiceParent(top)
 
 
+class LazyIssuer:
+    """
+    Builds the real issuer (L{pipegate.http.acmeclient.Issuer}) at the first order, in
+    the issuing thread: certbot's C{acme} library with C{requests} costs about 5 MiB of
+    resident memory, which a relay restarted with valid certificates does not need for
+    weeks.
+    """
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self._make = make
+        self._issuer = None
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def issue(self, name: str):
+        with self._lock:
+            if self._issuer is None:
+                self._issuer = self._make()
+                if self._cancelled:
+                    self._issuer.cancel()
+            issuer = self._issuer
+        return issuer.issue(name)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._issuer is not None:
+                self._issuer.cancel()
+
+
 def acme_for(options, relay: Relay, reactor) -> AcmeWiring | None:
     """The ACME parts for C{pipegate-server}, or None without C{--acme-directory}."""
     if not options.get("acme-directory"):
@@ -531,14 +561,19 @@ def acme_for(options, relay: Relay, reactor) -> AcmeWiring | None:
     from twisted.internet import threads
     from twisted.python.threadpool import ThreadPool
 
-    from pipegate.http.acmeclient import Issuer
     from pipegate.http.sni import SNISelector
 
     domain = options["domain"].strip(".").lower()
     store = options["acme-store"]
     challenges = Challenges()
-    issuer = Issuer(options["acme-directory"], store, challenges.publish, challenges.withdraw,
-                    email=options["acme-email"], ca_file=options["acme-ca-file"])
+
+    def make_issuer():
+        from pipegate.http.acmeclient import Issuer
+
+        return Issuer(options["acme-directory"], store, challenges.publish, challenges.withdraw,
+                      email=options["acme-email"], ca_file=options["acme-ca-file"])
+
+    issuer = LazyIssuer(make_issuer)
     max_orders = options["acme-max-orders"]
     pool = ThreadPool(minthreads=0, maxthreads=max_orders, name="pipegate-acme")
     started = []
