@@ -6,8 +6,9 @@ L{Issuer.issue} in a bounded thread pool (L{pipegate.http.acme.AcmeManager}), ne
 the reactor thread.  It logs nothing itself; outcomes go back to the reactor thread as
 an L{Issued} or an L{AcmeFailure}, and the manager logs them.
 
-This module is imported only when C{--acme-directory} is given: C{acme}, C{josepy} and
-C{requests} cost several MiB of resident memory that a relay without ACME never needs.
+This module is imported only at the first order (L{pipegate.http.acme.LazyIssuer}):
+C{acme}, C{josepy} and C{requests} cost about 5 MiB of resident memory that a relay
+without ACME, or one restarted with valid certificates, does not need.
 """
 
 from __future__ import annotations
