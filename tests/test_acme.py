@@ -282,6 +282,16 @@ class Manager(unittest.TestCase):
         self.assertEqual(self.issuer.calls, [])
         self.assertEqual([r["state"] for r in acme_status(m)["certificates"]], ["valid", "valid"])
 
+    def test_stored_certificate_with_a_wrong_key_is_ordered_anew(self):
+        key, _ = make_cert("example.test", T0 - DAY, T0 + 89 * DAY)
+        _, chain = make_cert("example.test", T0 - DAY, T0 + 89 * DAY)
+        self.store.save("example.test", key, chain)
+        m = self.manager()
+        self.assertEqual(self.issuer.calls, ["example.test"])
+        self.assertEqual(len(self.messages("cannot use the certificate for example.test")), 1)
+        self.issuer.complete("example.test", T0, T0 + 90 * DAY)
+        self.assertTrue(m.selector.has("example.test"))
+
     def test_stored_expired_certificate_is_renewed_at_once(self):
         key, chain = make_cert("example.test", T0 - 90 * DAY, T0 - DAY)
         self.store.save("example.test", key, chain)

@@ -301,7 +301,8 @@ class AcmeManager(service.Service):
         now = self.clock.seconds()
         loaded = self.store.load_all()
         for stored in loaded:
-            self._install(stored)
+            if not self._install(stored):
+                continue   # unusable: ordered anew like a missing one
             self.scheduler.held(stored.name, stored.not_before, stored.not_after, now,
                                 sticky=stored.name == self.domain)
             self.log.info("ACME: certificate for {name} loaded from the state directory, valid until {expiry}",
@@ -355,7 +356,13 @@ class AcmeManager(service.Service):
         if not self.running:
             return
         stored = issued.certificate
-        self._install(stored)
+        if not self._install(stored):
+            delay = self.scheduler.failed(name, self.clock.seconds())
+            self.stats.inc("acme_failures", "ca_error")
+            self.log.warn("ACME: the certificate issued for {name} is unusable; next try in {delay:.0f} s",
+                          name=name, delay=delay)
+            self._wake()
+            return
         due = self.scheduler.succeeded(name, stored.not_before, stored.not_after, self.clock.seconds(),
                                        issued.renew_at)
         self.log.info("ACME: certificate for {name} issued, valid until {expiry}; renewal in {days:.1f} days",
@@ -379,13 +386,14 @@ class AcmeManager(service.Service):
                       name=name, kind=kind, problem=problem, delay=delay)
         self._wake()
 
-    def _install(self, stored: StoredCertificate) -> None:
+    def _install(self, stored: StoredCertificate) -> bool:
         try:
             self.selector.install(stored.name, stored.key_pem, stored.chain_pem)
-        except ValueError as e:   # CertificateError: a damaged file; the scheduler orders anew
+        except ValueError as e:   # CertificateError: a damaged file or a key that does not match
             self.log.error("ACME: cannot use the certificate for {name}: {error}", name=stored.name, error=e)
-            return
+            return False
         self.held[stored.name] = stored
+        return True
 
     def stopService(self):
         super().stopService()
