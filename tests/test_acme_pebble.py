@@ -190,6 +190,21 @@ class Issuance(AcmeRelay):
         self.assertEqual(self.manager.scheduler.busy, 0)
         self.assertTrue(self.events.matching(f"certificate for {DOMAIN} loaded from the state directory"))
 
+    async def test_metrics_and_status(self):
+        metrics = free_port()
+        await self.start(self.options("--metrics", f"tcp:{metrics}:interface=127.0.0.1"))
+        stored = await self.issued(DOMAIN)
+        agent = self.loop.agent()
+        _, body = await request(agent, b"GET", f"http://127.0.0.1:{metrics}/status")
+        rows = json.loads(body)["certificates"]
+        self.assertEqual([(r["name"], r["expires"], r["state"]) for r in rows], [(DOMAIN, stored.expiry(), "valid")])
+        _, body = await request(agent, b"GET", f"http://127.0.0.1:{metrics}/metrics")
+        text = body.decode()
+        self.assertIn("pipegate_acme_certificates 1.0", text)
+        self.assertIn("pipegate_acme_orders_total 1.0", text)
+        self.assertIn(f'pipegate_acme_certificate_expiry_days{{name="{DOMAIN}"}}', text)
+        self.assertIn("pipegate_tunnels 0.0", text)    # the relay's own metrics are still there
+
     async def test_challenge_and_redirect_on_plain_listener(self):
         """--https-redirect: plain requests go to https, ACME challenges do not."""
         await self.start(self.options("--https-redirect"))
