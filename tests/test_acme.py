@@ -144,6 +144,18 @@ class Schedule(unittest.TestCase):
         self.assertTrue(s.want("t.d", at + 2 * DAY))    # a login wakes it, overdue: order now
         self.assertEqual(s.start(at + 2 * DAY), (["t.d"], []))
 
+    def test_failed_tunnel_name_is_retried_only_while_used(self):
+        s = OrderScheduler()
+        s.want("t.d", T0)
+        s.start(T0)
+        s.failed("t.d", T0)
+        self.assertEqual(s.start(T0 + 60, live=lambda name: True), (["t.d"], []))    # still online
+        s.failed("t.d", T0 + 60)
+        self.assertEqual(s.start(T0 + 180, live=lambda name: False), ([], ["t.d"]))  # gone: dormant
+        self.assertIsNone(s.next_wakeup())
+        s.want("t.d", T0 + DAY)
+        self.assertEqual(s.start(T0 + DAY, live=lambda name: False), (["t.d"], []))
+
     def test_tunnel_name_with_connector_online_is_renewed(self):
         s = OrderScheduler()
         s.held("t.d", T0, T0 + 90 * DAY, T0)

@@ -63,7 +63,7 @@ class _Name:
     failures: int = 0
     busy: bool = False
     held_until: float | None = None   # notAfter of the certificate in hand
-    seen: bool = True        # a connector logged in since the last issuance
+    seen: bool = True        # a connector logged in since the last order started
     dormant: bool = False    # not renewed (no connector); a login wakes it
 
 
@@ -138,7 +138,8 @@ class OrderScheduler:
     def start(self, now: float, live: Callable[[str], bool] = lambda name: True) -> tuple[list[str], list[str]]:
         """
         (names whose orders start now, names that go dormant).  A tunnel's name is
-        renewed only if a connector logged in since its issuance or C{live(name)}.
+        ordered again (renewal, or a retry after a failure) only if a connector logged in
+        since its last order started or C{live(name)}; else it goes dormant until a login.
         """
         if now < self.paused_until:
             return [], []
@@ -146,12 +147,13 @@ class OrderScheduler:
                      key=lambda s: (s.due, s.seq))
         dropped = []
         for state in due:
-            if state.held_until is not None and not state.sticky and not state.seen and not live(state.name):
+            if not state.sticky and not state.seen and not live(state.name):
                 state.dormant = True
                 dropped.append(state.name)
         started = [s for s in due if not s.dormant][: max(0, self.max_orders - self.busy)]
         for state in started:
             state.busy = True
+            state.seen = False   # the next attempt (renewal or retry) needs a login or a live tunnel
         return [s.name for s in started], dropped
 
     def next_wakeup(self) -> float | None:
@@ -338,7 +340,7 @@ class AcmeManager(service.Service):
         now = self.clock.seconds()
         started, dropped = self.scheduler.start(now, self.live)
         for name in dropped:
-            self.log.info("ACME: not renewing {name}: no connector since it was issued", name=name)
+            self.log.info("ACME: not ordering {name} again: its tunnel has no connector", name=name)
         for name in started:
             self._order(name)
         wake = self.scheduler.next_wakeup()
@@ -413,14 +415,14 @@ class AcmeManager(service.Service):
             state = self.scheduler.names.get(name)
             if state is not None and state.busy:
                 what = "ordering"
+            elif state is not None and state.dormant:
+                what = "dormant (no connector)"
             elif state is not None and state.failures:
                 what = f"retrying ({state.failures} failure(s))"
             elif stored is None:
                 what = "waiting"
             elif stored.not_after <= now:
                 what = "expired"
-            elif state is not None and state.dormant:
-                what = "not renewed"
             else:
                 what = "valid"
             out.append({
