@@ -398,6 +398,17 @@ class Store(unittest.TestCase):
             self.assertEqual(f.read(), before)
         self.assertEqual(os.listdir(self.store.certs), ["a.test.pem"])   # no temporary left
 
+    def test_crash_leftovers_are_removed(self):
+        self.store.prepare()
+        key, chain = make_cert("a.test", T0, T0 + DAY)
+        self.store.save("a.test", key, chain)
+        for leftover in ("account.key.tmp.123", "certs/a.test.pem.tmp.456"):
+            with open(os.path.join(self.path, leftover), "wb") as f:
+                f.write(b"half a key")
+        CertStore(self.path).prepare()
+        self.assertEqual(os.listdir(self.path), ["certs"])
+        self.assertEqual(os.listdir(self.store.certs), ["a.test.pem"])
+
     def test_damaged_and_foreign_files_are_skipped(self):
         self.store.prepare()
         atomic_write(os.path.join(self.store.certs, "bad.test.pem"), b"garbage")

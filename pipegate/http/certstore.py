@@ -112,9 +112,19 @@ class CertStore:
         self.certs = os.path.join(self.path, "certs")
 
     def prepare(self) -> None:
-        """Create the directories (0700) or fix their modes; L{StoreError} if unusable."""
+        """
+        Create the directories (0700) or fix their modes, and remove temporary files a
+        crash left behind; L{StoreError} if unusable.
+        """
         _ensure_private_dir(self.path)
         _ensure_private_dir(self.certs)
+        for directory in (self.path, self.certs):   # leftovers of a write cut short by a crash
+            for entry in os.listdir(directory):
+                if ".tmp." in entry:
+                    try:
+                        os.unlink(os.path.join(directory, entry))
+                    except OSError:
+                        pass
 
     # -- account
     def account_key(self) -> ec.EllipticCurvePrivateKey:
