@@ -306,3 +306,57 @@ def _exchange(tls: ssl.SSLSocket, payload: bytes) -> bytes:
 
 
 
+
+
+class Process(unittest.TestCase):
+    """`twistd pipegate-server` as users run it, configured by PIPEGATE_* variables only."""
+
+    timeout = 120
+
+    def setUp(self):
+        self.http_port, self.https_port = free_port(), free_port()
+        self.pebble = Pebble(self, os.path.abspath(self.mktemp()), self.http_port)
+        self.pebble.start()
+        self.addCleanup(self.pebble.stop)
+        self.state = os.path.abspath(self.mktemp())
+
+    def relay(self):
+        from tests.test_processes import TWISTD, child_env, spawn
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = child_env(
+            PYTHONPATH=root, PIPEGATE_JWT_SECRET=SECRET, PIPEGATE_DOMAIN=DOMAIN,
+            PIPEGATE_ACME_DIRECTORY=self.pebble.url, PIPEGATE_ACME_CA_FILE=self.pebble.ca_file,
+            PIPEGATE_ACME_STATE=self.state, PIPEGATE_HTTPS=f"tcp:{self.https_port}:interface=127.0.0.1",
+            PIPEGATE_LISTEN=f"tcp:{self.http_port}:interface=127.0.0.1", PIPEGATE_HTTPS_REDIRECT="true")
+        return spawn(self, TWISTD + ["--nodaemon", "--pidfile=", "--logfile=-", "pipegate-server"], env)
+
+    async def stop(self, child) -> str:
+        import signal
+
+        os.kill(child.transport.pid, signal.SIGTERM)
+        await eventually(lambda: child.ended.called, 30)   # threads joined, nothing hangs the exit
+        code = await child.ended
+        out = child.output.decode("utf-8", "replace")
+        # twistd ends itself with the signal it stopped on, after a clean shutdown
+        self.assertTrue(code == 0 or child.signal == signal.SIGTERM, out)
+        self.assertIn("Server Shut Down.", out)
+        self.assertNotIn("Traceback", out)
+        return out
+
+    async def test_issue_then_restart_from_state(self):
+        child = self.relay()
+        await eventually(lambda: f"certificate for {DOMAIN} issued".encode() in child.output, 30)
+        leaf, _, response = await threads.deferToThread(
+            handshake, self.https_port, DOMAIN, self.pebble.root_file,
+            f"GET /healthz HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        self.assertEqual(names_of(leaf), [DOMAIN])
+        self.assertIn(b"200 OK", response)
+        await self.stop(child)
+
+        child = self.relay()
+        await eventually(lambda: b"loaded from the state directory" in child.output, 30)
+        again, _, _ = await threads.deferToThread(handshake, self.https_port, DOMAIN, self.pebble.root_file)
+        self.assertEqual(again.serial_number, leaf.serial_number)
+        out = await self.stop(child)
+        self.assertNotIn("ordering a certificate", out)
