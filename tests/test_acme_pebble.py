@@ -52,6 +52,21 @@ def unverified_leaf(port: int, server_name: str) -> x509.Certificate:
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
 
 
+def sent_chain(port: int, server_name: str) -> list[str]:
+    """Subjects of the certificates the server sends for C{server_name} (pyOpenSSL; blocking)."""
+    from OpenSSL import SSL
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.settimeout(None)   # pyOpenSSL wants a blocking socket; the server is ours and answers
+        connection = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), raw)
+        connection.set_tlsext_host_name(server_name.encode())
+        connection.set_connect_state()
+        connection.do_handshake()
+        chain = [c.to_cryptography().subject.rfc4514_string() for c in connection.get_peer_cert_chain()]
+        connection.shutdown()
+        return chain
+
+
 def names_of(cert: x509.Certificate) -> list[str]:
     return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName)
@@ -140,6 +155,9 @@ class Issuance(AcmeRelay):
         self.assertEqual(leaf.serial_number, x509.load_pem_x509_certificate(stored.chain_pem).serial_number)
         if chain is not None:
             self.assertEqual(chain, 3)   # leaf, Pebble's intermediate, Pebble's root
+        sent = await threads.deferToThread(sent_chain, self.https_port, DOMAIN)
+        self.assertEqual(len(sent), 2, sent)                   # the leaf and Pebble's intermediate
+        self.assertIn("Pebble Intermediate CA", sent[1])
         self.assertIn(b"200 OK", response)
         self.assertIn(b'"ok"', response)
         self.assertTrue(self.pebble.serial_valid(leaf.serial_number))
