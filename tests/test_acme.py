@@ -419,7 +419,7 @@ class Store(unittest.TestCase):
     def test_names_that_are_not_host_names_are_refused(self):
         self.store.prepare()
         key, chain = make_cert("a.test", T0, T0 + DAY)
-        for name in ("../escape", "a/b", "", "UPPER.test", "*.test"):
+        for name in ("../escape", "a/b", "", "UPPER.test", "*.test", "a.test\n", "-a.test", "a" * 64 + ".test"):
             with self.assertRaises(ValueError):
                 self.store.save(name, key, chain)
 

@@ -43,7 +43,7 @@ MAX_RETRY_AFTER = 7 * 86400.0  # a CA's Retry-After is honoured up to a week
 MAX_SLEEP = 3600.0             # the timer re-checks at least hourly (wall-clock jumps)
 RENEW_FRACTION = 2 / 3
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")   # used with fullmatch
 
 
 def renewal_time(not_before: float, not_after: float) -> float:
@@ -196,8 +196,8 @@ def _plain(request, code: int, body: bytes, content_type: bytes = b"text/plain; 
     return body
 
 
-_HOST = re.compile(r"^(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                   r"|\[[0-9A-Fa-f:.]+\])$")
+_HOST = re.compile(r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                   r"|\[[0-9A-Fa-f:.]+\])")   # used with fullmatch
 
 
 class ChallengeFirstResource(RelayResource):
@@ -228,7 +228,7 @@ class ChallengeFirstResource(RelayResource):
             request.setHeader(b"allow", b"GET, HEAD")
             return _plain(request, http.NOT_ALLOWED, b"")
         text = token.decode("ascii", "replace")
-        answer = self.challenges.answer(text) if _TOKEN.match(text) else None
+        answer = self.challenges.answer(text) if _TOKEN.fullmatch(text) else None
         if answer is None:
             return _plain(request, http.NOT_FOUND, b"no such challenge\n")
         return _plain(request, http.OK, answer.encode("ascii"), b"application/octet-stream")
@@ -237,10 +237,11 @@ class ChallengeFirstResource(RelayResource):
         host = (request.getHeader(b"host") or "")
         host = host.decode("latin-1") if isinstance(host, bytes) else host
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if not _HOST.match(name):
+        if not _HOST.fullmatch(name):
             return _plain(request, http.BAD_REQUEST, b"missing or bad Host header\n")
         port = "" if self.redirect_port == 443 else f":{self.redirect_port}"
-        location = f"https://{name}{port}".encode("ascii") + request.uri
+        target = request.uri if request.uri.startswith(b"/") else b"/"   # absolute-form: keep it simple
+        location = f"https://{name}{port}".encode("ascii") + target
         request.setHeader(b"location", location)
         return _plain(request, http.PERMANENT_REDIRECT, b"moved to https\n")
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 # A host name as we order it: lower-case LDH labels (RFC 1123), dot-separated, no
 # wildcard.  This is also what makes "<name>.pem" a safe file name.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-HOST_NAME = re.compile(rf"^(?:{_LABEL}\.)*{_LABEL}$")
+HOST_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")   # used with fullmatch
 _CERT_MARK = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -41,7 +41,7 @@ class StoreError(Exception):
 
 
 def valid_host_name(name: str) -> bool:
-    return len(name) <= 253 and bool(HOST_NAME.match(name))
+    return len(name) <= 253 and bool(HOST_NAME.fullmatch(name))
 
 
 @attrs.frozen
