@@ -257,6 +257,14 @@ class Manager(unittest.TestCase):
         self.assertEqual(sorted(self.issuer.calls[2:]), ["example.test", "t.example.test"])
         self.assertEqual(m.stats.by_label("acme_failures"), {"unreachable": 1, "rate_limited": 1})
 
+    def test_synchronous_results_leave_one_timer(self):
+        self.issuer.issue = lambda name: defer.fail(AcmeFailure("unreachable", "refused"))
+        m = self.manager()
+        m.login("a")
+        m.login("b")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(m.stats.by_label("acme_failures"), {"unreachable": 3})
+
     def test_unexpected_error_is_logged_and_retried(self):
         m = self.manager()
         self.issuer.fail("example.test", RuntimeError("boom"))

@@ -345,7 +345,10 @@ class AcmeManager(service.Service):
         for name in started:
             self._order(name)
         wake = self.scheduler.next_wakeup()
-        if wake is not None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()   # a result that came back synchronously has armed one already
+        self._timer = None
+        if wake is not None and self.running:
             self._timer = self.clock.callLater(min(max(0.0, wake - now), MAX_SLEEP), self._wake)
 
     def _order(self, name: str) -> None:
