@@ -10,14 +10,15 @@ from pipegate.drain import AfterDrain
 
 
 def add_metrics_listener(top: service.MultiService, node, kind: str, description: str | None, reactor,
-                         hub=None) -> None:
+                         hub=None, acme=None) -> None:
     """
     Serve C{/metrics} and C{/status} of C{node} (a relay, gateway or provider: C{kind})
     on server endpoint C{description}; nothing when it is None.  The listener sits in
     an L{AfterDrain}, so scrapes still answer while C{node} drains.  twisted.web and
     prometheus-client are imported only when a listener is asked for (about 4 MiB of
     idle RSS for the gateway and provider).  A relay's C{hub} (C{--mux}) adds its
-    C{pipegate_hub_*} metrics and C{hub_routers} rows.
+    C{pipegate_hub_*} metrics and C{hub_routers} rows; its C{acme} manager (C{--acme-directory})
+    C{pipegate_acme_*} and C{certificates} rows.
     """
     if not description:
         return
@@ -31,8 +32,14 @@ def add_metrics_listener(top: service.MultiService, node, kind: str, description
         state = describe(node)
         if hub is not None:
             state.update(status.hub_status(hub))
+        if acme is not None:
+            state.update(status.acme_status(acme))
         return state
 
     more = () if hub is None else (metrics.hub_collector(hub),)
+    if acme is not None:
+        from pipegate.http.acme import acme_collector
+
+        more += (acme_collector(acme),)
     status.add_ops(ops, description, collector, current, reactor, *more)
     ops.setServiceParent(top)

@@ -25,6 +25,9 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "evicted_flows": ("Idle UDP flows closed early to make room in a full flow table.", None),
     "held_datagrams_dropped": ("UDP datagrams of a new flow dropped because its hold (kept until the "
                                "channel opens) was full.", None),
+    "acme_orders": ("ACME certificate orders started (first issuance and renewals).", None),
+    "acme_failures": ("ACME orders that failed, by kind (unreachable, challenge, ca_error, rate_limited, "
+                      "timeout).", "kind"),
 }
 
 

@@ -90,6 +90,11 @@ def hub_status(hub) -> dict:
     }
 
 
+def acme_status(manager) -> dict:
+    """The relay's ACME names (C{--acme-directory}): certificate expiry and order state."""
+    return {"certificates": manager.rows()}
+
+
 def connector_status(connector) -> dict:
     return {
         "service": "connector",

@@ -32,6 +32,16 @@ def load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
             key_pem = f.read()
     except OSError as e:
         raise CertificateError(f"{e.filename}: {e.strerror}") from None
+    if not chain_pem.strip():
+        raise CertificateError(f"{cert_path}: no certificate")
+    return options_from_pem(chain_pem, key_pem)
+
+
+def options_from_pem(chain_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+    """
+    CertificateOptions from PEM text: the first certificate is the server's, the rest
+    its chain (sent to clients); L{CertificateError} if unreadable or not matching.
+    """
     try:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
         marker = b"-----END CERTIFICATE-----"
@@ -40,7 +50,7 @@ def load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     except crypto.Error as e:
         raise CertificateError(f"cannot read the certificate or key: {e}") from None
     if not certs:
-        raise CertificateError(f"{cert_path}: no certificate")
+        raise CertificateError("no certificate")
     options = ssl.CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:])
     try:
         options.getContext().check_privatekey()

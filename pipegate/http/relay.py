@@ -152,6 +152,7 @@ class Relay(service.Service, Drainer):
         self.stats = Stats()
         self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
         self.revocations = Revocations()           # --revoked: token ids and connection ids
+        self.login_observers: list = []  # callables(tunnel_id) told of every connector login (ACME)
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -278,6 +279,8 @@ class Relay(service.Service, Drainer):
                 stream.fail(*refusal)
             else:
                 stream.assign(tunnel.pick())
+        for observer in self.login_observers:
+            observer(link.tunnel_id)
 
     def detach(self, link: ConnectorLink) -> None:
         tunnel = self.tunnels.get(link.tunnel_id)

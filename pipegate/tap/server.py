@@ -8,6 +8,7 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.http.acme import ACME_CONVERTERS, ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub, hub_node
@@ -22,7 +23,7 @@ def _fetch(url: str) -> bytes:
     return fetch(url)
 
 
-class Options(HubOptions, EnvOptions):
+class Options(AcmeOptions, HubOptions, EnvOptions):
     synopsis = "[options]"
     longdesc = (
         "Run the public HTTP relay. Connectors log in over a WebSocket with a JWT; public "
@@ -32,7 +33,7 @@ class Options(HubOptions, EnvOptions):
     )
     optFlags = [
         ["access-log", None, "Write an access log line per request (tokens are redacted)."],
-    ]
+    ] + ACME_FLAGS
     optParameters = [
         ["listen", "l", "tcp:8000", "Server endpoint to listen on (tcp:PORT, ssl:..., systemd:..., unix:...)."],
         ["domain", None, None, "Also route Host: <id>.<domain> to tunnel <id>."],
@@ -57,7 +58,7 @@ class Options(HubOptions, EnvOptions):
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["revoked", None, None, "File of revoked token ids (jti) and connection ids, one a line, # comments; "
                                 "re-read when it changes and on SIGHUP."],
-    ] + HUB_PARAMETERS
+    ] + HUB_PARAMETERS + ACME_PARAMETERS
     converters = {
         "max-body-bytes": non_negative_int,
         "max-in-flight": positive_int,
@@ -67,6 +68,7 @@ class Options(HubOptions, EnvOptions):
         "idle-timeout": non_negative_float,
         "tunnel-rate": non_negative_float,
         **HUB_CONVERTERS,
+        **ACME_CONVERTERS,
         "drain-timeout": non_negative_float,
         "max-window": positive_int,
         "window-budget": non_negative_int,
@@ -120,6 +122,7 @@ class Options(HubOptions, EnvOptions):
         if self["domain"] is not None and not self["domain"].strip("."):
             raise usage.UsageError("--domain: empty domain")
         self.check_hub()
+        self.check_acme()
         from pipegate.mux.node import check_server_endpoint
 
         check_server_endpoint("metrics", self["metrics"])
@@ -180,9 +183,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         watcher.setServiceParent(top)
         reloads.append(watcher.reload)
     hub = hub_node(options)
-    add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub)
+    acme = acme_for(options, relay, reactor)   # None without --acme-directory
+    add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub,
+                         acme.manager if acme else None)
     relay.setServiceParent(top)
-    factory = RelaySite(relay)
+    factory = RelaySite(relay) if acme is None else acme.plain_site(relay)
     tls = options.get("tls")
     if tls is not None:
         from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -203,5 +208,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     # Added last so that it stops first: no new connections while the relay drains.
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
+    if acme is not None:
+        acme.add_services(top, relay, reactor)
     add_hub(top, options, reactor, hub)
     return top
