@@ -17,6 +17,12 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "channel_opens": ("Channels the gateway tried to open on a provider, by result.", "result"),
     "dropped_datagrams": ("UDP datagrams dropped (policy, shaping, full link).", None),
     "drain_cut": ("Requests or channels still open when the drain timeout ended them.", None),
+    "connections_refused": ("Connections refused at accept, by the cap that refused them (per-source, "
+                            "total) or emfile (accepting paused: no descriptors left).", "cap"),
+    "caller_share_refusals": ("Public requests refused because their caller IP already held its share of "
+                              "a tunnel's --max-in-flight slots.", None),
+    "upgrades": ("Passthrough (Upgrade) requests by outcome: switched (101), refused (the app answered "
+                 "otherwise), failed.", "result"),
 }
 
 
