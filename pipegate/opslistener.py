@@ -10,14 +10,15 @@ from pipegate.drain import AfterDrain
 
 
 def add_metrics_listener(top: service.MultiService, node, kind: str, description: str | None, reactor,
-                         hub=None) -> None:
+                         hub=None, status_token: str | None = None) -> None:
     """
     Serve C{/metrics} and C{/status} of C{node} (a relay, gateway or provider: C{kind})
     on server endpoint C{description}; nothing when it is None.  The listener sits in
     an L{AfterDrain}, so scrapes still answer while C{node} drains.  twisted.web and
     prometheus-client are imported only when a listener is asked for (about 4 MiB of
     idle RSS for the gateway and provider).  A relay's C{hub} (C{--mux}) adds its
-    C{pipegate_hub_*} metrics and C{hub_routers} rows.
+    C{pipegate_hub_*} metrics and C{hub_routers} rows.  A relay's C{/status} answers
+    only loopback peers, or with C{status_token} only that bearer token (L{pipegate.status.StatusAccess}).
     """
     if not description:
         return
@@ -34,5 +35,7 @@ def add_metrics_listener(top: service.MultiService, node, kind: str, description
         return state
 
     more = () if hub is None else (metrics.hub_collector(hub),)
-    status.add_ops(ops, description, collector, current, reactor, *more)
+    # The relay's /status names every tunnel id: private unless asked for (docs/configuration.md).
+    access = status.StatusAccess(status_token) if kind == "relay" else None
+    status.add_ops(ops, description, collector, current, reactor, *more, access=access)
     ops.setServiceParent(top)

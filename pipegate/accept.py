@@ -1,0 +1,223 @@
+"""
+Accepting connections on a listener a stranger can reach, without running out of file
+descriptors.  Shared by both planes (the relay's public listener, gate ports).
+
+  - L{ConnectionGate}: a wrapping factory that asks a L{pipegate.core.budget.Budget} (per
+    source IP and in total) before it builds a protocol.  Past a cap the new connection is
+    closed at once (Twisted closes the socket when C{buildProtocol} returns None), counted
+    through C{on_refused}, and logged through a L{LogThrottle}: one line per interval, however
+    many are refused.  Connections already open, and other sources, are not touched.
+  - L{with_backlog}: the listen backlog for an endpoint string that does not name one
+    (Twisted's default is 50; the kernel allows C{net.core.somaxconn}, 4096 on current Linux).
+  - L{EmfileGuard}: when accept() fails with EMFILE anyway, Twisted's TCP port closes the
+    waiting connections with its reserved descriptor and stays up; the guard then pauses
+    accepting on every listener it watches, so that the kernel's accept queue holds new
+    connections instead of a loop accepting and closing them, and resumes after a pause that
+    doubles while EMFILE repeats (0.5 s up to 8 s).  Nothing is raised, no Deferred fails.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogPublisher, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, LogThrottle
+
+#: Listen backlog used when an endpoint string names none.
+DEFAULT_BACKLOG = 1024
+
+_BACKLOG_PREFIXES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{:backlog=<backlog>} appended when it is a C{tcp:}, C{tcp6:}, C{ssl:}
+    or C{unix:} server endpoint that names no backlog of its own; other endpoints (C{systemd:},
+    whose socket systemd made, and plugins) are returned as they are.
+    """
+    prefix = description.split(":", 1)[0].lower()
+    if prefix not in _BACKLOG_PREFIXES or ":" not in description:
+        return description
+    if re.search(r"(?:^|(?<!\\):)backlog=", description):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def source_of(address) -> str | None:
+    """The IP of an IPv4/IPv6 peer; None for other kinds (unix sockets), held to no per-source cap."""
+    return getattr(address, "host", None)
+
+
+class _Gated(ProtocolWrapper):
+    source: str | None = None
+
+
+class ConnectionGate(WrappingFactory):
+    """
+    Wrap C{wrapped} so that every new connection first takes a unit of C{budget} for its source
+    IP, and gives it back when the connection is gone.
+
+    @param on_refused: called with the cap that refused (L{PER_SOURCE} or L{TOTAL}), to count it.
+    @param what: names the listener in the log line ("relay", "gate 25565/tcp").
+    """
+
+    protocol = _Gated
+    log = Logger()
+
+    def __init__(self, wrapped, budget: Budget, clock: IReactorTime, *,
+                 on_refused: Callable[[str], None] = lambda cap: None, what: str = "listener",
+                 log_interval: float = 10.0) -> None:
+        super().__init__(wrapped)
+        self.budget = budget
+        self.clock = clock
+        self.on_refused = on_refused
+        self.what = what
+        self._throttle = {PER_SOURCE: LogThrottle(log_interval), TOTAL: LogThrottle(log_interval)}
+
+    def buildProtocol(self, addr):
+        source = source_of(addr)
+        # A peer without an IP (a unix socket) is its own source: only the total cap applies.
+        key = source if source is not None else object()
+        cap = self.budget.acquire(key)
+        if cap is not None:
+            self.on_refused(cap)
+            held_back = self._throttle[cap].allow(self.clock.seconds())
+            if held_back is not None:
+                limit = self.budget.per_source if cap == PER_SOURCE else self.budget.total
+                self.log.warn("{what}: connection refused, {cap} cap of {limit} connections reached "
+                              "({more} more refused since the last line)",
+                              what=self.what, cap=cap, limit=limit, more=held_back)
+            return None
+        try:
+            protocol = super().buildProtocol(addr)
+        except BaseException:
+            self.budget.release(key)
+            raise
+        if protocol is None:
+            self.budget.release(key)
+            return None
+        protocol.source = key
+        return protocol
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        source = getattr(protocol, "source", None)
+        if source is not None:
+            protocol.source = None
+            self.budget.release(source)
+
+
+class _Watched:
+    """A server endpoint whose listening ports an L{EmfileGuard} can pause."""
+
+    def __init__(self, endpoint, guard: EmfileGuard) -> None:
+        self.endpoint = endpoint
+        self.guard = guard
+
+    def listen(self, factory):
+        d = self.endpoint.listen(factory)
+
+        def listening(port):
+            self.guard.ports.append(port)
+            return port
+        return d.addCallback(listening)
+
+
+class EmfileGuard(service.Service):
+    """
+    Pause accepting on the listeners it watches when the process is out of descriptors.
+
+    Twisted's TCP port (checked with Twisted 26.10) recovers from EMFILE itself: it closes a
+    reserved descriptor, accepts and closes the waiting connections, re-reserves it, and logs
+    C{"EMFILE encountered; releasing reserved file descriptor."} through the port's logger,
+    whose observer is the global log publisher.  That event is the only sign of it, so the
+    guard observes it there (tests/test_edge_relay.py checks the text against the installed
+    Twisted by running into EMFILE for real).
+    """
+
+    log = Logger()
+    MARK = "EMFILE encountered"
+
+    def __init__(self, clock: IReactorTime, *, on_pause: Callable[[], None] = lambda: None,
+                 publisher: LogPublisher = globalLogPublisher, first: float = 0.5,
+                 longest: float = 8.0) -> None:
+        self.clock = clock
+        self.on_pause = on_pause
+        self.publisher = publisher
+        self.first = first
+        self.longest = longest
+        self.ports: list = []
+        self.paused = False
+        self.pauses = 0
+        self._delay = first
+        self._last_resume = float("-inf")
+        self._resume_call = None
+        self._throttle = LogThrottle(10.0)
+
+    def watch(self, listener: service.Service) -> service.Service:
+        """Watch the port of a C{strports.service} listener (its C{endpoint} is wrapped)."""
+        listener.endpoint = _Watched(listener.endpoint, self)
+        return listener
+
+    def startService(self) -> None:
+        super().startService()
+        self.publisher.addObserver(self._observe)
+
+    def stopService(self):
+        super().stopService()
+        self.publisher.removeObserver(self._observe)
+        call, self._resume_call = self._resume_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _observe(self, event: dict) -> None:
+        if str(event.get("log_format", "")).startswith(self.MARK):
+            self.emfile()
+
+    def emfile(self) -> None:
+        """The process ran out of descriptors while accepting: pause every watched listener."""
+        if self.paused:
+            return
+        now = self.clock.seconds()
+        # EMFILE again right after a resume: wait twice as long; after a quiet spell, start over.
+        self._delay = min(self.longest, self._delay * 2) if now - self._last_resume < self.longest else self.first
+        self.paused = True
+        self.pauses += 1
+        self.on_pause()
+        for port in self.ports:
+            stop = getattr(port, "stopReading", None)
+            if stop is not None:
+                stop()
+        self._resume_call = self.clock.callLater(self._delay, self._resume)
+        held_back = self._throttle.allow(now)
+        if held_back is not None:
+            delay = self._delay
+            # Not from inside the log observer that called us.
+            self.clock.callLater(0, lambda: self.log.warn(
+                "out of file descriptors (EMFILE): accepting paused for {seconds:g} s "
+                "({more} more pauses since the last line)", seconds=delay, more=held_back))
+
+    def _resume(self) -> None:
+        self._resume_call = None
+        self.paused = False
+        self._last_resume = self.clock.seconds()
+        for port in self.ports:
+            if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
+                port.startReading()
+
+
+def listener(description: str, factory, reactor, *, backlog: int = DEFAULT_BACKLOG,
+             guard: EmfileGuard | None = None) -> service.Service:
+    """
+    C{strports.service} for C{description} (with L{with_backlog}), fail-fast as STYLE.md rule 4
+    asks, its port watched by C{guard}.
+    """
+    listening = strports.service(with_backlog(description, backlog), factory, reactor=reactor)
+    if guard is not None:
+        guard.watch(listening)
+    return listening
