@@ -203,8 +203,13 @@ class UpgradePipe(StreamPipe):
     # -- the caller's socket
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
-        self.transport.pauseProducing()  # nothing more from the caller until the app has answered
         StreamPipe.resumeProducing(self)  # credit for the app's answer
+        # Keep reading while the app has not answered (a caller that leaves is noticed), but
+        # hold what arrives: beyond MAX_HELD the caller is paused.
+        if len(self._held) <= MAX_HELD:
+            self.transport.resumeProducing()
+        else:
+            self.transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == OPEN:
