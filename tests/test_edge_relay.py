@@ -84,6 +84,82 @@ class ResponseHeadTests(unittest.TestCase):
         self.assertIsNone(self._end(b"HTTP/1.1 200 OK\r\n\r\n").feed(b"x" * 100))
 
 
+class Sink:
+    """The link side of an UpgradePipe: records frames and closed streams."""
+
+    def __init__(self):
+        self.frames, self.closed = [], []
+
+    def send(self, frame):
+        self.frames.append(frame)
+
+    def stream_closed(self, stream_id):
+        self.closed.append(stream_id)
+
+
+class UpgradePipeTests(unittest.TestCase):
+    """The pipe on a StringTransport with a task.Clock: no sockets."""
+
+    def pipe(self, **kwargs):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from pipegate.http.upgrade import UpgradePipe
+
+        self.clock, self.sink, self.transport = Clock(), Sink(), StringTransport()
+        pipe = UpgradePipe(self.sink, 1, clock=self.clock, method=b"GET", idle_timeout=10, **kwargs)
+        pipe.makeConnection(self.transport)
+        return pipe
+
+    def data(self, pipe, data):
+        from pipegate.http import frames
+
+        pipe.frame_received(frames.Data(1, data))
+
+    def test_caller_bytes_wait_for_the_101(self):
+        from pipegate.http import frames
+
+        pipe = self.pipe(held=b"early")
+        pipe.dataReceived(b"+more")
+        pipe.frame_received(frames.Window(1, 100000))
+        self.assertEqual([f for f in self.sink.frames if isinstance(f, frames.Data)], [])
+        self.data(pipe, b"HTTP/1.1 101 Switching Protocols\r\n\r\nhi")
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 101 Switching Protocols\r\n\r\nhi")
+        self.assertEqual(b"".join(f.data for f in self.sink.frames if isinstance(f, frames.Data)), b"early+more")
+
+    def test_holding_too_much_pauses_the_caller(self):
+        from pipegate.http import frames
+        from pipegate.http.upgrade import MAX_HELD
+
+        pipe = self.pipe()
+        pipe.dataReceived(b"x" * (MAX_HELD + 1))
+        self.assertEqual(self.transport.producerState, "paused")
+        pipe.frame_received(frames.Window(1, 100000))  # credit alone does not resume it
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_the_app_closing_without_an_answer_is_a_502(self):
+        from pipegate.http import frames
+
+        pipe = self.pipe()
+        pipe.frame_received(frames.End(1))
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.sink.closed, [1])
+
+    def test_an_answer_that_never_ends_is_cut_when_idle(self):
+        pipe = self.pipe()
+        self.data(pipe, b"HTTP/1.1 200 OK\r\n\r\nstreaming")
+        self.clock.advance(9)
+        self.data(pipe, b" more")
+        self.clock.advance(9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.sink.closed, [1])
+        self.assertEqual(pipe.status, 200)
+        self.assertFalse(self.clock.getDelayedCalls())
+
+
 class BacklogTests(unittest.TestCase):
 
     def test_added_where_possible(self):

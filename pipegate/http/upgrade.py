@@ -242,13 +242,21 @@ class UpgradePipe(StreamPipe):
                 self.bytes_down += len(frame.data)
             super().frame_received(frame)
             return
-        if not isinstance(frame, frames.Data):
-            if isinstance(frame, frames.End) and self.state == ANSWERED and self._body is not None:
+        if isinstance(frame, frames.Window):
+            # Credit for caller bytes, which do not flow before a 101: nothing to resume.
+            self.send_window.credit(frame.increment)
+            return
+        if isinstance(frame, frames.End):
+            if self.state == ANSWERED:
                 self._finish_answer()  # a close-delimited body ends with the app's connection
-                return
+            else:
+                self._bad_answer("the local app closed without answering")
+            return
+        if not isinstance(frame, frames.Data):
             super().frame_received(frame)
             return
         self.recv_window.received(len(frame.data))
+        self._last = self.clock.seconds()
         if self.state == HANDSHAKE:
             self._handshake_data(frame.data)
         else:
@@ -285,9 +293,7 @@ class UpgradePipe(StreamPipe):
         self._on_answer(101)
         self.write_to_caller(head.raw + rest)
         held, self._held = bytes(self._held), bytearray()
-        self._last = self.clock.seconds()
-        if self.idle_timeout > 0:
-            self._idle = self.clock.callLater(self.idle_timeout, self._idle_check)
+        self._arm_idle()
         if held:
             self.dataReceived(held)
         if not self.send_window.blocked and self.transport is not None and not self._done:
@@ -303,6 +309,7 @@ class UpgradePipe(StreamPipe):
             self._bad_answer(str(e))
             return
         self.write_to_caller(head.closing())
+        self._arm_idle()  # an answer that never ends (no length, the app keeps its connection)
         if self._body.done_at_head:
             self._finish_answer()
         else:
@@ -346,7 +353,12 @@ class UpgradePipe(StreamPipe):
                                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             self.transport.loseConnection()
 
-    # -- idle timeout of an open pipe
+    # -- idle timeout of an open pipe (or of a refused upgrade's answer)
+    def _arm_idle(self) -> None:
+        self._last = self.clock.seconds()
+        if self.idle_timeout > 0 and self._idle is None:
+            self._idle = self.clock.callLater(self.idle_timeout, self._idle_check)
+
     def _idle_check(self) -> None:
         self._idle = None
         if self._done:
