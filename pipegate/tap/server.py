@@ -230,7 +230,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
 
     ReloadOnSignal(tls.reload if tls is not None else nothing_to_reload, reactor).setServiceParent(top)
     budget = Budget(per_source=per_ip, total=total, exempt=_TrustedPeers(options["trusted-proxies"]))
-    relay.connections = budget
     factory = ConnectionGate(factory, budget, reactor, what="relay",
                              on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
     guard = EmfileGuard(reactor, on_pause=lambda: relay.stats.inc("connections_refused", "emfile"))
