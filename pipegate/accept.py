@@ -37,10 +37,13 @@ _BACKLOG_PREFIXES = ("tcp", "tcp6", "ssl", "unix")
 def with_backlog(description: str, backlog: int) -> str:
     """
     C{description} with C{:backlog=<backlog>} appended when it is a C{tcp:}, C{tcp6:}, C{ssl:}
-    or C{unix:} server endpoint that names no backlog of its own; other endpoints (C{systemd:},
+    or C{unix:} server endpoint (also inside C{haproxy:}) that names no backlog of its own; other endpoints (C{systemd:},
     whose socket systemd made, and plugins) are returned as they are.
     """
-    prefix = description.split(":", 1)[0].lower()
+    parts = description.split(":", 2)
+    prefix = parts[0].lower()
+    if prefix == "haproxy" and len(parts) > 1:  # PROXY protocol around a tcp:/unix:... endpoint
+        prefix = parts[1].lower()
     if prefix not in _BACKLOG_PREFIXES or ":" not in description:
         return description
     if re.search(r"(?:^|(?<!\\):)backlog=", description):

@@ -167,6 +167,10 @@ class BacklogTests(unittest.TestCase):
         self.assertEqual(with_backlog("tcp:8000:interface=127.0.0.1", 7), "tcp:8000:interface=127.0.0.1:backlog=7")
         self.assertEqual(with_backlog("ssl:443:privateKey=k.pem", 9), "ssl:443:privateKey=k.pem:backlog=9")
         self.assertEqual(with_backlog("unix:/run/p.sock", 9), "unix:/run/p.sock:backlog=9")
+        self.assertEqual(with_backlog("haproxy:tcp:8000", 9), "haproxy:tcp:8000:backlog=9")
+        from twisted.internet import endpoints
+        for description in ("tcp:0:backlog=9", "haproxy:tcp:0:backlog=9", "unix:/tmp/x.sock:backlog=9"):
+            endpoints.serverFromString(reactor, description)  # every form parses
 
     def test_left_alone(self):
         for description in ("tcp:8000:backlog=5", "systemd:domain=INET:index=0", "tcp:8000:backlog=5:interface=::"):
@@ -525,7 +529,7 @@ class RelayProcess(unittest.TestCase):
         self.start()
         await self.up()
         out = self.child.output.decode()
-        self.assertIn("public connections capped at 16 per IP and 64 in total", out)
+        self.assertIn("public connections capped at 16 per IP (0 = none) and 64 in total", out)
         protos = await self.flood(300)
         await eventually(lambda: b"connection refused" in self.child.output, timeout=20)
         for _ in range(5):

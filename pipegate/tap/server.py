@@ -211,8 +211,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     FrozenStartupHeap(reactor).setServiceParent(top)
     fds = raise_nofile()
     per_ip, total = connection_caps(options, fds.usable())
+    if options["listen"].lower().startswith("haproxy:"):
+        # At accept the peer is the proxy; the caller is known only from the PROXY header.
+        per_ip = 0
     log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
-             "at {per_ip} per IP and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
+             "at {per_ip} per IP (0 = none) and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
              per_ip=per_ip, total=total)
     relay = Relay(relay_config(options), reactor)
     hub = hub_node(options)
