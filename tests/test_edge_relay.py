@@ -31,7 +31,6 @@ from tests.support import (
 from tests.test_processes import TWISTD, child_env, spawn
 
 ATTACKER, BYSTANDER = "127.0.0.2", "127.0.0.3"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
 
 
@@ -492,8 +491,7 @@ class RelayProcess(unittest.TestCase):
         argv = limited_twistd(nofile) + ["-n", "--pidfile=", "pipegate-server", "--listen",
                                          f"tcp:{self.port}:interface=127.0.0.1",
                                          "--metrics", f"tcp:{self.metrics}:interface=127.0.0.1", *options]
-        # trial runs in _trial_temp: name this checkout, or the child imports an installed pipegate.
-        self.child = spawn(self, argv, child_env(PIPEGATE_JWT_SECRET=SECRET, PYTHONPATH=ROOT))
+        self.child = spawn(self, argv, child_env(PIPEGATE_JWT_SECRET=SECRET))
 
     async def healthz(self, source: str = BYSTANDER) -> bytes:
         return await raw_request(self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

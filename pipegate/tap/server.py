@@ -69,7 +69,7 @@ class Options(HubOptions, EnvOptions):
                                        "ones are refused. 0 = derived from the fd budget."],
         ["max-connections-per-ip", None, "0", "Public connections open at once from one IP (--trusted-proxy "
                                               "peers are exempt); 0 = derived from the fd budget."],
-        ["backlog", None, "1024", "Listen backlog of --listen when its endpoint string names none "
+        ["backlog", None, "1024", "Listen backlog of the public listener when its endpoint string names none "
                                   "(tcp:, ssl:, unix:)."],
         ["status-token", None, None, "Bearer token that /status on --metrics requires; without it /status "
                                      "answers loopback peers only."],
