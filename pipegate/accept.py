@@ -59,6 +59,15 @@ def source_of(address) -> str | None:
 class _Gated(ProtocolWrapper):
     source: str | None = None
 
+    def logPrefix(self):
+        # The gate stays out of log lines: they name the protocol as without it.
+        return _log_prefix(self.wrappedProtocol)
+
+
+def _log_prefix(wrapped) -> str:
+    prefix = getattr(wrapped, "logPrefix", None)
+    return prefix() if prefix is not None else wrapped.__class__.__name__
+
 
 class ConnectionGate(WrappingFactory):
     """
@@ -71,6 +80,10 @@ class ConnectionGate(WrappingFactory):
 
     protocol = _Gated
     log = Logger()
+    noisy = False
+
+    def logPrefix(self):
+        return _log_prefix(self.wrappedFactory)
 
     def __init__(self, wrapped, budget: Budget, clock: IReactorTime, *,
                  on_refused: Callable[[str], None] = lambda cap: None, what: str = "listener",
