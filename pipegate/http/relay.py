@@ -64,7 +64,7 @@ class RelayConfig:
     window_budget: int = frames.WINDOW_BUDGET  # growth shared by all responses in flight
     trusted_proxies: TrustedProxies = NOBODY   # peers whose X-Forwarded-For/-Proto are believed
     upgrade_idle_timeout: float = 300.0 # seconds an upgraded (101) pipe may carry no byte; 0 = forever
-    caller_share: int = 25              # % of max_in_flight one caller IP's waiting requests may hold
+    caller_share: int = 50              # % of max_in_flight one caller IP's waiting requests may hold
 
     @property
     def per_caller(self) -> int:

@@ -62,7 +62,7 @@ class Options(HubOptions, EnvOptions):
         # The public edge against hostile callers (issue 17; docs/reliability.md "Abuse")
         ["upgrade-idle-timeout", None, "300", "Seconds an upgraded (101) passthrough connection may carry "
                                               "no byte either way before it is closed; 0 = forever."],
-        ["caller-share", None, "25", "Percent of a tunnel's in-flight slots (see max-in-flight) that requests from one "
+        ["caller-share", None, "50", "Percent of a tunnel's in-flight slots (see max-in-flight) that requests from one "
                                      "caller IP may hold while waiting for their answer (and as upgraded "
                                      "pipes); beyond it -> 503."],
         ["max-connections", None, "0", "Public connections open at once, all callers together; past it new "
