@@ -18,6 +18,7 @@ import sys
 import attrs
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 from pipegate.accept import ConnectionGate, with_backlog
@@ -592,3 +593,43 @@ def deferLater(seconds: float):
 
     return task.deferLater(reactor, seconds, lambda: None)
 
+
+
+class RelayEdgeOptions(unittest.TestCase):
+    """The new options of pipegate-server: variables, defaults, bad values, derived caps."""
+
+    def parse(self, *args, **env):
+        from pipegate.tap import server
+
+        options = server.Options()
+        options.environ = dict(env, PIPEGATE_JWT_SECRET="edge-test-secret-" + "0123456789abcdef" * 3)
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults_and_variables(self):
+        from pipegate.tap.server import relay_config
+
+        options = self.parse()
+        self.assertEqual((options["upgrade-idle-timeout"], options["caller-share"], options["backlog"],
+                          options["max-connections"], options["max-connections-per-ip"], options["status-token"]),
+                         (300.0, 50, 1024, 0, 0, None))
+        options = self.parse("--caller-share", "10", PIPEGATE_CALLER_SHARE="30", PIPEGATE_BACKLOG="77",
+                             PIPEGATE_UPGRADE_IDLE_TIMEOUT="5", PIPEGATE_STATUS_TOKEN="t" * 20)
+        config = relay_config(options)
+        self.assertEqual((config.caller_share, config.upgrade_idle_timeout, options["backlog"],
+                          options["status-token"]), (10, 5.0, 77, "t" * 20))
+
+    def test_bad_values_name_the_option(self):
+        for args in (["--caller-share", "101"], ["--caller-share", "0"], ["--backlog", "0"],
+                     ["--max-connections", "-1"]):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(*args)
+            self.assertIn(args[0], str(caught.exception))
+
+    def test_caps_from_the_fd_budget(self):
+        from pipegate.tap.server import connection_caps
+
+        self.assertEqual(connection_caps(self.parse(), 960), (240, 960))
+        self.assertEqual(connection_caps(self.parse(), 100_000), (256, 100_000))
+        self.assertEqual(connection_caps(self.parse("--max-connections-per-ip", "5", "--max-connections", "50"), 960),
+                         (5, 50))

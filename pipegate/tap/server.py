@@ -210,7 +210,10 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
     fds = raise_nofile()
-    per_ip, total = connection_caps(options, fds.usable())
+    usable = fds.usable()
+    if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
+        usable -= min(usable // 2, options["mux-max-peers"])
+    per_ip, total = connection_caps(options, usable)
     if options["listen"].lower().startswith("haproxy:"):
         # At accept the peer is the proxy; the caller is known only from the PROXY header.
         per_ip = 0
