@@ -365,6 +365,7 @@ class EdgeRelay(unittest.TestCase):
         raw = await self.closed(proto)
         self.assertIn(b" 504 ", split_response(raw)[0])
         await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
+        self.assertEqual(self.relay.stats.by_label("upgrades"), {"failed": 1})
 
     async def test_an_idle_upgraded_pipe_is_closed(self):
         await self.start(upgrade_idle_timeout=0.5)

@@ -36,7 +36,7 @@ from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
 from pipegate.core.budget import Budget, LogThrottle
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
-from pipegate.http.upgrade import MAX_HELD, UpgradePipe, take_over
+from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
 
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -489,7 +489,6 @@ class RelayStream:
         self._finish()
         if self.pipe is not None:
             if self.pipe.transport is not None and not self._responding:
-                self.relay.stats.inc("upgrades", "failed")
                 self.pipe.status = code
                 body = reason.encode() + b"\n"
                 self.pipe.write_to_caller(
@@ -702,6 +701,8 @@ class RelayStream:
             self.release_share()
 
     def _upgrade_closed(self, pipe: UpgradePipe) -> None:
+        if pipe.state == HANDSHAKE:  # no answer from the app: 502, 504, or the caller left
+            self.relay.stats.inc("upgrades", "failed")
         self.relay.stats.inc("bytes", "up", pipe.bytes_up)
         self.relay.stats.inc("bytes", "down", pipe.bytes_down)
         site = getattr(self.request, "site", None)
