@@ -14,6 +14,15 @@ descriptors.  Shared by both planes (the relay's public listener, gate ports).
     accepting on every listener it watches, so that the kernel's accept queue holds new
     connections instead of a loop accepting and closing them, and resumes after a pause that
     doubles while EMFILE repeats (0.5 s up to 8 s).  Nothing is raised, no Deferred fails.
+
+Wiring, as pipegate/tap/server.py does it::
+
+    per_ip, total = default_caps(raise_nofile().usable())           # pipegate.fdlimit
+    gate = ConnectionGate(factory, Budget(per_ip, total), reactor, what="gate 25565/tcp",
+                          on_refused=lambda cap: stats.inc("connections_refused", cap))
+    guard = EmfileGuard(reactor)                                     # one per process is enough
+    guard.setServiceParent(top)
+    listener("tcp:25565", gate, reactor, backlog=1024, guard=guard).setServiceParent(top)
 """
 
 from __future__ import annotations

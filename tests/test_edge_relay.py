@@ -634,3 +634,55 @@ class RelayEdgeOptions(unittest.TestCase):
         self.assertEqual(connection_caps(self.parse(), 100_000), (256, 100_000))
         self.assertEqual(connection_caps(self.parse("--max-connections-per-ip", "5", "--max-connections", "50"), 960),
                          (5, 50))
+
+
+class EmfileGuardTests(unittest.TestCase):
+    """The pause and resume, driven by Twisted's own EMFILE event on a private publisher."""
+
+    def test_pauses_then_resumes_with_a_growing_pause(self):
+        from twisted.internet.task import Clock
+        from twisted.logger import Logger, LogPublisher
+
+        from pipegate.accept import EmfileGuard
+
+        class Port:
+            connected, disconnecting, reading = True, False, True
+
+            def stopReading(self):
+                self.reading = False
+
+            def startReading(self):
+                self.reading = True
+
+        clock, publisher, port, pauses = Clock(), LogPublisher(), Port(), []
+        guard = EmfileGuard(clock, publisher=publisher, on_pause=lambda: pauses.append(clock.seconds()))
+        guard.ports.append(port)
+        guard.startService()
+        self.addCleanup(guard.stopService)
+        emit = Logger(observer=publisher)
+        # The text Twisted's TCP port logs (twisted.internet.tcp._accept).
+        emit.info("EMFILE encountered; releasing reserved file descriptor.")
+        self.assertFalse(port.reading)
+        emit.info("EMFILE encountered; releasing reserved file descriptor.")  # while paused: one pause
+        self.assertEqual(len(pauses), 1)
+        clock.advance(0.5)
+        self.assertTrue(port.reading)
+        emit.info("EMFILE encountered; releasing reserved file descriptor.")  # again at once: longer
+        clock.advance(0.5)
+        self.assertFalse(port.reading)
+        clock.advance(0.5)
+        self.assertTrue(port.reading)
+        clock.advance(60)
+        emit.info("EMFILE encountered; releasing reserved file descriptor.")  # after a quiet spell: short
+        clock.advance(0.5)
+        self.assertTrue(port.reading)
+        self.assertEqual(guard.pauses, 3)
+
+    def test_the_text_matches_twisted(self):
+        import inspect
+
+        from twisted.internet import tcp
+
+        from pipegate.accept import EmfileGuard
+
+        self.assertIn(f'"{EmfileGuard.MARK};', inspect.getsource(tcp._accept))
