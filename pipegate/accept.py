@@ -14,6 +14,15 @@ descriptors.  Shared by both planes (the relay's public listener, gate ports).
     accepting on every listener it watches, so that the kernel's accept queue holds new
     connections instead of a loop accepting and closing them, and resumes after a pause that
     doubles while EMFILE repeats (0.5 s up to 8 s).  Nothing is raised, no Deferred fails.
+
+Wiring, as pipegate/tap/server.py does it::
+
+    per_ip, total = default_caps(raise_nofile().usable())           # pipegate.fdlimit
+    gate = ConnectionGate(factory, Budget(per_ip, total), reactor, what="gate 25565/tcp",
+                          on_refused=lambda cap: stats.inc("connections_refused", cap))
+    guard = EmfileGuard(reactor)                                     # one per process is enough
+    guard.setServiceParent(top)
+    listener("tcp:25565", gate, reactor, backlog=1024, guard=guard).setServiceParent(top)
 """
 
 from __future__ import annotations
@@ -37,10 +46,13 @@ _BACKLOG_PREFIXES = ("tcp", "tcp6", "ssl", "unix")
 def with_backlog(description: str, backlog: int) -> str:
     """
     C{description} with C{:backlog=<backlog>} appended when it is a C{tcp:}, C{tcp6:}, C{ssl:}
-    or C{unix:} server endpoint that names no backlog of its own; other endpoints (C{systemd:},
+    or C{unix:} server endpoint (also inside C{haproxy:}) that names no backlog of its own; other endpoints (C{systemd:},
     whose socket systemd made, and plugins) are returned as they are.
     """
-    prefix = description.split(":", 1)[0].lower()
+    parts = description.split(":", 2)
+    prefix = parts[0].lower()
+    if prefix == "haproxy" and len(parts) > 1:  # PROXY protocol around a tcp:/unix:... endpoint
+        prefix = parts[1].lower()
     if prefix not in _BACKLOG_PREFIXES or ":" not in description:
         return description
     if re.search(r"(?:^|(?<!\\):)backlog=", description):
@@ -56,6 +68,15 @@ def source_of(address) -> str | None:
 class _Gated(ProtocolWrapper):
     source: str | None = None
 
+    def logPrefix(self):
+        # The gate stays out of log lines: they name the protocol as without it.
+        return _log_prefix(self.wrappedProtocol)
+
+
+def _log_prefix(wrapped) -> str:
+    prefix = getattr(wrapped, "logPrefix", None)
+    return prefix() if prefix is not None else wrapped.__class__.__name__
+
 
 class ConnectionGate(WrappingFactory):
     """
@@ -68,6 +89,10 @@ class ConnectionGate(WrappingFactory):
 
     protocol = _Gated
     log = Logger()
+    noisy = False
+
+    def logPrefix(self):
+        return _log_prefix(self.wrappedFactory)
 
     def __init__(self, wrapped, budget: Budget, clock: IReactorTime, *,
                  on_refused: Callable[[str], None] = lambda cap: None, what: str = "listener",

@@ -65,6 +65,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
+    import os
     import urllib.error
     import urllib.request
 
@@ -73,8 +74,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     if not url.endswith("/status"):
         url += "/status"
+    req = urllib.request.Request(url)
+    token = args.token or os.environ.get("PIPEGATE_STATUS_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+        with urllib.request.urlopen(req, timeout=args.timeout) as response:
             status = json.loads(response.read(16 * 1024 * 1024))
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"pipegate status: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("url", help="the --metrics listener, e.g. http://127.0.0.1:9100")
     status.add_argument("--json", action="store_true", help="print the JSON as it is")
     status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    status.add_argument("--token", default=None,
+                        help="the relay's --status-token (default: $PIPEGATE_STATUS_TOKEN)")
     status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     return args.func(args)

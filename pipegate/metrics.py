@@ -82,7 +82,8 @@ def relay_collector(relay) -> ServiceCollector:
             ("draining", "1 while the service drains before stopping.", None, {"": int(relay.stopping)}),
         ]
     return ServiceCollector(relay.stats, ("requests", "bytes", "admission_failures", "policy_denials",
-                                          "caller_decisions", "throttled_seconds", "drain_cut"), gauges)
+                                          "caller_decisions", "throttled_seconds", "drain_cut",
+                                          "connections_refused", "caller_share_refusals", "upgrades"), gauges)
 
 
 def hub_collector(hub) -> ServiceCollector:

@@ -10,7 +10,7 @@ from pipegate.drain import AfterDrain
 
 
 def add_metrics_listener(top: service.MultiService, node, kind: str, description: str | None, reactor,
-                         hub=None, acme=None) -> None:
+                         hub=None, acme=None, status_token: str | None = None) -> None:
     """
     Serve C{/metrics} and C{/status} of C{node} (a relay, gateway or provider: C{kind})
     on server endpoint C{description}; nothing when it is None.  The listener sits in
@@ -18,7 +18,8 @@ def add_metrics_listener(top: service.MultiService, node, kind: str, description
     prometheus-client are imported only when a listener is asked for (about 4 MiB of
     idle RSS for the gateway and provider).  A relay's C{hub} (C{--mux}) adds its
     C{pipegate_hub_*} metrics and C{hub_routers} rows; its C{acme} manager (C{--acme-directory})
-    C{pipegate_acme_*} and C{certificates} rows.
+    C{pipegate_acme_*} and C{certificates} rows.  A relay's C{/status} answers only loopback
+    peers, or with C{status_token} only that bearer token (L{pipegate.status.StatusAccess}).
     """
     if not description:
         return
@@ -41,5 +42,7 @@ def add_metrics_listener(top: service.MultiService, node, kind: str, description
         from pipegate.http.acme import acme_collector
 
         more += (acme_collector(acme),)
-    status.add_ops(ops, description, collector, current, reactor, *more)
+    # The relay's /status names every tunnel id: private unless asked for (docs/configuration.md).
+    access = status.StatusAccess(status_token) if kind == "relay" else None
+    status.add_ops(ops, description, collector, current, reactor, *more, access=access)
     ops.setServiceParent(top)

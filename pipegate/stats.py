@@ -28,6 +28,12 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "acme_orders": ("ACME certificate orders started (first issuance and renewals).", None),
     "acme_failures": ("ACME orders that failed, by kind (unreachable, challenge, ca_error, rate_limited, "
                       "timeout).", "kind"),
+    "connections_refused": ("Connections refused at accept, by the cap that refused them (per-source, "
+                            "total) or emfile (accepting paused: no descriptors left).", "cap"),
+    "caller_share_refusals": ("Public requests refused because their caller IP already held its share of "
+                              "a tunnel's --max-in-flight slots.", None),
+    "upgrades": ("Passthrough (Upgrade) requests by outcome: switched (101), refused (the app answered "
+                 "otherwise), failed.", "result"),
 }
 
 

@@ -6,6 +6,8 @@ thread.  Also the table printer behind C{pipegate status URL}.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -120,14 +122,47 @@ class _Metrics(resource.Resource):
         return generate_latest(self.registry)
 
 
+class StatusAccess:
+    """
+    Who may read C{/status} (it names tunnels, routers and peers): with a C{token}, whoever
+    sends C{Authorization: Bearer <token>}; without one, loopback peers only.
+    """
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+
+    def refusal(self, request) -> tuple[int, bytes] | None:
+        """None when C{request} may read it, else (status code, body)."""
+        if self.token:
+            offered = request.getHeader(b"authorization") or b""
+            if hmac.compare_digest(offered, b"Bearer " + self.token.encode()):
+                return None
+            request.setHeader(b"www-authenticate", b'Bearer realm="pipegate-status"')
+            return 401, b"/status needs the --status-token as a bearer token\n"
+        host = getattr(request.getClientAddress(), "host", "")
+        try:
+            if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                return None
+        except ValueError:
+            if not host:  # a unix socket: only what can open the file reaches it
+                return None
+        return 403, b"/status is private: ask from the host itself or set --status-token\n"
+
+
 class _Status(resource.Resource):
     isLeaf = True
 
-    def __init__(self, status) -> None:
+    def __init__(self, status, access: StatusAccess | None = None) -> None:
         super().__init__()
         self.status = status
+        self.access = access
 
     def render_GET(self, request):
+        refused = self.access.refusal(request) if self.access is not None else None
+        if refused is not None:
+            request.setResponseCode(refused[0])
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return refused[1]
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.status(), indent=1).encode() + b"\n"
 
@@ -135,22 +170,23 @@ class _Status(resource.Resource):
 class OpsResource(resource.Resource):
     """C{/metrics} and C{/status}; anything else is 404."""
 
-    def __init__(self, collector: ServiceCollector, status, *more: ServiceCollector) -> None:
+    def __init__(self, collector: ServiceCollector, status, *more: ServiceCollector,
+                 access: StatusAccess | None = None) -> None:
         super().__init__()
         self.registry = registry_for(collector, *more)
         self.putChild(b"metrics", _Metrics(self.registry))
-        self.putChild(b"status", _Status(status))
+        self.putChild(b"status", _Status(status, access))
 
 
 def add_ops(top: service.MultiService, description: str | None, collector: ServiceCollector,
-            status, reactor, *more: ServiceCollector) -> None:
+            status, reactor, *more: ServiceCollector, access: StatusAccess | None = None) -> None:
     """
     Serve C{/metrics} (C{collector}'s and C{more}'s) and C{/status} on server endpoint
-    C{description} (nothing when None).
+    C{description} (nothing when None); C{/status} only as C{access} allows (None: anyone).
     """
     if not description:
         return
-    site = server.Site(OpsResource(collector, status, *more), reactor=reactor)
+    site = server.Site(OpsResource(collector, status, *more, access=access), reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
     strports.service(description, site, reactor=reactor).setServiceParent(top)

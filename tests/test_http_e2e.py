@@ -155,7 +155,8 @@ class Tunnel(unittest.TestCase):
             self.assertIn(b" 400 ", split_response(raw)[0])
 
     async def test_concurrent_requests(self):
-        self.relay.config = attrs.evolve(self.relay.config, max_in_flight=200)
+        # 200 requests from one address: let one caller hold every slot (--caller-share 100).
+        self.relay.config = attrs.evolve(self.relay.config, max_in_flight=200, caller_share=100)
         async def one(i):
             response, body = await request(self.agent, b"GET", self.base + f"/t1/n/{i}")
             return response.code, json.loads(body)["uri"]
@@ -358,7 +359,7 @@ class StatusCodes(unittest.TestCase):
         await eventually(lambda: self.app.hanging and self.app.hanging[0]._disconnected)
 
     async def test_in_flight_limit_503(self):
-        await self.start(max_in_flight=2)
+        await self.start(max_in_flight=2, caller_share=100)
         await self.loop.connector(self.relay_port, self.app_port, "t1")
         held = [defer.Deferred.fromCoroutine(request(self.agent, b"GET", self.base + "/t1/hang"))
                 for _ in range(2)]

@@ -35,7 +35,8 @@ class HTTPLoad(unittest.TestCase):
         loop = Loopback(self)
         app = TestApp()
         app_port = await loop.app(app)
-        relay, relay_port = await loop.relay(max_in_flight=HTTP_CONCURRENCY)
+        # One client address at full concurrency: let it hold every slot (--caller-share 100).
+        relay, relay_port = await loop.relay(max_in_flight=HTTP_CONCURRENCY, caller_share=100)
         await loop.connector(relay_port, app_port, "t1")
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = HTTP_CONCURRENCY

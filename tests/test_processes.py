@@ -21,14 +21,15 @@ from tests.support import SECRET, Loopback, eventually, request, token_for
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-# The checkout under test: children import it first, not whichever one is installed.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(auth.__file__)))
+#: This checkout: trial runs in _trial_temp, where a child's `python -c` would otherwise import
+#: whatever pipegate is installed (an editable install of another checkout, say).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPEGATE_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     env["COLUMNS"] = "200"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 

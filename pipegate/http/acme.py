@@ -529,13 +529,21 @@ class AcmeWiring:
     def plain_site(self, relay: Relay) -> ChallengeFirstSite:
         return ChallengeFirstSite(relay, self.challenges, self.redirect_port)
 
-    def add_services(self, top: service.MultiService, relay: Relay, reactor) -> None:
-        """The manager, then the C{--https} listener (so that it stops first)."""
+    def add_services(self, top: service.MultiService, relay: Relay, reactor, listen=None) -> None:
+        """
+        The manager, then the C{--https} listener (so that it stops first).  C{listen(description,
+        factory)} makes the listening service; pipegate.tap.server passes one that applies the
+        public listener's connection caps and backlog.
+        """
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         self.manager.setServiceParent(top)
         factory = TLSMemoryBIOFactory(self.manager.selector, False, RelaySite(relay))
-        strports.service(self.https, factory, reactor=reactor).setServiceParent(top)
+        if listen is None:
+            listener = strports.service(self.https, factory, reactor=reactor)
+        else:
+            listener = listen(self.https, factory)
+        listener.setServiceParent(top)
 
 
 class LazyIssuer:

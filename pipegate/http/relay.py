@@ -24,7 +24,6 @@ from twisted.application import service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import http, resource, server
 from zope.interface import implementer
 
@@ -35,10 +34,12 @@ from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
+from pipegate.core.budget import Budget, LogThrottle
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http import visitors
 from pipegate.http.ownership import Holder, join_refusal
 from pipegate.http.revocation import Revocations
+from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
 
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -100,6 +101,13 @@ class RelayConfig:
     max_window: int = frames.MAX_WINDOW        # credit a response's window may grow to
     window_budget: int = frames.WINDOW_BUDGET  # growth shared by all responses in flight
     trusted_proxies: TrustedProxies = NOBODY   # peers whose X-Forwarded-For/-Proto are believed
+    upgrade_idle_timeout: float = 300.0 # seconds an upgraded (101) pipe may carry no byte; 0 = forever
+    caller_share: int = 50              # % of max_in_flight one caller IP's waiting requests may hold
+
+    @property
+    def per_caller(self) -> int:
+        """Slots of one tunnel that requests from one caller IP may hold while waiting."""
+        return max(1, self.max_in_flight * self.caller_share // 100)
 
 
 def _plain(request: server.Request, code: int, message: str) -> None:
@@ -118,6 +126,8 @@ class Tunnel:
 
     id: str
     links: list[ConnectorLink] = attrs.field(factory=list)
+    # Slots held by caller IP: requests waiting for their answer head, and upgraded pipes.
+    callers: Budget = attrs.field(factory=lambda: Budget(per_source=0, total=0))
     waiting: list[RelayStream] = attrs.field(factory=list)
     in_flight: int = 0
     gate: visitors.VisitorGate | None = None   # the visitor policy its connectors declared
@@ -153,6 +163,15 @@ class Relay(service.Service, Drainer):
         self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
         self.revocations = Revocations()           # --revoked: token ids and connection ids
         self.login_observers: list = []  # callables(tunnel_id) told of every connector login (ACME)
+        self.share_log = LogThrottle(10.0)
+
+    def tunnel(self, tunnel_id: str) -> Tunnel:
+        """The tunnel of C{tunnel_id}, made when there is none."""
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None:
+            tunnel = self.tunnels[tunnel_id] = Tunnel(
+                tunnel_id, callers=Budget(per_source=self.config.per_caller, total=0))
+        return tunnel
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -265,7 +284,7 @@ class Relay(service.Service, Drainer):
         return http.UNAUTHORIZED, "credentials required"
 
     def attach(self, link: ConnectorLink) -> None:
-        tunnel = self.tunnels.setdefault(link.tunnel_id, Tunnel(link.tunnel_id))
+        tunnel = self.tunnel(link.tunnel_id)
         if not tunnel.links:
             policy = link.holder.policy
             tunnel.gate = None if policy.empty else visitors.VisitorGate(tunnel.id, policy)
@@ -370,12 +389,18 @@ class Relay(service.Service, Drainer):
             if self.config.offline_grace <= 0:
                 _plain(request, http.NOT_FOUND, "tunnel offline")
                 return
-            tunnel = self.tunnels.setdefault(tunnel_id, Tunnel(tunnel_id))
+            tunnel = self.tunnel(tunnel_id)
         if tunnel.in_flight >= self.config.max_in_flight:
             _plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
+        caller = getattr(request.getClientAddress(), "host", "")
+        tunnel.callers.per_source = self.config.per_caller
+        if tunnel.callers.acquire(caller) is not None:
+            self._share_refused(request, tunnel)
+            return
         shaping = self._buckets(request, tunnel_id)
         if shaping is None:
+            tunnel.callers.release(caller)
             self.stats.inc("policy_denials")
             self._count_caller(request, tunnel, "ingress_denied")
             _plain(request, http.FORBIDDEN, "forbidden by ingress policy")
@@ -385,12 +410,16 @@ class Relay(service.Service, Drainer):
         if refusal is not None:
             for key in shaping[2]:
                 self.pool.release(key)
+            tunnel.callers.release(caller)
             request.body_sink = None
             _plain(request, *refusal)
             self._forget_if_idle(tunnel)
             return
-        upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade"))
+        # An Upgrade with a body is carried as a plain request (the Upgrade header is dropped
+        # as hop-by-hop, which RFC 9110 7.8 allows): its body is streamed and bounded like any.
+        upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade")) and request.declared_length == 0
         stream = RelayStream(self, tunnel, request, target, prefix, upgrade)
+        stream.caller = caller
         stream.up_buckets, stream.down_buckets, stream.bucket_keys = shaping
         tunnel.in_flight += 1
         request.body_sink = stream
@@ -399,7 +428,19 @@ class Relay(service.Service, Drainer):
         else:
             stream.wait_for_connector()
 
+    def _share_refused(self, request: RelayRequest, tunnel: Tunnel) -> None:
+        self.stats.inc("caller_share_refusals")
+        held_back = self.share_log.allow(self.clock.seconds())
+        if held_back is not None:
+            self.log.warn("a caller holds {share} waiting requests of tunnel {tunnel_id} (--caller-share "
+                          "{percent}% of --max-in-flight); refusing more with 503 ({more} more refused since "
+                          "the last line)", share=self.config.per_caller, tunnel_id=tunnel.id,
+                          percent=self.config.caller_share, more=held_back)
+        _plain(request, http.SERVICE_UNAVAILABLE, "too many waiting requests from your address for this tunnel")
+        self._forget_if_idle(tunnel)
+
     def stream_done(self, stream: RelayStream) -> None:
+        stream.release_share()
         for key in stream.bucket_keys:
             self.pool.release(key)
         stream.tunnel.in_flight -= 1
@@ -444,6 +485,7 @@ class RelayStream:
     up_buckets: list = []
     down_buckets: list = []
     bucket_keys: list = []
+    caller = ""          # the caller IP whose share of the tunnel's slots this stream holds
     _download_hold = None
     _upload_hold = None
 
@@ -471,7 +513,25 @@ class RelayStream:
         self._done = False
         self._timer: IDelayedCall | None = None
         self.pipe: StreamPipe | None = None
+        self._share_held = True
+        self._held = bytearray()  # an upgrade's caller bytes past its head, until the pipe takes them
+        if upgrade and request.channel is not None:
+            # Whatever happens to the upgrade, the connection carries no further HTTP request.
+            request.channel.persistent = False
+            request.channel.raw_sink = self._hold_raw
         request.notifyFinish().addErrback(self._caller_gone)
+
+    def release_share(self) -> None:
+        """Give back the caller's slot (its answer head is in, or the stream is over)."""
+        if self._share_held:
+            self._share_held = False
+            self.tunnel.callers.release(self.caller)
+
+    def _hold_raw(self, data: bytes) -> None:
+        self._held += data
+        transport = self.request.channel.transport if self.request.channel else None
+        if len(self._held) > MAX_HELD and transport is not None:
+            transport.pauseProducing()
 
     # -- lifecycle
     def wait_for_connector(self) -> None:
@@ -559,9 +619,12 @@ class RelayStream:
         self._finish()
         if self.pipe is not None:
             if self.pipe.transport is not None and not self._responding:
-                self.pipe.transport.write(
-                    b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n%s\n"
-                    % (code, http.RESPONSES.get(code, b"Error"), reason.encode()))
+                self.pipe.status = code
+                body = reason.encode() + b"\n"
+                self.pipe.write_to_caller(
+                    b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n%s"
+                    % (code, http.RESPONSES.get(code, b"Error"), len(body), body))
                 self.pipe.transport.loseConnection()
             else:
                 self.pipe.abort()
@@ -668,10 +731,6 @@ class RelayStream:
             if isinstance(frame, frames.Reset):
                 self.fail(http.BAD_GATEWAY, frame.reason.decode("utf-8", "replace"))
                 return
-            if isinstance(frame, frames.Data) and not self._responding:
-                # The local app answered: a passthrough connection may now live on.
-                self._responding = True
-                self._cancel_timer()
             self.pipe.frame_received(frame)
             return
         if isinstance(frame, frames.ResponseHead):
@@ -715,6 +774,7 @@ class RelayStream:
             raise frames.FrameError("second RESPONSE_HEAD")
         if head.status < 200:
             return  # interim responses are not forwarded
+        self.release_share()
         if _UNSAFE_TEXT.search(head.reason) or any(
                 not _HEADER_NAME.fullmatch(name) or _UNSAFE_TEXT.search(value) for name, value in head.headers):
             raise frames.FrameError("RESPONSE_HEAD with a header name or value that is not valid HTTP")
@@ -755,19 +815,29 @@ class RelayStream:
 
     # -- passthrough
     def _hijack(self) -> None:
-        request = self.request
-        transport, request.channel.transport = request.channel.transport, None
-        transport.unregisterProducer()  # the HTTP channel's registration
-        pipe = StreamPipe(self.link, self.stream_id)
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = pipe
-        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
-            transport.protocol.wrappedProtocol = pipe
-        else:
-            transport.protocol = pipe
-        self.pipe = pipe
-        pipe.makeConnection(transport)
-        transport.resumeProducing()
+        """Hand the caller's connection to an L{UpgradePipe} (pipegate/http/upgrade.py)."""
+        held, self._held = bytes(self._held), bytearray()
+        self.pipe = UpgradePipe(self.link, self.stream_id, clock=self.relay.clock, method=self.request.method,
+                                idle_timeout=self.relay.config.upgrade_idle_timeout, held=held,
+                                on_answer=self._upgrade_answered, on_closed=self._upgrade_closed)
+        take_over(self.request, self.pipe)
+
+    def _upgrade_answered(self, status: int) -> None:
+        """The local app's final answer head is in: no more 504; a refused upgrade frees its slot."""
+        self._responding = True
+        self._cancel_timer()
+        self.relay.stats.inc("upgrades", "switched" if status == 101 else "refused")
+        if status != 101:
+            self.release_share()
+
+    def _upgrade_closed(self, pipe: UpgradePipe) -> None:
+        if pipe.state == HANDSHAKE:  # no answer from the app: 502, 504, or the caller left
+            self.relay.stats.inc("upgrades", "failed")
+        self.relay.stats.inc("bytes", "up", pipe.bytes_up)
+        self.relay.stats.inc("bytes", "down", pipe.bytes_down)
+        site = getattr(self.request, "site", None)
+        if site is not None and hasattr(site, "log_upgrade"):
+            site.log_upgrade(self.request, pipe)
 
 
 class RelayRequest(server.Request):
@@ -858,6 +928,15 @@ class RelayChannel(http.HTTPChannel):
     _pg_early: RelayRequest | None = None
     _pg_in_head = True
     _pg_head_timer = None
+    #: Where bytes past an upgrade request's head go (its stream, then its L{UpgradePipe}),
+    #: instead of waiting in the channel for a next request that is never parsed.
+    raw_sink = None
+
+    def rawDataReceived(self, data):
+        if self.raw_sink is not None:
+            self.raw_sink(data)
+        else:
+            super().rawDataReceived(data)
 
     def lineReceived(self, line):
         # Private names of HTTPChannel (__first_line, _path; Twisted 26.10.0), as in
@@ -908,7 +987,7 @@ class RelayChannel(http.HTTPChannel):
             # The 413 goes out at once (public_request); Twisted would send
             # "100 Continue" first and invite the body it is about to refuse.
             req.requestHeaders.removeHeader(b"expect")
-        early = self.site.relay_resource.wants_early_start(req, self._command, self._path)
+        early = self.site.relay_resource.wants_early_start(req, self._command, self._path, self.length)
         if early:
             req._started_early = True
             req._body_done = self.length == 0
@@ -1097,11 +1176,15 @@ class RelayResource(resource.Resource):
         offered = b",".join(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []))
         return frames.SUBPROTOCOL.encode() in [p.strip() for p in offered.split(b",")]
 
-    def wants_early_start(self, request: server.Request, method: bytes, uri: bytes) -> bool:
-        """Public requests start at their headers; health and upgrades do not."""
-        if request.requestHeaders.getRawHeaders(b"upgrade"):
-            return False
-        return not self.relay.is_health(request, uri)
+    def wants_early_start(self, request: server.Request, method: bytes, uri: bytes,
+                          length: int | None = 0) -> bool:
+        """
+        Every request starts at the end of its head, so that no body is read (let alone
+        spooled to a file) before it is routed; only a connector login without a body goes
+        the usual twisted.web way, for Autobahn.
+        """
+        return not (length == 0 and request.requestHeaders.getRawHeaders(b"upgrade")
+                    and self.is_login(request))
 
     def render(self, request: server.Request):
         if self.relay.is_health(request, request.uri) and not request.requestHeaders.hasHeader(b"upgrade"):
@@ -1112,6 +1195,10 @@ class RelayResource(resource.Resource):
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"status": "ok"}).encode()
         if request.requestHeaders.getRawHeaders(b"upgrade") and self.is_login(request):
+            if getattr(request, "_started_early", False):
+                request.body_sink = None
+                _plain(request, http.BAD_REQUEST, "a connector login carries no body")
+                return server.NOT_DONE_YET
             return self.websocket.render(request)
         self.relay.public_request(request)
         return server.NOT_DONE_YET
@@ -1134,13 +1221,29 @@ class RelaySite(server.Site):
         if self._access_log:
             super().log(request)
 
+    def log_upgrade(self, request: RelayRequest, pipe: UpgradePipe) -> None:
+        """
+        One access line for a passthrough connection, written when it closes: the handshake
+        and the app's answer in combined log format (bytes = all bytes sent to the caller),
+        then how long it lasted and the bytes each way.
+        """
+        if pipe.status != 101:
+            self.relay_resource.relay.stats.inc("requests", str(pipe.status or 499))
+        if not self._access_log:
+            return
+        request.code = pipe.status or 499
+        request.sentLength = pipe.bytes_down
+        request.upgrade_summary = (f" upgrade duration={pipe.clock.seconds() - pipe.started:.3f}s "
+                                   f"up={pipe.bytes_up} down={pipe.bytes_down}")
+        super().log(request)
+
 
 def redacting_formatter(timestamp: str, request: server.Request) -> str:
     """Combined log format with any C{token=} value in the URI replaced."""
     original = request.uri
     request.uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", original)
     try:
-        line = http.combinedLogFormatter(timestamp, request)
+        line = http.combinedLogFormatter(timestamp, request) + getattr(request, "upgrade_summary", "")
     finally:
         request.uri = original
     decision = getattr(request, "decision", None)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate import auth
@@ -13,8 +14,11 @@ from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub, hub_node
 from pipegate.opslistener import add_metrics_listener
-from pipegate.policy import PolicyError, load_policy
+from pipegate.policy import PolicyError, load_policy, normalize_ip
 from pipegate.heap import FrozenStartupHeap
+from pipegate.accept import ConnectionGate, EmfileGuard, listener as guarded_listener
+from pipegate.core.budget import Budget
+from pipegate.fdlimit import default_caps, raise_nofile
 
 
 def _fetch(url: str) -> bytes:
@@ -58,6 +62,20 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["revoked", None, None, "File of revoked token ids (jti) and connection ids, one a line, # comments; "
                                 "re-read when it changes and on SIGHUP."],
+        # The public edge against hostile callers (issue 17; docs/reliability.md "Abuse")
+        ["upgrade-idle-timeout", None, "300", "Seconds an upgraded (101) passthrough connection may carry "
+                                              "no byte either way before it is closed; 0 = forever."],
+        ["caller-share", None, "50", "Percent of a tunnel's in-flight slots (see max-in-flight) that requests from one "
+                                     "caller IP may hold while waiting for their answer (and as upgraded "
+                                     "pipes); beyond it -> 503."],
+        ["max-connections", None, "0", "Public connections open at once, all callers together; past it new "
+                                       "ones are refused. 0 = derived from the fd budget."],
+        ["max-connections-per-ip", None, "0", "Public connections open at once from one IP (--trusted-proxy "
+                                              "peers are exempt); 0 = derived from the fd budget."],
+        ["backlog", None, "1024", "Listen backlog of the public listener when its endpoint string names none "
+                                  "(tcp:, ssl:, unix:)."],
+        ["status-token", None, None, "Bearer token that /status on --metrics requires; without it /status "
+                                     "answers loopback peers only."],
     ] + HUB_PARAMETERS + ACME_PARAMETERS
     converters = {
         "max-body-bytes": non_negative_int,
@@ -72,6 +90,11 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
         "drain-timeout": non_negative_float,
         "max-window": positive_int,
         "window-budget": non_negative_int,
+        "upgrade-idle-timeout": non_negative_float,
+        "caller-share": positive_int,
+        "max-connections": non_negative_int,
+        "max-connections-per-ip": non_negative_int,
+        "backlog": positive_int,
     }
 
     def __init__(self) -> None:
@@ -119,6 +142,8 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
                 "LISTEN_PID)") from None
         except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
             raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
+        if self["caller-share"] > 100:
+            raise usage.UsageError("--caller-share: a percentage, 1 to 100")
         if self["domain"] is not None and not self["domain"].strip("."):
             raise usage.UsageError("--domain: empty domain")
         self.check_hub()
@@ -166,7 +191,33 @@ def relay_config(options: Options) -> RelayConfig:
         max_window=options["max-window"],
         window_budget=options["window-budget"],
         trusted_proxies=options["trusted-proxies"],
+        upgrade_idle_timeout=options["upgrade-idle-timeout"],
+        caller_share=options["caller-share"],
     )
+
+
+class _TrustedPeers:
+    """The peers --trusted-proxy names, as a set of IPs for L{Budget.exempt}."""
+
+    def __init__(self, trusted) -> None:
+        self.trusted = trusted
+
+    def __contains__(self, ip) -> bool:
+        if not self.trusted or not isinstance(ip, str):
+            return False
+        try:
+            return self.trusted.trusts(normalize_ip(ip))
+        except PolicyError:
+            return False
+
+
+log = Logger(namespace="pipegate.tap.server")
+
+
+def connection_caps(options: Options, usable: int) -> tuple[int, int]:
+    """(per IP, total) public connections: the options, or what the fd budget allows."""
+    per_ip, total = default_caps(usable, per_unit=1, share=4, per_source_max=256)
+    return options["max-connections-per-ip"] or per_ip, options["max-connections"] or total
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
@@ -174,6 +225,17 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    fds = raise_nofile()
+    usable = fds.usable()
+    if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
+        usable -= min(usable // 2, options["mux-max-peers"])
+    per_ip, total = connection_caps(options, usable)
+    if options["listen"].lower().startswith("haproxy:"):
+        # At accept the peer is the proxy; the caller is known only from the PROXY header.
+        per_ip = 0
+    log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
+             "at {per_ip} per IP (0 = none) and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
+             per_ip=per_ip, total=total)
     relay = Relay(relay_config(options), reactor)
     reloads = []
     if options.get("revocations") is not None:
@@ -185,7 +247,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     hub = hub_node(options)
     acme = acme_for(options, relay, reactor)   # None without --acme-directory
     add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub,
-                         acme.manager if acme else None)
+                         acme.manager if acme else None, status_token=options["status-token"])
     relay.setServiceParent(top)
     factory = RelaySite(relay) if acme is None else acme.plain_site(relay)
     tls = options.get("tls")
@@ -205,10 +267,21 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
             reload()
 
     ReloadOnSignal(reload_all if reloads else nothing_to_reload, reactor).setServiceParent(top)
+    budget = Budget(per_source=per_ip, total=total, exempt=_TrustedPeers(options["trusted-proxies"]))
+    factory = ConnectionGate(factory, budget, reactor, what="relay",
+                             on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
+    guard = EmfileGuard(reactor, on_pause=lambda: relay.stats.inc("connections_refused", "emfile"))
+    guard.setServiceParent(top)
     # Added last so that it stops first: no new connections while the relay drains.
-    listener = strports.service(options["listen"], factory, reactor=reactor)
+    listener = guarded_listener(options["listen"], factory, reactor, backlog=options["backlog"], guard=guard)
     listener.setServiceParent(top)
     if acme is not None:
-        acme.add_services(top, relay, reactor)
+        # The --https listener shares the public listener's connection budget, EMFILE
+        # guard and backlog: one caller's connections count once, whichever port.
+        def https_listener(description: str, https_factory):
+            gated = ConnectionGate(https_factory, budget, reactor, what="relay https",
+                                   on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
+            return guarded_listener(description, gated, reactor, backlog=options["backlog"], guard=guard)
+        acme.add_services(top, relay, reactor, https_listener)
     add_hub(top, options, reactor, hub)
     return top
