@@ -85,6 +85,8 @@ class ConnectionGate(WrappingFactory):
 
     @param on_refused: called with the cap that refused (L{PER_SOURCE} or L{TOTAL}), to count it.
     @param what: names the listener in the log line ("relay", "gate 25565/tcp").
+    @param per_source: False for a listener whose peers are proxies (C{haproxy:}): the peer at
+        accept is not the caller, so only C{budget}'s total applies to its connections.
     """
 
     protocol = _Gated
@@ -96,8 +98,9 @@ class ConnectionGate(WrappingFactory):
 
     def __init__(self, wrapped, budget: Budget, clock: IReactorTime, *,
                  on_refused: Callable[[str], None] = lambda cap: None, what: str = "listener",
-                 log_interval: float = 10.0) -> None:
+                 log_interval: float = 10.0, per_source: bool = True) -> None:
         super().__init__(wrapped)
+        self.per_source = per_source
         self.budget = budget
         self.clock = clock
         self.on_refused = on_refused
@@ -107,7 +110,7 @@ class ConnectionGate(WrappingFactory):
     def buildProtocol(self, addr):
         source = source_of(addr)
         # A peer without an IP (a unix socket) is its own source: only the total cap applies.
-        key = source if source is not None else object()
+        key = source if source is not None and self.per_source else object()
         cap = self.budget.acquire(key)
         if cap is not None:
             self.on_refused(cap)

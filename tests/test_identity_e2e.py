@@ -78,6 +78,20 @@ class Revocation(unittest.TestCase):
         self.assertEqual(len(other.links), 1)
         self.assertEqual(self.relay.stats.get("admission_failures", "revoked"), 1)
 
+    async def test_a_connector_that_said_goaway_is_still_cut_when_revoked(self):
+        # A connector finishing its requests after GOAWAY must not outlive its revocation.
+        token = token_for("t1")
+        connector = await self.connect(token)
+        link = connector.links[0]
+        slow = defer.ensureDeferred(get(self.port, "/t1/slow/30"))
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 1)
+        link.send(frames.GoAway(b"stopping"))
+        await eventually(lambda: not self.relay.tunnels.get("t1") or not self.relay.tunnels["t1"].links)
+        self.write(f"{jti_of(token)}\n")
+        raw = await slow
+        self.assertEqual(split_response(raw)[0].split(b" ")[1], b"503")
+        self.assertIn(b"token revoked", raw)
+
     async def test_revoking_a_connection_id(self):
         await self.connect(token_for("t1", shared=True))
         self.write("T1\n")

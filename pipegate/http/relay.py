@@ -568,6 +568,9 @@ class RelayStream:
         self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
                   "the local app did not answer in time")
         if self.upgrade:
+            # From here the caller's bytes, and their end, are the pipe's (pipe.StreamPipe
+            # sends END on the caller's half-close): no END for the head alone.
+            self._end_sent = True
             self._hijack()
             return
         self._end_sent = head.end
@@ -1107,6 +1110,11 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
                 self._log.info("connector for {tunnel_id} going away: {reason}",
                                tunnel_id=self.tunnel_id, reason=frame.reason)
                 self.factory.relay.detach(self)
+                # Still within reach of --revoked and of the relay's own drain cut while it
+                # finishes its streams (_drop discards it); it said GOAWAY itself, so the relay
+                # sends none back when it cuts it (go_away).
+                self._going_away = self._going_away or "connector going away"
+                self.factory.relay.leaving.add(self)
                 return
             stream = self.streams.get(frame.stream)
             if stream is not None:

@@ -113,13 +113,18 @@ class RevocationWatcher(service.Service):
         self._failing = False
         self.log.info("--revoked {path}: {count} entries{change}", path=self.path, count=len(revocations),
                       change="" if revocations != before else " (unchanged)")
-        self.on_change(revocations)
+        try:
+            self.on_change(revocations)
+        except Exception:
+            # Never let one failure end the polling: revocation would stop without a word.
+            self.log.failure("--revoked {path}: applying the new list failed", path=self.path)
 
     def startService(self):
         super().startService()
         self._loop = task.LoopingCall(self.poll)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda failure: self.log.failure("--revoked {path}: polling stopped", failure, path=self.path))
 
     def stopService(self):
         if self._loop is not None and self._loop.running:

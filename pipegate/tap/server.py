@@ -216,8 +216,19 @@ log = Logger(namespace="pipegate.tap.server")
 
 def connection_caps(options: Options, usable: int) -> tuple[int, int]:
     """(per IP, total) public connections: the options, or what the fd budget allows."""
-    per_ip, total = default_caps(usable, per_unit=1, share=4, per_source_max=256)
-    return options["max-connections-per-ip"] or per_ip, options["max-connections"] or total
+    _, total = default_caps(usable, per_unit=1)
+    total = options["max-connections"] or total
+    # A quarter of the total actually in force (documented so), never above 256: a per-IP
+    # cap above --max-connections would let one stranger hold every connection.
+    return options["max-connections-per-ip"] or max(1, min(256, total // 4)), total
+
+
+def behind_proxy(description: str) -> bool:
+    """
+    True for a C{haproxy:} listener: at accept the peer is the proxy and the caller is known
+    only from the PROXY header, so its connections meet the total cap, not the per-IP one.
+    """
+    return description.lower().startswith("haproxy:")
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
@@ -230,9 +241,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
         usable -= min(usable // 2, options["mux-max-peers"])
     per_ip, total = connection_caps(options, usable)
-    if options["listen"].lower().startswith("haproxy:"):
-        # At accept the peer is the proxy; the caller is known only from the PROXY header.
-        per_ip = 0
     log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
              "at {per_ip} per IP (0 = none) and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
              per_ip=per_ip, total=total)
@@ -268,7 +276,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
 
     ReloadOnSignal(reload_all if reloads else nothing_to_reload, reactor).setServiceParent(top)
     budget = Budget(per_source=per_ip, total=total, exempt=_TrustedPeers(options["trusted-proxies"]))
-    factory = ConnectionGate(factory, budget, reactor, what="relay",
+    factory = ConnectionGate(factory, budget, reactor, what="relay", per_source=not behind_proxy(options["listen"]),
                              on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
     guard = EmfileGuard(reactor, on_pause=lambda: relay.stats.inc("connections_refused", "emfile"))
     guard.setServiceParent(top)
@@ -280,6 +288,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         # guard and backlog: one caller's connections count once, whichever port.
         def https_listener(description: str, https_factory):
             gated = ConnectionGate(https_factory, budget, reactor, what="relay https",
+                                   per_source=not behind_proxy(description),
                                    on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
             return guarded_listener(description, gated, reactor, backlog=options["backlog"], guard=guard)
         acme.add_services(top, relay, reactor, https_listener)

@@ -1,0 +1,158 @@
+"""
+Relay logic without sockets: public requests fed to a RelayChannel on a StringTransport,
+the connector link replaced by a recorder of the frames the relay sends it, time on a Clock.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from pipegate import auth
+from pipegate.accept import ConnectionGate
+from pipegate.core.budget import PER_SOURCE, TOTAL, Budget
+from pipegate.http import frames, visitors
+from pipegate.http.ownership import Holder
+from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.revocation import RevocationWatcher
+from pipegate.tap import server as server_tap
+
+
+class RecordingLink:
+    """Stands in for a connector's WebSocket link: records every frame sent to it."""
+
+    def __init__(self, tunnel_id: str) -> None:
+        self.tunnel_id = tunnel_id
+        self.holder = Holder("jti-1", False, visitors.EMPTY)
+        self.streams: dict = {}
+        self.sent: list = []
+        self._next = 1
+
+    def add_stream(self, stream) -> int:
+        number, self._next = self._next, self._next + 1
+        self.streams[number] = stream
+        return number
+
+    def remove_stream(self, number: int) -> None:
+        self.streams.pop(number, None)
+
+    def send(self, frame) -> None:
+        self.sent.append(frame)
+
+    def go_away(self, reason: str) -> None:
+        pass
+
+
+def caller(site, ip: str = "127.0.0.2", port: int = 40000):
+    channel = site.buildProtocol(IPv4Address("TCP", ip, port))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", ip, port),
+                                hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+class Upgrades(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.site = RelaySite(self.relay)
+        self.link = RecordingLink("app")
+        self.relay.attach(self.link)
+
+    def tearDown(self):
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def test_an_upgrade_request_sends_its_head_and_no_end(self):
+        # END means "the caller has finished sending" (protocol 1.6); after an upgrade's head
+        # the caller has not: the pipe sends END when the caller half-closes.
+        channel, transport = caller(self.site)
+        channel.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n")
+        kinds = [type(frame).__name__ for frame in self.link.sent]
+        self.assertEqual(kinds, ["RequestHead"])
+        self.assertTrue(self.link.sent[0].upgrade)
+        self.assertFalse(self.link.sent[0].end)
+        channel.connectionLost(Failure(ConnectionDone()))
+
+    def test_a_plain_request_without_a_body_ends_with_its_head(self):
+        channel, transport = caller(self.site)
+        channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.assertEqual([type(f) for f in self.link.sent], [frames.RequestHead])
+        self.assertTrue(self.link.sent[0].end)
+        channel.connectionLost(Failure(ConnectionDone()))
+
+
+class ConnectionCaps(unittest.TestCase):
+    def caps(self, *args: str, usable: int = 960) -> tuple[int, int]:
+        options = server_tap.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": "s" * 32}
+        options.parseOptions(list(args))
+        return server_tap.connection_caps(options, usable)
+
+    def test_defaults_from_the_fd_budget(self):
+        self.assertEqual(self.caps(), (240, 960))
+        self.assertEqual(self.caps(usable=65_472), (256, 65_472))
+
+    def test_the_per_ip_default_follows_a_lower_max_connections(self):
+        # Above the total, one stranger's IP could hold every connection.
+        self.assertEqual(self.caps("--max-connections", "100"), (25, 100))
+        self.assertEqual(self.caps("--max-connections", "2"), (1, 2))
+
+    def test_both_given(self):
+        self.assertEqual(self.caps("--max-connections", "100", "--max-connections-per-ip", "60"), (60, 100))
+
+    def test_only_haproxy_listeners_skip_the_per_ip_cap(self):
+        self.assertTrue(server_tap.behind_proxy("haproxy:tcp:8000"))
+        self.assertTrue(server_tap.behind_proxy("HAProxy:unix:/run/p.sock"))
+        self.assertFalse(server_tap.behind_proxy("tcp:443"))
+        self.assertFalse(server_tap.behind_proxy("systemd:domain=INET:index=0"))
+
+
+class GateWithoutPerSource(unittest.TestCase):
+    def test_a_proxy_listener_meets_the_total_only(self):
+        budget = Budget(per_source=1, total=4)
+        direct = ConnectionGate(Factory.forProtocol(Protocol), budget, Clock())
+        proxied = ConnectionGate(Factory.forProtocol(Protocol), budget, Clock(), per_source=False)
+        self.assertIsNotNone(direct.buildProtocol(IPv4Address("TCP", "127.0.0.8", 2)))
+        self.assertIsNone(direct.buildProtocol(IPv4Address("TCP", "127.0.0.8", 3)))   # its per-IP cap of 1
+        self.assertEqual(budget.refused[PER_SOURCE], 1)
+        proxy = IPv4Address("TCP", "127.0.0.9", 1)
+        for _ in range(3):   # one proxy address, many callers: only the total applies
+            self.assertIsNotNone(proxied.buildProtocol(proxy))
+        self.assertIsNone(proxied.buildProtocol(proxy))
+        self.assertEqual(budget.refused, {PER_SOURCE: 1, TOTAL: 1})
+
+
+class RevocationPolling(unittest.TestCase):
+    def test_a_failing_apply_does_not_stop_the_polling(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("one\n")
+        calls = []
+
+        def on_change(revocations):
+            calls.append(revocations)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+        clock = MemoryReactorClock()
+        watcher = RevocationWatcher(path, clock, on_change, interval=1.0)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        clock.advance(1.0)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        with open(path + ".new", "w") as f:
+            f.write("one\ntwo\n")
+        os.replace(path + ".new", path)
+        clock.advance(1.0)
+        self.assertEqual(len(calls), 2)
+        self.assertTrue(watcher._loop.running)
