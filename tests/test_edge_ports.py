@@ -283,6 +283,31 @@ class UDPGateCaps(PortPlane):
         await eventually(lambda: len(echoes) > before + 3)
         self.assertLessEqual(self.gw.udp_budget.held(), 4)
 
+    async def test_a_sender_at_its_own_cap_never_evicts_other_flows(self):
+        """
+        Issue 17 review: with the table full, a sender already at its per-IP cap made the
+        gateway evict somebody else's idle flow and only then refused the sender.
+        """
+        self.patch(gateway_module, "EVICT_MIN_IDLE", 0.2)
+        await self.serve(udp_per_source=2, udp_total=4)
+        victims = [self.sender("127.0.0.3") for _ in range(2)]
+        for s in victims:
+            s.sendto(b"v", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.udp_budget.held("127.0.0.3") == 2)
+        for _ in range(2):
+            self.sender("127.0.0.2").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.udp_budget.held() == 4)
+        await task.deferLater(reactor, 0.4, lambda: None)   # every flow is now evictable
+        for _ in range(6):
+            self.sender("127.0.0.2").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("cap_refusals", "udp-per-source") == 6)
+        self.assertEqual(self.gw.stats.get("evicted_flows"), 0)
+        self.assertEqual(self.gw.udp_budget.held("127.0.0.3"), 2)
+        # A sender under its cap still makes room: the longest-idle flow goes.
+        self.sender("127.0.0.4").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("evicted_flows") == 1)
+        self.assertEqual(self.gw.udp_budget.held("127.0.0.4"), 1)
+
     async def test_a_burst_before_the_flow_opens_is_held_up_to_its_bound(self):
         await self.serve(udp_hold=10 * 1000, udp_hold_total=1_000_000)
         s = self.sender("127.0.0.2")

@@ -44,16 +44,20 @@ class Budget:
         """
         Take one unit for C{source}.
 
-        @return: C{None} when taken; otherwise the cap that refused (L{PER_SOURCE} or
-            L{TOTAL}), and nothing is taken.
+        @return: C{None} when taken; otherwise the cap that refused, and nothing is taken.
+            L{PER_SOURCE} when C{source} is at its own cap (whether or not the total is
+            also reached), L{TOTAL} only for a source under its own cap.
         """
-        if self.total and self._count >= self.total:
-            self.refused[TOTAL] += 1
-            return TOTAL
+        # The per-source cap first: a source past its own cap is refused for that, so that
+        # a caller making room on TOTAL (a UDP table evicting an idle flow) never does so
+        # for a source that would be refused anyway.
         held = self._held.get(source, 0)
         if self.per_source and held >= self.per_source and source not in self.exempt:
             self.refused[PER_SOURCE] += 1
             return PER_SOURCE
+        if self.total and self._count >= self.total:
+            self.refused[TOTAL] += 1
+            return TOTAL
         self._held[source] = held + 1
         self._count += 1
         return None

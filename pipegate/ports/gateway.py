@@ -15,7 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import TOTAL, Budget, LogThrottle
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -349,9 +349,13 @@ class Gateway(service.Service, Drainer):
                       port=port, kind=kind, what=what, cap=cap, limit=limit, more=held_back)
 
     def admit_flow(self, source: str, port: int) -> bool:
-        """Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow first."""
+        """
+        Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow
+        first, but only for a sender under its own per-IP cap (L{Budget.acquire} answers
+        C{"per-source"} before C{"total"}), so that one IP cannot push out other people's flows.
+        """
         refused = self.udp_budget.acquire(source)
-        if refused == "total" and evict_idle(self.udp_flows, self.clock.seconds(), EVICT_MIN_IDLE):
+        if refused == TOTAL and evict_idle(self.udp_flows, self.clock.seconds(), EVICT_MIN_IDLE):
             self.stats.inc("evicted_flows")
             refused = self.udp_budget.acquire(source)
         if refused is not None:
