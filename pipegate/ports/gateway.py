@@ -534,6 +534,7 @@ class Gateway(service.Service, Drainer):
     # -- channels
     def try_open(self, key, client, candidates: list | None) -> None:
         """Open a channel for C{client} on the next provider; close it when none is left."""
+        client.opening = None   # the previous OPEN, if any, has had its answer
         if candidates is None:
             links = self.exposed().get(key, [])
             start = self._next.get(key, 0)

@@ -83,6 +83,7 @@ class Flow(LinkChannel):
         self.on_done = on_done
         self.link = None
         self.channel_id = 0
+        self.opening = None         # the gateway's OPEN in flight for this flow, if any
         self.backlog: list[bytes] = []
         self.dropped = 0
         self.done = False
@@ -102,6 +103,7 @@ class Flow(LinkChannel):
             self.table.move_to_end(self)
 
     def attach(self, link, channel_id: int) -> None:
+        self.opening = None
         self.link = link
         self.channel_id = channel_id
         backlog, self.backlog = self.backlog, []
@@ -152,6 +154,11 @@ class Flow(LinkChannel):
         self._timer = None
         self.hold.give(self.held)
         self.held, self.backlog = 0, []
+        opening, self.opening = self.opening, None
+        if opening is not None and self.link is None:
+            # Closed (idle, evicted, gate closed) while its OPEN is in flight: give the
+            # channel back now, or a late OPEN_OK would bind it to this dead flow for good.
+            opening.abandon()
         if self.table is not None:
             self.table.pop(self, None)
             self.table = None
