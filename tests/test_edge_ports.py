@@ -309,7 +309,7 @@ class UDPGateCaps(PortPlane):
         self.assertEqual(self.gw.udp_budget.held("127.0.0.4"), 1)
 
     async def test_a_burst_before_the_flow_opens_is_held_up_to_its_bound(self):
-        await self.serve(udp_hold=10 * 1000, udp_hold_total=1_000_000)
+        await self.serve(udp_hold=10 * 1064, udp_hold_total=1_000_000)   # 1000 + 64 bytes each
         s = self.sender("127.0.0.2")
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         for _ in range(40):   # 40 kB at once: 10 kB is held until the flow opens
@@ -331,7 +331,7 @@ class HoldTests(unittest.SynchronousTestCase):
         flow = Flow(clock, 0, lambda d: None, lambda f: None, Hold(per_flow=3000, total=5000))
         for _ in range(5):
             flow.outbound(b"x" * 1000)
-        self.assertEqual((flow.held, flow.dropped, flow.hold.used), (3000, 2, 3000))
+        self.assertEqual((flow.held, flow.dropped, flow.hold.used), (2128, 3, 2128))  # 1000 + 64 each
         flow.close(notify=False)
         self.assertEqual(flow.hold.used, 0)
 
@@ -341,9 +341,17 @@ class HoldTests(unittest.SynchronousTestCase):
         a = Flow(clock, 0, lambda d: None, lambda f: None, shared)
         b = Flow(clock, 0, lambda d: None, lambda f: None, shared)
         for _ in range(3):
-            a.outbound(b"x" * 1000)
-            b.outbound(b"x" * 1000)
+            a.outbound(b"x" * 936)
+            b.outbound(b"x" * 936)
         self.assertEqual((a.held, b.held, shared.used, shared.dropped), (2000, 2000, 4000, 2))
+
+    def test_empty_datagrams_are_not_free(self):
+        """Issue 17 review: the hold counted payload bytes only, so empty datagrams piled up unbounded."""
+        clock = task.Clock()
+        flow = Flow(clock, 0, lambda d: None, lambda f: None, Hold(per_flow=640, total=10_000))
+        for _ in range(1000):
+            flow.outbound(b"")
+        self.assertEqual((len(flow.backlog), flow.held, flow.dropped), (10, 640, 990))
 
 
 class UnlimitedFlood(PortPlane):
