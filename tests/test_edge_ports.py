@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import defer, endpoints, protocol, reactor, task
-from twisted.logger import formatEvent
+from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -199,6 +199,46 @@ class ProviderCaps(PortPlane):
         self.assertEqual(got, [b"legit"])
         self.assertEqual(prov.stats.get("evicted_flows"), 1)
         self.assertEqual(prov.udp_flows.held(), 4)
+
+
+class FailureLogs(PortPlane):
+    """Issue 17 review: a dead backend, or a provider that never answers, logged one line per client."""
+
+    async def test_a_dead_backend_logs_one_line_per_interval(self):
+        gate = free_port()
+        gw, mux = await self.gateway()
+        self.provider(mux, [Service(gate, "127.0.0.1", free_port())])   # nothing listens there
+        await eventually(lambda: (gate, "tcp") in gw.gates)
+        for _ in range(8):
+            self.assertEqual(await self.echo_through(gate), b"")
+        lines = [formatEvent(e) for e in self.events if "failed: Connection was refused" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("(0 more failures of this service in the last interval)", lines[0])
+
+    def test_open_timeouts_log_one_line_per_gate_per_interval(self):
+        from tests.test_udp_flow import OpenLink
+
+        clock = task.Clock()
+        gw = gateway_module.Gateway(GatewayConfig(open_timeout=5), clock)
+        events = []
+        gw.log = Logger(observer=events.append)
+        for n in range(6):
+            flow = Flow(clock, 0, lambda d: None, lambda f: None)
+            flow.client_address = ("127.0.0.2", 4000 + n)
+            flow.open_failed = lambda f=flow: f.close(notify=False)
+            gw.try_open((5353, "udp"), flow, [OpenLink()])
+        clock.advance(5)
+        lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        clock.advance(10)
+        flow = Flow(clock, 0, lambda d: None, lambda f: None)
+        flow.client_address = ("127.0.0.2", 5000)
+        flow.open_failed = lambda: flow.close(notify=False)
+        gw.try_open((5353, "udp"), flow, [OpenLink()])
+        clock.advance(5)
+        lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("(5 more timeouts on this gate in the last interval)", lines[1])
 
 
 class UDPGateCaps(PortPlane):

@@ -122,9 +122,13 @@ class Opening(LinkChannel):
         self.gateway.stats.inc("channel_opens", "timeout")
         self.link.send(frames.Reset(self.channel_id, "open timed out"))
         self.link.remove_channel(self.channel_id)
-        self.gateway.log.info("gate {port}/{proto}: provider {peer} did not answer channel {channel}",
-                              port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
-                              channel=self.channel_id)
+        # A stalled provider times out every OPEN of a flood: one line per gate per 10 s.
+        held_back = self.gateway.refusal_log(("timeout",) + tuple(self.key)).allow(self.gateway.clock.seconds())
+        if held_back is not None:
+            self.gateway.log.info("gate {port}/{proto}: provider {peer} did not answer channel {channel}"
+                                  " ({more} more timeouts on this gate in the last interval)",
+                                  port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
+                                  channel=self.channel_id, more=held_back)
         self.gateway.try_open(self.key, self.client, self.candidates)
 
     def _cancel(self) -> None:
@@ -330,7 +334,7 @@ class Gateway(service.Service, Drainer):
 
     # -- connection and flow caps
     def refusal_log(self, key) -> LogThrottle:
-        """The throttle of the "provider refused channel" line of gate C{key}."""
+        """The throttle of the "provider refused channel" line of gate C{key} (and of other keyed lines)."""
         return self._refusal_logs.setdefault(key, LogThrottle())
 
     def refused(self, kind: str, cap: str, port: int) -> None:
