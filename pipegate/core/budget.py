@@ -13,12 +13,33 @@ Pure: no reactor, no sockets.  Times are passed in as C{now}.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Hashable
 
 import attrs
 
 PER_SOURCE = "per-source"
 TOTAL = "total"
+
+
+def source_key(ip: str) -> str:
+    """
+    The source a per-IP cap counts C{ip} under: an IPv4 address as is, an IPv4-mapped IPv6
+    address (C{::ffff:a.b.c.d}) as its IPv4 address, and any other IPv6 address by its /64
+    (C{2001:db8:1:2::/64}), the block one host or one customer line usually has, so that one
+    host cannot take a fresh per-IP share with every address of its /64.  An IPv6 zone is
+    dropped; text that is not an IP address is returned stripped, a source of its own.
+    """
+    text = ip.strip()
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 @attrs.define(eq=False)

@@ -15,7 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
-from pipegate.core.budget import TOTAL, Budget, LogThrottle
+from pipegate.core.budget import TOTAL, Budget, LogThrottle, source_key
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -164,7 +164,7 @@ class GateFactory(Factory):
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
-        source = str(normalize_ip(addr.host))
+        source = source_key(addr.host)   # an IPv6 client by its /64
         refused = gateway.tcp_budget.acquire(source)
         if refused is not None:
             gateway.refused("tcp", refused, self.key[0])
@@ -206,7 +206,7 @@ class GateConnection(StreamChannel):
     gateway: Gateway
     key: tuple[int, str]
     opening: Opening | None = None
-    source: str | None = None   # the client IP, while it holds a unit of the TCP budget
+    source: str | None = None   # the client's source_key, while it holds a unit of the TCP budget
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -253,7 +253,7 @@ class UDPGate(DatagramProtocol):
                 gateway.stats.inc("policy_denials")
                 gateway.stats.inc("dropped_datagrams")
                 return
-            source = str(normalize_ip(addr[0]))
+            source = source_key(addr[0])   # an IPv6 client by its /64
             if not gateway.admit_flow(source, self.key[0]):
                 gateway.dropped_datagrams += 1
                 gateway.stats.inc("dropped_datagrams")

@@ -15,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -122,7 +122,7 @@ class Provider(service.Service, Drainer):
         refusal send OPEN_FAIL and return C{None}.  The return value, called, gives it back
         (once, however often it is called).
         """
-        source = frame.client_host
+        source = source_key(frame.client_host)   # an IPv6 client by its /64
         refused = self.backends.acquire(source)
         kind = "backend"
         if refused is None and frame.protocol == "udp":
