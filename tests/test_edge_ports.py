@@ -16,6 +16,11 @@ from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
+from pipegate.accept import ConnectionGate, EmfileGuard
+from pipegate.core.budget import Budget
+from pipegate.mux import frames
+from pipegate.mux.node import link_services
+from pipegate.mux.session import LinkConfig
 from pipegate.ports import gateway as gateway_module
 from pipegate.ports import provider as provider_module
 from pipegate.ports.gateway import GatewayConfig
@@ -23,7 +28,7 @@ from pipegate.ports.services import Service
 from pipegate.ports.udp import Flow, Hold
 from pipegate.tap import gateway as gateway_tap
 from tests.support import eventually
-from tests.test_ports_e2e import Client, Echo, PortPlane, UDPEcho, free_port
+from tests.test_ports_e2e import CERT, SECRET, Client, Echo, PortPlane, UDPEcho, free_port
 
 
 class Held(Client):
@@ -239,6 +244,55 @@ class FailureLogs(PortPlane):
         lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
         self.assertEqual(len(lines), 2, lines)
         self.assertIn("(5 more timeouts on this gate in the last interval)", lines[1])
+
+
+class MuxListenerCaps(PortPlane):
+    """
+    Issue 17 review: the gateway's and provider's own --mux listeners had no connection
+    caps, Twisted's default backlog, no EMFILE guard, and one warning per pre-admission failure.
+    """
+
+    async def test_strangers_are_capped_and_logged_once_and_a_provider_still_joins(self):
+        gw = gateway_module.Gateway(GatewayConfig(), reactor)
+        gw.startService()
+        self.cleanups.append(gw.stopService)
+        self.cleanups.append(lambda: self._drop_links(gw))
+        guard = EmfileGuard(reactor)
+        budget = Budget(3, 10)
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_GATEWAY, ping_interval=0.5, ping_deadline=2,
+                            handshake_timeout=30)
+        (listening,) = link_services(gw, config, reactor, [f"tcp:{free_port()}:interface=127.0.0.1"], [],
+                                     certificate=CERT, budget=budget, guard=guard)
+        listening.startService()
+        self.cleanups.append(listening.stopService)
+        await eventually(lambda: guard.ports)
+        mux = guard.ports[0]
+        port = mux.getHost().port
+        strangers = []
+        for _ in range(8):
+            client = Held()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, client)
+            self.cleanups.append(lambda c=client: c.transport.abortConnection() if c.open else None)
+            strangers.append(client)
+        await eventually(lambda: sum(not c.open for c in strangers) == 5)
+        self.assertEqual(gw.stats.get("admission_failures", "cap"), 5)
+        refusals = [e for e in self.events if "connection refused, per-source cap of 3" in formatEvent(e)]
+        self.assertEqual(len(refusals), 1)
+        # Another address still gets in: a provider joins and serves.
+        backend = await self.backend_echo()
+        gate = free_port()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        self.assertEqual(await self.echo_through(gate), b"pingbye")
+        # The three held strangers fail the handshake: one warning, not three.
+        for client in strangers:
+            if client.open:
+                client.transport.write(b"\x16\x03\x01\x00\x05hello")
+        await eventually(lambda: budget.held() == 1)   # only the provider's link is left
+        warnings = [formatEvent(e) for e in self.events if "link with 127.0.0.2" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("more links ended before admission in the last interval", warnings[0])
 
 
 class UDPGateCaps(PortPlane):
@@ -477,3 +531,24 @@ class Options(unittest.SynchronousTestCase):
         options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
         caps = provider_tap.backend_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
         self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 240, "max-udp-backends": 100})
+
+    def test_both_services_cap_and_guard_their_mux_listeners(self):
+        from pipegate.accept import _Watched
+        from pipegate.tap import provider as provider_tap
+
+        self.assertEqual((self.parse()["mux-max-conns-per-ip"], self.parse()["mux-max-conns"]), (100, 2000))
+        options = provider_tap.Options()
+        options.environ = {"PIPEGATE_MUX_MAX_CONNS_PER_IP": "7"}
+        options.parseOptions(["--router", "ab" * 32, "--mux", "tcp:0:interface=127.0.0.1"])
+        self.assertEqual(options["mux-max-conns-per-ip"], 7)
+        for top in (provider_tap.makeService(options, reactor),
+                    gateway_tap.makeService(self.parse(), reactor)):
+            guards = [s for s in top if isinstance(s, EmfileGuard)]
+            self.assertEqual(len(guards), 1)
+            (mux,) = [s for s in top if isinstance(getattr(s, "endpoint", None), _Watched)
+                      and isinstance(s.factory, ConnectionGate)]
+            self.assertIs(mux.endpoint.guard, guards[0])
+            # _backlog is private (TCP4ServerEndpoint, Twisted 26.10): the only way to see the
+            # backlog short of listening.  Twisted's default is 50.
+            self.assertEqual(mux.endpoint.endpoint._backlog, 1024)
+        self.assertEqual(mux.factory.budget.per_source, 100)

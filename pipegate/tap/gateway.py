@@ -139,7 +139,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                              kdf_rate=options["unlimited-kdf-rate"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
     add_metrics_listener(top, gateway, "gateway", options["metrics"], reactor)
-    add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
+    add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor, guard=guard)
     if options["docker-endpoint"]:
         add_helpers(top, gateway, options, reactor)
     return top

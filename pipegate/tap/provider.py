@@ -11,6 +11,7 @@ from pipegate.config import auto_or_non_negative_int, non_negative_int, positive
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
+from pipegate.accept import EmfileGuard
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
@@ -125,7 +126,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"],
                                                                bool(options["resolver-open-listing"])), reactor)
     add_metrics_listener(top, provider, "provider", options["metrics"], reactor)
-    add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
+    guard = EmfileGuard(reactor)   # pauses the --mux listeners on EMFILE
+    guard.setServiceParent(top)
+    add_node(top, provider, options, frames.ROLE_PROVIDER, reactor, guard=guard)
     if options["docker-endpoint"]:
         add_discovery(top, provider, options, reactor)
     return top
