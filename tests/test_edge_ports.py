@@ -530,7 +530,12 @@ class Options(unittest.SynchronousTestCase):
         options.environ = {"PIPEGATE_MAX_UDP_BACKENDS": "100"}
         options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
         caps = provider_tap.backend_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
-        self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 240, "max-udp-backends": 100})
+        self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 480, "max-udp-backends": 100})
+        # With room, one client IP may hold at the provider what a gateway lets it hold (256
+        # TCP + 256 UDP), so the provider's per-IP cap does not bind first (issue 17 review).
+        caps = provider_tap.backend_caps(options, FdBudget(before=65536, soft=65536, hard=65536))
+        gate = gateway_tap.gate_caps(self.parse(), FdBudget(before=65536, soft=65536, hard=65536))
+        self.assertEqual(caps["max-backends-per-ip"], gate["max-conns-per-ip"] + gate["max-flows-per-ip"])
 
     def test_both_services_cap_and_guard_their_mux_listeners(self):
         from pipegate.accept import _Watched

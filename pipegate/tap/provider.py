@@ -47,8 +47,9 @@ class Options(DockerOptionsMixin, MuxOptions):
         ["max-backends", None, "auto", "Sockets to services (TCP channels and UDP flows) held at once; past it "
                                        "an OPEN gets OPEN_FAIL and the gateway tries its next provider; "
                                        "auto = the fd budget less a reserve; 0 = no cap."],
-        ["max-backends-per-ip", None, "auto", "Of those, what one client IP may hold; auto = a quarter "
-                                              "of --max-backends, at most 256; 0 = no cap."],
+        ["max-backends-per-ip", None, "auto", "Of those, what one client IP may hold; auto = half of "
+                                              "--max-backends, at most 512 (a gateway's 256 TCP + 256 UDP "
+                                              "per IP); 0 = no cap."],
         ["max-udp-backends", None, "auto", "Of those, how many may be UDP flows; auto = half of "
                                            "--max-backends, so a UDP flood leaves room for TCP; 0 = no cap."],
         ["docker-max-ports", None, "100", "Docker mode: services one container may announce (its lowest "
@@ -134,13 +135,21 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     return top
 
 
+#: The "auto" --max-backends-per-ip at most: a gateway's default --max-conns-per-ip (256 at
+#: most) plus --max-flows-per-ip (256).
+PER_IP_MAX = 512
+
+
 def backend_caps(options: Options, budget=None) -> dict[str, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit, log the fd budget, size the "auto" caps from it."""
     from twisted.logger import Logger
 
     budget = budget or raise_nofile()
     total = pick(options["max-backends"], budget.usable())
-    per_ip, _ = default_caps(total or budget.usable())
+    # Per IP: one client may hold a gateway's default 256 TCP connections and 256 UDP flows,
+    # each a backend socket here, so the provider's cap must not bind before the gateway's:
+    # 512, but never more than half of what this provider holds (half its fds at 1,024).
+    per_ip, _ = default_caps(total or budget.usable(), share=2, per_source_max=PER_IP_MAX)
     caps = {
         "max-backends": total,
         "max-backends-per-ip": pick(options["max-backends-per-ip"], per_ip),
