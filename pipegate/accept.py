@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, LogThrottle
+from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, LogThrottle, source_key
 
 #: Listen backlog used when an endpoint string names none.
 DEFAULT_BACKLOG = 1024
@@ -61,8 +61,12 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def source_of(address) -> str | None:
-    """The IP of an IPv4/IPv6 peer; None for other kinds (unix sockets), held to no per-source cap."""
-    return getattr(address, "host", None)
+    """
+    The per-IP source of an IPv4/IPv6 peer (L{source_key}: an IPv6 peer by its /64); None
+    for other kinds (unix sockets), held to no per-source cap.
+    """
+    host = getattr(address, "host", None)
+    return source_key(host) if isinstance(host, str) and host else None
 
 
 class _Gated(ProtocolWrapper):

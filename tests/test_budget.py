@@ -28,6 +28,19 @@ class BudgetTests(unittest.TestCase):
         self.assertEqual(budget.refused[TOTAL], 1)
         self.assertEqual(budget.sources(), 3)
 
+    def test_a_source_at_its_cap_is_refused_per_source_even_when_the_total_is_full(self):
+        """
+        TOTAL means "this source may hold one more once there is room": a caller that makes
+        room on TOTAL (the gateway's UDP table evicts an idle flow) must never hear it for a
+        source that is at its own cap.
+        """
+        budget = Budget(per_source=2, total=4)
+        for source in "aabb":
+            self.assertIsNone(budget.acquire(source))
+        self.assertEqual(budget.acquire("a"), PER_SOURCE)
+        self.assertEqual(budget.acquire("c"), TOTAL)
+        self.assertEqual(budget.refused, {PER_SOURCE: 1, TOTAL: 1})
+
     def test_release_gives_back_and_forgets_empty_sources(self):
         budget = Budget(per_source=1, total=0)
         self.assertIsNone(budget.acquire("a"))

@@ -12,6 +12,7 @@ import json
 
 from twisted.internet import protocol, reactor, task
 
+from pipegate.ports import docker as docker_module
 from pipegate.ports.docker import discover
 from pipegate.ports.gateway import parse_port_ranges
 from pipegate.tap import gateway as gateway_tap
@@ -157,6 +158,38 @@ class FirstClaim(DockerPlane):
         # Without the claim, the older container wins.
         fresh, _ = self.discover_with({}, new, old)
         self.assertEqual([s.service_host for s in fresh], ["new"])
+
+    def test_a_recreated_owner_keeps_its_claims(self):
+        """
+        Issue 17 review: claims followed the container id, so an owner recreated (docker
+        compose up: a new id, created later) lost its gate port and alias to an older squatter.
+        """
+        def owner(created, generation):
+            listing, inspect = make_container("zz-owner", labels={"pipegate.EXPOSE": "80:8080"}, aliases=("web",))
+            listing["Id"] = inspect["Id"] = f"{generation:064x}"
+            listing["Created"] = created
+            return listing, inspect
+        thief = make_container("aa-thief", labels={"pipegate.EXPOSE": "81:8080"}, aliases=("thief",))
+        thief[0]["Created"] = 200
+        claims: dict = {}
+        first, _ = self.discover_with(claims, owner(100, 1), thief)
+        self.assertEqual([(s.service_host, s.service_port) for s in first], [("web", 80)])
+        # Recreated: a new id, created after the thief.  The owner keeps port and alias.
+        again, messages = self.discover_with(claims, owner(300, 2), thief)
+        self.assertEqual([(s.service_host, s.service_port) for s in again], [("web", 80)])
+        self.assertTrue(any("already taken by container zz-owner" in m for m in messages), messages)
+        # A refresh while the owner is away (between remove and create) hands nothing over...
+        away, messages = self.discover_with(claims, thief)
+        self.assertEqual(away, [])
+        self.assertTrue(any("held for container zz-owner, gone since 1 refresh(es)" in m for m in messages),
+                        messages)
+        back, _ = self.discover_with(claims, owner(400, 3), thief)
+        self.assertEqual([(s.service_host, s.service_port) for s in back], [("web", 80)])
+        # ... but an owner gone for good releases them after CLAIM_GRACE_REFRESHES refreshes.
+        for _ in range(docker_module.CLAIM_GRACE_REFRESHES):
+            self.assertEqual(self.discover_with(claims, thief)[0], [])
+        taken, _ = self.discover_with(claims, thief)
+        self.assertEqual([(s.service_host, s.service_port) for s in taken], [("thief", 81)])
 
     def discover_with(self, claims, *containers):
         messages: list[str] = []

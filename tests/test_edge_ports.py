@@ -12,10 +12,15 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import defer, endpoints, protocol, reactor, task
-from twisted.logger import formatEvent
+from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
+from pipegate.accept import ConnectionGate, EmfileGuard
+from pipegate.core.budget import Budget
+from pipegate.mux import frames
+from pipegate.mux.node import link_services
+from pipegate.mux.session import LinkConfig
 from pipegate.ports import gateway as gateway_module
 from pipegate.ports import provider as provider_module
 from pipegate.ports.gateway import GatewayConfig
@@ -23,7 +28,7 @@ from pipegate.ports.services import Service
 from pipegate.ports.udp import Flow, Hold
 from pipegate.tap import gateway as gateway_tap
 from tests.support import eventually
-from tests.test_ports_e2e import Client, Echo, PortPlane, UDPEcho, free_port
+from tests.test_ports_e2e import CERT, SECRET, Client, Echo, PortPlane, UDPEcho, free_port
 
 
 class Held(Client):
@@ -201,6 +206,95 @@ class ProviderCaps(PortPlane):
         self.assertEqual(prov.udp_flows.held(), 4)
 
 
+class FailureLogs(PortPlane):
+    """Issue 17 review: a dead backend, or a provider that never answers, logged one line per client."""
+
+    async def test_a_dead_backend_logs_one_line_per_interval(self):
+        gate = free_port()
+        gw, mux = await self.gateway()
+        self.provider(mux, [Service(gate, "127.0.0.1", free_port())])   # nothing listens there
+        await eventually(lambda: (gate, "tcp") in gw.gates)
+        for _ in range(8):
+            self.assertEqual(await self.echo_through(gate), b"")
+        lines = [formatEvent(e) for e in self.events if "failed: Connection was refused" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("(0 more failures of this service in the last interval)", lines[0])
+
+    def test_open_timeouts_log_one_line_per_gate_per_interval(self):
+        from tests.test_udp_flow import OpenLink
+
+        clock = task.Clock()
+        gw = gateway_module.Gateway(GatewayConfig(open_timeout=5), clock)
+        events = []
+        gw.log = Logger(observer=events.append)
+        for n in range(6):
+            flow = Flow(clock, 0, lambda d: None, lambda f: None)
+            flow.client_address = ("127.0.0.2", 4000 + n)
+            flow.open_failed = lambda f=flow: f.close(notify=False)
+            gw.try_open((5353, "udp"), flow, [OpenLink()])
+        clock.advance(5)
+        lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        clock.advance(10)
+        flow = Flow(clock, 0, lambda d: None, lambda f: None)
+        flow.client_address = ("127.0.0.2", 5000)
+        flow.open_failed = lambda: flow.close(notify=False)
+        gw.try_open((5353, "udp"), flow, [OpenLink()])
+        clock.advance(5)
+        lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("(5 more timeouts on this gate in the last interval)", lines[1])
+
+
+class MuxListenerCaps(PortPlane):
+    """
+    Issue 17 review: the gateway's and provider's own --mux listeners had no connection
+    caps, Twisted's default backlog, no EMFILE guard, and one warning per pre-admission failure.
+    """
+
+    async def test_strangers_are_capped_and_logged_once_and_a_provider_still_joins(self):
+        gw = gateway_module.Gateway(GatewayConfig(), reactor)
+        gw.startService()
+        self.cleanups.append(gw.stopService)
+        self.cleanups.append(lambda: self._drop_links(gw))
+        guard = EmfileGuard(reactor)
+        budget = Budget(3, 10)
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_GATEWAY, ping_interval=0.5, ping_deadline=2,
+                            handshake_timeout=30)
+        (listening,) = link_services(gw, config, reactor, [f"tcp:{free_port()}:interface=127.0.0.1"], [],
+                                     certificate=CERT, budget=budget, guard=guard)
+        listening.startService()
+        self.cleanups.append(listening.stopService)
+        await eventually(lambda: guard.ports)
+        mux = guard.ports[0]
+        port = mux.getHost().port
+        strangers = []
+        for _ in range(8):
+            client = Held()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, client)
+            self.cleanups.append(lambda c=client: c.transport.abortConnection() if c.open else None)
+            strangers.append(client)
+        await eventually(lambda: sum(not c.open for c in strangers) == 5)
+        self.assertEqual(gw.stats.get("admission_failures", "cap"), 5)
+        refusals = [e for e in self.events if "connection refused, per-source cap of 3" in formatEvent(e)]
+        self.assertEqual(len(refusals), 1)
+        # Another address still gets in: a provider joins and serves.
+        backend = await self.backend_echo()
+        gate = free_port()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        self.assertEqual(await self.echo_through(gate), b"pingbye")
+        # The three held strangers fail the handshake: one warning, not three.
+        for client in strangers:
+            if client.open:
+                client.transport.write(b"\x16\x03\x01\x00\x05hello")
+        await eventually(lambda: budget.held() == 1)   # only the provider's link is left
+        warnings = [formatEvent(e) for e in self.events if "link with 127.0.0.2" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("more links ended before admission in the last interval", warnings[0])
+
+
 class UDPGateCaps(PortPlane):
     async def setUp(self):
         super().setUp()
@@ -283,8 +377,33 @@ class UDPGateCaps(PortPlane):
         await eventually(lambda: len(echoes) > before + 3)
         self.assertLessEqual(self.gw.udp_budget.held(), 4)
 
+    async def test_a_sender_at_its_own_cap_never_evicts_other_flows(self):
+        """
+        Issue 17 review: with the table full, a sender already at its per-IP cap made the
+        gateway evict somebody else's idle flow and only then refused the sender.
+        """
+        self.patch(gateway_module, "EVICT_MIN_IDLE", 0.2)
+        await self.serve(udp_per_source=2, udp_total=4)
+        victims = [self.sender("127.0.0.3") for _ in range(2)]
+        for s in victims:
+            s.sendto(b"v", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.udp_budget.held("127.0.0.3") == 2)
+        for _ in range(2):
+            self.sender("127.0.0.2").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.udp_budget.held() == 4)
+        await task.deferLater(reactor, 0.4, lambda: None)   # every flow is now evictable
+        for _ in range(6):
+            self.sender("127.0.0.2").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("cap_refusals", "udp-per-source") == 6)
+        self.assertEqual(self.gw.stats.get("evicted_flows"), 0)
+        self.assertEqual(self.gw.udp_budget.held("127.0.0.3"), 2)
+        # A sender under its cap still makes room: the longest-idle flow goes.
+        self.sender("127.0.0.4").sendto(b"x", ("127.0.0.1", self.gate))
+        await eventually(lambda: self.gw.stats.get("evicted_flows") == 1)
+        self.assertEqual(self.gw.udp_budget.held("127.0.0.4"), 1)
+
     async def test_a_burst_before_the_flow_opens_is_held_up_to_its_bound(self):
-        await self.serve(udp_hold=10 * 1000, udp_hold_total=1_000_000)
+        await self.serve(udp_hold=10 * 1064, udp_hold_total=1_000_000)   # 1000 + 64 bytes each
         s = self.sender("127.0.0.2")
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         for _ in range(40):   # 40 kB at once: 10 kB is held until the flow opens
@@ -306,7 +425,7 @@ class HoldTests(unittest.SynchronousTestCase):
         flow = Flow(clock, 0, lambda d: None, lambda f: None, Hold(per_flow=3000, total=5000))
         for _ in range(5):
             flow.outbound(b"x" * 1000)
-        self.assertEqual((flow.held, flow.dropped, flow.hold.used), (3000, 2, 3000))
+        self.assertEqual((flow.held, flow.dropped, flow.hold.used), (2128, 3, 2128))  # 1000 + 64 each
         flow.close(notify=False)
         self.assertEqual(flow.hold.used, 0)
 
@@ -316,9 +435,17 @@ class HoldTests(unittest.SynchronousTestCase):
         a = Flow(clock, 0, lambda d: None, lambda f: None, shared)
         b = Flow(clock, 0, lambda d: None, lambda f: None, shared)
         for _ in range(3):
-            a.outbound(b"x" * 1000)
-            b.outbound(b"x" * 1000)
+            a.outbound(b"x" * 936)
+            b.outbound(b"x" * 936)
         self.assertEqual((a.held, b.held, shared.used, shared.dropped), (2000, 2000, 4000, 2))
+
+    def test_empty_datagrams_are_not_free(self):
+        """Issue 17 review: the hold counted payload bytes only, so empty datagrams piled up unbounded."""
+        clock = task.Clock()
+        flow = Flow(clock, 0, lambda d: None, lambda f: None, Hold(per_flow=640, total=10_000))
+        for _ in range(1000):
+            flow.outbound(b"")
+        self.assertEqual((len(flow.backlog), flow.held, flow.dropped), (10, 640, 990))
 
 
 class UnlimitedFlood(PortPlane):
@@ -403,4 +530,30 @@ class Options(unittest.SynchronousTestCase):
         options.environ = {"PIPEGATE_MAX_UDP_BACKENDS": "100"}
         options.parseOptions(["--router", "ab" * 32, "--connect", "tcp:127.0.0.1:1"])
         caps = provider_tap.backend_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
-        self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 240, "max-udp-backends": 100})
+        self.assertEqual(caps, {"max-backends": 960, "max-backends-per-ip": 480, "max-udp-backends": 100})
+        # With room, one client IP may hold at the provider what a gateway lets it hold (256
+        # TCP + 256 UDP), so the provider's per-IP cap does not bind first (issue 17 review).
+        caps = provider_tap.backend_caps(options, FdBudget(before=65536, soft=65536, hard=65536))
+        gate = gateway_tap.gate_caps(self.parse(), FdBudget(before=65536, soft=65536, hard=65536))
+        self.assertEqual(caps["max-backends-per-ip"], gate["max-conns-per-ip"] + gate["max-flows-per-ip"])
+
+    def test_both_services_cap_and_guard_their_mux_listeners(self):
+        from pipegate.accept import _Watched
+        from pipegate.tap import provider as provider_tap
+
+        self.assertEqual((self.parse()["mux-max-conns-per-ip"], self.parse()["mux-max-conns"]), (100, 2000))
+        options = provider_tap.Options()
+        options.environ = {"PIPEGATE_MUX_MAX_CONNS_PER_IP": "7"}
+        options.parseOptions(["--router", "ab" * 32, "--mux", "tcp:0:interface=127.0.0.1"])
+        self.assertEqual(options["mux-max-conns-per-ip"], 7)
+        for top in (provider_tap.makeService(options, reactor),
+                    gateway_tap.makeService(self.parse(), reactor)):
+            guards = [s for s in top if isinstance(s, EmfileGuard)]
+            self.assertEqual(len(guards), 1)
+            (mux,) = [s for s in top if isinstance(getattr(s, "endpoint", None), _Watched)
+                      and isinstance(s.factory, ConnectionGate)]
+            self.assertIs(mux.endpoint.guard, guards[0])
+            # _backlog is private (TCP4ServerEndpoint, Twisted 26.10): the only way to see the
+            # backlog short of listening.  Twisted's default is 50.
+            self.assertEqual(mux.endpoint.endpoint._backlog, 1024)
+        self.assertEqual(mux.factory.budget.per_source, 100)

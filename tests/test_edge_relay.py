@@ -359,6 +359,28 @@ class EdgeRelay(unittest.TestCase):
         await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
         self.assertEqual(self.relay.tunnels["t1"].callers.held(), 0)
 
+    async def test_one_ipv6_64_is_one_caller(self):
+        """Issue 17 review: each IPv6 address had its own share, so one host's /64 took every slot."""
+        from pipegate.http.forwarded import parse_trusted_proxies
+
+        await self.start(max_in_flight=8, caller_share=25, trusted_proxies=parse_trusted_proxies(ATTACKER))
+
+        def via_proxy(ip):
+            return connect_raw(self.port, upgrade_request(b"/silent", b"X-Forwarded-For: " + ip + b"\r\n"),
+                               ATTACKER)
+        held = [await via_proxy(b"2001:db8:1:2::%d" % n) for n in (1, 2)]
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 2)
+        refused = await via_proxy(b"2001:db8:1:2::3")           # same /64: its share is used up
+        await eventually(lambda: b"\r\n\r\n" in refused.received)
+        self.assertIn(b" 503 ", split_response(bytes(refused.received))[0])
+        refused.transport.loseConnection()
+        held.append(await via_proxy(b"2001:db8:1:3::1"))         # the next /64 is another caller
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 3)
+        self.assertEqual(self.relay.stats.get("caller_share_refusals"), 1)
+        for proto in held:
+            proto.transport.loseConnection()
+        await eventually(lambda: self.relay.tunnels["t1"].callers.held() == 0)
+
     async def test_waiting_for_an_answer_head_times_out(self):
         await self.start(request_timeout=0.5)
         proto = await connect_raw(self.port, upgrade_request(b"/silent"), ATTACKER)

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from pipegate.mux import frames
+from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.udp import Flow, set_buffers
 
 
@@ -66,6 +67,55 @@ class IdleTimerTests(unittest.TestCase):
         self.flow.close(notify=False)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.link.removed, [7])
+
+
+class OpenLink(FakeLink):
+    """The parts of a mux link the gateway's Opening touches."""
+
+    closed = going_away = False
+    admitted = True
+    peer_name = "provider"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels = {}
+
+    def allocate_channel(self, channel) -> int:
+        self.channels[5] = channel
+        return 5
+
+    def remove_channel(self, channel_id: int) -> None:
+        super().remove_channel(channel_id)
+        self.channels.pop(channel_id, None)
+
+
+class OpeningTests(unittest.TestCase):
+    def test_a_flow_closed_while_its_open_is_in_flight_gives_the_channel_back(self) -> None:
+        """Issue 17 review: Flow.close left the OPEN in flight, and its channel, behind."""
+        clock = Clock()
+        gw = Gateway(GatewayConfig(), clock)
+        link = OpenLink()
+        flow = Flow(clock, 10.0, lambda d: None, lambda f: None)
+        flow.client_address = ("127.0.0.2", 4000)
+        gw.try_open((5353, "udp"), flow, [link])
+        self.assertIs(flow.opening, link.channels[5])
+        flow.close(notify=False)
+        self.assertEqual(link.channels, {})
+        self.assertEqual(link.sent[-1], frames.Reset(5, "client went away"))
+        self.assertEqual(clock.getDelayedCalls(), [])   # neither the idle nor the open timer
+
+    def test_an_answered_open_is_not_abandoned_again(self) -> None:
+        clock = Clock()
+        gw = Gateway(GatewayConfig(), clock)
+        link = OpenLink()
+        flow = Flow(clock, 10.0, lambda d: None, lambda f: None)
+        flow.client_address = ("127.0.0.2", 4000)
+        flow.open_failed = lambda: flow.close(notify=False)   # as UDPGate sets it
+        gw.try_open((5353, "udp"), flow, [link])
+        link.channels[5].frame_received(frames.OpenFail(5, "full"))   # no provider left
+        self.assertTrue(flow.done)
+        self.assertIsNone(flow.opening)
+        self.assertEqual(link.removed, [5])
 
 
 class SocketBufferTests(unittest.TestCase):

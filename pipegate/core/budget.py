@@ -13,12 +13,33 @@ Pure: no reactor, no sockets.  Times are passed in as C{now}.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Hashable
 
 import attrs
 
 PER_SOURCE = "per-source"
 TOTAL = "total"
+
+
+def source_key(ip: str) -> str:
+    """
+    The source a per-IP cap counts C{ip} under: an IPv4 address as is, an IPv4-mapped IPv6
+    address (C{::ffff:a.b.c.d}) as its IPv4 address, and any other IPv6 address by its /64
+    (C{2001:db8:1:2::/64}), the block one host or one customer line usually has, so that one
+    host cannot take a fresh per-IP share with every address of its /64.  An IPv6 zone is
+    dropped; text that is not an IP address is returned stripped, a source of its own.
+    """
+    text = ip.strip()
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 @attrs.define(eq=False)
@@ -44,16 +65,20 @@ class Budget:
         """
         Take one unit for C{source}.
 
-        @return: C{None} when taken; otherwise the cap that refused (L{PER_SOURCE} or
-            L{TOTAL}), and nothing is taken.
+        @return: C{None} when taken; otherwise the cap that refused, and nothing is taken.
+            L{PER_SOURCE} when C{source} is at its own cap (whether or not the total is
+            also reached), L{TOTAL} only for a source under its own cap.
         """
-        if self.total and self._count >= self.total:
-            self.refused[TOTAL] += 1
-            return TOTAL
+        # The per-source cap first: a source past its own cap is refused for that, so that
+        # a caller making room on TOTAL (a UDP table evicting an idle flow) never does so
+        # for a source that would be refused anyway.
         held = self._held.get(source, 0)
         if self.per_source and held >= self.per_source and source not in self.exempt:
             self.refused[PER_SOURCE] += 1
             return PER_SOURCE
+        if self.total and self._count >= self.total:
+            self.refused[TOTAL] += 1
+            return TOTAL
         self._held[source] = held + 1
         self._count += 1
         return None

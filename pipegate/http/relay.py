@@ -34,7 +34,7 @@ from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http import visitors
 from pipegate.http.ownership import Holder, join_refusal
@@ -393,7 +393,7 @@ class Relay(service.Service, Drainer):
         if tunnel.in_flight >= self.config.max_in_flight:
             _plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
-        caller = getattr(request.getClientAddress(), "host", "")
+        caller = source_key(getattr(request.getClientAddress(), "host", "") or "")   # IPv6 by its /64
         tunnel.callers.per_source = self.config.per_caller
         if tunnel.callers.acquire(caller) is not None:
             self._share_refused(request, tunnel)
@@ -485,7 +485,7 @@ class RelayStream:
     up_buckets: list = []
     down_buckets: list = []
     bucket_keys: list = []
-    caller = ""          # the caller IP whose share of the tunnel's slots this stream holds
+    caller = ""          # the caller (source_key of its IP) whose share of the tunnel's slots this stream holds
     _download_hold = None
     _upload_hold = None
 

@@ -29,7 +29,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
 from pipegate.codec import FrameError
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.node import MuxOptions
@@ -421,7 +421,8 @@ class CappedFactory(WrappingFactory):
         self._log = LogThrottle()
 
     def buildProtocol(self, addr):
-        source = getattr(addr, "host", None)
+        host = getattr(addr, "host", None)
+        source = source_key(host) if host else None   # an IPv6 peer by its /64
         refused = self.budget.acquire(source)
         if refused is not None:
             self.stats.inc("admission_failures", "cap")

@@ -13,11 +13,14 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
+from pipegate.accept import ConnectionGate, EmfileGuard, listener
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
+from pipegate.core.budget import Budget, LogThrottle
 from pipegate.core.redial import Redial, ReportingEndpoint, describe_connect_error
+from pipegate.stats import stats_of
 
 
 class MuxOptions(EnvOptions):
@@ -46,6 +49,9 @@ class MuxOptions(EnvOptions):
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
                                 "given, e.g. tcp:9100:interface=127.0.0.1."],
         ["udp-buffer", None, "2097152", "Kernel receive and send buffer of each UDP socket, in bytes."],
+        ["mux-max-conns-per-ip", None, "100", "Connections to --mux from one IP address (an IPv6 one by its "
+                                              "/64), admitted or not; 0 = no cap."],
+        ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap."],
     ]
     converters = {
         "max-frame-size": positive_int,
@@ -59,6 +65,8 @@ class MuxOptions(EnvOptions):
         "udp-idle-timeout": positive_float,
         "drain-timeout": non_negative_float,
         "udp-buffer": positive_int,
+        "mux-max-conns-per-ip": non_negative_int,
+        "mux-max-conns": non_negative_int,
     }
 
     def __init__(self) -> None:
@@ -124,13 +132,28 @@ def link_config(options: MuxOptions, role: int) -> LinkConfig:
 
 
 def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: list[str], *,
-                  certificate=None, verify_hostname=None, ca_file=None, retry_policy=None) -> list:
-    """Services that accept (--mux) and dial (--connect) links for C{node}."""
+                  certificate=None, verify_hostname=None, ca_file=None, retry_policy=None,
+                  budget: Budget | None = None, guard: EmfileGuard | None = None) -> list:
+    """
+    Services that accept (--mux) and dial (--connect) links for C{node}.
+
+    A stranger can reach a --mux listener before any secret is checked, so each one is held
+    to C{budget} (connections per IP and in all, from accept until close, over all --mux
+    listeners), listens with a deep backlog (L{accept.DEFAULT_BACKLOG} unless the endpoint
+    names one), is paused by C{guard} on EMFILE, and logs links that end before admission at
+    most once per 10 s.
+    """
     certificate = certificate or tls.generated_certificate()
     services: list[service.Service] = []
+    stats = stats_of(node)
     for description in mux:
-        factory = tls.server_factory(certificate, LinkFactory(node, config, reactor, False))
-        services.append(strports.service(description, factory, reactor=reactor))
+        links = LinkFactory(node, config, reactor, False)
+        links.admission_log = LogThrottle()
+        factory = tls.server_factory(certificate, links)
+        if budget is not None:
+            factory = ConnectionGate(factory, budget, reactor, what=f"--mux {description}",
+                                     on_refused=lambda cap: stats.inc("admission_failures", "cap"))
+        services.append(listener(description, factory, reactor, guard=guard))
     for description in connect:
         endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
         # The delay grows over failed admissions (a wrong router secret), not only over
@@ -188,13 +211,15 @@ def certificate_from(options: MuxOptions):
     return None
 
 
-def add_node(top: service.MultiService, node, options: MuxOptions, role: int, reactor) -> None:
-    """Add C{node} and its link listeners and dialers to C{top}."""
+def add_node(top: service.MultiService, node, options: MuxOptions, role: int, reactor,
+             guard: EmfileGuard | None = None) -> None:
+    """Add C{node} and its link listeners (capped, watched by C{guard}) and dialers to C{top}."""
     # Dialers stop only once the node has drained: stopping a ClientService cuts its link.
     later = AfterDrain(node) if isinstance(node, Drainer) else top
+    budget = Budget(options["mux-max-conns-per-ip"], options["mux-max-conns"])   # all --mux listeners
     for svc in link_services(node, link_config(options, role), reactor, options["mux"], options["connect"],
                              certificate=certificate_from(options), verify_hostname=options["tls-verify"],
-                             ca_file=options["tls-ca"]):
+                             ca_file=options["tls-ca"], budget=budget, guard=guard):
         svc.setServiceParent(later if isinstance(svc, internet.ClientService) else top)
     if later is not top:
         later.setServiceParent(top)

@@ -174,8 +174,8 @@ class MuxLink(Protocol):
                                peer=self.peer_name)
             else:
                 self.stats.inc("admission_failures", "tls")
-                self.log.warn("link with {peer} closed before admission (wrong router secret, "
-                              "refused role, or TLS failure)", peer=self.peer_name)
+                self._warn_unadmitted("link with {peer} closed before admission (wrong router secret, "
+                                      "refused role, or TLS failure)", peer=self.peer_name)
                 self._refused("the link closed before admission (wrong router secret, refused role, "
                               "or TLS failure)")
         self._stop_timers()
@@ -252,6 +252,17 @@ class MuxLink(Protocol):
                 self.stats.inc("reconnects")
         self.node.link_admitted(self)
 
+    def _warn_unadmitted(self, text: str, **fields) -> None:
+        """A link ended before admission: through the listener's LogThrottle, if it has one."""
+        throttle = getattr(getattr(self, "factory", None), "admission_log", None)
+        if throttle is None:
+            self.log.warn(text, **fields)
+            return
+        held_back = throttle.allow(self.clock.seconds())
+        if held_back is not None:
+            self.log.warn(text + " ({more} more links ended before admission in the last interval)",
+                          more=held_back, **fields)
+
     def _refused(self, reason: str) -> None:
         factory = getattr(self, "factory", None)
         if factory is not None:
@@ -312,7 +323,10 @@ class MuxLink(Protocol):
         else:
             if not self.admitted and "router secret" not in reason:
                 self.stats.inc("admission_failures", "timeout" if "handshake timeout" in reason else "protocol")
-            self.log.warn("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
+            if self.admitted:
+                self.log.warn("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
+            else:
+                self._warn_unadmitted("closing link with {peer}: {reason}", peer=self.peer_name, reason=reason)
             if not self.admitted:
                 self._refused(reason)
         self.closed = True
@@ -361,6 +375,7 @@ class LinkFactory(Factory):
     """Builds links for one node; C{is_tls_client} tells which side of TLS we are."""
 
     noisy = False
+    admission_log = None  # a LogThrottle for the lines of links ended before admission (listeners)
 
     def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool, *,
                  backoff: Redial | None = None, on_refused: Callable[[str], None] | None = None) -> None:

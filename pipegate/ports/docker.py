@@ -429,6 +429,12 @@ def _dns_alias(host: str) -> bool:
         return True
 
 
+#: Refreshes a claim outlives its holder's absence: a container recreated (docker compose up
+#: after a change: stopped, removed, created again under its name) is away for a moment, and a
+#: refresh in that moment must not hand its gate port or alias to another container for good.
+CLAIM_GRACE_REFRESHES = 3
+
+
 def _created(listing: Mapping) -> float:
     value = listing.get("Created") if isinstance(listing, Mapping) else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("inf")
@@ -456,7 +462,9 @@ def discover(
     that claimed it first keeps it and the conflict is reported.  "First" is the holder
     in C{claims} (what the last refresh decided, updated here, so a claim is stable
     across refreshes), and otherwise the container created first (then name, then id);
-    never the sort order of names alone.  A container offering more than C{max_ports}
+    never the sort order of names alone.  A claim is held by the container's name, not its
+    id, so a container recreated under its name (a new id) keeps its claims; a holder absent
+    from a refresh keeps them, unserved, for L{CLAIM_GRACE_REFRESHES} refreshes.  A container offering more than C{max_ports}
     services keeps its lowest C{max_ports} ports (0 = no cap) and the rest is reported.
     """
     report = log or _quiet
@@ -484,11 +492,26 @@ def discover(
                    f"({max_ports}); ports from {services[max_ports].service_port}/{services[max_ports].protocol}"
                    " on are ignored")
             services = services[:max_ports]
-        offers.append((name, cid or name, services))
+        # Claims follow the name (unique among a host's containers at any time), not the id,
+        # which a recreated container does not keep.
+        offers.append((name, name, services))
 
     previous = claims if claims is not None else {}
-    ports: dict[tuple[int, str], tuple[str, str, Service]] = {}   # key -> (container id, name, service)
-    aliases: dict[str, tuple[str, str]] = {}                      # service host -> (container id, name)
+    ports: dict[tuple[int, str], tuple[str, str, Service | None]] = {}   # key -> (holder, name, service)
+    aliases: dict[str, tuple[str, str]] = {}                             # service host -> (holder, name)
+    # Holders gone from this refresh keep their claims, unserved, for a few refreshes.
+    present = {holder for _, holder, _ in offers}
+    absent: dict[str, int] = {}
+    for kind_key, holder in previous.items():
+        if kind_key[0] in ("port", "alias") and holder not in present:
+            missed = previous.get(("absent", holder), 0) + 1
+            if missed > CLAIM_GRACE_REFRESHES:
+                continue
+            absent[holder] = missed
+            if kind_key[0] == "port":
+                ports[kind_key[1]] = (holder, holder, None)
+            else:
+                aliases[kind_key[1]] = (holder, holder)
     # Claims held at the last refresh stay with their holder while it still offers them.
     for name, cid, services in offers:
         for service in services:
@@ -511,6 +534,12 @@ def discover(
             if first[0] == cid and first[2] == service:
                 if service not in result:
                     result.append(service)
+            elif first[2] is None:
+                report(
+                    f"docker: gate port {service.gate_port}/{service.protocol} of container {name}"
+                    f" ({service.describe()}) is held for container {first[1]}, gone since"
+                    f" {absent[first[0]]} refresh(es) (recreated?); ignored"
+                )
             elif first[2] != service:
                 report(
                     f"docker: gate port {service.gate_port}/{service.protocol} of container {name}"
@@ -521,6 +550,7 @@ def discover(
         claims.clear()
         claims.update({("port", key): holder[0] for key, holder in ports.items()})
         claims.update({("alias", host): holder[0] for host, holder in aliases.items()})
+        claims.update({("absent", holder): missed for holder, missed in absent.items()})
     return result
 
 

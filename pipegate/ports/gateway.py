@@ -15,7 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import TOTAL, Budget, LogThrottle, source_key
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -122,9 +122,13 @@ class Opening(LinkChannel):
         self.gateway.stats.inc("channel_opens", "timeout")
         self.link.send(frames.Reset(self.channel_id, "open timed out"))
         self.link.remove_channel(self.channel_id)
-        self.gateway.log.info("gate {port}/{proto}: provider {peer} did not answer channel {channel}",
-                              port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
-                              channel=self.channel_id)
+        # A stalled provider times out every OPEN of a flood: one line per gate per 10 s.
+        held_back = self.gateway.refusal_log(("timeout",) + tuple(self.key)).allow(self.gateway.clock.seconds())
+        if held_back is not None:
+            self.gateway.log.info("gate {port}/{proto}: provider {peer} did not answer channel {channel}"
+                                  " ({more} more timeouts on this gate in the last interval)",
+                                  port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
+                                  channel=self.channel_id, more=held_back)
         self.gateway.try_open(self.key, self.client, self.candidates)
 
     def _cancel(self) -> None:
@@ -160,7 +164,7 @@ class GateFactory(Factory):
             gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
                              port=self.key[0], matched=decision.matched)
             return None
-        source = str(normalize_ip(addr.host))
+        source = source_key(addr.host)   # an IPv6 client by its /64
         refused = gateway.tcp_budget.acquire(source)
         if refused is not None:
             gateway.refused("tcp", refused, self.key[0])
@@ -202,7 +206,7 @@ class GateConnection(StreamChannel):
     gateway: Gateway
     key: tuple[int, str]
     opening: Opening | None = None
-    source: str | None = None   # the client IP, while it holds a unit of the TCP budget
+    source: str | None = None   # the client's source_key, while it holds a unit of the TCP budget
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -249,7 +253,7 @@ class UDPGate(DatagramProtocol):
                 gateway.stats.inc("policy_denials")
                 gateway.stats.inc("dropped_datagrams")
                 return
-            source = str(normalize_ip(addr[0]))
+            source = source_key(addr[0])   # an IPv6 client by its /64
             if not gateway.admit_flow(source, self.key[0]):
                 gateway.dropped_datagrams += 1
                 gateway.stats.inc("dropped_datagrams")
@@ -330,7 +334,7 @@ class Gateway(service.Service, Drainer):
 
     # -- connection and flow caps
     def refusal_log(self, key) -> LogThrottle:
-        """The throttle of the "provider refused channel" line of gate C{key}."""
+        """The throttle of the "provider refused channel" line of gate C{key} (and of other keyed lines)."""
         return self._refusal_logs.setdefault(key, LogThrottle())
 
     def refused(self, kind: str, cap: str, port: int) -> None:
@@ -349,9 +353,13 @@ class Gateway(service.Service, Drainer):
                       port=port, kind=kind, what=what, cap=cap, limit=limit, more=held_back)
 
     def admit_flow(self, source: str, port: int) -> bool:
-        """Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow first."""
+        """
+        Take a UDP flow for C{source}; when the table is full, evict its longest-idle flow
+        first, but only for a sender under its own per-IP cap (L{Budget.acquire} answers
+        C{"per-source"} before C{"total"}), so that one IP cannot push out other people's flows.
+        """
         refused = self.udp_budget.acquire(source)
-        if refused == "total" and evict_idle(self.udp_flows, self.clock.seconds(), EVICT_MIN_IDLE):
+        if refused == TOTAL and evict_idle(self.udp_flows, self.clock.seconds(), EVICT_MIN_IDLE):
             self.stats.inc("evicted_flows")
             refused = self.udp_budget.acquire(source)
         if refused is not None:
@@ -530,6 +538,7 @@ class Gateway(service.Service, Drainer):
     # -- channels
     def try_open(self, key, client, candidates: list | None) -> None:
         """Open a channel for C{client} on the next provider; close it when none is left."""
+        client.opening = None   # the previous OPEN, if any, has had its answer
         if candidates is None:
             links = self.exposed().get(key, [])
             start = self._next.get(key, 0)

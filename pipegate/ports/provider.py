@@ -15,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -102,6 +102,8 @@ class Provider(service.Service, Drainer):
         # Open UDP flows, least recently used first: at the cap, one idle long enough makes room.
         self.udp_table: collections.OrderedDict[Flow, None] = collections.OrderedDict()
         self._refusal_log = LogThrottle()
+        # A dead backend fails every OPEN of a flood: one line per service per interval.
+        self._failure_logs: dict[tuple, LogThrottle] = {}
 
     def startService(self):
         super().startService()
@@ -120,7 +122,7 @@ class Provider(service.Service, Drainer):
         refusal send OPEN_FAIL and return C{None}.  The return value, called, gives it back
         (once, however often it is called).
         """
-        source = frame.client_host
+        source = source_key(frame.client_host)   # an IPv6 client by its /64
         refused = self.backends.acquire(source)
         kind = "backend"
         if refused is None and frame.protocol == "udp":
@@ -149,6 +151,14 @@ class Provider(service.Service, Drainer):
                 if frame.protocol == "udp":
                     self.udp_flows.release(None)
         return release
+
+    def _log_failure(self, svc: Service, text: str, **fields) -> None:
+        """Log a failed backend open, at most one line per service every 10 s, with the count held back."""
+        key = (svc.gate_port, svc.protocol)
+        held_back = self._failure_logs.setdefault(key, LogThrottle()).allow(self.reactor.seconds())
+        if held_back is not None:
+            self.log.info(text + " ({more} more failures of this service in the last interval)",
+                          more=held_back, **fields)
 
     def routes(self) -> frames.Routes:
         return frames.Routes(tuple(service_route(s, self.config.policy) for s in self.services))
@@ -227,9 +237,9 @@ class Provider(service.Service, Drainer):
             if link.channels.get(frame.channel) is placeholder:
                 link.remove_channel(frame.channel)
                 reason = failure.getErrorMessage()
-                self.log.info("channel {channel} to {host}:{port} failed: {reason}",
-                              channel=frame.channel, host=svc.service_host, port=svc.service_port,
-                              reason=reason)
+                self._log_failure(svc, "channel {channel} to {host}:{port} failed: {reason}",
+                                  channel=frame.channel, host=svc.service_host, port=svc.service_port,
+                                  reason=reason)
                 link.send(frames.OpenFail(frame.channel, f"{svc.service_host}:{svc.service_port}: {reason}"[:1000]))
 
         connect_protocol(endpoint, channel).addCallbacks(connected, failed)
@@ -250,8 +260,8 @@ class Provider(service.Service, Drainer):
             except CannotListenError as e:  # EMFILE and the like: say so at once
                 release()
                 link.remove_channel(frame.channel)
-                self.log.info("channel {channel}: cannot open a UDP socket: {error}",
-                              channel=frame.channel, error=e.socketError)
+                self._log_failure(svc, "channel {channel}: cannot open a UDP socket: {error}",
+                                  channel=frame.channel, error=e.socketError)
                 link.send(frames.OpenFail(frame.channel, f"cannot open a UDP socket: {e.socketError}"[:1000]))
                 return
             try:

@@ -20,6 +20,9 @@ from pipegate.mux.session import LinkChannel
 UDP_HOLD = 2_500_000
 #: Default --udp-hold-total: bytes all new flows together may keep.
 UDP_HOLD_TOTAL = 64 * 1024 * 1024
+#: What the hold charges for each datagram on top of its payload: the list slot, the bytes
+#: object and the Datagram frame it becomes cost about this much, so empty datagrams are not free.
+DATAGRAM_OVERHEAD = 64
 #: A full flow table (gateway or provider) makes room by closing its longest-idle flow, but
 #: only one idle at least this long: a flood of new flows cannot push out flows in use.
 EVICT_MIN_IDLE = 5.0
@@ -43,7 +46,8 @@ def set_buffers(port, size: int) -> None:
 class Hold:
     """
     The bytes that flows not yet attached to a channel keep: at most C{per_flow} bytes each
-    and C{total} bytes together.  What does not fit is dropped and counted in C{dropped}
+    and C{total} bytes together, each datagram counted as its length plus
+    L{DATAGRAM_OVERHEAD}.  What does not fit is dropped and counted in C{dropped}
     (and reported through C{on_drop}).
     """
 
@@ -83,6 +87,7 @@ class Flow(LinkChannel):
         self.on_done = on_done
         self.link = None
         self.channel_id = 0
+        self.opening = None         # the gateway's OPEN in flight for this flow, if any
         self.backlog: list[bytes] = []
         self.dropped = 0
         self.done = False
@@ -102,6 +107,7 @@ class Flow(LinkChannel):
             self.table.move_to_end(self)
 
     def attach(self, link, channel_id: int) -> None:
+        self.opening = None
         self.link = link
         self.channel_id = channel_id
         backlog, self.backlog = self.backlog, []
@@ -116,9 +122,10 @@ class Flow(LinkChannel):
             return
         self.touch()
         if self.link is None:
-            if self.hold.take(self.held, len(datagram)):
+            cost = len(datagram) + DATAGRAM_OVERHEAD
+            if self.hold.take(self.held, cost):
                 self.backlog.append(datagram)
-                self.held += len(datagram)
+                self.held += cost
             else:
                 self.dropped += 1
         elif self.link.paused:
@@ -152,6 +159,11 @@ class Flow(LinkChannel):
         self._timer = None
         self.hold.give(self.held)
         self.held, self.backlog = 0, []
+        opening, self.opening = self.opening, None
+        if opening is not None and self.link is None:
+            # Closed (idle, evicted, gate closed) while its OPEN is in flight: give the
+            # channel back now, or a late OPEN_OK would bind it to this dead flow for good.
+            opening.abandon()
         if self.table is not None:
             self.table.pop(self, None)
             self.table = None

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from twisted.web import resource
 
+from pipegate.core.budget import source_key
 from pipegate.throttle import TokenBucket
 
 MAGIC = b"Salted__"
@@ -277,11 +278,12 @@ class UnlimitedGate:
         if caller_ip is None or not caller_ip.strip():
             return 400, {"error": "missing_caller_ip"}
         caller = normalise_ip(caller_ip)
+        source = source_key(caller)   # failures of an IPv6 caller count for its /64
         self._prune(now_ms)
         if self.failures(caller, now_ms) >= self.max_failures:
             return 429, {"error": "too_many_attempts"}
         if not _well_formed(payload):  # refused without key derivation
-            self._fail(caller, now_ms)
+            self._fail(source, now_ms)
             return 403, {"error": "invalid_token"}
         if self._kdf is None:
             self._kdf = TokenBucket(self.kdf_rate, max(1.0, self.kdf_rate), now=now_ms / 1000)
@@ -291,12 +293,15 @@ class UnlimitedGate:
         self._kdf.take(1, now_ms / 1000)
         status, body = self._decide(payload, caller, now_ms)
         if status != 200:
-            self._fail(caller, now_ms)
+            self._fail(source, now_ms)
         return status, body
 
     def failures(self, caller_ip: str, now_ms: float) -> int:
-        """Failed attempts by C{caller_ip} counted within the failure window before C{now_ms}."""
-        times = self._failures.get(normalise_ip(caller_ip))
+        """
+        Failed attempts by C{caller_ip} counted within the failure window before C{now_ms};
+        an IPv6 caller's are those of its whole /64 (L{source_key}).
+        """
+        times = self._failures.get(source_key(normalise_ip(caller_ip)))
         if not times:
             return 0
         horizon = now_ms - self.failure_window_s * 1000

@@ -59,7 +59,8 @@ class Options(DockerOptionsMixin, MuxOptions):
                                     "80,443,1024-65535 (keep 22 or this host's own listeners out)."],
         ["gate-backlog", None, "1024", "listen() backlog of each TCP gate (the kernel caps it at somaxconn)."],
         ["udp-hold", None, "2500000", "Bytes of datagrams a new UDP flow keeps until its channel opens "
-                                      "(1 Gbit/s for 20 ms); more are dropped and counted."],
+                                      "(1 Gbit/s for 20 ms), each datagram counted as its length + 64; "
+                                      "more are dropped and counted."],
         ["udp-hold-total", None, "67108864", "Bytes all new UDP flows together keep until their channels open."],
         ["image", None, "pipegate", "Docker mode: image of the helper containers (runs `pipegate forward`)."],
         ["helper-target", None, None, "Docker mode: this gateway's address as helpers see it "
@@ -138,7 +139,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                              kdf_rate=options["unlimited-kdf-rate"])
         add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
     add_metrics_listener(top, gateway, "gateway", options["metrics"], reactor)
-    add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor)
+    add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor, guard=guard)
     if options["docker-endpoint"]:
         add_helpers(top, gateway, options, reactor)
     return top

@@ -11,6 +11,7 @@ from pipegate.config import auto_or_non_negative_int, non_negative_int, positive
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
+from pipegate.accept import EmfileGuard
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
@@ -46,8 +47,9 @@ class Options(DockerOptionsMixin, MuxOptions):
         ["max-backends", None, "auto", "Sockets to services (TCP channels and UDP flows) held at once; past it "
                                        "an OPEN gets OPEN_FAIL and the gateway tries its next provider; "
                                        "auto = the fd budget less a reserve; 0 = no cap."],
-        ["max-backends-per-ip", None, "auto", "Of those, what one client IP may hold; auto = a quarter "
-                                              "of --max-backends, at most 256; 0 = no cap."],
+        ["max-backends-per-ip", None, "auto", "Of those, what one client IP may hold; auto = half of "
+                                              "--max-backends, at most 512 (a gateway's 256 TCP + 256 UDP "
+                                              "per IP); 0 = no cap."],
         ["max-udp-backends", None, "auto", "Of those, how many may be UDP flows; auto = half of "
                                            "--max-backends, so a UDP flood leaves room for TCP; 0 = no cap."],
         ["docker-max-ports", None, "100", "Docker mode: services one container may announce (its lowest "
@@ -125,10 +127,17 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"],
                                                                bool(options["resolver-open-listing"])), reactor)
     add_metrics_listener(top, provider, "provider", options["metrics"], reactor)
-    add_node(top, provider, options, frames.ROLE_PROVIDER, reactor)
+    guard = EmfileGuard(reactor)   # pauses the --mux listeners on EMFILE
+    guard.setServiceParent(top)
+    add_node(top, provider, options, frames.ROLE_PROVIDER, reactor, guard=guard)
     if options["docker-endpoint"]:
         add_discovery(top, provider, options, reactor)
     return top
+
+
+#: The "auto" --max-backends-per-ip at most: a gateway's default --max-conns-per-ip (256 at
+#: most) plus --max-flows-per-ip (256).
+PER_IP_MAX = 512
 
 
 def backend_caps(options: Options, budget=None) -> dict[str, int]:
@@ -137,7 +146,10 @@ def backend_caps(options: Options, budget=None) -> dict[str, int]:
 
     budget = budget or raise_nofile()
     total = pick(options["max-backends"], budget.usable())
-    per_ip, _ = default_caps(total or budget.usable())
+    # Per IP: one client may hold a gateway's default 256 TCP connections and 256 UDP flows,
+    # each a backend socket here, so the provider's cap must not bind before the gateway's:
+    # 512, but never more than half of what this provider holds (half its fds at 1,024).
+    per_ip, _ = default_caps(total or budget.usable(), share=2, per_source_max=PER_IP_MAX)
     caps = {
         "max-backends": total,
         "max-backends-per-ip": pick(options["max-backends-per-ip"], per_ip),
