@@ -201,8 +201,14 @@ class ConnectorProcess(unittest.TestCase):
         logged = " ".join(str(e.get("log_format", "")) + repr(e) for e in self.events)
         self.assertNotIn(token, logged)
         # The relay logs a request when it finishes it, which can be after the caller has
-        # read the whole body (Content-Length reached before the END frame is handled).
-        await eventually(lambda: any("GET /t1/x?token=<redacted>" in repr(e) for e in self.events))
+        # read the whole body (Content-Length reached before the END frame is handled):
+        # first the relay's own count of the finished request, then its access line.
+        await eventually(lambda: self.relay.stats.get("requests", "200") >= 1, timeout=30)
+        try:
+            await eventually(lambda: any("GET /t1/x?token=<redacted>" in repr(e) for e in self.events))
+        except AssertionError:
+            access = [repr(e)[:300] for e in self.events if "/t1/x" in repr(e)]
+            self.fail(f"no redacted access line among {len(self.events)} events; lines naming /t1/x: {access}")
         logged = " ".join(str(e.get("log_format", "")) + repr(e) for e in self.events)
         self.assertNotIn(token, logged)
 
