@@ -1,5 +1,5 @@
 """
-The seven scenarios.  Each starts its own topology (fresh processes, so memory figures
+The nine scenarios.  Each starts its own topology (fresh processes, so memory figures
 are not polluted by an earlier scenario), measures the tunnel and the direct path in
 the same run, repetition by repetition, and returns figures for the report.
 """
@@ -7,6 +7,7 @@ the same run, repetition by repetition, and returns figures for the report.
 from __future__ import annotations
 
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import attrs
 from benchmarks import loadgen, tools, transfer
 from benchmarks.procs import Processes, child_env
 from benchmarks.report import check, figure
-from benchmarks.topology import CpuMeter, HAProxyPair, HttpPlane, PortPlane
+from benchmarks.topology import CpuMeter, HAProxyPair, HttpPlane, PortPlane, SshTunnel
 
 MIB = 2**20
 
@@ -240,6 +241,15 @@ def tcp(ctx: Ctx) -> dict:
                         h = _iperf3_metered(pair.services, pair.front, seconds, parallel, reverse)
                         runs[key][-1]["haproxy"] = h
                         ctx.say(f"rep {rep + 1} {key}: HAProxy pair {h['mb_per_s']} MB/s, cpu {h['cpu_percent']}")
+            if _have_ssh():
+                # And what a user would type instead: ssh -L through a local sshd.
+                with tempfile.TemporaryDirectory() as workdir:
+                    ssh = SshTunnel(procs, [plane.backend_tcp], workdir)
+                    for parallel, reverse in configs:
+                        key = _tcp_key(parallel, reverse)
+                        h = _iperf3_metered(ssh.services, ssh.local[plane.backend_tcp], seconds, parallel, reverse)
+                        runs[key][-1]["ssh"] = h
+                        ctx.say(f"rep {rep + 1} {key}: ssh -L {h['mb_per_s']} MB/s, cpu {h['cpu_percent']}")
             for c in plane.services:
                 peaks.setdefault(c.name, _Peak(c.name)).add(c)
     peak = _peak_rss(list(peaks.values()), 80, "under load")
@@ -279,6 +289,14 @@ def tcp(ctx: Ctx) -> dict:
         figs.append(f)
         figs.append(figure(f"reference, HAProxy pair: {names[key]}: CPU seconds per GB, both processes", "s",
                            [_per_gb(sum(h["cpu_percent"].values()), h) for h in done], better="lower"))
+    for key, rr in runs.items():
+        done = [r for r in rr if r.get("ssh", {}).get("mb_per_s")]
+        if not done:
+            continue
+        figs.append(figure(f"peer, ssh -L: {names[key]}", "MB/s", [r["ssh"]["mb_per_s"] for r in done],
+                           [r["direct"]["mb_per_s"] for r in done]))
+        figs.append(figure(f"peer, ssh -L: {names[key]}: CPU seconds per GB, ssh + sshd", "s",
+                           [_per_gb(sum(r["ssh"]["cpu_percent"].values()), r["ssh"]) for r in done], better="lower"))
     checks = []
     for a, b in (("P8", "P1"), ("P8-R", "P1-R")):
         if med.get(a) is not None and med.get(b) is not None:
@@ -401,14 +419,19 @@ def connect(ctx: Ctx) -> dict:
     n = 200 if ctx.quick else 1000
     budget = ctx.d(20, 5)
     runs = []
-    with ctx.procs() as procs:
+    with ctx.procs() as procs, tempfile.TemporaryDirectory() as workdir:
         plane = PortPlane(procs, "echo")
+        peers = _peers(procs, [plane.backend_tcp], workdir)
         for rep in range(ctx.reps):
             d = loadgen.connect_latency(plane.backend_tcp, n, budget=budget)
             t = loadgen.connect_latency(plane.gate, n, budget=budget)
-            runs.append({"direct": d, "tunnel": t})
+            row = {"direct": d, "tunnel": t}
+            for name, (port_of, _) in peers.items():
+                row[name] = loadgen.connect_latency(port_of[plane.backend_tcp], n, budget=budget)
+            runs.append(row)
             ctx.say(f"rep {rep + 1}: tunnel p50 {t['p50_ms']} ms p99 {t['p99_ms']} ms ({t['measured']} measured, "
-                    f"errors {t['errors']}); direct p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms")
+                    f"errors {t['errors']}); direct p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms; "
+                    + "; ".join(f"{PEER_NAMES[k]} p50 {row[k]['p50_ms']} p99 {row[k]['p99_ms']}" for k in peers))
     short = [r["tunnel"]["measured"] for r in runs if r["tunnel"]["measured"] < n]
     figs = [
         figure("p50", "ms", [r["tunnel"]["p50_ms"] for r in runs], [r["direct"]["p50_ms"] for r in runs], better="lower"),
@@ -420,14 +443,175 @@ def connect(ctx: Ctx) -> dict:
         figure("errors", "", [r["tunnel"]["errors"] for r in runs], [r["direct"]["errors"] for r in runs],
                better="lower"),
     ]
+    for name in PEER_NAMES:
+        done = [r for r in runs if name in r]
+        if done:
+            for pct in ("p50", "p99"):
+                figs.append(figure(f"peer, {PEER_NAMES[name]}: {pct}", "ms", [r[name][f"{pct}_ms"] for r in done],
+                                   [r["direct"][f"{pct}_ms"] for r in done], better="lower"))
     return {
         "title": f"5. Connect latency through the gateway ({n} × connect + 1-byte echo + close)",
         "how": ("Sequential, one connection at a time, TCP_NODELAY on the client socket, after 20 unrecorded "
-                f"warm-up connections; to the echo backend directly and through the gate. Each repetition stops "
+                f"warm-up connections; to the echo backend directly, through the gate, and (peer rows) through "
+                f"an HAProxy TLS pair and `ssh -L` through a local sshd. Each repetition stops "
                 f"after {budget:g} s, so that a slow tunnel cannot make the run unbounded."),
         "figures": figs, "runs": runs,
         "notes": [f"The {budget:g} s budget ran out before {n} connections: measured {', '.join(map(str, short))} "
                   "through the tunnel."] if short else [],
+    }
+
+
+PEER_NAMES = {"haproxy": "HAProxy TLS pair", "ssh": "ssh -L"}
+
+
+def _have_ssh() -> bool:
+    return tools.which("sshd") is not None and tools.which("ssh") is not None
+
+
+def _peers(procs, backend_ports: list[int], workdir: str) -> dict:
+    """The peers a user would pick instead, to C{backend_ports}: {name: ({backend: local port}, processes)}."""
+    peers = {}
+    if shutil.which("haproxy"):
+        pairs = {}
+        services = []
+        for b in backend_ports:
+            sub = tempfile.mkdtemp(dir=workdir)
+            pair = HAProxyPair(procs, b, sub)
+            pairs[b] = pair.front
+            services += pair.services
+        peers["haproxy"] = (pairs, services)
+    if _have_ssh():
+        ssh = SshTunnel(procs, backend_ports, workdir)
+        peers["ssh"] = (ssh.local, ssh.services)
+    return peers
+
+
+def _cpu_us(meter: CpuMeter, requests: int) -> float | None:
+    """CPU microseconds the metered processes spent per request."""
+    if not requests or not meter.seconds:
+        return None
+    return round(sum(meter.seconds.values()) / requests * 1e6, 1)
+
+
+# -- 8. Small requests: redis-benchmark
+def redis(ctx: Ctx) -> dict:
+    """redis-benchmark -t set,get -c 50 -P 1 and -P 16: direct, PipeGate, HAProxy TLS pair, ssh -L."""
+    pipelines = {1: int(ctx.d(50_000, 5_000)), 16: int(ctx.d(400_000, 40_000))}
+    systems = ["direct", "tunnel", *PEER_NAMES]
+    runs = {p: [] for p in pipelines}
+    with ctx.procs() as procs, tempfile.TemporaryDirectory() as workdir:
+        plane = PortPlane(procs, "redis")
+        redis_port = plane.backend_tcp
+        peers = _peers(procs, [redis_port], workdir)
+        ports = {"direct": (redis_port, []), "tunnel": (plane.gate, plane.services)}
+        ports.update({name: (port_of[redis_port], services) for name, (port_of, services) in peers.items()})
+        for rep in range(ctx.reps):
+            for pipeline, n in pipelines.items():
+                row = {}
+                for system in systems:
+                    if system not in ports:
+                        continue
+                    port, services = ports[system]
+                    with CpuMeter(services + [procs.child("redis")]) as cpu:
+                        r = tools.redis_benchmark(port, n, pipeline=pipeline)
+                    redis_s = cpu.seconds.pop("redis", None)
+                    done = n * len(r["tests"])
+                    r["cpu_us_per_request"] = _cpu_us(cpu, done) if services else None
+                    r["redis_cpu_us_per_request"] = round(redis_s / done * 1e6, 2) if redis_s is not None else None
+                    r["cpu_seconds"] = cpu.seconds
+                    row[system] = r
+                runs[pipeline].append(row)
+                ctx.say(f"rep {rep + 1} -P {pipeline}: " + "; ".join(
+                    f"{s} GET {row[s]['tests']['get']['rps']:.0f} req/s p50 {row[s]['tests']['get']['p50_ms']} ms"
+                    + (f" cpu {row[s]['cpu_us_per_request']} µs/req" if row[s]["cpu_us_per_request"] else "")
+                    for s in row))
+        peak = _peak_rss(plane.services, 80, "under load")
+    figs = []
+    checks = []
+    for pipeline, rr in runs.items():
+        for test in ("set", "get"):
+            label = f"{test.upper()} -c 50 -P {pipeline}"
+            for system in systems:
+                done = [r for r in rr if system in r and test in r[system]["tests"]]
+                if not done or system == "direct":
+                    continue
+                prefix = "" if system == "tunnel" else f"peer, {PEER_NAMES[system]}: "
+                figs.append(figure(f"{prefix}{label}: requests/s", "req/s",
+                                   [r[system]["tests"][test]["rps"] for r in done],
+                                   [r["direct"]["tests"][test]["rps"] for r in done]))
+                figs.append(figure(f"{prefix}{label}: p50 latency", "ms",
+                                   [r[system]["tests"][test]["p50_ms"] for r in done],
+                                   [r["direct"]["tests"][test]["p50_ms"] for r in done], better="lower"))
+        for system in systems[1:]:
+            done = [r for r in rr if system in r and r[system]["cpu_us_per_request"]]
+            if done:
+                who = "gateway + provider" if system == "tunnel" else (
+                    "both processes" if system == "haproxy" else "ssh + sshd")
+                prefix = "" if system == "tunnel" else f"peer, {PEER_NAMES[system]}: "
+                figs.append(figure(f"{prefix}-P {pipeline}: CPU per request, {who}", "µs",
+                                   [r[system]["cpu_us_per_request"] for r in done], better="lower"))
+        # Target of issue 22: ≥ 0.35 × direct at -P 1 (the best peer's ratio in its table)
+        if pipeline == 1:
+            for test in ("set", "get"):
+                t = [r["tunnel"]["tests"][test]["rps"] for r in rr]
+                d = [r["direct"]["tests"][test]["rps"] for r in rr]
+                ratio = statistics.median(t) / statistics.median(d)
+                best = {s: statistics.median([r[s]["tests"][test]["rps"] for r in rr if s in r])
+                        / statistics.median(d) for s in PEER_NAMES if all(s in r for r in rr)}
+                goal = max([0.35, *best.values()])
+                checks.append(check(f"{test.upper()} -c 50 -P 1 through the gate ≥ max(0.35, best peer's ratio) × "
+                                    "direct", f"{ratio:.2f} × direct" + "".join(
+                                        f"; {PEER_NAMES[s]} {v:.2f}" for s, v in best.items()), ratio >= goal))
+    return {
+        "title": "8. Small requests: redis-benchmark through gateway + provider and the peers",
+        "how": ("`redis-benchmark -t set,get -c 50 -n N -P 1|16 --csv` (N = "
+                f"{pipelines[1]:,} and {pipelines[16]:,}) against redis-server directly, through the TCP gate, "
+                "through two HAProxy processes with TLS between them (as in 3.) and through `ssh -N -L` to a "
+                "local sshd (a throwaway host key, authorized key and config in a temporary directory, "
+                "ed25519, the OpenSSH defaults for the cipher). CPU per request: the user + system time of "
+                "the tunnel's processes (for ssh: the client, the sshd and its session processes) over the "
+                "run, divided by the requests answered (SET and GET)."),
+        "figures": figs + peak, "checks": checks, "runs": {str(k): v for k, v in runs.items()},
+    }
+
+
+# -- 9. DNS-sized UDP request/response
+def udp_rr(ctx: Ctx) -> dict:
+    """DNS-sized UDP request/response loop (16 flows, 64 bytes) through a UDP gate vs direct."""
+    seconds = ctx.d(5, 1)
+    flows = 16
+    runs = []
+    with ctx.procs() as procs:
+        plane = PortPlane(procs, "echo")
+        for rep in range(ctx.reps):
+            d = loadgen.udp_request_response(plane.direct_udp, seconds, flows=flows)
+            with CpuMeter(plane.services) as cpu:
+                t = loadgen.udp_request_response(plane.gate, seconds, flows=flows)
+            t["cpu_us_per_request"] = _cpu_us(cpu, t["answered"])
+            runs.append({"direct": d, "tunnel": t})
+            ctx.say(f"rep {rep + 1}: tunnel {t['rps']:.0f} req/s p50 {t['p50_ms']} p99 {t['p99_ms']} ms lost "
+                    f"{t['lost']} cpu {t['cpu_us_per_request']} µs/req; direct {d['rps']:.0f} req/s p50 "
+                    f"{d['p50_ms']} ms lost {d['lost']}")
+    figs = [
+        figure("requests/s", "req/s", [r["tunnel"]["rps"] for r in runs], [r["direct"]["rps"] for r in runs]),
+        figure("p50 latency", "ms", [r["tunnel"]["p50_ms"] for r in runs], [r["direct"]["p50_ms"] for r in runs],
+               better="lower"),
+        figure("p99 latency", "ms", [r["tunnel"]["p99_ms"] for r in runs], [r["direct"]["p99_ms"] for r in runs],
+               better="lower"),
+        figure("requests lost (no answer in 0.5 s)", "", [r["tunnel"]["lost"] for r in runs],
+               [r["direct"]["lost"] for r in runs], better="lower"),
+        figure("CPU per request, gateway + provider", "µs", [r["tunnel"]["cpu_us_per_request"] for r in runs],
+               better="lower"),
+    ]
+    ratio = statistics.median(r["tunnel"]["rps"] for r in runs) / statistics.median(r["direct"]["rps"] for r in runs)
+    return {
+        "title": "9. DNS-sized UDP request/response through a UDP gate",
+        "how": (f"{flows} UDP sockets (one flow each at the gate), each sending a 64-byte datagram to the UDP "
+                f"echo backend and the next one as soon as the answer is back, for {seconds:g} s after 0.5 s of "
+                "warm-up (benchmarks/loadgen.py, in the harness's process: the direct column is bounded by this "
+                "Python client as much as by the echo server). No peer: HAProxy and ssh -L carry no UDP."),
+        "figures": figs, "runs": runs,
+        "checks": [check("requests/s through the gate ≥ 0.5 × direct", f"{ratio:.2f} × direct", ratio >= 0.5)],
     }
 
 
@@ -556,4 +740,6 @@ SCENARIOS = {
     "connect": connect,
     "scale": scale,
     "idle": idle_rss,
+    "redis": redis,
+    "udp_rr": udp_rr,
 }
