@@ -276,6 +276,19 @@ class DecoderTests(unittest.TestCase):
         stream = b"".join(encode(f) for f in SAMPLES)
         self.assertEqual(FrameDecoder().feed(stream), SAMPLES)
 
+    def test_whole_frames_then_a_tail(self):
+        # A read of many whole small frames and the start of the next (the link under
+        # request/response load): the whole ones come out, only the tail is held.
+        frames = [Data(c, b"+OK\r\n") for c in range(1, 51)]
+        stream = b"".join(encode(f) for f in frames)
+        last = encode(Data(51, b"$3\r\nabc\r\n"))
+        for cut in range(len(last)):
+            decoder = FrameDecoder()
+            self.assertEqual(decoder.feed(stream + last[:cut]), frames, cut)
+            self.assertEqual(decoder.buffered, cut)
+            self.assertEqual(decoder.feed(last[cut:]), [Data(51, b"$3\r\nabc\r\n")], cut)
+            self.assertEqual(decoder.buffered, 0)
+
     def test_random_splits(self):
         stream = b"".join(encode(f) for f in SAMPLES)
         rng = random.Random(7)
