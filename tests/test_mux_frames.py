@@ -21,7 +21,7 @@ from pipegate.mux import frames
 from pipegate.mux.frames import (
     EXPORTER_LABEL, MAX_DATA, MAX_DATAGRAM, MAX_FRAME_SIZE, ROLE_GATEWAY, ROLE_OBSERVER,
     ROLE_PROVIDER, ROUTES_MAX, Data, Datagram, Fin, FrameDecoder, FrameError, GoAway, Hello, Open,
-    OpenFail, OpenOk, Ping, Pong, Reset, Route, Routes, Window, decode, encode, hello_mac,
+    OpenFail, OpenOk, Ping, Pong, Reset, Route, Routes, Window, decode, encode, encode_datagram, hello_mac,
     parse_router_secret, verify_hello,
 )
 
@@ -275,6 +275,12 @@ class DecoderTests(unittest.TestCase):
     def test_whole_stream_in_one_read(self):
         stream = b"".join(encode(f) for f in SAMPLES)
         self.assertEqual(FrameDecoder().feed(stream), SAMPLES)
+
+    def test_encode_datagram_is_encode(self):
+        for data in (b"", b"q" * 64, b"x" * MAX_DATAGRAM):
+            self.assertEqual(encode_datagram(7, data), encode(Datagram(7, data)))
+        self.assertRaises(FrameError, encode_datagram, 7, b"x" * (MAX_DATAGRAM + 1))
+        self.assertRaises(FrameError, encode_datagram, 0, b"x")
 
     def test_whole_frames_then_a_tail(self):
         # A read of many whole small frames and the start of the next (the link under

@@ -281,6 +281,17 @@ def encode_data(channel: int, chunks: Iterable[bytes | memoryview]) -> bytes:
     return b"".join(parts)
 
 
+_DATAGRAM_PREFIX = struct.Struct(">IBI")   # length, DATAGRAM, channel
+
+
+def encode_datagram(channel: int, data: bytes) -> bytes:
+    """C{encode(Datagram(channel, data))} without its dispatch (one per UDP datagram carried)."""
+    _check_channel(channel, "DATAGRAM")
+    if len(data) > MAX_DATAGRAM:
+        raise FrameError(f"DATAGRAM payload of {len(data)} bytes")
+    return _DATAGRAM_PREFIX.pack(HEADER_SIZE + len(data), DATAGRAM, channel) + data
+
+
 def _encode(frame: Frame) -> tuple[int, int, bytes]:
     match frame:
         case Data(channel, data):

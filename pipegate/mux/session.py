@@ -84,8 +84,8 @@ class LinkChannel:
         pass
 
 
-_PAYLOAD = (frames.Data, frames.Datagram)
-_Data = frames.Data
+_PAYLOAD = frozenset({frames.Data, frames.Datagram})
+_Datagram = frames.Datagram
 _COALESCED = frozenset({frames.Data, frames.Datagram, frames.Window})
 
 
@@ -161,9 +161,9 @@ class MuxLink(Protocol):
                 self._last_seen = self.clock.seconds()
             channels = self.channels
             for frame in received:
-                if type(frame) is _Data and self.admitted and self._direct_data:
-                    # The hot path (one frame per message under request/response load),
-                    # without the dispatch of _frame.
+                if type(frame) in _PAYLOAD and self.admitted and self._direct_data:
+                    # The hot path (one frame per message or datagram under request/response
+                    # load), without the dispatch of _frame.
                     self.stats.inc("bytes", self._received, len(frame.data))
                     channel = channels.get(frame.channel)
                     if channel is not None:
@@ -278,6 +278,12 @@ class MuxLink(Protocol):
     def send(self, frame) -> None:
         """Send a frame on an admitted link (dropped once the link is closed)."""
         if self.admitted:
+            if type(frame) is _Datagram:  # one per UDP datagram: without encode's dispatch
+                wire = frames.encode_datagram(frame.channel, frame.data)
+                self.stats.inc("bytes", self._sent, len(frame.data))
+                if not self.closed and self.transport is not None:
+                    self.transport.write(wire)  # sent with the turn's other frames (_write)
+                return
             if type(frame) in _PAYLOAD:
                 self.stats.inc("bytes", self._sent, len(frame.data))
             self._write(frame)
