@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", nargs="?", const="", metavar="SCENARIO",
                         help="profile the services of one scenario (py-spy if installed, else cProfile); "
                              "output in benchmarks/results/profile-*")
+    parser.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw",
+                        help="py-spy's output for --profile: collapsed stacks with a summary (raw, the default), "
+                             "an SVG flame graph, or speedscope JSON")
     parser.add_argument("--logs", action="store_true", help="keep the services' twistd logs in benchmarks/results/logs/")
     parser.add_argument("--nodelay", nargs="?", const="relay,connector,gateway,provider", metavar="SERVICES",
                         help="experiment: set TCP_NODELAY on every TCP socket of these services (comma list, "
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.makedirs(args.out, exist_ok=True)
-    profiler = Profiler(names[0], args.out) if args.profile is not None else None
+    profiler = Profiler(names[0], args.out, fmt=args.profile_format) if args.profile is not None else None
     if profiler is not None:
         print(f"profiling '{names[0]}' with {profiler.tool}")
     ctx = Ctx(quick=args.quick, reps=reps, log_dir=os.path.join(args.out, "logs") if args.logs else None,

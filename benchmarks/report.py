@@ -121,7 +121,7 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {n}")
             lines.append("")
     if targets:
-        lines.append("## Targets (issue 6)")
+        lines.append("## Targets (issues 6 and 22)")
         lines.append("")
         lines.append("| scenario | target | measured (median) | met |")
         lines.append("|---|---|---|---|")
