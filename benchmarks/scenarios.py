@@ -101,6 +101,9 @@ def http_small(ctx: Ctx) -> dict:
                 # new TCP connections the app accepted per 100 requests it answered
                 run["app_connections_per_100"] = round(100 * (b["connections"] - a["connections"] - 1)
                                                        / max(1, b["requests"] - a["requests"]), 2)
+            # CPU of relay + connector per request answered (issue 22's target 2: ≤ 280 µs)
+            t["cpu_us_per_request"] = round(sum(v for k, v in cpu.seconds.items() if k != "app")
+                                            / max(1, t.get("requests") or 0) * 1e6, 1) if t.get("requests") else None
             runs["wrk"].append({"direct": d, "tunnel": t})
             runs["cpu_percent"].append(cpu.percent)
             ctx.say(f"rep {rep + 1}: wrk direct {d['rps']:.0f} req/s, tunnel {t['rps']:.0f} req/s "
@@ -124,6 +127,9 @@ def http_small(ctx: Ctx) -> dict:
                [r["direct"].get("p99_ms") for r in w], better="lower", target=("<", 20, "< 20 ms")),
         figure("wrk -t2 -c50: errors", "", [r["tunnel"]["errors"] for r in w], [r["direct"]["errors"] for r in w],
                better="lower"),
+        figure("wrk -t2 -c50: CPU per request, relay + connector", "µs",
+               [r["tunnel"].get("cpu_us_per_request") for r in w], better="lower",
+               target=("<=", 280, "≤ 280 µs (issue 22)")),
         figure("wrk -t2 -c50: new connections to the app per 100 requests", "",
                [r["tunnel"]["app_connections_per_100"] for r in w], [r["direct"]["app_connections_per_100"] for r in w],
                better="lower"),
@@ -305,6 +311,20 @@ def tcp(ctx: Ctx) -> dict:
                 measured += (f"; the HAProxy pair: {reference[a]} vs {reference[b]} MB/s "
                              f"({reference[a] / reference[b]:.2f})")
             checks.append(check(f"{names[a]} ≥ {names[b]}", measured, med[a] >= med[b]))
+    for key in runs:
+        # issue 22's target 3: each ≥ 1.0 × the HAProxy TLS pair, and CPU per GB no higher than its
+        if med.get(key) is not None and reference.get(key):
+            checks.append(check(f"{names[key]} ≥ 1.0 × the HAProxy TLS pair (issue 22)",
+                                f"{med[key]} vs {reference[key]} MB/s ({med[key] / reference[key]:.2f})",
+                                med[key] >= reference[key]))
+        ours = [_per_gb(sum(r["tunnel"]["cpu_percent"].values()), r["tunnel"]) for r in runs[key]
+                if r["tunnel"].get("mb_per_s") and r["tunnel"].get("cpu_percent")]
+        theirs = [_per_gb(sum(r["haproxy"]["cpu_percent"].values()), r["haproxy"]) for r in runs[key]
+                  if r.get("haproxy", {}).get("mb_per_s")]
+        if ours and theirs:
+            a, b = statistics.median(ours), statistics.median(theirs)
+            checks.append(check(f"{names[key]}: CPU per GB ≤ the HAProxy TLS pair's (issue 22)",
+                                f"{a:.2f} vs {b:.2f} s/GB", a <= b))
     for key in ("P1", "P1-R"):
         if med.get(key) is not None:
             checks.append(check(f"{names[key]}: floor ≥ 300 MB/s", f"{med[key]} MB/s", med[key] >= 300))
@@ -436,6 +456,10 @@ def connect(ctx: Ctx) -> dict:
     figs = [
         figure("p50", "ms", [r["tunnel"]["p50_ms"] for r in runs], [r["direct"]["p50_ms"] for r in runs], better="lower"),
         figure("p99", "ms", [r["tunnel"]["p99_ms"] for r in runs], [r["direct"]["p99_ms"] for r in runs], better="lower"),
+        figure("p50 through the gate (issue 22)", "ms", [r["tunnel"]["p50_ms"] for r in runs], better="lower",
+               target=("<=", 1.0, "≤ 1.0 ms")),
+        figure("p99 through the gate (issue 22)", "ms", [r["tunnel"]["p99_ms"] for r in runs], better="lower",
+               target=("<=", 2.0, "≤ 2 ms")),
         figure("p50 added by the tunnel", "ms", [r["tunnel"]["p50_ms"] - r["direct"]["p50_ms"] for r in runs],
                better="lower", target=("<", 1, "< 1 ms")),
         figure("p99 added by the tunnel", "ms", [r["tunnel"]["p99_ms"] - r["direct"]["p99_ms"] for r in runs],
@@ -697,6 +721,10 @@ def idle_rss(ctx: Ctx) -> dict:
         # Twisted's own smallest twistd service: what twistd costs before a plugin does anything.
         procs.twistd("portforward", "portforward",
                      ["-p", "tcp:0:interface=127.0.0.1", "-d", "9", "-h", "127.0.0.1"], child_env())
+        # Stock `twistd web` serving a directory: issue 22's yardstick for idle RSS (within 5 MiB).
+        web_root = tempfile.mkdtemp()
+        procs.twistd("twistd-web", "web", ["--listen", "tcp:0:interface=127.0.0.1", "--path", web_root],
+                     child_env())
         # one request through each plane so that the paths are loaded, then nothing
         loadgen.fixed_rate(http.relay_port, "/bench/small", 10, 0.2, warmup=0)
         loadgen.connect_latency(ports.gate, 1, warmup=0)
@@ -705,7 +733,7 @@ def idle_rss(ctx: Ctx) -> dict:
             [sys.executable, "-c", "import time; print(1, flush=True); time.sleep(600)"])
         bare.stdout.readline()
         children = http.services + ports.services + [ports.backend, procs.child("python"),
-                                                     procs.child("portforward")]
+                                                     procs.child("portforward"), procs.child("twistd-web")]
         for rep in range(ctx.reps):
             for c in children:
                 readings.setdefault(c.name, []).append(_mib(c.rss()))
@@ -713,8 +741,15 @@ def idle_rss(ctx: Ctx) -> dict:
     baseline = readings.pop("backend")
     python_only = readings.pop("python")
     portforward = readings.pop("portforward")
+    web = readings.pop("twistd-web")
+    shutil.rmtree(web_root, ignore_errors=True)
     figs = [figure(f"{name} idle RSS", "MiB", values, baseline, better="lower", target=("<", 40, "< 40 MiB"))
             for name, values in readings.items()]
+    checks = [check(f"{name} idle RSS within 5 MiB of stock `twistd -n web` (issue 22)",
+                    f"{statistics.median(values):.1f} vs {statistics.median(web):.1f} MiB",
+                    statistics.median(values) - statistics.median(web) <= 5)
+              for name, values in readings.items()]
+    figs.append(figure("yardstick: stock `twistd -n web --path DIR`", "MiB", web, better="lower"))
     figs.append(figure("floor: `twistd -n portforward` (Twisted's own TCP forwarder under twistd)", "MiB",
                        portforward, better="lower"))
     figs.append(figure("floor: the echo backend (Python + Twisted reactor, no PipeGate)", "MiB", baseline,
@@ -727,8 +762,9 @@ def idle_rss(ctx: Ctx) -> dict:
         "how": (f"VmRSS {settle:g} s after startup and one request through each plane. Direct column: the "
                 "echo backend, a bare Python + Twisted process (the floor for any Twisted service). "
                 "The twistd floor is Twisted's own `portforward` plugin idle under `twistd -n`: twistd's "
-                "imports and plugin discovery, before PipeGate's code."),
-        "figures": figs,
+                "imports and plugin discovery, before PipeGate's code. Stock `twistd -n web` serving an "
+                "empty directory is issue 22's yardstick."),
+        "figures": figs, "checks": checks,
     }
 
 
