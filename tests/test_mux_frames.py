@@ -324,6 +324,8 @@ class DecoderTests(unittest.TestCase):
         wire = frames.encode_data(7, chunks)
         self.assertEqual(wire, b"".join(encode(Data(7, bytes(c))) for c in chunks))
         self.assertEqual(FrameDecoder().feed(wire), [Data(7, bytes(c)) for c in chunks])
+        for chunk in chunks:  # one chunk (its own path)
+            self.assertEqual(frames.encode_data(7, [chunk]), encode(Data(7, bytes(chunk))))
         for bad in ([b""], [payload[:MAX_DATA + 1]]):
             self.assertRaises(FrameError, frames.encode_data, 7, bad)
         self.assertRaises(FrameError, frames.encode_data, 0, [b"a"])

@@ -245,6 +245,12 @@ class SendWindow:
         return self.queued > 0 or self.window <= 0
 
     def write(self, data: bytes) -> list[bytes | memoryview]:
+        size = len(data)
+        if not self._queue and 0 < size <= self.window and size <= MAX_DATA:
+            # What _drain would do with an empty queue and enough credit: the common case
+            # of a small message (a request or a reply) on a stream that keeps up.
+            self.window -= size
+            return [data]
         if data:
             self._queue.append(data)
             self.queued += len(data)

@@ -103,7 +103,8 @@ class StreamChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done:
             return
-        self._touch()
+        if self._idle_timer is not None:
+            self._touch()
         if self.link is None:
             self._early.append(data)
             return

@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -264,13 +264,19 @@ def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
 _DATA_PREFIX = struct.Struct(">IBI")   # length, DATA, channel
 
 
-def encode_data(channel: int, chunks: Iterable[bytes | memoryview]) -> bytes:
+def encode_data(channel: int, chunks: Sequence[bytes | memoryview]) -> bytes:
     """
     DATA frames for C{chunks}, all of one channel, in one buffer: the same bytes as
     C{b"".join(encode(Data(channel, c)) for c in chunks)}, with each payload copied
     once (the hot path of a tunnelled TCP connection; C{chunks} may be memoryviews).
     """
     _check_channel(channel, "DATA")
+    if len(chunks) == 1:  # one read, one frame: the common case
+        chunk = chunks[0]
+        size = len(chunk)
+        if not 0 < size <= MAX_DATA:
+            raise FrameError(f"DATA payload of {size} bytes")
+        return _DATA_PREFIX.pack(HEADER_SIZE + size, DATA, channel) + chunk
     parts = []
     for chunk in chunks:
         size = len(chunk)
@@ -465,6 +471,7 @@ def _check_limit(max_frame_size: int) -> None:
 
 
 _PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
+_MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
 _SMALL_READ = 4096
 
 
@@ -587,7 +594,11 @@ class FrameDecoder:
             if end - offset < total:
                 break
             kind, channel = _HEADER.unpack_from(data, offset + _LENGTH.size)
-            frames.append(_decode_body(kind, channel, data[offset + _PREFIX:offset + total]))
+            if kind == DATA and channel and HEADER_SIZE < size <= _MAX_DATA_SIZE:
+                # _decode_body's checks for DATA, inline: one per message under request/response load
+                frames.append(Data(channel, data[offset + _PREFIX:offset + total]))
+            else:
+                frames.append(_decode_body(kind, channel, data[offset + _PREFIX:offset + total]))
             offset += total
         if offset < end:
             self._parts.append(memoryview(data)[offset:] if offset else memoryview(data))
