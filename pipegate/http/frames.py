@@ -346,6 +346,18 @@ class ReceiveWindow:
         self._run += max(0, self.ungranted + size) - max(0, self.ungranted)
         self.ungranted += size
 
+    def passed_on(self, size: int) -> None:
+        """L{received} and L{consumed} at once: C{size} bytes arrived and were handed on."""
+        if size > self.available:
+            raise FrameError(f"peer sent {size} bytes with {self.available} of credit")
+        self.available -= size
+        ungranted = self.ungranted
+        if ungranted >= 0:
+            self._run += size
+        else:
+            self._run += max(0, ungranted + size)
+        self.ungranted = ungranted + size
+
     def grant(self, at_least: int = 0) -> int:
         """
         Return the credit to send in a WINDOW frame now (0 = nothing to send).  With

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
-from pipegate.sockets import eager_writes, no_delay, send_now, socket_transport
+from pipegate.sockets import eager_writes, no_delay, socket_transport
 
 
 # A channel's socket that stays full this long (seconds) is not keeping up.
@@ -154,10 +154,8 @@ class StreamChannel(Protocol):
             if self._idle_timer is not None:
                 self._touch()
             window = self.recv_window
-            window.received(len(data))
-            self.transport.write(data)
-            send_now(self.transport)
-            window.consumed(len(data))
+            window.passed_on(len(data))  # (raises before the write if the peer overran its credit)
+            self.transport.write(data)  # (eager_writes: sent now when the socket takes it)
             if not self._socket_full:
                 # Credit goes back once half the window is due, not after every DATA
                 # frame: fewer WINDOW frames, and the sender's socket is paused and
