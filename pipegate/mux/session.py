@@ -86,7 +86,9 @@ class LinkChannel:
 
 _PAYLOAD = frozenset({frames.Data, frames.Datagram})
 _Datagram = frames.Datagram
-_COALESCED = frozenset({frames.Data, frames.Datagram, frames.Window})
+_COALESCED = frozenset({frames.Data, frames.Datagram})
+# DATA written in pieces at least this big (a TLS record's worth) goes at once: see _write.
+SEND_AT_ONCE = 16_384
 
 
 class LinkError(Exception):
@@ -270,13 +272,14 @@ class MuxLink(Protocol):
     def _write(self, frame) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(frames.encode(frame))
-            # DATA, DATAGRAM and WINDOW frames of one reactor turn go out together: Twisted's
+            # Small DATA and DATAGRAM frames of one reactor turn go out together: Twisted's
             # buffering TLS layer holds writes under 64 KB until the end of the turn, then
             # makes them one TLS record and one send.  Under redis-benchmark -c 50 -P 1 a
             # turn carries many small replies; one record and one send each made gateway +
             # provider spend about 60 µs of CPU per request, batched about 36
-            # (benchmarks/README.md).  A 64 KiB DATA frame fills the buffer and goes at once.
-            # Control frames (OPEN, OPEN_OK, FIN, RESET, ...) still go now, after what is held.
+            # (benchmarks/README.md).  DATA of SEND_AT_ONCE bytes or more (bulk: copying it
+            # into a batch would cost more than its own record) and every other frame
+            # (WINDOW: the peer waits for it; OPEN, FIN, RESET, ...) go now, after what is held.
             if type(frame) not in _COALESCED:
                 send_now(self.transport)
 
@@ -294,11 +297,14 @@ class MuxLink(Protocol):
             self._write(frame)
 
     def send_data(self, channel_id: int, chunks) -> None:
-        """Send DATA frames for C{chunks} in one write, sent with the turn's other frames (L{_write})."""
+        """Send DATA frames for C{chunks} in one write: with the turn's other frames when small (L{_write})."""
         if self.admitted and chunks and not self.closed and self.transport is not None:
             counts, key = self.stats.counts, self._sent_key
             counts[key] = counts.get(key, 0) + sum(map(len, chunks))
-            self.transport.write(frames.encode_data(channel_id, chunks))
+            wire = frames.encode_data(channel_id, chunks)
+            self.transport.write(wire)
+            if len(wire) >= SEND_AT_ONCE:
+                send_now(self.transport)
 
     def allocate_channel(self, channel) -> int:
         if len(self.channels) >= self.config.max_channels:
