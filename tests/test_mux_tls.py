@@ -259,3 +259,14 @@ class LinkWrites(unittest.TestCase):
         self.assertEqual(self.received(), [
             self.frames.Data(1, b"small"), self.frames.Data(2, big), self.frames.Data(3, b"held"),
             self.frames.Window(4, 1000), self.frames.Fin(3)])
+
+    def test_frames_sent_one_by_one_follow_the_same_rule(self):
+        # (the hub forwards DATA with send(), not send_data())
+        from pipegate.mux.session import SEND_AT_ONCE
+        self.link.send(self.frames.Data(1, b"small"))
+        self.link.send(self.frames.Datagram(2, b"dns"))
+        self.assertEqual(self.client_transport.writes, 0)
+        self.link.send(self.frames.Data(3, pattern(SEND_AT_ONCE)))
+        self.assertEqual(self.client_transport.writes, 1)
+        self.assertEqual(self.received(), [self.frames.Data(1, b"small"), self.frames.Datagram(2, b"dns"),
+                                           self.frames.Data(3, pattern(SEND_AT_ONCE))])

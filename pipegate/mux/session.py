@@ -280,7 +280,7 @@ class MuxLink(Protocol):
             # (benchmarks/README.md).  DATA of SEND_AT_ONCE bytes or more (bulk: copying it
             # into a batch would cost more than its own record) and every other frame
             # (WINDOW: the peer waits for it; OPEN, FIN, RESET, ...) go now, after what is held.
-            if type(frame) not in _COALESCED:
+            if type(frame) not in _COALESCED or len(frame.data) >= SEND_AT_ONCE:
                 send_now(self.transport)
 
     def send(self, frame) -> None:
