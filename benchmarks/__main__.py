@@ -6,9 +6,10 @@ PipeGate benchmarks, side by side with the direct path:
     python -m benchmarks --only tcp,udp   # some scenarios
     python -m benchmarks --profile tcp    # one scenario with py-spy (or cProfile) on the services
 
-Needs `wrk` and `iperf3` (`sudo apt-get install wrk iperf3`); without one, the scenarios
-that need it are skipped and said so.  `haproxy` gives the TCP scenario its yardstick
-rows; without it they are left out.  Writes benchmarks/results/run-<time>.json, and
+Needs `wrk`, `iperf3` and redis (`sudo apt-get install wrk iperf3 redis-server redis-tools`);
+without one, the scenarios that need it are skipped and said so.  `haproxy` and OpenSSH
+(`openssh-server openssh-client`) give the TCP, redis and connect scenarios their peer
+rows (an HAProxy TLS pair, `ssh -L`); without them those rows are left out.  Writes benchmarks/results/run-<time>.json, and
 for a run of every scenario latest.json and latest.md (latest-quick.* with --quick).
 See benchmarks/README.md.
 """
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", nargs="?", const="", metavar="SCENARIO",
                         help="profile the services of one scenario (py-spy if installed, else cProfile); "
                              "output in benchmarks/results/profile-*")
+    parser.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw",
+                        help="py-spy's output for --profile: collapsed stacks with a summary (raw, the default), "
+                             "an SVG flame graph, or speedscope JSON")
     parser.add_argument("--logs", action="store_true", help="keep the services' twistd logs in benchmarks/results/logs/")
     parser.add_argument("--nodelay", nargs="?", const="relay,connector,gateway,provider", metavar="SERVICES",
                         help="experiment: set TCP_NODELAY on every TCP socket of these services (comma list, "
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment: extra options for one service (relay, connector, gateway, provider), "
                              "e.g. 'gateway=--window 4194304'; repeatable")
     parser.add_argument("--require-tools", action="store_true",
-                        help="exit 2 if wrk, iperf3 or haproxy is missing instead of skipping what needs them (for CI)")
+                        help="exit 2 if wrk, iperf3, redis, haproxy or OpenSSH is missing instead of skipping what needs them (for CI)")
     parser.add_argument("--render", metavar="JSON", help="print the Markdown table of a saved result and exit")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--out", default=RESULTS, help="results directory (default benchmarks/results)")
@@ -156,20 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     skipped = {}
     for tool, scenarios in missing.items():
         hit = [s for s in scenarios if s in names]
-        print(f"{tool} is not installed (sudo apt-get install {tool}): skipping {', '.join(scenarios)}")
+        package = tools.PACKAGES.get(tool, tool)
+        print(f"{tool} is not installed (sudo apt-get install {package}): skipping {', '.join(scenarios)}")
         for s in hit:
-            skipped[s] = f"{tool} is not installed (`sudo apt-get install {tool}`)"
+            skipped[s] = f"{tool} is not installed (`sudo apt-get install {package}`)"
 
     references = tools.missing_references()
     for tool, scenarios in references.items():
-        print(f"{tool} is not installed (sudo apt-get install {tool}): "
+        print(f"{tool} is not installed (sudo apt-get install {tools.PACKAGES.get(tool, tool)}): "
               f"{', '.join(scenarios)} without its {tool} reference")
 
-    if (missing or references) and args.require_tools:
+    needed = {tool for tool, scenarios in {**missing, **references}.items() if set(scenarios) & set(names)}
+    if needed and args.require_tools:
+        print(f"--require-tools: missing {', '.join(sorted(needed))}")
         return 2
 
     os.makedirs(args.out, exist_ok=True)
-    profiler = Profiler(names[0], args.out) if args.profile is not None else None
+    profiler = Profiler(names[0], args.out, fmt=args.profile_format) if args.profile is not None else None
     if profiler is not None:
         print(f"profiling '{names[0]}' with {profiler.tool}")
     ctx = Ctx(quick=args.quick, reps=reps, log_dir=os.path.join(args.out, "logs") if args.logs else None,

@@ -8,6 +8,7 @@ Small Python clients for what wrk and iperf3 do not measure.
   the tunnel falls behind, the queueing delay shows in the latency (no coordinated
   omission), as with wrk2.  The generator runs on asyncio in the harness process.
 - L{connect_latency}: N sequential connect + 1-byte echo + close.
+- L{udp_request_response}: DNS-sized UDP request/response, closed loop, several flows.
 - L{IdleConnections}: many concurrent TCP connections that each echo once, stay idle,
   and are checked again later.
 """
@@ -232,6 +233,82 @@ def connect_latency(port: int, n: int, warmup: int = 20, budget: float | None = 
     return {"n": n, "measured": len(lat), "errors": errors, "p50_ms": _ms(percentile(lat, 50)), "p90_ms": _ms(percentile(lat, 90)),
             "p99_ms": _ms(percentile(lat, 99)), "max_ms": _ms(max(lat) if lat else None),
             "mean_ms": _ms(sum(lat) / len(lat) if lat else None)}
+
+
+def udp_request_response(port: int, duration: float, *, flows: int = 16, size: int = 64,
+                         warmup: float = 0.5, timeout: float = 0.5) -> dict:
+    """
+    A DNS-sized request/response loop: C{flows} UDP sockets (one source port each, so
+    one flow each at a gate), each sending a C{size}-byte datagram and the next one as
+    soon as the echo comes back, for C{duration} seconds after C{warmup}.  A request
+    without an answer after C{timeout} counts as lost and the flow sends a new one.
+    """
+    sel = selectors.DefaultSelector()
+    socks = []
+    sent_at: dict = {}
+    seq: dict = {}
+    pad = b"q" * max(0, size - 8)
+    for _ in range(flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+        seq[s] = 0
+        sel.register(s, selectors.EVENT_READ)
+    lat: list[float] = []
+    lost = answered = 0
+    now = time.perf_counter
+    start = now()
+    measure_from = start + warmup
+    end = measure_from + duration
+
+    def send(s):
+        seq[s] += 1
+        sent_at[s] = now()
+        try:
+            s.send(seq[s].to_bytes(8, "big") + pad)
+        except OSError:
+            pass
+    try:
+        for s in socks:
+            send(s)
+        next_check = start + timeout / 4
+        while True:
+            t = now()
+            if t >= end:
+                break
+            for key, _ in sel.select(timeout=min(0.05, end - t)):
+                s = key.fileobj
+                while True:
+                    try:
+                        data = s.recv(65536)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        break
+                    if int.from_bytes(data[:8], "big") != seq[s]:
+                        continue  # a late answer to a request counted as lost
+                    t = now()
+                    if t >= measure_from:
+                        answered += 1
+                        lat.append(t - sent_at[s])
+                    send(s)
+            t = now()
+            if t >= next_check:
+                next_check = t + timeout / 4
+                for s in socks:
+                    if t - sent_at[s] > timeout:
+                        if t >= measure_from:
+                            lost += 1
+                        send(s)
+    finally:
+        for s in socks:
+            sel.unregister(s)
+            s.close()
+        sel.close()
+    return {"flows": flows, "size": size, "answered": answered, "lost": lost,
+            "rps": round(answered / duration, 1), "p50_ms": _ms(percentile(lat, 50)),
+            "p99_ms": _ms(percentile(lat, 99))}
 
 
 class IdleConnections:

@@ -27,7 +27,13 @@ SERVICES = ("relay", "connector", "gateway", "provider")
 
 
 class Profiler:
-    def __init__(self, scenario: str, outdir: str, rate: int = 250) -> None:
+    # py-spy's output formats: collapsed stacks (summarized here), an SVG flame graph, speedscope JSON
+    FORMATS = {"raw": "collapsed.txt", "flamegraph": "svg", "speedscope": "speedscope.json"}
+
+    def __init__(self, scenario: str, outdir: str, rate: int = 250, fmt: str = "raw") -> None:
+        if fmt not in self.FORMATS:
+            raise ValueError(f"profile format {fmt!r}: one of {', '.join(self.FORMATS)}")
+        self.format = fmt
         self.scenario = scenario
         self.outdir = outdir
         self.rate = rate
@@ -53,10 +59,10 @@ class Profiler:
     def attach(self, procs, child) -> None:
         if not self.pyspy or child.name not in SERVICES:
             return
-        path = self._path(child.name, "collapsed.txt")
+        path = self._path(child.name, self.FORMATS[self.format])
         self.outputs[child.name] = path
         procs.popen([self.pyspy, "record", "--pid", str(child.pid), "--rate", str(self.rate), "--nonblocking",
-                     "--function", "--format", "raw", "--output", path],
+                     "--function", "--format", self.format, "--output", path],
                     name=f"py-spy-{child.name}", stop_signal=signal.SIGINT,
                     stdout=subprocess.DEVNULL, stderr=open(self._path(child.name, "py-spy.log"), "ab"))
 
@@ -66,6 +72,9 @@ class Profiler:
         for name, path in self.outputs.items():
             if not os.path.exists(path):
                 summaries[name] = f"(no profile written: {path})"
+                continue
+            if self.pyspy and self.format != "raw":
+                summaries[name] = f"({self.format} written: {path}; open it in a browser or speedscope.app)"
                 continue
             text = _summarize_collapsed(path, top) if self.pyspy else _summarize_pstats(path, top)
             with open(self._path(name, "top.txt"), "w") as f:
@@ -101,7 +110,11 @@ def _summarize_collapsed(path: str, top: int) -> str:
                 incl[fr] += n
     if not total:
         return "no samples (the process was idle)\n"
-    out = [f"{total} samples (busy only; idle samples are not recorded)", "", "self %  function"]
+    # py-spy leaves out a thread that sleeps in epoll, but counts one that is runnable and
+    # waiting for a core inside a syscall (a send that woke its peer): on a busy machine the
+    # syscalls look heavier than their CPU time.
+    out = [f"{total} samples (busy only; idle samples are not recorded; time preempted inside a syscall is)",
+           "", "self %  function"]
     for fr, n in self_samples.most_common(top):
         out.append(f"{100 * n / total:6.1f}  {fr}")
     out += ["", "incl %  function (below the reactor's main loop)"]

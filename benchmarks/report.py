@@ -64,6 +64,68 @@ def _met(ok) -> str:
     return {True: "yes", False: "**no**", None: "–"}[ok]
 
 
+# The side-by-side table of issue 22: (label, scenario, figure for PipeGate and direct,
+# HAProxy pair's figure, ssh -L's figure).  Missing figures show as "–".
+_PEER_ROWS = [
+    ("TCP 1 stream, MB/s", "tcp", "1 stream, client → service",
+     "reference, HAProxy pair: 1 stream, client → service", "peer, ssh -L: 1 stream, client → service"),
+    ("TCP 8 streams, MB/s", "tcp", "8 streams, client → service (-P 8)",
+     "reference, HAProxy pair: 8 streams, client → service (-P 8)",
+     "peer, ssh -L: 8 streams, client → service (-P 8)"),
+    ("CPU seconds per GB, 1 stream", "tcp", "1 stream, client → service: CPU seconds per GB, gateway + provider",
+     "reference, HAProxy pair: 1 stream, client → service: CPU seconds per GB, both processes",
+     "peer, ssh -L: 1 stream, client → service: CPU seconds per GB, ssh + sshd"),
+    ("redis-benchmark GET -c50 -P1, req/s", "redis", "GET -c 50 -P 1: requests/s",
+     "peer, HAProxy TLS pair: GET -c 50 -P 1: requests/s", "peer, ssh -L: GET -c 50 -P 1: requests/s"),
+    ("redis GET -P1 p50, ms", "redis", "GET -c 50 -P 1: p50 latency",
+     "peer, HAProxy TLS pair: GET -c 50 -P 1: p50 latency", "peer, ssh -L: GET -c 50 -P 1: p50 latency"),
+    ("redis SET+GET -P1: CPU µs per request", "redis", "-P 1: CPU per request, gateway + provider",
+     "peer, HAProxy TLS pair: -P 1: CPU per request, both processes", "peer, ssh -L: -P 1: CPU per request, ssh + sshd"),
+    ("redis GET -P16, req/s", "redis", "GET -c 50 -P 16: requests/s",
+     "peer, HAProxy TLS pair: GET -c 50 -P 16: requests/s", "peer, ssh -L: GET -c 50 -P 16: requests/s"),
+    ("connect + echo + close p50, ms", "connect", "p50", "peer, HAProxy TLS pair: p50", "peer, ssh -L: p50"),
+    ("connect + echo + close p99, ms", "connect", "p99", "peer, HAProxy TLS pair: p99", "peer, ssh -L: p99"),
+    ("DNS-sized UDP request/response, req/s", "udp_rr", "requests/s", None, None),
+    ("HTTP 1 KiB GET, wrk -t2 -c50, req/s", "http_small", "wrk -t2 -c50: requests/s", None, None),
+    ("HTTP: relay + connector CPU µs per request", "http_small", "wrk -t2 -c50: CPU per request, relay + connector",
+     None, None),
+]
+
+
+def peer_table(result: dict) -> list[str]:
+    """Issue 22's table: each workload through direct, PipeGate, the HAProxy TLS pair and ssh -L."""
+    def fig(scenario: str, name: str | None) -> dict | None:
+        if name is None:
+            return None
+        for f in result["scenarios"].get(scenario, {}).get("figures", []):
+            if f["name"] == name:
+                return f
+        return None
+
+    def cell(f: dict | None, with_ratio: bool) -> str:
+        if f is None or f.get("tunnel") is None:
+            return "–"
+        text = _num(f["tunnel"]["median"])
+        if with_ratio and f.get("ratio") is not None and f["unit"] in ("req/s", "MB/s"):
+            text += f" ({_num(f['ratio'])}×)"
+        return text
+
+    rows = []
+    for label, scenario, ours, haproxy, ssh in _PEER_ROWS:
+        mine = fig(scenario, ours)
+        if mine is None:
+            continue
+        direct = _num(mine["direct"]["median"]) if mine.get("direct") else "–"
+        rows.append(f"| {label} | {direct} | {cell(mine, True)} | {cell(fig(scenario, haproxy), True)} | "
+                    f"{cell(fig(scenario, ssh), True)} |")
+    if not rows:
+        return []
+    return (["## Side by side: direct, PipeGate and the tools users would pick instead (issue 22)", "",
+             "Medians of this run; (×) = ratio to direct in the same run.", "",
+             "| workload | direct | PipeGate | HAProxy TLS pair | ssh -L |", "|---|---|---|---|---|"]
+            + rows + [""])
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# PipeGate benchmarks: {env['date']}", ""]
@@ -80,6 +142,7 @@ def markdown(result: dict) -> str:
     if result.get("profile"):
         lines.append(f"**Profiled run ({result['profile']}): figures are lower than without the profiler.**")
     lines.append("")
+    lines += peer_table(result)
     lines.append("Each cell: median (min–max) over the repetitions. *Ratio* = PipeGate median / direct median "
                  "(direct = the same client talking to the same backend with no tunnel, measured in the same run).")
     lines.append("")
@@ -121,7 +184,7 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {n}")
             lines.append("")
     if targets:
-        lines.append("## Targets (issue 6)")
+        lines.append("## Targets (issues 6 and 22)")
         lines.append("")
         lines.append("| scenario | target | measured (median) | met |")
         lines.append("|---|---|---|---|")

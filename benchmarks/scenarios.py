@@ -1,5 +1,5 @@
 """
-The seven scenarios.  Each starts its own topology (fresh processes, so memory figures
+The nine scenarios.  Each starts its own topology (fresh processes, so memory figures
 are not polluted by an earlier scenario), measures the tunnel and the direct path in
 the same run, repetition by repetition, and returns figures for the report.
 """
@@ -7,6 +7,7 @@ the same run, repetition by repetition, and returns figures for the report.
 from __future__ import annotations
 
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import attrs
 from benchmarks import loadgen, tools, transfer
 from benchmarks.procs import Processes, child_env
 from benchmarks.report import check, figure
-from benchmarks.topology import CpuMeter, HAProxyPair, HttpPlane, PortPlane
+from benchmarks.topology import CpuMeter, HAProxyPair, HttpPlane, PortPlane, SshTunnel
 
 MIB = 2**20
 
@@ -100,6 +101,9 @@ def http_small(ctx: Ctx) -> dict:
                 # new TCP connections the app accepted per 100 requests it answered
                 run["app_connections_per_100"] = round(100 * (b["connections"] - a["connections"] - 1)
                                                        / max(1, b["requests"] - a["requests"]), 2)
+            # CPU of relay + connector per request answered (issue 22's target 2: ≤ 280 µs)
+            t["cpu_us_per_request"] = round(sum(v for k, v in cpu.seconds.items() if k != "app")
+                                            / max(1, t.get("requests") or 0) * 1e6, 1) if t.get("requests") else None
             runs["wrk"].append({"direct": d, "tunnel": t})
             runs["cpu_percent"].append(cpu.percent)
             ctx.say(f"rep {rep + 1}: wrk direct {d['rps']:.0f} req/s, tunnel {t['rps']:.0f} req/s "
@@ -123,6 +127,9 @@ def http_small(ctx: Ctx) -> dict:
                [r["direct"].get("p99_ms") for r in w], better="lower", target=("<", 20, "< 20 ms")),
         figure("wrk -t2 -c50: errors", "", [r["tunnel"]["errors"] for r in w], [r["direct"]["errors"] for r in w],
                better="lower"),
+        figure("wrk -t2 -c50: CPU per request, relay + connector", "µs",
+               [r["tunnel"].get("cpu_us_per_request") for r in w], better="lower",
+               target=("<=", 280, "≤ 280 µs (issue 22)")),
         figure("wrk -t2 -c50: new connections to the app per 100 requests", "",
                [r["tunnel"]["app_connections_per_100"] for r in w], [r["direct"]["app_connections_per_100"] for r in w],
                better="lower"),
@@ -240,6 +247,15 @@ def tcp(ctx: Ctx) -> dict:
                         h = _iperf3_metered(pair.services, pair.front, seconds, parallel, reverse)
                         runs[key][-1]["haproxy"] = h
                         ctx.say(f"rep {rep + 1} {key}: HAProxy pair {h['mb_per_s']} MB/s, cpu {h['cpu_percent']}")
+            if _have_ssh():
+                # And what a user would type instead: ssh -L through a local sshd.
+                with tempfile.TemporaryDirectory() as workdir:
+                    ssh = SshTunnel(procs, [plane.backend_tcp], workdir)
+                    for parallel, reverse in configs:
+                        key = _tcp_key(parallel, reverse)
+                        h = _iperf3_metered(ssh.services, ssh.local[plane.backend_tcp], seconds, parallel, reverse)
+                        runs[key][-1]["ssh"] = h
+                        ctx.say(f"rep {rep + 1} {key}: ssh -L {h['mb_per_s']} MB/s, cpu {h['cpu_percent']}")
             for c in plane.services:
                 peaks.setdefault(c.name, _Peak(c.name)).add(c)
     peak = _peak_rss(list(peaks.values()), 80, "under load")
@@ -279,6 +295,14 @@ def tcp(ctx: Ctx) -> dict:
         figs.append(f)
         figs.append(figure(f"reference, HAProxy pair: {names[key]}: CPU seconds per GB, both processes", "s",
                            [_per_gb(sum(h["cpu_percent"].values()), h) for h in done], better="lower"))
+    for key, rr in runs.items():
+        done = [r for r in rr if r.get("ssh", {}).get("mb_per_s")]
+        if not done:
+            continue
+        figs.append(figure(f"peer, ssh -L: {names[key]}", "MB/s", [r["ssh"]["mb_per_s"] for r in done],
+                           [r["direct"]["mb_per_s"] for r in done]))
+        figs.append(figure(f"peer, ssh -L: {names[key]}: CPU seconds per GB, ssh + sshd", "s",
+                           [_per_gb(sum(r["ssh"]["cpu_percent"].values()), r["ssh"]) for r in done], better="lower"))
     checks = []
     for a, b in (("P8", "P1"), ("P8-R", "P1-R")):
         if med.get(a) is not None and med.get(b) is not None:
@@ -287,6 +311,20 @@ def tcp(ctx: Ctx) -> dict:
                 measured += (f"; the HAProxy pair: {reference[a]} vs {reference[b]} MB/s "
                              f"({reference[a] / reference[b]:.2f})")
             checks.append(check(f"{names[a]} ≥ {names[b]}", measured, med[a] >= med[b]))
+    for key in runs:
+        # issue 22's target 3: each ≥ 1.0 × the HAProxy TLS pair, and CPU per GB no higher than its
+        if med.get(key) is not None and reference.get(key):
+            checks.append(check(f"{names[key]} ≥ 1.0 × the HAProxy TLS pair (issue 22)",
+                                f"{med[key]} vs {reference[key]} MB/s ({med[key] / reference[key]:.2f})",
+                                med[key] >= reference[key]))
+        ours = [_per_gb(sum(r["tunnel"]["cpu_percent"].values()), r["tunnel"]) for r in runs[key]
+                if r["tunnel"].get("mb_per_s") and r["tunnel"].get("cpu_percent")]
+        theirs = [_per_gb(sum(r["haproxy"]["cpu_percent"].values()), r["haproxy"]) for r in runs[key]
+                  if r.get("haproxy", {}).get("mb_per_s")]
+        if ours and theirs:
+            a, b = statistics.median(ours), statistics.median(theirs)
+            checks.append(check(f"{names[key]}: CPU per GB ≤ the HAProxy TLS pair's (issue 22)",
+                                f"{a:.2f} vs {b:.2f} s/GB", a <= b))
     for key in ("P1", "P1-R"):
         if med.get(key) is not None:
             checks.append(check(f"{names[key]}: floor ≥ 300 MB/s", f"{med[key]} MB/s", med[key] >= 300))
@@ -401,18 +439,27 @@ def connect(ctx: Ctx) -> dict:
     n = 200 if ctx.quick else 1000
     budget = ctx.d(20, 5)
     runs = []
-    with ctx.procs() as procs:
+    with ctx.procs() as procs, tempfile.TemporaryDirectory() as workdir:
         plane = PortPlane(procs, "echo")
+        peers = _peers(procs, [plane.backend_tcp], workdir)
         for rep in range(ctx.reps):
             d = loadgen.connect_latency(plane.backend_tcp, n, budget=budget)
             t = loadgen.connect_latency(plane.gate, n, budget=budget)
-            runs.append({"direct": d, "tunnel": t})
+            row = {"direct": d, "tunnel": t}
+            for name, (port_of, _) in peers.items():
+                row[name] = loadgen.connect_latency(port_of[plane.backend_tcp], n, budget=budget)
+            runs.append(row)
             ctx.say(f"rep {rep + 1}: tunnel p50 {t['p50_ms']} ms p99 {t['p99_ms']} ms ({t['measured']} measured, "
-                    f"errors {t['errors']}); direct p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms")
+                    f"errors {t['errors']}); direct p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms; "
+                    + "; ".join(f"{PEER_NAMES[k]} p50 {row[k]['p50_ms']} p99 {row[k]['p99_ms']}" for k in peers))
     short = [r["tunnel"]["measured"] for r in runs if r["tunnel"]["measured"] < n]
     figs = [
         figure("p50", "ms", [r["tunnel"]["p50_ms"] for r in runs], [r["direct"]["p50_ms"] for r in runs], better="lower"),
         figure("p99", "ms", [r["tunnel"]["p99_ms"] for r in runs], [r["direct"]["p99_ms"] for r in runs], better="lower"),
+        figure("p50 through the gate (issue 22)", "ms", [r["tunnel"]["p50_ms"] for r in runs], better="lower",
+               target=("<=", 1.0, "≤ 1.0 ms")),
+        figure("p99 through the gate (issue 22)", "ms", [r["tunnel"]["p99_ms"] for r in runs], better="lower",
+               target=("<=", 2.0, "≤ 2 ms")),
         figure("p50 added by the tunnel", "ms", [r["tunnel"]["p50_ms"] - r["direct"]["p50_ms"] for r in runs],
                better="lower", target=("<", 1, "< 1 ms")),
         figure("p99 added by the tunnel", "ms", [r["tunnel"]["p99_ms"] - r["direct"]["p99_ms"] for r in runs],
@@ -420,14 +467,175 @@ def connect(ctx: Ctx) -> dict:
         figure("errors", "", [r["tunnel"]["errors"] for r in runs], [r["direct"]["errors"] for r in runs],
                better="lower"),
     ]
+    for name in PEER_NAMES:
+        done = [r for r in runs if name in r]
+        if done:
+            for pct in ("p50", "p99"):
+                figs.append(figure(f"peer, {PEER_NAMES[name]}: {pct}", "ms", [r[name][f"{pct}_ms"] for r in done],
+                                   [r["direct"][f"{pct}_ms"] for r in done], better="lower"))
     return {
         "title": f"5. Connect latency through the gateway ({n} × connect + 1-byte echo + close)",
         "how": ("Sequential, one connection at a time, TCP_NODELAY on the client socket, after 20 unrecorded "
-                f"warm-up connections; to the echo backend directly and through the gate. Each repetition stops "
+                f"warm-up connections; to the echo backend directly, through the gate, and (peer rows) through "
+                f"an HAProxy TLS pair and `ssh -L` through a local sshd. Each repetition stops "
                 f"after {budget:g} s, so that a slow tunnel cannot make the run unbounded."),
         "figures": figs, "runs": runs,
         "notes": [f"The {budget:g} s budget ran out before {n} connections: measured {', '.join(map(str, short))} "
                   "through the tunnel."] if short else [],
+    }
+
+
+PEER_NAMES = {"haproxy": "HAProxy TLS pair", "ssh": "ssh -L"}
+
+
+def _have_ssh() -> bool:
+    return tools.which("sshd") is not None and tools.which("ssh") is not None
+
+
+def _peers(procs, backend_ports: list[int], workdir: str) -> dict:
+    """The peers a user would pick instead, to C{backend_ports}: {name: ({backend: local port}, processes)}."""
+    peers = {}
+    if shutil.which("haproxy"):
+        pairs = {}
+        services = []
+        for b in backend_ports:
+            sub = tempfile.mkdtemp(dir=workdir)
+            pair = HAProxyPair(procs, b, sub)
+            pairs[b] = pair.front
+            services += pair.services
+        peers["haproxy"] = (pairs, services)
+    if _have_ssh():
+        ssh = SshTunnel(procs, backend_ports, workdir)
+        peers["ssh"] = (ssh.local, ssh.services)
+    return peers
+
+
+def _cpu_us(meter: CpuMeter, requests: int) -> float | None:
+    """CPU microseconds the metered processes spent per request."""
+    if not requests or not meter.seconds:
+        return None
+    return round(sum(meter.seconds.values()) / requests * 1e6, 1)
+
+
+# -- 8. Small requests: redis-benchmark
+def redis(ctx: Ctx) -> dict:
+    """redis-benchmark -t set,get -c 50 -P 1 and -P 16: direct, PipeGate, HAProxy TLS pair, ssh -L."""
+    pipelines = {1: int(ctx.d(50_000, 5_000)), 16: int(ctx.d(400_000, 40_000))}
+    systems = ["direct", "tunnel", *PEER_NAMES]
+    runs = {p: [] for p in pipelines}
+    with ctx.procs() as procs, tempfile.TemporaryDirectory() as workdir:
+        plane = PortPlane(procs, "redis")
+        redis_port = plane.backend_tcp
+        peers = _peers(procs, [redis_port], workdir)
+        ports = {"direct": (redis_port, []), "tunnel": (plane.gate, plane.services)}
+        ports.update({name: (port_of[redis_port], services) for name, (port_of, services) in peers.items()})
+        for rep in range(ctx.reps):
+            for pipeline, n in pipelines.items():
+                row = {}
+                for system in systems:
+                    if system not in ports:
+                        continue
+                    port, services = ports[system]
+                    with CpuMeter(services + [procs.child("redis")]) as cpu:
+                        r = tools.redis_benchmark(port, n, pipeline=pipeline)
+                    redis_s = cpu.seconds.pop("redis", None)
+                    done = n * len(r["tests"])
+                    r["cpu_us_per_request"] = _cpu_us(cpu, done) if services else None
+                    r["redis_cpu_us_per_request"] = round(redis_s / done * 1e6, 2) if redis_s is not None else None
+                    r["cpu_seconds"] = cpu.seconds
+                    row[system] = r
+                runs[pipeline].append(row)
+                ctx.say(f"rep {rep + 1} -P {pipeline}: " + "; ".join(
+                    f"{s} GET {row[s]['tests']['get']['rps']:.0f} req/s p50 {row[s]['tests']['get']['p50_ms']} ms"
+                    + (f" cpu {row[s]['cpu_us_per_request']} µs/req" if row[s]["cpu_us_per_request"] else "")
+                    for s in row))
+        peak = _peak_rss(plane.services, 80, "under load")
+    figs = []
+    checks = []
+    for pipeline, rr in runs.items():
+        for test in ("set", "get"):
+            label = f"{test.upper()} -c 50 -P {pipeline}"
+            for system in systems:
+                done = [r for r in rr if system in r and test in r[system]["tests"]]
+                if not done or system == "direct":
+                    continue
+                prefix = "" if system == "tunnel" else f"peer, {PEER_NAMES[system]}: "
+                figs.append(figure(f"{prefix}{label}: requests/s", "req/s",
+                                   [r[system]["tests"][test]["rps"] for r in done],
+                                   [r["direct"]["tests"][test]["rps"] for r in done]))
+                figs.append(figure(f"{prefix}{label}: p50 latency", "ms",
+                                   [r[system]["tests"][test]["p50_ms"] for r in done],
+                                   [r["direct"]["tests"][test]["p50_ms"] for r in done], better="lower"))
+        for system in systems[1:]:
+            done = [r for r in rr if system in r and r[system]["cpu_us_per_request"]]
+            if done:
+                who = "gateway + provider" if system == "tunnel" else (
+                    "both processes" if system == "haproxy" else "ssh + sshd")
+                prefix = "" if system == "tunnel" else f"peer, {PEER_NAMES[system]}: "
+                figs.append(figure(f"{prefix}-P {pipeline}: CPU per request, {who}", "µs",
+                                   [r[system]["cpu_us_per_request"] for r in done], better="lower"))
+        # Target of issue 22: ≥ 0.35 × direct at -P 1 (the best peer's ratio in its table)
+        if pipeline == 1:
+            for test in ("set", "get"):
+                t = [r["tunnel"]["tests"][test]["rps"] for r in rr]
+                d = [r["direct"]["tests"][test]["rps"] for r in rr]
+                ratio = statistics.median(t) / statistics.median(d)
+                best = {s: statistics.median([r[s]["tests"][test]["rps"] for r in rr if s in r])
+                        / statistics.median(d) for s in PEER_NAMES if all(s in r for r in rr)}
+                goal = max([0.35, *best.values()])
+                checks.append(check(f"{test.upper()} -c 50 -P 1 through the gate ≥ max(0.35, best peer's ratio) × "
+                                    "direct", f"{ratio:.2f} × direct" + "".join(
+                                        f"; {PEER_NAMES[s]} {v:.2f}" for s, v in best.items()), ratio >= goal))
+    return {
+        "title": "8. Small requests: redis-benchmark through gateway + provider and the peers",
+        "how": ("`redis-benchmark -t set,get -c 50 -n N -P 1|16 --csv` (N = "
+                f"{pipelines[1]:,} and {pipelines[16]:,}) against redis-server directly, through the TCP gate, "
+                "through two HAProxy processes with TLS between them (as in 3.) and through `ssh -N -L` to a "
+                "local sshd (a throwaway host key, authorized key and config in a temporary directory, "
+                "ed25519, the OpenSSH defaults for the cipher). CPU per request: the user + system time of "
+                "the tunnel's processes (for ssh: the client, the sshd and its session processes) over the "
+                "run, divided by the requests answered (SET and GET)."),
+        "figures": figs + peak, "checks": checks, "runs": {str(k): v for k, v in runs.items()},
+    }
+
+
+# -- 9. DNS-sized UDP request/response
+def udp_rr(ctx: Ctx) -> dict:
+    """DNS-sized UDP request/response loop (16 flows, 64 bytes) through a UDP gate vs direct."""
+    seconds = ctx.d(5, 1)
+    flows = 16
+    runs = []
+    with ctx.procs() as procs:
+        plane = PortPlane(procs, "echo")
+        for rep in range(ctx.reps):
+            d = loadgen.udp_request_response(plane.direct_udp, seconds, flows=flows)
+            with CpuMeter(plane.services) as cpu:
+                t = loadgen.udp_request_response(plane.gate, seconds, flows=flows)
+            t["cpu_us_per_request"] = _cpu_us(cpu, t["answered"])
+            runs.append({"direct": d, "tunnel": t})
+            ctx.say(f"rep {rep + 1}: tunnel {t['rps']:.0f} req/s p50 {t['p50_ms']} p99 {t['p99_ms']} ms lost "
+                    f"{t['lost']} cpu {t['cpu_us_per_request']} µs/req; direct {d['rps']:.0f} req/s p50 "
+                    f"{d['p50_ms']} ms lost {d['lost']}")
+    figs = [
+        figure("requests/s", "req/s", [r["tunnel"]["rps"] for r in runs], [r["direct"]["rps"] for r in runs]),
+        figure("p50 latency", "ms", [r["tunnel"]["p50_ms"] for r in runs], [r["direct"]["p50_ms"] for r in runs],
+               better="lower"),
+        figure("p99 latency", "ms", [r["tunnel"]["p99_ms"] for r in runs], [r["direct"]["p99_ms"] for r in runs],
+               better="lower"),
+        figure("requests lost (no answer in 0.5 s)", "", [r["tunnel"]["lost"] for r in runs],
+               [r["direct"]["lost"] for r in runs], better="lower"),
+        figure("CPU per request, gateway + provider", "µs", [r["tunnel"]["cpu_us_per_request"] for r in runs],
+               better="lower"),
+    ]
+    ratio = statistics.median(r["tunnel"]["rps"] for r in runs) / statistics.median(r["direct"]["rps"] for r in runs)
+    return {
+        "title": "9. DNS-sized UDP request/response through a UDP gate",
+        "how": (f"{flows} UDP sockets (one flow each at the gate), each sending a 64-byte datagram to the UDP "
+                f"echo backend and the next one as soon as the answer is back, for {seconds:g} s after 0.5 s of "
+                "warm-up (benchmarks/loadgen.py, in the harness's process: the direct column is bounded by this "
+                "Python client as much as by the echo server). No peer: HAProxy and ssh -L carry no UDP."),
+        "figures": figs, "runs": runs,
+        "checks": [check("requests/s through the gate ≥ 0.5 × direct", f"{ratio:.2f} × direct", ratio >= 0.5)],
     }
 
 
@@ -513,6 +721,10 @@ def idle_rss(ctx: Ctx) -> dict:
         # Twisted's own smallest twistd service: what twistd costs before a plugin does anything.
         procs.twistd("portforward", "portforward",
                      ["-p", "tcp:0:interface=127.0.0.1", "-d", "9", "-h", "127.0.0.1"], child_env())
+        # Stock `twistd web` serving a directory: issue 22's yardstick for idle RSS (within 5 MiB).
+        web_root = tempfile.mkdtemp()
+        procs.twistd("twistd-web", "web", ["--listen", "tcp:0:interface=127.0.0.1", "--path", web_root],
+                     child_env())
         # one request through each plane so that the paths are loaded, then nothing
         loadgen.fixed_rate(http.relay_port, "/bench/small", 10, 0.2, warmup=0)
         loadgen.connect_latency(ports.gate, 1, warmup=0)
@@ -521,7 +733,7 @@ def idle_rss(ctx: Ctx) -> dict:
             [sys.executable, "-c", "import time; print(1, flush=True); time.sleep(600)"])
         bare.stdout.readline()
         children = http.services + ports.services + [ports.backend, procs.child("python"),
-                                                     procs.child("portforward")]
+                                                     procs.child("portforward"), procs.child("twistd-web")]
         for rep in range(ctx.reps):
             for c in children:
                 readings.setdefault(c.name, []).append(_mib(c.rss()))
@@ -529,8 +741,15 @@ def idle_rss(ctx: Ctx) -> dict:
     baseline = readings.pop("backend")
     python_only = readings.pop("python")
     portforward = readings.pop("portforward")
+    web = readings.pop("twistd-web")
+    shutil.rmtree(web_root, ignore_errors=True)
     figs = [figure(f"{name} idle RSS", "MiB", values, baseline, better="lower", target=("<", 40, "< 40 MiB"))
             for name, values in readings.items()]
+    checks = [check(f"{name} idle RSS within 5 MiB of stock `twistd -n web` (issue 22)",
+                    f"{statistics.median(values):.1f} vs {statistics.median(web):.1f} MiB",
+                    statistics.median(values) - statistics.median(web) <= 5)
+              for name, values in readings.items()]
+    figs.append(figure("yardstick: stock `twistd -n web --path DIR`", "MiB", web, better="lower"))
     figs.append(figure("floor: `twistd -n portforward` (Twisted's own TCP forwarder under twistd)", "MiB",
                        portforward, better="lower"))
     figs.append(figure("floor: the echo backend (Python + Twisted reactor, no PipeGate)", "MiB", baseline,
@@ -543,8 +762,9 @@ def idle_rss(ctx: Ctx) -> dict:
         "how": (f"VmRSS {settle:g} s after startup and one request through each plane. Direct column: the "
                 "echo backend, a bare Python + Twisted process (the floor for any Twisted service). "
                 "The twistd floor is Twisted's own `portforward` plugin idle under `twistd -n`: twistd's "
-                "imports and plugin discovery, before PipeGate's code."),
-        "figures": figs,
+                "imports and plugin discovery, before PipeGate's code. Stock `twistd -n web` serving an "
+                "empty directory is issue 22's yardstick."),
+        "figures": figs, "checks": checks,
     }
 
 
@@ -556,4 +776,6 @@ SCENARIOS = {
     "connect": connect,
     "scale": scale,
     "idle": idle_rss,
+    "redis": redis,
+    "udp_rr": udp_rr,
 }

@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import re
 import shutil
 import time
 
 from benchmarks.procs import run_tool
 
-# Which scenarios need which Debian tool (`sudo apt-get install wrk iperf3`).
-NEEDS = {"wrk": ("http_small",), "iperf3": ("tcp", "udp")}
-# Tools without which a scenario still runs, losing one comparison (`sudo apt-get install haproxy`).
-REFERENCES = {"haproxy": ("tcp",)}
+# Which scenarios need which Debian tool (`sudo apt-get install wrk iperf3 redis-server redis-tools`).
+NEEDS = {"wrk": ("http_small",), "iperf3": ("tcp", "udp"), "redis-server": ("redis",), "redis-benchmark": ("redis",)}
+# Tools without which a scenario still runs, losing one comparison
+# (`sudo apt-get install haproxy openssh-server openssh-client`).
+REFERENCES = {"haproxy": ("tcp", "redis", "connect"), "sshd": ("tcp", "redis", "connect"),
+              "ssh": ("tcp", "redis", "connect")}
+# Debian packages to name when a tool is missing
+PACKAGES = {"redis-server": "redis-server", "redis-benchmark": "redis-tools", "sshd": "openssh-server",
+            "ssh": "openssh-client"}
+
+
+def which(tool: str) -> str | None:
+    """C{tool} on PATH, or (sshd) in /usr/sbin, which is not on every user's PATH."""
+    found = shutil.which(tool)
+    if found is None and tool == "sshd" and os.access("/usr/sbin/sshd", os.X_OK):
+        found = "/usr/sbin/sshd"
+    return found
 
 
 def missing_tools() -> dict[str, tuple[str, ...]]:
     """{tool: scenarios it skips} for each tool that is not on PATH."""
-    return {tool: scenarios for tool, scenarios in NEEDS.items() if shutil.which(tool) is None}
+    return {tool: scenarios for tool, scenarios in NEEDS.items() if which(tool) is None}
 
 
 def missing_references() -> dict[str, tuple[str, ...]]:
     """{tool: scenarios that run without its reference figures} for each one not on PATH."""
-    return {tool: scenarios for tool, scenarios in REFERENCES.items() if shutil.which(tool) is None}
+    return {tool: scenarios for tool, scenarios in REFERENCES.items() if which(tool) is None}
 
 
 def versions() -> dict[str, str | None]:
@@ -37,7 +53,39 @@ def versions() -> dict[str, str | None]:
     if shutil.which("haproxy"):
         text = run_tool(["haproxy", "-v"], timeout=10)
         out["haproxy"] = text.stdout.splitlines()[0].split(" - ")[0].strip() if text.stdout else None
+    if shutil.which("redis-server"):
+        text = run_tool(["redis-server", "--version"], timeout=10)
+        m = re.search(r"v=(\S+)", text.stdout)
+        out["redis"] = f"redis {m.group(1)}" if m else None
+    if which("ssh"):
+        text = run_tool(["ssh", "-V"], timeout=10)
+        out["ssh"] = (text.stderr or text.stdout).strip().split(",")[0] or None
     return out
+
+
+# -- redis-benchmark
+def redis_benchmark(port: int, requests: int, *, clients: int = 50, pipeline: int = 1,
+                    tests: str = "set,get") -> dict:
+    """C{redis-benchmark -t TESTS -c CLIENTS -P PIPELINE -n REQUESTS --csv}: {test: {rps, p50_ms, ...}}."""
+    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", tests, "-c", str(clients),
+            "-n", str(requests), "-P", str(pipeline), "--csv"]
+    proc = run_tool(argv, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return parse_redis_csv(proc.stdout) | {"command": " ".join(argv), "requests": requests}
+
+
+def parse_redis_csv(text: str) -> dict:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    out = {}
+    for row in rows:
+        if not row.get("test") or not row.get("rps"):
+            continue
+        out[row["test"].lower()] = {"rps": float(row["rps"]), "p50_ms": float(row.get("p50_latency_ms") or 0),
+                                    "p99_ms": float(row.get("p99_latency_ms") or 0)}
+    if not out:
+        raise RuntimeError(f"no results in redis-benchmark output:\n{text}")
+    return {"tests": out}
 
 
 # -- wrk

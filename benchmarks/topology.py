@@ -33,6 +33,51 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def descendants(pid: int) -> list[int]:
+    """C{pid} and every process below it (from the parent ids in /proc/*/stat)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(parents.get(p, ()))
+    return found
+
+
+class ProcessTree:
+    """A child and the processes it forked (sshd's per-session processes), metered as one."""
+
+    def __init__(self, child) -> None:
+        self.name = child.name
+        self.pid = child.pid
+        self._child = child
+
+    def alive(self) -> bool:
+        return self._child.alive()
+
+    def cpu_times(self) -> tuple[float, float]:
+        user = system = 0.0
+        for pid in descendants(self.pid):
+            try:
+                u, s = cpu_times(pid)
+            except OSError:
+                continue
+            user, system = user + u, system + s
+        return user, system
+
+
+def _times(child) -> tuple[float, float]:
+    return child.cpu_times() if isinstance(child, ProcessTree) else cpu_times(child.pid)
+
+
 class CpuMeter:
     """CPU use (% of one core) of some processes over one measurement."""
 
@@ -42,14 +87,16 @@ class CpuMeter:
     def __enter__(self):
         import time
         self._t = time.monotonic()
-        self._cpu = {c.name: cpu_times(c.pid) for c in self.children}
+        self._cpu = {c.name: _times(c) for c in self.children}
         return self
 
     def __exit__(self, *exc) -> None:
         import time
         wall = time.monotonic() - self._t
-        spent = {c.name: [b - a for a, b in zip(self._cpu[c.name], cpu_times(c.pid))]
+        spent = {c.name: [b - a for a, b in zip(self._cpu[c.name], _times(c))]
                  for c in self.children if c.alive()}
+        # CPU seconds (user + system) over the measurement, per process (tree)
+        self.seconds = {name: sum(t) for name, t in spent.items()}
         self.percent = {name: round(100 * sum(t) / wall, 1) for name, t in spent.items()}
         # Of which in the kernel (system time): sockets, TCP, the loopback's delivery.
         self.kernel_percent = {name: round(100 * t[1] / wall, 1) for name, t in spent.items()}
@@ -83,17 +130,31 @@ class HttpPlane:
         return [self.relay, self.connector]
 
 
+def start_redis(procs: Processes, name: str = "redis") -> int:
+    """C{redis-server} on 127.0.0.1 (no persistence, no protected-mode surprises); its port."""
+    port = free_port()
+    procs.popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                 "--daemonize", "no", "--logfile", "", "--loglevel", "warning", "--maxclients", "1000"],
+                name=name, stdout=subprocess.DEVNULL, env=child_env())
+    wait_listening(port, "tcp", procs=procs)
+    return port
+
+
 class PortPlane:
-    """backend + gateway + provider.  C{backend}: "echo" or "iperf3"."""
+    """backend + gateway + provider.  C{backend}: "echo", "iperf3" or "redis" (redis-server for TCP, the
+    echo server for UDP)."""
 
     def __init__(self, procs: Processes, backend: str = "echo") -> None:
         self.procs = procs
         env = child_env(PIPEGATE_ROUTER=ROUTER_SECRET)
-        if backend == "echo":
+        if backend in ("echo", "redis"):
             popen = procs.namer("backend", stdout=subprocess.PIPE, text=True, env=env)
             ports = json.loads(read_json_line(popen([python(), "-m", "benchmarks.backends", "echo"])))
             self.backend_tcp, self.backend_udp = ports["tcp"], ports["udp"]
             self.direct_tcp, self.direct_udp = self.backend_tcp, self.backend_udp
+            self.echo_tcp = self.backend_tcp
+            if backend == "redis":
+                self.backend_tcp = self.direct_tcp = start_redis(procs)
         else:
             # Two iperf3 servers (one answers one test at a time): one behind the gate, one direct.
             for name in ("backend", "backend-direct"):
@@ -123,8 +184,8 @@ class PortPlane:
         # A gate opens once the provider's link is admitted and its routes are in.
         wait_listening(self.gate, "tcp", procs=procs)
         wait_listening(self.gate, "udp", procs=procs)
-        if backend == "echo":
-            wait_echo(self.gate, procs=procs)
+        if backend in ("echo", "redis"):
+            wait_echo(self.gate if backend == "echo" else self.echo_tcp, procs=procs)
         self.gateway = procs.started(gateway.name)
         self.provider = procs.started(provider.name)
 
@@ -172,3 +233,61 @@ class HAProxyPair:
         wait_listening(hop, "tcp", procs=procs)
         wait_listening(self.front, "tcp", procs=procs)
         self.services = [procs.child("haproxy-front"), procs.child("haproxy-back")]
+
+
+# `ssh -L` through a local sshd: what a user would type instead of a tunnel.  The sshd is
+# a throwaway: its own host key, authorized key and config in a temporary directory, on a
+# free 127.0.0.1 port; the system's sshd and its configuration are never touched.
+_SSHD_CONFIG = """\
+ListenAddress 127.0.0.1:{port}
+HostKey {workdir}/ssh_host_ed25519_key
+PidFile none
+AuthorizedKeysFile {workdir}/authorized_keys
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+AllowTcpForwarding local
+PermitOpen {permit}
+X11Forwarding no
+PrintMotd no
+LogLevel ERROR
+"""
+
+
+class SshTunnel:
+    """C{sshd} on 127.0.0.1 and C{ssh -N -L} through it to C{backend_ports} (local port per backend)."""
+
+    def __init__(self, procs: Processes, backend_ports: list[int], workdir: str) -> None:
+        import getpass
+        import shutil
+
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        for key in ("ssh_host_ed25519_key", "id_ed25519"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pipegate-bench",
+                            "-f", os.path.join(workdir, key)], check=True, stdin=subprocess.DEVNULL)
+        with open(os.path.join(workdir, "id_ed25519.pub")) as f, \
+                open(os.path.join(workdir, "authorized_keys"), "w") as out:
+            out.write(f.read())
+        port = free_port()
+        config = os.path.join(workdir, "sshd_config")
+        with open(config, "w") as f:
+            f.write(_SSHD_CONFIG.format(port=port, workdir=workdir,
+                                        permit=" ".join(f"127.0.0.1:{p}" for p in backend_ports)))
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        procs.popen([sshd, "-D", "-e", "-f", config], name="sshd", stdout=subprocess.DEVNULL)
+        wait_listening(port, "tcp", procs=procs)
+        self.local = {b: free_port() for b in backend_ports}
+        argv = ["ssh", "-N", "-F", "/dev/null", "-p", str(port), "-i", os.path.join(workdir, "id_ed25519"),
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"]
+        for backend, local in self.local.items():
+            argv += ["-L", f"127.0.0.1:{local}:127.0.0.1:{backend}"]
+        procs.popen(argv + [f"{getpass.getuser()}@127.0.0.1"], name="ssh", stdout=subprocess.DEVNULL)
+        for local in self.local.values():
+            wait_listening(local, "tcp", procs=procs)
+        # sshd forks a process per session: meter the listener with its children
+        self.services = [ProcessTree(procs.child("sshd")), procs.child("ssh")]

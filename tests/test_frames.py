@@ -476,6 +476,34 @@ class ReceiveWindowTests(unittest.TestCase):
         r = ReceiveWindow(available=10)
         self.assertRaises(FrameError, r.received, 11)
 
+    def test_passed_on_is_received_then_consumed(self):
+        # The same state as received + consumed, through growth, shrinks (credit withheld,
+        # ungranted below 0) and grants; and the same refusal of a peer over its credit.
+        rng = random.Random(5)
+        budget_a, budget_b = frames.GrowthBudget(1 << 20), frames.GrowthBudget(1 << 20)
+        a = ReceiveWindow(available=1000, max_window=8000, budget=budget_a)
+        b = ReceiveWindow(available=1000, max_window=8000, budget=budget_b)
+        for _ in range(3000):
+            step = rng.random()
+            if step < 0.6:
+                n = rng.randint(1, 400)
+                if n > a.available:
+                    self.assertRaises(FrameError, a.received, n)
+                    self.assertRaises(FrameError, b.passed_on, n)
+                    continue
+                a.received(n)
+                a.consumed(n)
+                b.passed_on(n)
+            elif step < 0.9:
+                at_least = rng.choice((0, 1, a.window // 2))
+                self.assertEqual(a.grant(at_least), b.grant(at_least))
+            else:
+                a.shrink()
+                b.shrink()
+            self.assertEqual(attrs.asdict(a, recurse=False) | {"budget": None},
+                             attrs.asdict(b, recurse=False) | {"budget": None})
+            self.assertEqual(budget_a.used, budget_b.used)
+
     def test_credit_returns_only_when_granted(self):
         r = ReceiveWindow(available=100)
         r.received(100)

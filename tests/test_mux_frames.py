@@ -21,7 +21,7 @@ from pipegate.mux import frames
 from pipegate.mux.frames import (
     EXPORTER_LABEL, MAX_DATA, MAX_DATAGRAM, MAX_FRAME_SIZE, ROLE_GATEWAY, ROLE_OBSERVER,
     ROLE_PROVIDER, ROUTES_MAX, Data, Datagram, Fin, FrameDecoder, FrameError, GoAway, Hello, Open,
-    OpenFail, OpenOk, Ping, Pong, Reset, Route, Routes, Window, decode, encode, hello_mac,
+    OpenFail, OpenOk, Ping, Pong, Reset, Route, Routes, Window, decode, encode, encode_datagram, hello_mac,
     parse_router_secret, verify_hello,
 )
 
@@ -276,6 +276,25 @@ class DecoderTests(unittest.TestCase):
         stream = b"".join(encode(f) for f in SAMPLES)
         self.assertEqual(FrameDecoder().feed(stream), SAMPLES)
 
+    def test_encode_datagram_is_encode(self):
+        for data in (b"", b"q" * 64, b"x" * MAX_DATAGRAM):
+            self.assertEqual(encode_datagram(7, data), encode(Datagram(7, data)))
+        self.assertRaises(FrameError, encode_datagram, 7, b"x" * (MAX_DATAGRAM + 1))
+        self.assertRaises(FrameError, encode_datagram, 0, b"x")
+
+    def test_whole_frames_then_a_tail(self):
+        # A read of many whole small frames and the start of the next (the link under
+        # request/response load): the whole ones come out, only the tail is held.
+        frames = [Data(c, b"+OK\r\n") for c in range(1, 51)]
+        stream = b"".join(encode(f) for f in frames)
+        last = encode(Data(51, b"$3\r\nabc\r\n"))
+        for cut in range(len(last)):
+            decoder = FrameDecoder()
+            self.assertEqual(decoder.feed(stream + last[:cut]), frames, cut)
+            self.assertEqual(decoder.buffered, cut)
+            self.assertEqual(decoder.feed(last[cut:]), [Data(51, b"$3\r\nabc\r\n")], cut)
+            self.assertEqual(decoder.buffered, 0)
+
     def test_random_splits(self):
         stream = b"".join(encode(f) for f in SAMPLES)
         rng = random.Random(7)
@@ -305,6 +324,8 @@ class DecoderTests(unittest.TestCase):
         wire = frames.encode_data(7, chunks)
         self.assertEqual(wire, b"".join(encode(Data(7, bytes(c))) for c in chunks))
         self.assertEqual(FrameDecoder().feed(wire), [Data(7, bytes(c)) for c in chunks])
+        for chunk in chunks:  # one chunk (its own path)
+            self.assertEqual(frames.encode_data(7, [chunk]), encode(Data(7, bytes(chunk))))
         for bad in ([b""], [payload[:MAX_DATA + 1]]):
             self.assertRaises(FrameError, frames.encode_data, 7, bad)
         self.assertRaises(FrameError, frames.encode_data, 0, [b"a"])

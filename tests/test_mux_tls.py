@@ -182,3 +182,91 @@ class Batching(unittest.TestCase):
         self.assertEqual(b"".join(app.chunks)[:len(good)], good)
         self.assertTrue(pair.server._lostTLSConnection)
         self.assertIsInstance(pair.server._reason.value, SSL.Error)
+
+
+class _Node:
+    def link_admitted(self, link) -> None:
+        pass
+
+    def link_lost(self, link) -> None:
+        pass
+
+    def link_frame(self, link, frame) -> None:
+        pass
+
+
+class LinkWrites(unittest.TestCase):
+    """
+    A MuxLink on LinkTLSProtocol: small DATA frames of one reactor turn leave as one
+    transport write at the end of the turn (one TLS record batch, one send); large DATA
+    and control frames leave at once, after what is held, in order.
+    """
+
+    def setUp(self) -> None:
+        from pipegate.mux import frames
+        from pipegate.mux.session import LinkConfig, LinkFactory
+        self.frames = frames
+        cert = tls.generated_certificate()
+        self.clock = task.Clock()
+        config = LinkConfig(secret=b"s" * 32, role=frames.ROLE_GATEWAY)
+        server_options = ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original)
+        self.server = tls.LinkTLSFactory(server_options, False, protocol.Factory.forProtocol(Recorder),
+                                         self.clock).buildProtocol(None)
+        self.client = tls.LinkTLSFactory(ssl.CertificateOptions(verify=False), True,
+                                         LinkFactory(_Node(), config, self.clock, True), self.clock).buildProtocol(None)
+        self.server_transport, self.client_transport = CountingTransport(), CountingTransport()
+        self.server.makeConnection(self.server_transport)
+        self.client.makeConnection(self.client_transport)
+        for _ in range(10):
+            for source, sink in ((self.client_transport, self.server), (self.server_transport, self.client)):
+                data = source.value()
+                source.clear()
+                if data:
+                    sink.dataReceived(data)
+        self.clock.advance(0)
+        self.link = self.client.wrappedProtocol
+        self.link.admitted = True  # (admission is tests/test_mux_*'s subject, not this)
+        self.addCleanup(self.link._stop_timers)
+        self.server.wrappedProtocol.chunks.clear()
+        self.client_transport.clear()
+        self.client_transport.writes = 0
+
+    def received(self) -> list:
+        self.server.dataReceived(self.client_transport.value())
+        self.client_transport.clear()
+        return self.frames.FrameDecoder().feed(b"".join(self.server.wrappedProtocol.chunks))
+
+    def test_small_data_of_a_turn_is_one_write_at_its_end(self):
+        for channel in range(1, 51):
+            self.link.send_data(channel, [b"+OK\r\n"])
+        self.assertEqual(self.client_transport.writes, 0)
+        self.clock.advance(0)   # the end of the reactor turn
+        self.assertEqual(self.client_transport.writes, 1)
+        self.assertEqual(self.received(), [self.frames.Data(c, b"+OK\r\n") for c in range(1, 51)])
+
+    def test_large_data_and_control_frames_go_at_once_in_order(self):
+        from pipegate.mux.session import SEND_AT_ONCE
+        big = pattern(SEND_AT_ONCE)
+        self.link.send_data(1, [b"small"])
+        self.link.send_data(2, [big])
+        self.assertEqual(self.client_transport.writes, 1)   # the held frame and the big one
+        self.link.send_data(3, [b"held"])
+        self.link.send(self.frames.Window(4, 1000))
+        self.link.send(self.frames.Fin(3))
+        self.assertEqual(self.client_transport.writes, 3)
+        self.clock.advance(0)
+        self.assertEqual(self.client_transport.writes, 3)   # nothing was left
+        self.assertEqual(self.received(), [
+            self.frames.Data(1, b"small"), self.frames.Data(2, big), self.frames.Data(3, b"held"),
+            self.frames.Window(4, 1000), self.frames.Fin(3)])
+
+    def test_frames_sent_one_by_one_follow_the_same_rule(self):
+        # (the hub forwards DATA with send(), not send_data())
+        from pipegate.mux.session import SEND_AT_ONCE
+        self.link.send(self.frames.Data(1, b"small"))
+        self.link.send(self.frames.Datagram(2, b"dns"))
+        self.assertEqual(self.client_transport.writes, 0)
+        self.link.send(self.frames.Data(3, pattern(SEND_AT_ONCE)))
+        self.assertEqual(self.client_transport.writes, 1)
+        self.assertEqual(self.received(), [self.frames.Data(1, b"small"), self.frames.Datagram(2, b"dns"),
+                                           self.frames.Data(3, pattern(SEND_AT_ONCE))])

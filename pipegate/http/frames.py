@@ -245,6 +245,12 @@ class SendWindow:
         return self.queued > 0 or self.window <= 0
 
     def write(self, data: bytes) -> list[bytes | memoryview]:
+        size = len(data)
+        if not self._queue and 0 < size <= self.window and size <= MAX_DATA:
+            # What _drain would do with an empty queue and enough credit: the common case
+            # of a small message (a request or a reply) on a stream that keeps up.
+            self.window -= size
+            return [data]
         if data:
             self._queue.append(data)
             self.queued += len(data)
@@ -339,6 +345,18 @@ class ReceiveWindow:
         # Bytes that pay back credit withheld after a shrink do not count toward growth.
         self._run += max(0, self.ungranted + size) - max(0, self.ungranted)
         self.ungranted += size
+
+    def passed_on(self, size: int) -> None:
+        """L{received} and L{consumed} at once: C{size} bytes arrived and were handed on."""
+        if size > self.available:
+            raise FrameError(f"peer sent {size} bytes with {self.available} of credit")
+        self.available -= size
+        ungranted = self.ungranted
+        if ungranted >= 0:
+            self._run += size
+        else:
+            self._run += max(0, ungranted + size)
+        self.ungranted = ungranted + size
 
     def grant(self, at_least: int = 0) -> int:
         """

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
 from pipegate.mux import frames
-from pipegate.sockets import eager_writes, no_delay, send_now, socket_transport
+from pipegate.sockets import eager_writes, no_delay, socket_transport
 
 
 # A channel's socket that stays full this long (seconds) is not keeping up.
@@ -29,6 +29,8 @@ SLOW_SOCKET = 0.1
 # pipegate.sockets.bounded_reads).  One stream through gateway + provider: 577-677 ->
 # 657-852 MB/s, 2.5-3.0 -> 2.0-2.5 CPU-s/GB (benchmarks/README.md).
 CHANNEL_SOCKET_BUFFER = 130_048
+
+_Data = frames.Data
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -101,12 +103,15 @@ class StreamChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done:
             return
-        self._touch()
+        if self._idle_timer is not None:
+            self._touch()
         if self.link is None:
             self._early.append(data)
             return
         self._send(data)
-        self._update_reading()
+        if self.send_window.blocked or self.link.paused:
+            # (Otherwise the socket is still being read, as it was for this data.)
+            self._update_reading()
 
     def _send(self, data: bytes) -> None:
         self.link.send_data(self.channel_id, self.send_window.write(data))
@@ -144,20 +149,22 @@ class StreamChannel(Protocol):
     def frame_received(self, frame) -> None:
         if self.done:
             return
-        match frame:
-            case frames.Data(_, data):
+        if type(frame) is _Data:  # the hot path, before the match below
+            data = frame.data
+            if self._idle_timer is not None:
                 self._touch()
-                self.recv_window.received(len(data))
-                self.transport.write(data)
-                send_now(self.transport)
-                self.recv_window.consumed(len(data))
-                if not self._socket_full:
-                    # Credit goes back once half the window is due, not after every DATA
-                    # frame: fewer WINDOW frames, and the sender's socket is paused and
-                    # resumed less often.  The sender still holds the other half.
-                    credit = self.recv_window.grant(max(1, self.recv_window.window // 2))
-                    if credit:
-                        self.link.send(frames.Window(self.channel_id, credit))
+            window = self.recv_window
+            window.passed_on(len(data))  # (raises before the write if the peer overran its credit)
+            self.transport.write(data)  # (eager_writes: sent now when the socket takes it)
+            if not self._socket_full:
+                # Credit goes back once half the window is due, not after every DATA
+                # frame: fewer WINDOW frames, and the sender's socket is paused and
+                # resumed less often.  The sender still holds the other half.
+                credit = window.grant(max(1, window.window // 2))
+                if credit:
+                    self.link.send(frames.Window(self.channel_id, credit))
+            return
+        match frame:
             case frames.Window(_, increment):
                 self.link.send_data(self.channel_id, self.send_window.credit(increment))
                 self._maybe_fin()
