@@ -303,7 +303,8 @@ class PodmanHelperTests(PortPlane):
         self.assertEqual(inspect["Config"]["ExposedPorts"], {"3306/tcp": {}, "80/tcp": {}})  # 80: the test image
         self.assert_secret_free(name, inspect)
         # (HostConfig.Sysctls of the spec is accepted by Podman 4.3's create but not shown by its inspect.)
-        self.assertTrue(self.logged(f"docker: helper {name} created but not started"))
+        # The helper is recorded once created; the refused start is logged after the engine answers.
+        await eventually(lambda: self.logged(f"docker: helper {name} created but not started"), timeout=30)
 
         # Routes change: the helper is replaced with the new ports.
         prov.set_services([Service(13306, "mysql.hyper", 3306, "tcp", DOCKER),
