@@ -65,7 +65,7 @@ def explain_login_failure(lost: Failure | None, status_line: str, handshake_erro
             if "certificate verify failed" in text:
                 return f"TLS: the relay's certificate is not trusted ({text}); {CA_HINT}"
             if "wrong version number" in text or "packet length too long" in text or "record layer" in text:
-                return f"TLS handshake failed ({text}): the port does not speak TLS (use ws:// for a plain port)"
+                return f"TLS handshake failed ({text}): the port does not speak TLS (a plain port needs ws://, not wss://)"
             return f"TLS handshake failed ({text})"
         if type(lost.value).__name__ == "VerificationError":  # service_identity: wrong host name
             return f"TLS: the relay's certificate does not match its host name ({lost.getErrorMessage()})"
