@@ -290,8 +290,10 @@ class Processes(DockerPlane):
             "-n", "--pidfile=", "pipegate-gateway", "--mux", f"tcp:{mux}:interface=127.0.0.1",
             "--docker", self.double.endpoint, "--helper-target", "127.0.0.1"], child_env(PIPEGATE_ROUTER=SECRET_HEX))
         self.provider(_Port(mux), [Service(free_port(), "cache.hyper", 6379, "tcp")])
-        await eventually(lambda: helper_name("cache.hyper") in {c.name for c in self.engine.containers.values()},
-                         timeout=30)
+        # Wait for the gateway to record the helper (its log line), not for the engine to hold it: a stop
+        # between the two sweeps the helper as a stale one, and "gateway stopping" is never said.
+        recorded = b"docker: helper %s for cache.hyper" % helper_name("cache.hyper").encode()
+        await eventually(lambda: recorded in gateway.output, timeout=30)
         gateway.transport.signalProcess(signal.SIGINT)
         await gateway.ended
         self.assertEqual(self.engine.containers, {})
