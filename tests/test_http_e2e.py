@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from pipegate.http import frames
+from pipegate.core import window
 from tests.support import (
     Loopback, TestApp, connect_raw, dechunk, eventually, pattern, raw_request, request, token_for,
     split_response, ws_connect,
@@ -70,7 +71,7 @@ class Tunnel(unittest.TestCase):
         size = 32 * 1024 * 1024
         link = self.relay.tunnels["t1"].links[0]
         done = defer.ensureDeferred(request(self.agent, b"GET", self.base + f"/t1/big/{size}"))
-        await eventually(lambda: any(s.download.window > frames.INITIAL_WINDOW for s in link.streams.values()),
+        await eventually(lambda: any(s.download.window > window.INITIAL_WINDOW for s in link.streams.values()),
                          timeout=30)
         self.assertLessEqual(max(s.download.window for s in link.streams.values()), frames.MAX_WINDOW)
         response, body = await done
@@ -79,7 +80,7 @@ class Tunnel(unittest.TestCase):
         session = self.connector.links[0].session
         payload = pattern(size)
         done = defer.ensureDeferred(request(self.agent, b"POST", self.base + "/t1/sha", body=payload))
-        await eventually(lambda: any(s.upload.window > frames.INITIAL_WINDOW for s in session.streams.values()),
+        await eventually(lambda: any(s.upload.window > window.INITIAL_WINDOW for s in session.streams.values()),
                          timeout=30)
         response, body = await done
         self.assertEqual(json.loads(body)["body_sha256"], hashlib.sha256(payload).hexdigest())

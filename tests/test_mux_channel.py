@@ -12,9 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial import unittest
 
-from pipegate.http.frames import GrowthBudget
+from pipegate.core.window import GrowthBudget
 from pipegate.mux import frames
-from pipegate.mux.channel import SLOW_SOCKET, StreamChannel
+from pipegate.core.window import SLOW_SINK
+from pipegate.mux.channel import StreamChannel
 from pipegate.tap import gateway, provider
 
 WINDOW = 2 * frames.MAX_DATA
@@ -66,10 +67,10 @@ class ChannelWindow(unittest.TestCase):
     def test_grows_while_the_socket_keeps_up(self):
         for _ in range(3):
             self.deliver(self.held)             # 1, 2, then 4 windows
-        self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
+        self.assertEqual((self.channel.flow.recv.window, self.held), (MAX_WINDOW, MAX_WINDOW))
         self.deliver(self.held)
         self.deliver(self.held)
-        self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
+        self.assertEqual((self.channel.flow.recv.window, self.held), (MAX_WINDOW, MAX_WINDOW))
         self.assertEqual(len(self.transport.value()), WINDOW * (1 + 2 + 4 + 8 + 8))
 
     def test_fixed_without_max_window(self):
@@ -78,19 +79,19 @@ class ChannelWindow(unittest.TestCase):
         self.channel.attach(self.link, 1)
         for _ in range(5):
             self.deliver(self.held)
-        self.assertEqual((self.channel.recv_window.window, self.held), (WINDOW, WINDOW))
+        self.assertEqual((self.channel.flow.recv.window, self.held), (WINDOW, WINDOW))
 
     def test_socket_full_for_long_shrinks_on_resume(self):
         for _ in range(4):
             self.deliver(self.held)
-        self.assertEqual(self.channel.recv_window.window, MAX_WINDOW)
+        self.assertEqual(self.channel.flow.recv.window, MAX_WINDOW)
         self.channel.pauseProducing()           # the client stopped reading
         self.deliver(self.held)                 # everything in flight lands in the socket buffer
         self.assertEqual(self.held, 0)          # no credit while the socket is full
-        self.link.clock.advance(SLOW_SOCKET)
+        self.link.clock.advance(SLOW_SINK)
         self.channel.resumeProducing()
         self.held += self.link.credit()
-        self.assertEqual(self.channel.recv_window.window, WINDOW)
+        self.assertEqual(self.channel.flow.recv.window, WINDOW)
         self.assertEqual(self.held, WINDOW)     # back to the initial credit, not MAX_WINDOW
 
     def test_short_pushback_keeps_the_window(self):
@@ -98,10 +99,10 @@ class ChannelWindow(unittest.TestCase):
             self.deliver(self.held)
         self.channel.pauseProducing()
         self.deliver(self.held)
-        self.link.clock.advance(SLOW_SOCKET / 10)
+        self.link.clock.advance(SLOW_SINK / 10)
         self.channel.resumeProducing()
         self.held += self.link.credit()
-        self.assertEqual((self.channel.recv_window.window, self.held), (MAX_WINDOW, MAX_WINDOW))
+        self.assertEqual((self.channel.flow.recv.window, self.held), (MAX_WINDOW, MAX_WINDOW))
 
     def test_budget_shared_and_returned_when_done(self):
         budget = GrowthBudget(3 * WINDOW)
@@ -110,13 +111,13 @@ class ChannelWindow(unittest.TestCase):
         self.channel.attach(self.link, 1)
         for _ in range(4):
             self.deliver(self.held)
-        self.assertEqual((self.channel.recv_window.window, budget.used), (4 * WINDOW, 3 * WINDOW))
+        self.assertEqual((self.channel.flow.recv.window, budget.used), (4 * WINDOW, 3 * WINDOW))
         other = StreamChannel(WINDOW, MAX_WINDOW, budget)
         other.makeConnection(StringTransport())
         other.attach(self.link, 3)
         other.frame_received(frames.Data(3, b"d" * frames.MAX_DATA))
         other.frame_received(frames.Data(3, b"d" * frames.MAX_DATA))
-        self.assertEqual(other.recv_window.window, WINDOW)   # nothing left to grow by
+        self.assertEqual(other.flow.recv.window, WINDOW)   # nothing left to grow by
         self.channel.frame_received(frames.Reset(1, "done"))
         self.assertEqual(budget.used, 0)
 

@@ -275,8 +275,8 @@ class TCP(PortPlane):
         # The client's socket reads (and buffers) two DATA frames' worth at once.
         self.assertEqual(socket_transport(gw_channel.transport).bufferSize, CHANNEL_SOCKET_BUFFER)
         # Credit beyond the initial window: the gateway's receive window grew (ReceiveWindow).
-        await eventually(lambda: gw_channel.recv_window.window > frames.INITIAL_WINDOW, timeout=60)
-        self.assertLessEqual(gw_channel.recv_window.window, frames.MAX_WINDOW)
+        await eventually(lambda: gw_channel.flow.recv.window > frames.INITIAL_WINDOW, timeout=60)
+        self.assertLessEqual(gw_channel.flow.recv.window, frames.MAX_WINDOW)
         self.assertGreater(self.gw.window_budget.used, 0)
         received = await client.closed
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(pattern(size)).digest())

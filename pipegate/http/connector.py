@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from pipegate.core import window
 from pipegate.http import frames, visitors
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http.relay import PROTOCOL_ERROR
@@ -215,7 +216,7 @@ class TunnelBody:
 
     def resumeProducing(self):
         self._paused = False
-        if self.stream.session.reactor.seconds() - self._paused_since >= frames.SLOW_CONSUMER:
+        if self.stream.session.reactor.seconds() - self._paused_since >= window.SLOW_SINK:
             self.stream.upload.shrink()  # the local app is not keeping up
         credit = self.stream.upload.grant()
         if credit:
@@ -232,7 +233,7 @@ class ResponseForwarder(Protocol):
 
     def __init__(self, stream: ConnectorStream) -> None:
         self.stream = stream
-        self.window = frames.SendWindow()
+        self.window = window.SendWindow()
         self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -273,7 +274,7 @@ class ConnectorStream:
         self.head = head
         config = session.config
         # The request body's window grows while the local app keeps up (docs/protocol.md 1.5).
-        self.upload = frames.ReceiveWindow(max_window=config.max_window, budget=session.window_budget)
+        self.upload = window.ReceiveWindow(max_window=config.max_window, budget=session.window_budget)
         self.body: TunnelBody | None = None
         self.forwarder: ResponseForwarder | None = None
         self.pipe: StreamPipe | None = None
@@ -469,7 +470,7 @@ class ConnectorSession:
     log = Logger()
 
     def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, agent, reactor,
-                 window_budget: frames.GrowthBudget | None = None, observer=None) -> None:
+                 window_budget: window.GrowthBudget | None = None, observer=None) -> None:
         self.link = link
         self.observer = observer  # pipegate.http.inspect.recorder.Recorder, or None
         self.config = config
@@ -608,7 +609,7 @@ class Connector(service.MultiService):
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
         self.links: list[ConnectorProtocol] = []
-        self.window_budget = frames.GrowthBudget(config.window_budget)
+        self.window_budget = window.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self._ever_online = False
         self._conflict: str | None = None

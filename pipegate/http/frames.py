@@ -1,5 +1,5 @@
 """
-Sans-IO codec and flow-control accounting for the HTTP plane (`pipegate.v1`).
+Sans-IO frame codec for the HTTP plane (`pipegate.v1`).
 
 One WebSocket message carries one frame; see docs/protocol.md section 1.  Nothing here
 touches a transport or a reactor: frames are built from and parsed into attrs objects.
@@ -13,15 +13,12 @@ import attrs
 
 from pipegate.codec import FrameError, Reader
 from pipegate.codec import str8 as _str8, str16 as _str16
+from pipegate.core.window import MAX_DATA
 
 SUBPROTOCOL = "pipegate.v1"
 MAX_FRAME_SIZE = 262_144
-MAX_DATA = 65_536
-INITIAL_WINDOW = 262_144
 MAX_WINDOW = 4_194_304        # default credit a stream's window may grow to (--max-window)
 WINDOW_BUDGET = 8_388_608     # default growth shared by all streams of a service (--window-budget)
-# A next hop (socket) that pushed back this long (seconds) is not keeping up: the window shrinks.
-SLOW_CONSUMER = 0.1
 MAX_WINDOW_INCREMENT = 2**31 - 1
 
 REQUEST_HEAD = 0x01
@@ -222,172 +219,3 @@ def decode(message: bytes) -> Frame:
         raise FrameError(f"unknown frame type {kind:#x}")
     r.done()
     return frame
-
-
-@attrs.define
-class SendWindow:
-    """
-    The sending half of one stream direction: splits bytes into DATA payloads no larger
-    than L{MAX_DATA} and no more than the credit the peer granted; what does not fit
-    waits in a queue until L{credit} is called.  The owner pauses its producer while
-    L{blocked} is true, so the queue holds at most one read's worth.
-    """
-
-    window: int = INITIAL_WINDOW
-    # A list, not a deque: it is empty nearly always and never longer than one read's
-    # chunks, and an empty deque costs 760 bytes with its first 64-slot block, an empty
-    # list 56: 7 MiB less at the gateway and at the provider for 10,000 idle connections.
-    _queue: list[bytes | memoryview] = attrs.field(factory=list)
-    queued: int = 0
-
-    @property
-    def blocked(self) -> bool:
-        return self.queued > 0 or self.window <= 0
-
-    def write(self, data: bytes) -> list[bytes | memoryview]:
-        size = len(data)
-        if not self._queue and 0 < size <= self.window and size <= MAX_DATA:
-            # What _drain would do with an empty queue and enough credit: the common case
-            # of a small message (a request or a reply) on a stream that keeps up.
-            self.window -= size
-            return [data]
-        if data:
-            self._queue.append(data)
-            self.queued += len(data)
-        return self._drain()
-
-    def credit(self, increment: int) -> list[bytes | memoryview]:
-        self.window += increment
-        return self._drain()
-
-    def _drain(self) -> list[bytes | memoryview]:
-        # Split without copying: a payload cut from a larger read is a memoryview of it
-        # (each is copied once, into the frame that carries it).  Sent chunks leave the
-        # queue in one del at the end, so a drain is linear in the chunks it sends.
-        out = []
-        queue = self._queue
-        sent = 0
-        while sent < len(queue) and self.window > 0:
-            head = queue[sent]
-            n = min(len(head), self.window, MAX_DATA)
-            if n == len(head):
-                out.append(head)
-                sent += 1
-            else:
-                view = memoryview(head)
-                out.append(view[:n])
-                queue[sent] = view[n:]
-            self.window -= n
-            self.queued -= n
-        if sent:
-            del queue[:sent]
-        return out
-
-
-@attrs.define
-class GrowthBudget:
-    """
-    Credit that windows may grow by, shared by every window of a service: bounds what
-    all grown windows together can make it buffer.  L{take} hands out what is left.
-    """
-
-    limit: int
-    used: int = 0
-
-    def take(self, size: int) -> int:
-        size = max(0, min(size, self.limit - self.used))
-        self.used += size
-        return size
-
-    def give(self, size: int) -> None:
-        self.used -= size
-
-
-@attrs.define
-class ReceiveWindow:
-    """
-    The receiving half of one stream direction.  C{available} is the credit the peer
-    still holds: it shrinks as DATA arrives and grows only when credit is granted back,
-    so a peer that ignores backpressure is caught by L{received}.
-
-    With C{max_window} above the initial credit the window grows: each time a whole
-    window has been handed on with the next hop keeping up, it doubles (up to
-    C{max_window}) and the extra credit goes out with the next grant.  L{shrink} (the
-    next hop is not keeping up) returns it to the initial credit by withholding grants, so a
-    fast stream gets a window that covers the time credit takes to come back, and a slow
-    one goes back to the initial credit once its next hop holds more than that.  The
-    peer needs no notice: it only ever sees more or less credit.  With a C{budget}
-    (L{GrowthBudget}), growth beyond the initial credit is taken from it and given
-    back by L{shrink} and L{release}.
-    """
-
-    available: int = INITIAL_WINDOW
-    buffered: int = 0    # received, not yet handed on
-    ungranted: int = 0   # handed on, credit not yet returned to the peer (< 0: withheld after a shrink)
-    max_window: int = 0  # 0 (or at most the initial credit): a fixed window
-    budget: GrowthBudget | None = None
-    window: int = attrs.field(init=False)  # available + buffered + ungranted: what the peer may have in flight
-    initial: int = attrs.field(init=False)  # the credit the peer starts with
-    _run: int = attrs.field(init=False, default=0)  # handed on since the window last changed
-
-    def __attrs_post_init__(self) -> None:
-        self.window = self.initial = self.available + self.buffered + self.ungranted
-
-    def received(self, size: int) -> None:
-        if size > self.available:
-            raise FrameError(f"peer sent {size} bytes with {self.available} of credit")
-        self.available -= size
-        self.buffered += size
-
-    def consumed(self, size: int) -> None:
-        """Record C{size} bytes handed on to the next hop."""
-        self.buffered -= size
-        # Bytes that pay back credit withheld after a shrink do not count toward growth.
-        self._run += max(0, self.ungranted + size) - max(0, self.ungranted)
-        self.ungranted += size
-
-    def passed_on(self, size: int) -> None:
-        """L{received} and L{consumed} at once: C{size} bytes arrived and were handed on."""
-        if size > self.available:
-            raise FrameError(f"peer sent {size} bytes with {self.available} of credit")
-        self.available -= size
-        ungranted = self.ungranted
-        if ungranted >= 0:
-            self._run += size
-        else:
-            self._run += max(0, ungranted + size)
-        self.ungranted = ungranted + size
-
-    def grant(self, at_least: int = 0) -> int:
-        """
-        Return the credit to send in a WINDOW frame now (0 = nothing to send).  With
-        C{at_least}, credit is held back until that much is due, so that a receiver
-        can return credit in a few large WINDOW frames instead of one per DATA frame.
-        """
-        if self._run >= self.window and self.window < self.max_window:
-            extra = min(self.window, self.max_window - self.window)
-            if self.budget is not None:
-                extra = self.budget.take(extra)
-            self.window += extra
-            self.ungranted += extra
-            self._run = 0
-        if self.ungranted <= 0 or self.ungranted < at_least:
-            return 0
-        credit, self.ungranted = self.ungranted, 0
-        self.available += credit
-        return credit
-
-    def shrink(self) -> None:
-        """The next hop is not keeping up: back to the initial window (credit granted stands)."""
-        self._run = 0
-        if self.window > self.initial:
-            if self.budget is not None:
-                self.budget.give(self.window - self.initial)
-            self.ungranted -= self.window - self.initial
-            self.window = self.initial
-
-    def release(self) -> None:
-        """The stream is done: give its growth back to the budget, and grow no more."""
-        if self.budget is not None:
-            self.budget.give(self.window - self.initial)
-            self.budget, self.max_window = None, 0

@@ -14,6 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pipegate.core import window
 from pipegate.http import frames
 from pipegate.sockets import no_delay, send_now
 
@@ -119,9 +120,7 @@ class StreamPipe(Protocol):
                  on_first_byte: Callable[[], None] | None = None) -> None:
         self.link = link
         self.stream_id = stream_id
-        self.send_window = frames.SendWindow()
-        self.recv_window = frames.ReceiveWindow()
-        self._paused = False
+        self.flow = window.Flow.of()  # a fixed window both ways (passthrough streams do not grow)
         self._ended_by_peer = False
         self._done = False
         self._early: list[bytes] = []
@@ -133,7 +132,7 @@ class StreamPipe(Protocol):
         early, self._early = self._early, []
         for chunk in early:
             self.transport.write(chunk)
-            self.recv_window.consumed(len(chunk))
+            self.flow.recv.consumed(len(chunk))  # (the credit goes back below)
         self.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
@@ -142,9 +141,9 @@ class StreamPipe(Protocol):
         if self._on_first_byte is not None:
             callback, self._on_first_byte = self._on_first_byte, None
             callback()
-        for chunk in self.send_window.write(data):
+        for chunk in self.flow.write(data):
             self.link.send(frames.Data(self.stream_id, chunk))
-        if self.send_window.blocked:
+        if self.flow.blocked:
             self.transport.pauseProducing()
 
     def connectionLost(self, reason=None) -> None:
@@ -154,12 +153,12 @@ class StreamPipe(Protocol):
             self.link.stream_closed(self.stream_id)
 
     # IPushProducer: the socket tells us when its write buffer is full
+    # (The window is fixed, so how long the socket stays full does not matter: no clock.)
     def pauseProducing(self) -> None:
-        self._paused = True
+        self.flow.sink_paused(0.0)
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        credit = self.recv_window.grant()
+        credit = self.flow.sink_resumed(0.0)
         if credit and not self._done:
             self.link.send(frames.Window(self.stream_id, credit))
 
@@ -169,18 +168,18 @@ class StreamPipe(Protocol):
     # tunnel side
     def frame_received(self, frame: frames.Frame) -> None:
         if isinstance(frame, frames.Data):
-            self.recv_window.received(len(frame.data))
             if self.transport is None:
+                self.flow.held(len(frame.data))
                 self._early.append(frame.data)
                 return
+            credit = self.flow.arrived(len(frame.data))
             self.transport.write(frame.data)
-            self.recv_window.consumed(len(frame.data))
-            if not self._paused:
-                self.link.send(frames.Window(self.stream_id, self.recv_window.grant()))
+            if credit:
+                self.link.send(frames.Window(self.stream_id, credit))
         elif isinstance(frame, frames.Window):
-            for chunk in self.send_window.credit(frame.increment):
+            for chunk in self.flow.credited(frame.increment):
                 self.link.send(frames.Data(self.stream_id, chunk))
-            if not self.send_window.blocked and self.transport is not None:
+            if not self.flow.blocked and self.transport is not None:
                 self.transport.resumeProducing()
         elif isinstance(frame, frames.End):
             self._ended_by_peer = True

@@ -28,6 +28,7 @@ from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from pipegate import auth
+from pipegate.core import window
 from pipegate.http import frames
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.drain import Drainer
@@ -158,7 +159,7 @@ class Relay(service.Service, Drainer):
         self.tunnels: dict[str, Tunnel] = {}
         self.stopping = False
         self.pool = BucketPool()
-        self.window_budget = frames.GrowthBudget(config.window_budget)
+        self.window_budget = window.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
         self.revocations = Revocations()           # --revoked: token ids and connection ids
@@ -499,9 +500,9 @@ class RelayStream:
         self.upgrade = upgrade
         self.link: ConnectorLink | None = None
         self.stream_id = 0
-        self.upload = frames.SendWindow()
+        self.upload = window.SendWindow()
         # The response's window grows while the caller keeps up (docs/protocol.md 1.5).
-        self.download = frames.ReceiveWindow(max_window=relay.config.max_window, budget=relay.window_budget)
+        self.download = window.ReceiveWindow(max_window=relay.config.max_window, budget=relay.window_budget)
         self._paused_since = 0.0
         self._early: list[bytes] = []
         self._body_bytes = 0
@@ -805,7 +806,7 @@ class RelayStream:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self.relay.clock.seconds() - self._paused_since >= frames.SLOW_CONSUMER:
+        if self.relay.clock.seconds() - self._paused_since >= window.SLOW_SINK:
             self.download.shrink()  # the caller is not keeping up
         if self._download_hold is not None:
             return  # shaped: _download_released grants the credit

@@ -244,7 +244,7 @@ class UpgradePipe(StreamPipe):
             return
         if isinstance(frame, frames.Window):
             # Credit for caller bytes, which do not flow before a 101: nothing to resume.
-            self.send_window.credit(frame.increment)
+            self.flow.credited(frame.increment)
             return
         if isinstance(frame, frames.End):
             if self.state == ANSWERED:
@@ -255,18 +255,16 @@ class UpgradePipe(StreamPipe):
         if not isinstance(frame, frames.Data):
             super().frame_received(frame)
             return
-        self.recv_window.received(len(frame.data))
+        self.flow.held(len(frame.data))
         self._last = self.clock.seconds()
         if self.state == HANDSHAKE:
             self._handshake_data(frame.data)
         else:
             self._answer_data(frame.data)
         if not self._done:
-            self.recv_window.consumed(len(frame.data))
-            if not self._paused:
-                credit = self.recv_window.grant()
-                if credit:
-                    self.link.send(frames.Window(self.stream_id, credit))
+            credit = self.flow.handed_on(len(frame.data))
+            if credit:
+                self.link.send(frames.Window(self.stream_id, credit))
 
     def _handshake_data(self, data: bytes) -> None:
         buffer = self._head + data
@@ -296,7 +294,7 @@ class UpgradePipe(StreamPipe):
         self._arm_idle()
         if held:
             self.dataReceived(held)
-        if not self.send_window.blocked and self.transport is not None and not self._done:
+        if not self.flow.blocked and self.transport is not None and not self._done:
             self.transport.resumeProducing()
 
     def _refused(self, head: ResponseHead, rest: bytes) -> None:

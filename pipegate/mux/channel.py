@@ -14,13 +14,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate.http.frames import GrowthBudget, ReceiveWindow, SendWindow
+from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
 from pipegate.sockets import eager_writes, no_delay, socket_transport
 
-
-# A channel's socket that stays full this long (seconds) is not keeping up.
-SLOW_SOCKET = 0.1
 
 # What a channel's socket reads at once, and holds unsent before it pushes back (Twisted's
 # bufferSize is both; its default is 64 KiB).  Two DATA frames per read halve the work per
@@ -42,19 +39,16 @@ class StreamChannel(Protocol):
     def __init__(self, window: int, max_window: int = 0, budget: GrowthBudget | None = None) -> None:
         self.link = None
         self.channel_id = 0
-        self.send_window = SendWindow(window=window)
-        # The window grows toward max_window while the socket keeps up (and shrinks back
-        # when it pushes back): see ReceiveWindow and docs/protocol.md section 2.6.
-        self.recv_window = ReceiveWindow(available=window, max_window=max_window, budget=budget)
+        # The incoming window grows toward max_window while the socket keeps up (and
+        # shrinks back when it pushes back): see core.window and docs/protocol.md 2.6.
+        self.flow = Flow.of(window, max_window, budget)
         self._early: list[bytes] = []
-        self._socket_full = False
         self._fin_pending = False
         self.fin_sent = False
         self.fin_received = False
         self.done = False
         self.on_done = None
         self._idle_timer = None
-        self._full_since = 0.0
 
     def set_idle_timeout(self, clock, seconds: float) -> None:
         """Close the channel after C{seconds} with no byte in either direction."""
@@ -87,7 +81,7 @@ class StreamChannel(Protocol):
     @property
     def buffered(self) -> int:
         """Bytes this side holds for the channel: unsent socket bytes and undelivered frames."""
-        return self.send_window.queued + sum(map(len, self._early)) + self.recv_window.buffered
+        return self.flow.send.queued + sum(map(len, self._early)) + self.flow.recv.buffered
 
     # -- socket side
     def connectionMade(self) -> None:
@@ -109,17 +103,17 @@ class StreamChannel(Protocol):
             self._early.append(data)
             return
         self._send(data)
-        if self.send_window.blocked or self.link.paused:
+        if self.flow.send.blocked or self.link.paused:
             # (Otherwise the socket is still being read, as it was for this data.)
             self._update_reading()
 
     def _send(self, data: bytes) -> None:
-        self.link.send_data(self.channel_id, self.send_window.write(data))
+        self.link.send_data(self.channel_id, self.flow.write(data))
 
     def _update_reading(self) -> None:
         if self.transport is None or self.done:
             return
-        if self.send_window.blocked or self.link is None or self.link.paused:
+        if self.flow.send.blocked or self.link is None or self.link.paused:
             self.transport.pauseProducing()
         else:
             self.transport.resumeProducing()
@@ -133,7 +127,7 @@ class StreamChannel(Protocol):
 
     def _maybe_fin(self) -> None:
         if (self._fin_pending and not self.fin_sent and self.link is not None
-                and self.send_window.queued == 0):
+                and self.flow.send.queued == 0):
             self.fin_sent = True
             self.link.send(frames.Fin(self.channel_id))
             self._maybe_done()
@@ -153,20 +147,15 @@ class StreamChannel(Protocol):
             data = frame.data
             if self._idle_timer is not None:
                 self._touch()
-            window = self.recv_window
-            window.passed_on(len(data))  # (raises before the write if the peer overran its credit)
+            # (Flow.arrived raises before the write if the peer overran its credit.)
+            credit = self.flow.arrived(len(data))
             self.transport.write(data)  # (eager_writes: sent now when the socket takes it)
-            if not self._socket_full:
-                # Credit goes back once half the window is due, not after every DATA
-                # frame: fewer WINDOW frames, and the sender's socket is paused and
-                # resumed less often.  The sender still holds the other half.
-                credit = window.grant(max(1, window.window // 2))
-                if credit:
-                    self.link.send(frames.Window(self.channel_id, credit))
+            if credit:
+                self.link.send(frames.Window(self.channel_id, credit))
             return
         match frame:
             case frames.Window(_, increment):
-                self.link.send_data(self.channel_id, self.send_window.credit(increment))
+                self.link.send_data(self.channel_id, self.flow.credited(increment))
                 self._maybe_fin()
                 self._update_reading()
             case frames.Fin():
@@ -206,7 +195,7 @@ class StreamChannel(Protocol):
             self.transport.abortConnection()
 
     def _finished(self) -> None:
-        self.recv_window.release()
+        self.flow.release()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
@@ -218,19 +207,16 @@ class StreamChannel(Protocol):
 
     # -- IPushProducer: the socket's write buffer is full; stop returning credit
     def pauseProducing(self) -> None:
-        self._socket_full = True
         if self.link is not None:
-            self._full_since = self.link.clock.seconds()
+            self.flow.sink_paused(self.link.clock.seconds())
 
     def resumeProducing(self) -> None:
-        self._socket_full = False
         # Twisted pauses at 64 KiB buffered, which a socket that keeps up clears on the next
-        # turn or so; one that stayed full for SLOW_SOCKET is not keeping up: its window
-        # goes back to the initial credit (ReceiveWindow.shrink).
-        if self.link is not None and self.link.clock.seconds() - self._full_since >= SLOW_SOCKET:
-            self.recv_window.shrink()
-        credit = self.recv_window.grant()
-        if credit and not self.done and self.link is not None:
+        # turn or so; one that stayed full for SLOW_SINK is not keeping up (Flow.sink_resumed).
+        if self.link is None:
+            return
+        credit = self.flow.sink_resumed(self.link.clock.seconds())
+        if credit and not self.done:
             self.link.send(frames.Window(self.channel_id, credit))
 
     def stopProducing(self) -> None:

@@ -20,10 +20,10 @@ import attrs
 
 from pipegate.codec import FrameError, Reader
 from pipegate.codec import str8 as _str8, str16 as _str16
+from pipegate.core.window import MAX_DATA  # the DATA payload bound, shared with the HTTP plane
 
 VERSION = 1
 MAX_FRAME_SIZE = 1_048_576        # default limit on a frame's declared length (--max-frame-size)
-MAX_DATA = 65_536                 # DATA payload bound
 MAX_DATAGRAM = 65_507             # DATAGRAM payload bound (the largest UDP/IPv4 payload)
 INITIAL_WINDOW = 262_144          # default per-channel credit (--window)
 MAX_WINDOW = 2_097_152            # default credit a channel may grow to (--max-window)

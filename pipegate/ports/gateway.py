@@ -23,7 +23,7 @@ from pipegate.policy import (
     EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,
 )
 from pipegate.throttle import BucketPool, Shaper, datagram_allowed
-from pipegate.http.frames import GrowthBudget
+from pipegate.core.window import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.services import Exposure, Service

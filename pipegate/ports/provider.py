@@ -19,7 +19,7 @@ from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
-from pipegate.http.frames import GrowthBudget
+from pipegate.core.window import GrowthBudget
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
