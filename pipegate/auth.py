@@ -6,10 +6,12 @@ Run as C{python -m pipegate.auth} to mint a token, like C{pipegate token}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 
@@ -228,10 +230,38 @@ def token_lines(connection_id: str | None, environ: Mapping[str, str], now: floa
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipegate.cli import main as cli_main
+def cmd_token(args: argparse.Namespace) -> int:
+    """C{pipegate token} (and C{python -m pipegate.auth}): print a connection id and a JWT."""
+    try:
+        ttl = parse_ttl(args.ttl) if args.ttl is not None else None
+        sys.stdout.write(token_lines(args.connection_id, os.environ, time.time(), shared=args.shared,
+                                     ttl_seconds=ttl, show_id=args.show_id))
+    except ConfigError as e:
+        print(f"pipegate token: {e}", file=sys.stderr)
+        return 2
+    return 0
 
-    return cli_main(["token", *(sys.argv[1:] if argv is None else argv)])
+
+def token_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of C{pipegate token}, added to C{parser}."""
+    parser.add_argument("-c", "--connection-id", default=None,
+                        help="pin the connection id (default: PIPEGATE_CONNECTION_ID, else random)")
+    parser.add_argument("--ttl", default=None,
+                        help="lifetime, e.g. 1h, 7d, 30m (default: PIPEGATE_JWT_TTL_DAYS, else 21 days)")
+    parser.add_argument("--shared", action="store_true",
+                        help="claim shared=true: connectors with shared tokens may serve one tunnel together")
+    parser.add_argument("--show-id", action="store_true",
+                        help="also print the token id (jti), the line to put in a relay's --revoked file")
+    parser.set_defaults(func=cmd_token)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """C{python -m pipegate.auth}: the same as C{pipegate token}."""
+    parser = argparse.ArgumentParser(prog="pipegate token",
+                                     description="Mint a connection id and a JWT (needs PIPEGATE_JWT_SECRET).")
+    token_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

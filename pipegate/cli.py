@@ -14,17 +14,6 @@ import time
 from pipegate import auth
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    try:
-        ttl = auth.parse_ttl(args.ttl) if args.ttl is not None else None
-        sys.stdout.write(auth.token_lines(args.connection_id, os.environ, time.time(), shared=args.shared,
-                                          ttl_seconds=ttl, show_id=args.show_id))
-    except auth.ConfigError as e:
-        print(f"pipegate token: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def cmd_router_secret(args: argparse.Namespace) -> int:
     print(secrets.token_hex(32))
     return 0
@@ -95,15 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipegate", description="PipeGate tunnels.")
     sub = parser.add_subparsers(dest="command", required=True)
     token = sub.add_parser("token", help="mint a connection id and a JWT (needs PIPEGATE_JWT_SECRET)")
-    token.add_argument("-c", "--connection-id", default=None,
-                       help="pin the connection id (default: PIPEGATE_CONNECTION_ID, else random)")
-    token.add_argument("--ttl", default=None,
-                       help="lifetime, e.g. 1h, 7d, 30m (default: PIPEGATE_JWT_TTL_DAYS, else 21 days)")
-    token.add_argument("--shared", action="store_true",
-                       help="claim shared=true: connectors with shared tokens may serve one tunnel together")
-    token.add_argument("--show-id", action="store_true",
-                       help="also print the token id (jti), the line to put in a relay's --revoked file")
-    token.set_defaults(func=cmd_token)
+    auth.token_arguments(token)
     secret = sub.add_parser("router-secret", help="print a new router secret (64 hex characters)")
     secret.set_defaults(func=cmd_router_secret)
     scan = sub.add_parser("scan", help="connect to a provider or gateway as an observer and list its routes")

@@ -148,3 +148,15 @@ def auto_or_non_negative_int(value: str) -> int | None:
 def auto_or_positive_int(value: str) -> int | None:
     """C{"auto"} -> C{None} (the service works it out); else an int > 0."""
     return None if value.strip().lower() == "auto" else positive_int(value)
+
+
+def check_server_endpoint(name: str, value: str | None) -> None:
+    """Stop startup with one line naming C{--name} when C{value} is not a server endpoint."""
+    if not value:
+        return
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, value)
+    except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
+        raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None

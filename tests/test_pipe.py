@@ -1,17 +1,15 @@
 """
 Tests for header filtering (L{pipegate.http.pipe.filter_headers}) and for the connector's
-path handling (L{safe_path}, L{Target}) and reconnect policy (L{backoff}).
+path handling (L{safe_path}, L{Target}).
 """
 
 from __future__ import annotations
 
-import random
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from pipegate.http.connector import ConnectorError, Target, safe_path
-from pipegate.retry import backoff
 from pipegate.http.pipe import HOP_BY_HOP, filter_headers
 
 HOP_NAMES = [b"Connection", b"Keep-Alive", b"Proxy-Connection", b"TE", b"Trailer",
@@ -233,42 +231,3 @@ class TargetTests(unittest.TestCase):
         self.assertTrue(path.startswith(b"/base/"), path)
         rest = path[len(b"/base"):]
         self.assertNotIn(b"/../", rest.lower().replace(b"%2e", b".") + b"/")
-
-
-class BackoffTests(unittest.TestCase):
-
-    def test_first_delay_jittered(self):
-        rng = random.Random(1234)
-        policy = backoff(rng=rng.random)
-        for _ in range(50):
-            delay = policy(0)
-            self.assertTrue(0.5 <= delay <= 1.0, delay)
-
-    def test_jitter_range_ends(self):
-        low = backoff(rng=lambda: 0.0)
-        high = backoff(rng=lambda: 1.0)
-        self.assertEqual(low(0), 0.5)
-        self.assertEqual(high(0), 1.0)
-
-    def test_doubling_then_capped(self):
-        policy = backoff(rng=lambda: 1.0)
-        # ClientService numbers failed attempts from 1.
-        self.assertEqual([policy(n) for n in range(1, 10)], [1, 2, 4, 8, 16, 32, 60, 60, 60])
-        policy = backoff(rng=lambda: 0.0)
-        self.assertEqual([policy(n) for n in range(1, 9)], [0.5, 1, 2, 4, 8, 16, 30, 30])
-
-    def test_seeded_rng_bounds(self):
-        policy = backoff(rng=random.Random(99).random)
-        for attempt in range(1, 13):
-            base = min(60.0, 2.0 ** (attempt - 1))
-            delay = policy(attempt)
-            self.assertTrue(base / 2 <= delay <= base, (attempt, delay))
-
-    def test_never_above_cap(self):
-        policy = backoff(rng=lambda: 1.0)
-        for attempt in (7, 30, 31, 1000, 10**9):
-            self.assertEqual(policy(attempt), 60.0)
-
-    def test_custom_bounds(self):
-        policy = backoff(initial=0.1, maximum=1.0, rng=lambda: 1.0)
-        self.assertEqual([round(policy(n), 6) for n in range(1, 7)], [0.1, 0.2, 0.4, 0.8, 1.0, 1.0])

@@ -13,8 +13,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from pipegate.core.redial import Redial, describe_connect_error
-from pipegate.retry import backoff
+from pipegate.core.redial import Redial
+from pipegate.dialer import describe_connect_error
 
 
 class RedialPolicy(unittest.TestCase):
@@ -67,9 +67,10 @@ class UnderClientService(unittest.TestCase):
         service.stopService()
         return [round(b - a, 1) for a, b in zip(endpoint.attempts, endpoint.attempts[1:])]
 
-    def test_the_old_policy_never_grows_after_a_tcp_connect(self):
-        # What users saw: a refused login retried every 0.5-1 s for ever.
-        gaps = self.gaps(backoff(rng=lambda: 1.0))
+    def test_the_attempt_count_restarts_after_a_tcp_connect(self):
+        # Why Redial keeps its own count: a policy of ClientService's attempt number sees
+        # attempt 1 for ever (what users saw: a refused login retried every 0.5-1 s).
+        gaps = self.gaps(lambda attempt: float(attempt))
         self.assertGreater(len(gaps), 50)
         self.assertEqual(set(gaps), {1.0})
 

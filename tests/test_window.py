@@ -12,7 +12,7 @@ import attrs
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from pipegate.codec import FrameError
+from pipegate.core.codec import FrameError
 from pipegate.core import window
 from pipegate.core.window import MAX_DATA, SLOW_SINK, Flow, GrowthBudget, ReceiveWindow, SendWindow
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import attrs
 
-from pipegate.codec import FrameError
+from pipegate.core.codec import FrameError
 
 # Both planes' frames carry at most this much payload in one DATA frame.
 MAX_DATA = 65_536

@@ -495,7 +495,7 @@ class AcmeOptions:
         domain = self["domain"].strip(".").lower()
         if not valid_host_name(domain):
             raise usage.UsageError(f"--domain: {domain!r} is not a host name ACME can certify")
-        from pipegate.mux.node import check_server_endpoint
+        from pipegate.config import check_server_endpoint
 
         check_server_endpoint("https", self["https"])
         ca_file = self["acme-ca-file"]

@@ -27,8 +27,8 @@ from zope.interface import implementer
 from pipegate.core import window
 from pipegate.http import frames, visitors
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
-from pipegate.http.relay import PROTOCOL_ERROR
-from pipegate.core.redial import Redial, ReportingEndpoint, describe_connect_error
+from pipegate.core.redial import Redial
+from pipegate.dialer import ReportingEndpoint, describe_connect_error
 from pipegate.drain import drain
 from pipegate.stats import Stats
 from pipegate.sockets import connect_protocol
@@ -565,7 +565,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
             if not isinstance(e, frames.FrameError):
                 self._log.failure("error handling a frame from the relay")
             self._log.warn("protocol error from the relay: {reason}; closing link", reason=str(e))
-            self.sendClose(PROTOCOL_ERROR, str(e)[:100])
+            self.sendClose(frames.PROTOCOL_ERROR, str(e)[:100])
 
     def failHandshake(self, reason):
         status_line = getattr(self, "http_status_line", "") or ""

@@ -11,11 +11,12 @@ import struct
 
 import attrs
 
-from pipegate.codec import FrameError, Reader
-from pipegate.codec import str8 as _str8, str16 as _str16
+from pipegate.core.codec import FrameError, Reader
+from pipegate.core.codec import str8 as _str8, str16 as _str16
 from pipegate.core.window import MAX_DATA
 
 SUBPROTOCOL = "pipegate.v1"
+PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 MAX_FRAME_SIZE = 262_144
 MAX_WINDOW = 4_194_304        # default credit a stream's window may grow to (--max-window)
 WINDOW_BUDGET = 8_388_608     # default growth shared by all streams of a service (--window-budget)

@@ -42,7 +42,6 @@ from pipegate.http.ownership import Holder, join_refusal
 from pipegate.http.revocation import Revocations
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
 
-PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
 # values or the reason): anything else would split the caller's response.
@@ -1126,7 +1125,7 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
             self._log.warn("protocol error from connector of {tunnel_id}: {reason}; closing link",
                            tunnel_id=self.tunnel_id, reason=str(e))
             self._drop(http.BAD_GATEWAY, "connector protocol error")
-            self.sendClose(PROTOCOL_ERROR, str(e)[:100])
+            self.sendClose(frames.PROTOCOL_ERROR, str(e)[:100])
 
     def announce_going_away(self, reason: str) -> None:
         """GOAWAY: no new requests here; the link closes once its last request is done."""

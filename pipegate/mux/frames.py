@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from pipegate.codec import FrameError, Reader
-from pipegate.codec import str8 as _str8, str16 as _str16
+from pipegate.core.codec import FrameError, Reader
+from pipegate.core.codec import str8 as _str8, str16 as _str16
 from pipegate.core.window import MAX_DATA  # the DATA payload bound, shared with the HTTP plane
 
 VERSION = 1

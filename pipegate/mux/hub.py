@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
-from pipegate.codec import FrameError
+from pipegate.core.codec import FrameError
 from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls

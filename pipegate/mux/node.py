@@ -14,12 +14,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate.accept import ConnectionGate, EmfileGuard, listener
-from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
+from pipegate.config import EnvOptions, check_server_endpoint, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.core.budget import Budget, LogThrottle
-from pipegate.core.redial import Redial, ReportingEndpoint, describe_connect_error
+from pipegate.core.redial import Redial
+from pipegate.dialer import ReportingEndpoint, describe_connect_error
 from pipegate.stats import stats_of
 
 
@@ -226,18 +227,6 @@ def add_node(top: service.MultiService, node, options: MuxOptions, role: int, re
     # Added last so that it stops first: links get a GOAWAY before their listeners
     # and dialers go.
     node.setServiceParent(top)
-
-
-def check_server_endpoint(name: str, value: str | None) -> None:
-    """Stop startup with one line naming C{--name} when C{value} is not a server endpoint."""
-    if not value:
-        return
-    from twisted.internet import reactor
-
-    try:
-        endpoints.serverFromString(reactor, value)
-    except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
-        raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None
 
 
 def add_http(top: service.MultiService, description: str, root, reactor) -> None:

@@ -98,7 +98,7 @@ class Options(EnvOptions):
             parts.port
         except ValueError as e:
             raise usage.UsageError(f"SERVER_URL: {e}") from None
-        from pipegate.mux.node import check_server_endpoint
+        from pipegate.config import check_server_endpoint
 
         check_server_endpoint("metrics", self["metrics"])
         check_server_endpoint("inspect", self["inspect"])

@@ -148,7 +148,7 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
             raise usage.UsageError("--domain: empty domain")
         self.check_hub()
         self.check_acme()
-        from pipegate.mux.node import check_server_endpoint
+        from pipegate.config import check_server_endpoint
 
         check_server_endpoint("metrics", self["metrics"])
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
