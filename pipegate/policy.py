@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 
-from pipegate.ports.services import ServiceError, load_source, source_label
+from pipegate.core.source import SourceError, load_source, source_label
 
 __all__ = [
     "DEFAULT_DIRECTION",
@@ -735,7 +735,7 @@ def load_policy(sources: Sequence[str], fetch: Fetch | None = None) -> tuple[Pol
         label = source_label(source)
         try:
             doc = load_source(source, fetch)
-        except ServiceError as e:
+        except SourceError as e:
             raise PolicyError(str(e)) from None
         if not isinstance(doc, dict):
             raise PolicyError(f'{label}: expected a JSON object {{"defaults": ..., "ips": ...}}, got {_show(doc)}')

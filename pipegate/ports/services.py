@@ -3,7 +3,7 @@ Service lists and gateway filters for the port plane (pure: no reactor, no socke
 
 A provider's C{--services} SOURCE and a gateway's C{--filter} SOURCE are either inline
 JSON (starting with C{[} or C{{}), an C{http(s)://} URL read through a caller-supplied
-C{fetch(url) -> bytes}, or a file path.  The JSON follows Hypergate's C{services.json}:
+C{fetch(url) -> bytes}, or a file path (read by L{pipegate.core.source}).  The JSON follows Hypergate's C{services.json}:
 a list of entries, or C{{"services": [...]}} with any other top-level keys ignored.
 
 Differences from Hypergate, on purpose:
@@ -20,13 +20,13 @@ Every L{ServiceError} message is a single line.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
+
+from pipegate.core.source import Fetch, SourceError, load_source, source_label
 
 __all__ = [
     "Exposure",
@@ -35,25 +35,20 @@ __all__ = [
     "ServiceError",
     "load_filters",
     "load_services",
-    "load_source",
     "merge_services",
     "parse_filters",
     "parse_only_services",
     "parse_services",
-    "source_label",
 ]
 
 PROTOCOLS = ("tcp", "udp")
 # Hypergate's wire encoding, also accepted in JSON: 0 is tcp, 1 is udp.
 _PROTOCOL_NUMBERS = {0: "tcp", 1: "udp"}
 _FIELDS = ("gatePort", "serviceHost", "servicePort", "protocol", "tags")
-_INLINE_LABEL_CHARS = 40
 _VALUE_CHARS = 40
 
-Fetch = Callable[[str], bytes]
 
-
-class ServiceError(ValueError):
+class ServiceError(SourceError):
     """A service or filter source cannot be loaded or is invalid; the message is one line."""
 
 
@@ -152,84 +147,14 @@ def _short(value: Any, limit: int = _VALUE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _is_url(text: str) -> bool:
-    lowered = text.lower()
-    return lowered.startswith("http://") or lowered.startswith("https://")
-
-
-def _redact_url(url: str) -> str:
+def _load(source: str, fetch: Fetch | None) -> object:
+    """L{load_source}, with its failures as L{ServiceError}s."""
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc="***@" + host))
-
-
-def source_label(source: str) -> str:
-    """
-    How messages name a SOURCE: the path, the URL (any C{user:password@} hidden), or
-    C{inline JSON '<first 40 characters>...'}.  Always one line.
-    """
-    text = source.strip()
-    if text.startswith(("[", "{")):
-        flat = _one_line(text)
-        if len(flat) > _INLINE_LABEL_CHARS:
-            flat = flat[:_INLINE_LABEL_CHARS] + "..."
-        return f"inline JSON '{flat}'"
-    if _is_url(text):
-        return _one_line(_redact_url(text))
-    return _one_line(text) if text == _one_line(text) else repr(text)
-
-
-def _decode(data: bytes | str, label: str) -> object:
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ServiceError(f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ServiceError(f"{label}: not UTF-8 text (byte {e.start})") from None
-    except (TypeError, ValueError, RecursionError) as e:
-        raise ServiceError(f"{label}: invalid JSON: {_one_line(str(e))}") from None
-
-
-def load_source(source: str, fetch: Fetch | None = None) -> object:
-    """
-    Read the JSON document a C{--services} or C{--filter} SOURCE names.
-
-    The value is stripped, then read as inline JSON if it starts with C{[} or C{{}, as
-    the body of C{fetch(url)} if it is an C{http://} or C{https://} URL, and as a file
-    path otherwise.  Any failure is a L{ServiceError} naming the source.
-    """
-    text = source.strip()
-    label = source_label(source)
-    if not text:
-        raise ServiceError("empty source: expected inline JSON, an http(s) URL or a file path")
-    if text.startswith(("[", "{")):
-        return _decode(text, label)
-    if _is_url(text):
-        if fetch is None:
-            raise ServiceError(f"{label}: URLs need a fetch function; none was given")
-        try:
-            body = fetch(text)
-        except ServiceError:
-            raise
-        except Exception as e:
-            detail = _one_line(str(e)) or type(e).__name__
-            raise ServiceError(f"{label}: fetch failed: {detail}") from None
-        return _decode(body, label)
-    try:
-        with open(text, "rb") as f:
-            body = f.read()
-    except FileNotFoundError:
-        raise ServiceError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise ServiceError(f"{label}: is a directory, not a file") from None
-    except OSError as e:
-        raise ServiceError(f"{label}: cannot read: {e.strerror or e}") from None
-    return _decode(body, label)
+        return load_source(source, fetch)
+    except ServiceError:
+        raise
+    except SourceError as e:
+        raise ServiceError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -408,9 +333,9 @@ def parse_filters(doc: object, source: str) -> list[Filter]:
 
 def load_services(source: str, fetch: Fetch | None = None) -> list[Service]:
     """L{load_source} then L{parse_services}, with messages naming the source."""
-    return parse_services(load_source(source, fetch), source_label(source))
+    return parse_services(_load(source, fetch), source_label(source))
 
 
 def load_filters(source: str, fetch: Fetch | None = None) -> list[Filter]:
     """L{load_source} then L{parse_filters}, with messages naming the source."""
-    return parse_filters(load_source(source, fetch), source_label(source))
+    return parse_filters(_load(source, fetch), source_label(source))

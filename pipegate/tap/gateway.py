@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from pipegate.accept import EmfileGuard
 from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
+from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
@@ -16,9 +17,7 @@ from pipegate.policy import PolicyError, load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig, parse_port_ranges
 from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedResource
-from pipegate.ports.services import (
-    Exposure, ServiceError, load_source, parse_filters, parse_only_services,
-)
+from pipegate.ports.services import Exposure, parse_filters, parse_only_services
 from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
 from pipegate.heap import FrozenStartupHeap
@@ -106,7 +105,7 @@ class Options(DockerOptionsMixin, MuxOptions):
         if self["filter"]:
             try:
                 filters = tuple(parse_filters(load_source(self["filter"], fetch), self["filter"]))
-            except (ServiceError, OSError) as e:
+            except (SourceError, OSError) as e:
                 raise usage.UsageError(f"--filter: {e}") from None
         self["exposure"] = Exposure(
             filters=filters,

@@ -8,6 +8,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
+from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
@@ -16,7 +17,7 @@ from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.policy import PolicyError, load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
-from pipegate.ports.services import ServiceError, load_source, merge_services, parse_services
+from pipegate.ports.services import merge_services, parse_services
 from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.heap import FrozenStartupHeap
 
@@ -103,7 +104,7 @@ class Options(DockerOptionsMixin, MuxOptions):
             raise usage.UsageError(f"--ingress-policy: {e}") from None
         except frames.FrameError as e:
             raise usage.UsageError(f"--services: cannot be announced: {e}") from None
-        except ServiceError as e:
+        except SourceError as e:
             raise usage.UsageError(f"--services: {e}") from None
         except OSError as e:
             raise usage.UsageError(f"--services: {e}") from None
