@@ -26,7 +26,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from pipegate import auth, policy
+from pipegate import auth
+from pipegate.core import policy, policydoc
 from pipegate.mux import frames
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports import proxyprotocol, services, unlimited
@@ -129,7 +130,7 @@ class PolicyJSON(unittest.TestCase):
     @given(policy_docs)
     def test_documents_give_policy_or_policy_error(self, doc):
         try:
-            parsed = policy.parse_policy(doc, "fuzz.json")
+            parsed = policydoc.parse_policy(doc, "fuzz.json")
         except policy.PolicyError as e:
             self.assertNotIn("\n", str(e))
             return
@@ -141,23 +142,23 @@ class PolicyJSON(unittest.TestCase):
     @given(st.lists(policy_docs, min_size=1, max_size=3))
     def test_merge_then_ship_round_trip(self, docs):
         try:
-            parsed, shipped = policy.load_policy([json.dumps(d, allow_nan=True) for d in docs])
+            parsed, shipped = policydoc.load_policy([json.dumps(d, allow_nan=True) for d in docs])
         except policy.PolicyError:
             return
-        self.assertEqual(policy.policy_from_bytes(shipped, "shipped"), parsed)
+        self.assertEqual(policydoc.policy_from_bytes(shipped, "shipped"), parsed)
 
     @FUZZ
     @given(st.binary(max_size=600))
     def test_shipped_bytes_from_a_provider(self, data):
         # The gateway decodes these from every ROUTES frame: fail closed, never crash.
         try:
-            bounded_peak(self, policy.policy_from_bytes, data, "provider")
+            bounded_peak(self, policydoc.policy_from_bytes, data, "provider")
         except policy.PolicyError:
             pass
 
     def test_deeply_nested_shipped_policy(self):
         for data in (b"[" * 200_000, b'{"ips":' * 60_000 + b"1" + b"}" * 60_000):
-            self.assertRaises(policy.PolicyError, policy.policy_from_bytes, data, "provider")
+            self.assertRaises(policy.PolicyError, policydoc.policy_from_bytes, data, "provider")
 
 
 ips = st.one_of(st.ip_addresses().map(str), st.sampled_from(["::ffff:10.0.0.1", "fe80::1%eth0"]))

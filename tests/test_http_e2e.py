@@ -632,7 +632,7 @@ class RelayPolicy(unittest.TestCase):
     """The relay applies the ingress policy and per-tunnel rates to public callers."""
 
     async def test_denied_caller_gets_403(self):
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
 
         loop = Loopback(self)
         app_port = await loop.app()
@@ -647,7 +647,7 @@ class RelayPolicy(unittest.TestCase):
 
     async def _behind_proxy(self, trusted: str):
         from pipegate.http.forwarded import parse_trusted_proxies
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
         from twisted.logger import globalLogPublisher
 
         loop = Loopback(self)

@@ -348,7 +348,7 @@ class Policies(Hub):
         each provider's policy to that provider's gate only."""
         import json
 
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
 
         deny = load_policy([json.dumps({"defaults": {"allow": False}})])[1]
         backend = await self.backend_echo()

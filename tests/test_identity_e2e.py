@@ -245,7 +245,7 @@ class Visitors(unittest.TestCase):
         self.assertIn(b" 200 ", status)
 
     async def test_ingress_policy_applies_first(self):
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
 
         relay, port = await self.loop.relay(policy=load_policy(
             [json.dumps({"ips": {"127.0.0.3": {"allow": False}}})])[0])
@@ -407,7 +407,7 @@ class Attacks(unittest.TestCase):
         self.assertIn(b" 200 ", status)
 
     async def test_made_up_ids_add_no_metric_series(self):
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
 
         relay, port = await self.loop.relay(offline_grace=0.05, policy=load_policy(
             [json.dumps({"ips": {"127.0.0.1": {"allow": False}}})])[0])

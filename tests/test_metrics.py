@@ -180,7 +180,7 @@ class RelayMetrics(unittest.TestCase):
 
 class RelayShapingMetrics(unittest.TestCase):
     async def test_policy_denials_and_throttled_seconds(self):
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
 
         loop = Loopback(self)
         app_port = await loop.app()
@@ -304,7 +304,7 @@ class GatewayMetrics(PortPlane):
 
 class GatewayShapingMetrics(PortPlane):
     async def test_policy_denials_and_throttled_seconds(self):
-        from pipegate.policy import load_policy
+        from pipegate.core.policydoc import load_policy
 
         backend = await self.backend_echo()
         gate = free_port()

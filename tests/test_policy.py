@@ -1,5 +1,5 @@
 """
-Tests for L{pipegate.policy}: parsing, matching, precedence, merging, loading and the
+Tests for L{pipegate.core.policy} and L{pipegate.core.policydoc}: parsing, matching, precedence, merging, loading and the
 C{/unlimited} grants (Hypergate's ingress policy with its tagged bugs fixed).  Pure: no
 reactor, no sockets.
 """
@@ -12,11 +12,10 @@ import json
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 
-from pipegate.policy import (
+from pipegate.core.policy import (
     DEFAULT_DIRECTION,
     EMPTY,
     GRANT_LABEL,
-    MAX_POLICY_BYTES,
     BandwidthLimit,
     Decision,
     Grants,
@@ -25,9 +24,12 @@ from pipegate.policy import (
     Rule,
     decide,
     grant_rule,
+    normalize_ip,
+)
+from pipegate.core.policydoc import (
+    MAX_POLICY_BYTES,
     load_policy,
     merge_documents,
-    normalize_ip,
     parse_policy,
     policy_from_bytes,
 )

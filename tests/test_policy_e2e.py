@@ -12,7 +12,8 @@ from twisted.internet import protocol, reactor, task
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from pipegate.policy import EMPTY, load_policy
+from pipegate.core.policy import EMPTY
+from pipegate.core.policydoc import load_policy
 from pipegate.ports.resolver import Records
 from pipegate.ports.services import Service
 from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource, make_token

@@ -14,7 +14,7 @@ import os
 from twisted.trial import unittest
 
 from pipegate.http.forwarded import parse_trusted_proxies
-from pipegate.policy import load_policy
+from pipegate.core.policydoc import load_policy
 from tests.support import Loopback, TestApp, raw_request, split_response
 from tests.test_proxyprotocol import free_port, haproxy_or_skip, start_haproxy
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from pipegate.policy import Address, Network, PolicyError, normalize_ip, parse_network
+from pipegate.core.policy import Address, Network, PolicyError, normalize_ip, parse_network
 
 __all__ = ["NOBODY", "TrustedProxies", "parse_trusted_proxies"]
 

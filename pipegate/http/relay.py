@@ -33,7 +33,7 @@ from pipegate.http import frames
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
-from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
+from pipegate.core.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
 from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers

@@ -19,9 +19,8 @@ from pipegate.core.budget import TOTAL, Budget, LogThrottle, source_key
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
-from pipegate.policy import (
-    EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,
-)
+from pipegate.core.policy import EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip
+from pipegate.core.policydoc import policy_from_bytes
 from pipegate.throttle import BucketPool, Shaper, datagram_allowed
 from pipegate.core.window import GrowthBudget
 from pipegate.mux.channel import StreamChannel

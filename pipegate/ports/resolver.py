@@ -13,7 +13,7 @@ import uuid
 
 from twisted.web import resource
 
-from pipegate.policy import normalize_ip
+from pipegate.core.policy import normalize_ip
 
 
 def tuple_key(protocol: str, remote_addr: str, remote_port: int | str, local_addr: str,

@@ -13,7 +13,8 @@ from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
-from pipegate.policy import PolicyError, load_policy
+from pipegate.core.policy import PolicyError
+from pipegate.core.policydoc import load_policy
 from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig, parse_port_ranges
 from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedResource

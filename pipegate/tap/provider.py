@@ -14,7 +14,8 @@ from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard
 from pipegate.mux.node import MuxOptions, add_http, add_node
-from pipegate.policy import PolicyError, load_policy
+from pipegate.core.policy import PolicyError
+from pipegate.core.policydoc import load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import merge_services, parse_services

@@ -14,7 +14,8 @@ from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub, hub_node
 from pipegate.opslistener import add_metrics_listener
-from pipegate.policy import PolicyError, load_policy, normalize_ip
+from pipegate.core.policy import PolicyError, normalize_ip
+from pipegate.core.policydoc import load_policy
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, listener as guarded_listener
 from pipegate.core.budget import Budget
