@@ -1,7 +1,7 @@
 """
-Tests for L{pipegate.ports.docker}: Docker discovery over Engine API JSON (pure, no
-engine), label parsing, merging with static services, helper container specs and the
-Docker host address.
+Tests for the pure modules of L{pipegate.ports.docker}: Docker discovery over Engine API
+JSON (C{containers}, no engine), label parsing (C{labels}), merging with static services,
+helper container specs (C{helperspec}) and the Docker host address (C{host}).
 
 The fixtures follow the field names of Docker's Engine API reference for
 C{GET /containers/json} entries and C{GET /containers/{id}/json} results.
@@ -16,22 +16,21 @@ from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from pipegate.ports.docker import (
-    DEFAULT_DOCKER_ENDPOINT,
-    LABEL_PREFIXES,
-    DockerLabelError,
-    UnexposeSpec,
+from pipegate.ports.docker.containers import (
     container_name,
     container_services,
     discover,
-    helper_name,
-    helper_spec,
     merge_with_static,
-    parse_docker_host,
+    wants_inspect,
+)
+from pipegate.ports.docker.helperspec import helper_name, helper_spec, secret_free
+from pipegate.ports.docker.host import DEFAULT_DOCKER_ENDPOINT, parse_docker_host
+from pipegate.ports.docker.labels import (
+    LABEL_PREFIXES,
+    DockerLabelError,
+    UnexposeSpec,
     parse_expose_label,
     parse_unexpose_label,
-    secret_free,
-    wants_inspect,
 )
 from pipegate.ports.services import Service
 

@@ -17,7 +17,7 @@ import tempfile
 from twisted.internet import reactor, task
 
 from pipegate.ports import forward
-from pipegate.ports.docker import helper_name, secret_free
+from pipegate.ports.docker.helperspec import helper_name, secret_free
 from pipegate.tap import gateway as gateway_tap
 from pipegate.tap import provider as provider_tap
 from tests.docker_double import EngineDouble
@@ -305,7 +305,7 @@ class HelperRepairTests(DockerPlane):
 
     async def test_stop_during_first_create_leaves_no_helper(self):
         """A stop while the first refresh's create is unanswered still sweeps the helper it made."""
-        from pipegate.ports.dockermode import HelperManager
+        from pipegate.ports.docker.helpermanager import HelperManager
         from pipegate.ports.engine import EngineClient
 
         gw, mux = await self.gateway()
@@ -324,7 +324,7 @@ class HelperRepairTests(DockerPlane):
         self.assertEqual(self.engine.containers, {})
 
     async def test_removed_helper_comes_back_and_network_is_recreated(self):
-        from pipegate.ports.dockermode import HelperManager
+        from pipegate.ports.docker.helpermanager import HelperManager
         from pipegate.ports.engine import EngineClient
 
         gw, mux = await self.gateway()

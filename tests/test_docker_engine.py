@@ -14,7 +14,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from pipegate.ports.dockermode import DockerDiscovery, ensure_network
+from pipegate.ports.docker.discovery import DockerDiscovery
+from pipegate.ports.docker.loop import ensure_network
 from pipegate.ports.engine import EVENT_FILTERS, EngineClient, EngineError, EventStream, backoff_delay
 from pipegate.ports.services import Service
 from tests.docker_double import EngineDouble

@@ -26,8 +26,11 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from pipegate.ports.docker import discover, helper_name, secret_free
-from pipegate.ports.dockermode import DockerDiscovery, HelperManager, ensure_network
+from pipegate.ports.docker.containers import discover
+from pipegate.ports.docker.helperspec import helper_name, secret_free
+from pipegate.ports.docker.discovery import DockerDiscovery
+from pipegate.ports.docker.helpermanager import HelperManager
+from pipegate.ports.docker.loop import ensure_network
 from pipegate.ports.engine import EngineClient, EngineError, EventStream
 from pipegate.ports.services import Service
 from tests.docker_double import EngineDouble

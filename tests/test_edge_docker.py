@@ -12,8 +12,7 @@ import json
 
 from twisted.internet import protocol, reactor, task
 
-from pipegate.ports import docker as docker_module
-from pipegate.ports.docker import discover
+from pipegate.ports.docker.containers import CLAIM_GRACE_REFRESHES, discover
 from pipegate.ports.gateway import parse_port_ranges
 from pipegate.tap import gateway as gateway_tap
 from pipegate.tap import provider as provider_tap
@@ -186,7 +185,7 @@ class FirstClaim(DockerPlane):
         back, _ = self.discover_with(claims, owner(400, 3), thief)
         self.assertEqual([(s.service_host, s.service_port) for s in back], [("web", 80)])
         # ... but an owner gone for good releases them after CLAIM_GRACE_REFRESHES refreshes.
-        for _ in range(docker_module.CLAIM_GRACE_REFRESHES):
+        for _ in range(CLAIM_GRACE_REFRESHES):
             self.assertEqual(self.discover_with(claims, thief)[0], [])
         taken, _ = self.discover_with(claims, thief)
         self.assertEqual([(s.service_host, s.service_port) for s in taken], [("thief", 81)])

@@ -10,7 +10,7 @@ import sys
 from twisted.python import usage
 
 from pipegate.config import FALSE, TRUE, positive_float
-from pipegate.ports.docker import parse_docker_host
+from pipegate.ports.docker.host import parse_docker_host
 
 DOCKER_PARAMETERS = [
     ["docker", None, None, "Docker mode: the Engine's socket (unix:/var/run/docker.sock when given without "

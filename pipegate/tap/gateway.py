@@ -174,7 +174,7 @@ def add_helpers(top: service.MultiService, gateway: Gateway, options: Options, r
     """Docker mode: a helper container per learned service host, removed when the gateway stops."""
     from twisted.logger import Logger
 
-    from pipegate.ports.dockermode import HelperManager
+    from pipegate.ports.docker.helpermanager import HelperManager
     from pipegate.ports.engine import EngineClient
 
     if ipaddress.ip_address(options["listen"].split("%")[0]).is_loopback:

@@ -169,8 +169,8 @@ def add_discovery(top: service.MultiService, provider: Provider, options: Option
     """Docker mode: discovered services are merged with the --services ones on every change."""
     from twisted.logger import Logger
 
-    from pipegate.ports.docker import merge_with_static
-    from pipegate.ports.dockermode import DockerDiscovery
+    from pipegate.ports.docker.containers import merge_with_static
+    from pipegate.ports.docker.discovery import DockerDiscovery
     from pipegate.ports.engine import EngineClient
 
     log = Logger(namespace="pipegate.docker")

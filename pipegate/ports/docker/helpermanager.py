@@ -1,13 +1,8 @@
 """
-Docker mode, the Twisted side: the provider's discovery loop (L{DockerDiscovery}) and
-the gateway's helper containers (L{HelperManager}).  Both talk to the Engine through
-L{pipegate.ports.engine.EngineClient}; the decisions are the pure functions of
-L{pipegate.ports.docker}.
-
-Failure model: an Engine that cannot be reached or answers with errors is reported
-once (C{log.error}) until it works again (C{log.info}); meanwhile the provider keeps
-announcing its C{--services} ones and the Docker services it saw last, and the
-gateway keeps its helpers; both retry every refresh period.
+The gateway's helper containers (Twisted): one per service host learned from
+providers, created, replaced and removed through L{pipegate.ports.engine.EngineClient}
+as routes change; their names and bodies come from the pure
+L{pipegate.ports.docker.helperspec}.
 """
 
 from __future__ import annotations
@@ -15,203 +10,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Callable
 
-from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
 
-from pipegate.ports.docker import (
-    MAX_PORTS_PER_CONTAINER, discover, helper_name, helper_spec, secret_free, wants_inspect,
-)
-from pipegate.ports.engine import EngineClient, EngineError, EventStream
+from pipegate.ports.docker.helperspec import helper_name, helper_spec, secret_free
+from pipegate.ports.docker.loop import DEBOUNCE, RefreshLoop, engine_list, ensure_network
+from pipegate.ports.engine import EngineClient, EngineError
 from pipegate.ports.gateway import route_service
-from pipegate.ports.services import Service
 
-DEBOUNCE = 0.2  # seconds between an event and the refresh it triggers (events come in bursts)
-MAX_CONTAINERS = 10_000  # inspected per refresh; more are reported and ignored
-
-
-class _Loop(service.MultiService):
-    """A refresh run now, after events (debounced) and every C{period} seconds; one at a time."""
-
-    log = Logger()
-
-    def __init__(self, clock, period: float, debounce: float = DEBOUNCE) -> None:
-        super().__init__()
-        self.clock = clock
-        self.period = period
-        self.debounce = debounce
-        self._timer = None
-        self._current: defer.Deferred | None = None
-        self._again = False
-        self.healthy: bool | None = None
-        self.refreshes = 0
-
-    def startService(self) -> None:
-        super().startService()
-        self.schedule(0)
-
-    def schedule(self, delay: float) -> None:
-        """Refresh in C{delay} seconds at the latest."""
-        if not self.running:
-            return
-        if self._current is not None:
-            self._again = True
-            return
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() - self.clock.seconds() <= delay:
-                return
-            self._timer.cancel()
-        self._timer = self.clock.callLater(delay, self._run)
-
-    def _run(self) -> None:
-        self._timer = None
-        d = defer.ensureDeferred(self._guarded())
-        self._current = d
-
-        def done(_):
-            if self._current is d:
-                self._current = None
-            again, self._again = self._again, False
-            self.schedule(self.debounce if again else self.period)
-        d.addBoth(done)
-
-    async def _guarded(self) -> None:
-        try:
-            await self.refresh()
-        except defer.CancelledError:
-            return
-        except EngineError as e:
-            if self.healthy is not False:
-                self.log.error("docker: {error}; {consequence}; retrying every {period:g} s",
-                               error=str(e), consequence=self.consequence, period=self.period)
-            self.healthy = False
-            return
-        except Exception:
-            self.log.failure("docker: refresh failed")
-            return
-        self.refreshes += 1
-        if self.healthy is False:
-            self.log.info("docker: the engine answers again")
-        self.healthy = True
-
-    consequence = "nothing changes until it works again"
-
-    async def refresh(self) -> None:
-        raise NotImplementedError
-
-    def wait(self) -> defer.Deferred:
-        """Fires when the refresh in progress (if any) is over."""
-        if self._current is None:
-            return defer.succeed(None)
-        waiting: defer.Deferred = defer.Deferred()
-        self._current.addBoth(lambda r: (waiting.callback(None), r)[1])
-        return waiting
-
-    def stopService(self):
-        super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        current, self._current = self._current, None
-        if current is not None:
-            current.cancel()
-
-
-def _listing(value: object, what: str) -> list[dict]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise EngineError(f"{what}: expected a JSON list of objects from the engine")
-    return value
-
-
-async def ensure_network(engine: EngineClient, name: str) -> dict:
-    """The network's inspect result; the network is created (bridge) when it does not exist."""
-    try:
-        found = await engine.network(name)
-    except EngineError as e:
-        if e.status != 404:
-            raise
-        await engine.create_network(name)
-        Logger().info("docker: created network {network}", network=name)
-        found = await engine.network(name)
-    if not isinstance(found, dict):
-        raise EngineError(f"GET /networks/{name}: expected a JSON object from the engine")
-    return found
-
-
-class DockerDiscovery(_Loop):
-    """
-    The provider's Docker discovery: running containers on C{network}, turned into
-    services by L{pipegate.ports.docker.discover}, handed to C{publish(services)}
-    whenever they change (the caller merges them with the static services).
-    """
-
-    consequence = "services from --services and the Docker services seen last stay announced"
-
-    def __init__(self, engine: EngineClient, network: str, period: float,
-                 publish: Callable[[list[Service]], None], clock, debounce: float = DEBOUNCE,
-                 events: bool = True, max_ports: int = MAX_PORTS_PER_CONTAINER) -> None:
-        super().__init__(clock, period, debounce)
-        self.max_ports = max_ports
-        self.claims: dict = {}   # gate ports and aliases: which container holds each (kept across refreshes)
-        self.engine = engine
-        self.network = network
-        self.publish = publish
-        self.discovered: list[Service] | None = None
-        self._network_ok = False
-        self._reported: set[str] = set()
-        self.events = None
-        if events:
-            self.events = EventStream(engine, self._event, lambda: self.schedule(self.debounce))
-            self.events.setServiceParent(self)
-
-    def _event(self, event: dict) -> None:
-        self.schedule(self.debounce)
-
-    async def refresh(self) -> None:
-        try:
-            if not self._network_ok:
-                await ensure_network(self.engine, self.network)
-                self._network_ok = True
-            listings = _listing(await self.engine.containers(), "GET /containers/json")
-        except EngineError:
-            self._network_ok = False
-            raise
-        wanted = [entry for entry in listings if wants_inspect(entry, self.network)]
-        if len(wanted) > MAX_CONTAINERS:
-            self.log.warn("docker: {count} containers on {network}; only the first {max} are looked at",
-                          count=len(wanted), network=self.network, max=MAX_CONTAINERS)
-            wanted = wanted[:MAX_CONTAINERS]
-        inspects: dict[str, dict] = {}
-        for entry in wanted:
-            cid = entry.get("Id")
-            if not isinstance(cid, str) or not cid:
-                continue
-            try:
-                result = await self.engine.inspect(cid)
-            except EngineError as e:
-                if e.status == 404:  # removed since the listing
-                    continue
-                raise
-            if isinstance(result, dict):
-                inspects[cid] = result
-        messages: list[str] = []
-        services = discover(listings, inspects, self.network, messages.append, self.claims, self.max_ports)
-        for message in messages:
-            if message not in self._reported:
-                self.log.warn("{text}", text=message)
-        self._reported = set(messages)
-        if services != self.discovered:
-            self.discovered = services
-            self.log.info("docker: {count} service(s) on network {network}: {services}",
-                          count=len(services), network=self.network,
-                          services=", ".join(s.describe() for s in services) or "none")
-            self.publish(services)
-
-
-# ---------------------------------------------------------------------------
-# Gateway helpers
+__all__ = ["HelperManager", "spec_digest", "wanted_helpers"]
 
 
 def _helper_host(host: str) -> bool:
@@ -245,7 +52,7 @@ def spec_digest(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-class HelperManager(_Loop):
+class HelperManager(RefreshLoop):
     """
     The gateway's helper containers: one per service host learned from providers
     (C{gateway.routes}) that passes the gateway's exposure filters, on C{network}, with
@@ -326,7 +133,7 @@ class HelperManager(_Loop):
     async def _forget_missing(self) -> None:
         """Helpers removed behind our back (C{docker rm}) are forgotten, so they are created again."""
         present = set()
-        for entry in _listing(await self.engine.containers(
+        for entry in engine_list(await self.engine.containers(
                 all=True, filters={"label": [f"pipegate.helper.network={self.network}"]}), "GET /containers/json"):
             present.update(n.lstrip("/") for n in entry.get("Names") or () if isinstance(n, str))
         for host, (name, _) in list(self.helpers.items()):
@@ -336,7 +143,7 @@ class HelperManager(_Loop):
 
     async def _collect(self) -> None:
         """Remove every helper of this network (on start: those an earlier run left behind)."""
-        stale = _listing(await self.engine.containers(
+        stale = engine_list(await self.engine.containers(
             all=True, filters={"label": [f"pipegate.helper.network={self.network}"]}), "GET /containers/json")
         for entry in stale:
             cid = entry.get("Id")

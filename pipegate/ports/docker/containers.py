@@ -1,168 +1,50 @@
 """
-Docker discovery for the port plane (pure: no reactor, no sockets).
-
-Everything here works on the JSON the Docker Engine API returns, already decoded: the
-entries of C{GET /containers/json} ("listings") and the results of
+What containers offer (pure: no reactor, no sockets): the services of Docker
+containers on one network, from the JSON the Docker Engine API returns, already
+decoded: the entries of C{GET /containers/json} ("listings") and the results of
 C{GET /containers/{id}/json} ("inspects"), with the field names of Docker's Engine API
 reference (C{Id}, C{Names}, C{State}, C{Labels}, C{Ports}, C{NetworkSettings.Networks};
-C{Name}, C{Config.ExposedPorts}, C{Config.Labels}, C{State.Running}, ...).  The code that
-talks to the Engine lives elsewhere and only feeds these functions.
+C{Name}, C{Config.ExposedPorts}, C{Config.Labels}, C{State.Running}, ...).  The code
+that talks to the Engine (L{pipegate.ports.docker.discovery}) only feeds these
+functions.
 
-Hypergate's Docker mode (C{hypergate.md} section 7), with its tagged bugs fixed:
-  - labels C{pipegate.EXPOSE}, C{pipegate.UNEXPOSE} and C{pipegate.EXCLUDE}; the
-    C{hypergate.*} spellings are accepted too, and for each label the C{pipegate.*} one
-    wins when both are set (see L{LABEL_PREFIXES}); label keys are matched exactly;
-  - a label with an invalid item is an error (L{DockerLabelError}) and the container is
-    skipped and reported by L{discover}, instead of the item being silently dropped;
-  - discovered services are merged with the static ones (L{merge_with_static}) instead
-    of replacing them;
-  - the helper container of a gateway (L{helper_spec}, L{helper_name}) is built from the
-    routes the gateway learned, and is a plain forwarder to the gateway's gates that
-    needs no router secret (Hypergate put it in the name and the environment).
+Unlike Hypergate, discovered services are merged with the static ones
+(L{merge_with_static}) instead of replacing them, and a container with an invalid label
+(L{pipegate.ports.docker.labels}) is skipped and reported.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import attrs
-
+from pipegate.ports.docker.labels import (
+    DockerLabelError, UnexposeSpec, find_label, parse_expose_label, parse_unexpose_label,
+)
 from pipegate.ports.services import PROTOCOLS, Service
 
 __all__ = [
-    "DEFAULT_DOCKER_ENDPOINT",
-    "DockerLabelError",
-    "HELPER_NAME_PREFIX",
-    "LABEL_PREFIXES",
-    "UnexposeSpec",
+    "CLAIM_GRACE_REFRESHES",
+    "MAX_PORTS_PER_CONTAINER",
     "container_name",
     "container_services",
     "discover",
-    "find_label",
-    "helper_name",
-    "helper_spec",
     "merge_with_static",
-    "parse_docker_host",
-    "parse_expose_label",
-    "parse_unexpose_label",
-    "secret_free",
     "wants_inspect",
 ]
-
-LABEL_PREFIXES = ("pipegate.", "hypergate.")
-DEFAULT_DOCKER_ENDPOINT = "unix:/var/run/docker.sock"
-HELPER_NAME_PREFIX = "pipegate-helper-"
 
 TAGS_UNPUBLISHED = ("docker",)
 TAGS_PUBLISHED = ("docker", "published")
 
-# A helper name stays a valid DNS label (63 characters): prefix + 38 + "-" + 8 hex.
-_HELPER_HOST_CHARS = 38
-_HELPER_HASH_CHARS = 8
-_HOSTNAME_CHARS = 63
 _PORT_RE = re.compile(r"[0-9]{1,5}")
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
-_ITEM_CHARS = 40
 
 Log = Callable[[str], None]
 
 #: Default --docker-max-ports: services one container may announce; the rest (highest
 #: ports first) are dropped and reported.  One label could otherwise announce 5,000 ports.
 MAX_PORTS_PER_CONTAINER = 100
-
-
-class DockerLabelError(ValueError):
-    """A C{pipegate.*}/C{hypergate.*} label cannot be parsed; the message is one line naming the bad item."""
-
-
-@attrs.frozen
-class UnexposeSpec:
-    """
-    What a C{UNEXPOSE} label removes: every unpublished port (C{all_ports}, from C{*}),
-    or the listed C{(port, protocol)} pairs.
-    """
-
-    all_ports: bool = False
-    ports: frozenset[tuple[int, str]] = attrs.field(default=frozenset(), converter=frozenset)
-
-    def removes(self, port: int, protocol: str) -> bool:
-        return self.all_ports or (port, protocol) in self.ports
-
-
-# ---------------------------------------------------------------------------
-# Labels
-
-
-def _item_text(item: str) -> str:
-    text = repr(item)
-    return text if len(text) <= _ITEM_CHARS else text[: _ITEM_CHARS - 3] + "..."
-
-
-def _label_port(text: str, item: str, what: str) -> int:
-    text = text.strip()
-    if not _PORT_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
-        raise DockerLabelError(f"bad item {_item_text(item)}: {what} must be an integer 1-65535")
-    return int(text)
-
-
-def _label_protocol(text: str, item: str) -> str:
-    protocol = text.strip().lower()
-    if protocol not in PROTOCOLS:
-        raise DockerLabelError(f'bad item {_item_text(item)}: protocol must be "tcp" or "udp"')
-    return protocol
-
-
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def parse_expose_label(text: str) -> list[tuple[int, int | None, str]]:
-    """
-    C{"port[:public][/proto],..."} -> C{[(port, public or None, proto), ...]}, in order.
-
-    C{port} is the container's (private) port and C{public} the gate port announced for
-    it, in Hypergate's order (the reverse of C{docker run -p}): C{9000:19000/udp} is
-    container port 9000, gate port 19000, udp.  The protocol is C{tcp} or C{udp} in any
-    case, C{tcp} when missing.  Spaces around items and parts are ignored, and so are
-    empty items (C{"80,"}).  Any other bad item raises L{DockerLabelError} naming it.
-    """
-    result: list[tuple[int, int | None, str]] = []
-    for item in _items(text):
-        ports, slash, protocol = item.partition("/")
-        proto = _label_protocol(protocol, item) if slash else "tcp"
-        private, colon, public = ports.partition(":")
-        result.append((
-            _label_port(private, item, "port"),
-            _label_port(public, item, "public port") if colon else None,
-            proto,
-        ))
-    return result
-
-
-def parse_unexpose_label(text: str) -> UnexposeSpec:
-    """
-    C{"*"} or C{"port[/proto],..."} -> L{UnexposeSpec}.
-
-    C{*} removes every unpublished port.  C{port/proto} removes that one port; a bare
-    C{port} means C{port/tcp}, as in C{EXPOSE} labels and in a Dockerfile's C{EXPOSE}
-    (Hypergate: "C{p/proto} or C{p} removes one"), so C{UNEXPOSE=53} leaves C{53/udp}
-    alone.  Published ports (with a C{PublicPort} from Docker) are never removed; see
-    L{container_services}.  A bad item raises L{DockerLabelError} naming it.
-    """
-    all_ports = False
-    ports: set[tuple[int, str]] = set()
-    for item in _items(text):
-        if item == "*":
-            all_ports = True
-            continue
-        port, slash, protocol = item.partition("/")
-        proto = _label_protocol(protocol, item) if slash else "tcp"
-        ports.add((_label_port(port, item, "port"), proto))
-    return UnexposeSpec(all_ports, frozenset(ports))
 
 
 def _dict(value: object) -> dict:
@@ -174,19 +56,6 @@ def _labels(listing: Mapping, inspect: Mapping) -> dict[str, str]:
     for source in (_dict(listing.get("Labels")), _dict(_dict(inspect.get("Config")).get("Labels"))):
         labels.update((k, v) for k, v in source.items() if isinstance(k, str) and isinstance(v, str))
     return labels
-
-
-def find_label(labels: Mapping[str, str], name: str) -> tuple[str, str] | None:
-    """
-    C{(key, value)} of label C{name} (C{"EXPOSE"}, ...) under the first of
-    L{LABEL_PREFIXES} that is set, or C{None}.  Keys are matched exactly.
-    """
-    for prefix in LABEL_PREFIXES:
-        key = prefix + name
-        value = labels.get(key)
-        if isinstance(value, str):
-            return key, value
-    return None
 
 
 def _excluded(labels: Mapping[str, str]) -> bool:
@@ -583,158 +452,3 @@ def merge_with_static(
             )
     return merged
 
-
-# ---------------------------------------------------------------------------
-# Gateway helper containers
-
-
-def helper_name(route_host: str) -> str:
-    """
-    The helper container's name for C{route_host}: C{pipegate-helper-} + the host when
-    it is already lowercase letters, digits and inner dashes (at most 38), else a
-    DNS-safe form of it plus 8 hex digits of its SHA-256, so that C{mysql.hyper} and
-    C{mysql-hyper} get different helpers.  At most 63 characters.
-    """
-    safe = re.sub(r"[^a-z0-9]+", "-", route_host.lower()).strip("-")
-    if safe != route_host or len(safe) > _HELPER_HOST_CHARS:
-        digest = hashlib.sha256(route_host.encode("utf-8", "surrogatepass")).hexdigest()
-        safe = "-".join(filter(None, [safe[:_HELPER_HOST_CHARS].rstrip("-"), digest[:_HELPER_HASH_CHARS]]))
-    return HELPER_NAME_PREFIX + safe
-
-
-def _hostname(route_host: str) -> str:
-    if len(route_host) <= _HOSTNAME_CHARS:
-        return route_host
-    return route_host[:_HOSTNAME_CHARS].rstrip(".-") or helper_name(route_host)[:_HOSTNAME_CHARS]
-
-
-def helper_spec(
-    route_host: str,
-    forwards: Iterable[tuple[int, str, int]],
-    image: str,
-    network: str,
-    network_id: str | None,
-    target: str,
-) -> dict:
-    """
-    The JSON body of C{POST /containers/create?name=<helper_name(route_host)>} for the
-    gateway-side helper of C{route_host}: a plain TCP/UDP forwarder inside the network,
-    answering to the alias C{route_host} on each service port and forwarding to the
-    gateway's gate port at C{target} (the gateway's address as seen from the network).
-
-    C{forwards} are C{(service_port, protocol, gate_port)} triples: local containers
-    connect to C{route_host:service_port}, as if the service were on their network, and
-    the helper carries the connection (or datagrams) to C{target:gate_port}.
-
-      - C{Image}: C{image};
-      - C{Cmd}: C{pipegate forward --to <target> <port>/<proto>=<gate port> ...};
-      - C{ExposedPorts}: C{{"<port>/<proto>": {}}} for the service ports;
-      - C{Hostname}: C{route_host} (cut to 63 characters);
-      - C{Labels}: C{pipegate.EXCLUDE=true} (discovery skips helpers),
-        C{pipegate.helper=<route_host>} and C{pipegate.helper.network=<network>} (to find
-        them again, also after a crash);
-      - C{NetworkingConfig.EndpointsConfig[network]}: C{{"Aliases": [route_host],
-        "NetworkID": network_id}}, without C{NetworkID} when it is C{None};
-      - C{HostConfig.Sysctls}: C{net.ipv4.ip_unprivileged_port_start=0}, so that the
-        image's unprivileged user may listen on a service port below 1024 (it is the
-        helper's own network namespace);
-      - no C{Env}, no published host ports.
-
-    A forwarder needs no router secret at all, so none can leak through the name,
-    labels, command line or environment that anyone allowed to inspect containers can
-    read; the gate ports it reaches are the gateway's public gates, already guarded by
-    the gateway's ingress policy.  Callers still check the final body with
-    L{secret_free} before sending it.
-    """
-    if not route_host or any(c.isspace() for c in route_host):
-        raise ValueError(f"helper route host must be a non-empty name without spaces, got {route_host!r}")
-    if not target or any(c.isspace() for c in target):
-        raise ValueError(f"helper target must be a host name or address without spaces, got {target!r}")
-    exposed: dict[str, dict] = {}
-    arguments: list[str] = []
-    for port, protocol, gate_port in sorted(set(forwards)):
-        for number in (port, gate_port):
-            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
-                raise ValueError(f"helper port must be an integer 1-65535, got {number!r}")
-        if protocol not in PROTOCOLS:
-            raise ValueError(f'helper protocol must be "tcp" or "udp", got {protocol!r}')
-        if f"{port}/{protocol}" in exposed:
-            raise ValueError(f"helper port {port}/{protocol} is given twice")
-        exposed[f"{port}/{protocol}"] = {}
-        arguments.append(f"{port}/{protocol}={gate_port}")
-    if not arguments:
-        raise ValueError("a helper needs at least one port")
-    endpoint: dict[str, Any] = {"Aliases": [route_host]}
-    if network_id is not None:
-        endpoint["NetworkID"] = network_id
-    return {
-        "Image": image,
-        "Cmd": ["pipegate", "forward", "--to", target, *arguments],
-        "ExposedPorts": exposed,
-        "Hostname": _hostname(route_host),
-        "Labels": {"pipegate.EXCLUDE": "true", "pipegate.helper": route_host, "pipegate.helper.network": network},
-        "HostConfig": {"Sysctls": {"net.ipv4.ip_unprivileged_port_start": "0"}},
-        "NetworkingConfig": {"EndpointsConfig": {network: endpoint}},
-    }
-
-
-def secret_free(spec: object, secret: str) -> bool:
-    """
-    True when no string in C{spec} (dict keys and values, list items, recursively; other
-    scalars by their C{str}) contains C{secret}, compared without regard to case.
-    An empty secret is a C{ValueError}: it would be in everything.
-    """
-    if not secret:
-        raise ValueError("secret_free needs a non-empty secret")
-    needle = secret.lower()
-    stack: list[object] = [spec]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Mapping):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
-        elif isinstance(item, bytes):
-            if needle.encode("utf-8", "surrogatepass") in item.lower():
-                return False
-        elif item is not None and not isinstance(item, bool):
-            if needle in str(item).lower():
-                return False
-    return True
-
-
-# ---------------------------------------------------------------------------
-# Engine address
-
-
-def _escape_endpoint(text: str) -> str:
-    return re.sub(r"([\\:=])", r"\\\1", text)
-
-
-def parse_docker_host(value: str | None) -> str:
-    """
-    A Twisted client endpoint string for the Docker Engine socket.
-
-    C{None} or an empty value -> C{unix:/var/run/docker.sock}; C{unix:///path} (as in
-    C{DOCKER_HOST}), C{unix:/path} or a plain path -> C{unix:/path}, with C{:}, C{=} and
-    C{\\} escaped for Twisted's endpoint parser.  Any other scheme (C{tcp://},
-    C{ssh://}, C{npipe://}, ...) raises C{ValueError("only unix sockets are supported
-    ...")}.
-    """
-    text = (value or "").strip()
-    if not text:
-        return DEFAULT_DOCKER_ENDPOINT
-    lowered = text.lower()
-    if lowered.startswith("unix://"):
-        path = text[len("unix://"):]
-    elif lowered.startswith("unix:"):
-        path = text[len("unix:"):]
-    elif _SCHEME_RE.match(text):
-        scheme = text.split(":", 1)[0]
-        raise ValueError(f"only unix sockets are supported, not {scheme}")
-    else:
-        path = text
-    if not path:
-        raise ValueError(f"no socket path in Docker host {text!r}")
-    return "unix:" + _escape_endpoint(path)
