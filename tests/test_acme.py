@@ -25,9 +25,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from pipegate.http import certstore
-from pipegate.http.acme import (
-    AcmeManager, OrderScheduler, acme_collector, endpoint_port, renewal_time,
-)
+from pipegate.http.acme import AcmeManager, acme_collector, endpoint_port
+from pipegate.http.acmeschedule import OrderScheduler, renewal_time
 from pipegate.http.acmeclient import AcmeFailure, Issued
 from pipegate.http.certstore import CertStore, StoredCertificate, atomic_write
 from pipegate.http.sni import MAX_LOGGED_NAMES, SNISelector
