@@ -110,6 +110,7 @@ class RefreshLoop(service.MultiService):
 
 
 def engine_list(value: object, what: str) -> list[dict]:
+    """C{value} (a decoded Engine answer to C{what}) if it is a list of objects, else an L{EngineError}."""
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise EngineError(f"{what}: expected a JSON list of objects from the engine")
     return value
