@@ -56,6 +56,20 @@ def pattern(size: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+class NullNode:
+    """A mux link's node (pipegate.mux.session.Node) that ignores every event: for driving
+    a MuxLink alone, in memory."""
+
+    def link_admitted(self, link) -> None:
+        pass
+
+    def link_lost(self, link) -> None:
+        pass
+
+    def link_frame(self, link, frame) -> None:
+        pass
+
+
 class Loopback:
     """Owns listeners and connections of one test and tears them all down."""
 
