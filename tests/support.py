@@ -13,6 +13,7 @@ import random
 import secrets
 import shutil
 
+import attrs
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import (
     WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
@@ -20,7 +21,7 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
 from twisted.trial import unittest
@@ -157,6 +158,64 @@ async def request(agent: Agent, method: bytes, url: str, headers: dict | None = 
     response = await agent.request(method, url.encode(), hdrs, producer)
     data = await readBody(response)
     return response, data
+
+
+@attrs.define(eq=False)
+class RawApp(Factory):
+    """
+    Answers by path: /ws -> 101 then echo; /no -> 200 with a 5-byte body, connection kept;
+    /chunked -> 200 chunked; /silent -> nothing; anything else -> 200 "ok", closed.
+    C{heads} are the request heads it parsed, C{after} what came after a non-101 answer.
+    """
+
+    heads: list = attrs.field(factory=list)
+    after: list = attrs.field(factory=list)
+    conns: list = attrs.field(factory=list)
+
+    def buildProtocol(self, addr):
+        proto = RawAppProtocol()
+        proto.factory = self
+        return proto
+
+
+class RawAppProtocol(Protocol):
+    state = "head"
+    buffer = b""
+
+    def connectionMade(self):
+        self.factory.conns.append(self)
+
+    def dataReceived(self, data):
+        if self.state == "echo":
+            self.transport.write(data)
+            return
+        if self.state == "done":
+            self.factory.after.append(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        head, rest = self.buffer.split(b"\r\n\r\n", 1)
+        self.factory.heads.append(head)
+        path = head.split(b" ")[1]
+        if path.startswith(b"/ws"):
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\n")
+            self.state = "echo"
+            if rest:
+                self.transport.write(rest)
+            return
+        self.state = "done"
+        if rest:
+            self.factory.after.append(rest)
+        if path.startswith(b"/no"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        elif path.startswith(b"/chunked"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"3\r\nabc\r\n0\r\n\r\n")
+        elif not path.startswith(b"/silent"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            self.transport.loseConnection()
 
 
 class RawHTTP(Protocol):

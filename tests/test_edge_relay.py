@@ -15,8 +15,7 @@ import socket
 import subprocess
 import sys
 
-import attrs
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
@@ -27,7 +26,7 @@ from pipegate.http.relay import RelaySite
 from pipegate.http.upgrade import BodyEnd, UpgradeError, parse_response_head
 from pipegate.status import StatusAccess
 from tests.support import (
-    SECRET, Loopback, connect_raw, eventually, raw_request, split_response,
+    SECRET, Loopback, RawApp, connect_raw, eventually, raw_request, split_response,
 )
 from tests.test_processes import TWISTD, child_env, spawn
 
@@ -199,67 +198,6 @@ class StatusAccessTests(unittest.TestCase):
         self.assertEqual(access.refusal(self._request("127.0.0.1"))[0], 401)
         self.assertEqual(access.refusal(self._request("192.0.2.1", b"Bearer wrong"))[0], 401)
         self.assertIsNone(access.refusal(self._request("192.0.2.1", b"Bearer s3cret-token")))
-
-
-# -- a local app that shows every byte that reaches it
-
-
-@attrs.define(eq=False)
-class RawApp(protocol.Factory):
-    """
-    Answers by path: /ws -> 101 then echo; /no -> 200 with a 5-byte body, connection kept;
-    /chunked -> 200 chunked; /silent -> nothing; anything else -> 200 "ok", closed.
-    C{heads} are the request heads it parsed, C{after} what came after a non-101 answer.
-    """
-
-    heads: list = attrs.field(factory=list)
-    after: list = attrs.field(factory=list)
-    conns: list = attrs.field(factory=list)
-
-    def buildProtocol(self, addr):
-        proto = RawAppProtocol()
-        proto.factory = self
-        return proto
-
-
-class RawAppProtocol(protocol.Protocol):
-    state = "head"
-    buffer = b""
-
-    def connectionMade(self):
-        self.factory.conns.append(self)
-
-    def dataReceived(self, data):
-        if self.state == "echo":
-            self.transport.write(data)
-            return
-        if self.state == "done":
-            self.factory.after.append(data)
-            return
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer:
-            return
-        head, rest = self.buffer.split(b"\r\n\r\n", 1)
-        self.factory.heads.append(head)
-        path = head.split(b" ")[1]
-        if path.startswith(b"/ws"):
-            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                 b"Connection: Upgrade\r\n\r\n")
-            self.state = "echo"
-            if rest:
-                self.transport.write(rest)
-            return
-        self.state = "done"
-        if rest:
-            self.factory.after.append(rest)
-        if path.startswith(b"/no"):
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-        elif path.startswith(b"/chunked"):
-            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                 b"3\r\nabc\r\n0\r\n\r\n")
-        elif not path.startswith(b"/silent"):
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            self.transport.loseConnection()
 
 
 class EdgeRelay(unittest.TestCase):
