@@ -20,7 +20,9 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
@@ -69,6 +71,48 @@ class NullNode:
 
     def link_frame(self, link, frame) -> None:
         pass
+
+
+@attrs.frozen
+class BehindProxyListener:
+    """What an application behind Twisted's own PROXY protocol listener saw of one connection."""
+
+    peer: object    # transport.getPeer(): the header's source, or the real peer without one
+    host: object    # transport.getHost(): the header's destination, or the real address
+    data: bytes     # what reached the application after the header
+    closed: bool    # the listener dropped the connection (an invalid header)
+
+
+def behind_proxy_listener(*chunks: bytes, peer=IPv4Address("TCP", "127.0.0.1", 40000),
+                          host=IPv4Address("TCP", "127.0.0.1", 8000)) -> BehindProxyListener:
+    """
+    Feed C{chunks}, one read each, to a connection accepted by the stock C{haproxy:} server
+    endpoint (twisted.protocols.haproxy, Twisted's PROXY protocol v1/v2 reader), in memory
+    on a MemoryReactor and a StringTransport from C{peer} to C{host}, and return what
+    the application behind it saw.  Stock Twisted drops a connection whose first read is
+    shorter than 8 bytes (v1) or 16 (v2), so the first chunk must be at least that long.
+    """
+    memory = MemoryReactor()
+    apps: list[Protocol] = []
+    received: list[bytes] = []
+
+    class App(Protocol):
+        def connectionMade(self) -> None:
+            apps.append(self)
+
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    endpoints.serverFromString(memory, "haproxy:tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(App))
+    [(_, listener, _, _)] = memory.tcpServers
+    transport = StringTransport(hostAddress=host, peerAddress=peer)
+    connection = listener.buildProtocol(peer)
+    connection.makeConnection(transport)
+    for chunk in chunks:
+        connection.dataReceived(chunk)
+    [app] = apps
+    return BehindProxyListener(app.transport.getPeer(), app.transport.getHost(), b"".join(received),
+                               transport.disconnecting)
 
 
 class Loopback:
