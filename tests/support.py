@@ -12,6 +12,8 @@ import os
 import random
 import secrets
 import shutil
+import socket
+import sys
 
 import attrs
 from autobahn.twisted.resource import WebSocketResource
@@ -57,6 +59,20 @@ async def eventually(predicate, timeout: float = 10.0, interval: float = 0.01):
 
 def pattern(size: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def limited_twistd(nofile: int) -> list[str]:
+    """twistd with soft and hard RLIMIT_NOFILE lowered to C{nofile} (so raising cannot help)."""
+    return [sys.executable, "-c",
+            "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+            "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()" % (nofile, nofile)]
 
 
 class NullNode:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 
 from twisted.internet import defer, endpoints, reactor
 from twisted.logger import formatEvent, globalLogPublisher
@@ -26,9 +24,10 @@ from pipegate.http.relay import RelaySite
 from pipegate.http.upgrade import BodyEnd, UpgradeError, parse_response_head
 from pipegate.status import StatusAccess
 from tests.support import (
-    SECRET, Loopback, RawApp, connect_raw, eventually, raw_request, split_response,
+    SECRET, Loopback, RawApp, connect_raw, eventually, free_port, limited_twistd, raw_request,
+    split_response,
 )
-from tests.test_processes import TWISTD, child_env, spawn
+from tests.test_processes import child_env, spawn
 
 ATTACKER, BYSTANDER = "127.0.0.2", "127.0.0.3"
 UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -427,20 +426,6 @@ class ConnectionCaps(unittest.TestCase):
 
 
 # -- child processes under a lowered RLIMIT_NOFILE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def limited_twistd(nofile: int) -> list[str]:
-    """twistd with soft and hard RLIMIT_NOFILE lowered to C{nofile} (so raising cannot help)."""
-    return [sys.executable, "-c",
-            "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-            "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()" % (nofile, nofile)
-            ] + TWISTD[3:]
 
 
 class RelayProcess(unittest.TestCase):
