@@ -1,7 +1,7 @@
 """
 PipeGate benchmarks, side by side with the direct path:
 
-    python -m benchmarks                  # every scenario, 3 repetitions (about 6 minutes)
+    python -m benchmarks                  # every scenario, 3 repetitions (about 9 minutes)
     python -m benchmarks --quick          # smoke run: 1 repetition, short durations, small sizes
     python -m benchmarks --only tcp,udp   # some scenarios
     python -m benchmarks --profile tcp    # one scenario with py-spy (or cProfile) on the services
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                              "default all four) with a launcher patch (benchmarks/nodelay.py); PipeGate is unchanged")
     parser.add_argument("--extra-args", action="append", default=[], metavar="SERVICE=ARGS",
                         help="experiment: extra options for one service (relay, connector, gateway, provider), "
-                             "e.g. 'gateway=--window 4194304'; repeatable")
+                             "e.g. 'gateway=--max-window 4194304' (--window must match on both ends); repeatable")
     parser.add_argument("--require-tools", action="store_true",
                         help="exit 2 if wrk, iperf3, redis, haproxy or OpenSSH is missing instead of skipping what needs them (for CI)")
     parser.add_argument("--render", metavar="JSON", help="print the Markdown table of a saved result and exit")

@@ -5,7 +5,7 @@ this branch after it):
 
     PYTHONPATH=/path/to/checkout python -m benchmarks.abuse_relay
 
-Uses only what both versions have: Relay, RelaySite, the connector and tests.support in
+Uses Relay, RelaySite, the connector and tests.support (its RawApp is the local app) in
 process, and `twistd pipegate-server` as a child under RLIMIT_NOFILE 1024 (the systemd
 default) for the fd attacks.  Loopback only; attackers on 127.0.0.2, bystanders 127.0.0.3.
 """
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
+import tempfile
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 
-from tests.support import SECRET, Loopback, connect_raw, raw_request
+from tests.support import SECRET, Loopback, RawApp, connect_raw, free_port, limited_twistd, raw_request
 
 ATTACKER, BYSTANDER = "127.0.0.2", "127.0.0.3"
 UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -42,41 +41,6 @@ class Cleanups:
                 await r
 
 
-class App(protocol.Factory):
-    """/ws -> 101 + echo; /no -> 200 kept open; /silent -> nothing; else 200 and close."""
-
-    def __init__(self):
-        self.heads = []
-
-    def buildProtocol(self, addr):
-        p = AppProto()
-        p.factory = self
-        return p
-
-
-class AppProto(protocol.Protocol):
-    buf = b""
-    state = "head"
-
-    def dataReceived(self, data):
-        if self.state == "echo":
-            self.transport.write(data)
-            return
-        self.buf += data
-        while b"\r\n\r\n" in self.buf:
-            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-            self.factory.heads.append(head)
-            path = head.split(b" ")[1]
-            if path.startswith(b"/ws"):
-                self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                     b"Connection: Upgrade\r\n\r\n")
-                self.state = "echo"
-                return
-            if path.startswith(b"/silent"):
-                continue
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-
-
 async def sleep(s):
     await task.deferLater(reactor, s, lambda: None)
 
@@ -93,7 +57,7 @@ async def in_process(results):
     c = Cleanups()
     loop = Loopback(c)
     try:
-        app = App()
+        app = RawApp()
         app_port = await loop.listen(app)
         relay, port = await loop.relay(request_timeout=300, access_log=True)
         await loop.connector(port, app_port, "t1")
@@ -106,8 +70,8 @@ async def in_process(results):
         await wait(lambda: b"hello" in p.received, 5)
         if not p.done.called:
             p.transport.write(b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
-        await wait(lambda: len(app.heads) >= 2 or p.done.called, 3)
-        smuggled = [h.split(b"\r\n")[0].decode() for h in app.heads[1:]]
+        await wait(lambda: len(app.heads) >= 2 or app.after or p.done.called, 3)
+        smuggled = [h.split(b"\r\n")[0].decode() for h in app.heads[1:] + app.after]
         results["1 smuggling: heads the app saw after a refused upgrade"] = smuggled or "none (closed)"
         if not p.done.called:
             p.transport.abortConnection()
@@ -157,50 +121,31 @@ async def in_process(results):
         await c.run()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Child(protocol.ProcessProtocol):
-    def __init__(self):
-        self.out = bytearray()
-        self.ended = defer.Deferred()
-
-    def outReceived(self, d):
-        self.out += d
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-
 async def child_relay(nofile, *options):
+    """C{twistd pipegate-server} under RLIMIT_NOFILE C{nofile}, its output in a temporary file;
+    returns once /healthz answers."""
     port = free_port()
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-            "from twisted.scripts.twistd import run; run()" % (nofile, nofile))
-    argv = [sys.executable, "-c", code, "-n", "--pidfile=", "pipegate-server", "--listen",
-            f"tcp:{port}:interface=127.0.0.1", *options]
-    env = dict(os.environ, PIPEGATE_JWT_SECRET=SECRET)
-    child = Child()
-    proc = reactor.spawnProcess(child, sys.executable, argv, env=env)
+    output = tempfile.TemporaryFile()
+    proc = subprocess.Popen(limited_twistd(nofile) + ["-n", "--pidfile=", "pipegate-server", "--listen",
+                                                      f"tcp:{port}:interface=127.0.0.1", *options],
+                            env=dict(os.environ, PIPEGATE_JWT_SECRET=SECRET), stdout=output,
+                            stderr=subprocess.STDOUT)
     for _ in range(200):
         try:
             if b" 200 " in await raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
                 break
         except Exception:
             await sleep(0.05)
-    return port, proc, child
+    return port, proc, output
 
 
-async def stop(proc, child):
-    try:
-        proc.signalProcess(signal.SIGKILL)
-    except Exception:
-        pass
-    await child.ended
+def stop(proc, output) -> bytes:
+    """SIGKILL the child; return all it wrote."""
+    proc.kill()
+    proc.wait()
+    output.seek(0)
+    with output:
+        return output.read()
 
 
 async def healthz(port):
@@ -213,7 +158,7 @@ async def healthz(port):
 
 
 async def fds(results):
-    port, proc, child = await child_relay(1024)
+    port, proc, output = await child_relay(1024)
     protos = []
     for _ in range(1100):
         try:
@@ -223,14 +168,13 @@ async def fds(results):
     await sleep(1)
     answers = [await healthz(port) for _ in range(3)]
     results["9 bystander /healthz with 1,100 idle conns from one IP (nofile 1024)"] = answers
-    out = bytes(child.out)
-    results["9 relay log: EMFILE lines / Unhandled / Traceback"] = (
-        out.count(b"EMFILE"), out.count(b"Unhandled"), out.count(b"Traceback"))
     for p in protos:
         p.transport.abortConnection()
-    await stop(proc, child)
+    out = stop(proc, output)
+    results["9 relay log: EMFILE lines / Unhandled / Traceback"] = (
+        out.count(b"EMFILE"), out.count(b"Unhandled"), out.count(b"Traceback"))
 
-    port, proc, child = await child_relay(4096)
+    port, proc, output = await child_relay(4096)
     listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
     os.kill(proc.pid, signal.SIGSTOP)
     connected = []
@@ -244,7 +188,7 @@ async def fds(results):
     await sleep(0.5)
     for p in connected:
         p.transport.abortConnection()
-    await stop(proc, child)
+    stop(proc, output)
 
 
 async def main():

@@ -12,25 +12,17 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import signal
-import subprocess
 import urllib.request
 
 from benchmarks.transfer import (
-    download, expected_sha, free_port, proc_status, relay_env, start_app, start_connector, start_relay, upload,
+    children, download, expected_sha, free_port, proc_status, relay_env, save_result, start_app,
+    start_connector, start_relay, upload,
 )
 
 
 def run_once(size: int, inspect: bool) -> dict:
     env = relay_env()
-    procs = []
-
-    def popen(argv, **kwargs):
-        procs.append(subprocess.Popen(argv, **kwargs))
-        return procs[-1]
-
-    try:
+    with children() as popen:
         app, app_port = start_app(popen)
         relay, relay_port = start_relay(popen, env)
         inspect_port = free_port()
@@ -62,14 +54,6 @@ def run_once(size: int, inspect: bool) -> dict:
                 [row] = [x for x in result["recorded"] if x["path"] == e["path"]]
                 row["kept"] = kept
         return result
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def main() -> int:
@@ -79,9 +63,7 @@ def main() -> int:
     size = args.size_mib * 1024 * 1024
     results = {"size_mib": args.size_mib, "runs": [run_once(size, False), run_once(size, True)]}
     print(json.dumps(results, indent=2))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "inspect_memory.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    save_result("inspect_memory", results)
     return 0 if all(r["sha256_ok"] for r in results["runs"]) else 1
 
 

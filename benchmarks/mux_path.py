@@ -20,32 +20,23 @@ import sys
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from pipegate.core.window import INITIAL_WINDOW
 from pipegate.mux import frames
 from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkConfig, MuxLink
+from tests.support import NullNode
 
 CHANNELS = 50
 
 
-class _Node:
-    def link_admitted(self, link) -> None:
-        pass
-
-    def link_lost(self, link) -> None:
-        pass
-
-    def link_frame(self, link, frame) -> None:
-        pass
-
-
 def run(rounds: int) -> None:
-    link = MuxLink(_Node(), LinkConfig(secret=b"s" * 32, role=frames.ROLE_PROVIDER), Clock(), True)
+    link = MuxLink(NullNode(), LinkConfig(secret=b"s" * 32, role=frames.ROLE_PROVIDER), Clock(), True)
     link_transport = StringTransport()
     link.makeConnection(link_transport)
     link.admitted = True  # (admission is not per message)
     channels = []
     for channel_id in range(1, CHANNELS + 1):
-        channel = StreamChannel(window=frames.INITIAL_WINDOW)
+        channel = StreamChannel(window=INITIAL_WINDOW)
         channel.makeConnection(StringTransport())
         link.channels[channel_id] = channel
         channel.attach(link, channel_id)

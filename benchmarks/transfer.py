@@ -11,6 +11,7 @@ and reports MB/s and the peak RSS (VmHWM) growth of the relay and the connector.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -200,19 +201,45 @@ def start_connector(popen, env: dict, app_port: int, relay_port: int, connection
     return connector
 
 
+@contextlib.contextmanager
+def children():
+    """
+    Yield a C{popen(argv, **kwargs)} that starts a child and remembers it; on leaving the
+    block, whatever ends it, every child gets SIGTERM, and SIGKILL if still there 10 s later.
+    """
+    procs: list[subprocess.Popen] = []
+
+    def popen(argv, **kwargs) -> subprocess.Popen:
+        procs.append(subprocess.Popen(argv, **kwargs))
+        return procs[-1]
+
+    try:
+        yield popen
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def save_result(name: str, result) -> None:
+    """Write C{result} as JSON to benchmarks/results/NAME.json."""
+    directory = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     args = parser.parse_args()
     size = args.size_mib * 1024 * 1024
     env = relay_env()
-    procs = []
-
-    def popen(argv, **kwargs):
-        procs.append(subprocess.Popen(argv, **kwargs))
-        return procs[-1]
-
-    try:
+    with children() as popen:
         app, app_port = start_app(popen)
         relay, relay_port = start_relay(popen, env)
         connector = start_connector(popen, env, app_port, relay_port)
@@ -222,28 +249,18 @@ def main() -> int:
         up_seconds, answer = upload(relay_port, size)
         up_ok = answer.decode() == f"{size} {expected_sha(size)}"
         peak = {"relay": proc_status(relay.pid, "VmHWM"), "connector": proc_status(connector.pid, "VmHWM")}
-        result = {
-            "size_mib": args.size_mib,
-            "download": {"seconds": round(seconds, 2), "mb_per_s": round(size / seconds / 1e6, 1),
-                         "sha256_ok": down_ok},
-            "upload": {"seconds": round(up_seconds, 2), "mb_per_s": round(size / up_seconds / 1e6, 1),
-                       "sha256_ok": up_ok},
-            "rss_before_mib": {k: round(v / 2**20, 1) for k, v in base.items()},
-            "peak_rss_growth_mib": {k: round((peak[k] - base[k]) / 2**20, 1) for k in base},
-        }
-        print(json.dumps(result, indent=2))
-        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-        with open(os.path.join(os.path.dirname(__file__), "results", "transfer.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        return 0 if down_ok and up_ok else 1
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    result = {
+        "size_mib": args.size_mib,
+        "download": {"seconds": round(seconds, 2), "mb_per_s": round(size / seconds / 1e6, 1),
+                     "sha256_ok": down_ok},
+        "upload": {"seconds": round(up_seconds, 2), "mb_per_s": round(size / up_seconds / 1e6, 1),
+                   "sha256_ok": up_ok},
+        "rss_before_mib": {k: round(v / 2**20, 1) for k, v in base.items()},
+        "peak_rss_growth_mib": {k: round((peak[k] - base[k]) / 2**20, 1) for k in base},
+    }
+    print(json.dumps(result, indent=2))
+    save_result("transfer", result)
+    return 0 if down_ok and up_ok else 1
 
 
 if __name__ == "__main__":

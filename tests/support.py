@@ -12,15 +12,20 @@ import os
 import random
 import secrets
 import shutil
+import socket
+import sys
 
+import attrs
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import (
     WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
     WebSocketServerProtocol,
 )
 from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
 from twisted.trial import unittest
@@ -54,6 +59,76 @@ async def eventually(predicate, timeout: float = 10.0, interval: float = 0.01):
 
 def pattern(size: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def limited_twistd(nofile: int) -> list[str]:
+    """twistd with soft and hard RLIMIT_NOFILE lowered to C{nofile} (so raising cannot help)."""
+    return [sys.executable, "-c",
+            "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+            "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()" % (nofile, nofile)]
+
+
+class NullNode:
+    """A mux link's node (pipegate.mux.session.Node) that ignores every event: for driving
+    a MuxLink alone, in memory."""
+
+    def link_admitted(self, link) -> None:
+        pass
+
+    def link_lost(self, link) -> None:
+        pass
+
+    def link_frame(self, link, frame) -> None:
+        pass
+
+
+@attrs.frozen
+class BehindProxyListener:
+    """What an application behind Twisted's own PROXY protocol listener saw of one connection."""
+
+    peer: object    # transport.getPeer(): the header's source, or the real peer without one
+    host: object    # transport.getHost(): the header's destination, or the real address
+    data: bytes     # what reached the application after the header
+    closed: bool    # the listener dropped the connection (an invalid header)
+
+
+def behind_proxy_listener(*chunks: bytes, peer=IPv4Address("TCP", "127.0.0.1", 40000),
+                          host=IPv4Address("TCP", "127.0.0.1", 8000)) -> BehindProxyListener:
+    """
+    Feed C{chunks}, one read each, to a connection accepted by the stock C{haproxy:} server
+    endpoint (twisted.protocols.haproxy, Twisted's PROXY protocol v1/v2 reader), in memory
+    on a MemoryReactor and a StringTransport from C{peer} to C{host}, and return what
+    the application behind it saw.  Stock Twisted drops a connection whose first read is
+    shorter than 8 bytes (v1) or 16 (v2), so the first chunk must be at least that long.
+    """
+    memory = MemoryReactor()
+    apps: list[Protocol] = []
+    received: list[bytes] = []
+
+    class App(Protocol):
+        def connectionMade(self) -> None:
+            apps.append(self)
+
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    endpoints.serverFromString(memory, "haproxy:tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(App))
+    [(_, listener, _, _)] = memory.tcpServers
+    transport = StringTransport(hostAddress=host, peerAddress=peer)
+    connection = listener.buildProtocol(peer)
+    connection.makeConnection(transport)
+    for chunk in chunks:
+        connection.dataReceived(chunk)
+    [app] = apps
+    return BehindProxyListener(app.transport.getPeer(), app.transport.getHost(), b"".join(received),
+                               transport.disconnecting)
 
 
 class Loopback:
@@ -143,6 +218,64 @@ async def request(agent: Agent, method: bytes, url: str, headers: dict | None = 
     response = await agent.request(method, url.encode(), hdrs, producer)
     data = await readBody(response)
     return response, data
+
+
+@attrs.define(eq=False)
+class RawApp(Factory):
+    """
+    Answers by path: /ws -> 101 then echo; /no -> 200 with a 5-byte body, connection kept;
+    /chunked -> 200 chunked; /silent -> nothing; anything else -> 200 "ok", closed.
+    C{heads} are the request heads it parsed, C{after} what came after a non-101 answer.
+    """
+
+    heads: list = attrs.field(factory=list)
+    after: list = attrs.field(factory=list)
+    conns: list = attrs.field(factory=list)
+
+    def buildProtocol(self, addr):
+        proto = RawAppProtocol()
+        proto.factory = self
+        return proto
+
+
+class RawAppProtocol(Protocol):
+    state = "head"
+    buffer = b""
+
+    def connectionMade(self):
+        self.factory.conns.append(self)
+
+    def dataReceived(self, data):
+        if self.state == "echo":
+            self.transport.write(data)
+            return
+        if self.state == "done":
+            self.factory.after.append(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        head, rest = self.buffer.split(b"\r\n\r\n", 1)
+        self.factory.heads.append(head)
+        path = head.split(b" ")[1]
+        if path.startswith(b"/ws"):
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\n")
+            self.state = "echo"
+            if rest:
+                self.transport.write(rest)
+            return
+        self.state = "done"
+        if rest:
+            self.factory.after.append(rest)
+        if path.startswith(b"/no"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        elif path.startswith(b"/chunked"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"3\r\nabc\r\n0\r\n\r\n")
+        elif not path.startswith(b"/silent"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            self.transport.loseConnection()
 
 
 class RawHTTP(Protocol):

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 
-import attrs
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
@@ -27,9 +24,10 @@ from pipegate.http.relay import RelaySite
 from pipegate.http.upgrade import BodyEnd, UpgradeError, parse_response_head
 from pipegate.status import StatusAccess
 from tests.support import (
-    SECRET, Loopback, connect_raw, eventually, raw_request, split_response,
+    SECRET, Loopback, RawApp, connect_raw, eventually, free_port, limited_twistd, raw_request,
+    split_response,
 )
-from tests.test_processes import TWISTD, child_env, spawn
+from tests.test_processes import child_env, spawn
 
 ATTACKER, BYSTANDER = "127.0.0.2", "127.0.0.3"
 UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -199,67 +197,6 @@ class StatusAccessTests(unittest.TestCase):
         self.assertEqual(access.refusal(self._request("127.0.0.1"))[0], 401)
         self.assertEqual(access.refusal(self._request("192.0.2.1", b"Bearer wrong"))[0], 401)
         self.assertIsNone(access.refusal(self._request("192.0.2.1", b"Bearer s3cret-token")))
-
-
-# -- a local app that shows every byte that reaches it
-
-
-@attrs.define(eq=False)
-class RawApp(protocol.Factory):
-    """
-    Answers by path: /ws -> 101 then echo; /no -> 200 with a 5-byte body, connection kept;
-    /chunked -> 200 chunked; /silent -> nothing; anything else -> 200 "ok", closed.
-    C{heads} are the request heads it parsed, C{after} what came after a non-101 answer.
-    """
-
-    heads: list = attrs.field(factory=list)
-    after: list = attrs.field(factory=list)
-    conns: list = attrs.field(factory=list)
-
-    def buildProtocol(self, addr):
-        proto = RawAppProtocol()
-        proto.factory = self
-        return proto
-
-
-class RawAppProtocol(protocol.Protocol):
-    state = "head"
-    buffer = b""
-
-    def connectionMade(self):
-        self.factory.conns.append(self)
-
-    def dataReceived(self, data):
-        if self.state == "echo":
-            self.transport.write(data)
-            return
-        if self.state == "done":
-            self.factory.after.append(data)
-            return
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer:
-            return
-        head, rest = self.buffer.split(b"\r\n\r\n", 1)
-        self.factory.heads.append(head)
-        path = head.split(b" ")[1]
-        if path.startswith(b"/ws"):
-            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                 b"Connection: Upgrade\r\n\r\n")
-            self.state = "echo"
-            if rest:
-                self.transport.write(rest)
-            return
-        self.state = "done"
-        if rest:
-            self.factory.after.append(rest)
-        if path.startswith(b"/no"):
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-        elif path.startswith(b"/chunked"):
-            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                 b"3\r\nabc\r\n0\r\n\r\n")
-        elif not path.startswith(b"/silent"):
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            self.transport.loseConnection()
 
 
 class EdgeRelay(unittest.TestCase):
@@ -489,20 +426,6 @@ class ConnectionCaps(unittest.TestCase):
 
 
 # -- child processes under a lowered RLIMIT_NOFILE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def limited_twistd(nofile: int) -> list[str]:
-    """twistd with soft and hard RLIMIT_NOFILE lowered to C{nofile} (so raising cannot help)."""
-    return [sys.executable, "-c",
-            "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-            "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()" % (nofile, nofile)
-            ] + TWISTD[3:]
 
 
 class RelayProcess(unittest.TestCase):

@@ -18,7 +18,7 @@ from twisted.protocols import tls as twisted_tls
 from twisted.trial import unittest
 
 from pipegate.mux import tls
-from tests.support import pattern
+from tests.support import NullNode, pattern
 
 
 class Recorder(protocol.Protocol):
@@ -184,17 +184,6 @@ class Batching(unittest.TestCase):
         self.assertIsInstance(pair.server._reason.value, SSL.Error)
 
 
-class _Node:
-    def link_admitted(self, link) -> None:
-        pass
-
-    def link_lost(self, link) -> None:
-        pass
-
-    def link_frame(self, link, frame) -> None:
-        pass
-
-
 class LinkWrites(unittest.TestCase):
     """
     A MuxLink on LinkTLSProtocol: small DATA frames of one reactor turn leave as one
@@ -213,7 +202,7 @@ class LinkWrites(unittest.TestCase):
         self.server = tls.LinkTLSFactory(server_options, False, protocol.Factory.forProtocol(Recorder),
                                          self.clock).buildProtocol(None)
         self.client = tls.LinkTLSFactory(ssl.CertificateOptions(verify=False), True,
-                                         LinkFactory(_Node(), config, self.clock, True), self.clock).buildProtocol(None)
+                                         LinkFactory(NullNode(), config, self.clock, True), self.clock).buildProtocol(None)
         self.server_transport, self.client_transport = CountingTransport(), CountingTransport()
         self.server.makeConnection(self.server_transport)
         self.client.makeConnection(self.client_transport)

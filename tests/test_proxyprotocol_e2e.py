@@ -32,9 +32,9 @@ class ProviderProxyProtocol(PortPlane):
         client.transport.loseConnection()
         await client.lost
         self.assertEqual(echoed, data)
-        (info,) = self.readers[version].headers
-        self.assertEqual((info["src_ip"], info["src_port"]), ("127.0.0.1", client.local_port))
-        self.assertEqual(info["dst_port"], gate)
+        [(source, destination)] = self.readers[version].headers
+        self.assertEqual((source.host, source.port), ("127.0.0.1", client.local_port))
+        self.assertEqual(destination.port, gate)
 
     async def test_v1(self):
         await self.check("v1")
