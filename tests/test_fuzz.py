@@ -17,11 +17,12 @@ bounded on a slow machine.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import tracemalloc
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -33,6 +34,7 @@ from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports import proxyprotocol, services, unlimited
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.provider import Provider, ProviderConfig
+from tests.support import behind_proxy_listener
 from tests.test_mux_frames import frame_strategy
 
 FUZZ = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -161,6 +163,12 @@ class PolicyJSON(unittest.TestCase):
             self.assertRaises(policy.PolicyError, policydoc.policy_from_bytes, data, "provider")
 
 
+def plain(ip: str):
+    """An address as the PROXY header carries it: no zone, an IPv4-mapped IPv6 address as IPv4."""
+    address = ipaddress.ip_address(ip.partition("%")[0])
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 ips = st.one_of(st.ip_addresses().map(str), st.sampled_from(["::ffff:10.0.0.1", "fe80::1%eth0"]))
 ports = st.integers(0, 65535)
 
@@ -170,24 +178,17 @@ class ProxyProtocol(unittest.TestCase):
     @given(st.sampled_from(["v1", "v2"]), st.sampled_from(["tcp", "udp", "TCP"]), ips, ports, ips, ports,
            st.binary(max_size=20))
     def test_encoder_round_trip(self, version, protocol, src, sport, dst, dport, rest):
+        # Read back by Twisted's own PROXY protocol listener (the haproxy: endpoint).
         header = proxyprotocol.header(version, protocol, src, sport, dst, dport)
-        info, remainder = proxyprotocol.parse(header + rest)
-        self.assertEqual(remainder, rest)
-        self.assertEqual(info["version"], int(version[1]))
-        if info["src_ip"] is None:   # UNKNOWN / LOCAL: families differ, or UDP in v1
-            return
-        self.assertEqual(info["src_port"], sport)
-        self.assertEqual(info["dst_port"], dport)
-        self.assertEqual(info["protocol"], protocol.lower())
-
-    @FUZZ
-    @given(st.binary(max_size=300))
-    def test_parse_random_bytes(self, data):
-        for candidate in (data, b"PROXY " + data, proxyprotocol.V2_SIGNATURE + data):
-            try:
-                bounded_peak(self, proxyprotocol.parse, candidate)
-            except ValueError:
-                pass
+        # Twisted 26.10's v1 reader refuses the short "PROXY UNKNOWN" the spec allows (UDP,
+        # mixed families); tests/test_proxyprotocol.py has HAProxy read those.
+        assume(not header.startswith(b"PROXY UNKNOWN"))
+        seen = behind_proxy_listener(header + rest)
+        self.assertEqual((seen.data, seen.closed), (rest, False))
+        if b"\r\n\r\n\x00\r\nQUIT\n" == header[:12] and header[12] & 0x0F == 0:
+            return  # v2 LOCAL (mixed families): the real addresses stand
+        self.assertEqual((plain(seen.peer.host), seen.peer.port, plain(seen.host.host), seen.host.port),
+                         (plain(src), sport, plain(dst), dport))
 
     @FUZZ
     @given(st.text(max_size=40), st.integers(-2, 70000), st.one_of(st.text(max_size=5), st.integers()))
