@@ -733,7 +733,8 @@ class LoginFailures(unittest.TestCase):
         from twisted.logger import globalLogPublisher
 
         from pipegate.core.redial import Redial
-        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from pipegate.http.connector import Connector
+        from pipegate.http.target import ConnectorConfig, Target
         from tests.support import token_for
 
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -793,7 +794,8 @@ class LoginFailures(unittest.TestCase):
         from twisted.python.failure import Failure
 
         from pipegate.core.redial import Redial
-        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from pipegate.http.connector import Connector
+        from pipegate.http.target import ConnectorConfig, Target
         from tests.support import token_for
 
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
