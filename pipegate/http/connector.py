@@ -118,7 +118,7 @@ class ConnectorSession:
             stream._closed = True
             if stream.record is not None:
                 stream.record.closed("the link to the relay was lost")
-            stream.upload.release()
+            stream.flow.release()
             if stream.pipe is not None:
                 stream.pipe.abort()
             else:

@@ -48,7 +48,11 @@ class StreamSession(TypingProtocol):
 
 @implementer(IBodyProducer)
 class TunnelBody:
-    """The request body as it arrives in DATA frames, written to the Agent's consumer."""
+    """
+    The request body as it arrives in DATA frames, written to the Agent's consumer.
+    Its flow control is the stream's L{window.Flow}: the body reports what reached the
+    app and when the app pushes back, and sends the credit the flow returns.
+    """
 
     def __init__(self, stream: ConnectorStream, length: int | object) -> None:
         self.stream = stream
@@ -57,36 +61,31 @@ class TunnelBody:
         self.finished: defer.Deferred[None] = defer.Deferred()
         self._early: list[bytes] = []
         self._ended = False
-        self._paused = False
-        self._paused_since = 0.0
         self._stopped = False
 
     def startProducing(self, consumer):
         self.consumer = consumer
         early, self._early = self._early, []
         for chunk in early:
-            self._write(chunk)
+            self._hand_on(chunk)
         if self._ended and not self._stopped:
             self.finished.callback(None)
         return self.finished
 
     def data(self, chunk: bytes) -> None:
+        # (Flow.held raises FrameError if the relay overran its credit.)
+        self.stream.flow.held(len(chunk))
         if self.consumer is None:
             self._early.append(chunk)
         else:
-            self._write(chunk)
+            self._hand_on(chunk)
 
-    def _write(self, chunk: bytes) -> None:
+    def _hand_on(self, chunk: bytes) -> None:
         if self._stopped:
-            return
+            return  # (its credit never goes back: the request is over)
         self.consumer.write(chunk)
-        upload = self.stream.upload
-        upload.consumed(len(chunk))
-        if not self._paused:
-            # Credit goes back once half the window is due, not per DATA frame.
-            credit = upload.grant(max(1, upload.window // 2))
-            if credit:
-                self.stream.send(frames.Window(self.stream.stream_id, credit))
+        # After the write: a consumer that pushed back from inside it holds the credit.
+        self.stream.grant(self.stream.flow.handed_on(len(chunk)))
 
     def end(self) -> None:
         self._ended = True
@@ -94,16 +93,12 @@ class TunnelBody:
             self.finished.callback(None)
 
     def pauseProducing(self):
-        self._paused = True
-        self._paused_since = self.stream.session.reactor.seconds()
+        self.stream.flow.sink_paused(self.stream.session.reactor.seconds())
 
     def resumeProducing(self):
-        self._paused = False
-        if self.stream.session.reactor.seconds() - self._paused_since >= window.SLOW_SINK:
-            self.stream.upload.shrink()  # the local app is not keeping up
-        credit = self.stream.upload.grant()
-        if credit:
-            self.stream.send(frames.Window(self.stream.stream_id, credit))
+        # A local app that stayed full SLOW_SINK or more is not keeping up: the flow
+        # shrinks the window back to the initial credit.
+        self.stream.grant(self.stream.flow.sink_resumed(self.stream.session.reactor.seconds()))
 
     def stopProducing(self):
         # The Agent gave up on the request; its Deferred reports why.  Per IBodyProducer,
@@ -112,24 +107,26 @@ class TunnelBody:
 
 
 class ResponseForwarder(Protocol):
-    """Receives the local app's response body and sends it as DATA within the window."""
+    """
+    Receives the local app's response body and sends it as DATA within the credit of
+    the stream's L{window.Flow}; the app is paused while the flow is blocked.
+    """
 
     def __init__(self, stream: ConnectorStream) -> None:
         self.stream = stream
-        self.window = window.SendWindow()
         self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
+        flow = self.stream.flow
         with self.stream.session.link.corked():
-            for chunk in self.window.write(data):
-                self.stream.send(frames.Data(self.stream.stream_id, chunk))
-        if self.window.blocked:
+            self.stream.send_data(flow.write(data))
+        if flow.blocked:
             self.transport.pauseProducing()
 
     def credit(self, increment: int) -> None:
-        for chunk in self.window.credit(increment):
-            self.stream.send(frames.Data(self.stream.stream_id, chunk))
-        if not self.window.blocked and self.transport is not None:
+        flow = self.stream.flow
+        self.stream.send_data(flow.credited(increment))
+        if not flow.blocked and self.transport is not None:
             self.transport.resumeProducing()
         self._maybe_end()
 
@@ -141,7 +138,7 @@ class ResponseForwarder(Protocol):
             self.stream.reset(http.BAD_GATEWAY, "the local app failed mid-response")
 
     def _maybe_end(self) -> None:
-        if self._ended and self.window.queued == 0:
+        if self._ended and self.stream.flow.send.queued == 0:
             self.stream.send(frames.End(self.stream.stream_id))
             self.stream.close()
 
@@ -156,8 +153,9 @@ class ConnectorStream:
         self.stream_id = head.stream
         self.head = head
         config = session.config
-        # The request body's window grows while the local app keeps up (docs/protocol.md 1.5).
-        self.upload = window.ReceiveWindow(max_window=config.max_window, budget=session.window_budget)
+        # Both directions' credit: the response goes out within the relay's grants; the
+        # request body's window grows while the local app keeps up (docs/protocol.md 1.5).
+        self.flow = window.Flow.of(max_window=config.max_window, budget=session.window_budget)
         self.body: TunnelBody | None = None
         self.forwarder: ResponseForwarder | None = None
         self.pipe: StreamPipe | None = None
@@ -176,8 +174,18 @@ class ConnectorStream:
             self._closed = True
             if self.record is not None:
                 self.record.closed()
-            self.upload.release()
+            self.flow.release()
             self.session.streams.pop(self.stream_id, None)
+
+    def grant(self, credit: int) -> None:
+        """Send the credit the flow returned (0: none due)."""
+        if credit:
+            self.send(frames.Window(self.stream_id, credit))
+
+    def send_data(self, chunks: list[bytes | memoryview]) -> None:
+        """Send the payloads the flow released."""
+        for chunk in chunks:
+            self.send(frames.Data(self.stream_id, chunk))
 
     def reset(self, code: int, reason: str) -> None:
         if not self._closed:
@@ -283,7 +291,6 @@ class ConnectorStream:
                 self.close()
             return
         if isinstance(frame, frames.Data):
-            self.upload.received(len(frame.data))
             if self.body is None:
                 raise frames.FrameError("DATA for a request without a body")
             self.body.data(frame.data)
