@@ -272,6 +272,37 @@ class Connector(service.MultiService):
             self._endpoint, factory, retryPolicy=self._next_attempt, clock=reactor)
         self.client_service.setServiceParent(self)
 
+    # -- links
+
+    def link_up(self, link: ConnectorProtocol) -> None:
+        self._dialled()
+        if self.stopping:
+            link.send(frames.GoAway(b"connector stopping"))  # redialled while draining
+        self.links.append(link)
+        if self._ever_online:
+            self.stats.inc("reconnects")
+        self._ever_online = True
+        self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
+        online, self.online = self.online, None
+        if online is not None:
+            online.callback(link)
+
+    def link_down(self, link: ConnectorProtocol, code, reason) -> None:
+        retiring = self._retire_dialler(link)
+        if link in self.links:
+            self.links.remove(link)
+            if not self.links and self.online is None:
+                self.online = defer.Deferred()
+            if self.running and not self.stopping:
+                self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
+                              reason=reason or "", what="replaced" if retiring else "reconnecting")
+
+    # -- redial and GOAWAY: why an attempt failed, the backoff, a fresh dialler per GOAWAY.
+    # All of it is here (with self.redial, self._why, self._endpoint, self._factory and
+    # self.client_service from __init__); link_up and link_down call _dialled and
+    # _retire_dialler.  The mux links' shared redial/GOAWAY object (pipegate/dialer.py)
+    # replaces this block.
+
     def connect_failed(self, failure: Failure) -> None:
         """TCP (or the name lookup) failed: say so in the user's words."""
         self._why = f"cannot connect: {describe_connect_error(failure.value)}"
@@ -285,6 +316,16 @@ class Connector(service.MultiService):
             return
         self._why = why
         self.stats.inc("admission_failures", "tls" if why.startswith("TLS") else "login")
+
+    def conflict(self, reason: str) -> None:
+        """
+        409: another connector holds the tunnel (possibly a stale link of our own last run the
+        relay has not timed out yet), or declared another visitor policy.  Not fatal: retry.
+        """
+        # One line per attempt: L{login_failed} follows (the link closes) and the retry policy
+        # logs this reason with the next delay, which grows like any other failed login.
+        self.stats.inc("admission_failures", "conflict")
+        self._conflict = f"the relay refused the login for tunnel {self.tunnel_id} (409 {reason}); retrying"
 
     def _next_attempt(self, attempt: int) -> float:
         # ClientService's retry policy: our own count, and one line saying why.
@@ -308,43 +349,21 @@ class Connector(service.MultiService):
             self._endpoint, self._factory, retryPolicy=self._next_attempt, clock=self.reactor)
         self.client_service.setServiceParent(self)
 
-    def link_up(self, link: ConnectorProtocol) -> None:
+    def _dialled(self) -> None:
+        """A link logged in: the next failure starts the backoff afresh."""
         if isinstance(self.redial, Redial):
             self.redial.succeeded()
-        if self.stopping:
-            link.send(frames.GoAway(b"connector stopping"))  # redialled while draining
-        self.links.append(link)
-        if self._ever_online:
-            self.stats.inc("reconnects")
-        self._ever_online = True
-        self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
-        online, self.online = self.online, None
-        if online is not None:
-            online.callback(link)
 
-    def link_down(self, link: ConnectorProtocol, code, reason) -> None:
+    def _retire_dialler(self, link: ConnectorProtocol) -> internet.ClientService | None:
+        """C{link} closed: stop the dialler it replaced after a GOAWAY, if any (returned)."""
         retiring = getattr(link, "retiring", None)
         if retiring is not None:
             # Not from inside its own connectionLost: stop the old dialler on the next turn.
             link.retiring = None
             self.reactor.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
-        if link in self.links:
-            self.links.remove(link)
-            if not self.links and self.online is None:
-                self.online = defer.Deferred()
-            if self.running and not self.stopping:
-                self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
-                              reason=reason or "", what="replaced" if retiring else "reconnecting")
+        return retiring
 
-    def conflict(self, reason: str) -> None:
-        """
-        409: another connector holds the tunnel (possibly a stale link of our own last run the
-        relay has not timed out yet), or declared another visitor policy.  Not fatal: retry.
-        """
-        # One line per attempt: L{login_failed} follows (the link closes) and the retry policy
-        # logs this reason with the next delay, which grows like any other failed login.
-        self.stats.inc("admission_failures", "conflict")
-        self._conflict = f"the relay refused the login for tunnel {self.tunnel_id} (409 {reason}); retrying"
+    # -- refusal, drain
 
     def refused(self, reason: str) -> None:
         message = f"the relay refused the login: {reason}"
