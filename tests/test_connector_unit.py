@@ -12,8 +12,10 @@ from contextlib import contextmanager
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
@@ -446,3 +448,74 @@ class UploadTests(unittest.TestCase):
             credit += more
             granted += more
         return granted
+
+
+class PassthroughTests(unittest.TestCase):
+    """An upgrade request (a WebSocket the relay passes through) is a raw pipe to the app."""
+
+    def open(self, h: Harness, early: bytes = b""):
+        h.session.frame_received(frames.RequestHead(
+            1, b"GET", b"/ws/chat", client=b"203.0.113.9", correlation=b"c1", upgrade=True,
+            headers=((b"Host", b"relay.example"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
+                     (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"Keep-Alive", b"300"))))
+        if early:
+            h.frame(frames.Data(1, early))
+        host, port, factory, timeout, bind = h.clock.tcpClients[-1]
+        self.assertEqual((host, port), ("127.0.0.1", 3000))
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        app = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol.makeConnection(app)
+        return protocol, app
+
+    def test_request_head_then_bytes_both_ways(self):
+        h = Harness(self)
+        protocol, app = self.open(h, early=b"early")
+        lines, rest = head_and_body(app.value())
+        self.assertEqual(lines[0], b"GET /base/ws/chat HTTP/1.1")
+        self.assertEqual(header(lines, b"upgrade"), [b"websocket"])
+        self.assertEqual(header(lines, b"connection"), [b"Upgrade"])
+        self.assertEqual(header(lines, b"host"), [b"127.0.0.1:3000"])
+        self.assertEqual(header(lines, b"keep-alive"), [])
+        self.assertEqual(header(lines, b"x-forwarded-for"), [b"203.0.113.9"])
+        self.assertEqual(rest, b"early")  # DATA that came before the app answered, in order
+        h.frame(frames.Data(1, b"more"))
+        self.assertTrue(app.value().endswith(b"earlymore"))
+        protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\n\r\nhi")
+        self.assertEqual(data_of(h.relay.take()), b"HTTP/1.1 101 Switching Protocols\r\n\r\nhi")
+
+    def test_end_from_the_relay_closes_and_the_app_closing_ends_the_stream(self):
+        h = Harness(self)
+        protocol, app = self.open(h)
+        h.frame(frames.End(1))
+        self.assertTrue(app.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(h.relay.take(), [frames.End(1)])
+        self.assertEqual(h.session.streams, {})
+
+    def test_reset_aborts_the_app_connection(self):
+        h = Harness(self)
+        protocol, app = self.open(h)
+        h.frame(frames.Reset(1, 499, b"caller left"))
+        self.assertTrue(app.disconnecting)
+        self.assertEqual(h.session.streams, {})
+        self.assertEqual(h.relay.take(), [])
+
+    def test_app_bytes_wait_for_credit(self):
+        h = Harness(self)
+        protocol, app = self.open(h)
+        protocol.dataReceived(b"x" * (INITIAL + 10))
+        self.assertEqual(len(data_of(h.relay.take())), INITIAL)
+        self.assertEqual(app.producerState, "paused")
+        h.frame(frames.Window(1, 100))
+        self.assertEqual(len(data_of(h.relay.take())), 10)
+        self.assertEqual(app.producerState, "producing")
+
+    def test_unreachable_app_resets_with_502(self):
+        h = Harness(self)
+        h.session.frame_received(frames.RequestHead(1, b"GET", b"/ws", upgrade=True))
+        host, port, factory, timeout, bind = h.clock.tcpClients[-1]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError("refused")))
+        h.clock.advance(1)
+        [reset] = h.relay.take()
+        self.assertEqual((reset.stream, reset.code), (1, 502))
+        self.assertEqual(h.session.streams, {})

@@ -326,17 +326,13 @@ class ConnectorStream:
         lines += [n + b": " + v for n, v in self.request_headers().getAllRawHeaders()
                   for v in ([v] if isinstance(v, bytes) else v)]
         request_head = b"\r\n".join(lines) + b"\r\n\r\n"
-        self.pipe = StreamPipe(self, self.stream_id)
-        pipe = self.pipe
-
-        def connected(protocol):
-            protocol.transport.write(request_head)
+        # The head goes first, then any DATA that came before the app connection was up.
+        self.pipe = StreamPipe(self, self.stream_id, preamble=request_head)
 
         def failed(failure):
             self.reset(http.BAD_GATEWAY, f"local app unreachable: {failure.getErrorMessage()}")
 
-        d = connect_protocol(endpoint, pipe)
-        d.addCallbacks(connected, failed)
+        connect_protocol(endpoint, self.pipe).addErrback(failed)
 
     def stream_closed(self, stream_id: int) -> None:
         self.close()
