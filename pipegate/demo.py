@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from pipegate import auth
-from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.connector import Connector
+from pipegate.http.target import ConnectorConfig, Target
 from pipegate.http.inspect.recorder import Recorder
 from pipegate.http.inspect.web import Inspector, inspector_url
 from pipegate.http.relay import Relay, RelayConfig, RelaySite

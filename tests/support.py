@@ -34,7 +34,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from pipegate import auth
-from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.connector import Connector
+from pipegate.http.target import ConnectorConfig, Target
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 
 SECRET = "integration-test-secret-0123456789-abcdefghijklmn"

@@ -13,7 +13,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 
 from pipegate import auth, config
-from pipegate.http.connector import ConnectorConfig, Target
+from pipegate.http.target import ConnectorConfig, Target
 from pipegate.http.relay import RelayConfig
 from pipegate.tap import client, server
 

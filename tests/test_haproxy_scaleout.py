@@ -16,7 +16,8 @@ import os
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.connector import Connector
+from pipegate.http.target import ConnectorConfig, Target
 from tests.support import Loopback, TestApp, pattern, request, token_for
 from tests.test_proxyprotocol import free_port, haproxy_or_skip, start_haproxy
 

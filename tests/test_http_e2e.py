@@ -80,7 +80,7 @@ class Tunnel(unittest.TestCase):
         session = self.connector.links[0].session
         payload = pattern(size)
         done = defer.ensureDeferred(request(self.agent, b"POST", self.base + "/t1/sha", body=payload))
-        await eventually(lambda: any(s.upload.window > window.INITIAL_WINDOW for s in session.streams.values()),
+        await eventually(lambda: any(s.flow.recv.window > window.INITIAL_WINDOW for s in session.streams.values()),
                          timeout=30)
         response, body = await done
         self.assertEqual(json.loads(body)["body_sha256"], hashlib.sha256(payload).hexdigest())
@@ -245,8 +245,8 @@ class Tunnel(unittest.TestCase):
         # The window may have grown before the caller stopped, never beyond --max-window.
         window = relay_stream.download.window
         self.assertLessEqual(window, frames.MAX_WINDOW)
-        self.assertLessEqual(stream.forwarder.window.window, window)
-        self.assertLessEqual(stream.forwarder.window.queued, 65536)
+        self.assertLessEqual(stream.flow.send.window, window)
+        self.assertLessEqual(stream.flow.send.queued, 65536)
         # The relay holds back credit while the caller is not reading.
         self.assertTrue(relay_stream._paused)
         self.assertLessEqual(relay_stream.download.ungranted, window)
@@ -733,7 +733,8 @@ class LoginFailures(unittest.TestCase):
         from twisted.logger import globalLogPublisher
 
         from pipegate.core.redial import Redial
-        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from pipegate.http.connector import Connector
+        from pipegate.http.target import ConnectorConfig, Target
         from tests.support import token_for
 
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -793,7 +794,8 @@ class LoginFailures(unittest.TestCase):
         from twisted.python.failure import Failure
 
         from pipegate.core.redial import Redial
-        from pipegate.http.connector import Connector, ConnectorConfig, Target
+        from pipegate.http.connector import Connector
+        from pipegate.http.target import ConnectorConfig, Target
         from tests.support import token_for
 
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from pipegate.http.connector import ConnectorError, Target, safe_path
+from pipegate.http.target import ConnectorError, Target, safe_path
 from pipegate.http.pipe import HOP_BY_HOP, filter_headers
 
 HOP_NAMES = [b"Connection", b"Keep-Alive", b"Proxy-Connection", b"TE", b"Trailer",

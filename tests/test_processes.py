@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from pipegate import auth
 from tests.support import SECRET, Loopback, eventually, request, token_for
@@ -192,17 +193,21 @@ class ConnectorProcess(unittest.TestCase):
                                       f"{self.relay_url}/?token={token}"], child_env())
         await eventually(lambda: "t1" in self.relay.tunnels and self.relay.tunnels["t1"].links,
                          timeout=30)
-        agent = self.loop.agent()
-        response, body = await request(agent, b"GET",
+        # A caller that keeps its connection: one that hangs up as soon as it has read
+        # Content-Length bytes can beat the connector's END frame to the relay, which then
+        # ends the stream as a caller gone away, with no count and no access line to wait for.
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.loop.pools.append(pool)
+        response, body = await request(Agent(reactor, pool=pool), b"GET",
                                        f"http://127.0.0.1:{self.relay_port.getHost().port}/t1/x?token=abc")
         self.assertEqual(response.code, 200)
         await eventually(lambda: b"online at" in child.output, timeout=10)
         self.assertNotIn(token.encode(), child.output)
         logged = " ".join(str(e.get("log_format", "")) + repr(e) for e in self.events)
         self.assertNotIn(token, logged)
-        # The relay logs a request when it finishes it, which can be after the caller has
-        # read the whole body (Content-Length reached before the END frame is handled):
-        # first the relay's own count of the finished request, then its access line.
+        # The relay logs a request when it finishes it (on the END frame), which can be after
+        # the caller has read the whole body: first the relay's own count of the finished
+        # request, then its access line.
         await eventually(lambda: self.relay.stats.get("requests", "200") >= 1, timeout=30)
         try:
             await eventually(lambda: any("GET /t1/x?token=<redacted>" in repr(e) for e in self.events))

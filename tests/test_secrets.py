@@ -19,7 +19,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate import auth
-from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.connector import Connector
+from pipegate.http.target import ConnectorConfig, Target
 from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory, MuxLink
 from pipegate.ports.services import Service

@@ -15,7 +15,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import endpoints, reactor
 from twisted.trial import unittest
 
-from pipegate.http.connector import Connector, ConnectorConfig, Target
+from pipegate.http.connector import Connector
+from pipegate.http.target import ConnectorConfig, Target
 from pipegate.http.relay import Relay, RelayConfig, RelaySite
 from tests.support import SETTINGS, Loopback, eventually, request, token_for
 

@@ -8,34 +8,25 @@ bodies both ways within the streams' credit windows.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 from urllib.parse import urlsplit
 
-import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client, http
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
 
 from pipegate.core import window
 from pipegate.http import frames, visitors
-from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
+from pipegate.http.outbound import ConnectorStream
+from pipegate.http.pipe import FrameLink, cancel_close_timer
+from pipegate.http.target import ConnectorConfig
 from pipegate.core.redial import Redial
 from pipegate.dialer import ReportingEndpoint, describe_connect_error
 from pipegate.drain import drain
 from pipegate.stats import Stats
-from pipegate.sockets import connect_protocol
-
-
-class ConnectorError(ValueError):
-    """A connector setting is unusable; one line naming it."""
 
 
 CA_HINT = ("give the CA that signed it with --ca-file (PIPEGATE_CA_FILE), or point SSL_CERT_FILE "
@@ -77,387 +68,6 @@ def explain_login_failure(lost: Failure | None, status_line: str, handshake_erro
                 "(a plain port needs ws://, not wss://)")
     return ("the connection closed before the WebSocket login finished "
             "(a TLS port needs wss://, not ws://)")
-
-
-@attrs.frozen
-class Target:
-    """Where the local app lives: C{http://127.0.0.1:3000/base}."""
-
-    scheme: bytes
-    host: bytes
-    port: int
-    base: bytes
-
-    @classmethod
-    def parse(cls, url: str) -> Target:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConnectorError(f"TARGET_URL: expected http(s)://host[:port][/path], got {url!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            host = parts.hostname.encode("idna")
-        except (ValueError, UnicodeError) as e:
-            raise ConnectorError(f"TARGET_URL: {e}") from None
-        return cls(parts.scheme.encode(), host, port, parts.path.rstrip("/").encode())
-
-    @property
-    def authority(self) -> bytes:
-        host = b"[" + self.host + b"]" if b":" in self.host else self.host
-        default = 443 if self.scheme == b"https" else 80
-        return host if self.port == default else host + b":%d" % self.port
-
-    def url(self, target: bytes) -> bytes:
-        return self.scheme + b"://" + self.authority + self.path(target)
-
-    def path(self, target: bytes) -> bytes:
-        """
-        The base path joined with the tunnel target, dot segments kept inside the tunnel.
-        Bytes an HTTP/1.1 request target may not hold (raw UTF-8 a caller sent unencoded)
-        are percent-encoded: the app gets C{/caf%C3%A9} for C{/café}.
-        """
-        path, sep, query = target.partition(b"?")
-        return _OUTSIDE_TARGET.sub(_percent, self.base + safe_path(path) + sep + query)
-
-
-_OUTSIDE_TARGET = re.compile(rb"[^\x21-\x7e]")
-
-
-def _percent(match: re.Match) -> bytes:
-    return b"%%%02X" % match.group()[0]
-
-
-def _is_dot(segment: bytes, dots: bytes) -> bool:
-    return segment.lower().replace(b"%2e", b".") == dots
-
-
-def safe_path(path: bytes) -> bytes:
-    """
-    Resolve C{.} and C{..} segments (also percent-encoded ones) without ever rising
-    above the root, leaving every other byte, percent-escapes included, as it is.
-    """
-    out: list[bytes] = []
-    segments = path.split(b"/")[1:] if path.startswith(b"/") else path.split(b"/")
-    for i, segment in enumerate(segments):
-        last = i == len(segments) - 1
-        if _is_dot(segment, b"."):
-            if last:
-                out.append(b"")
-        elif _is_dot(segment, b".."):
-            if out:
-                out.pop()
-            if last:
-                out.append(b"")
-        else:
-            out.append(segment)
-    return b"/" + b"/".join(out)
-
-
-@attrs.frozen
-class ConnectorConfig:
-    target: Target
-    max_streams: int = 256
-    connect_timeout: float = 10.0
-    ping_interval: float = 20.0
-    max_window: int = frames.MAX_WINDOW        # credit a request body's window may grow to
-    window_budget: int = frames.WINDOW_BUDGET  # growth shared by all request bodies in flight
-    drain_timeout: float = 30.0                # seconds requests in flight may take on stop
-
-
-@implementer(IBodyProducer)
-class TunnelBody:
-    """The request body as it arrives in DATA frames, written to the Agent's consumer."""
-
-    def __init__(self, stream: ConnectorStream, length: int | object) -> None:
-        self.stream = stream
-        self.length = length
-        self.consumer = None
-        self.finished: defer.Deferred[None] = defer.Deferred()
-        self._early: list[bytes] = []
-        self._ended = False
-        self._paused = False
-        self._paused_since = 0.0
-        self._stopped = False
-
-    def startProducing(self, consumer):
-        self.consumer = consumer
-        early, self._early = self._early, []
-        for chunk in early:
-            self._write(chunk)
-        if self._ended and not self._stopped:
-            self.finished.callback(None)
-        return self.finished
-
-    def data(self, chunk: bytes) -> None:
-        if self.consumer is None:
-            self._early.append(chunk)
-        else:
-            self._write(chunk)
-
-    def _write(self, chunk: bytes) -> None:
-        if self._stopped:
-            return
-        self.consumer.write(chunk)
-        upload = self.stream.upload
-        upload.consumed(len(chunk))
-        if not self._paused:
-            # Credit goes back once half the window is due, not per DATA frame.
-            credit = upload.grant(max(1, upload.window // 2))
-            if credit:
-                self.stream.send(frames.Window(self.stream.stream_id, credit))
-
-    def end(self) -> None:
-        self._ended = True
-        if self.consumer is not None and not self.finished.called and not self._stopped:
-            self.finished.callback(None)
-
-    def pauseProducing(self):
-        self._paused = True
-        self._paused_since = self.stream.session.reactor.seconds()
-
-    def resumeProducing(self):
-        self._paused = False
-        if self.stream.session.reactor.seconds() - self._paused_since >= window.SLOW_SINK:
-            self.stream.upload.shrink()  # the local app is not keeping up
-        credit = self.stream.upload.grant()
-        if credit:
-            self.stream.send(frames.Window(self.stream.stream_id, credit))
-
-    def stopProducing(self):
-        # The Agent gave up on the request; its Deferred reports why.  Per IBodyProducer,
-        # `finished` must never fire now.
-        self._stopped = True
-
-
-class ResponseForwarder(Protocol):
-    """Receives the local app's response body and sends it as DATA within the window."""
-
-    def __init__(self, stream: ConnectorStream) -> None:
-        self.stream = stream
-        self.window = window.SendWindow()
-        self._ended = False
-
-    def dataReceived(self, data: bytes) -> None:
-        with self.stream.session.link.corked():
-            for chunk in self.window.write(data):
-                self.stream.send(frames.Data(self.stream.stream_id, chunk))
-        if self.window.blocked:
-            self.transport.pauseProducing()
-
-    def credit(self, increment: int) -> None:
-        for chunk in self.window.credit(increment):
-            self.stream.send(frames.Data(self.stream.stream_id, chunk))
-        if not self.window.blocked and self.transport is not None:
-            self.transport.resumeProducing()
-        self._maybe_end()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if reason.check(client.ResponseDone, http.PotentialDataLoss):
-            self._ended = True
-            self._maybe_end()
-        else:
-            self.stream.reset(http.BAD_GATEWAY, "the local app failed mid-response")
-
-    def _maybe_end(self) -> None:
-        if self._ended and self.window.queued == 0:
-            self.stream.send(frames.End(self.stream.stream_id))
-            self.stream.close()
-
-
-class ConnectorStream:
-    """One request from the relay, forwarded to the local app."""
-
-    log = Logger()
-
-    def __init__(self, session: ConnectorSession, head: frames.RequestHead) -> None:
-        self.session = session
-        self.stream_id = head.stream
-        self.head = head
-        config = session.config
-        # The request body's window grows while the local app keeps up (docs/protocol.md 1.5).
-        self.upload = window.ReceiveWindow(max_window=config.max_window, budget=session.window_budget)
-        self.body: TunnelBody | None = None
-        self.forwarder: ResponseForwarder | None = None
-        self.pipe: StreamPipe | None = None
-        self._request: defer.Deferred | None = None
-        self._closed = False
-        self.record = None  # the inspector's StreamRecording, when --inspect is on
-
-    def send(self, frame: frames.Frame) -> None:
-        if not self._closed:
-            if self.record is not None:
-                self.record.sent(frame)
-            self.session.send(frame)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self.record is not None:
-                self.record.closed()
-            self.upload.release()
-            self.session.streams.pop(self.stream_id, None)
-
-    def reset(self, code: int, reason: str) -> None:
-        if not self._closed:
-            self.log.info("request {correlation} failed: {code} {reason}",
-                          correlation=self.head.correlation.decode(), code=code, reason=reason)
-            self.send(frames.Reset(self.stream_id, code, reason.encode()))
-            self.close()
-
-    def request_headers(self) -> Headers:
-        head = self.head
-        target = self.session.config.target
-        drop = frozenset({b"host", b"content-length", b"x-pipegate-correlation-id"})
-        headers = Headers()
-        forwarded_for = []
-        for name, value in filter_headers(head.headers, keep_upgrade=head.upgrade, drop=drop):
-            if name.lower() == b"x-forwarded-for":
-                forwarded_for.append(value)
-            else:
-                headers.addRawHeader(name, value)
-        if head.client:
-            forwarded_for.append(head.client)
-        if forwarded_for:
-            headers.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded_for)])
-        headers.setRawHeaders(b"x-forwarded-proto", [head.scheme])
-        if head.host:
-            headers.setRawHeaders(b"x-forwarded-host", [head.host])
-        if head.prefix:
-            headers.setRawHeaders(b"x-forwarded-prefix", [head.prefix])
-        headers.setRawHeaders(b"x-pipegate-correlation-id", [head.correlation])
-        if head.upgrade:
-            headers.setRawHeaders(b"host", [target.authority])
-        return headers
-
-    def start(self) -> None:
-        observer = self.session.observer
-        if observer is not None:
-            self.record = observer.begin(
-                self.head, self.session.config.target.path(self.head.target), self.request_headers())
-        if self.head.upgrade:
-            self._start_passthrough()
-            return
-        headers = self.request_headers()
-        body = None
-        if not self.head.end:
-            length: int | object = UNKNOWN_LENGTH
-            declared = [v for n, v in self.head.headers if n.lower() == b"content-length"]
-            if declared:
-                try:
-                    length = int(declared[0])
-                except ValueError:
-                    self.reset(http.BAD_REQUEST, "invalid Content-Length")
-                    return
-            body = self.body = TunnelBody(self, length)
-        url = self.session.config.target.url(self.head.target)
-        try:
-            d = self._request = self.session.agent.request(self.head.method, url, headers, body)
-        except Exception as e:
-            self.reset(http.BAD_REQUEST, f"cannot send the request to the local app: {e}")
-            return
-        d.addCallbacks(self._response, self._failed)
-
-    def _response(self, response) -> None:
-        self._request = None
-        if self._closed:
-            response.deliverBody(_Drop())
-            return
-        headers = filter_headers(list(response.headers.getAllRawHeaders()))
-        # Agent keeps Content-Length out of response.headers; restore it from the length
-        # it parsed (not for HEAD, 204 and 304, whose length Agent reports as 0).
-        if (isinstance(response.length, int) and self.head.method != b"HEAD"
-                and response.code not in (204, 304)):
-            headers += ((b"Content-Length", str(response.length).encode()),)
-        # The head, and the body and END when the app's answer is already in (the Agent
-        # delivers what it buffered from within deliverBody), leave in one socket write.
-        with self.session.link.corked():
-            try:
-                self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
-            except frames.FrameError:
-                self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
-                response.deliverBody(_Drop())
-                return
-            self.forwarder = ResponseForwarder(self)
-            response.deliverBody(self.forwarder)
-
-    def _failed(self, failure: Failure) -> None:
-        self._request = None
-        if failure.check(defer.CancelledError):
-            return
-        reason = failure.getErrorMessage()
-        if failure.check(client.ResponseNeverReceived, client.RequestTransmissionFailed):
-            inner = failure.value.reasons[0] if failure.value.reasons else None
-            if inner is not None and inner.check(defer.CancelledError):
-                return
-            reason = inner.getErrorMessage() if inner is not None else reason
-        self.reset(http.BAD_GATEWAY, f"local app unreachable: {reason}")
-
-    def frame_received(self, frame: frames.Frame) -> None:
-        if self.record is not None:
-            self.record.received(frame)
-        if self.pipe is not None:
-            self.pipe.frame_received(frame)
-            if isinstance(frame, frames.Reset):
-                self.close()
-            return
-        if isinstance(frame, frames.Data):
-            self.upload.received(len(frame.data))
-            if self.body is None:
-                raise frames.FrameError("DATA for a request without a body")
-            self.body.data(frame.data)
-        elif isinstance(frame, frames.End):
-            if self.body is not None:
-                self.body.end()
-        elif isinstance(frame, frames.Window):
-            if self.forwarder is not None:
-                self.forwarder.credit(frame.increment)
-        elif isinstance(frame, frames.Reset):
-            self.abandon()
-
-    def abandon(self) -> None:
-        """The relay gave up on this request: stop talking to the local app."""
-        self.close()
-        if self._request is not None:
-            self._request.cancel()
-        if self.forwarder is not None and self.forwarder.transport is not None:
-            self.forwarder.transport.stopProducing()
-
-    # -- passthrough
-    def _start_passthrough(self) -> None:
-        target = self.session.config.target
-        session = self.session
-        reactor = session.reactor
-        endpoint = endpoints.HostnameEndpoint(reactor, target.host, target.port,
-                                              timeout=session.config.connect_timeout)
-        if target.scheme == b"https":
-            endpoint = endpoints.wrapClientTLS(
-                ssl.optionsForClientTLS(target.host.decode("idna")), endpoint)
-        head = self.head
-        lines = [head.method + b" " + target.path(head.target) + b" HTTP/1.1"]
-        lines += [n + b": " + v for n, v in self.request_headers().getAllRawHeaders()
-                  for v in ([v] if isinstance(v, bytes) else v)]
-        request_head = b"\r\n".join(lines) + b"\r\n\r\n"
-        self.pipe = StreamPipe(self, self.stream_id)
-        pipe = self.pipe
-
-        def connected(protocol):
-            protocol.transport.write(request_head)
-
-        def failed(failure):
-            self.reset(http.BAD_GATEWAY, f"local app unreachable: {failure.getErrorMessage()}")
-
-        d = connect_protocol(endpoint, pipe)
-        d.addCallbacks(connected, failed)
-
-    def stream_closed(self, stream_id: int) -> None:
-        self.close()
-
-
-class _Drop(Protocol):
-    def dataReceived(self, data):
-        pass
-
-    def connectionMade(self):
-        self.transport.stopProducing()
 
 
 class _QuietHTTPClientFactory(client._HTTP11ClientFactory):
@@ -508,7 +118,7 @@ class ConnectorSession:
             stream._closed = True
             if stream.record is not None:
                 stream.record.closed("the link to the relay was lost")
-            stream.upload.release()
+            stream.flow.release()
             if stream.pipe is not None:
                 stream.pipe.abort()
             else:
@@ -662,6 +272,37 @@ class Connector(service.MultiService):
             self._endpoint, factory, retryPolicy=self._next_attempt, clock=reactor)
         self.client_service.setServiceParent(self)
 
+    # -- links
+
+    def link_up(self, link: ConnectorProtocol) -> None:
+        self._dialled()
+        if self.stopping:
+            link.send(frames.GoAway(b"connector stopping"))  # redialled while draining
+        self.links.append(link)
+        if self._ever_online:
+            self.stats.inc("reconnects")
+        self._ever_online = True
+        self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
+        online, self.online = self.online, None
+        if online is not None:
+            online.callback(link)
+
+    def link_down(self, link: ConnectorProtocol, code, reason) -> None:
+        retiring = self._retire_dialler(link)
+        if link in self.links:
+            self.links.remove(link)
+            if not self.links and self.online is None:
+                self.online = defer.Deferred()
+            if self.running and not self.stopping:
+                self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
+                              reason=reason or "", what="replaced" if retiring else "reconnecting")
+
+    # -- redial and GOAWAY: why an attempt failed, the backoff, a fresh dialler per GOAWAY.
+    # All of it is here (with self.redial, self._why, self._endpoint, self._factory and
+    # self.client_service from __init__); link_up and link_down call _dialled and
+    # _retire_dialler.  The mux links' shared redial/GOAWAY object (pipegate/dialer.py)
+    # replaces this block.
+
     def connect_failed(self, failure: Failure) -> None:
         """TCP (or the name lookup) failed: say so in the user's words."""
         self._why = f"cannot connect: {describe_connect_error(failure.value)}"
@@ -675,6 +316,16 @@ class Connector(service.MultiService):
             return
         self._why = why
         self.stats.inc("admission_failures", "tls" if why.startswith("TLS") else "login")
+
+    def conflict(self, reason: str) -> None:
+        """
+        409: another connector holds the tunnel (possibly a stale link of our own last run the
+        relay has not timed out yet), or declared another visitor policy.  Not fatal: retry.
+        """
+        # One line per attempt: L{login_failed} follows (the link closes) and the retry policy
+        # logs this reason with the next delay, which grows like any other failed login.
+        self.stats.inc("admission_failures", "conflict")
+        self._conflict = f"the relay refused the login for tunnel {self.tunnel_id} (409 {reason}); retrying"
 
     def _next_attempt(self, attempt: int) -> float:
         # ClientService's retry policy: our own count, and one line saying why.
@@ -698,43 +349,21 @@ class Connector(service.MultiService):
             self._endpoint, self._factory, retryPolicy=self._next_attempt, clock=self.reactor)
         self.client_service.setServiceParent(self)
 
-    def link_up(self, link: ConnectorProtocol) -> None:
+    def _dialled(self) -> None:
+        """A link logged in: the next failure starts the backoff afresh."""
         if isinstance(self.redial, Redial):
             self.redial.succeeded()
-        if self.stopping:
-            link.send(frames.GoAway(b"connector stopping"))  # redialled while draining
-        self.links.append(link)
-        if self._ever_online:
-            self.stats.inc("reconnects")
-        self._ever_online = True
-        self.log.info("tunnel {tunnel_id} online at {url}", tunnel_id=self.tunnel_id, url=self.public_url)
-        online, self.online = self.online, None
-        if online is not None:
-            online.callback(link)
 
-    def link_down(self, link: ConnectorProtocol, code, reason) -> None:
+    def _retire_dialler(self, link: ConnectorProtocol) -> internet.ClientService | None:
+        """C{link} closed: stop the dialler it replaced after a GOAWAY, if any (returned)."""
         retiring = getattr(link, "retiring", None)
         if retiring is not None:
             # Not from inside its own connectionLost: stop the old dialler on the next turn.
             link.retiring = None
             self.reactor.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
-        if link in self.links:
-            self.links.remove(link)
-            if not self.links and self.online is None:
-                self.online = defer.Deferred()
-            if self.running and not self.stopping:
-                self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
-                              reason=reason or "", what="replaced" if retiring else "reconnecting")
+        return retiring
 
-    def conflict(self, reason: str) -> None:
-        """
-        409: another connector holds the tunnel (possibly a stale link of our own last run the
-        relay has not timed out yet), or declared another visitor policy.  Not fatal: retry.
-        """
-        # One line per attempt: L{login_failed} follows (the link closes) and the retry policy
-        # logs this reason with the next delay, which grows like any other failed login.
-        self.stats.inc("admission_failures", "conflict")
-        self._conflict = f"the relay refused the login for tunnel {self.tunnel_id} (409 {reason}); retrying"
+    # -- refusal, drain
 
     def refused(self, reason: str) -> None:
         message = f"the relay refused the login: {reason}"

@@ -117,8 +117,9 @@ class StreamPipe(Protocol):
     log = Logger()
 
     def __init__(self, link: FrameSink, stream_id: int,
-                 on_first_byte: Callable[[], None] | None = None) -> None:
+                 on_first_byte: Callable[[], None] | None = None, preamble: bytes = b"") -> None:
         self.link = link
+        self._preamble = preamble  # written to the socket first (a passthrough's request head)
         self.stream_id = stream_id
         self.flow = window.Flow.of()  # a fixed window both ways (passthrough streams do not grow)
         self._ended_by_peer = False
@@ -129,6 +130,8 @@ class StreamPipe(Protocol):
     # socket side
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        if self._preamble:
+            self.transport.write(self._preamble)
         early, self._early = self._early, []
         for chunk in early:
             self.transport.write(chunk)

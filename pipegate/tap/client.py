@@ -12,7 +12,8 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
-from pipegate.http.connector import Connector, ConnectorConfig, ConnectorError, Target
+from pipegate.http.connector import Connector
+from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
 from pipegate.heap import FrozenStartupHeap
 

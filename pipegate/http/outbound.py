@@ -1,0 +1,346 @@
+"""
+The connector's outbound side: each request stream the relay sends becomes a request
+to the local app (L{ConnectorStream}), its body streamed in from DATA frames
+(L{TunnelBody}) and the app's response streamed back out (L{ResponseForwarder}), all
+within the stream's credit windows.  A WebSocket passthrough stream is a raw
+L{StreamPipe} to the app instead.
+"""
+
+from __future__ import annotations
+
+from typing import ContextManager, Protocol as TypingProtocol
+
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client, http
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from pipegate.core import window
+from pipegate.http import frames
+from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.target import ConnectorConfig
+from pipegate.sockets import connect_protocol
+
+
+class StreamLink(TypingProtocol):
+    """What a stream needs from the link to the relay (the connector's WebSocket protocol)."""
+
+    def corked(self) -> ContextManager[None]: ...
+
+
+class StreamSession(TypingProtocol):
+    """What a stream needs from its session (L{pipegate.http.connector.ConnectorSession})."""
+
+    link: StreamLink
+    config: ConnectorConfig
+    agent: client.Agent
+    reactor: object  # IReactorTime and IReactorTCP: the clock and the passthrough dialer
+    window_budget: window.GrowthBudget | None
+    observer: object  # pipegate.http.inspect.recorder.Recorder, or None
+    streams: dict[int, ConnectorStream]
+
+    def send(self, frame: frames.Frame) -> None: ...
+
+
+@implementer(IBodyProducer)
+class TunnelBody:
+    """
+    The request body as it arrives in DATA frames, written to the Agent's consumer.
+    Its flow control is the stream's L{window.Flow}: the body reports what reached the
+    app and when the app pushes back, and sends the credit the flow returns.
+    """
+
+    def __init__(self, stream: ConnectorStream, length: int | object) -> None:
+        self.stream = stream
+        self.length = length
+        self.consumer = None
+        self.finished: defer.Deferred[None] = defer.Deferred()
+        self._early: list[bytes] = []
+        self._ended = False
+        self._stopped = False
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        early, self._early = self._early, []
+        for chunk in early:
+            self._hand_on(chunk)
+        if self._ended and not self._stopped:
+            self.finished.callback(None)
+        return self.finished
+
+    def data(self, chunk: bytes) -> None:
+        # (Flow.held raises FrameError if the relay overran its credit.)
+        self.stream.flow.held(len(chunk))
+        if self.consumer is None:
+            self._early.append(chunk)
+        else:
+            self._hand_on(chunk)
+
+    def _hand_on(self, chunk: bytes) -> None:
+        if self._stopped:
+            return  # (its credit never goes back: the request is over)
+        self.consumer.write(chunk)
+        # After the write: a consumer that pushed back from inside it holds the credit.
+        self.stream.grant(self.stream.flow.handed_on(len(chunk)))
+
+    def end(self) -> None:
+        self._ended = True
+        if self.consumer is not None and not self.finished.called and not self._stopped:
+            self.finished.callback(None)
+
+    def pauseProducing(self):
+        self.stream.flow.sink_paused(self.stream.session.reactor.seconds())
+
+    def resumeProducing(self):
+        # A local app that stayed full SLOW_SINK or more is not keeping up: the flow
+        # shrinks the window back to the initial credit.
+        self.stream.grant(self.stream.flow.sink_resumed(self.stream.session.reactor.seconds()))
+
+    def stopProducing(self):
+        # The Agent gave up on the request; its Deferred reports why.  Per IBodyProducer,
+        # `finished` must never fire now.
+        self._stopped = True
+
+
+class ResponseForwarder(Protocol):
+    """
+    Receives the local app's response body and sends it as DATA within the credit of
+    the stream's L{window.Flow}; the app is paused while the flow is blocked.
+    """
+
+    def __init__(self, stream: ConnectorStream) -> None:
+        self.stream = stream
+        self._ended = False
+
+    def dataReceived(self, data: bytes) -> None:
+        flow = self.stream.flow
+        with self.stream.session.link.corked():
+            self.stream.send_data(flow.write(data))
+        if flow.blocked:
+            self.transport.pauseProducing()
+
+    def credit(self, increment: int) -> None:
+        flow = self.stream.flow
+        self.stream.send_data(flow.credited(increment))
+        if not flow.blocked and self.transport is not None:
+            self.transport.resumeProducing()
+        self._maybe_end()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if reason.check(client.ResponseDone, http.PotentialDataLoss):
+            self._ended = True
+            self._maybe_end()
+        else:
+            self.stream.reset(http.BAD_GATEWAY, "the local app failed mid-response")
+
+    def _maybe_end(self) -> None:
+        if self._ended and self.stream.flow.send.queued == 0:
+            self.stream.send(frames.End(self.stream.stream_id))
+            self.stream.close()
+
+
+class ConnectorStream:
+    """One request from the relay, forwarded to the local app."""
+
+    log = Logger()
+
+    def __init__(self, session: StreamSession, head: frames.RequestHead) -> None:
+        self.session = session
+        self.stream_id = head.stream
+        self.head = head
+        config = session.config
+        # Both directions' credit: the response goes out within the relay's grants; the
+        # request body's window grows while the local app keeps up (docs/protocol.md 1.5).
+        self.flow = window.Flow.of(max_window=config.max_window, budget=session.window_budget)
+        self.body: TunnelBody | None = None
+        self.forwarder: ResponseForwarder | None = None
+        self.pipe: StreamPipe | None = None
+        self._request: defer.Deferred | None = None
+        self._closed = False
+        self.record = None  # the inspector's StreamRecording, when --inspect is on
+
+    def send(self, frame: frames.Frame) -> None:
+        if not self._closed:
+            if self.record is not None:
+                self.record.sent(frame)
+            self.session.send(frame)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.record is not None:
+                self.record.closed()
+            self.flow.release()
+            self.session.streams.pop(self.stream_id, None)
+
+    def grant(self, credit: int) -> None:
+        """Send the credit the flow returned (0: none due)."""
+        if credit:
+            self.send(frames.Window(self.stream_id, credit))
+
+    def send_data(self, chunks: list[bytes | memoryview]) -> None:
+        """Send the payloads the flow released."""
+        for chunk in chunks:
+            self.send(frames.Data(self.stream_id, chunk))
+
+    def reset(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self.log.info("request {correlation} failed: {code} {reason}",
+                          correlation=self.head.correlation.decode(), code=code, reason=reason)
+            self.send(frames.Reset(self.stream_id, code, reason.encode()))
+            self.close()
+
+    def request_headers(self) -> Headers:
+        head = self.head
+        target = self.session.config.target
+        drop = frozenset({b"host", b"content-length", b"x-pipegate-correlation-id"})
+        headers = Headers()
+        forwarded_for = []
+        for name, value in filter_headers(head.headers, keep_upgrade=head.upgrade, drop=drop):
+            if name.lower() == b"x-forwarded-for":
+                forwarded_for.append(value)
+            else:
+                headers.addRawHeader(name, value)
+        if head.client:
+            forwarded_for.append(head.client)
+        if forwarded_for:
+            headers.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded_for)])
+        headers.setRawHeaders(b"x-forwarded-proto", [head.scheme])
+        if head.host:
+            headers.setRawHeaders(b"x-forwarded-host", [head.host])
+        if head.prefix:
+            headers.setRawHeaders(b"x-forwarded-prefix", [head.prefix])
+        headers.setRawHeaders(b"x-pipegate-correlation-id", [head.correlation])
+        if head.upgrade:
+            headers.setRawHeaders(b"host", [target.authority])
+        return headers
+
+    def start(self) -> None:
+        observer = self.session.observer
+        if observer is not None:
+            self.record = observer.begin(
+                self.head, self.session.config.target.path(self.head.target), self.request_headers())
+        if self.head.upgrade:
+            self._start_passthrough()
+            return
+        headers = self.request_headers()
+        body = None
+        if not self.head.end:
+            length: int | object = UNKNOWN_LENGTH
+            declared = [v for n, v in self.head.headers if n.lower() == b"content-length"]
+            if declared:
+                try:
+                    length = int(declared[0])
+                except ValueError:
+                    self.reset(http.BAD_REQUEST, "invalid Content-Length")
+                    return
+            body = self.body = TunnelBody(self, length)
+        url = self.session.config.target.url(self.head.target)
+        try:
+            d = self._request = self.session.agent.request(self.head.method, url, headers, body)
+        except Exception as e:
+            self.reset(http.BAD_REQUEST, f"cannot send the request to the local app: {e}")
+            return
+        d.addCallbacks(self._response, self._failed)
+
+    def _response(self, response) -> None:
+        self._request = None
+        if self._closed:
+            response.deliverBody(_Drop())
+            return
+        headers = filter_headers(list(response.headers.getAllRawHeaders()))
+        # Agent keeps Content-Length out of response.headers; restore it from the length
+        # it parsed (not for HEAD, 204 and 304, whose length Agent reports as 0).
+        if (isinstance(response.length, int) and self.head.method != b"HEAD"
+                and response.code not in (204, 304)):
+            headers += ((b"Content-Length", str(response.length).encode()),)
+        # The head, and the body and END when the app's answer is already in (the Agent
+        # delivers what it buffered from within deliverBody), leave in one socket write.
+        with self.session.link.corked():
+            try:
+                self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
+            except frames.FrameError:
+                self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
+                response.deliverBody(_Drop())
+                return
+            self.forwarder = ResponseForwarder(self)
+            response.deliverBody(self.forwarder)
+
+    def _failed(self, failure: Failure) -> None:
+        self._request = None
+        if failure.check(defer.CancelledError):
+            return
+        reason = failure.getErrorMessage()
+        if failure.check(client.ResponseNeverReceived, client.RequestTransmissionFailed):
+            inner = failure.value.reasons[0] if failure.value.reasons else None
+            if inner is not None and inner.check(defer.CancelledError):
+                return
+            reason = inner.getErrorMessage() if inner is not None else reason
+        self.reset(http.BAD_GATEWAY, f"local app unreachable: {reason}")
+
+    def frame_received(self, frame: frames.Frame) -> None:
+        if self.record is not None:
+            self.record.received(frame)
+        if self.pipe is not None:
+            self.pipe.frame_received(frame)
+            if isinstance(frame, frames.Reset):
+                self.close()
+            return
+        if isinstance(frame, frames.Data):
+            if self.body is None:
+                raise frames.FrameError("DATA for a request without a body")
+            self.body.data(frame.data)
+        elif isinstance(frame, frames.End):
+            if self.body is not None:
+                self.body.end()
+        elif isinstance(frame, frames.Window):
+            if self.forwarder is not None:
+                self.forwarder.credit(frame.increment)
+        elif isinstance(frame, frames.Reset):
+            self.abandon()
+
+    def abandon(self) -> None:
+        """The relay gave up on this request: stop talking to the local app."""
+        self.close()
+        if self._request is not None:
+            self._request.cancel()
+        if self.forwarder is not None and self.forwarder.transport is not None:
+            self.forwarder.transport.stopProducing()
+
+    # -- passthrough
+    def _start_passthrough(self) -> None:
+        target = self.session.config.target
+        session = self.session
+        reactor = session.reactor
+        endpoint = endpoints.HostnameEndpoint(reactor, target.host, target.port,
+                                              timeout=session.config.connect_timeout)
+        if target.scheme == b"https":
+            endpoint = endpoints.wrapClientTLS(
+                ssl.optionsForClientTLS(target.host.decode("idna")), endpoint)
+        head = self.head
+        lines = [head.method + b" " + target.path(head.target) + b" HTTP/1.1"]
+        lines += [n + b": " + v for n, v in self.request_headers().getAllRawHeaders()
+                  for v in ([v] if isinstance(v, bytes) else v)]
+        request_head = b"\r\n".join(lines) + b"\r\n\r\n"
+        # The head goes first, then any DATA that came before the app connection was up.
+        self.pipe = StreamPipe(self, self.stream_id, preamble=request_head)
+
+        def failed(failure):
+            self.reset(http.BAD_GATEWAY, f"local app unreachable: {failure.getErrorMessage()}")
+
+        connect_protocol(endpoint, self.pipe).addErrback(failed)
+
+    def stream_closed(self, stream_id: int) -> None:
+        self.close()
+
+
+class _Drop(Protocol):
+    def dataReceived(self, data):
+        pass
+
+    def connectionMade(self):
+        self.transport.stopProducing()
