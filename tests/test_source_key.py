@@ -73,7 +73,7 @@ class AcquireSites(unittest.SynchronousTestCase):
 
     def test_gateway_udp_gate(self):
         gateway = Gateway(GatewayConfig(udp_per_source=1), Clock())
-        gateway.try_open = lambda key, client, candidates: None   # the OPEN stays in flight
+        gateway.try_open = lambda key, client, attempt=None: None   # the OPEN stays in flight
         gate = UDPGate(gateway, (5353, "udp"))
         gate.datagramReceived(b"x", (A, 1, 0, 0))
         gate.datagramReceived(b"x", (B, 2, 0, 0))

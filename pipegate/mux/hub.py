@@ -30,6 +30,7 @@ from twisted.python import usage
 
 from pipegate.core.codec import FrameError
 from pipegate.core.budget import Budget, LogThrottle, source_key
+from pipegate.core.routes import Attempt, RouteTable
 from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.node import MuxOptions
@@ -73,7 +74,6 @@ class Peer:
     router: int
     role: int
     routes: tuple = ()
-    going_away: bool = False
     ends: dict = attrs.Factory(dict)   # channel id -> (Splice, side)
     next_channel: int = 1
 
@@ -90,7 +90,7 @@ class Splice:
     open: frames.Open
     gateway: Peer
     gateway_channel: int
-    candidates: list
+    attempt: Attempt             # the providers still to try
     provider: Peer | None = None
     provider_channel: int = 0
     established: bool = False
@@ -115,7 +115,8 @@ class HubCore:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.peers: dict[Any, Peer] = {}
-        self._next: dict[tuple[int, tuple[int, str]], int] = {}
+        # The providers serving each (router, gate): round robin, failover, GOAWAY drains.
+        self.providers: RouteTable[tuple[int, tuple[int, str]], Peer] = RouteTable()
         self._announced: dict[int, tuple] = {}
         self.truncated_routes = 0
 
@@ -128,6 +129,7 @@ class HubCore:
             return [Close(key, f"the hub serves at most {cap} peers per router")]
         peer = self.peers[key] = Peer(key, router, role)
         if peer.is_provider:
+            self.providers.announce(peer, ())
             return []
         return [Send(key, frames.Routes(self.routes_for(router)))]
 
@@ -135,6 +137,7 @@ class HubCore:
         peer = self.peers.pop(key, None)
         if peer is None:
             return []
+        self.providers.remove(peer)
         out: list = []
         for channel, (splice, side) in list(peer.ends.items()):
             out += self._peer_gone(splice, side)
@@ -163,7 +166,7 @@ class HubCore:
         size = _ROUTES_OVERHEAD
         truncated = False
         for peer in self.peers.values():
-            if peer.router != router or not peer.is_provider or peer.going_away:
+            if peer.router != router or not peer.is_provider or self.providers.draining(peer):
                 continue
             for route in peer.routes:
                 if route in seen:
@@ -187,16 +190,9 @@ class HubCore:
         return [Send(p.key, frames.Routes(routes)) for p in self.peers.values()
                 if p.router == router and not p.is_provider]
 
-    def offering(self, router: int, key: tuple[int, str]) -> list[Peer]:
-        """The providers of C{router} offering gate C{key}, rotated for round robin."""
-        peers = [p for p in self.peers.values()
-                 if p.router == router and p.is_provider and not p.going_away
-                 and any((r.gate_port, r.protocol) == key for r in p.routes)]
-        if not peers:
-            return []
-        start = self._next.get((router, key), 0) % len(peers)
-        self._next[(router, key)] = start + 1
-        return peers[start:] + peers[:start]
+    def offering(self, router: int, key: tuple[int, str]) -> Attempt:
+        """The providers of C{router} offering gate C{key}, in round-robin order, to try in turn."""
+        return self.providers.choose((router, key))
 
     # -- frames
     def frame(self, key, frame) -> list:
@@ -208,9 +204,10 @@ class HubCore:
                 if not peer.is_provider:
                     return []
                 peer.routes = routes
+                self.providers.announce(peer, [(peer.router, (r.gate_port, r.protocol)) for r in routes])
                 return self._announce(peer.router)
             case frames.GoAway():
-                peer.going_away = True
+                self.providers.drain(peer)
                 return self._announce(peer.router) if peer.is_provider else []
             case frames.Open():
                 return self._open(peer, frame)
@@ -276,10 +273,7 @@ class HubCore:
 
     def _try_next(self, splice: Splice) -> list:
         """Send the OPEN to the next candidate; answer OPEN_FAIL when none is left."""
-        while splice.candidates:
-            provider = splice.candidates.pop(0)
-            if provider.key not in self.peers or provider.going_away:
-                continue
+        while (provider := splice.attempt.next()) is not None:
             if len(provider.ends) >= self.config.max_channels:
                 splice.reason = "overloaded"
                 continue
@@ -351,8 +345,8 @@ class HubLink(MuxLink):
     the role opposite to the peer's (provider to a gateway, gateway to anyone else).
     """
 
-    def __init__(self, node, config: LinkConfig, clock, secrets: tuple[bytes, ...]) -> None:
-        super().__init__(node, config, clock, is_tls_client=False)
+    def __init__(self, node, config: LinkConfig, clock, secrets: tuple[bytes, ...], owner=None) -> None:
+        super().__init__(node, config, clock, is_tls_client=False, owner=owner)
         self.secrets = secrets
         self.router: int | None = None
 
@@ -396,7 +390,7 @@ class HubLinkFactory(LinkFactory):
         self.secrets = secrets
 
     def buildProtocol(self, addr):
-        link = HubLink(self.node, self.config, self.clock, self.secrets)
+        link = HubLink(self.node, self.config, self.clock, self.secrets, owner=self)
         link.factory = self
         return link
 

@@ -16,6 +16,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
 from pipegate.core.budget import TOTAL, Budget, LogThrottle, source_key
+from pipegate.core.routes import Attempt, RouteTable
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
@@ -85,11 +86,11 @@ class GatewayConfig:
 class Opening(LinkChannel):
     """An OPEN in flight to one provider for one client connection or flow."""
 
-    def __init__(self, gateway: Gateway, key, client, candidates: list, link, channel_id: int) -> None:
+    def __init__(self, gateway: Gateway, key, client, attempt: Attempt, link, channel_id: int) -> None:
         self.gateway = gateway
         self.key = key
         self.client = client            # StreamChannel or Flow
-        self.candidates = candidates    # links still to try after this one
+        self.attempt = attempt          # the providers still to try after this one
         self.link = link
         self.channel_id = channel_id
         self.timer = gateway.clock.callLater(gateway.config.open_timeout, self._timed_out)
@@ -98,12 +99,12 @@ class Opening(LinkChannel):
         if isinstance(frame, frames.OpenOk):
             self._cancel()
             self.gateway.stats.inc("channel_opens", "ok")
-            self.link.channels[self.channel_id] = self.client
+            self.link.bind_channel(self.channel_id, self.client, self)
             self.client.attach(self.link, self.channel_id)
         elif isinstance(frame, frames.OpenFail):
             self._cancel()
             self.gateway.stats.inc("channel_opens", "refused")
-            self.link.remove_channel(self.channel_id)
+            self.link.release_channel(self.channel_id, self)
             # A provider past its caps refuses every OPEN of a flood: one line per gate per 10 s.
             held_back = self.gateway.refusal_log(self.key).allow(self.gateway.clock.seconds())
             if held_back is not None:
@@ -111,17 +112,17 @@ class Opening(LinkChannel):
                                       " ({more} more refusals on this gate in the last interval)",
                                       port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
                                       channel=self.channel_id, reason=frame.reason, more=held_back)
-            self.gateway.try_open(self.key, self.client, self.candidates)
+            self.gateway.try_open(self.key, self.client, self.attempt)
         elif isinstance(frame, frames.Reset):
             self._cancel()
-            self.link.remove_channel(self.channel_id)
-            self.gateway.try_open(self.key, self.client, self.candidates)
+            self.link.release_channel(self.channel_id, self)
+            self.gateway.try_open(self.key, self.client, self.attempt)
 
     def _timed_out(self) -> None:
         self.timer = None
         self.gateway.stats.inc("channel_opens", "timeout")
         self.link.send(frames.Reset(self.channel_id, "open timed out"))
-        self.link.remove_channel(self.channel_id)
+        self.link.release_channel(self.channel_id, self)
         # A stalled provider times out every OPEN of a flood: one line per gate per 10 s.
         held_back = self.gateway.refusal_log(("timeout",) + tuple(self.key)).allow(self.gateway.clock.seconds())
         if held_back is not None:
@@ -129,7 +130,7 @@ class Opening(LinkChannel):
                                   " ({more} more timeouts on this gate in the last interval)",
                                   port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
                                   channel=self.channel_id, more=held_back)
-        self.gateway.try_open(self.key, self.client, self.candidates)
+        self.gateway.try_open(self.key, self.client, self.attempt)
 
     def _cancel(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -140,11 +141,11 @@ class Opening(LinkChannel):
         """The client went away while the OPEN was in flight."""
         self._cancel()
         self.link.send(frames.Reset(self.channel_id, "client went away"))
-        self.link.remove_channel(self.channel_id)
+        self.link.release_channel(self.channel_id, self)
 
     def link_lost(self) -> None:
         self._cancel()
-        self.gateway.try_open(self.key, self.client, self.candidates)
+        self.gateway.try_open(self.key, self.client, self.attempt)
 
 
 class GateFactory(Factory):
@@ -213,7 +214,7 @@ class GateConnection(StreamChannel):
         self.gateway.tcp_clients.add(self)
         self.set_idle_timeout(self.gateway.clock, self.gateway.config.tcp_idle_timeout)
         self.on_done = self.gateway.tcp_clients.discard
-        self.gateway.try_open(self.key, self, None)
+        self.gateway.try_open(self.key, self)
 
     def connectionLost(self, reason=None) -> None:
         if self.opening is not None and self.link is None:
@@ -284,7 +285,7 @@ class UDPGate(DatagramProtocol):
             flow.table = gateway.udp_flows
             gateway.udp_flows[flow] = None
             self._outbound(flow, data)
-            gateway.try_open(self.key, flow, None)
+            gateway.try_open(self.key, flow)
         else:
             self._outbound(flow, data)
 
@@ -314,7 +315,8 @@ class Gateway(service.Service, Drainer):
         self.links: set = set()
         self.gates: dict[tuple[int, str], object] = {}
         self._binding: set = set()
-        self._next: dict[tuple[int, str], int] = {}
+        # The providers serving each exposed gate: round robin, failover, GOAWAY drains.
+        self.providers: RouteTable[tuple[int, str], object] = RouteTable()
         self.tcp_clients: set[GateConnection] = set()
         self.link_policies: dict[object, Policy] = {}
         self.grants = Grants()
@@ -408,6 +410,7 @@ class Gateway(service.Service, Drainer):
 
     def link_lost(self, link) -> None:
         self.links.discard(link)
+        self.providers.remove(link)
         self.link_policies.pop(link, None)
         routes = self.routes.pop(link, None)
         if link.peer_role == frames.ROLE_PROVIDER and not link.going_away:
@@ -452,10 +455,13 @@ class Gateway(service.Service, Drainer):
                     policies[key].append(parsed[route.policy])
             self.link_policies[link] = policies
             self.routes[link] = tuple(routes)
+            self.providers.announce(link, [(r.gate_port, r.protocol) for r in routes
+                                           if self.config.exposure.exposes(route_service(r))])
             self.log.info("provider {peer} announces {count} route(s)", peer=link.peer_name,
                           count=len(frame.routes))
             self.sync_gates()
         elif isinstance(frame, frames.GoAway):
+            self.providers.drain(link)
             if self.routes.pop(link, None):
                 self.sync_gates()
         elif isinstance(frame, frames.Open):
@@ -467,16 +473,8 @@ class Gateway(service.Service, Drainer):
         return ranges is None or any(low <= port <= high for low, high in ranges)
 
     def exposed(self) -> dict[tuple[int, str], list]:
-        table: dict[tuple[int, str], list] = {}
-        for link, routes in self.routes.items():
-            if link.going_away:
-                continue
-            for route in routes:
-                if self.config.exposure.exposes(route_service(route)):
-                    links = table.setdefault((route.gate_port, route.protocol), [])
-                    if link not in links:
-                        links.append(link)
-        return table
+        """Every gate some provider that is not going away serves, with those providers."""
+        return self.providers.table()
 
     def sync_gates(self) -> None:
         if not self.running:
@@ -536,20 +534,16 @@ class Gateway(service.Service, Drainer):
         return listening.stopListening()
 
     # -- channels
-    def try_open(self, key, client, candidates: list | None) -> None:
-        """Open a channel for C{client} on the next provider; close it when none is left."""
+    def try_open(self, key, client, attempt: Attempt | None = None) -> None:
+        """
+        Open a channel for C{client} on the next provider of C{key} (a new L{Attempt}, or
+        the one whose last provider refused); close it when none is left.
+        """
         client.opening = None   # the previous OPEN, if any, has had its answer
-        if candidates is None:
-            links = self.exposed().get(key, [])
-            start = self._next.get(key, 0)
-            self._next[key] = start + 1
-            candidates = links[start % len(links):] + links[:start % len(links)] if links else []
-        while candidates:
-            link = candidates[0]
-            candidates = candidates[1:]
-            if link.closed or not link.admitted or link.going_away:
-                continue
-            opening = Opening(self, key, client, candidates, link, 0)
+        if attempt is None:
+            attempt = self.providers.choose(key, _can_open)
+        while (link := attempt.next()) is not None:
+            opening = Opening(self, key, client, attempt, link, 0)
             try:
                 channel_id = link.allocate_channel(opening)
             except Exception:
@@ -595,6 +589,11 @@ class Gateway(service.Service, Drainer):
             self.log.warn("drain timeout: {count} connection(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("gateway stopping")
+
+
+def _can_open(link) -> bool:
+    """A link an OPEN may go to now: admitted, open, and its peer not going away."""
+    return link.admitted and not link.closed and not link.going_away
 
 
 def _burst(bucket) -> float:
