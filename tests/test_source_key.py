@@ -14,7 +14,8 @@ from pipegate.accept import ConnectionGate, source_of
 from pipegate.core.budget import Budget, source_key
 from pipegate.mux import frames
 from pipegate.mux.hub import CappedFactory
-from pipegate.ports.gateway import GateFactory, Gateway, GatewayConfig, UDPGate
+from pipegate.ports.gateway import Gateway, GatewayConfig
+from pipegate.ports.gates import GateFactory, UDPGate
 from pipegate.ports.provider import Provider, ProviderConfig
 from pipegate.ports.unlimited import UnlimitedGate
 from pipegate.stats import Stats

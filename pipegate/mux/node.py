@@ -17,6 +17,7 @@ from pipegate.accept import ConnectionGate, EmfileGuard, listener
 from pipegate.config import EnvOptions, check_server_endpoint, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import frames, tls
+from pipegate.mux.hello import parse_router_secret
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.core.budget import Budget, LogThrottle
 from pipegate.dialer import Redialer, ReportingEndpoint, describe_connect_error
@@ -93,7 +94,7 @@ class MuxOptions(EnvOptions):
         if not self["router"]:
             raise usage.UsageError("--router: the router secret is required (or PIPEGATE_ROUTER)")
         try:
-            self["secret"] = frames.parse_router_secret(self["router"])
+            self["secret"] = parse_router_secret(self["router"])
         except ValueError as e:
             raise usage.UsageError(f"--router: {e}") from None
         if not self["mux"] and not self["connect"]:

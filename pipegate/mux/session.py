@@ -26,6 +26,8 @@ from pipegate.dialer import Redialer
 from pipegate.sockets import bounded_reads, eager_writes, no_delay, send_now, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
+from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
+from pipegate.mux.decoder import FrameDecoder
 from pipegate.mux.tls import LinkTLSProtocol
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
@@ -129,7 +131,7 @@ class MuxLink(Protocol):
         self.config = config
         self.clock = clock
         self.is_tls_client = is_tls_client
-        self.decoder = frames.FrameDecoder(config.max_frame_size)
+        self.decoder = FrameDecoder(config.max_frame_size)
         self.admitted = False
         self.peer_role: int | None = None
         self.channels: dict[int, object] = {}
@@ -173,12 +175,12 @@ class MuxLink(Protocol):
     def handshakeCompleted(self) -> None:
         try:
             self._exporter = self.transport.getHandle().export_keying_material(
-                frames.EXPORTER_LABEL, 32)
+                EXPORTER_LABEL, 32)
         except Exception as e:
             self.fail(f"TLS exporter unavailable: {e}")
             return
         nonce = os.urandom(32)
-        mac = frames.hello_mac(self.config.secret, self._exporter, self.config.role, nonce,
+        mac = hello_mac(self.config.secret, self._exporter, self.config.role, nonce,
                                self.is_tls_client)
         self._write(frames.Hello(version=1, role=self.config.role, nonce=nonce, mac=mac))
 
@@ -268,7 +270,7 @@ class MuxLink(Protocol):
             raise LinkError("Hello before the TLS handshake completed")
         if hello.version != 1:
             raise LinkError(f"unsupported mux version {hello.version}")
-        if not frames.verify_hello(self.config.secret, self._exporter, hello, not self.is_tls_client):
+        if not verify_hello(self.config.secret, self._exporter, hello, not self.is_tls_client):
             self.stats.inc("admission_failures", "secret")
             raise LinkError("admission failed: the peer does not know the router secret")
         if hello.role == frames.ROLE_PROVIDER and self.config.role == frames.ROLE_PROVIDER:

@@ -12,10 +12,9 @@ import attrs
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
-from pipegate.core.budget import TOTAL, Budget, LogThrottle, source_key
+from pipegate.core.budget import TOTAL, Budget, LogThrottle
 from pipegate.core.routes import Attempt, RouteTable
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
@@ -23,10 +22,10 @@ from pipegate.mux import frames
 from pipegate.policy import (
     EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip, policy_from_bytes,
 )
-from pipegate.throttle import BucketPool, Shaper, datagram_allowed
+from pipegate.throttle import BucketPool
 from pipegate.core.window import GrowthBudget
-from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
+from pipegate.ports.gates import GateConnection, GateFactory, UDPGate
 from pipegate.ports.services import Exposure, Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, evict_idle, set_buffers,
@@ -146,159 +145,6 @@ class Opening(LinkChannel):
     def link_lost(self) -> None:
         self._cancel()
         self.gateway.try_open(self.key, self.client, self.attempt)
-
-
-class GateFactory(Factory):
-    noisy = False
-
-    def __init__(self, gateway: Gateway, key) -> None:
-        self.gateway = gateway
-        self.key = key
-
-    def buildProtocol(self, addr):
-        """Apply the ingress policy at accept time: a denied client gets no protocol at all."""
-        gateway = self.gateway
-        decision = gateway.decide(self.key, addr.host)
-        if not decision.allow:
-            gateway.denied += 1
-            gateway.stats.inc("policy_denials")
-            gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
-                             port=self.key[0], matched=decision.matched)
-            return None
-        source = source_key(addr.host)   # an IPv6 client by its /64
-        refused = gateway.tcp_budget.acquire(source)
-        if refused is not None:
-            gateway.refused("tcp", refused, self.key[0])
-            return None
-        channel = GateConnection(gateway.config.window, gateway.config.max_window, gateway.window_budget)
-        channel.gateway = gateway
-        channel.source = source
-        channel.key = self.key
-        channel.factory = self
-        channel.labels = decision.labels
-        if decision.limit is None:
-            return channel
-        up, down, release = gateway.buckets(addr.host, decision.limit)
-        return Shaper(_Release(release, gateway.stats), channel, gateway.clock, read_bucket=up, write_bucket=down)
-
-
-class _Release:
-    """Stands in for a WrappingFactory: gives the client IP's buckets back on disconnect."""
-
-    def __init__(self, release, stats: Stats | None = None) -> None:
-        self.release = release
-        self.stats = stats
-
-    def registerProtocol(self, protocol) -> None:
-        pass
-
-    def unregisterProtocol(self, protocol) -> None:
-        if self.stats is not None:
-            self.stats.inc("throttled_seconds", "up", protocol.read_throttled_seconds)
-            self.stats.inc("throttled_seconds", "down", protocol.write_throttled_seconds)
-        release, self.release = self.release, None
-        if release is not None:
-            release()
-
-
-class GateConnection(StreamChannel):
-    """A client's TCP connection to a gate."""
-
-    gateway: Gateway
-    key: tuple[int, str]
-    opening: Opening | None = None
-    source: str | None = None   # the client's source_key, while it holds a unit of the TCP budget
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.gateway.tcp_clients.add(self)
-        self.set_idle_timeout(self.gateway.clock, self.gateway.config.tcp_idle_timeout)
-        self.on_done = self.gateway.tcp_clients.discard
-        self.gateway.try_open(self.key, self)
-
-    def connectionLost(self, reason=None) -> None:
-        if self.opening is not None and self.link is None:
-            self.opening.abandon()
-            self.opening = None
-        source, self.source = self.source, None
-        if source is not None:
-            self.gateway.tcp_budget.release(source)
-        self.gateway.tcp_clients.discard(self)
-        super().connectionLost(reason)
-
-    def open_failed(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def attach(self, link, channel_id: int) -> None:
-        self.opening = None
-        super().attach(link, channel_id)
-
-
-class UDPGate(DatagramProtocol):
-    """One UDP gate: a flow (and a channel) per client address."""
-
-    def __init__(self, gateway: Gateway, key) -> None:
-        self.gateway = gateway
-        self.key = key
-        self.flows: dict[tuple, Flow] = {}
-
-    def datagramReceived(self, data, addr):
-        gateway = self.gateway
-        flow = self.flows.get(addr)
-        if flow is None:
-            decision = gateway.decide(self.key, addr[0])
-            if not decision.allow:
-                gateway.denied += 1
-                gateway.dropped_datagrams += 1
-                gateway.stats.inc("policy_denials")
-                gateway.stats.inc("dropped_datagrams")
-                return
-            source = source_key(addr[0])   # an IPv6 client by its /64
-            if not gateway.admit_flow(source, self.key[0]):
-                gateway.dropped_datagrams += 1
-                gateway.stats.inc("dropped_datagrams")
-                return
-            up = down = release = None
-            if decision.limit is not None:
-                up, down, release = gateway.buckets(addr[0], decision.limit)
-
-            def deliver(datagram, addr=addr, down=down):
-                if datagram_allowed(down, len(datagram), gateway.clock.seconds(), _burst(down)):
-                    self.transport.write(datagram, addr)
-                else:
-                    gateway.dropped_datagrams += 1
-                    gateway.stats.inc("dropped_datagrams")
-
-            def done(f, addr=addr, release=release, source=source):
-                self.flows.pop(addr, None)
-                gateway.udp_budget.release(source)
-                if release is not None:
-                    release()
-
-            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done, gateway.hold)
-            flow.client_address = addr
-            flow.labels = decision.labels
-            flow.up = up
-            flow.open_failed = lambda f=flow: f.close(notify=False)
-            self.flows[addr] = flow
-            flow.table = gateway.udp_flows
-            gateway.udp_flows[flow] = None
-            self._outbound(flow, data)
-            gateway.try_open(self.key, flow)
-        else:
-            self._outbound(flow, data)
-
-    def _outbound(self, flow: Flow, data: bytes) -> None:
-        if datagram_allowed(flow.up, len(data), self.gateway.clock.seconds(), _burst(flow.up)):
-            flow.outbound(data)
-        else:
-            self.gateway.dropped_datagrams += 1
-            self.gateway.stats.inc("dropped_datagrams")
-
-    def stop(self) -> None:
-        for flow in list(self.flows.values()):
-            flow.close()
 
 
 class Gateway(service.Service, Drainer):
@@ -594,10 +440,6 @@ class Gateway(service.Service, Drainer):
 def _can_open(link) -> bool:
     """A link an OPEN may go to now: admitted, open, and its peer not going away."""
     return link.admitted and not link.closed and not link.going_away
-
-
-def _burst(bucket) -> float:
-    return bucket.burst if bucket is not None else 0.0
 
 
 def _is_v6(address: str) -> bool:
