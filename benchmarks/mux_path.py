@@ -38,7 +38,7 @@ def run(rounds: int) -> None:
     for channel_id in range(1, CHANNELS + 1):
         channel = StreamChannel(window=INITIAL_WINDOW)
         channel.makeConnection(StringTransport())
-        link.channels[channel_id] = channel
+        link.bind_channel(channel_id, channel)
         channel.attach(link, channel_id)
         channels.append(channel)
     reply = b"$3\r\nabc\r\n"

@@ -1,17 +1,86 @@
 """
-The Twisted side of dialing a peer again: why a connection attempt failed, in a
-user's words, and an endpoint that reports each failure before the retry policy
-(L{pipegate.core.redial.Redial}) picks the next delay.
+The Twisted side of dialing a peer again: L{Redialer} (the one redial/GOAWAY object of
+every dialled link: mux links of providers and gateways, the connector's WebSocket),
+why a connection attempt failed, in a user's words, and an endpoint that reports each
+failure before the retry policy (L{pipegate.core.redial.Redial}) picks the next delay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
+from twisted.application import internet, service
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from pipegate.core.redial import Redial
+
+
+class Redialer(service.MultiService):
+    """
+    One peer we dial, kept connected: a L{ClientService} that redials C{endpoint} with
+    C{factory} after a loss, waiting C{retry_policy(attempt)} seconds (by default a
+    L{Redial}, whose delay grows over failed attempts; L{succeeded} resets its C{backoff}).
+
+    When the peer says GOAWAY (L{going_away}), it dials a replacement at once (a balancer or
+    DNS in front reaches a peer that is not stopping) while the old link finishes its work;
+    the old dialler stops once that link has closed (L{link_closed}), so it never redials.
+    Add it to the service tree where the L{ClientService} would go: stopping it stops every
+    dialler it holds, cutting their links.
+    """
+
+    def __init__(self, endpoint, factory, clock: IReactorTime, *,
+                 retry_policy: Callable[[int], float] | None = None, backoff: Redial | None = None) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+        self.factory = factory
+        self.clock = clock
+        self.retry_policy = retry_policy if retry_policy is not None else Redial()
+        self.backoff = backoff if backoff is not None or not isinstance(self.retry_policy, Redial) \
+            else self.retry_policy
+        self._retiring: dict[Hashable, internet.ClientService] = {}   # link -> the dialler it came from
+        self.current = self._dial()
+
+    def _dial(self) -> internet.ClientService:
+        dialer = internet.ClientService(self.endpoint, self.factory, retryPolicy=self.retry_policy,
+                                        clock=self.clock)
+        dialer.setServiceParent(self)
+        return dialer
+
+    def succeeded(self) -> None:
+        """A link reached its goal (admitted, logged in): the next failure waits the shortest delay."""
+        if self.backoff is not None:
+            self.backoff.succeeded()
+
+    def going_away(self, link) -> bool:
+        """
+        The peer of C{link} said GOAWAY: dial a replacement now and retire the dialler of
+        C{link} once it closes.  Says whether it did (not while stopping, once per link).
+        """
+        if not self.running or not self.current.running or link in self._retiring:
+            return False
+        self._retiring[link] = self.current
+        self.current = self._dial()
+        return True
+
+    def retiring(self, link) -> bool:
+        """C{link} went away and has been replaced."""
+        return link in self._retiring
+
+    def link_closed(self, link) -> bool:
+        """C{link} closed: stop its dialler if it was replaced; says whether it was."""
+        old = self._retiring.pop(link, None)
+        if old is None:
+            return False
+        # Not from inside the link's own connectionLost: stop the old dialler on the next turn.
+        self.clock.callLater(0, lambda: old.disownServiceParent() if old.parent is not None else None)
+        return True
+
+    def stop_dialing(self):
+        """Stop redialling (a fatal refusal); the links already up are cut."""
+        return self.current.stopService()
 
 
 def describe_connect_error(reason: BaseException) -> str:

@@ -298,7 +298,7 @@ class CapturingLink(MuxLink):
 
 class CapturingFactory(LinkFactory):
     def buildProtocol(self, addr):
-        link = CapturingLink(self.node, self.config, self.clock, self.is_tls_client)
+        link = CapturingLink(self.node, self.config, self.clock, self.is_tls_client, owner=self)
         link.factory = self
         return link
 

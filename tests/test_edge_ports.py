@@ -221,7 +221,7 @@ class FailureLogs(PortPlane):
         self.assertIn("(0 more failures of this service in the last interval)", lines[0])
 
     def test_open_timeouts_log_one_line_per_gate_per_interval(self):
-        from tests.test_udp_flow import OpenLink
+        from tests.test_udp_flow import OpenLink, open_through
 
         clock = task.Clock()
         gw = gateway_module.Gateway(GatewayConfig(open_timeout=5), clock)
@@ -231,7 +231,7 @@ class FailureLogs(PortPlane):
             flow = Flow(clock, 0, lambda d: None, lambda f: None)
             flow.client_address = ("127.0.0.2", 4000 + n)
             flow.open_failed = lambda f=flow: f.close(notify=False)
-            gw.try_open((5353, "udp"), flow, [OpenLink()])
+            open_through(gw, (5353, "udp"), flow, OpenLink())
         clock.advance(5)
         lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
         self.assertEqual(len(lines), 1, lines)
@@ -239,7 +239,7 @@ class FailureLogs(PortPlane):
         flow = Flow(clock, 0, lambda d: None, lambda f: None)
         flow.client_address = ("127.0.0.2", 5000)
         flow.open_failed = lambda: flow.close(notify=False)
-        gw.try_open((5353, "udp"), flow, [OpenLink()])
+        open_through(gw, (5353, "udp"), flow, OpenLink())
         clock.advance(5)
         lines = [formatEvent(e) for e in events if "did not answer" in formatEvent(e)]
         self.assertEqual(len(lines), 2, lines)

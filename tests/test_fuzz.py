@@ -30,6 +30,7 @@ from twisted.trial import unittest
 from pipegate import auth
 from pipegate.core import policy, policydoc
 from pipegate.mux import frames
+from pipegate.mux.hello import hello_mac
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports import proxyprotocol, services, unlimited
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -345,7 +346,7 @@ class FuzzLink:
         self.link._exporter = EXPORTER   # what handshakeCompleted would have read from TLS
         if admitted:
             nonce = os.urandom(32)
-            mac = frames.hello_mac(ROUTER, EXPORTER, peer_role, nonce, True)
+            mac = hello_mac(ROUTER, EXPORTER, peer_role, nonce, True)
             self.link.dataReceived(frames.encode(frames.Hello(peer_role, nonce, mac)))
             assert self.link.admitted
 
@@ -412,7 +413,7 @@ class MuxLinkStreams(unittest.TestCase):
         nonce = os.urandom(32)
         if replay:
             # A Hello that was valid on another TLS session (another exporter value).
-            mac = frames.hello_mac(ROUTER, b"X" * 32, frames.ROLE_PROVIDER, nonce, True)
+            mac = hello_mac(ROUTER, b"X" * 32, frames.ROLE_PROVIDER, nonce, True)
         try:
             data = frames.encode(frames.Hello(role, nonce, mac))
         except frames.FrameError:

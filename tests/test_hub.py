@@ -1,5 +1,5 @@
 """
-The hub's routing core (L{pipegate.mux.hub.HubCore}) without sockets: admission by
+The hub's routing core (L{pipegate.mux.hubcore.HubCore}) without sockets: admission by
 router, route announcements, channel splicing with rewritten ids, credit, failover,
 isolation between routers, and the bounds.  Plus the pipegate-server options for it.
 """
@@ -10,7 +10,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from pipegate.mux import frames
-from pipegate.mux.hub import Close, HubConfig, HubCore, Send
+from pipegate.mux.hubcore import Close, HubConfig, HubCore, Send
 from pipegate.tap import server as server_tap
 
 P, G, O = frames.ROLE_PROVIDER, frames.ROLE_GATEWAY, frames.ROLE_OBSERVER

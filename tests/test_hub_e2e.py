@@ -21,7 +21,8 @@ from twisted.internet.address import IPv4Address
 from twisted.trial import unittest
 
 from pipegate.mux import frames, tls
-from pipegate.mux.hub import HubConfig, HubLinkFactory, HubNode
+from pipegate.mux.hub import HubLinkFactory, HubNode
+from pipegate.mux.hubcore import HubConfig
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.services import Service

@@ -35,7 +35,7 @@ class RecordingLink:
     def send_data(self, channel_id: int, chunks) -> None:
         self.sent.extend(frames.Data(channel_id, c) for c in chunks)
 
-    def remove_channel(self, channel_id: int) -> None:
+    def release_channel(self, channel_id: int, holder=None) -> bool:
         pass
 
     def credit(self) -> int:

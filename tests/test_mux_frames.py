@@ -1,6 +1,6 @@
 """
 Tests for L{pipegate.mux.frames}: the port plane (mux v1) codec, the incremental
-L{FrameDecoder} and the admission helpers.
+L{pipegate.mux.decoder.FrameDecoder} and the admission helpers of L{pipegate.mux.hello}.
 
 The hand-built byte strings follow docs/protocol.md section 2 field by field, so that the
 codec is checked against the specification and not only against itself.  No sockets.
@@ -18,12 +18,13 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from pipegate.mux import frames
+from pipegate.mux.decoder import FrameDecoder, decode
 from pipegate.mux.frames import (
-    EXPORTER_LABEL, MAX_DATA, MAX_DATAGRAM, MAX_FRAME_SIZE, ROLE_GATEWAY, ROLE_OBSERVER,
-    ROLE_PROVIDER, ROUTES_MAX, Data, Datagram, Fin, FrameDecoder, FrameError, GoAway, Hello, Open,
-    OpenFail, OpenOk, Ping, Pong, Reset, Route, Routes, Window, decode, encode, encode_datagram, hello_mac,
-    parse_router_secret, verify_hello,
+    MAX_DATA, MAX_DATAGRAM, MAX_FRAME_SIZE, ROLE_GATEWAY, ROLE_OBSERVER, ROLE_PROVIDER, ROUTES_MAX,
+    Data, Datagram, Fin, FrameError, GoAway, Hello, Open, OpenFail, OpenOk, Ping, Pong, Reset, Route,
+    Routes, Window, encode, encode_datagram,
 )
+from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac, parse_router_secret, verify_hello
 
 PROPERTY = settings(deadline=None, max_examples=200)
 
@@ -723,7 +724,7 @@ class AdmissionTests(unittest.TestCase):
 
     def test_exporter_label(self):
         self.assertEqual(EXPORTER_LABEL, b"EXPORTER-pipegate-mux-v1")
-        self.assertEqual(frames.EXPORTER_LENGTH, 32)
+        self.assertEqual(EXPORTER_LENGTH, 32)
 
     def test_mac_formula(self):
         expected = hmac.new(

@@ -18,6 +18,7 @@ from twisted.protocols import tls as twisted_tls
 from twisted.trial import unittest
 
 from pipegate.mux import tls
+from pipegate.mux.decoder import FrameDecoder
 from tests.support import NullNode, pattern
 
 
@@ -223,7 +224,7 @@ class LinkWrites(unittest.TestCase):
     def received(self) -> list:
         self.server.dataReceived(self.client_transport.value())
         self.client_transport.clear()
-        return self.frames.FrameDecoder().feed(b"".join(self.server.wrappedProtocol.chunks))
+        return FrameDecoder().feed(b"".join(self.server.wrappedProtocol.chunks))
 
     def test_small_data_of_a_turn_is_one_write_at_its_end(self):
         for channel in range(1, 51):

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from pipegate.mux.channel import CHANNEL_SOCKET_BUFFER
 from pipegate.sockets import socket_transport
 from pipegate.mux import frames, tls
+from pipegate.mux.hello import EXPORTER_LABEL
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.provider import Provider, ProviderConfig
@@ -578,7 +579,7 @@ class Replay(PortPlane):
 
         class Replayer(MuxLink):
             def handshakeCompleted(self):
-                self._exporter = self.transport.getHandle().export_keying_material(frames.EXPORTER_LABEL, 32)
+                self._exporter = self.transport.getHandle().export_keying_material(EXPORTER_LABEL, 32)
                 self._write(recorded[0])  # the other session's valid Hello
 
         await self.dial(mux, Replayer)

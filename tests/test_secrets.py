@@ -118,7 +118,7 @@ class RecordingFactory(LinkFactory):
         self.plaintext = bytearray()
 
     def buildProtocol(self, addr):
-        link = Recording(self.node, self.config, self.clock, self.is_tls_client)
+        link = Recording(self.node, self.config, self.clock, self.is_tls_client, owner=self)
         link.plaintext = self.plaintext
         link.factory = self
         return link

@@ -14,7 +14,8 @@ from pipegate.accept import ConnectionGate, source_of
 from pipegate.core.budget import Budget, source_key
 from pipegate.mux import frames
 from pipegate.mux.hub import CappedFactory
-from pipegate.ports.gateway import GateFactory, Gateway, GatewayConfig, UDPGate
+from pipegate.ports.gateway import Gateway, GatewayConfig
+from pipegate.ports.gates import GateFactory, UDPGate
 from pipegate.ports.provider import Provider, ProviderConfig
 from pipegate.ports.unlimited import UnlimitedGate
 from pipegate.stats import Stats
@@ -73,7 +74,7 @@ class AcquireSites(unittest.SynchronousTestCase):
 
     def test_gateway_udp_gate(self):
         gateway = Gateway(GatewayConfig(udp_per_source=1), Clock())
-        gateway.try_open = lambda key, client, candidates: None   # the OPEN stays in flight
+        gateway.try_open = lambda key, client, attempt=None: None   # the OPEN stays in flight
         gate = UDPGate(gateway, (5353, "udp"))
         gate.datagramReceived(b"x", (A, 1, 0, 0))
         gate.datagramReceived(b"x", (B, 2, 0, 0))

@@ -24,7 +24,7 @@ class FakeLink:
     def send(self, frame) -> None:
         self.sent.append(frame)
 
-    def remove_channel(self, channel_id: int) -> None:
+    def release_channel(self, channel_id: int, holder=None) -> bool:
         self.removed.append(channel_id)
 
 
@@ -84,9 +84,17 @@ class OpenLink(FakeLink):
         self.channels[5] = channel
         return 5
 
-    def remove_channel(self, channel_id: int) -> None:
-        super().remove_channel(channel_id)
+    def release_channel(self, channel_id: int, holder=None) -> bool:
+        super().release_channel(channel_id, holder)
         self.channels.pop(channel_id, None)
+
+
+def open_through(gateway: Gateway, key, client, link) -> None:
+    """Have C{gateway} open a channel for C{client} on C{key} with C{link} its only provider."""
+    for old in gateway.providers.links(key):
+        gateway.providers.remove(old)
+    gateway.providers.announce(link, [key])
+    gateway.try_open(key, client)
 
 
 class OpeningTests(unittest.TestCase):
@@ -97,7 +105,7 @@ class OpeningTests(unittest.TestCase):
         link = OpenLink()
         flow = Flow(clock, 10.0, lambda d: None, lambda f: None)
         flow.client_address = ("127.0.0.2", 4000)
-        gw.try_open((5353, "udp"), flow, [link])
+        open_through(gw, (5353, "udp"), flow, link)
         self.assertIs(flow.opening, link.channels[5])
         flow.close(notify=False)
         self.assertEqual(link.channels, {})
@@ -111,7 +119,7 @@ class OpeningTests(unittest.TestCase):
         flow = Flow(clock, 10.0, lambda d: None, lambda f: None)
         flow.client_address = ("127.0.0.2", 4000)
         flow.open_failed = lambda: flow.close(notify=False)   # as UDPGate sets it
-        gw.try_open((5353, "udp"), flow, [link])
+        open_through(gw, (5353, "udp"), flow, link)
         link.channels[5].frame_received(frames.OpenFail(5, "full"))   # no provider left
         self.assertTrue(flow.done)
         self.assertIsNone(flow.opening)

@@ -200,7 +200,7 @@ class StreamChannel(Protocol):
             self._idle_timer.cancel()
         self._idle_timer = None
         if self.link is not None:
-            self.link.remove_channel(self.channel_id)
+            self.link.release_channel(self.channel_id, self)
         if self.on_done is not None:
             callback, self.on_done = self.on_done, None
             callback(self)

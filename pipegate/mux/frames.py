@@ -1,18 +1,15 @@
 """
-Sans-IO codec for the port plane multiplexer (mux v1) and its admission helpers.
+Sans-IO codec for the port plane multiplexer (mux v1): the frames, one at a time.
 
 A link is one TLS connection carrying a stream of length-prefixed frames; see
 docs/protocol.md section 2.  Nothing here touches a transport or a reactor: frames are
-built from and parsed into attrs objects, and L{FrameDecoder} turns arbitrary read
-boundaries into whole frames.
+built from and parsed into attrs objects.  L{pipegate.mux.decoder.FrameDecoder} turns
+arbitrary read boundaries into whole frames; L{pipegate.mux.hello} holds admission.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-import re
 import struct
 from collections.abc import Iterable, Sequence
 
@@ -33,8 +30,6 @@ MAX_WINDOW_INCREMENT = 2**31 - 1
 ROUTES_MAX = 4096                 # routes in one ROUTES frame
 NONCE_SIZE = 32
 MAC_SIZE = 32
-EXPORTER_LABEL = b"EXPORTER-pipegate-mux-v1"
-EXPORTER_LENGTH = 32
 
 HELLO = 0x01
 ROUTES = 0x02
@@ -64,8 +59,6 @@ HEADER_SIZE = _HEADER.size        # the smallest declared length (type + channel
 MIN_MAX_FRAME_SIZE = HEADER_SIZE + MAX_DATA   # a limit below this could not carry full DATA
 _MAX_CHANNEL = 2**32 - 1
 
-_HELLO_CONTEXT = b"pipegate-mux-v1 hello\x00"
-_SECRET = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _strings(value: Iterable[str]) -> tuple[str, ...]:
@@ -400,7 +393,7 @@ _CHANNEL_LEVEL = {OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_FAIL: "OPEN_FAIL", DATA
                   WINDOW: "WINDOW", FIN: "FIN", RESET: "RESET", DATAGRAM: "DATAGRAM"}
 
 
-def _decode_body(kind: int, channel: int, payload: bytes) -> Frame:
+def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
     """Parse one frame from its type, channel and payload, or raise L{FrameError}."""
     if kind in _LINK_LEVEL:
         if channel != 0:
@@ -463,186 +456,3 @@ def _decode_body(kind: int, channel: int, payload: bytes) -> Frame:
         frame = GoAway(r.utf8())
     r.done()
     return frame
-
-
-def _check_limit(max_frame_size: int) -> None:
-    if max_frame_size < MIN_MAX_FRAME_SIZE:
-        raise ValueError(f"max frame size must be at least {MIN_MAX_FRAME_SIZE} bytes")
-
-
-_PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
-_MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
-_SMALL_READ = 4096
-
-
-class FrameDecoder:
-    """
-    Incremental decoder for one link's byte stream.  L{feed} takes whatever a read
-    returned and gives back the frames it completed; a partial frame is kept for the
-    next call.  A declared length above C{max_frame_size} (or below the 5-byte header)
-    is refused as soon as the 4 length bytes are in, before any of the body is buffered,
-    so the decoder never holds more than one frame plus one read.  After a L{FrameError}
-    the stream is unusable and every further L{feed} raises again.
-
-    What is not yet a whole frame is kept as views of the reads it came in (not
-    copied into a buffer), and each payload is copied once, from those views into
-    the bytes its frame carries: a 64 KiB DATA frame usually spans two reads.
-    """
-
-    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
-        _check_limit(max_frame_size)
-        self.max_frame_size = max_frame_size
-        self._parts: list[memoryview] = []
-        self._held = 0
-        self._failed: FrameError | None = None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held for a frame not yet complete."""
-        return self._held
-
-    def feed(self, data: bytes) -> list[Frame]:
-        if self._failed is not None:
-            raise FrameError(f"link already failed: {self._failed}")
-        try:
-            return self._feed(data)
-        except FrameError as e:
-            self._failed = e
-            self._parts.clear()
-            self._held = 0
-            raise
-
-    def _feed(self, data: bytes) -> list[Frame]:
-        if not data:
-            return []
-        if type(data) is not bytes:
-            data = bytes(data)  # views are kept: they must not see the caller reuse a buffer
-        parts = self._parts
-        if not parts:
-            return self._feed_fresh(data)
-        if parts and len(data) < _SMALL_READ and len(parts[-1]) < _SMALL_READ:
-            # Small reads are merged (a copy of at most 2 x _SMALL_READ bytes), so a peer
-            # trickling a frame a byte per read makes no more than one view per 4 KiB held.
-            parts[-1] = memoryview(parts[-1].tobytes() + data)
-        else:
-            parts.append(memoryview(data))
-        self._held += len(data)
-        frames: list[Frame] = []
-        while self._held >= _LENGTH.size:
-            first = parts[0]
-            if len(first) < min(_PREFIX, self._held):
-                # A read ended inside a length or header: join the views that hold it.
-                count, got = 1, len(first)
-                while got < _PREFIX and count < len(parts):
-                    got += len(parts[count])
-                    count += 1
-                first = memoryview(b"".join(parts[:count]))
-                parts[:count] = [first]
-            (size,) = _LENGTH.unpack_from(first)
-            if size > self.max_frame_size:
-                raise FrameError(f"declared frame length {size} exceeds {self.max_frame_size}")
-            if size < HEADER_SIZE:
-                raise FrameError(f"declared frame length {size} is shorter than the header")
-            total = _LENGTH.size + size
-            if self._held < total:
-                break
-            kind, channel = _HEADER.unpack_from(first, _LENGTH.size)
-            if len(first) >= total:
-                payload = bytes(first[_PREFIX:total])
-                if len(first) == total:
-                    del parts[0]
-                else:
-                    parts[0] = first[total:]
-            else:
-                pieces = [first[_PREFIX:]]
-                need = total - len(first)
-                del parts[0]
-                while need:
-                    part = parts[0]
-                    if len(part) <= need:
-                        pieces.append(part)
-                        need -= len(part)
-                        del parts[0]
-                    else:
-                        pieces.append(part[:need])
-                        parts[0] = part[need:]
-                        need = 0
-                payload = b"".join(pieces)
-            self._held -= total
-            frames.append(_decode_body(kind, channel, payload))
-        return frames
-
-
-    def _feed_fresh(self, data: bytes) -> list[Frame]:
-        """
-        L{_feed} with nothing held: the frames that lie whole in C{data} are parsed
-        in place (no views), and only an incomplete tail is kept.  A read of many
-        small frames (a link under request/response load) is the common case: this
-        path costs about half of the general one per frame.
-        """
-        frames: list[Frame] = []
-        end = len(data)
-        offset = 0
-        max_frame_size = self.max_frame_size
-        while end - offset >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(data, offset)
-            if size > max_frame_size:
-                raise FrameError(f"declared frame length {size} exceeds {max_frame_size}")
-            if size < HEADER_SIZE:
-                raise FrameError(f"declared frame length {size} is shorter than the header")
-            total = _LENGTH.size + size
-            if end - offset < total:
-                break
-            kind, channel = _HEADER.unpack_from(data, offset + _LENGTH.size)
-            if kind == DATA and channel and HEADER_SIZE < size <= _MAX_DATA_SIZE:
-                # _decode_body's checks for DATA, inline: one per message under request/response load
-                frames.append(Data(channel, data[offset + _PREFIX:offset + total]))
-            else:
-                frames.append(_decode_body(kind, channel, data[offset + _PREFIX:offset + total]))
-            offset += total
-        if offset < end:
-            self._parts.append(memoryview(data)[offset:] if offset else memoryview(data))
-            self._held = end - offset
-        return frames
-
-
-def decode(data: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> Frame:
-    """Parse exactly one complete encoded frame (length prefix included)."""
-    decoder = FrameDecoder(max_frame_size)
-    frames = decoder.feed(data)
-    if len(frames) != 1 or decoder.buffered:
-        raise FrameError("expected exactly one complete frame")
-    return frames[0]
-
-
-# -- admission --------------------------------------------------------------------------------
-
-def hello_mac(secret: bytes, exporter: bytes, role: int, nonce: bytes, is_tls_client: bool) -> bytes:
-    """
-    The HELLO MAC: HMAC-SHA256 keyed with the router secret over a fixed context, the
-    sender's TLS direction, its role, its nonce and the TLS session's exporter value
-    (label L{EXPORTER_LABEL}, no context, 32 bytes).  The direction byte stops a peer from
-    reflecting our own HELLO back; the exporter binds the HELLO to this TLS session.
-    """
-    message = _HELLO_CONTEXT + (b"C" if is_tls_client else b"S") + bytes((role,)) + nonce + exporter
-    return hmac.new(secret, message, hashlib.sha256).digest()
-
-
-def verify_hello(secret: bytes, exporter: bytes, hello: Hello, peer_is_tls_client: bool) -> bool:
-    """
-    Whether the peer's HELLO carries the MAC only a holder of C{secret} on this TLS
-    session could compute, compared in constant time.  The version is not covered by
-    the MAC; the caller checks it.
-    """
-    if not 0 <= hello.role <= 0xFF:
-        return False
-    expected = hello_mac(secret, exporter, hello.role, hello.nonce, peer_is_tls_client)
-    return hmac.compare_digest(expected, hello.mac)
-
-
-def parse_router_secret(text: str) -> bytes:
-    """Parse the shared router secret: 64 hex characters, surrounding whitespace ignored."""
-    text = text.strip()
-    if not _SECRET.fullmatch(text):
-        raise ValueError("router secret must be 64 hex characters (pipegate router-secret makes one)")
-    return bytes.fromhex(text)

@@ -11,16 +11,15 @@ through with their channel ids rewritten.  Credit is passed on one for one, so t
 points keep their flow control and the hub never holds more than one window per channel
 and direction.
 
-L{HubCore} is the routing logic without I/O (events in, L{Send}/L{Close} out);
-L{HubNode} and L{HubLink} are the Twisted shell around it.  See docs/protocol.md §2.13.
+L{pipegate.mux.hubcore.HubCore} is the routing logic without I/O (events in, effects
+out); L{HubNode} and L{HubLink} here are the Twisted shell around it, with the hub's
+options.  See docs/protocol.md §2.13.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-import attrs
 from twisted.application import service, strports
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
@@ -32,316 +31,12 @@ from pipegate.core.codec import FrameError
 from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls
+from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac, parse_router_secret, verify_hello
 from pipegate.mux.node import MuxOptions
-from pipegate.mux.session import LinkConfig, LinkError, LinkFactory, MuxLink
+from pipegate.mux.hubcore import Close, HubConfig, HubCore
+from pipegate.mux.session import ROLE_NAMES, LinkConfig, LinkError, LinkFactory, MuxLink
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
-
-GATEWAY, PROVIDER = "gateway", "provider"   # the two sides of a splice
-_OTHER = {GATEWAY: PROVIDER, PROVIDER: GATEWAY}
-_ROUTES_OVERHEAD = 4 + frames.HEADER_SIZE + 2   # length, type + channel, count
-
-
-@attrs.frozen
-class Send:
-    peer: Any
-    frame: Any
-
-
-@attrs.frozen
-class Close:
-    peer: Any
-    reason: str
-
-
-@attrs.frozen
-class HubConfig:
-    window: int = frames.INITIAL_WINDOW
-    max_window: int = frames.HUB_MAX_WINDOW  # the most credit an end may grow a channel's window to
-    max_peers: int = 1000
-    max_peers_per_router: int = 0       # 0 = no cap of its own (only max_peers)
-    max_channels: int = 10_000          # per link
-    max_frame_size: int = frames.MAX_FRAME_SIZE
-    drain_timeout: float = 30.0         # seconds channels through the hub may take to end on stop
-
-
-@attrs.define(eq=False)
-class Peer:
-    """One admitted link as the hub sees it."""
-
-    key: Any                 # the shell's link object
-    router: int
-    role: int
-    routes: tuple = ()
-    going_away: bool = False
-    ends: dict = attrs.Factory(dict)   # channel id -> (Splice, side)
-    next_channel: int = 1
-
-    @property
-    def is_provider(self) -> bool:
-        return self.role == frames.ROLE_PROVIDER
-
-
-@attrs.define(eq=False)
-class Splice:
-    """A gateway's channel joined to a provider's channel."""
-
-    key: tuple[int, str]
-    open: frames.Open
-    gateway: Peer
-    gateway_channel: int
-    candidates: list
-    provider: Peer | None = None
-    provider_channel: int = 0
-    established: bool = False
-    credit: dict = attrs.Factory(dict)   # side -> DATA bytes the hub may still send to it
-    fins: set = attrs.Factory(set)       # sides that sent FIN
-    reason: str = "no provider offers this gate"
-
-    def peer(self, side: str) -> Peer | None:
-        return self.gateway if side == GATEWAY else self.provider
-
-    def channel(self, side: str) -> int:
-        return self.gateway_channel if side == GATEWAY else self.provider_channel
-
-
-class HubCore:
-    """
-    The hub's routing: peers by router, the routes each router's gateways see, and the
-    splices.  Every method takes an event and returns the frames to send and the links
-    to close; the caller does the I/O.
-    """
-
-    def __init__(self, config: HubConfig) -> None:
-        self.config = config
-        self.peers: dict[Any, Peer] = {}
-        self._next: dict[tuple[int, tuple[int, str]], int] = {}
-        self._announced: dict[int, tuple] = {}
-        self.truncated_routes = 0
-
-    # -- peers
-    def admit(self, key, router: int, role: int) -> list:
-        if len(self.peers) >= self.config.max_peers:
-            return [Close(key, f"the hub serves at most {self.config.max_peers} peers")]
-        cap = self.config.max_peers_per_router
-        if cap and sum(1 for p in self.peers.values() if p.router == router) >= cap:
-            return [Close(key, f"the hub serves at most {cap} peers per router")]
-        peer = self.peers[key] = Peer(key, router, role)
-        if peer.is_provider:
-            return []
-        return [Send(key, frames.Routes(self.routes_for(router)))]
-
-    def lost(self, key) -> list:
-        peer = self.peers.pop(key, None)
-        if peer is None:
-            return []
-        out: list = []
-        for channel, (splice, side) in list(peer.ends.items()):
-            out += self._peer_gone(splice, side)
-        peer.ends.clear()
-        if peer.is_provider:
-            out += self._announce(peer.router)
-        return out
-
-    def _peer_gone(self, splice: Splice, side: str) -> list:
-        other = _OTHER[side]
-        if side == PROVIDER and not splice.established:
-            self._drop_end(splice.provider, splice.provider_channel)
-            splice.reason = "provider link lost"
-            return self._try_next(splice)
-        self._end(splice)
-        peer = splice.peer(other)
-        if peer is None or peer.key not in self.peers:
-            return []
-        return [Send(peer.key, frames.Reset(splice.channel(other), f"{side} link lost"))]
-
-    # -- routes
-    def routes_for(self, router: int) -> tuple:
-        """The union of the routes of a router's providers, as one ROUTES frame can carry."""
-        routes: list = []
-        seen: set = set()
-        size = _ROUTES_OVERHEAD
-        truncated = False
-        for peer in self.peers.values():
-            if peer.router != router or not peer.is_provider or peer.going_away:
-                continue
-            for route in peer.routes:
-                if route in seen:
-                    continue
-                length = len(frames.encode(frames.Routes((route,)))) - _ROUTES_OVERHEAD
-                if len(routes) >= frames.ROUTES_MAX or size + length > self.config.max_frame_size:
-                    truncated = True
-                    continue
-                seen.add(route)
-                routes.append(route)
-                size += length
-        if truncated:
-            self.truncated_routes += 1
-        return tuple(routes)
-
-    def _announce(self, router: int) -> list:
-        routes = self.routes_for(router)
-        if self._announced.get(router) == routes:
-            return []
-        self._announced[router] = routes
-        return [Send(p.key, frames.Routes(routes)) for p in self.peers.values()
-                if p.router == router and not p.is_provider]
-
-    def offering(self, router: int, key: tuple[int, str]) -> list[Peer]:
-        """The providers of C{router} offering gate C{key}, rotated for round robin."""
-        peers = [p for p in self.peers.values()
-                 if p.router == router and p.is_provider and not p.going_away
-                 and any((r.gate_port, r.protocol) == key for r in p.routes)]
-        if not peers:
-            return []
-        start = self._next.get((router, key), 0) % len(peers)
-        self._next[(router, key)] = start + 1
-        return peers[start:] + peers[:start]
-
-    # -- frames
-    def frame(self, key, frame) -> list:
-        peer = self.peers.get(key)
-        if peer is None:
-            return []
-        match frame:
-            case frames.Routes(routes):
-                if not peer.is_provider:
-                    return []
-                peer.routes = routes
-                return self._announce(peer.router)
-            case frames.GoAway():
-                peer.going_away = True
-                return self._announce(peer.router) if peer.is_provider else []
-            case frames.Open():
-                return self._open(peer, frame)
-        end = peer.ends.get(frame.channel)
-        if end is None:
-            return []   # a frame in flight for a channel already closed
-        splice, side = end
-        match frame:
-            case frames.OpenOk():
-                if side != PROVIDER or splice.established:
-                    return [Close(key, f"unexpected OPEN_OK for channel {frame.channel}")]
-                splice.established = True
-                splice.credit = {GATEWAY: self.config.window, PROVIDER: self.config.window}
-                return [Send(splice.gateway.key, frames.OpenOk(splice.gateway_channel))]
-            case frames.OpenFail(_, reason):
-                if side != PROVIDER or splice.established:
-                    return [Close(key, f"unexpected OPEN_FAIL for channel {frame.channel}")]
-                self._drop_end(peer, splice.provider_channel)
-                splice.reason = reason
-                return self._try_next(splice)
-            case frames.Reset(_, reason):
-                return self._reset(splice, side, reason)
-        if not splice.established:
-            if side == GATEWAY and isinstance(frame, frames.Datagram):
-                return []   # no channel yet: dropped, as UDP would
-            return [Close(key, f"{type(frame).__name__} on channel {frame.channel} before OPEN_OK")]
-        other = _OTHER[side]
-        target = splice.peer(other)
-        channel = splice.channel(other)
-        match frame:
-            case frames.Data(_, data):
-                if len(data) > splice.credit[other]:
-                    return [Close(key, f"DATA beyond the granted credit on channel {frame.channel}")]
-                splice.credit[other] -= len(data)
-                return [Send(target.key, frames.Data(channel, data))]
-            case frames.Window(_, increment):
-                splice.credit[side] += increment
-                if splice.credit[side] > max(self.config.window, self.config.max_window):
-                    return [Close(key, f"WINDOW beyond the window on channel {frame.channel}")]
-                return [Send(target.key, frames.Window(channel, increment))]
-            case frames.Fin():
-                if side in splice.fins:
-                    return []
-                splice.fins.add(side)
-                if len(splice.fins) == 2:
-                    self._end(splice)
-                return [Send(target.key, frames.Fin(channel))]
-            case frames.Datagram(_, data):
-                return [Send(target.key, frames.Datagram(channel, data))]
-        return []
-
-    def _open(self, peer: Peer, frame: frames.Open) -> list:
-        if peer.is_provider:
-            return [Send(peer.key, frames.OpenFail(frame.channel, "a provider's OPEN is refused"))]
-        if frame.channel in peer.ends:
-            return [Close(peer.key, f"OPEN for channel {frame.channel} already in use")]
-        if len(peer.ends) >= self.config.max_channels:
-            return [Send(peer.key, frames.OpenFail(frame.channel, "overloaded"))]
-        key = (frame.gate_port, frame.protocol)
-        splice = Splice(key, frame, peer, frame.channel, self.offering(peer.router, key))
-        peer.ends[frame.channel] = (splice, GATEWAY)
-        return self._try_next(splice)
-
-    def _try_next(self, splice: Splice) -> list:
-        """Send the OPEN to the next candidate; answer OPEN_FAIL when none is left."""
-        while splice.candidates:
-            provider = splice.candidates.pop(0)
-            if provider.key not in self.peers or provider.going_away:
-                continue
-            if len(provider.ends) >= self.config.max_channels:
-                splice.reason = "overloaded"
-                continue
-            channel = self._allocate(provider)
-            provider.ends[channel] = (splice, PROVIDER)
-            splice.provider, splice.provider_channel = provider, channel
-            return [Send(provider.key, attrs.evolve(splice.open, channel=channel))]
-        self._drop_end(splice.gateway, splice.gateway_channel)
-        splice.provider = None
-        if splice.gateway.key not in self.peers:
-            return []
-        return [Send(splice.gateway.key, frames.OpenFail(splice.gateway_channel, splice.reason))]
-
-    def _reset(self, splice: Splice, side: str, reason: str) -> list:
-        other = _OTHER[side]
-        target = splice.peer(other)
-        self._end(splice)
-        if target is None:
-            return []
-        return [Send(target.key, frames.Reset(splice.channel(other), reason))]
-
-    # -- channel bookkeeping
-    @staticmethod
-    def _allocate(peer: Peer) -> int:
-        while peer.next_channel in peer.ends or peer.next_channel == 0:
-            peer.next_channel = (peer.next_channel + 1) & 0xFFFFFFFF
-        channel = peer.next_channel
-        peer.next_channel = (channel + 1) & 0xFFFFFFFF
-        return channel
-
-    @staticmethod
-    def _drop_end(peer: Peer | None, channel: int) -> None:
-        if peer is not None:
-            peer.ends.pop(channel, None)
-
-    def _end(self, splice: Splice) -> None:
-        self._drop_end(splice.gateway, splice.gateway_channel)
-        if splice.provider is not None:
-            self._drop_end(splice.provider, splice.provider_channel)
-
-    def splices(self) -> int:
-        """Channels through the hub (each has one end on a gateway)."""
-        return sum(len(p.ends) for p in self.peers.values() if not p.is_provider)
-
-    def summary(self) -> dict[int, dict[str, int]]:
-        """
-        For each router with an admitted link: its links by role, the routes last
-        announced to its gateways, and its channels through the hub.
-        """
-        out: dict[int, dict[str, int]] = {}
-        for peer in self.peers.values():
-            row = out.get(peer.router)
-            if row is None:
-                row = out[peer.router] = {"providers": 0, "gateways": 0, "observers": 0,
-                                          "routes": len(self._announced.get(peer.router, ())), "channels": 0}
-            row[_ROLE_NAMES.get(peer.role, "observer") + "s"] += 1
-            if not peer.is_provider:
-                row["channels"] += len(peer.ends)
-        return out
-
-
-# --- the Twisted shell ---------------------------------------------------------------
 
 
 class HubLink(MuxLink):
@@ -351,15 +46,15 @@ class HubLink(MuxLink):
     the role opposite to the peer's (provider to a gateway, gateway to anyone else).
     """
 
-    def __init__(self, node, config: LinkConfig, clock, secrets: tuple[bytes, ...]) -> None:
-        super().__init__(node, config, clock, is_tls_client=False)
+    def __init__(self, node, config: LinkConfig, clock, secrets: tuple[bytes, ...], owner=None) -> None:
+        super().__init__(node, config, clock, is_tls_client=False, owner=owner)
         self.secrets = secrets
         self.router: int | None = None
 
     def handshakeCompleted(self) -> None:
         try:
             self._exporter = self.transport.getHandle().export_keying_material(
-                frames.EXPORTER_LABEL, frames.EXPORTER_LENGTH)
+                EXPORTER_LABEL, EXPORTER_LENGTH)
         except Exception as e:
             self.fail(f"TLS exporter unavailable: {e}")
 
@@ -369,7 +64,7 @@ class HubLink(MuxLink):
         if hello.version != frames.VERSION:
             raise LinkError(f"unsupported mux version {hello.version}")
         for router, secret in enumerate(self.secrets):
-            if frames.verify_hello(secret, self._exporter, hello, True):
+            if verify_hello(secret, self._exporter, hello, True):
                 break
         else:
             self.stats.inc("admission_failures", "secret")
@@ -378,7 +73,7 @@ class HubLink(MuxLink):
         role = frames.ROLE_PROVIDER if hello.role == frames.ROLE_GATEWAY else frames.ROLE_GATEWAY
         nonce = os.urandom(frames.NONCE_SIZE)
         self._write(frames.Hello(version=frames.VERSION, role=role, nonce=nonce,
-                                 mac=frames.hello_mac(secret, self._exporter, role, nonce, False)))
+                                 mac=hello_mac(secret, self._exporter, role, nonce, False)))
         self._admitted(hello)
 
     def _frame(self, frame) -> None:
@@ -396,7 +91,7 @@ class HubLinkFactory(LinkFactory):
         self.secrets = secrets
 
     def buildProtocol(self, addr):
-        link = HubLink(self.node, self.config, self.clock, self.secrets)
+        link = HubLink(self.node, self.config, self.clock, self.secrets, owner=self)
         link.factory = self
         return link
 
@@ -462,7 +157,7 @@ class HubNode(Drainer, service.Service):
             return
         self.links.add(link)
         self.log.info("hub: {role} {peer} joined router #{router}",
-                      role=_ROLE_NAMES.get(link.peer_role, "?"), peer=link.peer_name, router=link.router)
+                      role=ROLE_NAMES.get(link.peer_role, "?"), peer=link.peer_name, router=link.router)
         self._do(self.core.admit(link, link.router, link.peer_role))
 
     def link_lost(self, link) -> None:
@@ -506,10 +201,6 @@ class HubNode(Drainer, service.Service):
             self.log.warn("hub drain timeout: {count} channel(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("hub stopping")
-
-
-_ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
-               frames.ROLE_OBSERVER: "observer"}
 
 
 # --- options -----------------------------------------------------------------------
@@ -567,7 +258,7 @@ class HubOptions:
         secrets: list[bytes] = []
         for value in self["mux-router"]:
             try:
-                secret = frames.parse_router_secret(value)
+                secret = parse_router_secret(value)
             except ValueError as e:
                 raise usage.UsageError(f"--mux-router: {e}") from None
             if secret not in secrets:

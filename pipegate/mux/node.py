@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.application import internet, service, strports
+from twisted.application import service, strports
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
@@ -17,10 +17,10 @@ from pipegate.accept import ConnectionGate, EmfileGuard, listener
 from pipegate.config import EnvOptions, check_server_endpoint, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import frames, tls
+from pipegate.mux.hello import parse_router_secret
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.core.budget import Budget, LogThrottle
-from pipegate.core.redial import Redial
-from pipegate.dialer import ReportingEndpoint, describe_connect_error
+from pipegate.dialer import Redialer, ReportingEndpoint, describe_connect_error
 from pipegate.stats import stats_of
 
 
@@ -94,7 +94,7 @@ class MuxOptions(EnvOptions):
         if not self["router"]:
             raise usage.UsageError("--router: the router secret is required (or PIPEGATE_ROUTER)")
         try:
-            self["secret"] = frames.parse_router_secret(self["router"])
+            self["secret"] = parse_router_secret(self["router"])
         except ValueError as e:
             raise usage.UsageError(f"--router: {e}") from None
         if not self["mux"] and not self["connect"]:
@@ -148,8 +148,7 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
     services: list[service.Service] = []
     stats = stats_of(node)
     for description in mux:
-        links = LinkFactory(node, config, reactor, False)
-        links.admission_log = LogThrottle()
+        links = LinkFactory(node, config, reactor, False, unadmitted_log=LogThrottle())
         factory = tls.server_factory(certificate, links)
         if budget is not None:
             factory = ConnectionGate(factory, budget, reactor, what=f"--mux {description}",
@@ -159,13 +158,8 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
         endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
         # The delay grows over failed admissions (a wrong router secret), not only over
         # failed TCP connects, and resets once a link is admitted (core/redial.py).
-        policy = retry_policy or Redial()
-        factory = LinkFactory(node, config, reactor, True,
-                              backoff=policy if isinstance(policy, Redial) else None)
         endpoint = ReportingEndpoint(endpoint, DialFailures(description))
-        dialer = internet.ClientService(endpoint, factory, retryPolicy=policy, clock=reactor)
-        factory.redial = GoAwayRedial(dialer, endpoint, factory, policy, reactor)
-        services.append(dialer)
+        services.append(LinkFactory(node, config, reactor, True).dialer(endpoint, retry_policy))
     return services
 
 
@@ -180,30 +174,6 @@ class DialFailures:
     def __call__(self, failure) -> None:
         self.log.warn("cannot connect to {peer}: {why}", peer=self.description,
                       why=describe_connect_error(failure.value))
-
-
-class GoAwayRedial:
-    """
-    When the peer of a dialled link says GOAWAY, dial the same endpoint again at once (a
-    balancer or DNS in front reaches a peer that is not stopping) while the old link
-    finishes its channels; the old dialler stops once that link has closed.
-    """
-
-    def __init__(self, dialer, endpoint, factory, retry_policy, reactor) -> None:
-        self.dialer = dialer
-        self.endpoint = endpoint
-        self.factory = factory
-        self.retry_policy = retry_policy
-        self.reactor = reactor
-
-    def __call__(self, link) -> None:
-        old = self.dialer
-        if not old.running or old.parent is None or getattr(link, "retiring", None) is not None:
-            return
-        self.dialer = internet.ClientService(self.endpoint, self.factory, retryPolicy=self.retry_policy,
-                                             clock=self.reactor)
-        self.dialer.setServiceParent(old.parent)
-        link.retiring = old
 
 
 def certificate_from(options: MuxOptions):
@@ -221,7 +191,7 @@ def add_node(top: service.MultiService, node, options: MuxOptions, role: int, re
     for svc in link_services(node, link_config(options, role), reactor, options["mux"], options["connect"],
                              certificate=certificate_from(options), verify_hostname=options["tls-verify"],
                              ca_file=options["tls-ca"], budget=budget, guard=guard):
-        svc.setServiceParent(later if isinstance(svc, internet.ClientService) else top)
+        svc.setServiceParent(later if isinstance(svc, Redialer) else top)
     if later is not top:
         later.setServiceParent(top)
     # Added last so that it stops first: links get a GOAWAY before their listeners

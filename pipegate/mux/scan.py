@@ -10,6 +10,7 @@ import sys
 from twisted.internet import defer, task
 
 from pipegate.mux import frames, tls
+from pipegate.mux.hello import parse_router_secret
 from pipegate.mux.session import ROLE_NAMES, LinkConfig, LinkFactory
 
 
@@ -64,7 +65,7 @@ async def scan(reactor, secret: bytes, description: str, timeout: float = 15.0,
 
 def main(secret_text: str, description: str, timeout: float) -> int:
     try:
-        secret = frames.parse_router_secret(secret_text)
+        secret = parse_router_secret(secret_text)
     except ValueError as e:
         print(f"pipegate scan: --router: {e}", file=sys.stderr)
         return 2

@@ -21,10 +21,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate.core.redial import Redial
+from pipegate.core.budget import LogThrottle
+from pipegate.dialer import Redialer
 from pipegate.sockets import bounded_reads, eager_writes, no_delay, send_now, socket_transport
 from pipegate.stats import stats_of
 from pipegate.mux import frames
+from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
+from pipegate.mux.decoder import FrameDecoder
 from pipegate.mux.tls import LinkTLSProtocol
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
@@ -51,6 +54,25 @@ class Node(TypingProtocol):
     def link_lost(self, link: MuxLink) -> None: ...
 
     def link_frame(self, link: MuxLink, frame) -> None: ...
+
+
+class LinkOwner(TypingProtocol):
+    """
+    What a link tells the factory that built it (L{LinkFactory}), about itself rather than
+    its frames: admission, refusal, the peer's GOAWAY, the end.  A link built without one
+    (C{owner=None}) tells nobody.
+    """
+
+    # Lines about links that ended before admission go through this throttle, if any.
+    unadmitted_log: LogThrottle | None
+
+    def link_admitted(self, link: MuxLink) -> None: ...
+
+    def link_refused(self, link: MuxLink, reason: str) -> None: ...
+
+    def link_going_away(self, link: MuxLink) -> None: ...
+
+    def link_closed(self, link: MuxLink) -> None: ...
 
 
 # The link's socket buffers this much before it pauses its producer.  A pause and the
@@ -102,12 +124,14 @@ class LinkError(Exception):
 class MuxLink(Protocol):
     log = Logger()
 
-    def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool) -> None:
+    def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool,
+                 owner: LinkOwner | None = None) -> None:
         self.node = node
+        self.owner = owner
         self.config = config
         self.clock = clock
         self.is_tls_client = is_tls_client
-        self.decoder = frames.FrameDecoder(config.max_frame_size)
+        self.decoder = FrameDecoder(config.max_frame_size)
         self.admitted = False
         self.peer_role: int | None = None
         self.channels: dict[int, object] = {}
@@ -151,12 +175,12 @@ class MuxLink(Protocol):
     def handshakeCompleted(self) -> None:
         try:
             self._exporter = self.transport.getHandle().export_keying_material(
-                frames.EXPORTER_LABEL, 32)
+                EXPORTER_LABEL, 32)
         except Exception as e:
             self.fail(f"TLS exporter unavailable: {e}")
             return
         nonce = os.urandom(32)
-        mac = frames.hello_mac(self.config.secret, self._exporter, self.config.role, nonce,
+        mac = hello_mac(self.config.secret, self._exporter, self.config.role, nonce,
                                self.is_tls_client)
         self._write(frames.Hello(version=1, role=self.config.role, nonce=nonce, mac=mac))
 
@@ -203,10 +227,8 @@ class MuxLink(Protocol):
         self._stop_timers()
         was_admitted, self.admitted = self.admitted, False
         self.closed = True
-        retiring, self.retiring = getattr(self, "retiring", None), None
-        if retiring is not None:
-            # Not from inside its own connectionLost: stop the old dialler on the next turn.
-            self.clock.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
+        if self.owner is not None:
+            self.owner.link_closed(self)
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.link_lost()
@@ -231,9 +253,8 @@ class MuxLink(Protocol):
                 self.going_away = True
                 self.log.info("peer {peer} going away: {reason}", peer=self.peer_name, reason=reason)
                 self.node.link_frame(self, frame)
-                redial = getattr(getattr(self, "factory", None), "redial", None)
-                if redial is not None:
-                    redial(self)
+                if self.owner is not None:
+                    self.owner.link_going_away(self)
             case frames.Data() | frames.Window() | frames.Fin() | frames.Reset() | frames.Datagram() \
                     | frames.OpenOk() | frames.OpenFail():
                 if type(frame) in _PAYLOAD:
@@ -249,7 +270,7 @@ class MuxLink(Protocol):
             raise LinkError("Hello before the TLS handshake completed")
         if hello.version != 1:
             raise LinkError(f"unsupported mux version {hello.version}")
-        if not frames.verify_hello(self.config.secret, self._exporter, hello, not self.is_tls_client):
+        if not verify_hello(self.config.secret, self._exporter, hello, not self.is_tls_client):
             self.stats.inc("admission_failures", "secret")
             raise LinkError("admission failed: the peer does not know the router secret")
         if hello.role == frames.ROLE_PROVIDER and self.config.role == frames.ROLE_PROVIDER:
@@ -267,16 +288,13 @@ class MuxLink(Protocol):
         self._pinger.clock = self.clock
         self._pinger.start(self.config.ping_interval, now=False)
         self.log.info("link to {role} {peer} admitted", role=ROLE_NAMES[hello.role], peer=self.peer_name)
-        factory = getattr(self, "factory", None)
-        if factory is not None and self.is_tls_client:
-            factory.link_admitted()
-            if factory.admitted > 1:
-                self.stats.inc("reconnects")
+        if self.owner is not None:
+            self.owner.link_admitted(self)
         self.node.link_admitted(self)
 
     def _warn_unadmitted(self, text: str, **fields) -> None:
         """A link ended before admission: through the listener's LogThrottle, if it has one."""
-        throttle = getattr(getattr(self, "factory", None), "admission_log", None)
+        throttle = self.owner.unadmitted_log if self.owner is not None else None
         if throttle is None:
             self.log.warn(text, **fields)
             return
@@ -286,9 +304,8 @@ class MuxLink(Protocol):
                           more=held_back, **fields)
 
     def _refused(self, reason: str) -> None:
-        factory = getattr(self, "factory", None)
-        if factory is not None:
-            factory.link_refused(reason)
+        if self.owner is not None:
+            self.owner.link_refused(self, reason)
 
     def _ping(self) -> None:
         if self.clock.seconds() - self._last_seen > self.config.ping_deadline:
@@ -335,7 +352,9 @@ class MuxLink(Protocol):
             if len(wire) >= SEND_AT_ONCE:
                 send_now(self.transport)
 
+    # -- the channel table: nodes and channels go through these, never through self.channels
     def allocate_channel(self, channel) -> int:
+        """Give C{channel} a new channel id of ours (an OPEN we send); L{LinkError} when full."""
         if len(self.channels) >= self.config.max_channels:
             raise LinkError("too many channels")
         while self.next_channel in self.channels or self.next_channel == 0:
@@ -345,8 +364,35 @@ class MuxLink(Protocol):
         self.channels[channel_id] = channel
         return channel_id
 
-    def remove_channel(self, channel_id: int) -> None:
-        self.channels.pop(channel_id, None)
+    def reserve_channel(self, channel_id: int, holder: LinkChannel) -> None:
+        """Hold the peer's C{channel_id} (its OPEN) with C{holder} while the channel is being made."""
+        self.channels[channel_id] = holder
+
+    def bind_channel(self, channel_id: int, channel, holder=None) -> bool:
+        """
+        Put C{channel} at C{channel_id}.  With C{holder}, only if the id is still held by
+        it (not released meanwhile) and the link is open; says whether it did.
+        """
+        if holder is not None and (self.closed or self.channels.get(channel_id) is not holder):
+            return False
+        self.channels[channel_id] = channel
+        return True
+
+    def release_channel(self, channel_id: int, holder=None) -> bool:
+        """Free C{channel_id} (only if C{holder} holds it, when given); says whether it did."""
+        if holder is not None and self.channels.get(channel_id) is not holder:
+            return False
+        return self.channels.pop(channel_id, None) is not None
+
+    def holds_channel(self, channel_id: int, holder) -> bool:
+        """The link is open and C{channel_id} is still held by C{holder}."""
+        return not self.closed and self.channels.get(channel_id) is holder
+
+    def has_channel(self, channel_id: int) -> bool:
+        return channel_id in self.channels
+
+    def channel_count(self) -> int:
+        return len(self.channels)
 
     # -- closing
     def fail(self, reason: str) -> None:
@@ -408,31 +454,60 @@ class MuxLink(Protocol):
 
 
 class LinkFactory(Factory):
-    """Builds links for one node; C{is_tls_client} tells which side of TLS we are."""
+    """
+    Builds links for one node (C{is_tls_client} tells which side of TLS we are) and is
+    their L{LinkOwner}: it counts admissions, reports refusals to C{on_refused}, throttles
+    the lines of links ended before admission through C{unadmitted_log} (listeners), and,
+    when it dials (L{dialer}), passes admissions and GOAWAYs to its L{Redialer}.
+    """
 
     noisy = False
-    admission_log = None  # a LogThrottle for the lines of links ended before admission (listeners)
 
     def __init__(self, node: Node, config: LinkConfig, clock: IReactorTime, is_tls_client: bool, *,
-                 backoff: Redial | None = None, on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None,
+                 unadmitted_log: LogThrottle | None = None) -> None:
         self.node = node
         self.config = config
         self.clock = clock
         self.is_tls_client = is_tls_client
         self.admitted = 0  # links admitted through this factory (a dialer: 1 + reconnects)
-        self.backoff = backoff        # a dialer's redial delays: reset by an admission, not by TCP
         self.on_refused = on_refused  # told why a link ended before admission
+        self.unadmitted_log = unadmitted_log
+        self.redialer: Redialer | None = None
 
-    def link_admitted(self) -> None:
+    def dialer(self, endpoint, retry_policy: Callable[[int], float] | None = None) -> Redialer:
+        """
+        The service that keeps a link of this factory to C{endpoint}: it redials with
+        C{retry_policy} (by default a L{Redial}: the delay grows over failed admissions, not
+        only over failed TCP connects, and resets once a link is admitted), and dials a
+        replacement at once when the peer says GOAWAY.
+        """
+        self.redialer = Redialer(endpoint, self, self.clock, retry_policy=retry_policy)
+        return self.redialer
+
+    # -- LinkOwner
+    def link_admitted(self, link: MuxLink) -> None:
+        if not self.is_tls_client:
+            return
         self.admitted += 1
-        if self.backoff is not None:
-            self.backoff.succeeded()
+        if self.admitted > 1:
+            link.stats.inc("reconnects")
+        if self.redialer is not None:
+            self.redialer.succeeded()
 
-    def link_refused(self, reason: str) -> None:
+    def link_refused(self, link: MuxLink, reason: str) -> None:
         if self.on_refused is not None:
             self.on_refused(reason)
 
+    def link_going_away(self, link: MuxLink) -> None:
+        if self.redialer is not None:
+            self.redialer.going_away(link)
+
+    def link_closed(self, link: MuxLink) -> None:
+        if self.redialer is not None:
+            self.redialer.link_closed(link)
+
     def buildProtocol(self, addr):
-        link = MuxLink(self.node, self.config, self.clock, self.is_tls_client)
+        link = MuxLink(self.node, self.config, self.clock, self.is_tls_client, owner=self)
         link.factory = self
         return link

@@ -12,19 +12,19 @@ import attrs
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
-from pipegate.core.budget import TOTAL, Budget, LogThrottle, source_key
+from pipegate.core.budget import TOTAL, Budget, LogThrottle
+from pipegate.core.routes import Attempt, RouteTable
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.mux import frames
 from pipegate.core.policy import EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip
 from pipegate.core.policydoc import policy_from_bytes
-from pipegate.throttle import BucketPool, Shaper, datagram_allowed
+from pipegate.throttle import BucketPool
 from pipegate.core.window import GrowthBudget
-from pipegate.mux.channel import StreamChannel
 from pipegate.mux.session import LinkChannel
+from pipegate.ports.gates import GateConnection, GateFactory, UDPGate
 from pipegate.ports.services import Exposure, Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, evict_idle, set_buffers,
@@ -84,11 +84,11 @@ class GatewayConfig:
 class Opening(LinkChannel):
     """An OPEN in flight to one provider for one client connection or flow."""
 
-    def __init__(self, gateway: Gateway, key, client, candidates: list, link, channel_id: int) -> None:
+    def __init__(self, gateway: Gateway, key, client, attempt: Attempt, link, channel_id: int) -> None:
         self.gateway = gateway
         self.key = key
         self.client = client            # StreamChannel or Flow
-        self.candidates = candidates    # links still to try after this one
+        self.attempt = attempt          # the providers still to try after this one
         self.link = link
         self.channel_id = channel_id
         self.timer = gateway.clock.callLater(gateway.config.open_timeout, self._timed_out)
@@ -97,12 +97,12 @@ class Opening(LinkChannel):
         if isinstance(frame, frames.OpenOk):
             self._cancel()
             self.gateway.stats.inc("channel_opens", "ok")
-            self.link.channels[self.channel_id] = self.client
+            self.link.bind_channel(self.channel_id, self.client, self)
             self.client.attach(self.link, self.channel_id)
         elif isinstance(frame, frames.OpenFail):
             self._cancel()
             self.gateway.stats.inc("channel_opens", "refused")
-            self.link.remove_channel(self.channel_id)
+            self.link.release_channel(self.channel_id, self)
             # A provider past its caps refuses every OPEN of a flood: one line per gate per 10 s.
             held_back = self.gateway.refusal_log(self.key).allow(self.gateway.clock.seconds())
             if held_back is not None:
@@ -110,17 +110,17 @@ class Opening(LinkChannel):
                                       " ({more} more refusals on this gate in the last interval)",
                                       port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
                                       channel=self.channel_id, reason=frame.reason, more=held_back)
-            self.gateway.try_open(self.key, self.client, self.candidates)
+            self.gateway.try_open(self.key, self.client, self.attempt)
         elif isinstance(frame, frames.Reset):
             self._cancel()
-            self.link.remove_channel(self.channel_id)
-            self.gateway.try_open(self.key, self.client, self.candidates)
+            self.link.release_channel(self.channel_id, self)
+            self.gateway.try_open(self.key, self.client, self.attempt)
 
     def _timed_out(self) -> None:
         self.timer = None
         self.gateway.stats.inc("channel_opens", "timeout")
         self.link.send(frames.Reset(self.channel_id, "open timed out"))
-        self.link.remove_channel(self.channel_id)
+        self.link.release_channel(self.channel_id, self)
         # A stalled provider times out every OPEN of a flood: one line per gate per 10 s.
         held_back = self.gateway.refusal_log(("timeout",) + tuple(self.key)).allow(self.gateway.clock.seconds())
         if held_back is not None:
@@ -128,7 +128,7 @@ class Opening(LinkChannel):
                                   " ({more} more timeouts on this gate in the last interval)",
                                   port=self.key[0], proto=self.key[1], peer=self.link.peer_name,
                                   channel=self.channel_id, more=held_back)
-        self.gateway.try_open(self.key, self.client, self.candidates)
+        self.gateway.try_open(self.key, self.client, self.attempt)
 
     def _cancel(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -139,164 +139,11 @@ class Opening(LinkChannel):
         """The client went away while the OPEN was in flight."""
         self._cancel()
         self.link.send(frames.Reset(self.channel_id, "client went away"))
-        self.link.remove_channel(self.channel_id)
+        self.link.release_channel(self.channel_id, self)
 
     def link_lost(self) -> None:
         self._cancel()
-        self.gateway.try_open(self.key, self.client, self.candidates)
-
-
-class GateFactory(Factory):
-    noisy = False
-
-    def __init__(self, gateway: Gateway, key) -> None:
-        self.gateway = gateway
-        self.key = key
-
-    def buildProtocol(self, addr):
-        """Apply the ingress policy at accept time: a denied client gets no protocol at all."""
-        gateway = self.gateway
-        decision = gateway.decide(self.key, addr.host)
-        if not decision.allow:
-            gateway.denied += 1
-            gateway.stats.inc("policy_denials")
-            gateway.log.info("gate {port}/tcp: connection refused by ingress policy ({matched})",
-                             port=self.key[0], matched=decision.matched)
-            return None
-        source = source_key(addr.host)   # an IPv6 client by its /64
-        refused = gateway.tcp_budget.acquire(source)
-        if refused is not None:
-            gateway.refused("tcp", refused, self.key[0])
-            return None
-        channel = GateConnection(gateway.config.window, gateway.config.max_window, gateway.window_budget)
-        channel.gateway = gateway
-        channel.source = source
-        channel.key = self.key
-        channel.factory = self
-        channel.labels = decision.labels
-        if decision.limit is None:
-            return channel
-        up, down, release = gateway.buckets(addr.host, decision.limit)
-        return Shaper(_Release(release, gateway.stats), channel, gateway.clock, read_bucket=up, write_bucket=down)
-
-
-class _Release:
-    """Stands in for a WrappingFactory: gives the client IP's buckets back on disconnect."""
-
-    def __init__(self, release, stats: Stats | None = None) -> None:
-        self.release = release
-        self.stats = stats
-
-    def registerProtocol(self, protocol) -> None:
-        pass
-
-    def unregisterProtocol(self, protocol) -> None:
-        if self.stats is not None:
-            self.stats.inc("throttled_seconds", "up", protocol.read_throttled_seconds)
-            self.stats.inc("throttled_seconds", "down", protocol.write_throttled_seconds)
-        release, self.release = self.release, None
-        if release is not None:
-            release()
-
-
-class GateConnection(StreamChannel):
-    """A client's TCP connection to a gate."""
-
-    gateway: Gateway
-    key: tuple[int, str]
-    opening: Opening | None = None
-    source: str | None = None   # the client's source_key, while it holds a unit of the TCP budget
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.gateway.tcp_clients.add(self)
-        self.set_idle_timeout(self.gateway.clock, self.gateway.config.tcp_idle_timeout)
-        self.on_done = self.gateway.tcp_clients.discard
-        self.gateway.try_open(self.key, self, None)
-
-    def connectionLost(self, reason=None) -> None:
-        if self.opening is not None and self.link is None:
-            self.opening.abandon()
-            self.opening = None
-        source, self.source = self.source, None
-        if source is not None:
-            self.gateway.tcp_budget.release(source)
-        self.gateway.tcp_clients.discard(self)
-        super().connectionLost(reason)
-
-    def open_failed(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def attach(self, link, channel_id: int) -> None:
-        self.opening = None
-        super().attach(link, channel_id)
-
-
-class UDPGate(DatagramProtocol):
-    """One UDP gate: a flow (and a channel) per client address."""
-
-    def __init__(self, gateway: Gateway, key) -> None:
-        self.gateway = gateway
-        self.key = key
-        self.flows: dict[tuple, Flow] = {}
-
-    def datagramReceived(self, data, addr):
-        gateway = self.gateway
-        flow = self.flows.get(addr)
-        if flow is None:
-            decision = gateway.decide(self.key, addr[0])
-            if not decision.allow:
-                gateway.denied += 1
-                gateway.dropped_datagrams += 1
-                gateway.stats.inc("policy_denials")
-                gateway.stats.inc("dropped_datagrams")
-                return
-            source = source_key(addr[0])   # an IPv6 client by its /64
-            if not gateway.admit_flow(source, self.key[0]):
-                gateway.dropped_datagrams += 1
-                gateway.stats.inc("dropped_datagrams")
-                return
-            up = down = release = None
-            if decision.limit is not None:
-                up, down, release = gateway.buckets(addr[0], decision.limit)
-
-            def deliver(datagram, addr=addr, down=down):
-                if datagram_allowed(down, len(datagram), gateway.clock.seconds(), _burst(down)):
-                    self.transport.write(datagram, addr)
-                else:
-                    gateway.dropped_datagrams += 1
-                    gateway.stats.inc("dropped_datagrams")
-
-            def done(f, addr=addr, release=release, source=source):
-                self.flows.pop(addr, None)
-                gateway.udp_budget.release(source)
-                if release is not None:
-                    release()
-
-            flow = Flow(gateway.clock, gateway.config.udp_idle_timeout, deliver, done, gateway.hold)
-            flow.client_address = addr
-            flow.labels = decision.labels
-            flow.up = up
-            flow.open_failed = lambda f=flow: f.close(notify=False)
-            self.flows[addr] = flow
-            flow.table = gateway.udp_flows
-            gateway.udp_flows[flow] = None
-            self._outbound(flow, data)
-            gateway.try_open(self.key, flow, None)
-        else:
-            self._outbound(flow, data)
-
-    def _outbound(self, flow: Flow, data: bytes) -> None:
-        if datagram_allowed(flow.up, len(data), self.gateway.clock.seconds(), _burst(flow.up)):
-            flow.outbound(data)
-        else:
-            self.gateway.dropped_datagrams += 1
-            self.gateway.stats.inc("dropped_datagrams")
-
-    def stop(self) -> None:
-        for flow in list(self.flows.values()):
-            flow.close()
+        self.gateway.try_open(self.key, self.client, self.attempt)
 
 
 class Gateway(service.Service, Drainer):
@@ -313,7 +160,8 @@ class Gateway(service.Service, Drainer):
         self.links: set = set()
         self.gates: dict[tuple[int, str], object] = {}
         self._binding: set = set()
-        self._next: dict[tuple[int, str], int] = {}
+        # The providers serving each exposed gate: round robin, failover, GOAWAY drains.
+        self.providers: RouteTable[tuple[int, str], object] = RouteTable()
         self.tcp_clients: set[GateConnection] = set()
         self.link_policies: dict[object, Policy] = {}
         self.grants = Grants()
@@ -407,6 +255,7 @@ class Gateway(service.Service, Drainer):
 
     def link_lost(self, link) -> None:
         self.links.discard(link)
+        self.providers.remove(link)
         self.link_policies.pop(link, None)
         routes = self.routes.pop(link, None)
         if link.peer_role == frames.ROLE_PROVIDER and not link.going_away:
@@ -451,10 +300,13 @@ class Gateway(service.Service, Drainer):
                     policies[key].append(parsed[route.policy])
             self.link_policies[link] = policies
             self.routes[link] = tuple(routes)
+            self.providers.announce(link, [(r.gate_port, r.protocol) for r in routes
+                                           if self.config.exposure.exposes(route_service(r))])
             self.log.info("provider {peer} announces {count} route(s)", peer=link.peer_name,
                           count=len(frame.routes))
             self.sync_gates()
         elif isinstance(frame, frames.GoAway):
+            self.providers.drain(link)
             if self.routes.pop(link, None):
                 self.sync_gates()
         elif isinstance(frame, frames.Open):
@@ -466,16 +318,8 @@ class Gateway(service.Service, Drainer):
         return ranges is None or any(low <= port <= high for low, high in ranges)
 
     def exposed(self) -> dict[tuple[int, str], list]:
-        table: dict[tuple[int, str], list] = {}
-        for link, routes in self.routes.items():
-            if link.going_away:
-                continue
-            for route in routes:
-                if self.config.exposure.exposes(route_service(route)):
-                    links = table.setdefault((route.gate_port, route.protocol), [])
-                    if link not in links:
-                        links.append(link)
-        return table
+        """Every gate some provider that is not going away serves, with those providers."""
+        return self.providers.table()
 
     def sync_gates(self) -> None:
         if not self.running:
@@ -535,20 +379,16 @@ class Gateway(service.Service, Drainer):
         return listening.stopListening()
 
     # -- channels
-    def try_open(self, key, client, candidates: list | None) -> None:
-        """Open a channel for C{client} on the next provider; close it when none is left."""
+    def try_open(self, key, client, attempt: Attempt | None = None) -> None:
+        """
+        Open a channel for C{client} on the next provider of C{key} (a new L{Attempt}, or
+        the one whose last provider refused); close it when none is left.
+        """
         client.opening = None   # the previous OPEN, if any, has had its answer
-        if candidates is None:
-            links = self.exposed().get(key, [])
-            start = self._next.get(key, 0)
-            self._next[key] = start + 1
-            candidates = links[start % len(links):] + links[:start % len(links)] if links else []
-        while candidates:
-            link = candidates[0]
-            candidates = candidates[1:]
-            if link.closed or not link.admitted or link.going_away:
-                continue
-            opening = Opening(self, key, client, candidates, link, 0)
+        if attempt is None:
+            attempt = self.providers.choose(key, _can_open)
+        while (link := attempt.next()) is not None:
+            opening = Opening(self, key, client, attempt, link, 0)
             try:
                 channel_id = link.allocate_channel(opening)
             except Exception:
@@ -596,8 +436,9 @@ class Gateway(service.Service, Drainer):
             link.go_away("gateway stopping")
 
 
-def _burst(bucket) -> float:
-    return bucket.burst if bucket is not None else 0.0
+def _can_open(link) -> bool:
+    """A link an OPEN may go to now: admitted, open, and its peer not going away."""
+    return link.admitted and not link.closed and not link.going_away
 
 
 def _is_v6(address: str) -> bool:

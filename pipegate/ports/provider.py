@@ -189,14 +189,14 @@ class Provider(service.Service, Drainer):
                      if s.gate_port == gate_port and s.protocol == protocol), None)
 
     def _open(self, link, frame: frames.Open) -> None:
-        if frame.channel in link.channels:
+        if link.has_channel(frame.channel):
             link.fail(f"OPEN for channel {frame.channel} already in use")
             return
         svc = self._find(frame.gate_port, frame.protocol)
         if svc is None:
             link.send(frames.OpenFail(frame.channel, "unknown service"))
             return
-        if len(link.channels) >= link.config.max_channels:
+        if link.channel_count() >= link.config.max_channels:
             link.send(frames.OpenFail(frame.channel, "overloaded"))
             return
         release = self._acquire(link, frame)
@@ -211,16 +211,15 @@ class Provider(service.Service, Drainer):
         channel = StreamChannel(self.config.window, self.config.max_window, self.window_budget)
         channel.on_done = release
         placeholder = _Pending(link, frame.channel)
-        link.channels[frame.channel] = placeholder
+        link.reserve_channel(frame.channel, placeholder)
         endpoint = stream_endpoint(self.reactor, svc.service_host, svc.service_port,
                                    timeout=self.config.connect_timeout)
 
         def connected(protocol):
-            if link.closed or link.channels.get(frame.channel) is not placeholder:
+            if not link.bind_channel(frame.channel, channel, placeholder):
                 protocol.transport.abortConnection()
                 release()
                 return
-            link.channels[frame.channel] = channel
             if svc.proxy_protocol:
                 # The gate's address as this provider knows it: the gateway's IP, the gate port.
                 protocol.transport.write(proxyprotocol.header(
@@ -234,8 +233,7 @@ class Provider(service.Service, Drainer):
 
         def failed(failure):
             release()
-            if link.channels.get(frame.channel) is placeholder:
-                link.remove_channel(frame.channel)
+            if link.release_channel(frame.channel, placeholder):
                 reason = failure.getErrorMessage()
                 self._log_failure(svc, "channel {channel} to {host}:{port} failed: {reason}",
                                   channel=frame.channel, host=svc.service_host, port=svc.service_port,
@@ -246,10 +244,10 @@ class Provider(service.Service, Drainer):
 
     def _open_udp(self, link, frame, svc: Service, release) -> None:
         placeholder = _Pending(link, frame.channel)
-        link.channels[frame.channel] = placeholder
+        link.reserve_channel(frame.channel, placeholder)
 
         def resolved(address):
-            if link.closed or link.channels.get(frame.channel) is not placeholder:
+            if not link.holds_channel(frame.channel, placeholder):
                 release()
                 return
             socket = BackendSocket()
@@ -259,7 +257,7 @@ class Provider(service.Service, Drainer):
                 listening = listen_udp_quietly(self.reactor, 0, socket, interface, 65535)
             except CannotListenError as e:  # EMFILE and the like: say so at once
                 release()
-                link.remove_channel(frame.channel)
+                link.release_channel(frame.channel, placeholder)
                 self._log_failure(svc, "channel {channel}: cannot open a UDP socket: {error}",
                                   channel=frame.channel, error=e.socketError)
                 link.send(frames.OpenFail(frame.channel, f"cannot open a UDP socket: {e.socketError}"[:1000]))
@@ -270,7 +268,7 @@ class Provider(service.Service, Drainer):
             except (OSError, ValueError) as e:
                 release()
                 listening.stopListening()
-                link.remove_channel(frame.channel)
+                link.release_channel(frame.channel, placeholder)
                 link.send(frames.OpenFail(frame.channel, f"{svc.service_host}:{svc.service_port}: {e}"[:1000]))
                 return
 
@@ -291,14 +289,13 @@ class Provider(service.Service, Drainer):
             self.udp_table[flow] = None
             if self.records is not None:
                 self._record("udp", socket.transport.getHost(), address, svc.service_port, frame, flow)
-            link.channels[frame.channel] = flow
+            link.bind_channel(frame.channel, flow)
             link.send(frames.OpenOk(frame.channel))
             flow.attach(link, frame.channel)
 
         def failed(failure):
             release()
-            if link.channels.get(frame.channel) is placeholder:
-                link.remove_channel(frame.channel)
+            if link.release_channel(frame.channel, placeholder):
                 link.send(frames.OpenFail(frame.channel, f"{svc.service_host}: {failure.getErrorMessage()}"[:1000]))
 
         try:
@@ -333,10 +330,10 @@ class Provider(service.Service, Drainer):
         for link in list(self.links):
             link.announce_going_away("provider stopping")
         return self.start_drain(self.reactor, self.config.drain_timeout,
-                                lambda: not any(link.channels for link in self.links), self._drained)
+                                lambda: not any(link.channel_count() for link in self.links), self._drained)
 
     def _drained(self, in_time: bool) -> None:
-        cut = sum(len(link.channels) for link in self.links)
+        cut = sum(link.channel_count() for link in self.links)
         if cut:
             self.stats.inc("drain_cut", amount=cut)
             self.log.warn("drain timeout: {count} channel(s) cut", count=cut)
@@ -353,5 +350,5 @@ class _Pending(LinkChannel):
 
     def frame_received(self, frame) -> None:
         if isinstance(frame, frames.Reset):  # the gateway gave up (open timeout)
-            self.link.remove_channel(self.channel_id)
+            self.link.release_channel(self.channel_id, self)
 

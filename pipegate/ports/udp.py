@@ -170,7 +170,7 @@ class Flow(LinkChannel):
         if self.link is not None:
             if notify:
                 self.link.send(frames.Reset(self.channel_id, reason))
-            self.link.remove_channel(self.channel_id)
+            self.link.release_channel(self.channel_id, self)
         self.on_done(self)
 
     def link_lost(self) -> None:

@@ -1,0 +1,168 @@
+"""
+The mux byte stream into frames: L{FrameDecoder} takes whatever a read returned and gives
+back the whole frames it completed (docs/protocol.md section 2.2), each parsed by
+L{pipegate.mux.frames.decode_body}; L{decode} parses exactly one encoded frame.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pipegate.core.codec import FrameError
+from pipegate.core.window import MAX_DATA
+from pipegate.mux.frames import (
+    DATA, HEADER_SIZE, MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, Data, Frame, decode_body,
+)
+
+_LENGTH = struct.Struct(">I")     # the length prefix (as frames.encode writes it)
+_HEADER = struct.Struct(">BI")    # type, channel
+
+
+def _check_limit(max_frame_size: int) -> None:
+    if max_frame_size < MIN_MAX_FRAME_SIZE:
+        raise ValueError(f"max frame size must be at least {MIN_MAX_FRAME_SIZE} bytes")
+
+
+_PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
+_MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
+_SMALL_READ = 4096
+
+
+class FrameDecoder:
+    """
+    Incremental decoder for one link's byte stream.  L{feed} takes whatever a read
+    returned and gives back the frames it completed; a partial frame is kept for the
+    next call.  A declared length above C{max_frame_size} (or below the 5-byte header)
+    is refused as soon as the 4 length bytes are in, before any of the body is buffered,
+    so the decoder never holds more than one frame plus one read.  After a L{FrameError}
+    the stream is unusable and every further L{feed} raises again.
+
+    What is not yet a whole frame is kept as views of the reads it came in (not
+    copied into a buffer), and each payload is copied once, from those views into
+    the bytes its frame carries: a 64 KiB DATA frame usually spans two reads.
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        _check_limit(max_frame_size)
+        self.max_frame_size = max_frame_size
+        self._parts: list[memoryview] = []
+        self._held = 0
+        self._failed: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return self._held
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._failed is not None:
+            raise FrameError(f"link already failed: {self._failed}")
+        try:
+            return self._feed(data)
+        except FrameError as e:
+            self._failed = e
+            self._parts.clear()
+            self._held = 0
+            raise
+
+    def _feed(self, data: bytes) -> list[Frame]:
+        if not data:
+            return []
+        if type(data) is not bytes:
+            data = bytes(data)  # views are kept: they must not see the caller reuse a buffer
+        parts = self._parts
+        if not parts:
+            return self._feed_fresh(data)
+        if parts and len(data) < _SMALL_READ and len(parts[-1]) < _SMALL_READ:
+            # Small reads are merged (a copy of at most 2 x _SMALL_READ bytes), so a peer
+            # trickling a frame a byte per read makes no more than one view per 4 KiB held.
+            parts[-1] = memoryview(parts[-1].tobytes() + data)
+        else:
+            parts.append(memoryview(data))
+        self._held += len(data)
+        frames: list[Frame] = []
+        while self._held >= _LENGTH.size:
+            first = parts[0]
+            if len(first) < min(_PREFIX, self._held):
+                # A read ended inside a length or header: join the views that hold it.
+                count, got = 1, len(first)
+                while got < _PREFIX and count < len(parts):
+                    got += len(parts[count])
+                    count += 1
+                first = memoryview(b"".join(parts[:count]))
+                parts[:count] = [first]
+            (size,) = _LENGTH.unpack_from(first)
+            if size > self.max_frame_size:
+                raise FrameError(f"declared frame length {size} exceeds {self.max_frame_size}")
+            if size < HEADER_SIZE:
+                raise FrameError(f"declared frame length {size} is shorter than the header")
+            total = _LENGTH.size + size
+            if self._held < total:
+                break
+            kind, channel = _HEADER.unpack_from(first, _LENGTH.size)
+            if len(first) >= total:
+                payload = bytes(first[_PREFIX:total])
+                if len(first) == total:
+                    del parts[0]
+                else:
+                    parts[0] = first[total:]
+            else:
+                pieces = [first[_PREFIX:]]
+                need = total - len(first)
+                del parts[0]
+                while need:
+                    part = parts[0]
+                    if len(part) <= need:
+                        pieces.append(part)
+                        need -= len(part)
+                        del parts[0]
+                    else:
+                        pieces.append(part[:need])
+                        parts[0] = part[need:]
+                        need = 0
+                payload = b"".join(pieces)
+            self._held -= total
+            frames.append(decode_body(kind, channel, payload))
+        return frames
+
+
+    def _feed_fresh(self, data: bytes) -> list[Frame]:
+        """
+        L{_feed} with nothing held: the frames that lie whole in C{data} are parsed
+        in place (no views), and only an incomplete tail is kept.  A read of many
+        small frames (a link under request/response load) is the common case: this
+        path costs about half of the general one per frame.
+        """
+        frames: list[Frame] = []
+        end = len(data)
+        offset = 0
+        max_frame_size = self.max_frame_size
+        while end - offset >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(data, offset)
+            if size > max_frame_size:
+                raise FrameError(f"declared frame length {size} exceeds {max_frame_size}")
+            if size < HEADER_SIZE:
+                raise FrameError(f"declared frame length {size} is shorter than the header")
+            total = _LENGTH.size + size
+            if end - offset < total:
+                break
+            kind, channel = _HEADER.unpack_from(data, offset + _LENGTH.size)
+            if kind == DATA and channel and HEADER_SIZE < size <= _MAX_DATA_SIZE:
+                # _decode_body's checks for DATA, inline: one per message under request/response load
+                frames.append(Data(channel, data[offset + _PREFIX:offset + total]))
+            else:
+                frames.append(decode_body(kind, channel, data[offset + _PREFIX:offset + total]))
+            offset += total
+        if offset < end:
+            self._parts.append(memoryview(data)[offset:] if offset else memoryview(data))
+            self._held = end - offset
+        return frames
+
+
+def decode(data: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> Frame:
+    """Parse exactly one complete encoded frame (length prefix included)."""
+    decoder = FrameDecoder(max_frame_size)
+    frames = decoder.feed(data)
+    if len(frames) != 1 or decoder.buffered:
+        raise FrameError("expected exactly one complete frame")
+    return frames[0]
