@@ -12,7 +12,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer, endpoints, ssl
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,7 +24,7 @@ from pipegate.http.outbound import ConnectorStream
 from pipegate.http.pipe import FrameLink, cancel_close_timer
 from pipegate.http.target import ConnectorConfig
 from pipegate.core.redial import Redial
-from pipegate.dialer import ReportingEndpoint, describe_connect_error
+from pipegate.dialer import Redialer, ReportingEndpoint, describe_connect_error
 from pipegate.drain import drain
 from pipegate.stats import Stats
 
@@ -201,7 +201,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
 
 class Connector(service.MultiService):
     """
-    The connector service: dials the relay through a L{ClientService} and serves the
+    The connector service: dials the relay through a L{pipegate.dialer.Redialer} and serves the
     requests it is sent.  C{on_fatal(message)} runs when the relay refuses the token.
     """
 
@@ -268,14 +268,15 @@ class Connector(service.MultiService):
         self.redial = retry_policy or Redial()
         self._why: str | None = None  # why the last attempt failed, logged with the next delay
         self._endpoint, self._factory = ReportingEndpoint(endpoint, self.connect_failed), factory
-        self.client_service = internet.ClientService(
-            self._endpoint, factory, retryPolicy=self._next_attempt, clock=reactor)
-        self.client_service.setServiceParent(self)
+        # The one redial/GOAWAY object of every dialled link (pipegate/dialer.py).
+        self.dialer = Redialer(self._endpoint, factory, reactor, retry_policy=self._next_attempt,
+                               backoff=self.redial if isinstance(self.redial, Redial) else None)
+        self.dialer.setServiceParent(self)
 
     # -- links
 
     def link_up(self, link: ConnectorProtocol) -> None:
-        self._dialled()
+        self.dialer.succeeded()  # the next failure starts the backoff afresh
         if self.stopping:
             link.send(frames.GoAway(b"connector stopping"))  # redialled while draining
         self.links.append(link)
@@ -288,7 +289,7 @@ class Connector(service.MultiService):
             online.callback(link)
 
     def link_down(self, link: ConnectorProtocol, code, reason) -> None:
-        retiring = self._retire_dialler(link)
+        retiring = self.dialer.link_closed(link)
         if link in self.links:
             self.links.remove(link)
             if not self.links and self.online is None:
@@ -297,11 +298,8 @@ class Connector(service.MultiService):
                 self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
                               reason=reason or "", what="replaced" if retiring else "reconnecting")
 
-    # -- redial and GOAWAY: why an attempt failed, the backoff, a fresh dialler per GOAWAY.
-    # All of it is here (with self.redial, self._why, self._endpoint, self._factory and
-    # self.client_service from __init__); link_up and link_down call _dialled and
-    # _retire_dialler.  The mux links' shared redial/GOAWAY object (pipegate/dialer.py)
-    # replaces this block.
+    # -- redial: why an attempt failed, logged with the next delay (self.dialer, a
+    # pipegate.dialer.Redialer, dials; self.redial is its backoff).
 
     def connect_failed(self, failure: Failure) -> None:
         """TCP (or the name lookup) failed: say so in the user's words."""
@@ -342,26 +340,8 @@ class Connector(service.MultiService):
         that is not stopping) while this one finishes its requests; the old dialler is retired
         when its link closes.
         """
-        if not self.running or self.stopping or getattr(link, "retiring", None) is not None:
-            return
-        link.retiring = self.client_service
-        self.client_service = internet.ClientService(
-            self._endpoint, self._factory, retryPolicy=self._next_attempt, clock=self.reactor)
-        self.client_service.setServiceParent(self)
-
-    def _dialled(self) -> None:
-        """A link logged in: the next failure starts the backoff afresh."""
-        if isinstance(self.redial, Redial):
-            self.redial.succeeded()
-
-    def _retire_dialler(self, link: ConnectorProtocol) -> internet.ClientService | None:
-        """C{link} closed: stop the dialler it replaced after a GOAWAY, if any (returned)."""
-        retiring = getattr(link, "retiring", None)
-        if retiring is not None:
-            # Not from inside its own connectionLost: stop the old dialler on the next turn.
-            link.retiring = None
-            self.reactor.callLater(0, lambda: retiring.disownServiceParent() if retiring.parent else None)
-        return retiring
+        if not self.stopping:
+            self.dialer.going_away(link)
 
     # -- refusal, drain
 
@@ -370,7 +350,7 @@ class Connector(service.MultiService):
         if "revoked" in reason:
             message += " (this token was revoked on the relay; ask its operator for a new one)"
         self.log.critical("{message}", message=message)
-        self.client_service.stopService()
+        self.dialer.stop_dialing()
         if self.on_fatal is not None:
             self.on_fatal(message)
 
