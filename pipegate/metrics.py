@@ -156,7 +156,7 @@ def provider_collector(provider) -> ServiceCollector:
             ("links", "Admitted mux links, by peer role.", "role", _link_gauges(provider.links)),
             ("services", "Services announced.", None, {"": len(provider.services)}),
             ("channels", "Channels open over all links.", None,
-             {"": sum(len(link.channels) for link in provider.links)}),
+             {"": sum(link.channel_count() for link in provider.links)}),
         ]
     return ServiceCollector(provider.stats, ("bytes", "admission_failures", "reconnects", "drain_cut",
                                              *EDGE_COUNTERS), gauges)

@@ -47,7 +47,7 @@ def gateway_status(gateway) -> dict:
         "draining": bool(getattr(gateway, "draining", False)),
         "peers": [
             {"peer": _peer(link), "role": ROLE_NAMES.get(link.peer_role, "?"),
-             "routes": len(gateway.routes.get(link, ())), "channels": len(link.channels),
+             "routes": len(gateway.routes.get(link, ())), "channels": link.channel_count(),
              "going_away": link.going_away}
             for link in sorted(gateway.links, key=_peer)
         ],
@@ -72,7 +72,7 @@ def provider_status(provider) -> dict:
         "draining": bool(getattr(provider, "draining", False)),
         "links": [
             {"peer": _peer(link), "role": ROLE_NAMES.get(link.peer_role, "?"),
-             "channels": len(link.channels), "going_away": link.going_away}
+             "channels": link.channel_count(), "going_away": link.going_away}
             for link in sorted(provider.links, key=_peer)
         ],
         "services": [
