@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from pipegate.throttle import BucketPool, Shaper, TokenBucket, datagram_allowed
+from pipegate.core.bucket import BucketPool, TokenBucket, datagram_allowed
+from pipegate.throttle import Shaper
 
 MB = 1_000_000
 

@@ -34,7 +34,7 @@ from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.core.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
-from pipegate.throttle import BucketPool
+from pipegate.core.bucket import BucketPool
 from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http import visitors

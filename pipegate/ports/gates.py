@@ -19,7 +19,8 @@ from pipegate.core.window import GrowthBudget
 from pipegate.core.policy import Decision
 from pipegate.mux.channel import StreamChannel
 from pipegate.stats import Stats
-from pipegate.throttle import Shaper, datagram_allowed
+from pipegate.core.bucket import datagram_allowed
+from pipegate.throttle import Shaper
 from pipegate.ports.udp import Flow, Hold
 
 

@@ -21,7 +21,7 @@ from pipegate.stats import Stats
 from pipegate.mux import frames
 from pipegate.core.policy import EMPTY, Decision, Grants, Policy, PolicyError, decide, normalize_ip
 from pipegate.core.policydoc import policy_from_bytes
-from pipegate.throttle import BucketPool
+from pipegate.core.bucket import BucketPool
 from pipegate.core.window import GrowthBudget
 from pipegate.mux.session import LinkChannel
 from pipegate.ports.gates import GateConnection, GateFactory, UDPGate

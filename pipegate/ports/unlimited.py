@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from twisted.web import resource
 
 from pipegate.core.budget import source_key
-from pipegate.throttle import TokenBucket
+from pipegate.core.bucket import TokenBucket
 
 MAGIC = b"Salted__"
 SALT_LENGTH = 8
