@@ -1,5 +1,6 @@
 """
-When to dial a peer again, and how to say why the last attempt failed.
+When to dial a peer again (the delay); L{pipegate.dialer} does the dialling and says why an
+attempt failed.
 
 Twisted's L{ClientService} counts failed attempts only until TCP connects: a dial that
 connects and is then refused (a TLS trust failure, an HTTP 404 from something that is not

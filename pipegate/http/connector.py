@@ -1,7 +1,7 @@
 """
 The connector (C{twistd pipegate-client TARGET_URL SERVER_URL}).
 
-It keeps one WebSocket to the relay inside a L{ClientService} and forwards every
+It keeps one WebSocket to the relay (L{pipegate.dialer.Redialer}) and forwards every
 request stream to the local app with L{Agent} over a persistent pool, streaming
 bodies both ways within the streams' credit windows.
 """
