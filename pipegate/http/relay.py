@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.core import window
-from pipegate.http import frames
+from pipegate.http import frames, routing
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
@@ -48,26 +48,6 @@ _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE_TEXT = re.compile(rb"[\r\n\x00]")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
-
-
-@attrs.frozen
-class Redirect:
-    """L{Relay.route}'s answer for a bare C{/<id>}: go to C{location} (C{/<id>/?query})."""
-
-    location: bytes
-
-
-def directory_redirect(first: bytes, slash: bytes, query_sep: bytes, query: bytes,
-                       method: bytes, upgrade: bool) -> Redirect | None:
-    """
-    C{GET /<id>?q} (no slash after the id) -> redirect to C{/<id>/?q}, as a web server
-    does for a directory: proxied as C{/}, the app's relative links would resolve
-    against the relay's root.  Only GET and HEAD without Upgrade: a redirect would drop
-    another method's body, and a WebSocket client does not follow one.
-    """
-    if slash or upgrade or method not in (b"GET", b"HEAD"):
-        return None
-    return Redirect(b"/" + first + b"/" + query_sep + query)
 
 
 def raw_request_line(line: bytes) -> tuple[bytes, bytes] | None:
@@ -317,55 +297,10 @@ class Relay(service.Service, Drainer):
             del self.tunnels[tunnel.id]
 
     # -- public requests
-    def domain_label(self, request: server.Request) -> str | None:
-        """With C{--domain}: the first label of a C{Host: <label>.<domain>}, else None."""
-        if not self.config.domain:
-            return None
-        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
-        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        host = host.rstrip(".")  # a fully qualified name (abc.example.com.) is the same host
-        suffix = "." + self.config.domain.lower()
-        return host[: -len(suffix)] if host.endswith(suffix) else None
-
-    def is_health(self, request: server.Request, uri: bytes) -> bool:
-        """C{/healthz} is the relay's own, except on a tunnel's host name."""
-        return uri.split(b"?")[0] == b"/healthz" and self.domain_label(request) is None
-
-    def route(self, request: server.Request) -> tuple[str, bytes, bytes] | Redirect | str:
-        """
-        Map a request to (tunnel id, target, prefix), a L{Redirect}, or an error reason.
-        """
-        uri = request.uri
-        if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
-            # absolute-form (RFC 9112 3.2.2): keep the origin-form part
-            rest = uri.split(b"//", 1)[1]
-            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
-            uri = rest[cut:] if rest[cut:cut + 1] == b"/" else b"/" + rest[cut:]
-        if not uri.startswith(b"/"):
-            return "bad request target"
-        label = self.domain_label(request)
-        if label is not None:
-            if not auth.valid_connection_id(label):
-                return "unknown tunnel"
-            return label, uri, b""
-        path, sep, query = uri.partition(b"?")
-        first, slash, rest = path[1:].partition(b"/")
-        try:
-            tunnel_id = first.decode("ascii")
-        except UnicodeDecodeError:
-            return "unknown tunnel"
-        if not auth.valid_connection_id(tunnel_id):
-            return "unknown tunnel"
-        redirect = directory_redirect(first, slash, sep, query, request.method,
-                                      bool(request.requestHeaders.getRawHeaders(b"upgrade")))
-        if redirect is not None:
-            return redirect
-        # Connection ids are case-insensitive (as host names are): /MyApp is tunnel myapp.
-        return tunnel_id.lower(), b"/" + rest + sep + query, b"/" + first
-
     def public_request(self, request: RelayRequest) -> None:
-        routed = self.route(request)
-        if isinstance(routed, Redirect):
+        routed = routing.route(request.uri, request.getHeader(b"host"), request.method,
+                               bool(request.requestHeaders.getRawHeaders(b"upgrade")), self.config.domain)
+        if isinstance(routed, routing.Redirect):
             request.body_sink = None
             request.setHeader(b"location", routed.location)
             _plain(request, http.MOVED_PERMANENTLY, "moved to " + routed.location.decode("latin-1"))
@@ -375,7 +310,7 @@ class Relay(service.Service, Drainer):
             _plain(request, http.NOT_FOUND if routed == "unknown tunnel" else http.BAD_REQUEST,
                    routed)
             return
-        tunnel_id, target, prefix = routed
+        tunnel_id, target, prefix = routed.tunnel_id, routed.target, routed.prefix
         if self.stopping:
             _plain(request, http.SERVICE_UNAVAILABLE, "relay shutting down")
             return
@@ -1195,7 +1130,7 @@ class RelayResource(resource.Resource):
                     and self.is_login(request))
 
     def render(self, request: server.Request):
-        if self.relay.is_health(request, request.uri) and not request.requestHeaders.hasHeader(b"upgrade"):
+        if routing.is_health(request.uri, request.getHeader(b"host"), self.relay.config.domain) and not request.requestHeaders.hasHeader(b"upgrade"):
             if request.method not in (b"GET", b"HEAD"):
                 request.setResponseCode(http.NOT_ALLOWED)
                 request.setHeader(b"allow", b"GET, HEAD")
