@@ -65,7 +65,7 @@ class Upgrades(unittest.TestCase):
         self.relay.startService()
         self.site = RelaySite(self.relay)
         self.link = RecordingLink("app")
-        self.relay.attach(self.link)
+        self.relay.tunnels.attach(self.link)
 
     def tearDown(self):
         for call in self.clock.getDelayedCalls():

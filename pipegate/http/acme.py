@@ -615,6 +615,6 @@ def acme_for(options, relay: Relay, reactor) -> AcmeWiring | None:
         return any(t.links for tid, t in list(relay.tunnels.items()) if tid.lower() == label)
 
     manager = AcmeManager(domain, store, SNISelector(domain), issuer, reactor, run, max_orders, live, stop)
-    relay.login_observers.append(manager.login)
+    relay.tunnels.login_observers.append(manager.login)
     redirect = endpoint_port(options["https"]) if options["https-redirect"] else None
     return AcmeWiring(manager, challenges, options["https"], redirect)

@@ -35,11 +35,11 @@ from pipegate.drain import Drainer
 from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
-from pipegate.core.budget import Budget, LogThrottle, source_key
+from pipegate.core.budget import LogThrottle, source_key
 from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
 from pipegate.http import visitors
-from pipegate.http.ownership import Holder, join_refusal
-from pipegate.http.revocation import Revocations
+from pipegate.http.ownership import Holder
+from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -100,29 +100,6 @@ def _plain(request: server.Request, code: int, message: str) -> None:
     request.finish()
 
 
-@attrs.define(eq=False)
-class Tunnel:
-    """The connectors logged in under one connection id and its requests in flight."""
-
-    id: str
-    links: list[ConnectorLink] = attrs.field(factory=list)
-    # Slots held by caller IP: requests waiting for their answer head, and upgraded pipes.
-    callers: Budget = attrs.field(factory=lambda: Budget(per_source=0, total=0))
-    waiting: list[RelayStream] = attrs.field(factory=list)
-    in_flight: int = 0
-    gate: visitors.VisitorGate | None = None   # the visitor policy its connectors declared
-    _next: int = 0
-
-    def pick(self) -> ConnectorLink:
-        link = self.links[self._next % len(self.links)]
-        self._next += 1
-        return link
-
-    @property
-    def idle(self) -> bool:
-        return not self.links and not self.waiting and self.in_flight == 0
-
-
 class Relay(service.Service, Drainer):
     """
     The relay's state: tunnels by id, and the policies applied to public requests.
@@ -135,23 +112,12 @@ class Relay(service.Service, Drainer):
     def __init__(self, config: RelayConfig, clock: IReactorTime) -> None:
         self.config = config
         self.clock = clock
-        self.tunnels: dict[str, Tunnel] = {}
         self.stopping = False
         self.pool = BucketPool()
         self.window_budget = window.GrowthBudget(config.window_budget)
         self.stats = Stats()
-        self.leaving: set[ConnectorLink] = set()  # links told GOAWAY, finishing their requests
-        self.revocations = Revocations()           # --revoked: token ids and connection ids
-        self.login_observers: list = []  # callables(tunnel_id) told of every connector login (ACME)
+        self.tunnels = Tunnels(config.jwt, config.per_caller, clock, self.stats)
         self.share_log = LogThrottle(10.0)
-
-    def tunnel(self, tunnel_id: str) -> Tunnel:
-        """The tunnel of C{tunnel_id}, made when there is none."""
-        tunnel = self.tunnels.get(tunnel_id)
-        if tunnel is None:
-            tunnel = self.tunnels[tunnel_id] = Tunnel(
-                tunnel_id, callers=Budget(per_source=self.config.per_caller, total=0))
-        return tunnel
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -188,114 +154,6 @@ class Relay(service.Service, Drainer):
             keys.append(key)
         return up, down, keys
 
-    # -- connectors
-    def authenticate(self, path_id: str | None, token: str | None) -> str:
-        return self.authenticate_claims(path_id, token).sub
-
-    def authenticate_claims(self, path_id: str | None, token: str | None) -> auth.Claims:
-        """
-        The token's claims, with C{sub} lower-cased (connection ids are case-insensitive),
-        or L{ConnectionDeny}: 401 (no, bad or revoked token), 403 (path differs).
-        """
-        if not token:
-            self.stats.inc("admission_failures", "no_token")
-            raise ConnectionDeny(401, "missing token")
-        try:
-            claims = auth.verify_claims(self.config.jwt, token, self.clock.seconds())
-        except auth.TokenError as e:
-            self.stats.inc("admission_failures", "bad_token")
-            raise ConnectionDeny(401, str(e))
-        sub = claims.sub.lower()
-        if path_id is not None and path_id.lower() != sub:
-            self.stats.inc("admission_failures", "wrong_path")
-            raise ConnectionDeny(403, "token subject does not match the path")
-        if self.revocations.revoked(claims.jti, sub):
-            self.stats.inc("admission_failures", "revoked")
-            raise ConnectionDeny(401, "token revoked")
-        return attrs.evolve(claims, sub=sub)
-
-    def admit(self, tunnel_id: str, holder: Holder) -> None:
-        """The ownership rule (L{join_refusal}): L{ConnectionDeny} 409 when it refuses."""
-        tunnel = self.tunnels.get(tunnel_id)
-        reason = join_refusal([link.holder for link in tunnel.links] if tunnel else [], holder)
-        if reason is not None:
-            self.stats.inc("admission_failures", "conflict")
-            raise ConnectionDeny(409, reason)
-
-    def set_revocations(self, revocations: Revocations) -> None:
-        """A new C{--revoked} list: connectors logged in with a revoked token are cut off now."""
-        self.revocations = revocations
-        links = [link for t in self.tunnels.values() for link in t.links] + list(self.leaving)
-        for link in links:
-            if revocations.revoked(link.holder.jti, link.tunnel_id):
-                self.log.info("disconnecting a connector of tunnel {tunnel_id}: token revoked",
-                              tunnel_id=link.tunnel_id)
-                link.go_away("token revoked")
-
-    def _count_caller(self, request, tunnel: Tunnel, outcome: str) -> None:
-        """Ingress and visitor decisions: the access log's last field and a counter by tunnel."""
-        request.decision = outcome
-        label = tunnel.id if tunnel.links else "(offline)"  # no label per id a stranger makes up
-        self.stats.inc("caller_decisions", f"{label},{outcome}")
-
-    def visitor_refusal(self, tunnel: Tunnel, request) -> tuple[int, str] | None:
-        """
-        The tunnel's visitor policy applied to a caller: None to go on (the caller's
-        C{Authorization} then removed when it served as the tunnel's credentials), else the
-        status and reason to answer with (401 comes with C{WWW-Authenticate}).
-        """
-        gate = tunnel.gate
-        if gate is None:
-            return None
-        ip = getattr(request.getClientAddress(), "host", "")
-        verdict = gate.check(ip, request.getHeader(b"authorization"), self.clock.seconds())
-        self._count_caller(request, tunnel, "visitor_" + verdict.outcome)
-        if verdict.allowed:
-            if gate.policy.users:
-                request.requestHeaders.removeHeader(b"authorization")
-            return None
-        if verdict.outcome == "ip_denied":
-            return http.FORBIDDEN, "forbidden by the tunnel's visitor policy"
-        if verdict.outcome == "throttled":
-            request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
-            return 429, "too many credentials to check for this tunnel; retry later"
-        request.responseHeaders.setRawHeaders(
-            b"www-authenticate", [b'Basic realm="%s", charset="UTF-8"' % tunnel.id.encode()])
-        return http.UNAUTHORIZED, "credentials required"
-
-    def attach(self, link: ConnectorLink) -> None:
-        tunnel = self.tunnel(link.tunnel_id)
-        if not tunnel.links:
-            policy = link.holder.policy
-            tunnel.gate = None if policy.empty else visitors.VisitorGate(tunnel.id, policy)
-        tunnel.links.append(link)
-        self.log.info("connector up for tunnel {tunnel_id} ({count} connected)",
-                      tunnel_id=link.tunnel_id, count=len(tunnel.links))
-        waiting, tunnel.waiting = tunnel.waiting, []
-        for stream in waiting:
-            refusal = self.visitor_refusal(tunnel, stream.request)
-            if refusal is not None:
-                stream.fail(*refusal)
-            else:
-                stream.assign(tunnel.pick())
-        for observer in self.login_observers:
-            observer(link.tunnel_id)
-
-    def detach(self, link: ConnectorLink) -> None:
-        tunnel = self.tunnels.get(link.tunnel_id)
-        if tunnel is None or link not in tunnel.links:
-            return
-        tunnel.links.remove(link)
-        if not tunnel.links:
-            tunnel.gate = None   # the next connector declares the policy; waiting requests meet it then
-        self.log.info("connector down for tunnel {tunnel_id} ({count} left)",
-                      tunnel_id=link.tunnel_id, count=len(tunnel.links))
-        self._forget_if_idle(tunnel)
-
-    def _forget_if_idle(self, tunnel: Tunnel) -> None:
-        if tunnel.idle and self.tunnels.get(tunnel.id) is tunnel:
-            del self.tunnels[tunnel.id]
-
     # -- public requests
     def public_request(self, request: RelayRequest) -> None:
         routed = routing.route(request.uri, request.getHeader(b"host"), request.method,
@@ -324,7 +182,7 @@ class Relay(service.Service, Drainer):
             if self.config.offline_grace <= 0:
                 _plain(request, http.NOT_FOUND, "tunnel offline")
                 return
-            tunnel = self.tunnel(tunnel_id)
+            tunnel = self.tunnels.tunnel(tunnel_id)
         if tunnel.in_flight >= self.config.max_in_flight:
             _plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
@@ -337,18 +195,18 @@ class Relay(service.Service, Drainer):
         if shaping is None:
             tunnel.callers.release(caller)
             self.stats.inc("policy_denials")
-            self._count_caller(request, tunnel, "ingress_denied")
+            self.tunnels.count_caller(request, tunnel, "ingress_denied")
             _plain(request, http.FORBIDDEN, "forbidden by ingress policy")
-            self._forget_if_idle(tunnel)
+            self.tunnels.forget_if_idle(tunnel)
             return
-        refusal = self.visitor_refusal(tunnel, request)
+        refusal = self.tunnels.visitor_refusal(tunnel, request)
         if refusal is not None:
             for key in shaping[2]:
                 self.pool.release(key)
             tunnel.callers.release(caller)
             request.body_sink = None
             _plain(request, *refusal)
-            self._forget_if_idle(tunnel)
+            self.tunnels.forget_if_idle(tunnel)
             return
         # An Upgrade with a body is carried as a plain request (the Upgrade header is dropped
         # as hop-by-hop, which RFC 9110 7.8 allows): its body is streamed and bounded like any.
@@ -372,7 +230,7 @@ class Relay(service.Service, Drainer):
                           "the last line)", share=self.config.per_caller, tunnel_id=tunnel.id,
                           percent=self.config.caller_share, more=held_back)
         _plain(request, http.SERVICE_UNAVAILABLE, "too many waiting requests from your address for this tunnel")
-        self._forget_if_idle(tunnel)
+        self.tunnels.forget_if_idle(tunnel)
 
     def stream_done(self, stream: RelayStream) -> None:
         stream.release_share()
@@ -381,7 +239,7 @@ class Relay(service.Service, Drainer):
         stream.tunnel.in_flight -= 1
         if stream in stream.tunnel.waiting:
             stream.tunnel.waiting.remove(stream)
-        self._forget_if_idle(stream.tunnel)
+        self.tunnels.forget_if_idle(stream.tunnel)
 
     def stopService(self):
         super().stopService()
@@ -401,7 +259,7 @@ class Relay(service.Service, Drainer):
 
     def _drained(self, in_time: bool) -> None:
         cut = 0
-        for link in list(self.leaving) + [link for t in self.tunnels.values() for link in t.links]:
+        for link in list(self.tunnels.leaving) + [link for t in self.tunnels.values() for link in t.links]:
             cut += len(link.streams)
             link.go_away("relay shutting down: drain timeout")
         if cut:
@@ -992,14 +850,14 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         elif request.params.get("token"):
             token = request.params["token"][0]
         try:
-            claims = relay.authenticate_claims(path_id, token)
+            claims = relay.tunnels.authenticate_claims(path_id, token)
             try:
                 policy = visitors.VisitorPolicy.decode(request.headers.get(visitors.HEADER.lower()))
             except visitors.VisitorPolicyError as e:
                 relay.stats.inc("admission_failures", "bad_policy")
                 raise ConnectionDeny(400, f"bad {visitors.HEADER}: {e}")
             holder = Holder(claims.jti, claims.shared, policy)
-            relay.admit(claims.sub, holder)
+            relay.tunnels.admit(claims.sub, holder)
         except ConnectionDeny as e:
             self._log.info("connector login refused ({code}): {reason}", code=e.code, reason=e.reason)
             raise
@@ -1010,7 +868,7 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
     def onOpen(self):
         self._open = True
         self.link_opened()
-        self.factory.relay.attach(self)
+        self.factory.relay.tunnels.attach(self)
         if self.factory.relay.stopping:
             self.announce_going_away("relay shutting down")
 
@@ -1044,12 +902,12 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
             if isinstance(frame, frames.GoAway):
                 self._log.info("connector for {tunnel_id} going away: {reason}",
                                tunnel_id=self.tunnel_id, reason=frame.reason)
-                self.factory.relay.detach(self)
+                self.factory.relay.tunnels.detach(self)
                 # Still within reach of --revoked and of the relay's own drain cut while it
                 # finishes its streams (_drop discards it); it said GOAWAY itself, so the relay
                 # sends none back when it cuts it (go_away).
                 self._going_away = self._going_away or "connector going away"
-                self.factory.relay.leaving.add(self)
+                self.factory.relay.tunnels.leaving.add(self)
                 return
             stream = self.streams.get(frame.stream)
             if stream is not None:
@@ -1068,8 +926,8 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
             return
         self._going_away = reason
         self.send(frames.GoAway(reason.encode()))
-        self.factory.relay.detach(self)  # no new streams are assigned to it
-        self.factory.relay.leaving.add(self)
+        self.factory.relay.tunnels.detach(self)  # no new streams are assigned to it
+        self.factory.relay.tunnels.leaving.add(self)
         if not self.streams:
             self.go_away(reason)
 
@@ -1082,9 +940,9 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
 
     def _drop(self, code: int, reason: str) -> None:
         was_open, self._open = self._open, False
-        self.factory.relay.leaving.discard(self)
+        self.factory.relay.tunnels.leaving.discard(self)
         if was_open:
-            self.factory.relay.detach(self)
+            self.factory.relay.tunnels.detach(self)
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.fail(code, reason)

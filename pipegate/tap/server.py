@@ -248,8 +248,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     reloads = []
     if options.get("revocations") is not None:
         watcher = options["revocations"]   # read by check(); polled from now on
-        watcher.clock, watcher.on_change = reactor, relay.set_revocations
-        relay.set_revocations(watcher.current)
+        watcher.clock, watcher.on_change = reactor, relay.tunnels.set_revocations
+        relay.tunnels.set_revocations(watcher.current)
         watcher.setServiceParent(top)
         reloads.append(watcher.reload)
     hub = hub_node(options)
