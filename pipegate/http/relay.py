@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import uuid
 from typing import Any
 
 import attrs
@@ -22,10 +21,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.application import service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, resource, server
-from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.core import window
@@ -36,17 +34,14 @@ from pipegate.stats import Stats
 from pipegate.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.throttle import BucketPool
 from pipegate.core.budget import LogThrottle, source_key
-from pipegate.http.pipe import FrameLink, StreamPipe, cancel_close_timer, filter_headers
+from pipegate.http.pipe import FrameLink, cancel_close_timer
 from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
-from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
+from pipegate.http.streams import RelayStream, plain
+from pipegate.http.upgrade import UpgradePipe
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
-# What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
-# values or the reason): anything else would split the caller's response.
-_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_UNSAFE_TEXT = re.compile(rb"[\r\n\x00]")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
@@ -88,16 +83,6 @@ class RelayConfig:
     def per_caller(self) -> int:
         """Slots of one tunnel that requests from one caller IP may hold while waiting."""
         return max(1, self.max_in_flight * self.caller_share // 100)
-
-
-def _plain(request: server.Request, code: int, message: str) -> None:
-    """Answer with a short text/plain body and finish."""
-    body = message.encode() + b"\n"
-    request.setResponseCode(code, b"Too Many Requests" if code == 429 else None)  # not in twisted's table
-    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    request.write(body)
-    request.finish()
 
 
 class Relay(service.Service, Drainer):
@@ -161,30 +146,30 @@ class Relay(service.Service, Drainer):
         if isinstance(routed, routing.Redirect):
             request.body_sink = None
             request.setHeader(b"location", routed.location)
-            _plain(request, http.MOVED_PERMANENTLY, "moved to " + routed.location.decode("latin-1"))
+            plain(request, http.MOVED_PERMANENTLY, "moved to " + routed.location.decode("latin-1"))
             return
         if isinstance(routed, str):
             request.body_sink = None
-            _plain(request, http.NOT_FOUND if routed == "unknown tunnel" else http.BAD_REQUEST,
+            plain(request, http.NOT_FOUND if routed == "unknown tunnel" else http.BAD_REQUEST,
                    routed)
             return
         tunnel_id, target, prefix = routed.tunnel_id, routed.target, routed.prefix
         if self.stopping:
-            _plain(request, http.SERVICE_UNAVAILABLE, "relay shutting down")
+            plain(request, http.SERVICE_UNAVAILABLE, "relay shutting down")
             return
         length = request.declared_length
         if self.config.max_body_bytes and length is not None and length > self.config.max_body_bytes:
-            _plain(request, http.REQUEST_ENTITY_TOO_LARGE,
+            plain(request, http.REQUEST_ENTITY_TOO_LARGE,
                    f"request body exceeds {self.config.max_body_bytes} bytes")
             return
         tunnel = self.tunnels.get(tunnel_id)
         if tunnel is None or not tunnel.links:
             if self.config.offline_grace <= 0:
-                _plain(request, http.NOT_FOUND, "tunnel offline")
+                plain(request, http.NOT_FOUND, "tunnel offline")
                 return
             tunnel = self.tunnels.tunnel(tunnel_id)
         if tunnel.in_flight >= self.config.max_in_flight:
-            _plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
+            plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
         caller = source_key(getattr(request.getClientAddress(), "host", "") or "")   # IPv6 by its /64
         tunnel.callers.per_source = self.config.per_caller
@@ -196,7 +181,7 @@ class Relay(service.Service, Drainer):
             tunnel.callers.release(caller)
             self.stats.inc("policy_denials")
             self.tunnels.count_caller(request, tunnel, "ingress_denied")
-            _plain(request, http.FORBIDDEN, "forbidden by ingress policy")
+            plain(request, http.FORBIDDEN, "forbidden by ingress policy")
             self.tunnels.forget_if_idle(tunnel)
             return
         refusal = self.tunnels.visitor_refusal(tunnel, request)
@@ -205,7 +190,7 @@ class Relay(service.Service, Drainer):
                 self.pool.release(key)
             tunnel.callers.release(caller)
             request.body_sink = None
-            _plain(request, *refusal)
+            plain(request, *refusal)
             self.tunnels.forget_if_idle(tunnel)
             return
         # An Upgrade with a body is carried as a plain request (the Upgrade header is dropped
@@ -229,7 +214,7 @@ class Relay(service.Service, Drainer):
                           "{percent}% of --max-in-flight); refusing more with 503 ({more} more refused since "
                           "the last line)", share=self.config.per_caller, tunnel_id=tunnel.id,
                           percent=self.config.caller_share, more=held_back)
-        _plain(request, http.SERVICE_UNAVAILABLE, "too many waiting requests from your address for this tunnel")
+        plain(request, http.SERVICE_UNAVAILABLE, "too many waiting requests from your address for this tunnel")
         self.tunnels.forget_if_idle(tunnel)
 
     def stream_done(self, stream: RelayStream) -> None:
@@ -268,372 +253,6 @@ class Relay(service.Service, Drainer):
                           "when the response had begun)", count=cut)
         elif in_time:
             self.log.info("drained")
-
-
-@implementer(IPushProducer)
-class RelayStream:
-    """One public request carried over one connector link."""
-
-    log = Logger()
-    up_buckets: list = []
-    down_buckets: list = []
-    bucket_keys: list = []
-    caller = ""          # the caller (source_key of its IP) whose share of the tunnel's slots this stream holds
-    _download_hold = None
-    _upload_hold = None
-
-    def __init__(self, relay: Relay, tunnel: Tunnel, request: RelayRequest, target: bytes,
-                 prefix: bytes, upgrade: bool) -> None:
-        self.relay = relay
-        self.tunnel = tunnel
-        self.request = request
-        self.target = target
-        self.prefix = prefix
-        self.upgrade = upgrade
-        self.link: ConnectorLink | None = None
-        self.stream_id = 0
-        self.upload = window.SendWindow()
-        # The response's window grows while the caller keeps up (docs/protocol.md 1.5).
-        self.download = window.ReceiveWindow(max_window=relay.config.max_window, budget=relay.window_budget)
-        self._paused_since = 0.0
-        self._early: list[bytes] = []
-        self._body_bytes = 0
-        self._has_body = request.declared_length != 0
-        self._body_done = not self._has_body
-        self._end_sent = False
-        self._responding = False
-        self._paused = False
-        self._done = False
-        self._timer: IDelayedCall | None = None
-        self.pipe: StreamPipe | None = None
-        self._share_held = True
-        self._held = bytearray()  # an upgrade's caller bytes past its head, until the pipe takes them
-        if upgrade and request.channel is not None:
-            # Whatever happens to the upgrade, the connection carries no further HTTP request.
-            request.channel.persistent = False
-            request.channel.raw_sink = self._hold_raw
-        request.notifyFinish().addErrback(self._caller_gone)
-
-    def release_share(self) -> None:
-        """Give back the caller's slot (its answer head is in, or the stream is over)."""
-        if self._share_held:
-            self._share_held = False
-            self.tunnel.callers.release(self.caller)
-
-    def _hold_raw(self, data: bytes) -> None:
-        self._held += data
-        transport = self.request.channel.transport if self.request.channel else None
-        if len(self._held) > MAX_HELD and transport is not None:
-            transport.pauseProducing()
-
-    # -- lifecycle
-    def wait_for_connector(self) -> None:
-        self.tunnel.waiting.append(self)
-        self._pause_upload()
-        self._arm(self.relay.config.offline_grace, http.NOT_FOUND, "tunnel offline")
-
-    def assign(self, link: ConnectorLink) -> None:
-        if self._done:
-            return
-        self.link = link
-        self.stream_id = link.add_stream(self)
-        req = self.request
-        head = frames.RequestHead(
-            stream=self.stream_id,
-            method=req.method,
-            target=self.target,
-            # The relay's own hop: the connector appends it to the caller's X-Forwarded-For.
-            client=getattr(req.client, "host", "").encode("ascii", "replace"),
-            scheme=req.caller_scheme(),
-            host=req.getHeader(b"host") or b"",
-            prefix=self.prefix,
-            correlation=uuid.uuid4().hex.encode(),
-            headers=filter_headers(list(req.requestHeaders.getAllRawHeaders()),
-                                   keep_upgrade=self.upgrade),
-            end=not self._has_body and not self.upgrade,
-            upgrade=self.upgrade,
-        )
-        try:
-            link.send(head)
-        except frames.FrameError:
-            self.fail(431, "request head too large")
-            return
-        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
-                  "the local app did not answer in time")
-        if self.upgrade:
-            # From here the caller's bytes, and their end, are the pipe's (pipe.StreamPipe
-            # sends END on the caller's half-close): no END for the head alone.
-            self._end_sent = True
-            self._hijack()
-            return
-        self._end_sent = head.end
-        early, self._early = self._early, []
-        for chunk in early:
-            self._send_body(chunk)
-        if not self.upload.blocked:
-            self._resume_upload()
-        self._maybe_send_end()
-
-    def _arm(self, seconds: float, code: int, reason: str) -> None:
-        if seconds <= 0:
-            return
-        timer = self._timer
-        if timer is not None and timer.active() and timer.args == (code, reason):
-            timer.reset(seconds)
-        else:
-            self._cancel_timer()
-            self._timer = self.relay.clock.callLater(seconds, self._expired, code, reason)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _expired(self, code: int, reason: str) -> None:
-        self._timer = None
-        self.fail(code, reason, notify=http.GATEWAY_TIMEOUT)
-
-    def _finish(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.download.release()
-        self._cancel_timer()
-        for hold in (self._download_hold, self._upload_hold):
-            if hold is not None and hold.active():
-                hold.cancel()
-        if self.link is not None:
-            self.link.remove_stream(self.stream_id)
-        self.relay.stream_done(self)
-
-    def fail(self, code: int, reason: str, notify: int | None = None) -> None:
-        """Answer the caller with C{code} (or cut it off once a response has begun)."""
-        if self._done:
-            return
-        if self.link is not None and notify is not None:
-            self.link.send(frames.Reset(self.stream_id, notify, reason.encode()))
-        self._finish()
-        if self.pipe is not None:
-            if self.pipe.transport is not None and not self._responding:
-                self.pipe.status = code
-                body = reason.encode() + b"\n"
-                self.pipe.write_to_caller(
-                    b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                    b"Connection: close\r\n\r\n%s"
-                    % (code, http.RESPONSES.get(code, b"Error"), len(body), body))
-                self.pipe.transport.loseConnection()
-            else:
-                self.pipe.abort()
-            return
-        if self.request.caller_gone:
-            return
-        if self._responding:
-            self.relay.stats.inc("requests", "aborted")
-            self.request.unregisterProducer()
-            self.request.abort()
-        else:
-            self.request.body_sink = None
-            _plain(self.request, code, reason)
-
-    def _caller_gone(self, failure: Any) -> None:
-        if not self._done and self.link is not None:
-            self.link.send(frames.Reset(self.stream_id, 499, b"caller went away"))
-        self._finish()
-
-    # -- request body (caller -> connector)
-    def body_chunk(self, data: bytes) -> None:
-        if self._done:
-            return
-        self._body_bytes += len(data)
-        limit = self.relay.config.max_body_bytes
-        if limit and self._body_bytes > limit:
-            self.fail(http.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes", notify=413)
-            return
-        if self.link is None:
-            self._early.append(data)
-            self._pause_upload()
-            return
-        # A body still arriving is progress: the timeout is for silence, not for size.
-        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
-                  "the local app did not answer in time")
-        self._send_body(data)
-
-    def _send_body(self, data: bytes) -> None:
-        self.relay.stats.inc("bytes", "up", len(data))
-        for chunk in self.upload.write(data):
-            self.link.send(frames.Data(self.stream_id, chunk))
-        if self.upload.blocked:
-            self._pause_upload()
-        delay = self._charge(self.up_buckets, len(data))
-        if delay > 0:
-            self._pause_upload()
-            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released, "up")
-
-    def _charge(self, buckets, size: int) -> float:
-        now = self.relay.clock.seconds()
-        return max((bucket.take(size, now) for bucket in buckets), default=0.0)
-
-    def _hold(self, call, delay: float, release, direction: str):
-        """
-        Schedule C{release} in C{delay} s, or push an earlier one out to then; the pause
-        time added is counted (overlapping extensions count once).
-        """
-        until = self.relay.clock.seconds() + delay
-        if call is not None and call.active():
-            if call.getTime() < until:
-                self.relay.stats.inc("throttled_seconds", direction, until - call.getTime())
-                call.reset(delay)
-            return call
-        self.relay.stats.inc("throttled_seconds", direction, delay)
-        return self.relay.clock.callLater(delay, release)
-
-    def _upload_released(self) -> None:
-        self._upload_hold = None
-        if not self._done and not self.upload.blocked:
-            self._resume_upload()
-
-    def _download_released(self) -> None:
-        self._download_hold = None
-        if not self._paused:
-            self.resumeProducing()
-
-    def body_complete(self) -> None:
-        self._body_done = True
-        self._maybe_send_end()
-
-    def _maybe_send_end(self) -> None:
-        if (self._body_done and not self._end_sent and self.link is not None
-                and not self._done and self.upload.queued == 0):
-            self._end_sent = True
-            self.link.send(frames.End(self.stream_id))
-
-    def _pause_upload(self) -> None:
-        transport = self.request.channel.transport if self.request.channel else None
-        if transport is not None and not self._body_done:
-            transport.pauseProducing()
-
-    def _resume_upload(self) -> None:
-        if self._upload_hold is not None:
-            return  # shaped: _upload_released resumes it
-        transport = self.request.channel.transport if self.request.channel else None
-        if transport is not None and not self._body_done:
-            transport.resumeProducing()
-
-    # -- frames from the connector
-    def frame_received(self, frame: frames.Frame) -> None:
-        if self._done:
-            return
-        if self.pipe is not None:
-            if isinstance(frame, frames.Reset):
-                self.fail(http.BAD_GATEWAY, frame.reason.decode("utf-8", "replace"))
-                return
-            self.pipe.frame_received(frame)
-            return
-        if isinstance(frame, frames.ResponseHead):
-            self._response_head(frame)
-        elif isinstance(frame, frames.Data):
-            if not self._responding:
-                raise frames.FrameError("DATA before RESPONSE_HEAD")
-            self.download.received(len(frame.data))
-            self.relay.stats.inc("bytes", "down", len(frame.data))
-            self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
-                      "the local app stalled")
-            self.request.write(frame.data)
-            self.download.consumed(len(frame.data))
-            delay = self._charge(self.down_buckets, len(frame.data))
-            if delay > 0:
-                self.download.shrink()  # a shaped response keeps the initial window
-                self._download_hold = self._hold(self._download_hold, delay, self._download_released, "down")
-            if not self._paused and self._download_hold is None:
-                # Credit goes back once half the window is due, not per DATA frame.
-                credit = self.download.grant(max(1, self.download.window // 2))
-                if credit:
-                    self.link.send(frames.Window(self.stream_id, credit))
-        elif isinstance(frame, frames.End):
-            if not self._responding:
-                raise frames.FrameError("END before RESPONSE_HEAD")
-            self._finish()
-            self.request.unregisterProducer()
-            self.request.finish()
-        elif isinstance(frame, frames.Window):
-            for chunk in self.upload.credit(frame.increment):
-                self.link.send(frames.Data(self.stream_id, chunk))
-            if not self.upload.blocked:
-                self._resume_upload()
-            self._maybe_send_end()
-        elif isinstance(frame, frames.Reset):
-            self.fail(frame.code if 400 <= frame.code <= 599 else http.BAD_GATEWAY,
-                      frame.reason.decode("utf-8", "replace") or "connector reset the request")
-
-    def _response_head(self, head: frames.ResponseHead) -> None:
-        if self._responding:
-            raise frames.FrameError("second RESPONSE_HEAD")
-        if head.status < 200:
-            return  # interim responses are not forwarded
-        self.release_share()
-        if _UNSAFE_TEXT.search(head.reason) or any(
-                not _HEADER_NAME.fullmatch(name) or _UNSAFE_TEXT.search(value) for name, value in head.headers):
-            raise frames.FrameError("RESPONSE_HEAD with a header name or value that is not valid HTTP")
-        self._responding = True
-        request = self.request
-        request.setResponseCode(head.status, head.reason or None)
-        grouped: dict[bytes, list[bytes]] = {}
-        for name, value in filter_headers(head.headers):
-            grouped.setdefault(name.lower(), []).append(value)
-        for name in (b"date", b"server", b"content-type"):
-            request.responseHeaders.removeHeader(name)
-        for name, values in grouped.items():
-            request.responseHeaders.setRawHeaders(name, values)
-        if head.end:
-            self._finish()
-            request.finish()
-            return
-        request.registerProducer(self, True)
-        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT, "the local app stalled")
-
-    # IPushProducer: the caller's connection pushes back on the response
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._paused_since = self.relay.clock.seconds()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self.relay.clock.seconds() - self._paused_since >= window.SLOW_SINK:
-            self.download.shrink()  # the caller is not keeping up
-        if self._download_hold is not None:
-            return  # shaped: _download_released grants the credit
-        credit = self.download.grant()
-        if credit and not self._done:
-            self.link.send(frames.Window(self.stream_id, credit))
-
-    def stopProducing(self) -> None:
-        pass
-
-    # -- passthrough
-    def _hijack(self) -> None:
-        """Hand the caller's connection to an L{UpgradePipe} (pipegate/http/upgrade.py)."""
-        held, self._held = bytes(self._held), bytearray()
-        self.pipe = UpgradePipe(self.link, self.stream_id, clock=self.relay.clock, method=self.request.method,
-                                idle_timeout=self.relay.config.upgrade_idle_timeout, held=held,
-                                on_answer=self._upgrade_answered, on_closed=self._upgrade_closed)
-        take_over(self.request, self.pipe)
-
-    def _upgrade_answered(self, status: int) -> None:
-        """The local app's final answer head is in: no more 504; a refused upgrade frees its slot."""
-        self._responding = True
-        self._cancel_timer()
-        self.relay.stats.inc("upgrades", "switched" if status == 101 else "refused")
-        if status != 101:
-            self.release_share()
-
-    def _upgrade_closed(self, pipe: UpgradePipe) -> None:
-        if pipe.state == HANDSHAKE:  # no answer from the app: 502, 504, or the caller left
-            self.relay.stats.inc("upgrades", "failed")
-        self.relay.stats.inc("bytes", "up", pipe.bytes_up)
-        self.relay.stats.inc("bytes", "down", pipe.bytes_down)
-        site = getattr(self.request, "site", None)
-        if site is not None and hasattr(site, "log_upgrade"):
-            site.log_upgrade(self.request, pipe)
 
 
 class RelayRequest(server.Request):
@@ -998,7 +617,7 @@ class RelayResource(resource.Resource):
         if request.requestHeaders.getRawHeaders(b"upgrade") and self.is_login(request):
             if getattr(request, "_started_early", False):
                 request.body_sink = None
-                _plain(request, http.BAD_REQUEST, "a connector login carries no body")
+                plain(request, http.BAD_REQUEST, "a connector login carries no body")
                 return server.NOT_DONE_YET
             return self.websocket.render(request)
         self.relay.public_request(request)
