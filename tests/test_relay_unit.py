@@ -20,7 +20,8 @@ from pipegate.accept import ConnectionGate
 from pipegate.core.budget import PER_SOURCE, TOTAL, Budget
 from pipegate.http import frames, visitors
 from pipegate.http.ownership import Holder
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
 from pipegate.http.revocation import RevocationWatcher
 from pipegate.tap import server as server_tap
 

@@ -16,7 +16,8 @@ from twisted.internet import endpoints, reactor
 from twisted.trial import unittest
 
 from pipegate.http.connector import Connector, ConnectorConfig, Target
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
 from tests.support import SETTINGS, Loopback, eventually, request, token_for
 
 

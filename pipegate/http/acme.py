@@ -33,7 +33,8 @@ from twisted.web import http
 
 from pipegate.config import positive_int
 from pipegate.http.certstore import CertStore, StoredCertificate, StoreError, valid_host_name
-from pipegate.http.relay import Relay, RelayResource, RelaySite
+from pipegate.http.public import RelayResource, RelaySite
+from pipegate.http.relay import Relay
 from pipegate.stats import Stats
 
 DEFAULT_STATE = "/var/lib/pipegate/acme"
