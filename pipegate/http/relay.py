@@ -33,6 +33,7 @@ from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.streams import RelayStream, plain
 
+
 @attrs.frozen
 class RelayConfig:
     jwt: auth.JWTSettings

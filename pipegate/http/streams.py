@@ -23,6 +23,7 @@ from zope.interface import implementer
 from pipegate.core import window
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
@@ -53,9 +54,9 @@ class RelayStream:
     _download_hold = None
     _upload_hold = None
 
-    def __init__(self, relay, tunnel, request, target: bytes, prefix: bytes, upgrade: bool) -> None:
-        # relay: pipegate.http.relay.Relay; tunnel: pipegate.http.tunnels.Tunnel;
-        # request: pipegate.http.public.RelayRequest (not imported: they import this module)
+    def __init__(self, relay, tunnel: Tunnel, request, target: bytes, prefix: bytes, upgrade: bool) -> None:
+        # relay: pipegate.http.relay.Relay; request: pipegate.http.public.RelayRequest
+        # (not imported: both import this module)
         self.relay = relay
         self.tunnel = tunnel
         self.request = request
