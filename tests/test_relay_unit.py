@@ -21,7 +21,7 @@ from pipegate.core import window
 from pipegate.core.budget import PER_SOURCE, TOTAL, Budget
 from pipegate.http import frames, visitors
 from pipegate.http.ownership import Holder
-from pipegate.http.public import RelaySite
+from pipegate.http.public import RelaySite, raw_request_line
 from pipegate.http.relay import Relay, RelayConfig
 from pipegate.http.revocation import RevocationWatcher
 from pipegate.tap import server as server_tap
@@ -301,3 +301,52 @@ class StreamFlow(unittest.TestCase):
         self.stream.frame_received(frames.Window(1, self.HALF))
         self.assertEqual([type(f) for f in self.link.sent], [frames.Data, frames.End])
         self.assertEqual(len(self.link.sent[0].data), 1000)
+
+
+class PublicRouting(unittest.TestCase):
+    """The relay answers what routing.route decides, on a StringTransport."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), domain="tunnels.example"), self.clock)
+        self.site = RelaySite(self.relay)
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+
+    def ask(self, head: bytes) -> bytes:
+        channel, transport = caller(self.site)
+        channel.dataReceived(head)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        return transport.value()
+
+    def test_a_bare_id_gets_a_301_to_its_directory(self):
+        answer = self.ask(b"GET /app?x=1 HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 301 "))
+        self.assertIn(b"\r\nLocation: /app/?x=1\r\n", answer)
+        self.assertEqual(self.link.sent, [])
+
+    def test_the_host_name_routes_with_the_whole_target(self):
+        self.ask(b"GET /app?x=1 HTTP/1.1\r\nHost: App.tunnels.example:8080\r\n\r\n")
+        (head,) = self.link.sent
+        self.assertEqual((head.target, head.prefix), (b"/app?x=1", b""))
+
+    def test_unknown_and_bad_targets(self):
+        self.assertTrue(self.ask(b"GET /-x/ HTTP/1.1\r\nHost: relay\r\n\r\n").startswith(b"HTTP/1.1 404 "))
+        self.assertTrue(self.ask(b"GET /nobody/ HTTP/1.1\r\nHost: relay\r\n\r\n").startswith(b"HTTP/1.1 404 "))
+        self.assertTrue(self.ask(b"GET app/x HTTP/1.1\r\nHost: relay\r\n\r\n").startswith(b"HTTP/1.1 400 "))
+
+    def test_healthz_is_the_relays_except_on_a_tunnels_host(self):
+        self.assertIn(b'{"status": "ok"}', self.ask(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"))
+        self.ask(b"GET /healthz HTTP/1.1\r\nHost: app.tunnels.example\r\n\r\n")
+        self.assertEqual([f.target for f in self.link.sent], [b"/healthz"])
+
+
+class RawRequestLine(unittest.TestCase):
+    def test_raw_bytes_in_the_target_are_percent_encoded_for_twisted_and_kept_for_the_app(self):
+        self.assertEqual(raw_request_line(b"GET /app/caf\xc3\xa9?q=\xff HTTP/1.1"),
+                         (b"GET /app/caf%C3%A9?q=%FF HTTP/1.1", b"/app/caf\xc3\xa9?q=\xff"))
+
+    def test_other_lines_are_left_to_twisted(self):
+        for line in (b"GET /app/x HTTP/1.1", b"G\xc3T /x HTTP/1.1", b"GET /\xc3 HTTP/1.\xc3",
+                     b"GET /a b HTTP/1.1", b"GET /\xc3\r HTTP/1.1 x"):
+            self.assertIsNone(raw_request_line(line), line)
