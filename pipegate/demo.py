@@ -18,7 +18,8 @@ from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, Target
 from pipegate.http.inspect.recorder import Recorder
 from pipegate.http.inspect.web import Inspector, inspector_url
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
 
 log = Logger()
 

@@ -36,7 +36,8 @@ from zope.interface import implementer
 from pipegate import auth
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, Target
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
 
 SECRET = "integration-test-secret-0123456789-abcdefghijklmn"
 SETTINGS = auth.JWTSettings(secret=SECRET)

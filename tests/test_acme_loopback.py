@@ -33,7 +33,7 @@ class PlainListener(unittest.TestCase):
         self.relay.startService()
         self.loop.services.append(self.relay)
         self.logins: list[str] = []
-        self.relay.login_observers.append(self.logins.append)
+        self.relay.tunnels.login_observers.append(self.logins.append)
         self.challenges = Challenges()
         self.challenges.publish("tok-EN_1", "tok-EN_1.thumbprint")
         self.redirect = None

@@ -484,14 +484,14 @@ class IdentityOptions(unittest.TestCase):
         relay = next(s for s in services if isinstance(s, server.Relay))
         watcher = next(s for s in services if isinstance(s, RevocationWatcher))
         hup = next(s for s in services if isinstance(s, ReloadOnSignal))
-        self.assertEqual(relay.revocations.entries, frozenset({"abc"}))
+        self.assertEqual(relay.tunnels.revocations.entries, frozenset({"abc"}))
         with open(path, "w") as f:
             f.write("def\n")
         hup.reload()
-        self.assertEqual(relay.revocations.entries, frozenset({"def"}))
+        self.assertEqual(relay.tunnels.revocations.entries, frozenset({"def"}))
         watcher.startService()
         self.addCleanup(watcher.stopService)
         with open(path, "w") as f:
             f.write("ghi\n")
         reactor.advance(2.0)
-        self.assertEqual(relay.revocations.entries, frozenset({"ghi"}))
+        self.assertEqual(relay.tunnels.revocations.entries, frozenset({"ghi"}))

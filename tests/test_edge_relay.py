@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from pipegate.accept import ConnectionGate, with_backlog
 from pipegate.core.budget import Budget
-from pipegate.http.relay import RelaySite
+from pipegate.http.public import RelaySite
 from pipegate.http.upgrade import BodyEnd, UpgradeError, parse_response_head
 from pipegate.status import StatusAccess
 from tests.support import (

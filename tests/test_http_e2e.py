@@ -71,9 +71,9 @@ class Tunnel(unittest.TestCase):
         size = 32 * 1024 * 1024
         link = self.relay.tunnels["t1"].links[0]
         done = defer.ensureDeferred(request(self.agent, b"GET", self.base + f"/t1/big/{size}"))
-        await eventually(lambda: any(s.download.window > window.INITIAL_WINDOW for s in link.streams.values()),
+        await eventually(lambda: any(s.flow.recv.window > window.INITIAL_WINDOW for s in link.streams.values()),
                          timeout=30)
-        self.assertLessEqual(max(s.download.window for s in link.streams.values()), frames.MAX_WINDOW)
+        self.assertLessEqual(max(s.flow.recv.window for s in link.streams.values()), frames.MAX_WINDOW)
         response, body = await done
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(pattern(size)).digest())
         # Upload: the connector's window for the request body grows too.
@@ -243,13 +243,13 @@ class Tunnel(unittest.TestCase):
         stream = next(iter(self.connector.links[0].session.streams.values()))
         relay_stream = next(iter(self.relay.tunnels["t1"].links[0].streams.values()))
         # The window may have grown before the caller stopped, never beyond --max-window.
-        window = relay_stream.download.window
+        window = relay_stream.flow.recv.window
         self.assertLessEqual(window, frames.MAX_WINDOW)
         self.assertLessEqual(stream.flow.send.window, window)
         self.assertLessEqual(stream.flow.send.queued, 65536)
         # The relay holds back credit while the caller is not reading.
         self.assertTrue(relay_stream._paused)
-        self.assertLessEqual(relay_stream.download.ungranted, window)
+        self.assertLessEqual(relay_stream.flow.recv.ungranted, window)
         proto.transport.resumeProducing()
         raw = await proto.done
         status, headers, body = split_response(raw)

@@ -17,10 +17,12 @@ from twisted.trial import unittest
 
 from pipegate import auth
 from pipegate.accept import ConnectionGate
+from pipegate.core import window
 from pipegate.core.budget import PER_SOURCE, TOTAL, Budget
 from pipegate.http import frames, visitors
 from pipegate.http.ownership import Holder
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite, raw_request_line
+from pipegate.http.relay import Relay, RelayConfig
 from pipegate.http.revocation import RevocationWatcher
 from pipegate.tap import server as server_tap
 
@@ -65,7 +67,7 @@ class Upgrades(unittest.TestCase):
         self.relay.startService()
         self.site = RelaySite(self.relay)
         self.link = RecordingLink("app")
-        self.relay.attach(self.link)
+        self.relay.tunnels.attach(self.link)
 
     def tearDown(self):
         for call in self.clock.getDelayedCalls():
@@ -156,3 +158,195 @@ class RevocationPolling(unittest.TestCase):
         clock.advance(1.0)
         self.assertEqual(len(calls), 2)
         self.assertTrue(watcher._loop.running)
+
+
+class StreamFlow(unittest.TestCase):
+    """
+    RelayStream's flow control (pipegate/http/streams.py, one core.window.Flow): a caller
+    on a StringTransport, the connector a RecordingLink fed frames by hand, time on a Clock.
+    """
+
+    HALF = window.INITIAL_WINDOW // 2
+    CHUNK = 65_536
+
+    def setUp(self):
+        self.clock = Clock()
+
+    def start(self, head: bytes = b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n", **config):
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), **config), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.end)
+        self.channel.dataReceived(head)
+        self.stream = self.link.streams[1]
+
+    def end(self):
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def respond(self):
+        self.stream.frame_received(frames.ResponseHead(1, 200))
+        self.link.sent.clear()
+
+    def data(self, count: int = 1, size: int = CHUNK) -> list[int]:
+        """DATA from the connector; the increments of the WINDOW frames the relay sent back."""
+        for _ in range(count):
+            self.stream.frame_received(frames.Data(1, b"d" * size))
+        grants = [f.increment for f in self.link.sent if isinstance(f, frames.Window)]
+        self.link.sent.clear()
+        return grants
+
+    def test_credit_goes_back_at_half_the_window(self):
+        self.start()
+        self.respond()
+        self.assertEqual(self.data(), [])
+        self.assertEqual(self.data(), [self.HALF])   # two 64 KiB frames: half of 256 KiB
+        self.assertIn(b"d" * self.CHUNK, self.transport.value())
+
+    def test_the_response_window_grows_while_the_caller_keeps_up(self):
+        self.start()
+        self.respond()
+        # A whole window handed on without pushback: it doubles, the extra credit rides
+        # on the next grant, and the growth is taken from the relay's budget.
+        self.assertEqual(self.data(4), [self.HALF, self.HALF + window.INITIAL_WINDOW])
+        self.assertEqual(self.stream.flow.recv.window, 2 * window.INITIAL_WINDOW)
+        self.assertEqual(self.relay.window_budget.used, window.INITIAL_WINDOW)
+        self.stream.frame_received(frames.End(1))
+        self.assertEqual(self.relay.window_budget.used, 0)   # given back when the stream ends
+
+    def test_growth_stops_at_max_window_and_at_the_budget(self):
+        self.start(max_window=window.INITIAL_WINDOW * 2)
+        self.respond()
+        self.data(16)
+        self.assertEqual(self.stream.flow.recv.window, window.INITIAL_WINDOW * 2)
+        self.end()
+        self.start(window_budget=1000)
+        self.respond()
+        self.data(16)
+        self.assertEqual(self.stream.flow.recv.window, window.INITIAL_WINDOW + 1000)
+        self.assertEqual(self.relay.window_budget.used, 1000)
+
+    def test_a_paused_caller_gets_no_credit_until_it_resumes(self):
+        self.start()
+        self.respond()
+        self.channel.pauseProducing()   # the caller's socket buffer is full
+        self.assertEqual(self.data(3), [])
+        self.clock.advance(0.05)        # a short pause: the caller keeps up
+        self.channel.resumeProducing()
+        self.assertEqual([f.increment for f in self.link.sent], [3 * self.CHUNK])
+
+    def test_a_caller_that_stays_paused_shrinks_the_window_to_the_initial_credit(self):
+        self.start()
+        self.respond()
+        self.data(4)                    # grown to twice the initial window
+        self.channel.pauseProducing()
+        self.assertEqual(self.data(6), [])
+        self.clock.advance(window.SLOW_SINK)
+        self.channel.resumeProducing()
+        # The growth is withheld from the credit due, and back in the budget.
+        self.assertEqual(self.stream.flow.recv.window, window.INITIAL_WINDOW)
+        self.assertEqual(self.relay.window_budget.used, 0)
+        self.assertEqual([f.increment for f in self.link.sent], [6 * self.CHUNK - window.INITIAL_WINDOW])
+
+    def test_a_connector_overrunning_its_credit_is_a_protocol_error(self):
+        self.start()
+        self.respond()
+        self.data(3)
+        with self.assertRaises(frames.FrameError):
+            self.stream.frame_received(frames.Data(1, b"Z" * (self.stream.flow.recv.available + 1)))
+        self.assertEqual(self.transport.value().count(b"Z"), 0)   # refused before the write
+
+    def test_a_shaped_response_keeps_the_initial_window(self):
+        rate = 2 * self.CHUNK   # bytes/s per tunnel and direction (burst: one second of it)
+        self.start(tunnel_rate=rate)
+        self.respond()
+        sent = 0
+        while self.clock.seconds() < 10:
+            # A connector that keeps to its credit, as fast as it is granted.
+            if self.stream.flow.recv.available >= self.CHUNK:
+                self.data()
+                sent += self.CHUNK
+            else:
+                self.clock.advance(0.01)
+            self.assertLessEqual(self.stream.flow.recv.window, window.INITIAL_WINDOW)
+        self.assertEqual(self.relay.window_budget.used, 0)
+        # The bucket sets the pace: its burst, the rate times the time, and what the
+        # initial window lets the connector send ahead.
+        self.assertLessEqual(sent, rate + rate * 10 + window.INITIAL_WINDOW)
+        self.assertGreaterEqual(sent, rate * 10)
+        self.assertGreater(self.relay.stats.get("throttled_seconds", "down"), 5)
+
+    def test_a_shaped_hold_grants_nothing_until_it_ends(self):
+        self.start(tunnel_rate=self.CHUNK)
+        self.respond()
+        self.assertEqual(self.data(3), [])   # the second frame overdraws the bucket: held
+        (hold,) = [c for c in self.clock.getDelayedCalls() if c.func == self.stream._download_released]
+        self.clock.advance(hold.getTime() - self.clock.seconds() - 0.001)
+        self.assertEqual(self.link.sent, [])
+        self.clock.advance(0.001)
+        self.assertEqual([f.increment for f in self.link.sent], [3 * self.CHUNK])
+
+    def test_the_request_body_waits_for_the_connectors_credit(self):
+        size = window.INITIAL_WINDOW + 1000
+        self.start(b"POST /app/up HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n" % size)
+        self.channel.dataReceived(b"b" * size)
+        sent = [f for f in self.link.sent if isinstance(f, frames.Data)]
+        self.assertEqual(sum(len(f.data) for f in sent), window.INITIAL_WINDOW)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertFalse(any(isinstance(f, frames.End) for f in self.link.sent))
+        self.link.sent.clear()
+        self.stream.frame_received(frames.Window(1, self.HALF))
+        self.assertEqual([type(f) for f in self.link.sent], [frames.Data, frames.End])
+        self.assertEqual(len(self.link.sent[0].data), 1000)
+
+
+class PublicRouting(unittest.TestCase):
+    """The relay answers what routing.route decides, on a StringTransport."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), domain="tunnels.example"), self.clock)
+        self.site = RelaySite(self.relay)
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+
+    def ask(self, head: bytes) -> bytes:
+        channel, transport = caller(self.site)
+        channel.dataReceived(head)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        return transport.value()
+
+    def test_a_bare_id_gets_a_301_to_its_directory(self):
+        answer = self.ask(b"GET /app?x=1 HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 301 "))
+        self.assertIn(b"\r\nLocation: /app/?x=1\r\n", answer)
+        self.assertEqual(self.link.sent, [])
+
+    def test_the_host_name_routes_with_the_whole_target(self):
+        self.ask(b"GET /app?x=1 HTTP/1.1\r\nHost: App.tunnels.example:8080\r\n\r\n")
+        (head,) = self.link.sent
+        self.assertEqual((head.target, head.prefix), (b"/app?x=1", b""))
+
+    def test_unknown_and_bad_targets(self):
+        self.assertTrue(self.ask(b"GET /-x/ HTTP/1.1\r\nHost: relay\r\n\r\n").startswith(b"HTTP/1.1 404 "))
+        self.assertTrue(self.ask(b"GET /nobody/ HTTP/1.1\r\nHost: relay\r\n\r\n").startswith(b"HTTP/1.1 404 "))
+        self.assertTrue(self.ask(b"GET app/x HTTP/1.1\r\nHost: relay\r\n\r\n").startswith(b"HTTP/1.1 400 "))
+
+    def test_healthz_is_the_relays_except_on_a_tunnels_host(self):
+        self.assertIn(b'{"status": "ok"}', self.ask(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"))
+        self.ask(b"GET /healthz HTTP/1.1\r\nHost: app.tunnels.example\r\n\r\n")
+        self.assertEqual([f.target for f in self.link.sent], [b"/healthz"])
+
+
+class RawRequestLine(unittest.TestCase):
+    def test_raw_bytes_in_the_target_are_percent_encoded_for_twisted_and_kept_for_the_app(self):
+        self.assertEqual(raw_request_line(b"GET /app/caf\xc3\xa9?q=\xff HTTP/1.1"),
+                         (b"GET /app/caf%C3%A9?q=%FF HTTP/1.1", b"/app/caf\xc3\xa9?q=\xff"))
+
+    def test_other_lines_are_left_to_twisted(self):
+        for line in (b"GET /app/x HTTP/1.1", b"G\xc3T /x HTTP/1.1", b"GET /\xc3 HTTP/1.\xc3",
+                     b"GET /a b HTTP/1.1", b"GET /\xc3\r HTTP/1.1 x"):
+            self.assertIsNone(raw_request_line(line), line)

@@ -17,7 +17,8 @@ from twisted.trial import unittest
 
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, Target
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
 from tests.support import SETTINGS, Loopback, eventually, request, token_for
 
 

@@ -35,7 +35,8 @@ from twisted.web import http
 from pipegate.config import positive_int
 from pipegate.http.acmeschedule import OrderScheduler
 from pipegate.http.certstore import CertStore, StoredCertificate, StoreError, valid_host_name
-from pipegate.http.relay import Relay, RelayResource, RelaySite
+from pipegate.http.public import RelayResource, RelaySite
+from pipegate.http.relay import Relay
 from pipegate.stats import Stats
 
 DEFAULT_STATE = "/var/lib/pipegate/acme"
@@ -493,6 +494,6 @@ def acme_for(options, relay: Relay, reactor) -> AcmeWiring | None:
         return any(t.links for tid, t in list(relay.tunnels.items()) if tid.lower() == label)
 
     manager = AcmeManager(domain, store, SNISelector(domain), issuer, reactor, run, max_orders, live, stop)
-    relay.login_observers.append(manager.login)
+    relay.tunnels.login_observers.append(manager.login)
     redirect = endpoint_port(options["https"]) if options["https-redirect"] else None
     return AcmeWiring(manager, challenges, options["https"], redirect)

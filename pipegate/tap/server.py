@@ -11,7 +11,8 @@ from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
 from pipegate.http.acme import ACME_CONVERTERS, ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
-from pipegate.http.relay import Relay, RelayConfig, RelaySite
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
 from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub, hub_node
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
@@ -249,8 +250,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     reloads = []
     if options.get("revocations") is not None:
         watcher = options["revocations"]   # read by check(); polled from now on
-        watcher.clock, watcher.on_change = reactor, relay.set_revocations
-        relay.set_revocations(watcher.current)
+        watcher.clock, watcher.on_change = reactor, relay.tunnels.set_revocations
+        relay.tunnels.set_revocations(watcher.current)
         watcher.setServiceParent(top)
         reloads.append(watcher.reload)
     hub = hub_node(options)

@@ -1,0 +1,322 @@
+"""
+The relay's public HTTP protocol: one twisted.web L{RelaySite} serves C{/healthz},
+connector logins (Autobahn WebSocket with subprotocol C{pipegate.v1}, handed to
+L{ConnectorLink}) and public traffic for C{/<connection-id>/...} (handed to
+L{Relay.public_request}).  Public requests are streamed: processing starts as soon as
+the headers are in (L{RelayChannel}), so request bodies go to the connector chunk by
+chunk within the stream's credit window instead of being buffered first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web import http, resource, server
+
+from pipegate.http import frames, routing
+from pipegate.http.forwarded import NOBODY, TrustedProxies
+from pipegate.http.relay import ConnectorLink, Relay
+from pipegate.http.streams import RelayStream, plain
+from pipegate.http.upgrade import UpgradePipe
+
+_TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+def raw_request_line(line: bytes) -> tuple[bytes, bytes] | None:
+    """
+    A request line whose target holds raw bytes >= 0x80 (unencoded UTF-8, as curl and
+    several HTTP libraries send it): (the line with those bytes percent-encoded, the raw
+    target), so that Twisted's request-line check, which allows printable ASCII only,
+    accepts it; None for any other line.  Control characters stay refused.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _NON_ASCII.search(parts[1]) or _NON_ASCII.search(parts[0] + parts[2]):
+        return None
+    encoded = _NON_ASCII.sub(lambda m: b"%%%02X" % m.group()[0], parts[1])
+    return b" ".join((parts[0], encoded, parts[2])), parts[1]
+
+
+class RelayRequest(server.Request):
+    """
+    A request whose processing starts when its headers are complete (see
+    L{RelayChannel}); body chunks then go to C{body_sink} as they arrive.
+    """
+
+    body_sink: RelayStream | None = None
+    declared_length: int | None = 0
+    decision: str | None = None   # an ingress or visitor policy outcome, for the access log
+    caller_gone = False
+    _started_early = False
+    _body_done = True
+    _parsePOSTFormSubmission = False
+    _caller: Any = None
+
+    def _trusted(self) -> TrustedProxies:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "trusted_proxies", NOBODY)
+
+    def getClientAddress(self):
+        """
+        The public caller: the TCP peer (C{self.client}), or, when that peer is a proxy
+        named by C{--trusted-proxy}, the caller its C{X-Forwarded-For} names (port 0).
+        The ingress policy, per-IP shaping and the access log go by this address.
+        """
+        if self._caller is None:
+            peer = self.client
+            self._caller = peer
+            if isinstance(peer, (IPv4Address, IPv6Address)):
+                ip = self._trusted().caller(
+                    peer.host, self.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
+                if ip != peer.host:
+                    kind = IPv6Address if ":" in ip else IPv4Address
+                    self._caller = kind("TCP", ip, 0)
+        return self._caller
+
+    def caller_scheme(self) -> bytes:
+        """C{https} or C{http}: as the caller reached the relay, or its trusted proxy."""
+        seen = b"https" if self.isSecure() else b"http"
+        return self._trusted().scheme(getattr(self.client, "host", ""), seen,
+                                      self.requestHeaders.getRawHeaders(b"x-forwarded-proto", []))
+
+    def gotLength(self, length):
+        self.declared_length = length
+        if self._started_early:
+            self.content = io.BytesIO()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if not self._started_early:
+            return super().handleContentChunk(data)
+        if self.body_sink is not None:
+            self.body_sink.body_chunk(data)
+
+    def body_complete(self) -> None:
+        sink, self.body_sink = self.body_sink, None
+        if sink is not None:
+            sink.body_complete()
+
+    def connectionLost(self, reason):
+        self.caller_gone = True
+        super().connectionLost(reason)
+
+    def finish(self):
+        if self.channel is not None and not self._body_done:
+            # Answering before the whole body arrived: the connection cannot be reused.
+            self.channel.persistent = False
+        return super().finish()
+
+    def abort(self) -> None:
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abortConnection()
+
+
+
+class RelayChannel(http.HTTPChannel):
+    """
+    An HTTP channel that starts processing public requests at the end of the headers.
+
+    A request head must be complete within the idle timeout of its first byte: the idle
+    timer alone restarts on every byte, so a caller trickling header lines (slowloris)
+    would hold the connection forever.
+    """
+
+    _pg_early: RelayRequest | None = None
+    _pg_in_head = True
+    _pg_head_timer = None
+    #: Where bytes past an upgrade request's head go (its stream, then its L{UpgradePipe}),
+    #: instead of waiting in the channel for a next request that is never parsed.
+    raw_sink = None
+
+    def rawDataReceived(self, data):
+        if self.raw_sink is not None:
+            self.raw_sink(data)
+        else:
+            super().rawDataReceived(data)
+
+    def lineReceived(self, line):
+        # Private names of HTTPChannel (__first_line, _path; Twisted 26.10.0), as in
+        # allContentReceived below; test_http_e2e's raw UTF-8 test fails if they change.
+        raw = raw_request_line(line) if self._HTTPChannel__first_line and line else None
+        if raw is None:
+            return super().lineReceived(line)
+        encoded, target = raw
+        super().lineReceived(encoded)
+        if getattr(self, "_path", None) == encoded.split(b" ")[1]:
+            self._path = target  # the app's bytes go on as the caller sent them
+
+    def dataReceived(self, data):
+        if self._pg_in_head and self._pg_head_timer is None and data and self.timeOut:
+            self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
+        super().dataReceived(data)
+
+    def _pg_head_late(self):
+        self._pg_head_timer = None
+        self._log.info("request head from {peer} not complete within {seconds:g} s; closing",
+                       peer=str(self.transport.getPeer()), seconds=self.timeOut)
+        self.timeoutConnection()
+
+    def timeoutConnection(self):
+        # The head timer and the idle timer fire together when a caller sent its bytes at
+        # once and stalled (a TLS ClientHello to this plain port); a second timeout would
+        # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
+        # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
+        # leaves the reactor dirty if it changes.)
+        if self._abortingCall is None:
+            super().timeoutConnection()
+
+    def _pg_cancel_head_timer(self):
+        timer, self._pg_head_timer = self._pg_head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def connectionLost(self, reason):
+        self._pg_cancel_head_timer()
+        super().connectionLost(reason)
+
+    def allHeadersReceived(self):
+        self._pg_in_head = False
+        self._pg_cancel_head_timer()
+        req = self.requests[-1]
+        limit = self.site.relay_resource.relay.config.max_body_bytes
+        if limit and self.length is not None and self.length > limit:
+            # The 413 goes out at once (public_request); Twisted would send
+            # "100 Continue" first and invite the body it is about to refuse.
+            req.requestHeaders.removeHeader(b"expect")
+        early = self.site.relay_resource.wants_early_start(req, self._command, self._path, self.length)
+        if early:
+            req._started_early = True
+            req._body_done = self.length == 0
+            self._pg_early = req
+        super().allHeadersReceived()
+        if early:
+            req.requestReceived(self._command, self._path, self._version)
+
+    def allContentReceived(self):
+        self._pg_in_head = True   # the next bytes start the next request's head
+        req, self._pg_early = self._pg_early, None
+        if req is None:
+            return super().allContentReceived()
+        # The same resets as HTTPChannel.allContentReceived, without processing again.
+        self.length = 0
+        self._receivedHeaderCount = 0
+        self._receivedHeaderSize = 0
+        self._HTTPChannel__first_line = 1
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        req._body_done = True
+        if req.finished or req not in self.requests:
+            # Already answered: requestDone has moved the channel on (next request or close).
+            return
+        if self.timeOut:
+            self._savedTimeOut = self.setTimeout(None)
+        self._handlingRequest = True
+        self.setRawMode()
+        if not req.caller_gone:
+            req.body_complete()
+
+
+class RelayResource(resource.Resource):
+    """Dispatches every request: health, connector logins, public traffic."""
+
+    isLeaf = True
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+        factory = WebSocketServerFactory()
+        factory.protocol = ConnectorLink
+        factory.relay = relay
+        factory.noisy = False
+        interval = relay.config.ping_interval
+        factory.setProtocolOptions(
+            maxFramePayloadSize=frames.MAX_FRAME_SIZE,
+            maxMessagePayloadSize=frames.MAX_FRAME_SIZE,
+            autoPingInterval=interval or None, autoPingTimeout=interval or None,
+            openHandshakeTimeout=30, closeHandshakeTimeout=5,
+        )
+        self.websocket = WebSocketResource(factory)
+
+    def is_login(self, request: server.Request) -> bool:
+        offered = b",".join(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []))
+        return frames.SUBPROTOCOL.encode() in [p.strip() for p in offered.split(b",")]
+
+    def wants_early_start(self, request: server.Request, method: bytes, uri: bytes,
+                          length: int | None = 0) -> bool:
+        """
+        Every request starts at the end of its head, so that no body is read (let alone
+        spooled to a file) before it is routed; only a connector login without a body goes
+        the usual twisted.web way, for Autobahn.
+        """
+        return not (length == 0 and request.requestHeaders.getRawHeaders(b"upgrade")
+                    and self.is_login(request))
+
+    def render(self, request: server.Request):
+        if routing.is_health(request.uri, request.getHeader(b"host"), self.relay.config.domain) and not request.requestHeaders.hasHeader(b"upgrade"):
+            if request.method not in (b"GET", b"HEAD"):
+                request.setResponseCode(http.NOT_ALLOWED)
+                request.setHeader(b"allow", b"GET, HEAD")
+                return b""
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"status": "ok"}).encode()
+        if request.requestHeaders.getRawHeaders(b"upgrade") and self.is_login(request):
+            if getattr(request, "_started_early", False):
+                request.body_sink = None
+                plain(request, http.BAD_REQUEST, "a connector login carries no body")
+                return server.NOT_DONE_YET
+            return self.websocket.render(request)
+        self.relay.public_request(request)
+        return server.NOT_DONE_YET
+
+
+class RelaySite(server.Site):
+    requestFactory = RelayRequest
+    protocol = RelayChannel
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay_resource = RelayResource(relay)
+        self.trusted_proxies = relay.config.trusted_proxies
+        super().__init__(self.relay_resource, timeout=relay.config.idle_timeout or None,
+                         logFormatter=redacting_formatter, reactor=relay.clock)
+        self._access_log = relay.config.access_log
+
+    def log(self, request):
+        if request.code != 101:  # connector logins are counted as links
+            self.relay_resource.relay.stats.inc("requests", str(request.code))
+        if self._access_log:
+            super().log(request)
+
+    def log_upgrade(self, request: RelayRequest, pipe: UpgradePipe) -> None:
+        """
+        One access line for a passthrough connection, written when it closes: the handshake
+        and the app's answer in combined log format (bytes = all bytes sent to the caller),
+        then how long it lasted and the bytes each way.
+        """
+        if pipe.status != 101:
+            self.relay_resource.relay.stats.inc("requests", str(pipe.status or 499))
+        if not self._access_log:
+            return
+        request.code = pipe.status or 499
+        request.sentLength = pipe.bytes_down
+        request.upgrade_summary = (f" upgrade duration={pipe.clock.seconds() - pipe.started:.3f}s "
+                                   f"up={pipe.bytes_up} down={pipe.bytes_down}")
+        super().log(request)
+
+
+def redacting_formatter(timestamp: str, request: server.Request) -> str:
+    """Combined log format with any C{token=} value in the URI replaced."""
+    original = request.uri
+    request.uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", original)
+    try:
+        line = http.combinedLogFormatter(timestamp, request) + getattr(request, "upgrade_summary", "")
+    finally:
+        request.uri = original
+    decision = getattr(request, "decision", None)
+    return line if decision is None else f'{line} "{decision}"'

@@ -1,0 +1,415 @@
+"""
+One public request carried over one connector link (L{RelayStream}): the request head
+and body go to the connector as frames within the connector's credit, the response comes
+back within the credit the relay grants, and the caller's connection pushes back on it.
+
+Flow control is L{pipegate.core.window.Flow}'s: the response's window grows while the
+caller keeps up (docs/protocol.md 1.5), with its growth taken from the relay's budget;
+a shaped response (per-IP or per-tunnel rate) keeps the initial window; credit goes
+back once half the window is due.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.web import http, server
+from zope.interface import implementer
+
+from pipegate.core import window
+from pipegate.http import frames
+from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.tunnels import Tunnel
+from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
+
+# What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
+# values or the reason): anything else would split the caller's response.
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSAFE_TEXT = re.compile(rb"[\r\n\x00]")
+
+
+def plain(request: server.Request, code: int, message: str) -> None:
+    """Answer with a short text/plain body and finish."""
+    body = message.encode() + b"\n"
+    request.setResponseCode(code, b"Too Many Requests" if code == 429 else None)  # not in twisted's table
+    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.write(body)
+    request.finish()
+
+
+@implementer(IPushProducer)
+class RelayStream:
+    """One public request carried over one connector link."""
+
+    log = Logger()
+    up_buckets: list = []
+    down_buckets: list = []
+    bucket_keys: list = []
+    caller = ""          # the caller (source_key of its IP) whose share of the tunnel's slots this stream holds
+    _download_hold = None
+    _upload_hold = None
+
+    def __init__(self, relay, tunnel: Tunnel, request, target: bytes, prefix: bytes, upgrade: bool) -> None:
+        # relay: pipegate.http.relay.Relay; request: pipegate.http.public.RelayRequest
+        # (not imported: both import this module)
+        self.relay = relay
+        self.tunnel = tunnel
+        self.request = request
+        self.target = target
+        self.prefix = prefix
+        self.upgrade = upgrade
+        self.link = None  # the ConnectorLink (pipegate/http/relay.py) it is assigned to
+        self.stream_id = 0
+        # Outgoing: the request body; incoming: the response, whose window grows while the
+        # caller keeps up (docs/protocol.md 1.5).  The sink is the caller's connection and,
+        # for a shaped response, the hold its token buckets put on it.
+        self.flow = window.Flow.of(max_window=relay.config.max_window, budget=relay.window_budget)
+        self._early: list[bytes] = []
+        self._body_bytes = 0
+        self._has_body = request.declared_length != 0
+        self._body_done = not self._has_body
+        self._end_sent = False
+        self._responding = False
+        self._paused = False  # the caller's connection pushes back (pauseProducing)
+        self._done = False
+        self._timer: IDelayedCall | None = None
+        self.pipe: StreamPipe | None = None
+        self._share_held = True
+        self._held = bytearray()  # an upgrade's caller bytes past its head, until the pipe takes them
+        if upgrade and request.channel is not None:
+            # Whatever happens to the upgrade, the connection carries no further HTTP request.
+            request.channel.persistent = False
+            request.channel.raw_sink = self._hold_raw
+        request.notifyFinish().addErrback(self._caller_gone)
+
+    def release_share(self) -> None:
+        """Give back the caller's slot (its answer head is in, or the stream is over)."""
+        if self._share_held:
+            self._share_held = False
+            self.tunnel.callers.release(self.caller)
+
+    def _hold_raw(self, data: bytes) -> None:
+        self._held += data
+        transport = self.request.channel.transport if self.request.channel else None
+        if len(self._held) > MAX_HELD and transport is not None:
+            transport.pauseProducing()
+
+    # -- lifecycle
+    def wait_for_connector(self) -> None:
+        self.tunnel.waiting.append(self)
+        self._pause_upload()
+        self._arm(self.relay.config.offline_grace, http.NOT_FOUND, "tunnel offline")
+
+    def assign(self, link) -> None:
+        if self._done:
+            return
+        self.link = link
+        self.stream_id = link.add_stream(self)
+        req = self.request
+        head = frames.RequestHead(
+            stream=self.stream_id,
+            method=req.method,
+            target=self.target,
+            # The relay's own hop: the connector appends it to the caller's X-Forwarded-For.
+            client=getattr(req.client, "host", "").encode("ascii", "replace"),
+            scheme=req.caller_scheme(),
+            host=req.getHeader(b"host") or b"",
+            prefix=self.prefix,
+            correlation=uuid.uuid4().hex.encode(),
+            headers=filter_headers(list(req.requestHeaders.getAllRawHeaders()),
+                                   keep_upgrade=self.upgrade),
+            end=not self._has_body and not self.upgrade,
+            upgrade=self.upgrade,
+        )
+        try:
+            link.send(head)
+        except frames.FrameError:
+            self.fail(431, "request head too large")
+            return
+        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+                  "the local app did not answer in time")
+        if self.upgrade:
+            # From here the caller's bytes, and their end, are the pipe's (pipe.StreamPipe
+            # sends END on the caller's half-close): no END for the head alone.
+            self._end_sent = True
+            self._hijack()
+            return
+        self._end_sent = head.end
+        early, self._early = self._early, []
+        for chunk in early:
+            self._send_body(chunk)
+        if not self.flow.blocked:
+            self._resume_upload()
+        self._maybe_send_end()
+
+    def _arm(self, seconds: float, code: int, reason: str) -> None:
+        if seconds <= 0:
+            return
+        timer = self._timer
+        if timer is not None and timer.active() and timer.args == (code, reason):
+            timer.reset(seconds)
+        else:
+            self._cancel_timer()
+            self._timer = self.relay.clock.callLater(seconds, self._expired, code, reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expired(self, code: int, reason: str) -> None:
+        self._timer = None
+        self.fail(code, reason, notify=http.GATEWAY_TIMEOUT)
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.flow.release()
+        self._cancel_timer()
+        for hold in (self._download_hold, self._upload_hold):
+            if hold is not None and hold.active():
+                hold.cancel()
+        if self.link is not None:
+            self.link.remove_stream(self.stream_id)
+        self.relay.stream_done(self)
+
+    def fail(self, code: int, reason: str, notify: int | None = None) -> None:
+        """Answer the caller with C{code} (or cut it off once a response has begun)."""
+        if self._done:
+            return
+        if self.link is not None and notify is not None:
+            self.link.send(frames.Reset(self.stream_id, notify, reason.encode()))
+        self._finish()
+        if self.pipe is not None:
+            if self.pipe.transport is not None and not self._responding:
+                self.pipe.status = code
+                body = reason.encode() + b"\n"
+                self.pipe.write_to_caller(
+                    b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n%s"
+                    % (code, http.RESPONSES.get(code, b"Error"), len(body), body))
+                self.pipe.transport.loseConnection()
+            else:
+                self.pipe.abort()
+            return
+        if self.request.caller_gone:
+            return
+        if self._responding:
+            self.relay.stats.inc("requests", "aborted")
+            self.request.unregisterProducer()
+            self.request.abort()
+        else:
+            self.request.body_sink = None
+            plain(self.request, code, reason)
+
+    def _caller_gone(self, failure: Any) -> None:
+        if not self._done and self.link is not None:
+            self.link.send(frames.Reset(self.stream_id, 499, b"caller went away"))
+        self._finish()
+
+    # -- request body (caller -> connector)
+    def body_chunk(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._body_bytes += len(data)
+        limit = self.relay.config.max_body_bytes
+        if limit and self._body_bytes > limit:
+            self.fail(http.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes", notify=413)
+            return
+        if self.link is None:
+            self._early.append(data)
+            self._pause_upload()
+            return
+        # A body still arriving is progress: the timeout is for silence, not for size.
+        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+                  "the local app did not answer in time")
+        self._send_body(data)
+
+    def _send_body(self, data: bytes) -> None:
+        self.relay.stats.inc("bytes", "up", len(data))
+        for chunk in self.flow.write(data):
+            self.link.send(frames.Data(self.stream_id, chunk))
+        if self.flow.blocked:
+            self._pause_upload()
+        delay = self._charge(self.up_buckets, len(data))
+        if delay > 0:
+            self._pause_upload()
+            self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released, "up")
+
+    def _charge(self, buckets, size: int) -> float:
+        now = self.relay.clock.seconds()
+        return max((bucket.take(size, now) for bucket in buckets), default=0.0)
+
+    def _hold(self, call, delay: float, release, direction: str):
+        """
+        Schedule C{release} in C{delay} s, or push an earlier one out to then; the pause
+        time added is counted (overlapping extensions count once).
+        """
+        until = self.relay.clock.seconds() + delay
+        if call is not None and call.active():
+            if call.getTime() < until:
+                self.relay.stats.inc("throttled_seconds", direction, until - call.getTime())
+                call.reset(delay)
+            return call
+        self.relay.stats.inc("throttled_seconds", direction, delay)
+        return self.relay.clock.callLater(delay, release)
+
+    def _upload_released(self) -> None:
+        self._upload_hold = None
+        if not self._done and not self.flow.blocked:
+            self._resume_upload()
+
+    def _download_released(self) -> None:
+        self._download_hold = None
+        if not self._paused:
+            self._sink_resumed()
+
+    def body_complete(self) -> None:
+        self._body_done = True
+        self._maybe_send_end()
+
+    def _maybe_send_end(self) -> None:
+        if (self._body_done and not self._end_sent and self.link is not None
+                and not self._done and self.flow.send.queued == 0):
+            self._end_sent = True
+            self.link.send(frames.End(self.stream_id))
+
+    def _pause_upload(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self._body_done:
+            transport.pauseProducing()
+
+    def _resume_upload(self) -> None:
+        if self._upload_hold is not None:
+            return  # shaped: _upload_released resumes it
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self._body_done:
+            transport.resumeProducing()
+
+    # -- frames from the connector
+    def frame_received(self, frame: frames.Frame) -> None:
+        if self._done:
+            return
+        if self.pipe is not None:
+            if isinstance(frame, frames.Reset):
+                self.fail(http.BAD_GATEWAY, frame.reason.decode("utf-8", "replace"))
+                return
+            self.pipe.frame_received(frame)
+            return
+        if isinstance(frame, frames.ResponseHead):
+            self._response_head(frame)
+        elif isinstance(frame, frames.Data):
+            if not self._responding:
+                raise frames.FrameError("DATA before RESPONSE_HEAD")
+            size = len(frame.data)
+            flow = self.flow
+            flow.held(size)  # (raises FrameError before the write if the connector overran its credit)
+            self.relay.stats.inc("bytes", "down", size)
+            self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+                      "the local app stalled")
+            self.request.write(frame.data)  # (may pause us: then no credit goes back)
+            delay = self._charge(self.down_buckets, size)
+            if delay > 0:
+                # Shaped: no credit goes back until the hold ends (_download_released).
+                flow.sink_paused(self.relay.clock.seconds())
+            # Credit goes back once half the window is due, not per DATA frame.
+            credit = flow.handed_on(size)
+            if delay > 0:
+                flow.recv.shrink()  # a shaped response keeps the initial window
+                self._download_hold = self._hold(self._download_hold, delay, self._download_released, "down")
+            if credit:
+                self.link.send(frames.Window(self.stream_id, credit))
+        elif isinstance(frame, frames.End):
+            if not self._responding:
+                raise frames.FrameError("END before RESPONSE_HEAD")
+            self._finish()
+            self.request.unregisterProducer()
+            self.request.finish()
+        elif isinstance(frame, frames.Window):
+            for chunk in self.flow.credited(frame.increment):
+                self.link.send(frames.Data(self.stream_id, chunk))
+            if not self.flow.blocked:
+                self._resume_upload()
+            self._maybe_send_end()
+        elif isinstance(frame, frames.Reset):
+            self.fail(frame.code if 400 <= frame.code <= 599 else http.BAD_GATEWAY,
+                      frame.reason.decode("utf-8", "replace") or "connector reset the request")
+
+    def _response_head(self, head: frames.ResponseHead) -> None:
+        if self._responding:
+            raise frames.FrameError("second RESPONSE_HEAD")
+        if head.status < 200:
+            return  # interim responses are not forwarded
+        self.release_share()
+        if _UNSAFE_TEXT.search(head.reason) or any(
+                not _HEADER_NAME.fullmatch(name) or _UNSAFE_TEXT.search(value) for name, value in head.headers):
+            raise frames.FrameError("RESPONSE_HEAD with a header name or value that is not valid HTTP")
+        self._responding = True
+        request = self.request
+        request.setResponseCode(head.status, head.reason or None)
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in filter_headers(head.headers):
+            grouped.setdefault(name.lower(), []).append(value)
+        for name in (b"date", b"server", b"content-type"):
+            request.responseHeaders.removeHeader(name)
+        for name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        if head.end:
+            self._finish()
+            request.finish()
+            return
+        request.registerProducer(self, True)
+        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT, "the local app stalled")
+
+    # IPushProducer: the caller's connection pushes back on the response
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.flow.sink_paused(self.relay.clock.seconds())
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._download_hold is not None:
+            return  # shaped: _download_released grants the credit
+        self._sink_resumed()
+
+    def _sink_resumed(self) -> None:
+        # Flow.sink_resumed shrinks the window when the sink stayed full SLOW_SINK or more
+        # (the caller is not keeping up), then returns the credit due.
+        credit = self.flow.sink_resumed(self.relay.clock.seconds())
+        if credit and not self._done:
+            self.link.send(frames.Window(self.stream_id, credit))
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- passthrough
+    def _hijack(self) -> None:
+        """Hand the caller's connection to an L{UpgradePipe} (pipegate/http/upgrade.py)."""
+        held, self._held = bytes(self._held), bytearray()
+        self.pipe = UpgradePipe(self.link, self.stream_id, clock=self.relay.clock, method=self.request.method,
+                                idle_timeout=self.relay.config.upgrade_idle_timeout, held=held,
+                                on_answer=self._upgrade_answered, on_closed=self._upgrade_closed)
+        take_over(self.request, self.pipe)
+
+    def _upgrade_answered(self, status: int) -> None:
+        """The local app's final answer head is in: no more 504; a refused upgrade frees its slot."""
+        self._responding = True
+        self._cancel_timer()
+        self.relay.stats.inc("upgrades", "switched" if status == 101 else "refused")
+        if status != 101:
+            self.release_share()
+
+    def _upgrade_closed(self, pipe: UpgradePipe) -> None:
+        if pipe.state == HANDSHAKE:  # no answer from the app: 502, 504, or the caller left
+            self.relay.stats.inc("upgrades", "failed")
+        self.relay.stats.inc("bytes", "up", pipe.bytes_up)
+        self.relay.stats.inc("bytes", "down", pipe.bytes_down)
+        site = getattr(self.request, "site", None)
+        if site is not None and hasattr(site, "log_upgrade"):
+            site.log_upgrade(self.request, pipe)
