@@ -21,6 +21,7 @@ from twisted.web import http
 
 from pipegate import auth
 from pipegate.core.budget import Budget
+from pipegate.core.routes import RouteTable
 from pipegate.http import visitors
 from pipegate.http.ownership import Holder, join_refusal
 from pipegate.http.revocation import Revocations
@@ -32,18 +33,22 @@ class Tunnel:
     """The connectors logged in under one connection id and its requests in flight."""
 
     id: str
-    links: list = attrs.field(factory=list)
+    # The connectors taking new requests (the provider chooser: round robin; core/routes.py).
+    connectors: RouteTable = attrs.field(factory=RouteTable)
     # Slots held by caller IP: requests waiting for their answer head, and upgraded pipes.
     callers: Budget = attrs.field(factory=lambda: Budget(per_source=0, total=0))
     waiting: list = attrs.field(factory=list)
     in_flight: int = 0
     gate: visitors.VisitorGate | None = None   # the visitor policy its connectors declared
-    _next: int = 0
+
+    @property
+    def links(self) -> list:
+        """The connectors taking new requests, in login order."""
+        return self.connectors.links(self.id)
 
     def pick(self):
-        link = self.links[self._next % len(self.links)]
-        self._next += 1
-        return link
+        """The connector for the next request (round robin); the tunnel has one."""
+        return self.connectors.pick(self.id)
 
     @property
     def idle(self) -> bool:
@@ -165,7 +170,7 @@ class Tunnels(Mapping):
         if not tunnel.links:
             policy = link.holder.policy
             tunnel.gate = None if policy.empty else visitors.VisitorGate(tunnel.id, policy)
-        tunnel.links.append(link)
+        tunnel.connectors.announce(link, [tunnel.id])
         self.log.info("connector up for tunnel {tunnel_id} ({count} connected)",
                       tunnel_id=link.tunnel_id, count=len(tunnel.links))
         waiting, tunnel.waiting = tunnel.waiting, []
@@ -183,7 +188,7 @@ class Tunnels(Mapping):
         tunnel = self._by_id.get(link.tunnel_id)
         if tunnel is None or link not in tunnel.links:
             return
-        tunnel.links.remove(link)
+        tunnel.connectors.remove(link)
         if not tunnel.links:
             tunnel.gate = None   # the next connector declares the policy; waiting requests meet it then
         self.log.info("connector down for tunnel {tunnel_id} ({count} left)",
