@@ -1,6 +1,8 @@
 """
 Guards for L{pipegate._compat}: one test per private name of Twisted, pyOpenSSL or
-Autobahn that PipeGate uses, failing with that name when an upgrade changes it.
+Autobahn that PipeGate uses, failing with that name when an upgrade changes it; no such
+name outside pipegate/_compat.py; and the packaging guard: every distribution that
+pipegate/ imports is declared in pyproject.toml, with upper bounds on those three.
 
 No sockets: TLS runs over StringTransports, HTTPChannel on a StringTransport, the rest
 is read from the libraries' classes and sources.
@@ -10,7 +12,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
+import sys
 import textwrap
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 from OpenSSL import SSL
@@ -336,6 +342,70 @@ class AutobahnState(GuardMixin, unittest.TestCase):
         proto.http_status_line = "HTTP/1.1 409 Conflict"
         self.assertEqual(_compat.handshake_status_line(proto), "HTTP/1.1 409 Conflict")
 
+
+# -- declared dependencies ----------------------------------------------------------------
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_top_level(root: Path) -> dict[str, set[str]]:
+    """Every top-level module imported anywhere under C{root} (lazy imports too) -> files."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(root.parent)))
+    return found
+
+
+def declared_requirements() -> dict[str, str]:
+    """The [project] dependencies of pyproject.toml: normalized name -> requirement."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = {}
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group(0)
+        out[_normalize(name)] = requirement
+    return out
+
+
+class DeclaredDependencies(unittest.TestCase):
+
+    def test_every_imported_distribution_is_declared(self):
+        declared = declared_requirements()
+        providers = metadata.packages_distributions()
+        missing = []
+        for module, files in sorted(imported_top_level(ROOT / "pipegate").items()):
+            if module in sys.stdlib_module_names or module == "pipegate":
+                continue
+            # A namespace shared with our own plugin (twisted.plugins) names us too.
+            dists = {_normalize(d) for d in providers.get(module, [])} - {"pipegate"}
+            if not dists:
+                missing.append(f"{module} (imported by {', '.join(sorted(files))}: no installed distribution)")
+            elif not dists & declared.keys():
+                missing.append(f"{module} from {' or '.join(sorted(dists))} (imported by {', '.join(sorted(files))})")
+        self.assertEqual(missing, [], "imported but not declared in pyproject.toml [project] dependencies")
+
+    def test_upper_bounds_where_private_names_are_used(self):
+        declared = declared_requirements()
+        for name in ("twisted", "pyopenssl", "autobahn"):
+            self.assertIn(name, declared)
+            self.assertRegex(declared[name], r"<\s*\d", f"{name} needs an upper bound (pipegate/_compat.py)")
+            bound = re.search(r"<\s*([\d.]+)", declared[name]).group(1)
+            checked = _compat.CHECKED_AGAINST[name]
+            self.assertLess(tuple(map(int, checked.split("."))), tuple(map(int, bound.split("."))),
+                            f"{name}: _compat.CHECKED_AGAINST {checked} is not below the pin <{bound}")
+
+    def test_setup_cfg_declares_nothing(self):
+        # Packaging metadata lives in pyproject.toml only; a second list would drift.
+        setup_cfg = (ROOT / "setup.cfg").read_text()
+        self.assertNotRegex(setup_cfg, r"(?m)^\s*install_requires\s*=")
 
 # Private names of the three libraries that pipegate uses (every one behind a helper of
 # pipegate._compat).  Reached on any object, or named in a string (getattr):
