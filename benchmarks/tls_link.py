@@ -3,21 +3,30 @@ The mux link's TLS layer (pipegate/mux/tls.py: LinkTLSProtocol, with whole write
 against Twisted's stock TLS layer (TLSMemoryBIOFactory: BufferingTLSTransport), on one
 TLS connection over 127.0.0.1:
 
-    python -m benchmarks.tls_link [--repeat 3] [--mib 1024] [--rounds 4000]
+    python -m benchmarks.tls_link [--repeat 3] [--mib 1024] [--rounds 10000]
 
 Each measurement runs in a fresh interpreter, the two layers alternating (link, stock,
-link, stock, ...), and the medians are printed as one JSON line per layer:
+stock, link, ...), and the medians are printed as one JSON line per layer:
 
-- bulk: C{--mib} MiB written as full DATA frames (64 KiB each, one write each), as fast
-  as the producer is let, and decoded by the link's frame decoder at the other end; MB/s and CPU seconds per GB (both ends are in the one process, so
-  CPU is what the two ends spend together);
+- bulk: C{--mib} MiB written as full DATA frames (64 KiB, one write each), as fast as the
+  producer is let, and decoded by the link's frame decoder at the other end; MB/s and
+  CPU seconds per GB (both ends are in the one process: CPU is what the two spend);
 - small: C{--rounds} rounds of 50 DATA frames of 40 bytes (50 channels' replies of one
   reactor turn), then L{pipegate.sockets.send_now}; the other end decodes them and sends
-  each back as a DATA frame, then C{send_now};
-  the next round starts when the whole round is back.  Messages/s and CPU µs per message.
+  each back as a DATA frame, then C{send_now}; the next round starts when the whole
+  round is back.  Messages/s and CPU µs per message.
 
 Both sockets get what a mux link gives its socket (Nagle off, eager writes, a 4 MiB
 write buffer with 64 KiB reads), so only the TLS layer differs.
+
+Times on a shared 2-core machine move by a third between runs; instruction counts do not:
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python -m benchmarks.tls_link --count LAYER bulk N
+
+runs the same workloads between StringTransports (no sockets, so no system calls are
+counted): (instructions with N=200 - with N=0) / 200 = instructions per 64 KiB frame,
+both ends together; C{small N} is N rounds of 50 frames echoed (divide by 50 N).
 """
 
 from __future__ import annotations
@@ -48,14 +57,14 @@ def _prepare(transport) -> None:
     link_write_buffer(transport)
 
 
-def _factories(layer: str, server_app, client_app):
+def _factories(layer: str, server_app, client_app, clock=None):
     from pipegate.mux import tls
     cert = tls.generated_certificate()
     server_options = ssl.CertificateOptions(
         privateKey=cert.privateKey.original, certificate=cert.original, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     client_options = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     make = tls.LinkTLSFactory if layer == "link" else TLSMemoryBIOFactory
-    return make(server_options, False, server_app), make(client_options, True, client_app)
+    return make(server_options, False, server_app, clock), make(client_options, True, client_app, clock)
 
 
 class _Sink(protocol.Protocol):
@@ -192,13 +201,71 @@ def one(layer: str, kind: str, mib: int, rounds: int) -> dict:
     return out
 
 
+def count(layer: str, kind: str, n: int) -> None:
+    """
+    The same two workloads without sockets, for counting instructions (exact on a busy
+    machine): both ends on StringTransports, bytes moved by hand; C{n} full DATA frames
+    (each read whole by the other end) or C{n} rounds of 50 small frames echoed.
+    """
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+    clock = task.Clock()
+    sink_done: defer.Deferred = defer.Deferred()
+    if kind == "bulk":
+        server_app, client_app = _Sink(1 << 62, sink_done), protocol.Protocol()
+    else:
+        server_app, client_app = _Echo(), _Pinger(n, sink_done)
+    client_app.connectionMade = lambda: None   # (no socket settings, no first round yet)
+    server_app.connectionMade = lambda: None
+    if kind == "small":
+        from pipegate.mux.frames import FrameDecoder
+        server_app.decoder = FrameDecoder()
+    server, client = _factories(layer, protocol.Factory.forProtocol(lambda: server_app),
+                                protocol.ClientFactory.forProtocol(lambda: client_app), clock)
+    server, client = server.buildProtocol(None), client.buildProtocol(None)
+    server_transport, client_transport = StringTransport(), StringTransport()
+    server.makeConnection(server_transport)
+    client.makeConnection(client_transport)
+
+    def pump() -> None:
+        moved = True
+        while moved:
+            moved = False
+            clock.advance(0)
+            for source, sink in ((client_transport, server), (server_transport, client)):
+                data = source.value()
+                if data:
+                    source.clear()
+                    sink.dataReceived(data)
+                    moved = True
+    pump()
+    if kind == "bulk":
+        from pipegate.mux.frames import encode_data
+        frame = encode_data(1, [bytes(range(256)) * (CHUNK // 256)])
+        for _ in range(n):
+            client.write(frame)
+            data = client_transport.value()
+            client_transport.clear()
+            server.dataReceived(data)
+        assert server_app.received == n * len(frame), server_app.received
+    elif n:
+        client_app.send_round()   # the next round starts when this one is back
+        pump()
+        assert client_app.round == n, client_app.round
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tls_link")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mib", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=10000)
     parser.add_argument("--one", nargs=2, metavar=("LAYER", "KIND"), help=argparse.SUPPRESS)
+    parser.add_argument("--count", nargs=3, metavar=("LAYER", "KIND", "N"),
+                        help="no sockets, for valgrind --tool=callgrind (see the module's docstring)")
     args = parser.parse_args(argv)
+    if args.count:
+        count(args.count[0], args.count[1], int(args.count[2]))
+        return {}
     if args.one:
         print(json.dumps(one(args.one[0], args.one[1], args.mib, args.rounds)), flush=True)
         return {}

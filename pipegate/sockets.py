@@ -25,7 +25,8 @@ from twisted.python import log
 from twisted.internet.protocol import Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
-from pipegate._compat import flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, write_closed
+from pipegate._compat import (
+    flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, write_closed)
 
 
 def socket_transport(transport):

@@ -37,7 +37,8 @@ class GuardMixin:
 
     def assertPrivate(self, owner, name: str, use: str) -> None:
         if not hasattr(owner, name):
-            self.fail(f"{getattr(owner, '__qualname__', owner)}.{name} is gone (used by pipegate._compat.{use}); "
+            owner_name = getattr(owner, "__qualname__", owner)
+            self.fail(f"{owner_name}.{name} is gone (used by pipegate._compat.{use}); "
                       f"check the upgrade's changes and adapt pipegate/_compat.py")
 
     def assertSourceHas(self, function, fragment: str, use: str) -> None:
@@ -66,7 +67,8 @@ def handshaken_pair(factory_class):
     cert = generated_certificate()
     clock = task.Clock()
     server_options = ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original)
-    server = factory_class(server_options, False, protocol.Factory.forProtocol(_Recorder), clock).buildProtocol(None)
+    server = factory_class(server_options, False, protocol.Factory.forProtocol(_Recorder),
+                           clock).buildProtocol(None)
     client = factory_class(ssl.CertificateOptions(verify=False), True,
                            protocol.ClientFactory.forProtocol(_Recorder), clock).buildProtocol(None)
     server_transport, client_transport = StringTransport(), StringTransport()
@@ -201,13 +203,15 @@ class TCPTransport(GuardMixin, unittest.TestCase):
 
     def test_write_disconnected_flag(self):
         self.assertPrivate(abstract.FileDescriptor, "_writeDisconnected", "write_closed")
-        self.assertSourceHas(abstract.FileDescriptor.doWrite, "self._writeDisconnected = True", "write_closed")
+        self.assertSourceHas(abstract.FileDescriptor.doWrite, "self._writeDisconnected = True",
+                             "write_closed")
         fd = self.file_descriptor()
         self.assertFalse(_compat.write_closed(fd))
         fd._writeDisconnected = True
         self.assertTrue(_compat.write_closed(fd))
         fd.write(b"dropped")
-        self.assertTrue(_compat.nothing_queued(fd), "FileDescriptor.write no longer drops writes after a half-close")
+        self.assertTrue(_compat.nothing_queued(fd),
+                        "FileDescriptor.write no longer drops writes after a half-close")
 
 
 class WebClient(GuardMixin, unittest.TestCase):
@@ -215,8 +219,8 @@ class WebClient(GuardMixin, unittest.TestCase):
 
     def test_pool_builds_connections_with_its_factory(self):
         self.assertPrivate(web_client, "_HTTP11ClientFactory", "quiet_http11_client_factory")
-        self.assertSignature(web_client._HTTP11ClientFactory.__init__, ["self", "quiescentCallback", "metadata"],
-                             "quiet_http11_client_factory")
+        self.assertSignature(web_client._HTTP11ClientFactory.__init__,
+                             ["self", "quiescentCallback", "metadata"], "quiet_http11_client_factory")
         pool = web_client.HTTPConnectionPool(MemoryReactorClock(), persistent=False)
         self.assertPrivate(pool, "_factory", "quiet_pool")
         self.assertIs(pool._factory, web_client._HTTP11ClientFactory)
@@ -253,7 +257,8 @@ class HTTPChannelState(GuardMixin, unittest.TestCase):
         ch = channel()
         self.assertTrue(_compat.first_line_pending(ch))
         ch.dataReceived(b"GET /a%20b HTTP/1.1\r\n")
-        self.assertFalse(_compat.first_line_pending(ch), "HTTPChannel.__first_line not cleared by a request line")
+        self.assertFalse(_compat.first_line_pending(ch),
+                         "HTTPChannel.__first_line not cleared by a request line")
 
     def test_parsed_request_line(self):
         ch = channel()
@@ -275,11 +280,13 @@ class HTTPChannelState(GuardMixin, unittest.TestCase):
             targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else []
             for target in targets:
                 for t in (target.elts if isinstance(target, ast.Tuple) else [target]):
-                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    if (isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                            and t.value.id == "self"):
                         (deleted if isinstance(node, ast.Delete) else assigned).add(t.attr)
         self.assertEqual(assigned, {"length", "_receivedHeaderCount", "_receivedHeaderSize", "__first_line",
                                     "_transferDecoder", "_savedTimeOut", "_handlingRequest"},
-                         "HTTPChannel.allContentReceived resets other state than reset_request_parser/hold_for_request")
+                         "HTTPChannel.allContentReceived resets other state than "
+                         "reset_request_parser/hold_for_request")
         self.assertEqual(deleted, {"_command", "_path", "_version"})
 
     def test_reset_and_hold_leave_the_channel_as_stock_does(self):
@@ -310,7 +317,8 @@ class HTTPChannelState(GuardMixin, unittest.TestCase):
         ch.callLater = clock.callLater
         self.assertFalse(_compat.abort_pending(ch))
         ch.timeoutConnection()
-        self.assertTrue(_compat.abort_pending(ch), "HTTPChannel.timeoutConnection no longer sets _abortingCall")
+        self.assertTrue(_compat.abort_pending(ch),
+                        "HTTPChannel.timeoutConnection no longer sets _abortingCall")
         clock.advance(60)
         self.assertFalse(_compat.abort_pending(ch))
 
@@ -386,10 +394,11 @@ class DeclaredDependencies(unittest.TestCase):
                 continue
             # A namespace shared with our own plugin (twisted.plugins) names us too.
             dists = {_normalize(d) for d in providers.get(module, [])} - {"pipegate"}
+            where = ", ".join(sorted(files))
             if not dists:
-                missing.append(f"{module} (imported by {', '.join(sorted(files))}: no installed distribution)")
+                missing.append(f"{module} (imported by {where}: no installed distribution)")
             elif not dists & declared.keys():
-                missing.append(f"{module} from {' or '.join(sorted(dists))} (imported by {', '.join(sorted(files))})")
+                missing.append(f"{module} from {' or '.join(sorted(dists))} (imported by {where})")
         self.assertEqual(missing, [], "imported but not declared in pyproject.toml [project] dependencies")
 
     def test_upper_bounds_where_private_names_are_used(self):
@@ -453,7 +462,8 @@ class PrivateNamesStayHere(unittest.TestCase):
             uses = private_uses(path)
             if uses:
                 outside[relative] = uses
-        self.assertEqual(outside, {}, "private names of Twisted/pyOpenSSL/Autobahn outside pipegate/_compat.py")
+        self.assertEqual(outside, {},
+                         "private names of Twisted/pyOpenSSL/Autobahn outside pipegate/_compat.py")
 
     def test_the_scan_sees_them(self):
         # The HTTP-plane modules still hold theirs until the merge; the scan must find
