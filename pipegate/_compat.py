@@ -28,11 +28,12 @@ CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.
 #
 # Why: the stock layer feeds OpenSSL 16 KiB per SSL_write and writes the send BIO to the
 # socket after each, and hands every decrypted record to the protocol on its own; a 64 KiB
-# mux DATA frame costs five of each on both sides.  Measured against the stock
-# TLSMemoryBIOFactory on one link over loopback (benchmarks/tls_link.py, medians of 3,
-# 2026-12-07): bulk 288 vs 233 MB/s, 1.79 vs 2.11 CPU-s/GB; small frames within noise.
-# No public hook batches the record work, so the batching overrides four private
-# methods of TLSMemoryBIOProtocol and reads its private state.
+# mux DATA frame costs five of each on both sides.  Re-measured against the stock
+# TLSMemoryBIOFactory for issue 23 (2026-12-07, benchmarks/README.md "TLS layer of mux
+# links"): through gateway + provider (iperf3) 9-19 % less CPU per GB and faster in all
+# four stream configurations, two A/B rounds; 12 % fewer instructions per 64 KiB frame;
+# small frames the same.  No public hook batches the record work, so the batching
+# overrides three private methods of TLSMemoryBIOProtocol and reads its private state.
 
 # Large enough for a whole mux frame (64 KiB of DATA plus record overhead) in one read.
 _BIO_READ = 2**18
