@@ -25,6 +25,9 @@ from twisted.python import log
 from twisted.internet.protocol import Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
+from pipegate._compat import (
+    flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, write_closed)
+
 
 def socket_transport(transport):
     """The TCP transport under C{transport} (through TLS or a wrapper), or None."""
@@ -59,11 +62,11 @@ def bounded_reads(transport, size: int = READ_SIZE) -> None:
     read cost an C{mmap}, an C{mremap} and a C{munmap} and a page fault per 4 KiB
     received (strace of the provider: 3 of each per tunnelled connection).  The
     transport's C{doRead} is replaced by the same code with a fixed size.
-    Overrides a private method of C{twisted.internet.tcp.Connection}
-    (C{_dataReceived}); tests/test_sockets.py checks it is still there.
+    Calls a private method of C{twisted.internet.tcp.Connection}
+    (L{pipegate._compat.tcp_data_received}).
     """
     transport = socket_transport(transport)
-    received = getattr(transport, "_dataReceived", None)
+    received = tcp_data_received(transport)
     if received is None:
         return
     recv = transport.socket.recv
@@ -91,24 +94,19 @@ def eager_writes(transport) -> None:
     unregistered again: two C{epoll_ctl} calls and the reactor's bookkeeping for every
     write of a link or channel that keeps up.  Overrides the transport's C{write} with
     one that reads private state of C{twisted.internet.abstract.FileDescriptor}
-    (C{_tempDataLen}, C{dataBuffer}, C{offset}, C{_writeDisconnected}); tests/test_sockets.py
-    checks it is still there.  A send error is left to the reactor, as in L{send_now}.
+    (L{pipegate._compat.nothing_queued}, L{pipegate._compat.write_closed}).  A send
+    error is left to the reactor, as in L{send_now}.
     """
     transport = socket_transport(transport)
-    if transport is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "TLS"):
+    if transport is None or not has_write_buffers(transport):
         return  # not a twisted.internet.tcp.Connection
     # A bound method, not a closure: this is per tunnelled connection (about 64 bytes).
     transport.write = MethodType(_eager_write, transport)
 
 
-def _nothing_queued(transport) -> bool:
-    """Whether Twisted's write buffers of C{transport} (a FileDescriptor) are empty."""
-    return not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
-
-
 def _eager_write(transport, data: bytes) -> None:
-    if (_nothing_queued(transport) and transport.connected and not transport.disconnecting
-            and not transport._writeDisconnected and type(data) is bytes
+    if (nothing_queued(transport) and transport.connected and not transport.disconnecting
+            and not write_closed(transport) and type(data) is bytes
             and not transport.TLS):  # (startTLS: bytes must go through its TLS layer)
         try:
             sent = transport.socket.send(data)
@@ -134,13 +132,11 @@ def send_now(transport) -> None:
     """
     while transport is not None and not isinstance(transport, FileDescriptor):
         # twisted.protocols.tls.BufferingTLSTransport keeps small writes for one turn.
-        aggregator = getattr(transport, "_aggregator", None)
-        if aggregator is not None:
-            aggregator.flush()
+        flush_tls_buffer(transport)
         transport = getattr(transport, "transport", None)
     if transport is None or not transport.connected or transport.disconnecting:
         return
-    if _nothing_queued(transport):
+    if nothing_queued(transport):
         return  # (L{eager_writes} sent it)
     if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
         return  # doWrite would resume it, from inside this call

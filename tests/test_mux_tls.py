@@ -1,7 +1,8 @@
 """
 The mux links' TLS layer (pipegate/mux/tls.py: LinkTLSProtocol): whole writes into
-OpenSSL, one transport write per flush, one dataReceived per read; and a guard on the
-private parts of Twisted's TLS layer and pyOpenSSL that it overrides or calls.
+OpenSSL, one transport write per flush, one dataReceived per read.  The guards on the
+private parts of Twisted's TLS layer and pyOpenSSL it relies on (pipegate/_compat.py)
+are in tests/test_compat.py.
 
 Sans-IO: two protocols on StringTransports, bytes moved between them by hand (the
 end-to-end behaviour through real sockets is covered by tests/test_ports_e2e.py).
@@ -9,12 +10,9 @@ end-to-end behaviour through real sockets is covered by tests/test_ports_e2e.py)
 
 from __future__ import annotations
 
-import inspect
-
 from OpenSSL import SSL
 from twisted.internet import protocol, ssl, task
 from twisted.internet.testing import StringTransport
-from twisted.protocols import tls as twisted_tls
 from twisted.trial import unittest
 
 from pipegate.mux import tls
@@ -74,52 +72,6 @@ class Pair:
                     source.clear()
                     sink.dataReceived(data)
                     moved = True
-
-
-def mode_of(connection: SSL.Connection) -> int:
-    """The connection's SSL mode bits (SSL_set_mode adds nothing and returns them)."""
-    return SSL._lib.SSL_set_mode(connection._ssl, 0)
-
-
-class PrivateInternals(unittest.TestCase):
-    """
-    LinkTLSProtocol overrides private methods of Twisted's TLSMemoryBIOProtocol and
-    calls private parts of it and of pyOpenSSL. If an upgrade changes them, this
-    fails here rather than as a silent loss of data or speed on the links.
-    """
-
-    def test_overridden_methods_keep_their_shape(self):
-        base = twisted_tls.TLSMemoryBIOProtocol
-        for name, params in [("_write", ["self", "bytes"]), ("_flushSendBIO", ["self"]),
-                             ("_flushReceiveBIO", ["self"]), ("_bufferedWrite", ["self", "octets"]),
-                             ("_shutdownTLS", ["self"]), ("_tlsShutdownFinished", ["self", "reason"])]:
-            self.assertEqual(list(inspect.signature(getattr(base, name)).parameters), params, name)
-        self.assertTrue(issubclass(tls.LinkTLSProtocol, twisted_tls.BufferingTLSTransport))
-        self.assertIs(twisted_tls.TLSMemoryBIOFactory.protocol, twisted_tls.BufferingTLSTransport)
-
-    def test_base_class_still_routes_through_the_overrides(self):
-        base = twisted_tls.TLSMemoryBIOProtocol
-        self.assertIn("self._write(", inspect.getsource(base.write))
-        self.assertIn("self._flushReceiveBIO()", inspect.getsource(base.dataReceived))
-        self.assertIn("self._flushSendBIO()", inspect.getsource(base._checkHandshakeStatus))
-        self.assertIn("self._flushSendBIO()", inspect.getsource(base._shutdownTLS))
-        self.assertIn("self._flushReceiveBIO()", inspect.getsource(base.connectionLost))
-        self.assertIn("self._write(", inspect.getsource(base._unbufferPendingWrites))
-
-    def test_state_used_by_the_overrides(self):
-        pair = Pair()
-        for side in (pair.client, pair.server):
-            self.assertIsInstance(side, tls.LinkTLSProtocol)
-            self.assertIsInstance(side._tlsConnection, SSL.Connection)
-            self.assertIs(side._lostTLSConnection, False)
-            self.assertIs(side._aborted, False)
-            self.assertEqual(side._appSendBuffer, [])
-        self.assertTrue(hasattr(SSL._lib, "SSL_clear_mode"))
-        for side in (pair.client, pair.server):
-            self.assertFalse(mode_of(side._tlsConnection) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-        # pyOpenSSL's default is on: the factory turned it off.
-        plain = SSL.Connection(SSL.Context(SSL.TLS_METHOD))
-        self.assertTrue(mode_of(plain) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
 
 class Batching(unittest.TestCase):

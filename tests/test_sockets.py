@@ -1,17 +1,16 @@
 """
 Tests for L{pipegate.sockets}: what a link's writes do to its socket, observed from a
-plain socket at the other end of a real loopback connection.
+plain socket at the other end of a real loopback connection.  (The guards on the private
+Twisted state these read, L{pipegate._compat}, are in tests/test_compat.py.)
 """
 
 from __future__ import annotations
 
-import inspect
 import socket
 
-from twisted.internet import abstract, defer, endpoints, error, reactor, ssl, task, tcp
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer, endpoints, error, reactor, task
+from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
-from twisted.protocols import tls
 from twisted.trial import unittest
 
 from pipegate.sockets import (
@@ -113,14 +112,6 @@ class SendNowTests(unittest.TestCase):
         no_delay(Wrapper())
         self.assertNotEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
 
-    def test_twisted_buffering_tls_layer_still_has_its_aggregator(self):
-        # send_now flushes twisted.protocols.tls.BufferingTLSTransport's _aggregator
-        # (private); this fails when a Twisted release renames it.
-        options = ssl.CertificateOptions()
-        protocol = tls.BufferingTLSTransport(
-            tls.TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol)), Protocol(), False)
-        self.assertTrue(callable(protocol._aggregator.flush))
-
 
 class EagerWriteTests(unittest.TestCase):
 
@@ -174,14 +165,6 @@ class EagerWriteTests(unittest.TestCase):
         transport.write(b"queued")
         self.assertEqual(transport._tempDataLen, 6)
 
-    def test_twisted_file_descriptor_still_has_what_it_reads(self):
-        # eager_writes reads private state of FileDescriptor; this fails when a Twisted
-        # release renames it.
-        source = inspect.getsource(abstract.FileDescriptor)
-        for name in ("self._tempDataLen", "self.dataBuffer", "self.offset", "self._writeDisconnected"):
-            self.assertIn(name, source)
-        self.assertIs(tcp.Connection.TLS, False)  # set True by startTLS, which eager writes avoid
-
 
 class _Collect(Protocol):
     def __init__(self) -> None:
@@ -211,11 +194,6 @@ class BoundedReadTests(unittest.TestCase):
         self.assertLessEqual(max(map(len, collect.chunks)), 65536)
         self.assertGreater(len(collect.chunks), 1)
         self.assertIsInstance(reason, error.ConnectionDone)
-
-    def test_twisted_tcp_connection_still_has_what_it_replaces(self):
-        # bounded_reads calls tcp.Connection._dataReceived (private) from its doRead.
-        self.assertTrue(callable(getattr(tcp.Connection, "_dataReceived", None)))
-        self.assertIn("self.socket.recv(self.bufferSize)", inspect.getsource(tcp.Connection.doRead))
 
 
 class ConnectTests(unittest.TestCase):

@@ -28,11 +28,13 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from pipegate._compat import quiet_pool
 
 __all__ = ["EngineClient", "EngineError", "EventStream", "EVENT_FILTERS"]
 
@@ -114,10 +116,6 @@ class _BoundedBody(protocol.Protocol):
             self.done.errback(EngineError(f"{self.what}: response cut short: {_one_line(reason.getErrorMessage())}"))
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
 class EngineClient:
     """
     Requests to one Docker Engine.  C{description} is a Twisted client endpoint string
@@ -130,8 +128,8 @@ class EngineClient:
         self.description = description
         self.timeout = timeout
         self.max_body = max_body
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.pool._factory = _QuietFactory  # no "Starting factory" line per request
+        # No "Starting factory" line per request.
+        self.pool = quiet_pool(HTTPConnectionPool(reactor, persistent=False))
         self.agent = Agent.usingEndpointFactory(reactor, _SocketEndpoints(reactor, description, timeout),
                                                 pool=self.pool)
 

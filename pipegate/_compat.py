@@ -1,0 +1,342 @@
+"""
+Every use of a private name of Twisted, pyOpenSSL or Autobahn, in one place.
+
+Each entry says why no public API does the job and the releases it was checked against;
+tests/test_compat.py has a guard test per entry that fails, naming the private name,
+when an upgrade changes it.  The upper bounds in pyproject.toml (twisted<26.11,
+pyopenssl<26.5, autobahn<26.12) are the releases after the ones checked: raise a bound
+only after tests.test_compat (and the suite) pass on the new release.
+
+Checked against: Twisted 26.10.0, pyOpenSSL 26.4.0, Autobahn 26.11.1 (Python 3.11).
+
+Nothing else in pipegate/ reaches a private name of these three libraries; a new use
+goes here, with its reason and its guard test.
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.11.1"}
+
+
+# -- Twisted's TLS layer (twisted.protocols.tls) and pyOpenSSL ------------------------------
+#
+# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write and writes the send BIO to the
+# socket after each, and hands every decrypted record to the protocol on its own; a 64 KiB
+# mux DATA frame costs five of each on both sides.  Re-measured against the stock
+# TLSMemoryBIOFactory for issue 23 (2026-12-07, benchmarks/README.md "TLS layer of mux
+# links"): through gateway + provider (iperf3) 9-19 % less CPU per GB and faster in all
+# four stream configurations, two A/B rounds; 12 % fewer instructions per 64 KiB frame;
+# small frames the same.  No public hook batches the record work, so the batching
+# overrides three private methods of TLSMemoryBIOProtocol and reads its private state.
+
+# Large enough for a whole mux frame (64 KiB of DATA plus record overhead) in one read.
+_BIO_READ = 2**18
+# More than the plaintext of one TLS record (16 KiB); OpenSSL returns at most one per call.
+_RECV = 2**15
+
+
+class BatchedTLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS layer, with the record work batched per write and per read.
+
+    A write goes to OpenSSL whole (a memory BIO takes all of it, with L{whole_writes}),
+    the send BIO is drained into one transport write, and the plaintext of everything
+    received is delivered in one C{dataReceived}.  Handshake, errors, close and producers
+    are the base class's.
+
+    Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol):
+    overrides C{_write(bytes)}, C{_flushSendBIO()}, C{_flushReceiveBIO()}; calls
+    C{_bufferedWrite}, C{_tlsShutdownFinished}, C{_shutdownTLS}; reads
+    C{_tlsConnection}, C{_lostTLSConnection}, C{_aborted}.  The base class must still
+    route its writes, reads, handshake and shutdown through the overridden methods.
+    Guard: tests.test_compat.TLSLayer.
+    """
+
+    def _write(self, bytes):
+        if self._lostTLSConnection:
+            return
+        connection = self._tlsConnection
+        data = memoryview(bytes)
+        while data:
+            try:
+                sent = connection.send(data)
+            except WantReadError:
+                self._bufferedWrite(data.tobytes())
+                break
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                return
+            data = data[sent:]
+        self._flushSendBIO()
+
+    def _flushSendBIO(self):
+        connection = self._tlsConnection
+        chunks = []
+        while True:
+            try:
+                chunk = connection.bio_read(_BIO_READ)
+            except WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < _BIO_READ:
+                break
+        if chunks:
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _flushReceiveBIO(self):
+        connection = self._tlsConnection
+        chunks = []
+        while not self._lostTLSConnection:
+            try:
+                chunks.append(connection.recv(_RECV))
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                self._pg_deliver(chunks)
+                chunks = []
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                failure = Failure()
+                self._pg_deliver(chunks)
+                chunks = []
+                self._tlsShutdownFinished(failure)
+        self._pg_deliver(chunks)
+        self._flushSendBIO()
+
+    def _pg_deliver(self, chunks):
+        if chunks and not self._aborted:
+            ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+def whole_writes(connection: SSL.Connection) -> None:
+    """
+    Let one C{SSL_write} take a whole buffer.
+
+    pyOpenSSL turns on C{SSL_MODE_ENABLE_PARTIAL_WRITE}, with which C{SSL_write} returns
+    after each 16 KiB record; into a memory BIO, which never blocks, it can write every
+    record of the buffer in one call instead.  No public call clears a mode on one
+    connection (pyOpenSSL 26.4.0 has C{Context.set_mode} only, which cannot clear), so
+    this uses pyOpenSSL's private C{SSL._lib} (the cffi binding) and C{Connection._ssl}
+    (the C{SSL*}).  Without them, writes stay partial: still correct (the loop in
+    L{BatchedTLSProtocol._write}), one record per call.  Guard:
+    tests.test_compat.PyOpenSSL.
+    """
+    lib, ssl_pointer = getattr(SSL, "_lib", None), getattr(connection, "_ssl", None)
+    if lib is None or ssl_pointer is None or not hasattr(lib, "SSL_clear_mode"):
+        return
+    lib.SSL_clear_mode(ssl_pointer, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+
+class BatchedTLSFactory(TLSMemoryBIOFactory):
+    """
+    C{TLSMemoryBIOFactory} making L{BatchedTLSProtocol}s whose connections have
+    L{whole_writes}.
+
+    The factory has no public hook on the C{SSL.Connection} it creates per protocol:
+    this wraps its private C{_creatorCallable} (Twisted 26.10.0; called once per
+    protocol from C{TLSMemoryBIOProtocol.makeConnection}).  Guard:
+    tests.test_compat.TLSLayer.test_factory_creates_connections_through_creator_callable.
+    """
+
+    protocol = BatchedTLSProtocol
+
+    def __init__(self, contextFactory, isClient: bool, wrappedFactory, clock=None) -> None:
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        create = self._creatorCallable
+
+        def creator(protocol):
+            connection = create(protocol)
+            whole_writes(connection)
+            return connection
+        self._creatorCallable = creator
+
+
+def flush_tls_buffer(transport) -> None:
+    """
+    Write out what Twisted's buffering TLS layer (C{BufferingTLSTransport}) holds for
+    the end of the reactor turn, if C{transport} is one.
+
+    Small writes wait in its private C{_aggregator} (Twisted 26.10.0) until a
+    C{callLater(0)}; the public C{loseConnection} flushes it but also closes.  Guard:
+    tests.test_compat.TLSLayer.test_buffering_layer_aggregates_in_aggregator.
+    """
+    aggregator = getattr(transport, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()
+
+
+# -- Twisted's TCP transport (twisted.internet.tcp.Connection, abstract.FileDescriptor) ------
+#
+# Why: see pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and
+# 4 MiB reads cost the links most of their per-message time; no public API sends at once
+# or bounds the read size separately from bufferSize.
+
+def tcp_data_received(transport):
+    """
+    The bound C{_dataReceived(data)} of a C{twisted.internet.tcp.Connection} (what its
+    C{doRead} calls with what C{recv} returned), or None for another transport.
+
+    L{pipegate.sockets.bounded_reads} replaces C{doRead} with one reading a fixed size
+    and calling this.  Private (Twisted 26.10.0).  Guard:
+    tests.test_compat.TCPTransport.test_connection_reads_through_data_received.
+    """
+    return getattr(transport, "_dataReceived", None)
+
+
+def has_write_buffers(transport) -> bool:
+    """
+    Whether C{transport} keeps Twisted's C{FileDescriptor} write buffers that
+    L{nothing_queued} and L{write_closed} read (and is a TCP connection: C{TLS} is
+    C{tcp.Connection}'s startTLS flag).
+    """
+    return hasattr(transport, "_tempDataLen") and hasattr(transport, "TLS")
+
+
+def nothing_queued(transport) -> bool:
+    """
+    Whether the write buffers of C{transport} (a C{FileDescriptor}) are empty.
+
+    Reads C{_tempDataLen} (private), C{dataBuffer} and C{offset} (undocumented) of
+    C{twisted.internet.abstract.FileDescriptor} (Twisted 26.10.0).  Guard:
+    tests.test_compat.TCPTransport.test_file_descriptor_write_buffers.
+    """
+    return not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
+
+
+def write_closed(transport) -> bool:
+    """
+    Whether the write side of C{transport} (a C{FileDescriptor}) has been shut down
+    (C{loseWriteConnection} done): its private C{_writeDisconnected} (Twisted
+    26.10.0).  Guard: tests.test_compat.TCPTransport.test_write_disconnected_flag.
+    """
+    return transport._writeDisconnected
+
+
+# -- twisted.web.client ---------------------------------------------------------------------
+
+def quiet_http11_client_factory(quiescentCallback, metadata):
+    """
+    The factory C{HTTPConnectionPool} builds per new connection (Twisted's private
+    C{_HTTP11ClientFactory}), without the "Starting factory" / "Stopping factory" log
+    lines it writes for every one: the connector opens one per request to the local
+    app, the Docker client one per Engine request.
+
+    C{HTTPConnectionPool} has no public way to choose the factory, so L{quiet_pool} sets
+    its private C{_factory}, which the pool calls as C{_factory(quiescentCallback,
+    metadata)} (Twisted 26.10.0, C{HTTPConnectionPool._newConnection}).  (Imported here,
+    not at the top: the port plane does not load twisted.web.)  Guard:
+    tests.test_compat.WebClient.
+    """
+    from twisted.web.client import _HTTP11ClientFactory
+    factory = _HTTP11ClientFactory(quiescentCallback, metadata)
+    factory.noisy = False
+    return factory
+
+
+def quiet_pool(pool):
+    """Make C{pool} (an C{HTTPConnectionPool}) build quiet factories; returns C{pool}."""
+    pool._factory = quiet_http11_client_factory
+    return pool
+
+
+# -- twisted.web.http.HTTPChannel (the relay's early start of public requests) --------------
+#
+# Why: the relay starts forwarding a public request when its headers are complete and
+# streams its body (HTTPChannel only calls requestReceived after the whole body), and
+# keeps the caller's raw request target byte-exact.  HTTPChannel has no public hook for
+# either, so the relay's channel reads and resets its parser state (Twisted 26.10.0:
+# HTTPChannel.lineReceived and allContentReceived).  Guard: tests.test_compat.HTTPChannelState.
+
+def first_line_pending(channel) -> bool:
+    """Whether C{channel}'s next line is a request line (name-mangled C{__first_line})."""
+    return bool(channel._HTTPChannel__first_line)
+
+
+def parsed_request_line(channel) -> tuple[bytes, bytes, bytes]:
+    """The C{(command, path, version)} C{channel} parsed from the current request line."""
+    return channel._command, channel._path, channel._version
+
+
+def request_path(channel) -> bytes | None:
+    """The request target C{channel} parsed from the current request line, if any."""
+    return getattr(channel, "_path", None)
+
+
+def set_request_path(channel, path: bytes) -> None:
+    """Replace the request target C{channel} will hand to its request."""
+    channel._path = path
+
+
+def reset_request_parser(channel) -> None:
+    """
+    Reset C{channel}'s per-request parser state for the next request, exactly as
+    C{HTTPChannel.allContentReceived} does before it calls C{requestReceived}.
+    """
+    channel.length = 0
+    channel._receivedHeaderCount = 0
+    channel._receivedHeaderSize = 0
+    channel._HTTPChannel__first_line = 1
+    channel._transferDecoder = None
+    del channel._command, channel._path, channel._version
+
+
+def hold_for_request(channel) -> None:
+    """
+    What C{HTTPChannel.allContentReceived} does next: suspend the idle timeout while the
+    request is answered (C{requestDone} restores it from C{_savedTimeOut}) and mark the
+    channel as handling a request (C{_handlingRequest}, which makes it queue pipelined
+    input).
+    """
+    if channel.timeOut:
+        channel._savedTimeOut = channel.setTimeout(None)
+    channel._handlingRequest = True
+
+
+def abort_pending(channel) -> bool:
+    """
+    Whether C{channel} has already scheduled its forced abort after a timeout
+    (C{HTTPChannel._abortingCall}); a second C{timeoutConnection} would replace, and so
+    leak, the first one's delayed call.
+    """
+    return channel._abortingCall is not None
+
+
+# -- Autobahn (autobahn.websocket.protocol.WebSocketProtocol) -------------------------------
+
+def cancel_close_timer(protocol) -> None:
+    """
+    Autobahn leaves its close-handshake timer pending when the TCP connection goes
+    first; cancel it so a closed link leaves nothing scheduled.
+
+    C{closeHandshakeTimeoutCall} is an undocumented attribute of Autobahn's
+    C{WebSocketProtocol} (Autobahn 26.11.1: set in C{sendCloseFrame}, cancelled only when
+    the peer's close frame arrives); there is no public way to cancel it.  Guard:
+    tests.test_compat.AutobahnState.
+    """
+    call = getattr(protocol, "closeHandshakeTimeoutCall", None)
+    protocol.closeHandshakeTimeoutCall = None
+    if call is not None:
+        try:
+            call.cancel()
+        except (AttributeError, ValueError):
+            pass  # already fired or cancelled
+
+
+def handshake_status_line(protocol) -> str:
+    """
+    The HTTP status line of the server's answer to a WebSocket client's opening
+    handshake (C{"HTTP/1.1 409 Conflict"}), or C{""} before one arrived.
+
+    C{http_status_line} is an undocumented attribute of Autobahn's
+    C{WebSocketClientProtocol} (Autobahn 26.11.1, set in C{processHandshake}); the
+    public C{failHandshake(reason)} gets only Autobahn's text, not the status.  Guard:
+    tests.test_compat.AutobahnState.
+    """
+    return getattr(protocol, "http_status_line", "") or ""

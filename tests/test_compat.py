@@ -1,0 +1,481 @@
+"""
+Guards for L{pipegate._compat}: one test per private name of Twisted, pyOpenSSL or
+Autobahn that PipeGate uses, failing with that name when an upgrade changes it; no such
+name outside pipegate/_compat.py; and the packaging guard: every distribution that
+pipegate/ imports is declared in pyproject.toml, with upper bounds on those three.
+
+No sockets: TLS runs over StringTransports, HTTPChannel on a StringTransport, the rest
+is read from the libraries' classes and sources.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+import textwrap
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+from OpenSSL import SSL
+from twisted.internet import abstract, protocol, ssl, task, tcp
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols import tls as twisted_tls
+from twisted.trial import unittest
+from twisted.web import client as web_client, http
+
+from pipegate import _compat
+from pipegate.mux.tls import generated_certificate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GuardMixin:
+    """Assertions whose failure message names the private name and the module using it."""
+
+    def assertPrivate(self, owner, name: str, use: str) -> None:
+        if not hasattr(owner, name):
+            owner_name = getattr(owner, "__qualname__", owner)
+            self.fail(f"{owner_name}.{name} is gone (used by pipegate._compat.{use}); "
+                      f"check the upgrade's changes and adapt pipegate/_compat.py")
+
+    def assertSourceHas(self, function, fragment: str, use: str) -> None:
+        source = inspect.getsource(function)
+        if fragment not in source:
+            self.fail(f"{function.__qualname__} no longer contains {fragment!r} "
+                      f"(relied on by pipegate._compat.{use})")
+
+    def assertSignature(self, function, params: list[str], use: str) -> None:
+        found = list(inspect.signature(function).parameters)
+        if found != params:
+            self.fail(f"{function.__qualname__}{tuple(found)} changed from {tuple(params)} "
+                      f"(overridden or called by pipegate._compat.{use})")
+
+
+class _Recorder(protocol.Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+def handshaken_pair(factory_class):
+    """A client and a server protocol of C{factory_class}, handshaken over StringTransports."""
+    cert = generated_certificate()
+    clock = task.Clock()
+    server_options = ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original)
+    server = factory_class(server_options, False, protocol.Factory.forProtocol(_Recorder),
+                           clock).buildProtocol(None)
+    client = factory_class(ssl.CertificateOptions(verify=False), True,
+                           protocol.ClientFactory.forProtocol(_Recorder), clock).buildProtocol(None)
+    server_transport, client_transport = StringTransport(), StringTransport()
+    server.makeConnection(server_transport)
+    client.makeConnection(client_transport)
+    moved = True
+    while moved:
+        moved = False
+        for source, sink in ((client_transport, server), (server_transport, client)):
+            data = source.value()
+            if data:
+                source.clear()
+                sink.dataReceived(data)
+                moved = True
+    return client, server
+
+
+def mode_of(connection: SSL.Connection) -> int:
+    """The connection's SSL mode bits (SSL_set_mode adds nothing and returns them)."""
+    return SSL._lib.SSL_set_mode(connection._ssl, 0)
+
+
+class TLSLayer(GuardMixin, unittest.TestCase):
+    """BatchedTLSProtocol / BatchedTLSFactory / flush_tls_buffer: twisted.protocols.tls."""
+
+    def test_overridden_and_called_methods_keep_their_shape(self):
+        base = twisted_tls.TLSMemoryBIOProtocol
+        for name, params in [("_write", ["self", "bytes"]), ("_flushSendBIO", ["self"]),
+                             ("_flushReceiveBIO", ["self"]), ("_bufferedWrite", ["self", "octets"]),
+                             ("_shutdownTLS", ["self"]), ("_tlsShutdownFinished", ["self", "reason"])]:
+            self.assertPrivate(base, name, "BatchedTLSProtocol")
+            self.assertSignature(getattr(base, name), params, "BatchedTLSProtocol")
+        self.assertTrue(issubclass(_compat.BatchedTLSProtocol, twisted_tls.BufferingTLSTransport))
+        self.assertIs(twisted_tls.TLSMemoryBIOFactory.protocol, twisted_tls.BufferingTLSTransport)
+
+    def test_base_class_still_routes_through_the_overrides(self):
+        base = twisted_tls.TLSMemoryBIOProtocol
+        use = "BatchedTLSProtocol"
+        self.assertSourceHas(base.write, "self._write(", use)
+        self.assertSourceHas(base.dataReceived, "self._flushReceiveBIO()", use)
+        self.assertSourceHas(base._checkHandshakeStatus, "self._flushSendBIO()", use)
+        self.assertSourceHas(base._shutdownTLS, "self._flushSendBIO()", use)
+        self.assertSourceHas(base.connectionLost, "self._flushReceiveBIO()", use)
+        self.assertSourceHas(base._unbufferPendingWrites, "self._write(", use)
+
+    def test_state_read_by_the_overrides(self):
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        for side in (client, server):
+            self.assertIsInstance(side, _compat.BatchedTLSProtocol)
+            for name in ("_tlsConnection", "_lostTLSConnection", "_aborted"):
+                self.assertPrivate(side, name, "BatchedTLSProtocol")
+            self.assertIsInstance(side._tlsConnection, SSL.Connection)
+            self.assertIs(side._lostTLSConnection, False)
+            self.assertIs(side._aborted, False)
+        client.write(b"x" * 70_000)
+        server.dataReceived(client.transport.value())
+        self.assertEqual(server.wrappedProtocol.chunks, [b"x" * 70_000])
+
+    def test_factory_creates_connections_through_creator_callable(self):
+        self.assertSourceHas(twisted_tls.TLSMemoryBIOProtocol.makeConnection,
+                             "self.factory._creatorCallable(self)", "BatchedTLSFactory")
+        factory = twisted_tls.TLSMemoryBIOFactory(ssl.CertificateOptions(), True, protocol.ClientFactory())
+        self.assertPrivate(factory, "_creatorCallable", "BatchedTLSFactory")
+        # The wrapped creator is what made the connection: partial writes are off.
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        self.assertFalse(mode_of(client._tlsConnection) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+    def test_buffering_layer_aggregates_in_aggregator(self):
+        # flush_tls_buffer (used by pipegate.sockets.send_now) flushes it.
+        layer = twisted_tls.BufferingTLSTransport(
+            twisted_tls.TLSMemoryBIOFactory(ssl.CertificateOptions(), True, protocol.Factory.forProtocol(
+                protocol.Protocol)), protocol.Protocol(), False)
+        self.assertPrivate(layer, "_aggregator", "flush_tls_buffer")
+        self.assertTrue(callable(layer._aggregator.flush), "BufferingTLSTransport._aggregator.flush")
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        client.transport.clear()
+        client.write(b"small")
+        self.assertEqual(client.transport.value(), b"", "small writes no longer wait for the turn's end")
+        _compat.flush_tls_buffer(client)
+        server.dataReceived(client.transport.value())
+        self.assertEqual(server.wrappedProtocol.chunks, [b"small"])
+
+
+class PyOpenSSL(GuardMixin, unittest.TestCase):
+    """whole_writes: pyOpenSSL's SSL._lib and Connection._ssl."""
+
+    def test_private_binding_and_pointer(self):
+        self.assertPrivate(SSL, "_lib", "whole_writes")
+        for name in ("SSL_clear_mode", "SSL_set_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE"):
+            self.assertPrivate(SSL._lib, name, "whole_writes")
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+        self.assertPrivate(connection, "_ssl", "whole_writes")
+
+    def test_whole_writes_clears_partial_writes(self):
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+        # pyOpenSSL's default is on: the reason whole_writes exists.
+        self.assertTrue(mode_of(connection) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        _compat.whole_writes(connection)
+        self.assertFalse(mode_of(connection) & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+
+class TCPTransport(GuardMixin, unittest.TestCase):
+    """tcp_data_received, has_write_buffers, nothing_queued, write_closed."""
+
+    def file_descriptor(self) -> abstract.FileDescriptor:
+        fd = abstract.FileDescriptor(reactor=MemoryReactorClock())
+        fd.connected = 1
+        return fd
+
+    def test_connection_reads_through_data_received(self):
+        self.assertPrivate(tcp.Connection, "_dataReceived", "tcp_data_received")
+        self.assertSignature(tcp.Connection._dataReceived, ["self", "data"], "tcp_data_received")
+        self.assertSourceHas(tcp.Connection.doRead, "self.socket.recv(self.bufferSize)", "tcp_data_received")
+        self.assertSourceHas(tcp.Connection.doRead, "self._dataReceived(data)", "tcp_data_received")
+        connection = tcp.Connection.__new__(tcp.Connection)
+        self.assertEqual(_compat.tcp_data_received(connection), connection._dataReceived)
+        self.assertIsNone(_compat.tcp_data_received(StringTransport()))
+
+    def test_file_descriptor_write_buffers(self):
+        fd = self.file_descriptor()
+        for name in ("_tempDataLen", "dataBuffer", "offset"):
+            self.assertPrivate(fd, name, "nothing_queued")
+        self.assertTrue(_compat.nothing_queued(fd))
+        fd.write(b"abc")
+        self.assertEqual(fd._tempDataLen, 3, "FileDescriptor.write no longer counts in _tempDataLen")
+        self.assertFalse(_compat.nothing_queued(fd))
+        self.assertIs(tcp.Connection.TLS, False)   # has_write_buffers' test for a TCP connection
+        self.assertFalse(_compat.has_write_buffers(fd))
+        self.assertFalse(_compat.has_write_buffers(StringTransport()))
+        fd.TLS = False   # (what tcp.Connection adds)
+        self.assertTrue(_compat.has_write_buffers(fd))
+
+    def test_write_disconnected_flag(self):
+        self.assertPrivate(abstract.FileDescriptor, "_writeDisconnected", "write_closed")
+        self.assertSourceHas(abstract.FileDescriptor.doWrite, "self._writeDisconnected = True",
+                             "write_closed")
+        fd = self.file_descriptor()
+        self.assertFalse(_compat.write_closed(fd))
+        fd._writeDisconnected = True
+        self.assertTrue(_compat.write_closed(fd))
+        fd.write(b"dropped")
+        self.assertTrue(_compat.nothing_queued(fd),
+                        "FileDescriptor.write no longer drops writes after a half-close")
+
+
+class WebClient(GuardMixin, unittest.TestCase):
+    """quiet_pool / quiet_http11_client_factory: twisted.web.client."""
+
+    def test_pool_builds_connections_with_its_factory(self):
+        self.assertPrivate(web_client, "_HTTP11ClientFactory", "quiet_http11_client_factory")
+        self.assertSignature(web_client._HTTP11ClientFactory.__init__,
+                             ["self", "quiescentCallback", "metadata"], "quiet_http11_client_factory")
+        pool = web_client.HTTPConnectionPool(MemoryReactorClock(), persistent=False)
+        self.assertPrivate(pool, "_factory", "quiet_pool")
+        self.assertIs(pool._factory, web_client._HTTP11ClientFactory)
+        self.assertSourceHas(web_client.HTTPConnectionPool._newConnection, "self._factory(", "quiet_pool")
+
+    def test_quiet_factory(self):
+        pool = _compat.quiet_pool(web_client.HTTPConnectionPool(MemoryReactorClock(), persistent=False))
+        factory = pool._factory(lambda protocol: None, "metadata")
+        self.assertIsInstance(factory, web_client._HTTP11ClientFactory)
+        self.assertFalse(factory.noisy)
+        self.assertTrue(web_client._HTTP11ClientFactory(lambda protocol: None, "metadata").noisy)
+
+
+class _Request(http.Request):
+    received = None
+
+    def requestReceived(self, command, path, version):
+        type(self).received = (command, path, version)
+
+
+def channel() -> http.HTTPChannel:
+    ch = http.HTTPChannel()
+    ch.requestFactory = _Request
+    ch.timeOut = None
+    ch.makeConnection(StringTransport())
+    return ch
+
+
+class HTTPChannelState(GuardMixin, unittest.TestCase):
+    """first_line_pending ... abort_pending: twisted.web.http.HTTPChannel's parser state."""
+
+    def test_first_line_flag(self):
+        self.assertPrivate(http.HTTPChannel, "_HTTPChannel__first_line", "first_line_pending")
+        ch = channel()
+        self.assertTrue(_compat.first_line_pending(ch))
+        ch.dataReceived(b"GET /a%20b HTTP/1.1\r\n")
+        self.assertFalse(_compat.first_line_pending(ch),
+                         "HTTPChannel.__first_line not cleared by a request line")
+
+    def test_parsed_request_line(self):
+        ch = channel()
+        ch.dataReceived(b"POST /raw?q=1 HTTP/1.1\r\n")
+        for name in ("_command", "_path", "_version"):
+            self.assertPrivate(ch, name, "parsed_request_line")
+        self.assertEqual(_compat.parsed_request_line(ch), (b"POST", b"/raw?q=1", b"HTTP/1.1"))
+        self.assertEqual(_compat.request_path(ch), b"/raw?q=1")
+        _compat.set_request_path(ch, b"/other")
+        ch.dataReceived(b"Host: x\r\n\r\n")
+        self.assertEqual(_Request.received, (b"POST", b"/other", b"HTTP/1.1"))
+
+    def test_reset_matches_all_content_received(self):
+        # reset_request_parser + hold_for_request copy HTTPChannel.allContentReceived up to
+        # its requestReceived call; a release that resets more state must update the copy.
+        tree = ast.parse(textwrap.dedent(inspect.getsource(http.HTTPChannel.allContentReceived)))
+        assigned, deleted = set(), set()
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else []
+            for target in targets:
+                for t in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                    if (isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                            and t.value.id == "self"):
+                        (deleted if isinstance(node, ast.Delete) else assigned).add(t.attr)
+        self.assertEqual(assigned, {"length", "_receivedHeaderCount", "_receivedHeaderSize", "__first_line",
+                                    "_transferDecoder", "_savedTimeOut", "_handlingRequest"},
+                         "HTTPChannel.allContentReceived resets other state than "
+                         "reset_request_parser/hold_for_request")
+        self.assertEqual(deleted, {"_command", "_path", "_version"})
+
+    def test_reset_and_hold_leave_the_channel_as_stock_does(self):
+        stock = channel()
+        stock.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")   # stock allContentReceived ran
+        ours = channel()
+        ours.allContentReceived = lambda: None                     # ...and here ours does its work
+        ours.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _compat.reset_request_parser(ours)
+        _compat.hold_for_request(ours)
+        for name in ("length", "_receivedHeaderCount", "_receivedHeaderSize", "_HTTPChannel__first_line",
+                     "_transferDecoder", "_handlingRequest"):
+            self.assertEqual(getattr(ours, name), getattr(stock, name), name)
+        for name in ("_command", "_path", "_version"):
+            self.assertFalse(hasattr(ours, name), name)
+        timed = channel()
+        timed.callLater = task.Clock().callLater
+        timed.setTimeout(60)
+        _compat.hold_for_request(timed)
+        self.assertEqual(timed._savedTimeOut, 60, "HTTPChannel._savedTimeOut")
+        self.assertIsNone(timed.timeOut)
+
+    def test_aborting_call(self):
+        self.assertPrivate(http.HTTPChannel, "_abortingCall", "abort_pending")
+        self.assertSourceHas(http.HTTPChannel.forceAbortClient, "self._abortingCall = None", "abort_pending")
+        ch = channel()
+        clock = task.Clock()
+        ch.callLater = clock.callLater
+        self.assertFalse(_compat.abort_pending(ch))
+        ch.timeoutConnection()
+        self.assertTrue(_compat.abort_pending(ch),
+                        "HTTPChannel.timeoutConnection no longer sets _abortingCall")
+        clock.advance(60)
+        self.assertFalse(_compat.abort_pending(ch))
+
+
+class AutobahnState(GuardMixin, unittest.TestCase):
+    """cancel_close_timer, handshake_status_line: Autobahn's WebSocketProtocol."""
+
+    def test_close_handshake_timer(self):
+        from autobahn.twisted.websocket import WebSocketClientProtocol
+        from autobahn.websocket.protocol import WebSocketProtocol
+        self.assertSourceHas(WebSocketProtocol.sendCloseFrame, "self.closeHandshakeTimeoutCall = ",
+                             "cancel_close_timer")
+        self.assertSourceHas(WebSocketProtocol._connectionMade, "self.closeHandshakeTimeoutCall = None",
+                             "cancel_close_timer")
+        proto = WebSocketClientProtocol()
+        clock = task.Clock()
+        proto.closeHandshakeTimeoutCall = clock.callLater(5, lambda: None)
+        _compat.cancel_close_timer(proto)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertIsNone(proto.closeHandshakeTimeoutCall)
+        _compat.cancel_close_timer(proto)   # none pending: nothing to do
+
+    def test_handshake_status_line(self):
+        from autobahn.twisted.websocket import WebSocketClientProtocol
+        self.assertSourceHas(WebSocketClientProtocol.processHandshake, "self.http_status_line",
+                             "handshake_status_line")
+        proto = WebSocketClientProtocol()
+        self.assertEqual(_compat.handshake_status_line(proto), "")
+        proto.http_status_line = "HTTP/1.1 409 Conflict"
+        self.assertEqual(_compat.handshake_status_line(proto), "HTTP/1.1 409 Conflict")
+
+
+# -- declared dependencies ----------------------------------------------------------------
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_top_level(root: Path) -> dict[str, set[str]]:
+    """Every top-level module imported anywhere under C{root} (lazy imports too) -> files."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(root.parent)))
+    return found
+
+
+def declared_requirements() -> dict[str, str]:
+    """The [project] dependencies of pyproject.toml: normalized name -> requirement."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = {}
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group(0)
+        out[_normalize(name)] = requirement
+    return out
+
+
+class DeclaredDependencies(unittest.TestCase):
+
+    def test_every_imported_distribution_is_declared(self):
+        declared = declared_requirements()
+        providers = metadata.packages_distributions()
+        missing = []
+        for module, files in sorted(imported_top_level(ROOT / "pipegate").items()):
+            if module in sys.stdlib_module_names or module == "pipegate":
+                continue
+            # A namespace shared with our own plugin (twisted.plugins) names us too.
+            dists = {_normalize(d) for d in providers.get(module, [])} - {"pipegate"}
+            where = ", ".join(sorted(files))
+            if not dists:
+                missing.append(f"{module} (imported by {where}: no installed distribution)")
+            elif not dists & declared.keys():
+                missing.append(f"{module} from {' or '.join(sorted(dists))} (imported by {where})")
+        self.assertEqual(missing, [], "imported but not declared in pyproject.toml [project] dependencies")
+
+    def test_upper_bounds_where_private_names_are_used(self):
+        declared = declared_requirements()
+        for name in ("twisted", "pyopenssl", "autobahn"):
+            self.assertIn(name, declared)
+            self.assertRegex(declared[name], r"<\s*\d", f"{name} needs an upper bound (pipegate/_compat.py)")
+            bound = re.search(r"<\s*([\d.]+)", declared[name]).group(1)
+            checked = _compat.CHECKED_AGAINST[name]
+            self.assertLess(tuple(map(int, checked.split("."))), tuple(map(int, bound.split("."))),
+                            f"{name}: _compat.CHECKED_AGAINST {checked} is not below the pin <{bound}")
+
+    def test_setup_cfg_declares_nothing(self):
+        # Packaging metadata lives in pyproject.toml only; a second list would drift.
+        setup_cfg = (ROOT / "setup.cfg").read_text()
+        self.assertNotRegex(setup_cfg, r"(?m)^\s*install_requires\s*=")
+
+# Private names of the three libraries that pipegate uses (every one behind a helper of
+# pipegate._compat).  Reached on any object, or named in a string (getattr):
+_PRIVATE = frozenset({
+    "_HTTP11ClientFactory", "_HTTPChannel__first_line", "_command", "_path", "_version",
+    "_receivedHeaderCount", "_receivedHeaderSize", "_transferDecoder", "_savedTimeOut", "_handlingRequest",
+    "_abortingCall", "_parsePOSTFormSubmission", "_tempDataLen", "_writeDisconnected", "_dataReceived",
+    "_aggregator", "_creatorCallable", "_tlsConnection", "_lostTLSConnection", "_aborted", "_flushSendBIO",
+    "_flushReceiveBIO", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished", "_lib", "_ssl",
+    "closeHandshakeTimeoutCall", "http_status_line"})
+# ...and names that are private only on someone else's object (ours on self): pool._factory.
+_PRIVATE_ON_OTHERS = frozenset({"_factory"})
+# The HTTP plane's modules were being split by other changes of issue 23 while their private
+# uses moved into pipegate._compat; each is switched to the _compat helpers at the merge,
+# and then leaves this set (which is to end empty).
+_NOT_YET_SWITCHED = frozenset({"http/relay.py", "http/connector.py", "http/pipe.py"})
+
+
+def private_uses(path: Path) -> list[str]:
+    """Where C{path} reaches one of the private names above."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if node.attr in _PRIVATE or (node.attr in _PRIVATE_ON_OTHERS and not on_self):
+                found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Constant) and node.value in _PRIVATE:
+            found.append(f"{node.lineno}: {node.value!r}")
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in _PRIVATE:
+            found.append(f"{node.lineno}: def {node.name}")
+        elif isinstance(node, ast.alias) and node.name.split(".")[-1] in _PRIVATE:
+            found.append(f"{node.lineno}: import {node.name}")
+    return found
+
+
+class PrivateNamesStayHere(unittest.TestCase):
+
+    def test_only_compat_reaches_private_names(self):
+        package = ROOT / "pipegate"
+        outside = {}
+        for path in sorted(package.rglob("*.py")):
+            relative = path.relative_to(package).as_posix()
+            if relative == "_compat.py" or relative in _NOT_YET_SWITCHED:
+                continue
+            uses = private_uses(path)
+            if uses:
+                outside[relative] = uses
+        self.assertEqual(outside, {},
+                         "private names of Twisted/pyOpenSSL/Autobahn outside pipegate/_compat.py")
+
+    def test_the_scan_sees_them(self):
+        # The HTTP-plane modules still hold theirs until the merge; the scan must find
+        # them (or, once they are switched, the exemption must go).
+        package = ROOT / "pipegate"
+        for relative in sorted(_NOT_YET_SWITCHED):
+            self.assertNotEqual(private_uses(package / relative), [],
+                                f"{relative} no longer uses private names: remove it from _NOT_YET_SWITCHED")
+        self.assertIn("5: .closeHandshakeTimeoutCall", private_uses(_write_sample(self)))
+
+
+def _write_sample(testcase) -> Path:
+    path = Path(testcase.mktemp() + ".py")
+    path.write_text("def f(protocol):\n    pass\n\n\n    protocol.closeHandshakeTimeoutCall = None\n")
+    return path
