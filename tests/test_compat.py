@@ -427,10 +427,6 @@ _PRIVATE = frozenset({
     "closeHandshakeTimeoutCall", "http_status_line"})
 # ...and names that are private only on someone else's object (ours on self): pool._factory.
 _PRIVATE_ON_OTHERS = frozenset({"_factory"})
-# The HTTP plane's modules were being split by other changes of issue 23 while their private
-# uses moved into pipegate._compat; each is switched to the _compat helpers at the merge,
-# and then leaves this set (which is to end empty).
-_NOT_YET_SWITCHED = frozenset({"http/relay.py", "http/connector.py", "http/pipe.py"})
 
 
 def private_uses(path: Path) -> list[str]:
@@ -457,7 +453,7 @@ class PrivateNamesStayHere(unittest.TestCase):
         outside = {}
         for path in sorted(package.rglob("*.py")):
             relative = path.relative_to(package).as_posix()
-            if relative == "_compat.py" or relative in _NOT_YET_SWITCHED:
+            if relative == "_compat.py":
                 continue
             uses = private_uses(path)
             if uses:
@@ -466,12 +462,6 @@ class PrivateNamesStayHere(unittest.TestCase):
                          "private names of Twisted/pyOpenSSL/Autobahn outside pipegate/_compat.py")
 
     def test_the_scan_sees_them(self):
-        # The HTTP-plane modules still hold theirs until the merge; the scan must find
-        # them (or, once they are switched, the exemption must go).
-        package = ROOT / "pipegate"
-        for relative in sorted(_NOT_YET_SWITCHED):
-            self.assertNotEqual(private_uses(package / relative), [],
-                                f"{relative} no longer uses private names: remove it from _NOT_YET_SWITCHED")
         self.assertIn("5: .closeHandshakeTimeoutCall", private_uses(_write_sample(self)))
 
 

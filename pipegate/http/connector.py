@@ -21,7 +21,8 @@ from twisted.web import client, http
 from pipegate.core import window
 from pipegate.http import frames, visitors
 from pipegate.http.outbound import ConnectorStream
-from pipegate.http.pipe import FrameLink, cancel_close_timer
+from pipegate._compat import cancel_close_timer, handshake_status_line, quiet_pool
+from pipegate.http.pipe import FrameLink
 from pipegate.http.target import ConnectorConfig
 from pipegate.core.redial import Redial
 from pipegate.dialer import Redialer, ReportingEndpoint, describe_connect_error
@@ -68,10 +69,6 @@ def explain_login_failure(lost: Failure | None, status_line: str, handshake_erro
                 "(a plain port needs ws://, not wss://)")
     return ("the connection closed before the WebSocket login finished "
             "(a TLS port needs wss://, not ws://)")
-
-
-class _QuietHTTPClientFactory(client._HTTP11ClientFactory):
-    noisy = False
 
 
 class ConnectorSession:
@@ -178,7 +175,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
             self.sendClose(frames.PROTOCOL_ERROR, str(e)[:100])
 
     def failHandshake(self, reason):
-        status_line = getattr(self, "http_status_line", "") or ""
+        status_line = handshake_status_line(self)
         parts = status_line.split(" ", 2)
         self._handshake_error = str(reason)
         if len(parts) >= 2 and parts[1] == "409":
@@ -194,7 +191,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
             self.session.lost()
         if not self._opened:
             self.factory.connector.login_failed(explain_login_failure(
-                self._lost_reason, getattr(self, "http_status_line", "") or "", self._handshake_error,
+                self._lost_reason, handshake_status_line(self), self._handshake_error,
                 bool(self.factory.isSecure)))
         self.factory.connector.link_down(self, code, reason)
 
@@ -229,7 +226,7 @@ class Connector(service.MultiService):
         # Keep as many idle connections as there can be streams: with fewer, every request
         # above the pool size dials the app anew (and resolves its name in a thread).
         self.pool.maxPersistentPerHost = config.max_streams
-        self.pool._factory = _QuietHTTPClientFactory  # no log lines per local connection
+        quiet_pool(self.pool)  # no log lines per local connection
         self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
         parts = urlsplit(server_url)
         secure = parts.scheme == "wss"

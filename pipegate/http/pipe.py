@@ -50,20 +50,6 @@ def filter_headers(raw: list[tuple[bytes, list[bytes]]] | frames.Headers, *,
     return tuple((n, v) for n, v in pairs if n.lower() not in strip)
 
 
-def cancel_close_timer(protocol) -> None:
-    """
-    Autobahn leaves its close-handshake timer pending when the TCP connection goes
-    first; cancel it so a closed link leaves nothing scheduled.
-    """
-    call = getattr(protocol, "closeHandshakeTimeoutCall", None)
-    protocol.closeHandshakeTimeoutCall = None
-    if call is not None:
-        try:
-            call.cancel()
-        except (AttributeError, ValueError):
-            pass  # already fired or cancelled
-
-
 class FrameLink:
     """
     The frame-sending half of a link's WebSocket protocol (relay and connector ends).

@@ -17,8 +17,10 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from pipegate import _compat
 from pipegate.http import frames, routing
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
@@ -55,7 +57,6 @@ class RelayRequest(server.Request):
     caller_gone = False
     _started_early = False
     _body_done = True
-    _parsePOSTFormSubmission = False
     _caller: Any = None
 
     def _trusted(self) -> TrustedProxies:
@@ -128,6 +129,7 @@ class RelayChannel(http.HTTPChannel):
     would hold the connection forever.
     """
 
+    log = Logger()  # (not HTTPChannel's private _log)
     _pg_early: RelayRequest | None = None
     _pg_in_head = True
     _pg_head_timer = None
@@ -144,13 +146,13 @@ class RelayChannel(http.HTTPChannel):
     def lineReceived(self, line):
         # Private names of HTTPChannel (__first_line, _path; Twisted 26.10.0), as in
         # allContentReceived below; test_http_e2e's raw UTF-8 test fails if they change.
-        raw = raw_request_line(line) if self._HTTPChannel__first_line and line else None
+        raw = raw_request_line(line) if _compat.first_line_pending(self) and line else None
         if raw is None:
             return super().lineReceived(line)
         encoded, target = raw
         super().lineReceived(encoded)
-        if getattr(self, "_path", None) == encoded.split(b" ")[1]:
-            self._path = target  # the app's bytes go on as the caller sent them
+        if _compat.request_path(self) == encoded.split(b" ")[1]:
+            _compat.set_request_path(self, target)  # the app's bytes go on as the caller sent them
 
     def dataReceived(self, data):
         if self._pg_in_head and self._pg_head_timer is None and data and self.timeOut:
@@ -159,7 +161,7 @@ class RelayChannel(http.HTTPChannel):
 
     def _pg_head_late(self):
         self._pg_head_timer = None
-        self._log.info("request head from {peer} not complete within {seconds:g} s; closing",
+        self.log.info("request head from {peer} not complete within {seconds:g} s; closing",
                        peer=str(self.transport.getPeer()), seconds=self.timeOut)
         self.timeoutConnection()
 
@@ -169,7 +171,7 @@ class RelayChannel(http.HTTPChannel):
         # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
         # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
         # leaves the reactor dirty if it changes.)
-        if self._abortingCall is None:
+        if not _compat.abort_pending(self):
             super().timeoutConnection()
 
     def _pg_cancel_head_timer(self):
@@ -190,14 +192,15 @@ class RelayChannel(http.HTTPChannel):
             # The 413 goes out at once (public_request); Twisted would send
             # "100 Continue" first and invite the body it is about to refuse.
             req.requestHeaders.removeHeader(b"expect")
-        early = self.site.relay_resource.wants_early_start(req, self._command, self._path, self.length)
+        command, path, version = _compat.parsed_request_line(self)
+        early = self.site.relay_resource.wants_early_start(req, command, path, self.length)
         if early:
             req._started_early = True
             req._body_done = self.length == 0
             self._pg_early = req
         super().allHeadersReceived()
         if early:
-            req.requestReceived(self._command, self._path, self._version)
+            req.requestReceived(command, path, version)
 
     def allContentReceived(self):
         self._pg_in_head = True   # the next bytes start the next request's head
@@ -205,19 +208,12 @@ class RelayChannel(http.HTTPChannel):
         if req is None:
             return super().allContentReceived()
         # The same resets as HTTPChannel.allContentReceived, without processing again.
-        self.length = 0
-        self._receivedHeaderCount = 0
-        self._receivedHeaderSize = 0
-        self._HTTPChannel__first_line = 1
-        self._transferDecoder = None
-        del self._command, self._path, self._version
+        _compat.reset_request_parser(self)
         req._body_done = True
         if req.finished or req not in self.requests:
             # Already answered: requestDone has moved the channel on (next request or close).
             return
-        if self.timeOut:
-            self._savedTimeOut = self.setTimeout(None)
-        self._handlingRequest = True
+        _compat.hold_for_request(self)
         self.setRawMode()
         if not req.caller_gone:
             req.body_complete()

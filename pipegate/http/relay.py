@@ -27,7 +27,8 @@ from pipegate.stats import Stats
 from pipegate.core.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.core.bucket import BucketPool
 from pipegate.core.budget import LogThrottle, source_key
-from pipegate.http.pipe import FrameLink, cancel_close_timer
+from pipegate._compat import cancel_close_timer
+from pipegate.http.pipe import FrameLink
 from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
