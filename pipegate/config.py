@@ -51,6 +51,14 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+def _appender(name: str, help: str):
+    """The C{opt_} method of repeatable option C{name} (usage.Options wants one argument)."""
+    def opt(self, value: str) -> None:
+        self.append(name, value)
+    opt.__doc__ = help
+    return opt
+
+
 class EnvOptions(usage.Options):
     """
     C{usage.Options} whose parameters and flags fall back to C{PIPEGATE_*} variables.
@@ -58,14 +66,35 @@ class EnvOptions(usage.Options):
     Subclasses list converters in C{converters = {"option-name": callable}}; each value,
     whether from the flag, the variable or the default, is converted once in
     L{postOptions} and any error names the option.
+
+    Repeatable options are listed as C{optRepeatable = [[name, split, help], ...]} (in
+    the class or a mixin): each gets its C{opt_} method, starts as an empty list and
+    reads C{PIPEGATE_<NAME>} (space-separated values with C{split}, else one value).
     """
 
     converters: Mapping[str, Callable[[str], Any]] = {}
     environ: Mapping[str, str] = os.environ
+    optRepeatable: list = []
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, _split, help in cls.repeatables():
+            setattr(cls, "opt_" + name.replace("-", "_"), _appender(name, help))
+
+    @classmethod
+    def repeatables(cls) -> list:
+        """Every C{optRepeatable} entry of the class and its bases (mixins included)."""
+        seen: dict[str, list] = {}
+        for klass in reversed(cls.__mro__):
+            for entry in klass.__dict__.get("optRepeatable", ()):
+                seen[entry[0]] = entry
+        return list(seen.values())
 
     def __init__(self) -> None:
         super().__init__()
         self._from_env: set[str] = set()   # repeatable options whose values came from a variable
+        for name, _split, _help in self.repeatables():
+            self[name] = []
 
     def append(self, name: str, value: str) -> None:
         """Add to a repeatable option; the first flag replaces what the variable gave."""
@@ -106,6 +135,8 @@ class EnvOptions(usage.Options):
         return script
 
     def _apply_env(self) -> None:
+        for name, split, _help in self.repeatables():
+            self.repeatable_from_env(name, split=split)
         names = [p[0] for p in getattr(self, "optParameters", [])]
         flags = [f[0] for f in getattr(self, "optFlags", [])]
         for name in names + flags:

@@ -5,7 +5,7 @@ A service's heap is mostly what it imported and built at startup (Twisted, autob
 pyOpenSSL, its configuration): a hundred thousand objects that live as long as the
 process.  CPython's oldest generation is collected again and again over all of them,
 each pass pausing the reactor for milliseconds, which showed as the tail of the
-request latency (p99 38-43 ms at p90 22 ms through relay + connector; benchmarks/README.md).
+request latency (p99 38-43 ms at p90 22 ms through relay + connector; git log -p benchmarks/README.md).
 L{FrozenStartupHeap} moves what exists once the reactor runs into the permanent
 generation (C{gc.freeze}), so later passes look only at objects made since.  Cycles
 among the frozen objects are never collected; they are startup state, meant to stay.

@@ -10,7 +10,7 @@ after the last one does the connector get the first; the connector answers 50,
 and only then does the relay get any answer.  Each process idled while the other
 worked (30-40 % of the two cores idle under C{wrk -c50}).  Links send each batch
 of frames as soon as it is written, so the next hop starts on the first request
-while this one is still reading the rest (benchmarks/README.md).
+while this one is still reading the rest (git log -p benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def connect_protocol(endpoint, protocol):
     Twisted's version builds a new factory class on every call, and that factory is
     noisy: "Starting factory ..." and "Stopping factory ..." in the service's log for
     every tunnelled connection, which also cost the provider a tenth of its CPU per
-    connection (py-spy, benchmarks/README.md).
+    connection (py-spy; git log -p benchmarks/README.md).
     """
     return endpoint.connect(_OneShotFactory(protocol))
 

@@ -111,3 +111,8 @@ class LayerTests(unittest.TestCase):
                        if (within(name, *http) and within(dep, *ports)) or (within(name, *ports) and within(dep, *http)))
         self.assertEqual(wrong, [])
 
+
+    def test_no_module_over_the_limit(self):
+        long = {name: n for name, path in modules().items()
+                if (n := len(path.read_text().splitlines())) > MAX_LINES}
+        self.assertEqual(long, {})

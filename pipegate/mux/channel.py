@@ -24,7 +24,7 @@ from pipegate.sockets import eager_writes, no_delay, socket_transport
 # byte moved; just under glibc's 128 KiB mmap threshold, so each read's bytes come from
 # the heap (a larger read costs an mmap, an mremap, a munmap and page faults: see
 # pipegate.sockets.bounded_reads).  One stream through gateway + provider: 577-677 ->
-# 657-852 MB/s, 2.5-3.0 -> 2.0-2.5 CPU-s/GB (benchmarks/README.md).
+# 657-852 MB/s, 2.5-3.0 -> 2.0-2.5 CPU-s/GB (git log -p benchmarks/README.md).
 CHANNEL_SOCKET_BUFFER = 130_048
 
 _Data = frames.Data

@@ -232,21 +232,11 @@ HUB_CONVERTERS["mux-max-conns"] = non_negative_int
 class HubOptions:
     """C{--mux} and C{--mux-router}, repeatable, for an L{EnvOptions} that lists L{HUB_PARAMETERS}."""
 
-    def init_hub(self) -> None:
-        self["mux"] = []
-        self["mux-router"] = []
-
-    def opt_mux(self, value: str) -> None:
-        """Server endpoint where providers and gateways meet (port plane hub, TLS added); repeatable."""
-        self.append("mux", value)
-
-    def opt_mux_router(self, value: str) -> None:
-        """A router secret the hub admits (64 hex characters); repeatable, one router each."""
-        self.append("mux-router", value)
-
-    def apply_hub_env(self) -> None:
-        for name in ("mux", "mux-router"):
-            self.repeatable_from_env(name, split=True)
+    optRepeatable = [
+        ["mux", True, "Server endpoint where providers and gateways meet (port plane hub, TLS added); "
+                      "repeatable."],
+        ["mux-router", True, "A router secret the hub admits (64 hex characters); repeatable, one router each."],
+    ]
 
     def check_hub(self) -> None:
         if not self["mux"]:

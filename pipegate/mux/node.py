@@ -69,26 +69,11 @@ class MuxOptions(EnvOptions):
         "mux-max-conns-per-ip": non_negative_int,
         "mux-max-conns": non_negative_int,
     }
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["mux"] = []
-        self["connect"] = []
-
-    def opt_mux(self, value: str) -> None:
-        """Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."""
-        self.append("mux", value)
-
-    def opt_connect(self, value: str) -> None:
-        """Client endpoint of a peer to dial (e.g. tcp:gw.example.com:7000); repeatable. TLS is added."""
-        self.append("connect", value)
-
-    def _apply_env(self) -> None:
-        super()._apply_env()
-        if "ingress-policy" in self:
-            self.repeatable_from_env("ingress-policy")
-        for name in ("mux", "connect"):
-            self.repeatable_from_env(name, split=True)
+    optRepeatable = [
+        ["mux", True, "Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."],
+        ["connect", True, "Client endpoint of a peer to dial (e.g. tcp:gw.example.com:7000); repeatable. "
+                          "TLS is added."],
+    ]
 
     def check(self) -> None:
         if not self["router"]:

@@ -322,8 +322,8 @@ class MuxLink(Protocol):
             # buffering TLS layer holds writes under 64 KB until the end of the turn, then
             # makes them one TLS record and one send.  Under redis-benchmark -c 50 -P 1 a
             # turn carries many small replies; one record and one send each made gateway +
-            # provider spend about 60 µs of CPU per request, batched about 36
-            # (benchmarks/README.md).  DATA of SEND_AT_ONCE bytes or more (bulk: copying it
+            # provider spend about 60 µs of CPU per request, batched about 36 (git log -p
+            # benchmarks/README.md).  DATA of SEND_AT_ONCE bytes or more (bulk: copying it
             # into a batch would cost more than its own record) and every other frame
             # (WINDOW: the peer waits for it; OPEN, FIN, RESET, ...) go now, after what is held.
             if type(frame) not in _COALESCED or len(frame.data) >= SEND_AT_ONCE:

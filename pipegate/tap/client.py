@@ -57,28 +57,11 @@ class Options(EnvOptions):
         "inspect-body-bytes": non_negative_int,
         "drain-timeout": non_negative_float,
     }
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in ("basic-auth", "allow", "deny"):
-            self[name] = []
-
-    def opt_basic_auth(self, value: str) -> None:
-        """USER:PASSWORD callers must give (HTTP basic auth, checked by the relay); repeatable."""
-        self.append("basic-auth", value)
-
-    def opt_allow(self, value: str) -> None:
-        """Only callers from this IP or CIDR (IPv4/IPv6) may reach the tunnel; repeatable."""
-        self.append("allow", value)
-
-    def opt_deny(self, value: str) -> None:
-        """Callers from this IP or CIDR get 403 (beats --allow); repeatable."""
-        self.append("deny", value)
-
-    def _apply_env(self) -> None:
-        super()._apply_env()
-        for name in ("basic-auth", "allow", "deny"):
-            self.repeatable_from_env(name, split=True)   # space-separated lists
+    optRepeatable = [   # (variables: space-separated lists)
+        ["basic-auth", True, "USER:PASSWORD callers must give (HTTP basic auth, checked by the relay); repeatable."],
+        ["allow", True, "Only callers from this IP or CIDR (IPv4/IPv6) may reach the tunnel; repeatable."],
+        ["deny", True, "Callers from this IP or CIDR get 403 (beats --allow); repeatable."],
+    ]
 
     def parseArgs(self, target_url=None, server_url=None):
         self["target-url"] = target_url or self.environ.get("PIPEGATE_TARGET_URL")

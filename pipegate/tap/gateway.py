@@ -72,14 +72,10 @@ class Options(DockerOptionsMixin, MuxOptions):
                   "max-conns": auto_or_non_negative_int, "max-flows-per-ip": auto_or_non_negative_int,
                   "max-flows": auto_or_non_negative_int, "gate-backlog": positive_int, "gate-ports": parse_port_ranges,
                   "udp-hold": positive_int, "udp-hold-total": positive_int, **DOCKER_CONVERTERS}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["ingress-policy"] = []
-
-    def opt_ingress_policy(self, value: str) -> None:
-        """The operator's ingress policy (beats every provider's): inline JSON, a file or a URL; repeatable."""
-        self.append("ingress-policy", value)
+    optRepeatable = [
+        ["ingress-policy", False, "The operator's ingress policy (beats every provider's): inline JSON, a file "
+                                  "or a URL; repeatable."],
+    ]
 
     def check(self) -> None:
         super().check()

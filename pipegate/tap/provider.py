@@ -61,23 +61,12 @@ class Options(DockerOptionsMixin, MuxOptions):
                   "docker-max-ports": non_negative_int,
                   "max-backends": auto_or_non_negative_int, "max-backends-per-ip": auto_or_non_negative_int,
                   "max-udp-backends": auto_or_non_negative_int, **DOCKER_CONVERTERS}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["services"] = []
-        self["ingress-policy"] = []
-
-    def opt_ingress_policy(self, value: str) -> None:
-        """Ingress policy shipped to gateways: inline JSON, a file or an http(s) URL; repeatable, merged."""
-        self.append("ingress-policy", value)
-
-    def opt_services(self, value: str) -> None:
-        """Services: inline JSON, a file or an http(s) URL; a list or {"services": [...]}; repeatable."""
-        self.append("services", value)
-
-    def _apply_env(self) -> None:
-        super()._apply_env()
-        self.repeatable_from_env("services")
+    optRepeatable = [
+        ["services", False, 'Services: inline JSON, a file or an http(s) URL; a list or {"services": [...]}; '
+                            "repeatable."],
+        ["ingress-policy", False, "Ingress policy shipped to gateways: inline JSON, a file or an http(s) URL; "
+                                  "repeatable, merged."],
+    ]
 
     def check(self) -> None:
         super().check()

@@ -98,26 +98,12 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
         "max-connections-per-ip": non_negative_int,
         "backlog": positive_int,
     }
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["ingress-policy"] = []
-        self["trusted-proxy"] = []
-        self.init_hub()
-
-    def opt_ingress_policy(self, value: str) -> None:
-        """Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; repeatable."""
-        self.append("ingress-policy", value)
-
-    def opt_trusted_proxy(self, value: str) -> None:
-        """Proxy whose X-Forwarded-For/-Proto the relay believes: IP, CIDR or comma list; repeatable."""
-        self.append("trusted-proxy", value)
-
-    def _apply_env(self) -> None:
-        super()._apply_env()
-        self.apply_hub_env()
-        self.repeatable_from_env("ingress-policy")
-        self.repeatable_from_env("trusted-proxy")   # one comma list
+    optRepeatable = [
+        ["ingress-policy", False, "Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; "
+                                  "repeatable."],
+        ["trusted-proxy", False, "Proxy whose X-Forwarded-For/-Proto the relay believes: IP, CIDR or comma "
+                                 "list; repeatable."],   # (the variable: one comma list)
+    ]
 
     def check(self) -> None:
         try:
