@@ -19,9 +19,18 @@ from pipegate.core.codec import FrameError
 MAX_DATA = 65_536
 # The credit a stream direction starts with (both planes' default --window).
 INITIAL_WINDOW = 262_144
+# The largest credit one WINDOW frame may carry (both planes).
+MAX_WINDOW_INCREMENT = 2**31 - 1
 # A sink (socket, consumer) that stays full this long (seconds) is not keeping up: its
 # window goes back to the initial credit.
 SLOW_SINK = 0.1
+
+
+def checked_increment(increment: int) -> int:
+    """A WINDOW frame's credit, checked (both planes, encoding and decoding): 1 to 2**31 - 1."""
+    if not 0 < increment <= MAX_WINDOW_INCREMENT:
+        raise FrameError(f"WINDOW increment {increment}")
+    return increment
 
 
 @attrs.define

@@ -151,6 +151,7 @@ def endpoint_port(description: str, default: int = 443) -> int:
 # -- the service
 
 
+@attrs.define(eq=False, slots=False)
 class AcmeManager(service.Service):
     """
     Keeps certificates for C{domain} and the subdomains of logged-in tunnels.  C{run(f,
@@ -160,22 +161,23 @@ class AcmeManager(service.Service):
 
     log = Logger()
 
-    def __init__(self, domain: str, store: CertStore, selector, issuer, clock: IReactorTime,
-                 run: Callable[..., defer.Deferred], max_orders: int = 2,
-                 live: Callable[[str], bool] = lambda name: True, on_stop: Callable[[], object] | None = None) -> None:
-        self.domain = domain.lower().strip(".")
-        self.store = store
-        self.selector = selector
-        self.issuer = issuer
-        self.clock = clock
-        self.run = run
-        self.live = live
-        self.on_stop = on_stop
-        self.scheduler = OrderScheduler(max_orders)
-        self.held: dict[str, StoredCertificate] = {}
-        self.stats = Stats()
-        self._timer: IDelayedCall | None = None
-        self._skipped: set[str] = set()
+    domain: str = attrs.field(converter=lambda name: name.lower().strip("."))
+    store: CertStore
+    selector: object
+    issuer: object
+    clock: IReactorTime
+    run: Callable[..., defer.Deferred]
+    max_orders: int = 2
+    live: Callable[[str], bool] = lambda name: True
+    on_stop: Callable[[], object] | None = None
+    scheduler: OrderScheduler = attrs.field(init=False)
+    held: dict[str, StoredCertificate] = attrs.field(factory=dict, init=False)
+    stats: Stats = attrs.field(factory=Stats, init=False)
+    _timer: IDelayedCall | None = attrs.field(default=None, init=False)
+    _skipped: set[str] = attrs.field(factory=set, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.scheduler = OrderScheduler(self.max_orders)
 
     # -- events
     def startService(self) -> None:

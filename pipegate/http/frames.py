@@ -13,14 +13,13 @@ import attrs
 
 from pipegate.core.codec import FrameError, Reader
 from pipegate.core.codec import str8 as _str8, str16 as _str16
-from pipegate.core.window import MAX_DATA
+from pipegate.core.window import MAX_DATA, checked_increment
 
 SUBPROTOCOL = "pipegate.v1"
 PROTOCOL_ERROR = 4002  # WebSocket close code for a pipegate.v1 protocol error
 MAX_FRAME_SIZE = 262_144
 MAX_WINDOW = 4_194_304        # default credit a stream's window may grow to (--max-window)
 WINDOW_BUDGET = 8_388_608     # default growth shared by all streams of a service (--window-budget)
-MAX_WINDOW_INCREMENT = 2**31 - 1
 
 REQUEST_HEAD = 0x01
 RESPONSE_HEAD = 0x02
@@ -123,9 +122,7 @@ def _encode(frame: Frame) -> bytes:
                 raise FrameError(f"DATA payload of {len(data)} bytes")
             return _HEADER.pack(DATA, stream) + data
         case Window(stream, increment):
-            if not 0 < increment <= MAX_WINDOW_INCREMENT:
-                raise FrameError(f"WINDOW increment {increment}")
-            return _HEADER.pack(WINDOW, stream) + struct.pack(">I", increment)
+            return _HEADER.pack(WINDOW, stream) + struct.pack(">I", checked_increment(increment))
         case End(stream):
             return _HEADER.pack(END, stream)
         case Reset(stream, code, reason):
@@ -185,10 +182,7 @@ def decode(message: bytes) -> Frame:
             raise FrameError(f"DATA payload of {size} bytes")
         return Data(stream, message[_HEADER.size:])
     elif kind == WINDOW:
-        increment = r.u32()
-        if not 0 < increment <= MAX_WINDOW_INCREMENT:
-            raise FrameError(f"WINDOW increment {increment}")
-        frame = Window(stream, increment)
+        frame = Window(stream, checked_increment(r.u32()))
     elif kind == END:
         frame = End(stream)
     elif kind == RESET:

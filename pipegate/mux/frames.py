@@ -17,7 +17,7 @@ import attrs
 
 from pipegate.core.codec import FrameError, Reader
 from pipegate.core.codec import str8 as _str8, str16 as _str16
-from pipegate.core.window import MAX_DATA  # the DATA payload bound, shared with the HTTP plane
+from pipegate.core.window import MAX_DATA, checked_increment  # (MAX_DATA: shared with the HTTP plane)
 
 VERSION = 1
 MAX_FRAME_SIZE = 1_048_576        # default limit on a frame's declared length (--max-frame-size)
@@ -26,7 +26,6 @@ INITIAL_WINDOW = 262_144          # default per-channel credit (--window)
 MAX_WINDOW = 2_097_152            # default credit a channel may grow to (--max-window)
 WINDOW_BUDGET = 2_097_152         # default growth shared by all channels of a service (--window-budget)
 HUB_MAX_WINDOW = 4_194_304        # default credit a hub lets an end grant (--mux-max-window): the ends' old default
-MAX_WINDOW_INCREMENT = 2**31 - 1
 ROUTES_MAX = 4096                 # routes in one ROUTES frame
 NONCE_SIZE = 32
 MAC_SIZE = 32
@@ -305,9 +304,7 @@ def _encode(frame: Frame) -> tuple[int, int, bytes]:
             return DATAGRAM, channel, bytes(data)
         case Window(channel, increment):
             _check_channel(channel, "WINDOW")
-            if not 0 < increment <= MAX_WINDOW_INCREMENT:
-                raise FrameError(f"WINDOW increment {increment}")
-            return WINDOW, channel, struct.pack(">I", increment)
+            return WINDOW, channel, struct.pack(">I", checked_increment(increment))
         case Fin(channel):
             _check_channel(channel, "FIN")
             return FIN, channel, b""
@@ -415,10 +412,7 @@ def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
     r = _Reader(payload)
     frame: Frame
     if kind == WINDOW:
-        increment = r.u32()
-        if not 0 < increment <= MAX_WINDOW_INCREMENT:
-            raise FrameError(f"WINDOW increment {increment}")
-        frame = Window(channel, increment)
+        frame = Window(channel, checked_increment(r.u32()))
     elif kind == FIN:
         frame = Fin(channel)
     elif kind == RESET:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import uuid
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -120,20 +121,19 @@ class _Capture(Protocol):
             self.done.errback(reason)
 
 
+@attrs.define(eq=False)
 class Replayer:
     """Replays entries of C{recorder} to the app at C{target} with C{agent}."""
 
     log = Logger()
 
-    def __init__(self, recorder: Recorder, agent, target, clock, timeout: float = REPLAY_TIMEOUT,
-                 max_running: int = MAX_REPLAYS) -> None:
-        self.recorder = recorder
-        self.agent = agent
-        self.target = target
-        self.clock = clock
-        self.timeout = timeout
-        self.max_running = max_running
-        self.running: set[defer.Deferred] = set()
+    recorder: Recorder
+    agent: object
+    target: object
+    clock: object
+    timeout: float = REPLAY_TIMEOUT
+    max_running: int = MAX_REPLAYS
+    running: set[defer.Deferred] = attrs.field(factory=set, init=False)
 
     def replay(self, entry_id: str, overrides: dict) -> defer.Deferred[Entry]:
         """Fires with the new entry once the app has answered in full (or failed)."""
