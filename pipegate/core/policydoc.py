@@ -280,16 +280,17 @@ def merge_documents(docs: Sequence[object]) -> dict:
     nulls replace; C{__proto__}, C{prototype} and C{constructor} are dropped at every
     level; keys keep their first-appearance order.  The inputs are not modified.
     """
-    cleaned = []
-    for index, doc in enumerate(docs):
-        label = f"document {index}"
-        if not isinstance(doc, dict):
-            raise PolicyError(f"{label}: expected a JSON object, got {_show(doc)}")
-        try:
-            cleaned.append(_clean(doc, ()))
-        except _Invalid as e:
-            raise PolicyError(e.text(label)) from None
-    return _merge_clean(cleaned)
+    return _merge_clean([_cleaned(doc, f"document {index}", "a JSON object") for index, doc in enumerate(docs)])
+
+
+def _cleaned(doc: object, label: str, expected: str) -> dict:
+    """C{doc} (from C{label}) without its dropped keys; not an object: L{PolicyError}."""
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{label}: expected {expected}, got {_show(doc)}")
+    try:
+        return _clean(doc, ())
+    except _Invalid as e:
+        raise PolicyError(e.text(label)) from None
 
 
 def _depth_in(doc: Any, path: tuple) -> int:
@@ -344,12 +345,7 @@ def load_policy(sources: Sequence[str], fetch: Fetch | None = None) -> tuple[Pol
             doc = load_source(source, fetch)
         except SourceError as e:
             raise PolicyError(str(e)) from None
-        if not isinstance(doc, dict):
-            raise PolicyError(f'{label}: expected a JSON object {{"defaults": ..., "ips": ...}}, got {_show(doc)}')
-        try:
-            docs.append(_clean(doc, ()))
-        except _Invalid as e:
-            raise PolicyError(e.text(label)) from None
+        docs.append(_cleaned(doc, label, 'a JSON object {"defaults": ..., "ips": ...}'))
         labels.append(label)
     merged = _merge_clean(docs)
     try:
