@@ -28,6 +28,8 @@ DATAGRAM_OVERHEAD = 64
 EVICT_MIN_IDLE = 5.0
 UDP_BUFFER = 2_097_152  # default --udp-buffer: SO_RCVBUF and SO_SNDBUF of every UDP socket
 
+_Datagram = frames.Datagram
+
 
 def set_buffers(port, size: int) -> None:
     """
@@ -140,7 +142,7 @@ class Flow(LinkChannel):
     def frame_received(self, frame) -> None:
         if self.done:
             return
-        if isinstance(frame, frames.Datagram):
+        if type(frame) is _Datagram:
             self.touch()
             self.write(frame.data)
         elif isinstance(frame, (frames.Reset, frames.Fin)):
