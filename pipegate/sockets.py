@@ -210,7 +210,21 @@ class _QuietUDPPort(udp.Port):
         if not self._draining:
             self._wakeups += 1
             if self._wakeups < DRAIN_PROBE:
-                self._read_one()
+                # _read_one and _deliver, inline: this is once per datagram of a flow.
+                try:
+                    data, addr = self.socket.recvfrom(self.maxPacketSize)
+                except OSError as e:
+                    if e.args[0] in _UDP_READ_REFUSED:
+                        self.protocol.connectionRefused()
+                    elif e.args[0] not in _UDP_READ_IGNORED:
+                        raise
+                    return
+                if self.addressFamily == socket.AF_INET6:
+                    addr = addr[:2]
+                try:
+                    self.protocol.datagramReceived(data, addr)
+                except BaseException:
+                    log.err()
                 return
             self._wakeups = 0
         read = count = 0
@@ -229,17 +243,6 @@ class _QuietUDPPort(udp.Port):
             count += 1
             self._deliver(protocol, data, addr)
         self._draining = True
-
-    def _read_one(self):
-        try:
-            data, addr = self.socket.recvfrom(self.maxPacketSize)
-        except OSError as e:
-            if e.args[0] in _UDP_READ_REFUSED:
-                self.protocol.connectionRefused()
-            elif e.args[0] not in _UDP_READ_IGNORED:
-                raise
-            return
-        self._deliver(self.protocol, data, addr)
 
     def _deliver(self, protocol, data, addr):
         if self.addressFamily == socket.AF_INET6:
