@@ -122,6 +122,41 @@ class ChannelWindow(unittest.TestCase):
         self.assertEqual(budget.used, 0)
 
 
+class ChannelIdleTimeout(unittest.TestCase):
+    """A gate connection's idle timeout counts from the last byte either way."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.link = RecordingLink()
+        self.channel = StreamChannel(WINDOW)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+        self.channel.set_idle_timeout(self.clock, 10.0)
+        self.channel.attach(self.link, 1)
+
+    def test_traffic_either_way_postpones_it(self):
+        self.clock.advance(6)
+        self.channel.dataReceived(b"up")             # from the socket
+        self.clock.advance(6)                        # 12 s: 6 after the last byte
+        self.assertFalse(self.channel.done)
+        self.channel.frame_received(frames.Data(1, b"down"))   # from the link
+        self.clock.advance(9.5)                      # 21.5 s: 9.5 after the last byte
+        self.assertFalse(self.channel.done)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.5)
+        self.assertTrue(self.channel.done)
+        self.assertIn(frames.Reset(1, "idle timeout"), self.link.sent)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_an_idle_channel_closes_on_time(self):
+        self.clock.advance(9.9)
+        self.assertFalse(self.channel.done)
+        self.clock.advance(0.1)
+        self.assertTrue(self.channel.done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class ChannelMemory(unittest.TestCase):
 
     def test_an_idle_channel_costs_under_one_kib(self):

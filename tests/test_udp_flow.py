@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from twisted.internet import reactor
@@ -11,7 +12,8 @@ from twisted.trial import unittest
 
 from pipegate.mux import frames
 from pipegate.ports.gateway import Gateway, GatewayConfig
-from pipegate.ports.udp import Flow, set_buffers
+from pipegate.ports.udp import Flow, datagram_sender, set_buffers
+from pipegate.sockets import DRAIN_PROBE, _QuietUDPPort
 
 
 class FakeLink:
@@ -23,6 +25,9 @@ class FakeLink:
 
     def send(self, frame) -> None:
         self.sent.append(frame)
+
+    def send_datagram(self, channel_id: int, data: bytes) -> None:
+        self.sent.append(frames.Datagram(channel_id, data))
 
     def release_channel(self, channel_id: int, holder=None) -> bool:
         self.removed.append(channel_id)
@@ -138,3 +143,101 @@ class SocketBufferTests(unittest.TestCase):
                 limit = int(f.read())
             # Linux keeps twice the (capped) value asked for, for its bookkeeping.
             self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, option), 2 * min(size, limit))
+
+
+class FakeUDPSocket:
+    """A socket's C{recvfrom}/C{send}/C{sendto}: pending datagrams, then EAGAIN; counts the calls."""
+
+    def __init__(self, send_error: int | None = None) -> None:
+        self.pending: list[bytes] = []
+        self.calls = 0
+        self.sent: list = []
+        self.send_error = send_error
+
+    def recvfrom(self, size: int):
+        self.calls += 1
+        if not self.pending:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        return self.pending.pop(0), ("127.0.0.1", 53)
+
+    def send(self, data: bytes) -> int:
+        if self.send_error is not None:
+            raise OSError(self.send_error, "refused")
+        self.sent.append(data)
+        return len(data)
+
+    def sendto(self, data: bytes, addr) -> int:
+        if self.send_error is not None:
+            raise OSError(self.send_error, "refused")
+        self.sent.append((data, addr))
+        return len(data)
+
+    def getHandle(self):
+        return self
+
+
+class Recorder(DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def datagramReceived(self, data, addr) -> None:
+        self.received.append(data)
+
+
+class FlowSocketReadTests(unittest.TestCase):
+    """A per-flow socket (listen_udp_quietly) reads one datagram per wakeup, draining now and then."""
+
+    def setUp(self) -> None:
+        self.protocol = Recorder()
+        self.port = _QuietUDPPort(0, self.protocol, "127.0.0.1", 65535, Clock())
+        self.port.socket = self.sock = FakeUDPSocket()
+        self.port.protocol = self.protocol
+
+    def test_request_response_costs_one_read_per_datagram(self) -> None:
+        for i in range(DRAIN_PROBE - 1):
+            self.sock.pending.append(b"%d" % i)
+            self.port.doRead()
+        self.assertEqual(self.sock.calls, DRAIN_PROBE - 1)   # no EAGAIN probe
+        self.assertEqual(len(self.protocol.received), DRAIN_PROBE - 1)
+        self.sock.pending.append(b"last")
+        self.port.doRead()     # the probe: reads it, then meets EAGAIN
+        self.assertEqual(self.sock.calls, DRAIN_PROBE + 1)
+        self.assertEqual(self.protocol.received[-1], b"last")
+
+    def test_a_busy_flow_is_drained_every_wakeup(self) -> None:
+        self.sock.pending.extend(b"x" for _ in range(100))
+        wakeups = 0
+        while self.sock.pending:
+            self.port.doRead()
+            wakeups += 1
+        self.assertEqual(len(self.protocol.received), 100)
+        self.assertLessEqual(wakeups, DRAIN_PROBE)
+        # still draining: 5 waiting datagrams are read in one wakeup
+        self.sock.pending.extend(b"y" for _ in range(5))
+        self.port.doRead()
+        self.assertEqual(self.sock.pending, [])
+        # a drain that finds only one datagram goes back to one read per wakeup
+        self.sock.pending.append(b"z")
+        self.port.doRead()
+        calls = self.sock.calls
+        self.sock.pending.append(b"w")
+        self.port.doRead()
+        self.assertEqual(self.sock.calls, calls + 1)
+        self.assertEqual(len(self.protocol.received), 107)
+
+
+class DatagramSenderTests(unittest.TestCase):
+    def test_sends_connected_and_to_an_address(self) -> None:
+        sock = FakeUDPSocket()
+        send = datagram_sender(sock)
+        send(b"a")
+        send(b"b", ("127.0.0.2", 9))
+        self.assertEqual(sock.sent, [b"a", (b"b", ("127.0.0.2", 9))])
+
+    def test_a_refused_datagram_is_dropped_and_counted(self) -> None:
+        for error in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED, errno.EMSGSIZE):
+            drops = []
+            send = datagram_sender(FakeUDPSocket(send_error=error), lambda: drops.append(1))
+            send(b"a")           # no exception: it would close the link that carried it
+            send(b"b", ("127.0.0.2", 9))
+            self.assertEqual(drops, [1, 1])

@@ -53,14 +53,21 @@ class StreamChannel(Protocol):
     def set_idle_timeout(self, clock, seconds: float) -> None:
         """Close the channel after C{seconds} with no byte in either direction."""
         if seconds > 0:
+            self._idle_clock = clock
             self._idle_seconds = seconds
+            self._last_active = clock.seconds()
             self._idle_timer = clock.callLater(seconds, self._idle)
 
     def _touch(self) -> None:
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self._idle_seconds)
+        # The idle timer is not reset per message (DelayedCall.active and .reset, twice
+        # per request at a gate); it checks the time of the last byte when it fires.
+        self._last_active = self._idle_clock.seconds()
 
     def _idle(self) -> None:
+        remaining = self._last_active + self._idle_seconds - self._idle_clock.seconds()
+        if remaining > 0 and not self.done:
+            self._idle_timer = self._idle_clock.callLater(remaining, self._idle)
+            return
         self._idle_timer = None
         if not self.done and self.link is not None:
             self.link.send(frames.Reset(self.channel_id, "idle timeout"))

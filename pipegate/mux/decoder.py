@@ -11,7 +11,8 @@ import struct
 from pipegate.core.codec import FrameError
 from pipegate.core.window import MAX_DATA
 from pipegate.mux.frames import (
-    DATA, HEADER_SIZE, MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, Data, Frame, decode_body,
+    DATA, DATAGRAM, HEADER_SIZE, MAX_DATAGRAM, MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, Data, Datagram, Frame,
+    decode_body,
 )
 
 _LENGTH = struct.Struct(">I")     # the length prefix (as frames.encode writes it)
@@ -25,6 +26,7 @@ def _check_limit(max_frame_size: int) -> None:
 
 _PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
 _MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
+_MAX_DATAGRAM_SIZE = HEADER_SIZE + MAX_DATAGRAM  # the largest declared length of a DATAGRAM frame
 _SMALL_READ = 4096
 
 
@@ -150,6 +152,9 @@ class FrameDecoder:
             if kind == DATA and channel and HEADER_SIZE < size <= _MAX_DATA_SIZE:
                 # _decode_body's checks for DATA, inline: one per message under request/response load
                 frames.append(Data(channel, data[offset + _PREFIX:offset + total]))
+            elif kind == DATAGRAM and channel and size <= _MAX_DATAGRAM_SIZE:
+                # and for DATAGRAM: one per UDP datagram carried
+                frames.append(Datagram(channel, data[offset + _PREFIX:offset + total]))
             else:
                 frames.append(decode_body(kind, channel, data[offset + _PREFIX:offset + total]))
             offset += total

@@ -332,15 +332,23 @@ class MuxLink(Protocol):
     def send(self, frame) -> None:
         """Send a frame on an admitted link (dropped once the link is closed)."""
         if self.admitted:
-            if type(frame) is _Datagram:  # one per UDP datagram: without encode's dispatch
-                wire = frames.encode_datagram(frame.channel, frame.data)
-                self.stats.inc("bytes", self._sent, len(frame.data))
-                if not self.closed and self.transport is not None:
-                    self.transport.write(wire)  # sent with the turn's other frames (_write)
+            if type(frame) is _Datagram:
+                self.send_datagram(frame.channel, frame.data)
                 return
             if type(frame) in _PAYLOAD:
                 self.stats.inc("bytes", self._sent, len(frame.data))
             self._write(frame)
+
+    def send_datagram(self, channel_id: int, data: bytes) -> None:
+        """
+        C{send(Datagram(channel_id, data))} without the frame object and C{encode}'s
+        dispatch: one per UDP datagram carried.  Sent with the turn's other frames (L{_write}).
+        """
+        if self.admitted and not self.closed and self.transport is not None:
+            wire = frames.encode_datagram(channel_id, data)
+            counts, key = self.stats.counts, self._sent_key
+            counts[key] = counts.get(key, 0) + len(data)
+            self.transport.write(wire)
 
     def send_data(self, channel_id: int, chunks) -> None:
         """Send DATA frames for C{chunks} in one write: with the turn's other frames when small (L{_write})."""

@@ -21,7 +21,7 @@ from pipegate.mux.channel import StreamChannel
 from pipegate.stats import Stats
 from pipegate.core.bucket import datagram_allowed
 from pipegate.throttle import Shaper
-from pipegate.ports.udp import Flow, Hold
+from pipegate.ports.udp import Flow, Hold, datagram_sender
 
 
 class GateOwner(TypingProtocol):
@@ -145,6 +145,7 @@ class UDPGate(DatagramProtocol):
         self.gateway = gateway
         self.key = key
         self.flows: dict[tuple, Flow] = {}
+        self._send = None   # datagram_sender(self.transport), made at the first flow
 
     def datagramReceived(self, data, addr):
         gateway = self.gateway
@@ -166,12 +167,18 @@ class UDPGate(DatagramProtocol):
             if decision.limit is not None:
                 up, down, release = gateway.buckets(addr[0], decision.limit)
 
-            def deliver(datagram, addr=addr, down=down):
-                if datagram_allowed(down, len(datagram), gateway.clock.seconds(), _burst(down)):
-                    self.transport.write(datagram, addr)
-                else:
-                    gateway.dropped_datagrams += 1
-                    gateway.stats.inc("dropped_datagrams")
+            send = self._send
+            if send is None:
+                send = self._send = datagram_sender(self.transport, self._dropped)
+            if down is None:
+                def deliver(datagram, addr=addr):
+                    send(datagram, addr)
+            else:
+                def deliver(datagram, addr=addr, down=down):
+                    if datagram_allowed(down, len(datagram), gateway.clock.seconds(), down.burst):
+                        send(datagram, addr)
+                    else:
+                        self._dropped()
 
             def done(f, addr=addr, release=release, source=source):
                 self.flows.pop(addr, None)
@@ -193,16 +200,17 @@ class UDPGate(DatagramProtocol):
             self._outbound(flow, data)
 
     def _outbound(self, flow: Flow, data: bytes) -> None:
-        if datagram_allowed(flow.up, len(data), self.gateway.clock.seconds(), _burst(flow.up)):
+        up = flow.up
+        if up is None or datagram_allowed(up, len(data), self.gateway.clock.seconds(), up.burst):
             flow.outbound(data)
         else:
-            self.gateway.dropped_datagrams += 1
-            self.gateway.stats.inc("dropped_datagrams")
+            self._dropped()
+
+    def _dropped(self) -> None:
+        self.gateway.dropped_datagrams += 1
+        self.gateway.stats.inc("dropped_datagrams")
 
     def stop(self) -> None:
         for flow in list(self.flows.values()):
             flow.close()
 
-
-def _burst(bucket) -> float:
-    return bucket.burst if bucket is not None else 0.0

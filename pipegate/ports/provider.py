@@ -25,7 +25,8 @@ from pipegate.mux.session import LinkChannel
 from pipegate.ports import proxyprotocol
 from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
-from pipegate.ports.udp import EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, evict_idle, set_buffers
+from pipegate.ports.udp import (
+    EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, datagram_sender, evict_idle, set_buffers)
 from pipegate.sockets import connect_protocol, listen_udp_quietly, stream_endpoint
 
 
@@ -280,7 +281,8 @@ class Provider(service.Service, Drainer):
                 self.log.debug("UDP flow {channel} to {host}:{port} closed", channel=channel,
                                host=address, port=svc.service_port)
                 return listening.stopListening()
-            flow = Flow(self.reactor, self.config.udp_idle_timeout, socket.transport.write, done)
+            flow = Flow(self.reactor, self.config.udp_idle_timeout, None, done)
+            flow.write = datagram_sender(listening, flow.count_drop)
             self.flow_summary.flow_opened()
             self.log.debug("UDP flow {channel} to {host}:{port} open", channel=channel,
                            host=address, port=svc.service_port)
