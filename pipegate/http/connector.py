@@ -20,7 +20,7 @@ from twisted.web import client, http
 
 from pipegate.core import window
 from pipegate.http import frames, visitors
-from pipegate.http.outbound import ConnectorStream
+from pipegate.http.outbound import AppEndpoints, ConnectorStream
 from pipegate._compat import cancel_close_timer, handshake_status_line, quiet_pool
 from pipegate.http.pipe import FrameLink
 from pipegate.http.target import ConnectorConfig
@@ -227,7 +227,9 @@ class Connector(service.MultiService):
         # above the pool size dials the app anew (and resolves its name in a thread).
         self.pool.maxPersistentPerHost = config.max_streams
         quiet_pool(self.pool)  # no log lines per local connection
-        self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
+        # One endpoint to the app, made once (AppEndpoints), not per request.
+        self.agent = client.Agent.usingEndpointFactory(
+            reactor, AppEndpoints(reactor, config.connect_timeout), pool=self.pool)
         parts = urlsplit(server_url)
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
