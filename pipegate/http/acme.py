@@ -29,17 +29,14 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.web import http
 
-from pipegate.config import positive_int
 from pipegate.http.acmeschedule import OrderScheduler
-from pipegate.http.certstore import CertStore, StoredCertificate, StoreError, valid_host_name
+from pipegate.http.certstore import CertStore, StoredCertificate, valid_host_name
 from pipegate.http.public import RelayResource, RelaySite
 from pipegate.http.relay import Relay
 from pipegate.stats import Stats
 
-DEFAULT_STATE = "/var/lib/pipegate/acme"
 MAX_SLEEP = 3600.0             # the timer re-checks at least hourly (wall-clock jumps)
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")   # used with fullmatch
@@ -338,64 +335,6 @@ def acme_collector(manager: AcmeManager):
 
 
 # -- options and wiring
-
-
-ACME_FLAGS = [
-    ["https-redirect", None, "With --https: answer every plain-HTTP request except ACME challenges "
-                             "with a 308 redirect to https."],
-]
-ACME_PARAMETERS = [
-    ["acme-directory", None, None, "ACME directory URL; turns automatic HTTPS on (needs --domain and --https)."],
-    ["https", None, None, "Server endpoint of the TLS listener that serves the ACME certificates by SNI, "
-                          "e.g. tcp:443."],
-    ["acme-state", None, DEFAULT_STATE, "Directory for the ACME account key, certificate keys and certificates."],
-    ["acme-email", None, None, "Contact e-mail for the ACME account (optional)."],
-    ["acme-ca-file", None, None, "PEM file of CA certificates to trust for the ACME server's own HTTPS."],
-    ["acme-max-orders", None, "2", "ACME orders in progress at once; more wait in a queue."],
-]
-ACME_CONVERTERS = {"acme-max-orders": positive_int}
-
-
-class AcmeOptions:
-    """Checks of the ACME options, for an L{EnvOptions} that lists the ones above."""
-
-    def check_acme(self) -> None:
-        directory = self["acme-directory"]
-        if self["https-redirect"] and not self["https"]:
-            raise usage.UsageError("--https-redirect: needs --https")
-        if not directory:
-            if self["https"]:
-                raise usage.UsageError("--https: needs --acme-directory (the certificates come from ACME)")
-            return
-        if not directory.startswith(("https://", "http://")):
-            raise usage.UsageError(f"--acme-directory: {directory!r} is not an http(s) URL")
-        if not self["https"]:
-            raise usage.UsageError("--acme-directory: needs --https (the listener that serves the certificates)")
-        if not self["domain"] or not self["domain"].strip("."):
-            raise usage.UsageError("--acme-directory: needs --domain (the name to get certificates for)")
-        domain = self["domain"].strip(".").lower()
-        if not valid_host_name(domain):
-            raise usage.UsageError(f"--domain: {domain!r} is not a host name ACME can certify")
-        from pipegate.config import check_server_endpoint
-
-        check_server_endpoint("https", self["https"])
-        ca_file = self["acme-ca-file"]
-        if ca_file:
-            try:
-                with open(ca_file, "rb") as f:
-                    if b"-----BEGIN CERTIFICATE-----" not in f.read():
-                        raise usage.UsageError(f"--acme-ca-file: {ca_file}: no PEM certificate")
-            except OSError as e:
-                raise usage.UsageError(f"--acme-ca-file: {ca_file}: {e.strerror}") from None
-        email = self["acme-email"]
-        if email is not None and (email.count("@") != 1 or any(c.isspace() for c in email)):
-            raise usage.UsageError(f"--acme-email: {email!r} is not an e-mail address")
-        store = CertStore(self["acme-state"])
-        try:
-            store.prepare()
-        except StoreError as e:
-            raise usage.UsageError(f"--acme-state: {e}") from None
-        self["acme-store"] = store
 
 
 @attrs.define

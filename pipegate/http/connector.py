@@ -8,7 +8,8 @@ bodies both ways within the streams' credit windows.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -20,7 +21,7 @@ from twisted.web import client, http
 
 from pipegate.core import window
 from pipegate.http import frames, visitors
-from pipegate.http.outbound import ConnectorStream
+from pipegate.http.outbound import AppEndpoints, ConnectorStream
 from pipegate._compat import cancel_close_timer, handshake_status_line, quiet_pool
 from pipegate.http.pipe import FrameLink
 from pipegate.http.target import ConnectorConfig
@@ -227,7 +228,10 @@ class Connector(service.MultiService):
         # above the pool size dials the app anew (and resolves its name in a thread).
         self.pool.maxPersistentPerHost = config.max_streams
         quiet_pool(self.pool)  # no log lines per local connection
-        self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=config.connect_timeout)
+        # One endpoint to the app, made once, not per request; what one read of the app's
+        # answer produces leaves in one send (AppEndpoints).
+        self.agent = client.Agent.usingEndpointFactory(
+            reactor, AppEndpoints(reactor, config.connect_timeout, self.corked), pool=self.pool)
         parts = urlsplit(server_url)
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
@@ -271,6 +275,19 @@ class Connector(service.MultiService):
         self.dialer.setServiceParent(self)
 
     # -- links
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """The links' frames sent inside the block leave together when it ends (FrameLink.corked)."""
+        links = self.links
+        if len(links) == 1:
+            with links[0].corked():
+                yield
+        else:
+            with ExitStack() as stack:
+                for link in list(links):
+                    stack.enter_context(link.corked())
+                yield
 
     def link_up(self, link: ConnectorProtocol) -> None:
         self.dialer.succeeded()  # the next failure starts the backoff afresh

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core import window
 from pipegate.http import frames
-from pipegate.sockets import no_delay, send_now
+from pipegate.sockets import eager_writes, no_delay, send_now
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
@@ -55,32 +55,68 @@ class FrameLink:
     The frame-sending half of a link's WebSocket protocol (relay and connector ends).
 
     Each frame is one binary message.  The link's socket has Nagle off, and what one
-    C{send} (or one L{corked} block) wrote goes to the kernel at once
-    (L{pipegate.sockets.send_now}) instead of after the reactor has handled every
-    other ready socket: the next hop starts on this request while this end is still
-    reading the next ones.
+    C{send} (or one L{corked} block) wrote goes to the kernel at once instead of after
+    the reactor has handled every other ready socket: the next hop starts on this
+    request while this end is still reading the next ones.  The socket's writes are
+    eager (L{pipegate.sockets.eager_writes}): a write the socket takes whole costs one
+    C{send} and no C{epoll_ctl} registering the socket for writing and unregistering
+    it again (two per request at each end, before).  Inside a L{corked} block the
+    WebSocket frames are collected and written as one.
     """
 
     _corked = 0
+    _collector: _Collector | None = None
 
     def link_opened(self) -> None:
         no_delay(self.transport)
+        eager_writes(self.transport)
 
     def send_message(self, frame: frames.Frame) -> None:
         self.sendMessage(frames.encode(frame), isBinary=True)
         if not self._corked:
-            send_now(self.transport)
+            send_now(self.transport)  # (what eager writes could not send whole)
 
     @contextmanager
     def corked(self) -> Iterator[None]:
-        """Frames sent inside the block go to the kernel together when it ends."""
+        """Frames sent inside the block go to the kernel together, in one write, when it ends."""
         self._corked += 1
+        if self._corked == 1 and self.transport is not None and self._collector is None:
+            # Autobahn writes each frame to self.transport: collect them for the block.
+            self._collector = self.transport = _Collector(self.transport)
         try:
             yield
         finally:
             self._corked -= 1
-            if not self._corked and self.transport is not None:
-                send_now(self.transport)
+            if not self._corked:
+                collector, self._collector = self._collector, None
+                if collector is not None:
+                    if self.transport is collector:
+                        self.transport = collector.transport
+                    if collector.chunks and self.transport is not None:
+                        self.transport.write(b"".join(collector.chunks))
+                if self.transport is not None:
+                    send_now(self.transport)
+
+
+class _Collector:
+    """
+    Stands for a link's transport inside a L{FrameLink.corked} block: keeps what is
+    written (WebSocket frames) for one write at the end; anything else goes to the
+    transport.
+    """
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def writeSequence(self, data) -> None:
+        self.chunks.extend(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
 
 
 class FrameSink(TypingProtocol):

@@ -137,6 +137,22 @@ class RelayChannel(http.HTTPChannel):
     #: instead of waiting in the channel for a next request that is never parsed.
     raw_sink = None
 
+    _pg_host = None
+    _pg_secure = None
+
+    def getHost(self):
+        # Read once per connection: tcp.Server.getHost calls getsockname() every time, and
+        # twisted.web's Request asks for every request.
+        if self._pg_host is None:
+            self._pg_host = super().getHost()
+        return self._pg_host
+
+    def isSecure(self):
+        # As HTTPChannel's (an ISSLTransport adaptation per call), once per connection.
+        if self._pg_secure is None and self.transport is not None:
+            self._pg_secure = super().isSecure()
+        return bool(self._pg_secure)
+
     def rawDataReceived(self, data):
         if self.raw_sink is not None:
             self.raw_sink(data)

@@ -10,6 +10,8 @@ tunnel registry and connector logins), streams.py (one request carried over a li
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import attrs
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -33,6 +35,10 @@ from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.streams import RelayStream, plain
+
+
+# A caller's key is parsed once, not on every request of its connections.
+_source_key = lru_cache(maxsize=4096)(source_key)
 
 
 @attrs.frozen
@@ -148,7 +154,7 @@ class Relay(service.Service, Drainer):
         if tunnel.in_flight >= self.config.max_in_flight:
             plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
-        caller = source_key(getattr(request.getClientAddress(), "host", "") or "")   # IPv6 by its /64
+        caller = _source_key(getattr(request.getClientAddress(), "host", "") or "")   # IPv6 by its /64
         tunnel.callers.per_source = self.config.per_caller
         if tunnel.callers.acquire(caller) is not None:
             self._share_refused(request, tunnel)

@@ -11,13 +11,16 @@ back once half the window is due.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.web import http, server
+# The status codes the per-request path uses, bound once: twisted.web.http is a
+# deprecation proxy module, and every attribute read through it costs a Python call.
+from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND
 from zope.interface import implementer
 
 from pipegate.core import window
@@ -103,7 +106,7 @@ class RelayStream:
     def wait_for_connector(self) -> None:
         self.tunnel.waiting.append(self)
         self._pause_upload()
-        self._arm(self.relay.config.offline_grace, http.NOT_FOUND, "tunnel offline")
+        self._arm(self.relay.config.offline_grace, NOT_FOUND, "tunnel offline")
 
     def assign(self, link) -> None:
         if self._done:
@@ -120,7 +123,7 @@ class RelayStream:
             scheme=req.caller_scheme(),
             host=req.getHeader(b"host") or b"",
             prefix=self.prefix,
-            correlation=uuid.uuid4().hex.encode(),
+            correlation=os.urandom(16).hex().encode(),  # (as uuid4().hex, without the UUID object)
             headers=filter_headers(list(req.requestHeaders.getAllRawHeaders()),
                                    keep_upgrade=self.upgrade),
             end=not self._has_body and not self.upgrade,
@@ -131,7 +134,7 @@ class RelayStream:
         except frames.FrameError:
             self.fail(431, "request head too large")
             return
-        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+        self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT,
                   "the local app did not answer in time")
         if self.upgrade:
             # From here the caller's bytes, and their end, are the pipe's (pipe.StreamPipe
@@ -164,7 +167,7 @@ class RelayStream:
 
     def _expired(self, code: int, reason: str) -> None:
         self._timer = None
-        self.fail(code, reason, notify=http.GATEWAY_TIMEOUT)
+        self.fail(code, reason, notify=GATEWAY_TIMEOUT)
 
     def _finish(self) -> None:
         if self._done:
@@ -227,7 +230,7 @@ class RelayStream:
             self._pause_upload()
             return
         # A body still arriving is progress: the timeout is for silence, not for size.
-        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+        self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT,
                   "the local app did not answer in time")
         self._send_body(data)
 
@@ -298,7 +301,7 @@ class RelayStream:
             return
         if self.pipe is not None:
             if isinstance(frame, frames.Reset):
-                self.fail(http.BAD_GATEWAY, frame.reason.decode("utf-8", "replace"))
+                self.fail(BAD_GATEWAY, frame.reason.decode("utf-8", "replace"))
                 return
             self.pipe.frame_received(frame)
             return
@@ -311,7 +314,7 @@ class RelayStream:
             flow = self.flow
             flow.held(size)  # (raises FrameError before the write if the connector overran its credit)
             self.relay.stats.inc("bytes", "down", size)
-            self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT,
+            self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT,
                       "the local app stalled")
             self.request.write(frame.data)  # (may pause us: then no credit goes back)
             delay = self._charge(self.down_buckets, size)
@@ -338,7 +341,7 @@ class RelayStream:
                 self._resume_upload()
             self._maybe_send_end()
         elif isinstance(frame, frames.Reset):
-            self.fail(frame.code if 400 <= frame.code <= 599 else http.BAD_GATEWAY,
+            self.fail(frame.code if 400 <= frame.code <= 599 else BAD_GATEWAY,
                       frame.reason.decode("utf-8", "replace") or "connector reset the request")
 
     def _response_head(self, head: frames.ResponseHead) -> None:
@@ -365,7 +368,7 @@ class RelayStream:
             request.finish()
             return
         request.registerProducer(self, True)
-        self._arm(self.relay.config.request_timeout, http.GATEWAY_TIMEOUT, "the local app stalled")
+        self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT, "the local app stalled")
 
     # IPushProducer: the caller's connection pushes back on the response
     def pauseProducing(self) -> None:

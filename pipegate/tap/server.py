@@ -9,7 +9,7 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
-from pipegate.http.acme import ACME_CONVERTERS, ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
+from pipegate.http.acmeoptions import ACME_CONVERTERS, ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
 from pipegate.http.relay import Relay, RelayConfig

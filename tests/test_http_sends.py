@@ -1,0 +1,135 @@
+"""
+How the HTTP plane hands frames to its sockets: a corked block of a link leaves in one
+write, the connector reads the local app inside its links' cork, and the Agent gets one
+endpoint per origin (pipegate/http/pipe.py FrameLink, pipegate/http/outbound.py AppEndpoints).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
+
+from pipegate.http import frames
+from pipegate.http.outbound import AppEndpoints, _Corked
+from pipegate.http.pipe import FrameLink
+
+
+class RecordingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+class Link(FrameLink):
+    """A FrameLink whose WebSocket layer writes each message as 'M' + payload."""
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        self.transport.write(b"M" + payload)
+
+
+class CorkedLink(unittest.TestCase):
+    def setUp(self) -> None:
+        self.transport = RecordingTransport()
+        self.link = Link(self.transport)
+
+    def test_uncorked_frames_are_written_one_by_one(self) -> None:
+        self.link.send_message(frames.End(1))
+        self.link.send_message(frames.End(3))
+        self.assertEqual(self.transport.writes, [b"M" + frames.encode(frames.End(1)),
+                                                 b"M" + frames.encode(frames.End(3))])
+
+    def test_a_corked_block_is_one_write(self) -> None:
+        head = frames.ResponseHead(1, 200, b"OK", ((b"a", b"b"),))
+        with self.link.corked():
+            self.link.send_message(head)
+            with self.link.corked():   # nested: still one write, at the outermost end
+                self.link.send_message(frames.Data(1, b"x" * 10))
+            self.assertEqual(self.transport.writes, [])
+            self.link.send_message(frames.End(1))
+        self.assertEqual(self.transport.writes, [b"".join(
+            b"M" + frames.encode(f) for f in (head, frames.Data(1, b"x" * 10), frames.End(1)))])
+        self.assertIs(self.link.transport, self.transport)
+
+    def test_an_empty_block_writes_nothing(self) -> None:
+        with self.link.corked():
+            pass
+        self.assertEqual(self.transport.writes, [])
+        self.assertIs(self.link.transport, self.transport)
+
+    def test_other_transport_calls_pass_through_inside_a_block(self) -> None:
+        with self.link.corked():
+            self.link.send_message(frames.End(1))
+            self.link.transport.loseConnection()
+            self.assertEqual(self.link.transport.getPeer(), self.transport.getPeer())
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.writes, [b"M" + frames.encode(frames.End(1))])
+
+    def test_an_error_inside_the_block_still_writes_and_restores(self) -> None:
+        with self.assertRaises(ZeroDivisionError):
+            with self.link.corked():
+                self.link.send_message(frames.End(1))
+                1 / 0
+        self.assertIs(self.link.transport, self.transport)
+        self.assertEqual(len(self.transport.writes), 1)
+
+
+class Recorder(Protocol):
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def dataReceived(self, data: bytes) -> None:
+        self.log.append(("data", data))
+
+    def connectionLost(self, reason=None) -> None:
+        self.log.append(("lost",))
+
+
+class AppConnections(unittest.TestCase):
+    def test_each_read_and_the_loss_happen_inside_the_cork(self) -> None:
+        log: list = []
+
+        @contextmanager
+        def corked():
+            log.append("cork")
+            yield
+            log.append("uncork")
+
+        inner = Recorder(log)
+        wrapper = _Corked(inner, corked)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        self.assertIs(inner.transport, transport)   # the Agent's protocol writes to the socket itself
+        wrapper.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        wrapper.connectionLost(None)
+        self.assertEqual(log, ["cork", ("data", b"HTTP/1.1 200 OK\r\n"), "uncork",
+                               "cork", ("lost",), "uncork"])
+
+    def test_one_endpoint_per_origin(self) -> None:
+        endpoints = AppEndpoints(MemoryReactorClock(), 5.0)
+        first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:3000/a"))
+        self.assertIs(endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:3000/b?c")), first)
+        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:3001/a")), first)
+        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:3000/a")), first)
+
+    def test_unknown_scheme_is_refused(self) -> None:
+        endpoints = AppEndpoints(MemoryReactorClock())
+        with self.assertRaises(SchemeNotSupported):
+            endpoints.endpointForURI(URI.fromBytes(b"ftp://127.0.0.1:21/a"))
+
+    def test_the_cache_is_bounded(self) -> None:
+        endpoints = AppEndpoints(MemoryReactorClock())
+        for port in range(1, 100):
+            endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:%d/" % port))
+        self.assertEqual(len(endpoints._cache), AppEndpoints.MAX_CACHED)
