@@ -32,7 +32,7 @@ from pipegate.core.budget import Budget, LogThrottle, source_key
 from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls
 from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac, parse_router_secret, verify_hello
-from pipegate.mux.node import MuxOptions
+from pipegate.mux.node import MuxOptions, check_link_options
 from pipegate.mux.hubcore import Close, HubConfig, HubCore
 from pipegate.mux.session import ROLE_NAMES, LinkConfig, LinkError, LinkFactory, MuxLink
 from pipegate.drain import Drainer
@@ -261,15 +261,7 @@ class HubOptions:
                 endpoints.serverFromString(reactor, value)
             except Exception as e:
                 raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}") from None
-        if bool(self["mux-tls-key"]) != bool(self["mux-tls-cert"]):
-            raise usage.UsageError("--mux-tls-key and --mux-tls-cert go together")
-        for name in ("mux-tls-key", "mux-tls-cert"):
-            if self[name] and not os.path.isfile(self[name]):
-                raise usage.UsageError(f"--{name}: no such file: {self[name]}")
-        if self["mux-max-frame-size"] < frames.MIN_MAX_FRAME_SIZE:
-            raise usage.UsageError(f"--mux-max-frame-size: must be at least {frames.MIN_MAX_FRAME_SIZE}")
-        if self["mux-ping-deadline"] <= self["mux-ping-interval"]:
-            raise usage.UsageError("--mux-ping-deadline: must be longer than --mux-ping-interval")
+        check_link_options(self, "mux-")
 
 
 def hub_node(options) -> HubNode | None:

@@ -97,15 +97,25 @@ class MuxOptions(EnvOptions):
             except Exception as e:
                 raise usage.UsageError(f"--connect: {value}: {e or type(e).__name__}") from None
         check_server_endpoint("metrics", self["metrics"])
-        if bool(self["tls-key"]) != bool(self["tls-cert"]):
-            raise usage.UsageError("--tls-key and --tls-cert go together")
-        for name in ("tls-key", "tls-cert", "tls-ca"):
-            if self[name] and not os.path.isfile(self[name]):
-                raise usage.UsageError(f"--{name}: no such file: {self[name]}")
-        if self["max-frame-size"] < frames.MIN_MAX_FRAME_SIZE:
-            raise usage.UsageError(f"--max-frame-size: must be at least {frames.MIN_MAX_FRAME_SIZE}")
-        if self["ping-deadline"] <= self["ping-interval"]:
-            raise usage.UsageError("--ping-deadline: must be longer than --ping-interval")
+        check_link_options(self)
+
+
+def check_link_options(options, prefix: str = "") -> None:
+    """
+    The link options the ends and the hub share (the hub's carry the C{mux-} C{prefix}):
+    TLS key and certificate together and readable, a frame limit that carries full DATA,
+    a ping deadline longer than the interval.
+    """
+    key, cert = prefix + "tls-key", prefix + "tls-cert"
+    if bool(options[key]) != bool(options[cert]):
+        raise usage.UsageError(f"--{key} and --{cert} go together")
+    for name in (key, cert, prefix + "tls-ca"):
+        if options.get(name) and not os.path.isfile(options[name]):
+            raise usage.UsageError(f"--{name}: no such file: {options[name]}")
+    if options[prefix + "max-frame-size"] < frames.MIN_MAX_FRAME_SIZE:
+        raise usage.UsageError(f"--{prefix}max-frame-size: must be at least {frames.MIN_MAX_FRAME_SIZE}")
+    if options[prefix + "ping-deadline"] <= options[prefix + "ping-interval"]:
+        raise usage.UsageError(f"--{prefix}ping-deadline: must be longer than --{prefix}ping-interval")
 
 
 def link_config(options: MuxOptions, role: int) -> LinkConfig:
