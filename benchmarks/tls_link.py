@@ -43,6 +43,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from tests.support import shuttle
+
 LAYERS = ("link", "stock")
 CHUNK = 65_536
 SMALL = 40
@@ -69,7 +71,7 @@ def _factories(layer: str, server_app, client_app, clock=None):
 
 class _Sink(protocol.Protocol):
     def __init__(self, total: int, done: defer.Deferred) -> None:
-        from pipegate.mux.frames import FrameDecoder
+        from pipegate.mux.decoder import FrameDecoder
         self.total, self.done, self.received = total, done, 0
         self.decoder = FrameDecoder()
 
@@ -110,7 +112,7 @@ class _Source(protocol.Protocol):
 
 class _Echo(protocol.Protocol):
     def connectionMade(self) -> None:
-        from pipegate.mux.frames import FrameDecoder
+        from pipegate.mux.decoder import FrameDecoder
         _prepare(self.transport)
         self.decoder = FrameDecoder()
 
@@ -125,7 +127,8 @@ class _Echo(protocol.Protocol):
 class _Pinger(protocol.Protocol):
     def __init__(self, rounds: int, done: defer.Deferred) -> None:
         self.rounds, self.done, self.round, self.back = rounds, done, 0, 0
-        from pipegate.mux.frames import FrameDecoder, encode_data
+        from pipegate.mux.decoder import FrameDecoder
+        from pipegate.mux.frames import encode_data
         self.decoder = FrameDecoder()
         self.messages = [encode_data(channel, [b"m" * SMALL]) for channel in range(1, BATCH + 1)]
 
@@ -218,7 +221,7 @@ def count(layer: str, kind: str, n: int) -> None:
     client_app.connectionMade = lambda: None   # (no socket settings, no first round yet)
     server_app.connectionMade = lambda: None
     if kind == "small":
-        from pipegate.mux.frames import FrameDecoder
+        from pipegate.mux.decoder import FrameDecoder
         server_app.decoder = FrameDecoder()
     server, client = _factories(layer, protocol.Factory.forProtocol(lambda: server_app),
                                 protocol.ClientFactory.forProtocol(lambda: client_app), clock)
@@ -228,16 +231,7 @@ def count(layer: str, kind: str, n: int) -> None:
     client.makeConnection(client_transport)
 
     def pump() -> None:
-        moved = True
-        while moved:
-            moved = False
-            clock.advance(0)
-            for source, sink in ((client_transport, server), (server_transport, client)):
-                data = source.value()
-                if data:
-                    source.clear()
-                    sink.dataReceived(data)
-                    moved = True
+        shuttle(client, client_transport, server, server_transport, clock)
     pump()
     if kind == "bulk":
         from pipegate.mux.frames import encode_data

@@ -525,3 +525,22 @@ def debian_tool(testcase, name: str, path: str | None = None) -> str:
         where = f" ({path})" if path else ""
         raise unittest.SkipTest(f"{name} is not installed{where}")
     return found
+
+
+def shuttle(client, client_transport, server, server_transport, clock=None) -> None:
+    """
+    Move bytes between two protocols on StringTransports until neither has more to say
+    (each side's writes delivered to the other's dataReceived); with C{clock}, run its
+    due calls (advance(0)) before each round.
+    """
+    moved = True
+    while moved:
+        moved = False
+        if clock is not None:
+            clock.advance(0)
+        for source, sink in ((client_transport, server), (server_transport, client)):
+            data = source.value()
+            if data:
+                source.clear()
+                sink.dataReceived(data)
+                moved = True

@@ -28,6 +28,7 @@ from twisted.web import client as web_client, http
 
 from pipegate import _compat
 from pipegate.mux.tls import generated_certificate
+from tests.support import shuttle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,15 +75,7 @@ def handshaken_pair(factory_class):
     server_transport, client_transport = StringTransport(), StringTransport()
     server.makeConnection(server_transport)
     client.makeConnection(client_transport)
-    moved = True
-    while moved:
-        moved = False
-        for source, sink in ((client_transport, server), (server_transport, client)):
-            data = source.value()
-            if data:
-                source.clear()
-                sink.dataReceived(data)
-                moved = True
+    shuttle(client, client_transport, server, server_transport)
     return client, server
 
 

@@ -7,12 +7,13 @@ provider answers an OPEN it cannot serve.  A task.Clock drives the open timeout.
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from pipegate.mux import frames
-from pipegate.mux.session import LinkConfig, LinkError, MuxLink
+from pipegate.mux.session import LinkConfig, MuxLink
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.provider import Provider, ProviderConfig
 from pipegate.ports.services import Service
@@ -34,7 +35,8 @@ class ProviderLink:
         self.closed = self.going_away = False
         self.channels: dict = {}
         self.sent: list = []
-        self.max_channels = max_channels
+        self.config = LinkConfig(secret=b"s" * 32, role=frames.ROLE_GATEWAY, max_channels=max_channels)
+        self.next_channel = 1
         self.failed: str | None = None
 
     def __repr__(self) -> str:
@@ -43,23 +45,15 @@ class ProviderLink:
     def send(self, frame) -> None:
         self.sent.append(frame)
 
-    def allocate_channel(self, channel) -> int:
-        if len(self.channels) >= self.max_channels:
-            raise LinkError("too many channels")
-        channel_id = max(self.channels, default=0) + 1
-        self.channels[channel_id] = channel
-        return channel_id
-
-    def bind_channel(self, channel_id: int, channel, holder=None) -> bool:
-        if holder is not None and self.channels.get(channel_id) is not holder:
-            return False
-        self.channels[channel_id] = channel
-        return True
-
-    def release_channel(self, channel_id: int, holder=None) -> bool:
-        if holder is not None and self.channels.get(channel_id) is not holder:
-            return False
-        return self.channels.pop(channel_id, None) is not None
+    # The channel table is MuxLink's own (its methods read only channels, closed, config
+    # and next_channel), not a copy of it.
+    allocate_channel = MuxLink.allocate_channel
+    reserve_channel = MuxLink.reserve_channel
+    bind_channel = MuxLink.bind_channel
+    release_channel = MuxLink.release_channel
+    holds_channel = MuxLink.holds_channel
+    has_channel = MuxLink.has_channel
+    channel_count = MuxLink.channel_count
 
     def opens(self) -> list:
         return [f for f in self.sent if isinstance(f, frames.Open)]
@@ -169,7 +163,7 @@ class GatewayChoice(unittest.TestCase):
 
     def test_a_full_or_closed_link_is_skipped(self) -> None:
         a, b, c = self.links
-        a.max_channels = 0
+        a.config = attrs.evolve(a.config, max_channels=0)
         b.closed = True
         self.gateway.try_open(GATE, self.client())
         self.assertEqual(len(c.opens()), 1)
