@@ -36,6 +36,7 @@ from pipegate.http.certstore import CertStore, StoredCertificate, valid_host_nam
 from pipegate.http.public import RelayResource, RelaySite
 from pipegate.http.relay import Relay
 from pipegate.stats import Stats
+from pipegate.timers import cancel
 
 MAX_SLEEP = 3600.0             # the timer re-checks at least hourly (wall-clock jumps)
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
@@ -211,9 +212,7 @@ class AcmeManager(service.Service):
             self._wake()
 
     def _wake(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
         if not self.running:
             return
         now = self.clock.seconds()
@@ -223,9 +222,7 @@ class AcmeManager(service.Service):
         for name in started:
             self._order(name)
         wake = self.scheduler.next_wakeup()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()   # a result that came back synchronously has armed one already
-        self._timer = None
+        self._timer = cancel(self._timer)   # a result that came back synchronously has armed one already
         if wake is not None and self.running:
             self._timer = self.clock.callLater(min(max(0.0, wake - now), MAX_SLEEP), self._wake)
 
@@ -281,9 +278,7 @@ class AcmeManager(service.Service):
 
     def stopService(self):
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
         self.issuer.cancel()
         return self.on_stop() if self.on_stop is not None else None
 

@@ -28,6 +28,7 @@ from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
+from pipegate.timers import cancel
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
 # values or the reason): anything else would split the caller's response.
@@ -161,9 +162,7 @@ class RelayStream:
             self._timer = self.relay.clock.callLater(seconds, self._expired, code, reason)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
 
     def _expired(self, code: int, reason: str) -> None:
         self._timer = None

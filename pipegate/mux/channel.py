@@ -17,6 +17,7 @@ from zope.interface import implementer
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
 from pipegate.sockets import eager_writes, no_delay, socket_transport
+from pipegate.timers import cancel
 
 
 # What a channel's socket reads at once, and holds unsent before it pushes back (Twisted's
@@ -203,9 +204,7 @@ class StreamChannel(Protocol):
 
     def _finished(self) -> None:
         self.flow.release()
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        self._idle_timer = cancel(self._idle_timer)
         if self.link is not None:
             self.link.release_channel(self.channel_id, self)
         if self.on_done is not None:

@@ -29,6 +29,7 @@ from pipegate.mux import frames
 from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
 from pipegate.mux.decoder import FrameDecoder
 from pipegate.mux.tls import LinkTLSProtocol
+from pipegate.timers import cancel
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
               frames.ROLE_OBSERVER: "observer"}
@@ -281,9 +282,7 @@ class MuxLink(Protocol):
         """The peer's Hello verified: start pinging and hand the link to the node."""
         self.peer_role = hello.role
         self.admitted = True
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        self._handshake_timer = cancel(self._handshake_timer)
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
         self._pinger.start(self.config.ping_interval, now=False)
@@ -442,9 +441,7 @@ class MuxLink(Protocol):
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        self._handshake_timer = cancel(self._handshake_timer)
 
     # -- IPushProducer: the link's TLS transport is full; hold every channel's socket
     def pauseProducing(self) -> None:

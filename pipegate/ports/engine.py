@@ -35,6 +35,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from pipegate._compat import quiet_pool
+from pipegate.timers import cancel
 
 __all__ = ["EngineClient", "EngineError", "EventStream", "EVENT_FILTERS"]
 
@@ -326,9 +327,7 @@ class EventStream(service.Service):
 
     def stopService(self):
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()

@@ -29,6 +29,7 @@ from pipegate.ports.services import Exposure, Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, evict_idle, set_buffers,
 )
+from pipegate.timers import cancel
 
 
 def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...] | None:
@@ -131,9 +132,7 @@ class Opening(LinkChannel):
         self.gateway.try_open(self.key, self.client, self.attempt)
 
     def _cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.timer = cancel(self.timer)
 
     def abandon(self) -> None:
         """The client went away while the OPEN was in flight."""

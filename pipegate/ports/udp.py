@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from pipegate.mux import frames
 from pipegate.mux.session import LinkChannel
+from pipegate.timers import cancel
 
 #: Default --udp-hold: bytes of datagrams a new flow keeps while its channel opens, one
 #: gateway-provider round trip.  1 Gbit/s for 20 ms is 2.5 MB; a longer round trip needs more.
@@ -160,9 +161,7 @@ class Flow(LinkChannel):
         if self.done:
             return
         self.done = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
         self.hold.give(self.held)
         self.held, self.backlog = 0, []
         opening, self.opening = self.opening, None

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pipegate.ports.engine import EngineClient, EngineError
+from pipegate.timers import cancel
 
 __all__ = ["DEBOUNCE", "RefreshLoop", "engine_list", "ensure_network"]
 
@@ -101,9 +102,7 @@ class RefreshLoop(service.MultiService):
 
     def stopService(self):
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
         current, self._current = self._current, None
         if current is not None:
             current.cancel()
