@@ -145,7 +145,10 @@ class UDPGate(DatagramProtocol):
         self.gateway = gateway
         self.key = key
         self.flows: dict[tuple, Flow] = {}
-        self._send = None   # datagram_sender(self.transport), made at the first flow
+        self._send = None   # datagram_sender(self.transport), made when the gate starts listening
+
+    def startProtocol(self) -> None:
+        self._send = datagram_sender(self.transport, self._dropped)
 
     def datagramReceived(self, data, addr):
         gateway = self.gateway
@@ -168,8 +171,6 @@ class UDPGate(DatagramProtocol):
                 up, down, release = gateway.buckets(addr[0], decision.limit)
 
             send = self._send
-            if send is None:
-                send = self._send = datagram_sender(self.transport, self._dropped)
             if down is None:
                 def deliver(datagram, addr=addr):
                     send(datagram, addr)
