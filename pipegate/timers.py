@@ -1,13 +1,16 @@
 """
-Pending calls on a clock that an object drops when it stops or moves on.
+Pending calls on a clock: dropping one that is still pending (L{cancel}), and an idle
+timeout that costs nothing per message (L{IdleTimer}).
 """
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
-def cancel(call: IDelayedCall | None) -> None:
+def cancel(call: IDelayedCall | IdleTimer | None) -> None:
     """
     Cancel C{call} unless it is gone already (C{None}, fired or cancelled).  Returns
     C{None}, so that C{self._timer = cancel(self._timer)} forgets it in the same line.
@@ -15,3 +18,41 @@ def cancel(call: IDelayedCall | None) -> None:
     if call is not None and call.active():
         call.cancel()
     return None
+
+
+class IdleTimer:
+    """
+    Calls C{on_idle()} once C{seconds} have passed without a L{touch}; with C{seconds}
+    0 it never does, but still keeps L{last}.
+
+    A touch only records the time: a channel or flow touches once per message, and
+    re-arming a DelayedCall each time (C{active} and C{reset}, a heap operation) costs
+    more than the message.  When the call comes and the last touch was later, it is made
+    again for what is left.
+    """
+
+    __slots__ = ("clock", "seconds", "on_idle", "last", "_call")
+
+    def __init__(self, clock: IReactorTime, seconds: float, on_idle: Callable[[], object]) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.on_idle = on_idle
+        self.last = clock.seconds()   # the last touch
+        self._call = clock.callLater(seconds, self._check) if seconds > 0 else None
+
+    def touch(self) -> None:
+        self.last = self.clock.seconds()
+
+    def _check(self) -> None:
+        remaining = self.last + self.seconds - self.clock.seconds()
+        if remaining > 0:
+            self._call = self.clock.callLater(remaining, self._check)
+            return
+        self._call = None
+        self.on_idle()
+
+    def active(self) -> bool:
+        return self._call is not None
+
+    def cancel(self) -> None:
+        self._call = cancel(self._call)

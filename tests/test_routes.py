@@ -12,11 +12,16 @@ from pipegate.core.routes import RouteTable
 GATE, OTHER = (2222, "tcp"), (5353, "udp")
 
 
-class RoundRobinTests(unittest.TestCase):
+class ThreeLinks(unittest.TestCase):
+    """A table where links a, b and c (announced in that order) serve GATE."""
+
     def setUp(self) -> None:
         self.table: RouteTable = RouteTable()
         for link in "abc":
             self.table.announce(link, [GATE])
+
+
+class RoundRobinTests(ThreeLinks):
 
     def test_each_choice_starts_one_further(self) -> None:
         self.assertEqual([self.table.pick(GATE) for _ in range(7)], list("abcabca"))
@@ -49,11 +54,7 @@ class RoundRobinTests(unittest.TestCase):
         self.assertEqual(self.table.table(), {GATE: ["a", "b", "c"], OTHER: ["a"]})
 
 
-class FailoverTests(unittest.TestCase):
-    def setUp(self) -> None:
-        self.table: RouteTable = RouteTable()
-        for link in "abc":
-            self.table.announce(link, [GATE])
+class FailoverTests(ThreeLinks):
 
     def test_next_after_a_refusal(self) -> None:
         attempt = self.table.choose(GATE)

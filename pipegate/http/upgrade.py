@@ -24,12 +24,13 @@ import re
 from typing import Callable
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
 from pipegate.http import frames
 from pipegate.http.pipe import FrameSink, StreamPipe
+from pipegate.timers import IdleTimer, cancel
 
 #: The longest response head the relay waits for from the local app (then 502).
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -196,8 +197,7 @@ class UpgradePipe(StreamPipe):
         self._body: BodyEnd | None = None
         self._on_answer = on_answer
         self._on_closed = on_closed
-        self._last = self.started
-        self._idle: IDelayedCall | None = None
+        self._idle: IdleTimer | None = None   # from the app's answer on
         self._closed_reported = False
 
     # -- the caller's socket
@@ -213,7 +213,7 @@ class UpgradePipe(StreamPipe):
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == OPEN:
-            self._last = self.clock.seconds()
+            self._touch()
             self.bytes_up += len(data)
             super().dataReceived(data)
         elif self.state == HANDSHAKE and not self._done:
@@ -238,7 +238,7 @@ class UpgradePipe(StreamPipe):
     def frame_received(self, frame: frames.Frame) -> None:
         if self.state == OPEN:
             if isinstance(frame, frames.Data):
-                self._last = self.clock.seconds()
+                self._touch()
                 self.bytes_down += len(frame.data)
             super().frame_received(frame)
             return
@@ -256,7 +256,7 @@ class UpgradePipe(StreamPipe):
             super().frame_received(frame)
             return
         self.flow.held(len(frame.data))
-        self._last = self.clock.seconds()
+        self._touch()
         if self.state == HANDSHAKE:
             self._handshake_data(frame.data)
         else:
@@ -353,17 +353,17 @@ class UpgradePipe(StreamPipe):
 
     # -- idle timeout of an open pipe (or of a refused upgrade's answer)
     def _arm_idle(self) -> None:
-        self._last = self.clock.seconds()
-        if self.idle_timeout > 0 and self._idle is None:
-            self._idle = self.clock.callLater(self.idle_timeout, self._idle_check)
+        if self._idle is None:
+            self._idle = IdleTimer(self.clock, self.idle_timeout, self._idle_out)   # (0: never)
+        else:
+            self._idle.touch()
 
-    def _idle_check(self) -> None:
-        self._idle = None
+    def _touch(self) -> None:
+        if self._idle is not None:
+            self._idle.touch()
+
+    def _idle_out(self) -> None:
         if self._done:
-            return
-        quiet = self.clock.seconds() - self._last
-        if quiet < self.idle_timeout:
-            self._idle = self.clock.callLater(self.idle_timeout - quiet, self._idle_check)
             return
         self.log.info("passthrough connection idle for {seconds:g} s; closing", seconds=self.idle_timeout)
         self._done = True
@@ -373,9 +373,7 @@ class UpgradePipe(StreamPipe):
             self.transport.loseConnection()
 
     def _cancel_idle(self) -> None:
-        call, self._idle = self._idle, None
-        if call is not None and call.active():
-            call.cancel()
+        self._idle = cancel(self._idle)
 
     def abort(self) -> None:
         self._cancel_idle()

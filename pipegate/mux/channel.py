@@ -17,7 +17,7 @@ from zope.interface import implementer
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
 from pipegate.sockets import eager_writes, no_delay, socket_transport
-from pipegate.timers import cancel
+from pipegate.timers import IdleTimer, cancel
 
 
 # What a channel's socket reads at once, and holds unsent before it pushes back (Twisted's
@@ -54,21 +54,9 @@ class StreamChannel(Protocol):
     def set_idle_timeout(self, clock, seconds: float) -> None:
         """Close the channel after C{seconds} with no byte in either direction."""
         if seconds > 0:
-            self._idle_clock = clock
-            self._idle_seconds = seconds
-            self._last_active = clock.seconds()
-            self._idle_timer = clock.callLater(seconds, self._idle)
-
-    def _touch(self) -> None:
-        # The idle timer is not reset per message (DelayedCall.active and .reset, twice
-        # per request at a gate); it checks the time of the last byte when it fires.
-        self._last_active = self._idle_clock.seconds()
+            self._idle_timer = IdleTimer(clock, seconds, self._idle)
 
     def _idle(self) -> None:
-        remaining = self._last_active + self._idle_seconds - self._idle_clock.seconds()
-        if remaining > 0 and not self.done:
-            self._idle_timer = self._idle_clock.callLater(remaining, self._idle)
-            return
         self._idle_timer = None
         if not self.done and self.link is not None:
             self.link.send(frames.Reset(self.channel_id, "idle timeout"))
@@ -106,7 +94,7 @@ class StreamChannel(Protocol):
         if self.done:
             return
         if self._idle_timer is not None:
-            self._touch()
+            self._idle_timer.touch()
         if self.link is None:
             self._early.append(data)
             return
@@ -154,7 +142,7 @@ class StreamChannel(Protocol):
         if type(frame) is _Data:  # the hot path, before the match below
             data = frame.data
             if self._idle_timer is not None:
-                self._touch()
+                self._idle_timer.touch()
             # (Flow.arrived raises before the write if the peer overran its credit.)
             credit = self.flow.arrived(len(data))
             self.transport.write(data)  # (eager_writes: sent now when the socket takes it)

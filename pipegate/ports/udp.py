@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from pipegate.mux import frames
 from pipegate.mux.session import LinkChannel
-from pipegate.timers import cancel
+from pipegate.timers import IdleTimer
 
 #: Default --udp-hold: bytes of datagrams a new flow keeps while its channel opens, one
 #: gateway-provider round trip.  1 Gbit/s for 20 ms is 2.5 MB; a longer round trip needs more.
@@ -94,18 +94,15 @@ class Flow(LinkChannel):
         self.backlog: list[bytes] = []
         self.dropped = 0
         self.done = False
-        self._last = clock.seconds()
-        self._timer = clock.callLater(idle_timeout, self.expire) if idle_timeout > 0 else None
+        self._idle = IdleTimer(clock, idle_timeout, self.expire)   # (0: no timeout; still keeps the time)
 
     @property
     def last_active(self) -> float:
         """When the last datagram went through, either way."""
-        return self._last
+        return self._idle.last
 
     def touch(self) -> None:
-        # The idle timer is not re-armed per datagram (that was a heap operation each
-        # time); it checks the time of the last datagram when it fires.
-        self._last = self.clock.seconds()
+        self._idle.touch()
         if self.table is not None:
             self.table.move_to_end(self)
 
@@ -150,18 +147,13 @@ class Flow(LinkChannel):
             self.close(notify=False)
 
     def expire(self) -> None:
-        remaining = self._last + self.idle_timeout - self.clock.seconds()
-        if remaining > 0 and not self.done:
-            self._timer = self.clock.callLater(remaining, self.expire)
-            return
-        self._timer = None
         self.close(notify=True, reason="idle timeout")
 
     def close(self, notify: bool = True, reason: str = "flow closed") -> None:
         if self.done:
             return
         self.done = True
-        self._timer = cancel(self._timer)
+        self._idle.cancel()
         self.hold.give(self.held)
         self.held, self.backlog = 0, []
         opening, self.opening = self.opening, None
