@@ -63,9 +63,12 @@ class EnvOptions(usage.Options):
     """
     C{usage.Options} whose parameters and flags fall back to C{PIPEGATE_*} variables.
 
-    Subclasses list converters in C{converters = {"option-name": callable}}; each value,
+    A parameter's converter is the fifth item of its C{optParameters} entry,
+    C{[name, short, default, help, convert]} (C{None} or none: the string as given), next
+    to what it converts.  Each value,
     whether from the flag, the variable or the default, is converted once in
-    L{postOptions} and any error names the option.
+    L{postOptions} and any error names the option (the class keeps the first four
+    items for C{usage.Options}, whose own coercion would name neither).
 
     Repeatable options are listed as C{optRepeatable = [[name, split, help], ...]} (in
     the class or a mixin): each gets its C{opt_} method, starts as an empty list and
@@ -78,6 +81,14 @@ class EnvOptions(usage.Options):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        converters: dict[str, Callable[[str], Any]] = {}
+        for klass in reversed(cls.__mro__[1:]):
+            converters.update(klass.__dict__.get("converters", {}))
+        own = cls.__dict__.get("optParameters")
+        if own is not None:
+            converters.update({p[0]: p[4] for p in own if len(p) > 4 and p[4] is not None})
+            cls.optParameters = [list(p[:4]) for p in own]
+        cls.converters = converters
         for name, _split, help in cls.repeatables():
             setattr(cls, "opt_" + name.replace("-", "_"), _appender(name, help))
 

@@ -24,9 +24,8 @@ ACME_PARAMETERS = [
     ["acme-state", None, DEFAULT_STATE, "Directory for the ACME account key, certificate keys and certificates."],
     ["acme-email", None, None, "Contact e-mail for the ACME account (optional)."],
     ["acme-ca-file", None, None, "PEM file of CA certificates to trust for the ACME server's own HTTPS."],
-    ["acme-max-orders", None, "2", "ACME orders in progress at once; more wait in a queue."],
+    ["acme-max-orders", None, "2", "ACME orders in progress at once; more wait in a queue.", positive_int],
 ]
-ACME_CONVERTERS = {"acme-max-orders": positive_int}
 
 
 class AcmeOptions:

@@ -212,21 +212,20 @@ _SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "pin
 # --max-window an end has had by default (4 MiB before the ends' default went to 2 MiB).
 _HUB_OWN = {"max-window": [str(frames.HUB_MAX_WINDOW), "The most credit per channel and direction an end "
                            "may grant, in bytes (at least the ends' --max-window)."]}
-HUB_PARAMETERS = [["mux-" + p[0], None, *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")])]
+HUB_PARAMETERS = [["mux-" + p[0], None,
+                   *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")]),
+                   MuxOptions.converters.get(p[0])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
-    ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers)."],
+    ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers).",
+     positive_int],
     ["mux-max-conns-per-ip", None, "100", "Connections to --mux from one IP address, admitted or not "
-                                          "(TLS handshakes count); 0 = no cap."],
-    ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap."],
+                                          "(TLS handshakes count); 0 = no cap.", non_negative_int],
+    ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap.", non_negative_int],
     ["mux-max-peers-per-router", None, "auto", "Links of one router the hub accepts at once, so that one "
                                                "router's peers cannot lock out another's; auto = "
-                                               "--mux-max-peers divided by the number of routers."],
+                                               "--mux-max-peers divided by the number of routers.",
+     auto_or_positive_int],
 ]
-HUB_CONVERTERS = {"mux-" + name: convert for name, convert in MuxOptions.converters.items() if name in _SHARED}
-HUB_CONVERTERS["mux-max-peers"] = positive_int
-HUB_CONVERTERS["mux-max-peers-per-router"] = auto_or_positive_int
-HUB_CONVERTERS["mux-max-conns-per-ip"] = non_negative_int
-HUB_CONVERTERS["mux-max-conns"] = non_negative_int
 
 
 class HubOptions:

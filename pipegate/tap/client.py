@@ -29,34 +29,28 @@ class Options(EnvOptions):
     optParameters = [
         ["token", "t", None, "JWT to log in with (sub = connection id)."],
         ["ca-file", None, None, "PEM file of the CA that signed the relay's certificate (wss://)."],
-        ["max-streams", None, "256", "Requests handled at once; beyond it the relay gets 503."],
-        ["connect-timeout", None, "10", "Seconds to connect to the local app before 502."],
-        ["ping-interval", None, "20", "Seconds between WebSocket pings to the relay; 0 = off."],
+        ["max-streams", None, "256", "Requests handled at once; beyond it the relay gets 503.", positive_int],
+        ["connect-timeout", None, "10", "Seconds to connect to the local app before 502.", positive_float],
+        ["ping-interval", None, "20", "Seconds between WebSocket pings to the relay; 0 = off.",
+         non_negative_float],
         ["max-window", None, "4194304", "Credit window a request body grows to while the local app keeps up, "
-                                        "in bytes (at most 262144, the initial window: it stays there)."],
+                                        "in bytes (at most 262144, the initial window: it stays there).",
+         positive_int],
         ["window-budget", None, "8388608", "Bytes by which all request bodies' windows together may grow "
-                                            "beyond the initial 262144."],
+                                            "beyond the initial 262144.", non_negative_int],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless given."],
         ["inspect", None, None, "Server endpoint of the request inspector (page, API, replay), off unless given; "
                                 "it shows bodies and headers: keep it on loopback (tcp:4040:interface=127.0.0.1)."],
-        ["inspect-max", None, "500", "Requests the inspector keeps (the oldest are dropped)."],
-        ["inspect-body-bytes", None, "65536", "Bytes of each request and response body the inspector keeps."],
-        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
+        ["inspect-max", None, "500", "Requests the inspector keeps (the oldest are dropped).", positive_int],
+        ["inspect-body-bytes", None, "65536", "Bytes of each request and response body the inspector keeps.",
+         non_negative_int],
+        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut.",
+         non_negative_float],
     ]
     optFlags = [
         ["shared", None, "Mint the token this connector makes for itself with shared=true (PIPEGATE_JWT_SECRET "
                          "set, no --token), so that several connectors may serve one tunnel."],
     ]
-    converters = {
-        "max-streams": positive_int,
-        "connect-timeout": positive_float,
-        "ping-interval": non_negative_float,
-        "max-window": positive_int,
-        "window-budget": non_negative_int,
-        "inspect-max": positive_int,
-        "inspect-body-bytes": non_negative_int,
-        "drain-timeout": non_negative_float,
-    }
     optRepeatable = [   # (variables: space-separated lists)
         ["basic-auth", True, "USER:PASSWORD callers must give (HTTP basic auth, checked by the relay); repeatable."],
         ["allow", True, "Only callers from this IP or CIDR (IPv4/IPv6) may reach the tunnel; repeatable."],

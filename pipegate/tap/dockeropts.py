@@ -16,9 +16,9 @@ DOCKER_PARAMETERS = [
     ["docker", None, None, "Docker mode: the Engine's socket (unix:/var/run/docker.sock when given without "
                            "a value, or DOCKER_HOST=unix://... when set)."],
     ["network", None, "pipegate", "Docker network whose containers are discovered / get helpers."],
-    ["refresh", None, "20", "Seconds between two Docker refreshes (events trigger one sooner)."],
+    ["refresh", None, "20", "Seconds between two Docker refreshes (events trigger one sooner).",
+     positive_float],
 ]
-DOCKER_CONVERTERS = {"refresh": positive_float}
 
 
 def optional_docker_value(args: list[str]) -> list[str]:

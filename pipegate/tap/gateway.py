@@ -19,7 +19,7 @@ from pipegate.mux.node import MuxOptions, add_http, add_node
 from pipegate.ports.gateway import Gateway, GatewayConfig, parse_port_ranges
 from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import Exposure, parse_filters, parse_only_services
-from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
+from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
 from pipegate.heap import FrozenStartupHeap
 
@@ -40,38 +40,40 @@ class Options(DockerOptionsMixin, MuxOptions):
         ["filter", None, None, "Routes to expose: inline JSON, a file or an http(s) URL; a list of "
                                "filters, a route matching every field of at least one is exposed."],
         ["expose-only-services", None, None, "Comma list of serviceHost names to expose."],
-        ["open-timeout", None, "5", "Seconds a provider has to accept a channel before the next is tried."],
+        ["open-timeout", None, "5", "Seconds a provider has to accept a channel before the next is tried.",
+         positive_float],
         ["unlimited-secret", None, None, "Secret of /unlimited tokens; enables the /unlimited endpoint."],
         ["unlimited", None, "tcp:8091:interface=127.0.0.1", "Server endpoint of the /unlimited endpoint."],
-        ["unlimited-grant", None, "1800", "Seconds an /unlimited grant lasts."],
+        ["unlimited-grant", None, "1800", "Seconds an /unlimited grant lasts.", positive_float],
         ["unlimited-kdf-rate", None, "20", "Token checks (PBKDF2 derivations, ~6 ms each) per second, all "
-                                           "callers together; past it /unlimited answers 503."],
-        ["tcp-idle-timeout", None, "900", "Seconds without a byte either way after which a TCP connection is closed; 0 = off."],
+                                           "callers together; past it /unlimited answers 503.",
+         positive_float],
+        ["tcp-idle-timeout", None, "900", "Seconds without a byte either way after which a TCP connection is closed; 0 = off.",
+         non_negative_float],
         ["max-conns-per-ip", None, "auto", "TCP connections one client IP may hold on all gates together; "
-                                           "auto = from the fd budget (at most 256); 0 = no cap."],
+                                           "auto = from the fd budget (at most 256); 0 = no cap.",
+         auto_or_non_negative_int],
         ["max-conns", None, "auto", "TCP connections all clients may hold on the gates; auto = the fd "
-                                    "budget less a reserve; 0 = no cap."],
+                                    "budget less a reserve; 0 = no cap.", auto_or_non_negative_int],
         ["max-flows-per-ip", None, "auto", "UDP flows one client IP may hold on all gates together; "
-                                           "auto = 256; 0 = no cap."],
+                                           "auto = 256; 0 = no cap.", auto_or_non_negative_int],
         ["max-flows", None, "auto", "UDP flows in the flow table; a full table closes its longest-idle "
-                                    "flow (idle 5 s or more) or drops the new one; auto = 16384; 0 = no cap."],
+                                    "flow (idle 5 s or more) or drops the new one; auto = 16384; 0 = no cap.",
+         auto_or_non_negative_int],
         ["gate-ports", None, "any", "Gate ports announced routes may open: any, or ports and ranges such as "
-                                    "80,443,1024-65535 (keep 22 or this host's own listeners out)."],
-        ["gate-backlog", None, "1024", "listen() backlog of each TCP gate (the kernel caps it at somaxconn)."],
+                                    "80,443,1024-65535 (keep 22 or this host's own listeners out).",
+         parse_port_ranges],
+        ["gate-backlog", None, "1024", "listen() backlog of each TCP gate (the kernel caps it at somaxconn).",
+         positive_int],
         ["udp-hold", None, "2500000", "Bytes of datagrams a new UDP flow keeps until its channel opens "
                                       "(1 Gbit/s for 20 ms), each datagram counted as its length + 64; "
-                                      "more are dropped and counted."],
-        ["udp-hold-total", None, "67108864", "Bytes all new UDP flows together keep until their channels open."],
+                                      "more are dropped and counted.", positive_int],
+        ["udp-hold-total", None, "67108864", "Bytes all new UDP flows together keep until their channels open.",
+         positive_int],
         ["image", None, "pipegate", "Docker mode: image of the helper containers (runs `pipegate forward`)."],
         ["helper-target", None, None, "Docker mode: this gateway's address as helpers see it "
                                       "(default: the Docker network's gateway address)."],
     ] + DOCKER_PARAMETERS
-    converters = {**MuxOptions.converters, "open-timeout": positive_float, "unlimited-grant": positive_float,
-                  "unlimited-kdf-rate": positive_float,
-                  "tcp-idle-timeout": non_negative_float, "max-conns-per-ip": auto_or_non_negative_int,
-                  "max-conns": auto_or_non_negative_int, "max-flows-per-ip": auto_or_non_negative_int,
-                  "max-flows": auto_or_non_negative_int, "gate-backlog": positive_int, "gate-ports": parse_port_ranges,
-                  "udp-hold": positive_int, "udp-hold-total": positive_int, **DOCKER_CONVERTERS}
     optRepeatable = [
         ["ingress-policy", False, "The operator's ingress policy (beats every provider's): inline JSON, a file "
                                   "or a URL; repeatable."],

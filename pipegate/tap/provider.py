@@ -19,7 +19,7 @@ from pipegate.core.policydoc import load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import merge_services, parse_services
-from pipegate.tap.dockeropts import DOCKER_CONVERTERS, DOCKER_PARAMETERS, DockerOptionsMixin
+from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -42,25 +42,24 @@ class Options(DockerOptionsMixin, MuxOptions):
                                         "--resolver-basic-auth (off: /all answers 403)."],
     ]
     optParameters = MuxOptions.optParameters + [
-        ["connect-timeout", None, "5", "Seconds to connect to a service before the gateway is told it failed."],
+        ["connect-timeout", None, "5", "Seconds to connect to a service before the gateway is told it failed.",
+         positive_float],
         ["resolver", None, None, "Server endpoint for the fingerprint resolver HTTP API (off unless given), "
                                  "e.g. tcp:8080:interface=127.0.0.1."],
         ["resolver-basic-auth", None, None, "user:password required by /resolve and /all."],
         ["max-backends", None, "auto", "Sockets to services (TCP channels and UDP flows) held at once; past it "
                                        "an OPEN gets OPEN_FAIL and the gateway tries its next provider; "
-                                       "auto = the fd budget less a reserve; 0 = no cap."],
+                                       "auto = the fd budget less a reserve; 0 = no cap.",
+         auto_or_non_negative_int],
         ["max-backends-per-ip", None, "auto", "Of those, what one client IP may hold; auto = half of "
                                               "--max-backends, at most 512 (a gateway's 256 TCP + 256 UDP "
-                                              "per IP); 0 = no cap."],
+                                              "per IP); 0 = no cap.", auto_or_non_negative_int],
         ["max-udp-backends", None, "auto", "Of those, how many may be UDP flows; auto = half of "
-                                           "--max-backends, so a UDP flood leaves room for TCP; 0 = no cap."],
+                                           "--max-backends, so a UDP flood leaves room for TCP; 0 = no cap.",
+         auto_or_non_negative_int],
         ["docker-max-ports", None, "100", "Docker mode: services one container may announce (its lowest "
-                                          "ports); 0 = no cap."],
+                                          "ports); 0 = no cap.", non_negative_int],
     ] + DOCKER_PARAMETERS
-    converters = {**MuxOptions.converters, "connect-timeout": positive_float,
-                  "docker-max-ports": non_negative_int,
-                  "max-backends": auto_or_non_negative_int, "max-backends-per-ip": auto_or_non_negative_int,
-                  "max-udp-backends": auto_or_non_negative_int, **DOCKER_CONVERTERS}
     optRepeatable = [
         ["services", False, 'Services: inline JSON, a file or an http(s) URL; a list or {"services": [...]}; '
                             "repeatable."],

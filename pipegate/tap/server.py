@@ -9,11 +9,11 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
-from pipegate.http.acmeoptions import ACME_CONVERTERS, ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
+from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
 from pipegate.http.relay import Relay, RelayConfig
-from pipegate.mux.hub import HUB_CONVERTERS, HUB_PARAMETERS, HubOptions, add_hub, hub_node
+from pipegate.mux.hub import HUB_PARAMETERS, HubOptions, add_hub, hub_node
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
@@ -43,21 +43,29 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
     optParameters = [
         ["listen", "l", "tcp:8000", "Server endpoint to listen on (tcp:PORT, ssl:..., systemd:..., unix:...)."],
         ["domain", None, None, "Also route Host: <id>.<domain> to tunnel <id>."],
-        ["max-body-bytes", None, "0", "Largest request body accepted, in bytes; 0 = unlimited (bodies stream). Larger -> 413."],
-        ["max-in-flight", None, "100", "Requests in flight per tunnel; beyond it -> 503."],
-        ["request-timeout", None, "300", "Seconds to wait for the local app's answer (and longest pause inside a body) before 504."],
-        ["offline-grace", None, "0", "Seconds a request for a tunnel with no connector waits for one; 0 = answer 404 at once."],
-        ["ping-interval", None, "20", "Seconds between WebSocket pings to connectors; a link that does not answer within it is closed. 0 = off."],
-        ["idle-timeout", None, "60", "Seconds an idle public HTTP connection is kept open; 0 = forever."],
-        ["tunnel-rate", None, "0", "Mbit/s each tunnel may move per direction (1 s of burst); 0 = unlimited."],
+        ["max-body-bytes", None, "0", "Largest request body accepted, in bytes; 0 = unlimited (bodies stream). Larger -> 413.",
+         non_negative_int],
+        ["max-in-flight", None, "100", "Requests in flight per tunnel; beyond it -> 503.", positive_int],
+        ["request-timeout", None, "300", "Seconds to wait for the local app's answer (and longest pause inside a body) before 504.",
+         non_negative_float],
+        ["offline-grace", None, "0", "Seconds a request for a tunnel with no connector waits for one; 0 = answer 404 at once.",
+         non_negative_float],
+        ["ping-interval", None, "20", "Seconds between WebSocket pings to connectors; a link that does not answer within it is closed. 0 = off.",
+         non_negative_float],
+        ["idle-timeout", None, "60", "Seconds an idle public HTTP connection is kept open; 0 = forever.",
+         non_negative_float],
+        ["tunnel-rate", None, "0", "Mbit/s each tunnel may move per direction (1 s of burst); 0 = unlimited.",
+         non_negative_float],
         ["jwt-algorithms", None, "HS256", "Accepted JWT algorithms: a JSON list or a comma list of HS256/HS384/HS512."],
         ["jwt-issuer", None, "pipegate", "Required JWT iss claim."],
         ["jwt-audience", None, "pipegate", "Required JWT aud claim."],
-        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut."],
+        ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut.",
+         non_negative_float],
         ["max-window", None, "4194304", "Credit window a response grows to while its caller keeps up, in bytes "
-                                        "(at most 262144, the initial window: it stays there)."],
+                                        "(at most 262144, the initial window: it stays there).",
+         positive_int],
         ["window-budget", None, "8388608", "Bytes by which all responses' windows together may grow beyond "
-                                            "the initial 262144."],
+                                            "the initial 262144.", non_negative_int],
         ["metrics", None, None, "Server endpoint for /metrics (Prometheus) and /status (JSON), off unless "
                                 "given, e.g. tcp:9100:interface=127.0.0.1."],
         ["tls-cert", None, None, "PEM certificate (chain) to serve TLS on --listen; reloaded on SIGHUP."],
@@ -66,38 +74,21 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
                                 "re-read when it changes and on SIGHUP."],
         # The public edge against hostile callers (issue 17; docs/reliability.md "Abuse")
         ["upgrade-idle-timeout", None, "300", "Seconds an upgraded (101) passthrough connection may carry "
-                                              "no byte either way before it is closed; 0 = forever."],
+                                              "no byte either way before it is closed; 0 = forever.",
+         non_negative_float],
         ["caller-share", None, "50", "Percent of a tunnel's in-flight slots (see max-in-flight) that requests from one "
                                      "caller IP may hold while waiting for their answer (and as upgraded "
-                                     "pipes); beyond it -> 503."],
+                                     "pipes); beyond it -> 503.", positive_int],
         ["max-connections", None, "0", "Public connections open at once, all callers together; past it new "
-                                       "ones are refused. 0 = derived from the fd budget."],
+                                       "ones are refused. 0 = derived from the fd budget.", non_negative_int],
         ["max-connections-per-ip", None, "0", "Public connections open at once from one IP (--trusted-proxy "
-                                              "peers are exempt); 0 = derived from the fd budget."],
+                                              "peers are exempt); 0 = derived from the fd budget.",
+         non_negative_int],
         ["backlog", None, "1024", "Listen backlog of the public listener when its endpoint string names none "
-                                  "(tcp:, ssl:, unix:)."],
+                                  "(tcp:, ssl:, unix:).", positive_int],
         ["status-token", None, None, "Bearer token that /status on --metrics requires; without it /status "
                                      "answers loopback peers only."],
     ] + HUB_PARAMETERS + ACME_PARAMETERS
-    converters = {
-        "max-body-bytes": non_negative_int,
-        "max-in-flight": positive_int,
-        "request-timeout": non_negative_float,
-        "offline-grace": non_negative_float,
-        "ping-interval": non_negative_float,
-        "idle-timeout": non_negative_float,
-        "tunnel-rate": non_negative_float,
-        **HUB_CONVERTERS,
-        **ACME_CONVERTERS,
-        "drain-timeout": non_negative_float,
-        "max-window": positive_int,
-        "window-budget": non_negative_int,
-        "upgrade-idle-timeout": non_negative_float,
-        "caller-share": positive_int,
-        "max-connections": non_negative_int,
-        "max-connections-per-ip": non_negative_int,
-        "backlog": positive_int,
-    }
     optRepeatable = [
         ["ingress-policy", False, "Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; "
                                   "repeatable."],
