@@ -161,9 +161,29 @@ Frame = (Hello | Routes | Open | OpenOk | OpenFail | Data | Window | Fin | Reset
 
 # -- field rules shared by encode and decode ------------------------------------------------
 
+_LINK_LEVEL = {HELLO: "HELLO", ROUTES: "ROUTES", PING: "PING", PONG: "PONG", GOAWAY: "GOAWAY"}
+_CHANNEL_LEVEL = {OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_FAIL: "OPEN_FAIL", DATA: "DATA",
+                  WINDOW: "WINDOW", FIN: "FIN", RESET: "RESET", DATAGRAM: "DATAGRAM"}
+
+
 def _check_channel(channel: int, name: str) -> None:
     if not 0 < channel <= _MAX_CHANNEL:
         raise FrameError(f"{name} on channel {channel}")
+
+
+def _check_envelope(kind: int, channel: int, size: int) -> None:
+    """The rules of a frame's type, channel and payload size, the same for encode and decode."""
+    if kind in _LINK_LEVEL:
+        if channel != 0:
+            raise FrameError(f"{_LINK_LEVEL[kind]} on channel {channel}")
+    elif kind in _CHANNEL_LEVEL:
+        _check_channel(channel, _CHANNEL_LEVEL[kind])
+    else:
+        raise FrameError(f"unknown frame type {kind:#04x}")
+    if kind == DATA and not 0 < size <= MAX_DATA:
+        raise FrameError(f"DATA payload of {size} bytes")
+    if kind == DATAGRAM and size > MAX_DATAGRAM:
+        raise FrameError(f"DATAGRAM payload of {size} bytes")
 
 
 def _check_port(port: int, what: str) -> None:
@@ -247,6 +267,7 @@ def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
         kind, channel, payload = _encode(frame)
     except struct.error as e:
         raise FrameError(f"field out of range: {e}") from None
+    _check_envelope(kind, channel, len(payload))
     size = HEADER_SIZE + len(payload)
     if size > max_frame_size:
         raise FrameError(f"frame of {size} bytes exceeds {max_frame_size}")
@@ -293,32 +314,20 @@ def encode_datagram(channel: int, data: bytes) -> bytes:
 def _encode(frame: Frame) -> tuple[int, int, bytes]:
     match frame:
         case Data(channel, data):
-            _check_channel(channel, "DATA")
-            if not 0 < len(data) <= MAX_DATA:
-                raise FrameError(f"DATA payload of {len(data)} bytes")
             return DATA, channel, bytes(data)
         case Datagram(channel, data):
-            _check_channel(channel, "DATAGRAM")
-            if len(data) > MAX_DATAGRAM:
-                raise FrameError(f"DATAGRAM payload of {len(data)} bytes")
             return DATAGRAM, channel, bytes(data)
         case Window(channel, increment):
-            _check_channel(channel, "WINDOW")
             return WINDOW, channel, struct.pack(">I", checked_increment(increment))
         case Fin(channel):
-            _check_channel(channel, "FIN")
             return FIN, channel, b""
         case Reset(channel, reason):
-            _check_channel(channel, "RESET")
             return RESET, channel, _str16(_utf8(reason))
         case OpenOk(channel):
-            _check_channel(channel, "OPEN_OK")
             return OPEN_OK, channel, b""
         case OpenFail(channel, reason):
-            _check_channel(channel, "OPEN_FAIL")
             return OPEN_FAIL, channel, _str16(_utf8(reason))
         case Open():
-            _check_channel(frame.channel, "OPEN")
             _check_port(frame.gate_port, "gate port")
             _check_client_host(frame.client_host)
             for label in frame.labels:
@@ -385,28 +394,12 @@ class _Reader(Reader):
         return Route(gate_port, protocol, host, service_port, tags, self.str16())
 
 
-_LINK_LEVEL = {HELLO: "HELLO", ROUTES: "ROUTES", PING: "PING", PONG: "PONG", GOAWAY: "GOAWAY"}
-_CHANNEL_LEVEL = {OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_FAIL: "OPEN_FAIL", DATA: "DATA",
-                  WINDOW: "WINDOW", FIN: "FIN", RESET: "RESET", DATAGRAM: "DATAGRAM"}
-
-
 def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
     """Parse one frame from its type, channel and payload, or raise L{FrameError}."""
-    if kind in _LINK_LEVEL:
-        if channel != 0:
-            raise FrameError(f"{_LINK_LEVEL[kind]} on channel {channel}")
-    elif kind in _CHANNEL_LEVEL:
-        _check_channel(channel, _CHANNEL_LEVEL[kind])
-    else:
-        raise FrameError(f"unknown frame type {kind:#04x}")
-
+    _check_envelope(kind, channel, len(payload))
     if kind == DATA:
-        if not 0 < len(payload) <= MAX_DATA:
-            raise FrameError(f"DATA payload of {len(payload)} bytes")
         return Data(channel, payload)
     if kind == DATAGRAM:
-        if len(payload) > MAX_DATAGRAM:
-            raise FrameError(f"DATAGRAM payload of {len(payload)} bytes")
         return Datagram(channel, payload)
 
     r = _Reader(payload)
