@@ -56,6 +56,53 @@ class HelperTests(unittest.TestCase):
             self.assertRaises(ValueError, config.non_negative_float, bad)
 
 
+class _Base(config.EnvOptions):
+    optParameters = [["count", None, "3", "A count.", config.positive_int],
+                     ["name", None, "x", "A name (no converter)."]]
+
+
+class _Derived(_Base):
+    optParameters = [["delay", None, "0.5", "A delay.", config.non_negative_float],
+                     ["label", None, None, "A label.", None]]
+
+
+class ConverterColumnTests(unittest.TestCase):
+    """A converter is the fifth item of its optParameters row; L{config.EnvOptions} applies it."""
+
+    def parse(self, klass, argv, environ=None):
+        options = klass()
+        options.environ = environ or {}
+        options.parseOptions(argv)
+        return options
+
+    def test_defaults_flags_and_variables_are_converted(self):
+        options = self.parse(_Derived, ["--count", "7"], {"PIPEGATE_DELAY": "2"})
+        self.assertEqual((options["count"], options["delay"], options["name"], options["label"]),
+                         (7, 2.0, "x", None))
+        self.assertEqual(self.parse(_Derived, [])["count"], 3)
+
+    def test_bad_flag_names_its_option(self):
+        # usage.Options' own coercion would say "Parameter type enforcement failed".
+        e = self.assertRaises(usage.UsageError, self.parse, _Derived, ["--count", "0"])
+        self.assertEqual(str(e), "--count: must be greater than 0")
+        e = self.assertRaises(usage.UsageError, self.parse, _Derived, [], {"PIPEGATE_DELAY": "-1"})
+        self.assertEqual(str(e), "--delay: must be 0 or more")
+
+    def test_rows_keep_four_items_and_converters_are_inherited(self):
+        self.assertEqual([len(row) for row in _Base.optParameters + _Derived.optParameters], [4, 4, 4, 4])
+        self.assertEqual(_Derived.converters, {"count": config.positive_int,
+                                               "delay": config.non_negative_float})
+        self.assertEqual(_Base.converters, {"count": config.positive_int})
+
+    def test_every_service_converts_its_numbers(self):
+        # Each service option whose default is a number has a converter (none left as a string).
+        from pipegate.tap import gateway, provider
+        for options in (server.Options, client.Options, gateway.Options, provider.Options):
+            for name, _short, default, _help in options.optParameters:
+                if default is not None and default.replace(".", "", 1).isdigit():
+                    self.assertIn(name, options.converters, (options, name))
+
+
 class ServerOptionsTests(unittest.TestCase):
 
     def parse(self, args=(), secret=SECRET, **env) -> server.Options:
