@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from benchmarks.findings import FINDINGS
+
 
 def stats(values: list[float | None]) -> dict | None:
     values = [v for v in values if v is not None]
@@ -183,6 +185,11 @@ def markdown(result: dict) -> str:
             for n in sc["notes"]:
                 lines.append(f"- {n}")
             lines.append("")
+        missed = [f for f in figs if f.get("target_met") is False] + [
+            c for c in sc.get("checks", []) if c["target_met"] is False]
+        if missed and name in FINDINGS:
+            lines += [f"**Why {'this target is' if len(missed) == 1 else 'these targets are'} not met.** "
+                      + FINDINGS[name], ""]
     if targets:
         lines.append("## Targets (issues 6 and 22)")
         lines.append("")
