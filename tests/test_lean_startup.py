@@ -37,7 +37,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("pipegate"))))
 """
 
 MUX_MACHINERY = ("pipegate.mux.hub", "pipegate.mux.hubcore", "pipegate.mux.session", "pipegate.mux.tls",
-                 "pipegate.mux.decoder", "pipegate.dialer")
+                 "pipegate.mux.decoder", "pipegate.mux.frames", "pipegate.mux.hello", "pipegate.dialer")
 ACME_MACHINERY = ("pipegate.http.acme", "pipegate.http.acmeclient", "pipegate.http.acmeschedule",
                   "pipegate.http.certstore", "pipegate.http.sni")
 
@@ -60,7 +60,8 @@ class RelayStartupImports(unittest.TestCase):
     def test_plain_relay_loads_no_hub_acme_or_metrics(self):
         modules = loaded("pipegate.tap.server", "--listen", "tcp:0:interface=127.0.0.1")
         self.assertIn("pipegate.http.relay", modules)   # the case is real: the relay was built
-        for name in MUX_MACHINERY + ACME_MACHINERY + ("pipegate.mux.node", "pipegate.metrics"):
+        for name in MUX_MACHINERY + ACME_MACHINERY + ("pipegate.mux.node", "pipegate.mux.frames",
+                                                           "pipegate.mux.hello", "pipegate.metrics"):
             self.assertNotIn(name, modules)
 
     def test_mux_loads_the_hub(self):
@@ -77,3 +78,18 @@ class ConnectorStartupImports(unittest.TestCase):
         modules = loaded("pipegate.tap.client", "http://127.0.0.1:9", "ws://127.0.0.1:9/lean")
         self.assertIn("pipegate.http.connector", modules)
         self.assertEqual({m for m in modules if m.startswith("pipegate.http.inspect")}, set())
+
+
+class WrittenOutDefaults(unittest.TestCase):
+    """mux/options.py writes out the codec's defaults so as not to import it: they must agree."""
+
+    def test_defaults_match_the_codec(self):
+        from pipegate.mux import frames
+        from pipegate.mux.options import HUB_PARAMETERS, MuxOptions
+
+        ends = {p[0]: p[2] for p in MuxOptions.optParameters}
+        self.assertEqual(ends["max-window"], str(frames.MAX_WINDOW))
+        self.assertEqual(ends["window-budget"], str(frames.WINDOW_BUDGET))
+        self.assertEqual(ends["max-frame-size"], str(frames.MAX_FRAME_SIZE))
+        self.assertEqual(ends["window"], str(frames.INITIAL_WINDOW))
+        self.assertEqual({p[0]: p[2] for p in HUB_PARAMETERS}["mux-max-window"], str(frames.HUB_MAX_WINDOW))

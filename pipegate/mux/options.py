@@ -4,7 +4,9 @@ pipegate-provider and pipegate-gateway share), L{check_link_options}, and the hu
 C{--mux-*} options of pipegate-server (L{HUB_PARAMETERS}, L{HUB_CONVERTERS},
 L{HubOptions}).  The relay parses these on every start; importing them must not load
 the mux session, TLS and hub code (L{pipegate.mux.node}, L{pipegate.mux.hub}), which
-only C{--mux} needs.
+only C{--mux} needs, nor the frame codec (L{pipegate.mux.frames}): the defaults it
+shares with the codec are written out here (tests/test_lean_startup.py checks that they
+agree), and the checks that need the codec import it when they run.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from pipegate.config import (
     EnvOptions, auto_or_positive_int, check_server_endpoint, non_negative_float, non_negative_int, positive_float,
     positive_int,
 )
-from pipegate.mux import frames
-from pipegate.mux.hello import parse_router_secret
 
 
 class MuxOptions(EnvOptions):
@@ -34,10 +34,10 @@ class MuxOptions(EnvOptions):
         ["tls-ca", None, None, "PEM CA certificate for --tls-verify (default: the system's trust store)."],
         ["max-frame-size", None, "1048576", "Largest mux frame accepted, in bytes."],
         ["window", None, "262144", "Per-channel initial credit window, in bytes, each direction."],
-        ["max-window", None, str(frames.MAX_WINDOW),
+        ["max-window", None, "2097152",   # frames.MAX_WINDOW (tests/test_lean_startup.py checks)
          "Credit window a channel grows to while its socket keeps up, in bytes "
          "(at most --window: the window stays at --window)."],
-        ["window-budget", None, str(frames.WINDOW_BUDGET),
+        ["window-budget", None, "2097152",   # frames.WINDOW_BUDGET
          "Bytes by which all channels' windows together may grow beyond --window."],
         ["ping-interval", None, "10", "Seconds between pings on a link."],
         ["ping-deadline", None, "30", "A link silent for this many seconds is closed."],
@@ -74,6 +74,8 @@ class MuxOptions(EnvOptions):
     ]
 
     def check(self) -> None:
+        from pipegate.mux.hello import parse_router_secret   # (with the frame codec: not at import)
+
         if not self["router"]:
             raise usage.UsageError("--router: the router secret is required (or PIPEGATE_ROUTER)")
         try:
@@ -110,6 +112,8 @@ def check_link_options(options, prefix: str = "") -> None:
     for name in (key, cert, prefix + "tls-ca"):
         if options.get(name) and not os.path.isfile(options[name]):
             raise usage.UsageError(f"--{name}: no such file: {options[name]}")
+    from pipegate.mux import frames
+
     if options[prefix + "max-frame-size"] < frames.MIN_MAX_FRAME_SIZE:
         raise usage.UsageError(f"--{prefix}max-frame-size: must be at least {frames.MIN_MAX_FRAME_SIZE}")
     if options[prefix + "ping-deadline"] <= options[prefix + "ping-interval"]:
@@ -123,7 +127,8 @@ _SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "pin
            "handshake-timeout", "max-channels")
 # The hub's --mux-max-window bounds what the ends may grant, so its default is the largest
 # --max-window an end has had by default (4 MiB before the ends' default went to 2 MiB).
-_HUB_OWN = {"max-window": [str(frames.HUB_MAX_WINDOW), "The most credit per channel and direction an end "
+# ("4194304": frames.HUB_MAX_WINDOW)
+_HUB_OWN = {"max-window": ["4194304", "The most credit per channel and direction an end "
                            "may grant, in bytes (at least the ends' --max-window)."]}
 HUB_PARAMETERS = [["mux-" + p[0], None, *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
@@ -156,6 +161,8 @@ class HubOptions:
             if self["mux-router"]:
                 raise usage.UsageError("--mux-router: needs --mux (where providers and gateways meet)")
             return
+        from pipegate.mux.hello import parse_router_secret   # (with the frame codec: only with --mux)
+
         if not self["mux-router"]:
             raise usage.UsageError("--mux-router: at least one router secret is required with --mux")
         secrets: list[bytes] = []
