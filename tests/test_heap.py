@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import platform
+import sys
 import time
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from pipegate import auth
-from pipegate.heap import FrozenStartupHeap
+from pipegate.heap import FrozenStartupHeap, release_free_memory
 from pipegate.tap import client, gateway, provider, server
 
 SECRET = "heap-test-secret-" + "0123456789abcdef" * 3
@@ -71,3 +74,42 @@ class FrozenStartupHeapTests(unittest.TestCase):
             top = tap.makeService(options, MemoryReactorClock())
             self.assertEqual([type(s) for s in top if isinstance(s, FrozenStartupHeap)],
                              [FrozenStartupHeap], tap.__name__)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+class ReleaseFreeMemoryTests(unittest.TestCase):
+
+    def test_free_heap_pages_below_live_memory_go_back(self):
+        if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+            raise unittest.SkipTest("malloc_trim is glibc's; elsewhere release_free_memory is a no-op")
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        size, count = 64 * 1024, 512   # 32 MiB in chunks glibc takes from its heap (below the mmap threshold)
+        chunks = [libc.malloc(size) for _ in range(count)]
+        for chunk in chunks:
+            ctypes.memset(chunk, 1, size)   # resident
+        pin = libc.malloc(size)   # in use above the freed ones: free() alone cannot shrink the heap past it
+        try:
+            for chunk in chunks:
+                libc.free(chunk)
+            before = _rss_kib()
+            self.assertTrue(release_free_memory())
+            self.assertGreater(before - _rss_kib(), 16 * 1024)
+        finally:
+            libc.free(pin)
+
+    def test_freeze_releases_the_free_pages(self):
+        self.addCleanup(gc.unfreeze)
+        calls = []
+        self.patch(sys.modules["pipegate.heap"], "release_free_memory", lambda: calls.append(1))
+        reactor = MemoryReactorClock()
+        FrozenStartupHeap(reactor).startService()
+        self.assertEqual(calls, [])
+        reactor.run()
+        self.assertEqual(calls, [1])

@@ -21,18 +21,14 @@ from __future__ import annotations
 import os
 
 from twisted.application import service, strports
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.python import usage
 
 from pipegate.core.codec import FrameError
 from pipegate.core.budget import Budget, LogThrottle, source_key
-from pipegate.config import auto_or_positive_int, non_negative_int, positive_int
 from pipegate.mux import frames, tls
-from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac, parse_router_secret, verify_hello
-from pipegate.mux.node import MuxOptions, check_link_options
+from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac, verify_hello
 from pipegate.mux.hubcore import Close, HubConfig, HubCore
 from pipegate.mux.session import ROLE_NAMES, LinkConfig, LinkError, LinkFactory, MuxLink
 from pipegate.drain import Drainer
@@ -201,66 +197,6 @@ class HubNode(Drainer, service.Service):
             self.log.warn("hub drain timeout: {count} channel(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("hub stopping")
-
-
-# --- options -----------------------------------------------------------------------
-
-# The link options of pipegate-provider/-gateway, as --mux-<name> on pipegate-server.
-_SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "ping-interval", "ping-deadline",
-           "handshake-timeout", "max-channels")
-# The hub's --mux-max-window bounds what the ends may grant, so its default is the largest
-# --max-window an end has had by default (4 MiB before the ends' default went to 2 MiB).
-_HUB_OWN = {"max-window": [str(frames.HUB_MAX_WINDOW), "The most credit per channel and direction an end "
-                           "may grant, in bytes (at least the ends' --max-window)."]}
-HUB_PARAMETERS = [["mux-" + p[0], None,
-                   *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")]),
-                   MuxOptions.converters.get(p[0])]
-                  for p in MuxOptions.optParameters if p[0] in _SHARED] + [
-    ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers).",
-     positive_int],
-    ["mux-max-conns-per-ip", None, "100", "Connections to --mux from one IP address, admitted or not "
-                                          "(TLS handshakes count); 0 = no cap.", non_negative_int],
-    ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap.", non_negative_int],
-    ["mux-max-peers-per-router", None, "auto", "Links of one router the hub accepts at once, so that one "
-                                               "router's peers cannot lock out another's; auto = "
-                                               "--mux-max-peers divided by the number of routers.",
-     auto_or_positive_int],
-]
-
-
-class HubOptions:
-    """C{--mux} and C{--mux-router}, repeatable, for an L{EnvOptions} that lists L{HUB_PARAMETERS}."""
-
-    optRepeatable = [
-        ["mux", True, "Server endpoint where providers and gateways meet (port plane hub, TLS added); "
-                      "repeatable."],
-        ["mux-router", True, "A router secret the hub admits (64 hex characters); repeatable, one router each."],
-    ]
-
-    def check_hub(self) -> None:
-        if not self["mux"]:
-            if self["mux-router"]:
-                raise usage.UsageError("--mux-router: needs --mux (where providers and gateways meet)")
-            return
-        if not self["mux-router"]:
-            raise usage.UsageError("--mux-router: at least one router secret is required with --mux")
-        secrets: list[bytes] = []
-        for value in self["mux-router"]:
-            try:
-                secret = parse_router_secret(value)
-            except ValueError as e:
-                raise usage.UsageError(f"--mux-router: {e}") from None
-            if secret not in secrets:
-                secrets.append(secret)
-        self["mux-secrets"] = tuple(secrets)
-        from twisted.internet import reactor
-
-        for value in self["mux"]:
-            try:
-                endpoints.serverFromString(reactor, value)
-            except Exception as e:
-                raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}") from None
-        check_link_options(self, "mux-")
 
 
 def hub_node(options) -> HubNode | None:

@@ -15,7 +15,8 @@ from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError
 from pipegate.core.policydoc import load_policy
-from pipegate.mux.node import MuxOptions, add_http, add_node
+from pipegate.mux.node import add_http, add_node
+from pipegate.mux.options import MuxOptions
 from pipegate.ports.gateway import Gateway, GatewayConfig, parse_port_ranges
 from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedResource
 from pipegate.ports.services import Exposure, parse_filters, parse_only_services

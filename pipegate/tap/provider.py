@@ -13,7 +13,8 @@ from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard
-from pipegate.mux.node import MuxOptions, add_http, add_node
+from pipegate.mux.node import add_http, add_node
+from pipegate.mux.options import MuxOptions
 from pipegate.core.policy import PolicyError
 from pipegate.core.policydoc import load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route

@@ -13,7 +13,7 @@ from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, 
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
 from pipegate.http.relay import Relay, RelayConfig
-from pipegate.mux.hub import HUB_PARAMETERS, HubOptions, add_hub, hub_node
+from pipegate.mux.options import HUB_PARAMETERS, HubOptions
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
@@ -231,7 +231,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         relay.tunnels.set_revocations(watcher.current)
         watcher.setServiceParent(top)
         reloads.append(watcher.reload)
-    hub = hub_node(options)
+    hub = None
+    if options["mux"]:   # the hub's machinery (mux sessions, TLS) loads only when it is asked for
+        from pipegate.mux.hub import add_hub, hub_node
+
+        hub = hub_node(options)
     acme = acme_for(options, relay, reactor)   # None without --acme-directory
     add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub,
                          acme.manager if acme else None, status_token=options["status-token"])
@@ -271,5 +275,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                                    on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
             return guarded_listener(description, gated, reactor, backlog=options["backlog"], guard=guard)
         acme.add_services(top, relay, reactor, https_listener)
-    add_hub(top, options, reactor, hub)
+    if hub is not None:
+        add_hub(top, options, reactor, hub)
     return top
