@@ -53,7 +53,8 @@ class MuxOptions(EnvOptions):
         ["udp-buffer", None, "2097152", "Kernel receive and send buffer of each UDP socket, in bytes.",
          positive_int],
         ["mux-max-conns-per-ip", None, "100", "Connections to --mux from one IP address (an IPv6 one by its "
-                                              "/64), admitted or not; 0 = no cap.", non_negative_int],
+                                              "/64), admitted or not (TLS handshakes count); 0 = no cap.",
+         non_negative_int],
         ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap.",
          non_negative_int],
     ]
@@ -112,24 +113,21 @@ def check_link_options(options, prefix: str = "") -> None:
 
 # --- options -----------------------------------------------------------------------
 
-# The link options of pipegate-provider/-gateway, as --mux-<name> on pipegate-server.
+# The link options of pipegate-provider/-gateway, as --mux-<name> on pipegate-server
+# (the --mux-max-conns* caps of the --mux listener are already named so: as they are).
 _SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "ping-interval", "ping-deadline",
-           "handshake-timeout", "max-channels")
+           "handshake-timeout", "max-channels", "mux-max-conns-per-ip", "mux-max-conns")
 # The hub's --mux-max-window bounds what the ends may grant, so its default is the largest
 # --max-window an end has had by default (4 MiB before the ends' default went to 2 MiB).
 # ("4194304": frames.HUB_MAX_WINDOW)
 _HUB_OWN = {"max-window": ["4194304", "The most credit per channel and direction an end "
                            "may grant, in bytes (at least the ends' --max-window)."]}
-HUB_PARAMETERS = [["mux-" + p[0], None,
+HUB_PARAMETERS = [["mux-" * (not p[0].startswith("mux-")) + p[0], None,
                    *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")]),
                    MuxOptions.converters.get(p[0])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
     ["mux-max-peers", None, "1000", "Links the hub accepts at once (providers, gateways and observers).",
      positive_int],
-    ["mux-max-conns-per-ip", None, "100", "Connections to --mux from one IP address, admitted or not "
-                                          "(TLS handshakes count); 0 = no cap.", non_negative_int],
-    ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap.",
-     non_negative_int],
     ["mux-max-peers-per-router", None, "auto", "Links of one router the hub accepts at once, so that one "
                                                "router's peers cannot lock out another's; auto = "
                                                "--mux-max-peers divided by the number of routers.",
