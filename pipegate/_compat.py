@@ -340,3 +340,32 @@ def handshake_status_line(protocol) -> str:
     tests.test_compat.AutobahnState.
     """
     return getattr(protocol, "http_status_line", "") or ""
+
+
+def autobahn_between_frames(protocol) -> bool:
+    """
+    Autobahn holds no part of a received frame or message: a link's own frame reader
+    (L{pipegate.http.pipe.FrameLink}) may take over the bytes that follow.
+
+    C{data} (the receive buffer), C{current_frame} and C{inside_message} are undocumented
+    attributes of Autobahn's C{WebSocketProtocol} (Autobahn 26.11.1: set in
+    C{_connectionMade}, at the opening handshake's end, in C{processData}, C{onFrameBegin} and
+    C{onFrameEnd}); the public
+    API has no way to ask whether the reader is between messages.  Guard:
+    tests.test_compat.AutobahnState.
+    """
+    return not protocol.data and protocol.current_frame is None and not protocol.inside_message
+
+
+def autobahn_traffic_seen(protocol) -> None:
+    """
+    What Autobahn does with each data frame it reads itself: with C{autoPingRestartOnAnyTraffic}
+    (its default), incoming data stands in for a pong and cancels a pending ping timeout, so a
+    link busy with data is not dropped while the pong waits behind it.
+
+    C{autoPingTimeoutCall} (undocumented attribute) and C{_cancelAutoPingTimeoutCall}
+    (private method) of Autobahn's C{WebSocketProtocol} (Autobahn 26.11.1, called from
+    C{onFrameEnd}).  Guard: tests.test_compat.AutobahnState.
+    """
+    if protocol.autoPingTimeoutCall and protocol.autoPingRestartOnAnyTraffic:
+        protocol._cancelAutoPingTimeoutCall()

@@ -317,7 +317,52 @@ class HTTPChannelState(GuardMixin, unittest.TestCase):
 
 
 class AutobahnState(GuardMixin, unittest.TestCase):
-    """cancel_close_timer, handshake_status_line: Autobahn's WebSocketProtocol."""
+    """cancel_close_timer, handshake_status_line, autobahn_between_frames, autobahn_traffic_seen:
+    Autobahn's WebSocketProtocol."""
+
+    def test_receive_state_between_frames(self):
+        from autobahn.websocket.protocol import (WebSocketClientProtocol, WebSocketProtocol,
+                                                 WebSocketServerProtocol)
+        use = "autobahn_between_frames"
+        self.assertSourceHas(WebSocketProtocol._connectionMade, "self.data = b\"\"", use)
+        for done in (WebSocketServerProtocol.succeedHandshake, WebSocketClientProtocol.processHandshake):
+            self.assertSourceHas(done, "self.current_frame = None", use)   # at the opening handshake's end
+            self.assertSourceHas(done, "self.inside_message = False", use)
+        self.assertSourceHas(WebSocketProtocol._dataReceived, "self.data += data", use)
+        self.assertSourceHas(WebSocketProtocol.processData, "self.current_frame = FrameHeader(", use)
+        self.assertSourceHas(WebSocketProtocol.onFrameEnd, "self.current_frame = None", use)
+        self.assertSourceHas(WebSocketProtocol.onFrameBegin, "self.inside_message = True", use)
+        self.assertSourceHas(WebSocketProtocol.onFrameEnd, "self.inside_message = False", use)
+        proto = WebSocketProtocol()
+        proto.data, proto.current_frame, proto.inside_message = b"", None, False
+        self.assertTrue(_compat.autobahn_between_frames(proto))
+        for name, value in (("data", b"\x82"), ("current_frame", object()), ("inside_message", True)):
+            busy = WebSocketProtocol()
+            busy.data, busy.current_frame, busy.inside_message = b"", None, False
+            setattr(busy, name, value)
+            self.assertFalse(_compat.autobahn_between_frames(busy), name)
+
+    def test_traffic_cancels_the_ping_timeout(self):
+        from autobahn.websocket.protocol import WebSocketProtocol
+        use = "autobahn_traffic_seen"
+        self.assertPrivate(WebSocketProtocol, "_cancelAutoPingTimeoutCall", use)
+        self.assertSourceHas(WebSocketProtocol.onFrameEnd, "self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic",
+                             use)
+        self.assertSourceHas(WebSocketProtocol.onFrameEnd, "self._cancelAutoPingTimeoutCall()", use)
+        self.assertSourceHas(WebSocketProtocol._connectionMade, "self.autoPingTimeoutCall = None", use)
+        cancelled = []
+        proto = WebSocketProtocol()
+        proto._cancelAutoPingTimeoutCall = lambda: cancelled.append(True)
+        proto.autoPingRestartOnAnyTraffic = True
+        proto.autoPingTimeoutCall = None
+        _compat.autobahn_traffic_seen(proto)
+        self.assertEqual(cancelled, [])
+        proto.autoPingTimeoutCall = object()
+        _compat.autobahn_traffic_seen(proto)
+        self.assertEqual(cancelled, [True])
+        proto.autoPingRestartOnAnyTraffic = False
+        _compat.autobahn_traffic_seen(proto)
+        self.assertEqual(cancelled, [True])
 
     def test_close_handshake_timer(self):
         from autobahn.twisted.websocket import WebSocketClientProtocol
@@ -417,7 +462,8 @@ _PRIVATE = frozenset({
     "_abortingCall", "_parsePOSTFormSubmission", "_tempDataLen", "_writeDisconnected", "_dataReceived",
     "_aggregator", "_creatorCallable", "_tlsConnection", "_lostTLSConnection", "_aborted", "_flushSendBIO",
     "_flushReceiveBIO", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished", "_lib", "_ssl",
-    "closeHandshakeTimeoutCall", "http_status_line"})
+    "closeHandshakeTimeoutCall", "http_status_line", "current_frame", "inside_message", "autoPingTimeoutCall",
+    "_cancelAutoPingTimeoutCall"})
 # ...and names that are private only on someone else's object (ours on self): pool._factory.
 _PRIVATE_ON_OTHERS = frozenset({"_factory"})
 

@@ -16,7 +16,7 @@ from twisted.web.error import SchemeNotSupported
 
 from pipegate.http import frames
 from pipegate.http.outbound import AppEndpoints, _Corked
-from pipegate.http.pipe import FrameLink
+from pipegate.http.pipe import FrameLink, ws_frame
 
 
 class RecordingTransport(StringTransport):
@@ -30,13 +30,21 @@ class RecordingTransport(StringTransport):
 
 
 class Link(FrameLink):
-    """A FrameLink whose WebSocket layer writes each message as 'M' + payload."""
+    """A FrameLink at the server end of an open WebSocket (unmasked frames)."""
+
+    STATE_OPEN = 3
+    state = STATE_OPEN
+
+    class factory:
+        isServer = True
 
     def __init__(self, transport) -> None:
         self.transport = transport
 
-    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
-        self.transport.write(b"M" + payload)
+
+def M(frame) -> bytes:
+    """The WebSocket frame that carries one pipegate frame from the server end."""
+    return ws_frame(frames.encode(frame), masked=False)
 
 
 class CorkedLink(unittest.TestCase):
@@ -47,8 +55,8 @@ class CorkedLink(unittest.TestCase):
     def test_uncorked_frames_are_written_one_by_one(self) -> None:
         self.link.send_message(frames.End(1))
         self.link.send_message(frames.End(3))
-        self.assertEqual(self.transport.writes, [b"M" + frames.encode(frames.End(1)),
-                                                 b"M" + frames.encode(frames.End(3))])
+        self.assertEqual(self.transport.writes, [M(frames.End(1)),
+                                                 M(frames.End(3))])
 
     def test_a_corked_block_is_one_write(self) -> None:
         head = frames.ResponseHead(1, 200, b"OK", ((b"a", b"b"),))
@@ -59,7 +67,7 @@ class CorkedLink(unittest.TestCase):
             self.assertEqual(self.transport.writes, [])
             self.link.send_message(frames.End(1))
         self.assertEqual(self.transport.writes, [b"".join(
-            b"M" + frames.encode(f) for f in (head, frames.Data(1, b"x" * 10), frames.End(1)))])
+            M(f) for f in (head, frames.Data(1, b"x" * 10), frames.End(1)))])
         self.assertIs(self.link.transport, self.transport)
 
     def test_an_empty_block_writes_nothing(self) -> None:
@@ -74,7 +82,7 @@ class CorkedLink(unittest.TestCase):
             self.link.transport.loseConnection()
             self.assertEqual(self.link.transport.getPeer(), self.transport.getPeer())
         self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(self.transport.writes, [b"M" + frames.encode(frames.End(1))])
+        self.assertEqual(self.transport.writes, [M(frames.End(1))])
 
     def test_an_error_inside_the_block_still_writes_and_restores(self) -> None:
         with self.assertRaises(ZeroDivisionError):
