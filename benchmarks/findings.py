@@ -8,15 +8,18 @@ benchmarks/results/ and the measurements written up in benchmarks/README.md.
 FINDINGS = {
     "http_small": (
         "Each request crosses two Python processes, and in each it is parsed and written twice: "
-        "the relay runs twisted.web's HTTP/1.1 parser and Request for the caller and Autobahn's "
-        "WebSocket framing towards the connector; the connector runs Autobahn's framing and "
-        "twisted.web's HTTP client (Agent, HTTP11ClientProtocol) towards the app. py-spy "
-        "(flamegraph-http_small-relay-after.svg, -connector-after.svg) shows the cost spread over "
-        "those four layers and the reactor's dispatch, no function of ours above 4 % self; the "
-        "syscalls are down to about 6 per request per process. The remaining cost is what those "
-        "layers take per message in CPython; closing the gap to 280 µs would mean replacing "
-        "twisted.web's server and client and Autobahn with hand-written or C parsers, which "
-        "this project builds on rather than replaces (see benchmarks/README.md, \"HTTP plane\")."
+        "the relay runs twisted.web's HTTP/1.1 server for the caller and the WebSocket link "
+        "towards the connector; the connector runs the link and twisted.web's HTTP client "
+        "(Agent, HTTP11ClientProtocol) towards the app. perf: about 80 % of each process's CPU is "
+        "in libpython, 13-17 % in the kernel. py-spy (results/flamegraph-http_small-*-wsframes.svg): "
+        "after the links frame their own binary WebSocket frames (Autobahn's per-message machinery "
+        "was a fifth of the relay's Python time), the connector's HTTP client is 45-55 % of its "
+        "Python time and twisted.web's server about a fifth of the relay's; no function of ours "
+        "is above 4 % self, and CPU per request falls with load (about 920 µs at 800 req/s, 680 "
+        "at 1,500, 550 under wrk), so per-wakeup reactor and kernel work is much of the rest. The "
+        "remaining cost to 280 µs is mostly those two twisted.web layers; the next levers are a "
+        "lighter persistent client to the app in the connector and a faster request parser on the "
+        "relay's public side (benchmarks/README.md, \"HTTP plane per-request CPU, second pass\")."
     ),
     "tcp": (
         "Bulk TCP costs gateway + provider about 2.3-2.8 CPU-s/GB against the HAProxy pair's ~1.8: "
@@ -52,7 +55,12 @@ FINDINGS = {
     ),
     "idle": (
         "A Python process with Twisted, OpenSSL and cryptography loaded is already ~43 MiB (the "
-        "direct column); the relay also loads Autobahn (about 5 MiB, its WAMP layer and cffi "
-        "modules come with `autobahn.twisted.websocket`) and PyJWT."
+        "direct column). For the relay, stock `twistd -n web` with only `autobahn.twisted.websocket`, "
+        "`autobahn.twisted.resource` and `jwt` imported is already 5.2 MiB above itself: any "
+        "`autobahn.twisted` module loads Autobahn's WAMP layer and cbor2, and its NVX masker parses "
+        "C declarations with pycparser at import (about 1.4 MiB; without it, masking large frames "
+        "is 10-25 times slower). PipeGate's own code on top is about 1.3 MiB, code every relay "
+        "runs; the hub, ACME, metrics and inspector load only with their options "
+        "(tests/test_lean_startup.py), and startup's freed heap is given back (pipegate/heap.py)."
     ),
 }
