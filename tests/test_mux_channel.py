@@ -122,6 +122,42 @@ class ChannelWindow(unittest.TestCase):
         self.assertEqual(budget.used, 0)
 
 
+class ChannelBeforeAttach(unittest.TestCase):
+    """
+    A gate connection whose OPEN is in flight: its socket is read once, held, and paused
+    until the channel is attached (OPEN_OK), then what it held goes out at once.
+    """
+
+    def setUp(self):
+        self.link = RecordingLink()
+        self.channel = StreamChannel(WINDOW)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_read_until_the_first_bytes_then_paused(self):
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"GET / HTTP/1.0\r\n")
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.channel.buffered, len(b"GET / HTTP/1.0\r\n"))
+        self.channel.attach(self.link, 7)
+        self.assertEqual(self.link.sent, [frames.Data(7, b"GET / HTTP/1.0\r\n")])
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"more")
+        self.assertEqual(self.link.sent[-1], frames.Data(7, b"more"))
+
+    def test_held_bytes_and_fin_go_in_order(self):
+        self.channel.dataReceived(b"x")
+        self.channel.readConnectionLost()
+        self.assertEqual(self.link.sent, [])
+        self.channel.attach(self.link, 3)
+        self.assertEqual(self.link.sent, [frames.Data(3, b"x"), frames.Fin(3)])
+
+    def test_nothing_sent_attaches_reading(self):
+        self.channel.attach(self.link, 3)
+        self.assertEqual(self.link.sent, [])
+        self.assertEqual(self.transport.producerState, "producing")
+
+
 class ChannelIdleTimeout(unittest.TestCase):
     """A gate connection's idle timeout counts from the last byte either way."""
 

@@ -87,8 +87,10 @@ class StreamChannel(Protocol):
         if sock is not None:
             sock.bufferSize = CHANNEL_SOCKET_BUFFER
         self.transport.registerProducer(self, True)
-        if self.link is None:
-            self.transport.pauseProducing()
+        # Not attached yet (the gateway's OPEN is in flight): the socket is still read, so
+        # that what the client sends meanwhile (the request of a connect-and-send client)
+        # is here when OPEN_OK comes and goes out with it, instead of after another
+        # reactor turn to resume reading; L{dataReceived} stops reading after one read.
 
     def dataReceived(self, data: bytes) -> None:
         if self.done:
@@ -96,7 +98,10 @@ class StreamChannel(Protocol):
         if self._idle_timer is not None:
             self._idle_timer.touch()
         if self.link is None:
+            # Held until attach: at most one read (CHANNEL_SOCKET_BUFFER), then the socket
+            # is paused until attach resumes it.
             self._early.append(data)
+            self.transport.pauseProducing()
             return
         self._send(data)
         if self.flow.send.blocked or self.link.paused:
