@@ -719,7 +719,7 @@ class GrantTests(unittest.TestCase):
 
     def test_grant_and_policy(self) -> None:
         grants = Grants()
-        self.assertEqual(grants.policy(NOW), EMPTY)
+        self.assertIs(grants.policy(NOW), EMPTY)   # (no Policy built per connection)
         self.assertEqual(grants.grant("127.0.0.1", NOW), NOW + 1_800_000)
         self.assertEqual(grants.policy(NOW).ips, (("127.0.0.1", grant_rule(NOW)),))
         self.assertIsNone(grants.policy(NOW).defaults)
@@ -781,7 +781,7 @@ class GrantTests(unittest.TestCase):
         grants.grant("2001:db8::1%eth0", NOW, 2)
         self.assertEqual([ip for ip, _ in grants.policy(NOW + 1000).ips], ["2001:db8::1"])
         self.assertEqual(len(grants), 1)
-        self.assertEqual(grants.policy(NOW + 2000), EMPTY)
+        self.assertIs(grants.policy(NOW + 2000), EMPTY)
         self.assertEqual(len(grants), 0)
 
     def test_invalid(self) -> None:

@@ -407,6 +407,8 @@ class Grants:
     def policy(self, now_ms: float) -> Policy:
         """The grants live at C{now_ms} as an ips-only policy of exact-IP rules; expired grants are dropped."""
         self._prune(now_ms)
+        if not self._expiry:
+            return EMPTY   # (the usual case, once per connection: no Policy built)
         return Policy(ips=tuple(
             (ip, Rule(allow=True, unlimited=True, labels=(GRANT_LABEL,), desc=GRANT_LABEL,
                       expire_at=expire_at))
