@@ -12,6 +12,7 @@ import json
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 
+from pipegate.core import policy as policy_module
 from pipegate.core.policy import (
     DEFAULT_DIRECTION,
     EMPTY,
@@ -165,6 +166,15 @@ class NormalizeIpTests(unittest.TestCase):
         self.assertEqual(normalize_ip("10.1.2.3"), ipaddress.IPv4Address("10.1.2.3"))
         self.assertEqual(normalize_ip(" 2001:db8::1 "), ipaddress.IPv6Address("2001:db8::1"))
 
+    def test_parsed_once_per_address(self) -> None:
+        # Once per connection: the parse of an address seen before comes from a cache.
+        before = policy_module._address.cache_info()
+        first = normalize_ip("192.0.2.77")
+        self.assertIs(normalize_ip(" 192.0.2.77"), first)
+        after = policy_module._address.cache_info()
+        self.assertEqual(after.hits - before.hits, 1)
+        self.assertLessEqual(after.currsize, 1024)
+
     def test_zone_stripped(self) -> None:
         self.assertEqual(normalize_ip("fe80::1%eth0"), ipaddress.IPv6Address("fe80::1"))
 
@@ -175,6 +185,7 @@ class NormalizeIpTests(unittest.TestCase):
     def test_invalid(self) -> None:
         for text in ["", " ", "localhost", "1.2.3", "256.1.1.1", "::g", "10.0.0.0/8", "*"]:
             self.assertRaises(PolicyError, normalize_ip, text)
+            self.assertRaises(PolicyError, normalize_ip, text)   # a refusal is not cached away
         with self.assertRaises(PolicyError) as caught:
             normalize_ip("nope")
         self.assertEqual(str(caught.exception), 'not an IP address: "nope"')
