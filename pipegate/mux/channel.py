@@ -31,7 +31,10 @@ CHANNEL_SOCKET_BUFFER = 130_048
 # What a channel reads from its socket before it is attached (the OPEN in flight) and
 # holds for the OPEN_OK, before it stops reading: a connect-and-send client's first request
 # is sent with the OPEN_OK's turn, without pausing and resuming the socket (two epoll_ctl).
-EARLY_HOLD = 65_536
+# The read that reaches it may overshoot it by one read (CHANNEL_SOCKET_BUFFER): a client
+# whose OPEN hangs (a provider that does not answer, for the open timeout) makes the
+# gateway hold at most about 140 KiB for it, as the kernel's socket buffers would.
+EARLY_HOLD = 16_384
 
 _Data = frames.Data
 
