@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from pipegate.sockets import (
     bounded_reads, close_write, connect_protocol, connect_stream, eager_writes, no_delay, send_now, socket_transport, stream_endpoint)
-from tests.support import Loopback, TestApp, request
+from tests.support import Loopback, TestApp, eventually, request
 
 
 class _Producer:
@@ -257,7 +257,7 @@ class CloseWriteTests(unittest.TestCase):
         transport.write(b"queued")                  # Twisted's write waits for the reactor
         close_write(transport)
         self.assertIn(transport, reactor.getWriters())
-        await task.deferLater(reactor, 0.05, lambda: None)
+        await eventually(lambda: transport not in reactor.getWriters())   # the reactor's turn
         self.assertEqual(self.read_to_eof(), b"queued")
 
     def test_other_transports_lose_the_write_connection(self):
@@ -310,7 +310,7 @@ class ConnectStreamTests(unittest.TestCase):
         port = listener.getsockname()[1]
         listener.close()
         client, made, failed = await self.connect("127.0.0.1", port)
-        await task.deferLater(reactor, 0.2, lambda: None)
+        await eventually(lambda: failed)
         self.assertFalse(made.called)
         self.assertEqual(len(failed), 1)
         self.assertTrue(failed[0].check(error.ConnectionRefusedError))
