@@ -23,7 +23,7 @@ from twisted.internet import endpoints, main, udp
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import LogLevel
 from twisted.python import log
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
 from pipegate._compat import (
@@ -144,6 +144,32 @@ def send_now(transport) -> None:
     transport.doWrite()
 
 
+def close_write(transport) -> None:
+    """
+    Half-close C{transport}: the peer gets a FIN after every byte written before.
+
+    Twisted's C{loseWriteConnection} always waits for the reactor: it registers the socket
+    for writing, and on the next turn (an C{epoll_ctl}, a wakeup, an empty C{send}, another
+    C{epoll_ctl}) shuts the write side down.  When nothing is queued there is nothing to
+    wait for, so the socket (C{getHandle()}) is shut down for writing at once: a tunnelled
+    connection's FIN reaches the service a reactor turn sooner, at four system calls less.
+    Otherwise, and for a transport that is not a plain TCP connection (TLS, a wrapper),
+    C{loseWriteConnection} as before.  (Twisted is not told: nothing is written after a
+    FIN, and a write would fail as on any closed socket.)
+    """
+    if (has_write_buffers(transport) and not transport.TLS and transport.connected
+            and not transport.disconnecting and not write_closed(transport) and nothing_queued(transport)):
+        try:
+            transport.getHandle().shutdown(socket.SHUT_WR)
+            return
+        except OSError:
+            pass
+    try:
+        transport.loseWriteConnection()
+    except (AttributeError, NotImplementedError):
+        pass
+
+
 def stream_endpoint(reactor, host: str, port: int, timeout: float):
     """
     A TCP client endpoint for C{host}: a name goes through C{HostnameEndpoint}
@@ -180,6 +206,40 @@ def connect_protocol(endpoint, protocol):
     connection (py-spy; git log -p benchmarks/README.md).
     """
     return endpoint.connect(_OneShotFactory(protocol))
+
+
+class _DirectConnect(ClientFactory):
+    """L{connect_stream}'s factory: the connector gets C{protocol} itself, or tells C{failed}."""
+
+    noisy = False
+
+    def __init__(self, protocol, failed) -> None:
+        self._protocol = protocol
+        self._failed = failed
+
+    def buildProtocol(self, addr):
+        self._protocol.factory = self
+        return self._protocol
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self._failed(reason)
+
+
+def connect_stream(reactor, host: str, port: int, timeout: float, protocol, failed) -> None:
+    """
+    Connect C{protocol} to C{host}:C{port}: its C{connectionMade} says it is connected;
+    if the connection cannot be made, C{failed(failure)} is called instead.
+
+    An address literal goes straight to C{reactor.connectTCP}: no endpoint, no protocol
+    wrapper between the socket and C{protocol} (Twisted's endpoints put a
+    C{_WrappingProtocol} there, one more call on every read, and declare its interfaces
+    and chain Deferreds for every connection), no per-connection factory log lines.  A
+    host name goes through L{stream_endpoint} (resolution, happy eyeballs).
+    """
+    if isIPAddress(host) or isIPv6Address(host):
+        reactor.connectTCP(host, port, _DirectConnect(protocol, failed), timeout=timeout)
+    else:
+        connect_protocol(stream_endpoint(reactor, host, port, timeout), protocol).addErrback(failed)
 
 
 #: A per-flow UDP socket that reads one datagram per wakeup drains the socket instead

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from pipegate.core.window import GrowthBudget
 from pipegate.mux import frames
 from pipegate.core.window import SLOW_SINK
-from pipegate.mux.channel import StreamChannel
+from pipegate.mux.channel import EARLY_HOLD, StreamChannel
 from pipegate.tap import gateway, provider
 
 WINDOW = 2 * frames.MAX_DATA
@@ -120,6 +120,80 @@ class ChannelWindow(unittest.TestCase):
         self.assertEqual(other.flow.recv.window, WINDOW)   # nothing left to grow by
         self.channel.frame_received(frames.Reset(1, "done"))
         self.assertEqual(budget.used, 0)
+
+
+class ChannelBeforeAttach(unittest.TestCase):
+    """
+    A gate connection whose OPEN is in flight: its socket is read once, held, and paused
+    until the channel is attached (OPEN_OK), then what it held goes out at once.
+    """
+
+    def setUp(self):
+        self.link = RecordingLink()
+        self.channel = StreamChannel(WINDOW)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_read_and_held_until_the_bound_then_paused(self):
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"GET / HTTP/1.0\r\n")
+        self.assertEqual(self.transport.producerState, "producing")   # a small request: read on
+        self.channel.dataReceived(b"b" * (EARLY_HOLD - 16))
+        self.assertEqual(self.transport.producerState, "paused")      # EARLY_HOLD held: no more
+        self.assertEqual(self.channel.buffered, EARLY_HOLD)
+        self.assertEqual(self.link.sent, [])
+        self.channel.attach(self.link, 7)
+        self.assertEqual(b"".join(f.data for f in self.link.sent), b"GET / HTTP/1.0\r\n" + b"b" * (EARLY_HOLD - 16))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"more")
+        self.assertEqual(self.link.sent[-1], frames.Data(7, b"more"))
+
+    def test_held_bytes_and_fin_go_in_order(self):
+        self.channel.dataReceived(b"x")
+        self.channel.readConnectionLost()
+        self.assertEqual(self.link.sent, [])
+        self.channel.attach(self.link, 3)
+        self.assertEqual(self.link.sent, [frames.Data(3, b"x"), frames.Fin(3)])
+
+    def test_nothing_sent_attaches_reading(self):
+        self.channel.attach(self.link, 3)
+        self.assertEqual(self.link.sent, [])
+        self.assertEqual(self.transport.producerState, "producing")
+
+
+class ChannelClose(unittest.TestCase):
+    """FIN both ways: the socket is half-closed by the first FIN received, closed by the second."""
+
+    def setUp(self):
+        self.link = RecordingLink()
+        self.channel = StreamChannel(WINDOW)
+
+        class HalfCloseable(StringTransport):
+            write_lost = False
+
+            def loseWriteConnection(self):
+                self.write_lost = True
+        self.transport = HalfCloseable()
+        self.channel.makeConnection(self.transport)
+        self.channel.attach(self.link, 1)
+
+    def test_fin_received_first_half_closes(self):
+        self.channel.frame_received(frames.Fin(1))
+        self.assertTrue(self.transport.write_lost)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.readConnectionLost()            # the socket's own FIN: both done
+        self.assertEqual(self.link.sent, [frames.Fin(1)])
+        self.assertTrue(self.channel.done)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_fin_received_last_closes_at_once(self):
+        self.channel.readConnectionLost()
+        self.assertEqual(self.link.sent, [frames.Fin(1)])
+        self.channel.frame_received(frames.Fin(1))
+        self.assertFalse(self.transport.write_lost)   # loseConnection closes both ways
+        self.assertTrue(self.channel.done)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
 
 
 class ChannelIdleTimeout(unittest.TestCase):

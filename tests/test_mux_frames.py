@@ -594,6 +594,16 @@ class EncodeRejectionTests(unittest.TestCase):
             else:
                 self.fail(f"{frame!r} encoded")
 
+    def test_client_host_check_is_the_same_from_its_cache(self):
+        # The address check of every OPEN, sent or received, is cached (clients come back):
+        # a refusal comes from the cache as a refusal, both ways.
+        good = encode(Open(1, 1, "tcp", "10.0.0.3", 2))
+        bad = good.replace(b"10.0.0.3", b"10.0.0.x")
+        for _ in range(2):
+            self.assertRaises(FrameError, encode, Open(1, 1, "tcp", "localhost", 2))
+            self.assertEqual(FrameDecoder().feed(good), [Open(1, 1, "tcp", "10.0.0.3", 2)])
+            self.assertRaises(FrameError, FrameDecoder().feed, bad)
+
     def test_limits_themselves_are_fine(self):
         for frame in [
             Routes((Route(1, "tcp", "h" * 255, 65535, tags=("t" * 65535,), policy=b"p" * 65535),)),

@@ -12,6 +12,7 @@ import json
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 
+from pipegate.core import policy as policy_module
 from pipegate.core.policy import (
     DEFAULT_DIRECTION,
     EMPTY,
@@ -165,6 +166,15 @@ class NormalizeIpTests(unittest.TestCase):
         self.assertEqual(normalize_ip("10.1.2.3"), ipaddress.IPv4Address("10.1.2.3"))
         self.assertEqual(normalize_ip(" 2001:db8::1 "), ipaddress.IPv6Address("2001:db8::1"))
 
+    def test_parsed_once_per_address(self) -> None:
+        # Once per connection: the parse of an address seen before comes from a cache.
+        before = policy_module._address.cache_info()
+        first = normalize_ip("192.0.2.77")
+        self.assertIs(normalize_ip(" 192.0.2.77"), first)
+        after = policy_module._address.cache_info()
+        self.assertEqual(after.hits - before.hits, 1)
+        self.assertLessEqual(after.currsize, 1024)
+
     def test_zone_stripped(self) -> None:
         self.assertEqual(normalize_ip("fe80::1%eth0"), ipaddress.IPv6Address("fe80::1"))
 
@@ -175,6 +185,7 @@ class NormalizeIpTests(unittest.TestCase):
     def test_invalid(self) -> None:
         for text in ["", " ", "localhost", "1.2.3", "256.1.1.1", "::g", "10.0.0.0/8", "*"]:
             self.assertRaises(PolicyError, normalize_ip, text)
+            self.assertRaises(PolicyError, normalize_ip, text)   # a refusal is not cached away
         with self.assertRaises(PolicyError) as caught:
             normalize_ip("nope")
         self.assertEqual(str(caught.exception), 'not an IP address: "nope"')
@@ -719,7 +730,7 @@ class GrantTests(unittest.TestCase):
 
     def test_grant_and_policy(self) -> None:
         grants = Grants()
-        self.assertEqual(grants.policy(NOW), EMPTY)
+        self.assertIs(grants.policy(NOW), EMPTY)   # (no Policy built per connection)
         self.assertEqual(grants.grant("127.0.0.1", NOW), NOW + 1_800_000)
         self.assertEqual(grants.policy(NOW).ips, (("127.0.0.1", grant_rule(NOW)),))
         self.assertIsNone(grants.policy(NOW).defaults)
@@ -781,7 +792,7 @@ class GrantTests(unittest.TestCase):
         grants.grant("2001:db8::1%eth0", NOW, 2)
         self.assertEqual([ip for ip, _ in grants.policy(NOW + 1000).ips], ["2001:db8::1"])
         self.assertEqual(len(grants), 1)
-        self.assertEqual(grants.policy(NOW + 2000), EMPTY)
+        self.assertIs(grants.policy(NOW + 2000), EMPTY)
         self.assertEqual(len(grants), 0)
 
     def test_invalid(self) -> None:

@@ -10,12 +10,13 @@ import socket
 
 from twisted.internet import defer, endpoints, error, reactor, task
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.sockets import (
-    bounded_reads, connect_protocol, eager_writes, no_delay, send_now, socket_transport, stream_endpoint)
-from tests.support import Loopback, TestApp, request
+    bounded_reads, close_write, connect_protocol, connect_stream, eager_writes, no_delay, send_now, socket_transport, stream_endpoint)
+from tests.support import Loopback, TestApp, eventually, request
 
 
 class _Producer:
@@ -227,6 +228,99 @@ class ConnectTests(unittest.TestCase):
         # ... ours nothing.
         await connect_and_close(connect_protocol)
         self.assertEqual([e.get("log_format") for e in events], [])
+
+
+class CloseWriteTests(unittest.TestCase):
+    """close_write: the FIN goes at once when nothing is queued, after the queued bytes otherwise."""
+
+    async def setUp(self):
+        self.client, self.peer = await connect_to(plain_listener(self), Protocol())
+        self.addCleanup(self.peer.close)
+        self.addCleanup(self.client.transport.abortConnection)
+        self.peer.settimeout(5)
+
+    def read_to_eof(self) -> bytes:
+        got = []
+        while chunk := self.peer.recv(65536):
+            got.append(chunk)
+        return b"".join(got)
+
+    def test_nothing_queued_shuts_down_at_once(self):
+        transport = self.client.transport
+        close_write(transport)
+        self.assertEqual(self.read_to_eof(), b"")   # without the reactor running
+        self.assertNotIn(transport, reactor.getWriters())
+        self.peer.sendall(b"still read")            # the other direction stays open
+
+    async def test_queued_bytes_go_first(self):
+        transport = self.client.transport
+        transport.write(b"queued")                  # Twisted's write waits for the reactor
+        close_write(transport)
+        self.assertIn(transport, reactor.getWriters())
+        await eventually(lambda: transport not in reactor.getWriters())   # the reactor's turn
+        self.assertEqual(self.read_to_eof(), b"queued")
+
+    def test_other_transports_lose_the_write_connection(self):
+        class HalfCloseable(StringTransport):
+            write_lost = False
+
+            def loseWriteConnection(self):
+                self.write_lost = True
+        transport = HalfCloseable()
+        close_write(transport)
+        self.assertTrue(transport.write_lost)
+        close_write(StringTransport())              # none to lose: nothing happens
+
+
+class ConnectStreamTests(unittest.TestCase):
+    """connect_stream: an address literal is connected with no wrapper and no log line; failures are told."""
+
+    async def connect(self, host: str, port: int):
+        made, failed = defer.Deferred(), []
+
+        class Client(Protocol):
+            def connectionMade(self):
+                made.callback(self)
+
+        client = Client()
+        connect_stream(reactor, host, port, 3.0, client, failed.append)
+        return client, made, failed
+
+    async def test_an_address_literal_connects_the_protocol_itself(self):
+        listener = plain_listener(self)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client, made, failed = await self.connect("127.0.0.1", listener.getsockname()[1])
+        self.assertIs(await made, client)
+        self.assertIs(client.transport.protocol, client)   # no protocol wrapper in between
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        self.assertEqual(peer.getpeername()[1], client.transport.getHost().port)
+        lost = defer.Deferred()
+        client.connectionLost = lambda reason: lost.callback(None)
+        client.transport.loseConnection()
+        await lost
+        await task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(failed, [])
+        self.assertEqual([e.get("log_format") for e in events], [])
+
+    async def test_refused_is_told(self):
+        listener = plain_listener(self)
+        port = listener.getsockname()[1]
+        listener.close()
+        client, made, failed = await self.connect("127.0.0.1", port)
+        await eventually(lambda: failed)
+        self.assertFalse(made.called)
+        self.assertEqual(len(failed), 1)
+        self.assertTrue(failed[0].check(error.ConnectionRefusedError))
+
+    async def test_a_host_name_goes_through_an_endpoint(self):
+        listener = plain_listener(self)
+        client, made, failed = await self.connect("localhost", listener.getsockname()[1])
+        self.assertIs(await made, client)
+        self.assertIsNot(client.transport.protocol, client)   # the endpoint's wrapper
+        client.transport.abortConnection()
 
 
 class LinkSocketTests(unittest.TestCase):

@@ -35,6 +35,14 @@ class SourceKeyTests(unittest.SynchronousTestCase):
         self.assertNotEqual(source_key(C), source_key(A))
         self.assertEqual(source_key("::1"), "::/64")
 
+    def test_cached_and_bounded(self):
+        before = source_key.cache_info()
+        self.assertEqual(source_key("198.51.100.9"), "198.51.100.9")
+        self.assertEqual(source_key("198.51.100.9"), "198.51.100.9")
+        after = source_key.cache_info()
+        self.assertEqual(after.hits - before.hits, 1)
+        self.assertEqual(after.maxsize, 1024)
+
     def test_ipv4_mapped_as_ipv4(self):
         self.assertEqual(source_key("::ffff:192.0.2.7"), "192.0.2.7")
 

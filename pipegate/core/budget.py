@@ -13,6 +13,7 @@ Pure: no reactor, no sockets.  Times are passed in as C{now}.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Hashable
 
@@ -22,6 +23,9 @@ PER_SOURCE = "per-source"
 TOTAL = "total"
 
 
+# Once per connection or flow, and a client usually comes back: the parse is cached for the
+# last 1,024 addresses (a few hundred KiB at most).
+@functools.lru_cache(maxsize=1024)
 def source_key(ip: str) -> str:
     """
     The source a per-IP cap counts C{ip} under: an IPv4 address as is, an IPv4-mapped IPv6

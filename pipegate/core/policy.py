@@ -25,6 +25,7 @@ Times are epoch milliseconds, passed in by the caller (C{now_ms}).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -229,11 +230,16 @@ def normalize_ip(text: str) -> Address:
     """
     if not isinstance(text, str):
         raise PolicyError(f"not an IP address: {_show(text)}")
-    stripped = text.strip().split("%", 1)[0]
     try:
-        address = ipaddress.ip_address(stripped)
+        return _address(text.strip().split("%", 1)[0])
     except ValueError:
         raise PolicyError(f"not an IP address: {_show(text)}") from None
+
+
+@functools.lru_cache(maxsize=1024)   # once per connection or flow (L{decide}); clients come back
+def _address(text: str) -> Address:
+    """L{normalize_ip}'s parse of a stripped address (ValueError if it is none; not cached)."""
+    address = ipaddress.ip_address(text)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -407,6 +413,8 @@ class Grants:
     def policy(self, now_ms: float) -> Policy:
         """The grants live at C{now_ms} as an ips-only policy of exact-IP rules; expired grants are dropped."""
         self._prune(now_ms)
+        if not self._expiry:
+            return EMPTY   # (the usual case, once per connection: no Policy built)
         return Policy(ips=tuple(
             (ip, Rule(allow=True, unlimited=True, labels=(GRANT_LABEL,), desc=GRANT_LABEL,
                       expire_at=expire_at))

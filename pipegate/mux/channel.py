@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
-from pipegate.sockets import eager_writes, no_delay, socket_transport
+from pipegate.sockets import close_write, eager_writes, no_delay, socket_transport
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -27,6 +27,14 @@ from pipegate.timers import IdleTimer, cancel
 # pipegate.sockets.bounded_reads).  One stream through gateway + provider: 577-677 ->
 # 657-852 MB/s, 2.5-3.0 -> 2.0-2.5 CPU-s/GB (git log -p benchmarks/README.md).
 CHANNEL_SOCKET_BUFFER = 130_048
+
+# What a channel reads from its socket before it is attached (the OPEN in flight) and
+# holds for the OPEN_OK, before it stops reading: a connect-and-send client's first request
+# is sent with the OPEN_OK's turn, without pausing and resuming the socket (two epoll_ctl).
+# The read that reaches it may overshoot it by one read (CHANNEL_SOCKET_BUFFER): a client
+# whose OPEN hangs (a provider that does not answer, for the open timeout) makes the
+# gateway hold at most about 140 KiB for it, as the kernel's socket buffers would.
+EARLY_HOLD = 16_384
 
 _Data = frames.Data
 
@@ -87,8 +95,10 @@ class StreamChannel(Protocol):
         if sock is not None:
             sock.bufferSize = CHANNEL_SOCKET_BUFFER
         self.transport.registerProducer(self, True)
-        if self.link is None:
-            self.transport.pauseProducing()
+        # Not attached yet (the gateway's OPEN is in flight): the socket is still read, so
+        # that what the client sends meanwhile (the request of a connect-and-send client)
+        # is here when OPEN_OK comes and goes out with it, instead of after another
+        # reactor turn to resume reading; L{dataReceived} stops reading at EARLY_HOLD.
 
     def dataReceived(self, data: bytes) -> None:
         if self.done:
@@ -96,7 +106,11 @@ class StreamChannel(Protocol):
         if self._idle_timer is not None:
             self._idle_timer.touch()
         if self.link is None:
+            # Held until attach; once EARLY_HOLD bytes are held (plus at most one read), the
+            # socket is paused until attach resumes it.
             self._early.append(data)
+            if sum(map(len, self._early)) >= EARLY_HOLD:
+                self.transport.pauseProducing()
             return
         self._send(data)
         if self.flow.send.blocked or self.link.paused:
@@ -158,11 +172,10 @@ class StreamChannel(Protocol):
                 self.fin_received = True
                 # A transport with a registered producer never finishes closing.
                 self.transport.unregisterProducer()
-                try:
-                    self.transport.loseWriteConnection()
-                except (AttributeError, NotImplementedError):
-                    pass
-                self._maybe_done()
+                if self.fin_sent:
+                    self._maybe_done()   # (its loseConnection closes both directions)
+                else:
+                    close_write(self.transport)
             case frames.Reset():
                 self.abort()
 

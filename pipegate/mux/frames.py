@@ -9,6 +9,7 @@ arbitrary read boundaries into whole frames; L{pipegate.mux.hello} holds admissi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
@@ -212,12 +213,17 @@ def _check_service_host(host: str) -> None:
 
 
 def _check_client_host(host: str) -> None:
+    if not (host.isascii() and _is_ip_address(host)):
+        raise FrameError(f"client host {host!r} is not an IP address")
+
+
+@functools.lru_cache(maxsize=1024)   # every OPEN, sent and received; clients come back
+def _is_ip_address(text: str) -> bool:
     try:
-        if not host.isascii():
-            raise ValueError(host)
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(text)
     except ValueError:
-        raise FrameError(f"client host {host!r} is not an IP address") from None
+        return False
+    return True
 
 
 def _protocol_number(protocol: str) -> int:

@@ -218,7 +218,7 @@ class Gateway(service.Service, Drainer):
         """Grants first, then the operator's rules, then those of the providers serving C{key}."""
         now_ms = self.clock.seconds() * 1000
         policies = [self.grants.policy(now_ms), self.config.policy]
-        for link in self.exposed().get(key, []):
+        for link in self.providers.links(key):   # (exposed()[key], without building the table)
             policies += self.link_policies.get(link, {}).get(key, [])
         try:
             return decide(policies, ip, key[0], key[1], now_ms)

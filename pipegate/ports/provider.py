@@ -27,7 +27,7 @@ from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, datagram_sender, evict_idle, set_buffers)
-from pipegate.sockets import connect_protocol, listen_udp_quietly, stream_endpoint
+from pipegate.sockets import connect_stream, listen_udp_quietly
 
 
 def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
@@ -209,25 +209,23 @@ class Provider(service.Service, Drainer):
             self._open_tcp(link, frame, svc, release)
 
     def _open_tcp(self, link, frame, svc: Service, release) -> None:
-        channel = StreamChannel(self.config.window, self.config.max_window, self.window_budget)
+        channel = BackendChannel(self.config.window, self.config.max_window, self.window_budget)
         channel.on_done = release
         placeholder = _Pending(link, frame.channel)
         link.reserve_channel(frame.channel, placeholder)
-        endpoint = stream_endpoint(self.reactor, svc.service_host, svc.service_port,
-                                   timeout=self.config.connect_timeout)
 
-        def connected(protocol):
+        def connected():
             if not link.bind_channel(frame.channel, channel, placeholder):
-                protocol.transport.abortConnection()
+                channel.transport.abortConnection()
                 release()
                 return
             if svc.proxy_protocol:
                 # The gate's address as this provider knows it: the gateway's IP, the gate port.
-                protocol.transport.write(proxyprotocol.header(
+                channel.transport.write(proxyprotocol.header(
                     svc.proxy_protocol, "tcp", frame.client_host, frame.client_port,
                     link.transport.getPeer().host, frame.gate_port))
             if self.records is not None:
-                mine, theirs = protocol.transport.getHost(), protocol.transport.getPeer()
+                mine, theirs = channel.transport.getHost(), channel.transport.getPeer()
                 self._record("tcp", mine, theirs.host, theirs.port, frame, channel)
             link.send(frames.OpenOk(frame.channel))
             channel.attach(link, frame.channel)
@@ -241,7 +239,9 @@ class Provider(service.Service, Drainer):
                                   reason=reason)
                 link.send(frames.OpenFail(frame.channel, f"{svc.service_host}:{svc.service_port}: {reason}"[:1000]))
 
-        connect_protocol(endpoint, channel).addCallbacks(connected, failed)
+        channel.on_connected = connected
+        connect_stream(self.reactor, svc.service_host, svc.service_port, self.config.connect_timeout,
+                       channel, failed)
 
     def _open_udp(self, link, frame, svc: Service, release) -> None:
         placeholder = _Pending(link, frame.channel)
@@ -341,6 +341,18 @@ class Provider(service.Service, Drainer):
             self.log.warn("drain timeout: {count} channel(s) cut", count=cut)
         for link in list(self.links):
             link.go_away("provider stopping")
+
+
+class BackendChannel(StreamChannel):
+    """A channel's connection to its service: C{on_connected()} runs once it is made."""
+
+    on_connected = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        connected, self.on_connected = self.on_connected, None
+        if connected is not None:
+            connected()
 
 
 class _Pending(LinkChannel):
