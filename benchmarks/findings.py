@@ -48,10 +48,16 @@ FINDINGS = {
         "reactor event costs in CPython. Python has no recvmmsg/sendmmsg to batch flows' datagrams."
     ),
     "connect": (
-        "A connection through the gate is sequential work in two processes: accept at the gate, "
-        "OPEN over the link, connect to the backend, OPEN_OK back, then the byte both ways and the "
-        "FIN/close each way, each step a reactor wakeup and a TLS record; ssh -L keeps one "
-        "process and no second connect round trip."
+        "On this 2-core machine connect latency follows CPU, not round trips: client, gateway, "
+        "provider and echo backend spend about 2 ms of CPU per connection together against "
+        "1.2-1.4 ms of latency. perf: the gateway is 67 % in the interpreter, 22 % in the kernel; "
+        "cProfile: about 850-880 Python calls per connection in each process (after this "
+        "session's pass, from 935-1,000), most of them Twisted's per-wakeup machinery (log "
+        "context, delayed-call heap, TLS write aggregation, pyOpenSSL's wrappers) over 5-6 "
+        "wakeups per connection per process. Sending the client's first bytes with OPEN (a wire "
+        "change that removes the OPEN_OK round trip) cut p50 by only 0.03 ms and was not kept. "
+        "The remaining fifth to 1.0 ms needs fewer Python layers per event "
+        "(benchmarks/README.md, \"Connect latency through a gate\")."
     ),
     "idle": (
         "A Python process with Twisted, OpenSSL and cryptography loaded is already ~43 MiB (the "
