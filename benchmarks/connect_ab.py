@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import sys
-import time
 
 from benchmarks import procs as procs_module
-from benchmarks.loadgen import percentile
+from benchmarks.loadgen import connect_echo, percentile
 from benchmarks.procs import Processes, install_signal_handlers
 from benchmarks.topology import PortPlane
 
@@ -42,19 +40,6 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def one(port: int) -> float:
-    start = time.perf_counter()
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
-            raise OSError("no echo")
-    finally:
-        s.close()
-    return time.perf_counter() - start
-
-
 def main(trees: list[str], n: int = 1000, rounds: int = 5) -> dict:
     names = [os.path.basename(os.path.normpath(t)) for t in trees]
     res: dict = {name: [] for name in names}
@@ -65,7 +50,7 @@ def main(trees: list[str], n: int = 1000, rounds: int = 5) -> dict:
             planes.append(PortPlane(procs, "echo"))
         for plane in planes:
             for _ in range(200):   # warm up
-                one(plane.gate)
+                connect_echo(plane.gate)
         pairs = list(zip(names, planes))
         for _ in range(rounds):
             lat: dict = {name: [] for name in names}
@@ -75,7 +60,7 @@ def main(trees: list[str], n: int = 1000, rounds: int = 5) -> dict:
                 # the other's connection meets its close path; A/A runs showed the second
                 # of a fixed order 3-50 us cheaper per connection).
                 for name, plane in (pairs if i % 2 == 0 else pairs[::-1]):
-                    lat[name].append(one(plane.gate))
+                    lat[name].append(connect_echo(plane.gate))
             after = [[cpu_ns(c.pid) for c in plane.services] for plane in planes]
             for name, b, a in zip(names, before, after):
                 cpu = [round((y - x) / n / 1000, 1) for x, y in zip(b, a)]

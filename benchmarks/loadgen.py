@@ -206,6 +206,20 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+def connect_echo(port: int) -> float:
+    """One connect + 1-byte echo + close to 127.0.0.1:PORT, TCP_NODELAY on: its seconds (OSError if it fails)."""
+    start = time.perf_counter()
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise OSError("no echo")
+    finally:
+        s.close()
+    return time.perf_counter() - start
+
+
 def connect_latency(port: int, n: int, warmup: int = 20, budget: float | None = None) -> dict:
     """N sequential connect + 1-byte echo + close to 127.0.0.1:PORT (fewer if C{budget} seconds run out)."""
     lat = []
@@ -214,22 +228,14 @@ def connect_latency(port: int, n: int, warmup: int = 20, budget: float | None = 
     for i in range(warmup + n):
         if deadline is not None and i > warmup and time.monotonic() > deadline:
             break
-        start = time.perf_counter()
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            try:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.sendall(b"x")
-                if s.recv(1) != b"x":
-                    raise OSError("no echo")
-            finally:
-                s.close()
+            seconds = connect_echo(port)
         except OSError:
             if i >= warmup:
                 errors += 1
             continue
         if i >= warmup:
-            lat.append(time.perf_counter() - start)
+            lat.append(seconds)
     return {"n": n, "measured": len(lat), "errors": errors, "p50_ms": _ms(percentile(lat, 50)), "p90_ms": _ms(percentile(lat, 90)),
             "p99_ms": _ms(percentile(lat, 99)), "max_ms": _ms(max(lat) if lat else None),
             "mean_ms": _ms(sum(lat) / len(lat) if lat else None)}
