@@ -22,7 +22,7 @@ FINDINGS = {
         "relay's public side (benchmarks/README.md, \"HTTP plane per-request CPU, second pass\")."
     ),
     "tcp": (
-        "Bulk TCP costs gateway + provider about 2.3-2.8 CPU-s/GB against the HAProxy pair's ~1.8: "
+        "Bulk TCP costs gateway + provider about 2.3-2.8 CPU-s/GB against the HAProxy pair's 1.7-1.8: "
         "the same TLS work (OpenSSL's AES-GCM, one SSL_write and one send per 64 KiB frame with the "
         "batched TLS layer) plus, per 64 KiB, one Python read, one frame and one credit check at "
         "each end. HAProxy splices and encrypts in C with no per-chunk interpreter work. The "
@@ -33,16 +33,16 @@ FINDINGS = {
     "redis": (
         "At -P 1 every request is four reactor events (a read at the gate, the frame at the "
         "provider, the answer at the provider, the frame at the gateway), each paying Twisted's "
-        "dispatch, a TLS record and a send: about 40 µs of CPU per SET+GET against the HAProxy "
-        "pair's 32 and ssh's 22 (one process, C). py-spy (flamegraph-redis-*-after.svg) puts the "
+        "dispatch, a TLS record and a send: 37-40 µs of CPU per SET+GET against the HAProxy "
+        "pair's 30-32 and ssh's 22 (one process, C). py-spy (flamegraph-redis-*-after.svg) puts the "
         "sends first (36-48 % of wall samples; on loopback a send also wakes the other process), then "
         "the reactor's per-event dispatch and log context (~11 %), then the TLS layer; the link "
         "already aggregates small writes per reactor turn (one TLS send per 13 requests under load)."
     ),
     "udp_rr": (
         "One request is one datagram in and one out at each of two processes: four reactor events, "
-        "two DATAGRAM frames in TLS records, two recvfrom and two sendto, about 40 µs of CPU per "
-        "request (benchmarks/README.md, \"Small messages on the port plane\": one recvfrom per "
+        "two DATAGRAM frames in TLS records, two recvfrom and two sendto: 55-60 µs of gateway + "
+        "provider CPU per request here, 40-45 in the quieter udp_rr_cpu loop (benchmarks/README.md, \"Small messages on the port plane\": one recvfrom per "
         "wakeup, direct sends, no per-datagram objects). The direct path is one kernel round trip; "
         "0.5 x direct would need under ~7 µs of Python per datagram per process, below what one "
         "reactor event costs in CPython. Python has no recvmmsg/sendmmsg to batch flows' datagrams."
