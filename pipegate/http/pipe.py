@@ -223,26 +223,12 @@ class WireReader:
         masked = self.masked
         while size - pos >= 2:
             self._start = pos
-            b0, b1 = buf[pos], buf[pos + 1]
-            n = b1 & 0x7F
-            head = pos + 2
-            if n == 126:
-                head += 2
-                if size < head:
-                    break
-                n = int.from_bytes(buf[pos + 2:head], "big")
-                minimal = n >= 126
-            elif n == 127:
-                head += 8
-                if size < head:
-                    break
-                n = int.from_bytes(buf[pos + 2:head], "big")
-                minimal = n >= 0x10000
-            else:
-                minimal = True
-            has_mask = bool(b1 & 0x80)
-            if has_mask:
-                head += 4
+            header = _header(buf, pos)
+            if header is None:
+                break
+            head, n, minimal = header
+            b0 = buf[pos]
+            has_mask = bool(buf[pos + 1] & 0x80)
             end = head + n
             if b0 == 0x82 and has_mask == masked and minimal and n <= frames.MAX_FRAME_SIZE:
                 if size < end:
@@ -271,20 +257,41 @@ class WireReader:
             self._need = _needed(rest)
 
 
+# An extended payload length (RFC 6455 section 5.2), by the 7-bit length that announces it:
+# its width in bytes, and the least length it may carry (a shorter one has a shorter form).
+_EXTENDED = {126: (2, 126), 127: (8, 0x10000)}
+
+
+def _header(buf: bytes, pos: int) -> tuple[int, int, bool] | None:
+    """
+    The header of the frame at C{buf[pos:]} (at least 2 bytes there): where its payload
+    starts (after the masking key, if any), the payload's length, and whether that length
+    is written in its shortest form; C{None} while its extended length is incomplete.
+    """
+    b1 = buf[pos + 1]
+    n = b1 & 0x7F
+    head = pos + 2
+    minimal = True
+    if n >= 126:
+        width, least = _EXTENDED[n]
+        if len(buf) < head + width:
+            return None
+        n = int.from_bytes(buf[head:head + width], "big")
+        head += width
+        minimal = n >= least
+    if b1 & 0x80:
+        head += 4
+    return head, n, minimal
+
+
 def _needed(buf: bytes) -> int:
     """How many bytes the frame starting C{buf} needs before it can be parsed (at least the header)."""
     if len(buf) < 2:
         return 2
-    n = buf[1] & 0x7F
-    head = 2 + (4 if buf[1] & 0x80 else 0)
-    if n == 126:
-        if len(buf) < 4:
-            return 4
-        return head + 2 + int.from_bytes(buf[2:4], "big")
-    if n == 127:
-        if len(buf) < 10:
-            return 10
-        return head + 8 + int.from_bytes(buf[2:10], "big")
+    header = _header(buf, 0)
+    if header is None:
+        return 2 + _EXTENDED[buf[1] & 0x7F][0]
+    head, n, _minimal = header
     return head + n
 
 
