@@ -122,7 +122,7 @@ _SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "pin
 # ("4194304": frames.HUB_MAX_WINDOW)
 _HUB_OWN = {"max-window": ["4194304", "The most credit per channel and direction an end "
                            "may grant, in bytes (at least the ends' --max-window)."]}
-HUB_PARAMETERS = [["mux-" * (not p[0].startswith("mux-")) + p[0], None,
+HUB_PARAMETERS = [[p[0] if p[0].startswith("mux-") else "mux-" + p[0], None,
                    *_HUB_OWN.get(p[0], [p[2], p[3].replace("--tls-key", "--mux-tls-key")]),
                    MuxOptions.converters.get(p[0])]
                   for p in MuxOptions.optParameters if p[0] in _SHARED] + [
