@@ -105,10 +105,18 @@ def eager_writes(transport) -> None:
     transport.write = MethodType(_eager_write, transport)
 
 
+def _at_the_socket(transport) -> bool:
+    """
+    Whether bytes for C{transport} (a C{tcp.Connection}) may go to its socket now: nothing
+    queued ahead of them, open for writing, and no startTLS (bytes must go through its TLS
+    layer then).
+    """
+    return (nothing_queued(transport) and transport.connected and not transport.disconnecting
+            and not write_closed(transport) and not transport.TLS)
+
+
 def _eager_write(transport, data: bytes) -> None:
-    if (nothing_queued(transport) and transport.connected and not transport.disconnecting
-            and not write_closed(transport) and type(data) is bytes
-            and not transport.TLS):  # (startTLS: bytes must go through its TLS layer)
+    if type(data) is bytes and _at_the_socket(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -157,8 +165,7 @@ def close_write(transport) -> None:
     C{loseWriteConnection} as before.  (Twisted is not told: nothing is written after a
     FIN, and a write would fail as on any closed socket.)
     """
-    if (has_write_buffers(transport) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not write_closed(transport) and nothing_queued(transport)):
+    if has_write_buffers(transport) and _at_the_socket(transport):
         try:
             transport.getHandle().shutdown(socket.SHUT_WR)
             return
