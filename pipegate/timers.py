@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
-def cancel(call: IDelayedCall | IdleTimer | None) -> None:
+def cancel(call: IDelayedCall | IdleTimer | Deferred | None) -> None:
     """
-    Cancel C{call} unless it is gone already (C{None}, fired or cancelled).  Returns
-    C{None}, so that C{self._timer = cancel(self._timer)} forgets it in the same line.
+    Cancel C{call} unless it is gone already (C{None}, fired or cancelled): a pending
+    call on a clock, an L{IdleTimer} or a L{Deferred} still waiting for its result.
+    Returns C{None}, so that C{self._timer = cancel(self._timer)} forgets it in the
+    same line.
     """
-    if call is not None and call.active():
+    if isinstance(call, Deferred):
+        if not call.called:
+            call.cancel()
+    elif call is not None and call.active():
         call.cancel()
     return None
 

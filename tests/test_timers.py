@@ -5,6 +5,7 @@ message (used by mux channels, UDP flows and passthrough pipes).
 
 from __future__ import annotations
 
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -25,6 +26,15 @@ class CancelTests(unittest.TestCase):
         self.assertIsNone(cancel(done))            # fired already: nothing raised
         self.assertIsNone(cancel(None))
         self.assertEqual(fired, [2])
+
+    def test_a_waiting_deferred_is_cancelled_a_fired_one_left_alone(self):
+        waiting = Deferred()
+        self.assertIsNone(cancel(waiting))
+        self.failureResultOf(waiting, CancelledError)
+        self.assertIsNone(cancel(waiting))         # cancelled already: nothing raised
+        fired = succeed("result")
+        self.assertIsNone(cancel(fired))
+        self.assertEqual(self.successResultOf(fired), "result")
 
 
 class IdleTimerTests(unittest.TestCase):

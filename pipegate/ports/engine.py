@@ -328,9 +328,7 @@ class EventStream(service.Service):
     def stopService(self):
         super().stopService()
         self._timer = cancel(self._timer)
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
+        self._pending = cancel(self._pending)
 
     def _connect(self) -> None:
         self._timer = None

@@ -103,9 +103,7 @@ class RefreshLoop(service.MultiService):
     def stopService(self):
         super().stopService()
         self._timer = cancel(self._timer)
-        current, self._current = self._current, None
-        if current is not None:
-            current.cancel()
+        self._current = cancel(self._current)
 
 
 def engine_list(value: object, what: str) -> list[dict]:
