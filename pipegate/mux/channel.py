@@ -45,19 +45,21 @@ class StreamChannel(Protocol):
 
     log = Logger()
 
+    # Where a channel starts (set on the instance when they change).
+    link = None
+    channel_id = 0
+    _fin_pending = False
+    fin_sent = False
+    fin_received = False
+    done = False
+    on_done = None
+    _idle_timer = None
+
     def __init__(self, window: int, max_window: int = 0, budget: GrowthBudget | None = None) -> None:
-        self.link = None
-        self.channel_id = 0
         # The incoming window grows toward max_window while the socket keeps up (and
         # shrinks back when it pushes back): see core.window and docs/protocol.md 2.6.
         self.flow = Flow.of(window, max_window, budget)
         self._early: list[bytes] = []
-        self._fin_pending = False
-        self.fin_sent = False
-        self.fin_received = False
-        self.done = False
-        self.on_done = None
-        self._idle_timer = None
 
     def set_idle_timeout(self, clock, seconds: float) -> None:
         """Close the channel after C{seconds} with no byte in either direction."""
