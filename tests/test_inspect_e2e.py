@@ -149,6 +149,15 @@ class InspectorAPI(unittest.TestCase):
         response, data = await request(self.agent, b"POST", self.ui + f"/api/requests/{original['id']}/replay",
                                        {b"content-type": b"application/json"}, b"{nope")
         self.assertEqual(response.code, 400)
+        for method, path, code_wanted in [
+            (b"POST", f"/api/requests/{original['id']}", 405),          # replay only at .../replay
+            (b"POST", f"/api/requests/{original['id']}/", 405),
+            (b"GET", f"/api/requests/{original['id']}/replay", 405),
+            (b"POST", f"/api/requests/{original['id']}/replay/again", 404),
+            (b"GET", f"/api/requests/{original['id']}/", 200),
+        ]:
+            response, _ = await request(self.agent, method, self.ui + path, {}, None)
+            self.assertEqual(response.code, code_wanted, (method, path))
         self.assertEqual(len(self.recorder.entries), 3)  # refused replays leave no entry
 
     async def test_replay_goes_straight_to_the_app_without_the_relay(self):

@@ -26,7 +26,7 @@ from twisted.application import service, strports
 from twisted.internet import task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import http, resource, server, static
 from zope.interface import implementer
 
 from pipegate.http.inspect.recorder import Entry, Recorder
@@ -52,11 +52,18 @@ SECURITY_HEADERS = {
 }
 
 STATIC = {
-    b"": ("index.html", b"text/html; charset=utf-8"),
-    b"index.html": ("index.html", b"text/html; charset=utf-8"),
-    b"inspector.js": ("inspector.js", b"text/javascript; charset=utf-8"),
-    b"inspector.css": ("inspector.css", b"text/css; charset=utf-8"),
+    b"": ("index.html", "text/html; charset=utf-8"),
+    b"index.html": ("index.html", "text/html; charset=utf-8"),
+    b"inspector.js": ("inspector.js", "text/javascript; charset=utf-8"),
+    b"inspector.css": ("inspector.css", "text/css; charset=utf-8"),
 }
+
+
+def _static() -> dict[bytes, static.Data]:
+    """The page's files (package data), read once."""
+    files = package_files.files(__package__) / "static"
+    return {name: static.Data((files / filename).read_bytes(), content_type)
+            for name, (filename, content_type) in STATIC.items()}
 
 
 def _json(request, code: int, document) -> bytes:
@@ -111,6 +118,7 @@ class Root(resource.Resource):
         self.api = resource.Resource()
         self.api.putChild(b"requests", Requests(recorder, replayer))
         self.api.putChild(b"feed", feed)
+        self.static = _static()
 
     def getChildWithDefault(self, name, request):
         for key, value in SECURITY_HEADERS.items():
@@ -122,22 +130,9 @@ class Root(resource.Resource):
             return _error(http.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_POST} bytes")
         if name == b"api":
             return self.api
-        if name in STATIC and not request.postpath:
-            return Static(*STATIC[name])
+        if name in self.static and not request.postpath:
+            return self.static[name]
         return _error(http.NOT_FOUND, "not found")
-
-
-class Static(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, filename: str, content_type: bytes) -> None:
-        super().__init__()
-        self.filename = filename
-        self.content_type = content_type
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", self.content_type)
-        return (package_files.files(__package__) / "static" / self.filename).read_bytes()
 
 
 class Requests(resource.Resource):
@@ -163,23 +158,8 @@ class Requests(resource.Resource):
 
 
 class EntryResource(resource.Resource):
-    def __init__(self, entry: Entry, replayer: Replayer) -> None:
-        super().__init__()
-        self.entry = entry
-        self.replayer = replayer
+    """One entry: C{GET <id>} its detail, C{POST <id>/replay} replays it."""
 
-    def getChild(self, name, request):
-        if name == b"":
-            return self
-        if name == b"replay" and not request.postpath:
-            return ReplayResource(self.entry, self.replayer)
-        return _error(http.NOT_FOUND, "not found")
-
-    def render_GET(self, request):
-        return _json(request, http.OK, self.entry.detail())
-
-
-class ReplayResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, entry: Entry, replayer: Replayer) -> None:
@@ -187,7 +167,20 @@ class ReplayResource(resource.Resource):
         self.entry = entry
         self.replayer = replayer
 
-    def render_POST(self, request):
+    def render(self, request):
+        below = request.postpath
+        if below == [b"replay"]:
+            if request.method != b"POST":
+                raise resource.UnsupportedMethod([b"POST"])
+            return self._replay(request)
+        if below in ([], [b""]):
+            return super().render(request)   # render_GET (and HEAD); 405 otherwise
+        return _error(http.NOT_FOUND, "not found").render(request)
+
+    def render_GET(self, request):
+        return _json(request, http.OK, self.entry.detail())
+
+    def _replay(self, request):
         raw = request.content.read()
         try:
             overrides = json.loads(raw) if raw.strip() else {}
