@@ -369,3 +369,39 @@ def autobahn_traffic_seen(protocol) -> None:
     """
     if protocol.autoPingTimeoutCall and protocol.autoPingRestartOnAnyTraffic:
         protocol._cancelAutoPingTimeoutCall()
+
+
+# -- Autobahn's compiled XOR masker ----------------------------------------------------------
+#
+# Why: the links mask and unmask their own data frames (pipegate.http.pipe).  Autobahn's
+# public maskers (autobahn.websocket.xormasker) come from its NVX wrapper modules, which parse
+# their C declarations with pycparser when imported: about 1.2 MiB of RSS in every relay and
+# connector, which pipegate.http avoids by starting Autobahn with AUTOBAHN_USE_NVX=0 (Autobahn
+# then masks its own few frames, the handshake's pings and closes, in Python).  The compiled
+# extension module those wrappers load, C{_nvx_xormasker}, is importable on its own and needs no
+# parsing; it is Autobahn's, undocumented (Autobahn 26.11.1: C{autobahn/nvx/_xormasker.py}
+# builds it; its functions are what C{XorMaskerNvx} calls).  Without it (an Autobahn built
+# without NVX) the public masker serves.  Guard: tests.test_compat.AutobahnMasker.
+try:
+    from _nvx_xormasker import ffi as _nvx_ffi, lib as _nvx_lib
+except ImportError:  # pragma: no cover - Autobahn built without its native extensions
+    _nvx_ffi = _nvx_lib = None
+
+# Implementation number of C{nvx_xormask_set_impl}: 2 = SSE2 (Autobahn's XOR_MASKER_SSE2).
+_NVX_SSE2 = 2
+
+
+def xor_mask(mask: bytes, payload: bytes) -> bytes:
+    """C{payload} XORed with the 4-byte C{mask} repeated (RFC 6455 section 5.3), in C."""
+    if _nvx_lib is None:
+        from autobahn.websocket.xormasker import create_xor_masker
+        return create_xor_masker(mask, len(payload)).process(payload)
+    key = _nvx_ffi.new("uint8_t[4]", mask)
+    masker = _nvx_lib.nvx_xormask_new(key)
+    try:
+        _nvx_lib.nvx_xormask_set_impl(masker, _NVX_SSE2)
+        data = bytearray(payload)
+        _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer(data), len(data))
+    finally:
+        _nvx_lib.nvx_xormask_free(masker)
+    return bytes(data)

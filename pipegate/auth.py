@@ -6,7 +6,6 @@ Run as C{python -m pipegate.auth} to mint a token, like C{pipegate token}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -14,9 +13,13 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import jwt
+
+if TYPE_CHECKING:  # the command line only: a service does not load argparse
+    import argparse
 
 ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
 MIN_SECRET_BYTES = 32  # what PyJWT asks of an HS256 key
@@ -257,6 +260,7 @@ def token_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """C{python -m pipegate.auth}: the same as C{pipegate token}."""
+    import argparse
     parser = argparse.ArgumentParser(prog="pipegate token",
                                      description="Mint a connection id and a JWT (needs PIPEGATE_JWT_SECRET).")
     token_arguments(parser)

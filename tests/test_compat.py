@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -411,6 +412,17 @@ def imported_top_level(root: Path) -> dict[str, set[str]]:
     return found
 
 
+def extension_owners(module: str) -> list[str]:
+    """
+    The distributions that install C{module} as a top-level compiled extension
+    (C{_nvx_xormasker.cpython-311-x86_64-linux-gnu.so}, Autobahn's): C{packages_distributions}
+    maps only Python files and packages.
+    """
+    return [dist.metadata["Name"] for dist in metadata.distributions()
+            for f in dist.files or ()
+            if len(f.parts) == 1 and f.name.split(".")[0] == module and f.suffix in (".so", ".pyd")]
+
+
 def declared_requirements() -> dict[str, str]:
     """The [project] dependencies of pyproject.toml: normalized name -> requirement."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -419,6 +431,27 @@ def declared_requirements() -> dict[str, str]:
         name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group(0)
         out[_normalize(name)] = requirement
     return out
+
+
+class AutobahnMasker(GuardMixin, unittest.TestCase):
+    """xor_mask: Autobahn's compiled NVX masker module, loaded without its wrapper."""
+
+    def test_compiled_module_and_functions(self):
+        import _nvx_xormasker
+        for name in ("nvx_xormask_new", "nvx_xormask_set_impl", "nvx_xormask_process", "nvx_xormask_free"):
+            self.assertPrivate(_nvx_xormasker.lib, name, "xor_mask")
+        from autobahn.nvx import _xormasker
+        self.assertSourceHas(_xormasker.XorMaskerNvx.__init__, "nvx_xormask_set_impl(self._masker, 2)",
+                             "xor_mask")   # 2 = SSE2
+        self.assertIsNotNone(_compat._nvx_lib, "pipegate._compat found no _nvx_xormasker")
+
+    def test_masks_as_autobahn_does(self):
+        from autobahn.nvx._xormasker import create_xor_masker
+        for size in (0, 1, 3, 4, 5, 127, 128, 129, 1023, 1024, 65536 + 3):
+            payload = os.urandom(size)
+            mask = os.urandom(4)
+            self.assertEqual(_compat.xor_mask(mask, payload), create_xor_masker(mask, size).process(payload), size)
+            self.assertEqual(_compat.xor_mask(mask, _compat.xor_mask(mask, payload)), payload)
 
 
 class DeclaredDependencies(unittest.TestCase):
@@ -431,7 +464,7 @@ class DeclaredDependencies(unittest.TestCase):
             if module in sys.stdlib_module_names or module == "pipegate":
                 continue
             # A namespace shared with our own plugin (twisted.plugins) names us too.
-            dists = {_normalize(d) for d in providers.get(module, [])} - {"pipegate"}
+            dists = {_normalize(d) for d in providers.get(module, []) or extension_owners(module)} - {"pipegate"}
             where = ", ".join(sorted(files))
             if not dists:
                 missing.append(f"{module} (imported by {where}: no installed distribution)")
@@ -463,7 +496,7 @@ _PRIVATE = frozenset({
     "_aggregator", "_creatorCallable", "_tlsConnection", "_lostTLSConnection", "_aborted", "_flushSendBIO",
     "_flushReceiveBIO", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished", "_lib", "_ssl",
     "closeHandshakeTimeoutCall", "http_status_line", "current_frame", "inside_message", "autoPingTimeoutCall",
-    "_cancelAutoPingTimeoutCall"})
+    "_cancelAutoPingTimeoutCall", "_nvx_xormasker"})
 # ...and names that are private only on someone else's object (ours on self): pool._factory.
 _PRIVATE_ON_OTHERS = frozenset({"_factory"})
 

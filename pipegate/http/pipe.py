@@ -12,13 +12,12 @@ from random import getrandbits as _random_bits
 from typing import Callable, Iterator, Protocol as TypingProtocol
 
 from autobahn.exception import Disconnected
-from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pipegate._compat import autobahn_between_frames, autobahn_traffic_seen
+from pipegate._compat import autobahn_between_frames, autobahn_traffic_seen, xor_mask
 from pipegate.core import window
 from pipegate.http import frames
 from pipegate.sockets import eager_writes, no_delay, send_now
@@ -140,15 +139,16 @@ class FrameLink:
                     send_now(self.transport)
 
 
-# Below this, masking with Python's big integers beats setting up Autobahn's native masker.
-_SMALL_MASK = 1024
+# Below this, masking with Python's big integers beats setting up the native masker
+# (about 1 µs; 0.35 µs for 8 bytes, 1.45 µs for 512 with big integers).
+_SMALL_MASK = 384
 
 
 def _xor(mask: bytes, payload: bytes) -> bytes:
     """RFC 6455 section 5.3 masking (its own inverse)."""
     n = len(payload)
     if n >= _SMALL_MASK:
-        return create_xor_masker(mask, n).process(payload)
+        return xor_mask(mask, payload)
     if not n:
         return payload
     key = (mask * ((n + 3) >> 2))[:n]
