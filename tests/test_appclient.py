@@ -109,9 +109,16 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(self.app.connections), 1)
         self.assertEqual(transport.value(), b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n")
         protocol.dataReceived(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        self.assertEqual(second.events, [("head", 404, b"Not Found", [(b"Transfer-Encoding", b"chunked")], None),
+        self.assertEqual(second.events, [("head", 404, b"Not Found", [], None),
                                          ("data", b"abc"), ("end",)])
         self.assertFalse(transport.disconnecting)
+
+    def test_only_end_to_end_headers_reach_the_owner(self):
+        owner, _ = self.get()
+        protocol, transport = self.app.connections[0]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n"
+                              b"Content-Length: 1\r\nX-End: 2\r\n\r\nz")
+        self.assertEqual(owner.events[0], ("head", 200, b"OK", [(b"X-End", b"2")], 1))
 
     def test_connection_close_is_not_reused(self):
         owner, _ = self.get()
@@ -152,8 +159,7 @@ class ClientTests(unittest.TestCase):
         raw = (b"HTTP/1.1 100 Continue\r\n\r\n"
                b"HTTP/1.1 200 Fine\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n")
-        expected = [("head", 200, b"Fine", [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
-                                             (b"Transfer-Encoding", b"chunked")], None),
+        expected = [("head", 200, b"Fine", [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")], None),
                     ("data", b"wikipedia"), ("end",)]
         for at in range(len(raw) + 1):
             self.app.connections.clear()

@@ -5,7 +5,8 @@ the response parsed by httptools, the C parser llhttp), and L{AppPool}, the idle
 connections to the app with their bound and idle timeout.
 
 A request's owner (L{pipegate.http.outbound.ConnectorStream}) gets the response as
-calls: C{app_response(status, reason, headers, length)}, C{app_data(bytes)},
+calls: C{app_response(status, reason, headers, length)} (the end-to-end headers, the
+body's length when known), C{app_data(bytes)},
 C{app_end()}, or C{app_failed(reason, answered)}.  The request body, when there is one,
 is a producer (L{pipegate.http.outbound.TunnelBody}) registered on the connection's
 transport, so that the app pushing back pauses it.
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from pipegate.http import frames
+from pipegate.http.pipe import HOP_BY_HOP
 from pipegate.sockets import connect_protocol
 from pipegate.timers import cancel
 
@@ -192,19 +194,30 @@ class AppConnection(Protocol):
             return  # 1xx: interim, ignored as Twisted's client does; llhttp ends it here
         self._in_head = False
         self._head_size = 0
-        headers = self._headers
+        # One pass: the hop-by-hop headers stay here (framing is this connection's), and
+        # Content-Length too, except for answers without a body (HEAD, 204, 304), where
+        # it passes as the app sent it.
+        no_body = request.method == b"HEAD" or status == 204 or status == 304
+        headers = []
+        named = None
         length = None
         chunked = False
-        no_body = request.method == b"HEAD" or status == 204 or status == 304
-        if not no_body:
-            for name, value in headers:
-                lower = name.lower()
-                if lower == b"content-length":
-                    length = int(value)
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
                 elif lower == b"transfer-encoding":
                     chunked = True
-            if length is not None:
-                headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+            elif lower == b"content-length" and not no_body:
+                length = int(value)
+            else:
+                headers.append((name, value))
+        if named:
+            headers = [(n, v) for n, v in headers if n.lower() not in named]
+        if no_body:
+            length = None
+            chunked = False
         self._until_close = not no_body and length is None and not chunked
         request.owner.app_response(status, self._reason, headers, None if chunked else length)
         if request.method == b"HEAD" and self.request is request:

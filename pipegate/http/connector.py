@@ -10,7 +10,7 @@ credit windows.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -85,6 +85,7 @@ class ConnectorSession:
         self.observer = observer  # pipegate.http.inspect.recorder.Recorder, or None
         self.config = config
         self.app = app
+        self.host_line = b"Host: " + config.target.authority  # of every request to the app
         self.reactor = reactor
         self.window_budget = window_budget
         self.streams: dict[int, ConnectorStream] = {}
@@ -282,18 +283,19 @@ class Connector(service.MultiService):
 
     # -- links
 
-    @contextmanager
-    def corked(self) -> Iterator[None]:
+    def corked(self) -> ContextManager[None]:
         """The links' frames sent inside the block leave together when it ends (FrameLink.corked)."""
         links = self.links
         if len(links) == 1:
-            with links[0].corked():
-                yield
-        else:
-            with ExitStack() as stack:
-                for link in list(links):
-                    stack.enter_context(link.corked())
-                yield
+            return links[0].corked()
+        return self._all_corked()
+
+    @contextmanager
+    def _all_corked(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for link in list(self.links):
+                stack.enter_context(link.corked())
+            yield
 
     def link_up(self, link: ConnectorProtocol) -> None:
         self.dialer.succeeded()  # the next failure starts the backoff afresh

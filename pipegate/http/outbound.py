@@ -23,11 +23,11 @@ from zope.interface import implementer
 from pipegate.core import window
 from pipegate.http import frames
 from pipegate.http.appclient import AppPool
-from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.pipe import HOP_BY_HOP, StreamPipe, filter_headers
 from pipegate.http.target import ConnectorConfig
 from pipegate.sockets import connect_protocol
 
-_DROP_ALWAYS = frozenset({b"host", b"content-length", b"x-pipegate-correlation-id", b"x-forwarded-proto"})
+_DROP_ALWAYS = HOP_BY_HOP | {b"host", b"content-length", b"x-pipegate-correlation-id", b"x-forwarded-proto"}
 _DROP_HOST = frozenset({b"x-forwarded-host"})
 _DROP_PREFIX = frozenset({b"x-forwarded-prefix"})
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})
@@ -244,12 +244,23 @@ class ConnectorStream:
             drop = drop | _DROP_HOST
         if head.prefix:
             drop = drop | _DROP_PREFIX
+        # filter_headers' rules in one pass: hop-by-hop headers and those Connection names go.
         forwarded_for = []
-        for name, value in filter_headers(head.headers, drop=drop):
-            if name.lower() == b"x-forwarded-for":
+        named = None
+        kept = len(lines)
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in drop:
+                if lower == b"connection":
+                    named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+            elif lower == b"x-forwarded-for":
                 forwarded_for.append(value)
             else:
                 lines.append(name + b": " + value)
+        if named:
+            lines[kept:] = [line for line in lines[kept:]
+                            if line.partition(b":")[0].lower() not in named]
+            forwarded_for = [] if b"x-forwarded-for" in named else forwarded_for
         if head.client:
             forwarded_for.append(head.client)
         if forwarded_for:
@@ -260,7 +271,7 @@ class ConnectorStream:
         if head.prefix:
             lines.append(b"X-Forwarded-Prefix: " + head.prefix)
         lines.append(b"X-Pipegate-Correlation-Id: " + head.correlation)
-        lines.append(b"Host: " + target.authority)
+        lines.append(self.session.host_line)
         out = b"\r\n".join(lines) + b"\r\n\r\n"
         breaks = len(lines) + 1
         if out.count(b"\n") != breaks or out.count(b"\r") != breaks:
@@ -303,8 +314,7 @@ class ConnectorStream:
     def app_response(self, status: int, reason: bytes, headers: list, length: int | None) -> None:
         if self._closed:
             return
-        headers = filter_headers(headers)
-        # The length is restored after the other headers (not for HEAD, 204 and 304,
+        # (The connection kept the hop-by-hop headers.)  The length is restored after the other headers (not for HEAD, 204 and 304,
         # whose Content-Length header, if any, passes as the app sent it), as with Agent.
         if length is not None:
             headers += ((b"Content-Length", b"%d" % length),)
