@@ -1,19 +1,25 @@
 """
-The connector's HTTP/1.1 client to the local app (pipegate/http/appclient.py), without
-sockets: each connection's transport a L{StringTransport}, the app's answers played as
-bytes, time on a L{MemoryReactorClock}.
+The connector's HTTP/1.1 client to the local app (pipegate/http/appclient.py): without
+sockets (each connection's transport a L{StringTransport}, the app's answers played as
+bytes, time on a L{MemoryReactorClock}), then against twisted.web on loopback sockets.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer
+import os
+
+from twisted.internet import defer, endpoints, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial import unittest
+from twisted.web import resource, server
 
 from pipegate.http.appclient import IDLE_TIMEOUT, MAX_HEADER_LINE, AppPool
+from tests.support import eventually
+from tests.test_tls import make_ca_and_cert
 
 
 class Owner:
@@ -163,6 +169,7 @@ class ClientTests(unittest.TestCase):
                     ("data", b"wikipedia"), ("end",)]
         for at in range(len(raw) + 1):
             self.app.connections.clear()
+            self.pool = AppPool(self.clock, self.app, max_idle=2)
             owner, _ = self.get()
             protocol, transport = self.app.connections[0]
             for part in (raw[:at], raw[at:]):
@@ -170,7 +177,7 @@ class ClientTests(unittest.TestCase):
                     protocol.dataReceived(part)
             self.assertEqual(owner.events, expected, f"split at {at}")
             self.assertFalse(transport.disconnecting, f"split at {at}")
-            self.pool.close()
+            self.assertEqual(self.pool.idle, [protocol], f"split at {at}")
 
     def test_head_204_and_304_have_no_body_and_keep_the_connection(self):
         for method, answer in [(b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),
@@ -291,6 +298,15 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((event, answered), ("failed", False))
         self.assertIn("connection refused", reason)
 
+    def test_connections_that_finish_after_close_are_not_kept(self):
+        owner, _ = self.get()
+        protocol, transport = self.app.connections[0]
+        self.pool.close()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(owner.events[-1], ("end",))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((self.pool.idle, self.clock.getDelayedCalls()), ([], []))
+
     def test_idle_bound_and_idle_timeout(self):
         owners = [self.get()[0] for _ in range(3)]
         self.assertEqual(len(self.app.connections), 3)
@@ -335,3 +351,87 @@ class ClientTests(unittest.TestCase):
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
         self.assertEqual(self.pool.idle, [protocol])
         self.assertEqual(transport.producerState, "producing")
+
+
+class Page(resource.Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels: list = []
+
+    def render(self, request):
+        self.channels.append(request.channel)
+        return b"page of " + request.path
+
+
+class Waiting(Owner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = defer.Deferred()
+
+    def app_end(self):
+        super().app_end()
+        self.done.callback(self.events)
+
+    def app_failed(self, reason, answered):
+        super().app_failed(reason, answered)
+        self.done.callback(self.events)
+
+
+class LoopbackTests(unittest.TestCase):
+    """The pool against twisted.web on real loopback sockets, plain and TLS."""
+
+    async def listen(self, tls: tuple[str, str] | None = None):
+        self.page = Page()
+        site = server.Site(self.page)
+        description = ("tcp:0:interface=127.0.0.1" if tls is None
+                       else f"ssl:0:interface=127.0.0.1:privateKey={tls[0]}:certKey={tls[1]}")
+        port = await endpoints.serverFromString(reactor, description).listen(site)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def pool(self, scheme: bytes, host: bytes, port: int) -> AppPool:
+        pool = AppPool.to(reactor, scheme, host, port, connect_timeout=5, max_idle=4)
+
+        def close():
+            for connection in pool.idle + list(pool.active):
+                connection.transport.abortConnection()
+            pool.close()
+        self.addCleanup(close)
+        return pool
+
+    async def get(self, pool: AppPool, path: bytes) -> list:
+        owner = Waiting()
+        pool.request(owner, b"GET", b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        return await owner.done
+
+    async def test_keep_alive_on_a_real_socket_and_an_idle_close(self):
+        port = await self.listen()
+        pool = self.pool(b"http", b"127.0.0.1", port)
+        first = await self.get(pool, b"/a")
+        self.assertEqual(first[1:], [("data", b"page of /a"), ("end",)])
+        second = await self.get(pool, b"/b")
+        self.assertEqual(second[1:], [("data", b"page of /b"), ("end",)])
+        self.assertIs(self.page.channels[0], self.page.channels[1])
+        # The app closes the idle connection: it leaves the pool, the next request dials anew.
+        self.page.channels[1].transport.loseConnection()
+        await eventually(lambda: not pool.idle)
+        third = await self.get(pool, b"/c")
+        self.assertEqual(third[1:], [("data", b"page of /c"), ("end",)])
+        self.assertIsNot(self.page.channels[2], self.page.channels[0])
+
+    async def test_tls_app_is_verified(self):
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        key, cert, ca = make_ca_and_cert(directory)
+        port = await self.listen((key, cert))
+        [(event, reason, answered)] = await self.get(self.pool(b"https", b"localhost", port), b"/x")
+        self.assertEqual((event, answered), ("failed", False))
+        self.assertIn("certificate verify failed", reason)
+        before = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = ca  # OpenSSL reads the process environment, as Agent's policy did
+        self.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if before is None
+                        else os.environ.__setitem__("SSL_CERT_FILE", before))
+        events = await self.get(self.pool(b"https", b"localhost", port), b"/x")
+        self.assertEqual(events[1:], [("data", b"page of /x"), ("end",)])

@@ -255,11 +255,11 @@ class AppConnection(Protocol):
             request.body = None
             self.transport.unregisterProducer()
             keep = False
-        request.owner.app_end()
         if keep and not self._lost:
-            self.pool.release(self)
+            self.pool.release(self)  # first: an owner may send its next request from app_end
         else:
             self.transport.loseConnection()
+        request.owner.app_end()
 
     def _fail(self, reason: str) -> None:
         request, self.request = self.request, None
@@ -309,6 +309,7 @@ class AppPool:
         self.idle: list[AppConnection] = []  # oldest first; the newest is reused first
         self.active: set[AppConnection] = set()
         self._sweep = None
+        self.closed = False
 
     @classmethod
     def to(cls, reactor, scheme: bytes, host: bytes, port: int, *, connect_timeout: float | None,
@@ -357,7 +358,7 @@ class AppPool:
     def release(self, connection: AppConnection) -> None:
         """C{connection} finished its request and may be reused."""
         self.active.discard(connection)
-        if len(self.idle) >= self.max_idle:
+        if self.closed or len(self.idle) >= self.max_idle:
             connection.transport.loseConnection()
             return
         if connection.paused:  # the answer ended in the read that filled its stream's window
@@ -385,6 +386,7 @@ class AppPool:
 
     def close(self) -> None:
         """Close every idle connection and stop the sweep (the connector stops)."""
+        self.closed = True  # connections that finish later close too
         self._sweep = cancel(self._sweep)
         idle, self.idle = self.idle, []
         for connection in idle:

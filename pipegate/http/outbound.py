@@ -1,6 +1,7 @@
 """
 The connector's outbound side: each request stream the relay sends becomes a request
-to the local app (L{ConnectorStream}), its body streamed in from DATA frames
+to the local app (L{ConnectorStream}, over L{pipegate.http.appclient.AppPool}'s
+kept-alive connections), its body streamed in from DATA frames
 (L{TunnelBody}) and the app's response streamed back out (L{ResponseForwarder}), all
 within the stream's credit windows.  A WebSocket passthrough stream is a raw
 L{StreamPipe} to the app instead.
@@ -9,10 +10,9 @@ L{StreamPipe} to the app instead.
 from __future__ import annotations
 
 import re
-from typing import Callable, ContextManager, Protocol as TypingProtocol
+from typing import ContextManager, Protocol as TypingProtocol
 
 from twisted.internet import endpoints, ssl
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import client, http
 from twisted.web.error import SchemeNotSupported
@@ -405,22 +405,16 @@ class ConnectorStream:
 @implementer(IAgentEndpointFactory)
 class AppEndpoints:
     """
-    The Agent's endpoints to the local app, made once per (scheme, host, port).
-    Agent's own factory built a C{HostnameEndpoint} (host name through IDNA), and for
-    https a TLS policy, for every request (2-3 % of the connector's CPU under load).
-
-    With C{corked} (a callable returning a context manager: the connector corks its
-    links), each read from an app connection is handled inside it, so that the frames
-    one read produces (a small response's head, body and END) leave in one send.
+    The endpoints of the inspector's Agent (its replays) to the local app, made once per
+    (scheme, host, port): Agent's own factory built a C{HostnameEndpoint} (host name
+    through IDNA), and for https a TLS policy, for every request.
     """
 
     MAX_CACHED = 16  # the target is one origin; anything else still works, uncached
 
-    def __init__(self, reactor, connect_timeout: float | None = None,
-                 corked: Callable[[], ContextManager[None]] | None = None) -> None:
+    def __init__(self, reactor, connect_timeout: float | None = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
-        self.corked = corked
         self._policy = client.BrowserLikePolicyForHTTPS()
         self._cache: dict[tuple[bytes, bytes, int], object] = {}
 
@@ -438,55 +432,6 @@ class AppEndpoints:
                 endpoint = endpoints.wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
             elif uri.scheme != b"http":
                 raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            if self.corked is not None:
-                endpoint = _CorkedEndpoint(endpoint, self.corked)
             if len(self._cache) < self.MAX_CACHED:
                 self._cache[key] = endpoint
         return endpoint
-
-
-class _CorkedEndpoint:
-    """An endpoint whose connections hand what they read to their protocol inside C{corked()}."""
-
-    def __init__(self, inner, corked: Callable[[], ContextManager[None]]) -> None:
-        self.inner = inner
-        self.corked = corked
-
-    def connect(self, factory):
-        return self.inner.connect(_CorkedFactory(factory, self.corked)).addCallback(
-            lambda corked: corked.wrapped)
-
-
-class _CorkedFactory(Factory):
-    def __init__(self, factory, corked) -> None:
-        self.factory = factory
-        self.corked = corked
-
-    def doStart(self) -> None:
-        self.factory.doStart()
-
-    def doStop(self) -> None:
-        self.factory.doStop()
-
-    def buildProtocol(self, addr):
-        wrapped = self.factory.buildProtocol(addr)
-        return None if wrapped is None else _Corked(wrapped, self.corked)
-
-
-class _Corked(Protocol):
-    """Gives the Agent's protocol (the real transport, and) each read inside C{corked()}."""
-
-    def __init__(self, wrapped, corked) -> None:
-        self.wrapped = wrapped
-        self.corked = corked
-
-    def connectionMade(self) -> None:
-        self.wrapped.makeConnection(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        with self.corked():
-            self.wrapped.dataReceived(data)
-
-    def connectionLost(self, reason) -> None:
-        with self.corked():
-            self.wrapped.connectionLost(reason)
