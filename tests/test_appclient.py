@@ -266,6 +266,16 @@ class ClientTests(unittest.TestCase):
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
         self.assertTrue(transport.disconnecting)
 
+    def test_a_second_answer_in_the_same_read_closes_the_connection(self):
+        owner, _ = self.get()
+        protocol, transport = self.app.connections[0]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\n")
+        self.assertEqual(owner.events[1:], [("data", b"a"), ("end",)])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.pool.idle, [])
+        self.get()
+        self.assertEqual(len(self.app.connections), 2)
+
     def test_reused_connection_dying_before_an_answer_retries_once(self):
         owner, _ = self.get()
         protocol, transport = self.app.connections[0]

@@ -173,6 +173,10 @@ class AppConnection(Protocol):
             self._stale = False
 
     def on_message_begin(self) -> None:
+        if self.request is None and not self._stale:
+            # An answer nobody asked for, in the read that ended the last one: not reusable.
+            self.pool.lost(self)
+            self.transport.loseConnection()
         self._in_head = True
         self._reason = b""
         self._headers = []
