@@ -24,7 +24,7 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from pipegate.http import frames
 from pipegate.http.pipe import HOP_BY_HOP
-from pipegate.sockets import connect_protocol
+from pipegate.sockets import connect_protocol, eager_writes, no_delay
 from pipegate.timers import cancel
 
 # Twisted's client parser (a LineReceiver) dropped the connection at a header line over
@@ -92,6 +92,13 @@ class AppConnection(Protocol):
         self._body_left = -1       # request body bytes still due (-1: chunked)
         self._stale = False        # a HEAD answer's parser, still running in this read
         self._lost = False
+
+    def connectionMade(self) -> None:
+        # Each request head goes to the kernel as it is written (not at the reactor's next
+        # turn, after two epoll_ctl calls), Nagle off for bodies written in pieces, as the
+        # links to the relay do (pipegate/sockets.py).
+        no_delay(self.transport)
+        eager_writes(self.transport)
 
     # -- the request
     def send(self, request: AppRequest) -> None:
