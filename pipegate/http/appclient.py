@@ -85,7 +85,6 @@ class AppConnection(Protocol):
         self._answered = False   # a response byte arrived for the current request
         self._in_head = True
         self._head_size = 0
-        self._status = 0
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._until_close = False  # a body that ends when the app closes
