@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="fixed req/s (open loop) instead of wrk -c50")
     args = parser.parse_args(argv)
     results: dict[str, list[float]] = {"A": [], "B": []}
+    per_process: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
     with P.Processes() as pa, P.Processes() as pb:
         planes = {}
         for name, tree, procs in (("A", args.tree_a, pa), ("B", args.tree_b, pb)):
@@ -50,10 +51,13 @@ def main(argv=None) -> None:
                     requests, rps = r["requests"], r["rps"]
                 us = sum(cpu.seconds.values()) / max(1, requests) * 1e6
                 results[name].append(us)
+                for process, seconds in cpu.seconds.items():
+                    per_process[name].setdefault(process, []).append(seconds / max(1, requests) * 1e6)
                 print(f"{name} run {i + 1}: {us:.0f} us/request, {rps:.0f} req/s, cpu {cpu.percent}", flush=True)
     for name in "AB":
         print(f"{name}: median {statistics.median(results[name]):.0f} us/request "
-              f"({', '.join(f'{x:.0f}' for x in sorted(results[name]))})")
+              f"({', '.join(f'{x:.0f}' for x in sorted(results[name]))}); "
+              + ", ".join(f"{process} {statistics.median(us):.0f}" for process, us in per_process[name].items()))
 
 
 if __name__ == "__main__":

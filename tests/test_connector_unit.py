@@ -1,8 +1,8 @@
 """
 The connector's stream handling without sockets: frames from the relay fed to a
 L{ConnectorSession}, the link to the relay replaced by a recorder of the frames the
-connector sends, the local app's end a L{StringTransport} behind a real L{Agent}
-(Twisted's HTTP/1.1 client writes the request the app would read and parses the
+connector sends, the local app's end a L{StringTransport} behind the connector's real
+HTTP/1.1 client (L{AppPool}: it writes the request the app would read and parses the
 response bytes the test plays as the app), time on a L{MemoryReactorClock}.
 """
 
@@ -17,11 +17,11 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from pipegate.core import window
 from pipegate.http import frames
+from pipegate.http.appclient import AppPool
 from pipegate.http.connector import ConnectorSession
 from pipegate.http.target import ConnectorConfig, Target
 
@@ -54,7 +54,7 @@ class RelayEnd:
 
 @implementer(IStreamClientEndpoint)
 class AppEndpoint:
-    """Connects the Agent's HTTP client protocols to in-memory transports: the local app."""
+    """Connects the pool's HTTP client protocols to in-memory transports: the local app."""
 
     def __init__(self) -> None:
         self.connections: list[tuple[object, StringTransport]] = []
@@ -92,14 +92,16 @@ class Harness:
     def __init__(self, testcase, **config) -> None:
         self.clock = MemoryReactorClock()
         self.app = AppEndpoint()
-        pool = HTTPConnectionPool(self.clock, persistent=False)
-        agent = Agent.usingEndpointFactory(self.clock, self.app, pool=pool)
+        self.pool = AppPool(self.clock, self.app, max_idle=config.pop("max_idle", 0), corked=self.corked)
         self.budget = window.GrowthBudget(config.pop("window_budget", 16 * INITIAL))
         config.setdefault("max_window", INITIAL)  # a fixed window unless a test lets it grow
         self.config = ConnectorConfig(Target.parse("http://127.0.0.1:3000/base"), **config)
         self.relay = RelayEnd()
-        self.session = ConnectorSession(self.relay, self.config, agent, self.clock, self.budget)
+        self.session = ConnectorSession(self.relay, self.config, self.pool, self.clock, self.budget)
         testcase.addCleanup(self.session.lost)
+
+    def corked(self):
+        return self.relay.corked()
 
     def request(self, stream: int = 1, method: bytes = b"GET", target: bytes = b"/x",
                 headers=(), end: bool = True, **fields) -> tuple[object, StringTransport]:

@@ -1,21 +1,22 @@
 """
 How the HTTP plane hands frames to its sockets: a corked block of a link leaves in one
-write, the connector reads the local app inside its links' cork, and the Agent gets one
-endpoint per origin (pipegate/http/pipe.py FrameLink, pipegate/http/outbound.py AppEndpoints).
+write, the connector reads the local app inside its links' cork (pipegate/http/appclient.py),
+and the inspector's Agent gets one endpoint per origin (pipegate/http/pipe.py FrameLink,
+pipegate/http/outbound.py AppEndpoints).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
 
 from pipegate.http import frames
-from pipegate.http.outbound import AppEndpoints, _Corked
+from pipegate.http.appclient import AppConnection, AppPool, AppRequest
+from pipegate.http.outbound import AppEndpoints
 from pipegate.http.pipe import FrameLink, ws_frame
 
 
@@ -93,15 +94,23 @@ class CorkedLink(unittest.TestCase):
         self.assertEqual(len(self.transport.writes), 1)
 
 
-class Recorder(Protocol):
+class Recorder:
+    """A request's owner that logs what it is told."""
+
     def __init__(self, log: list) -> None:
         self.log = log
 
-    def dataReceived(self, data: bytes) -> None:
+    def app_response(self, status, reason, headers, length) -> None:
+        self.log.append(("head", status))
+
+    def app_data(self, data: bytes) -> None:
         self.log.append(("data", data))
 
-    def connectionLost(self, reason=None) -> None:
-        self.log.append(("lost",))
+    def app_end(self) -> None:
+        self.log.append(("end",))
+
+    def app_failed(self, reason, answered) -> None:
+        self.log.append(("failed",))
 
 
 class AppConnections(unittest.TestCase):
@@ -114,15 +123,13 @@ class AppConnections(unittest.TestCase):
             yield
             log.append("uncork")
 
-        inner = Recorder(log)
-        wrapper = _Corked(inner, corked)
-        transport = StringTransport()
-        wrapper.makeConnection(transport)
-        self.assertIs(inner.transport, transport)   # the Agent's protocol writes to the socket itself
-        wrapper.dataReceived(b"HTTP/1.1 200 OK\r\n")
-        wrapper.connectionLost(None)
-        self.assertEqual(log, ["cork", ("data", b"HTTP/1.1 200 OK\r\n"), "uncork",
-                               "cork", ("lost",), "uncork"])
+        connection = AppConnection(AppPool(MemoryReactorClock(), None, max_idle=0, corked=corked))
+        connection.makeConnection(StringTransport())
+        connection.send(AppRequest(Recorder(log), b"GET", b"GET / HTTP/1.1\r\n\r\n", None, None))
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        connection.connectionLost(None)
+        self.assertEqual(log, ["cork", ("head", 200), ("data", b"ab"), "uncork",
+                               "cork", ("failed",), "uncork"])
 
     def test_one_endpoint_per_origin(self) -> None:
         endpoints = AppEndpoints(MemoryReactorClock(), 5.0)

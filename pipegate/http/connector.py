@@ -2,14 +2,15 @@
 The connector (C{twistd pipegate-client TARGET_URL SERVER_URL}).
 
 It keeps one WebSocket to the relay (L{pipegate.dialer.Redialer}) and forwards every
-request stream to the local app with L{Agent} over a persistent pool, streaming
-bodies both ways within the streams' credit windows.
+request stream to the local app over a pool of kept-alive connections
+(L{pipegate.http.appclient.AppPool}), streaming bodies both ways within the streams'
+credit windows.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -21,6 +22,7 @@ from twisted.web import client, http
 
 from pipegate.core import window
 from pipegate.http import frames, visitors
+from pipegate.http.appclient import AppPool
 from pipegate.http.outbound import AppEndpoints, ConnectorStream
 from pipegate._compat import cancel_close_timer, handshake_status_line, quiet_pool
 from pipegate.http.pipe import FrameLink
@@ -73,16 +75,17 @@ def explain_login_failure(lost: Failure | None, status_line: str, handshake_erro
 
 
 class ConnectorSession:
-    """The connector's side of one WebSocket: its streams and the Agent they use."""
+    """The connector's side of one WebSocket: its streams and the pool of app connections they use."""
 
     log = Logger()
 
-    def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, agent, reactor,
+    def __init__(self, link: ConnectorProtocol, config: ConnectorConfig, app: AppPool, reactor,
                  window_budget: window.GrowthBudget | None = None, observer=None) -> None:
         self.link = link
         self.observer = observer  # pipegate.http.inspect.recorder.Recorder, or None
         self.config = config
-        self.agent = agent
+        self.app = app
+        self.host_line = b"Host: " + config.target.authority  # of every request to the app
         self.reactor = reactor
         self.window_budget = window_budget
         self.streams: dict[int, ConnectorStream] = {}
@@ -143,7 +146,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
 
     def onConnect(self, response):
         connector: Connector = self.factory.connector
-        self.session = ConnectorSession(self, connector.config, connector.agent, connector.reactor,
+        self.session = ConnectorSession(self, connector.config, connector.app, connector.reactor,
                                         connector.window_budget, observer=connector.observer)
         # A relay that predates visitor policies ignores the header: it must not serve the tunnel.
         self.unprotected = (not connector.visitors.empty
@@ -223,15 +226,19 @@ class Connector(service.MultiService):
         self._conflict: str | None = None
         self.stopping = False
         self.online: defer.Deferred | None = defer.Deferred()
+        # Requests go to the app over kept-alive connections (pipegate/http/appclient.py): as
+        # many kept idle as there can be streams (with fewer, every request above the bound
+        # dials the app anew); what one read of the app's answer produces leaves in one send.
+        target = config.target
+        self.app = AppPool.to(reactor, target.scheme, target.host, target.port,
+                              connect_timeout=config.connect_timeout, max_idle=config.max_streams,
+                              corked=self.corked)
+        # Twisted's Agent, for the request inspector's replays only (pipegate/http/inspect/).
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
-        # Keep as many idle connections as there can be streams: with fewer, every request
-        # above the pool size dials the app anew (and resolves its name in a thread).
-        self.pool.maxPersistentPerHost = config.max_streams
+        self.pool.maxPersistentPerHost = 4
         quiet_pool(self.pool)  # no log lines per local connection
-        # One endpoint to the app, made once, not per request; what one read of the app's
-        # answer produces leaves in one send (AppEndpoints).
         self.agent = client.Agent.usingEndpointFactory(
-            reactor, AppEndpoints(reactor, config.connect_timeout, self.corked), pool=self.pool)
+            reactor, AppEndpoints(reactor, config.connect_timeout), pool=self.pool)
         parts = urlsplit(server_url)
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
@@ -276,18 +283,19 @@ class Connector(service.MultiService):
 
     # -- links
 
-    @contextmanager
-    def corked(self) -> Iterator[None]:
+    def corked(self) -> ContextManager[None]:
         """The links' frames sent inside the block leave together when it ends (FrameLink.corked)."""
         links = self.links
         if len(links) == 1:
-            with links[0].corked():
-                yield
-        else:
-            with ExitStack() as stack:
-                for link in list(links):
-                    stack.enter_context(link.corked())
-                yield
+            return links[0].corked()
+        return self._all_corked()
+
+    @contextmanager
+    def _all_corked(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for link in list(self.links):
+                stack.enter_context(link.corked())
+            yield
 
     def link_up(self, link: ConnectorProtocol) -> None:
         self.dialer.succeeded()  # the next failure starts the backoff afresh
@@ -395,5 +403,9 @@ class Connector(service.MultiService):
         d = super().stopService()
         for link in list(self.links):
             link.sendClose(1000, "connector stopping")
-        d.addBoth(lambda r: self.pool.closeCachedConnections())
+        d.addBoth(self._close_app_connections)
         return d
+
+    def _close_app_connections(self, result):
+        self.app.close()
+        return self.pool.closeCachedConnections()

@@ -1,6 +1,7 @@
 """
 The connector's outbound side: each request stream the relay sends becomes a request
-to the local app (L{ConnectorStream}), its body streamed in from DATA frames
+to the local app (L{ConnectorStream}, over L{pipegate.http.appclient.AppPool}'s
+kept-alive connections), its body streamed in from DATA frames
 (L{TunnelBody}) and the app's response streamed back out (L{ResponseForwarder}), all
 within the stream's credit windows.  A WebSocket passthrough stream is a raw
 L{StreamPipe} to the app instead.
@@ -8,23 +9,30 @@ L{StreamPipe} to the app instead.
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Protocol as TypingProtocol
+import re
+from typing import ContextManager, Protocol as TypingProtocol
 
-from twisted.internet import defer, endpoints, ssl
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import client, http
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from pipegate.core import window
 from pipegate.http import frames
-from pipegate.http.pipe import StreamPipe, filter_headers
+from pipegate.http.appclient import AppPool
+from pipegate.http.pipe import HOP_BY_HOP, StreamPipe, filter_headers
 from pipegate.http.target import ConnectorConfig
 from pipegate.sockets import connect_protocol
+
+_DROP_ALWAYS = HOP_BY_HOP | {b"host", b"content-length", b"x-pipegate-correlation-id", b"x-forwarded-proto"}
+_DROP_HOST = frozenset({b"x-forwarded-host"})
+_DROP_PREFIX = frozenset({b"x-forwarded-prefix"})
+_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})
+_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # an HTTP method (RFC 9110 token)
+_LINEBREAK = re.compile(rb"\r\n|\r|\n")
 
 
 class StreamLink(TypingProtocol):
@@ -38,7 +46,7 @@ class StreamSession(TypingProtocol):
 
     link: StreamLink
     config: ConnectorConfig
-    agent: client.Agent
+    app: AppPool
     reactor: object  # IReactorTime and IReactorTCP: the clock and the passthrough dialer
     window_budget: window.GrowthBudget | None
     observer: object  # pipegate.http.inspect.recorder.Recorder, or None
@@ -47,31 +55,29 @@ class StreamSession(TypingProtocol):
     def send(self, frame: frames.Frame) -> None: ...
 
 
-@implementer(IBodyProducer)
 class TunnelBody:
     """
-    The request body as it arrives in DATA frames, written to the Agent's consumer.
-    Its flow control is the stream's L{window.Flow}: the body reports what reached the
-    app and when the app pushes back, and sends the credit the flow returns.
+    The request body as it arrives in DATA frames, written to the app's connection
+    (L{pipegate.http.appclient.AppConnection}), which registers it as its transport's
+    producer.  Its flow control is the stream's L{window.Flow}: the body reports what
+    reached the app and when the app pushes back, and sends the credit the flow returns.
     """
 
-    def __init__(self, stream: ConnectorStream, length: int | object) -> None:
+    def __init__(self, stream: ConnectorStream) -> None:
         self.stream = stream
-        self.length = length
         self.consumer = None
-        self.finished: defer.Deferred[None] = defer.Deferred()
         self._early: list[bytes] = []
         self._ended = False
         self._stopped = False
 
-    def startProducing(self, consumer):
+    def attach(self, consumer) -> None:
+        """The request's head is written: what came early goes on, then the rest as it comes."""
         self.consumer = consumer
         early, self._early = self._early, []
         for chunk in early:
             self._hand_on(chunk)
         if self._ended and not self._stopped:
-            self.finished.callback(None)
-        return self.finished
+            consumer.end_body()
 
     def data(self, chunk: bytes) -> None:
         # (Flow.held raises FrameError if the relay overran its credit.)
@@ -84,14 +90,14 @@ class TunnelBody:
     def _hand_on(self, chunk: bytes) -> None:
         if self._stopped:
             return  # (its credit never goes back: the request is over)
-        self.consumer.write(chunk)
+        self.consumer.write_body(chunk)
         # After the write: a consumer that pushed back from inside it holds the credit.
         self.stream.grant(self.stream.flow.handed_on(len(chunk)))
 
     def end(self) -> None:
         self._ended = True
-        if self.consumer is not None and not self.finished.called and not self._stopped:
-            self.finished.callback(None)
+        if self.consumer is not None and not self._stopped:
+            self.consumer.end_body()
 
     def pauseProducing(self):
         self.stream.flow.sink_paused(self.stream.session.reactor.seconds())
@@ -102,25 +108,24 @@ class TunnelBody:
         self.stream.grant(self.stream.flow.sink_resumed(self.stream.session.reactor.seconds()))
 
     def stopProducing(self):
-        # The Agent gave up on the request; its Deferred reports why.  Per IBodyProducer,
-        # `finished` must never fire now.
+        # The connection to the app is gone or the app answered early: nothing more goes.
         self._stopped = True
 
 
-class ResponseForwarder(Protocol):
+class ResponseForwarder:
     """
-    Receives the local app's response body and sends it as DATA within the credit of
-    the stream's L{window.Flow}; the app is paused while the flow is blocked.
+    Sends the local app's response body as DATA within the credit of the stream's
+    L{window.Flow}; the app's connection (C{transport}) is paused while the flow is blocked.
     """
 
-    def __init__(self, stream: ConnectorStream) -> None:
+    def __init__(self, stream: ConnectorStream, transport) -> None:
         self.stream = stream
+        self.transport = transport
         self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
         flow = self.stream.flow
-        with self.stream.session.link.corked():
-            self.stream.send_data(flow.write(data))
+        self.stream.send_data(flow.write(data))
         if flow.blocked:
             self.transport.pauseProducing()
 
@@ -131,12 +136,10 @@ class ResponseForwarder(Protocol):
             self.transport.resumeProducing()
         self._maybe_end()
 
-    def connectionLost(self, reason: Failure) -> None:
-        if reason.check(client.ResponseDone, http.PotentialDataLoss):
-            self._ended = True
-            self._maybe_end()
-        else:
-            self.stream.reset(http.BAD_GATEWAY, "the local app failed mid-response")
+    def ended(self) -> None:
+        self._ended = True
+        self.transport = None  # the connection may carry another request now
+        self._maybe_end()
 
     def _maybe_end(self) -> None:
         if self._ended and self.stream.flow.send.queued == 0:
@@ -160,7 +163,7 @@ class ConnectorStream:
         self.body: TunnelBody | None = None
         self.forwarder: ResponseForwarder | None = None
         self.pipe: StreamPipe | None = None
-        self._request: defer.Deferred | None = None
+        self._request = None  # the pipegate.http.appclient.AppRequest until the app answered
         self._closed = False
         self.record = None  # the inspector's StreamRecording, when --inspect is on
 
@@ -220,6 +223,63 @@ class ConnectorStream:
             headers.setRawHeaders(b"host", [target.authority])
         return headers
 
+    def request_head(self, length: int | None) -> bytes:
+        """
+        The head of the request to the app, as bytes: the same lines L{request_headers}
+        holds, C{Host} last, and C{Content-Length} or chunked framing for a body
+        (C{length}: the body's, None for chunked, -1 without a body).
+        """
+        head = self.head
+        target = self.session.config.target
+        method = head.method
+        lines = [method + b" " + target.path(head.target) + b" HTTP/1.1"]
+        if length is None:
+            lines.append(b"Transfer-Encoding: chunked")
+        elif length >= 0:
+            lines.append(b"Content-Length: %d" % length)
+        elif method == b"POST" or method == b"PUT":
+            lines.append(b"Content-Length: 0")  # as Agent: a body the method expects, empty
+        drop = _DROP_ALWAYS
+        if head.host:
+            drop = drop | _DROP_HOST
+        if head.prefix:
+            drop = drop | _DROP_PREFIX
+        # filter_headers' rules in one pass: hop-by-hop headers and those Connection names go.
+        forwarded_for = []
+        named = None
+        kept = len(lines)
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in drop:
+                if lower == b"connection":
+                    named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+            elif lower == b"x-forwarded-for":
+                forwarded_for.append(value)
+            else:
+                lines.append(name + b": " + value)
+        if named:
+            lines[kept:] = [line for line in lines[kept:]
+                            if line.partition(b":")[0].lower() not in named]
+            forwarded_for = [] if b"x-forwarded-for" in named else forwarded_for
+        if head.client:
+            forwarded_for.append(head.client)
+        if forwarded_for:
+            lines.append(b"X-Forwarded-For: " + b", ".join(forwarded_for))
+        lines.append(b"X-Forwarded-Proto: " + head.scheme)
+        if head.host:
+            lines.append(b"X-Forwarded-Host: " + head.host)
+        if head.prefix:
+            lines.append(b"X-Forwarded-Prefix: " + head.prefix)
+        lines.append(b"X-Pipegate-Correlation-Id: " + head.correlation)
+        lines.append(self.session.host_line)
+        out = b"\r\n".join(lines) + b"\r\n\r\n"
+        breaks = len(lines) + 1
+        if out.count(b"\n") != breaks or out.count(b"\r") != breaks:
+            # A CR or LF inside a name or value: made a space, as Twisted's Headers did.
+            lines = [_LINEBREAK.sub(b" ", line) for line in lines]
+            out = b"\r\n".join(lines) + b"\r\n\r\n"
+        return out
+
     def start(self) -> None:
         observer = self.session.observer
         if observer is not None:
@@ -228,60 +288,64 @@ class ConnectorStream:
         if self.head.upgrade:
             self._start_passthrough()
             return
-        headers = self.request_headers()
+        head = self.head
         body = None
-        if not self.head.end:
-            length: int | object = UNKNOWN_LENGTH
-            declared = [v for n, v in self.head.headers if n.lower() == b"content-length"]
+        length: int | None = -1
+        if not head.end:
+            length = None
+            declared = [v for n, v in head.headers if n.lower() == b"content-length"]
             if declared:
                 try:
                     length = int(declared[0])
+                    if length < 0:
+                        raise ValueError(length)
                 except ValueError:
                     self.reset(http.BAD_REQUEST, "invalid Content-Length")
                     return
-            body = self.body = TunnelBody(self, length)
-        url = self.session.config.target.url(self.head.target)
-        try:
-            d = self._request = self.session.agent.request(self.head.method, url, headers, body)
-        except Exception as e:
-            self.reset(http.BAD_REQUEST, f"cannot send the request to the local app: {e}")
+            body = self.body = TunnelBody(self)
+        if head.method not in _METHODS and not _TOKEN.match(head.method):
+            self.reset(http.BAD_REQUEST, f"cannot send the request to the local app: "
+                                         f"Invalid method {head.method!r}")
             return
-        d.addCallbacks(self._response, self._failed)
+        self._request = self.session.app.request(self, head.method, self.request_head(length), body,
+                                                 None if length is None else max(length, 0))
 
-    def _response(self, response) -> None:
-        self._request = None
+    # -- the app's answer (pipegate.http.appclient.AppConnection calls these)
+    def app_response(self, status: int, reason: bytes, headers: list, length: int | None) -> None:
         if self._closed:
-            response.deliverBody(_Drop())
             return
-        headers = filter_headers(list(response.headers.getAllRawHeaders()))
-        # Agent keeps Content-Length out of response.headers; restore it from the length
-        # it parsed (not for HEAD, 204 and 304, whose length Agent reports as 0).
-        if (isinstance(response.length, int) and self.head.method != b"HEAD"
-                and response.code not in (204, 304)):
-            headers += ((b"Content-Length", str(response.length).encode()),)
-        # The head, and the body and END when the app's answer is already in (the Agent
-        # delivers what it buffered from within deliverBody), leave in one socket write.
-        with self.session.link.corked():
-            try:
-                self.send(frames.ResponseHead(self.stream_id, response.code, response.phrase[:255], headers))
-            except frames.FrameError:
-                self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
-                response.deliverBody(_Drop())
-                return
-            self.forwarder = ResponseForwarder(self)
-            response.deliverBody(self.forwarder)
+        # (The connection kept the hop-by-hop headers.)  The length is restored after the other headers (not for HEAD, 204 and 304,
+        # whose Content-Length header, if any, passes as the app sent it), as with Agent.
+        if length is not None:
+            headers += ((b"Content-Length", b"%d" % length),)
+        # The head, and the body and END when the app's answer is already in (one read),
+        # leave in one socket write: the connection reads inside the link's corked().
+        try:
+            self.send(frames.ResponseHead(self.stream_id, status, reason[:255], headers))
+        except frames.FrameError:
+            self.reset(http.BAD_GATEWAY, "the local app's response head is too large")
+            self.abandon()
+            return
+        self.forwarder = ResponseForwarder(self, self._request.connection)
 
-    def _failed(self, failure: Failure) -> None:
+    def app_data(self, data: bytes) -> None:
+        if self.forwarder is not None and not self._closed:
+            self.forwarder.dataReceived(data)
+
+    def app_end(self) -> None:
         self._request = None
-        if failure.check(defer.CancelledError):
-            return
-        reason = failure.getErrorMessage()
-        if failure.check(client.ResponseNeverReceived, client.RequestTransmissionFailed):
-            inner = failure.value.reasons[0] if failure.value.reasons else None
-            if inner is not None and inner.check(defer.CancelledError):
-                return
-            reason = inner.getErrorMessage() if inner is not None else reason
-        self.reset(http.BAD_GATEWAY, f"local app unreachable: {reason}")
+        if self.forwarder is not None and not self._closed:
+            self.forwarder.ended()
+
+    def app_failed(self, reason: str, answered: bool) -> None:
+        self._request = None
+        if self.forwarder is not None:
+            self.forwarder.transport = None
+            self.reset(http.BAD_GATEWAY, "the local app failed mid-response")
+        elif answered:
+            self.reset(http.BAD_GATEWAY, reason)
+        else:
+            self.reset(http.BAD_GATEWAY, f"local app unreachable: {reason}")
 
     def frame_received(self, frame: frames.Frame) -> None:
         if self.record is not None:
@@ -307,10 +371,9 @@ class ConnectorStream:
     def abandon(self) -> None:
         """The relay gave up on this request: stop talking to the local app."""
         self.close()
-        if self._request is not None:
-            self._request.cancel()
-        if self.forwarder is not None and self.forwarder.transport is not None:
-            self.forwarder.transport.stopProducing()
+        request, self._request = self._request, None
+        if request is not None:
+            request.cancel()
 
     # -- passthrough
     def _start_passthrough(self) -> None:
@@ -339,33 +402,19 @@ class ConnectorStream:
         self.close()
 
 
-class _Drop(Protocol):
-    def dataReceived(self, data):
-        pass
-
-    def connectionMade(self):
-        self.transport.stopProducing()
-
-
 @implementer(IAgentEndpointFactory)
 class AppEndpoints:
     """
-    The Agent's endpoints to the local app, made once per (scheme, host, port).
-    Agent's own factory built a C{HostnameEndpoint} (host name through IDNA), and for
-    https a TLS policy, for every request (2-3 % of the connector's CPU under load).
-
-    With C{corked} (a callable returning a context manager: the connector corks its
-    links), each read from an app connection is handled inside it, so that the frames
-    one read produces (a small response's head, body and END) leave in one send.
+    The endpoints of the inspector's Agent (its replays) to the local app, made once per
+    (scheme, host, port): Agent's own factory built a C{HostnameEndpoint} (host name
+    through IDNA), and for https a TLS policy, for every request.
     """
 
     MAX_CACHED = 16  # the target is one origin; anything else still works, uncached
 
-    def __init__(self, reactor, connect_timeout: float | None = None,
-                 corked: Callable[[], ContextManager[None]] | None = None) -> None:
+    def __init__(self, reactor, connect_timeout: float | None = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
-        self.corked = corked
         self._policy = client.BrowserLikePolicyForHTTPS()
         self._cache: dict[tuple[bytes, bytes, int], object] = {}
 
@@ -383,55 +432,6 @@ class AppEndpoints:
                 endpoint = endpoints.wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
             elif uri.scheme != b"http":
                 raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            if self.corked is not None:
-                endpoint = _CorkedEndpoint(endpoint, self.corked)
             if len(self._cache) < self.MAX_CACHED:
                 self._cache[key] = endpoint
         return endpoint
-
-
-class _CorkedEndpoint:
-    """An endpoint whose connections hand what they read to their protocol inside C{corked()}."""
-
-    def __init__(self, inner, corked: Callable[[], ContextManager[None]]) -> None:
-        self.inner = inner
-        self.corked = corked
-
-    def connect(self, factory):
-        return self.inner.connect(_CorkedFactory(factory, self.corked)).addCallback(
-            lambda corked: corked.wrapped)
-
-
-class _CorkedFactory(Factory):
-    def __init__(self, factory, corked) -> None:
-        self.factory = factory
-        self.corked = corked
-
-    def doStart(self) -> None:
-        self.factory.doStart()
-
-    def doStop(self) -> None:
-        self.factory.doStop()
-
-    def buildProtocol(self, addr):
-        wrapped = self.factory.buildProtocol(addr)
-        return None if wrapped is None else _Corked(wrapped, self.corked)
-
-
-class _Corked(Protocol):
-    """Gives the Agent's protocol (the real transport, and) each read inside C{corked()}."""
-
-    def __init__(self, wrapped, corked) -> None:
-        self.wrapped = wrapped
-        self.corked = corked
-
-    def connectionMade(self) -> None:
-        self.wrapped.makeConnection(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        with self.corked():
-            self.wrapped.dataReceived(data)
-
-    def connectionLost(self, reason) -> None:
-        with self.corked():
-            self.wrapped.connectionLost(reason)

@@ -5,6 +5,7 @@ URL, and the path a tunnel target maps to under it) and L{ConnectorConfig}.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import urlsplit
 
@@ -54,8 +55,13 @@ class Target:
         Bytes an HTTP/1.1 request target may not hold (raw UTF-8 a caller sent unencoded)
         are percent-encoded: the app gets C{/caf%C3%A9} for C{/café}.
         """
-        path, sep, query = target.partition(b"?")
-        return _OUTSIDE_TARGET.sub(_percent, self.base + safe_path(path) + sep + query)
+        return _joined(self.base, target)
+
+
+@functools.lru_cache(maxsize=1024)  # callers ask for the same few paths again and again
+def _joined(base: bytes, target: bytes) -> bytes:
+    path, sep, query = target.partition(b"?")
+    return _OUTSIDE_TARGET.sub(_percent, base + safe_path(path) + sep + query)
 
 
 _OUTSIDE_TARGET = re.compile(rb"[^\x21-\x7e]")
