@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from pipegate.http import frames
-from pipegate.http.pipe import HOP_BY_HOP
+from pipegate.http.pipe import HOP_BY_HOP, connection_names
 from pipegate.sockets import connect_protocol, eager_writes, no_delay
 from pipegate.timers import cancel
 
@@ -214,15 +214,15 @@ class AppConnection(Protocol):
         chunked = False
         for name, value in self._headers:
             lower = name.lower()
-            if lower in HOP_BY_HOP:
-                if lower == b"connection":
-                    named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
-                elif lower == b"transfer-encoding":
-                    chunked = True
-            elif lower == b"content-length" and not no_body:
-                length = int(value)
-            else:
-                headers.append((name, value))
+            if lower not in HOP_BY_HOP:
+                if lower != b"content-length" or no_body:
+                    headers.append((name, value))
+                else:
+                    length = int(value)
+            elif lower == b"connection":
+                named = connection_names(value) | (named or set())
+            elif lower == b"transfer-encoding":
+                chunked = True
         if named:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
         if no_body:

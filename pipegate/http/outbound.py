@@ -23,7 +23,7 @@ from zope.interface import implementer
 from pipegate.core import window
 from pipegate.http import frames
 from pipegate.http.appclient import AppPool
-from pipegate.http.pipe import HOP_BY_HOP, StreamPipe, filter_headers
+from pipegate.http.pipe import HOP_BY_HOP, connection_names, StreamPipe, filter_headers
 from pipegate.http.target import ConnectorConfig
 from pipegate.sockets import connect_protocol
 
@@ -252,7 +252,7 @@ class ConnectorStream:
             lower = name.lower()
             if lower in drop:
                 if lower == b"connection":
-                    named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+                    named = connection_names(value) | (named or set())
             elif lower == b"x-forwarded-for":
                 forwarded_for.append(value)
             else:

@@ -28,6 +28,11 @@ HOP_BY_HOP = frozenset({
 })
 
 
+def connection_names(value: bytes) -> set[bytes]:
+    """The header names a C{Connection} value lists (hop-by-hop for this one hop), lower case."""
+    return {t for t in (t.strip().lower() for t in value.split(b",")) if t}
+
+
 def filter_headers(raw: list[tuple[bytes, list[bytes]]] | frames.Headers, *,
                    keep_upgrade: bool = False, drop: frozenset[bytes] = frozenset()) -> frames.Headers:
     """
@@ -44,7 +49,7 @@ def filter_headers(raw: list[tuple[bytes, list[bytes]]] | frames.Headers, *,
     named = set()
     for name, value in pairs:
         if name.lower() == b"connection":
-            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            named |= connection_names(value)
     if keep_upgrade:
         named -= {b"upgrade"}
         strip = HOP_BY_HOP - {b"connection", b"upgrade"}
