@@ -350,3 +350,69 @@ class RawRequestLine(unittest.TestCase):
         for line in (b"GET /app/x HTTP/1.1", b"G\xc3T /x HTTP/1.1", b"GET /\xc3 HTTP/1.\xc3",
                      b"GET /a b HTTP/1.1", b"GET /\xc3\r HTTP/1.1 x"):
             self.assertIsNone(raw_request_line(line), line)
+
+
+class ResponseHeads(unittest.TestCase):
+    """
+    What the caller gets for a connector's RESPONSE_HEAD, and what the relay adds itself
+    (RelayRequest.process: no Server or Date of its own on a proxied response).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.end)
+
+    def end(self):
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def answer(self, *heads: frames.ResponseHead) -> bytes:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        stream = self.link.streams[1]
+        for head in heads:
+            stream.frame_received(head)
+        return self.transport.value()
+
+    def test_a_proxied_response_has_the_apps_headers_only(self):
+        raw = self.answer(frames.ResponseHead(1, 200, b"OK", (
+            (b"Content-Length", b"0"), (b"X-A", b"1"), (b"x-a", b"2"), (b"Connection", b"x-gone"),
+            (b"X-Gone", b"3")), end=True))
+        head = raw.split(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"\r\nx-a: 1\r\nx-a: 2", head)
+        for absent in (b"\r\nserver:", b"\r\ndate:", b"x-gone", b"connection"):
+            self.assertNotIn(absent, head)
+
+    def test_the_relays_own_answers_have_server_and_date(self):
+        self.channel.dataReceived(b"GET /nobody/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        answers = self.transport.value().lower().split(b"http/1.1 ")[1:]
+        self.assertEqual([a[:3] for a in answers], [b"404", b"200"])
+        for answer in answers:
+            self.assertIn(b"\r\nserver: twistedweb/", answer)
+            self.assertIn(b"\r\ndate: ", answer)
+
+    def test_a_bad_name_or_value_anywhere_in_the_head_is_refused(self):
+        good = ((b"X-A", b"1"), (b"X-B", b"2"))
+        for bad in [((b"", b"1"),), good + ((b"", b"x"),), good + ((b"X C", b"x"),),
+                    good + ((b"X-C", b"a\nb"),), good + ((b"X-C", b"\x00"),),
+                    ((b"X-C\r\nSet-Cookie", b"1"),) + good]:
+            self.assertRaises(frames.FrameError, self.stream_for(bad).frame_received,
+                              frames.ResponseHead(self.number, 200, b"OK", bad))
+        self.assertRaises(frames.FrameError, self.stream_for(good).frame_received,
+                          frames.ResponseHead(self.number, 200, b"O\rK", good))
+        self.stream_for(good).frame_received(frames.ResponseHead(self.number, 200, b"OK", good, end=True))
+        self.assertIn(b"\r\nX-B: 2\r\n", self.transport.value())
+
+    def stream_for(self, _headers):
+        """A fresh request's stream (on a fresh connection); its number in C{self.number}."""
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.channel.connectionLost, Failure(ConnectionDone()))
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.number = max(self.link.streams)
+        return self.link.streams[self.number]

@@ -18,13 +18,14 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.web import http, resource, server
 
 from pipegate import _compat
 from pipegate.http import frames, routing
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
-from pipegate.http.streams import RelayStream, plain
+from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -85,6 +86,23 @@ class RelayRequest(server.Request):
         seen = b"https" if self.isSecure() else b"http"
         return self._trusted().scheme(getattr(self.client, "host", ""), seen,
                                       self.requestHeaders.getRawHeaders(b"x-forwarded-proto", []))
+
+    def process(self):
+        """
+        A request started early (all but connector logins, L{RelayResource.wants_early_start})
+        goes straight to the relay's one resource, a leaf: no resource traversal, and no
+        C{Server} and C{Date} set for a proxied response to remove again (the relay's own
+        answers add them: L{own_headers}).  Logins and C{*} go the usual way.
+        """
+        if not self._started_early or self.path == b"*":
+            return super().process()
+        self.site = site = self.channel.site
+        self.prepath, self.postpath = [], []
+        try:
+            self.render(site.relay_resource)
+        except BaseException:
+            own_headers(self)
+            self.processingFailed(failure.Failure())
 
     def gotLength(self, length):
         self.declared_length = length
@@ -272,6 +290,7 @@ class RelayResource(resource.Resource):
 
     def render(self, request: server.Request):
         if routing.is_health(request.uri, request.getHeader(b"host"), self.relay.config.domain) and not request.requestHeaders.hasHeader(b"upgrade"):
+            own_headers(request)
             if request.method not in (b"GET", b"HEAD"):
                 request.setResponseCode(http.NOT_ALLOWED)
                 request.setHeader(b"allow", b"GET, HEAD")
