@@ -416,3 +416,70 @@ class ResponseHeads(unittest.TestCase):
         self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         self.number = max(self.link.streams)
         return self.link.streams[self.number]
+
+
+class HeadDeadline(unittest.TestCase):
+    """
+    A request head must be complete within the idle timeout of its first byte, on every
+    request of a keep-alive connection (the channel's one head timer, moved on per head).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), idle_timeout=10,
+                                       request_timeout=0), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.end)
+
+    def end(self):
+        if self.transport.connected and not self.transport.disconnecting:
+            self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def request(self, number: int) -> None:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.link.streams[number].frame_received(frames.ResponseHead(number, 204, b"", (), end=True))
+
+    def trickle(self, seconds: int) -> None:
+        """One header byte a second: each resets the idle timer, never the head's."""
+        for _ in range(seconds):
+            self.channel.dataReceived(b"X")
+            self.clock.advance(1)
+
+    def test_a_later_heads_trickle_is_cut_from_its_own_first_byte(self):
+        self.request(1)
+        self.clock.advance(9)                       # idle between requests, under the timeout
+        self.request(2)
+        self.channel.dataReceived(b"GET /app/y HTTP/1.1\r\nX-Slow: ")
+        self.trickle(9)
+        self.assertFalse(self.transport.disconnecting)  # 9 s into this head
+        self.trickle(2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_slow_answer_is_not_cut_by_the_head_timer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.clock.advance(25)                      # the app takes its time (no request timeout)
+        self.assertFalse(self.transport.disconnecting)
+        self.link.streams[1].frame_received(frames.ResponseHead(1, 204, b"", (), end=True))
+        self.request(2)
+        self.assertIn(b"HTTP/1.1 204", self.transport.value().split(b"\r\n\r\n")[1])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_one_head_timer_per_connection(self):
+        for number in range(1, 6):
+            self.request(number)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)   # the idle timer and the head timer
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_head_timer_outlives_a_head_that_may_take_the_connection_over(self):
+        # A login or an upgrade hands the transport to another protocol: this channel's
+        # connectionLost would never cancel its head timer.
+        self.channel.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\n\r\n")
+        self.assertNotIn("_pg_head_late", repr(self.clock.getDelayedCalls()))
+        self.assertTrue(self.link.streams)

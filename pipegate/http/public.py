@@ -151,6 +151,7 @@ class RelayChannel(http.HTTPChannel):
     _pg_early: RelayRequest | None = None
     _pg_in_head = True
     _pg_head_timer = None
+    _pg_head_armed = False  # the head timer runs for the head being received
     #: Where bytes past an upgrade request's head go (its stream, then its L{UpgradePipe}),
     #: instead of waiting in the channel for a next request that is never parsed.
     raw_sink = None
@@ -189,12 +190,22 @@ class RelayChannel(http.HTTPChannel):
             _compat.set_request_path(self, target)  # the app's bytes go on as the caller sent them
 
     def dataReceived(self, data):
-        if self._pg_in_head and self._pg_head_timer is None and data and self.timeOut:
-            self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
+        if self._pg_in_head and not self._pg_head_armed and data and self.timeOut:
+            # One timer per connection, moved on at each head's first byte (a reset to a
+            # later time is an attribute write; a new DelayedCall and a cancel per request
+            # are not) and left to fire harmlessly between heads.
+            self._pg_head_armed = True
+            timer = self._pg_head_timer
+            if timer is not None and timer.active():
+                timer.reset(self.timeOut)
+            else:
+                self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
         super().dataReceived(data)
 
     def _pg_head_late(self):
         self._pg_head_timer = None
+        if not self._pg_head_armed:
+            return  # between heads: the next head's first byte arms it again
         self.log.info("request head from {peer} not complete within {seconds:g} s; closing",
                        peer=str(self.transport.getPeer()), seconds=self.timeOut)
         self.timeoutConnection()
@@ -219,7 +230,7 @@ class RelayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self):
         self._pg_in_head = False
-        self._pg_cancel_head_timer()
+        self._pg_head_armed = False  # (the timer stays, for the next head: dataReceived)
         req = self.requests[-1]
         limit = self.site.relay_resource.relay.config.max_body_bytes
         if limit and self.length is not None and self.length > limit:
@@ -228,6 +239,10 @@ class RelayChannel(http.HTTPChannel):
             req.requestHeaders.removeHeader(b"expect")
         command, path, version = _compat.parsed_request_line(self)
         early = self.site.relay_resource.wants_early_start(req, command, path, self.length)
+        if not early or req.requestHeaders.hasHeader(b"upgrade"):
+            # A login or an upgrade may take the connection over: this channel then never
+            # hears of its end (connectionLost goes to the new protocol).
+            self._pg_cancel_head_timer()
         if early:
             req._started_early = True
             req._body_done = self.length == 0
