@@ -483,3 +483,88 @@ class HeadDeadline(unittest.TestCase):
                                   b"Connection: Upgrade\r\n\r\n")
         self.assertNotIn("_pg_head_late", repr(self.clock.getDelayedCalls()))
         self.assertTrue(self.link.streams)
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that keeps each write (and writeSequence) as one entry."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq):
+        self.write(b"".join(seq))
+
+
+class ResponseWrites(unittest.TestCase):
+    """A response head goes out with the body's first chunk, or at the request's end."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        peer = IPv4Address("TCP", "127.0.0.2", 40000)
+        self.channel = RelaySite(self.relay).buildProtocol(peer)
+        self.transport = CountingTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.end)
+
+    def end(self):
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def stream(self, number: int, head: bytes = b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n"):
+        if head:
+            self.channel.dataReceived(head)
+        return self.link.streams[number]
+
+    def test_the_head_and_the_first_chunk_are_one_write(self):
+        stream = self.stream(1)
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"6"),)))
+        stream.frame_received(frames.Data(1, b"abc"))
+        stream.frame_received(frames.Data(1, b"def"))
+        stream.frame_received(frames.End(1))
+        self.assertEqual(len(self.transport.writes), 2)
+        self.assertTrue(self.transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(self.transport.writes[0].endswith(b"\r\n\r\nabc"))
+        self.assertEqual(self.transport.writes[1], b"def")
+
+    def test_chunked_the_head_carries_the_first_chunk(self):
+        stream = self.stream(1)
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ()))
+        stream.frame_received(frames.Data(1, b"abc"))
+        stream.frame_received(frames.End(1))
+        first, last = self.transport.writes
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", first)
+        self.assertTrue(first.endswith(b"\r\n\r\n3\r\nabc\r\n"))
+        self.assertEqual(last, b"0\r\n\r\n")
+
+    def test_heads_without_a_body_go_out_in_order_before_the_next_answer(self):
+        # Pipelined: HEAD, then a 204, then a GET; each answer whole before the next.
+        self.channel.dataReceived(b"HEAD /app/a HTTP/1.1\r\nHost: relay\r\n\r\n"
+                                  b"GET /app/b HTTP/1.1\r\nHost: relay\r\n\r\n"
+                                  b"GET /app/c HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.stream(1, b"").frame_received(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"9"),), end=True))
+        self.stream(2, b"").frame_received(frames.ResponseHead(2, 204, b"No Content", (), end=True))
+        third = self.stream(3, b"")
+        third.frame_received(frames.ResponseHead(3, 200, b"OK", ((b"Content-Length", b"1"),)))
+        third.frame_received(frames.Data(3, b"c"))
+        third.frame_received(frames.End(3))
+        codes = [w.split(b"\r\n")[0] for w in self.transport.writes]
+        self.assertEqual(codes, [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 200 OK"])
+        self.assertTrue(self.transport.writes[0].endswith(b"\r\n\r\n"))   # no body for HEAD
+        self.assertTrue(self.transport.writes[2].endswith(b"\r\n\r\nc"))
+
+    def test_the_last_answer_of_a_closing_connection_is_written_before_the_close(self):
+        stream = self.stream(1, b"GET /app/x HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"0"),), end=True))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual(len(self.transport.writes), 1)

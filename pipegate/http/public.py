@@ -20,6 +20,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 
 from pipegate import _compat
 from pipegate.http import frames, routing
@@ -27,6 +28,7 @@ from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
+from pipegate.sockets import eager_writes
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -172,6 +174,50 @@ class RelayChannel(http.HTTPChannel):
             self._pg_secure = super().isSecure()
         return bool(self._pg_secure)
 
+    _pg_head: bytes | None = None   # a response head not yet written (writeHeaders)
+
+    def connectionMade(self):
+        super().connectionMade()
+        # A response goes to the kernel when it is written, in one send with its head
+        # (writeHeaders below), instead of being queued for the reactor's next turn: no
+        # epoll_ctl pair and write-event round per response (pipegate/sockets.py).
+        eager_writes(self.transport)
+
+    def writeHeaders(self, version, code, reason, headers):
+        # Kept until the first body write (or the request's end, requestDone), so that the
+        # head and the body's first chunk are one write (twisted.web writes them as two).
+        if not isinstance(headers, Headers):
+            self._pg_flush_head()
+            return super().writeHeaders(version, code, reason, headers)
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self._pg_flush_head()
+        self._pg_head = b"".join(parts)
+
+    def _pg_flush_head(self):
+        head, self._pg_head = self._pg_head, None
+        if head is not None and self.transport is not None:
+            self.transport.write(head)
+
+    def write(self, data):
+        head = self._pg_head
+        if head is not None:
+            self._pg_head = None
+            data = head + data
+        self.transport.write(data)
+
+    def writeSequence(self, iovec):
+        if self._pg_head is None:
+            return super().writeSequence(iovec)
+        self.write(b"".join(iovec))
+
+    def requestDone(self, request):
+        self._pg_flush_head()  # a head without a body (HEAD, 204, 304, an empty answer)
+        super().requestDone(request)
+
     def rawDataReceived(self, data):
         if self.raw_sink is not None:
             self.raw_sink(data)
@@ -225,6 +271,7 @@ class RelayChannel(http.HTTPChannel):
             timer.cancel()
 
     def connectionLost(self, reason):
+        self._pg_head = None
         self._pg_cancel_head_timer()
         super().connectionLost(reason)
 
