@@ -568,3 +568,42 @@ class ResponseWrites(unittest.TestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertEqual(len(self.transport.writes), 1)
+
+
+class CallerGone(unittest.TestCase):
+    """A caller that leaves before its answer is finished: RESET 499 to the connector, slot freed."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+
+    def tearDown(self):
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def test_before_and_during_the_answer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([(type(f), f.code) for f in self.link.sent if isinstance(f, frames.Reset)],
+                         [(frames.Reset, 499)])
+        self.assertEqual((self.link.streams, self.relay.tunnels["app"].in_flight), ({}, 0))
+
+        self.link.sent.clear()
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        (number,) = self.link.streams
+        self.link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
+        self.link.streams[number].frame_received(frames.Data(number, b"part"))
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([f.code for f in self.link.sent if isinstance(f, frames.Reset)], [499])
+        self.assertEqual(self.relay.tunnels["app"].in_flight, 0)
+
+    def test_no_reset_after_a_finished_answer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.link.streams[1].frame_received(frames.ResponseHead(1, 204, b"", (), end=True))
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse([f for f in self.link.sent if isinstance(f, frames.Reset)])

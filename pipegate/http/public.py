@@ -58,6 +58,9 @@ class RelayRequest(server.Request):
     declared_length: int | None = 0
     decision: str | None = None   # an ingress or visitor policy outcome, for the access log
     caller_gone = False
+    #: Called with the reason when the caller leaves before the answer is finished (as a
+    #: notifyFinish errback would be, without a Deferred per request).
+    on_caller_gone: Any = None
     _started_early = False
     _body_done = True
     _caller: Any = None
@@ -126,7 +129,10 @@ class RelayRequest(server.Request):
 
     def connectionLost(self, reason):
         self.caller_gone = True
+        told, self.on_caller_gone = self.on_caller_gone, None
         super().connectionLost(reason)
+        if told is not None and not self.finished:
+            told(reason)
 
     def finish(self):
         if self.channel is not None and not self._body_done:

@@ -99,7 +99,7 @@ class RelayStream:
             # Whatever happens to the upgrade, the connection carries no further HTTP request.
             request.channel.persistent = False
             request.channel.raw_sink = self._hold_raw
-        request.notifyFinish().addErrback(self._caller_gone)
+        request.on_caller_gone = self._caller_gone   # (RelayRequest.connectionLost)
 
     def release_share(self) -> None:
         """Give back the caller's slot (its answer head is in, or the stream is over)."""
