@@ -486,7 +486,7 @@ class HeadDeadline(unittest.TestCase):
 
 
 class CountingTransport(StringTransport):
-    """A StringTransport that keeps each write (and writeSequence) as one entry."""
+    """A StringTransport that keeps each write (and writeSequence, marked) as one entry."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -497,7 +497,9 @@ class CountingTransport(StringTransport):
         super().write(data)
 
     def writeSequence(self, seq):
-        self.write(b"".join(seq))
+        # Marked: a real TCP transport queues a writeSequence for the reactor's next turn.
+        self.writes.append(b"SEQ:" + b"".join(seq))
+        StringTransport.write(self, b"".join(seq))
 
 
 class ResponseWrites(unittest.TestCase):
@@ -569,6 +571,14 @@ class ResponseWrites(unittest.TestCase):
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertEqual(len(self.transport.writes), 1)
 
+
+    def test_each_chunk_of_a_chunked_body_is_one_write(self):
+        stream = self.stream(1)
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ()))
+        for part in (b"abc", b"defg"):
+            stream.frame_received(frames.Data(1, part))
+        stream.frame_received(frames.End(1))
+        self.assertEqual(self.transport.writes[1:], [b"4\r\ndefg\r\n", b"0\r\n\r\n"])
 
 class CallerGone(unittest.TestCase):
     """A caller that leaves before its answer is finished: RESET 499 to the connector, slot freed."""

@@ -216,8 +216,8 @@ class RelayChannel(http.HTTPChannel):
         self.transport.write(data)
 
     def writeSequence(self, iovec):
-        if self._pg_head is None:
-            return super().writeSequence(iovec)
+        # (A chunk of a chunked body: one write, so that it too goes out eagerly; Twisted's
+        # own writeSequence queues it, to be joined with what is queued at the next turn.)
         self.write(b"".join(iovec))
 
     def requestDone(self, request):
