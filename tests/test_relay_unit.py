@@ -350,3 +350,4 @@ class RawRequestLine(unittest.TestCase):
         for line in (b"GET /app/x HTTP/1.1", b"G\xc3T /x HTTP/1.1", b"GET /\xc3 HTTP/1.\xc3",
                      b"GET /a b HTTP/1.1", b"GET /\xc3\r HTTP/1.1 x"):
             self.assertIsNone(raw_request_line(line), line)
+

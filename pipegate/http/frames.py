@@ -36,6 +36,7 @@ _HEADER = struct.Struct(">BI")
 
 
 Headers = tuple[tuple[bytes, bytes], ...]
+_U16 = struct.Struct(">H")
 
 
 @attrs.frozen
@@ -93,6 +94,9 @@ class GoAway:
 
 
 Frame = RequestHead | ResponseHead | Data | End | Window | Reset | GoAway
+
+
+_U16 = struct.Struct(">H")
 
 
 def _headers(headers: Headers) -> bytes:
@@ -160,8 +164,25 @@ class _Reader(Reader):
     """The codec reader plus header lists."""
 
     def headers(self) -> Headers:
+        # The loop of str16 reads inlined (a head is decoded for every request): the
+        # same bounds, each length checked against the message before slicing.
         count = self.u16()
-        return tuple((self.str16(), self.str16()) for _ in range(count))
+        data, pos, end = self._data, self._pos, len(self._data)
+        unpack = _U16.unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 2 > end:
+                raise FrameError("truncated frame")
+            stop = pos + 2 + unpack(data, pos)[0]
+            if stop + 2 > end:
+                raise FrameError("truncated frame")
+            name = data[pos + 2:stop]
+            pos = stop + 2 + unpack(data, stop)[0]
+            if pos > end:
+                raise FrameError("truncated frame")
+            out.append((name, data[stop + 2:pos]))
+        self._pos = pos
+        return tuple(out)
 
 
 def decode(message: bytes) -> Frame:

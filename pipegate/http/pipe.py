@@ -26,6 +26,7 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
     b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
 })
+_STRIP_KEEPING_UPGRADE = HOP_BY_HOP - {b"connection", b"upgrade"}
 
 
 def connection_names(value: bytes) -> set[bytes]:
@@ -45,18 +46,21 @@ def filter_headers(raw: list[tuple[bytes, list[bytes]]] | frames.Headers, *,
         if isinstance(values, bytes):
             pairs.append((name, values))
         else:
-            pairs.extend((name, v) for v in values)
-    named = set()
-    for name, value in pairs:
-        if name.lower() == b"connection":
-            named |= connection_names(value)
-    if keep_upgrade:
-        named -= {b"upgrade"}
-        strip = HOP_BY_HOP - {b"connection", b"upgrade"}
-    else:
-        strip = HOP_BY_HOP
-    strip = strip | named | drop
-    return tuple((n, v) for n, v in pairs if n.lower() not in strip)
+            pairs.extend([(name, v) for v in values])
+    # Each name lowered once (a head is filtered for every request, both ways).
+    lowered = [name.lower() for name, _ in pairs]
+    strip = _STRIP_KEEPING_UPGRADE if keep_upgrade else HOP_BY_HOP
+    if b"connection" in lowered:
+        named = set()
+        for low, (_, value) in zip(lowered, pairs):
+            if low == b"connection":
+                named |= connection_names(value)
+        if keep_upgrade:
+            named.discard(b"upgrade")
+        strip = strip | named
+    if drop:
+        strip = strip | drop
+    return tuple([pair for low, pair in zip(lowered, pairs) if low not in strip])
 
 
 class FrameLink:

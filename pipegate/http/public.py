@@ -18,14 +18,17 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 
 from pipegate import _compat
 from pipegate.http import frames, routing
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
-from pipegate.http.streams import RelayStream, plain
+from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
+from pipegate.sockets import eager_writes
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -55,6 +58,9 @@ class RelayRequest(server.Request):
     declared_length: int | None = 0
     decision: str | None = None   # an ingress or visitor policy outcome, for the access log
     caller_gone = False
+    #: Called with the reason when the caller leaves before the answer is finished (as a
+    #: notifyFinish errback would be, without a Deferred per request).
+    on_caller_gone: Any = None
     _started_early = False
     _body_done = True
     _caller: Any = None
@@ -86,6 +92,23 @@ class RelayRequest(server.Request):
         return self._trusted().scheme(getattr(self.client, "host", ""), seen,
                                       self.requestHeaders.getRawHeaders(b"x-forwarded-proto", []))
 
+    def process(self):
+        """
+        A request started early (all but connector logins, L{RelayResource.wants_early_start})
+        goes straight to the relay's one resource, a leaf: no resource traversal, and no
+        C{Server} and C{Date} set for a proxied response to remove again (the relay's own
+        answers add them: L{own_headers}).  Logins and C{*} go the usual way.
+        """
+        if not self._started_early or self.path == b"*":
+            return super().process()
+        self.site = site = self.channel.site
+        self.prepath, self.postpath = [], []
+        try:
+            self.render(site.relay_resource)
+        except BaseException:
+            own_headers(self)
+            self.processingFailed(failure.Failure())
+
     def gotLength(self, length):
         self.declared_length = length
         if self._started_early:
@@ -106,7 +129,10 @@ class RelayRequest(server.Request):
 
     def connectionLost(self, reason):
         self.caller_gone = True
+        told, self.on_caller_gone = self.on_caller_gone, None
         super().connectionLost(reason)
+        if told is not None and not self.finished:
+            told(reason)
 
     def finish(self):
         if self.channel is not None and not self._body_done:
@@ -133,6 +159,7 @@ class RelayChannel(http.HTTPChannel):
     _pg_early: RelayRequest | None = None
     _pg_in_head = True
     _pg_head_timer = None
+    _pg_head_armed = False  # the head timer runs for the head being received
     #: Where bytes past an upgrade request's head go (its stream, then its L{UpgradePipe}),
     #: instead of waiting in the channel for a next request that is never parsed.
     raw_sink = None
@@ -153,6 +180,50 @@ class RelayChannel(http.HTTPChannel):
             self._pg_secure = super().isSecure()
         return bool(self._pg_secure)
 
+    _pg_head: bytes | None = None   # a response head not yet written (writeHeaders)
+
+    def connectionMade(self):
+        super().connectionMade()
+        # A response goes to the kernel when it is written, in one send with its head
+        # (writeHeaders below), instead of being queued for the reactor's next turn: no
+        # epoll_ctl pair and write-event round per response (pipegate/sockets.py).
+        eager_writes(self.transport)
+
+    def writeHeaders(self, version, code, reason, headers):
+        # Kept until the first body write (or the request's end, requestDone), so that the
+        # head and the body's first chunk are one write (twisted.web writes them as two).
+        if not isinstance(headers, Headers):
+            self._pg_flush_head()
+            return super().writeHeaders(version, code, reason, headers)
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self._pg_flush_head()
+        self._pg_head = b"".join(parts)
+
+    def _pg_flush_head(self):
+        head, self._pg_head = self._pg_head, None
+        if head is not None and self.transport is not None:
+            self.transport.write(head)
+
+    def write(self, data):
+        head = self._pg_head
+        if head is not None:
+            self._pg_head = None
+            data = head + data
+        self.transport.write(data)
+
+    def writeSequence(self, iovec):
+        # (A chunk of a chunked body: one write, so that it too goes out eagerly; Twisted's
+        # own writeSequence queues it, to be joined with what is queued at the next turn.)
+        self.write(b"".join(iovec))
+
+    def requestDone(self, request):
+        self._pg_flush_head()  # a head without a body (HEAD, 204, 304, an empty answer)
+        super().requestDone(request)
+
     def rawDataReceived(self, data):
         if self.raw_sink is not None:
             self.raw_sink(data)
@@ -171,12 +242,22 @@ class RelayChannel(http.HTTPChannel):
             _compat.set_request_path(self, target)  # the app's bytes go on as the caller sent them
 
     def dataReceived(self, data):
-        if self._pg_in_head and self._pg_head_timer is None and data and self.timeOut:
-            self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
+        if self._pg_in_head and not self._pg_head_armed and data and self.timeOut:
+            # One timer per connection, moved on at each head's first byte (a reset to a
+            # later time is an attribute write; a new DelayedCall and a cancel per request
+            # are not) and left to fire harmlessly between heads.
+            self._pg_head_armed = True
+            timer = self._pg_head_timer
+            if timer is not None and timer.active():
+                timer.reset(self.timeOut)
+            else:
+                self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
         super().dataReceived(data)
 
     def _pg_head_late(self):
         self._pg_head_timer = None
+        if not self._pg_head_armed:
+            return  # between heads: the next head's first byte arms it again
         self.log.info("request head from {peer} not complete within {seconds:g} s; closing",
                        peer=str(self.transport.getPeer()), seconds=self.timeOut)
         self.timeoutConnection()
@@ -196,12 +277,13 @@ class RelayChannel(http.HTTPChannel):
             timer.cancel()
 
     def connectionLost(self, reason):
+        self._pg_head = None
         self._pg_cancel_head_timer()
         super().connectionLost(reason)
 
     def allHeadersReceived(self):
         self._pg_in_head = False
-        self._pg_cancel_head_timer()
+        self._pg_head_armed = False  # (the timer stays, for the next head: dataReceived)
         req = self.requests[-1]
         limit = self.site.relay_resource.relay.config.max_body_bytes
         if limit and self.length is not None and self.length > limit:
@@ -210,6 +292,10 @@ class RelayChannel(http.HTTPChannel):
             req.requestHeaders.removeHeader(b"expect")
         command, path, version = _compat.parsed_request_line(self)
         early = self.site.relay_resource.wants_early_start(req, command, path, self.length)
+        if not early or req.requestHeaders.hasHeader(b"upgrade"):
+            # A login or an upgrade may take the connection over: this channel then never
+            # hears of its end (connectionLost goes to the new protocol).
+            self._pg_cancel_head_timer()
         if early:
             req._started_early = True
             req._body_done = self.length == 0
@@ -272,6 +358,7 @@ class RelayResource(resource.Resource):
 
     def render(self, request: server.Request):
         if routing.is_health(request.uri, request.getHeader(b"host"), self.relay.config.domain) and not request.requestHeaders.hasHeader(b"upgrade"):
+            own_headers(request)
             if request.method not in (b"GET", b"HEAD"):
                 request.setResponseCode(http.NOT_ALLOWED)
                 request.setHeader(b"allow", b"GET, HEAD")

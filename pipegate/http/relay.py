@@ -124,8 +124,9 @@ class Relay(service.Service, Drainer):
     # -- public requests
     def public_request(self, request) -> None:
         """A public request for a tunnel (a RelayRequest, pipegate/http/public.py), its head just in."""
+        asks_upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade"))
         routed = routing.route(request.uri, request.getHeader(b"host"), request.method,
-                               bool(request.requestHeaders.getRawHeaders(b"upgrade")), self.config.domain)
+                               asks_upgrade, self.config.domain)
         if isinstance(routed, routing.Redirect):
             request.body_sink = None
             request.setHeader(b"location", routed.location)
@@ -178,7 +179,7 @@ class Relay(service.Service, Drainer):
             return
         # An Upgrade with a body is carried as a plain request (the Upgrade header is dropped
         # as hop-by-hop, which RFC 9110 7.8 allows): its body is streamed and bounded like any.
-        upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade")) and request.declared_length == 0
+        upgrade = asks_upgrade and request.declared_length == 0
         stream = RelayStream(self, tunnel, request, target, prefix, upgrade)
         stream.caller = caller
         stream.up_buckets, stream.down_buckets, stream.bucket_keys = shaping

@@ -32,12 +32,22 @@ from pipegate.timers import cancel
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
 # values or the reason): anything else would split the caller's response.
-_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_NAMES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
 _UNSAFE_TEXT = re.compile(rb"[\r\n\x00]")
+
+
+def own_headers(request: server.Request) -> None:
+    """
+    C{Server} and C{Date}, as twisted.web's C{Request.process} sets them, on an answer of
+    the relay's own (RelayRequest.process leaves them out: a proxied response has the app's).
+    """
+    request.setHeader(b"server", server.version)
+    request.setHeader(b"date", http.datetimeToString())
 
 
 def plain(request: server.Request, code: int, message: str) -> None:
     """Answer with a short text/plain body and finish."""
+    own_headers(request)
     body = message.encode() + b"\n"
     request.setResponseCode(code, b"Too Many Requests" if code == 429 else None)  # not in twisted's table
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
@@ -89,7 +99,7 @@ class RelayStream:
             # Whatever happens to the upgrade, the connection carries no further HTTP request.
             request.channel.persistent = False
             request.channel.raw_sink = self._hold_raw
-        request.notifyFinish().addErrback(self._caller_gone)
+        request.on_caller_gone = self._caller_gone   # (RelayRequest.connectionLost)
 
     def release_share(self) -> None:
         """Give back the caller's slot (its answer head is in, or the stream is over)."""
@@ -349,14 +359,18 @@ class RelayStream:
         if head.status < 200:
             return  # interim responses are not forwarded
         self.release_share()
-        if _UNSAFE_TEXT.search(head.reason) or any(
-                not _HEADER_NAME.fullmatch(name) or _UNSAFE_TEXT.search(value) for name, value in head.headers):
+        # Two regex calls for the whole head: no CR, LF or NUL in the reason or any value
+        # (none in one iff none in them joined); every name a token (\n is not a token
+        # character, so the joined names match iff each does).
+        headers = head.headers
+        if _UNSAFE_TEXT.search(b"".join([head.reason, *[value for _, value in headers]])) or (
+                headers and not _HEADER_NAMES.fullmatch(b"\n".join([name for name, _ in headers]))):
             raise frames.FrameError("RESPONSE_HEAD with a header name or value that is not valid HTTP")
         self._responding = True
         request = self.request
         request.setResponseCode(head.status, head.reason or None)
         grouped: dict[bytes, list[bytes]] = {}
-        for name, value in filter_headers(head.headers):
+        for name, value in filter_headers(headers):
             grouped.setdefault(name.lower(), []).append(value)
         for name in (b"date", b"server", b"content-type"):
             request.responseHeaders.removeHeader(name)

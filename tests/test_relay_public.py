@@ -1,0 +1,287 @@
+"""
+The relay's public side on a StringTransport (pipegate/http/public.py, streams.py): what a
+caller gets for a connector's RESPONSE_HEAD, how the answer is written, the per-head
+deadline on keep-alive connections, and a caller leaving.  Time on a Clock.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from pipegate import auth
+from pipegate.http import frames
+from pipegate.http.public import RelaySite
+from pipegate.http.relay import Relay, RelayConfig
+from tests.test_relay_unit import RecordingLink, caller
+
+
+class ResponseHeads(unittest.TestCase):
+    """
+    What the caller gets for a connector's RESPONSE_HEAD, and what the relay adds itself
+    (RelayRequest.process: no Server or Date of its own on a proxied response).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.end)
+
+    def end(self):
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def answer(self, *heads: frames.ResponseHead) -> bytes:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        stream = self.link.streams[1]
+        for head in heads:
+            stream.frame_received(head)
+        return self.transport.value()
+
+    def test_a_proxied_response_has_the_apps_headers_only(self):
+        raw = self.answer(frames.ResponseHead(1, 200, b"OK", (
+            (b"Content-Length", b"0"), (b"X-A", b"1"), (b"x-a", b"2"), (b"Connection", b"x-gone"),
+            (b"X-Gone", b"3")), end=True))
+        head = raw.split(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"\r\nx-a: 1\r\nx-a: 2", head)
+        for absent in (b"\r\nserver:", b"\r\ndate:", b"x-gone", b"connection"):
+            self.assertNotIn(absent, head)
+
+    def test_the_relays_own_answers_have_server_and_date(self):
+        self.channel.dataReceived(b"GET /nobody/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        answers = self.transport.value().lower().split(b"http/1.1 ")[1:]
+        self.assertEqual([a[:3] for a in answers], [b"404", b"200"])
+        for answer in answers:
+            self.assertIn(b"\r\nserver: twistedweb/", answer)
+            self.assertIn(b"\r\ndate: ", answer)
+
+    def test_a_bad_name_or_value_anywhere_in_the_head_is_refused(self):
+        good = ((b"X-A", b"1"), (b"X-B", b"2"))
+        for bad in [((b"", b"1"),), good + ((b"", b"x"),), good + ((b"X C", b"x"),),
+                    good + ((b"X-C", b"a\nb"),), good + ((b"X-C", b"\x00"),),
+                    ((b"X-C\r\nSet-Cookie", b"1"),) + good]:
+            self.assertRaises(frames.FrameError, self.stream_for(bad).frame_received,
+                              frames.ResponseHead(self.number, 200, b"OK", bad))
+        self.assertRaises(frames.FrameError, self.stream_for(good).frame_received,
+                          frames.ResponseHead(self.number, 200, b"O\rK", good))
+        self.stream_for(good).frame_received(frames.ResponseHead(self.number, 200, b"OK", good, end=True))
+        self.assertIn(b"\r\nX-B: 2\r\n", self.transport.value())
+
+    def stream_for(self, _headers):
+        """A fresh request's stream (on a fresh connection); its number in C{self.number}."""
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.channel.connectionLost, Failure(ConnectionDone()))
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.number = max(self.link.streams)
+        return self.link.streams[self.number]
+
+
+class HeadDeadline(unittest.TestCase):
+    """
+    A request head must be complete within the idle timeout of its first byte, on every
+    request of a keep-alive connection (the channel's one head timer, moved on per head).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), idle_timeout=10,
+                                       request_timeout=0), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.addCleanup(self.end)
+
+    def end(self):
+        if self.transport.connected and not self.transport.disconnecting:
+            self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def request(self, number: int) -> None:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.link.streams[number].frame_received(frames.ResponseHead(number, 204, b"", (), end=True))
+
+    def trickle(self, seconds: int) -> None:
+        """One header byte a second: each resets the idle timer, never the head's."""
+        for _ in range(seconds):
+            self.channel.dataReceived(b"X")
+            self.clock.advance(1)
+
+    def test_a_later_heads_trickle_is_cut_from_its_own_first_byte(self):
+        self.request(1)
+        self.clock.advance(9)                       # idle between requests, under the timeout
+        self.request(2)
+        self.channel.dataReceived(b"GET /app/y HTTP/1.1\r\nX-Slow: ")
+        self.trickle(9)
+        self.assertFalse(self.transport.disconnecting)  # 9 s into this head
+        self.trickle(2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_slow_answer_is_not_cut_by_the_head_timer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.clock.advance(25)                      # the app takes its time (no request timeout)
+        self.assertFalse(self.transport.disconnecting)
+        self.link.streams[1].frame_received(frames.ResponseHead(1, 204, b"", (), end=True))
+        self.request(2)
+        self.assertIn(b"HTTP/1.1 204", self.transport.value().split(b"\r\n\r\n")[1])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_one_head_timer_per_connection(self):
+        for number in range(1, 6):
+            self.request(number)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)   # the idle timer and the head timer
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_head_timer_outlives_a_head_that_may_take_the_connection_over(self):
+        # A login or an upgrade hands the transport to another protocol: this channel's
+        # connectionLost would never cancel its head timer.
+        self.channel.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\n\r\n")
+        self.assertNotIn("_pg_head_late", repr(self.clock.getDelayedCalls()))
+        self.assertTrue(self.link.streams)
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that keeps each write (and writeSequence, marked) as one entry."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq):
+        # Marked: a real TCP transport queues a writeSequence for the reactor's next turn.
+        self.writes.append(b"SEQ:" + b"".join(seq))
+        StringTransport.write(self, b"".join(seq))
+
+
+class ResponseWrites(unittest.TestCase):
+    """A response head goes out with the body's first chunk, or at the request's end."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        peer = IPv4Address("TCP", "127.0.0.2", 40000)
+        self.channel = RelaySite(self.relay).buildProtocol(peer)
+        self.transport = CountingTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.end)
+
+    def end(self):
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def stream(self, number: int, head: bytes = b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n"):
+        if head:
+            self.channel.dataReceived(head)
+        return self.link.streams[number]
+
+    def test_the_head_and_the_first_chunk_are_one_write(self):
+        stream = self.stream(1)
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"6"),)))
+        stream.frame_received(frames.Data(1, b"abc"))
+        stream.frame_received(frames.Data(1, b"def"))
+        stream.frame_received(frames.End(1))
+        self.assertEqual(len(self.transport.writes), 2)
+        self.assertTrue(self.transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(self.transport.writes[0].endswith(b"\r\n\r\nabc"))
+        self.assertEqual(self.transport.writes[1], b"def")
+
+    def test_chunked_the_head_carries_the_first_chunk(self):
+        stream = self.stream(1)
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ()))
+        stream.frame_received(frames.Data(1, b"abc"))
+        stream.frame_received(frames.End(1))
+        first, last = self.transport.writes
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", first)
+        self.assertTrue(first.endswith(b"\r\n\r\n3\r\nabc\r\n"))
+        self.assertEqual(last, b"0\r\n\r\n")
+
+    def test_heads_without_a_body_go_out_in_order_before_the_next_answer(self):
+        # Pipelined: HEAD, then a 204, then a GET; each answer whole before the next.
+        self.channel.dataReceived(b"HEAD /app/a HTTP/1.1\r\nHost: relay\r\n\r\n"
+                                  b"GET /app/b HTTP/1.1\r\nHost: relay\r\n\r\n"
+                                  b"GET /app/c HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.stream(1, b"").frame_received(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"9"),), end=True))
+        self.stream(2, b"").frame_received(frames.ResponseHead(2, 204, b"No Content", (), end=True))
+        third = self.stream(3, b"")
+        third.frame_received(frames.ResponseHead(3, 200, b"OK", ((b"Content-Length", b"1"),)))
+        third.frame_received(frames.Data(3, b"c"))
+        third.frame_received(frames.End(3))
+        codes = [w.split(b"\r\n")[0] for w in self.transport.writes]
+        self.assertEqual(codes, [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 200 OK"])
+        self.assertTrue(self.transport.writes[0].endswith(b"\r\n\r\n"))   # no body for HEAD
+        self.assertTrue(self.transport.writes[2].endswith(b"\r\n\r\nc"))
+
+    def test_the_last_answer_of_a_closing_connection_is_written_before_the_close(self):
+        stream = self.stream(1, b"GET /app/x HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"0"),), end=True))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual(len(self.transport.writes), 1)
+
+
+    def test_each_chunk_of_a_chunked_body_is_one_write(self):
+        stream = self.stream(1)
+        stream.frame_received(frames.ResponseHead(1, 200, b"OK", ()))
+        for part in (b"abc", b"defg"):
+            stream.frame_received(frames.Data(1, part))
+        stream.frame_received(frames.End(1))
+        self.assertEqual(self.transport.writes[1:], [b"4\r\ndefg\r\n", b"0\r\n\r\n"])
+
+class CallerGone(unittest.TestCase):
+    """A caller that leaves before its answer is finished: RESET 499 to the connector, slot freed."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
+        self.relay.startService()
+        self.link = RecordingLink("app")
+        self.relay.tunnels.attach(self.link)
+        self.channel, self.transport = caller(RelaySite(self.relay))
+
+    def tearDown(self):
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def test_before_and_during_the_answer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([(type(f), f.code) for f in self.link.sent if isinstance(f, frames.Reset)],
+                         [(frames.Reset, 499)])
+        self.assertEqual((self.link.streams, self.relay.tunnels["app"].in_flight), ({}, 0))
+
+        self.link.sent.clear()
+        self.channel, self.transport = caller(RelaySite(self.relay))
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        (number,) = self.link.streams
+        self.link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
+        self.link.streams[number].frame_received(frames.Data(number, b"part"))
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([f.code for f in self.link.sent if isinstance(f, frames.Reset)], [499])
+        self.assertEqual(self.relay.tunnels["app"].in_flight, 0)
+
+    def test_no_reset_after_a_finished_answer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.link.streams[1].frame_received(frames.ResponseHead(1, 204, b"", (), end=True))
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse([f for f in self.link.sent if isinstance(f, frames.Reset)])
