@@ -56,6 +56,19 @@ class ResponseHeads(unittest.TestCase):
         for absent in (b"\r\nserver:", b"\r\ndate:", b"x-gone", b"connection"):
             self.assertNotIn(absent, head)
 
+    def test_no_content_type_is_added_to_an_answer_without_one(self):
+        # twisted.web would add its default (text/html) to a body the app sent untyped.
+        raw = self.answer(frames.ResponseHead(1, 200, b"OK", ((b"Content-Length", b"5"),)),
+                          frames.Data(1, b"bytes"), frames.End(1))
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertEqual(body, b"bytes")
+        self.assertNotIn(b"content-type", head.lower())
+
+    def test_the_apps_content_type_passes(self):
+        typed = self.answer(frames.ResponseHead(1, 200, b"OK", (
+            (b"Content-Length", b"0"), (b"Content-Type", b"application/x-mine")), end=True))
+        self.assertIn(b"\r\ncontent-type: application/x-mine", typed.lower())
+
     def test_the_relays_own_answers_have_server_and_date(self):
         self.channel.dataReceived(b"GET /nobody/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         self.channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")

@@ -374,6 +374,7 @@ class RelayStream:
             grouped.setdefault(name.lower(), []).append(value)
         for name in (b"date", b"server", b"content-type"):
             request.responseHeaders.removeHeader(name)
+        request.defaultContentType = None  # an untyped answer stays untyped (twisted.web adds text/html)
         for name, values in grouped.items():
             request.responseHeaders.setRawHeaders(name, values)
         if head.end:
