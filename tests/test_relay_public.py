@@ -6,6 +6,8 @@ deadline on keep-alive connections, and a caller leaving.  Time on a Clock.
 
 from __future__ import annotations
 
+import io
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -298,3 +300,35 @@ class CallerGone(unittest.TestCase):
         self.link.streams[1].frame_received(frames.ResponseHead(1, 204, b"", (), end=True))
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertFalse([f for f in self.link.sent if isinstance(f, frames.Reset)])
+
+    def test_a_request_its_caller_left_is_logged_and_counted(self):
+        # Logged as it ends (Twisted logs only finished requests): 499 before the head, the
+        # status sent after it; counted in the requests metric as 499 and "aborted".
+        relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), access_log=True), self.clock)
+        relay.startService()
+        link = RecordingLink("app")
+        relay.tunnels.attach(link)
+        site = RelaySite(relay)
+        site.logFile = lines = io.StringIO()
+        channel, _ = caller(site)
+        channel.dataReceived(b"GET /app/left-early HTTP/1.1\r\nHost: relay\r\n\r\n")
+        channel.connectionLost(Failure(ConnectionDone()))
+        channel, _ = caller(site)
+        channel.dataReceived(b"GET /app/left-later HTTP/1.1\r\nHost: relay\r\n\r\n")
+        (number,) = link.streams
+        link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
+        link.streams[number].frame_received(frames.Data(number, b"part"))
+        channel.connectionLost(Failure(ConnectionDone()))
+        # The connector gives up in the middle: the relay cuts the caller's connection.
+        channel, transport = caller(site)
+        channel.dataReceived(b"GET /app/cut HTTP/1.1\r\nHost: relay\r\n\r\n")
+        (number,) = link.streams
+        link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
+        link.streams[number].frame_received(frames.Reset(number, 502, b"app went away"))
+        self.assertTrue(transport.disconnected)
+        channel.connectionLost(Failure(ConnectionDone()))   # (a StringTransport does not say so)
+        logged = lines.getvalue().splitlines()
+        self.assertEqual([(line.split('"')[3].split()[1], line.split('"')[4].split()[0]) for line in logged],
+                         [("/app/left-early", "499"), ("/app/left-later", "200"), ("/app/cut", "200")])
+        self.assertEqual([relay.stats.get("requests", code) for code in ("499", "aborted", "200")], [1, 2, 0])
+

@@ -58,6 +58,7 @@ class RelayRequest(server.Request):
     declared_length: int | None = 0
     decision: str | None = None   # an ingress or visitor policy outcome, for the access log
     caller_gone = False
+    cut = False                   # the connection ended after the answer began, before its end
     #: Called with the reason when the caller leaves before the answer is finished (as a
     #: notifyFinish errback would be, without a Deferred per request).
     on_caller_gone: Any = None
@@ -133,6 +134,15 @@ class RelayRequest(server.Request):
         super().connectionLost(reason)
         if told is not None and not self.finished:
             told(reason)
+            # Twisted logs a request when it finishes, which this one never will: its line
+            # says 499 (nginx's "client closed request") unless a status went out already or
+            # the relay cut the answer (RelayStream.fail), and the metric counts an answer cut
+            # after it began as "aborted".
+            if self.startedWriting:
+                self.cut = True
+            elif not self.cut:
+                self.code = 499
+            self.site.log(self)
 
     def finish(self):
         if self.channel is not None and not self._body_done:
@@ -388,7 +398,7 @@ class RelaySite(server.Site):
 
     def log(self, request):
         if request.code != 101:  # connector logins are counted as links
-            self.relay_resource.relay.stats.inc("requests", str(request.code))
+            self.relay_resource.relay.stats.inc("requests", "aborted" if request.cut else str(request.code))
         if self._access_log:
             super().log(request)
 

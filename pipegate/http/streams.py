@@ -213,7 +213,8 @@ class RelayStream:
         if self.request.caller_gone:
             return
         if self._responding:
-            self.relay.stats.inc("requests", "aborted")
+            # Logged and counted as "aborted" when the connection is gone (RelayRequest.connectionLost).
+            self.request.cut = True
             self.request.unregisterProducer()
             self.request.abort()
         else:
