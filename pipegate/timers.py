@@ -62,3 +62,47 @@ class IdleTimer:
 
     def cancel(self) -> None:
         self._call = cancel(self._call)
+
+
+class Deadline:
+    """
+    Calls C{on_expiry(*args)} once the time last L{set} is reached, unless L{cancel}ed.
+
+    Moving the time later (a stream's request timeout re-armed by each frame of its
+    answer) only records it, as L{IdleTimer} does: the one pending call, when it comes
+    early, is made again for what is left.  Moving it earlier reschedules the call.  So
+    it fires at exactly the time last set, with the C{args} last set.
+    """
+
+    __slots__ = ("clock", "on_expiry", "at", "args", "_call")
+
+    def __init__(self, clock: IReactorTime, on_expiry: Callable[..., object]) -> None:
+        self.clock = clock
+        self.on_expiry = on_expiry
+        self.at = 0.0
+        self.args: tuple = ()
+        self._call: IDelayedCall | None = None
+
+    def set(self, seconds: float, *args: object) -> None:
+        """Expire C{seconds} from now, calling C{on_expiry(*args)}."""
+        self.at = self.clock.seconds() + seconds
+        self.args = args
+        call = self._call
+        if call is None:
+            self._call = self.clock.callLater(seconds, self._check)
+        elif call.getTime() > self.at:
+            call.reset(seconds)
+
+    def _check(self) -> None:
+        remaining = self.at - self.clock.seconds()
+        if remaining > 0:
+            self._call = self.clock.callLater(remaining, self._check)
+            return
+        self._call = None
+        self.on_expiry(*self.args)
+
+    def active(self) -> bool:
+        return self._call is not None
+
+    def cancel(self) -> None:
+        self._call = cancel(self._call)

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web import http, server
 # The status codes the per-request path uses, bound once: twisted.web.http is a
@@ -28,7 +28,7 @@ from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
-from pipegate.timers import cancel
+from pipegate.timers import Deadline
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
 # values or the reason): anything else would split the caller's response.
@@ -91,7 +91,8 @@ class RelayStream:
         self._responding = False
         self._paused = False  # the caller's connection pushes back (pauseProducing)
         self._done = False
-        self._timer: IDelayedCall | None = None
+        # The 404 / 504 deadline, moved on by each sign of progress (one pending call, not one per move).
+        self._timer = Deadline(relay.clock, self._expired)
         self.pipe: StreamPipe | None = None
         self._share_held = True
         self._held = bytearray()  # an upgrade's caller bytes past its head, until the pipe takes them
@@ -162,20 +163,13 @@ class RelayStream:
         self._maybe_send_end()
 
     def _arm(self, seconds: float, code: int, reason: str) -> None:
-        if seconds <= 0:
-            return
-        timer = self._timer
-        if timer is not None and timer.active() and timer.args == (code, reason):
-            timer.reset(seconds)
-        else:
-            self._cancel_timer()
-            self._timer = self.relay.clock.callLater(seconds, self._expired, code, reason)
+        if seconds > 0:
+            self._timer.set(seconds, code, reason)
 
     def _cancel_timer(self) -> None:
-        self._timer = cancel(self._timer)
+        self._timer.cancel()
 
     def _expired(self, code: int, reason: str) -> None:
-        self._timer = None
         self.fail(code, reason, notify=GATEWAY_TIMEOUT)
 
     def _finish(self) -> None:
@@ -256,6 +250,8 @@ class RelayStream:
             self._upload_hold = self._hold(self._upload_hold, delay, self._upload_released, "up")
 
     def _charge(self, buckets, size: int) -> float:
+        if not buckets:
+            return 0.0   # (unshaped: most streams)
         now = self.relay.clock.seconds()
         return max((bucket.take(size, now) for bucket in buckets), default=0.0)
 
