@@ -53,6 +53,22 @@ class RoundRobinTests(ThreeLinks):
         self.assertEqual(self.table.links(GATE), ["a", "b", "c"])
         self.assertEqual(self.table.table(), {GATE: ["a", "b", "c"], OTHER: ["a"]})
 
+    def test_links_kept_between_changes_follow_every_change(self) -> None:
+        first = self.table.links(GATE)
+        self.assertIs(self.table.links(GATE), first)   # asked again, nothing changed: the same list
+        self.table.drain("b")
+        self.assertEqual(self.table.links(GATE), ["a", "c"])
+        self.table.remove("a")
+        self.assertEqual(self.table.links(GATE), ["c"])
+        self.table.announce("d", [GATE])
+        self.assertEqual(self.table.links(GATE), ["c", "d"])
+        self.assertEqual(first, ["a", "b", "c"])   # a list handed out earlier is not changed
+        self.table.remove("c")
+        self.table.remove("d")
+        self.assertEqual(self.table.links(GATE), [])
+        self.assertEqual(self.table.links(OTHER), [])
+        self.assertEqual(self.table._links, {})   # nothing kept for a route no link serves
+
 
 class FailoverTests(ThreeLinks):
 

@@ -39,20 +39,25 @@ class RouteTable(Generic[Key, Link]):
     _routes: dict[Link, tuple[Key, ...]] = attrs.field(factory=dict, init=False)
     _draining: set[Link] = attrs.field(factory=set, init=False)
     _next: dict[Key, int] = attrs.field(factory=dict, init=False)
+    # links() by key, until the table next changes (the relay asks several times per request).
+    _links: dict[Key, list[Link]] = attrs.field(factory=dict, init=False)
 
     # -- what links say
     def announce(self, link: Link, keys: Iterable[Key]) -> None:
         """C{link} serves exactly C{keys} from now on (an empty announcement keeps it known)."""
         self._routes[link] = tuple(dict.fromkeys(keys))
+        self._links = {}
 
     def drain(self, link: Link) -> None:
         """C{link} is going away: it is chosen for nothing new, but stays until L{remove}."""
         self._draining.add(link)
+        self._links = {}
 
     def remove(self, link: Link) -> None:
         """C{link} is gone: forget it and its routes."""
         self._routes.pop(link, None)
         self._draining.discard(link)
+        self._links = {}
 
     # -- questions
     def draining(self, link: Link) -> bool:
@@ -63,8 +68,16 @@ class RouteTable(Generic[Key, Link]):
         return link not in self._draining and key in self._routes.get(link, ())
 
     def links(self, key: Key) -> list[Link]:
-        """The links serving C{key}, draining ones left out, in announcement order."""
-        return [link for link, keys in self._routes.items() if key in keys and link not in self._draining]
+        """
+        The links serving C{key}, draining ones left out, in announcement order (one list
+        kept until the table changes: not to be modified by the caller).
+        """
+        links = self._links.get(key)
+        if links is None:
+            links = [link for link, keys in self._routes.items() if key in keys and link not in self._draining]
+            if links:   # (so what is kept is bounded by the routes announced)
+                self._links[key] = links
+        return links
 
     def table(self) -> dict[Key, list[Link]]:
         """Every route served by a link that is not draining, with its links."""
