@@ -80,10 +80,18 @@ class CorkedLink(unittest.TestCase):
     def test_other_transport_calls_pass_through_inside_a_block(self) -> None:
         with self.link.corked():
             self.link.send_message(frames.End(1))
-            self.link.transport.loseConnection()
             self.assertEqual(self.link.transport.getPeer(), self.transport.getPeer())
-        self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.transport.writes, [M(frames.End(1))])
+
+    def test_losing_the_connection_inside_a_block_writes_what_was_collected_first(self) -> None:
+        lost_after: list = []
+        self.transport.loseConnection = lambda: lost_after.append(list(self.transport.writes))
+        with self.link.corked():
+            self.link.send_message(frames.End(1))
+            self.link.send_message(frames.End(3))
+            self.link.transport.loseConnection()
+        self.assertEqual(lost_after, [[M(frames.End(1)) + M(frames.End(3))]])
+        self.assertEqual(len(self.transport.writes), 1)   # nothing written twice
 
     def test_an_error_inside_the_block_still_writes_and_restores(self) -> None:
         with self.assertRaises(ZeroDivisionError):
@@ -92,6 +100,41 @@ class CorkedLink(unittest.TestCase):
                 1 / 0
         self.assertIs(self.link.transport, self.transport)
         self.assertEqual(len(self.transport.writes), 1)
+
+
+class RelayLinkTurns(unittest.TestCase):
+    """The relay's end of a link sends what one reactor turn produced in one write."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from pipegate.http.relay import ConnectorLink
+        self.clock = Clock()
+        self.transport = RecordingTransport()
+        link = self.link = ConnectorLink()
+        link.state = link.STATE_OPEN
+        link.factory = type("Factory", (), {"isServer": True,
+                                            "relay": type("Relay", (), {"clock": self.clock})()})()
+        link.transport = self.transport
+        link._open = True
+
+    def test_frames_of_one_turn_leave_together_after_it(self) -> None:
+        self.link.send(frames.End(1))
+        self.link.send(frames.End(3))
+        self.assertEqual(self.transport.writes, [])
+        self.clock.advance(0)
+        self.assertEqual(self.transport.writes, [M(frames.End(1)) + M(frames.End(3))])
+        self.assertIs(self.link.transport, self.transport)
+        self.link.send(frames.End(5))      # the next turn: its own write
+        self.clock.advance(0)
+        self.assertEqual(self.transport.writes[1:], [M(frames.End(5))])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_closed_link_sends_nothing_and_schedules_nothing(self) -> None:
+        self.link._open = False
+        self.link.send(frames.End(1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.transport.writes, [])
 
 
 class Recorder:

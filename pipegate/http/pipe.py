@@ -73,8 +73,10 @@ class FrameLink:
     request while this end is still reading the next ones.  The socket's writes are
     eager (L{pipegate.sockets.eager_writes}): a write the socket takes whole costs one
     C{send} and no C{epoll_ctl} registering the socket for writing and unregistering
-    it again (two per request at each end, before).  Inside a L{corked} block the
-    WebSocket frames are collected and written as one.
+    it again (two per request at each end, before).  Inside a L{corked} block (or
+    between L{cork} and L{uncork}) the WebSocket frames are collected and written as
+    one; the relay's end corks for each reactor turn (relay.ConnectorLink.send), the
+    connector's around each read from the app.
 
     Once the link is open, its binary frames are framed and parsed here (L{ws_frame},
     L{WireReader}) rather than by Autobahn's general message machinery, which cost
@@ -126,26 +128,34 @@ class FrameLink:
             if reader.done or self.transport is None:
                 return
 
-    @contextmanager
-    def corked(self) -> Iterator[None]:
-        """Frames sent inside the block go to the kernel together, in one write, when it ends."""
+    def cork(self) -> None:
+        """Collect the frames sent from now on, until as many L{uncork} calls (L{corked})."""
         self._corked += 1
         if self._corked == 1 and self.transport is not None and self._collector is None:
             # Frames are written to self.transport: collect them for the block.
             self._collector = self.transport = _Collector(self.transport)
+
+    def uncork(self) -> None:
+        """The last of the L{cork}s: what was collected goes to the kernel in one write."""
+        self._corked -= 1
+        if not self._corked:
+            collector, self._collector = self._collector, None
+            if collector is not None:
+                if self.transport is collector:
+                    self.transport = collector.transport
+                if collector.chunks and self.transport is not None:
+                    self.transport.write(b"".join(collector.chunks))
+            if self.transport is not None:
+                send_now(self.transport)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Frames sent inside the block go to the kernel together, in one write, when it ends."""
+        self.cork()
         try:
             yield
         finally:
-            self._corked -= 1
-            if not self._corked:
-                collector, self._collector = self._collector, None
-                if collector is not None:
-                    if self.transport is collector:
-                        self.transport = collector.transport
-                    if collector.chunks and self.transport is not None:
-                        self.transport.write(b"".join(collector.chunks))
-                if self.transport is not None:
-                    send_now(self.transport)
+            self.uncork()
 
 
 # Below this, masking with Python's big integers beats setting up the native masker
@@ -320,6 +330,13 @@ class _Collector:
 
     def writeSequence(self, data) -> None:
         self.chunks.extend(data)
+
+    def loseConnection(self) -> None:
+        """What was collected goes first (a close after frames must not lose them)."""
+        if self.chunks:
+            chunks, self.chunks = self.chunks, []
+            self.transport.write(b"".join(chunks))
+        self.transport.loseConnection()
 
     def __getattr__(self, name: str):
         return getattr(self.transport, name)
