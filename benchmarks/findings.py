@@ -8,18 +8,15 @@ benchmarks/results/ and the measurements written up in benchmarks/README.md.
 FINDINGS = {
     "http_small": (
         "Each request crosses two Python processes, and in each it is parsed and written twice: "
-        "the relay runs twisted.web's HTTP/1.1 server for the caller and the WebSocket link "
-        "towards the connector; the connector runs the link and twisted.web's HTTP client "
-        "(Agent, HTTP11ClientProtocol) towards the app. perf: about 80 % of each process's CPU is "
-        "in libpython, 13-17 % in the kernel. py-spy (results/flamegraph-http_small-*-wsframes.svg): "
-        "after the links frame their own binary WebSocket frames (Autobahn's per-message machinery "
-        "was a fifth of the relay's Python time), the connector's HTTP client is 45-55 % of its "
-        "Python time and twisted.web's server about a fifth of the relay's; no function of ours "
-        "is above 4 % self, and CPU per request falls with load (about 920 µs at 800 req/s, 680 "
-        "at 1,500, 550 under wrk), so per-wakeup reactor and kernel work is much of the rest. The "
-        "remaining cost to 280 µs is mostly those two twisted.web layers; the next levers are a "
-        "lighter persistent client to the app in the connector and a faster request parser on the "
-        "relay's public side (benchmarks/README.md, \"HTTP plane per-request CPU, second pass\")."
+        "the relay runs twisted.web's HTTP/1.1 server for the caller and its own WebSocket framing "
+        "towards the connector; the connector runs the link and its own HTTP/1.1 client "
+        "(pipegate/http/appclient.py, httptools) towards the app. After the passes of issue 22 "
+        "(benchmarks/README.md, \"HTTP plane per-request CPU\" sections) about 270 µs per request "
+        "under wrk, two thirds in the relay; no function is above 4 % self: the largest items are "
+        "the sends (12 %) and the wait for events (9 %); twisted.web's Request and Headers set-up "
+        "is about a quarter of the relay's in-process time. CPU per request rises as the load "
+        "falls (fewer requests share a wakeup: about 440 µs at a fixed 1,500 req/s), so at low "
+        "rates the reactor's per-event cost and the kernel's are most of it."
     ),
     "tcp": (
         "Bulk TCP costs gateway + provider about 2.3-2.8 CPU-s/GB against the HAProxy pair's 1.7-1.8: "
@@ -66,12 +63,12 @@ FINDINGS = {
     ),
     "idle": (
         "A Python process with Twisted, OpenSSL and cryptography loaded is already ~43 MiB (the "
-        "direct column). For the relay, stock `twistd -n web` with only `autobahn.twisted.websocket`, "
-        "`autobahn.twisted.resource` and `jwt` imported is already 5.2 MiB above itself: any "
-        "`autobahn.twisted` module loads Autobahn's WAMP layer and cbor2, and its NVX masker parses "
-        "C declarations with pycparser at import (about 1.4 MiB; without it, masking large frames "
-        "is 10-25 times slower). PipeGate's own code on top is about 1.3 MiB, code every relay "
-        "runs; the hub, ACME, metrics and inspector load only with their options "
-        "(tests/test_lean_startup.py), and startup's freed heap is given back (pipegate/heap.py)."
+        "direct column), so no Twisted service is under 40 MiB. Against stock `twistd -n web` every "
+        "service is within 5 MiB; the relay, nearest the limit, carries Autobahn's WAMP layer and cbor2 "
+        "(`autobahn.twisted.websocket` imports them whether or not they are used, about 3.5 MiB), "
+        "PyJWT and its own code; Autobahn's NVX wrappers (pycparser at import) are skipped "
+        "(AUTOBAHN_USE_NVX=0, pipegate/http/__init__.py), the hub, ACME, metrics and inspector load "
+        "only with their options (tests/test_lean_startup.py), and startup's freed heap is given "
+        "back (pipegate/heap.py)."
     ),
 }
