@@ -75,8 +75,10 @@ class FrameLink:
     C{send} and no C{epoll_ctl} registering the socket for writing and unregistering
     it again (two per request at each end, before).  Inside a L{corked} block (or
     between L{cork} and L{uncork}) the WebSocket frames are collected and written as
-    one; the relay's end corks for each reactor turn (relay.ConnectorLink.send), the
-    connector's around each read from the app.
+    one; the relay's end corks for each reactor turn (relay.ConnectorLink.send: under load
+    one write for many callers' request heads saves more than starting each at once gains;
+    benchmarks/README.md, "relay public side", second pass), the connector's around each
+    read from the app.
 
     Once the link is open, its binary frames are framed and parsed here (L{ws_frame},
     L{WireReader}) rather than by Autobahn's general message machinery, which cost
