@@ -22,25 +22,41 @@ from pipegate.http.relay import Relay, RelayConfig
 from tests.test_relay_unit import RecordingLink, caller
 
 
-class ResponseHeads(unittest.TestCase):
+class RelayCase:
+    """A relay on a Clock with a recorded connector link for tunnel C{app}, and one caller."""
+
+    config: dict = {}
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay, self.link = self.relay_with(**self.config)
+        self.channel, self.transport = self.connect(RelaySite(self.relay))
+        self.addCleanup(self.end)
+
+    def relay_with(self, **config):
+        relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), **config), self.clock)
+        relay.startService()
+        link = RecordingLink("app")
+        relay.tunnels.attach(link)
+        return relay, link
+
+    def connect(self, site):
+        return caller(site)
+
+    def end(self):
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+
+class ResponseHeads(RelayCase, unittest.TestCase):
     """
     What the caller gets for a connector's RESPONSE_HEAD, and what the relay adds itself
     (RelayRequest.process: no Server or Date of its own on a proxied response).
     """
 
-    def setUp(self):
-        self.clock = Clock()
-        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
-        self.relay.startService()
-        self.link = RecordingLink("app")
-        self.relay.tunnels.attach(self.link)
-        self.channel, self.transport = caller(RelaySite(self.relay))
-        self.addCleanup(self.end)
-
     def end(self):
         self.channel.connectionLost(Failure(ConnectionDone()))
-        for call in self.clock.getDelayedCalls():
-            call.cancel()
+        super().end()
 
     def answer(self, *heads: frames.ResponseHead) -> bytes:
         self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -101,27 +117,18 @@ class ResponseHeads(unittest.TestCase):
         return self.link.streams[self.number]
 
 
-class HeadDeadline(unittest.TestCase):
+class HeadDeadline(RelayCase, unittest.TestCase):
     """
     A request head must be complete within the idle timeout of its first byte, on every
     request of a keep-alive connection (the channel's one head timer, moved on per head).
     """
 
-    def setUp(self):
-        self.clock = Clock()
-        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), idle_timeout=10,
-                                       request_timeout=0), self.clock)
-        self.relay.startService()
-        self.link = RecordingLink("app")
-        self.relay.tunnels.attach(self.link)
-        self.channel, self.transport = caller(RelaySite(self.relay))
-        self.addCleanup(self.end)
+    config = {"idle_timeout": 10, "request_timeout": 0}
 
     def end(self):
         if self.transport.connected and not self.transport.disconnecting:
             self.channel.connectionLost(Failure(ConnectionDone()))
-        for call in self.clock.getDelayedCalls():
-            call.cancel()
+        super().end()
 
     def request(self, number: int) -> None:
         self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -185,25 +192,19 @@ class CountingTransport(StringTransport):
         StringTransport.write(self, b"".join(seq))
 
 
-class ResponseWrites(unittest.TestCase):
+class ResponseWrites(RelayCase, unittest.TestCase):
     """A response head goes out with the body's first chunk, or at the request's end."""
 
-    def setUp(self):
-        self.clock = Clock()
-        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
-        self.relay.startService()
-        self.link = RecordingLink("app")
-        self.relay.tunnels.attach(self.link)
+    def connect(self, site):
         peer = IPv4Address("TCP", "127.0.0.2", 40000)
-        self.channel = RelaySite(self.relay).buildProtocol(peer)
-        self.transport = CountingTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
-        self.channel.makeConnection(self.transport)
-        self.addCleanup(self.end)
+        channel = site.buildProtocol(peer)
+        transport = CountingTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+        channel.makeConnection(transport)
+        return channel, transport
 
     def end(self):
         self.channel.connectionLost(Failure(ConnectionDone()))
-        for call in self.clock.getDelayedCalls():
-            call.cancel()
+        super().end()
 
     def stream(self, number: int, head: bytes = b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n"):
         if head:
@@ -263,20 +264,8 @@ class ResponseWrites(unittest.TestCase):
         stream.frame_received(frames.End(1))
         self.assertEqual(self.transport.writes[1:], [b"4\r\ndefg\r\n", b"0\r\n\r\n"])
 
-class CallerGone(unittest.TestCase):
+class CallerGone(RelayCase, unittest.TestCase):
     """A caller that leaves before its answer is finished: RESET 499 to the connector, slot freed."""
-
-    def setUp(self):
-        self.clock = Clock()
-        self.relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32)), self.clock)
-        self.relay.startService()
-        self.link = RecordingLink("app")
-        self.relay.tunnels.attach(self.link)
-        self.channel, self.transport = caller(RelaySite(self.relay))
-
-    def tearDown(self):
-        for call in self.clock.getDelayedCalls():
-            call.cancel()
 
     def test_before_and_during_the_answer(self):
         self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -304,10 +293,7 @@ class CallerGone(unittest.TestCase):
     def test_a_request_its_caller_left_is_logged_and_counted(self):
         # Logged as it ends (Twisted logs only finished requests): 499 before the head, the
         # status sent after it; counted in the requests metric as 499 and "aborted".
-        relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), access_log=True), self.clock)
-        relay.startService()
-        link = RecordingLink("app")
-        relay.tunnels.attach(link)
+        relay, link = self.relay_with(access_log=True)
         site = RelaySite(relay)
         site.logFile = lines = io.StringIO()
         channel, _ = caller(site)
