@@ -305,11 +305,12 @@ class CallerGone(RelayCase, unittest.TestCase):
         link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
         link.streams[number].frame_received(frames.Data(number, b"part"))
         channel.connectionLost(Failure(ConnectionDone()))
-        # The connector gives up in the middle: the relay cuts the caller's connection.
+        # The connector gives up in the middle of the body: the relay cuts the caller's connection.
         channel, transport = caller(site)
         channel.dataReceived(b"GET /app/cut HTTP/1.1\r\nHost: relay\r\n\r\n")
         (number,) = link.streams
         link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
+        link.streams[number].frame_received(frames.Data(number, b"part"))
         link.streams[number].frame_received(frames.Reset(number, 502, b"app went away"))
         self.assertTrue(transport.disconnected)
         channel.connectionLost(Failure(ConnectionDone()))   # (a StringTransport does not say so)
@@ -317,4 +318,16 @@ class CallerGone(RelayCase, unittest.TestCase):
         self.assertEqual([(line.split('"')[3].split()[1], line.split('"')[4].split()[0]) for line in logged],
                          [("/app/left-early", "499"), ("/app/left-later", "200"), ("/app/cut", "200")])
         self.assertEqual([relay.stats.get("requests", code) for code in ("499", "aborted", "200")], [1, 2, 0])
+
+    def test_a_failure_after_the_head_but_before_the_body_is_still_answered(self):
+        # The app's head waits for its first body byte, so nothing went out: the caller gets
+        # the relay's 502 (or 504), not a bare close, and may send its next request.
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.link.streams[1].frame_received(frames.ResponseHead(1, 200, b"OK", ((b"X-App", b"1"),)))
+        self.link.streams[1].frame_received(frames.Reset(1, 502, b"app went away"))
+        answer = self.transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer)
+        self.assertNotIn(b"x-app", answer.lower())
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.relay.stats.get("requests", "502"), 1)
 

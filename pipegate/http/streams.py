@@ -21,6 +21,7 @@ from twisted.web import http, server
 # The status codes the per-request path uses, bound once: twisted.web.http is a
 # deprecation proxy module, and every attribute read through it costs a Python call.
 from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from pipegate.core import window
@@ -206,14 +207,19 @@ class RelayStream:
             return
         if self.request.caller_gone:
             return
+        request = self.request
         if self._responding:
-            # Logged and counted as "aborted" when the connection is gone (RelayRequest.connectionLost).
-            self.request.cut = True
-            self.request.unregisterProducer()
-            self.request.abort()
-        else:
-            self.request.body_sink = None
-            plain(self.request, code, reason)
+            request.unregisterProducer()
+            if request.startedWriting:
+                # Logged and counted as "aborted" when the connection is gone (RelayRequest.connectionLost).
+                request.cut = True
+                request.abort()
+                return
+            # The app's head is held until its first body byte (RelayChannel.writeHeaders):
+            # nothing went out, so the caller can still get this answer instead.
+            request.responseHeaders = Headers()
+        request.body_sink = None
+        plain(request, code, reason)
 
     def _caller_gone(self, failure: Any) -> None:
         if not self._done and self.link is not None:
