@@ -36,7 +36,6 @@ _HEADER = struct.Struct(">BI")
 
 
 Headers = tuple[tuple[bytes, bytes], ...]
-_U16 = struct.Struct(">H")
 
 
 @attrs.frozen
