@@ -1,6 +1,7 @@
 """
-Pending calls on a clock: dropping one that is still pending (L{cancel}), and an idle
-timeout that costs nothing per message (L{IdleTimer}).
+Pending calls on a clock: dropping one that is still pending (L{cancel}), and two
+timeouts that cost nothing when they move later, on one lazily re-made call: an idle
+timeout touched per message (L{IdleTimer}) and a deadline set per frame (L{Deadline}).
 """
 
 from __future__ import annotations
@@ -26,18 +27,45 @@ def cancel(call: IDelayedCall | IdleTimer | Deferred | None) -> None:
     return None
 
 
-class IdleTimer:
+class _LazyCall:
+    """
+    One pending call on a clock for a time that may move later at no cost: moving it only
+    records the new time, and the call, when it comes early, is made again for what is
+    left (a re-armed DelayedCall, C{active} and C{reset}, is a heap operation).  Subclasses
+    say how much is left (L{_remaining}) and what happens then (L{_expire}).
+    """
+
+    __slots__ = ("clock", "_call")
+
+    def _remaining(self) -> float:
+        raise NotImplementedError
+
+    def _expire(self) -> None:
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        remaining = self._remaining()
+        if remaining > 0:
+            self._call = self.clock.callLater(remaining, self._check)
+            return
+        self._call = None
+        self._expire()
+
+    def active(self) -> bool:
+        return self._call is not None
+
+    def cancel(self) -> None:
+        self._call = cancel(self._call)
+
+
+class IdleTimer(_LazyCall):
     """
     Calls C{on_idle()} once C{seconds} have passed without a L{touch}; with C{seconds}
-    0 it never does, but still keeps L{last}.
-
-    A touch only records the time: a channel or flow touches once per message, and
-    re-arming a DelayedCall each time (C{active} and C{reset}, a heap operation) costs
-    more than the message.  When the call comes and the last touch was later, it is made
-    again for what is left.
+    0 it never does, but still keeps L{last}.  A channel or flow touches once per
+    message: a touch only records the time.
     """
 
-    __slots__ = ("clock", "seconds", "on_idle", "last", "_call")
+    __slots__ = ("seconds", "on_idle", "last")
 
     def __init__(self, clock: IReactorTime, seconds: float, on_idle: Callable[[], object]) -> None:
         self.clock = clock
@@ -49,32 +77,23 @@ class IdleTimer:
     def touch(self) -> None:
         self.last = self.clock.seconds()
 
-    def _check(self) -> None:
-        remaining = self.last + self.seconds - self.clock.seconds()
-        if remaining > 0:
-            self._call = self.clock.callLater(remaining, self._check)
-            return
-        self._call = None
+    def _remaining(self) -> float:
+        return self.last + self.seconds - self.clock.seconds()
+
+    def _expire(self) -> None:
         self.on_idle()
 
-    def active(self) -> bool:
-        return self._call is not None
 
-    def cancel(self) -> None:
-        self._call = cancel(self._call)
-
-
-class Deadline:
+class Deadline(_LazyCall):
     """
     Calls C{on_expiry(*args)} once the time last L{set} is reached, unless L{cancel}ed.
 
     Moving the time later (a stream's request timeout re-armed by each frame of its
-    answer) only records it, as L{IdleTimer} does: the one pending call, when it comes
-    early, is made again for what is left.  Moving it earlier reschedules the call.  So
-    it fires at exactly the time last set, with the C{args} last set.
+    answer) only records it; moving it earlier reschedules the call.  So it fires at
+    exactly the time last set, with the C{args} last set.
     """
 
-    __slots__ = ("clock", "on_expiry", "at", "args", "_call")
+    __slots__ = ("on_expiry", "at", "args")
 
     def __init__(self, clock: IReactorTime, on_expiry: Callable[..., object]) -> None:
         self.clock = clock
@@ -93,16 +112,8 @@ class Deadline:
         elif call.getTime() > self.at:
             call.reset(seconds)
 
-    def _check(self) -> None:
-        remaining = self.at - self.clock.seconds()
-        if remaining > 0:
-            self._call = self.clock.callLater(remaining, self._check)
-            return
-        self._call = None
+    def _remaining(self) -> float:
+        return self.at - self.clock.seconds()
+
+    def _expire(self) -> None:
         self.on_expiry(*self.args)
-
-    def active(self) -> bool:
-        return self._call is not None
-
-    def cancel(self) -> None:
-        self._call = cancel(self._call)
