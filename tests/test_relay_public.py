@@ -296,21 +296,23 @@ class CallerGone(RelayCase, unittest.TestCase):
         relay, link = self.relay_with(access_log=True)
         site = RelaySite(relay)
         site.logFile = lines = io.StringIO()
-        channel, _ = caller(site)
-        channel.dataReceived(b"GET /app/left-early HTTP/1.1\r\nHost: relay\r\n\r\n")
+
+        def request(path: bytes, *, body_begun: bool):
+            # A caller's GET, and (body_begun) the app's head and a first piece of body.
+            channel, transport = caller(site)
+            channel.dataReceived(b"GET /app/" + path + b" HTTP/1.1\r\nHost: relay\r\n\r\n")
+            (number,) = link.streams
+            if body_begun:
+                link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
+                link.streams[number].frame_received(frames.Data(number, b"part"))
+            return channel, transport, number
+
+        channel, _, _ = request(b"left-early", body_begun=False)
         channel.connectionLost(Failure(ConnectionDone()))
-        channel, _ = caller(site)
-        channel.dataReceived(b"GET /app/left-later HTTP/1.1\r\nHost: relay\r\n\r\n")
-        (number,) = link.streams
-        link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
-        link.streams[number].frame_received(frames.Data(number, b"part"))
+        channel, _, _ = request(b"left-later", body_begun=True)
         channel.connectionLost(Failure(ConnectionDone()))
         # The connector gives up in the middle of the body: the relay cuts the caller's connection.
-        channel, transport = caller(site)
-        channel.dataReceived(b"GET /app/cut HTTP/1.1\r\nHost: relay\r\n\r\n")
-        (number,) = link.streams
-        link.streams[number].frame_received(frames.ResponseHead(number, 200, b"OK", ()))
-        link.streams[number].frame_received(frames.Data(number, b"part"))
+        channel, transport, number = request(b"cut", body_begun=True)
         link.streams[number].frame_received(frames.Reset(number, 502, b"app went away"))
         self.assertTrue(transport.disconnected)
         channel.connectionLost(Failure(ConnectionDone()))   # (a StringTransport does not say so)
