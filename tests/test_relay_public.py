@@ -87,6 +87,36 @@ class ResponseHeads(RelayCase, unittest.TestCase):
             (b"Content-Length", b"0"), (b"Content-Type", b"application/x-mine")), end=True))
         self.assertIn(b"\r\ncontent-type: application/x-mine", typed.lower())
 
+    def test_the_apps_names_and_order_pass_unchanged(self):
+        # (Not grouped by name nor re-spelt, as twisted.web's Headers would.)
+        raw = self.answer(frames.ResponseHead(1, 200, b"OK", (
+            (b"set-cookie", b"a=1"), (b"X-Mixed-CASE", b"v"), (b"Set-Cookie", b"b=2"),
+            (b"content-length", b"0")), end=True))
+        self.assertEqual(raw.split(b"\r\n\r\n")[0].split(b"\r\n"), [
+            b"HTTP/1.1 200 OK", b"set-cookie: a=1", b"X-Mixed-CASE: v", b"Set-Cookie: b=2",
+            b"content-length: 0"])
+
+    def test_framing_is_the_relays(self):
+        # Without Content-Length an HTTP/1.1 answer is chunked by the relay (the app's own
+        # Transfer-Encoding is hop-by-hop); HEAD, 204 and 304 carry no body at all.
+        raw = self.answer(frames.ResponseHead(1, 200, b"OK", ((b"Transfer-Encoding", b"chunked"),)),
+                          frames.Data(1, b"abc"), frames.End(1))
+        self.assertEqual(raw, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        for method, status in [(b"HEAD", 200), (b"GET", 304)]:
+            stream = self.stream_for((), method)
+            stream.frame_received(frames.ResponseHead(stream.stream_id, status, b"", ((b"ETag", b"e"),)))
+            stream.frame_received(frames.Data(stream.stream_id, b"no"))
+            stream.frame_received(frames.End(stream.stream_id))
+            self.assertEqual(self.transport.value().split(b"\r\n\r\n")[-2:],
+                             [b"HTTP/1.1 %d %s\r\nETag: e" % (status, b"OK" if status == 200 else b"Not Modified"), b""])
+
+    def test_the_relays_connection_close_goes_with_the_apps_head(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        self.link.streams[1].frame_received(frames.ResponseHead(1, 200, b"OK", (
+            (b"Content-Length", b"0"), (b"Connection", b"keep-alive")), end=True))
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
     def test_the_relays_own_answers_have_server_and_date(self):
         self.channel.dataReceived(b"GET /nobody/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         self.channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -108,11 +138,11 @@ class ResponseHeads(RelayCase, unittest.TestCase):
         self.stream_for(good).frame_received(frames.ResponseHead(self.number, 200, b"OK", good, end=True))
         self.assertIn(b"\r\nX-B: 2\r\n", self.transport.value())
 
-    def stream_for(self, _headers):
+    def stream_for(self, _headers, method=b"GET"):
         """A fresh request's stream (on a fresh connection); its number in C{self.number}."""
         self.channel, self.transport = caller(RelaySite(self.relay))
         self.addCleanup(self.channel.connectionLost, Failure(ConnectionDone()))
-        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.channel.dataReceived(method + b" /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         self.number = max(self.link.streams)
         return self.link.streams[self.number]
 

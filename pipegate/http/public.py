@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -20,6 +21,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, resource, server
+from twisted.web.http import NO_BODY_CODES  # (bound once: twisted.web.http is a deprecation proxy)
 from twisted.web.http_headers import Headers
 
 from pipegate import _compat
@@ -48,6 +50,13 @@ def raw_request_line(line: bytes) -> tuple[bytes, bytes] | None:
     return b" ".join((parts[0], encoded, parts[2])), parts[1]
 
 
+_APP_ONLY = frozenset({b"server", b"date", b"content-type"})
+
+
+def _no_body(data: bytes) -> None:
+    """The body write of an answer that has none (HEAD, 204, 304)."""
+
+
 class RelayRequest(server.Request):
     """
     A request whose processing starts when its headers are complete (see
@@ -65,6 +74,13 @@ class RelayRequest(server.Request):
     _started_early = False
     _body_done = True
     _caller: Any = None
+    #: A proxied answer's headers, (name, value) pairs as the app sent them, checked and
+    #: filtered by its stream (L{RelayStream._response_head}); written with the answer's
+    #: first body bytes (L{write}) or at its end.  They never go through C{responseHeaders}:
+    #: twisted.web's C{Headers} would lower, re-encode and re-check every name and value
+    #: the stream has just checked, and its C{write} would look two of them up again.
+    proxied_head: Sequence[tuple[bytes, bytes]] | None = None
+    proxied_length = False  # whether proxied_head carries Content-Length
 
     def _trusted(self) -> TrustedProxies:
         site = getattr(self.channel, "site", None)
@@ -144,6 +160,40 @@ class RelayRequest(server.Request):
                 self.code = 499
             self.site.log(self)
 
+    def write(self, data):
+        head = self.proxied_head
+        if head is not None:
+            self.proxied_head = None
+            if not self._write_proxied_head(head):
+                return
+        super().write(data)
+
+    def _write_proxied_head(self, head: Sequence[tuple[bytes, bytes]]) -> bool:
+        """
+        The first write of a proxied answer: its status line and C{head} go to the channel
+        (which holds them for the first body bytes), choosing chunked framing as
+        C{twisted.web.http.Request.write} does; False when no body may follow.
+        """
+        if self.startedWriting or self.finished or self.caller_gone:
+            return True  # (twisted.web's write says what is wrong, or drops the bytes)
+        self.startedWriting = 1
+        own = [(name, value) for name, values in self.responseHeaders.getAllRawHeaders() for value in values]
+        if own:
+            # The relay's own (C{Connection: close} ...), unless the app set the same name;
+            # never a Server, Date or Content-Type of twisted.web's over the app's.
+            names = {name.lower() for name, _ in head} | _APP_ONLY
+            head = [pair for pair in own if pair[0].lower() not in names] + list(head)
+        code = self.code
+        bodiless = self.method == b"HEAD" or code in NO_BODY_CODES
+        if self.clientproto == b"HTTP/1.1" and not self.proxied_length and not bodiless:
+            head = [*head, (b"Transfer-Encoding", b"chunked")]
+            self.chunked = 1
+        self.channel.writeHeaders(self.clientproto, b"%d" % code, self.code_message, head)
+        if bodiless:
+            self.write = _no_body  # (as twisted.web's write does)
+            return False
+        return True
+
     def finish(self):
         if self.channel is not None and not self._body_done:
             # Answering before the whole body arrived: the connection cannot be reused.
@@ -202,12 +252,15 @@ class RelayChannel(http.HTTPChannel):
     def writeHeaders(self, version, code, reason, headers):
         # Kept until the first body write (or the request's end, requestDone), so that the
         # head and the body's first chunk are one write (twisted.web writes them as two).
-        if not isinstance(headers, Headers):
-            self._pg_flush_head()
-            return super().writeHeaders(version, code, reason, headers)
+        # C{headers}: twisted.web's C{Headers}, or a proxied answer's (name, value) pairs
+        # (RelayRequest.proxied_head).
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
+        if isinstance(headers, Headers):
+            for name, values in headers.getAllRawHeaders():
+                for value in values:
+                    parts += (name, b": ", value, b"\r\n")
+        else:
+            for name, value in headers:
                 parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
         self._pg_flush_head()

@@ -21,7 +21,6 @@ from twisted.web import http, server
 # The status codes the per-request path uses, bound once: twisted.web.http is a
 # deprecation proxy module, and every attribute read through it costs a Python call.
 from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from pipegate.core import window
@@ -215,9 +214,9 @@ class RelayStream:
                 request.cut = True
                 request.abort()
                 return
-            # The app's head is held until its first body byte (RelayChannel.writeHeaders):
+            # The app's head is held until its first body byte (RelayRequest.proxied_head):
             # nothing went out, so the caller can still get this answer instead.
-            request.responseHeaders = Headers()
+            request.proxied_head = None
         request.body_sink = None
         plain(request, code, reason)
 
@@ -372,14 +371,11 @@ class RelayStream:
         self._responding = True
         request = self.request
         request.setResponseCode(head.status, head.reason or None)
-        grouped: dict[bytes, list[bytes]] = {}
-        for name, value in filter_headers(headers):
-            grouped.setdefault(name.lower(), []).append(value)
-        for name in (b"date", b"server", b"content-type"):
-            request.responseHeaders.removeHeader(name)
-        request.defaultContentType = None  # an untyped answer stays untyped (twisted.web adds text/html)
-        for name, values in grouped.items():
-            request.responseHeaders.setRawHeaders(name, values)
+        # Written by the first body write (RelayRequest.write), past twisted.web's Headers;
+        # an untyped answer stays untyped (twisted.web would add text/html).
+        pairs = filter_headers(headers)
+        request.proxied_head = pairs
+        request.proxied_length = any(name.lower() == b"content-length" for name, _ in pairs)
         if head.end:
             self._finish()
             request.finish()
