@@ -50,6 +50,7 @@ def raw_request_line(line: bytes) -> tuple[bytes, bytes] | None:
     return b" ".join((parts[0], encoded, parts[2])), parts[1]
 
 
+_UNREAD = object()
 _APP_ONLY = frozenset({b"server", b"date", b"content-type"})
 
 
@@ -81,6 +82,20 @@ class RelayRequest(server.Request):
     #: the stream has just checked, and its C{write} would look two of them up again.
     proxied_head: Sequence[tuple[bytes, bytes]] | None = None
     proxied_length = False  # whether proxied_head carries Content-Length
+    _host: Any = _UNREAD
+    _upgrade: bool | None = None
+
+    def host_header(self) -> bytes | None:
+        """The C{Host} header, as C{getHeader} gives it, looked up once per request."""
+        if self._host is _UNREAD:
+            self._host = self.getHeader(b"host")
+        return self._host
+
+    def asks_upgrade(self) -> bool:
+        """Whether the head carries C{Upgrade}, looked up once per request."""
+        if self._upgrade is None:
+            self._upgrade = self.requestHeaders.hasHeader(b"upgrade")
+        return self._upgrade
 
     def _trusted(self) -> TrustedProxies:
         site = getattr(self.channel, "site", None)
@@ -95,9 +110,9 @@ class RelayRequest(server.Request):
         if self._caller is None:
             peer = self.client
             self._caller = peer
-            if isinstance(peer, (IPv4Address, IPv6Address)):
-                ip = self._trusted().caller(
-                    peer.host, self.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
+            trusted = self._trusted()
+            if trusted and isinstance(peer, (IPv4Address, IPv6Address)):
+                ip = trusted.caller(peer.host, self.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
                 if ip != peer.host:
                     kind = IPv6Address if ":" in ip else IPv4Address
                     self._caller = kind("TCP", ip, 0)
@@ -106,8 +121,11 @@ class RelayRequest(server.Request):
     def caller_scheme(self) -> bytes:
         """C{https} or C{http}: as the caller reached the relay, or its trusted proxy."""
         seen = b"https" if self.isSecure() else b"http"
-        return self._trusted().scheme(getattr(self.client, "host", ""), seen,
-                                      self.requestHeaders.getRawHeaders(b"x-forwarded-proto", []))
+        trusted = self._trusted()
+        if not trusted:
+            return seen
+        return trusted.scheme(getattr(self.client, "host", ""), seen,
+                              self.requestHeaders.getRawHeaders(b"x-forwarded-proto", []))
 
     def process(self):
         """
@@ -355,7 +373,7 @@ class RelayChannel(http.HTTPChannel):
             req.requestHeaders.removeHeader(b"expect")
         command, path, version = _compat.parsed_request_line(self)
         early = self.site.relay_resource.wants_early_start(req, command, path, self.length)
-        if not early or req.requestHeaders.hasHeader(b"upgrade"):
+        if not early or req.asks_upgrade():
             # A login or an upgrade may take the connection over: this channel then never
             # hears of its end (connectionLost goes to the new protocol).
             self._pg_cancel_head_timer()
@@ -409,18 +427,17 @@ class RelayResource(resource.Resource):
         offered = b",".join(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []))
         return frames.SUBPROTOCOL.encode() in [p.strip() for p in offered.split(b",")]
 
-    def wants_early_start(self, request: server.Request, method: bytes, uri: bytes,
+    def wants_early_start(self, request: RelayRequest, method: bytes, uri: bytes,
                           length: int | None = 0) -> bool:
         """
         Every request starts at the end of its head, so that no body is read (let alone
         spooled to a file) before it is routed; only a connector login without a body goes
         the usual twisted.web way, for Autobahn.
         """
-        return not (length == 0 and request.requestHeaders.getRawHeaders(b"upgrade")
-                    and self.is_login(request))
+        return not (length == 0 and request.asks_upgrade() and self.is_login(request))
 
-    def render(self, request: server.Request):
-        if routing.is_health(request.uri, request.getHeader(b"host"), self.relay.config.domain) and not request.requestHeaders.hasHeader(b"upgrade"):
+    def render(self, request: RelayRequest):
+        if routing.is_health(request.uri, request.host_header(), self.relay.config.domain) and not request.asks_upgrade():
             own_headers(request)
             if request.method not in (b"GET", b"HEAD"):
                 request.setResponseCode(http.NOT_ALLOWED)
@@ -428,7 +445,7 @@ class RelayResource(resource.Resource):
                 return b""
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"status": "ok"}).encode()
-        if request.requestHeaders.getRawHeaders(b"upgrade") and self.is_login(request):
+        if request.asks_upgrade() and self.is_login(request):
             if getattr(request, "_started_early", False):
                 request.body_sink = None
                 plain(request, http.BAD_REQUEST, "a connector login carries no body")

@@ -124,8 +124,8 @@ class Relay(service.Service, Drainer):
     # -- public requests
     def public_request(self, request) -> None:
         """A public request for a tunnel (a RelayRequest, pipegate/http/public.py), its head just in."""
-        asks_upgrade = bool(request.requestHeaders.getRawHeaders(b"upgrade"))
-        routed = routing.route(request.uri, request.getHeader(b"host"), request.method,
+        asks_upgrade = request.asks_upgrade()
+        routed = routing.route(request.uri, request.host_header(), request.method,
                                asks_upgrade, self.config.domain)
         if isinstance(routed, routing.Redirect):
             request.body_sink = None

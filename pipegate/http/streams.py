@@ -133,7 +133,7 @@ class RelayStream:
             # The relay's own hop: the connector appends it to the caller's X-Forwarded-For.
             client=getattr(req.client, "host", "").encode("ascii", "replace"),
             scheme=req.caller_scheme(),
-            host=req.getHeader(b"host") or b"",
+            host=req.host_header() or b"",
             prefix=self.prefix,
             correlation=os.urandom(16).hex().encode(),  # (as uuid4().hex, without the UUID object)
             headers=filter_headers(list(req.requestHeaders.getAllRawHeaders()),
