@@ -117,3 +117,17 @@ class Deadline(_LazyCall):
 
     def _expire(self) -> None:
         self.on_expiry(*self.args)
+
+    def close(self) -> None:
+        """
+        Cancel for good: the callback and its arguments are dropped too.  An owner whose
+        bound method is the callback (owner -> deadline -> method -> owner) is then freed
+        by reference counting when it is done, instead of waiting for the cycle collector.
+        """
+        self.cancel()
+        self.on_expiry = _closed
+        self.args = ()
+
+
+def _closed(*args: object) -> None:
+    """The callback of a closed L{Deadline} (never called: it has no pending call)."""

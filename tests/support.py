@@ -5,6 +5,7 @@ and a cleanup that closes every connection so trial's reactor stays clean.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import json
@@ -14,6 +15,7 @@ import secrets
 import shutil
 import socket
 import sys
+from contextlib import contextmanager
 
 import attrs
 from autobahn.twisted.resource import WebSocketResource
@@ -544,3 +546,21 @@ def shuttle(client, client_transport, server, server_transport, clock=None) -> N
                 source.clear()
                 sink.dataReceived(data)
                 moved = True
+
+
+
+@contextmanager
+def collector_off():
+    """
+    Inside the block only reference counting frees objects: the cycle collector is off
+    (and restored after).  With weak references to them, a test sees what a piece of
+    code leaves in reference cycles, which only the collector would free.
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -8,6 +8,7 @@ response bytes the test plays as the app), time on a L{MemoryReactorClock}.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 from twisted.internet import defer
@@ -24,6 +25,7 @@ from pipegate.http import frames
 from pipegate.http.appclient import AppPool
 from pipegate.http.connector import ConnectorSession
 from pipegate.http.target import ConnectorConfig, Target
+from tests.support import collector_off
 
 INITIAL = window.INITIAL_WINDOW
 
@@ -203,6 +205,19 @@ class ResponseTests(unittest.TestCase):
         self.assertEqual(data, frames.Data(1, b"hello"))
         self.assertEqual(end, frames.End(1))
         self.assertEqual(h.session.streams, {})
+
+    def test_an_answered_stream_is_freed_without_the_cycle_collector(self):
+        # (A stream and its ResponseForwarder held each other: 7 objects a request left in
+        # reference cycles.)
+        h = Harness(self, max_idle=1)
+        with collector_off():
+            protocol, _ = h.request()
+            stream = h.session.streams[1]
+            protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            refs = [weakref.ref(stream), weakref.ref(stream.head)]
+            del stream
+            self.assertEqual(h.session.streams, {})
+            self.assertEqual([ref() for ref in refs], [None, None])
 
     def test_head_response_keeps_its_length_and_has_no_body(self):
         h = Harness(self)

@@ -5,11 +5,14 @@ message (used by mux channels, UDP flows and passthrough pipes).
 
 from __future__ import annotations
 
+import weakref
+
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from pipegate.timers import Deadline, IdleTimer, cancel
+from tests.support import collector_off
 
 
 class CancelTests(unittest.TestCase):
@@ -134,3 +137,23 @@ class DeadlineTests(unittest.TestCase):
         self.deadline.set(1, "again")     # usable after a cancel
         self.clock.advance(1)
         self.assertEqual(self.fired, [(21, ("again",))])
+
+    def test_close_cancels_and_lets_go_of_the_callback(self) -> None:
+        # An owner whose bound method is the callback is freed by reference counting once
+        # it has closed its deadline (owner -> deadline -> method -> owner otherwise).
+        class Owner:
+            def __init__(self, clock):
+                self.deadline = Deadline(clock, self.expired)
+
+            def expired(self):
+                raise AssertionError("a closed deadline fired")
+
+        owner = Owner(self.clock)
+        owner.deadline.set(10, "a")
+        owner.deadline.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        ref = weakref.ref(owner)
+        with collector_off():
+            del owner
+            self.assertIsNone(ref())
+        self.clock.advance(20)

@@ -180,6 +180,9 @@ class ConnectorStream:
                 self.record.closed()
             self.flow.release()
             self.session.streams.pop(self.stream_id, None)
+            # (forwarder -> stream -> forwarder: without this the two, with the stream's
+            # head and windows, wait for the cycle collector instead of going now)
+            self.forwarder = None
 
     def grant(self, credit: int) -> None:
         """Send the credit the flow returned (0: none due)."""

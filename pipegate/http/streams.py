@@ -56,6 +56,10 @@ def plain(request: server.Request, code: int, message: str) -> None:
     request.finish()
 
 
+def _stream_over(reason: Any) -> None:
+    """The caller-gone hook of a request whose stream is over: nothing is left to stop."""
+
+
 @implementer(IPushProducer)
 class RelayStream:
     """One public request carried over one connector link."""
@@ -177,7 +181,13 @@ class RelayStream:
             return
         self._done = True
         self.flow.release()
-        self._cancel_timer()
+        # The stream's references to itself (through its deadline's callback and its
+        # request's caller-gone hook) go with it: stream and request are then freed by
+        # reference counting once the link and the channel let go of them, instead of
+        # by the cycle collector (25 objects a request, a collection every ~30 requests).
+        self._timer.close()
+        if self.request.on_caller_gone == self._caller_gone:
+            self.request.on_caller_gone = _stream_over
         for hold in (self._download_hold, self._upload_hold):
             if hold is not None and hold.active():
                 hold.cancel()
@@ -224,6 +234,10 @@ class RelayStream:
         if not self._done and self.link is not None:
             self.link.send(frames.Reset(self.stream_id, 499, b"caller went away"))
         self._finish()
+        if self.request.producer is self:
+            # Nothing unregisters a producer from a request whose connection is gone
+            # (its channel is); the stream and the request would hold each other.
+            self.request.producer = None
 
     # -- request body (caller -> connector)
     def body_chunk(self, data: bytes) -> None:
