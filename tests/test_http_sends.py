@@ -17,7 +17,7 @@ from twisted.web.error import SchemeNotSupported
 from pipegate.http import frames
 from pipegate.http.appclient import AppConnection, AppPool, AppRequest
 from pipegate.http.outbound import AppEndpoints
-from pipegate.http.pipe import FrameLink, ws_frame
+from pipegate.http.pipe import FrameLink, WireReader, ws_frame
 
 
 class RecordingTransport(StringTransport):
@@ -102,36 +102,67 @@ class CorkedLink(unittest.TestCase):
         self.assertEqual(len(self.transport.writes), 1)
 
 
-class RelayLinkTurns(unittest.TestCase):
-    """The relay's end of a link sends what one reactor turn produced in one write."""
+class LinkTurns:
+    """An open link sends what one reactor turn produced in one write, after the turn."""
 
     def setUp(self) -> None:
         from twisted.internet.task import Clock
-
-        from pipegate.http.relay import ConnectorLink
         self.clock = Clock()
         self.transport = RecordingTransport()
-        link = self.link = ConnectorLink()
-        link.state = link.STATE_OPEN
-        link.factory = type("Factory", (), {"isServer": True,
-                                            "relay": type("Relay", (), {"clock": self.clock})()})()
-        link.transport = self.transport
-        link._open = True
+        self.link = self.make_link()
+        self.link.state = self.link.STATE_OPEN
+        self.link.transport = self.transport
+
+    def sent(self, write: bytes) -> list:
+        """The pipegate frames in one write of this end."""
+        reader = WireReader(masked=not self.link.factory.isServer)
+        return [frames.decode(payload) for kind, payload in reader.feed(write)
+                if kind is WireReader.MESSAGE]
 
     def test_frames_of_one_turn_leave_together_after_it(self) -> None:
         self.link.send(frames.End(1))
-        self.link.send(frames.End(3))
+        self.link.send(frames.Window(3, 100))
         self.assertEqual(self.transport.writes, [])
         self.clock.advance(0)
-        self.assertEqual(self.transport.writes, [M(frames.End(1)) + M(frames.End(3))])
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assertEqual(self.sent(self.transport.writes[0]), [frames.End(1), frames.Window(3, 100)])
         self.assertIs(self.link.transport, self.transport)
         self.link.send(frames.End(5))      # the next turn: its own write
         self.clock.advance(0)
-        self.assertEqual(self.transport.writes[1:], [M(frames.End(5))])
+        self.assertEqual([self.sent(w) for w in self.transport.writes[1:]], [[frames.End(5)]])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RelayLinkTurns(LinkTurns, unittest.TestCase):
+    """The relay's end: the request heads of many callers."""
+
+    def make_link(self):
+        from pipegate.http.relay import ConnectorLink
+        link = ConnectorLink()
+        link.factory = type("Factory", (), {"isServer": True,
+                                            "relay": type("Relay", (), {"clock": self.clock})()})()
+        link._open = True
+        return link
 
     def test_a_closed_link_sends_nothing_and_schedules_nothing(self) -> None:
         self.link._open = False
+        self.link.send(frames.End(1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.transport.writes, [])
+
+
+class ConnectorLinkTurns(LinkTurns, unittest.TestCase):
+    """The connector's end: the answers of many apps read in one turn (masked frames)."""
+
+    def make_link(self):
+        from pipegate.http.connector import ConnectorProtocol
+        link = ConnectorProtocol()
+        link.factory = type("Factory", (), {"isServer": False,
+                                            "connector": type("Connector", (), {"reactor": self.clock})()})()
+        return link
+
+    def test_a_link_not_open_sends_nothing_and_schedules_nothing(self) -> None:
+        self.link.state = self.link.STATE_CLOSING
         self.link.send(frames.End(1))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.transport.writes, [])

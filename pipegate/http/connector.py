@@ -165,7 +165,8 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
 
     def send(self, frame: frames.Frame) -> None:
         if self.state == self.STATE_OPEN:
-            self.send_message(frame)
+            # The answers of the apps read in one reactor turn leave in one write after it.
+            self.send_in_turn(frame, self.factory.connector.reactor)
 
     def onMessage(self, payload, isBinary):
         try:

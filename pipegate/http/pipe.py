@@ -75,10 +75,10 @@ class FrameLink:
     C{send} and no C{epoll_ctl} registering the socket for writing and unregistering
     it again (two per request at each end, before).  Inside a L{corked} block (or
     between L{cork} and L{uncork}) the WebSocket frames are collected and written as
-    one; the relay's end corks for each reactor turn (relay.ConnectorLink.send: under load
-    one write for many callers' request heads saves more than starting each at once gains;
-    benchmarks/README.md, "relay public side", second pass), the connector's around each
-    read from the app.
+    one.  Both ends cork for each reactor turn (L{send_in_turn}): under load one write for
+    many callers' request heads, or many apps' answers, saves more than starting each at
+    once gains (benchmarks/README.md, "relay public side", second pass; the connector's,
+    2026-12-07: 2.0 -> 1.1 sendto per request).
 
     Once the link is open, its binary frames are framed and parsed here (L{ws_frame},
     L{WireReader}) rather than by Autobahn's general message machinery, which cost
@@ -95,9 +95,28 @@ class FrameLink:
     _collector: _Collector | None = None
     _reader: WireReader | None = None
 
+    _turn_corked = False
+
     def link_opened(self) -> None:
         no_delay(self.transport)
         eager_writes(self.transport)
+
+    def send_in_turn(self, frame: frames.Frame, clock) -> None:
+        """
+        Send C{frame} with every other frame this link sends in this reactor turn: corked
+        until C{clock} calls L{end_turn} after the turn (one write for the heads of many
+        callers at the relay, for many apps' answers at the connector).
+        """
+        if not self._turn_corked:
+            self._turn_corked = True
+            self.cork()
+            clock.callLater(0, self.end_turn)
+        self.send_message(frame)
+
+    def end_turn(self) -> None:
+        """The turn is over: what L{send_in_turn} collected goes out."""
+        self._turn_corked = False
+        self.uncork()
 
     def send_message(self, frame: frames.Frame) -> None:
         if self.state != self.STATE_OPEN:

@@ -252,7 +252,6 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         self._next_stream = 1
         self._open = False
         self._going_away = ""
-        self._turn_corked = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -298,17 +297,9 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
 
     def send(self, frame: frames.Frame) -> None:
         if self._open:
-            if not self._turn_corked:
-                # The frames this link sends while the reactor handles one batch of ready
-                # sockets (request heads from many callers) leave in one write after it.
-                self._turn_corked = True
-                self.cork()
-                self.factory.relay.clock.callLater(0, self._end_turn)
-            self.send_message(frame)
-
-    def _end_turn(self) -> None:
-        self._turn_corked = False
-        self.uncork()
+            # The frames this link sends while the reactor handles one batch of ready
+            # sockets (request heads from many callers) leave in one write after it.
+            self.send_in_turn(frame, self.factory.relay.clock)
 
     def add_stream(self, stream: RelayStream) -> int:
         stream_id = self._next_stream
