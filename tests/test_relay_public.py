@@ -7,6 +7,7 @@ deadline on keep-alive connections, and a caller leaving.  Time on a Clock.
 from __future__ import annotations
 
 import io
+import re
 import weakref
 
 from twisted.internet.address import IPv4Address
@@ -20,7 +21,7 @@ from pipegate import auth
 from pipegate.http import frames
 from pipegate.http.public import RelaySite
 from pipegate.http.relay import Relay, RelayConfig
-from pipegate.http.streams import RelayStream
+from pipegate.http.streams import RelayStream, next_correlation_id
 from tests.support import collector_off
 from tests.test_relay_unit import RecordingLink, caller
 
@@ -407,3 +408,11 @@ class CallerGone(RelayCase, unittest.TestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.relay.stats.get("requests", "502"), 1)
 
+
+
+class CorrelationIds(unittest.TestCase):
+    def test_random_hex_ids_none_repeated_across_refills_of_the_pool(self):
+        # 600 ids: more than two reads of the 4 KiB pool (256 ids each).
+        ids = [next_correlation_id() for _ in range(600)]
+        self.assertTrue(all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in ids))
+        self.assertEqual(len(set(ids)), 600)
