@@ -10,12 +10,15 @@ FINDINGS = {
         "Each request crosses two Python processes, and in each it is parsed and written twice: "
         "the relay runs twisted.web's HTTP/1.1 server for the caller and its own WebSocket framing "
         "towards the connector; the connector runs the link and its own HTTP/1.1 client "
-        "(pipegate/http/appclient.py, httptools) towards the app. After the passes of issue 22 "
-        "(benchmarks/README.md, \"HTTP plane per-request CPU\" sections) about 270 µs per request "
-        "under wrk, two thirds in the relay; no function is above 4 % self: the largest items are "
-        "the sends (12 %) and the wait for events (9 %); twisted.web's Request and Headers set-up "
-        "is about a quarter of the relay's in-process time. CPU per request rises as the load "
-        "falls (fewer requests share a wakeup: about 440 µs at a fixed 1,500 req/s), so at low "
+        "(pipegate/http/appclient.py, httptools) towards the app. perf (python -m "
+        "benchmarks.perf_split http): 83 % of relay + connector CPU is the Python interpreter, 13 % "
+        "the kernel; strace: one recvfrom and one sendto per request in each process (and one send "
+        "per reactor turn on the link), so what is left is interpreter work, about two thirds of it "
+        "in the relay, a quarter of that twisted.web's request parsing and Request set-up. wrk's "
+        "closed loop makes latency about 50 / throughput with p99 about 1.6 x p50 (as for the app "
+        "alone in the same run): p99 <= 10 ms at -c50 needs about 8,000 req/s, some 150 us of relay + "
+        "connector CPU per request with wrk and the app on the same two cores, a third less than "
+        "now. CPU per request rises as the load falls (fewer requests share a wakeup), so at low "
         "rates the reactor's per-event cost and the kernel's are most of it."
     ),
     "tcp": (
@@ -43,11 +46,14 @@ FINDINGS = {
     ),
     "udp_rr": (
         "One request is one datagram in and one out at each of two processes: four reactor events, "
-        "two DATAGRAM frames in TLS records, two recvfrom and two sendto: 55-60 µs of gateway + "
-        "provider CPU per request here, 40-45 in the quieter udp_rr_cpu loop (benchmarks/README.md, \"Small messages on the port plane\": one recvfrom per "
-        "wakeup, direct sends, no per-datagram objects). The direct path is one kernel round trip; "
-        "0.5 x direct would need under ~7 µs of Python per datagram per process, below what one "
-        "reactor event costs in CPython. Python has no recvmmsg/sendmmsg to batch flows' datagrams."
+        "two DATAGRAM frames in TLS records, two recvfrom and two sendto. The direct path's backend, "
+        "a bare Twisted UDP echo, spends about 6 us of CPU per datagram; the gateway and the "
+        "provider each spend 20-23 us per request (python -m benchmarks.udp_rr_cpu; "
+        "benchmarks/README.md, \"Small messages on the port plane\"), about two bare echoes' "
+        "work each plus the frames and TLS. 0.5 x direct would need gateway + provider together "
+        "under about 10 us per request, less than two bare echoes, on the two cores the load "
+        "generator and the backend also use: out of reach for a Python process per hop (Python has "
+        "no recvmmsg/sendmmsg to batch flows' datagrams)."
     ),
     "connect": (
         "On this 2-core machine connect latency follows CPU, not round trips: client, gateway, "
