@@ -15,10 +15,13 @@ goes here, with its reason and its guard test.
 
 from __future__ import annotations
 
+from types import MethodType
+
 from OpenSSL import SSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols import tls as _twisted_tls
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.11.1"}
@@ -405,3 +408,45 @@ def xor_mask(mask: bytes, payload: bytes) -> bytes:
     finally:
         _nvx_lib.nvx_xormask_free(masker)
     return bytes(data)
+
+
+# -- Twisted's buffering TLS layer: a write that goes now, without its flush call ------------
+#
+# Why: BufferingTLSTransport.write hands every write to its private _AggregateSmallWrites,
+# which schedules a callLater(0) to flush the turn's writes.  A mux link sends its
+# control frames (OPEN, OPEN_OK, FIN, WINDOW, ...) at once anyway (send_now flushes the
+# aggregator), so each of them still made a DelayedCall that was pushed on the reactor's
+# heap and popped a turn later to flush nothing: two or three per tunnelled connection
+# in each of gateway and provider (cProfile of benchmarks.connect_ab's loop).  No public
+# API writes through the layer without it.  Reads the layer's private C{_aggregator} and
+# that aggregator's private C{_buffer} (Twisted 26.10.0, twisted.protocols.tls
+# BufferingTLSTransport and _AggregateSmallWrites), calls the aggregator's C{flush} and
+# the base class's C{TLSMemoryBIOProtocol.write}.  Guard: tests.test_compat.WriteNow.
+
+# (None if a release renames it: then write_now falls back to the layer's own write)
+_AggregateSmallWrites = getattr(_twisted_tls, "_AggregateSmallWrites", None)
+
+
+def _tls_write_now(layer, data: bytes) -> None:
+    aggregator = layer._aggregator
+    if type(aggregator) is not _AggregateSmallWrites:
+        return   # the layer's connection is lost (its _NullAggregator drops writes)
+    buffer = aggregator._buffer
+    if buffer:   # what was written before goes first, in the same record batch and send
+        buffer.append(data)
+        aggregator.flush()
+    else:
+        TLSMemoryBIOProtocol.write(layer, data)
+
+
+def write_now(transport):
+    """
+    A callable writing its bytes to C{transport} at once: through a buffering TLS layer
+    (C{BufferingTLSTransport}), together with what that layer holds for the turn's end (one
+    C{SSL_write} and one transport write for both) and without scheduling its flush; any
+    other transport's own C{write}.
+    """
+    if _AggregateSmallWrites is not None and isinstance(transport, BufferingTLSTransport) and isinstance(
+            getattr(transport, "_aggregator", None), _AggregateSmallWrites):
+        return MethodType(_tls_write_now, transport)
+    return lambda data: transport.write(data)

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import abstract, protocol, ssl, task, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import tls as twisted_tls
 from twisted.trial import unittest
+from twisted.python.failure import Failure
 from twisted.web import client as web_client, http
 
 from pipegate import _compat
@@ -452,6 +454,70 @@ class AutobahnMasker(GuardMixin, unittest.TestCase):
             mask = os.urandom(4)
             self.assertEqual(_compat.xor_mask(mask, payload), create_xor_masker(mask, size).process(payload), size)
             self.assertEqual(_compat.xor_mask(mask, _compat.xor_mask(mask, payload)), payload)
+
+
+class WriteNow(GuardMixin, unittest.TestCase):
+    """write_now: BufferingTLSTransport._aggregator and _AggregateSmallWrites._buffer / flush."""
+
+    def pair(self):
+        clock = task.Clock()
+        cert = generated_certificate()
+        server = _compat.BatchedTLSFactory(
+            ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original), False,
+            protocol.Factory.forProtocol(_Recorder), clock).buildProtocol(None)
+        client = _compat.BatchedTLSFactory(ssl.CertificateOptions(verify=False), True,
+                                           protocol.ClientFactory.forProtocol(_Recorder), clock).buildProtocol(None)
+        server_transport, client_transport = StringTransport(), StringTransport()
+        server.makeConnection(server_transport)
+        client.makeConnection(client_transport)
+        shuttle(client, client_transport, server, server_transport)
+        for call in clock.getDelayedCalls():   # (the handshake's own writes' flushes)
+            clock.advance(0)
+        client_transport.clear()
+        return clock, client, server
+
+    def test_private_names(self):
+        self.assertPrivate(twisted_tls, "_AggregateSmallWrites", "write_now")
+        self.assertIs(_compat._AggregateSmallWrites, twisted_tls._AggregateSmallWrites)
+        clock, client, server = self.pair()
+        self.assertPrivate(client, "_aggregator", "write_now")
+        self.assertIsInstance(client._aggregator, twisted_tls._AggregateSmallWrites)
+        self.assertPrivate(client._aggregator, "_buffer", "write_now")
+        self.assertIsInstance(client._aggregator._buffer, list)
+        self.assertSourceHas(twisted_tls._AggregateSmallWrites.write, "self._clock.callLater(0", "write_now")
+        self.assertSourceHas(twisted_tls.TLSMemoryBIOProtocol.write, "self._write(", "write_now")
+
+    def test_writes_at_once_after_what_is_held_without_a_call(self):
+        clock, client, server = self.pair()
+        now = _compat.write_now(client)
+        now(b"first")
+        self.assertEqual(clock.getDelayedCalls(), [], "write_now scheduled the aggregator's flush")
+        server.dataReceived(client.transport.value())
+        client.transport.clear()
+        client.write(b"held")   # through the aggregator: waits for the turn's end
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(client.transport.value(), b"")
+        writes = []
+        client.transport.write = writes.append
+        now(b"second")
+        self.assertEqual(len(writes), 1, "the held bytes and write_now's went in separate writes")
+        server.dataReceived(writes[0])
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"firstheldsecond")
+        clock.advance(0)   # the held write's flush finds nothing left
+        self.assertEqual(len(writes), 1)
+
+    def test_dropped_once_the_connection_is_lost(self):
+        clock, client, server = self.pair()
+        now = _compat.write_now(client)
+        client.connectionLost(Failure(ConnectionDone()))
+        client.transport.clear()
+        now(b"late")
+        self.assertEqual(client.transport.value(), b"")
+
+    def test_other_transports_write_as_usual(self):
+        transport = StringTransport()
+        _compat.write_now(transport)(b"plain")
+        self.assertEqual(transport.value(), b"plain")
 
 
 class DeclaredDependencies(unittest.TestCase):
