@@ -15,6 +15,7 @@ goes here, with its reason and its guard test.
 
 from __future__ import annotations
 
+from errno import EINTR as _EINTR
 from types import MethodType
 
 from OpenSSL import SSL
@@ -22,7 +23,10 @@ from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols import tls as _twisted_tls
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+_log = Logger()
 
 CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.11.1"}
 
@@ -450,3 +454,56 @@ def write_now(transport):
             getattr(transport, "_aggregator", None), _AggregateSmallWrites):
         return MethodType(_tls_write_now, transport)
     return lambda data: transport.write(data)
+
+
+# -- Twisted's epoll reactor: I/O events dispatched without the legacy log context ----------
+#
+# Why: EPollReactor.doPoll wraps every I/O event in twisted.python.log.callWithLogger: the
+# selectable's logPrefix(), a copy and update of the legacy log context dict, and a push
+# and pop on the context tracker, about 13 Python calls per event, for the "system" field
+# of legacy log.msg/log.err lines written while the event is handled.  PipeGate logs with
+# twisted.logger (which does not read that context); a gateway or provider handles 5-6
+# events per tunnelled connection and one or two per small message, each paying it.  No
+# public API chooses how the reactor dispatches.  lean_dispatch gives one EPollReactor
+# instance a doIteration that is doPoll's loop with a try/except in place of
+# callWithLogger (an exception escaping an event is still logged and the loop goes on;
+# legacy lines logged inside an event say system "-" instead of the protocol's prefix).
+# Reads the reactor's private C{_poller}, C{_selectables} and calls its private
+# C{_doReadOrWrite} (Twisted 26.10.0, twisted.internet.epollreactor.EPollReactor.doPoll
+# and posixbase._PollLikeMixin).  Guard: tests.test_compat.LeanDispatch.
+
+def _lean_do_poll(reactor, timeout):
+    if timeout is None:
+        timeout = -1   # wait indefinitely
+    selectables = reactor._selectables
+    try:
+        events = reactor._poller.poll(timeout, len(selectables))
+    except OSError as err:
+        if err.errno == _EINTR:
+            return
+        raise
+    dispatch = reactor._doReadOrWrite
+    for fd, event in events:
+        selectable = selectables.get(fd)
+        if selectable is not None:
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                _log.failure("Unhandled error handling an I/O event of {selectable!r}", selectable=selectable)
+
+
+def lean_dispatch(reactor) -> bool:
+    """
+    Make C{reactor}, if it is Twisted's C{EPollReactor} with its own C{doPoll}, dispatch I/O
+    events without the legacy log context (see above).  Returns whether it does.  Idempotent.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+    if not isinstance(reactor, EPollReactor) or type(reactor).doPoll is not EPollReactor.doPoll:
+        return False
+    if not all(hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")):
+        return False
+    if getattr(reactor.doIteration, "__func__", None) is not _lean_do_poll:
+        reactor.doIteration = MethodType(_lean_do_poll, reactor)
+    return True

@@ -520,6 +520,79 @@ class WriteNow(GuardMixin, unittest.TestCase):
         self.assertEqual(transport.value(), b"plain")
 
 
+class LeanDispatch(GuardMixin, unittest.TestCase):
+    """lean_dispatch: EPollReactor.doPoll's loop, _poller, _selectables, _doReadOrWrite."""
+
+    def reactor(self):
+        from twisted.internet.epollreactor import EPollReactor
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        waker = reactor.waker
+        for end in ("i", "o"):
+            if isinstance(getattr(waker, end, None), int):
+                self.addCleanup(os.close, getattr(waker, end))
+        return reactor
+
+    def test_private_names_and_the_loop_copied(self):
+        from twisted.internet.epollreactor import EPollReactor
+        use = "lean_dispatch"
+        reactor = self.reactor()
+        for name in ("_poller", "_selectables", "_doReadOrWrite"):
+            self.assertPrivate(reactor, name, use)
+        self.assertSignature(EPollReactor._doReadOrWrite, ["self", "selectable", "fd", "event"], use)
+        # _lean_do_poll is this loop with callWithLogger left out: a change to it is a change to copy.
+        self.assertSourceHas(EPollReactor.doPoll, "l = self._poller.poll(timeout, len(self._selectables))", use)
+        self.assertSourceHas(EPollReactor.doPoll, "log.callWithLogger(selectable, _drdw, selectable, fd, event)", use)
+        self.assertSourceHas(EPollReactor.doPoll, "if err.errno == errno.EINTR:", use)
+        self.assertIs(EPollReactor.doIteration, EPollReactor.doPoll)
+
+    def test_dispatches_events_and_survives_a_failing_one(self):
+        import socket
+        from twisted.internet import main
+        reactor = self.reactor()
+        self.assertTrue(_compat.lean_dispatch(reactor))
+        self.assertTrue(_compat.lean_dispatch(reactor))   # (idempotent)
+        self.assertIs(reactor.doIteration.__func__, _compat._lean_do_poll)
+        events = []
+
+        class Reader(abstract.FileDescriptor):
+            def __init__(self, sock, fail):
+                super().__init__(reactor)
+                self.sock, self.fail = sock, fail
+                self.connected = True
+
+            def fileno(self):
+                return self.sock.fileno()
+
+            def doRead(self):
+                events.append(("read", self.sock.recv(10)))
+                return main.CONNECTION_DONE if self.fail else None
+
+            def connectionLost(self, reason):
+                events.append(("lost", self.fail))
+                raise RuntimeError("connectionLost failed")
+
+        pairs = [socket.socketpair() for _ in range(2)]
+        for a, b in pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+        failing, fine = Reader(pairs[0][0], True), Reader(pairs[1][0], False)
+        reactor.addReader(failing)
+        reactor.addReader(fine)
+        pairs[0][1].send(b"one")
+        pairs[1][1].send(b"two")
+        reactor.doIteration(1)
+        self.assertEqual(sorted(events), [("lost", True), ("read", b"one"), ("read", b"two")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn(failing, reactor.getReaders())
+        self.assertIn(fine, reactor.getReaders())
+        reactor.removeReader(fine)
+
+    def test_other_reactors_are_left_alone(self):
+        self.assertFalse(_compat.lean_dispatch(task.Clock()))
+        self.assertFalse(_compat.lean_dispatch(MemoryReactorClock()))
+
+
 class DeclaredDependencies(unittest.TestCase):
 
     def test_every_imported_distribution_is_declared(self):
