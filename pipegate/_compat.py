@@ -155,6 +155,9 @@ class BatchedTLSFactory(TLSMemoryBIOFactory):
     protocol = BatchedTLSProtocol
 
     def __init__(self, contextFactory, isClient: bool, wrappedFactory, clock=None) -> None:
+        if clock is None:   # (the public clock parameter: see TurnEndClock, at the end of this module)
+            from twisted.internet import reactor
+            clock = TurnEndClock(reactor)
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
         create = self._creatorCallable
 
@@ -471,27 +474,80 @@ def write_now(transport):
 # Reads the reactor's private C{_poller}, C{_selectables} and calls its private
 # C{_doReadOrWrite} (Twisted 26.10.0, twisted.internet.epollreactor.EPollReactor.doPoll
 # and posixbase._PollLikeMixin).  Guard: tests.test_compat.LeanDispatch.
+#
+# The same loop then runs the calls queued for the turn's end (TurnEndClock): the links' TLS
+# layers flush their small writes there instead of in a callLater(0) each turn (public: the
+# clock parameter of TLSMemoryBIOFactory, which only its small-write aggregator uses).
 
-def _lean_do_poll(reactor, timeout):
-    if timeout is None:
-        timeout = -1   # wait indefinitely
-    selectables = reactor._selectables
-    try:
-        events = reactor._poller.poll(timeout, len(selectables))
-    except OSError as err:
-        if err.errno == _EINTR:
-            return
-        raise
-    dispatch = reactor._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is not None:
-            try:
-                dispatch(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                _log.failure("Unhandled error handling an I/O event of {selectable!r}", selectable=selectable)
+class _TurnEndCall:
+    """A call queued for the end of the reactor's current turn (see L{TurnEndClock})."""
+
+    __slots__ = ("func", "args", "pending")
+
+    def __init__(self, func, args) -> None:
+        self.func, self.args, self.pending = func, args, True
+
+    def active(self) -> bool:
+        return self.pending
+
+    def cancel(self) -> None:
+        self.pending = False
+
+
+class _LeanPoll:
+    """
+    C{doIteration} of one EPollReactor: doPoll's loop without callWithLogger, then the calls
+    queued for the turn's end (L{TurnEndClock}).
+    """
+
+    __slots__ = ("reactor", "turn_end")
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self.turn_end: list[_TurnEndCall] = []
+
+    def __call__(self, timeout):
+        if self.turn_end:
+            # Queued by a timed call or outside the loop: run them now, and do not sleep
+            # (what they did may have scheduled a timed call the timeout did not see).
+            self._end_turn()
+            timeout = 0
+        elif timeout is None:
+            timeout = -1   # wait indefinitely
+        reactor = self.reactor
+        selectables = reactor._selectables
+        try:
+            events = reactor._poller.poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == _EINTR:
+                return
+            raise
+        dispatch = reactor._doReadOrWrite
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    _log.failure("Unhandled error handling an I/O event of {selectable!r}", selectable=selectable)
+        if self.turn_end:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        while self.turn_end:
+            calls, self.turn_end = self.turn_end, []
+            for call in calls:
+                if call.pending:
+                    call.pending = False
+                    try:
+                        call.func(*call.args)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException:
+                        _log.failure("Unhandled error in a call at the end of a reactor turn: {func!r}",
+                                     func=call.func)
 
 
 def lean_dispatch(reactor) -> bool:
@@ -504,6 +560,30 @@ def lean_dispatch(reactor) -> bool:
         return False
     if not all(hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")):
         return False
-    if getattr(reactor.doIteration, "__func__", None) is not _lean_do_poll:
-        reactor.doIteration = MethodType(_lean_do_poll, reactor)
+    if type(reactor.doIteration) is not _LeanPoll:
+        reactor.doIteration = _LeanPoll(reactor)
     return True
+
+
+class TurnEndClock:
+    """
+    The clock of the links' TLS layers (L{BatchedTLSFactory}): C{callLater(0, f)}, which
+    Twisted's small-write aggregator makes once per turn that writes, runs C{f} when the
+    reactor's current turn has handled its I/O events, from a plain list, if the reactor
+    dispatches with L{lean_dispatch}: no DelayedCall made, pushed on the reactor's heap and
+    popped (about 3,000 instructions).  Anything else goes to the reactor.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+    def seconds(self) -> float:
+        return self.reactor.seconds()
+
+    def callLater(self, delay, func, *args, **kw):
+        poll = getattr(self.reactor, "doIteration", None)
+        if delay == 0 and not kw and type(poll) is _LeanPoll:
+            call = _TurnEndCall(func, args)
+            poll.turn_end.append(call)
+            return call
+        return self.reactor.callLater(delay, func, *args, **kw)

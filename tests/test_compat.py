@@ -552,7 +552,7 @@ class LeanDispatch(GuardMixin, unittest.TestCase):
         reactor = self.reactor()
         self.assertTrue(_compat.lean_dispatch(reactor))
         self.assertTrue(_compat.lean_dispatch(reactor))   # (idempotent)
-        self.assertIs(reactor.doIteration.__func__, _compat._lean_do_poll)
+        self.assertIs(type(reactor.doIteration), _compat._LeanPoll)
         events = []
 
         class Reader(abstract.FileDescriptor):
@@ -587,6 +587,72 @@ class LeanDispatch(GuardMixin, unittest.TestCase):
         self.assertNotIn(failing, reactor.getReaders())
         self.assertIn(fine, reactor.getReaders())
         reactor.removeReader(fine)
+
+    def test_turn_end_calls_run_after_the_events_of_the_turn(self):
+        import socket
+        reactor = self.reactor()
+        clock = _compat.TurnEndClock(reactor)
+        self.assertTrue(_compat.lean_dispatch(reactor))
+        ran = []
+
+        class Reader(abstract.FileDescriptor):
+            def __init__(self, sock):
+                super().__init__(reactor)
+                self.sock = sock
+                self.connected = True
+
+            def fileno(self):
+                return self.sock.fileno()
+
+            def doRead(self):
+                ran.append(("read", self.sock.recv(10)))
+                clock.callLater(0, ran.append, "turn end")
+                clock.callLater(0, ran.append, "cancelled").cancel()
+
+        def fail():
+            raise RuntimeError("turn-end call failed")
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        reader = Reader(a)
+        reactor.addReader(reader)
+        self.addCleanup(reactor.removeReader, reader)
+        # Queued outside the loop (or by a timed call): run before the next poll, which does not sleep.
+        call = clock.callLater(0, fail)
+        clock.callLater(0, ran.append, "early")
+        self.assertTrue(call.active())
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        reactor.doIteration(None)
+        self.assertFalse(call.active())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(ran, ["early"])
+        b.send(b"x")
+        reactor.doIteration(1)
+        self.assertEqual(ran, ["early", ("read", b"x"), "turn end"])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        later = clock.callLater(5, ran.append, "later")   # not the turn's end: the reactor's
+        self.assertEqual(reactor.getDelayedCalls(), [later])
+        later.cancel()
+
+    def test_turn_end_clock_without_lean_dispatch_is_the_reactor(self):
+        reactor = task.Clock()
+        clock = _compat.TurnEndClock(reactor)
+        ran = []
+        clock.callLater(0, ran.append, 1)
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        reactor.advance(0)
+        self.assertEqual(ran, [1])
+        self.assertEqual(clock.seconds(), reactor.seconds())
+
+    def test_link_tls_layers_use_it(self):
+        from twisted.internet import reactor
+        factory = _compat.BatchedTLSFactory(ssl.CertificateOptions(), True,
+                                            protocol.ClientFactory.forProtocol(protocol.Protocol))
+        self.assertIsInstance(factory._clock, _compat.TurnEndClock)
+        self.assertIs(factory._clock.reactor, reactor)
+        layer = factory.buildProtocol(None)
+        self.assertIs(layer._aggregator._clock, factory._clock)
 
     def test_other_reactors_are_left_alone(self):
         self.assertFalse(_compat.lean_dispatch(task.Clock()))
