@@ -326,8 +326,8 @@ class MuxLink(Protocol):
             # benchmarks/README.md).  DATA of SEND_AT_ONCE bytes or more (bulk: copying it
             # into a batch would cost more than its own record) and every other frame
             # (WINDOW: the peer waits for it; OPEN, FIN, RESET, ...) go now, after what is held,
-            # through _write_now: not through the TLS layer's turn-end buffer, whose flush
-            # would be one more callLater(0) per frame (pipegate._compat.write_now).
+            # through _write_now: not through the TLS layer's turn-end buffer, which would
+            # schedule one more flush per frame (pipegate._compat.write_now).
             if type(frame) in _COALESCED and len(frame.data) < SEND_AT_ONCE:
                 self.transport.write(frames.encode(frame))
                 return
