@@ -32,8 +32,9 @@ FINDINGS = {
         "py-spy (results/flamegraph-tcp-*.svg): in each process about 40 % of the samples are under "
         "the link's TLS receive (OpenSSL's recv about 10 %, then delivery into the channels' "
         "sockets), 22 % under reading a client or service socket and sending it as DATA "
-        "(SSL_write about 8 %, the send about 13 %), 5 % Twisted's per-event log context; the mux "
-        "decoder is 4 %."
+        "(SSL_write about 8 %, the send about 13 %), 5 % Twisted's per-event log context (since "
+        "gone: gateway and provider dispatch without it, benchmarks/README.md \"Per-connection "
+        "work on the port plane\"); the mux decoder is 4 %."
     ),
     "redis": (
         "At -P 1 every request is four reactor events (a read at the gate, the frame at the "
@@ -41,8 +42,10 @@ FINDINGS = {
         "dispatch, a TLS record and a send: 37-40 µs of CPU per SET+GET against the HAProxy "
         "pair's 30-32 and ssh's 22 (one process, C). py-spy (flamegraph-redis-*-after.svg) puts the "
         "sends first (36-48 % of wall samples; on loopback a send also wakes the other process), then "
-        "the reactor's per-event dispatch and log context (~11 %), then the TLS layer; the link "
-        "already aggregates small writes per reactor turn (one TLS send per 13 requests under load)."
+        "the reactor's per-event dispatch and log context (~11 %; the log context has since gone, "
+        "about 10 % less CPU per request in cpu_ab), then the TLS layer; the link already aggregates "
+        "small writes per reactor turn (one TLS send per 13 requests under load), now flushed "
+        "without a timed call. Per request each process runs about 50 Python calls (cProfile)."
     ),
     "udp_rr": (
         "One request is one datagram in and one out at each of two processes: four reactor events, "
@@ -59,13 +62,15 @@ FINDINGS = {
         "On this 2-core machine connect latency follows CPU, not round trips: client, gateway, "
         "provider and echo backend spend about 2 ms of CPU per connection together against "
         "1.2-1.4 ms of latency. perf: the gateway is 67 % in the interpreter, 22 % in the kernel; "
-        "cProfile: about 850-880 Python calls per connection in each process (after this "
-        "session's pass, from 935-1,000), most of them Twisted's per-wakeup machinery (log "
-        "context, delayed-call heap, TLS write aggregation, pyOpenSSL's wrappers) over 5-6 "
-        "wakeups per connection per process. Sending the client's first bytes with OPEN (a wire "
+        "cProfile: about 725 Python calls per connection in each process (from 935-1,000, then "
+        "850-880), callgrind about 930,000 instructions (from 1.1 million before the legacy log "
+        "context per event and the TLS layer's timed flushes went), most of the rest Twisted's "
+        "reactor loop, TCP setup and teardown and pyOpenSSL's wrappers over 5-6 wakeups per "
+        "connection per process. Sending the client's first bytes with OPEN (a wire "
         "change that removes the OPEN_OK round trip) cut p50 by only 0.03 ms and was not kept. "
-        "The remaining fifth to 1.0 ms needs fewer Python layers per event "
-        "(benchmarks/README.md, \"Connect latency through a gate\")."
+        "The rest of the way to 1.0 ms needs fewer Python layers per event "
+        "(benchmarks/README.md, \"Connect latency through a gate\" and \"Per-connection work on "
+        "the port plane\")."
     ),
     "idle": (
         "A Python process with Twisted, OpenSSL and cryptography loaded is already ~43 MiB (the "

@@ -122,6 +122,10 @@ class Processes:
 
     def popen(self, argv: list[str], *, name: str, stop_signal=signal.SIGTERM, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
+        # In REPO: `python -c ...` (twistd) puts its working directory first on sys.path, ahead of
+        # child_env's PYTHONPATH, so a child started elsewhere imports that directory's pipegate
+        # (connect_ab run from a checkout compared that checkout with itself).
+        kwargs.setdefault("cwd", REPO)
         if "stderr" not in kwargs and self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             kwargs["stderr"] = open(os.path.join(self.log_dir, name + ".stderr"), "ab")

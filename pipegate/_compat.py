@@ -15,11 +15,18 @@ goes here, with its reason and its guard test.
 
 from __future__ import annotations
 
+from errno import EINTR as _EINTR
+from types import MethodType
+
 from OpenSSL import SSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols import tls as _twisted_tls
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+_log = Logger()
 
 CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.11.1"}
 
@@ -148,6 +155,9 @@ class BatchedTLSFactory(TLSMemoryBIOFactory):
     protocol = BatchedTLSProtocol
 
     def __init__(self, contextFactory, isClient: bool, wrappedFactory, clock=None) -> None:
+        if clock is None:   # (the public clock parameter: see TurnEndClock, at the end of this module)
+            from twisted.internet import reactor
+            clock = TurnEndClock(reactor)
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
         create = self._creatorCallable
 
@@ -405,3 +415,175 @@ def xor_mask(mask: bytes, payload: bytes) -> bytes:
     finally:
         _nvx_lib.nvx_xormask_free(masker)
     return bytes(data)
+
+
+# -- Twisted's buffering TLS layer: a write that goes now, without its flush call ------------
+#
+# Why: BufferingTLSTransport.write hands every write to its private _AggregateSmallWrites,
+# which schedules a callLater(0) to flush the turn's writes.  A mux link sends its
+# control frames (OPEN, OPEN_OK, FIN, WINDOW, ...) at once anyway (send_now flushes the
+# aggregator), so each of them still made a DelayedCall that was pushed on the reactor's
+# heap and popped a turn later to flush nothing: two or three per tunnelled connection
+# in each of gateway and provider (cProfile of benchmarks.connect_ab's loop).  No public
+# API writes through the layer without it.  Reads the layer's private C{_aggregator} and
+# that aggregator's private C{_buffer} (Twisted 26.10.0, twisted.protocols.tls
+# BufferingTLSTransport and _AggregateSmallWrites), calls the aggregator's C{flush} and
+# the base class's C{TLSMemoryBIOProtocol.write}.  Guard: tests.test_compat.WriteNow.
+
+# (None if a release renames it: then write_now falls back to the layer's own write)
+_AggregateSmallWrites = getattr(_twisted_tls, "_AggregateSmallWrites", None)
+
+
+def _tls_write_now(layer, data: bytes) -> None:
+    aggregator = layer._aggregator
+    if type(aggregator) is not _AggregateSmallWrites:
+        return   # the layer's connection is lost (its _NullAggregator drops writes)
+    buffer = aggregator._buffer
+    if buffer:   # what was written before goes first, in the same record batch and send
+        buffer.append(data)
+        aggregator.flush()
+    else:
+        TLSMemoryBIOProtocol.write(layer, data)
+
+
+def write_now(transport):
+    """
+    A callable writing its bytes to C{transport} at once: through a buffering TLS layer
+    (C{BufferingTLSTransport}), together with what that layer holds for the turn's end (one
+    C{SSL_write} and one transport write for both) and without scheduling its flush; any
+    other transport's own C{write}.
+    """
+    if _AggregateSmallWrites is not None and isinstance(transport, BufferingTLSTransport) and isinstance(
+            getattr(transport, "_aggregator", None), _AggregateSmallWrites):
+        return MethodType(_tls_write_now, transport)
+    return lambda data: transport.write(data)
+
+
+# -- Twisted's epoll reactor: I/O events dispatched without the legacy log context ----------
+#
+# Why: EPollReactor.doPoll wraps every I/O event in twisted.python.log.callWithLogger: the
+# selectable's logPrefix(), a copy and update of the legacy log context dict, and a push
+# and pop on the context tracker, about 13 Python calls per event, for the "system" field
+# of legacy log.msg/log.err lines written while the event is handled.  PipeGate logs with
+# twisted.logger (which does not read that context); a gateway or provider handles 5-6
+# events per tunnelled connection and one or two per small message, each paying it.  No
+# public API chooses how the reactor dispatches.  lean_dispatch gives one EPollReactor
+# instance a doIteration that is doPoll's loop with a try/except in place of
+# callWithLogger (an exception escaping an event is still logged and the loop goes on;
+# legacy lines logged inside an event say system "-" instead of the protocol's prefix).
+# Reads the reactor's private C{_poller}, C{_selectables} and calls its private
+# C{_doReadOrWrite} (Twisted 26.10.0, twisted.internet.epollreactor.EPollReactor.doPoll
+# and posixbase._PollLikeMixin).  Guard: tests.test_compat.LeanDispatch.
+#
+# The same loop then runs the calls queued for the turn's end (TurnEndClock): the links' TLS
+# layers flush their small writes there instead of in a callLater(0) each turn (public: the
+# clock parameter of TLSMemoryBIOFactory, which only its small-write aggregator uses).
+
+class _TurnEndCall:
+    """A call queued for the end of the reactor's current turn (see L{TurnEndClock})."""
+
+    __slots__ = ("func", "args", "pending")
+
+    def __init__(self, func, args) -> None:
+        self.func, self.args, self.pending = func, args, True
+
+    def active(self) -> bool:
+        return self.pending
+
+    def cancel(self) -> None:
+        self.pending = False
+
+
+class _LeanPoll:
+    """
+    C{doIteration} of one EPollReactor: doPoll's loop without callWithLogger, then the calls
+    queued for the turn's end (L{TurnEndClock}).
+    """
+
+    __slots__ = ("reactor", "turn_end")
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self.turn_end: list[_TurnEndCall] = []
+
+    def __call__(self, timeout):
+        if self.turn_end:
+            # Queued by a timed call or outside the loop: run them now, and do not sleep
+            # (what they did may have scheduled a timed call the timeout did not see).
+            self._end_turn()
+            timeout = 0
+        elif timeout is None:
+            timeout = -1   # wait indefinitely
+        reactor = self.reactor
+        selectables = reactor._selectables
+        try:
+            events = reactor._poller.poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == _EINTR:
+                return
+            raise
+        dispatch = reactor._doReadOrWrite
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    _log.failure("Unhandled error handling an I/O event of {selectable!r}", selectable=selectable)
+        if self.turn_end:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        while self.turn_end:
+            calls, self.turn_end = self.turn_end, []
+            for call in calls:
+                if call.pending:
+                    call.pending = False
+                    try:
+                        call.func(*call.args)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException:
+                        _log.failure("Unhandled error in a call at the end of a reactor turn: {func!r}",
+                                     func=call.func)
+
+
+def lean_dispatch(reactor) -> bool:
+    """
+    Make C{reactor}, if it is Twisted's C{EPollReactor} with its own C{doPoll}, dispatch I/O
+    events without the legacy log context (see above).  Returns whether it does.  Idempotent.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+    if not isinstance(reactor, EPollReactor) or type(reactor).doPoll is not EPollReactor.doPoll:
+        return False
+    if not all(hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")):
+        return False
+    if type(reactor.doIteration) is not _LeanPoll:
+        reactor.doIteration = _LeanPoll(reactor)
+    return True
+
+
+class TurnEndClock:
+    """
+    The clock of the links' TLS layers (L{BatchedTLSFactory}): C{callLater(0, f)}, which
+    Twisted's small-write aggregator makes once per turn that writes, runs C{f} when the
+    reactor's current turn has handled its I/O events, from a plain list, if the reactor
+    dispatches with L{lean_dispatch}: no DelayedCall made, pushed on the reactor's heap and
+    popped (about 3,000 instructions).  Anything else goes to the reactor.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+    def seconds(self) -> float:
+        return self.reactor.seconds()
+
+    def callLater(self, delay, func, *args, **kw):
+        poll = getattr(self.reactor, "doIteration", None)
+        if delay == 0 and not kw and type(poll) is _LeanPoll:
+            call = _TurnEndCall(func, args)
+            poll.turn_end.append(call)
+            return call
+        return self.reactor.callLater(delay, func, *args, **kw)

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import abstract, protocol, ssl, task, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import tls as twisted_tls
 from twisted.trial import unittest
+from twisted.python.failure import Failure
 from twisted.web import client as web_client, http
 
 from pipegate import _compat
@@ -452,6 +454,209 @@ class AutobahnMasker(GuardMixin, unittest.TestCase):
             mask = os.urandom(4)
             self.assertEqual(_compat.xor_mask(mask, payload), create_xor_masker(mask, size).process(payload), size)
             self.assertEqual(_compat.xor_mask(mask, _compat.xor_mask(mask, payload)), payload)
+
+
+class WriteNow(GuardMixin, unittest.TestCase):
+    """write_now: BufferingTLSTransport._aggregator and _AggregateSmallWrites._buffer / flush."""
+
+    def pair(self):
+        clock = task.Clock()
+        cert = generated_certificate()
+        server = _compat.BatchedTLSFactory(
+            ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original), False,
+            protocol.Factory.forProtocol(_Recorder), clock).buildProtocol(None)
+        client = _compat.BatchedTLSFactory(ssl.CertificateOptions(verify=False), True,
+                                           protocol.ClientFactory.forProtocol(_Recorder), clock).buildProtocol(None)
+        server_transport, client_transport = StringTransport(), StringTransport()
+        server.makeConnection(server_transport)
+        client.makeConnection(client_transport)
+        shuttle(client, client_transport, server, server_transport)
+        for call in clock.getDelayedCalls():   # (the handshake's own writes' flushes)
+            clock.advance(0)
+        client_transport.clear()
+        return clock, client, server
+
+    def test_private_names(self):
+        self.assertPrivate(twisted_tls, "_AggregateSmallWrites", "write_now")
+        self.assertIs(_compat._AggregateSmallWrites, twisted_tls._AggregateSmallWrites)
+        clock, client, server = self.pair()
+        self.assertPrivate(client, "_aggregator", "write_now")
+        self.assertIsInstance(client._aggregator, twisted_tls._AggregateSmallWrites)
+        self.assertPrivate(client._aggregator, "_buffer", "write_now")
+        self.assertIsInstance(client._aggregator._buffer, list)
+        self.assertSourceHas(twisted_tls._AggregateSmallWrites.write, "self._clock.callLater(0", "write_now")
+        self.assertSourceHas(twisted_tls.TLSMemoryBIOProtocol.write, "self._write(", "write_now")
+
+    def test_writes_at_once_after_what_is_held_without_a_call(self):
+        clock, client, server = self.pair()
+        now = _compat.write_now(client)
+        now(b"first")
+        self.assertEqual(clock.getDelayedCalls(), [], "write_now scheduled the aggregator's flush")
+        server.dataReceived(client.transport.value())
+        client.transport.clear()
+        client.write(b"held")   # through the aggregator: waits for the turn's end
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(client.transport.value(), b"")
+        writes = []
+        client.transport.write = writes.append
+        now(b"second")
+        self.assertEqual(len(writes), 1, "the held bytes and write_now's went in separate writes")
+        server.dataReceived(writes[0])
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"firstheldsecond")
+        clock.advance(0)   # the held write's flush finds nothing left
+        self.assertEqual(len(writes), 1)
+
+    def test_dropped_once_the_connection_is_lost(self):
+        clock, client, server = self.pair()
+        now = _compat.write_now(client)
+        client.connectionLost(Failure(ConnectionDone()))
+        client.transport.clear()
+        now(b"late")
+        self.assertEqual(client.transport.value(), b"")
+
+    def test_other_transports_write_as_usual(self):
+        transport = StringTransport()
+        _compat.write_now(transport)(b"plain")
+        self.assertEqual(transport.value(), b"plain")
+
+
+class LeanDispatch(GuardMixin, unittest.TestCase):
+    """lean_dispatch: EPollReactor.doPoll's loop, _poller, _selectables, _doReadOrWrite."""
+
+    def reactor(self):
+        from twisted.internet.epollreactor import EPollReactor
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        waker = reactor.waker
+        for end in ("i", "o"):
+            if isinstance(getattr(waker, end, None), int):
+                self.addCleanup(os.close, getattr(waker, end))
+        return reactor
+
+    def test_private_names_and_the_loop_copied(self):
+        from twisted.internet.epollreactor import EPollReactor
+        use = "lean_dispatch"
+        reactor = self.reactor()
+        for name in ("_poller", "_selectables", "_doReadOrWrite"):
+            self.assertPrivate(reactor, name, use)
+        self.assertSignature(EPollReactor._doReadOrWrite, ["self", "selectable", "fd", "event"], use)
+        # _lean_do_poll is this loop with callWithLogger left out: a change to it is a change to copy.
+        self.assertSourceHas(EPollReactor.doPoll, "l = self._poller.poll(timeout, len(self._selectables))", use)
+        self.assertSourceHas(EPollReactor.doPoll, "log.callWithLogger(selectable, _drdw, selectable, fd, event)", use)
+        self.assertSourceHas(EPollReactor.doPoll, "if err.errno == errno.EINTR:", use)
+        self.assertIs(EPollReactor.doIteration, EPollReactor.doPoll)
+
+    def test_dispatches_events_and_survives_a_failing_one(self):
+        import socket
+        from twisted.internet import main
+        reactor = self.reactor()
+        self.assertTrue(_compat.lean_dispatch(reactor))
+        self.assertTrue(_compat.lean_dispatch(reactor))   # (idempotent)
+        self.assertIs(type(reactor.doIteration), _compat._LeanPoll)
+        events = []
+
+        class Reader(abstract.FileDescriptor):
+            def __init__(self, sock, fail):
+                super().__init__(reactor)
+                self.sock, self.fail = sock, fail
+                self.connected = True
+
+            def fileno(self):
+                return self.sock.fileno()
+
+            def doRead(self):
+                events.append(("read", self.sock.recv(10)))
+                return main.CONNECTION_DONE if self.fail else None
+
+            def connectionLost(self, reason):
+                events.append(("lost", self.fail))
+                raise RuntimeError("connectionLost failed")
+
+        pairs = [socket.socketpair() for _ in range(2)]
+        for a, b in pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+        failing, fine = Reader(pairs[0][0], True), Reader(pairs[1][0], False)
+        reactor.addReader(failing)
+        reactor.addReader(fine)
+        pairs[0][1].send(b"one")
+        pairs[1][1].send(b"two")
+        reactor.doIteration(1)
+        self.assertEqual(sorted(events), [("lost", True), ("read", b"one"), ("read", b"two")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn(failing, reactor.getReaders())
+        self.assertIn(fine, reactor.getReaders())
+        reactor.removeReader(fine)
+
+    def test_turn_end_calls_run_after_the_events_of_the_turn(self):
+        import socket
+        reactor = self.reactor()
+        clock = _compat.TurnEndClock(reactor)
+        self.assertTrue(_compat.lean_dispatch(reactor))
+        ran = []
+
+        class Reader(abstract.FileDescriptor):
+            def __init__(self, sock):
+                super().__init__(reactor)
+                self.sock = sock
+                self.connected = True
+
+            def fileno(self):
+                return self.sock.fileno()
+
+            def doRead(self):
+                ran.append(("read", self.sock.recv(10)))
+                clock.callLater(0, ran.append, "turn end")
+                clock.callLater(0, ran.append, "cancelled").cancel()
+
+        def fail():
+            raise RuntimeError("turn-end call failed")
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        reader = Reader(a)
+        reactor.addReader(reader)
+        self.addCleanup(reactor.removeReader, reader)
+        # Queued outside the loop (or by a timed call): run before the next poll, which does not sleep.
+        call = clock.callLater(0, fail)
+        clock.callLater(0, ran.append, "early")
+        self.assertTrue(call.active())
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        reactor.doIteration(None)
+        self.assertFalse(call.active())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(ran, ["early"])
+        b.send(b"x")
+        reactor.doIteration(1)
+        self.assertEqual(ran, ["early", ("read", b"x"), "turn end"])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        later = clock.callLater(5, ran.append, "later")   # not the turn's end: the reactor's
+        self.assertEqual(reactor.getDelayedCalls(), [later])
+        later.cancel()
+
+    def test_turn_end_clock_without_lean_dispatch_is_the_reactor(self):
+        reactor = task.Clock()
+        clock = _compat.TurnEndClock(reactor)
+        ran = []
+        clock.callLater(0, ran.append, 1)
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        reactor.advance(0)
+        self.assertEqual(ran, [1])
+        self.assertEqual(clock.seconds(), reactor.seconds())
+
+    def test_link_tls_layers_use_it(self):
+        from twisted.internet import reactor
+        factory = _compat.BatchedTLSFactory(ssl.CertificateOptions(), True,
+                                            protocol.ClientFactory.forProtocol(protocol.Protocol))
+        self.assertIsInstance(factory._clock, _compat.TurnEndClock)
+        self.assertIs(factory._clock.reactor, reactor)
+        layer = factory.buildProtocol(None)
+        self.assertIs(layer._aggregator._clock, factory._clock)
+
+    def test_other_reactors_are_left_alone(self):
+        self.assertFalse(_compat.lean_dispatch(task.Clock()))
+        self.assertFalse(_compat.lean_dispatch(MemoryReactorClock()))
 
 
 class DeclaredDependencies(unittest.TestCase):

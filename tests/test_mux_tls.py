@@ -212,3 +212,20 @@ class LinkWrites(unittest.TestCase):
         self.assertEqual(self.client_transport.writes, 1)
         self.assertEqual(self.received(), [self.frames.Data(1, b"small"), self.frames.Datagram(2, b"dns"),
                                            self.frames.Data(3, pattern(SEND_AT_ONCE))])
+
+    def test_frames_that_go_at_once_schedule_no_flush(self):
+        # Only small DATA waits for the turn's end (one call per turn); a frame sent at once
+        # leaves no callLater(0) of the TLS layer behind (pipegate._compat.write_now).
+        from pipegate.mux.session import SEND_AT_ONCE
+        pending = list(self.clock.getDelayedCalls())   # (the link's handshake timer)
+        self.link.send(self.frames.OpenOk(3))
+        self.link.send(self.frames.Window(3, 1000))
+        self.link.send_data(3, [pattern(SEND_AT_ONCE)])
+        self.link.send(self.frames.Fin(3))
+        self.assertEqual(self.client_transport.writes, 4)
+        self.assertEqual(self.clock.getDelayedCalls(), pending)
+        self.link.send_data(4, [b"small"])
+        self.assertEqual(len(self.clock.getDelayedCalls()), len(pending) + 1)
+        self.assertEqual(self.received(), [
+            self.frames.OpenOk(3), self.frames.Window(3, 1000), self.frames.Data(3, pattern(SEND_AT_ONCE)),
+            self.frames.Fin(3)])

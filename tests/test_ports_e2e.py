@@ -220,6 +220,15 @@ class TCP(PortPlane):
     async def test_half_close(self):
         self.assertEqual(await self.echo_through(self.gate, b"question"), b"questionbye")
 
+    def test_services_dispatch_without_the_legacy_log_context(self):
+        # Gateway and provider, started, make the (epoll) reactor dispatch I/O events
+        # without twisted.python.log's context (pipegate._compat.lean_dispatch).
+        from twisted.internet.epollreactor import EPollReactor
+        from pipegate import _compat
+        if not isinstance(reactor, EPollReactor):
+            raise unittest.SkipTest("the reactor is not Twisted's epoll reactor")
+        self.assertIs(type(reactor.doIteration), _compat._LeanPoll)
+
     async def test_gate_follows_the_provider(self):
         self.assertTrue(self.logged(f"gate {self.gate}/tcp open"))
         stopped = self.prov.client.stopService()

@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pipegate._compat import write_now
 from pipegate.core.budget import LogThrottle
 from pipegate.dialer import Redialer
 from pipegate.sockets import bounded_reads, eager_writes, no_delay, send_now, socket_transport
@@ -166,6 +167,7 @@ class MuxLink(Protocol):
 
     # -- connection
     def connectionMade(self) -> None:
+        self._write_now = write_now(self.transport)
         no_delay(self.transport)
         eager_writes(self.transport)
         link_write_buffer(self.transport)
@@ -316,7 +318,6 @@ class MuxLink(Protocol):
     # -- sending
     def _write(self, frame) -> None:
         if not self.closed and self.transport is not None:
-            self.transport.write(frames.encode(frame))
             # Small DATA and DATAGRAM frames of one reactor turn go out together: Twisted's
             # buffering TLS layer holds writes under 64 KB until the end of the turn, then
             # makes them one TLS record and one send.  Under redis-benchmark -c 50 -P 1 a
@@ -324,9 +325,14 @@ class MuxLink(Protocol):
             # provider spend about 60 µs of CPU per request, batched about 36 (git log -p
             # benchmarks/README.md).  DATA of SEND_AT_ONCE bytes or more (bulk: copying it
             # into a batch would cost more than its own record) and every other frame
-            # (WINDOW: the peer waits for it; OPEN, FIN, RESET, ...) go now, after what is held.
-            if type(frame) not in _COALESCED or len(frame.data) >= SEND_AT_ONCE:
-                send_now(self.transport)
+            # (WINDOW: the peer waits for it; OPEN, FIN, RESET, ...) go now, after what is held,
+            # through _write_now: not through the TLS layer's turn-end buffer, which would
+            # schedule one more flush per frame (pipegate._compat.write_now).
+            if type(frame) in _COALESCED and len(frame.data) < SEND_AT_ONCE:
+                self.transport.write(frames.encode(frame))
+                return
+            self._write_now(frames.encode(frame))
+            send_now(self.transport)
 
     def send(self, frame) -> None:
         """Send a frame on an admitted link (dropped once the link is closed)."""
@@ -355,9 +361,11 @@ class MuxLink(Protocol):
             counts, key = self.stats.counts, self._sent_key
             counts[key] = counts.get(key, 0) + sum(map(len, chunks))
             wire = frames.encode_data(channel_id, chunks)
-            self.transport.write(wire)
             if len(wire) >= SEND_AT_ONCE:
+                self._write_now(wire)
                 send_now(self.transport)
+            else:
+                self.transport.write(wire)
 
     # -- the channel table: nodes and channels go through these, never through self.channels
     def allocate_channel(self, channel) -> int:

@@ -14,6 +14,7 @@ from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from pipegate._compat import lean_dispatch
 from pipegate.core.budget import TOTAL, Budget, LogThrottle
 from pipegate.core.routes import Attempt, RouteTable
 from pipegate.drain import Drainer
@@ -179,6 +180,10 @@ class Gateway(service.Service, Drainer):
         self._refusal_logs: dict[str, LogThrottle] = {}
 
     # -- connection and flow caps
+    def startService(self) -> None:
+        super().startService()
+        lean_dispatch(self.clock)   # (no legacy log context per I/O event: pipegate._compat)
+
     def refusal_log(self, key) -> LogThrottle:
         """The throttle of the "provider refused channel" line of gate C{key} (and of other keyed lines)."""
         return self._refusal_logs.setdefault(key, LogThrottle())

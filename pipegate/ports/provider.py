@@ -27,6 +27,7 @@ from pipegate.ports.resolver import Records, tuple_key
 from pipegate.ports.services import Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, datagram_sender, evict_idle, set_buffers)
+from pipegate._compat import lean_dispatch
 from pipegate.sockets import connect_stream, listen_udp_quietly
 
 
@@ -108,6 +109,7 @@ class Provider(service.Service, Drainer):
 
     def startService(self):
         super().startService()
+        lean_dispatch(self.reactor)   # (no legacy log context per I/O event: pipegate._compat)
         self._summary.start(FLOW_SUMMARY_INTERVAL, now=False)
 
     def _log_flow_summary(self) -> None:

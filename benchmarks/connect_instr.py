@@ -1,0 +1,73 @@
+"""
+Instructions per tunnelled connection in gateway and provider, exact and repeatable on a
+busy machine (unlike time), for comparing code trees (issue 22, target 4):
+
+    python -m benchmarks.connect_instr [TREE] [N]
+
+Starts the echo backend, and the gateway and provider of TREE (default: this checkout; a
+copy made with `git archive REV | tar -x -C DIR`) under `valgrind --tool=callgrind`, makes
+30 connections to warm up, zeroes the counters (`callgrind_control -z`), makes N (default
+300) connect + 1-byte echo + close through the gate, dumps the counters and prints each
+service's instructions per connection.  Needs valgrind.  Under valgrind the services run
+some 50 times slower, so frames batch differently than at full speed; the figure counts
+the work per connection, not its timing.  One run takes about 40 s.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import procs as procs_module, topology
+from benchmarks.loadgen import connect_echo
+from benchmarks.procs import Processes, install_signal_handlers
+
+
+def main(tree: str | None = None, n: int = 300) -> dict:
+    if tree:
+        procs_module.REPO = os.path.abspath(tree)
+    out = tempfile.mkdtemp(prefix="connect_instr-")
+    plain = Processes.twistd_cmd
+
+    def under_callgrind(self, name):
+        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/{name}.%p"] + plain(self, name)
+
+    slow_listening, slow_echo = topology.wait_listening, topology.wait_echo
+    Processes.twistd_cmd = under_callgrind
+    topology.wait_listening = lambda port, proto="tcp", timeout=30, procs=None: slow_listening(port, proto, 600, procs)
+    topology.wait_echo = lambda port, timeout=30, procs=None: slow_echo(port, 600, procs)
+    result = {}
+    try:
+        with Processes() as procs:
+            plane = topology.PortPlane(procs, "echo")
+            for _ in range(30):
+                connect_echo(plane.gate)
+            pids = {c.name: c.pid for c in plane.services}
+            for pid in pids.values():
+                subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+            for _ in range(n):
+                connect_echo(plane.gate)
+            for pid in pids.values():
+                subprocess.run(["callgrind_control", "-d", "connections", str(pid)], check=True, capture_output=True)
+            time.sleep(2)
+            for name, pid in pids.items():
+                with open(f"{out}/{name}.{pid}.1") as f:
+                    for line in f:
+                        if line.startswith(("summary:", "totals:")):
+                            result[name] = round(int(line.split()[1]) / n)
+                            break
+    finally:
+        Processes.twistd_cmd = plain
+        topology.wait_listening, topology.wait_echo = slow_listening, slow_echo
+    for name, count in result.items():
+        print(f"{name}: {count:,} instructions per connection", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    install_signal_handlers()
+    args = sys.argv[1:]
+    main(args[0] if args else None, *(int(a) for a in args[1:2]))
