@@ -659,6 +659,76 @@ class LeanDispatch(GuardMixin, unittest.TestCase):
         self.assertFalse(_compat.lean_dispatch(MemoryReactorClock()))
 
 
+class BIOProbe(GuardMixin, unittest.TestCase):
+    """probe_bios: SSL._lib.BIO_get_mem_data, SSL._ffi.NULL, Connection._into_ssl / _from_ssl."""
+
+    def test_private_names(self):
+        self.assertPrivate(SSL, "_lib", "probe_bios")
+        self.assertPrivate(SSL, "_ffi", "probe_bios")
+        self.assertPrivate(SSL._lib, "BIO_get_mem_data", "probe_bios")
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        for side in (client, server):
+            for name in ("_into_ssl", "_from_ssl"):
+                self.assertPrivate(side._tlsConnection, name, "probe_bios")
+            self.assertTrue(side._pg_probe, "BatchedTLSFactory's layers do not probe their BIOs")
+
+    def test_counts_what_the_bios_hold(self):
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        out, inc = client._tlsConnection, server._tlsConnection
+        pending = _compat._bio_pending
+        self.assertEqual(pending(out._from_ssl, _compat._NULL), 0)
+        out.send(b"x" * 20_000)
+        wire = out.bio_read(2**18)
+        self.assertEqual(pending(out._from_ssl, _compat._NULL), 0)
+        out.send(b"y")
+        self.assertGreater(pending(out._from_ssl, _compat._NULL), 0)
+        inc.bio_write(wire[:100])
+        self.assertEqual(pending(inc._into_ssl, _compat._NULL), 100)
+
+    def test_every_record_is_read_however_the_bytes_arrive(self):
+        # The read loop stops on an empty incoming BIO and SSL_pending 0 instead of on
+        # WantReadError: it must still deliver every record, whole or cut anywhere.
+        messages = [b"a", b"b" * 16_384, b"c" * 16_385, b"d" * 40_000, b"e" * 5]
+        for cut in (1, 5, 22, 4_000, 16_406, 10**6):
+            client, server = handshaken_pair(_compat.BatchedTLSFactory)
+            client.transport.clear()
+            for message in messages:
+                client.write(message)
+                _compat.flush_tls_buffer(client)
+            wire = client.transport.value()
+            reads = []
+            server.wrappedProtocol.dataReceived = reads.append
+            for start in range(0, len(wire), cut):
+                server.dataReceived(wire[start:start + cut])
+            self.assertEqual(b"".join(reads), b"".join(messages), cut)
+            self.assertEqual(server._tlsConnection.pending(), 0)
+
+    def test_nothing_to_send_raises_nothing(self):
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        client.transport.clear()
+        calls = []
+        connection = client._tlsConnection
+        real = connection.bio_read
+
+        class Watch:
+            def __getattr__(self, name):
+                return getattr(connection, name)
+
+            def bio_read(self, size):
+                calls.append(size)
+                return real(size)
+        client._tlsConnection = Watch()
+        try:
+            client._flushSendBIO()
+            self.assertEqual(calls, [], "an empty send BIO was read (a WantReadError raised)")
+            connection.send(b"z")
+            client._flushSendBIO()
+            self.assertEqual(len(calls), 1)
+            self.assertNotEqual(client.transport.value(), b"")
+        finally:
+            client._tlsConnection = connection
+
+
 class DeclaredDependencies(unittest.TestCase):
 
     def test_every_imported_distribution_is_declared(self):
