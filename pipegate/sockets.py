@@ -105,6 +105,20 @@ def eager_writes(transport) -> None:
     transport.write = MethodType(_eager_write, transport)
 
 
+def plain_writes(transport) -> None:
+    """
+    Undo L{eager_writes} on the socket under C{transport}; call it from the protocol's
+    C{connectionLost}.
+
+    The bound method that L{eager_writes} sets refers to its transport, and the transport
+    to it: a reference cycle per connection, which only the garbage collector would
+    otherwise free (and each collection walks every live object of its generation).
+    """
+    transport = socket_transport(transport)
+    if transport is not None:
+        transport.__dict__.pop("write", None)
+
+
 def _at_the_socket(transport) -> bool:
     """
     Whether bytes for C{transport} (a C{tcp.Connection}) may go to its socket now: nothing
@@ -225,11 +239,20 @@ class _DirectConnect(ClientFactory):
         self._failed = failed
 
     def buildProtocol(self, addr):
-        self._protocol.factory = self
-        return self._protocol
+        # Handed over once: the factory (which the Connector keeps) then holds neither the
+        # protocol nor the failure callback's closure, and no cycle through them remains.
+        protocol, self._protocol, self._failed = self._protocol, None, None
+        protocol.factory = self
+        return protocol
 
     def clientConnectionFailed(self, connector, reason) -> None:
-        self._failed(reason)
+        if self._failed is not None:   # (None once connected: buildProtocol)
+            self._failed(reason)
+
+    def clientConnectionLost(self, connector, reason) -> None:
+        # The Connector and its Client refer to each other (connector.transport,
+        # transport.connector); Twisted leaves that cycle to the garbage collector.
+        connector.transport = None
 
 
 def connect_stream(reactor, host: str, port: int, timeout: float, protocol, failed) -> None:

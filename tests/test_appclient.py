@@ -7,6 +7,7 @@ bytes, time on a L{MemoryReactorClock}), then against twisted.web on loopback so
 from __future__ import annotations
 
 import os
+import weakref
 
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.address import IPv4Address
@@ -18,7 +19,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from pipegate.http.appclient import IDLE_TIMEOUT, MAX_HEADER_LINE, AppPool
-from tests.support import eventually
+from tests.support import collector_off, eventually
 from tests.test_tls import make_ca_and_cert
 
 
@@ -125,6 +126,18 @@ class ClientTests(unittest.TestCase):
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n"
                               b"Content-Length: 1\r\nX-End: 2\r\n\r\nz")
         self.assertEqual(owner.events[0], ("head", 200, b"OK", [(b"X-End", b"2")], 1))
+
+    def test_a_closed_connection_leaves_nothing_for_the_cycle_collector(self):
+        # The httptools parser holds the connection's bound methods; once closed, the
+        # connection is freed by reference counting alone.
+        with collector_off():
+            self.get()
+            protocol, transport = self.app.connections.pop()
+            protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            lose(protocol, transport)
+            gone = weakref.ref(protocol)
+            del protocol, transport
+            self.assertIsNone(gone())
 
     def test_connection_close_is_not_reused(self):
         owner, _ = self.get()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import weakref
 
 import attrs
 
@@ -15,9 +16,11 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from pipegate.http import frames
+from pipegate.http.public import RelayChannel
+from pipegate.sockets import socket_transport
 from pipegate.core import window
 from tests.support import (
-    Loopback, TestApp, connect_raw, dechunk, eventually, pattern, raw_request, request, token_for,
+    Loopback, TestApp, collector_off, connect_raw, dechunk, eventually, pattern, raw_request, request, token_for,
     split_response, ws_connect,
 )
 
@@ -108,6 +111,29 @@ class Tunnel(unittest.TestCase):
         self.assertIn(["X-Forwarded-Host", f"127.0.0.1:{self.relay_port.getHost().port}"], headers)
         host = [v for k, v in headers if k.lower() == "host"]
         self.assertEqual(host, [f"127.0.0.1:{self.app_port.getHost().port}"])
+
+    async def test_a_connection_leaves_nothing_for_the_cycle_collector(self):
+        # A caller's connection to the relay, once closed, is freed by reference counting
+        # (its socket's eager write method made a cycle).  (The connector's connections to
+        # the app are dialled through Twisted's HostnameEndpoint, whose Connector and Client
+        # refer to each other; they are kept alive and reused: test_appclient.)
+        refs, kinds = [], set()
+        made = RelayChannel.connectionMade
+
+        def recording(channel):
+            made(channel)
+            for o in (channel, socket_transport(channel.transport)):
+                refs.append(weakref.ref(o))
+                kinds.add(type(o).__name__)
+        self.patch(RelayChannel, "connectionMade", recording)
+        ask = b"GET /t1/api/x HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+        self.assertIn(b" 200 ", await raw_request(self.relay_port, ask))
+        with collector_off():
+            del refs[:]
+            kinds.clear()
+            self.assertIn(b" 200 ", await raw_request(self.relay_port, ask))
+            self.assertEqual(kinds, {"RelayChannel", "Server"})
+            await eventually(lambda: all(ref() is None for ref in refs), timeout=5)
 
     async def test_status_passthrough(self):
         for code in (201, 204, 302, 304, 404, 418, 500, 503, 299):

@@ -24,7 +24,7 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from pipegate.http import frames
 from pipegate.http.pipe import HOP_BY_HOP, connection_names
-from pipegate.sockets import connect_protocol, eager_writes, no_delay
+from pipegate.sockets import connect_protocol, eager_writes, no_delay, plain_writes
 from pipegate.timers import cancel
 
 # Twisted's client parser (a LineReceiver) dropped the connection at a header line over
@@ -279,6 +279,9 @@ class AppConnection(Protocol):
             request.owner.app_failed(reason, self._answered)
 
     def connectionLost(self, reason=None) -> None:
+        plain_writes(self.transport)
+        # The parser's callbacks are this connection's bound methods: a reference cycle.
+        self.parser = None
         self._lost = True
         self.pool.lost(self)
         request, self.request = self.request, None

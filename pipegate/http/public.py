@@ -30,7 +30,7 @@ from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
-from pipegate.sockets import eager_writes
+from pipegate.sockets import eager_writes, plain_writes
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -358,6 +358,7 @@ class RelayChannel(http.HTTPChannel):
             timer.cancel()
 
     def connectionLost(self, reason):
+        plain_writes(self.transport)
         self._pg_head = None
         self._pg_cancel_head_timer()
         super().connectionLost(reason)

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
-from pipegate.sockets import close_write, eager_writes, no_delay, socket_transport
+from pipegate.sockets import close_write, eager_writes, no_delay, plain_writes, socket_transport
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -145,6 +145,7 @@ class StreamChannel(Protocol):
             self._maybe_done()
 
     def connectionLost(self, reason=None) -> None:
+        plain_writes(self.transport)
         if not self.done:
             self.done = True
             if self.link is not None:
