@@ -2,15 +2,15 @@
 Every use of a private name of Twisted, pyOpenSSL or Autobahn, in one place.
 
 Each entry says why no public API does the job and the releases it was checked against;
-tests/test_compat.py has a guard test per entry that fails, naming the private name,
-when an upgrade changes it.  The upper bounds in pyproject.toml (twisted<26.11,
-pyopenssl<26.5, autobahn<26.12) are the releases after the ones checked: raise a bound
-only after tests.test_compat (and the suite) pass on the new release.
+tests/test_compat.py has a guard test per entry that fails, naming the private name, when an upgrade
+changes it.  The upper bounds in pyproject.toml (twisted<26.11, pyopenssl<26.5, autobahn<26.12) are the
+releases after the ones checked: raise a bound only after tests.test_compat (and the suite) pass on the
+new release.
 
 Checked against: Twisted 26.10.0, pyOpenSSL 26.4.0, Autobahn 26.11.1 (Python 3.11).
 
-Nothing else in pipegate/ reaches a private name of these three libraries; a new use
-goes here, with its reason and its guard test.
+Nothing else in pipegate/ reaches a private name of these three libraries; a new use goes here, with its
+reason and its guard test.
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.
 
 
 # -- Twisted's TLS layer (twisted.protocols.tls) and pyOpenSSL ------------------------------
-#
-# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write and writes the send BIO to the
-# socket after each, and hands every decrypted record to the protocol on its own; a 64 KiB
-# mux DATA frame costs five of each on both sides.  Re-measured against the stock
-# TLSMemoryBIOFactory for issue 23 (2026-12-07, benchmarks/README.md "TLS layer of mux
-# links"): through gateway + provider (iperf3) 9-19 % less CPU per GB and faster in all
-# four stream configurations, two A/B rounds; 12 % fewer instructions per 64 KiB frame;
-# small frames the same.  No public hook batches the record work, so the batching
-# overrides three private methods of TLSMemoryBIOProtocol and reads its private state.
+# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write and writes the send BIO to the socket after
+# each, and hands every decrypted record to the protocol on its own; a 64 KiB mux DATA frame costs five
+# of each on both sides.  Re-measured against the stock TLSMemoryBIOFactory for issue 23 (2026-12-07,
+# benchmarks/README.md "TLS layer of mux links"): through gateway + provider (iperf3) 9-19 % less CPU
+# per GB and faster in all four stream configurations, two A/B rounds; 12 % fewer instructions per 64
+# KiB frame; small frames the same.  No public hook batches the record work, so the batching overrides
+# three private methods of TLSMemoryBIOProtocol and reads its private state.
 
 # Large enough for a whole mux frame (64 KiB of DATA plus record overhead) in one read.
 _BIO_READ = 2**18
@@ -52,17 +50,15 @@ class BatchedTLSProtocol(BufferingTLSTransport):
     """
     Twisted's TLS layer, with the record work batched per write and per read.
 
-    A write goes to OpenSSL whole (a memory BIO takes all of it, with L{whole_writes}),
-    the send BIO is drained into one transport write, and the plaintext of everything
-    received is delivered in one C{dataReceived}.  Handshake, errors, close and producers
-    are the base class's.
+    A write goes to OpenSSL whole (a memory BIO takes all of it, with L{whole_writes}), the send BIO is
+    drained into one transport write, and the plaintext of everything received is delivered in one
+    C{dataReceived}.  Handshake, errors, close and producers are the base class's.
 
-    Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol):
-    overrides C{_write(bytes)}, C{_flushSendBIO()}, C{_flushReceiveBIO()}; calls
-    C{_bufferedWrite}, C{_tlsShutdownFinished}, C{_shutdownTLS}; reads
-    C{_tlsConnection}, C{_lostTLSConnection}, C{_aborted}.  The base class must still
-    route its writes, reads, handshake and shutdown through the overridden methods.
-    Guard: tests.test_compat.TLSLayer.
+    Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol): overrides
+    C{_write(bytes)}, C{_flushSendBIO()}, C{_flushReceiveBIO()}; calls C{_bufferedWrite},
+    C{_tlsShutdownFinished}, C{_shutdownTLS}; reads C{_tlsConnection}, C{_lostTLSConnection},
+    C{_aborted}.  The base class must still route its writes, reads, handshake and shutdown through the
+    overridden methods.  Guard: tests.test_compat.TLSLayer.
     """
 
     def _write(self, bytes):
@@ -82,8 +78,7 @@ class BatchedTLSProtocol(BufferingTLSTransport):
             data = data[sent:]
         self._flushSendBIO()
 
-    # Whether the memory BIOs can be asked what they hold (probe_bios, at the end of this module)
-    _pg_probe = False
+    _pg_probe = False   # whether the memory BIOs can be asked what they hold (probe_bios, below)
 
     def _flushSendBIO(self):
         connection = self._tlsConnection
@@ -120,7 +115,7 @@ class BatchedTLSProtocol(BufferingTLSTransport):
                 chunks = []
                 self._tlsShutdownFinished(failure)
             else:
-                if self._pg_probe and not connection.pending() and not _bio_pending(connection._into_ssl, _NULL):
+                if self._pg_probe and not (connection.pending() or _bio_pending(connection._into_ssl, _NULL)):
                     break   # all read (asked, instead of one more recv raising WantReadError)
         self._pg_deliver(chunks)
         self._flushSendBIO()
@@ -134,13 +129,12 @@ def whole_writes(connection: SSL.Connection) -> None:
     """
     Let one C{SSL_write} take a whole buffer.
 
-    pyOpenSSL turns on C{SSL_MODE_ENABLE_PARTIAL_WRITE}, with which C{SSL_write} returns
-    after each 16 KiB record; into a memory BIO, which never blocks, it can write every
-    record of the buffer in one call instead.  No public call clears a mode on one
-    connection (pyOpenSSL 26.4.0 has C{Context.set_mode} only, which cannot clear), so
-    this uses pyOpenSSL's private C{SSL._lib} (the cffi binding) and C{Connection._ssl}
-    (the C{SSL*}).  Without them, writes stay partial: still correct (the loop in
-    L{BatchedTLSProtocol._write}), one record per call.  Guard:
+    pyOpenSSL turns on C{SSL_MODE_ENABLE_PARTIAL_WRITE}, with which C{SSL_write} returns after each 16
+    KiB record; into a memory BIO, which never blocks, it can write every record of the buffer in one
+    call instead.  No public call clears a mode on one connection (pyOpenSSL 26.4.0 has
+    C{Context.set_mode} only, which cannot clear), so this uses pyOpenSSL's private C{SSL._lib} (the
+    cffi binding) and C{Connection._ssl} (the C{SSL*}).  Without them, writes stay partial: still
+    correct (the loop in L{BatchedTLSProtocol._write}), one record per call.  Guard:
     tests.test_compat.PyOpenSSL.
     """
     lib, ssl_pointer = getattr(SSL, "_lib", None), getattr(connection, "_ssl", None)
@@ -151,12 +145,11 @@ def whole_writes(connection: SSL.Connection) -> None:
 
 class BatchedTLSFactory(TLSMemoryBIOFactory):
     """
-    C{TLSMemoryBIOFactory} making L{BatchedTLSProtocol}s whose connections have
-    L{whole_writes}.
+    C{TLSMemoryBIOFactory} making L{BatchedTLSProtocol}s whose connections have L{whole_writes}.
 
-    The factory has no public hook on the C{SSL.Connection} it creates per protocol:
-    this wraps its private C{_creatorCallable} (Twisted 26.10.0; called once per
-    protocol from C{TLSMemoryBIOProtocol.makeConnection}).  Guard:
+    The factory has no public hook on the C{SSL.Connection} it creates per protocol: this wraps its
+    private C{_creatorCallable} (Twisted 26.10.0; called once per protocol from
+    C{TLSMemoryBIOProtocol.makeConnection}).  Guard:
     tests.test_compat.TLSLayer.test_factory_creates_connections_through_creator_callable.
     """
 
@@ -179,11 +172,11 @@ class BatchedTLSFactory(TLSMemoryBIOFactory):
 
 def flush_tls_buffer(transport) -> None:
     """
-    Write out what Twisted's buffering TLS layer (C{BufferingTLSTransport}) holds for
-    the end of the reactor turn, if C{transport} is one.
+    Write out what Twisted's buffering TLS layer (C{BufferingTLSTransport}) holds for the end of the
+    reactor turn, if C{transport} is one.
 
-    Small writes wait in its private C{_aggregator} (Twisted 26.10.0) until a
-    C{callLater(0)}; the public C{loseConnection} flushes it but also closes.  Guard:
+    Small writes wait in its private C{_aggregator} (Twisted 26.10.0) until a C{callLater(0)}; the
+    public C{loseConnection} flushes it but also closes.  Guard:
     tests.test_compat.TLSLayer.test_buffering_layer_aggregates_in_aggregator.
     """
     aggregator = getattr(transport, "_aggregator", None)
@@ -192,18 +185,17 @@ def flush_tls_buffer(transport) -> None:
 
 
 # -- Twisted's TCP transport (twisted.internet.tcp.Connection, abstract.FileDescriptor) ------
-#
-# Why: see pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and
-# 4 MiB reads cost the links most of their per-message time; no public API sends at once
-# or bounds the read size separately from bufferSize.
+# Why: see pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and 4 MiB reads
+# cost the links most of their per-message time; no public API sends at once or bounds the read size
+# separately from bufferSize.
 
 def tcp_data_received(transport):
     """
-    The bound C{_dataReceived(data)} of a C{twisted.internet.tcp.Connection} (what its
-    C{doRead} calls with what C{recv} returned), or None for another transport.
+    The bound C{_dataReceived(data)} of a C{twisted.internet.tcp.Connection} (what its C{doRead} calls
+    with what C{recv} returned), or None for another transport.
 
-    L{pipegate.sockets.bounded_reads} replaces C{doRead} with one reading a fixed size
-    and calling this.  Private (Twisted 26.10.0).  Guard:
+    L{pipegate.sockets.bounded_reads} replaces C{doRead} with one reading a fixed size and calling this.
+    Private (Twisted 26.10.0).  Guard:
     tests.test_compat.TCPTransport.test_connection_reads_through_data_received.
     """
     return getattr(transport, "_dataReceived", None)
@@ -211,9 +203,8 @@ def tcp_data_received(transport):
 
 def has_write_buffers(transport) -> bool:
     """
-    Whether C{transport} keeps Twisted's C{FileDescriptor} write buffers that
-    L{nothing_queued} and L{write_closed} read (and is a TCP connection: C{TLS} is
-    C{tcp.Connection}'s startTLS flag).
+    Whether C{transport} keeps Twisted's C{FileDescriptor} write buffers that L{nothing_queued} and
+    L{write_closed} read (and is a TCP connection: C{TLS} is C{tcp.Connection}'s startTLS flag).
     """
     return hasattr(transport, "_tempDataLen") and hasattr(transport, "TLS")
 
@@ -232,8 +223,8 @@ def nothing_queued(transport) -> bool:
 def write_closed(transport) -> bool:
     """
     Whether the write side of C{transport} (a C{FileDescriptor}) has been shut down
-    (C{loseWriteConnection} done): its private C{_writeDisconnected} (Twisted
-    26.10.0).  Guard: tests.test_compat.TCPTransport.test_write_disconnected_flag.
+    (C{loseWriteConnection} done): its private C{_writeDisconnected} (Twisted 26.10.0).  Guard:
+    tests.test_compat.TCPTransport.test_write_disconnected_flag.
     """
     return transport._writeDisconnected
 
@@ -243,15 +234,14 @@ def write_closed(transport) -> bool:
 def quiet_http11_client_factory(quiescentCallback, metadata):
     """
     The factory C{HTTPConnectionPool} builds per new connection (Twisted's private
-    C{_HTTP11ClientFactory}), without the "Starting factory" / "Stopping factory" log
-    lines it writes for every one: the connector opens one per request to the local
-    app, the Docker client one per Engine request.
+    C{_HTTP11ClientFactory}), without the "Starting factory" / "Stopping factory" log lines it writes
+    for every one: the connector opens one per request to the local app, the Docker client one per
+    Engine request.
 
-    C{HTTPConnectionPool} has no public way to choose the factory, so L{quiet_pool} sets
-    its private C{_factory}, which the pool calls as C{_factory(quiescentCallback,
-    metadata)} (Twisted 26.10.0, C{HTTPConnectionPool._newConnection}).  (Imported here,
-    not at the top: the port plane does not load twisted.web.)  Guard:
-    tests.test_compat.WebClient.
+    C{HTTPConnectionPool} has no public way to choose the factory, so L{quiet_pool} sets its private
+    C{_factory}, which the pool calls as C{_factory(quiescentCallback, metadata)} (Twisted 26.10.0,
+    C{HTTPConnectionPool._newConnection}).  (Imported here, not at the top: the port plane does not load
+    twisted.web.)  Guard: tests.test_compat.WebClient.
     """
     from twisted.web.client import _HTTP11ClientFactory
     factory = _HTTP11ClientFactory(quiescentCallback, metadata)
@@ -266,12 +256,11 @@ def quiet_pool(pool):
 
 
 # -- twisted.web.http.HTTPChannel (the relay's early start of public requests) --------------
-#
-# Why: the relay starts forwarding a public request when its headers are complete and
-# streams its body (HTTPChannel only calls requestReceived after the whole body), and
-# keeps the caller's raw request target byte-exact.  HTTPChannel has no public hook for
-# either, so the relay's channel reads and resets its parser state (Twisted 26.10.0:
-# HTTPChannel.lineReceived and allContentReceived).  Guard: tests.test_compat.HTTPChannelState.
+# Why: the relay starts forwarding a public request when its headers are complete and streams its body
+# (HTTPChannel only calls requestReceived after the whole body), and keeps the caller's raw request
+# target byte-exact.  HTTPChannel has no public hook for either, so the relay's channel reads and resets
+# its parser state (Twisted 26.10.0: HTTPChannel.lineReceived and allContentReceived).  Guard:
+# tests.test_compat.HTTPChannelState.
 
 def first_line_pending(channel) -> bool:
     """Whether C{channel}'s next line is a request line (name-mangled C{__first_line})."""
@@ -308,10 +297,9 @@ def reset_request_parser(channel) -> None:
 
 def hold_for_request(channel) -> None:
     """
-    What C{HTTPChannel.allContentReceived} does next: suspend the idle timeout while the
-    request is answered (C{requestDone} restores it from C{_savedTimeOut}) and mark the
-    channel as handling a request (C{_handlingRequest}, which makes it queue pipelined
-    input).
+    What C{HTTPChannel.allContentReceived} does next: suspend the idle timeout while the request is
+    answered (C{requestDone} restores it from C{_savedTimeOut}) and mark the channel as handling a
+    request (C{_handlingRequest}, which makes it queue pipelined input).
     """
     if channel.timeOut:
         channel._savedTimeOut = channel.setTimeout(None)
@@ -321,8 +309,8 @@ def hold_for_request(channel) -> None:
 def abort_pending(channel) -> bool:
     """
     Whether C{channel} has already scheduled its forced abort after a timeout
-    (C{HTTPChannel._abortingCall}); a second C{timeoutConnection} would replace, and so
-    leak, the first one's delayed call.
+    (C{HTTPChannel._abortingCall}); a second C{timeoutConnection} would replace, and so leak, the first
+    one's delayed call.
     """
     return channel._abortingCall is not None
 
@@ -331,13 +319,12 @@ def abort_pending(channel) -> bool:
 
 def cancel_close_timer(protocol) -> None:
     """
-    Autobahn leaves its close-handshake timer pending when the TCP connection goes
-    first; cancel it so a closed link leaves nothing scheduled.
+    Autobahn leaves its close-handshake timer pending when the TCP connection goes first; cancel it so a
+    closed link leaves nothing scheduled.
 
-    C{closeHandshakeTimeoutCall} is an undocumented attribute of Autobahn's
-    C{WebSocketProtocol} (Autobahn 26.11.1: set in C{sendCloseFrame}, cancelled only when
-    the peer's close frame arrives); there is no public way to cancel it.  Guard:
-    tests.test_compat.AutobahnState.
+    C{closeHandshakeTimeoutCall} is an undocumented attribute of Autobahn's C{WebSocketProtocol}
+    (Autobahn 26.11.1: set in C{sendCloseFrame}, cancelled only when the peer's close frame arrives);
+    there is no public way to cancel it.  Guard: tests.test_compat.AutobahnState.
     """
     call = getattr(protocol, "closeHandshakeTimeoutCall", None)
     protocol.closeHandshakeTimeoutCall = None
@@ -350,13 +337,12 @@ def cancel_close_timer(protocol) -> None:
 
 def handshake_status_line(protocol) -> str:
     """
-    The HTTP status line of the server's answer to a WebSocket client's opening
-    handshake (C{"HTTP/1.1 409 Conflict"}), or C{""} before one arrived.
+    The HTTP status line of the server's answer to a WebSocket client's opening handshake (C{"HTTP/1.1
+    409 Conflict"}), or C{""} before one arrived.
 
-    C{http_status_line} is an undocumented attribute of Autobahn's
-    C{WebSocketClientProtocol} (Autobahn 26.11.1, set in C{processHandshake}); the
-    public C{failHandshake(reason)} gets only Autobahn's text, not the status.  Guard:
-    tests.test_compat.AutobahnState.
+    C{http_status_line} is an undocumented attribute of Autobahn's C{WebSocketClientProtocol} (Autobahn
+    26.11.1, set in C{processHandshake}); the public C{failHandshake(reason)} gets only Autobahn's text,
+    not the status.  Guard: tests.test_compat.AutobahnState.
     """
     return getattr(protocol, "http_status_line", "") or ""
 
@@ -366,41 +352,38 @@ def autobahn_between_frames(protocol) -> bool:
     Autobahn holds no part of a received frame or message: a link's own frame reader
     (L{pipegate.http.pipe.FrameLink}) may take over the bytes that follow.
 
-    C{data} (the receive buffer), C{current_frame} and C{inside_message} are undocumented
-    attributes of Autobahn's C{WebSocketProtocol} (Autobahn 26.11.1: set in
-    C{_connectionMade}, at the opening handshake's end, in C{processData}, C{onFrameBegin} and
-    C{onFrameEnd}); the public
-    API has no way to ask whether the reader is between messages.  Guard:
-    tests.test_compat.AutobahnState.
+    C{data} (the receive buffer), C{current_frame} and C{inside_message} are undocumented attributes of
+    Autobahn's C{WebSocketProtocol} (Autobahn 26.11.1: set in C{_connectionMade}, at the opening
+    handshake's end, in C{processData}, C{onFrameBegin} and C{onFrameEnd}); the public API has no way to
+    ask whether the reader is between messages.  Guard: tests.test_compat.AutobahnState.
     """
     return not protocol.data and protocol.current_frame is None and not protocol.inside_message
 
 
 def autobahn_traffic_seen(protocol) -> None:
     """
-    What Autobahn does with each data frame it reads itself: with C{autoPingRestartOnAnyTraffic}
-    (its default), incoming data stands in for a pong and cancels a pending ping timeout, so a
-    link busy with data is not dropped while the pong waits behind it.
+    What Autobahn does with each data frame it reads itself: with C{autoPingRestartOnAnyTraffic} (its
+    default), incoming data stands in for a pong and cancels a pending ping timeout, so a link busy with
+    data is not dropped while the pong waits behind it.
 
-    C{autoPingTimeoutCall} (undocumented attribute) and C{_cancelAutoPingTimeoutCall}
-    (private method) of Autobahn's C{WebSocketProtocol} (Autobahn 26.11.1, called from
-    C{onFrameEnd}).  Guard: tests.test_compat.AutobahnState.
+    C{autoPingTimeoutCall} (undocumented attribute) and C{_cancelAutoPingTimeoutCall} (private method)
+    of Autobahn's C{WebSocketProtocol} (Autobahn 26.11.1, called from C{onFrameEnd}).  Guard:
+    tests.test_compat.AutobahnState.
     """
     if protocol.autoPingTimeoutCall and protocol.autoPingRestartOnAnyTraffic:
         protocol._cancelAutoPingTimeoutCall()
 
 
 # -- Autobahn's compiled XOR masker ----------------------------------------------------------
-#
-# Why: the links mask and unmask their own data frames (pipegate.http.pipe).  Autobahn's
-# public maskers (autobahn.websocket.xormasker) come from its NVX wrapper modules, which parse
-# their C declarations with pycparser when imported: about 1.2 MiB of RSS in every relay and
-# connector, which pipegate.http avoids by starting Autobahn with AUTOBAHN_USE_NVX=0 (Autobahn
-# then masks its own few frames, the handshake's pings and closes, in Python).  The compiled
-# extension module those wrappers load, C{_nvx_xormasker}, is importable on its own and needs no
-# parsing; it is Autobahn's, undocumented (Autobahn 26.11.1: C{autobahn/nvx/_xormasker.py}
-# builds it; its functions are what C{XorMaskerNvx} calls).  Without it (an Autobahn built
-# without NVX) the public masker serves.  Guard: tests.test_compat.AutobahnMasker.
+# Why: the links mask and unmask their own data frames (pipegate.http.pipe).  Autobahn's public maskers
+# (autobahn.websocket.xormasker) come from its NVX wrapper modules, which parse their C declarations
+# with pycparser when imported: about 1.2 MiB of RSS in every relay and connector, which pipegate.http
+# avoids by starting Autobahn with AUTOBAHN_USE_NVX=0 (Autobahn then masks its own few frames, the
+# handshake's pings and closes, in Python).  The compiled extension module those wrappers load,
+# C{_nvx_xormasker}, is importable on its own and needs no parsing; it is Autobahn's, undocumented
+# (Autobahn 26.11.1: C{autobahn/nvx/_xormasker.py} builds it; its functions are what C{XorMaskerNvx}
+# calls).  Without it (an Autobahn built without NVX) the public masker serves.  Guard:
+# tests.test_compat.AutobahnMasker.
 try:
     from _nvx_xormasker import ffi as _nvx_ffi, lib as _nvx_lib
 except ImportError:  # pragma: no cover - Autobahn built without its native extensions
@@ -427,17 +410,14 @@ def xor_mask(mask: bytes, payload: bytes) -> bytes:
 
 
 # -- Twisted's buffering TLS layer: a write that goes now, without its flush call ------------
-#
-# Why: BufferingTLSTransport.write hands every write to its private _AggregateSmallWrites,
-# which schedules a callLater(0) to flush the turn's writes.  A mux link sends its
-# control frames (OPEN, OPEN_OK, FIN, WINDOW, ...) at once anyway (send_now flushes the
-# aggregator), so each of them still made a DelayedCall that was pushed on the reactor's
-# heap and popped a turn later to flush nothing: two or three per tunnelled connection
-# in each of gateway and provider (cProfile of benchmarks.connect_ab's loop).  No public
-# API writes through the layer without it.  Reads the layer's private C{_aggregator} and
-# that aggregator's private C{_buffer} (Twisted 26.10.0, twisted.protocols.tls
-# BufferingTLSTransport and _AggregateSmallWrites), calls the aggregator's C{flush} and
-# the base class's C{TLSMemoryBIOProtocol.write}.  Guard: tests.test_compat.WriteNow.
+# Why: BufferingTLSTransport.write hands every write to its private _AggregateSmallWrites, which
+# schedules a callLater(0) to flush the turn's writes.  A mux link sends its control frames (OPEN,
+# OPEN_OK, FIN, WINDOW, ...) at once anyway (send_now flushes the aggregator), so each still made a
+# DelayedCall, pushed on the reactor's heap and popped a turn later to flush nothing: two or three per
+# tunnelled connection in each of gateway and provider.  No public API writes through the layer without
+# it.  Reads the layer's private C{_aggregator} and its private C{_buffer} (Twisted 26.10.0,
+# twisted.protocols.tls), calls the aggregator's C{flush} and C{TLSMemoryBIOProtocol.write}.  Guard:
+# tests.test_compat.WriteNow.
 
 # (None if a release renames it: then write_now falls back to the layer's own write)
 _AggregateSmallWrites = getattr(_twisted_tls, "_AggregateSmallWrites", None)
@@ -458,9 +438,9 @@ def _tls_write_now(layer, data: bytes) -> None:
 def write_now(transport):
     """
     A callable writing its bytes to C{transport} at once: through a buffering TLS layer
-    (C{BufferingTLSTransport}), together with what that layer holds for the turn's end (one
-    C{SSL_write} and one transport write for both) and without scheduling its flush; any
-    other transport's own C{write}.
+    (C{BufferingTLSTransport}), together with what that layer holds for the turn's end (one C{SSL_write}
+    and one transport write for both) and without scheduling its flush; any other transport's own
+    C{write}.
     """
     if _AggregateSmallWrites is not None and isinstance(transport, BufferingTLSTransport) and isinstance(
             getattr(transport, "_aggregator", None), _AggregateSmallWrites):
@@ -469,24 +449,20 @@ def write_now(transport):
 
 
 # -- Twisted's epoll reactor: I/O events dispatched without the legacy log context ----------
+# Why: EPollReactor.doPoll wraps every I/O event in twisted.python.log.callWithLogger (the selectable's
+# logPrefix(), a copy and update of the legacy log context dict, a push and pop on the context tracker:
+# about 13 Python calls per event) for the "system" field of legacy log.msg/log.err lines, which
+# PipeGate (twisted.logger) does not write; a gateway or provider handles 5-6 events per tunnelled
+# connection and one or two per small message.  No public API chooses how the reactor dispatches.
+# lean_dispatch gives one EPollReactor a doIteration that is doPoll's loop with a try/except in place of
+# callWithLogger (an exception escaping an event is still logged and the loop goes on; legacy lines
+# logged inside an event say system "-").  Reads the reactor's private C{_poller}, C{_selectables} and
+# calls its private C{_doReadOrWrite} (Twisted 26.10.0, epollreactor.EPollReactor.doPoll and
+# posixbase._PollLikeMixin).  Guard: tests.test_compat.LeanDispatch.
 #
-# Why: EPollReactor.doPoll wraps every I/O event in twisted.python.log.callWithLogger: the
-# selectable's logPrefix(), a copy and update of the legacy log context dict, and a push
-# and pop on the context tracker, about 13 Python calls per event, for the "system" field
-# of legacy log.msg/log.err lines written while the event is handled.  PipeGate logs with
-# twisted.logger (which does not read that context); a gateway or provider handles 5-6
-# events per tunnelled connection and one or two per small message, each paying it.  No
-# public API chooses how the reactor dispatches.  lean_dispatch gives one EPollReactor
-# instance a doIteration that is doPoll's loop with a try/except in place of
-# callWithLogger (an exception escaping an event is still logged and the loop goes on;
-# legacy lines logged inside an event say system "-" instead of the protocol's prefix).
-# Reads the reactor's private C{_poller}, C{_selectables} and calls its private
-# C{_doReadOrWrite} (Twisted 26.10.0, twisted.internet.epollreactor.EPollReactor.doPoll
-# and posixbase._PollLikeMixin).  Guard: tests.test_compat.LeanDispatch.
-#
-# The same loop then runs the calls queued for the turn's end (TurnEndClock): the links' TLS
-# layers flush their small writes there instead of in a callLater(0) each turn (public: the
-# clock parameter of TLSMemoryBIOFactory, which only its small-write aggregator uses).
+# The same loop then runs the calls queued for the turn's end (TurnEndClock): the links' TLS layers
+# flush their small writes there instead of in a callLater(0) each turn (public: the clock parameter of
+# TLSMemoryBIOFactory, which only its small-write aggregator uses).
 
 class _TurnEndCall:
     """A call queued for the end of the reactor's current turn (see L{TurnEndClock})."""
@@ -505,8 +481,8 @@ class _TurnEndCall:
 
 class _LeanPoll:
     """
-    C{doIteration} of one EPollReactor: doPoll's loop without callWithLogger, then the calls
-    queued for the turn's end (L{TurnEndClock}).
+    C{doIteration} of one EPollReactor: doPoll's loop without callWithLogger, then the calls queued for
+    the turn's end (L{TurnEndClock}).
     """
 
     __slots__ = ("reactor", "turn_end")
@@ -517,8 +493,8 @@ class _LeanPoll:
 
     def __call__(self, timeout):
         if self.turn_end:
-            # Queued by a timed call or outside the loop: run them now, and do not sleep
-            # (what they did may have scheduled a timed call the timeout did not see).
+            # Queued by a timed call or outside the loop: run them now, and do not sleep (what they did
+            # may have scheduled a timed call the timeout did not see).
             self._end_turn()
             timeout = 0
         elif timeout is None:
@@ -540,7 +516,7 @@ class _LeanPoll:
                 except KeyboardInterrupt:
                     raise
                 except BaseException:
-                    _log.failure("Unhandled error handling an I/O event of {selectable!r}", selectable=selectable)
+                    _log.failure("Unhandled error in an I/O event of {selectable!r}", selectable=selectable)
         if self.turn_end:
             self._end_turn()
 
@@ -561,8 +537,8 @@ class _LeanPoll:
 
 def lean_dispatch(reactor) -> bool:
     """
-    Make C{reactor}, if it is Twisted's C{EPollReactor} with its own C{doPoll}, dispatch I/O
-    events without the legacy log context (see above).  Returns whether it does.  Idempotent.
+    Make C{reactor}, if it is Twisted's C{EPollReactor} with its own C{doPoll}, dispatch I/O events
+    without the legacy log context (see above).  Returns whether it does.  Idempotent.
     """
     from twisted.internet.epollreactor import EPollReactor
     if not isinstance(reactor, EPollReactor) or type(reactor).doPoll is not EPollReactor.doPoll:
@@ -576,11 +552,11 @@ def lean_dispatch(reactor) -> bool:
 
 class TurnEndClock:
     """
-    The clock of the links' TLS layers (L{BatchedTLSFactory}): C{callLater(0, f)}, which
-    Twisted's small-write aggregator makes once per turn that writes, runs C{f} when the
-    reactor's current turn has handled its I/O events, from a plain list, if the reactor
-    dispatches with L{lean_dispatch}: no DelayedCall made, pushed on the reactor's heap and
-    popped (about 3,000 instructions).  Anything else goes to the reactor.
+    The clock of the links' TLS layers (L{BatchedTLSFactory}): C{callLater(0, f)}, which Twisted's
+    small-write aggregator makes once per turn that writes, runs C{f} when the reactor's current turn
+    has handled its I/O events, from a plain list, if the reactor dispatches with L{lean_dispatch}: no
+    DelayedCall made, pushed on the reactor's heap and popped (about 3,000 instructions).  Anything else
+    goes to the reactor.
     """
 
     def __init__(self, reactor) -> None:
@@ -599,26 +575,20 @@ class TurnEndClock:
 
 
 # -- pyOpenSSL: how many bytes a connection's memory BIOs hold -------------------------------
-#
-# Why: BatchedTLSProtocol learns that it has read every record, and that OpenSSL has nothing
-# to send after a read, from a WantReadError: pyOpenSSL's recv and bio_read raise it when
-# the memory BIO is empty (SSL_get_error, the error queue, an exception made and caught:
-# 2.2 and 1.1 us each).  A mux link read paid both every time: two per TLS read in each of
-# gateway and provider (cProfile: about 9 per tunnelled connection).  No public call says
-# what a memory BIO holds; this asks OpenSSL's BIO_get_mem_data (with a NULL pointer: the
-# byte count only) through pyOpenSSL's private cffi binding C{SSL._lib} and C{SSL._ffi}, on
-# the connection's private C{_into_ssl} and C{_from_ssl} BIOs (pyOpenSSL 26.4.0,
-# cryptography 50.0.2).  The read loop stops when the incoming BIO is empty and SSL_pending
-# (public: C{Connection.pending}) is 0: what OpenSSL holds then is at most part of a record,
-# which a recv could not return either.  Without these names the layer raises and catches as
-# before.  Guard: tests.test_compat.BIOProbe.
+# Why: BatchedTLSProtocol learnt that it had read every record, and that OpenSSL had nothing to send
+# after a read, from a WantReadError (pyOpenSSL's recv and bio_read on an empty memory BIO:
+# SSL_get_error, the error queue, an exception made and caught; 2.2 and 1.1 us), twice per mux link
+# read.  No public call says what a memory BIO holds: this asks OpenSSL's BIO_get_mem_data (NULL
+# pointer: the byte count) through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi}, on the
+# connection's private C{_into_ssl} and C{_from_ssl} (pyOpenSSL 26.4.0, cryptography 50.0.2).  Reading
+# stops when the incoming BIO is empty and C{Connection.pending()} is 0 (read-ahead is off: OpenSSL then
+# holds at most part of a record, which recv could not return either).  Without these names the layer
+# raises and catches as before.  Guard: tests.test_compat.BIOProbe.
 _lib, _ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
-_bio_pending = getattr(_lib, "BIO_get_mem_data", None)
-_NULL = getattr(_ffi, "NULL", None)
+_bio_pending, _NULL = getattr(_lib, "BIO_get_mem_data", None), getattr(_ffi, "NULL", None)
 
 
 def probe_bios(connection) -> bool:
     """Whether L{BatchedTLSProtocol} can ask C{connection}'s memory BIOs what they hold."""
-    return (_bio_pending is not None and _NULL is not None
-            and getattr(connection, "_into_ssl", None) is not None
-            and getattr(connection, "_from_ssl", None) is not None)
+    return all(x is not None for x in (_bio_pending, _NULL, getattr(connection, "_into_ssl", None),
+                                       getattr(connection, "_from_ssl", None)))
