@@ -22,7 +22,7 @@ FINDINGS = {
         "rates the reactor's per-event cost and the kernel's are most of it."
     ),
     "tcp": (
-        "Bulk TCP costs gateway + provider about 2.3-2.8 CPU-s/GB against the HAProxy pair's 1.7-1.8: "
+        "Bulk TCP costs gateway + provider about 1.8-2.1 CPU-s/GB against the HAProxy pair's 1.5-1.7: "
         "the same TLS work (OpenSSL's AES-GCM, one SSL_write and one send per 64 KiB frame with the "
         "batched TLS layer) plus, per 64 KiB, one Python read, one frame and one credit check at "
         "each end. HAProxy splices and encrypts in C with no per-chunk interpreter work. The "
@@ -39,8 +39,9 @@ FINDINGS = {
     "redis": (
         "At -P 1 every request is four reactor events (a read at the gate, the frame at the "
         "provider, the answer at the provider, the frame at the gateway), each paying Twisted's "
-        "dispatch, a TLS record and a send: 37-40 µs of CPU per SET+GET against the HAProxy "
-        "pair's 30-32 and ssh's 22 (one process, C). py-spy (flamegraph-redis-*-after.svg) puts the "
+        "dispatch, a TLS record and a send: about 24 µs of CPU per SET+GET, level with the HAProxy "
+        "pair (24) and with its ratio to direct (0.29 x), against ssh's 18 (one process, C), whose "
+        "ratio (0.36 x) sets the target. py-spy (flamegraph-redis-*-after.svg) puts the "
         "sends first (36-48 % of wall samples; on loopback a send also wakes the other process), then "
         "the reactor's per-event dispatch and log context (~11 %; the log context has since gone, "
         "about 10 % less CPU per request in cpu_ab), then the TLS layer; the link already aggregates "
@@ -61,14 +62,16 @@ FINDINGS = {
     "connect": (
         "On this 2-core machine connect latency follows CPU, not round trips: client, gateway, "
         "provider and echo backend spend about 2 ms of CPU per connection together against "
-        "1.2-1.4 ms of latency. perf: the gateway is 67 % in the interpreter, 22 % in the kernel; "
+        "1.0-1.4 ms of latency. perf: the gateway is 67 % in the interpreter, 22 % in the kernel; "
         "cProfile: about 725 Python calls per connection in each process (from 935-1,000, then "
-        "850-880), callgrind about 930,000 instructions (from 1.1 million before the legacy log "
-        "context per event and the TLS layer's timed flushes went), most of the rest Twisted's "
+        "850-880), callgrind about 870,000-900,000 instructions (from 1.1 million before the legacy "
+        "log context per event, the TLS layer's timed flushes and its WantReadErrors went), most of "
+        "the rest Twisted's "
         "reactor loop, TCP setup and teardown and pyOpenSSL's wrappers over 5-6 wakeups per "
         "connection per process. Sending the client's first bytes with OPEN (a wire "
         "change that removes the OPEN_OK round trip) cut p50 by only 0.03 ms and was not kept. "
-        "The rest of the way to 1.0 ms needs fewer Python layers per event "
+        "p50 now sits on the 1.0 ms line (0.96-1.02 ms over the last two runs' repetitions); a margin "
+        "below it needs fewer Python layers per event "
         "(benchmarks/README.md, \"Connect latency through a gate\" and \"Per-connection work on "
         "the port plane\")."
     ),
