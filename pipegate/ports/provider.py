@@ -37,6 +37,26 @@ def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
                         tags=tuple(svc.tags), policy=policy)
 
 
+class _BackendRelease:
+    """
+    What L{Provider._acquire} returns: called (with any arguments, as a callback), it gives
+    the backend socket, and the UDP flow of a UDP open, back to the provider's caps once.
+    One per open channel: a slotted object instead of a closure over the OPEN frame.
+    """
+
+    __slots__ = ("provider", "source", "udp")
+
+    def __init__(self, provider: Provider, source: str, udp: bool) -> None:
+        self.provider, self.source, self.udp = provider, source, udp
+
+    def __call__(self, *_: object) -> None:
+        provider, self.provider = self.provider, None
+        if provider is not None:
+            provider.backends.release(self.source)
+            if self.udp:
+                provider.udp_flows.release(None)
+
+
 @attrs.frozen
 class ProviderConfig:
     services: tuple[Service, ...] = ()
@@ -145,15 +165,7 @@ class Provider(service.Service, Drainer):
                               proto=frame.protocol, kind=kind, cap=refused, more=held_back)
             link.send(frames.OpenFail(frame.channel, f"overloaded: {kind} {refused} cap reached"))
             return None
-        released = []
-
-        def release(*_):
-            if not released:
-                released.append(True)
-                self.backends.release(source)
-                if frame.protocol == "udp":
-                    self.udp_flows.release(None)
-        return release
+        return _BackendRelease(self, source, frame.protocol == "udp")
 
     def _log_failure(self, svc: Service, text: str, **fields) -> None:
         """Log a failed backend open, at most one line per service every 10 s, with the count held back."""
