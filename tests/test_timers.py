@@ -11,7 +11,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pipegate.timers import Deadline, IdleTimer, cancel
+from pipegate.timers import Deadline, IdleTimer, _schedule_of, cancel
 from tests.support import collector_off
 
 
@@ -79,6 +79,63 @@ class IdleTimerTests(unittest.TestCase):
         timer.touch()
         self.assertEqual((timer.last, timer.active()), (3, False))
         self.timer.cancel()
+
+
+class IdleScheduleTests(unittest.TestCase):
+    """All the idle timers of a clock on one pending call, each firing at its own time."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.fired = []
+
+    def timer(self, name, seconds):
+        return IdleTimer(self.clock, seconds, lambda: self.fired.append((name, self.clock.seconds())))
+
+    def test_one_pending_call_for_many_timers_each_at_its_time(self):
+        timers = [self.timer(n, n) for n in (5, 3, 8, 3)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        timers[2].touch()   # due at 9 now
+        for _ in range(10):
+            self.clock.advance(1)
+        self.assertEqual(self.fired, [(3, 3), (3, 3), (5, 5), (8, 9)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelling_every_timer_leaves_nothing_scheduled(self):
+        timers = [self.timer(n, 10 + n) for n in range(100)]
+        for timer in timers[:70]:
+            timer.cancel()
+        for timer in timers[70:]:
+            cancel(timer)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(200)
+        self.assertEqual(self.fired, [])
+
+    def test_a_callback_may_cancel_or_start_timers(self):
+        # The first one due at 5 cancels the other one due at 5 (made after it, so behind it).
+        later = []
+        IdleTimer(self.clock, 5, lambda: (later[0].cancel(), self.timer("new", 2)))
+        later.append(self.timer("later", 5))
+        self.clock.advance(5)
+        self.clock.advance(2)
+        self.assertEqual(self.fired, [("new", 7)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_failing_callback_is_logged_and_the_others_still_fire(self):
+        IdleTimer(self.clock, 4, lambda: 1 / 0)
+        self.timer("after", 4)
+        self.clock.advance(4)
+        self.assertEqual(self.fired, [("after", 4)])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_cancelled_entries_do_not_pile_up(self):
+        keep = self.timer("keep", 1000)
+        for _ in range(1000):
+            self.timer("gone", 500).cancel()
+        self.assertLess(len(_schedule_of(self.clock).heap), 200)
+        self.clock.advance(1000)
+        self.assertEqual(self.fired, [("keep", 1000)])
+        self.assertFalse(keep.active())
 
 
 class DeadlineTests(unittest.TestCase):
