@@ -523,12 +523,13 @@ class _LeanPoll:
     def _end_turn(self) -> None:
         while self.turn_end:
             calls, self.turn_end = self.turn_end, []
-            for call in calls:
+            for index, call in enumerate(calls):
                 if call.pending:
                     call.pending = False
                     try:
                         call.func(*call.args)
                     except KeyboardInterrupt:
+                        self.turn_end[:0] = calls[index + 1:]   # the rest still runs (a flush each)
                         raise
                     except BaseException:
                         _log.failure("Unhandled error in a call at the end of a reactor turn: {func!r}",

@@ -635,6 +635,25 @@ class LeanDispatch(GuardMixin, unittest.TestCase):
         self.assertEqual(reactor.getDelayedCalls(), [later])
         later.cancel()
 
+    def test_calls_after_an_interrupted_one_still_run(self):
+        reactor = self.reactor()
+        clock = _compat.TurnEndClock(reactor)
+        self.assertTrue(_compat.lean_dispatch(reactor))
+        ran = []
+
+        def interrupt():
+            raise KeyboardInterrupt()
+        clock.callLater(0, ran.append, 1)
+        clock.callLater(0, interrupt)
+        after = clock.callLater(0, ran.append, 2)
+        with self.assertRaises(KeyboardInterrupt):
+            reactor.doIteration(0)
+        self.assertEqual(ran, [1])
+        self.assertTrue(after.active())   # (a small-write aggregator waiting on it would stall)
+        reactor.doIteration(0)
+        self.assertEqual(ran, [1, 2])
+        self.assertFalse(after.active())
+
     def test_turn_end_clock_without_lean_dispatch_is_the_reactor(self):
         reactor = task.Clock()
         clock = _compat.TurnEndClock(reactor)
@@ -702,6 +721,24 @@ class BIOProbe(GuardMixin, unittest.TestCase):
                 server.dataReceived(wire[start:start + cut])
             self.assertEqual(b"".join(reads), b"".join(messages), cut)
             self.assertEqual(server._tlsConnection.pending(), 0)
+
+    def test_openssl_takes_one_record_at_a_time_from_the_bio(self):
+        # What the probe's stop rests on: with read-ahead off (nothing in PipeGate turns it
+        # on), a recv takes exactly one record from the memory BIO, so an empty BIO and
+        # SSL_pending 0 mean that OpenSSL holds no whole record.
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        out, inc = client._tlsConnection, server._tlsConnection
+        records = []
+        for size in (10, 5_000, 16_384, 3):
+            out.send(b"r" * size)
+            records.append(out.bio_read(2**18))
+        inc.bio_write(b"".join(records))
+        for number, record in enumerate(records):
+            held = _compat._bio_pending(inc._into_ssl, _compat._NULL)
+            self.assertEqual(held, sum(map(len, records[number:])))
+            inc.recv(2**15)
+            self.assertEqual(inc.pending(), 0)
+            self.assertEqual(_compat._bio_pending(inc._into_ssl, _compat._NULL), held - len(record))
 
     def test_nothing_to_send_raises_nothing(self):
         client, server = handshaken_pair(_compat.BatchedTLSFactory)
