@@ -212,18 +212,29 @@ def run_tool(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 # -- readiness
+# Ports free_port handed out in this process, not handed out again: the kernel may give the
+# same port to two bind(0) calls in a row once the first socket is closed.  A topology whose
+# mux and gate ports came out equal would have its gateway's TLS listener take (silently) the
+# echo meant for the gate, whose bind fails: wait_echo's 30 s of "timed out", which one full
+# run showed once (reproduced by giving a gate its gateway's mux port).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free for TCP and UDP alike (so a gate can use both)."""
+    """A port that is free for TCP and UDP alike (so a gate can use both), not returned before."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        if port in _HANDED_OUT:
+            continue
         other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
         try:
             with socket.socket(socket.AF_INET, other) as s:
                 s.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free port")
 
