@@ -23,6 +23,7 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "cap_refusals": ("Gate connections or UDP flows refused, and OPENs a provider refused, past a "
                      "connection or flow cap, by cap.", "cap"),
     "evicted_flows": ("Idle UDP flows closed early to make room in a full flow table.", None),
+    "gate_bind_failures": ("Failed binds of a gate port (each is tried again later).", None),
     "held_datagrams_dropped": ("UDP datagrams of a new flow dropped because its hold (kept until the "
                                "channel opens) was full.", None),
     "acme_orders": ("ACME certificate orders started (first issuance and renewals).", None),

@@ -563,6 +563,35 @@ class Robustness(PortPlane):
         await eventually(lambda: self.logged(f"gate {busy.getHost().port}/tcp: cannot bind"))
         self.assertEqual(await self.echo_through(gate, b"ok"), b"okbye")
 
+    async def test_a_gate_whose_port_was_busy_opens_once_it_is_free(self):
+        gw, mux = await self.gateway()
+        gw.bind_retry_first = 0.05   # (1 s by default, doubling up to 60 s)
+        backend = await self.backend_echo()
+        busy = await self.backend_echo()  # another process's listener on the gate's port
+        port = busy.getHost().port
+        self.provider(mux, [Service(port, "127.0.0.1", backend.getHost().port)])
+        await eventually(lambda: self.logged(f"gate {port}/tcp: cannot bind"))
+        await eventually(lambda: gw.stats.get("gate_bind_failures") >= 2)   # tried again
+        self.assertNotIn((port, "tcp"), gw.gates)
+        await busy.stopListening()
+        await self.open_tcp_gate(gw, port)
+        self.assertEqual(await self.echo_through(port, b"ok"), b"okbye")
+        self.assertEqual(gw._bind_retries, {})
+
+    async def test_no_retry_outlives_the_gate_s_last_provider(self):
+        gw, mux = await self.gateway()
+        gw.bind_retry_first = 0.05
+        backend = await self.backend_echo()
+        busy = await self.backend_echo()
+        port = busy.getHost().port
+        prov = self.provider(mux, [Service(port, "127.0.0.1", backend.getHost().port)])
+        await eventually(lambda: gw._bind_retries)
+        stopped = prov.client.stopService()
+        self._drop_links(prov)
+        await stopped
+        await eventually(lambda: not gw.exposed())
+        self.assertEqual((gw._bind_retries, gw._bind_failures), ({}, {}))
+
     async def test_ipv6_listen(self):
         try:
             with socket.socket(socket.AF_INET6) as s:

@@ -149,6 +149,12 @@ class Opening(LinkChannel):
 class Gateway(service.Service, Drainer):
     log = Logger()
 
+    # A gate whose port cannot be bound (in use by another process, or a lingering old one)
+    # is tried again while some provider still serves it: after 1 s, then twice as long each
+    # time, at most every 60 s.
+    bind_retry_first = 1.0
+    bind_retry_max = 60.0
+
     def __init__(self, config: GatewayConfig, clock, guard=None) -> None:
         self.config = config
         # A pipegate.accept.EmfileGuard: pauses accepting on the TCP gates when the process
@@ -160,6 +166,8 @@ class Gateway(service.Service, Drainer):
         self.links: set = set()
         self.gates: dict[tuple[int, str], object] = {}
         self._binding: set = set()
+        self._bind_retries: dict[tuple[int, str], object] = {}   # a gate's pending bind retry
+        self._bind_failures: dict[tuple[int, str], int] = {}     # its failed binds in a row
         # The providers serving each exposed gate: round robin, failover, GOAWAY drains.
         self.providers: RouteTable[tuple[int, str], object] = RouteTable()
         self.tcp_clients: set[GateConnection] = set()
@@ -334,8 +342,11 @@ class Gateway(service.Service, Drainer):
         for key in list(self.gates):
             if key not in wanted:
                 self._close_gate(key)
+        for key in list(self._bind_retries):
+            if key not in wanted:
+                self._forget_bind_failures(key)
         for key in wanted:
-            if key not in self.gates and key not in self._binding:
+            if key not in self.gates and key not in self._binding and key not in self._bind_retries:
                 self._open_gate(key)
 
     def _open_gate(self, key) -> None:
@@ -347,9 +358,10 @@ class Gateway(service.Service, Drainer):
             try:
                 listening = reactor.listenUDP(port, gate, interface=self.config.listen, maxPacketSize=65535)
             except CannotListenError as e:
-                self.log.error("gate {port}/udp: cannot bind: {error}", port=port, error=e.socketError)
+                self._bind_failed(key, e.socketError)
                 return
             set_buffers(listening, self.config.udp_buffer)
+            self._forget_bind_failures(key)
             self.gates[key] = (listening, gate)
             self.log.info("gate {port}/udp open", port=port)
             return
@@ -361,6 +373,7 @@ class Gateway(service.Service, Drainer):
             self._binding.discard(key)
             if not self.running or key not in self.exposed():
                 return listening.stopListening()
+            self._forget_bind_failures(key)
             self.gates[key] = (listening, None)
             if self.guard is not None:
                 self.guard.ports.append(listening)
@@ -368,10 +381,28 @@ class Gateway(service.Service, Drainer):
 
         def failed(failure):
             self._binding.discard(key)
-            self.log.error("gate {port}/tcp: cannot bind: {error}", port=port,
-                           error=failure.getErrorMessage())
+            if self.running:
+                self._bind_failed(key, failure.getErrorMessage())
 
         endpoint.listen(GateFactory(self, key)).addCallbacks(bound, failed)
+
+    def _bind_failed(self, key, error) -> None:
+        """Log a gate's failed bind and try again later (L{bind_retry_first}, doubling)."""
+        failures = self._bind_failures[key] = self._bind_failures.get(key, 0) + 1
+        delay = min(self.bind_retry_max, self.bind_retry_first * 2 ** min(failures - 1, 16))
+        self.stats.inc("gate_bind_failures")
+        self.log.error("gate {port}/{proto}: cannot bind: {error} (trying again in {delay:g} s)",
+                       port=key[0], proto=key[1], error=error, delay=delay)
+        self._bind_retries[key] = self.clock.callLater(delay, self._retry_bind, key)
+
+    def _retry_bind(self, key) -> None:
+        del self._bind_retries[key]
+        if self.running and key in self.exposed() and key not in self.gates and key not in self._binding:
+            self._open_gate(key)
+
+    def _forget_bind_failures(self, key) -> None:
+        cancel(self._bind_retries.pop(key, None))
+        self._bind_failures.pop(key, None)
 
     def _close_gate(self, key):
         listening, gate = self.gates.pop(key)
@@ -417,6 +448,8 @@ class Gateway(service.Service, Drainer):
 
         super().stopService()
         self.draining = True
+        for key in list(self._bind_retries):
+            self._forget_bind_failures(key)
         closing = [maybeDeferred(self._close_gate, key) for key in list(self.gates)]
         for link in list(self.links):
             link.announce_going_away("gateway stopping")
