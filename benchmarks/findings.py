@@ -70,7 +70,7 @@ FINDINGS = {
         "reactor loop, TCP setup and teardown and pyOpenSSL's wrappers over 5-6 wakeups per "
         "connection per process. Sending the client's first bytes with OPEN (a wire "
         "change that removes the OPEN_OK round trip) cut p50 by only 0.03 ms and was not kept. "
-        "p50 now sits on the 1.0 ms line (0.96-1.02 ms over the last two runs' repetitions); a margin "
+        "p50 now sits on the 1.0 ms line (0.92-1.02 ms over the repetitions of the last three full runs); a margin "
         "below it needs fewer Python layers per event "
         "(benchmarks/README.md, \"Connect latency through a gate\" and \"Per-connection work on "
         "the port plane\")."
