@@ -124,10 +124,12 @@ class _IdleSchedule:
         entry = (due, next(self.numbers), timer)
         timer._entry = entry
         heapq.heappush(self.heap, entry)
-        if self.call is None:
-            self.call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._run)
-        elif due < self.call.getTime():
-            self.call.reset(max(0.0, due - self.clock.seconds()))
+        call = self.call
+        if call is None or not call.active():
+            # (not active: cancelled by someone else, as trial does to a test's leftover calls)
+            self.call = self.clock.callLater(max(0.0, self.heap[0][0] - self.clock.seconds()), self._run)
+        elif due < call.getTime():
+            call.reset(max(0.0, due - self.clock.seconds()))
 
     def dropped(self) -> None:
         self.live -= 1

@@ -128,6 +128,19 @@ class IdleScheduleTests(unittest.TestCase):
         self.assertEqual(self.fired, [("after", 4)])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
+    def test_the_shared_call_cancelled_from_outside_is_made_again(self):
+        # Trial cancels the calls a test left pending; the schedule outlives the test (one
+        # per clock), and the next timer must still fire, the older ones too.
+        older = self.timer("older", 3)
+        [call] = self.clock.getDelayedCalls()
+        call.cancel()
+        self.timer("next", 5)
+        self.clock.advance(3)
+        self.clock.advance(2)
+        self.assertEqual(self.fired, [("older", 3), ("next", 5)])
+        self.assertFalse(older.active())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_cancelled_entries_do_not_pile_up(self):
         keep = self.timer("keep", 1000)
         for _ in range(1000):
