@@ -32,37 +32,6 @@ def cancel(call: IDelayedCall | IdleTimer | Deferred | None) -> None:
     return None
 
 
-class _LazyCall:
-    """
-    One pending call on a clock for a time that may move later at no cost: moving it only
-    records the new time, and the call, when it comes early, is made again for what is
-    left (a re-armed DelayedCall, C{active} and C{reset}, is a heap operation).  Subclasses
-    say how much is left (L{_remaining}) and what happens then (L{_expire}).
-    """
-
-    __slots__ = ("clock", "_call")
-
-    def _remaining(self) -> float:
-        raise NotImplementedError
-
-    def _expire(self) -> None:
-        raise NotImplementedError
-
-    def _check(self) -> None:
-        remaining = self._remaining()
-        if remaining > 0:
-            self._call = self.clock.callLater(remaining, self._check)
-            return
-        self._call = None
-        self._expire()
-
-    def active(self) -> bool:
-        return self._call is not None
-
-    def cancel(self) -> None:
-        self._call = cancel(self._call)
-
-
 class IdleTimer:
     """
     Calls C{on_idle()} once C{seconds} have passed without a L{touch}; with C{seconds}
@@ -102,7 +71,7 @@ class _IdleSchedule:
     """
     The idle timers of one clock: a heap of C{(due, number, timer)} and one pending call
     for the earliest.  A touch moves nothing: a timer found touched when its entry comes
-    due is pushed again for what is left, as L{_LazyCall} does with its call.  A cancelled
+    due is pushed again for what is left, as L{Deadline} does with its call.  A cancelled
     timer's entry stays until it comes due or the heap is rebuilt (when more than half of
     it is cancelled entries), and with no timer left the pending call goes too.
     """
@@ -175,16 +144,18 @@ def _schedule_of(clock: IReactorTime) -> _IdleSchedule:
     return schedule
 
 
-class Deadline(_LazyCall):
+class Deadline:
     """
     Calls C{on_expiry(*args)} once the time last L{set} is reached, unless L{cancel}ed.
 
     Moving the time later (a stream's request timeout re-armed by each frame of its
-    answer) only records it; moving it earlier reschedules the call.  So it fires at
-    exactly the time last set, with the C{args} last set.
+    answer) only records it, and the call, when it comes early, is made again for what
+    is left (re-arming a DelayedCall, C{reset}, is a heap operation); moving it earlier
+    reschedules the call.  So it fires at exactly the time last set, with the C{args}
+    last set.
     """
 
-    __slots__ = ("on_expiry", "at", "args")
+    __slots__ = ("clock", "_call", "on_expiry", "at", "args")
 
     def __init__(self, clock: IReactorTime, on_expiry: Callable[..., object]) -> None:
         self.clock = clock
@@ -203,11 +174,19 @@ class Deadline(_LazyCall):
         elif call.getTime() > self.at:
             call.reset(seconds)
 
-    def _remaining(self) -> float:
-        return self.at - self.clock.seconds()
-
-    def _expire(self) -> None:
+    def _check(self) -> None:
+        remaining = self.at - self.clock.seconds()
+        if remaining > 0:
+            self._call = self.clock.callLater(remaining, self._check)
+            return
+        self._call = None
         self.on_expiry(*self.args)
+
+    def active(self) -> bool:
+        return self._call is not None
+
+    def cancel(self) -> None:
+        self._call = cancel(self._call)
 
     def close(self) -> None:
         """
