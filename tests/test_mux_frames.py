@@ -719,6 +719,40 @@ class PropertyTests(unittest.TestCase):
             return
         self.assertEqual(encode(got), bytes(wire))
 
+    @PROPERTY
+    @given(st.lists(st.sampled_from(["a", "b,c", "", ",", "\u00e9", "x y"]), max_size=3),
+           st.sampled_from([b"203.0.113.9", b"::1", b"10.0.0.x", b"", b"\xc3\xa9"]),
+           st.integers(0, 3), st.data())
+    def test_open_read_in_one_step_or_by_the_general_reader_alike(self, labels, host, protocol, data):
+        # An OPEN (one per tunnelled connection) is read in a few steps when it is valid
+        # (frames._decode_open); anything that one declines goes through the general reader.
+        # Both must give the same frame, or the same error, for any OPEN body.
+        payload = bytearray(u16(data.draw(st.integers(0, 2))) + u8(protocol) + u16(40000) + str8(host)
+                            + str16(",".join(labels).encode("utf-8")))
+        for _ in range(data.draw(st.integers(0, 2))):
+            i = data.draw(st.integers(0, len(payload) - 1))
+            payload[i] = data.draw(st.integers(0, 255))
+        payload += data.draw(st.sampled_from([b"", b"\x00"]))
+        wire = frame_bytes(frames.OPEN, 1, bytes(payload))
+
+        def outcome():
+            try:
+                return decode(wire)
+            except FrameError as e:
+                return str(e)
+        fast = outcome()
+        general = frames._decode_open
+        frames._decode_open = lambda channel, payload: None
+        try:
+            self.assertEqual(fast, outcome())
+        finally:
+            frames._decode_open = general
+
+    def test_valid_open_is_read_in_one_step(self):
+        frame = Open(7, 2222, "udp", "203.0.113.9", 40000, ("a", "b"))
+        self.assertEqual(frames._decode_open(7, encode(frame)[9:]), frame)
+        self.assertIsNone(frames._decode_open(7, encode(frame)[9:] + b"\x00"))
+
 
 # -- admission --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
-from pipegate.sockets import close_write, eager_writes, no_delay, plain_writes, socket_transport
+from pipegate.sockets import close_write, plain_writes, stream_socket
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -91,11 +91,7 @@ class StreamChannel(Protocol):
 
     # -- socket side
     def connectionMade(self) -> None:
-        no_delay(self.transport)
-        eager_writes(self.transport)
-        sock = socket_transport(self.transport)
-        if sock is not None:
-            sock.bufferSize = CHANNEL_SOCKET_BUFFER
+        stream_socket(self.transport, CHANNEL_SOCKET_BUFFER)   # (Nagle off, eager writes)
         self.transport.registerProducer(self, True)
         # Not attached yet (the gateway's OPEN is in flight): the socket is still read, so
         # that what the client sends meanwhile (the request of a connect-and-send client)

@@ -400,6 +400,43 @@ class _Reader(Reader):
         return Route(gate_port, protocol, host, service_port, tags, self.str16())
 
 
+_OPEN_HEAD = struct.Struct(">HBHB")   # gate port, protocol, client port, client host length
+_U16 = struct.Struct(">H")
+
+
+def _decode_open(channel: int, payload: bytes) -> Open | None:
+    """
+    An OPEN whose every field is valid, as the general path below reads it, in a few
+    steps instead of a reader call per field (one OPEN per tunnelled connection); None
+    for anything else, which the general path then reads and refuses with its own error.
+    """
+    size = len(payload)
+    if size < 6:
+        return None
+    gate_port, number, client_port, host_size = _OPEN_HEAD.unpack_from(payload)
+    end = 6 + host_size
+    if gate_port == 0 or number not in _PROTOCOL_NAMES or size < end + 2:
+        return None
+    if end + 2 + _U16.unpack_from(payload, end)[0] != size:
+        return None
+    raw = payload[6:end]
+    if not raw.isascii():
+        return None
+    host = raw.decode("ascii")
+    if not _is_ip_address(host):
+        return None
+    labels: tuple[str, ...] = ()
+    if size > end + 2:
+        try:
+            labels = tuple(payload[end + 2:].decode("utf-8").split(","))
+        except UnicodeDecodeError:
+            return None
+        for label in labels:
+            if not label:   # (a label holds no comma: they were split on commas)
+                return None
+    return Open(channel, gate_port, _PROTOCOL_NAMES[number], host, client_port, labels)
+
+
 def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
     """Parse one frame from its type, channel and payload, or raise L{FrameError}."""
     _check_envelope(kind, channel, len(payload))
@@ -407,6 +444,10 @@ def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
         return Data(channel, payload)
     if kind == DATAGRAM:
         return Datagram(channel, payload)
+    if kind == OPEN:
+        opened = _decode_open(channel, payload)
+        if opened is not None:
+            return opened
 
     r = _Reader(payload)
     frame: Frame

@@ -79,6 +79,7 @@ class GateFactory(Factory):
         channel.key = self.key
         channel.factory = self
         channel.labels = decision.labels
+        channel.client_address = (addr.host, addr.port)   # (for the OPEN: no getPeer)
         if decision.limit is None:
             return channel
         up, down, release = gateway.buckets(addr.host, decision.limit)
@@ -111,6 +112,7 @@ class GateConnection(StreamChannel):
     key: tuple[int, str]
     opening: object | None = None   # the gateway's Opening while the OPEN is in flight
     source: str | None = None   # the client's source_key, while it holds a unit of the TCP budget
+    client_address: tuple | None = None   # (host, port), set at accept
 
     def connectionMade(self) -> None:
         super().connectionMade()
