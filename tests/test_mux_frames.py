@@ -748,6 +748,31 @@ class PropertyTests(unittest.TestCase):
         finally:
             frames._decode_open = general
 
+    @PROPERTY
+    @given(st.sampled_from([Open, Fin, OpenOk]), st.sampled_from([1, 2**32 - 1, 0, -1, 2**32]),
+           st.sampled_from([1, 0, 65535, 65536, True]), st.sampled_from(["tcp", "udp", "sctp", ["tcp"]]),
+           st.sampled_from(["203.0.113.9", "::1", "10.0.0.x", "", "\u00e9"]),
+           st.sampled_from([40000, -1, 65536, "x"]), st.sampled_from([(), ("a",)]),
+           st.sampled_from([MAX_FRAME_SIZE, 10, 4]))
+    def test_open_fin_open_ok_written_in_one_step_or_by_the_general_path_alike(
+            self, kind, channel, gate_port, protocol, host, client_port, labels, max_frame_size):
+        # OPEN (without labels), FIN and OPEN_OK are written without encode's general
+        # dispatch; a subclass of the frame's class goes the general way.  Both must give
+        # the same bytes, or the same error, for any fields.
+        if kind is Open:
+            fields = dict(channel=channel, gate_port=gate_port, protocol=protocol, client_host=host,
+                          client_port=client_port, labels=labels)
+        else:
+            fields = dict(channel=channel)
+        general = attrs.make_class("General", {}, bases=(kind,), frozen=True)
+
+        def outcome(frame):
+            try:
+                return encode(frame, max_frame_size)
+            except Exception as e:
+                return type(e), str(e)
+        self.assertEqual(outcome(kind(**fields)), outcome(general(**fields)))
+
     def test_valid_open_is_read_in_one_step(self):
         frame = Open(7, 2222, "udp", "203.0.113.9", 40000, ("a", "b"))
         self.assertEqual(frames._decode_open(7, encode(frame)[9:]), frame)
