@@ -20,9 +20,11 @@ from errno import EAGAIN, ECONNREFUSED, EINTR, EWOULDBLOCK
 from types import MethodType
 
 from twisted.internet import endpoints, main, udp
+from twisted.internet.error import ConnectionLost
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import LogLevel
 from twisted.python import log
+from twisted.python.failure import Failure
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
@@ -123,6 +125,37 @@ def stream_socket(transport, buffer_size: int):
         transport.write = MethodType(_eager_write, transport)   # (as eager_writes)
     transport.bufferSize = buffer_size
     return transport
+
+
+def read_waiting(transport, data_received) -> None:
+    """
+    Read what the socket of C{transport} (a plain TCP connection) holds now, and give it
+    to C{data_received}, instead of at the reactor's next poll.
+
+    A client that connects and sends at once (a request, a TLS hello) has its first bytes
+    at the gateway by the time the connection is accepted: read then, they cost no
+    wakeup of their own (an C{epoll_wait}, and the reactor's turn around it).  Nothing
+    waiting (C{EWOULDBLOCK}): nothing happens.  The end of the stream is left to the
+    reactor, which reads it again on its next poll and closes as always; a receive error
+    (a reset) closes the connection here, as the reactor would have (C{connectionLost}
+    with C{ConnectionLost}), since reading it has cleared it from the socket.  Any other
+    transport (TLS, a wrapper), or one that is closing: nothing is done.
+    """
+    if not (isinstance(transport, FileDescriptor) and has_write_buffers(transport)) or transport.TLS \
+            or not transport.connected or transport.disconnecting:
+        return
+    try:
+        data = transport.getHandle().recv(transport.bufferSize)
+    except OSError as e:
+        if e.args[0] == EWOULDBLOCK:
+            return
+        reactor = transport.reactor
+        reactor.removeReader(transport)
+        reactor.removeWriter(transport)
+        transport.connectionLost(Failure(ConnectionLost()))
+        return
+    if data:
+        data_received(data)
 
 
 def plain_writes(transport) -> None:

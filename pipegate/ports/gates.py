@@ -18,6 +18,7 @@ from pipegate.core.budget import Budget, source_key
 from pipegate.core.window import GrowthBudget
 from pipegate.core.policy import Decision
 from pipegate.mux.channel import StreamChannel
+from pipegate.sockets import read_waiting
 from pipegate.stats import Stats
 from pipegate.core.bucket import datagram_allowed
 from pipegate.throttle import Shaper
@@ -120,6 +121,10 @@ class GateConnection(StreamChannel):
         self.set_idle_timeout(self.gateway.clock, self.gateway.config.tcp_idle_timeout)
         self.on_done = self.gateway.tcp_clients.discard
         self.gateway.try_open(self.key, self)
+        if self.link is None and not self.done:
+            # The client's first bytes, usually here already, are held for OPEN_OK now
+            # rather than after one more wakeup (a plain socket only: not through a Shaper).
+            read_waiting(self.transport, self.dataReceived)
 
     def connectionLost(self, reason=None) -> None:
         if self.opening is not None and self.link is None:
