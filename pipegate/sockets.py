@@ -229,19 +229,43 @@ def close_write(transport) -> None:
     wait for, so the socket (C{getHandle()}) is shut down for writing at once: a tunnelled
     connection's FIN reaches the service a reactor turn sooner, at four system calls less.
     Otherwise, and for a transport that is not a plain TCP connection (TLS, a wrapper),
-    C{loseWriteConnection} as before.  (Twisted is not told: nothing is written after a
-    FIN, and a write would fail as on any closed socket.)
+    C{loseWriteConnection} as before.  Twisted is told as its own half-close would
+    (L{pipegate._compat.write_closed}): a write after it is dropped, and C{loseConnection}
+    closes at once.
     """
-    if has_write_buffers(transport) and _at_the_socket(transport):
-        try:
-            transport.getHandle().shutdown(socket.SHUT_WR)
-            return
-        except OSError:
-            pass
+    if _shut_write(transport):
+        return
     try:
         transport.loseWriteConnection()
     except (AttributeError, NotImplementedError):
         pass
+
+
+def _shut_write(transport) -> bool:
+    """Shut the write side of C{transport} down now, if it is a TCP socket with nothing queued; says whether it did."""
+    if has_write_buffers(transport) and _at_the_socket(transport):
+        try:
+            transport.getHandle().shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        write_closed(transport, mark=True)
+        return True
+    return False
+
+
+def close_now(transport) -> None:
+    """
+    C{transport.loseConnection()}, at once when nothing is queued on its TCP socket.
+
+    Twisted's C{loseConnection} waits for the reactor to find the socket writable (an
+    C{epoll_ctl} to watch it, a wakeup, an empty write, another C{epoll_ctl}) before it
+    closes, unless the write side is shut down already.  With nothing queued the socket's
+    write side is shut down first (L{close_write}), so the socket is closed now: the peer
+    gets the same FIN, a reactor turn sooner.  Otherwise (bytes queued, TLS, a wrapper)
+    C{loseConnection} as before.
+    """
+    _shut_write(transport)
+    transport.loseConnection()
 
 
 def stream_endpoint(reactor, host: str, port: int, timeout: float):

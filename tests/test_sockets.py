@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.sockets import (
-    bounded_reads, close_write, connect_protocol, connect_stream, eager_writes, no_delay, read_waiting, send_now,
+    bounded_reads, close_now, close_write, connect_protocol, connect_stream, eager_writes, no_delay, read_waiting, send_now,
     socket_transport, stream_endpoint)
 from tests.support import Loopback, TestApp, eventually, request
 
@@ -310,6 +310,45 @@ class CloseWriteTests(unittest.TestCase):
         self.assertIn(transport, reactor.getWriters())
         await eventually(lambda: transport not in reactor.getWriters())   # the reactor's turn
         self.assertEqual(self.read_to_eof(), b"queued")
+
+    def test_twisted_is_told_the_write_side_is_shut(self):
+        transport = self.client.transport
+        close_write(transport)
+        transport.write(b"dropped")                 # as after Twisted's own half-close
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(self.read_to_eof(), b"")
+
+    def test_close_now_with_nothing_queued_closes_at_once(self):
+        transport, lost = self.client.transport, []
+        self.client.connectionLost = lost.append
+        close_now(transport)
+        self.assertEqual(len(lost), 1)               # without the reactor running
+        lost[0].trap(error.ConnectionDone)
+        self.assertEqual(self.read_to_eof(), b"")
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+
+    async def test_close_now_with_bytes_queued_sends_them_first(self):
+        transport, lost = self.client.transport, defer.Deferred()
+        self.client.connectionLost = lambda reason: lost.callback(reason.value)
+        transport.write(b"queued")                  # Twisted's write waits for the reactor
+        close_now(transport)
+        self.assertFalse(lost.called)
+        self.assertIsInstance(await lost, error.ConnectionDone)
+        self.assertEqual(self.read_to_eof(), b"queued")
+
+    async def test_close_now_after_close_write(self):
+        transport, lost = self.client.transport, []
+        self.client.connectionLost = lost.append
+        close_write(transport)
+        close_now(transport)
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(self.read_to_eof(), b"")
+
+    def test_close_now_of_other_transports_loses_the_connection(self):
+        transport = StringTransport()
+        close_now(transport)
+        self.assertTrue(transport.disconnecting)
 
     def test_other_transports_lose_the_write_connection(self):
         class HalfCloseable(StringTransport):

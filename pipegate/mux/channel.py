@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
-from pipegate.sockets import close_write, plain_writes, stream_socket
+from pipegate.sockets import close_now, close_write, plain_writes, stream_socket
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -183,8 +183,8 @@ class StreamChannel(Protocol):
             self.done = True
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
-            self.transport.loseConnection()
             self._finished()
+            close_now(self.transport)   # (at once when nothing is queued: after _finished, as before)
 
     def link_paused(self) -> None:
         self._update_reading()
