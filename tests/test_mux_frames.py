@@ -773,6 +773,18 @@ class PropertyTests(unittest.TestCase):
                 return type(e), str(e)
         self.assertEqual(outcome(kind(**fields)), outcome(general(**fields)))
 
+    @PROPERTY
+    @given(st.sampled_from([frames.WINDOW, frames.FIN, frames.OPEN_OK, frames.OPEN]), st.binary(max_size=8))
+    def test_short_frames_read_in_one_step_or_by_the_general_reader_alike(self, kind, payload):
+        # WINDOW, FIN and OPEN_OK bodies (one per connection, or per DATA frames' credit) are
+        # read without the general reader when they have the expected size.
+        def outcome(read):
+            try:
+                return read(kind, 1, payload)
+            except FrameError as e:
+                return str(e)
+        self.assertEqual(outcome(frames.decode_body), outcome(frames._decode_general))
+
     def test_valid_open_is_read_in_one_step(self):
         frame = Open(7, 2222, "udp", "203.0.113.9", 40000, ("a", "b"))
         self.assertEqual(frames._decode_open(7, encode(frame)[9:]), frame)

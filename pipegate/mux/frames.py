@@ -470,7 +470,20 @@ def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
         opened = _decode_open(channel, payload)
         if opened is not None:
             return opened
+    elif kind == WINDOW and len(payload) == 4:
+        # (what the general path below reads, without its reader: one per DATA frames' credit)
+        return Window(channel, checked_increment(_U32.unpack(payload)[0]))
+    elif not payload and kind in _HEADER_ONLY_KINDS:
+        return _HEADER_ONLY_KINDS[kind](channel)   # FIN, OPEN_OK
+    return _decode_general(kind, channel, payload)
 
+
+_U32 = struct.Struct(">I")
+_HEADER_ONLY_KINDS = {FIN: Fin, OPEN_OK: OpenOk}
+
+
+def _decode_general(kind: int, channel: int, payload: bytes) -> Frame:
+    """L{decode_body} of a frame whose envelope was checked, field by field through a reader."""
     r = _Reader(payload)
     frame: Frame
     if kind == WINDOW:
