@@ -259,12 +259,14 @@ def close_now(transport) -> None:
 
     Twisted's C{loseConnection} waits for the reactor to find the socket writable (an
     C{epoll_ctl} to watch it, a wakeup, an empty write, another C{epoll_ctl}) before it
-    closes, unless the write side is shut down already.  With nothing queued the socket's
-    write side is shut down first (L{close_write}), so the socket is closed now: the peer
-    gets the same FIN, a reactor turn sooner.  Otherwise (bytes queued, TLS, a wrapper)
-    C{loseConnection} as before.
+    closes, unless the write side is shut down already.  With nothing queued there is
+    nothing to wait for: Twisted is told the write side is done
+    (L{pipegate._compat.write_closed}), and its C{loseConnection} closes the socket now
+    (its C{shutdown} and C{close}: the peer gets the same FIN, a reactor turn sooner).
+    Otherwise (bytes queued, TLS, a wrapper) C{loseConnection} as before.
     """
-    _shut_write(transport)
+    if has_write_buffers(transport) and _at_the_socket(transport):
+        write_closed(transport, mark=True)
     transport.loseConnection()
 
 
