@@ -183,7 +183,9 @@ def _at_the_socket(transport) -> bool:
 
 
 def _eager_write(transport, data: bytes) -> None:
-    if type(data) is bytes and _at_the_socket(transport):
+    # (_at_the_socket, inline: this is every write of a link or a channel)
+    if type(data) is bytes and nothing_queued(transport) and transport.connected \
+            and not transport.disconnecting and not write_closed(transport) and not transport.TLS:
         try:
             sent = transport.socket.send(data)
         except OSError:

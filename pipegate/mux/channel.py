@@ -54,6 +54,7 @@ class StreamChannel(Protocol):
     done = False
     on_done = None
     _idle_timer = None
+    _paused = False   # whether this channel paused its socket's reading
 
     def __init__(self, window: int, max_window: int = 0, budget: GrowthBudget | None = None) -> None:
         # The incoming window grows toward max_window while the socket keeps up (and
@@ -108,6 +109,7 @@ class StreamChannel(Protocol):
             # socket is paused until attach resumes it.
             self._early.append(data)
             if sum(map(len, self._early)) >= EARLY_HOLD:
+                self._paused = True
                 self.transport.pauseProducing()
             return
         self._send(data)
@@ -119,11 +121,17 @@ class StreamChannel(Protocol):
         self.link.send_data(self.channel_id, self.flow.write(data))
 
     def _update_reading(self) -> None:
+        # Only a change goes to the transport (the channel is the only one that pauses its
+        # socket): a resume of a socket being read was four calls down to the reactor for
+        # nothing, on every attach and every WINDOW.
         if self.transport is None or self.done:
             return
         if self.flow.send.blocked or self.link is None or self.link.paused:
-            self.transport.pauseProducing()
-        else:
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        elif self._paused:
+            self._paused = False
             self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:
