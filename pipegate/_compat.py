@@ -220,12 +220,15 @@ def nothing_queued(transport) -> bool:
     return not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
 
 
-def write_closed(transport) -> bool:
+def write_closed(transport, mark: bool = False) -> bool:
     """
     Whether the write side of C{transport} (a C{FileDescriptor}) has been shut down
-    (C{loseWriteConnection} done): its private C{_writeDisconnected} (Twisted 26.10.0).  Guard:
-    tests.test_compat.TCPTransport.test_write_disconnected_flag.
+    (C{loseWriteConnection} done): its private C{_writeDisconnected} (Twisted 26.10.0).  C{mark}: set it
+    first (the socket was shut down directly: loseConnection then closes at once, without a wakeup to
+    flush).  Guard: tests.test_compat.TCPTransport.test_write_disconnected_flag.
     """
+    if mark:
+        transport._writeDisconnected = True
     return transport._writeDisconnected
 
 

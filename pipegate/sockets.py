@@ -20,9 +20,11 @@ from errno import EAGAIN, ECONNREFUSED, EINTR, EWOULDBLOCK
 from types import MethodType
 
 from twisted.internet import endpoints, main, udp
+from twisted.internet.error import ConnectionLost
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import LogLevel
 from twisted.python import log
+from twisted.python.failure import Failure
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
@@ -105,6 +107,57 @@ def eager_writes(transport) -> None:
     transport.write = MethodType(_eager_write, transport)
 
 
+def stream_socket(transport, buffer_size: int):
+    """
+    L{no_delay} and L{eager_writes} on the TCP socket under C{transport}, with
+    C{bufferSize} set to C{buffer_size}; returns that socket, or None when there is none.
+    (What a tunnelled connection does to its socket, with one lookup of the socket
+    instead of one per step.)
+    """
+    transport = socket_transport(transport)
+    if transport is None:
+        return None
+    try:
+        transport.setTcpNoDelay(True)
+    except OSError:
+        pass
+    if has_write_buffers(transport):
+        transport.write = MethodType(_eager_write, transport)   # (as eager_writes)
+    transport.bufferSize = buffer_size
+    return transport
+
+
+def read_waiting(transport, data_received) -> None:
+    """
+    Read what the socket of C{transport} (a plain TCP connection) holds now, and give it
+    to C{data_received}, instead of at the reactor's next poll.
+
+    A client that connects and sends at once (a request, a TLS hello) has its first bytes
+    at the gateway by the time the connection is accepted: read then, they cost no
+    wakeup of their own (an C{epoll_wait}, and the reactor's turn around it).  Nothing
+    waiting (C{EWOULDBLOCK}): nothing happens.  The end of the stream is left to the
+    reactor, which reads it again on its next poll and closes as always; a receive error
+    (a reset) closes the connection here, as the reactor would have (C{connectionLost}
+    with C{ConnectionLost}), since reading it has cleared it from the socket.  Any other
+    transport (TLS, a wrapper), or one that is closing: nothing is done.
+    """
+    if not (isinstance(transport, FileDescriptor) and has_write_buffers(transport)) or transport.TLS \
+            or not transport.connected or transport.disconnecting:
+        return
+    try:
+        data = transport.getHandle().recv(transport.bufferSize)
+    except OSError as e:
+        if e.args[0] == EWOULDBLOCK:
+            return
+        reactor = transport.reactor
+        reactor.removeReader(transport)
+        reactor.removeWriter(transport)
+        transport.connectionLost(Failure(ConnectionLost()))
+        return
+    if data:
+        data_received(data)
+
+
 def plain_writes(transport) -> None:
     """
     Undo L{eager_writes} on the socket under C{transport}; call it from the protocol's
@@ -130,7 +183,9 @@ def _at_the_socket(transport) -> bool:
 
 
 def _eager_write(transport, data: bytes) -> None:
-    if type(data) is bytes and _at_the_socket(transport):
+    # (_at_the_socket, inline: this is every write of a link or a channel)
+    if type(data) is bytes and nothing_queued(transport) and transport.connected \
+            and not transport.disconnecting and not write_closed(transport) and not transport.TLS:
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -176,19 +231,45 @@ def close_write(transport) -> None:
     wait for, so the socket (C{getHandle()}) is shut down for writing at once: a tunnelled
     connection's FIN reaches the service a reactor turn sooner, at four system calls less.
     Otherwise, and for a transport that is not a plain TCP connection (TLS, a wrapper),
-    C{loseWriteConnection} as before.  (Twisted is not told: nothing is written after a
-    FIN, and a write would fail as on any closed socket.)
+    C{loseWriteConnection} as before.  Twisted is told as its own half-close would
+    (L{pipegate._compat.write_closed}): a write after it is dropped, and C{loseConnection}
+    closes at once.
     """
-    if has_write_buffers(transport) and _at_the_socket(transport):
-        try:
-            transport.getHandle().shutdown(socket.SHUT_WR)
-            return
-        except OSError:
-            pass
+    if _shut_write(transport):
+        return
     try:
         transport.loseWriteConnection()
     except (AttributeError, NotImplementedError):
         pass
+
+
+def _shut_write(transport) -> bool:
+    """Shut the write side of C{transport} down now, if it is a TCP socket with nothing queued; says whether it did."""
+    if has_write_buffers(transport) and _at_the_socket(transport):
+        try:
+            transport.getHandle().shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        write_closed(transport, mark=True)
+        return True
+    return False
+
+
+def close_now(transport) -> None:
+    """
+    C{transport.loseConnection()}, at once when nothing is queued on its TCP socket.
+
+    Twisted's C{loseConnection} waits for the reactor to find the socket writable (an
+    C{epoll_ctl} to watch it, a wakeup, an empty write, another C{epoll_ctl}) before it
+    closes, unless the write side is shut down already.  With nothing queued there is
+    nothing to wait for: Twisted is told the write side is done
+    (L{pipegate._compat.write_closed}), and its C{loseConnection} closes the socket now
+    (its C{shutdown} and C{close}: the peer gets the same FIN, a reactor turn sooner).
+    Otherwise (bytes queued, TLS, a wrapper) C{loseConnection} as before.
+    """
+    if has_write_buffers(transport) and _at_the_socket(transport):
+        write_closed(transport, mark=True)
+    transport.loseConnection()
 
 
 def stream_endpoint(reactor, host: str, port: int, timeout: float):

@@ -44,7 +44,7 @@ class IdleTimer:
     connection and per UDP flow.
     """
 
-    __slots__ = ("clock", "seconds", "on_idle", "last", "_entry")
+    __slots__ = ("clock", "seconds", "on_idle", "last", "_entry", "_schedule")
 
     def __init__(self, clock: IReactorTime, seconds: float, on_idle: Callable[[], object]) -> None:
         self.clock = clock
@@ -53,7 +53,9 @@ class IdleTimer:
         self.last = clock.seconds()   # the last touch
         self._entry: tuple | None = None
         if seconds > 0:
-            _schedule_of(clock).add(self, self.last + seconds)
+            # (kept: one lookup per timer, not one more per cancel)
+            self._schedule = _schedule_of(clock)
+            self._schedule.add(self, self.last + seconds)
 
     def touch(self) -> None:
         self.last = self.clock.seconds()
@@ -64,7 +66,7 @@ class IdleTimer:
     def cancel(self) -> None:
         if self._entry is not None:
             self._entry = None
-            _schedule_of(self.clock).dropped()
+            self._schedule.dropped()
 
 
 class _IdleSchedule:

@@ -208,6 +208,17 @@ class TCPTransport(GuardMixin, unittest.TestCase):
         fd.write(b"dropped")
         self.assertTrue(_compat.nothing_queued(fd),
                         "FileDescriptor.write no longer drops writes after a half-close")
+        # Set by write_closed(mark=True) after a direct shutdown: loseConnection must then close
+        # at once, without waiting for the reactor (sockets.close_now).
+        fd = self.file_descriptor()
+        lost = []
+        fd.connectionLost = lost.append
+        self.assertTrue(_compat.write_closed(fd, mark=True))
+        self.assertTrue(fd._writeDisconnected)
+        fd.loseConnection()
+        self.assertEqual(len(lost), 1, "FileDescriptor.loseConnection no longer closes at once after a half-close")
+        lost[0].trap(ConnectionDone)
+        self.assertFalse(fd.disconnecting)
 
 
 class WebClient(GuardMixin, unittest.TestCase):

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from pipegate.core.policy import GRANT_LABEL, Decision, PolicyError, decide
 from pipegate.mux import frames
 from pipegate.mux.session import LinkConfig, MuxLink
 from pipegate.ports.gateway import Gateway, GatewayConfig
@@ -251,3 +252,61 @@ class ProviderAnswers(unittest.TestCase):
         self.link.dataReceived(frames.encode(frames.Reset(1, "open timed out")))
         self.assertFalse(self.link.has_channel(1))
         self.assertEqual(self.link.channel_count(), 0)
+
+
+class GatewayDecisions(unittest.TestCase):
+    """
+    Gateway.decide at accept time: with no grant and no rule anywhere it does not run the
+    policy engine (once per connection), and says what the engine would say.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.gateway = Gateway(GatewayConfig(), self.clock)
+        self.link = ProviderLink("a")
+        self.gateway.link_admitted(self.link)
+
+    def announce(self, policy: bytes = b"") -> None:
+        self.gateway.link_frame(self.link, frames.Routes((frames.Route(2222, "tcp", "127.0.0.1", 22,
+                                                                       policy=policy),)))
+
+    def engine(self, ip: str) -> Decision:
+        """What the policy engine decides for C{ip} with the gateway's grants and rules."""
+        now_ms = self.clock.seconds() * 1000
+        policies = [self.gateway.grants.policy(now_ms), self.gateway.config.policy]
+        policies += self.gateway.link_policies[self.link][(2222, "tcp")]
+        try:
+            return decide(policies, ip, 2222, "tcp", now_ms)
+        except PolicyError:
+            return Decision(allow=False, matched="not an IP address")
+
+    def test_no_rules_admits_and_refuses_a_non_address_as_the_engine_does(self) -> None:
+        self.announce()
+        for ip in ("127.0.0.1", "::ffff:10.0.0.1", "nope", ""):
+            self.assertEqual(self.gateway.decide((2222, "tcp"), ip), self.engine(ip))
+        self.assertEqual(self.gateway.decide((2222, "tcp"), "10.0.0.1"), Decision(allow=True))
+        self.assertFalse(self.gateway.decide((2222, "tcp"), "nope").allow)
+
+    def test_a_provider_rule_is_applied(self) -> None:
+        self.announce(b'{"ips": {"10.0.0.0/8": {"allow": false}}}')
+        self.assertFalse(self.gateway.decide((2222, "tcp"), "10.1.2.3").allow)
+        self.assertTrue(self.gateway.decide((2222, "tcp"), "192.0.2.1").allow)
+        for ip in ("10.1.2.3", "192.0.2.1", "nope"):
+            self.assertEqual(self.gateway.decide((2222, "tcp"), ip), self.engine(ip))
+
+    def test_provider_defaults_are_applied(self) -> None:
+        self.announce(b'{"defaults": {"allow": false}}')
+        self.assertEqual(self.gateway.decide((2222, "tcp"), "192.0.2.1"), self.engine("192.0.2.1"))
+        self.assertFalse(self.gateway.decide((2222, "tcp"), "192.0.2.1").allow)
+
+    def test_a_grant_is_applied_and_expires(self) -> None:
+        self.announce()
+        self.gateway.grants.grant("192.0.2.1", self.clock.seconds() * 1000, 10)
+        granted = self.gateway.decide((2222, "tcp"), "192.0.2.1")
+        self.assertEqual(granted, self.engine("192.0.2.1"))
+        self.assertEqual(granted.labels, (GRANT_LABEL,))
+        self.assertEqual(self.gateway.decide((2222, "tcp"), "192.0.2.2"), Decision(allow=True))
+        self.clock.advance(11)
+        self.assertEqual(self.gateway.decide((2222, "tcp"), "192.0.2.1"), Decision(allow=True))
+        self.assertEqual(len(self.gateway.grants), 0)   # (the expired grant was dropped)

@@ -161,6 +161,52 @@ class ChannelBeforeAttach(unittest.TestCase):
         self.assertEqual(self.transport.producerState, "producing")
 
 
+class ChannelReading(unittest.TestCase):
+    """The socket is paused while the peer's credit is spent or the link is paused, resumed after;
+    only a change goes to the transport."""
+
+    def setUp(self):
+        self.link = RecordingLink()
+        self.channel = StreamChannel(WINDOW)
+
+        class Counting(StringTransport):
+            calls = 0
+
+            def pauseProducing(self):
+                self.calls += 1
+                super().pauseProducing()
+
+            def resumeProducing(self):
+                self.calls += 1
+                super().resumeProducing()
+        self.transport = Counting()
+        self.channel.makeConnection(self.transport)
+        self.channel.attach(self.link, 1)
+
+    def test_paused_out_of_credit_resumed_by_window(self):
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("producing", 0))
+        self.channel.dataReceived(b"s" * WINDOW)    # the peer's whole credit
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("paused", 1))
+        self.channel.dataReceived(b"more")          # (one read may overshoot: queued)
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("paused", 1))
+        self.channel.frame_received(frames.Window(1, 2))   # not enough for what is queued
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("paused", 1))
+        self.channel.frame_received(frames.Window(1, WINDOW))
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("producing", 2))
+        self.channel.frame_received(frames.Window(1, WINDOW))
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("producing", 2))
+
+    def test_paused_with_the_link(self):
+        self.link.paused = True
+        self.channel.link_paused()
+        self.channel.link_paused()
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("paused", 1))
+        self.link.paused = False
+        self.channel.link_resumed()
+        self.channel.link_resumed()
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("producing", 2))
+
+
 class ChannelClose(unittest.TestCase):
     """FIN both ways: the socket is half-closed by the first FIN received, closed by the second."""
 

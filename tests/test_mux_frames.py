@@ -719,6 +719,77 @@ class PropertyTests(unittest.TestCase):
             return
         self.assertEqual(encode(got), bytes(wire))
 
+    @PROPERTY
+    @given(st.lists(st.sampled_from(["a", "b,c", "", ",", "\u00e9", "x y"]), max_size=3),
+           st.sampled_from([b"203.0.113.9", b"::1", b"10.0.0.x", b"", b"\xc3\xa9"]),
+           st.integers(0, 3), st.data())
+    def test_open_read_in_one_step_or_by_the_general_reader_alike(self, labels, host, protocol, data):
+        # An OPEN (one per tunnelled connection) is read in a few steps when it is valid
+        # (frames._decode_open); anything that one declines goes through the general reader.
+        # Both must give the same frame, or the same error, for any OPEN body.
+        payload = bytearray(u16(data.draw(st.integers(0, 2))) + u8(protocol) + u16(40000) + str8(host)
+                            + str16(",".join(labels).encode("utf-8")))
+        for _ in range(data.draw(st.integers(0, 2))):
+            i = data.draw(st.integers(0, len(payload) - 1))
+            payload[i] = data.draw(st.integers(0, 255))
+        payload += data.draw(st.sampled_from([b"", b"\x00"]))
+        wire = frame_bytes(frames.OPEN, 1, bytes(payload))
+
+        def outcome():
+            try:
+                return decode(wire)
+            except FrameError as e:
+                return str(e)
+        fast = outcome()
+        general = frames._decode_open
+        frames._decode_open = lambda channel, payload: None
+        try:
+            self.assertEqual(fast, outcome())
+        finally:
+            frames._decode_open = general
+
+    @PROPERTY
+    @given(st.sampled_from([Open, Fin, OpenOk]), st.sampled_from([1, 2**32 - 1, 0, -1, 2**32]),
+           st.sampled_from([1, 0, 65535, 65536, True]), st.sampled_from(["tcp", "udp", "sctp", ["tcp"]]),
+           st.sampled_from(["203.0.113.9", "::1", "10.0.0.x", "", "\u00e9"]),
+           st.sampled_from([40000, -1, 65536, "x"]), st.sampled_from([(), ("a",)]),
+           st.sampled_from([MAX_FRAME_SIZE, 10, 4]))
+    def test_open_fin_open_ok_written_in_one_step_or_by_the_general_path_alike(
+            self, kind, channel, gate_port, protocol, host, client_port, labels, max_frame_size):
+        # OPEN (without labels), FIN and OPEN_OK are written without encode's general
+        # dispatch; a subclass of the frame's class goes the general way.  Both must give
+        # the same bytes, or the same error, for any fields.
+        if kind is Open:
+            fields = dict(channel=channel, gate_port=gate_port, protocol=protocol, client_host=host,
+                          client_port=client_port, labels=labels)
+        else:
+            fields = dict(channel=channel)
+        general = attrs.make_class("General", {}, bases=(kind,), frozen=True)
+
+        def outcome(frame):
+            try:
+                return encode(frame, max_frame_size)
+            except Exception as e:
+                return type(e), str(e)
+        self.assertEqual(outcome(kind(**fields)), outcome(general(**fields)))
+
+    @PROPERTY
+    @given(st.sampled_from([frames.WINDOW, frames.FIN, frames.OPEN_OK, frames.OPEN]), st.binary(max_size=8))
+    def test_short_frames_read_in_one_step_or_by_the_general_reader_alike(self, kind, payload):
+        # WINDOW, FIN and OPEN_OK bodies (one per connection, or per DATA frames' credit) are
+        # read without the general reader when they have the expected size.
+        def outcome(read):
+            try:
+                return read(kind, 1, payload)
+            except FrameError as e:
+                return str(e)
+        self.assertEqual(outcome(frames.decode_body), outcome(frames._decode_general))
+
+    def test_valid_open_is_read_in_one_step(self):
+        frame = Open(7, 2222, "udp", "203.0.113.9", 40000, ("a", "b"))
+        self.assertEqual(frames._decode_open(7, encode(frame)[9:]), frame)
+        self.assertIsNone(frames._decode_open(7, encode(frame)[9:] + b"\x00"))
+
 
 # -- admission --------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from OpenSSL import SSL
 from twisted.internet import protocol, ssl, task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pipegate.mux import tls
@@ -135,6 +137,34 @@ class Batching(unittest.TestCase):
         self.assertEqual(b"".join(app.chunks)[:len(good)], good)
         self.assertTrue(pair.server._lostTLSConnection)
         self.assertIsInstance(pair.server._reason.value, SSL.Error)
+
+
+class RawBytes(unittest.TestCase):
+    """raw_bytes_received: whether the peer sent anything at all (a TCP probe sends nothing)."""
+
+    def test_nothing_then_something_and_reads_still_delivered(self):
+        cert = tls.generated_certificate()
+        server_factory = tls.LinkTLSFactory(ssl.CertificateOptions(
+            privateKey=cert.privateKey.original, certificate=cert.original), False,
+            protocol.Factory.forProtocol(Recorder), task.Clock())
+        probed = server_factory.buildProtocol(None)
+        probed.makeConnection(StringTransport())
+        self.assertEqual(probed.raw_bytes_received, 0)
+        probed.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(probed.raw_bytes_received, 0)
+
+        pair = Pair()
+        self.assertGreater(pair.server.raw_bytes_received, 0)
+        self.assertIn("dataReceived", vars(pair.server))   # (the first read's count is enough)
+        pair.client.write(b"after the handshake")
+        pair.clock.advance(0)
+        pair.pump()
+        self.assertEqual(b"".join(pair.server.wrappedProtocol.chunks), b"after the handshake")
+
+    def test_no_reference_cycle_left_when_lost(self):
+        pair = Pair()
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        self.assertNotIn("dataReceived", vars(pair.server))
 
 
 class LinkWrites(unittest.TestCase):

@@ -7,6 +7,7 @@ Twisted state these read, L{pipegate._compat}, are in tests/test_compat.py.)
 from __future__ import annotations
 
 import socket
+import struct
 
 from twisted.internet import defer, endpoints, error, reactor, task
 from twisted.internet.protocol import Protocol
@@ -15,7 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.sockets import (
-    bounded_reads, close_write, connect_protocol, connect_stream, eager_writes, no_delay, send_now, socket_transport, stream_endpoint)
+    bounded_reads, close_now, close_write, connect_protocol, connect_stream, eager_writes, no_delay, read_waiting, send_now,
+    socket_transport, stream_endpoint)
 from tests.support import Loopback, TestApp, eventually, request
 
 
@@ -197,6 +199,55 @@ class BoundedReadTests(unittest.TestCase):
         self.assertIsInstance(reason, error.ConnectionDone)
 
 
+class ReadWaitingTests(unittest.TestCase):
+    """read_waiting: what a socket holds is read at once, without waiting for the reactor."""
+
+    async def setUp(self):
+        self.collect, self.peer = await connect_to(plain_listener(self), _Collect())
+        self.transport = self.collect.transport
+        self.addCleanup(self.peer.close)
+        self.addCleanup(self.transport.abortConnection)
+
+    def test_waiting_bytes_are_read_now(self):
+        self.peer.sendall(b"hello")
+        read_waiting(self.transport, self.collect.dataReceived)
+        self.assertEqual(self.collect.chunks, [b"hello"])
+        self.assertTrue(self.transport.connected)
+        self.assertIn(self.transport, reactor.getReaders())
+
+    async def test_nothing_waiting_does_nothing_and_later_bytes_come_as_usual(self):
+        read_waiting(self.transport, self.collect.dataReceived)
+        self.assertEqual(self.collect.chunks, [])
+        self.peer.sendall(b"later")
+        await eventually(lambda: self.collect.chunks == [b"later"])
+
+    async def test_the_end_of_the_stream_is_left_to_the_reactor(self):
+        self.peer.sendall(b"last")
+        self.peer.close()
+        read_waiting(self.transport, self.collect.dataReceived)
+        self.assertEqual(self.collect.chunks, [b"last"])
+        read_waiting(self.transport, self.collect.dataReceived)   # (only the end is left)
+        self.assertEqual(self.collect.chunks, [b"last"])
+        self.assertTrue(self.transport.connected)
+        self.assertIsInstance(await self.collect.lost, error.ConnectionDone)
+
+    async def test_a_reset_closes_as_the_reactor_would(self):
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.peer.close()
+        read_waiting(self.transport, self.collect.dataReceived)
+        self.assertTrue(self.collect.lost.called)
+        self.assertIsInstance(await self.collect.lost, error.ConnectionLost)
+        self.assertNotIn(self.transport, reactor.getReaders())
+        self.assertNotIn(self.transport, reactor.getWriters())
+
+    def test_other_transports_are_left_alone(self):
+        transport = StringTransport()
+        read_waiting(transport, self.fail)
+        self.transport.loseConnection()
+        self.peer.sendall(b"x")
+        read_waiting(self.transport, self.fail)   # (closing)
+
+
 class ConnectTests(unittest.TestCase):
 
     def test_address_literals_skip_the_resolver(self):
@@ -259,6 +310,45 @@ class CloseWriteTests(unittest.TestCase):
         self.assertIn(transport, reactor.getWriters())
         await eventually(lambda: transport not in reactor.getWriters())   # the reactor's turn
         self.assertEqual(self.read_to_eof(), b"queued")
+
+    def test_twisted_is_told_the_write_side_is_shut(self):
+        transport = self.client.transport
+        close_write(transport)
+        transport.write(b"dropped")                 # as after Twisted's own half-close
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(self.read_to_eof(), b"")
+
+    def test_close_now_with_nothing_queued_closes_at_once(self):
+        transport, lost = self.client.transport, []
+        self.client.connectionLost = lost.append
+        close_now(transport)
+        self.assertEqual(len(lost), 1)               # without the reactor running
+        lost[0].trap(error.ConnectionDone)
+        self.assertEqual(self.read_to_eof(), b"")
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+
+    async def test_close_now_with_bytes_queued_sends_them_first(self):
+        transport, lost = self.client.transport, defer.Deferred()
+        self.client.connectionLost = lambda reason: lost.callback(reason.value)
+        transport.write(b"queued")                  # Twisted's write waits for the reactor
+        close_now(transport)
+        self.assertFalse(lost.called)
+        self.assertIsInstance(await lost, error.ConnectionDone)
+        self.assertEqual(self.read_to_eof(), b"queued")
+
+    async def test_close_now_after_close_write(self):
+        transport, lost = self.client.transport, []
+        self.client.connectionLost = lost.append
+        close_write(transport)
+        close_now(transport)
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(self.read_to_eof(), b"")
+
+    def test_close_now_of_other_transports_loses_the_connection(self):
+        transport = StringTransport()
+        close_now(transport)
+        self.assertTrue(transport.disconnecting)
 
     def test_other_transports_lose_the_write_connection(self):
         class HalfCloseable(StringTransport):

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
-from pipegate.sockets import close_write, eager_writes, no_delay, plain_writes, socket_transport
+from pipegate.sockets import close_now, close_write, plain_writes, stream_socket
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -54,6 +54,7 @@ class StreamChannel(Protocol):
     done = False
     on_done = None
     _idle_timer = None
+    _paused = False   # whether this channel paused its socket's reading
 
     def __init__(self, window: int, max_window: int = 0, budget: GrowthBudget | None = None) -> None:
         # The incoming window grows toward max_window while the socket keeps up (and
@@ -91,11 +92,7 @@ class StreamChannel(Protocol):
 
     # -- socket side
     def connectionMade(self) -> None:
-        no_delay(self.transport)
-        eager_writes(self.transport)
-        sock = socket_transport(self.transport)
-        if sock is not None:
-            sock.bufferSize = CHANNEL_SOCKET_BUFFER
+        stream_socket(self.transport, CHANNEL_SOCKET_BUFFER)   # (Nagle off, eager writes)
         self.transport.registerProducer(self, True)
         # Not attached yet (the gateway's OPEN is in flight): the socket is still read, so
         # that what the client sends meanwhile (the request of a connect-and-send client)
@@ -112,6 +109,7 @@ class StreamChannel(Protocol):
             # socket is paused until attach resumes it.
             self._early.append(data)
             if sum(map(len, self._early)) >= EARLY_HOLD:
+                self._paused = True
                 self.transport.pauseProducing()
             return
         self._send(data)
@@ -123,11 +121,17 @@ class StreamChannel(Protocol):
         self.link.send_data(self.channel_id, self.flow.write(data))
 
     def _update_reading(self) -> None:
+        # Only a change goes to the transport (the channel is the only one that pauses its
+        # socket): a resume of a socket being read was four calls down to the reactor for
+        # nothing, on every attach and every WINDOW.
         if self.transport is None or self.done:
             return
         if self.flow.send.blocked or self.link is None or self.link.paused:
-            self.transport.pauseProducing()
-        else:
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        elif self._paused:
+            self._paused = False
             self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:
@@ -187,8 +191,8 @@ class StreamChannel(Protocol):
             self.done = True
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
-            self.transport.loseConnection()
             self._finished()
+            close_now(self.transport)   # (at once when nothing is queued: after _finished, as before)
 
     def link_paused(self) -> None:
         self._update_reading()

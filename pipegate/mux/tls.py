@@ -10,6 +10,7 @@ optional (C{--tls-verify}) on top of that.
 from __future__ import annotations
 
 import datetime
+from types import MethodType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -52,14 +53,22 @@ class LinkTLSProtocol(BatchedTLSProtocol):
     received is delivered in one C{dataReceived}).
 
     C{raw_bytes_received} tells a link whether its peer sent anything at all: a plain
-    TCP probe (a balancer's health check, C{nc -z}) sends nothing.
+    TCP probe (a balancer's health check, C{nc -z}) sends nothing.  It counts the first
+    read only (0: nothing yet): after it, reads go to the layer's own C{dataReceived}
+    without this one in between (one call less per link read), until the connection is lost.
     """
 
     raw_bytes_received = 0
 
     def dataReceived(self, data):
         self.raw_bytes_received += len(data)
+        if self.raw_bytes_received:
+            self.dataReceived = MethodType(BatchedTLSProtocol.dataReceived, self)
         super().dataReceived(data)
+
+    def connectionLost(self, reason):
+        self.__dict__.pop("dataReceived", None)   # (it refers to this layer: no cycle left behind)
+        super().connectionLost(reason)
 
 
 class LinkTLSFactory(BatchedTLSFactory):

@@ -18,6 +18,7 @@ from pipegate.core.budget import Budget, source_key
 from pipegate.core.window import GrowthBudget
 from pipegate.core.policy import Decision
 from pipegate.mux.channel import StreamChannel
+from pipegate.sockets import read_waiting
 from pipegate.stats import Stats
 from pipegate.core.bucket import datagram_allowed
 from pipegate.throttle import Shaper
@@ -79,6 +80,7 @@ class GateFactory(Factory):
         channel.key = self.key
         channel.factory = self
         channel.labels = decision.labels
+        channel.client_address = (addr.host, addr.port)   # (for the OPEN: no getPeer)
         if decision.limit is None:
             return channel
         up, down, release = gateway.buckets(addr.host, decision.limit)
@@ -111,6 +113,7 @@ class GateConnection(StreamChannel):
     key: tuple[int, str]
     opening: object | None = None   # the gateway's Opening while the OPEN is in flight
     source: str | None = None   # the client's source_key, while it holds a unit of the TCP budget
+    client_address: tuple | None = None   # (host, port), set at accept
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -118,6 +121,10 @@ class GateConnection(StreamChannel):
         self.set_idle_timeout(self.gateway.clock, self.gateway.config.tcp_idle_timeout)
         self.on_done = self.gateway.tcp_clients.discard
         self.gateway.try_open(self.key, self)
+        if self.link is None and not self.done:
+            # The client's first bytes, usually here already, are held for OPEN_OK now
+            # rather than after one more wakeup (a plain socket only: not through a Shaper).
+            read_waiting(self.transport, self.dataReceived)
 
     def connectionLost(self, reason=None) -> None:
         if self.opening is not None and self.link is None:

@@ -229,11 +229,23 @@ class Gateway(service.Service, Drainer):
     # -- ingress policy and shaping
     def decide(self, key, ip: str) -> Decision:
         """Grants first, then the operator's rules, then those of the providers serving C{key}."""
-        now_ms = self.clock.seconds() * 1000
-        policies = [self.grants.policy(now_ms), self.config.policy]
+        policies = [self.config.policy]
         for link in self.providers.links(key):   # (exposed()[key], without building the table)
             policies += self.link_policies.get(link, {}).get(key, [])
+        # The usual case, once per connection: no grant and no rule anywhere.  Then decide()
+        # can only admit (or refuse a non-address), so it is not run.
+        plain = not self.grants
+        if plain:
+            for policy in policies:
+                if policy is not None and (policy.defaults is not None or policy.ips):
+                    plain = False
+                    break
         try:
+            if plain:
+                normalize_ip(ip)
+                return _ADMITTED
+            now_ms = self.clock.seconds() * 1000
+            policies.insert(0, self.grants.policy(now_ms))
             return decide(policies, ip, key[0], key[1], now_ms)
         except PolicyError:
             return Decision(allow=False, matched="not an IP address")
@@ -473,6 +485,9 @@ class Gateway(service.Service, Drainer):
             link.go_away("gateway stopping")
 
 
+_ADMITTED = Decision(allow=True)   # (what decide() says when no policy says anything)
+
+
 def _can_open(link) -> bool:
     """A link an OPEN may go to now: admitted, open, and its peer not going away."""
     return link.admitted and not link.closed and not link.going_away
@@ -486,8 +501,8 @@ def _is_v6(address: str) -> bool:
 
 
 def _client_address(client) -> tuple[str, int]:
-    if isinstance(client, Flow):
-        host, port = client.client_address[:2]
-        return host, port
+    address = client.client_address   # (a gate connection's is its accepted address)
+    if address is not None:
+        return address[0], address[1]
     peer = client.transport.getPeer()
     return peer.host, peer.port
