@@ -209,6 +209,69 @@ class HeadDeadline(RelayCase, unittest.TestCase):
         self.assertTrue(self.link.streams)
 
 
+class IdleTimeout(RelayCase, unittest.TestCase):
+    """
+    --idle-timeout on a keep-alive connection (RelayChannel.setTimeout, one IdleTimer per
+    connection): counted from the last byte read or the last answer, never while a request
+    is being answered, and gone with the connection.
+    """
+
+    config = {"idle_timeout": 10, "request_timeout": 0}
+
+    def end(self):
+        if self.transport.connected and not self.transport.disconnecting:
+            self.channel.connectionLost(Failure(ConnectionDone()))
+        super().end()
+
+    def head(self) -> None:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+
+    def answer(self, number: int) -> None:
+        self.link.streams[number].frame_received(frames.ResponseHead(number, 204, b"", (), end=True))
+
+    def test_an_idle_connection_is_closed_the_timeout_after_its_last_answer(self):
+        self.clock.advance(6)
+        self.head()
+        self.answer(1)
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_connection_without_a_request_is_closed_after_the_timeout(self):
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_request_being_answered_is_never_timed_out(self):
+        for number in (1, 2):
+            self.head()
+            self.clock.advance(25)                  # the app takes its time
+            self.assertFalse(self.transport.disconnecting)
+            self.answer(number)
+            self.clock.advance(9.5)
+            self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_many_requests_keep_one_timer_that_goes_with_the_connection(self):
+        for number in range(1, 30):
+            self.head()
+            self.answer(number)
+            self.clock.advance(1)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_idle_timer_outlives_a_head_that_may_take_the_connection_over(self):
+        # (as the head timer: the channel never hears of the end of a connection taken over)
+        self.channel.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\n\r\n")
+        self.assertTrue(self.link.streams)
+        self.assertNotIn("_IdleSchedule", repr(self.clock.getDelayedCalls()))
+
+
 class CountingTransport(StringTransport):
     """A StringTransport that keeps each write (and writeSequence, marked) as one entry."""
 
