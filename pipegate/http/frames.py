@@ -128,61 +128,57 @@ def encode(frame: Frame) -> bytes:
     refused by L{decode}, so a caller learns before sending that e.g. a response head
     is too large.
     """
-    try:
-        return _encode(frame)
+    try:  # (no inner function: a call per frame)
+        match frame:
+            case Data(stream, data):
+                if not 0 < len(data) <= MAX_DATA:
+                    raise FrameError(f"DATA payload of {len(data)} bytes")
+                return _HEADER.pack(DATA, stream) + data
+            case Window(stream, increment):
+                return _HEADER.pack(WINDOW, stream) + struct.pack(">I", checked_increment(increment))
+            case End(stream):
+                return _HEADER.pack(END, stream)
+            case Reset(stream, code, reason):
+                return _HEADER.pack(RESET, stream) + struct.pack(">H", code) + _str16(reason)
+            case GoAway(reason, stream):
+                if stream != 0:
+                    raise FrameError("GOAWAY on a stream")
+                return _HEADER.pack(GOAWAY, stream) + _str16(reason)
+            case RequestHead():
+                if not frame.method or not frame.target.startswith(b"/"):
+                    raise FrameError("REQUEST_HEAD without method or absolute target")
+                flags = (FLAG_END if frame.end else 0) | (FLAG_UPGRADE if frame.upgrade else 0)
+                method, target, client, scheme = frame.method, frame.target, frame.client, frame.scheme
+                host, prefix, correlation = frame.host, frame.prefix, frame.correlation
+                if (len(method) > 0xFF or len(target) > 0xFFFF or len(client) > 0xFF or len(scheme) > 0xFF
+                        or len(host) > 0xFFFF or len(prefix) > 0xFFFF or len(correlation) > 0xFF):
+                    _too_long(method, target, client, scheme, host, prefix, correlation)
+                u16 = _U16.pack
+                # (str8 and str16 of each field inlined: a head is encoded for every request)
+                out = b"".join((
+                    _REQUEST_START.pack(REQUEST_HEAD, frame.stream, flags, len(method)), method,
+                    u16(len(target)), target, bytes((len(client),)), client, bytes((len(scheme),)), scheme,
+                    u16(len(host)), host, u16(len(prefix)), prefix, bytes((len(correlation),)), correlation,
+                    _headers(frame.headers),
+                ))
+            case ResponseHead():
+                if not 100 <= frame.status <= 599:
+                    raise FrameError(f"status {frame.status}")
+                reason = frame.reason
+                if len(reason) > 0xFF:
+                    raise FrameError(f"field longer than 255 bytes ({len(reason)})")
+                out = b"".join((
+                    _HEADER.pack(RESPONSE_HEAD, frame.stream),
+                    bytes((FLAG_END if frame.end else 0, frame.status >> 8, frame.status & 0xFF, len(reason))),
+                    reason, _headers(frame.headers),
+                ))
+            case _:
+                raise TypeError(f"not a frame: {frame!r}")
+        if len(out) > MAX_FRAME_SIZE:
+            raise FrameError(f"frame of {len(out)} bytes exceeds {MAX_FRAME_SIZE}")
+        return out
     except struct.error as e:
         raise FrameError(f"field out of range: {e}") from None
-
-
-def _encode(frame: Frame) -> bytes:
-    match frame:
-        case Data(stream, data):
-            if not 0 < len(data) <= MAX_DATA:
-                raise FrameError(f"DATA payload of {len(data)} bytes")
-            return _HEADER.pack(DATA, stream) + data
-        case Window(stream, increment):
-            return _HEADER.pack(WINDOW, stream) + struct.pack(">I", checked_increment(increment))
-        case End(stream):
-            return _HEADER.pack(END, stream)
-        case Reset(stream, code, reason):
-            return _HEADER.pack(RESET, stream) + struct.pack(">H", code) + _str16(reason)
-        case GoAway(reason, stream):
-            if stream != 0:
-                raise FrameError("GOAWAY on a stream")
-            return _HEADER.pack(GOAWAY, stream) + _str16(reason)
-        case RequestHead():
-            if not frame.method or not frame.target.startswith(b"/"):
-                raise FrameError("REQUEST_HEAD without method or absolute target")
-            flags = (FLAG_END if frame.end else 0) | (FLAG_UPGRADE if frame.upgrade else 0)
-            method, target, client, scheme = frame.method, frame.target, frame.client, frame.scheme
-            host, prefix, correlation = frame.host, frame.prefix, frame.correlation
-            if (len(method) > 0xFF or len(target) > 0xFFFF or len(client) > 0xFF or len(scheme) > 0xFF
-                    or len(host) > 0xFFFF or len(prefix) > 0xFFFF or len(correlation) > 0xFF):
-                _too_long(method, target, client, scheme, host, prefix, correlation)
-            u16 = _U16.pack
-            # (str8 and str16 of each field inlined: a head is encoded for every request)
-            out = b"".join((
-                _REQUEST_START.pack(REQUEST_HEAD, frame.stream, flags, len(method)), method,
-                u16(len(target)), target, bytes((len(client),)), client, bytes((len(scheme),)), scheme,
-                u16(len(host)), host, u16(len(prefix)), prefix, bytes((len(correlation),)), correlation,
-                _headers(frame.headers),
-            ))
-        case ResponseHead():
-            if not 100 <= frame.status <= 599:
-                raise FrameError(f"status {frame.status}")
-            reason = frame.reason
-            if len(reason) > 0xFF:
-                raise FrameError(f"field longer than 255 bytes ({len(reason)})")
-            out = b"".join((
-                _HEADER.pack(RESPONSE_HEAD, frame.stream),
-                bytes((FLAG_END if frame.end else 0, frame.status >> 8, frame.status & 0xFF, len(reason))),
-                reason, _headers(frame.headers),
-            ))
-        case _:
-            raise TypeError(f"not a frame: {frame!r}")
-    if len(out) > MAX_FRAME_SIZE:
-        raise FrameError(f"frame of {len(out)} bytes exceeds {MAX_FRAME_SIZE}")
-    return out
 
 
 def _strings(data: bytes, pos: int, widths: tuple[int, ...]) -> tuple[list[bytes], int]:

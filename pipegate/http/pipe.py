@@ -211,7 +211,11 @@ def ws_frame(payload: bytes, masked: bool) -> bytes:
     if not masked:
         return head + payload
     mask = _random_bits(32).to_bytes(4, "big")  # a fresh key per frame, as Autobahn does
-    return head + mask + _xor(mask, payload)
+    if n >= _SMALL_MASK or not n:
+        return head + mask + _xor(mask, payload)
+    # (_xor's big-integer masking, inline: most frames are small)
+    key = (mask * ((n + 3) >> 2))[:n]
+    return head + mask + (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 class WireReader:
