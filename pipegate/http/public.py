@@ -288,6 +288,17 @@ class RelayChannel(http.HTTPChannel):
             self._pg_host = super().getHost()
         return self._pg_host
 
+    _pg_peer = None
+
+    def getPeer(self):
+        # Once per connection too: twisted.web's Request asks for every request, and each
+        # answer is a new address object made through the transport (and the connection
+        # gate's wrapper).  The first request's head has been read by then, so a PROXY
+        # header (a haproxy: listener) has already named the caller.
+        if self._pg_peer is None:
+            self._pg_peer = super().getPeer()
+        return self._pg_peer
+
     def isSecure(self):
         # As HTTPChannel's (an ISSLTransport adaptation per call), once per connection.
         if self._pg_secure is None and self.transport is not None:
