@@ -272,6 +272,52 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.assertNotIn("_IdleSchedule", repr(self.clock.getDelayedCalls()))
 
 
+class StreamDeadline(RelayCase, unittest.TestCase):
+    """
+    --request-timeout on a stream (RelayStream._arm): 504 when the app has not answered in
+    time, moved on by each sign of progress, and gone with the stream.
+    """
+
+    config = {"idle_timeout": 0, "request_timeout": 30}
+
+    def head(self) -> RelayStream:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        return self.link.streams[max(self.link.streams)]
+
+    def answered(self) -> bytes:
+        return self.transport.value()
+
+    def test_no_answer_in_time_is_a_504_and_a_reset(self):
+        stream = self.head()
+        self.clock.advance(29.5)
+        self.assertEqual(self.answered(), b"")
+        self.clock.advance(1)
+        self.assertIn(b"HTTP/1.1 504", self.answered())
+        self.assertIn(b"did not answer in time", self.answered())
+        reset = self.link.sent[-1]
+        self.assertEqual((type(reset), reset.stream, reset.code), (frames.Reset, stream.stream_id, 504))
+
+    def test_each_sign_of_progress_moves_it_on(self):
+        stream = self.head()
+        self.clock.advance(20)
+        stream.frame_received(frames.ResponseHead(stream.stream_id, 200, b"OK", ()))
+        self.clock.advance(29.5)                   # 49.5 s in: 29.5 s after the head
+        self.assertEqual(self.answered(), b"")
+        self.clock.advance(1)
+        self.assertIn(b"HTTP/1.1 504", self.answered())   # (the app's head was held: nothing went out)
+        self.assertIn(b"stalled", self.answered())
+
+    def test_an_answered_stream_leaves_no_deadline(self):
+        for _ in range(3):
+            stream = self.head()
+            stream.frame_received(frames.ResponseHead(stream.stream_id, 204, b"", (), end=True))
+        self.clock.advance(60)
+        self.assertEqual(self.answered().count(b"HTTP/1.1 204"), 3)
+        self.assertNotIn(b"504", self.answered())
+        self.assertNotIn(frames.Reset, [type(frame) for frame in self.link.sent])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class CountingTransport(StringTransport):
     """A StringTransport that keeps each write (and writeSequence, marked) as one entry."""
 
