@@ -135,13 +135,16 @@ class FrameLink:
         if reader.done:
             super().dataReceived(data)
             return
+        seen = False
         for kind, payload in reader.feed(data):
             if kind is WireReader.MESSAGE:
                 if self.state != self.STATE_OPEN:
                     # Closing: Autobahn decides what still counts, from this frame on.
                     super().dataReceived(reader.hand_over())
                     return
-                autobahn_traffic_seen(self)
+                if not seen:
+                    seen = True   # (once per read: the same pending ping timeout to cancel)
+                    autobahn_traffic_seen(self)
                 self.onMessage(payload, True)
             else:
                 # A control frame, whole (Autobahn answers it), or where Autobahn takes over.

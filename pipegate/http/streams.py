@@ -426,7 +426,7 @@ class RelayStream:
         # an untyped answer stays untyped (twisted.web would add text/html).
         pairs = filter_headers(headers)
         request.proxied_head = pairs
-        request.proxied_length = any(name.lower() == b"content-length" for name, _ in pairs)
+        request.proxied_length = b"content-length" in [name.lower() for name, _ in pairs]
         if head.end:
             self._finish()
             request.finish()
