@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="fixed req/s (open loop) instead of wrk -c50")
     args = parser.parse_args(argv)
     results: dict[str, list[float]] = {"A": [], "B": []}
+    p99: dict[str, list[float]] = {"A": [], "B": []}  # wrk's, in ms (not with --rate)
     per_process: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
     with P.Processes() as pa, P.Processes() as pb:
         planes = {}
@@ -49,15 +50,20 @@ def main(argv=None) -> None:
                     with CpuMeter(plane.services) as cpu:
                         r = tools.wrk(f"http://127.0.0.1:{plane.relay_port}{path}", seconds=args.seconds)
                     requests, rps = r["requests"], r["rps"]
+                    if r.get("p99_ms") is not None:
+                        p99[name].append(r["p99_ms"])
                 us = sum(cpu.seconds.values()) / max(1, requests) * 1e6
                 results[name].append(us)
                 for process, seconds in cpu.seconds.items():
                     per_process[name].setdefault(process, []).append(seconds / max(1, requests) * 1e6)
-                print(f"{name} run {i + 1}: {us:.0f} us/request, {rps:.0f} req/s, cpu {cpu.percent}", flush=True)
+                latency = f", p99 {p99[name][-1]:.1f} ms" if p99[name] and not args.rate else ""
+                print(f"{name} run {i + 1}: {us:.0f} us/request, {rps:.0f} req/s{latency}, cpu {cpu.percent}",
+                      flush=True)
     for name in "AB":
         print(f"{name}: median {statistics.median(results[name]):.0f} us/request "
               f"({', '.join(f'{x:.0f}' for x in sorted(results[name]))}); "
-              + ", ".join(f"{process} {statistics.median(us):.0f}" for process, us in per_process[name].items()))
+              + ", ".join(f"{process} {statistics.median(us):.0f}" for process, us in per_process[name].items())
+              + (f"; wrk p99 median {statistics.median(p99[name]):.1f} ms" if p99[name] else ""))
 
 
 if __name__ == "__main__":

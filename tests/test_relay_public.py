@@ -209,6 +209,115 @@ class HeadDeadline(RelayCase, unittest.TestCase):
         self.assertTrue(self.link.streams)
 
 
+class IdleTimeout(RelayCase, unittest.TestCase):
+    """
+    --idle-timeout on a keep-alive connection (RelayChannel.setTimeout, one IdleTimer per
+    connection): counted from the last byte read or the last answer, never while a request
+    is being answered, and gone with the connection.
+    """
+
+    config = {"idle_timeout": 10, "request_timeout": 0}
+
+    def end(self):
+        if self.transport.connected and not self.transport.disconnecting:
+            self.channel.connectionLost(Failure(ConnectionDone()))
+        super().end()
+
+    def head(self) -> None:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+
+    def answer(self, number: int) -> None:
+        self.link.streams[number].frame_received(frames.ResponseHead(number, 204, b"", (), end=True))
+
+    def test_an_idle_connection_is_closed_the_timeout_after_its_last_answer(self):
+        self.clock.advance(6)
+        self.head()
+        self.answer(1)
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_connection_without_a_request_is_closed_after_the_timeout(self):
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_request_being_answered_is_never_timed_out(self):
+        for number in (1, 2):
+            self.head()
+            self.clock.advance(25)                  # the app takes its time
+            self.assertFalse(self.transport.disconnecting)
+            self.answer(number)
+            self.clock.advance(9.5)
+            self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_many_requests_keep_one_timer_that_goes_with_the_connection(self):
+        for number in range(1, 30):
+            self.head()
+            self.answer(number)
+            self.clock.advance(1)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_idle_timer_outlives_a_head_that_may_take_the_connection_over(self):
+        # (as the head timer: the channel never hears of the end of a connection taken over)
+        self.channel.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\n\r\n")
+        self.assertTrue(self.link.streams)
+        self.assertNotIn("_IdleSchedule", repr(self.clock.getDelayedCalls()))
+
+
+class StreamDeadline(RelayCase, unittest.TestCase):
+    """
+    --request-timeout on a stream (RelayStream._arm): 504 when the app has not answered in
+    time, moved on by each sign of progress, and gone with the stream.
+    """
+
+    config = {"idle_timeout": 0, "request_timeout": 30}
+
+    def head(self) -> RelayStream:
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        return self.link.streams[max(self.link.streams)]
+
+    def answered(self) -> bytes:
+        return self.transport.value()
+
+    def test_no_answer_in_time_is_a_504_and_a_reset(self):
+        stream = self.head()
+        self.clock.advance(29.5)
+        self.assertEqual(self.answered(), b"")
+        self.clock.advance(1)
+        self.assertIn(b"HTTP/1.1 504", self.answered())
+        self.assertIn(b"did not answer in time", self.answered())
+        reset = self.link.sent[-1]
+        self.assertEqual((type(reset), reset.stream, reset.code), (frames.Reset, stream.stream_id, 504))
+
+    def test_each_sign_of_progress_moves_it_on(self):
+        stream = self.head()
+        self.clock.advance(20)
+        stream.frame_received(frames.ResponseHead(stream.stream_id, 200, b"OK", ()))
+        self.clock.advance(29.5)                   # 49.5 s in: 29.5 s after the head
+        self.assertEqual(self.answered(), b"")
+        self.clock.advance(1)
+        self.assertIn(b"HTTP/1.1 504", self.answered())   # (the app's head was held: nothing went out)
+        self.assertIn(b"stalled", self.answered())
+
+    def test_an_answered_stream_leaves_no_deadline(self):
+        for _ in range(3):
+            stream = self.head()
+            stream.frame_received(frames.ResponseHead(stream.stream_id, 204, b"", (), end=True))
+        self.clock.advance(60)
+        self.assertEqual(self.answered().count(b"HTTP/1.1 204"), 3)
+        self.assertNotIn(b"504", self.answered())
+        self.assertNotIn(frames.Reset, [type(frame) for frame in self.link.sent])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class CountingTransport(StringTransport):
     """A StringTransport that keeps each write (and writeSequence, marked) as one entry."""
 

@@ -167,16 +167,23 @@ class AppConnection(Protocol):
             if self._head_size > MAX_HEAD:
                 self._fail("the local app's response head is too large")
                 return
-        with self.corked():
-            try:
-                self.parser.feed_data(data)
-            except HttpParserUpgrade:
-                self._fail("the local app answered 101 to a request without Upgrade")
-            except HttpParserError as e:
-                cause = e.__context__
-                self._fail(str(cause) if isinstance(cause, AppError)
-                           else f"the local app's response is malformed ({e})")
-            self._stale = False
+        corked = self.corked
+        if corked is _no_cork:
+            self._parse(data)   # (no context manager to enter and leave per read)
+        else:
+            with corked():
+                self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._fail("the local app answered 101 to a request without Upgrade")
+        except HttpParserError as e:
+            cause = e.__context__
+            self._fail(str(cause) if isinstance(cause, AppError)
+                       else f"the local app's response is malformed ({e})")
+        self._stale = False
 
     def on_message_begin(self) -> None:
         if self.request is None and not self._stale:

@@ -9,8 +9,7 @@ credit windows.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import Callable, ContextManager, Iterator
+from typing import Callable
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -229,11 +228,13 @@ class Connector(service.MultiService):
         self.online: defer.Deferred | None = defer.Deferred()
         # Requests go to the app over kept-alive connections (pipegate/http/appclient.py): as
         # many kept idle as there can be streams (with fewer, every request above the bound
-        # dials the app anew); what one read of the app's answer produces leaves in one send.
+        # dials the app anew).  What one read of the app's answer produces (and every other
+        # answer read in the same reactor turn) leaves in one send: a link corks each turn
+        # in which it sends (ConnectorProtocol.send, FrameLink.send_in_turn), so the pool
+        # needs no cork of its own around each read.
         target = config.target
         self.app = AppPool.to(reactor, target.scheme, target.host, target.port,
-                              connect_timeout=config.connect_timeout, max_idle=config.max_streams,
-                              corked=self.corked)
+                              connect_timeout=config.connect_timeout, max_idle=config.max_streams)
         # Twisted's Agent, for the request inspector's replays only (pipegate/http/inspect/).
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
@@ -283,20 +284,6 @@ class Connector(service.MultiService):
         self.dialer.setServiceParent(self)
 
     # -- links
-
-    def corked(self) -> ContextManager[None]:
-        """The links' frames sent inside the block leave together when it ends (FrameLink.corked)."""
-        links = self.links
-        if len(links) == 1:
-            return links[0].corked()
-        return self._all_corked()
-
-    @contextmanager
-    def _all_corked(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for link in list(self.links):
-                stack.enter_context(link.corked())
-            yield
 
     def link_up(self, link: ConnectorProtocol) -> None:
         self.dialer.succeeded()  # the next failure starts the backoff afresh

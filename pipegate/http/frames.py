@@ -12,7 +12,7 @@ import struct
 import attrs
 
 from pipegate.core.codec import FrameError, Reader
-from pipegate.core.codec import str8 as _str8, str16 as _str16
+from pipegate.core.codec import str16 as _str16
 from pipegate.core.window import MAX_DATA, checked_increment
 
 SUBPROTOCOL = "pipegate.v1"
@@ -101,9 +101,25 @@ _U16 = struct.Struct(">H")
 def _headers(headers: Headers) -> bytes:
     if len(headers) > 0xFFFF:
         raise FrameError("too many headers")
-    return struct.pack(">H", len(headers)) + b"".join(
-        _str16(name) + _str16(value) for name, value in headers
-    )
+    # str16 of each name and value, inlined (a head is encoded for every request).
+    pack = _U16.pack
+    parts = [pack(len(headers))]
+    for name, value in headers:
+        for field in (name, value):
+            if len(field) > 0xFFFF:
+                raise FrameError(f"field longer than 65535 bytes ({len(field)})")
+            parts += (pack(len(field)), field)
+    return b"".join(parts)
+
+
+_REQUEST_START = struct.Struct(">BIBB")  # frame header, flags, the method's length
+
+
+def _too_long(*fields: bytes) -> None:
+    """Raise the error for the first of a REQUEST_HEAD's fields (str8, str16, ...) that is too long."""
+    for value, limit in zip(fields, (0xFF, 0xFFFF, 0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFF)):
+        if len(value) > limit:
+            raise FrameError(f"field longer than {limit} bytes ({len(value)})")
 
 
 def encode(frame: Frame) -> bytes:
@@ -112,76 +128,108 @@ def encode(frame: Frame) -> bytes:
     refused by L{decode}, so a caller learns before sending that e.g. a response head
     is too large.
     """
-    try:
-        return _encode(frame)
+    try:  # (no inner function: a call per frame)
+        match frame:
+            case Data(stream, data):
+                if not 0 < len(data) <= MAX_DATA:
+                    raise FrameError(f"DATA payload of {len(data)} bytes")
+                return _HEADER.pack(DATA, stream) + data
+            case Window(stream, increment):
+                return _HEADER.pack(WINDOW, stream) + struct.pack(">I", checked_increment(increment))
+            case End(stream):
+                return _HEADER.pack(END, stream)
+            case Reset(stream, code, reason):
+                return _HEADER.pack(RESET, stream) + struct.pack(">H", code) + _str16(reason)
+            case GoAway(reason, stream):
+                if stream != 0:
+                    raise FrameError("GOAWAY on a stream")
+                return _HEADER.pack(GOAWAY, stream) + _str16(reason)
+            case RequestHead():
+                if not frame.method or not frame.target.startswith(b"/"):
+                    raise FrameError("REQUEST_HEAD without method or absolute target")
+                flags = (FLAG_END if frame.end else 0) | (FLAG_UPGRADE if frame.upgrade else 0)
+                method, target, client, scheme = frame.method, frame.target, frame.client, frame.scheme
+                host, prefix, correlation = frame.host, frame.prefix, frame.correlation
+                if (len(method) > 0xFF or len(target) > 0xFFFF or len(client) > 0xFF or len(scheme) > 0xFF
+                        or len(host) > 0xFFFF or len(prefix) > 0xFFFF or len(correlation) > 0xFF):
+                    _too_long(method, target, client, scheme, host, prefix, correlation)
+                u16 = _U16.pack
+                # (str8 and str16 of each field inlined: a head is encoded for every request)
+                out = b"".join((
+                    _REQUEST_START.pack(REQUEST_HEAD, frame.stream, flags, len(method)), method,
+                    u16(len(target)), target, bytes((len(client),)), client, bytes((len(scheme),)), scheme,
+                    u16(len(host)), host, u16(len(prefix)), prefix, bytes((len(correlation),)), correlation,
+                    _headers(frame.headers),
+                ))
+            case ResponseHead():
+                if not 100 <= frame.status <= 599:
+                    raise FrameError(f"status {frame.status}")
+                reason = frame.reason
+                if len(reason) > 0xFF:
+                    raise FrameError(f"field longer than 255 bytes ({len(reason)})")
+                out = b"".join((
+                    _HEADER.pack(RESPONSE_HEAD, frame.stream),
+                    bytes((FLAG_END if frame.end else 0, frame.status >> 8, frame.status & 0xFF, len(reason))),
+                    reason, _headers(frame.headers),
+                ))
+            case _:
+                raise TypeError(f"not a frame: {frame!r}")
+        if len(out) > MAX_FRAME_SIZE:
+            raise FrameError(f"frame of {len(out)} bytes exceeds {MAX_FRAME_SIZE}")
+        return out
     except struct.error as e:
         raise FrameError(f"field out of range: {e}") from None
 
 
-def _encode(frame: Frame) -> bytes:
-    match frame:
-        case Data(stream, data):
-            if not 0 < len(data) <= MAX_DATA:
-                raise FrameError(f"DATA payload of {len(data)} bytes")
-            return _HEADER.pack(DATA, stream) + data
-        case Window(stream, increment):
-            return _HEADER.pack(WINDOW, stream) + struct.pack(">I", checked_increment(increment))
-        case End(stream):
-            return _HEADER.pack(END, stream)
-        case Reset(stream, code, reason):
-            return _HEADER.pack(RESET, stream) + struct.pack(">H", code) + _str16(reason)
-        case GoAway(reason, stream):
-            if stream != 0:
-                raise FrameError("GOAWAY on a stream")
-            return _HEADER.pack(GOAWAY, stream) + _str16(reason)
-        case RequestHead():
-            if not frame.method or not frame.target.startswith(b"/"):
-                raise FrameError("REQUEST_HEAD without method or absolute target")
-            flags = (FLAG_END if frame.end else 0) | (FLAG_UPGRADE if frame.upgrade else 0)
-            out = b"".join((
-                _HEADER.pack(REQUEST_HEAD, frame.stream), bytes((flags,)),
-                _str8(frame.method), _str16(frame.target), _str8(frame.client),
-                _str8(frame.scheme), _str16(frame.host), _str16(frame.prefix),
-                _str8(frame.correlation), _headers(frame.headers),
-            ))
-        case ResponseHead():
-            if not 100 <= frame.status <= 599:
-                raise FrameError(f"status {frame.status}")
-            out = b"".join((
-                _HEADER.pack(RESPONSE_HEAD, frame.stream),
-                bytes((FLAG_END if frame.end else 0,)),
-                struct.pack(">H", frame.status), _str8(frame.reason), _headers(frame.headers),
-            ))
-        case _:
-            raise TypeError(f"not a frame: {frame!r}")
-    if len(out) > MAX_FRAME_SIZE:
-        raise FrameError(f"frame of {len(out)} bytes exceeds {MAX_FRAME_SIZE}")
-    return out
+def _strings(data: bytes, pos: int, widths: tuple[int, ...]) -> tuple[list[bytes], int]:
+    """
+    The str8 (width 1) and str16 (width 2) fields at C{data[pos:]}, read in one loop (a
+    head is decoded for every request), and where they end; each length is checked
+    against the message before anything is sliced, as L{Reader} does.
+    """
+    end = len(data)
+    out = []
+    for width in widths:
+        start = pos + width
+        if start > end:
+            raise FrameError("truncated frame")
+        stop = start + (data[pos] if width == 1 else data[pos] << 8 | data[pos + 1])
+        if stop > end:
+            raise FrameError("truncated frame")
+        out.append(data[start:stop])
+        pos = stop
+    return out, pos
 
 
-class _Reader(Reader):
-    """The codec reader plus header lists."""
+def _headers_at(data: bytes, pos: int) -> tuple[Headers, int]:
+    """A header list (u16 count, then str16 name and value pairs) at C{data[pos:]}, and where it ends."""
+    end = len(data)
+    if pos + 2 > end:
+        raise FrameError("truncated frame")
+    count = data[pos] << 8 | data[pos + 1]
+    pos += 2
+    unpack = _U16.unpack_from
+    out = []
+    for _ in range(count):
+        if pos + 2 > end:
+            raise FrameError("truncated frame")
+        stop = pos + 2 + unpack(data, pos)[0]
+        if stop + 2 > end:
+            raise FrameError("truncated frame")
+        name = data[pos + 2:stop]
+        pos = stop + 2 + unpack(data, stop)[0]
+        if pos > end:
+            raise FrameError("truncated frame")
+        out.append((name, data[stop + 2:pos]))
+    return tuple(out), pos
 
-    def headers(self) -> Headers:
-        # The loop of str16 reads inlined (a head is decoded for every request): the
-        # same bounds, each length checked against the message before slicing.
-        count = self.u16()
-        data, pos, end = self._data, self._pos, len(self._data)
-        unpack = _U16.unpack_from
-        out = []
-        for _ in range(count):
-            if pos + 2 > end:
-                raise FrameError("truncated frame")
-            stop = pos + 2 + unpack(data, pos)[0]
-            if stop + 2 > end:
-                raise FrameError("truncated frame")
-            name = data[pos + 2:stop]
-            pos = stop + 2 + unpack(data, stop)[0]
-            if pos > end:
-                raise FrameError("truncated frame")
-            out.append((name, data[stop + 2:pos]))
-        self._pos = pos
-        return tuple(out)
+
+def _done(message: bytes, pos: int) -> None:
+    if pos != len(message):
+        raise FrameError(f"{len(message) - pos} trailing bytes")
+
+
+_REQUEST_FIELDS = (1, 2, 1, 1, 2, 2, 1)  # method, target, client, scheme, host, prefix, correlation
 
 
 def decode(message: bytes) -> Frame:
@@ -194,43 +242,61 @@ def decode(message: bytes) -> Frame:
     if len(message) < _HEADER.size:
         raise FrameError("truncated frame header")
     kind, stream = _HEADER.unpack_from(message)
-    r = _Reader(message, _HEADER.size)
     frame: Frame
     if kind == DATA:
         size = len(message) - _HEADER.size
         if not 0 < size <= MAX_DATA:
             raise FrameError(f"DATA payload of {size} bytes")
         return Data(stream, message[_HEADER.size:])
-    elif kind == WINDOW:
-        frame = Window(stream, checked_increment(r.u32()))
     elif kind == END:
-        frame = End(stream)
+        _done(message, _HEADER.size)
+        return End(stream)
+    elif kind == REQUEST_HEAD:
+        flags = _flags(message)
+        if flags & ~(FLAG_END | FLAG_UPGRADE):
+            raise FrameError(f"unknown REQUEST_HEAD flags {flags:#x}")
+        (method, target, client, scheme, host, prefix, correlation), pos = _strings(
+            message, _HEADER.size + 1, _REQUEST_FIELDS)
+        headers, pos = _headers_at(message, pos)
+        frame = RequestHead(
+            stream=stream, method=method, target=target, client=client,
+            scheme=scheme, host=host, prefix=prefix, correlation=correlation,
+            headers=headers, end=bool(flags & FLAG_END), upgrade=bool(flags & FLAG_UPGRADE),
+        )
+        if not frame.method or not frame.target.startswith(b"/"):
+            raise FrameError("REQUEST_HEAD without method or absolute target")
+        _done(message, pos)
+        return frame
+    elif kind == RESPONSE_HEAD:
+        flags = _flags(message)
+        if flags & ~FLAG_END:
+            raise FrameError(f"unknown RESPONSE_HEAD flags {flags:#x}")
+        if len(message) < _HEADER.size + 3:
+            raise FrameError("truncated frame")
+        status = message[_HEADER.size + 1] << 8 | message[_HEADER.size + 2]
+        if not 100 <= status <= 599:
+            raise FrameError(f"status {status}")
+        (reason,), pos = _strings(message, _HEADER.size + 3, (1,))
+        headers, pos = _headers_at(message, pos)
+        _done(message, pos)
+        return ResponseHead(stream, status, reason, headers, bool(flags & FLAG_END))
+    r = Reader(message, _HEADER.size)
+    if kind == WINDOW:
+        frame = Window(stream, checked_increment(r.u32()))
     elif kind == RESET:
         frame = Reset(stream, r.u16(), r.str16())
     elif kind == GOAWAY:
         if stream != 0:
             raise FrameError("GOAWAY on a stream")
         frame = GoAway(r.str16())
-    elif kind == REQUEST_HEAD:
-        flags = r.u8()
-        if flags & ~(FLAG_END | FLAG_UPGRADE):
-            raise FrameError(f"unknown REQUEST_HEAD flags {flags:#x}")
-        frame = RequestHead(
-            stream=stream, method=r.str8(), target=r.str16(), client=r.str8(),
-            scheme=r.str8(), host=r.str16(), prefix=r.str16(), correlation=r.str8(),
-            headers=r.headers(), end=bool(flags & FLAG_END), upgrade=bool(flags & FLAG_UPGRADE),
-        )
-        if not frame.method or not frame.target.startswith(b"/"):
-            raise FrameError("REQUEST_HEAD without method or absolute target")
-    elif kind == RESPONSE_HEAD:
-        flags = r.u8()
-        if flags & ~FLAG_END:
-            raise FrameError(f"unknown RESPONSE_HEAD flags {flags:#x}")
-        status = r.u16()
-        if not 100 <= status <= 599:
-            raise FrameError(f"status {status}")
-        frame = ResponseHead(stream, status, r.str8(), r.headers(), bool(flags & FLAG_END))
     else:
         raise FrameError(f"unknown frame type {kind:#x}")
     r.done()
     return frame
+
+
+def _flags(message: bytes) -> int:
+    """A head's flags byte, right after the frame header."""
+    if len(message) <= _HEADER.size:
+        raise FrameError("truncated frame")
+    return message[_HEADER.size]

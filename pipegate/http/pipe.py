@@ -135,13 +135,16 @@ class FrameLink:
         if reader.done:
             super().dataReceived(data)
             return
+        seen = False
         for kind, payload in reader.feed(data):
             if kind is WireReader.MESSAGE:
                 if self.state != self.STATE_OPEN:
                     # Closing: Autobahn decides what still counts, from this frame on.
                     super().dataReceived(reader.hand_over())
                     return
-                autobahn_traffic_seen(self)
+                if not seen:
+                    seen = True   # (once per read: the same pending ping timeout to cancel)
+                    autobahn_traffic_seen(self)
                 self.onMessage(payload, True)
             else:
                 # A control frame, whole (Autobahn answers it), or where Autobahn takes over.
@@ -211,7 +214,11 @@ def ws_frame(payload: bytes, masked: bool) -> bytes:
     if not masked:
         return head + payload
     mask = _random_bits(32).to_bytes(4, "big")  # a fresh key per frame, as Autobahn does
-    return head + mask + _xor(mask, payload)
+    if n >= _SMALL_MASK or not n:
+        return head + mask + _xor(mask, payload)
+    # (_xor's big-integer masking, inline: most frames are small)
+    key = (mask * ((n + 3) >> 2))[:n]
+    return head + mask + (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 class WireReader:

@@ -31,6 +31,7 @@ from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
 from pipegate.sockets import eager_writes, plain_writes
+from pipegate.timers import IdleTimer, cancel
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -245,12 +246,58 @@ class RelayChannel(http.HTTPChannel):
     _pg_host = None
     _pg_secure = None
 
+    #: The idle timeout (TimeoutMixin's C{timeOut}), on one L{IdleTimer} per connection.
+    _pg_idle: IdleTimer | None = None
+    _pg_idle_on = False
+
+    def setTimeout(self, period):
+        """
+        TimeoutMixin's, on an L{IdleTimer} (pipegate/timers.py) instead of a DelayedCall:
+        twisted.web suspends the idle timeout for each request and restarts it when the
+        request is done, which on a DelayedCall is a cancel and a new call (heap operations,
+        and Python comparisons in the reactor's heap) per request; here it is a flag and a
+        touch.  Fires at the same time, as TimeoutMixin would.
+        """
+        prev, self.timeOut = self.timeOut, period
+        if period is None:
+            self._pg_idle_on = False
+            return prev
+        timer = self._pg_idle
+        if timer is not None and timer.active() and timer.seconds == period:
+            timer.touch()
+        else:
+            cancel(timer)
+            self._pg_idle = IdleTimer(self.site.reactor, period, self._pg_idle_expired)
+        self._pg_idle_on = True
+        return prev
+
+    def resetTimeout(self):
+        if self._pg_idle_on:
+            self._pg_idle.touch()
+
+    def _pg_idle_expired(self):
+        # (a suspended timer, between a request's head and its end, lapses unheard)
+        if self._pg_idle_on:
+            self._pg_idle_on = False  # (TimeoutMixin forgets its call when it fires)
+            self.timeoutConnection()
+
     def getHost(self):
         # Read once per connection: tcp.Server.getHost calls getsockname() every time, and
         # twisted.web's Request asks for every request.
         if self._pg_host is None:
             self._pg_host = super().getHost()
         return self._pg_host
+
+    _pg_peer = None
+
+    def getPeer(self):
+        # Once per connection too: twisted.web's Request asks for every request, and each
+        # answer is a new address object made through the transport (and the connection
+        # gate's wrapper).  The first request's head has been read by then, so a PROXY
+        # header (a haproxy: listener) has already named the caller.
+        if self._pg_peer is None:
+            self._pg_peer = super().getPeer()
+        return self._pg_peer
 
     def isSecure(self):
         # As HTTPChannel's (an ISSLTransport adaptation per call), once per connection.
@@ -362,6 +409,7 @@ class RelayChannel(http.HTTPChannel):
         self._pg_head = None
         self._pg_cancel_head_timer()
         super().connectionLost(reason)
+        self._pg_idle = cancel(self._pg_idle)
 
     def allHeadersReceived(self):
         self._pg_in_head = False
@@ -378,6 +426,11 @@ class RelayChannel(http.HTTPChannel):
             # A login or an upgrade may take the connection over: this channel then never
             # hears of its end (connectionLost goes to the new protocol).
             self._pg_cancel_head_timer()
+            if self.length == 0:
+                # Nor its idle timer's, which is suspended (setTimeout(None)) at once for this
+                # bodiless head (TimeoutMixin's would be cancelled then): it goes now.
+                self._pg_idle_on = False
+                self._pg_idle = cancel(self._pg_idle)
         if early:
             req._started_early = True
             req._body_done = self.length == 0

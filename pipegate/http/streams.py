@@ -29,7 +29,7 @@ from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
-from pipegate.timers import Deadline
+from pipegate.timers import IdleTimer
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
 # values or the reason): anything else would split the caller's response.
@@ -73,6 +73,10 @@ def plain(request: server.Request, code: int, message: str) -> None:
     request.finish()
 
 
+def _dropped() -> None:
+    """The callback of a stream's dropped deadline timer (never called: its heap entry is dead)."""
+
+
 def _stream_over(reason: Any) -> None:
     """The caller-gone hook of a request whose stream is over: nothing is left to stop."""
 
@@ -88,6 +92,8 @@ class RelayStream:
     caller = ""          # the caller (source_key of its IP) whose share of the tunnel's slots this stream holds
     _download_hold = None
     _upload_hold = None
+    _timer: IdleTimer | None = None   # the 404 / 504 deadline (_arm)
+    _expiry: tuple[int, str] = (GATEWAY_TIMEOUT, "")
 
     def __init__(self, relay, tunnel: Tunnel, request, target: bytes, prefix: bytes, upgrade: bool) -> None:
         # relay: pipegate.http.relay.Relay; request: pipegate.http.public.RelayRequest
@@ -112,8 +118,6 @@ class RelayStream:
         self._responding = False
         self._paused = False  # the caller's connection pushes back (pauseProducing)
         self._done = False
-        # The 404 / 504 deadline, moved on by each sign of progress (one pending call, not one per move).
-        self._timer = Deadline(relay.clock, self._expired)
         self.pipe: StreamPipe | None = None
         self._share_held = True
         self._held = bytearray()  # an upgrade's caller bytes past its head, until the pipe takes them
@@ -184,13 +188,29 @@ class RelayStream:
         self._maybe_send_end()
 
     def _arm(self, seconds: float, code: int, reason: str) -> None:
+        """
+        The 404 / 504 deadline, C{seconds} from now, moved on by each sign of progress: an
+        L{IdleTimer}, an entry on its clock's one shared schedule that a move only touches,
+        not a DelayedCall made and cancelled per request (each a Python comparison per
+        step of the reactor's heap).  It fires C{fail(code, reason)} with those last set.
+        """
         if seconds > 0:
-            self._timer.set(seconds, code, reason)
+            self._expiry = (code, reason)
+            timer = self._timer
+            if timer is not None and timer.seconds == seconds and timer.active():
+                timer.touch()
+            else:
+                self._cancel_timer()
+                self._timer = IdleTimer(self.relay.clock, seconds, self._expired)
 
     def _cancel_timer(self) -> None:
-        self._timer.cancel()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            timer.on_idle = _dropped   # (its heap entry stays a while: not the stream with it)
 
-    def _expired(self, code: int, reason: str) -> None:
+    def _expired(self) -> None:
+        code, reason = self._expiry
         self.fail(code, reason, notify=GATEWAY_TIMEOUT)
 
     def _finish(self) -> None:
@@ -202,7 +222,7 @@ class RelayStream:
         # request's caller-gone hook) go with it: stream and request are then freed by
         # reference counting once the link and the channel let go of them, instead of
         # by the cycle collector (25 objects a request, a collection every ~30 requests).
-        self._timer.close()
+        self._cancel_timer()
         if self.request.on_caller_gone == self._caller_gone:
             self.request.on_caller_gone = _stream_over
         for hold in (self._download_hold, self._upload_hold):
@@ -406,7 +426,7 @@ class RelayStream:
         # an untyped answer stays untyped (twisted.web would add text/html).
         pairs = filter_headers(headers)
         request.proxied_head = pairs
-        request.proxied_length = any(name.lower() == b"content-length" for name, _ in pairs)
+        request.proxied_length = b"content-length" in [name.lower() for name, _ in pairs]
         if head.end:
             self._finish()
             request.finish()
