@@ -318,6 +318,40 @@ class StreamDeadline(RelayCase, unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class OfflineGrace(RelayCase, unittest.TestCase):
+    """
+    --offline-grace: a request for a tunnel with no connector waits, and gets 404 "tunnel
+    offline" when the grace ends; one assigned to a connector in time is not failed by it,
+    with --request-timeout 0 (no deadline of its own) as with one.
+    """
+
+    config = {"idle_timeout": 0, "offline_grace": 5, "request_timeout": 0}
+
+    def relay_with(self, **config):
+        relay = Relay(RelayConfig(jwt=auth.JWTSettings(secret="s" * 32), **config), self.clock)
+        relay.startService()
+        return relay, RecordingLink("app")   # (attached by the test, or never)
+
+    def test_no_connector_in_time_is_a_404(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.clock.advance(4.5)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertIn(b"HTTP/1.1 404", self.transport.value())
+        self.assertIn(b"tunnel offline", self.transport.value())
+
+    def test_a_request_assigned_in_time_outlives_the_grace(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.clock.advance(2)
+        self.relay.tunnels.attach(self.link)
+        stream = self.link.streams[max(self.link.streams)]
+        self.clock.advance(60)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertNotIn(frames.Reset, [type(frame) for frame in self.link.sent])
+        stream.frame_received(frames.ResponseHead(stream.stream_id, 204, b"", (), end=True))
+        self.assertIn(b"HTTP/1.1 204", self.transport.value())
+
+
 class CountingTransport(StringTransport):
     """A StringTransport that keeps each write (and writeSequence, marked) as one entry."""
 

@@ -193,8 +193,11 @@ class RelayStream:
         L{IdleTimer}, an entry on its clock's one shared schedule that a move only touches,
         not a DelayedCall made and cancelled per request (each a Python comparison per
         step of the reactor's heap).  It fires C{fail(code, reason)} with those last set.
+        C{seconds} 0 (no such deadline) drops the one armed before (a waiting request's grace).
         """
-        if seconds > 0:
+        if seconds <= 0:
+            self._cancel_timer()
+        else:
             self._expiry = (code, reason)
             timer = self._timer
             if timer is not None and timer.seconds == seconds and timer.active():
