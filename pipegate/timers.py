@@ -1,8 +1,7 @@
 """
-Pending calls on a clock: dropping one that is still pending (L{cancel}), and two
-timeouts that cost nothing when they move later: an idle timeout touched per message
-(L{IdleTimer}, all of a clock's on one pending call) and a deadline set per frame
-(L{Deadline}, on one lazily re-made call).
+Pending calls on a clock: dropping one that is still pending (L{cancel}), and a
+timeout that costs nothing when it moves later: an idle timeout touched per message or
+per frame (L{IdleTimer}, all of a clock's on one pending call).
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ class _IdleSchedule:
     """
     The idle timers of one clock: a heap of C{(due, number, timer)} and one pending call
     for the earliest.  A touch moves nothing: a timer found touched when its entry comes
-    due is pushed again for what is left, as L{Deadline} does with its call.  A cancelled
+    due is pushed again for what is left.  A cancelled
     timer's entry stays until it comes due or the heap is rebuilt (when more than half of
     it is cancelled entries), and with no timer left the pending call goes too.
     """
@@ -144,62 +143,3 @@ def _schedule_of(clock: IReactorTime) -> _IdleSchedule:
     if schedule is None:
         schedule = _schedules[clock] = _IdleSchedule(clock)
     return schedule
-
-
-class Deadline:
-    """
-    Calls C{on_expiry(*args)} once the time last L{set} is reached, unless L{cancel}ed.
-
-    Moving the time later (a stream's request timeout re-armed by each frame of its
-    answer) only records it, and the call, when it comes early, is made again for what
-    is left (re-arming a DelayedCall, C{reset}, is a heap operation); moving it earlier
-    reschedules the call.  So it fires at exactly the time last set, with the C{args}
-    last set.
-    """
-
-    __slots__ = ("clock", "_call", "on_expiry", "at", "args")
-
-    def __init__(self, clock: IReactorTime, on_expiry: Callable[..., object]) -> None:
-        self.clock = clock
-        self.on_expiry = on_expiry
-        self.at = 0.0
-        self.args: tuple = ()
-        self._call: IDelayedCall | None = None
-
-    def set(self, seconds: float, *args: object) -> None:
-        """Expire C{seconds} from now, calling C{on_expiry(*args)}."""
-        self.at = self.clock.seconds() + seconds
-        self.args = args
-        call = self._call
-        if call is None:
-            self._call = self.clock.callLater(seconds, self._check)
-        elif call.getTime() > self.at:
-            call.reset(seconds)
-
-    def _check(self) -> None:
-        remaining = self.at - self.clock.seconds()
-        if remaining > 0:
-            self._call = self.clock.callLater(remaining, self._check)
-            return
-        self._call = None
-        self.on_expiry(*self.args)
-
-    def active(self) -> bool:
-        return self._call is not None
-
-    def cancel(self) -> None:
-        self._call = cancel(self._call)
-
-    def close(self) -> None:
-        """
-        Cancel for good: the callback and its arguments are dropped too.  An owner whose
-        bound method is the callback (owner -> deadline -> method -> owner) is then freed
-        by reference counting when it is done, instead of waiting for the cycle collector.
-        """
-        self.cancel()
-        self.on_expiry = _closed
-        self.args = ()
-
-
-def _closed(*args: object) -> None:
-    """The callback of a closed L{Deadline} (never called: it has no pending call)."""

@@ -1,18 +1,15 @@
 """
 Unit tests for pipegate.timers: cancel() and the idle timer that is not re-armed per
-message (used by mux channels, UDP flows and passthrough pipes).
+message (used by mux channels, UDP flows, passthrough pipes and the relay's connections and streams).
 """
 
 from __future__ import annotations
-
-import weakref
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pipegate.timers import Deadline, IdleTimer, _schedule_of, cancel
-from tests.support import collector_off
+from pipegate.timers import IdleTimer, _schedule_of, cancel
 
 
 class CancelTests(unittest.TestCase):
@@ -149,81 +146,3 @@ class IdleScheduleTests(unittest.TestCase):
         self.clock.advance(1000)
         self.assertEqual(self.fired, [("keep", 1000)])
         self.assertFalse(keep.active())
-
-
-class DeadlineTests(unittest.TestCase):
-    """Deadline: fires at the time and with the arguments last set, one pending call at a time."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.fired: list = []
-        self.deadline = Deadline(self.clock, lambda *args: self.fired.append((self.clock.seconds(), args)))
-
-    def test_fires_at_the_time_set(self) -> None:
-        self.deadline.set(10, "a")
-        self.clock.advance(9.99)
-        self.assertEqual(self.fired, [])
-        self.clock.advance(0.01)
-        self.assertEqual(self.fired, [(10, ("a",))])
-        self.assertFalse(self.deadline.active())
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_moved_later_fires_at_the_last_time_with_the_last_args(self) -> None:
-        self.deadline.set(10, "head")
-        self.clock.advance(4)
-        self.deadline.set(10, "stalled")   # now due at 14
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)   # no second call
-        self.clock.advance(6)              # t=10: the first call comes early and is made again
-        self.assertEqual(self.fired, [])
-        self.assertTrue(self.deadline.active())
-        self.clock.advance(3.9)
-        self.assertEqual(self.fired, [])
-        self.clock.advance(0.1)
-        self.assertEqual(self.fired, [(14, ("stalled",))])
-
-    def test_moved_earlier_fires_earlier(self) -> None:
-        self.deadline.set(60, "offline")
-        self.clock.advance(1)
-        self.deadline.set(5, "timeout")    # due at 6, before the pending call at 60
-        self.clock.advance(5)
-        self.assertEqual(self.fired, [(6, ("timeout",))])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_moved_within_one_advance(self) -> None:
-        self.deadline.set(10, "a")
-        self.clock.advance(5)
-        self.deadline.set(10, "b")
-        self.clock.advance(100)           # one jump past both times: fires once, with the last args
-        self.assertEqual(self.fired, [(105, ("b",))])   # (Clock.advance moves the time first)
-
-    def test_cancel(self) -> None:
-        self.deadline.set(10, "a")
-        self.deadline.cancel()
-        self.assertFalse(self.deadline.active())
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(20)
-        self.assertEqual(self.fired, [])
-        self.deadline.cancel()            # nothing pending: nothing to do
-        self.deadline.set(1, "again")     # usable after a cancel
-        self.clock.advance(1)
-        self.assertEqual(self.fired, [(21, ("again",))])
-
-    def test_close_cancels_and_lets_go_of_the_callback(self) -> None:
-        # An owner whose bound method is the callback is freed by reference counting once
-        # it has closed its deadline (owner -> deadline -> method -> owner otherwise).
-        class Owner:
-            def __init__(self, clock):
-                self.deadline = Deadline(clock, self.expired)
-
-            def expired(self):
-                raise AssertionError("a closed deadline fired")
-
-        owner = Owner(self.clock)
-        owner.deadline.set(10, "a")
-        owner.deadline.close()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        ref = weakref.ref(owner)
-        with collector_off():
-            del owner
-            self.assertIsNone(ref())
-        self.clock.advance(20)
