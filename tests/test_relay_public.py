@@ -271,6 +271,29 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.assertTrue(self.link.streams)
         self.assertNotIn("_IdleSchedule", repr(self.clock.getDelayedCalls()))
 
+    def test_an_upgrade_refused_at_once_leaves_the_connection_timed_out(self):
+        # A 404 at once for an upgrade to a tunnel nobody serves keeps the connection (keep-alive);
+        # it must still be closed once idle, or a stranger holds relay connections for ever.
+        self.channel.dataReceived(b"GET /nobody/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 404", self.transport.value())
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_pipelined_pair_is_timed_out_after_its_second_answer(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n"
+                                  b"GET /app/y HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.answer(1)
+        self.clock.advance(30)
+        self.assertFalse(self.transport.disconnecting)
+        self.answer(2)
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
 
 class StreamDeadline(RelayCase, unittest.TestCase):
     """

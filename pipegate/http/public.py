@@ -428,8 +428,11 @@ class RelayChannel(http.HTTPChannel):
             self._pg_cancel_head_timer()
             if self.length == 0:
                 # Nor its idle timer's, which is suspended (setTimeout(None)) at once for this
-                # bodiless head (TimeoutMixin's would be cancelled then): it goes now.
-                self._pg_idle_on = False
+                # bodiless head (TimeoutMixin's would be cancelled then): it goes now, saved as
+                # twisted.web saves it, so that a head answered at once without a takeover (404,
+                # 403, 429, 503) gets it back from requestDone: the connection is still timed out.
+                if self.timeOut:
+                    self._savedTimeOut = self.setTimeout(None)
                 self._pg_idle = cancel(self._pg_idle)
         if early:
             req._started_early = True
