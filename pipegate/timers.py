@@ -66,6 +66,14 @@ class IdleTimer:
         if self._entry is not None:
             self._entry = None
             self._schedule.dropped()
+        # Its heap entry stays until it comes due or the heap is compacted: the callback (a
+        # bound method of a channel, a flow, a stream or a relay connection) must not keep its
+        # owner alive that long.  A cancelled timer is never armed again.
+        self.on_idle = _cancelled
+
+
+def _cancelled() -> None:
+    """The callback of a cancelled L{IdleTimer} (never called: its heap entry is dead)."""
 
 
 class _IdleSchedule:

@@ -5,11 +5,14 @@ message (used by mux channels, UDP flows, passthrough pipes and the relay's conn
 
 from __future__ import annotations
 
+import weakref
+
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from pipegate.timers import IdleTimer, _schedule_of, cancel
+from tests.support import collector_off
 
 
 class CancelTests(unittest.TestCase):
@@ -51,6 +54,21 @@ class IdleTimerTests(unittest.TestCase):
         self.assertEqual(self.idle, [10])
         self.assertFalse(self.timer.active())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_cancelled_timer_does_not_keep_its_owner(self):
+        # Its heap entry outlives the cancel; the owner whose method is the callback must not.
+        class Owner:
+            def expired(self):
+                raise AssertionError("a cancelled timer fired")
+
+        owner = Owner()
+        gone = weakref.ref(owner)
+        timer = IdleTimer(self.clock, 10, owner.expired)
+        timer.cancel()
+        del owner
+        with collector_off():
+            self.assertIsNone(gone())
+        self.clock.advance(20)
 
     def test_a_touch_moves_the_deadline_without_re_arming(self):
         self.clock.advance(4)

@@ -73,10 +73,6 @@ def plain(request: server.Request, code: int, message: str) -> None:
     request.finish()
 
 
-def _dropped() -> None:
-    """The callback of a stream's dropped deadline timer (never called: its heap entry is dead)."""
-
-
 def _stream_over(reason: Any) -> None:
     """The caller-gone hook of a request whose stream is over: nothing is left to stop."""
 
@@ -209,8 +205,7 @@ class RelayStream:
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:
-            timer.cancel()
-            timer.on_idle = _dropped   # (its heap entry stays a while: not the stream with it)
+            timer.cancel()   # (which drops its callback: the heap entry does not keep the stream)
 
     def _expired(self) -> None:
         code, reason = self._expiry
