@@ -282,6 +282,19 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_a_request_pipelined_after_a_refused_upgrade_is_not_timed_out_while_answered(self):
+        self.channel.dataReceived(b"GET /nobody/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\n\r\nGET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 404", self.transport.value())
+        self.assertTrue(self.link.streams)
+        self.clock.advance(30)                 # the app takes its time: no idle timeout meanwhile
+        self.assertFalse(self.transport.disconnecting)
+        self.answer(max(self.link.streams))
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_a_pipelined_pair_is_timed_out_after_its_second_answer(self):
         self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n"
                                   b"GET /app/y HTTP/1.1\r\nHost: relay\r\n\r\n")

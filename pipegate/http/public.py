@@ -249,6 +249,7 @@ class RelayChannel(http.HTTPChannel):
     #: The idle timeout (TimeoutMixin's C{timeOut}), on one L{IdleTimer} per connection.
     _pg_idle: IdleTimer | None = None
     _pg_idle_on = False
+    _pg_idle_period = None   # the idle timeout to restore once a head that may take over is done
 
     def setTimeout(self, period):
         """
@@ -350,6 +351,10 @@ class RelayChannel(http.HTTPChannel):
 
     def requestDone(self, request):
         self._pg_flush_head()  # a head without a body (HEAD, 204, 304, an empty answer)
+        period, self._pg_idle_period = self._pg_idle_period, None
+        if period and self.persistent:
+            # (before twisted.web reads a pipelined next request, which suspends it again)
+            self.setTimeout(period)
         super().requestDone(request)
 
     def rawDataReceived(self, data):
@@ -428,11 +433,11 @@ class RelayChannel(http.HTTPChannel):
             self._pg_cancel_head_timer()
             if self.length == 0:
                 # Nor its idle timer's, which is suspended (setTimeout(None)) at once for this
-                # bodiless head (TimeoutMixin's would be cancelled then): it goes now, saved as
-                # twisted.web saves it, so that a head answered at once without a takeover (404,
-                # 403, 429, 503) gets it back from requestDone: the connection is still timed out.
+                # bodiless head (TimeoutMixin's would be cancelled then): it goes now, and its
+                # period is kept, so that a head answered without a takeover (404, 403, 429, 503
+                # at once) gets it back in requestDone: the connection is still timed out.
                 if self.timeOut:
-                    self._savedTimeOut = self.setTimeout(None)
+                    self._pg_idle_period = self.setTimeout(None)
                 self._pg_idle = cancel(self._pg_idle)
         if early:
             req._started_early = True
