@@ -44,10 +44,14 @@ def no_delay(transport) -> None:
     """Turn Nagle off on the TCP socket under C{transport} (through TLS or a wrapper)."""
     transport = socket_transport(transport)
     if transport is not None:
-        try:
-            transport.setTcpNoDelay(True)
-        except OSError:
-            pass
+        _no_delay_on(transport)
+
+
+def _no_delay_on(sock) -> None:
+    try:
+        sock.setTcpNoDelay(True)
+    except OSError:
+        pass
 
 
 READ_SIZE = 65_536
@@ -101,10 +105,14 @@ def eager_writes(transport) -> None:
     error is left to the reactor, as in L{send_now}.
     """
     transport = socket_transport(transport)
-    if transport is None or not has_write_buffers(transport):
-        return  # not a twisted.internet.tcp.Connection
-    # A bound method, not a closure: this is per tunnelled connection (about 64 bytes).
-    transport.write = MethodType(_eager_write, transport)
+    if transport is not None:
+        _eager_writes_on(transport)
+
+
+def _eager_writes_on(sock) -> None:
+    if has_write_buffers(sock):   # (else not a twisted.internet.tcp.Connection)
+        # A bound method, not a closure: this is per tunnelled connection (about 64 bytes).
+        sock.write = MethodType(_eager_write, sock)
 
 
 def stream_socket(transport, buffer_size: int):
@@ -117,12 +125,8 @@ def stream_socket(transport, buffer_size: int):
     transport = socket_transport(transport)
     if transport is None:
         return None
-    try:
-        transport.setTcpNoDelay(True)
-    except OSError:
-        pass
-    if has_write_buffers(transport):
-        transport.write = MethodType(_eager_write, transport)   # (as eager_writes)
+    _no_delay_on(transport)
+    _eager_writes_on(transport)
     transport.bufferSize = buffer_size
     return transport
 
