@@ -237,7 +237,7 @@ class Gateway(service.Service, Drainer):
         plain = not self.grants
         if plain:
             for policy in policies:
-                if policy is not None and (policy.defaults is not None or policy.ips):
+                if policy is not None and not policy.empty:
                     plain = False
                     break
         try:
