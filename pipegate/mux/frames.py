@@ -55,6 +55,7 @@ _PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BI")    # type, channel
+_PREFIX = struct.Struct(">IBI")   # length, type, channel: _LENGTH and _HEADER in one pack
 HEADER_SIZE = _HEADER.size        # the smallest declared length (type + channel)
 MIN_MAX_FRAME_SIZE = HEADER_SIZE + MAX_DATA   # a limit below this could not carry full DATA
 _MAX_CHANNEL = 2**32 - 1
@@ -274,7 +275,7 @@ def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
         # FIN and OPEN_OK, once per tunnelled connection or more: what the general path
         # below does with an empty payload, without its dispatch.
         _check_channel(frame.channel, _CHANNEL_LEVEL[kind])
-        return _HEADER_FRAME.pack(HEADER_SIZE, kind, frame.channel)
+        return _PREFIX.pack(HEADER_SIZE, kind, frame.channel)
     if type(frame) is Open and not frame.labels and type(frame.gate_port) is int \
             and 0 < frame.gate_port <= 0xFFFF and type(frame.protocol) is str and frame.protocol in PROTOCOLS:
         # An OPEN without labels (one per tunnelled connection), as below (the same checks
@@ -288,7 +289,7 @@ def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
         _check_channel(frame.channel, "OPEN")
         size = HEADER_SIZE + len(head) + len(host) + 2
         if size <= max_frame_size:
-            return b"".join((_LENGTH.pack(size), _HEADER.pack(OPEN, frame.channel), head, host, b"\0\0"))
+            return b"".join((_PREFIX.pack(size, OPEN, frame.channel), head, host, b"\0\0"))
     try:
         kind, channel, payload = _encode(frame)
     except struct.error as e:
@@ -297,11 +298,9 @@ def encode(frame: Frame, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
     size = HEADER_SIZE + len(payload)
     if size > max_frame_size:
         raise FrameError(f"frame of {size} bytes exceeds {max_frame_size}")
-    return _LENGTH.pack(size) + _HEADER.pack(kind, channel) + payload
+    return _PREFIX.pack(size, kind, channel) + payload
 
 
-_DATA_PREFIX = struct.Struct(">IBI")   # length, DATA, channel
-_HEADER_FRAME = struct.Struct(">IBI")  # length, type, channel: a frame with no payload
 _HEADER_ONLY = {Fin: FIN, OpenOk: OPEN_OK}
 _OPEN_HEAD = struct.Struct(">HBHB")   # gate port, protocol, client port, client host length
 
@@ -318,18 +317,15 @@ def encode_data(channel: int, chunks: Sequence[bytes | memoryview]) -> bytes:
         size = len(chunk)
         if not 0 < size <= MAX_DATA:
             raise FrameError(f"DATA payload of {size} bytes")
-        return _DATA_PREFIX.pack(HEADER_SIZE + size, DATA, channel) + chunk
+        return _PREFIX.pack(HEADER_SIZE + size, DATA, channel) + chunk
     parts = []
     for chunk in chunks:
         size = len(chunk)
         if not 0 < size <= MAX_DATA:
             raise FrameError(f"DATA payload of {size} bytes")
-        parts.append(_DATA_PREFIX.pack(HEADER_SIZE + size, DATA, channel))
+        parts.append(_PREFIX.pack(HEADER_SIZE + size, DATA, channel))
         parts.append(chunk)
     return b"".join(parts)
-
-
-_DATAGRAM_PREFIX = struct.Struct(">IBI")   # length, DATAGRAM, channel
 
 
 def encode_datagram(channel: int, data: bytes) -> bytes:
@@ -337,7 +333,7 @@ def encode_datagram(channel: int, data: bytes) -> bytes:
     _check_channel(channel, "DATAGRAM")
     if len(data) > MAX_DATAGRAM:
         raise FrameError(f"DATAGRAM payload of {len(data)} bytes")
-    return _DATAGRAM_PREFIX.pack(HEADER_SIZE + len(data), DATAGRAM, channel) + data
+    return _PREFIX.pack(HEADER_SIZE + len(data), DATAGRAM, channel) + data
 
 
 def _encode(frame: Frame) -> tuple[int, int, bytes]:
@@ -471,15 +467,15 @@ def decode_body(kind: int, channel: int, payload: bytes) -> Frame:
         if opened is not None:
             return opened
     elif kind == WINDOW and len(payload) == 4:
-        # (what the general path below reads, without its reader: one per DATA frames' credit)
-        return Window(channel, checked_increment(_U32.unpack(payload)[0]))
+        # (what the general path below reads, without its reader: one per DATA frames' credit;
+        # the increment is a u32, as a frame's length is)
+        return Window(channel, checked_increment(_LENGTH.unpack(payload)[0]))
     elif not payload and kind in _HEADER_ONLY_KINDS:
         return _HEADER_ONLY_KINDS[kind](channel)   # FIN, OPEN_OK
     return _decode_general(kind, channel, payload)
 
 
-_U32 = struct.Struct(">I")
-_HEADER_ONLY_KINDS = {FIN: Fin, OPEN_OK: OpenOk}
+_HEADER_ONLY_KINDS = {kind: cls for cls, kind in _HEADER_ONLY.items()}
 
 
 def _decode_general(kind: int, channel: int, payload: bytes) -> Frame:
