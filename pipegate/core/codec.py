@@ -9,17 +9,28 @@ class FrameError(ValueError):
     """A frame could not be decoded or violated the protocol."""
 
 
+def too_long(value: bytes, limit: int) -> FrameError:
+    """The error for a field longer than its length prefix can say (C{limit} bytes)."""
+    return FrameError(f"field longer than {limit} bytes ({len(value)})")
+
+
+def check_done(data: bytes, pos: int) -> None:
+    """Refuse a message that goes on past C{pos}, where its last field ended."""
+    if pos != len(data):
+        raise FrameError(f"{len(data) - pos} trailing bytes")
+
+
 def str8(value: bytes) -> bytes:
     """A 1-byte length and the bytes."""
     if len(value) > 0xFF:
-        raise FrameError(f"field longer than 255 bytes ({len(value)})")
+        raise too_long(value, 0xFF)
     return bytes((len(value),)) + value
 
 
 def str16(value: bytes) -> bytes:
     """A 2-byte big-endian length and the bytes."""
     if len(value) > 0xFFFF:
-        raise FrameError(f"field longer than 65535 bytes ({len(value)})")
+        raise too_long(value, 0xFFFF)
     return struct.pack(">H", len(value)) + value
 
 
@@ -57,5 +68,4 @@ class Reader:
         return self.take(self.u16())
 
     def done(self) -> None:
-        if self._pos != len(self._data):
-            raise FrameError(f"{len(self._data) - self._pos} trailing bytes")
+        check_done(self._data, self._pos)

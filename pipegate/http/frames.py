@@ -11,7 +11,7 @@ import struct
 
 import attrs
 
-from pipegate.core.codec import FrameError, Reader
+from pipegate.core.codec import FrameError, Reader, check_done, too_long
 from pipegate.core.codec import str16 as _str16
 from pipegate.core.window import MAX_DATA, checked_increment
 
@@ -107,7 +107,7 @@ def _headers(headers: Headers) -> bytes:
     for name, value in headers:
         for field in (name, value):
             if len(field) > 0xFFFF:
-                raise FrameError(f"field longer than 65535 bytes ({len(field)})")
+                raise too_long(field, 0xFFFF)
             parts += (pack(len(field)), field)
     return b"".join(parts)
 
@@ -115,11 +115,11 @@ def _headers(headers: Headers) -> bytes:
 _REQUEST_START = struct.Struct(">BIBB")  # frame header, flags, the method's length
 
 
-def _too_long(*fields: bytes) -> None:
+def _first_too_long(*fields: bytes) -> None:
     """Raise the error for the first of a REQUEST_HEAD's fields (str8, str16, ...) that is too long."""
     for value, limit in zip(fields, (0xFF, 0xFFFF, 0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFF)):
         if len(value) > limit:
-            raise FrameError(f"field longer than {limit} bytes ({len(value)})")
+            raise too_long(value, limit)
 
 
 def encode(frame: Frame) -> bytes:
@@ -152,7 +152,7 @@ def encode(frame: Frame) -> bytes:
                 host, prefix, correlation = frame.host, frame.prefix, frame.correlation
                 if (len(method) > 0xFF or len(target) > 0xFFFF or len(client) > 0xFF or len(scheme) > 0xFF
                         or len(host) > 0xFFFF or len(prefix) > 0xFFFF or len(correlation) > 0xFF):
-                    _too_long(method, target, client, scheme, host, prefix, correlation)
+                    _first_too_long(method, target, client, scheme, host, prefix, correlation)
                 u16 = _U16.pack
                 # (str8 and str16 of each field inlined: a head is encoded for every request)
                 out = b"".join((
@@ -166,7 +166,7 @@ def encode(frame: Frame) -> bytes:
                     raise FrameError(f"status {frame.status}")
                 reason = frame.reason
                 if len(reason) > 0xFF:
-                    raise FrameError(f"field longer than 255 bytes ({len(reason)})")
+                    raise too_long(reason, 0xFF)
                 out = b"".join((
                     _HEADER.pack(RESPONSE_HEAD, frame.stream),
                     bytes((FLAG_END if frame.end else 0, frame.status >> 8, frame.status & 0xFF, len(reason))),
@@ -224,11 +224,6 @@ def _headers_at(data: bytes, pos: int) -> tuple[Headers, int]:
     return tuple(out), pos
 
 
-def _done(message: bytes, pos: int) -> None:
-    if pos != len(message):
-        raise FrameError(f"{len(message) - pos} trailing bytes")
-
-
 _REQUEST_FIELDS = (1, 2, 1, 1, 2, 2, 1)  # method, target, client, scheme, host, prefix, correlation
 
 
@@ -249,7 +244,7 @@ def decode(message: bytes) -> Frame:
             raise FrameError(f"DATA payload of {size} bytes")
         return Data(stream, message[_HEADER.size:])
     elif kind == END:
-        _done(message, _HEADER.size)
+        check_done(message, _HEADER.size)
         return End(stream)
     elif kind == REQUEST_HEAD:
         flags = _flags(message)
@@ -265,7 +260,7 @@ def decode(message: bytes) -> Frame:
         )
         if not frame.method or not frame.target.startswith(b"/"):
             raise FrameError("REQUEST_HEAD without method or absolute target")
-        _done(message, pos)
+        check_done(message, pos)
         return frame
     elif kind == RESPONSE_HEAD:
         flags = _flags(message)
@@ -278,7 +273,7 @@ def decode(message: bytes) -> Frame:
             raise FrameError(f"status {status}")
         (reason,), pos = _strings(message, _HEADER.size + 3, (1,))
         headers, pos = _headers_at(message, pos)
-        _done(message, pos)
+        check_done(message, pos)
         return ResponseHead(stream, status, reason, headers, bool(flags & FLAG_END))
     r = Reader(message, _HEADER.size)
     if kind == WINDOW:
