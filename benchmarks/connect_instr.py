@@ -15,52 +15,28 @@ the work per connection, not its timing.  One run takes about 40 s.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
-import time
 
-from benchmarks import procs as procs_module, topology
+from benchmarks import callgrind, topology
 from benchmarks.loadgen import connect_echo
 from benchmarks.procs import Processes, install_signal_handlers
 
 
 def main(tree: str | None = None, n: int = 300) -> dict:
-    if tree:
-        procs_module.REPO = os.path.abspath(tree)
-    out = tempfile.mkdtemp(prefix="connect_instr-")
-    plain = Processes.twistd_cmd
-
-    def under_callgrind(self, name):
-        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/{name}.%p"] + plain(self, name)
-
     slow_listening, slow_echo = topology.wait_listening, topology.wait_echo
-    Processes.twistd_cmd = under_callgrind
     topology.wait_listening = lambda port, proto="tcp", timeout=30, procs=None: slow_listening(port, proto, 600, procs)
     topology.wait_echo = lambda port, timeout=30, procs=None: slow_echo(port, 600, procs)
-    result = {}
     try:
-        with Processes() as procs:
+        with callgrind.services_under_callgrind("connect_instr-", tree) as out, Processes() as procs:
             plane = topology.PortPlane(procs, "echo")
             for _ in range(30):
                 connect_echo(plane.gate)
             pids = {c.name: c.pid for c in plane.services}
-            for pid in pids.values():
-                subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+            callgrind.zero(pids)
             for _ in range(n):
                 connect_echo(plane.gate)
-            for pid in pids.values():
-                subprocess.run(["callgrind_control", "-d", "connections", str(pid)], check=True, capture_output=True)
-            time.sleep(2)
-            for name, pid in pids.items():
-                with open(f"{out}/{name}.{pid}.1") as f:
-                    for line in f:
-                        if line.startswith(("summary:", "totals:")):
-                            result[name] = round(int(line.split()[1]) / n)
-                            break
+            result = callgrind.per_unit(pids, out, "connections", n)
     finally:
-        Processes.twistd_cmd = plain
         topology.wait_listening, topology.wait_echo = slow_listening, slow_echo
     for name, count in result.items():
         print(f"{name}: {count:,} instructions per connection", flush=True)

@@ -20,13 +20,9 @@ in flight at once, as under wrk -c50, but batching then varies from run to run (
 from __future__ import annotations
 
 import http.client
-import os
-import subprocess
 import sys
-import tempfile
-import time
 
-from benchmarks import procs as procs_module, topology, transfer
+from benchmarks import callgrind, topology, transfer
 from benchmarks.procs import Processes, install_signal_handlers
 
 
@@ -41,45 +37,25 @@ def _round(conns: list[http.client.HTTPConnection], path: str) -> None:
 
 
 def main(tree: str | None = None, n: int = 500, connections: int = 1) -> dict:
-    if tree:
-        procs_module.REPO = os.path.abspath(tree)
-    out = tempfile.mkdtemp(prefix="http_instr-")
-    plain = Processes.twistd_cmd
-
-    def under_callgrind(self, name):
-        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/{name}.%p"] + plain(self, name)
-
     slow_wait = transfer.wait_http
-    Processes.twistd_cmd = under_callgrind
     transfer.wait_http = lambda port, path, timeout=20: slow_wait(port, path, 600)
-    result = {}
     try:
-        with Processes() as procs:
+        with callgrind.services_under_callgrind("http_instr-", tree) as out, Processes() as procs:
             plane = topology.HttpPlane(procs, "small")
             conns = [http.client.HTTPConnection("127.0.0.1", plane.relay_port, timeout=120)
                      for _ in range(connections)]
             for _ in range(max(1, 50 // connections)):
                 _round(conns, "/bench/small")
             pids = {c.name: c.pid for c in plane.services}
-            for pid in pids.values():
-                subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+            callgrind.zero(pids)
             rounds = max(1, n // connections)
             n = rounds * connections
             for _ in range(rounds):
                 _round(conns, "/bench/small")
-            for pid in pids.values():
-                subprocess.run(["callgrind_control", "-d", "requests", str(pid)], check=True, capture_output=True)
+            result = callgrind.per_unit(pids, out, "requests", n)
             for conn in conns:
                 conn.close()
-            time.sleep(2)
-            for name, pid in pids.items():
-                with open(f"{out}/{name}.{pid}.1") as f:
-                    for line in f:
-                        if line.startswith(("summary:", "totals:")):
-                            result[name] = round(int(line.split()[1]) / n)
-                            break
     finally:
-        Processes.twistd_cmd = plain
         transfer.wait_http = slow_wait
     for name, count in result.items():
         print(f"{name}: {count:,} instructions per request", flush=True)
