@@ -229,20 +229,21 @@ class IdleTimeout(RelayCase, unittest.TestCase):
     def answer(self, number: int) -> None:
         self.link.streams[number].frame_received(frames.ResponseHead(number, 204, b"", (), end=True))
 
-    def test_an_idle_connection_is_closed_the_timeout_after_its_last_answer(self):
-        self.clock.advance(6)
-        self.head()
-        self.answer(1)
+    def assert_closed_after_idle(self) -> None:
+        """Open until the 10 s idle timeout from now, closed once it is over."""
         self.clock.advance(9.5)
         self.assertFalse(self.transport.disconnecting)
         self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_an_idle_connection_is_closed_the_timeout_after_its_last_answer(self):
+        self.clock.advance(6)
+        self.head()
+        self.answer(1)
+        self.assert_closed_after_idle()
+
     def test_a_connection_without_a_request_is_closed_after_the_timeout(self):
-        self.clock.advance(9.5)
-        self.assertFalse(self.transport.disconnecting)
-        self.clock.advance(1)
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closed_after_idle()
 
     def test_a_request_being_answered_is_never_timed_out(self):
         for number in (1, 2):
@@ -277,10 +278,7 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.channel.dataReceived(b"GET /nobody/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
                                   b"Connection: Upgrade\r\n\r\n")
         self.assertIn(b"HTTP/1.1 404", self.transport.value())
-        self.clock.advance(9.5)
-        self.assertFalse(self.transport.disconnecting)
-        self.clock.advance(1)
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closed_after_idle()
 
     def test_a_request_pipelined_after_a_refused_upgrade_is_not_timed_out_while_answered(self):
         self.channel.dataReceived(b"GET /nobody/ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
@@ -290,10 +288,7 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.clock.advance(30)                 # the app takes its time: no idle timeout meanwhile
         self.assertFalse(self.transport.disconnecting)
         self.answer(max(self.link.streams))
-        self.clock.advance(9.5)
-        self.assertFalse(self.transport.disconnecting)
-        self.clock.advance(1)
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closed_after_idle()
 
     def test_a_pipelined_pair_is_timed_out_after_its_second_answer(self):
         self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: relay\r\n\r\n"
@@ -302,10 +297,7 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.clock.advance(30)
         self.assertFalse(self.transport.disconnecting)
         self.answer(2)
-        self.clock.advance(9.5)
-        self.assertFalse(self.transport.disconnecting)
-        self.clock.advance(1)
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closed_after_idle()
 
 
 class StreamDeadline(RelayCase, unittest.TestCase):
