@@ -322,7 +322,7 @@ class ConnectorStream:
         if length is not None:
             headers += ((b"Content-Length", b"%d" % length),)
         # The head, and the body and END when the app's answer is already in (one read),
-        # leave in one socket write: the connection reads inside the link's corked().
+        # leave in one socket write: the link sends what a reactor turn produced at its end.
         try:
             self.send(frames.ResponseHead(self.stream_id, status, reason[:255], headers))
         except frames.FrameError:
