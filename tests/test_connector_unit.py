@@ -9,7 +9,6 @@ response bytes the test plays as the app), time on a L{MemoryReactorClock}.
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -36,18 +35,9 @@ class RelayEnd:
 
     def __init__(self) -> None:
         self.sent: list[frames.Frame] = []
-        self.corked_depth = 0
 
     def send(self, frame: frames.Frame) -> None:
         self.sent.append(frames.decode(frames.encode(frame)))
-
-    @contextmanager
-    def corked(self):
-        self.corked_depth += 1
-        try:
-            yield
-        finally:
-            self.corked_depth -= 1
 
     def take(self) -> list[frames.Frame]:
         sent, self.sent = self.sent, []
@@ -94,16 +84,13 @@ class Harness:
     def __init__(self, testcase, **config) -> None:
         self.clock = MemoryReactorClock()
         self.app = AppEndpoint()
-        self.pool = AppPool(self.clock, self.app, max_idle=config.pop("max_idle", 0), corked=self.corked)
+        self.pool = AppPool(self.clock, self.app, max_idle=config.pop("max_idle", 0))
         self.budget = window.GrowthBudget(config.pop("window_budget", 16 * INITIAL))
         config.setdefault("max_window", INITIAL)  # a fixed window unless a test lets it grow
         self.config = ConnectorConfig(Target.parse("http://127.0.0.1:3000/base"), **config)
         self.relay = RelayEnd()
         self.session = ConnectorSession(self.relay, self.config, self.pool, self.clock, self.budget)
         testcase.addCleanup(self.session.lost)
-
-    def corked(self):
-        return self.relay.corked()
 
     def request(self, stream: int = 1, method: bytes = b"GET", target: bytes = b"/x",
                 headers=(), end: bool = True, **fields) -> tuple[object, StringTransport]:

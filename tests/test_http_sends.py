@@ -1,13 +1,10 @@
 """
-How the HTTP plane hands frames to its sockets: a corked block of a link leaves in one
-write, the connector reads the local app inside its links' cork (pipegate/http/appclient.py),
-and the inspector's Agent gets one endpoint per origin (pipegate/http/pipe.py FrameLink,
-pipegate/http/outbound.py AppEndpoints).
+How the HTTP plane hands frames to its sockets: what a link sends while corked (each
+reactor turn) leaves in one write (pipegate/http/pipe.py FrameLink), and the inspector's
+Agent gets one endpoint per origin (pipegate/http/outbound.py AppEndpoints).
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
@@ -15,7 +12,6 @@ from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
 
 from pipegate.http import frames
-from pipegate.http.appclient import AppConnection, AppPool, AppRequest
 from pipegate.http.outbound import AppEndpoints
 from pipegate.http.pipe import FrameLink, WireReader, ws_frame
 
@@ -49,6 +45,9 @@ def M(frame) -> bytes:
 
 
 class CorkedLink(unittest.TestCase):
+    """Between L{FrameLink.cork} and L{FrameLink.uncork} (what L{FrameLink.send_in_turn}
+    does for each reactor turn) the frames are collected for one write."""
+
     def setUp(self) -> None:
         self.transport = RecordingTransport()
         self.link = Link(self.transport)
@@ -59,47 +58,43 @@ class CorkedLink(unittest.TestCase):
         self.assertEqual(self.transport.writes, [M(frames.End(1)),
                                                  M(frames.End(3))])
 
-    def test_a_corked_block_is_one_write(self) -> None:
+    def test_corked_frames_are_one_write(self) -> None:
         head = frames.ResponseHead(1, 200, b"OK", ((b"a", b"b"),))
-        with self.link.corked():
-            self.link.send_message(head)
-            with self.link.corked():   # nested: still one write, at the outermost end
-                self.link.send_message(frames.Data(1, b"x" * 10))
-            self.assertEqual(self.transport.writes, [])
-            self.link.send_message(frames.End(1))
+        self.link.cork()
+        self.link.send_message(head)
+        self.link.cork()   # nested: still one write, at the last uncork
+        self.link.send_message(frames.Data(1, b"x" * 10))
+        self.link.uncork()
+        self.assertEqual(self.transport.writes, [])
+        self.link.send_message(frames.End(1))
+        self.link.uncork()
         self.assertEqual(self.transport.writes, [b"".join(
             M(f) for f in (head, frames.Data(1, b"x" * 10), frames.End(1)))])
         self.assertIs(self.link.transport, self.transport)
 
-    def test_an_empty_block_writes_nothing(self) -> None:
-        with self.link.corked():
-            pass
+    def test_nothing_corked_writes_nothing(self) -> None:
+        self.link.cork()
+        self.link.uncork()
         self.assertEqual(self.transport.writes, [])
         self.assertIs(self.link.transport, self.transport)
 
-    def test_other_transport_calls_pass_through_inside_a_block(self) -> None:
-        with self.link.corked():
-            self.link.send_message(frames.End(1))
-            self.assertEqual(self.link.transport.getPeer(), self.transport.getPeer())
+    def test_other_transport_calls_pass_through_while_corked(self) -> None:
+        self.link.cork()
+        self.link.send_message(frames.End(1))
+        self.assertEqual(self.link.transport.getPeer(), self.transport.getPeer())
+        self.link.uncork()
         self.assertEqual(self.transport.writes, [M(frames.End(1))])
 
-    def test_losing_the_connection_inside_a_block_writes_what_was_collected_first(self) -> None:
+    def test_losing_the_connection_while_corked_writes_what_was_collected_first(self) -> None:
         lost_after: list = []
         self.transport.loseConnection = lambda: lost_after.append(list(self.transport.writes))
-        with self.link.corked():
-            self.link.send_message(frames.End(1))
-            self.link.send_message(frames.End(3))
-            self.link.transport.loseConnection()
+        self.link.cork()
+        self.link.send_message(frames.End(1))
+        self.link.send_message(frames.End(3))
+        self.link.transport.loseConnection()
+        self.link.uncork()
         self.assertEqual(lost_after, [[M(frames.End(1)) + M(frames.End(3))]])
         self.assertEqual(len(self.transport.writes), 1)   # nothing written twice
-
-    def test_an_error_inside_the_block_still_writes_and_restores(self) -> None:
-        with self.assertRaises(ZeroDivisionError):
-            with self.link.corked():
-                self.link.send_message(frames.End(1))
-                1 / 0
-        self.assertIs(self.link.transport, self.transport)
-        self.assertEqual(len(self.transport.writes), 1)
 
 
 class LinkTurns:
@@ -168,43 +163,7 @@ class ConnectorLinkTurns(LinkTurns, unittest.TestCase):
         self.assertEqual(self.transport.writes, [])
 
 
-class Recorder:
-    """A request's owner that logs what it is told."""
-
-    def __init__(self, log: list) -> None:
-        self.log = log
-
-    def app_response(self, status, reason, headers, length) -> None:
-        self.log.append(("head", status))
-
-    def app_data(self, data: bytes) -> None:
-        self.log.append(("data", data))
-
-    def app_end(self) -> None:
-        self.log.append(("end",))
-
-    def app_failed(self, reason, answered) -> None:
-        self.log.append(("failed",))
-
-
-class AppConnections(unittest.TestCase):
-    def test_each_read_and_the_loss_happen_inside_the_cork(self) -> None:
-        log: list = []
-
-        @contextmanager
-        def corked():
-            log.append("cork")
-            yield
-            log.append("uncork")
-
-        connection = AppConnection(AppPool(MemoryReactorClock(), None, max_idle=0, corked=corked))
-        connection.makeConnection(StringTransport())
-        connection.send(AppRequest(Recorder(log), b"GET", b"GET / HTTP/1.1\r\n\r\n", None, None))
-        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
-        connection.connectionLost(None)
-        self.assertEqual(log, ["cork", ("head", 200), ("data", b"ab"), "uncork",
-                               "cork", ("failed",), "uncork"])
-
+class InspectorEndpoints(unittest.TestCase):
     def test_one_endpoint_per_origin(self) -> None:
         endpoints = AppEndpoints(MemoryReactorClock(), 5.0)
         first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:3000/a"))

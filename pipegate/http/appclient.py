@@ -14,8 +14,6 @@ transport, so that the app pushing back pauses it.
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
-
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import endpoints
 from twisted.internet.protocol import Protocol
@@ -76,7 +74,6 @@ class AppConnection(Protocol):
 
     def __init__(self, pool: AppPool) -> None:
         self.pool = pool
-        self.corked = pool.corked
         self.request: AppRequest | None = None
         self.parser = HttpResponseParser(self)
         self.reused = False
@@ -167,14 +164,6 @@ class AppConnection(Protocol):
             if self._head_size > MAX_HEAD:
                 self._fail("the local app's response head is too large")
                 return
-        corked = self.corked
-        if corked is _no_cork:
-            self._parse(data)   # (no context manager to enter and leave per read)
-        else:
-            with corked():
-                self._parse(data)
-
-    def _parse(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -296,8 +285,7 @@ class AppConnection(Protocol):
             return
         if self._until_close and not self._in_head:
             request.done = True
-            with self.corked():
-                request.owner.app_end()
+            request.owner.app_end()
             return
         if (not self._answered and self.reused and not request.retried
                 and request.body is None and request.method in IDEMPOTENT):
@@ -307,8 +295,7 @@ class AppConnection(Protocol):
             return
         request.done = True
         why = getattr(reason, "value", reason)
-        with self.corked():
-            request.owner.app_failed(str(why) or type(why).__name__, self._answered)
+        request.owner.app_failed(str(why) or type(why).__name__, self._answered)
 
 
 class AppPool:
@@ -319,13 +306,11 @@ class AppPool:
 
     log = Logger()
 
-    def __init__(self, reactor, endpoint, *, max_idle: int, idle_timeout: float = IDLE_TIMEOUT,
-                 corked: Callable[[], ContextManager[None]] | None = None) -> None:
+    def __init__(self, reactor, endpoint, *, max_idle: int, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.corked = corked or _no_cork
         self.idle: list[AppConnection] = []  # oldest first; the newest is reused first
         self.active: set[AppConnection] = set()
         self._sweep = None
@@ -412,17 +397,3 @@ class AppPool:
         for connection in idle:
             connection.transport.loseConnection()
 
-
-class _NoCork:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_CORK = _NoCork()
-
-
-def _no_cork():
-    return _NO_CORK

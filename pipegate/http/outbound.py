@@ -10,7 +10,7 @@ L{StreamPipe} to the app instead.
 from __future__ import annotations
 
 import re
-from typing import ContextManager, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
@@ -35,16 +35,9 @@ _TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # an HTTP method (RFC
 _LINEBREAK = re.compile(rb"\r\n|\r|\n")
 
 
-class StreamLink(TypingProtocol):
-    """What a stream needs from the link to the relay (the connector's WebSocket protocol)."""
-
-    def corked(self) -> ContextManager[None]: ...
-
-
 class StreamSession(TypingProtocol):
     """What a stream needs from its session (L{pipegate.http.connector.ConnectorSession})."""
 
-    link: StreamLink
     config: ConnectorConfig
     app: AppPool
     reactor: object  # IReactorTime and IReactorTCP: the clock and the passthrough dialer

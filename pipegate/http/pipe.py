@@ -7,7 +7,6 @@ sending interface, and L{StreamPipe}, a protocol that carries a raw byte stream
 from __future__ import annotations
 
 import struct
-from contextlib import contextmanager
 from random import getrandbits as _random_bits
 from typing import Callable, Iterator, Protocol as TypingProtocol
 
@@ -68,14 +67,13 @@ class FrameLink:
     The frame-sending half of a link's WebSocket protocol (relay and connector ends).
 
     Each frame is one binary message.  The link's socket has Nagle off, and what one
-    C{send} (or one L{corked} block) wrote goes to the kernel at once instead of after
+    C{send} (or one corked stretch) wrote goes to the kernel at once instead of after
     the reactor has handled every other ready socket: the next hop starts on this
     request while this end is still reading the next ones.  The socket's writes are
     eager (L{pipegate.sockets.eager_writes}): a write the socket takes whole costs one
     C{send} and no C{epoll_ctl} registering the socket for writing and unregistering
-    it again (two per request at each end, before).  Inside a L{corked} block (or
-    between L{cork} and L{uncork}) the WebSocket frames are collected and written as
-    one.  Both ends cork for each reactor turn (L{send_in_turn}): under load one write for
+    it again (two per request at each end, before).  Between L{cork} and L{uncork} the
+    WebSocket frames are collected and written as one.  Both ends cork for each reactor turn (L{send_in_turn}): under load one write for
     many callers' request heads, or many apps' answers, saves more than starting each at
     once gains (benchmarks/README.md, "relay public side", second pass; the connector's,
     2026-12-07: 2.0 -> 1.1 sendto per request).
@@ -153,7 +151,7 @@ class FrameLink:
                 return
 
     def cork(self) -> None:
-        """Collect the frames sent from now on, until as many L{uncork} calls (L{corked})."""
+        """Collect the frames sent from now on, until as many L{uncork} calls."""
         self._corked += 1
         if self._corked == 1 and self.transport is not None and self._collector is None:
             # Frames are written to self.transport: collect them for the block.
@@ -171,15 +169,6 @@ class FrameLink:
                     self.transport.write(b"".join(collector.chunks))
             if self.transport is not None:
                 send_now(self.transport)
-
-    @contextmanager
-    def corked(self) -> Iterator[None]:
-        """Frames sent inside the block go to the kernel together, in one write, when it ends."""
-        self.cork()
-        try:
-            yield
-        finally:
-            self.uncork()
 
 
 # Below this, masking with Python's big integers beats setting up the native masker
@@ -344,7 +333,7 @@ def _needed(buf: bytes) -> int:
 
 class _Collector:
     """
-    Stands for a link's transport inside a L{FrameLink.corked} block: keeps what is
+    Stands for a link's transport while it is corked (L{FrameLink.cork}): keeps what is
     written (WebSocket frames) for one write at the end; anything else goes to the
     transport.
     """
