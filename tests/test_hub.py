@@ -144,6 +144,19 @@ class Hub(unittest.TestCase):
         self.assertEqual(sent(self.hub.frame("p1", frames.Window(pc, WINDOW))), [frames.Window(5, WINDOW)])
         self.assertEqual(self.hub.frame("p1", frames.Window(pc, 1)), [Close("p1", f"WINDOW beyond the window on channel {pc}")])
 
+    def test_data_or_fin_after_a_sides_fin_closes_its_link(self):
+        self.join("gw", G)
+        self.join("p1", P, routes=[route(2222)])
+        pc = self.splice(5)
+        sent(self.hub.frame("gw", frames.Fin(5)))
+        # The other direction is still open, and credit still flows to the side that sent FIN.
+        self.assertEqual(sent(self.hub.frame("p1", frames.Data(pc, b"down"))), [frames.Data(5, b"down")])
+        self.assertEqual(sent(self.hub.frame("gw", frames.Window(5, 4))), [frames.Window(pc, 4)])
+        self.assertEqual(self.hub.frame("gw", frames.Data(5, b"late")),
+                         [Close("gw", "DATA on channel 5 after its FIN")])
+        self.assertEqual(self.hub.frame("gw", frames.Fin(5)),
+                         [Close("gw", "FIN on channel 5 after its FIN")])
+
     def test_credit_returned_allows_more(self):
         self.join("gw", G)
         self.join("p1", P, routes=[route(2222)])

@@ -242,6 +242,22 @@ class ChannelClose(unittest.TestCase):
         self.assertIsNone(self.transport.producer)
 
 
+    def test_data_after_the_peers_fin_is_a_protocol_error(self):
+        self.channel.frame_received(frames.Data(1, b"before"))
+        self.channel.frame_received(frames.Fin(1))
+        self.channel.frame_received(frames.Window(1, 10))   # credit still flows to the peer
+        with self.assertRaises(frames.FrameError) as caught:
+            self.channel.frame_received(frames.Data(1, b"late"))
+        self.assertEqual(str(caught.exception), "DATA on channel 1 after its FIN")
+        self.assertEqual(self.transport.value(), b"before")
+
+    def test_a_second_fin_is_a_protocol_error(self):
+        self.channel.frame_received(frames.Fin(1))
+        with self.assertRaises(frames.FrameError) as caught:
+            self.channel.frame_received(frames.Fin(1))
+        self.assertEqual(str(caught.exception), "a second FIN on channel 1")
+
+
 class ChannelIdleTimeout(unittest.TestCase):
     """A gate connection's idle timeout counts from the last byte either way."""
 

@@ -11,10 +11,12 @@ import os
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
 from pipegate.core.budget import LogThrottle
 from pipegate.mux import frames
+from pipegate.mux.channel import StreamChannel
 from pipegate.mux.decoder import FrameDecoder
 from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac
 from pipegate.mux.session import LinkChannel, LinkConfig, LinkError, MuxLink
@@ -282,6 +284,21 @@ class Dispatch(LinkTestCase):
         gateway.dataReceived(b"\x00\x00\x00\x05\x7f\x00\x00\x00\x00")   # unknown frame type
         self.assertTrue(gateway.closed)
         self.assertFalse(provider.closed)
+
+    def test_data_after_a_fin_closes_only_that_link_with_the_reason(self) -> None:
+        provider, gateway = self.pair()
+        events: list = []
+        gateway.log = Logger(observer=events.append)
+        channel = StreamChannel(frames.MAX_DATA)
+        channel.makeConnection(StringTransport())
+        channel.attach(gateway, gateway.allocate_channel(channel))
+        fin, data = frames.Fin(channel.channel_id), frames.Data(channel.channel_id, b"late")
+        gateway.dataReceived(frames.encode(fin) + frames.encode(data))
+        self.assertTrue(gateway.closed)
+        self.assertFalse(provider.closed)
+        self.assertEqual([formatEvent(e) for e in events if e["log_level"] is LogLevel.warn],
+                         [f"closing link with {gateway.peer_name}: DATA on channel 1 after its FIN"])
+        self.assertEqual(channel.transport.value(), b"")   # the late bytes never reach the socket
 
     def test_loss_reaches_channels_node_and_owner(self) -> None:
         provider, gateway = self.pair()

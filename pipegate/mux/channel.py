@@ -161,6 +161,8 @@ class StreamChannel(Protocol):
         if self.done:
             return
         if type(frame) is _Data:  # the hot path, before the match below
+            if self.fin_received:
+                raise frames.FrameError(f"DATA on channel {self.channel_id} after its FIN")
             data = frame.data
             if self._idle_timer is not None:
                 self._idle_timer.touch()
@@ -176,6 +178,8 @@ class StreamChannel(Protocol):
                 self._maybe_fin()
                 self._update_reading()
             case frames.Fin():
+                if self.fin_received:
+                    raise frames.FrameError(f"a second FIN on channel {self.channel_id}")
                 self.fin_received = True
                 # A transport with a registered producer never finishes closing.
                 self.transport.unregisterProducer()

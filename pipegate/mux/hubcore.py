@@ -18,6 +18,8 @@ from pipegate.mux import frames
 
 GATEWAY, PROVIDER = "gateway", "provider"   # the two sides of a splice
 _OTHER = {GATEWAY: PROVIDER, PROVIDER: GATEWAY}
+# What a side may no longer send on a channel once it has sent its FIN (protocol.md 2.3.7).
+_AFTER_FIN = {frames.Data: "DATA", frames.Fin: "FIN"}
 _ROUTES_OVERHEAD = 4 + frames.HEADER_SIZE + 2   # length, type + channel, count
 
 
@@ -215,6 +217,8 @@ class HubCore:
         other = _OTHER[side]
         target = splice.peer(other)
         channel = splice.channel(other)
+        if side in splice.fins and type(frame) in _AFTER_FIN:
+            return [Close(key, f"{_AFTER_FIN[type(frame)]} on channel {frame.channel} after its FIN")]
         match frame:
             case frames.Data(_, data):
                 if len(data) > splice.credit[other]:
@@ -227,8 +231,6 @@ class HubCore:
                     return [Close(key, f"WINDOW beyond the window on channel {frame.channel}")]
                 return [Send(target.key, frames.Window(channel, increment))]
             case frames.Fin():
-                if side in splice.fins:
-                    return []
                 splice.fins.add(side)
                 if len(splice.fins) == 2:
                     self._end(splice)
