@@ -38,6 +38,20 @@ def services_under_callgrind(prefix: str, tree: str | None) -> Iterator[str]:
         Processes.twistd_cmd = plain
 
 
+@contextlib.contextmanager
+def patient_port_plane() -> Iterator[None]:
+    """Inside the block, L{benchmarks.topology} waits 600 s for a port or an echo: services
+    under callgrind start some 50 times slower."""
+    from benchmarks import topology
+    listening, echo = topology.wait_listening, topology.wait_echo
+    topology.wait_listening = lambda port, proto="tcp", timeout=30, procs=None: listening(port, proto, 600, procs)
+    topology.wait_echo = lambda port, timeout=30, procs=None: echo(port, 600, procs)
+    try:
+        yield
+    finally:
+        topology.wait_listening, topology.wait_echo = listening, echo
+
+
 def zero(pids: dict[str, int]) -> None:
     """Zero the counters of each service (after the warm-up)."""
     for pid in pids.values():

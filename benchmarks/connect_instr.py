@@ -23,21 +23,16 @@ from benchmarks.procs import Processes, install_signal_handlers
 
 
 def main(tree: str | None = None, n: int = 300) -> dict:
-    slow_listening, slow_echo = topology.wait_listening, topology.wait_echo
-    topology.wait_listening = lambda port, proto="tcp", timeout=30, procs=None: slow_listening(port, proto, 600, procs)
-    topology.wait_echo = lambda port, timeout=30, procs=None: slow_echo(port, 600, procs)
-    try:
-        with callgrind.services_under_callgrind("connect_instr-", tree) as out, Processes() as procs:
-            plane = topology.PortPlane(procs, "echo")
-            for _ in range(30):
-                connect_echo(plane.gate)
-            pids = {c.name: c.pid for c in plane.services}
-            callgrind.zero(pids)
-            for _ in range(n):
-                connect_echo(plane.gate)
-            result = callgrind.per_unit(pids, out, "connections", n)
-    finally:
-        topology.wait_listening, topology.wait_echo = slow_listening, slow_echo
+    with callgrind.patient_port_plane(), \
+            callgrind.services_under_callgrind("connect_instr-", tree) as out, Processes() as procs:
+        plane = topology.PortPlane(procs, "echo")
+        for _ in range(30):
+            connect_echo(plane.gate)
+        pids = {c.name: c.pid for c in plane.services}
+        callgrind.zero(pids)
+        for _ in range(n):
+            connect_echo(plane.gate)
+        result = callgrind.per_unit(pids, out, "connections", n)
     for name, count in result.items():
         print(f"{name}: {count:,} instructions per connection", flush=True)
     return result
