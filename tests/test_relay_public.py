@@ -12,10 +12,12 @@ import weakref
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from pipegate import auth
 from pipegate.http import frames
@@ -298,6 +300,66 @@ class IdleTimeout(RelayCase, unittest.TestCase):
         self.assertFalse(self.transport.disconnecting)
         self.answer(2)
         self.assert_closed_after_idle()
+
+
+@implementer(IHalfCloseableDescriptor)
+class HalfCloseableTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+class OversizedLines(RelayCase, unittest.TestCase):
+    """
+    A request or header line over 16 KiB (twisted.web's MAX_LENGTH) gets 414 or 431, then a
+    FIN; what the caller still sends is dropped, and does not keep the connection open past
+    the idle timeout.
+    """
+
+    config = {"idle_timeout": 10}
+
+    def connect(self, site):
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.2", 40000))
+        transport = HalfCloseableTransport(peerAddress=IPv4Address("TCP", "127.0.0.2", 40000))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def end(self):
+        if not self.transport.disconnecting:
+            self.channel.connectionLost(Failure(ConnectionDone()))
+        super().end()
+
+    def test_a_long_request_line_gets_414_and_a_fin(self):
+        self.channel.dataReceived(b"GET /app/" + b"a" * 20_000)
+        self.assertEqual(self.transport.value(),
+                         b"HTTP/1.1 414 URI Too Long\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.assertTrue(self.transport.write_closed)
+        self.assertFalse(self.link.streams)
+
+    def test_a_long_header_line_gets_431(self):
+        self.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nCookie: " + b"c" * 20_000)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
+        self.assertFalse(self.link.streams)
+
+    def test_what_follows_is_dropped_and_the_idle_timeout_still_closes(self):
+        self.channel.dataReceived(b"GET /app/" + b"a" * 20_000)
+        answer = self.transport.value()
+        for _ in range(40):                        # a caller that keeps sending, for 20 s
+            self.clock.advance(0.5)
+            self.channel.dataReceived(b"a" * 1000 + b"\r\nGET /app/x HTTP/1.1\r\n\r\n")
+            if self.transport.disconnecting:
+                break
+        self.assertTrue(self.transport.disconnecting)
+        self.assertLessEqual(self.clock.seconds(), 10.5)
+        self.assertEqual(self.transport.value(), answer)   # one answer, nothing else
+        self.assertFalse(self.link.streams)
+
+    def test_without_half_close_the_connection_closes_after_the_answer(self):
+        channel, transport = caller(RelaySite(self.relay))
+        channel.dataReceived(b"GET /app/x HTTP/1.1\r\nX-Big: " + b"b" * 20_000)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(transport.disconnecting)
 
 
 class StreamDeadline(RelayCase, unittest.TestCase):

@@ -18,6 +18,7 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, resource, server
@@ -245,6 +246,7 @@ class RelayChannel(http.HTTPChannel):
 
     _pg_host = None
     _pg_secure = None
+    _pg_refused = False   # a line over MAX_LENGTH was answered: what follows is dropped
 
     #: The idle timeout (TimeoutMixin's C{timeOut}), on one L{IdleTimer} per connection.
     _pg_idle: IdleTimer | None = None
@@ -374,7 +376,26 @@ class RelayChannel(http.HTTPChannel):
         if _compat.request_path(self) == encoded.split(b" ")[1]:
             _compat.set_request_path(self, target)  # the app's bytes go on as the caller sent them
 
+    def lineLengthExceeded(self, line):
+        """
+        A request line or a header line over C{MAX_LENGTH} (16 KiB): 414 or 431 and the end
+        of the connection, where twisted.web would close it without a word.  On plain TCP the
+        answer is followed by a FIN and the caller's further bytes are read and dropped until
+        it closes, within the idle timeout (which they do not restart): a close with bytes
+        unread sends a RST, which can destroy the answer before the caller reads it.
+        """
+        self._pg_refused = True
+        self._pg_cancel_head_timer()
+        status = b"414 URI Too Long" if _compat.first_line_pending(self) else b"431 Request Header Fields Too Large"
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        if IHalfCloseableDescriptor.providedBy(self.transport):
+            self.transport.loseWriteConnection()
+        else:
+            self.loseConnection()
+
     def dataReceived(self, data):
+        if self._pg_refused:
+            return
         if self._pg_in_head and not self._pg_head_armed and data and self.timeOut:
             # One timer per connection, moved on at each head's first byte (a reset to a
             # later time is an attribute write; a new DelayedCall and a cancel per request
