@@ -452,6 +452,39 @@ class IngressPolicyVariable(unittest.TestCase):
         self.assertRaises(usage.UsageError, self.options, server, bad)
 
 
+class ProviderServiceOptions(unittest.TestCase):
+    """--service (short form) with --services, from flags and from PIPEGATE_SERVICE."""
+
+    def options(self, argv=(), **env):
+        from pipegate.tap import provider
+        options = provider.Options()
+        options.environ = dict({"PIPEGATE_ROUTER": "ab" * 32, "PIPEGATE_CONNECT": "tcp:127.0.0.1:1"}, **env)
+        options.parseOptions(list(argv))
+        return options
+
+    def described(self, options) -> list[str]:
+        return [s.describe() for s in options["service-list"]]
+
+    def test_flags_merged_with_services(self):
+        o = self.options(["--service", "2222:127.0.0.1:22", "--service", "5353:10.0.0.5:53/udp",
+                          "--services", '[{"gatePort": 8080, "serviceHost": "web", "servicePort": 80}]'])
+        self.assertEqual(self.described(o), ["2222/tcp -> 127.0.0.1:22", "5353/udp -> 10.0.0.5:53",
+                                             "8080/tcp -> web:80"])
+
+    def test_variable_is_a_space_separated_list_a_flag_replaces(self):
+        self.assertEqual(self.described(self.options(PIPEGATE_SERVICE="1:a:1 2:b:2/udp")),
+                         ["1/tcp -> a:1", "2/udp -> b:2"])
+        self.assertEqual(self.described(self.options(["--service", "3:c:3"], PIPEGATE_SERVICE="1:a:1")),
+                         ["3/tcp -> c:3"])
+
+    def test_bad_values_name_the_option(self):
+        e = self.assertRaises(usage.UsageError, self.options, ["--service", "2222:127.0.0.1"])
+        self.assertTrue(str(e).startswith("--service: '2222:127.0.0.1': expected GATE_PORT:HOST:PORT"), str(e))
+        e = self.assertRaises(usage.UsageError, self.options, [
+            "--service", "80:a:1", "--services", '[{"gatePort": 80, "serviceHost": "b", "servicePort": 2}]'])
+        self.assertIn("gatePort 80/tcp is ambiguous", str(e))
+
+
 class IdentityOptions(unittest.TestCase):
     """--basic-auth, --allow, --deny, --shared on the connector; --revoked on the relay (issue 20)."""
 

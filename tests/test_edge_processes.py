@@ -9,7 +9,6 @@ traceback in the services' output.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -63,13 +62,11 @@ class EdgeProcesses(unittest.TestCase):
             "-n", "--pidfile=", "pipegate-gateway", "--mux", f"tcp:{mux}:interface=127.0.0.1",
             "--listen", "127.0.0.1", "--metrics", f"tcp:{self.gw_metrics}:interface=127.0.0.1",
             *gateway_args], env())
-        services = json.dumps([
-            {"gatePort": self.gate, "serviceHost": "127.0.0.1", "servicePort": self.backend.getHost().port,
-             "protocol": "TCP"},
-            {"gatePort": self.udp_gate, "serviceHost": "127.0.0.1",
-             "servicePort": self.udp_backend.getHost().port, "protocol": "UDP"}])
+        # (--service's short form, through a real twistd, for TCP and UDP)
         self.provider = spawn(self, limited(provider_nofile) + TWISTD + [
-            "-n", "--pidfile=", "pipegate-provider", "--services", services,
+            "-n", "--pidfile=", "pipegate-provider",
+            "--service", f"{self.gate}:127.0.0.1:{self.backend.getHost().port}",
+            "--service", f"{self.udp_gate}:127.0.0.1:{self.udp_backend.getHost().port}/udp",
             "--connect", f"tcp:127.0.0.1:{mux}", "--metrics", f"tcp:{self.prov_metrics}:interface=127.0.0.1",
             *provider_args], env())
         self.addCleanup(self.keep_output)

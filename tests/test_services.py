@@ -20,6 +20,7 @@ from pipegate.ports.services import (
     merge_services,
     parse_filters,
     parse_only_services,
+    parse_service_spec,
     parse_services,
 )
 
@@ -262,6 +263,28 @@ class MergeServicesTests(unittest.TestCase):
         http = parse_services(HTTP_EXAMPLE, "http.json")
         minecraft = parse_services(MINECRAFT_EXAMPLE, "minecraft.json")
         self.assertEqual(len(merge_services([http, minecraft, http])), 4)
+
+
+class ServiceSpecTests(unittest.TestCase):
+    """--service's short form, GATE_PORT:HOST:PORT[/udp]."""
+
+    def test_forms(self) -> None:
+        self.assertEqual(parse_service_spec("2222:127.0.0.1:22"), Service(2222, "127.0.0.1", 22, "tcp"))
+        self.assertEqual(parse_service_spec("5353:192.168.1.10:53/udp"), Service(5353, "192.168.1.10", 53, "udp"))
+        self.assertEqual(parse_service_spec("80:db.local:8080/TCP"), Service(80, "db.local", 8080, "tcp"))
+        self.assertEqual(parse_service_spec("8080:[::1]:80"), Service(8080, "::1", 80, "tcp"))
+        self.assertEqual(parse_service_spec(" 1:a:2 "), Service(1, "a", 2, "tcp"))
+
+    def test_bad_forms_say_what_is_expected(self) -> None:
+        for spec in ("2222:127.0.0.1", "x", "1:::1:2", "1:a:2/sctp", "1:a b:2", "a:b:c", "1:a:2/", ""):
+            e = self.assertRaises(ServiceError, parse_service_spec, spec)
+            self.assertIn("expected GATE_PORT:HOST:PORT, with /udp after it for UDP", str(e), spec)
+
+    def test_ports_out_of_range_are_named(self) -> None:
+        e = self.assertRaises(ServiceError, parse_service_spec, "70000:a:1")
+        self.assertEqual(str(e), "'70000:a:1': gatePort: must be an integer 1-65535, got 70000")
+        e = self.assertRaises(ServiceError, parse_service_spec, "1:a:0")
+        self.assertEqual(str(e), "'1:a:0': servicePort: must be an integer 1-65535, got 0")
 
 
 class FilterTests(unittest.TestCase):

@@ -1,7 +1,8 @@
 """
 Service lists and gateway filters for the port plane (pure: no reactor, no sockets).
 
-A provider's C{--services} SOURCE and a gateway's C{--filter} SOURCE are either inline
+A provider's C{--services} SOURCE (or C{--service} in short form, L{parse_service_spec})
+and a gateway's C{--filter} SOURCE are either inline
 JSON (starting with C{[} or C{{}), an C{http(s)://} URL read through a caller-supplied
 C{fetch(url) -> bytes}, or a file path (read by L{pipegate.core.source}).  The JSON follows Hypergate's C{services.json}:
 a list of entries, or C{{"services": [...]}} with any other top-level keys ignored.
@@ -38,6 +39,7 @@ __all__ = [
     "merge_services",
     "parse_filters",
     "parse_only_services",
+    "parse_service_spec",
     "parse_services",
 ]
 
@@ -275,6 +277,28 @@ def parse_services(doc: object, source: str) -> list[Service]:
         claimed[service.key] = (index, service)
         services.append(service)
     return services
+
+
+_SPEC = re.compile(r"(?P<gate>\d{1,5}):(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]/]+))"
+                   r":(?P<port>\d{1,5})(?:/(?P<protocol>[Tt][Cc][Pp]|[Uu][Dd][Pp]))?")
+
+
+def parse_service_spec(spec: str) -> Service:
+    """
+    One service in the short form of C{--service}: C{GATE_PORT:HOST:PORT}, C{/udp} after it
+    for UDP (C{2222:127.0.0.1:22}, C{5353:192.168.1.10:53/udp}, C{8080:[::1]:80}), as
+    C{ssh -R} writes a forwarding; L{ServiceError} names what is wrong.
+    """
+    match = _SPEC.fullmatch(spec.strip())
+    if match is None:
+        raise ServiceError(f"{_short(spec)}: expected GATE_PORT:HOST:PORT, with /udp after it for UDP"
+                           " (e.g. 2222:127.0.0.1:22 or 5353:192.168.1.10:53/udp)")
+    entry = {"gatePort": int(match["gate"]), "serviceHost": match["v6"] or match["host"],
+             "servicePort": int(match["port"]), "protocol": match["protocol"] or "tcp"}
+    try:
+        return _parse_service(entry)
+    except _FieldError as e:
+        raise ServiceError(f"{_short(spec)}: {e}") from None
 
 
 def _tag_note(service: Service) -> str:

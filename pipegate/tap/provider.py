@@ -19,7 +19,7 @@ from pipegate.core.policy import PolicyError
 from pipegate.core.policydoc import load_policy
 from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
-from pipegate.ports.services import merge_services, parse_services
+from pipegate.ports.services import merge_services, parse_service_spec, parse_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.heap import FrozenStartupHeap
 
@@ -34,9 +34,10 @@ class Options(DockerOptionsMixin, MuxOptions):
     synopsis = "[options]"
     longdesc = (
         "Announce private services to gateways over TLS mux links and carry their TCP "
-        "connections and UDP flows. Every option also reads PIPEGATE_<OPTION>; --mux and --connect "
-        "read space-separated lists from PIPEGATE_MUX and PIPEGATE_CONNECT, --services one source "
-        "from PIPEGATE_SERVICES; flags given on the command line replace the variable."
+        "connections and UDP flows. Every option also reads PIPEGATE_<OPTION>; --mux, --connect and "
+        "--service read space-separated lists from PIPEGATE_MUX, PIPEGATE_CONNECT and PIPEGATE_SERVICE, "
+        "--services one source from PIPEGATE_SERVICES; flags given on the command line replace the "
+        "variable."
     )
     optFlags = [
         ["resolver-open-listing", None, "Serve the resolver's /all (every client IP) without "
@@ -62,6 +63,8 @@ class Options(DockerOptionsMixin, MuxOptions):
                                           "ports); 0 = no cap.", non_negative_int],
     ] + DOCKER_PARAMETERS
     optRepeatable = [
+        ["service", True, "A service in short form, GATE_PORT:HOST:PORT with /udp after it for UDP "
+                          "(e.g. 2222:127.0.0.1:22, 5353:192.168.1.10:53/udp); repeatable."],
         ["services", False, 'Services: inline JSON, a file or an http(s) URL; a list or {"services": [...]}; '
                             "repeatable."],
         ["ingress-policy", False, "Ingress policy shipped to gateways: inline JSON, a file or an http(s) URL; "
@@ -86,8 +89,12 @@ class Options(DockerOptionsMixin, MuxOptions):
             except Exception as e:
                 raise usage.UsageError(f"--resolver: {e or type(e).__name__}") from None
         try:
+            short = [parse_service_spec(spec) for spec in self["service"]]
+        except SourceError as e:
+            raise usage.UsageError(f"--service: {e}") from None
+        try:
             lists = [parse_services(load_source(s, fetch), s) for s in self["services"]]
-            self["service-list"] = merge_services(lists)
+            self["service-list"] = merge_services([short] + lists)
             self["policy"] = load_policy(self["ingress-policy"], fetch)[1]
             frames.encode(frames.Routes(tuple(service_route(s, self["policy"]) for s in self["service-list"])))
         except PolicyError as e:
