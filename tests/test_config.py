@@ -484,6 +484,13 @@ class ProviderServiceOptions(unittest.TestCase):
             "--service", "80:a:1", "--services", '[{"gatePort": 80, "serviceHost": "b", "servicePort": 2}]'])
         self.assertIn("gatePort 80/tcp is ambiguous", str(e))
 
+    def test_the_short_form_given_to_services_points_to_service(self):
+        e = self.assertRaises(usage.UsageError, self.options, ["--services", "2222:127.0.0.1:22"])
+        self.assertEqual(str(e), "--services: 2222:127.0.0.1:22: no such file"
+                                 " (for 2222:127.0.0.1:22 as one service, write --service 2222:127.0.0.1:22)")
+        e = self.assertRaises(usage.UsageError, self.options, ["--services", "missing.json"])
+        self.assertEqual(str(e), "--services: missing.json: no such file")
+
 
 class IdentityOptions(unittest.TestCase):
     """--basic-auth, --allow, --deny, --shared on the connector; --revoked on the relay (issue 20)."""

@@ -102,9 +102,20 @@ class Options(DockerOptionsMixin, MuxOptions):
         except frames.FrameError as e:
             raise usage.UsageError(f"--services: cannot be announced: {e}") from None
         except SourceError as e:
-            raise usage.UsageError(f"--services: {e}") from None
+            raise usage.UsageError(f"--services: {e}{_short_form_hint(self['services'])}") from None
         except OSError as e:
             raise usage.UsageError(f"--services: {e}") from None
+
+
+def _short_form_hint(sources: list[str]) -> str:
+    """For C{--services 2222:127.0.0.1:22}: a pointer to C{--service}."""
+    for source in sources:
+        try:
+            parse_service_spec(source)
+        except SourceError:
+            continue
+        return f" (for {source} as one service, write --service {source})"
+    return ""
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
