@@ -41,8 +41,10 @@ def cmd_unlimited_token(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipegate.demo import run
+    from pipegate.demo import run, run_ports
 
+    if args.ports:
+        return run_ports(args.gate_port)
     return run(args.port, args.inspect_port)
 
 
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("-p", "--port", type=int, default=8000, help="relay port (default 8000; 0 = any)")
     demo.add_argument("--inspect-port", type=int, default=4040,
                       help="request inspector port on 127.0.0.1 (default 4040, any free one if taken; 0 = any)")
+    demo.add_argument("--ports", action="store_true",
+                      help="the port plane instead: a gateway and a provider publishing the app's TCP port")
+    demo.add_argument("--gate-port", type=int, default=7001, help="with --ports: the gate's port (default 7001)")
     demo.set_defaults(func=cmd_demo)
     forward = sub.add_parser("forward", help="forward ports to a gateway's gates (the Docker helper's program)")
     forward.add_argument("--to", required=True, help="host or address of the gateway, as seen from here")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 
 from twisted.internet import defer, reactor
@@ -17,7 +18,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from pipegate import auth
-from tests.support import SECRET, Loopback, eventually, request, token_for
+from tests.support import SECRET, Loopback, eventually, free_port, request, token_for
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -229,3 +230,28 @@ class Demo(unittest.TestCase):
         self.assertEqual(response.code, 200)
         self.assertIn(b"hello from the app behind the tunnel", body)
         self.assertIn(b"/hello?name=world", body)
+
+    async def test_a_taken_port_is_one_line_and_exit_1(self):
+        # Before, the demo printed a FirstError traceback and then ran for ever.
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, out = await run(self, [sys.executable, "-m", "pipegate", "demo", "--port",
+                                     str(taken.getsockname()[1])])
+        self.assertEqual(code, 1, out)
+        self.assertEqual(out.count("\n"), 1, out)
+        self.assertRegex(out, r"^pipegate demo: Couldn't listen on 127\.0\.0\.1:\d+: .* \(another program "
+                              r"has the port\? try --port N\)\n$")
+
+    async def test_port_demo_serves_a_gate(self):
+        gate = free_port()
+        child = spawn(self, [sys.executable, "-m", "pipegate", "demo", "--ports", "--gate-port", str(gate)],
+                      child_env())
+        await eventually(lambda: b"Try:" in child.output, timeout=30)
+        self.assertIn(b"gate %d/tcp" % gate, child.output)
+        url = re.search(rb"curl -s '(\S+)'", child.output).group(1).decode()
+        self.assertEqual(url, f"http://127.0.0.1:{gate}/hello")
+        response, body = await request(Loopback(self).agent(), b"GET", url)
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"hello from the app behind the tunnel", body)
