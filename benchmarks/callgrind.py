@@ -71,3 +71,9 @@ def per_unit(pids: dict[str, int], out: str, reason: str, units: int) -> dict[st
                     result[name] = round(int(line.split()[1]) / units)
                     break
     return result
+
+
+def report(result: dict[str, int], per: str) -> None:
+    """Print each service's instructions per unit of work."""
+    for name, count in result.items():
+        print(f"{name}: {count:,} instructions per {per}", flush=True)

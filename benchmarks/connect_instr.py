@@ -33,8 +33,7 @@ def main(tree: str | None = None, n: int = 300) -> dict:
         for _ in range(n):
             connect_echo(plane.gate)
         result = callgrind.per_unit(pids, out, "connections", n)
-    for name, count in result.items():
-        print(f"{name}: {count:,} instructions per connection", flush=True)
+    callgrind.report(result, "connection")
     return result
 
 

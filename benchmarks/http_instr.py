@@ -57,8 +57,7 @@ def main(tree: str | None = None, n: int = 500, connections: int = 1) -> dict:
                 conn.close()
     finally:
         transfer.wait_http = slow_wait
-    for name, count in result.items():
-        print(f"{name}: {count:,} instructions per request", flush=True)
+    callgrind.report(result, "request")
     print(f"relay + connector: {sum(result.values()):,}", flush=True)
     return result
 

@@ -55,8 +55,7 @@ def main(tree: str | None = None, n: int = 200, connections: int = 16) -> dict:
         result = callgrind.per_unit(pids, out, "requests", n * connections)
         for s in sockets:
             s.close()
-    for name, count in result.items():
-        print(f"{name}: {count:,} instructions per request", flush=True)
+    callgrind.report(result, "request")
     return result
 
 
