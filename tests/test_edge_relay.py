@@ -495,6 +495,16 @@ class UnreadAnswers(unittest.TestCase):
         await self.attack(b"GET /t1/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                           lambda stats: stats.get("requests", "200"))
 
+    async def test_a_refused_login_after_an_unread_answer(self):
+        # A keep-alive answer the caller does not read, then, pipelined, a connector login
+        # with a bad token: Autobahn takes the connection over, refuses the login and waits,
+        # with no timer, for the caller to read the answer queued ahead of its refusal.
+        login = (b"GET /t1 HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: pipegate.v1\r\n"
+                 b"Authorization: Bearer not-a-token\r\n\r\n")
+        await self.attack(b"GET /t1/big HTTP/1.1\r\nHost: x\r\n\r\n" + login,
+                          lambda stats: stats.get("requests", "200"))
+
     async def test_a_refused_upgrade_whose_caller_never_reads(self):
         await self.attack(upgrade_request(b"/big"), lambda stats: stats.get("upgrades", "refused"))
 
