@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 
+from twisted.application import service
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
@@ -604,3 +605,44 @@ class UnreadAnswer(PortPlane):
         done = reactor.seconds()
         await eventually(lambda: self.gw.tcp_budget.held("127.0.0.2") == 0, timeout=5)
         self.assertGreater(reactor.seconds() - done, 0.5)   # not at once: an idle timeout after
+
+
+class SmallListeners(PortPlane):
+    """
+    The small HTTP listeners: the gateway's /unlimited (for clients, so reachable by
+    strangers), the provider's resolver and every service's --metrics with /status, all
+    plain twisted.web sites, which kept an idle connection for 12 hours and capped nothing:
+    a stranger held connections until the process ran out of descriptors, and with it
+    every gate.  They now go through a ConnectionGate with a short idle timeout.
+    """
+
+    async def attack(self, add):
+        from pipegate import accept
+
+        self.patch(accept, "SMALL_SITE_IDLE", 0.5)
+        top = service.MultiService()
+        port = free_port()
+        add(top, f"tcp:{port}:interface=127.0.0.1")
+        top.startService()
+        self.cleanups.append(top.stopService)
+        held = []
+        for _ in range(accept.SMALL_SITE_PER_SOURCE + 4):
+            client = Held()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, client)
+            self.cleanups.append(lambda c=client: c.transport.abortConnection() if c.open else None)
+            held.append(client)
+        await eventually(lambda: sum(not c.open for c in held) == 4)   # refused at accept
+        self.assertEqual([c.open for c in held[:accept.SMALL_SITE_PER_SOURCE]], [True] * accept.SMALL_SITE_PER_SOURCE)
+        await eventually(lambda: not any(c.open for c in held), timeout=5)   # closed when idle
+
+    async def test_unlimited_and_resolver(self):
+        from twisted.web import resource
+
+        from pipegate.mux.node import add_http
+        await self.attack(lambda top, description: add_http(top, description, resource.Resource(), reactor))
+
+    async def test_metrics_and_status(self):
+        from pipegate.opslistener import add_metrics_listener
+        gw, _ = await self.gateway()
+        await self.attack(lambda top, description: add_metrics_listener(top, gw, "gateway", description, reactor))
