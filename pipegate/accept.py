@@ -253,3 +253,25 @@ def listener(description: str, factory, reactor, *, backlog: int = DEFAULT_BACKL
     if guard is not None:
         guard.watch(listening)
     return listening
+
+
+#: The small HTTP listeners (C{--metrics} with C{/status}, the gateway's C{/unlimited}, the
+#: provider's resolver): connections one source IP may hold, connections in total, and
+#: seconds a connection may stay idle.  twisted.web's own idle timeout is 12 hours and it
+#: has no connection cap: a stranger who reached one of them could hold connections until
+#: the process ran out of descriptors, and with it every gate and public listener.
+SMALL_SITE_PER_SOURCE = 16
+SMALL_SITE_TOTAL = 256
+SMALL_SITE_IDLE = 30.0
+
+
+def small_site(description: str, site, reactor, what: str) -> service.Service:
+    """
+    C{strports.service} for a small twisted.web C{site}, with L{SMALL_SITE_IDLE} as its idle
+    timeout and L{SMALL_SITE_PER_SOURCE} and L{SMALL_SITE_TOTAL} connections at most
+    (L{ConnectionGate}: past a cap a new connection is closed at accept, one log line per
+    interval).
+    """
+    site.timeOut = SMALL_SITE_IDLE
+    gate = ConnectionGate(site, Budget(SMALL_SITE_PER_SOURCE, SMALL_SITE_TOTAL), reactor, what=what)
+    return strports.service(description, gate, reactor=reactor)

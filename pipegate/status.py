@@ -11,9 +11,10 @@ import ipaddress
 import json
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.web import resource, server
 
+from pipegate.accept import small_site
 from pipegate.metrics import ServiceCollector, registry_for
 
 
@@ -189,7 +190,7 @@ def add_ops(top: service.MultiService, description: str | None, collector: Servi
     site = server.Site(OpsResource(collector, status, *more, access=access), reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
-    strports.service(description, site, reactor=reactor).setServiceParent(top)
+    small_site(description, site, reactor, "--metrics").setServiceParent(top)
 
 
 # -- pipegate status URL

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import struct
 
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 from twisted.internet.interfaces import IHandshakeListener
@@ -380,6 +381,22 @@ class MuxPortAbuse(PortPlane):
         bomb.transport.write(b"\x7f\xff\xff\xff" + b"\x01" * 1000)
         await bomb.lost
         self.assertTrue(self.logged("exceeds"))
+        await self.legitimate_provider_works()
+
+    async def test_a_big_frame_before_admission_is_refused_at_once(self):
+        """
+        A stranger (no secret) that completes TLS may send nothing but a Hello (75 bytes)
+        before admission.  A frame declared up to the link's max frame size (1 MiB) was
+        held until the handshake timeout: 1 MiB per connection for 10 s, 2 GiB at the
+        default --mux-max-conns of 2,000, from any 20 addresses.
+        """
+        bomb = await self.raw(use_tls=True)
+        await bomb.handshake
+        size = 1_000_000
+        bomb.transport.write(struct.pack(">IBI", size, frames.HELLO, 0) + bytes(size - 5 - 1000))
+        await bomb.lost
+        self.assertTrue(self.logged("before admission without a whole Hello"))
+        self.assertFalse(self.logged("no admission within the handshake timeout"))
         await self.legitimate_provider_works()
 
     async def test_frame_before_hello_after_tls(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 
+from twisted.application import service
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
@@ -28,6 +29,7 @@ from pipegate.ports.services import Service
 from pipegate.ports.udp import Flow, Hold
 from pipegate.tap import gateway as gateway_tap
 from tests.support import eventually
+
 from tests.test_ports_e2e import CERT, SECRET, Client, Echo, PortPlane, UDPEcho, free_port
 
 
@@ -557,3 +559,90 @@ class Options(unittest.SynchronousTestCase):
             # backlog short of listening.  Twisted's default is 50.
             self.assertEqual(mux.endpoint.endpoint._backlog, 1024)
         self.assertEqual(mux.factory.budget.per_source, 100)
+
+
+def unread_socket(source: str, port: int) -> socket.socket:
+    """A client socket from C{source} that will never read: a tiny receive buffer, set before it connects."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+class UnreadAnswer(PortPlane):
+    """
+    A client that sends, half-closes and never reads what comes back.  Once both directions
+    have ended, the channel is done and its idle timer went with it, while its socket still
+    held the answer the client does not read; Twisted's loseConnection waits to flush it, so
+    the connection (its fd and its unit of the per-IP and total caps) stayed for ever.
+    """
+
+    async def test_a_finished_connection_whose_client_never_reads_is_closed_after_the_idle_timeout(self):
+        backend = await self.backend_echo()
+        gate = free_port()
+        # Windows of 8 MiB both ways (a response window grows to 4 MiB by default while the
+        # client reads): the whole echo reaches the gateway, more than the kernel's buffers hold.
+        self.gw, mux = await self.gateway(tcp_idle_timeout=1.0, tcp_per_source=5, tcp_total=100, window=8 << 20)
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)], window=8 << 20)
+        await self.open_tcp_gate(self.gw, gate)
+        sock = socket.socket()
+        self.cleanups.append(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # (before it connects)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", gate))
+        sock.setblocking(False)
+        payload, sent = b"x" * (6 << 20), 0
+        while sent < len(payload):
+            try:
+                sent += sock.send(payload[sent:])
+            except BlockingIOError:
+                await task.deferLater(reactor, 0.01, lambda: None)
+        sock.shutdown(socket.SHUT_WR)
+        await eventually(lambda: not self.gw.tcp_clients)   # the channel is done: FIN both ways
+        self.assertEqual(self.gw.tcp_budget.held("127.0.0.2"), 1)   # its socket still flushing
+        done = reactor.seconds()
+        await eventually(lambda: self.gw.tcp_budget.held("127.0.0.2") == 0, timeout=5)
+        self.assertGreater(reactor.seconds() - done, 0.5)   # not at once: an idle timeout after
+
+
+class SmallListeners(PortPlane):
+    """
+    The small HTTP listeners: the gateway's /unlimited (for clients, so reachable by
+    strangers), the provider's resolver and every service's --metrics with /status, all
+    plain twisted.web sites, which kept an idle connection for 12 hours and capped nothing:
+    a stranger held connections until the process ran out of descriptors, and with it
+    every gate.  They now go through a ConnectionGate with a short idle timeout.
+    """
+
+    async def attack(self, add):
+        from pipegate import accept
+
+        self.patch(accept, "SMALL_SITE_IDLE", 0.5)
+        top = service.MultiService()
+        port = free_port()
+        add(top, f"tcp:{port}:interface=127.0.0.1")
+        top.startService()
+        self.cleanups.append(top.stopService)
+        held = []
+        for _ in range(accept.SMALL_SITE_PER_SOURCE + 4):
+            client = Held()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, client)
+            self.cleanups.append(lambda c=client: c.transport.abortConnection() if c.open else None)
+            held.append(client)
+        await eventually(lambda: sum(not c.open for c in held) == 4)   # refused at accept
+        self.assertEqual([c.open for c in held[:accept.SMALL_SITE_PER_SOURCE]], [True] * accept.SMALL_SITE_PER_SOURCE)
+        await eventually(lambda: not any(c.open for c in held), timeout=5)   # closed when idle
+
+    async def test_unlimited_and_resolver(self):
+        from twisted.web import resource
+
+        from pipegate.mux.node import add_http
+        await self.attack(lambda top, description: add_http(top, description, resource.Resource(), reactor))
+
+    async def test_metrics_and_status(self):
+        from pipegate.opslistener import add_metrics_listener
+        gw, _ = await self.gateway()
+        await self.attack(lambda top, description: add_metrics_listener(top, gw, "gateway", description, reactor))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
@@ -155,6 +156,18 @@ class UpgradePipeTests(unittest.TestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.sink.closed, [1])
         self.assertEqual(pipe.status, 200)
+        pipe.connectionLost(None)   # (the caller had read what was queued)
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_a_caller_that_never_reads_the_close_is_aborted_an_idle_timeout_later(self):
+        pipe = self.pipe()
+        self.data(pipe, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+        self.assertTrue(self.transport.disconnecting)   # asked to close: after the flush
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(self.transport.disconnected)    # aborted
+        pipe.connectionLost(None)
         self.assertFalse(self.clock.getDelayedCalls())
 
 
@@ -423,6 +436,77 @@ class ConnectionCaps(unittest.TestCase):
         for proto in idle + proxied:
             proto.transport.loseConnection()
         await eventually(lambda: budget.held() == 0 and not gate.protocols)
+
+
+class BigAnswer(protocol.Protocol):
+    """A local app that answers every request head with C{size} bytes (a 200, or a refused upgrade)."""
+
+    size = 200_000
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size
+                                 + b"x" * self.size)
+
+
+def unread_socket(port, source: str) -> socket.socket:
+    """A connection from C{source} that reads nothing: a 4 KiB receive buffer, set before it connects."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port.getHost().port))
+    sock.setblocking(False)
+    return sock
+
+
+class UnreadAnswers(unittest.TestCase):
+    """
+    A caller asks for an answer on a connection that closes after it, and never reads it.
+    twisted.web's loseConnection waits until the caller has read the whole answer, with no
+    timer running once the answer is done: the connection, its fd and its unit of the per-IP
+    and total caps stayed for ever.  Now the idle timeout runs from the answer's end.
+    """
+
+    async def attack(self, head: bytes, answered):
+        loop = Loopback(self)
+        app = await loop.listen(protocol.Factory.forProtocol(BigAnswer))
+        relay, _ = await loop.relay(idle_timeout=1.0, upgrade_idle_timeout=1.0, request_timeout=30)
+        budget = Budget(per_source=5, total=100)
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            ConnectionGate(RelaySite(relay), budget, reactor, what="relay"))
+        self.addCleanup(port.stopListening)
+        await loop.connector(port, app, "t1")
+        gate = port.factory
+        sock = unread_socket(port, ATTACKER)
+        self.addCleanup(sock.close)
+        await eventually(lambda: budget.held(ATTACKER) == 1)
+        # The kernel's buffers kept small at the relay's end too (4 KiB), so that most of the
+        # answer (within one stream window, 256 KiB) waits in the relay's transport.
+        [caller] = [p for p in gate.protocols if p.transport.getPeer().host == ATTACKER]
+        caller.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.send(head)
+        await eventually(lambda: relay.tunnels["t1"].in_flight == 0 and answered(relay.stats))
+        self.assertEqual(budget.held(ATTACKER), 1)   # the answer is done, its end still queued
+        done = reactor.seconds()
+        await eventually(lambda: budget.held(ATTACKER) == 0, timeout=5)
+        self.assertGreater(reactor.seconds() - done, 0.5)   # not at once: an idle timeout after
+
+    async def test_a_closing_connection_whose_caller_never_reads(self):
+        await self.attack(b"GET /t1/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                          lambda stats: stats.get("requests", "200"))
+
+    async def test_a_refused_login_after_an_unread_answer(self):
+        # A keep-alive answer the caller does not read, then, pipelined, a connector login
+        # with a bad token: Autobahn takes the connection over, refuses the login and waits,
+        # with no timer, for the caller to read the answer queued ahead of its refusal.
+        login = (b"GET /t1 HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: pipegate.v1\r\n"
+                 b"Authorization: Bearer not-a-token\r\n\r\n")
+        await self.attack(b"GET /t1/big HTTP/1.1\r\nHost: x\r\n\r\n" + login,
+                          lambda stats: stats.get("requests", "200"))
+
+    async def test_a_refused_upgrade_whose_caller_never_reads(self):
+        await self.attack(upgrade_request(b"/big"), lambda stats: stats.get("upgrades", "refused"))
 
 
 # -- child processes under a lowered RLIMIT_NOFILE

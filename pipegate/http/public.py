@@ -252,6 +252,7 @@ class RelayChannel(http.HTTPChannel):
     _pg_idle: IdleTimer | None = None
     _pg_idle_on = False
     _pg_idle_period = None   # the idle timeout to restore once a head that may take over is done
+    _pg_closing = False      # the last answer is done, the connection closes once the caller has it
 
     def setTimeout(self, period):
         """
@@ -275,7 +276,7 @@ class RelayChannel(http.HTTPChannel):
         return prev
 
     def resetTimeout(self):
-        if self._pg_idle_on:
+        if self._pg_idle_on and not self._pg_closing:
             self._pg_idle.touch()
 
     def _pg_idle_expired(self):
@@ -357,6 +358,14 @@ class RelayChannel(http.HTTPChannel):
         if period and self.persistent:
             # (before twisted.web reads a pipelined next request, which suspends it again)
             self.setTimeout(period)
+        elif not self.persistent and self.transport is not None and self.site.timeOut:
+            # The connection closes after this answer, and twisted.web's loseConnection waits
+            # until the caller has read all of it: a caller that never reads would hold it (its
+            # fd, its unit of the per-IP and total caps) for ever, with no timer left.  The
+            # idle timeout runs again, from the answer's end, and what the caller sends no longer
+            # moves it on: once it fires, timeoutConnection aborts the connection.
+            self._pg_closing = True
+            self.setTimeout(self.site.timeOut)
         super().requestDone(request)
 
     def rawDataReceived(self, data):
@@ -422,7 +431,13 @@ class RelayChannel(http.HTTPChannel):
         # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
         # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
         # leaves the reactor dirty if it changes.)
-        if not _compat.abort_pending(self):
+        if self._pg_closing and self.transport is not None:
+            # Closing already (requestDone), and the caller has not taken the end of its
+            # answer within the idle timeout: no further grace (twisted.web's abortTimeout).
+            self.log.info("{peer} did not read its answer within {seconds:g} s of its end; closing",
+                          peer=str(self.transport.getPeer()), seconds=self.timeOut)
+            self.transport.abortConnection()
+        elif not _compat.abort_pending(self):
             super().timeoutConnection()
 
     def _pg_cancel_head_timer(self):

@@ -35,6 +35,7 @@ from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.streams import RelayStream, plain
+from pipegate.timers import IdleTimer, cancel
 
 
 # A caller's key is parsed once, not on every request of its connections.
@@ -289,6 +290,28 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         self.tunnel_id, self.holder = claims.sub, holder
         # The answer tells a connector that declared a policy that this relay enforces it.
         return frames.SUBPROTOCOL, {visitors.HEADER: visitors.ACCEPTED}
+
+    _unread = None   # after a refused login: aborts a caller that never reads the refusal
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        super().failHandshake(reason, code, responseHeaders)
+        # Autobahn closes with loseConnection, which waits until the caller has read what is
+        # queued: an answer pipelined ahead of this login, which a caller that never reads
+        # would hold, with the connection, for ever.  It is aborted an idle timeout later.
+        relay = self.factory.relay
+        if relay.config.idle_timeout and self.transport is not None and self._unread is None:
+            self._unread = IdleTimer(relay.clock, relay.config.idle_timeout, self._abort_unread)
+
+    def _abort_unread(self) -> None:
+        self._unread = None
+        if self.transport is not None:
+            self._log.info("refused login: the caller did not read the refusal within {seconds:g} s; closing",
+                           seconds=self.factory.relay.config.idle_timeout)
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self._unread = cancel(self._unread)
+        super().connectionLost(reason)
 
     def onOpen(self):
         self._open = True

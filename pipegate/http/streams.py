@@ -245,7 +245,7 @@ class RelayStream:
                     b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                     b"Connection: close\r\n\r\n%s"
                     % (code, http.RESPONSES.get(code, b"Error"), len(body), body))
-                self.pipe.transport.loseConnection()
+                self.pipe.close_caller()
             else:
                 self.pipe.abort()
             return

@@ -333,8 +333,7 @@ class UpgradePipe(StreamPipe):
         self._done = True
         self.link.send(frames.Reset(self.stream_id, 499, b"upgrade refused by the local app; connection closed"))
         self.link.stream_closed(self.stream_id)
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self.close_caller()
 
     def _bad_answer(self, reason: str) -> None:
         self.log.info("passthrough answer from the local app refused: {reason}", reason=reason)
@@ -349,7 +348,7 @@ class UpgradePipe(StreamPipe):
                 body = b"the local app's answer is not valid HTTP\n"
                 self.write_to_caller(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n"
                                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            self.transport.loseConnection()
+            self.close_caller()
 
     # -- idle timeout of an open pipe (or of a refused upgrade's answer)
     def _arm_idle(self) -> None:
@@ -369,8 +368,27 @@ class UpgradePipe(StreamPipe):
         self._done = True
         self.link.send(frames.Reset(self.stream_id, 504, b"passthrough connection idle"))
         self.link.stream_closed(self.stream_id)
+        self.close_caller()
+
+    def close_caller(self) -> None:
+        """
+        Close the caller's connection once it has read what is queued for it.  Twisted's
+        loseConnection waits for that as long as it takes: a caller that never reads would
+        hold the connection (its fd, its unit of the per-IP and total caps) for ever, so it
+        is aborted if it is still open C{idle_timeout} after this (0: never).
+        """
+        if self.transport is None:
+            return
+        self._cancel_idle()
+        self._idle = IdleTimer(self.clock, self.idle_timeout, self._unread)
+        self.transport.loseConnection()
+
+    def _unread(self) -> None:
+        self._idle = None
         if self.transport is not None:
-            self.transport.loseConnection()
+            self.log.info("passthrough caller did not read its answer within {seconds:g} s of the close; "
+                          "closing", seconds=self.idle_timeout)
+            self.transport.abortConnection()
 
     def _cancel_idle(self) -> None:
         self._idle = cancel(self._idle)

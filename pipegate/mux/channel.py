@@ -150,6 +150,7 @@ class StreamChannel(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         plain_writes(self.transport)
+        self._idle_timer = cancel(self._idle_timer)   # (a finished channel's, while its socket flushed)
         if not self.done:
             self.done = True
             if self.link is not None:
@@ -195,7 +196,16 @@ class StreamChannel(Protocol):
             self.done = True
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
+            # The idle timer outlives the channel while its socket flushes what is queued:
+            # a peer that never reads would otherwise hold the connection (its fd, and at a
+            # gate its unit of the per-IP and total caps) for ever, since loseConnection
+            # waits for the flush.  It aborts the socket an idle timeout after the close;
+            # connectionLost cancels it (at once when close_now closes at once).
+            timer, self._idle_timer = self._idle_timer, None
             self._finished()
+            if timer is not None:
+                timer.touch()
+                self._idle_timer = timer
             close_now(self.transport)   # (at once when nothing is queued: after _finished, as before)
 
     def link_paused(self) -> None:

@@ -7,10 +7,10 @@ L{pipegate.mux.options}.
 
 from __future__ import annotations
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.logger import Logger
 
-from pipegate.accept import ConnectionGate, EmfileGuard, listener
+from pipegate.accept import ConnectionGate, EmfileGuard, listener, small_site
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import tls
 from pipegate.mux.options import MuxOptions
@@ -100,6 +100,6 @@ def add_http(top: service.MultiService, description: str, root, reactor) -> None
     """Serve C{root} (a small JSON API: resolver, /unlimited) on server endpoint C{description}."""
     from twisted.web import server
 
-    site = server.Site(root)
+    site = server.Site(root, reactor=reactor)
     site.noisy = False
-    strports.service(description, site, reactor=reactor).setServiceParent(top)
+    small_site(description, site, reactor, description).setServiceParent(top)

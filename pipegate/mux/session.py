@@ -36,6 +36,13 @@ ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
               frames.ROLE_OBSERVER: "observer"}
 
 
+#: What a peer may have sent, and this side hold, before its Hello is whole (docs/protocol.md
+#: 2.4): a Hello is 75 bytes.  Without it, a stranger that completes TLS could make a link hold a
+#: frame up to max_frame_size (1 MiB) until the handshake timeout, on every connection the mux
+#: listener's caps allow.
+MAX_BEFORE_ADMISSION = 4096
+
+
 @attrs.frozen
 class LinkConfig:
     secret: bytes
@@ -209,6 +216,8 @@ class MuxLink(Protocol):
                     self._frame(frame)
                 if self.closed:
                     return
+            if not self.admitted and self.decoder.buffered > MAX_BEFORE_ADMISSION:
+                raise LinkError(f"{self.decoder.buffered} bytes before admission without a whole Hello")
         except (frames.FrameError, LinkError) as e:
             self.fail(str(e))
 
