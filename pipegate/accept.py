@@ -255,23 +255,31 @@ def listener(description: str, factory, reactor, *, backlog: int = DEFAULT_BACKL
     return listening
 
 
-#: The small HTTP listeners (C{--metrics} with C{/status}, the gateway's C{/unlimited}, the
-#: provider's resolver): connections one source IP may hold, connections in total, and
-#: seconds a connection may stay idle.  twisted.web's own idle timeout is 12 hours and it
-#: has no connection cap: a stranger who reached one of them could hold connections until
-#: the process ran out of descriptors, and with it every gate and public listener.
-SMALL_SITE_PER_SOURCE = 16
-SMALL_SITE_TOTAL = 256
-SMALL_SITE_IDLE = 30.0
+class SiteLimits:
+    """
+    The bounds of a small HTTP listener (C{--metrics} with C{/status}, the gateway's
+    C{/unlimited}, the provider's resolver): connections one source IP may hold and in total
+    (0: no cap), and seconds a connection may stay idle (C{--api-max-conns-per-ip},
+    C{--api-max-conns}, C{--api-idle-timeout}).  twisted.web's own idle timeout is 12 hours
+    and it has no connection cap: a stranger who reached one of them could hold connections
+    until the process ran out of descriptors, and with it every gate and public listener.
+    """
+
+    def __init__(self, per_source: int = 16, total: int = 256, idle: float = 30.0) -> None:
+        self.per_source, self.total, self.idle = per_source, total, idle
+
+    @classmethod
+    def of(cls, options) -> SiteLimits:
+        """The limits a service's options set (L{pipegate.config.API_PARAMETERS})."""
+        return cls(options["api-max-conns-per-ip"], options["api-max-conns"], options["api-idle-timeout"])
 
 
-def small_site(description: str, site, reactor, what: str) -> service.Service:
+def small_site(description: str, site, reactor, what: str, limits: SiteLimits) -> service.Service:
     """
-    C{strports.service} for a small twisted.web C{site}, with L{SMALL_SITE_IDLE} as its idle
-    timeout and L{SMALL_SITE_PER_SOURCE} and L{SMALL_SITE_TOTAL} connections at most
-    (L{ConnectionGate}: past a cap a new connection is closed at accept, one log line per
-    interval).
+    C{strports.service} for a small twisted.web C{site}, held to C{limits}: its idle
+    timeout, and connections per source IP and in total (L{ConnectionGate}: past a cap a new
+    connection is closed at accept, one log line per interval).
     """
-    site.timeOut = SMALL_SITE_IDLE
-    gate = ConnectionGate(site, Budget(SMALL_SITE_PER_SOURCE, SMALL_SITE_TOTAL), reactor, what=what)
+    site.timeOut = limits.idle
+    gate = ConnectionGate(site, Budget(limits.per_source, limits.total), reactor, what=what)
     return strports.service(description, gate, reactor=reactor)

@@ -59,6 +59,18 @@ def _appender(name: str, help: str):
     return opt
 
 
+#: The small HTTP listeners' bounds (pipegate.accept.SiteLimits), options of every service.
+API_PARAMETERS = [
+    ["api-max-conns-per-ip", None, "16", "Connections one IP address may hold to each small HTTP listener "
+                                         "(--metrics and /status; the gateway's --unlimited, the provider's "
+                                         "--resolver); 0 = no cap.", non_negative_int],
+    ["api-max-conns", None, "256", "Connections to each small HTTP listener in all; 0 = no cap.",
+     non_negative_int],
+    ["api-idle-timeout", None, "30", "Seconds a connection to a small HTTP listener may stay idle.",
+     positive_float],
+]
+
+
 class EnvOptions(usage.Options):
     """
     C{usage.Options} whose parameters and flags fall back to C{PIPEGATE_*} variables.

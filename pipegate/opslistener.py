@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from twisted.application import service
 
+from pipegate.accept import SiteLimits
 from pipegate.drain import AfterDrain
 
 
 def add_metrics_listener(top: service.MultiService, node, kind: str, description: str | None, reactor,
-                         hub=None, acme=None, status_token: str | None = None) -> None:
+                         limits: SiteLimits, hub=None, acme=None, status_token: str | None = None) -> None:
     """
     Serve C{/metrics} and C{/status} of C{node} (a relay, gateway or provider: C{kind})
     on server endpoint C{description}; nothing when it is None.  The listener sits in
@@ -44,5 +45,5 @@ def add_metrics_listener(top: service.MultiService, node, kind: str, description
         more += (acme_collector(acme),)
     # The relay's /status names every tunnel id: private unless asked for (docs/configuration.md).
     access = status.StatusAccess(status_token) if kind == "relay" else None
-    status.add_ops(ops, description, collector, current, reactor, *more, access=access)
+    status.add_ops(ops, description, collector, current, reactor, *more, access=access, limits=limits)
     ops.setServiceParent(top)

@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.web import resource, server
 
-from pipegate.accept import small_site
+from pipegate.accept import SiteLimits, small_site
 from pipegate.metrics import ServiceCollector, registry_for
 
 
@@ -180,7 +180,8 @@ class OpsResource(resource.Resource):
 
 
 def add_ops(top: service.MultiService, description: str | None, collector: ServiceCollector,
-            status, reactor, *more: ServiceCollector, access: StatusAccess | None = None) -> None:
+            status, reactor, *more: ServiceCollector, access: StatusAccess | None = None,
+            limits: SiteLimits) -> None:
     """
     Serve C{/metrics} (C{collector}'s and C{more}'s) and C{/status} on server endpoint
     C{description} (nothing when None); C{/status} only as C{access} allows (None: anyone).
@@ -190,7 +191,7 @@ def add_ops(top: service.MultiService, description: str | None, collector: Servi
     site = server.Site(OpsResource(collector, status, *more, access=access), reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
-    small_site(description, site, reactor, "--metrics").setServiceParent(top)
+    small_site(description, site, reactor, "--metrics", limits).setServiceParent(top)
 
 
 # -- pipegate status URL

@@ -103,6 +103,16 @@ class ConverterColumnTests(unittest.TestCase):
                     self.assertIn(name, options.converters, (options, name))
 
 
+    def test_every_service_bounds_its_small_http_listeners(self):
+        # --metrics on all four, the gateway's --unlimited, the provider's --resolver
+        # (pipegate.accept.SiteLimits; docs/configuration.md).
+        from pipegate.tap import gateway, provider
+        for options in (server.Options, client.Options, gateway.Options, provider.Options):
+            defaults = {row[0]: row[2] for row in options.optParameters}
+            self.assertEqual([defaults.get(name) for name in ("api-max-conns-per-ip", "api-max-conns",
+                                                              "api-idle-timeout")], ["16", "256", "30"], options)
+
+
 class ServerOptionsTests(unittest.TestCase):
 
     def parse(self, args=(), secret=SECRET, **env) -> server.Options:

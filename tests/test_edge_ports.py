@@ -616,33 +616,52 @@ class SmallListeners(PortPlane):
     every gate.  They now go through a ConnectionGate with a short idle timeout.
     """
 
-    async def attack(self, add):
-        from pipegate import accept
-
-        self.patch(accept, "SMALL_SITE_IDLE", 0.5)
-        top = service.MultiService()
+    async def attack(self, make, per_source: int):
+        """C{make(description)}: the service holding the listener; C{per_source} its cap."""
         port = free_port()
-        add(top, f"tcp:{port}:interface=127.0.0.1")
+        top = make(f"tcp:{port}:interface=127.0.0.1")
         top.startService()
         self.cleanups.append(top.stopService)
         held = []
-        for _ in range(accept.SMALL_SITE_PER_SOURCE + 4):
+        for _ in range(per_source + 4):
             client = Held()
             endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
             await endpoints.connectProtocol(endpoint, client)
             self.cleanups.append(lambda c=client: c.transport.abortConnection() if c.open else None)
             held.append(client)
         await eventually(lambda: sum(not c.open for c in held) == 4)   # refused at accept
-        self.assertEqual([c.open for c in held[:accept.SMALL_SITE_PER_SOURCE]], [True] * accept.SMALL_SITE_PER_SOURCE)
+        self.assertEqual([c.open for c in held[:per_source]], [True] * per_source)
         await eventually(lambda: not any(c.open for c in held), timeout=5)   # closed when idle
+
+    def added(self, add):
+        """A MultiService with what C{add(top, description, limits)} adds: the default caps, 0.5 s idle."""
+        from pipegate.accept import SiteLimits
+
+        def make(description):
+            top = service.MultiService()
+            add(top, description, SiteLimits(idle=0.5))
+            return top
+        return make
 
     async def test_unlimited_and_resolver(self):
         from twisted.web import resource
 
         from pipegate.mux.node import add_http
-        await self.attack(lambda top, description: add_http(top, description, resource.Resource(), reactor))
+        await self.attack(self.added(lambda top, description, limits: add_http(
+            top, description, resource.Resource(), reactor, limits)), 16)
 
     async def test_metrics_and_status(self):
         from pipegate.opslistener import add_metrics_listener
         gw, _ = await self.gateway()
-        await self.attack(lambda top, description: add_metrics_listener(top, gw, "gateway", description, reactor))
+        await self.attack(self.added(lambda top, description, limits: add_metrics_listener(
+            top, gw, "gateway", description, reactor, limits)), 16)
+
+    async def test_the_api_options_bound_the_listeners_a_service_makes(self):
+        # PIPEGATE_API_* reach the gateway's /unlimited listener through its makeService.
+        def make(description):
+            options = gateway_tap.Options()
+            options.environ = {"PIPEGATE_API_MAX_CONNS_PER_IP": "3", "PIPEGATE_API_IDLE_TIMEOUT": "0.5"}
+            options.parseOptions(["--router", "ab" * 32, "--mux", f"tcp:{free_port()}:interface=127.0.0.1",
+                                  "--unlimited", description, "--unlimited-secret", "u" * 32])
+            return gateway_tap.makeService(options, reactor)
+        await self.attack(make, 3)

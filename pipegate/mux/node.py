@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.logger import Logger
 
-from pipegate.accept import ConnectionGate, EmfileGuard, listener, small_site
+from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener, small_site
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import tls
 from pipegate.mux.options import MuxOptions
@@ -96,10 +96,10 @@ def add_node(top: service.MultiService, node, options: MuxOptions, role: int, re
     node.setServiceParent(top)
 
 
-def add_http(top: service.MultiService, description: str, root, reactor) -> None:
+def add_http(top: service.MultiService, description: str, root, reactor, limits: SiteLimits) -> None:
     """Serve C{root} (a small JSON API: resolver, /unlimited) on server endpoint C{description}."""
     from twisted.web import server
 
     site = server.Site(root, reactor=reactor)
     site.noisy = False
-    small_site(description, site, reactor, description).setServiceParent(top)
+    small_site(description, site, reactor, description, limits).setServiceParent(top)

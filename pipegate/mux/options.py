@@ -17,8 +17,8 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from pipegate.config import (
-    EnvOptions, auto_or_positive_int, check_server_endpoint, non_negative_float, non_negative_int, positive_float,
-    positive_int,
+    API_PARAMETERS, EnvOptions, auto_or_positive_int, check_server_endpoint, non_negative_float, non_negative_int,
+    positive_float, positive_int,
 )
 
 
@@ -57,7 +57,7 @@ class MuxOptions(EnvOptions):
          non_negative_int],
         ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap.",
          non_negative_int],
-    ]
+    ] + API_PARAMETERS
     optRepeatable = [
         ["mux", True, "Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."],
         ["connect", True, "Client endpoint of a peer to dial (e.g. tcp:gw.example.com:7000); repeatable. "

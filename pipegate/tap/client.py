@@ -11,7 +11,9 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
+from pipegate.accept import SiteLimits
+from pipegate.config import (API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_float,
+                             positive_int)
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
@@ -46,7 +48,7 @@ class Options(EnvOptions):
          non_negative_int],
         ["drain-timeout", None, "30", "Seconds requests in flight may take to finish on SIGTERM before they are cut.",
          non_negative_float],
-    ]
+    ] + API_PARAMETERS
     optFlags = [
         ["shared", None, "Mint the token this connector makes for itself with shared=true (PIPEGATE_JWT_SECRET "
                          "set, no --token), so that several connectors may serve one tunnel."],
@@ -177,5 +179,5 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from pipegate.status import add_ops, connector_status
 
         add_ops(top, options["metrics"], connector_collector(connector),
-                lambda: connector_status(connector), reactor)
+                lambda: connector_status(connector), reactor, limits=SiteLimits.of(options))
     return top

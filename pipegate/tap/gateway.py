@@ -7,7 +7,7 @@ import ipaddress
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.accept import EmfileGuard
+from pipegate.accept import EmfileGuard, SiteLimits
 from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
@@ -136,8 +136,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if options["unlimited-secret"]:
         gate = UnlimitedGate(options["unlimited-secret"], grant_s=options["unlimited-grant"],
                              kdf_rate=options["unlimited-kdf-rate"])
-        add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor)
-    add_metrics_listener(top, gateway, "gateway", options["metrics"], reactor)
+        add_http(top, options["unlimited"], UnlimitedResource(gate, gateway.grants, reactor), reactor,
+                 SiteLimits.of(options))
+    add_metrics_listener(top, gateway, "gateway", options["metrics"], reactor, SiteLimits.of(options))
     add_node(top, gateway, options, frames.ROLE_GATEWAY, reactor, guard=guard)
     if options["docker-endpoint"]:
         add_helpers(top, gateway, options, reactor)

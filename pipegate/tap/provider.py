@@ -12,7 +12,7 @@ from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
-from pipegate.accept import EmfileGuard
+from pipegate.accept import EmfileGuard, SiteLimits
 from pipegate.mux.node import add_http, add_node
 from pipegate.mux.options import MuxOptions
 from pipegate.core.policy import PolicyError
@@ -134,8 +134,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         udp_buffer=options["udp-buffer"]), reactor, records)
     if records is not None:
         add_http(top, options["resolver"], ResolverResource(records, options["resolver-auth"],
-                                                               bool(options["resolver-open-listing"])), reactor)
-    add_metrics_listener(top, provider, "provider", options["metrics"], reactor)
+                                                               bool(options["resolver-open-listing"])), reactor,
+                 SiteLimits.of(options))
+    add_metrics_listener(top, provider, "provider", options["metrics"], reactor, SiteLimits.of(options))
     guard = EmfileGuard(reactor)   # pauses the --mux listeners on EMFILE
     guard.setServiceParent(top)
     add_node(top, provider, options, frames.ROLE_PROVIDER, reactor, guard=guard)

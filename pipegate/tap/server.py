@@ -8,7 +8,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.config import API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_int
 from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
@@ -18,7 +18,7 @@ from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
 from pipegate.heap import FrozenStartupHeap
-from pipegate.accept import ConnectionGate, EmfileGuard, listener as guarded_listener
+from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget
 from pipegate.fdlimit import default_caps, raise_nofile
 
@@ -88,7 +88,7 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
                                   "(tcp:, ssl:, unix:).", positive_int],
         ["status-token", None, None, "Bearer token that /status on --metrics requires; without it /status "
                                      "answers loopback peers only."],
-    ] + HUB_PARAMETERS + ACME_PARAMETERS
+    ] + HUB_PARAMETERS + ACME_PARAMETERS + API_PARAMETERS
     optRepeatable = [
         ["ingress-policy", False, "Ingress policy for public callers (deny -> 403): inline JSON, a file or a URL; "
                                   "repeatable."],
@@ -237,7 +237,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
 
         hub = hub_node(options)
     acme = acme_for(options, relay, reactor)   # None without --acme-directory
-    add_metrics_listener(top, relay, "relay", options["metrics"], reactor, hub,
+    add_metrics_listener(top, relay, "relay", options["metrics"], reactor, SiteLimits.of(options), hub,
                          acme.manager if acme else None, status_token=options["status-token"])
     relay.setServiceParent(top)
     factory = RelaySite(relay) if acme is None else acme.plain_site(relay)
