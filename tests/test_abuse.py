@@ -14,6 +14,7 @@ import json
 import re
 import struct
 
+import attrs
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import globalLogPublisher
@@ -101,6 +102,20 @@ class RelayAbuse(unittest.TestCase):
         received = await defer.Deferred.fromCoroutine(self.wait_closed(proto))
         self.assertGreaterEqual(elapsed_since(start), 1.0)
         self.assertNotIn(b"200 OK", received)
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
+        await self.still_serving()
+
+    async def test_a_body_trickled_inside_the_idle_timeout_gets_408(self):
+        # A byte every 0.3 s is progress for the 1 s idle timeout: without --min-body-rate
+        # such a caller holds its slot of the tunnel for as long as it likes (slow POST).
+        self.relay.config = attrs.evolve(self.relay.config, min_body_rate=1000, body_grace=1.0)
+        received, elapsed, sent = await self.trickle(
+            b"POST /t1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", b"a", 0.3)
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received[:100])
+        self.assertIn(b"request body too slow (under 1000 bytes/s)", received)
+        self.assertGreaterEqual(elapsed, 1.0)
+        self.assertGreaterEqual(sent, 3)   # it really kept sending, past the idle timeout
+        self.assertFalse(any(seen["uri"] == "/echo" for seen in self.app1.seen))
         await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
         await self.still_serving()
 

@@ -10,6 +10,8 @@ import io
 import re
 import weakref
 
+import attrs
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableDescriptor
@@ -406,6 +408,62 @@ class StreamDeadline(RelayCase, unittest.TestCase):
         self.assertNotIn(b"504", self.answered())
         self.assertNotIn(frames.Reset, [type(frame) for frame in self.link.sent])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SlowBodies(RelayCase, unittest.TestCase):
+    """
+    --min-body-rate and --body-grace (RelayStream, core/pace.py): a body that trickles in
+    (a byte just inside each idle timeout, "slow POST") gets 408 once it falls behind the
+    rate, instead of holding its slot for ever; time the relay does not read is not counted.
+    """
+
+    config = {"idle_timeout": 0, "request_timeout": 300, "min_body_rate": 500, "body_grace": 20}
+
+    def post(self, length: int = 100_000) -> RelayStream:
+        self.channel.dataReceived(b"POST /app/x HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n" % length)
+        return self.link.streams[max(self.link.streams)]
+
+    def test_a_trickled_body_gets_408_and_a_reset(self):
+        stream = self.post()
+        for _ in range(4):                         # one byte every 5 s: progress, but too slow
+            self.clock.advance(5)
+            self.channel.dataReceived(b"x")
+        self.clock.advance(0.005)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(0.01)                   # past 20 s of grace and 4 bytes' worth (0.008 s)
+        self.assertIn(b"HTTP/1.1 408", self.transport.value())
+        self.assertIn(b"request body too slow (under 500 bytes/s)", self.transport.value())
+        reset = self.link.sent[-1]
+        self.assertEqual((type(reset), reset.stream, reset.code), (frames.Reset, stream.stream_id, 408))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_body_at_the_rate_goes_through(self):
+        self.post(length=30_000)
+        for _ in range(50):                        # 600 bytes a second for 50 s
+            self.clock.advance(1)
+            self.channel.dataReceived(b"x" * 600)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(sum(len(f.data) for f in self.link.sent if type(f) is frames.Data), 30_000)
+        self.assertIsInstance(self.link.sent[-1], frames.End)
+        self.assertNotIn("_check_pace", repr(self.clock.getDelayedCalls()))
+
+    def test_time_the_relay_does_not_read_is_not_counted(self):
+        stream = self.post()
+        self.clock.advance(10)
+        stream._pause_upload()                     # (as the connector's window or a shaping hold does)
+        self.clock.advance(100)
+        self.assertEqual(self.transport.value(), b"")
+        stream._resume_upload()                    # a new grace from here
+        self.clock.advance(19.9)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(0.2)
+        self.assertIn(b"HTTP/1.1 408", self.transport.value())
+
+    def test_off_with_0(self):
+        self.relay.config = attrs.evolve(self.relay.config, min_body_rate=0)
+        self.post()
+        self.clock.advance(200)
+        self.assertEqual(self.transport.value(), b"")
 
 
 class OfflineGrace(RelayCase, unittest.TestCase):

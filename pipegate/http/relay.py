@@ -61,6 +61,8 @@ class RelayConfig:
     trusted_proxies: TrustedProxies = NOBODY   # peers whose X-Forwarded-For/-Proto are believed
     upgrade_idle_timeout: float = 300.0 # seconds an upgraded (101) pipe may carry no byte; 0 = forever
     caller_share: int = 50              # % of max_in_flight one caller IP's waiting requests may hold
+    min_body_rate: float = 500.0        # bytes/s a request body must average after body_grace; 0 = off
+    body_grace: float = 20.0
 
     @property
     def per_caller(self) -> int:

@@ -21,10 +21,11 @@ from twisted.logger import Logger
 from twisted.web import http, server
 # The status codes the per-request path uses, bound once: twisted.web.http is a
 # deprecation proxy module, and every attribute read through it costs a Python call.
-from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND
+from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND, REQUEST_TIMEOUT
 from zope.interface import implementer
 
 from pipegate.core import window
+from pipegate.core.pace import MinimumPace
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
@@ -110,6 +111,12 @@ class RelayStream:
         self._body_bytes = 0
         self._has_body = request.declared_length != 0
         self._body_done = not self._has_body
+        self._pace = self._pace_call = None
+        config = relay.config
+        if self._has_body and config.min_body_rate and not upgrade:
+            # A slow POST would hold its slot for as long as it trickles (core/pace.py).
+            self._pace = MinimumPace(config.min_body_rate, config.body_grace, relay.clock.seconds())
+            self._pace_call = relay.clock.callLater(config.body_grace, self._check_pace)
         self._end_sent = False
         self._responding = False
         self._paused = False  # the caller's connection pushes back (pauseProducing)
@@ -202,6 +209,24 @@ class RelayStream:
                 self._cancel_timer()
                 self._timer = IdleTimer(self.relay.clock, seconds, self._expired)
 
+    def _check_pace(self) -> None:
+        self._pace_call = None
+        pace = self._pace
+        if self._done or pace is None or pace.paused:
+            return   # (a resume arms it again)
+        now = self.relay.clock.seconds()
+        if pace.too_slow(now):
+            self.fail(REQUEST_TIMEOUT, f"request body too slow (under {pace.rate:g} bytes/s)",
+                      notify=REQUEST_TIMEOUT)
+        else:
+            self._pace_call = self.relay.clock.callLater(pace.deadline() - now, self._check_pace)
+
+    def _stop_pace(self) -> None:
+        self._pace = None
+        call, self._pace_call = self._pace_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:
@@ -221,6 +246,7 @@ class RelayStream:
         # reference counting once the link and the channel let go of them, instead of
         # by the cycle collector (25 objects a request, a collection every ~30 requests).
         self._cancel_timer()
+        self._stop_pace()
         if self.request.on_caller_gone == self._caller_gone:
             self.request.on_caller_gone = _stream_over
         for hold in (self._download_hold, self._upload_hold):
@@ -279,6 +305,8 @@ class RelayStream:
         if self._done:
             return
         self._body_bytes += len(data)
+        if self._pace is not None:
+            self._pace.received(len(data))
         limit = self.relay.config.max_body_bytes
         if limit and self._body_bytes > limit:
             self.fail(http.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes", notify=413)
@@ -335,6 +363,7 @@ class RelayStream:
 
     def body_complete(self) -> None:
         self._body_done = True
+        self._stop_pace()
         self._maybe_send_end()
 
     def _maybe_send_end(self) -> None:
@@ -347,6 +376,8 @@ class RelayStream:
         transport = self.request.channel.transport if self.request.channel else None
         if transport is not None and not self._body_done:
             transport.pauseProducing()
+            if self._pace is not None:
+                self._pace.pause()
 
     def _resume_upload(self) -> None:
         if self._upload_hold is not None:
@@ -354,6 +385,11 @@ class RelayStream:
         transport = self.request.channel.transport if self.request.channel else None
         if transport is not None and not self._body_done:
             transport.resumeProducing()
+            pace = self._pace
+            if pace is not None and pace.paused:
+                pace.resume(self.relay.clock.seconds())
+                if self._pace_call is None:
+                    self._pace_call = self.relay.clock.callLater(pace.grace, self._check_pace)
 
     # -- frames from the connector
     def frame_received(self, frame: frames.Frame) -> None:

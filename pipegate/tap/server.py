@@ -8,7 +8,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_int
+from pipegate.config import API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
 from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
@@ -48,6 +48,11 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
         ["max-in-flight", None, "100", "Requests in flight per tunnel; beyond it -> 503.", positive_int],
         ["request-timeout", None, "300", "Seconds to wait for the local app's answer (and longest pause inside a body) before 504.",
          non_negative_float],
+        ["min-body-rate", None, "500", "Bytes a second a request body must average after --body-grace "
+                                       "(time the relay does not read is not counted); slower -> 408. 0 = off.",
+         non_negative_float],
+        ["body-grace", None, "20", "Seconds a request body may take before --min-body-rate applies.",
+         positive_float],
         ["offline-grace", None, "0", "Seconds a request for a tunnel with no connector waits for one; 0 = answer 404 at once.",
          non_negative_float],
         ["ping-interval", None, "20", "Seconds between WebSocket pings to connectors; a link that does not answer within it is closed. 0 = off.",
@@ -160,6 +165,8 @@ def relay_config(options: Options) -> RelayConfig:
         max_body_bytes=options["max-body-bytes"],
         max_in_flight=options["max-in-flight"],
         request_timeout=options["request-timeout"],
+        min_body_rate=options["min-body-rate"],
+        body_grace=options["body-grace"],
         offline_grace=options["offline-grace"],
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
