@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, LogThrottle, source_key
+from pipegate.core.budget import PER_SOURCE, RATE, TOTAL, Budget, LogThrottle, SourceRate, source_key
 
 #: Listen backlog used when an endpoint string names none.
 DEFAULT_BACKLOG = 1024
@@ -91,6 +91,8 @@ class ConnectionGate(WrappingFactory):
     @param what: names the listener in the log line ("relay", "gate 25565/tcp").
     @param per_source: False for a listener whose peers are proxies (C{haproxy:}): the peer at
         accept is not the caller, so only C{budget}'s total applies to its connections.
+    @param rate: new connections per source IP over time (L{SourceRate}), checked once the
+        caps on connections held at once let one in; None: no limit.
     """
 
     protocol = _Gated
@@ -102,26 +104,34 @@ class ConnectionGate(WrappingFactory):
 
     def __init__(self, wrapped, budget: Budget, clock: IReactorTime, *,
                  on_refused: Callable[[str], None] = lambda cap: None, what: str = "listener",
-                 log_interval: float = 10.0, per_source: bool = True) -> None:
+                 log_interval: float = 10.0, per_source: bool = True, rate: SourceRate | None = None) -> None:
         super().__init__(wrapped)
         self.per_source = per_source
         self.budget = budget
+        self.rate = rate
         self.clock = clock
         self.on_refused = on_refused
         self.what = what
-        self._throttle = {PER_SOURCE: LogThrottle(log_interval), TOTAL: LogThrottle(log_interval)}
+        self._throttle = {cap: LogThrottle(log_interval) for cap in (PER_SOURCE, TOTAL, RATE)}
 
     def buildProtocol(self, addr):
         source = source_of(addr)
         # A peer without an IP (a unix socket) is its own source: only the total cap applies.
         key = source if source is not None and self.per_source else object()
+        rate = self.rate
         cap = self.budget.acquire(key)
+        if cap is None and rate is not None and key is source and not rate.allow(source, self.clock.seconds()):
+            self.budget.release(key)
+            cap = RATE
         if cap is not None:
             self.on_refused(cap)
             held_back = self._throttle[cap].allow(self.clock.seconds())
             if held_back is not None:
-                limit = self.budget.per_source if cap == PER_SOURCE else self.budget.total
-                self.log.warn("{what}: connection refused, {cap} cap of {limit} connections reached "
+                if cap == RATE:
+                    limit = f"{rate.rate:g} new connections a second (bursts of {rate.burst:g})"
+                else:
+                    limit = f"{self.budget.per_source if cap == PER_SOURCE else self.budget.total} connections"
+                self.log.warn("{what}: connection refused, {cap} cap of {limit} reached "
                               "({more} more refused since the last line)",
                               what=self.what, cap=cap, limit=limit, more=held_back)
             return None

@@ -4,7 +4,7 @@ import resource
 
 from twisted.trial import unittest
 
-from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, LogThrottle
+from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, LogThrottle, SourceRate
 from pipegate.fdlimit import FdBudget, default_caps, raise_nofile
 
 
@@ -66,6 +66,27 @@ class BudgetTests(unittest.TestCase):
         for _ in range(3):
             self.assertIsNone(budget.acquire("proxy"))
         self.assertEqual(budget.acquire("proxy"), TOTAL)
+
+
+class SourceRateTests(unittest.TestCase):
+    def test_a_burst_then_the_rate(self):
+        rate = SourceRate(rate=2, burst=3)
+        self.assertEqual([rate.allow("a", 0) for _ in range(4)], [True, True, True, False])
+        self.assertTrue(rate.allow("b", 0))               # each source its own bucket
+        self.assertFalse(rate.allow("a", 0.4))            # 0.8 of a token
+        self.assertTrue(rate.allow("a", 0.5))             # (refused tries cost nothing)
+        self.assertFalse(rate.allow("a", 0.5))
+        self.assertEqual([rate.allow("a", 100) for _ in range(4)], [True, True, True, False])   # burst again
+
+    def test_sources_kept_are_bounded_the_least_recent_forgotten(self):
+        rate = SourceRate(rate=1, burst=1, max_sources=3)
+        for source in "abc":
+            self.assertTrue(rate.allow(source, 0))
+        self.assertFalse(rate.allow("a", 0))              # a: used again, so the most recent
+        self.assertTrue(rate.allow("d", 0))               # b, the least recent, goes
+        self.assertEqual(len(rate), 3)
+        self.assertTrue(rate.allow("b", 0))               # forgotten: a full burst again
+        self.assertFalse(rate.allow("a", 0))              # a was kept
 
 
 class LogThrottleTests(unittest.TestCase):

@@ -113,6 +113,24 @@ class ConverterColumnTests(unittest.TestCase):
                                                               "api-idle-timeout")], ["16", "256", "30"], options)
 
 
+    def test_the_mux_listeners_connection_rate(self):
+        # gateway, provider and the relay's hub: --mux-conn-rate-per-ip, in bursts of the per-IP cap
+        from pipegate.mux.options import mux_rate
+        from pipegate.tap import gateway
+
+        options = gateway.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32, "PIPEGATE_MUX": "tcp:0"}
+        options.parseOptions([])
+        rate = mux_rate(options)
+        self.assertEqual((rate.rate, rate.burst), (10, 100))
+        options.parseOptions(["--mux-conn-rate-per-ip", "0"])
+        self.assertIsNone(mux_rate(options))
+        relay = server.Options()
+        relay.environ = {"PIPEGATE_JWT_SECRET": SECRET, "PIPEGATE_MUX_CONN_RATE_PER_IP": "3"}
+        relay.parseOptions([])
+        self.assertEqual(mux_rate(relay).rate, 3)
+
+
 class ServerOptionsTests(unittest.TestCase):
 
     def parse(self, args=(), secret=SECRET, **env) -> server.Options:

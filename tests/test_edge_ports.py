@@ -297,6 +297,48 @@ class MuxListenerCaps(PortPlane):
         self.assertIn("more links ended before admission in the last interval", warnings[0])
 
 
+    async def test_new_connections_per_ip_are_rate_limited_and_a_provider_still_joins(self):
+        # A per-IP cap on connections held at once does not stop a stranger who opens and
+        # closes them one after another, each a TLS handshake: --mux-conn-rate-per-ip does.
+        from pipegate.core.budget import SourceRate
+
+        gw = gateway_module.Gateway(GatewayConfig(), reactor)
+        gw.startService()
+        self.cleanups.append(gw.stopService)
+        self.cleanups.append(lambda: self._drop_links(gw))
+        guard = EmfileGuard(reactor)
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_GATEWAY, ping_interval=0.5, ping_deadline=2,
+                            handshake_timeout=30)
+        (listening,) = link_services(gw, config, reactor, [f"tcp:{free_port()}:interface=127.0.0.1"], [],
+                                     certificate=CERT, budget=Budget(100, 1000), guard=guard,
+                                     rate=SourceRate(rate=1, burst=5))
+        listening.startService()
+        self.cleanups.append(listening.stopService)
+        await eventually(lambda: guard.ports)
+        mux = guard.ports[0]
+        accepted = 0
+        for _ in range(20):                        # one after another, each closed at once
+            client = Held()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", mux.getHost().port,
+                                                    bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, client)
+            await task.deferLater(reactor, 0.02, lambda: None)
+            accepted += client.open
+            if client.open:
+                client.transport.abortConnection()
+        self.assertLessEqual(accepted, 6)          # the burst of 5, and what 1/s refilled meanwhile
+        self.assertGreaterEqual(gw.stats.get("admission_failures", "cap"), 14)
+        refusals = [formatEvent(e) for e in self.events if "connection refused, rate cap" in formatEvent(e)]
+        self.assertEqual(len(refusals), 1, refusals)
+        self.assertIn("1 new connections a second (bursts of 5)", refusals[0])
+        # Another address still gets in: a provider joins and serves.
+        backend = await self.backend_echo()
+        gate = free_port()
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port)])
+        await self.open_tcp_gate(gw, gate)
+        self.assertEqual(await self.echo_through(gate), b"pingbye")
+
+
 class UDPGateCaps(PortPlane):
     async def setUp(self):
         super().setUp()

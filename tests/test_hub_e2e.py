@@ -284,7 +284,7 @@ class FromTheTap(PortPlane):
             held.append(client)
         await eventually(lambda: sum(c.closed.called for c in held) == 7)
         self.assertEqual(hub.stats.get("admission_failures", "cap"), 7)
-        self.assertTrue(self.logged("hub: mux connection refused: per-source cap reached"))
+        self.assertTrue(self.logged("connection refused, per-source cap of 5 connections reached"))
         backend = await self.backend_echo()
         gate = free_port()
         self.provider(MuxPort(mux_port), [Service(gate, "127.0.0.1", backend.getHost().port)])

@@ -13,12 +13,10 @@ from twisted.trial import unittest
 from pipegate.accept import ConnectionGate, source_of
 from pipegate.core.budget import Budget, source_key
 from pipegate.mux import frames
-from pipegate.mux.hub import CappedFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.gates import GateFactory, UDPGate
 from pipegate.ports.provider import Provider, ProviderConfig
 from pipegate.ports.unlimited import UnlimitedGate
-from pipegate.stats import Stats
 
 A = "2001:db8:1:2::1"
 B = "2001:db8:1:2:ffff:ffff:ffff:fffe"     # same /64 as A
@@ -65,12 +63,6 @@ class AcquireSites(unittest.SynchronousTestCase):
         self.assertIsNone(gate.buildProtocol(IPv6Address("TCP", B, 2)))
         self.assertIsNotNone(gate.buildProtocol(IPv6Address("TCP", C, 3)))
         self.assertIsNone(source_of(UNIXAddress(b"/tmp/x")))
-
-    def test_hub_mux_connections(self):
-        capped = CappedFactory(Factory.forProtocol(Echo), Budget(per_source=1, total=10), Stats(), Clock())
-        self.assertIsNotNone(capped.buildProtocol(IPv6Address("TCP", A, 1)))
-        self.assertIsNone(capped.buildProtocol(IPv6Address("TCP", B, 2)))
-        self.assertIsNotNone(capped.buildProtocol(IPv6Address("TCP", C, 3)))
 
     def test_gateway_tcp_gate(self):
         gateway = Gateway(GatewayConfig(tcp_per_source=1), Clock())

@@ -109,6 +109,39 @@ class Budget:
         return len(self._held)
 
 
+RATE = "rate"
+
+
+class SourceRate:
+    """
+    New connections per source: a token bucket each, C{rate} a second up to C{burst} at
+    once, kept for at most C{max_sources} sources (the least recently seen is forgotten
+    first, and starts again with a full burst).  What a per-source cap on connections held
+    at once cannot stop: a stranger who opens and closes connections one after the other,
+    each costing a TLS handshake (about a millisecond of CPU).
+    """
+
+    def __init__(self, rate: float, burst: float, max_sources: int = 16384) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: dict[Hashable, tuple[float, float]] = {}   # oldest first
+
+    def allow(self, source: Hashable, now: float) -> bool:
+        """Take one connection's token for C{source}; False when it has none left."""
+        buckets = self._buckets
+        last = buckets.pop(source, None)   # (put back below: the dict keeps the sources by use)
+        tokens = self.burst if last is None else min(self.burst, last[0] + (now - last[1]) * self.rate)
+        allowed = tokens >= 1
+        buckets[source] = (tokens - 1 if allowed else tokens, now)
+        if len(buckets) > self.max_sources:
+            del buckets[next(iter(buckets))]
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 @attrs.define
 class LogThrottle:
     """

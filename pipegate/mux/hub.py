@@ -23,13 +23,14 @@ import os
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
 
 from pipegate.core.codec import FrameError
-from pipegate.core.budget import Budget, LogThrottle, source_key
+from pipegate.accept import ConnectionGate
+from pipegate.core.budget import Budget
 from pipegate.mux import frames, tls
 from pipegate.mux.hello import EXPORTER_LABEL, EXPORTER_LENGTH, hello_mac, verify_hello
 from pipegate.mux.hubcore import Close, HubConfig, HubCore
+from pipegate.mux.options import mux_rate
 from pipegate.mux.session import ROLE_NAMES, LinkConfig, LinkError, LinkFactory, MuxLink
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
@@ -90,46 +91,6 @@ class HubLinkFactory(LinkFactory):
         link = HubLink(self.node, self.config, self.clock, self.secrets, owner=self)
         link.factory = self
         return link
-
-
-class CappedFactory(WrappingFactory):
-    """
-    Connections to the hub's --mux listener, per source IP and in total, counted from
-    accept (before TLS and admission) until the connection is gone: past a cap a new one
-    is closed at once, counted (C{admission_failures{reason="cap"}}) and logged at most
-    once per 10 s.  Peers behind one NAT share an address, hence a generous per-IP cap.
-    """
-
-    log = Logger()
-    noisy = False
-
-    def __init__(self, wrapped, budget: Budget, stats: Stats, clock) -> None:
-        super().__init__(wrapped)
-        self.budget = budget
-        self.stats = stats
-        self.clock = clock
-        self._sources: dict = {}
-        self._log = LogThrottle()
-
-    def buildProtocol(self, addr):
-        host = getattr(addr, "host", None)
-        source = source_key(host) if host else None   # an IPv6 peer by its /64
-        refused = self.budget.acquire(source)
-        if refused is not None:
-            self.stats.inc("admission_failures", "cap")
-            held_back = self._log.allow(self.clock.seconds())
-            if held_back is not None:
-                self.log.warn("hub: mux connection refused: {cap} cap reached ({more} more refused in the "
-                              "last interval)", cap=refused, more=held_back)
-            return None
-        protocol = super().buildProtocol(addr)
-        self._sources[protocol] = source
-        return protocol
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        if protocol in self._sources:
-            self.budget.release(self._sources.pop(protocol))
 
 
 class HubNode(Drainer, service.Service):
@@ -227,9 +188,15 @@ def add_hub(top: service.MultiService, options, reactor, hub: HubNode | None) ->
         certificate = tls.load_certificate(options["mux-tls-key"], options["mux-tls-cert"])
     else:
         certificate = tls.generated_certificate()
+    # Connections to the --mux listeners, per source IP and in total, from accept (before TLS
+    # and admission) until gone, and new ones per IP over time: past a cap one is closed at
+    # once, counted (admission_failures{reason="cap"}) and logged at most once per 10 s.
+    # Peers behind one NAT share an address, hence a generous per-IP cap.
     budget = Budget(options["mux-max-conns-per-ip"], options["mux-max-conns"])   # all --mux listeners
+    rate = mux_rate(options)
     for description in options["mux"]:
         factory = tls.server_factory(certificate, HubLinkFactory(hub, link_config, reactor, secrets))
-        factory = CappedFactory(factory, budget, hub.stats, reactor)
+        factory = ConnectionGate(factory, budget, reactor, what=f"hub --mux {description}", rate=rate,
+                                 on_refused=lambda cap: hub.stats.inc("admission_failures", "cap"))
         strports.service(description, factory, reactor=reactor).setServiceParent(top)
     hub.setServiceParent(top)   # added last so that it stops first: links get a GOAWAY

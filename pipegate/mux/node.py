@@ -13,9 +13,9 @@ from twisted.logger import Logger
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener, small_site
 from pipegate.drain import AfterDrain, Drainer
 from pipegate.mux import tls
-from pipegate.mux.options import MuxOptions
+from pipegate.mux.options import MuxOptions, mux_rate
 from pipegate.mux.session import LinkConfig, LinkFactory
-from pipegate.core.budget import Budget, LogThrottle
+from pipegate.core.budget import Budget, LogThrottle, SourceRate
 from pipegate.dialer import Redialer, ReportingEndpoint, describe_connect_error
 from pipegate.stats import stats_of
 
@@ -31,7 +31,8 @@ def link_config(options: MuxOptions, role: int) -> LinkConfig:
 
 def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: list[str], *,
                   certificate=None, verify_hostname=None, ca_file=None, retry_policy=None,
-                  budget: Budget | None = None, guard: EmfileGuard | None = None) -> list:
+                  budget: Budget | None = None, guard: EmfileGuard | None = None,
+                  rate: SourceRate | None = None) -> list:
     """
     Services that accept (--mux) and dial (--connect) links for C{node}.
 
@@ -48,7 +49,7 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
         links = LinkFactory(node, config, reactor, False, unadmitted_log=LogThrottle())
         factory = tls.server_factory(certificate, links)
         if budget is not None:
-            factory = ConnectionGate(factory, budget, reactor, what=f"--mux {description}",
+            factory = ConnectionGate(factory, budget, reactor, what=f"--mux {description}", rate=rate,
                                      on_refused=lambda cap: stats.inc("admission_failures", "cap"))
         services.append(listener(description, factory, reactor, guard=guard))
     for description in connect:
@@ -87,7 +88,7 @@ def add_node(top: service.MultiService, node, options: MuxOptions, role: int, re
     budget = Budget(options["mux-max-conns-per-ip"], options["mux-max-conns"])   # all --mux listeners
     for svc in link_services(node, link_config(options, role), reactor, options["mux"], options["connect"],
                              certificate=certificate_from(options), verify_hostname=options["tls-verify"],
-                             ca_file=options["tls-ca"], budget=budget, guard=guard):
+                             ca_file=options["tls-ca"], budget=budget, guard=guard, rate=mux_rate(options)):
         svc.setServiceParent(later if isinstance(svc, Redialer) else top)
     if later is not top:
         later.setServiceParent(top)

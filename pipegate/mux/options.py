@@ -16,6 +16,7 @@ import os
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from pipegate.core.budget import SourceRate
 from pipegate.config import (
     API_PARAMETERS, EnvOptions, auto_or_positive_int, check_server_endpoint, non_negative_float, non_negative_int,
     positive_float, positive_int,
@@ -57,6 +58,9 @@ class MuxOptions(EnvOptions):
          non_negative_int],
         ["mux-max-conns", None, "2000", "Connections to --mux in all, admitted or not; 0 = no cap.",
          non_negative_int],
+        ["mux-conn-rate-per-ip", None, "10", "New connections a second to --mux from one IP address (each "
+                                             "costs a TLS handshake), in bursts of --mux-max-conns-per-ip; "
+                                             "0 = no limit.", non_negative_float],
     ] + API_PARAMETERS
     optRepeatable = [
         ["mux", True, "Server endpoint to accept peer links on (e.g. tcp:7000); repeatable. TLS is added."],
@@ -116,7 +120,7 @@ def check_link_options(options, prefix: str = "") -> None:
 # The link options of pipegate-provider/-gateway, as --mux-<name> on pipegate-server
 # (the --mux-max-conns* caps of the --mux listener are already named so: as they are).
 _SHARED = ("tls-key", "tls-cert", "max-frame-size", "window", "max-window", "ping-interval", "ping-deadline",
-           "handshake-timeout", "max-channels", "mux-max-conns-per-ip", "mux-max-conns")
+           "handshake-timeout", "max-channels", "mux-max-conns-per-ip", "mux-max-conns", "mux-conn-rate-per-ip")
 # The hub's --mux-max-window bounds what the ends may grant, so its default is the largest
 # --max-window an end has had by default (4 MiB before the ends' default went to 2 MiB).
 # ("4194304": frames.HUB_MAX_WINDOW)
@@ -170,3 +174,10 @@ class HubOptions:
             except Exception as e:
                 raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}") from None
         check_link_options(self, "mux-")
+
+
+def mux_rate(options) -> SourceRate | None:
+    """New connections per IP to the --mux listeners (C{--mux-conn-rate-per-ip}; the hub's has
+    the same name), in bursts of C{--mux-max-conns-per-ip} (100 when that is 0); None when 0."""
+    rate = options["mux-conn-rate-per-ip"]
+    return SourceRate(rate, options["mux-max-conns-per-ip"] or 100) if rate else None
