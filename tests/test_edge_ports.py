@@ -254,21 +254,25 @@ class MuxListenerCaps(PortPlane):
     caps, Twisted's default backlog, no EMFILE guard, and one warning per pre-admission failure.
     """
 
-    async def test_strangers_are_capped_and_logged_once_and_a_provider_still_joins(self):
+    async def gateway_mux(self, budget: Budget, rate=None):
+        """A gateway and its --mux listener held to C{budget} and C{rate}: (gateway, listening port)."""
         gw = gateway_module.Gateway(GatewayConfig(), reactor)
         gw.startService()
         self.cleanups.append(gw.stopService)
         self.cleanups.append(lambda: self._drop_links(gw))
         guard = EmfileGuard(reactor)
-        budget = Budget(3, 10)
         config = LinkConfig(secret=SECRET, role=frames.ROLE_GATEWAY, ping_interval=0.5, ping_deadline=2,
                             handshake_timeout=30)
         (listening,) = link_services(gw, config, reactor, [f"tcp:{free_port()}:interface=127.0.0.1"], [],
-                                     certificate=CERT, budget=budget, guard=guard)
+                                     certificate=CERT, budget=budget, guard=guard, rate=rate)
         listening.startService()
         self.cleanups.append(listening.stopService)
         await eventually(lambda: guard.ports)
-        mux = guard.ports[0]
+        return gw, guard.ports[0]
+
+    async def test_strangers_are_capped_and_logged_once_and_a_provider_still_joins(self):
+        budget = Budget(3, 10)
+        gw, mux = await self.gateway_mux(budget)
         port = mux.getHost().port
         strangers = []
         for _ in range(8):
@@ -296,26 +300,12 @@ class MuxListenerCaps(PortPlane):
         self.assertEqual(len(warnings), 1, warnings)
         self.assertIn("more links ended before admission in the last interval", warnings[0])
 
-
     async def test_new_connections_per_ip_are_rate_limited_and_a_provider_still_joins(self):
         # A per-IP cap on connections held at once does not stop a stranger who opens and
         # closes them one after another, each a TLS handshake: --mux-conn-rate-per-ip does.
         from pipegate.core.budget import SourceRate
 
-        gw = gateway_module.Gateway(GatewayConfig(), reactor)
-        gw.startService()
-        self.cleanups.append(gw.stopService)
-        self.cleanups.append(lambda: self._drop_links(gw))
-        guard = EmfileGuard(reactor)
-        config = LinkConfig(secret=SECRET, role=frames.ROLE_GATEWAY, ping_interval=0.5, ping_deadline=2,
-                            handshake_timeout=30)
-        (listening,) = link_services(gw, config, reactor, [f"tcp:{free_port()}:interface=127.0.0.1"], [],
-                                     certificate=CERT, budget=Budget(100, 1000), guard=guard,
-                                     rate=SourceRate(rate=1, burst=5))
-        listening.startService()
-        self.cleanups.append(listening.stopService)
-        await eventually(lambda: guard.ports)
-        mux = guard.ports[0]
+        gw, mux = await self.gateway_mux(Budget(100, 1000), SourceRate(rate=1, burst=5))
         accepted = 0
         for _ in range(20):                        # one after another, each closed at once
             client = Held()
