@@ -511,6 +511,8 @@ class ProviderServiceOptions(unittest.TestCase):
         e = self.assertRaises(usage.UsageError, self.options, [
             "--service", "80:a:1", "--services", '[{"gatePort": 80, "serviceHost": "b", "servicePort": 2}]'])
         self.assertIn("gatePort 80/tcp is ambiguous", str(e))
+        e = self.assertRaises(usage.UsageError, self.options, ["--service", "22:a:22", "--service", "22:a:23"])
+        self.assertEqual(str(e), "--service: gatePort 22/tcp is ambiguous: 22/tcp -> a:22 and 22/tcp -> a:23")
 
     def test_the_short_form_given_to_services_points_to_service(self):
         e = self.assertRaises(usage.UsageError, self.options, ["--services", "2222:127.0.0.1:22"])

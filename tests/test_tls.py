@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -151,3 +152,48 @@ class SecureWebSocket(unittest.TestCase):
     async def test_ws_to_a_tls_port_says_wss(self):
         why = await self.failure_line(f"ws://localhost:{self.port.getHost().port}/t1")
         self.assertIn("a TLS port needs wss://, not ws://", why)
+
+
+class OversizedLineOverTLS(unittest.TestCase):
+    """
+    A 414 on a TLS listener: the TLS transport passes a half-close straight to the TCP
+    socket under it (no close_notify), and when the idle timeout then closed the connection
+    its send BIO was gone (an AttributeError logged per connection).  Over TLS the relay
+    closes the connection after the answer instead.
+    """
+
+    async def test_414_and_a_clean_close_while_the_caller_keeps_its_socket(self):
+        import socket
+        import ssl as stdlib_ssl
+
+        from twisted.internet import threads
+        from twisted.python.filepath import FilePath
+
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        key, cert, ca = make_ca_and_cert(directory)
+        relay = Relay(RelayConfig(jwt=SETTINGS, idle_timeout=0.5), reactor)
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        port = await endpoints.serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}").listen(RelaySite(relay))
+        self.addCleanup(port.stopListening)
+
+        def caller():   # reads to the end, then keeps its socket past the idle timeout
+            context = stdlib_ssl.create_default_context(cafile=ca)
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port.getHost().port)),
+                                     server_hostname="localhost") as s:
+                s.settimeout(10)
+                s.sendall(b"GET /t1/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                try:
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                except (OSError, stdlib_ssl.SSLError):
+                    pass
+                time.sleep(1.5)
+            return answer
+
+        answer = await threads.deferToThread(caller)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), answer[:60])
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -397,7 +397,7 @@ class RelayChannel(http.HTTPChannel):
         self._pg_cancel_head_timer()
         status = b"414 URI Too Long" if _compat.first_line_pending(self) else b"431 Request Header Fields Too Large"
         self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        if IHalfCloseableDescriptor.providedBy(self.transport):
+        if IHalfCloseableDescriptor.providedBy(self.transport) and not self.isSecure():   # (TLS: no half-close)
             self.transport.loseWriteConnection()
         else:
             self.loseConnection()

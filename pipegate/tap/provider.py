@@ -89,7 +89,7 @@ class Options(DockerOptionsMixin, MuxOptions):
             except Exception as e:
                 raise usage.UsageError(f"--resolver: {e or type(e).__name__}") from None
         try:
-            short = [parse_service_spec(spec) for spec in self["service"]]
+            short = merge_services([[parse_service_spec(spec)] for spec in self["service"]])
         except SourceError as e:
             raise usage.UsageError(f"--service: {e}") from None
         try:
