@@ -611,7 +611,9 @@ class UnreadAnswer(PortPlane):
     the connection (its fd and its unit of the per-IP and total caps) stayed for ever.
     """
 
-    async def test_a_finished_connection_whose_client_never_reads_is_closed_after_the_idle_timeout(self):
+    async def half_closed_client(self, size: int) -> socket.socket:
+        """A client from 127.0.0.2 (4 KiB receive buffer) that has sent C{size} bytes to an echo
+        service through a gate, read none of the echo, and half-closed."""
         backend = await self.backend_echo()
         gate = free_port()
         # Windows of 8 MiB both ways (a response window grows to 4 MiB by default while the
@@ -625,18 +627,47 @@ class UnreadAnswer(PortPlane):
         sock.bind(("127.0.0.2", 0))
         sock.connect(("127.0.0.1", gate))
         sock.setblocking(False)
-        payload, sent = b"x" * (6 << 20), 0
+        payload, sent = b"x" * size, 0
         while sent < len(payload):
             try:
                 sent += sock.send(payload[sent:])
             except BlockingIOError:
                 await task.deferLater(reactor, 0.01, lambda: None)
         sock.shutdown(socket.SHUT_WR)
+        return sock
+
+    async def test_a_finished_connection_whose_client_never_reads_is_closed_after_the_idle_timeout(self):
+        await self.half_closed_client(6 << 20)
         await eventually(lambda: not self.gw.tcp_clients)   # the channel is done: FIN both ways
         self.assertEqual(self.gw.tcp_budget.held("127.0.0.2"), 1)   # its socket still flushing
         done = reactor.seconds()
         await eventually(lambda: self.gw.tcp_budget.held("127.0.0.2") == 0, timeout=5)
         self.assertGreater(reactor.seconds() - done, 0.5)   # not at once: an idle timeout after
+
+    async def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_echo(self):
+        # The review found these cut mid-answer: the timer now moves on while the client
+        # takes its bytes (pipegate.sockets.Delivery).
+        size = 6 << 20
+        sock = await self.half_closed_client(size)
+        got, ended = 0, []
+
+        def read():   # every 5 ms, what the 4 KiB buffer holds: never 1 s without a byte
+            nonlocal got
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                chunk = None
+            if not chunk:
+                ended.append("eof" if chunk is not None else "reset")
+                reading.stop()
+            else:
+                got += len(chunk)
+        reading = task.LoopingCall(read)
+        reading.start(0.005)
+        await eventually(lambda: ended, timeout=60)
+        self.assertEqual((ended, got), (["eof"], size + 3))   # (the echo service's "bye" too)
 
 
 class SmallListeners(PortPlane):

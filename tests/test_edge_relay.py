@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
@@ -467,7 +467,8 @@ class UnreadAnswers(unittest.TestCase):
     and total caps stayed for ever.  Now the idle timeout runs from the answer's end.
     """
 
-    async def attack(self, head: bytes, answered):
+    async def caller(self, head: bytes):
+        """A caller from ATTACKER with 4 KiB buffers both ends, that has sent C{head}: (relay, budget, socket)."""
         loop = Loopback(self)
         app = await loop.listen(protocol.Factory.forProtocol(BigAnswer))
         relay, _ = await loop.relay(idle_timeout=1.0, upgrade_idle_timeout=1.0, request_timeout=30)
@@ -485,6 +486,10 @@ class UnreadAnswers(unittest.TestCase):
         [caller] = [p for p in gate.protocols if p.transport.getPeer().host == ATTACKER]
         caller.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         sock.send(head)
+        return relay, budget, sock
+
+    async def attack(self, head: bytes, answered):
+        relay, budget, sock = await self.caller(head)
         await eventually(lambda: relay.tunnels["t1"].in_flight == 0 and answered(relay.stats))
         self.assertEqual(budget.held(ATTACKER), 1)   # the answer is done, its end still queued
         done = reactor.seconds()
@@ -507,6 +512,36 @@ class UnreadAnswers(unittest.TestCase):
 
     async def test_a_refused_upgrade_whose_caller_never_reads(self):
         await self.attack(upgrade_request(b"/big"), lambda stats: stats.get("upgrades", "refused"))
+
+    async def read_steadily(self, head: bytes) -> tuple[str, int]:
+        """Send C{head}, then read 4 KiB every 50 ms (about 80 KB/s: never 1 s without a byte)
+        until the end: (how it ended, the body's length)."""
+        relay, budget, sock = await self.caller(head)
+        got, ended = bytearray(), []
+
+        def read():
+            try:
+                chunk = sock.recv(4096)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                chunk = None
+            if not chunk:
+                ended.append("eof" if chunk is not None else "reset")
+                reading.stop()
+            else:
+                got.extend(chunk)
+        reading = task.LoopingCall(read)
+        reading.start(0.05)
+        await eventually(lambda: ended, timeout=20)
+        return ended[0], len(bytes(got).partition(b"\r\n\r\n")[2])
+
+    async def test_a_slow_but_steady_reader_gets_the_whole_answer(self):
+        # The idle timeout that cuts a caller who never reads moves on while the caller takes
+        # its answer (pipegate.sockets.Delivery): the review found these cut mid-answer.
+        for head in (b"GET /t1/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                     b"GET /t1/big HTTP/1.0\r\nHost: x\r\n\r\n", upgrade_request(b"/big")):
+            self.assertEqual(await self.read_steadily(head), ("eof", BigAnswer.size), head)
 
 
 # -- child processes under a lowered RLIMIT_NOFILE

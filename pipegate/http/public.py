@@ -31,7 +31,7 @@ from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
-from pipegate.sockets import eager_writes, plain_writes
+from pipegate.sockets import Delivery, eager_writes, plain_writes
 from pipegate.timers import IdleTimer, cancel
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -359,12 +359,11 @@ class RelayChannel(http.HTTPChannel):
             # (before twisted.web reads a pipelined next request, which suspends it again)
             self.setTimeout(period)
         elif not self.persistent and self.transport is not None and self.site.timeOut:
-            # The connection closes after this answer, and twisted.web's loseConnection waits
-            # until the caller has read all of it: a caller that never reads would hold it (its
-            # fd, its unit of the per-IP and total caps) for ever, with no timer left.  The
-            # idle timeout runs again, from the answer's end, and what the caller sends no longer
-            # moves it on: once it fires, timeoutConnection aborts the connection.
-            self._pg_closing = True
+            # The connection closes after this answer; twisted.web's loseConnection waits until
+            # the caller has read all of it, and one that never reads would hold it (its fd, its
+            # cap units) for ever.  The idle timeout runs again from the answer's end, moved on
+            # only while the caller takes the answer (Delivery), not by what it sends.
+            self._pg_closing, self._pg_delivery = True, Delivery(self.transport)
             self.setTimeout(self.site.timeOut)
         super().requestDone(request)
 
@@ -387,11 +386,10 @@ class RelayChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line):
         """
-        A request line or a header line over C{MAX_LENGTH} (16 KiB): 414 or 431 and the end
-        of the connection, where twisted.web would close it without a word.  On plain TCP the
-        answer is followed by a FIN and the caller's further bytes are read and dropped until
-        it closes, within the idle timeout (which they do not restart): a close with bytes
-        unread sends a RST, which can destroy the answer before the caller reads it.
+        A request or header line over C{MAX_LENGTH} (16 KiB): 414 or 431, and the end of the
+        connection (twisted.web closes it without a word).  On plain TCP a FIN follows and the
+        caller's further bytes are dropped until it closes, within the idle timeout (a close
+        with bytes unread sends a RST, which can destroy the answer before it is read).
         """
         self._pg_refused = True
         self._pg_cancel_head_timer()
@@ -431,9 +429,11 @@ class RelayChannel(http.HTTPChannel):
         # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
         # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
         # leaves the reactor dirty if it changes.)
-        if self._pg_closing and self.transport is not None:
-            # Closing already (requestDone), and the caller has not taken the end of its
-            # answer within the idle timeout: no further grace (twisted.web's abortTimeout).
+        if self._pg_closing and self.transport is not None and self._pg_delivery.moved():
+            self.setTimeout(self.timeOut)   # still taking its answer, slowly: wait on
+        elif self._pg_closing and self.transport is not None:
+            # Closing already (requestDone), and the caller has taken nothing of its answer's
+            # end within the idle timeout: no further grace (twisted.web's abortTimeout).
             self.log.info("{peer} did not read its answer within {seconds:g} s of its end; closing",
                           peer=str(self.transport.getPeer()), seconds=self.timeOut)
             self.transport.abortConnection()

@@ -35,6 +35,7 @@ from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.streams import RelayStream, plain
+from pipegate.sockets import Delivery
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -303,10 +304,13 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         relay = self.factory.relay
         if relay.config.idle_timeout and self.transport is not None and self._unread is None:
             self._unread = IdleTimer(relay.clock, relay.config.idle_timeout, self._abort_unread)
+            self._delivery = Delivery(self.transport)
 
     def _abort_unread(self) -> None:
-        self._unread = None
-        if self.transport is not None:
+        timer, self._unread = self._unread, None
+        if self.transport is not None and self._delivery.moved():   # reading, slowly: wait on
+            self._unread = IdleTimer(timer.clock, timer.seconds, self._abort_unread)
+        elif self.transport is not None:
             self._log.info("refused login: the caller did not read the refusal within {seconds:g} s; closing",
                            seconds=self.factory.relay.config.idle_timeout)
             self.transport.abortConnection()
