@@ -32,15 +32,13 @@ CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.
 
 
 # -- Twisted's TLS layer (twisted.protocols.tls) and pyOpenSSL ------------------------------
-# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write and writes the send BIO to the socket after
-# each, and hands every decrypted record to the protocol on its own; a 64 KiB mux DATA frame costs five
-# of each on both sides.  Re-measured against the stock TLSMemoryBIOFactory for issue 23 (2026-12-07,
-# benchmarks/README.md "TLS layer of mux links"): through gateway + provider (iperf3) 9-19 % less CPU
-# per GB and faster in all four stream configurations, two A/B rounds; 12 % fewer instructions per 64
-# KiB frame; small frames the same.  No public hook batches the record work, so the batching overrides
-# three private methods of TLSMemoryBIOProtocol and reads its private state.
+# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write, writes the send BIO to the socket after each
+# and hands every record to the protocol on its own: five of each per 64 KiB mux DATA frame.  Against
+# the stock TLSMemoryBIOFactory (benchmarks/README.md "TLS layer of mux links"): gateway + provider
+# 9-19 % less CPU per GB (iperf3, all four configurations); small frames the same.  No public hook
+# batches the record work: this overrides three private methods of TLSMemoryBIOProtocol.
 
-# More than the plaintext of one TLS record (16 KiB); a read that delivers less is delivered as bytes.
+# More than the plaintext of one TLS record (16 KiB); a read or a send of less goes as bytes.
 _RECV = 2**15
 
 
@@ -49,10 +47,11 @@ class BatchedTLSProtocol(BufferingTLSTransport):
     Twisted's TLS layer, with the record work batched per write and per read.
 
     A write goes to OpenSSL whole (a memory BIO takes all of it, with L{whole_writes}), the send BIO is
-    drained into one transport write, and the plaintext of everything received is delivered in one
-    C{dataReceived} (L{_pg_read}: as bytes, or from 32 KiB as a read-only memoryview that nothing
-    reuses).  Handshake, errors, close and producers are the base class's; without the BIO probe (below)
-    the layer is the base class.
+    drained into one transport write (from 32 KiB a memoryview, if the transport's C{write} has a
+    true C{takes_views}: L{pipegate.sockets.eager_writes}), and the plaintext of everything received
+    is delivered in one C{dataReceived} (L{_pg_read}: from 32 KiB as a read-only memoryview that
+    nothing reuses).  Handshake, errors, close and producers are the base class's; without the BIO
+    probe (below) the layer is the base class.
 
     Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol): overrides and calls
     C{_write(bytes)}, C{_flushSendBIO()}, C{_flushReceiveBIO()}; calls C{_bufferedWrite},
@@ -87,8 +86,16 @@ class BatchedTLSProtocol(BufferingTLSTransport):
             return TLSMemoryBIOProtocol._flushSendBIO(self)
         connection = self._tlsConnection
         size = _bio_pending(connection._from_ssl, _NULL)
-        if size:   # (asked, instead of a bio_read raising WantReadError when there is nothing to send)
-            self.transport.write(connection.bio_read(size))
+        if not size:   # (asked, instead of a bio_read raising WantReadError when there is nothing to send)
+            return
+        write = self.transport.write
+        while size >= _RECV and getattr(write, "__func__", None) is ProtocolWrapper.write:   # (pass-through)
+            write = write.__self__.transport.write
+        if size < _RECV or not getattr(getattr(write, "__func__", None), "takes_views", False):
+            return self.transport.write(connection.bio_read(size))
+        buffer = _new_buffer("char[]", size)   # (pipegate.sockets' eager write: no copy into bytes)
+        read = _lib.BIO_read(connection._from_ssl, buffer, size)
+        self.transport.write(memoryview(_ffi.buffer(buffer, max(0, read))))
 
     def _flushReceiveBIO(self):
         if self._pg_probe and not self._lostTLSConnection and self._pg_read(self._tlsConnection):
@@ -571,15 +578,16 @@ class TurnEndClock:
 # Why: BatchedTLSProtocol learnt that it had read every record, and that OpenSSL had nothing to send
 # after a read, from a WantReadError (pyOpenSSL's recv and bio_read on an empty memory BIO:
 # SSL_get_error, the error queue, an exception made and caught; 2.2 and 1.1 us), twice per mux link
-# read; and pyOpenSSL's recv (and recv_into) decrypts into a buffer of its own, then copies it.  No
-# public call says what a memory BIO holds or reads into the caller's memory: this asks OpenSSL's
-# BIO_get_mem_data (NULL pointer: the byte count) and SSL_pending, and calls SSL_read and
-# SSL_get_error, through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi} (its allocator,
-# without zeroing), on the connection's private C{_ssl}, C{_into_ssl} and C{_from_ssl} (pyOpenSSL
-# 26.4.0, cryptography 50.0.2).  Reading stops when the incoming BIO is empty and SSL_pending is 0, or
-# at WANT_READ (read-ahead is off: OpenSSL then holds at most part of a record).  Without these names
-# the layer is Twisted's.  Bulk TCP: 12-20 % fewer instructions per MB in gateway + provider
-# (benchmarks/README.md, "Bulk TCP: records read into one buffer").  Guard: tests.test_compat.BIOProbe.
+# read; and pyOpenSSL's recv (and recv_into) and bio_read read into a buffer of their own, then copy
+# it.  No public call says what a memory BIO holds or reads into the caller's memory: this asks
+# OpenSSL's BIO_get_mem_data (NULL pointer: the byte count) and SSL_pending, and calls SSL_read,
+# SSL_get_error and BIO_read, through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi} (its
+# allocator, without zeroing), on the connection's private C{_ssl}, C{_into_ssl} and C{_from_ssl}
+# (pyOpenSSL 26.4.0, cryptography 50.0.2).  Reading stops when the incoming BIO is empty and
+# SSL_pending is 0, or at WANT_READ (read-ahead is off: OpenSSL then holds at most part of a record).
+# Without these names the layer is Twisted's.  Bulk TCP: 13-20 % fewer instructions per MB in gateway
+# + provider (benchmarks/README.md, "Bulk TCP: records read into one buffer").  Guard:
+# tests.test_compat.BIOProbe.
 _lib, _ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
 _bio_pending, _NULL = getattr(_lib, "BIO_get_mem_data", None), getattr(_ffi, "NULL", None)
 _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False) if _ffi is not None else None
@@ -587,6 +595,6 @@ _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False) if _ffi is not 
 
 def probe_bios(connection) -> bool:
     """Whether L{BatchedTLSProtocol} can ask C{connection}'s memory BIOs what they hold."""
-    return all(x is not None for x in (_bio_pending, _NULL, _new_buffer, getattr(_lib, "SSL_read", None),
-                                       getattr(_lib, "SSL_pending", None), getattr(connection, "_ssl", None),
-                                       getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)))
+    names = [getattr(_lib, name, None) for name in ("SSL_read", "SSL_pending", "SSL_get_error", "BIO_read")]
+    names += [getattr(connection, name, None) for name in ("_ssl", "_into_ssl", "_from_ssl")]
+    return all(x is not None for x in (_bio_pending, _NULL, _new_buffer, *names))

@@ -18,13 +18,14 @@ import sys
 import textwrap
 import tomllib
 from importlib import metadata
+from types import MethodType
 from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import abstract, protocol, ssl, task, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols import tls as twisted_tls
+from twisted.protocols import policies, tls as twisted_tls
 from twisted.trial import unittest
 from twisted.python.failure import Failure
 from twisted.web import client as web_client, http
@@ -695,7 +696,8 @@ class BIOProbe(GuardMixin, unittest.TestCase):
     def test_private_names(self):
         self.assertPrivate(SSL, "_lib", "probe_bios")
         self.assertPrivate(SSL, "_ffi", "probe_bios")
-        for name in ("BIO_get_mem_data", "SSL_pending", "SSL_read", "SSL_get_error", "SSL_ERROR_WANT_READ"):
+        for name in ("BIO_get_mem_data", "BIO_read", "SSL_pending", "SSL_read", "SSL_get_error",
+                     "SSL_ERROR_WANT_READ"):
             self.assertPrivate(SSL._lib, name, "probe_bios")
         for name in ("new_allocator", "buffer"):
             self.assertPrivate(SSL._ffi, name, "BatchedTLSProtocol._pg_read")
@@ -759,6 +761,30 @@ class BIOProbe(GuardMixin, unittest.TestCase):
         server.dataReceived(client.transport.value())
         self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"q" * 50_000)
         self.assertTrue(server._lostTLSConnection)
+
+    def test_records_go_out_as_views_only_to_a_write_that_takes_them(self):
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        writes = []
+
+        def takes_views(transport, data):
+            writes.append(data)
+        takes_views.takes_views = True
+        client.transport.clear()
+        client.write(b"s" * 70_000)               # StringTransport: bytes, as always
+        self.assertGreater(len(client.transport.value()), 70_000)
+        client.transport.write = MethodType(takes_views, client.transport)
+        client.write(b"t" * 70_000)
+        self.assertEqual([type(data) for data in writes], [memoryview])
+        # Through a pass-through wrapper (the gateway's ConnectionGate) too; small sends stay bytes.
+        socket_side, client.transport = client.transport, policies.ProtocolWrapper(None, None)
+        client.transport.transport = socket_side
+        client.write(b"u" * 70_000)
+        client.write(b"v" * 100)
+        _compat.flush_tls_buffer(client)
+        self.assertEqual([type(data) for data in writes], [memoryview, memoryview, bytes])
+        server.dataReceived(socket_side.value() + b"".join(map(bytes, writes)))
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks),
+                         b"s" * 70_000 + b"t" * 70_000 + b"u" * 70_000 + b"v" * 100)
 
     def test_without_the_probe_the_layer_is_twisted_s(self):
         client, server = handshaken_pair(_compat.BatchedTLSFactory)
