@@ -58,14 +58,17 @@ def zero(pids: dict[str, int]) -> None:
         subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
 
 
-def per_unit(pids: dict[str, int], out: str, reason: str, units: int) -> dict[str, int]:
-    """Dump each service's counters and return its instructions per unit (C{units} since L{zero})."""
+def per_unit(pids: dict[str, int], out: str, reason: str, units: float, dump: int = 1) -> dict[str, int]:
+    """
+    Dump each service's counters and return its instructions per unit (C{units} since L{zero});
+    C{dump}: the number of this dump in the service's run (1 for its first).
+    """
     for pid in pids.values():
         subprocess.run(["callgrind_control", "-d", reason, str(pid)], check=True, capture_output=True)
     time.sleep(2)   # (the dumps are written by the services themselves)
     result = {}
     for name, pid in pids.items():
-        with open(f"{out}/{name}.{pid}.1") as f:
+        with open(f"{out}/{name}.{pid}.{dump}") as f:
             for line in f:
                 if line.startswith(("summary:", "totals:")):
                     result[name] = round(int(line.split()[1]) / units)

@@ -19,7 +19,7 @@ from errno import EINTR as _EINTR
 from types import MethodType
 
 from OpenSSL import SSL
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Error, WantReadError
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols import tls as _twisted_tls
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -32,17 +32,13 @@ CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.
 
 
 # -- Twisted's TLS layer (twisted.protocols.tls) and pyOpenSSL ------------------------------
-# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write and writes the send BIO to the socket after
-# each, and hands every decrypted record to the protocol on its own; a 64 KiB mux DATA frame costs five
-# of each on both sides.  Re-measured against the stock TLSMemoryBIOFactory for issue 23 (2026-12-07,
-# benchmarks/README.md "TLS layer of mux links"): through gateway + provider (iperf3) 9-19 % less CPU
-# per GB and faster in all four stream configurations, two A/B rounds; 12 % fewer instructions per 64
-# KiB frame; small frames the same.  No public hook batches the record work, so the batching overrides
-# three private methods of TLSMemoryBIOProtocol and reads its private state.
+# Why: the stock layer feeds OpenSSL 16 KiB per SSL_write, writes the send BIO to the socket after each
+# and hands every record to the protocol on its own: five of each per 64 KiB mux DATA frame.  Against
+# the stock TLSMemoryBIOFactory (benchmarks/README.md "TLS layer of mux links"): gateway + provider
+# 9-19 % less CPU per GB (iperf3, all four configurations); small frames the same.  No public hook
+# batches the record work: this overrides three private methods of TLSMemoryBIOProtocol.
 
-# Large enough for a whole mux frame (64 KiB of DATA plus record overhead) in one read.
-_BIO_READ = 2**18
-# More than the plaintext of one TLS record (16 KiB); OpenSSL returns at most one per call.
+# More than the plaintext of one TLS record (16 KiB); a read or a send of less goes as bytes.
 _RECV = 2**15
 
 
@@ -51,17 +47,24 @@ class BatchedTLSProtocol(BufferingTLSTransport):
     Twisted's TLS layer, with the record work batched per write and per read.
 
     A write goes to OpenSSL whole (a memory BIO takes all of it, with L{whole_writes}), the send BIO is
-    drained into one transport write, and the plaintext of everything received is delivered in one
-    C{dataReceived}.  Handshake, errors, close and producers are the base class's.
+    drained into one transport write (from 32 KiB a memoryview, if the transport's C{write} has a
+    true C{takes_views}: L{pipegate.sockets.eager_writes}), and the plaintext of everything received
+    is delivered in one C{dataReceived} (L{_pg_read}: from 32 KiB as a read-only memoryview that
+    nothing reuses).  Handshake, errors, close and producers are the base class's; without the BIO
+    probe (below) the layer is the base class.
 
-    Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol): overrides
+    Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol): overrides and calls
     C{_write(bytes)}, C{_flushSendBIO()}, C{_flushReceiveBIO()}; calls C{_bufferedWrite},
-    C{_tlsShutdownFinished}, C{_shutdownTLS}; reads C{_tlsConnection}, C{_lostTLSConnection},
-    C{_aborted}.  The base class must still route its writes, reads, handshake and shutdown through the
-    overridden methods.  Guard: tests.test_compat.TLSLayer.
+    C{_tlsShutdownFinished}; reads C{_tlsConnection}, C{_lostTLSConnection}, C{_aborted}.  The base
+    class must still route its writes, reads, handshake and shutdown through the overridden methods.
+    Guard: tests.test_compat.TLSLayer.
     """
 
+    _pg_probe = False   # whether the memory BIOs can be asked what they hold (probe_bios, below)
+
     def _write(self, bytes):
+        if not self._pg_probe:
+            return TLSMemoryBIOProtocol._write(self, bytes)
         if self._lostTLSConnection:
             return
         connection = self._tlsConnection
@@ -78,51 +81,43 @@ class BatchedTLSProtocol(BufferingTLSTransport):
             data = data[sent:]
         self._flushSendBIO()
 
-    _pg_probe = False   # whether the memory BIOs can be asked what they hold (probe_bios, below)
-
     def _flushSendBIO(self):
+        if not self._pg_probe:
+            return TLSMemoryBIOProtocol._flushSendBIO(self)
         connection = self._tlsConnection
-        if self._pg_probe and not _bio_pending(connection._from_ssl, _NULL):
-            return   # nothing to send (asked, instead of a bio_read raising WantReadError)
-        chunks = []
-        while True:
-            try:
-                chunk = connection.bio_read(_BIO_READ)
-            except WantReadError:
-                break
-            chunks.append(chunk)
-            if len(chunk) < _BIO_READ:
-                break
-        if chunks:
-            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        size = _bio_pending(connection._from_ssl, _NULL)
+        if not size:   # (asked, instead of a bio_read raising WantReadError when there is nothing to send)
+            return
+        write = self.transport.write
+        while size >= _RECV and getattr(write, "__func__", None) is ProtocolWrapper.write:   # (pass-through)
+            write = write.__self__.transport.write
+        if size < _RECV or not getattr(getattr(write, "__func__", None), "takes_views", False):
+            return self.transport.write(connection.bio_read(size))
+        buffer = _new_buffer("char[]", size)   # (pipegate.sockets' eager write: no copy into bytes)
+        read = _lib.BIO_read(connection._from_ssl, buffer, size)
+        self.transport.write(memoryview(_ffi.buffer(buffer, max(0, read))))
 
     def _flushReceiveBIO(self):
-        connection = self._tlsConnection
-        chunks = []
-        while not self._lostTLSConnection:
-            try:
-                chunks.append(connection.recv(_RECV))
-            except WantReadError:
-                break
-            except ZeroReturnError:
-                self._pg_deliver(chunks)
-                chunks = []
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            except Error:
-                failure = Failure()
-                self._pg_deliver(chunks)
-                chunks = []
-                self._tlsShutdownFinished(failure)
-            else:
-                if self._pg_probe and not (connection.pending() or _bio_pending(connection._into_ssl, _NULL)):
-                    break   # all read (asked, instead of one more recv raising WantReadError)
-        self._pg_deliver(chunks)
-        self._flushSendBIO()
+        if self._pg_probe and not self._lostTLSConnection and self._pg_read(self._tlsConnection):
+            self._flushSendBIO()
+        else:   # the base class's loop: one record per recv, and recv's errors, the end and their handling
+            TLSMemoryBIOProtocol._flushReceiveBIO(self)
 
-    def _pg_deliver(self, chunks):
-        if chunks and not self._aborted:
-            ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    def _pg_read(self, connection):
+        # Every record OpenSSL can decrypt now, each SSL_read straight into one fresh buffer (pyOpenSSL's
+        # recv allocates, copies into bytes and checks errors in Python per record, then the records
+        # were joined).  True: all read (the BIOs are empty, or part of a record waits); False: an error,
+        # the end, or a full buffer, left to the base class's loop.
+        ssl, into = connection._ssl, connection._into_ssl
+        size = _bio_pending(into, _NULL) + _lib.SSL_pending(ssl) + _RECV
+        buffer, got, read = _new_buffer("char[]", size), 0, 1
+        while read > 0 and got < size and (_lib.SSL_pending(ssl) or _bio_pending(into, _NULL)):
+            read = _lib.SSL_read(ssl, buffer + got, size - got)
+            got += max(read, 0)
+        if got and not self._aborted:
+            data = _ffi.buffer(buffer, got)
+            ProtocolWrapper.dataReceived(self, data[:] if got < _RECV else memoryview(data).toreadonly())
+        return got < size and (read > 0 or _lib.SSL_get_error(ssl, read) == _lib.SSL_ERROR_WANT_READ)
 
 
 def whole_writes(connection: SSL.Connection) -> None:
@@ -164,8 +159,9 @@ class BatchedTLSFactory(TLSMemoryBIOFactory):
 
         def creator(protocol):
             connection = create(protocol)
-            whole_writes(connection)
             protocol._pg_probe = probe_bios(connection)
+            if protocol._pg_probe:   # (else the layer is Twisted's, which writes one record per SSL_write)
+                whole_writes(connection)
             return connection
         self._creatorCallable = creator
 
@@ -578,21 +574,27 @@ class TurnEndClock:
         return self.reactor.callLater(delay, func, *args, **kw)
 
 
-# -- pyOpenSSL: how many bytes a connection's memory BIOs hold -------------------------------
+# -- pyOpenSSL: what a connection's memory BIOs hold, and records read into a buffer of ours --------
 # Why: BatchedTLSProtocol learnt that it had read every record, and that OpenSSL had nothing to send
 # after a read, from a WantReadError (pyOpenSSL's recv and bio_read on an empty memory BIO:
 # SSL_get_error, the error queue, an exception made and caught; 2.2 and 1.1 us), twice per mux link
-# read.  No public call says what a memory BIO holds: this asks OpenSSL's BIO_get_mem_data (NULL
-# pointer: the byte count) through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi}, on the
-# connection's private C{_into_ssl} and C{_from_ssl} (pyOpenSSL 26.4.0, cryptography 50.0.2).  Reading
-# stops when the incoming BIO is empty and C{Connection.pending()} is 0 (read-ahead is off: OpenSSL then
-# holds at most part of a record, which recv could not return either).  Without these names the layer
-# raises and catches as before.  Guard: tests.test_compat.BIOProbe.
+# read; and pyOpenSSL's recv (and recv_into) and bio_read read into a buffer of their own, then copy
+# it.  No public call says what a memory BIO holds or reads into the caller's memory: this asks
+# OpenSSL's BIO_get_mem_data (NULL pointer: the byte count) and SSL_pending, and calls SSL_read,
+# SSL_get_error and BIO_read, through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi} (its
+# allocator, without zeroing), on the connection's private C{_ssl}, C{_into_ssl} and C{_from_ssl}
+# (pyOpenSSL 26.4.0, cryptography 50.0.2).  Reading stops when the incoming BIO is empty and
+# SSL_pending is 0, or at WANT_READ (read-ahead is off: OpenSSL then holds at most part of a record).
+# Without these names the layer is Twisted's.  Bulk TCP: 13-20 % fewer instructions per MB in gateway
+# + provider (benchmarks/README.md, "Bulk TCP: records read into one buffer").  Guard:
+# tests.test_compat.BIOProbe.
 _lib, _ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
 _bio_pending, _NULL = getattr(_lib, "BIO_get_mem_data", None), getattr(_ffi, "NULL", None)
+_new_buffer = _ffi.new_allocator(should_clear_after_alloc=False) if _ffi is not None else None
 
 
 def probe_bios(connection) -> bool:
     """Whether L{BatchedTLSProtocol} can ask C{connection}'s memory BIOs what they hold."""
-    return all(x is not None for x in (_bio_pending, _NULL, getattr(connection, "_into_ssl", None),
-                                       getattr(connection, "_from_ssl", None)))
+    names = [getattr(_lib, name, None) for name in ("SSL_read", "SSL_pending", "SSL_get_error", "BIO_read")]
+    names += [getattr(connection, name, None) for name in ("_ssl", "_into_ssl", "_from_ssl")]
+    return all(x is not None for x in (_bio_pending, _NULL, _new_buffer, *names))

@@ -187,9 +187,9 @@ def _at_the_socket(transport) -> bool:
             and not write_closed(transport) and not transport.TLS)
 
 
-def _eager_write(transport, data: bytes) -> None:
+def _eager_write(transport, data: bytes | memoryview) -> None:
     # (_at_the_socket, inline: this is every write of a link or a channel)
-    if type(data) is bytes and nothing_queued(transport) and transport.connected \
+    if type(data) in (bytes, memoryview) and nothing_queued(transport) and transport.connected \
             and not transport.disconnecting and not write_closed(transport) and not transport.TLS:
         try:
             sent = transport.socket.send(data)
@@ -198,7 +198,14 @@ def _eager_write(transport, data: bytes) -> None:
         if sent == len(data):
             return
         data = data[sent:]
+    if type(data) is memoryview:
+        data = data.tobytes()   # (Twisted's queue takes bytes)
     type(transport).write(transport, data)  # queue the rest: FileDescriptor.write
+
+
+# A memoryview may be written (the mux links' TLS layer sends its records from a buffer of its own
+# without copying them into bytes first: pipegate._compat.BatchedTLSProtocol._flushSendBIO).
+_eager_write.takes_views = True
 
 
 def send_now(transport) -> None:

@@ -18,13 +18,14 @@ import sys
 import textwrap
 import tomllib
 from importlib import metadata
+from types import MethodType
 from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import abstract, protocol, ssl, task, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols import tls as twisted_tls
+from twisted.protocols import policies, tls as twisted_tls
 from twisted.trial import unittest
 from twisted.python.failure import Failure
 from twisted.web import client as web_client, http
@@ -695,12 +696,105 @@ class BIOProbe(GuardMixin, unittest.TestCase):
     def test_private_names(self):
         self.assertPrivate(SSL, "_lib", "probe_bios")
         self.assertPrivate(SSL, "_ffi", "probe_bios")
-        self.assertPrivate(SSL._lib, "BIO_get_mem_data", "probe_bios")
+        for name in ("BIO_get_mem_data", "BIO_read", "SSL_pending", "SSL_read", "SSL_get_error",
+                     "SSL_ERROR_WANT_READ"):
+            self.assertPrivate(SSL._lib, name, "probe_bios")
+        for name in ("new_allocator", "buffer"):
+            self.assertPrivate(SSL._ffi, name, "BatchedTLSProtocol._pg_read")
         client, server = handshaken_pair(_compat.BatchedTLSFactory)
         for side in (client, server):
-            for name in ("_into_ssl", "_from_ssl"):
+            for name in ("_ssl", "_into_ssl", "_from_ssl"):
                 self.assertPrivate(side._tlsConnection, name, "probe_bios")
             self.assertTrue(side._pg_probe, "BatchedTLSFactory's layers do not probe their BIOs")
+
+    def test_large_reads_are_fresh_read_only_views(self):
+        # What FrameDecoder relies on to keep them uncopied: each read its own buffer, read-only.
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        client.transport.clear()
+        reads = server.wrappedProtocol.chunks
+        for fill in (b"a", b"b"):
+            client.write(fill * 70_000)
+            server.dataReceived(client.transport.value())
+            client.transport.clear()
+        client.write(b"c" * 100)
+        _compat.flush_tls_buffer(client)
+        server.dataReceived(client.transport.value())
+        self.assertEqual([type(read) for read in reads], [memoryview, memoryview, bytes])
+        self.assertTrue(reads[0].readonly and reads[1].readonly)
+        self.assertEqual((reads[0], reads[1], reads[2]), (b"a" * 70_000, b"b" * 70_000, b"c" * 100))
+
+    def test_a_part_of_a_record_stops_reading_without_an_exception(self):
+        # SSL_read's WANT_READ on a record not yet whole ends the read, without pyOpenSSL's recv
+        # (which would raise and catch a WantReadError).
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        client.transport.clear()
+        client.write(b"p" * 40_000)
+        _compat.flush_tls_buffer(client)
+        wire = client.transport.value()
+        connection = server._tlsConnection
+        calls = []
+
+        class Watch:
+            def __getattr__(self, name):
+                return getattr(connection, name)
+
+            def recv(self, size):
+                calls.append(size)
+                return connection.recv(size)
+        server._tlsConnection = Watch()
+        try:
+            server.dataReceived(wire[:-10])
+            server.dataReceived(wire[-10:])
+        finally:
+            server._tlsConnection = connection
+        self.assertEqual(calls, [])
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"p" * 40_000)
+
+    def test_the_end_after_data_is_still_the_base_class_s(self):
+        # SSL_read's 0 at the peer's close_notify: the data before it is delivered, then the
+        # base class's loop reads the end (ZeroReturnError) and shuts the layer down.
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        client.transport.clear()
+        client.write(b"q" * 50_000)
+        _compat.flush_tls_buffer(client)
+        client.loseConnection()
+        server.dataReceived(client.transport.value())
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"q" * 50_000)
+        self.assertTrue(server._lostTLSConnection)
+
+    def test_records_go_out_as_views_only_to_a_write_that_takes_them(self):
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        writes = []
+
+        def takes_views(transport, data):
+            writes.append(data)
+        takes_views.takes_views = True
+        client.transport.clear()
+        client.write(b"s" * 70_000)               # StringTransport: bytes, as always
+        self.assertGreater(len(client.transport.value()), 70_000)
+        client.transport.write = MethodType(takes_views, client.transport)
+        client.write(b"t" * 70_000)
+        self.assertEqual([type(data) for data in writes], [memoryview])
+        # Through a pass-through wrapper (the gateway's ConnectionGate) too; small sends stay bytes.
+        socket_side, client.transport = client.transport, policies.ProtocolWrapper(None, None)
+        client.transport.transport = socket_side
+        client.write(b"u" * 70_000)
+        client.write(b"v" * 100)
+        _compat.flush_tls_buffer(client)
+        self.assertEqual([type(data) for data in writes], [memoryview, memoryview, bytes])
+        server.dataReceived(socket_side.value() + b"".join(map(bytes, writes)))
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks),
+                         b"s" * 70_000 + b"t" * 70_000 + b"u" * 70_000 + b"v" * 100)
+
+    def test_without_the_probe_the_layer_is_twisted_s(self):
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        for side in (client, server):
+            side._pg_probe = False
+        client.transport.clear()
+        SSL._lib.SSL_set_mode(client._tlsConnection._ssl, SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        client.write(b"r" * 70_000)
+        server.dataReceived(client.transport.value())
+        self.assertEqual(server.wrappedProtocol.chunks, [b"r" * 16_384] * 4 + [b"r" * 4_464])
 
     def test_counts_what_the_bios_hold(self):
         client, server = handshaken_pair(_compat.BatchedTLSFactory)

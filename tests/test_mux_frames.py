@@ -340,6 +340,29 @@ class DecoderTests(unittest.TestCase):
         buffer[:] = b"\xff" * 300
         self.assertEqual(decoder.feed(wire[300:]), [Data(9, b"abcdefgh" * 100)])
 
+    def test_read_only_views_are_kept_uncopied_and_payloads_are_bytes(self):
+        # The mux links' TLS layer hands large reads over as read-only views of fresh buffers.
+        first, second = Data(3, b"x" * 60_000), Data(4, b"y" * 10)
+        wire = encode(first) + encode(second)
+        decoder = FrameDecoder()
+        view = memoryview(bytearray(wire[:40_000])).toreadonly()
+        self.assertEqual(decoder.feed(view), [])
+        self.assertIs(decoder._parts[0].obj, view.obj)   # kept as given, not copied
+        frames = decoder.feed(memoryview(wire[40_000:]))
+        self.assertEqual(frames, [first, second])
+        self.assertEqual([type(frame.data) for frame in frames], [bytes, bytes])
+        self.assertEqual((decoder.buffered, decoder._parts), (0, []))
+
+    def test_a_view_of_small_frames_is_parsed_in_place(self):
+        small = [Data(channel, b"r" * 30) for channel in range(1, 2_000)]
+        wire = b"".join(map(encode, small))
+        decoder = FrameDecoder()
+        frames = decoder.feed(memoryview(bytearray(wire[:-7])).toreadonly())
+        self.assertEqual(frames, small[:-1])
+        self.assertEqual({type(frame.data) for frame in frames}, {bytes})
+        self.assertIsInstance(decoder._parts[0].obj, bytes)   # (the tail: of a copy, not of the view)
+        self.assertEqual(decoder.feed(wire[-7:]), small[-1:])
+
     def test_a_trickled_frame_is_held_in_few_pieces(self):
         wire = encode(Data(1, bytes(range(256)) * 256))
         decoder = FrameDecoder()

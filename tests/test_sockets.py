@@ -168,6 +168,32 @@ class EagerWriteTests(unittest.TestCase):
         transport.write(b"queued")
         self.assertEqual(transport._tempDataLen, 6)
 
+    async def test_memoryviews_go_out_and_what_is_left_is_queued_as_bytes(self):
+        # The mux links' TLS layer writes views of its own buffers (and reuses none).
+        transport = self.client.transport
+        self.assertTrue(transport.write.__func__.takes_views)
+        transport.write(memoryview(b"a view"))
+        self.assertEqual(self.drain_peer(6), b"a view")
+        big = bytearray(bytes(range(256)) * 40_000)   # 10 MiB: more than the socket buffers take
+        transport.write(memoryview(big))
+        self.assertGreater(transport._tempDataLen, 0)
+        transport.write(memoryview(b"behind"))        # queued behind, as bytes
+        self.assertTrue(all(type(part) is bytes for part in transport._tempDataBuffer))
+        expected = bytes(big) + b"behind"
+        big[:] = bytes(len(big))                     # what was queued was copied
+        got = []
+        self.peer.setblocking(False)
+        for _ in range(500):
+            await task.deferLater(reactor, 0.01, lambda: None)
+            try:
+                while True:
+                    got.append(self.peer.recv(1 << 20))
+            except BlockingIOError:
+                pass
+            if sum(map(len, got)) >= len(expected):
+                break
+        self.assertEqual(b"".join(got), expected)
+
 
 class _Collect(Protocol):
     def __init__(self) -> None:

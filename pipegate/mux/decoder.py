@@ -41,7 +41,9 @@ class FrameDecoder:
 
     What is not yet a whole frame is kept as views of the reads it came in (not
     copied into a buffer), and each payload is copied once, from those views into
-    the bytes its frame carries: a 64 KiB DATA frame usually spans two reads.
+    the bytes its frame carries: a 64 KiB DATA frame usually spans two reads.  A read
+    given as a read-only memoryview is kept as it is, not copied: whoever made it must
+    not change the buffer under it (the mux links' TLS layer gives a fresh one per read).
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
@@ -70,11 +72,17 @@ class FrameDecoder:
     def _feed(self, data: bytes) -> list[Frame]:
         if not data:
             return []
-        if type(data) is not bytes:
+        if type(data) is not bytes and not (type(data) is memoryview and data.readonly):
             data = bytes(data)  # views are kept: they must not see the caller reuse a buffer
         parts = self._parts
         if not parts:
-            return self._feed_fresh(data)
+            if type(data) is not bytes and (
+                    len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] < _SMALL_READ):
+                # A view that starts with a small frame (many small frames: a link under
+                # request/response load): one copy, and the frames are parsed in place.
+                data = bytes(data)
+            if type(data) is bytes:
+                return self._feed_fresh(data)
         if parts and len(data) < _SMALL_READ and len(parts[-1]) < _SMALL_READ:
             # Small reads are merged (a copy of at most 2 x _SMALL_READ bytes), so a peer
             # trickling a frame a byte per read makes no more than one view per 4 KiB held.
