@@ -315,6 +315,33 @@ async def connect_raw(port, payload: bytes, source: str | None = None) -> RawHTT
     return proto
 
 
+async def read_steadily(sock, chunk: int, every: float, timeout: float) -> tuple[str, bytes]:
+    """
+    Read up to C{chunk} bytes from the non-blocking socket C{sock} every C{every} seconds until
+    it ends: ("eof" or "reset", what was read).  A slow but steady reader.
+    """
+    from twisted.internet import task
+
+    got, ended = bytearray(), []
+
+    def read():
+        try:
+            data = sock.recv(chunk)
+        except BlockingIOError:
+            return
+        except ConnectionResetError:
+            data = None
+        if not data:
+            ended.append("eof" if data is not None else "reset")
+            reading.stop()
+        else:
+            got.extend(data)
+    reading = task.LoopingCall(read)
+    reading.start(every)
+    await eventually(lambda: ended, timeout=timeout)
+    return ended[0], bytes(got)
+
+
 async def raw_request(port, payload: bytes, source: str | None = None) -> bytes:
     """Send raw bytes (ending with a Connection: close request) and read until close."""
     proto = await connect_raw(port, payload, source)

@@ -28,7 +28,7 @@ from pipegate.ports.gateway import GatewayConfig
 from pipegate.ports.services import Service
 from pipegate.ports.udp import Flow, Hold
 from pipegate.tap import gateway as gateway_tap
-from tests.support import eventually
+from tests.support import eventually, read_steadily
 
 from tests.test_ports_e2e import CERT, SECRET, Client, Echo, PortPlane, UDPEcho, free_port
 
@@ -649,25 +649,9 @@ class UnreadAnswer(PortPlane):
         # takes its bytes (pipegate.sockets.Delivery).
         size = 6 << 20
         sock = await self.half_closed_client(size)
-        got, ended = 0, []
-
-        def read():   # every 5 ms, what the 4 KiB buffer holds: never 1 s without a byte
-            nonlocal got
-            try:
-                chunk = sock.recv(65536)
-            except BlockingIOError:
-                return
-            except ConnectionResetError:
-                chunk = None
-            if not chunk:
-                ended.append("eof" if chunk is not None else "reset")
-                reading.stop()
-            else:
-                got += len(chunk)
-        reading = task.LoopingCall(read)
-        reading.start(0.005)
-        await eventually(lambda: ended, timeout=60)
-        self.assertEqual((ended, got), (["eof"], size + 3))   # (the echo service's "bye" too)
+        # every 5 ms, what the 4 KiB buffer holds: never 1 s without a byte
+        ended, got = await read_steadily(sock, 65536, 0.005, timeout=60)
+        self.assertEqual((ended, len(got)), ("eof", size + 3))   # (the echo service's "bye" too)
 
 
 class SmallListeners(PortPlane):

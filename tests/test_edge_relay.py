@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
@@ -25,7 +25,7 @@ from pipegate.http.public import RelaySite
 from pipegate.http.upgrade import BodyEnd, UpgradeError, parse_response_head
 from pipegate.status import StatusAccess
 from tests.support import (
-    SECRET, Loopback, RawApp, connect_raw, eventually, free_port, limited_twistd, raw_request,
+    SECRET, Loopback, RawApp, connect_raw, eventually, free_port, limited_twistd, raw_request, read_steadily,
     split_response,
 )
 from tests.test_processes import child_env, spawn
@@ -513,35 +513,19 @@ class UnreadAnswers(unittest.TestCase):
     async def test_a_refused_upgrade_whose_caller_never_reads(self):
         await self.attack(upgrade_request(b"/big"), lambda stats: stats.get("upgrades", "refused"))
 
-    async def read_steadily(self, head: bytes) -> tuple[str, int]:
+    async def answer_read_steadily(self, head: bytes) -> tuple[str, int]:
         """Send C{head}, then read 4 KiB every 50 ms (about 80 KB/s: never 1 s without a byte)
         until the end: (how it ended, the body's length)."""
         relay, budget, sock = await self.caller(head)
-        got, ended = bytearray(), []
-
-        def read():
-            try:
-                chunk = sock.recv(4096)
-            except BlockingIOError:
-                return
-            except ConnectionResetError:
-                chunk = None
-            if not chunk:
-                ended.append("eof" if chunk is not None else "reset")
-                reading.stop()
-            else:
-                got.extend(chunk)
-        reading = task.LoopingCall(read)
-        reading.start(0.05)
-        await eventually(lambda: ended, timeout=20)
-        return ended[0], len(bytes(got).partition(b"\r\n\r\n")[2])
+        ended, got = await read_steadily(sock, 4096, 0.05, timeout=20)
+        return ended, len(got.partition(b"\r\n\r\n")[2])
 
     async def test_a_slow_but_steady_reader_gets_the_whole_answer(self):
         # The idle timeout that cuts a caller who never reads moves on while the caller takes
         # its answer (pipegate.sockets.Delivery): the review found these cut mid-answer.
         for head in (b"GET /t1/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                      b"GET /t1/big HTTP/1.0\r\nHost: x\r\n\r\n", upgrade_request(b"/big")):
-            self.assertEqual(await self.read_steadily(head), ("eof", BigAnswer.size), head)
+            self.assertEqual(await self.answer_read_steadily(head), ("eof", BigAnswer.size), head)
 
 
 # -- child processes under a lowered RLIMIT_NOFILE
