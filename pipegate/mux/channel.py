@@ -211,8 +211,10 @@ class StreamChannel(Protocol):
             self._finished()
             if timer is not None:
                 timer.touch()
-                self._idle_timer, self._delivery = timer, Delivery(self.transport)
+                self._idle_timer = timer
             close_now(self.transport)   # (at once when nothing is queued: after _finished, as before)
+            if self._idle_timer is not None:   # (still open, flushing: not closed by close_now)
+                self._delivery = Delivery(self.transport)
 
     def link_paused(self) -> None:
         self._update_reading()
