@@ -31,6 +31,7 @@ from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
 from pipegate._compat import (
     flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, write_closed)
+from pipegate.timers import IdleTimer
 
 
 def socket_transport(transport):
@@ -301,23 +302,38 @@ def bytes_acked(transport) -> int | None:
     return struct.unpack_from("=Q", info, _BYTES_ACKED)[0] if len(info) == _TCP_INFO_SIZE else None
 
 
-class Delivery:
+class UnreadAbort:
     """
-    Whether the peer of a connection that is closing behind queued bytes still takes them:
-    the bytes it acknowledged grew since the last look.  A timeout that cuts a caller who
-    never reads its answer then spares one who reads it slowly but steadily; one who
-    stopped reading (its receive buffer full: nothing more is acknowledged) is cut.
+    Aborts C{transport}, which is closing behind bytes queued for its peer, once C{seconds}
+    pass in which the peer took none of them (the bytes it acknowledged did not grow): a
+    caller who never reads its answer is cut, one who reads it slowly but steadily is not.
+    Twisted's loseConnection alone waits for the flush for ever.  C{on_abort()} is called
+    just before (to log it); L{cancel} when the connection is gone.  C{seconds} 0: never.
     """
 
-    def __init__(self, transport) -> None:
+    def __init__(self, clock, seconds: float, transport, on_abort=lambda: None) -> None:
         self.transport = transport
+        self.on_abort = on_abort
         self._acked = bytes_acked(transport)
+        self._timer = IdleTimer(clock, seconds, self._expired)
 
-    def moved(self) -> bool:
+    def _expired(self) -> None:
         acked = bytes_acked(self.transport)
-        moved = acked is not None and acked != self._acked
-        self._acked = acked
-        return moved
+        if acked is not None and acked != self._acked:   # still taking it, slowly: wait on
+            self._acked = acked
+            self._timer = IdleTimer(self._timer.clock, self._timer.seconds, self._expired)
+            return
+        self.on_abort()
+        self.transport.abortConnection()
+
+    def touch(self) -> None:
+        self._timer.touch()   # (as an IdleTimer: what holds one may touch it on traffic)
+
+    def active(self) -> bool:
+        return self._timer.active()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def stream_endpoint(reactor, host: str, port: int, timeout: float):

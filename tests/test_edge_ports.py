@@ -646,7 +646,7 @@ class UnreadAnswer(PortPlane):
 
     async def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_echo(self):
         # The review found these cut mid-answer: the timer now moves on while the client
-        # takes its bytes (pipegate.sockets.Delivery).
+        # takes its bytes (pipegate.sockets.UnreadAbort).
         size = 6 << 20
         sock = await self.half_closed_client(size)
         # every 5 ms, what the 4 KiB buffer holds: never 1 s without a byte

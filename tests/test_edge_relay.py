@@ -522,7 +522,7 @@ class UnreadAnswers(unittest.TestCase):
 
     async def test_a_slow_but_steady_reader_gets_the_whole_answer(self):
         # The idle timeout that cuts a caller who never reads moves on while the caller takes
-        # its answer (pipegate.sockets.Delivery): the review found these cut mid-answer.
+        # its answer (pipegate.sockets.UnreadAbort): the review found these cut mid-answer.
         for head in (b"GET /t1/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                      b"GET /t1/big HTTP/1.0\r\nHost: x\r\n\r\n", upgrade_request(b"/big")):
             self.assertEqual(await self.answer_read_steadily(head), ("eof", BigAnswer.size), head)

@@ -31,7 +31,7 @@ from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
-from pipegate.sockets import Delivery, eager_writes, plain_writes
+from pipegate.sockets import UnreadAbort, eager_writes, plain_writes
 from pipegate.timers import IdleTimer, cancel
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
@@ -252,7 +252,7 @@ class RelayChannel(http.HTTPChannel):
     _pg_idle: IdleTimer | None = None
     _pg_idle_on = False
     _pg_idle_period = None   # the idle timeout to restore once a head that may take over is done
-    _pg_closing = False      # the last answer is done, the connection closes once the caller has it
+    _pg_unread: UnreadAbort | None = None   # the last answer is done: the connection closes behind it
 
     def setTimeout(self, period):
         """
@@ -276,7 +276,7 @@ class RelayChannel(http.HTTPChannel):
         return prev
 
     def resetTimeout(self):
-        if self._pg_idle_on and not self._pg_closing:
+        if self._pg_idle_on:
             self._pg_idle.touch()
 
     def _pg_idle_expired(self):
@@ -361,10 +361,8 @@ class RelayChannel(http.HTTPChannel):
         elif not self.persistent and self.transport is not None and self.site.timeOut:
             # The connection closes after this answer; twisted.web's loseConnection waits until
             # the caller has read all of it, and one that never reads would hold it (its fd, its
-            # cap units) for ever.  The idle timeout runs again from the answer's end, moved on
-            # only while the caller takes the answer (Delivery), not by what it sends.
-            self._pg_closing, self._pg_delivery = True, Delivery(self.transport)
-            self.setTimeout(self.site.timeOut)
+            # cap units) for ever.  The idle timeout (suspended for the request) stays off.
+            self._pg_unread = UnreadAbort(self.site.reactor, self.site.timeOut, self.transport, self._pg_unread_log)
         super().requestDone(request)
 
     def rawDataReceived(self, data):
@@ -429,16 +427,12 @@ class RelayChannel(http.HTTPChannel):
         # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
         # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
         # leaves the reactor dirty if it changes.)
-        if self._pg_closing and self.transport is not None and self._pg_delivery.moved():
-            self.setTimeout(self.timeOut)   # still taking its answer, slowly: wait on
-        elif self._pg_closing and self.transport is not None:
-            # Closing already (requestDone), and the caller has taken nothing of its answer's
-            # end within the idle timeout: no further grace (twisted.web's abortTimeout).
-            self.log.info("{peer} did not read its answer within {seconds:g} s of its end; closing",
-                          peer=str(self.transport.getPeer()), seconds=self.timeOut)
-            self.transport.abortConnection()
-        elif not _compat.abort_pending(self):
+        if not _compat.abort_pending(self):
             super().timeoutConnection()
+
+    def _pg_unread_log(self):
+        self.log.info("{peer} did not read its answer within {seconds:g} s of its end; closing",
+                      peer=str(self.transport.getPeer()), seconds=self.site.timeOut)
 
     def _pg_cancel_head_timer(self):
         timer, self._pg_head_timer = self._pg_head_timer, None
@@ -451,6 +445,7 @@ class RelayChannel(http.HTTPChannel):
         self._pg_cancel_head_timer()
         super().connectionLost(reason)
         self._pg_idle = cancel(self._pg_idle)
+        self._pg_unread = cancel(self._pg_unread)
 
     def allHeadersReceived(self):
         self._pg_in_head = False

@@ -35,8 +35,8 @@ from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.streams import RelayStream, plain
-from pipegate.sockets import Delivery
-from pipegate.timers import IdleTimer, cancel
+from pipegate.sockets import UnreadAbort
+from pipegate.timers import cancel
 
 
 # A caller's key is parsed once, not on every request of its connections.
@@ -303,17 +303,11 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         # would hold, with the connection, for ever.  It is aborted an idle timeout later.
         relay = self.factory.relay
         if relay.config.idle_timeout and self.transport is not None and self._unread is None:
-            self._unread = IdleTimer(relay.clock, relay.config.idle_timeout, self._abort_unread)
-            self._delivery = Delivery(self.transport)
+            self._unread = UnreadAbort(relay.clock, relay.config.idle_timeout, self.transport, self._unread_log)
 
-    def _abort_unread(self) -> None:
-        timer, self._unread = self._unread, None
-        if self.transport is not None and self._delivery.moved():   # reading, slowly: wait on
-            self._unread = IdleTimer(timer.clock, timer.seconds, self._abort_unread)
-        elif self.transport is not None:
-            self._log.info("refused login: the caller did not read the refusal within {seconds:g} s; closing",
-                           seconds=self.factory.relay.config.idle_timeout)
-            self.transport.abortConnection()
+    def _unread_log(self) -> None:
+        self._log.info("refused login: the caller did not read the refusal within {seconds:g} s; closing",
+                       seconds=self.factory.relay.config.idle_timeout)
 
     def connectionLost(self, reason):
         self._unread = cancel(self._unread)

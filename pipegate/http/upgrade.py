@@ -30,7 +30,7 @@ from twisted.protocols.policies import ProtocolWrapper
 
 from pipegate.http import frames
 from pipegate.http.pipe import FrameSink, StreamPipe
-from pipegate.sockets import Delivery
+from pipegate.sockets import UnreadAbort
 from pipegate.timers import IdleTimer, cancel
 
 #: The longest response head the relay waits for from the local app (then 502).
@@ -381,21 +381,15 @@ class UpgradePipe(StreamPipe):
         if self.transport is None:
             return
         self._cancel_idle()
-        self._idle = IdleTimer(self.clock, self.idle_timeout, self._unread)
-        self._delivery = Delivery(self.transport)
+        self._idle = UnreadAbort(self.clock, self.idle_timeout, self.transport, self._unread)
         # A streaming producer still registered (this pipe) would keep the connection open
         # once its queue drained: Twisted then resumes the producer instead of closing.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _unread(self) -> None:
-        self._idle = None
-        if self.transport is not None and self._delivery.moved():   # reading, slowly: wait on
-            self._idle = IdleTimer(self.clock, self.idle_timeout, self._unread)
-        elif self.transport is not None:
-            self.log.info("passthrough caller did not read its answer within {seconds:g} s of the close; "
-                          "closing", seconds=self.idle_timeout)
-            self.transport.abortConnection()
+        self.log.info("passthrough caller did not read its answer within {seconds:g} s of the close; "
+                      "closing", seconds=self.idle_timeout)
 
     def _cancel_idle(self) -> None:
         self._idle = cancel(self._idle)

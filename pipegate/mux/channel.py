@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pipegate.core.window import Flow, GrowthBudget
 from pipegate.mux import frames
-from pipegate.sockets import Delivery, close_now, close_write, plain_writes, stream_socket
+from pipegate.sockets import UnreadAbort, close_now, close_write, plain_writes, stream_socket
 from pipegate.timers import IdleTimer, cancel
 
 
@@ -54,7 +54,7 @@ class StreamChannel(Protocol):
     done = False
     on_done = None
     _idle_timer = None
-    _delivery = None   # (a finished channel's, while its socket flushes: pipegate.sockets.Delivery)
+    _unread = None   # a finished channel's, while its socket flushes (pipegate.sockets.UnreadAbort)
     _paused = False   # whether this channel paused its socket's reading
 
     def __init__(self, window: int, max_window: int = 0, budget: GrowthBudget | None = None) -> None:
@@ -69,11 +69,7 @@ class StreamChannel(Protocol):
             self._idle_timer = IdleTimer(clock, seconds, self._idle)
 
     def _idle(self) -> None:
-        timer, self._idle_timer = self._idle_timer, None
-        if self.done and self._delivery is not None and self._delivery.moved():
-            # Finished, and its socket still flushes to a peer that takes the bytes, slowly.
-            self._idle_timer = IdleTimer(timer.clock, timer.seconds, self._idle)
-            return
+        self._idle_timer = None
         if not self.done and self.link is not None:
             self.link.send(frames.Reset(self.channel_id, "idle timeout"))
         self.abort()
@@ -155,7 +151,7 @@ class StreamChannel(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         plain_writes(self.transport)
-        self._idle_timer = cancel(self._idle_timer)   # (a finished channel's, while its socket flushed)
+        self._unread = cancel(self._unread)
         if not self.done:
             self.done = True
             if self.link is not None:
@@ -201,20 +197,14 @@ class StreamChannel(Protocol):
             self.done = True
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
-            # The idle timer outlives the channel while its socket flushes what is queued:
-            # a peer that never reads would otherwise hold the connection (its fd, and at a
-            # gate its unit of the per-IP and total caps) for ever, since loseConnection
-            # waits for the flush.  It aborts the socket an idle timeout after the close, or
-            # after the first idle timeout in which the peer took nothing (L{Delivery});
-            # connectionLost cancels it (at once when close_now closes at once).
-            timer, self._idle_timer = self._idle_timer, None
+            timer = self._idle_timer
             self._finished()
-            if timer is not None:
-                timer.touch()
-                self._idle_timer = timer
             close_now(self.transport)   # (at once when nothing is queued: after _finished, as before)
-            if self._idle_timer is not None:   # (still open, flushing: not closed by close_now)
-                self._delivery = Delivery(self.transport)
+            if timer is not None and self.transport.connected:
+                # Still flushing: a peer that never reads would hold the connection (its fd, and
+                # at a gate its unit of the per-IP and total caps) for ever, since loseConnection
+                # waits for the flush.  Aborted after an idle timeout in which it took nothing.
+                self._unread = UnreadAbort(timer.clock, timer.seconds, self.transport)
 
     def link_paused(self) -> None:
         self._update_reading()
