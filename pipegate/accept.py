@@ -92,7 +92,8 @@ class ConnectionGate(WrappingFactory):
     @param per_source: False for a listener whose peers are proxies (C{haproxy:}): the peer at
         accept is not the caller, so only C{budget}'s total applies to its connections.
     @param rate: new connections per source IP over time (L{SourceRate}), checked once the
-        caps on connections held at once let one in; None: no limit.
+        caps on connections held at once let one in; None: no limit.  Sources C{budget}
+        exempts (trusted proxies) are exempt from it too.
     """
 
     protocol = _Gated
@@ -120,7 +121,8 @@ class ConnectionGate(WrappingFactory):
         key = source if source is not None and self.per_source else object()
         rate = self.rate
         cap = self.budget.acquire(key)
-        if cap is None and rate is not None and key is source and not rate.allow(source, self.clock.seconds()):
+        if (cap is None and rate is not None and key is source and source not in self.budget.exempt
+                and not rate.allow(source, self.clock.seconds())):
             self.budget.release(key)
             cap = RATE
         if cap is not None:

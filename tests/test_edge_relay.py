@@ -577,7 +577,7 @@ class RelayProcess(unittest.TestCase):
         self.start()
         await self.up()
         out = self.child.output.decode()
-        self.assertIn("public connections capped at 16 per IP (0 = none) and 64 in total", out)
+        self.assertIn("public connections capped at 16 per IP (0 = none) and 64 in total; new ones at 50 a second", out)
         protos = await self.flood(300)
         await eventually(lambda: b"connection refused" in self.child.output, timeout=20)
         for _ in range(5):
@@ -588,6 +588,26 @@ class RelayProcess(unittest.TestCase):
         self.assertEqual(self.child.output.count(b"connection refused"), 1)
         self.assertNotIn(b"Unhandled", self.child.output)
         self.assertNotIn(b"Traceback", self.child.output)
+
+    async def test_one_ip_opening_and_closing_connections_is_rate_limited(self):
+        # The per-IP cap bounds connections held at once; one address that opens and closes
+        # them one after another (on https, a TLS handshake each) meets --conn-rate-per-ip.
+        self.start("--conn-rate-per-ip", "0.5", "--max-connections-per-ip", "5")
+        await self.up()
+        self.assertIn(b"new ones at 0.5 a second per IP", self.child.output)
+        for _ in range(20):
+            proto = await connect_raw(self.port, b"", ATTACKER)
+            await deferLater(0.02)
+            proto.transport.abortConnection()
+        await eventually(lambda: b"rate cap" in self.child.output)
+        refused = await self.metric('pipegate_connections_refused_total{cap="rate"}')
+        count = int(float(refused.split()[-1]))
+        self.assertGreaterEqual(count, 12)   # the burst of 5 at most, and what 0.5/s refilled
+        self.assertLessEqual(count, 15)      # the burst always gets in
+        self.assertIn(b"0.5 new connections a second (bursts of 5)", self.child.output)
+        self.assertEqual(self.child.output.count(b"rate cap"), 1)
+        for _ in range(3):                   # everyone else still gets in
+            self.assertIn(b" 200 ", await self.healthz())
 
     async def test_emfile_pauses_accepting_and_the_listener_survives(self):
         self.start("--max-connections", "10000", "--max-connections-per-ip", "10000")

@@ -133,6 +133,41 @@ class GateWithoutPerSource(unittest.TestCase):
         self.assertIsNone(proxied.buildProtocol(proxy))
         self.assertEqual(budget.refused, {PER_SOURCE: 1, TOTAL: 1})
 
+    def test_new_connections_per_ip_are_rated_and_a_trusted_proxy_is_exempt(self):
+        # --conn-rate-per-ip: one address opening and closing connections one after another
+        # (each a TLS handshake) is held to the rate; a --trusted-proxy peer carries many
+        # callers and is exempt, as it is from the per-IP cap.
+        from pipegate.core.budget import RATE
+
+        clock = Clock()
+        options = server_tap.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": "s" * 32, "PIPEGATE_CONN_RATE_PER_IP": "2"}
+        options.parseOptions(["--trusted-proxy", "127.0.0.9"])
+        rate = server_tap.connection_rate(options, per_ip=3)
+        self.assertEqual((rate.rate, rate.burst), (2, 3))
+        budget = Budget(per_source=3, total=100, exempt=server_tap._TrustedPeers(options["trusted-proxies"]))
+        refused = []
+        gate = ConnectionGate(Factory.forProtocol(Protocol), budget, clock, rate=rate, on_refused=refused.append)
+
+        def churn(host: str) -> int:
+            accepted = 0
+            for port in range(10):   # each closed before the next one opens
+                protocol = gate.buildProtocol(IPv4Address("TCP", host, port))
+                if protocol is not None:
+                    accepted += 1
+                    protocol.makeConnection(StringTransport())
+                    protocol.connectionLost(Failure(ConnectionDone()))
+            return accepted
+
+        self.assertEqual(churn("127.0.0.8"), 3)           # the burst
+        self.assertEqual(refused, [RATE] * 7)
+        clock.advance(1)
+        self.assertEqual(churn("127.0.0.8"), 2)           # what one second refilled
+        self.assertEqual(churn("127.0.0.9"), 10)          # the trusted proxy
+        self.assertEqual(churn("127.0.0.10"), 3)          # another address has its own bucket
+        options.parseOptions(["--conn-rate-per-ip", "0"])
+        self.assertIsNone(server_tap.connection_rate(options, per_ip=3))
+
 
 class RevocationPolling(unittest.TestCase):
     def test_a_failing_apply_does_not_stop_the_polling(self):

@@ -19,7 +19,7 @@ from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
-from pipegate.core.budget import Budget
+from pipegate.core.budget import Budget, SourceRate
 from pipegate.fdlimit import default_caps, raise_nofile
 
 
@@ -89,6 +89,9 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
         ["max-connections-per-ip", None, "0", "Public connections open at once from one IP (--trusted-proxy "
                                               "peers are exempt); 0 = derived from the fd budget.",
          non_negative_int],
+        ["conn-rate-per-ip", None, "50", "New public connections a second from one IP (--trusted-proxy peers are "
+                                         "exempt), in bursts of --max-connections-per-ip; 0 = no limit.",
+         non_negative_float],
         ["backlog", None, "1024", "Listen backlog of the public listener when its endpoint string names none "
                                   "(tcp:, ssl:, unix:).", positive_int],
         ["status-token", None, None, "Bearer token that /status on --metrics requires; without it /status "
@@ -209,6 +212,16 @@ def connection_caps(options: Options, usable: int) -> tuple[int, int]:
     return options["max-connections-per-ip"] or max(1, min(256, total // 4)), total
 
 
+def connection_rate(options: Options, per_ip: int) -> SourceRate | None:
+    """
+    New public connections per IP over time (C{--conn-rate-per-ip}), in bursts of the per-IP
+    cap in force: what that cap cannot stop is one address opening and closing connections
+    one after another, each a TLS handshake (about a millisecond of CPU) on an https listener.
+    """
+    rate = options["conn-rate-per-ip"]
+    return SourceRate(rate, per_ip) if rate else None
+
+
 def behind_proxy(description: str) -> bool:
     """
     True for a C{haproxy:} listener: at accept the peer is the proxy and the caller is known
@@ -227,9 +240,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
         usable -= min(usable // 2, options["mux-max-peers"])
     per_ip, total = connection_caps(options, usable)
+    rate = connection_rate(options, per_ip)
     log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
-             "at {per_ip} per IP (0 = none) and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
-             per_ip=per_ip, total=total)
+             "at {per_ip} per IP (0 = none) and {total} in total; new ones at {rate:g} a second per IP "
+             "(0 = no limit)", soft=fds.soft, before=fds.before, hard=fds.hard, per_ip=per_ip, total=total,
+             rate=options["conn-rate-per-ip"])
     relay = Relay(relay_config(options), reactor)
     reloads = []
     if options.get("revocations") is not None:
@@ -267,7 +282,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     ReloadOnSignal(reload_all if reloads else nothing_to_reload, reactor).setServiceParent(top)
     budget = Budget(per_source=per_ip, total=total, exempt=_TrustedPeers(options["trusted-proxies"]))
     factory = ConnectionGate(factory, budget, reactor, what="relay", per_source=not behind_proxy(options["listen"]),
-                             on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
+                             rate=rate, on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
     guard = EmfileGuard(reactor, on_pause=lambda: relay.stats.inc("connections_refused", "emfile"))
     guard.setServiceParent(top)
     # Added last so that it stops first: no new connections while the relay drains.
@@ -278,7 +293,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         # guard and backlog: one caller's connections count once, whichever port.
         def https_listener(description: str, https_factory):
             gated = ConnectionGate(https_factory, budget, reactor, what="relay https",
-                                   per_source=not behind_proxy(description),
+                                   per_source=not behind_proxy(description), rate=rate,
                                    on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
             return guarded_listener(description, gated, reactor, backlog=options["backlog"], guard=guard)
         acme.add_services(top, relay, reactor, https_listener)
