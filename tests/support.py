@@ -27,7 +27,7 @@ from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactor, StringTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
 from twisted.trial import unittest
@@ -554,6 +554,62 @@ def debian_tool(testcase, name: str, path: str | None = None) -> str:
         where = f" ({path})" if path else ""
         raise unittest.SkipTest(f"{name} is not installed{where}")
     return found
+
+
+def accepts(port: int) -> bool:
+    """True once something accepts TCP connections on 127.0.0.1:C{port}."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class PeerProcess(ProcessProtocol):
+    """A real peer (HAProxy, nginx, redis-server) run by a test: its output, and its end."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended = defer.Deferred()
+        self.done = False
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.done = True
+        self.ended.callback(None)
+
+
+async def start_peer(case: unittest.TestCase, argv: list[str], ports) -> PeerProcess:
+    """
+    Run C{argv} in the foreground until C{case} ends (TERM, then KILL after 5 s); return once
+    it accepts on every port of C{ports} on 127.0.0.1, or fail the test with its output.
+    """
+    process = PeerProcess()
+    name = os.path.basename(argv[0])
+    reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ))
+    case.addCleanup(stop_peer, process)
+    waited = 0.0
+    while not all(accepts(port) for port in ports):
+        if process.done:
+            case.fail(f"{name} exited: {process.output.decode(errors='replace')}")
+        if waited > 10:
+            case.fail(f"{name} did not listen within 10 s: {process.output.decode(errors='replace')}")
+        await task.deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+    return process
+
+
+async def stop_peer(process: PeerProcess) -> None:
+    if not process.done:
+        process.transport.signalProcess("TERM")
+        killer = reactor.callLater(5, lambda: process.done or process.transport.signalProcess("KILL"))
+        await process.ended
+        if killer.active():
+            killer.cancel()
 
 
 def shuttle(client, client_transport, server, server_transport, clock=None) -> None:

@@ -13,13 +13,13 @@ import shutil
 import socket
 import sys
 
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from pipegate.ports import proxyprotocol as pp
-from tests.support import behind_proxy_listener, debian_tool
+from tests.support import PeerProcess, behind_proxy_listener, debian_tool, start_peer
 from tests.test_ports_e2e import free_ports
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -193,54 +193,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-class HAProxyProcess(ProcessProtocol):
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended = defer.Deferred()
-        self.done = False
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.done = True
-        self.ended.callback(None)
-
-
-async def start_haproxy(case: unittest.TestCase, path: str, config: str, ports) -> HAProxyProcess:
+async def start_haproxy(case: unittest.TestCase, path: str, config: str, ports) -> PeerProcess:
     """Run C{haproxy -f config} until C{case} ends; return once it accepts on every port."""
-    process = HAProxyProcess()
-    reactor.spawnProcess(process, path, [path, "-f", config, "-db"], env=dict(os.environ))
-    case.addCleanup(stop_haproxy, process)
-    waited = 0.0
-    while not all(accepts(port) for port in ports):
-        if process.done:
-            case.fail(f"haproxy exited: {process.output.decode(errors='replace')}")
-        if waited > 10:
-            case.fail(f"haproxy did not listen within 10 s: {process.output.decode(errors='replace')}")
-        await task.deferLater(reactor, 0.05, lambda: None)
-        waited += 0.05
-    return process
-
-
-async def stop_haproxy(process: HAProxyProcess) -> None:
-    if not process.done:
-        process.transport.signalProcess("TERM")
-        killer = reactor.callLater(5, lambda: process.done or process.transport.signalProcess("KILL"))
-        await process.ended
-        if killer.active():
-            killer.cancel()
+    return await start_peer(case, [path, "-f", config, "-db"], ports)
 
 
 class HeaderReader(Protocol):
