@@ -38,6 +38,7 @@ class ProviderLink:
         self.sent: list = []
         self.config = LinkConfig(secret=b"s" * 32, role=frames.ROLE_GATEWAY, max_channels=max_channels)
         self.next_channel = 1
+        self._held: dict = {}
         self.failed: str | None = None
 
     def __repr__(self) -> str:
@@ -46,8 +47,8 @@ class ProviderLink:
     def send(self, frame) -> None:
         self.sent.append(frame)
 
-    # The channel table is MuxLink's own (its methods read only channels, closed, config
-    # and next_channel), not a copy of it.
+    # The channel table is MuxLink's own (its methods read only channels, closed, config,
+    # next_channel and _held), not a copy of it.
     allocate_channel = MuxLink.allocate_channel
     reserve_channel = MuxLink.reserve_channel
     bind_channel = MuxLink.bind_channel

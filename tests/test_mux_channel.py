@@ -28,6 +28,7 @@ class RecordingLink:
     def __init__(self) -> None:
         self.clock = Clock()
         self.sent: list = []
+        self.held: list = []
 
     def send(self, frame) -> None:
         self.sent.append(frame)
@@ -37,6 +38,9 @@ class RecordingLink:
 
     def release_channel(self, channel_id: int, holder=None) -> bool:
         pass
+
+    def hold(self, channel) -> None:
+        self.held.append(channel)
 
     def credit(self) -> int:
         granted = sum(f.increment for f in self.sent if isinstance(f, frames.Window))
@@ -196,11 +200,15 @@ class ChannelReading(unittest.TestCase):
         self.channel.frame_received(frames.Window(1, WINDOW))
         self.assertEqual((self.transport.producerState, self.transport.calls), ("producing", 2))
 
-    def test_paused_with_the_link(self):
+    def test_paused_with_the_link_when_it_next_reads(self):
+        # A paused link does not touch a channel's socket: the channel stops reading when it
+        # reads while the link is paused, and asks the link to resume it.
         self.link.paused = True
-        self.channel.link_paused()
-        self.channel.link_paused()
+        self.assertEqual((self.transport.producerState, self.transport.calls), ("producing", 0))
+        self.channel.dataReceived(b"one read")
         self.assertEqual((self.transport.producerState, self.transport.calls), ("paused", 1))
+        self.assertEqual(self.link.held, [self.channel])
+        self.assertEqual(self.link.sent[-1], frames.Data(1, b"one read"))   # what it read goes on
         self.link.paused = False
         self.channel.link_resumed()
         self.channel.link_resumed()

@@ -127,7 +127,10 @@ class StreamChannel(Protocol):
         # nothing, on every attach and every WINDOW.
         if self.transport is None or self.done:
             return
-        if self.flow.send.blocked or self.link is None or self.link.paused:
+        link = self.link
+        if self.flow.send.blocked or link is None or link.paused:
+            if link is not None and link.paused:
+                link.hold(self)   # resumed by link_resumed
             if not self._paused:
                 self._paused = True
                 self.transport.pauseProducing()
@@ -205,9 +208,6 @@ class StreamChannel(Protocol):
                 # at a gate its unit of the per-IP and total caps) for ever, since loseConnection
                 # waits for the flush.  Aborted after an idle timeout in which it took nothing.
                 self._unread = UnreadAbort(timer.clock, timer.seconds, self.transport)
-
-    def link_paused(self) -> None:
-        self._update_reading()
 
     def link_resumed(self) -> None:
         self._update_reading()
