@@ -112,8 +112,8 @@ class Topology:
             self.mux, self.gate = free_port(), free_port()
             self.add("gateway", ["pipegate-gateway", "--mux", f"tcp:{self.mux}:interface=127.0.0.1",
                                  "--listen", "127.0.0.1",
-                                 # every client is 127.0.0.1: no per-IP caps (the totals still apply)
-                                 "--max-conns-per-ip", "0", "--max-flows-per-ip", "0"], lambda: wait_port(self.mux))
+                                 # every client is 127.0.0.1: no per-IP caps or rate (the totals still apply)
+                                 "--max-conns-per-ip", "0", "--conn-rate-per-ip", "0", "--max-flows-per-ip", "0"], lambda: wait_port(self.mux))
             services = json.dumps([{"gatePort": self.gate, "serviceHost": "127.0.0.1",
                                     "servicePort": echo["tcp"], "protocol": "tcp"}])
             self.add("provider", ["pipegate-provider", "--services", services,

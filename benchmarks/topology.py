@@ -171,8 +171,8 @@ class PortPlane:
         self.gate = free_port()
         gateway = procs.twistd("gateway", "pipegate-gateway",
                                ["--mux", f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1",
-                                # every client is 127.0.0.1: no per-IP caps (the totals still apply)
-                                "--max-conns-per-ip", "0", "--max-flows-per-ip", "0"], env)
+                                # every client is 127.0.0.1: no per-IP caps or rate (the totals still apply)
+                                "--max-conns-per-ip", "0", "--conn-rate-per-ip", "0", "--max-flows-per-ip", "0"], env)
         wait_listening(mux, "tcp", procs=procs)
         services = json.dumps([
             {"gatePort": self.gate, "serviceHost": "127.0.0.1", "servicePort": self.backend_tcp, "protocol": "tcp"},

@@ -88,6 +88,23 @@ class TCPGateCaps(PortPlane):
         await eventually(lambda: self.gw.tcp_budget.held("127.0.0.2") == 4)
         self.assertEqual(await self.echo_from("127.0.0.2"), b"pingbye")
 
+    async def test_one_ip_opening_and_closing_connections_is_rate_limited(self):
+        # The per-IP cap bounds connections held at once, not an address that opens one,
+        # sends a byte and closes, over and over: each costs the gateway and the provider a
+        # channel and a connection to the service.  --conn-rate-per-ip bounds that.
+        await self.serve(tcp_per_source=5, tcp_total=100, tcp_rate_per_source=1)
+        echoed = 0
+        for _ in range(20):
+            echoed += await self.echo_from("127.0.0.2") == b"pingbye"
+        self.assertLessEqual(echoed, 6)          # the burst of 5, and what 1/s refilled meanwhile
+        self.assertGreaterEqual(echoed, 5)
+        self.assertEqual(self.gw.stats.get("cap_refusals", "tcp-rate"), 20 - echoed)
+        lines = [formatEvent(e) for e in self.events if "new connection refused" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("rate cap of 1 new connections a second (bursts of 5) reached", lines[0])
+        self.assertEqual(self.gw.tcp_budget.held("127.0.0.2"), 0)   # a refusal gives its unit back
+        self.assertEqual(await self.echo_from("127.0.0.3"), b"pingbye")   # everyone else still gets in
+
     async def test_total_cap_spread_over_many_ips(self):
         await self.serve(tcp_per_source=3, tcp_total=8)
         held = []
@@ -553,6 +570,8 @@ class Options(unittest.SynchronousTestCase):
         options = self.parse("--max-conns-per-ip", "0", "--max-conns", "50")
         caps = gateway_tap.gate_caps(options, FdBudget(before=1024, soft=1024, hard=1024))
         self.assertEqual((caps["max-conns-per-ip"], caps["max-conns"]), (0, 50))
+        self.assertEqual((self.parse()["conn-rate-per-ip"], self.parse("--conn-rate-per-ip", "0")["conn-rate-per-ip"]),
+                         (100, 0))
         with self.assertRaises(usage.UsageError):
             self.parse("--max-flows", "-1")
 

@@ -182,10 +182,11 @@ class EdgeProcesses(unittest.TestCase):
         self.assert_clean()
 
     async def test_a_gateway_out_of_fds_pauses_accepting_and_resumes(self):
-        # No caps (0) and 256 descriptors: a flood of idle connections runs the gateway into
+        # No caps or rate (0) and 256 descriptors: a flood of idle connections runs the gateway into
         # EMFILE.  The gate stays open: accepting pauses (the kernel's queue holds new
         # connections) and resumes once descriptors are free again.
-        await self.start("1024:1024", "256:256", gateway_args=("--max-conns", "0", "--max-conns-per-ip", "0"))
+        await self.start("1024:1024", "256:256", gateway_args=("--max-conns", "0", "--max-conns-per-ip", "0",
+                                                                      "--conn-rate-per-ip", "0"))
         clients = await self.tcp_flood(400, ["127.0.0.2", "127.0.0.3"])
         await eventually(lambda: b"accepting paused" in self.gateway.output, timeout=30)
         for client in clients:

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 
-from pipegate.core.budget import Budget, source_key
+from pipegate.core.budget import RATE, Budget, SourceRate, source_key
 from pipegate.core.window import GrowthBudget
 from pipegate.core.policy import Decision
 from pipegate.mux.channel import StreamChannel
@@ -34,6 +34,7 @@ class GateOwner(TypingProtocol):
     stats: Stats
     window_budget: GrowthBudget
     tcp_budget: Budget
+    tcp_rate: SourceRate | None
     udp_budget: Budget
     tcp_clients: set
     udp_flows: collections.OrderedDict
@@ -71,6 +72,12 @@ class GateFactory(Factory):
             return None
         source = source_key(addr.host)   # an IPv6 client by its /64
         refused = gateway.tcp_budget.acquire(source)
+        rate = gateway.tcp_rate
+        if refused is None and rate is not None and not rate.allow(source, gateway.clock.seconds()):
+            # One address opening and closing connections one after another: each costs the
+            # gateway and the provider a channel and a connection to the service.
+            gateway.tcp_budget.release(source)
+            refused = RATE
         if refused is not None:
             gateway.refused("tcp", refused, self.key[0])
             return None

@@ -15,7 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from pipegate._compat import lean_dispatch
-from pipegate.core.budget import TOTAL, Budget, LogThrottle
+from pipegate.core.budget import RATE, TOTAL, Budget, LogThrottle, SourceRate
 from pipegate.core.routes import Attempt, RouteTable
 from pipegate.drain import Drainer
 from pipegate.stats import Stats
@@ -70,6 +70,7 @@ class GatewayConfig:
     # Connection and flow caps (0 = none); pipegate.tap.gateway sizes them from the fd budget.
     tcp_per_source: int = 256        # TCP connections one client IP holds, all gates together
     tcp_total: int = 4096            # TCP connections all clients hold
+    tcp_rate_per_source: float = 0   # new TCP connections a second per client IP, bursts of tcp_per_source; 0 = none
     udp_per_source: int = 256        # UDP flows one client IP holds, all gates together
     udp_total: int = 16384           # UDP flows in the table; a full table evicts its longest-idle flow
     gate_backlog: int = 1024         # listen() backlog of TCP gates
@@ -180,6 +181,8 @@ class Gateway(service.Service, Drainer):
         self.stats = Stats()
         self.draining = False
         self.tcp_budget = Budget(config.tcp_per_source, config.tcp_total)
+        self.tcp_rate = (SourceRate(config.tcp_rate_per_source, config.tcp_per_source or 100)
+                         if config.tcp_rate_per_source else None)
         self.udp_budget = Budget(config.udp_per_source, config.udp_total)
         # Every UDP flow, least recently used first: a full table evicts from the front.
         self.udp_flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
@@ -206,7 +209,10 @@ class Gateway(service.Service, Drainer):
             return
         budget = self.tcp_budget if kind == "tcp" else self.udp_budget
         what = "connection" if kind == "tcp" else "flow"
-        limit = budget.per_source if cap == "per-source" else budget.total
+        if cap == RATE:
+            limit = f"{self.tcp_rate.rate:g} new connections a second (bursts of {self.tcp_rate.burst:g})"
+        else:
+            limit = budget.per_source if cap == "per-source" else budget.total
         self.log.warn("gate {port}/{kind}: new {what} refused: {cap} cap of {limit} reached "
                       "({more} more refused in the last interval)",
                       port=port, kind=kind, what=what, cap=cap, limit=limit, more=held_back)

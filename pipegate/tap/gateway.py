@@ -56,6 +56,9 @@ class Options(DockerOptionsMixin, MuxOptions):
          auto_or_non_negative_int],
         ["max-conns", None, "auto", "TCP connections all clients may hold on the gates; auto = the fd "
                                     "budget less a reserve; 0 = no cap.", auto_or_non_negative_int],
+        ["conn-rate-per-ip", None, "100", "New TCP connections a second one client IP may open on all gates "
+                                          "together, in bursts of --max-conns-per-ip; 0 = no limit.",
+         non_negative_float],
         ["max-flows-per-ip", None, "auto", "UDP flows one client IP may hold on all gates together; "
                                            "auto = 256; 0 = no cap.", auto_or_non_negative_int],
         ["max-flows", None, "auto", "UDP flows in the flow table; a full table closes its longest-idle "
@@ -125,6 +128,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     guard.setServiceParent(top)
     gateway = Gateway(GatewayConfig(
         tcp_per_source=caps["max-conns-per-ip"], tcp_total=caps["max-conns"],
+        tcp_rate_per_source=options["conn-rate-per-ip"],
         udp_per_source=caps["max-flows-per-ip"], udp_total=caps["max-flows"],
         gate_backlog=options["gate-backlog"], gate_ports=options["gate-ports"], udp_hold=options["udp-hold"],
         udp_hold_total=options["udp-hold-total"],
@@ -164,9 +168,11 @@ def gate_caps(options: Options, budget=None) -> dict[str, int]:
     }
     Logger(namespace="pipegate.gateway").info(
         "fd budget: {soft} descriptors (soft limit was {before}, hard {hard}); TCP connections "
-        "{conns_ip} per IP, {conns} in all; UDP flows {flows_ip} per IP, {flows} in all",
+        "{conns_ip} per IP, {conns} in all, {rate:g} new a second per IP (0 = no limit); UDP flows "
+        "{flows_ip} per IP, {flows} in all",
         soft=budget.soft, before=budget.before, hard=budget.hard, conns_ip=caps["max-conns-per-ip"],
-        conns=caps["max-conns"], flows_ip=caps["max-flows-per-ip"], flows=caps["max-flows"])
+        conns=caps["max-conns"], rate=options["conn-rate-per-ip"], flows_ip=caps["max-flows-per-ip"],
+        flows=caps["max-flows"])
     return caps
 
 
