@@ -451,6 +451,44 @@ class UDPGateCaps(PortPlane):
         self.assertEqual(self.gw.hold.used, 0)
 
 
+class OversizedDatagrams(PortPlane):
+    """
+    A UDP datagram over IPv6 may carry up to 65,527 bytes, more than a DATAGRAM frame's
+    65,507 (the largest IPv4 payload).  One such datagram from anyone, to a gate on an
+    IPv6 address, closed the gateway's whole link to the provider: every channel on it.
+    """
+
+    async def test_an_oversized_datagram_is_dropped_and_the_link_stays(self):
+        backend = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
+        self.cleanups.append(backend.stopListening)
+        gate = free_port(socket.SOCK_DGRAM)
+        gw, mux = await self.gateway(listen="::1")
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port, protocol="udp")])
+        await eventually(lambda: (gate, "udp") in gw.gates)
+        link = gw.links[0] if isinstance(gw.links, list) else next(iter(gw.links))
+        senders = []
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            self.addCleanup(s.close)
+            s.bind(("::1", 0))
+            s.setblocking(False)
+            senders.append(s)
+
+        async def echoed(s, data):
+            s.sendto(data, ("::1", gate))
+            got = []
+            await eventually(lambda: got.extend(UDPGateCaps.answers(s)) or data in got)
+        attached, fresh = senders
+        await echoed(attached, b"hello")            # its flow's channel is open below
+        for s in (attached, fresh):                 # an open flow, and a new one
+            s.sendto(b"x" * 65_520, ("::1", gate))
+        await eventually(lambda: gw.dropped_datagrams >= 2)
+        for s in (attached, fresh):
+            await echoed(s, b"still here")
+        self.assertEqual(list(gw.links), [link])
+        self.assertFalse(self.logged("DATAGRAM payload"))
+
+
 class HoldTests(unittest.SynchronousTestCase):
     def test_default_holds_one_round_trip_at_one_gigabit(self):
         hold = Hold()
