@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import socket
 import struct
 
 import attrs
@@ -27,8 +28,8 @@ from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory, MuxLink
 from pipegate.ports.services import Service
 from tests.support import (
-    Loopback, TestApp, connect_raw, eventually, raw_request, request, split_response, token_for,
-    ws_connect,
+    Loopback, TestApp, connect_raw, eventually, raw_request, read_steadily, request, split_response,
+    token_for, ws_connect,
 )
 from tests.test_ports_e2e import CERT, SECRET, PortPlane, free_port
 
@@ -458,4 +459,76 @@ class MuxPortAbuse(PortPlane):
         self.assertEqual(len(self.gw.links), 1)
 
     test_a_thousand_half_open_tls_handshakes.timeout = 120
+
+
+
+class SlowReaders(unittest.TestCase):
+    """
+    Slow read: a caller asks for a large answer and takes it a little at a time, enough to
+    keep the answer moving inside --request-timeout.  The answer's head frees the caller's
+    share of the tunnel (--caller-share), so one address could hold every slot of a tunnel
+    (--max-in-flight) for as long as it kept reading a trickle.
+    """
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        app_port = await self.loop.app(self.app)
+        self.relay, self.port = await self.loop.relay(
+            idle_timeout=30, request_timeout=30, max_in_flight=4, caller_share=50,
+            min_download_rate=200_000, download_grace=1.0)
+        await self.loop.connector(self.port, app_port, "t1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    def slow_reader(self, size: int, chunk: int = 4096, every: float = 0.25, close: bool = False) -> defer.Deferred:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, chunk)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", self.port.getHost().port))
+        sock.sendall(b"GET /t1/big/%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (size, b"Connection: close\r\n" if close else b""))
+        sock.setblocking(False)
+        reading = defer.ensureDeferred(read_steadily(sock, chunk, every, timeout=30))
+
+        async def stop():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # (the reading loop sees the end)
+            except OSError:
+                pass                              # (the relay cut it: the loop has ended)
+            await reading
+            sock.close()
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        return reading
+
+    async def test_slow_readers_cannot_hold_every_slot_of_a_tunnel(self):
+        size = 50_000_000
+        reading = []
+        for held in range(1, 5):   # one after another: each answer's head frees its share
+            # Each takes 4 KiB every 0.25 s (16 KB/s): always some progress, far below the 200 kB/s asked.
+            reading.append(self.slow_reader(size))
+            await eventually(lambda: self.relay.tunnels["t1"].in_flight == held
+                             and all(s._responding for s in self.relay.tunnels["t1"].links[0].streams.values()))
+        agent = self.loop.agent()
+        codes = []
+
+        async def bystander_served():
+            response, _ = await request(agent, b"GET", f"{self.base}/t1/ok")
+            codes.append(response.code)
+            return response.code == 200
+        start = reactor.seconds()
+        while not await bystander_served():
+            self.assertLess(elapsed_since(start), 15, f"bystander never served: {codes}")
+            await task.deferLater(reactor, 0.25, lambda: None)
+        self.assertEqual(codes[0], 503)          # the readers did hold every slot at first
+        for ended in reading:
+            how, got = await ended
+            self.assertLess(len(got), size, how)  # cut off, not served to the end
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
+
+    async def test_a_reader_above_the_rate_gets_the_whole_answer(self):
+        size = 8_000_000   # more than the loopback buffers hold (about 3 MB), so it does push back
+        # 64 KiB every 0.05 s (1.3 MB/s), with the relay asking for 200 kB/s.
+        how, got = await self.slow_reader(size, chunk=65536, every=0.05, close=True)
+        self.assertEqual(how, "eof")
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got[:40])
+        self.assertGreater(len(got), size)
 

@@ -64,6 +64,8 @@ class RelayConfig:
     caller_share: int = 50              # % of max_in_flight one caller IP's waiting requests may hold
     min_body_rate: float = 500.0        # bytes/s a request body must average after body_grace; 0 = off
     body_grace: float = 20.0
+    min_download_rate: float = 500.0    # bytes/s a caller must take an answer at while it pushes back; 0 = off
+    download_grace: float = 20.0
 
     @property
     def per_caller(self) -> int:

@@ -25,11 +25,12 @@ from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND, REQUEST_TI
 from zope.interface import implementer
 
 from pipegate.core import window
-from pipegate.core.pace import MinimumPace
+from pipegate.core.pace import MinimumPace, ReadingPace
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
+from pipegate.sockets import bytes_acked
 from pipegate.timers import IdleTimer
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
@@ -91,6 +92,10 @@ class RelayStream:
     _upload_hold = None
     _timer: IdleTimer | None = None   # the 404 / 504 deadline (_arm)
     _expiry: tuple[int, str] = (GATEWAY_TIMEOUT, "")
+    _reading = None        # the caller's pace taking the answer (ReadingPace), once it began
+    _reading_call = None
+    _given = 0             # bytes of the answer handed to the caller's connection
+    _acked = None          # what its TCP stack had acknowledged when the answer began (None: unknown)
 
     def __init__(self, relay, tunnel: Tunnel, request, target: bytes, prefix: bytes, upgrade: bool) -> None:
         # relay: pipegate.http.relay.Relay; request: pipegate.http.public.RelayRequest
@@ -221,6 +226,34 @@ class RelayStream:
         else:
             self._pace_call = self.relay.clock.callLater(pace.deadline() - now, self._check_pace)
 
+    def _check_reading(self) -> None:
+        self._reading_call = None
+        reading = self._reading
+        if self._done or reading is None:
+            return
+        now = self.relay.clock.seconds()
+        deadline = reading.deadline(self._taken())
+        if deadline is None:
+            return   # (taking again: the next push-back arms it)
+        if now >= deadline:
+            self.log.info("{tunnel_id}: caller {caller} took the answer too slowly (under {rate:g} bytes/s); cut",
+                          tunnel_id=self.tunnel.id, caller=self.caller, rate=reading.rate)
+            self.fail(REQUEST_TIMEOUT, f"caller too slow taking the answer (under {reading.rate:g} bytes/s)",
+                      notify=REQUEST_TIMEOUT)
+        else:
+            self._reading_call = self.relay.clock.callLater(deadline - now, self._check_reading)
+
+    def _taken(self) -> int:
+        """What the caller took of the answer: acknowledged bytes where known, else what it was given."""
+        start, transport = self._acked, self.request.transport
+        acked = bytes_acked(transport) if start is not None and transport is not None else None
+        return self._given if acked is None else acked - start
+
+    def _stop_reading_check(self) -> None:
+        call, self._reading_call = self._reading_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def _stop_pace(self) -> None:
         self._pace = None
         call, self._pace_call = self._pace_call, None
@@ -247,6 +280,7 @@ class RelayStream:
         # by the cycle collector (25 objects a request, a collection every ~30 requests).
         self._cancel_timer()
         self._stop_pace()
+        self._stop_reading_check()
         if self.request.on_caller_gone == self._caller_gone:
             self.request.on_caller_gone = _stream_over
         for hold in (self._download_hold, self._upload_hold):
@@ -412,6 +446,8 @@ class RelayStream:
             self.relay.stats.inc("bytes", "down", size)
             self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT,
                       "the local app stalled")
+            if self._reading is not None:
+                self._given += size
             self.request.write(frame.data)  # (may pause us: then no credit goes back)
             delay = self._charge(self.down_buckets, size)
             if delay > 0:
@@ -467,14 +503,30 @@ class RelayStream:
             return
         request.registerProducer(self, True)
         self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT, "the local app stalled")
+        if self.relay.config.min_download_rate:
+            # A caller taking a trickle would hold its slot for ever ("slow read"): the
+            # head freed its share of the tunnel (core/pace.py ReadingPace).
+            self._reading = ReadingPace(self.relay.config.min_download_rate, self.relay.config.download_grace)
+            self._given = 0
+            self._acked = bytes_acked(request.transport) if request.transport is not None else None
 
     # IPushProducer: the caller's connection pushes back on the response
     def pauseProducing(self) -> None:
         self._paused = True
-        self.flow.sink_paused(self.relay.clock.seconds())
+        now = self.relay.clock.seconds()
+        self.flow.sink_paused(now)
+        reading = self._reading
+        if reading is not None and not self._done:
+            reading.stall(now)
+            if self._reading_call is None:
+                self._reading_call = self.relay.clock.callLater(
+                    max(0.0, reading.deadline(self._taken()) - now), self._check_reading)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._reading is not None:
+            self._reading.unstall(self.relay.clock.seconds())
+            self._stop_reading_check()
         if self._download_hold is not None:
             return  # shaped: _download_released grants the credit
         self._sink_resumed()
