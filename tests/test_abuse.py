@@ -532,3 +532,38 @@ class SlowReaders(unittest.TestCase):
         self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got[:40])
         self.assertGreater(len(got), size)
 
+
+class HostTricks(unittest.TestCase):
+    """Subdomain routing (--domain): requests whose tunnel a proxy in front could read differently."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app1, self.app2 = TestApp(), TestApp()
+        app1_port, app2_port = await self.loop.app(self.app1), await self.loop.app(self.app2)
+        self.relay, self.port = await self.loop.relay(domain="example.test")
+        await self.loop.connector(self.port, app1_port, "t1")
+        await self.loop.connector(self.port, app2_port, "t2")
+
+    async def get(self, target: bytes, *hosts: bytes) -> bytes:
+        lines = b"".join(b"Host: " + host + b"\r\n" for host in hosts)
+        return await raw_request(self.port, b"GET " + target + b" HTTP/1.1\r\n" + lines + b"Connection: close\r\n\r\n")
+
+    async def test_ambiguous_hosts_are_refused(self):
+        cases = [
+            (b"/x", b"t1.example.test", b"t2.example.test"),   # the relay routed by the last one
+            (b"/x", b"t2.example.test", b"t2.example.test"),
+            (b"http://t2.example.test/x", b"t1.example.test"),  # RFC 9112: the target's authority wins
+            (b"http://t1.example.test/x",),
+        ]
+        for target, *hosts in cases:
+            raw = await self.get(target, *hosts)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), (target, hosts, raw[:80]))
+        self.assertEqual((self.app1.seen, self.app2.seen), ([], []))
+
+    async def test_one_host_still_routes(self):
+        for target, host in [(b"/x", b"t2.example.test"), (b"/x", b"T2.EXAMPLE.TEST.:80"),
+                             (b"http://t2.example.test/x", b"t2.example.test")]:
+            raw = await self.get(target, host)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), (target, host, raw[:80]))
+        self.assertEqual([seen["uri"] for seen in self.app2.seen], ["/x"] * 3)
+        self.assertEqual(self.app1.seen, [])

@@ -133,6 +133,12 @@ class Relay(service.Service, Drainer):
     def public_request(self, request) -> None:
         """A public request for a tunnel (a RelayRequest, pipegate/http/public.py), its head just in."""
         asks_upgrade = request.asks_upgrade()
+        refused = routing.host_refusal(request.uri, request.requestHeaders.getRawHeaders(b"host", []),
+                                       self.config.domain)
+        if refused is not None:
+            request.body_sink = None
+            plain(request, http.BAD_REQUEST, refused)
+            return
         routed = routing.route(request.uri, request.host_header(), request.method,
                                asks_upgrade, self.config.domain)
         if isinstance(routed, routing.Redirect):
