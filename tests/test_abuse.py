@@ -34,6 +34,18 @@ from tests.support import (
 from tests.test_ports_e2e import CERT, SECRET, PortPlane, free_port
 
 
+def by_length(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """The answers in C{raw} as a proxy reads them: each head, then as many bytes as its Content-Length says."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        size = int(length.group(1)) if length else len(rest)
+        answers.append((head.split(b"\r\n", 1)[0], rest[:size]))
+        raw = rest[size:]
+    return answers
+
+
 def elapsed_since(start: float) -> float:
     return reactor.seconds() - start
 
@@ -280,6 +292,48 @@ class RelayAbuse(unittest.TestCase):
             await eventually(lambda: "t3" not in self.relay.tunnels or not self.relay.tunnels["t3"].links)
         self.assertTrue(any("not valid HTTP" in str(e.get("reason")) for e in self.events))
         await self.still_serving()
+
+    async def test_a_connector_cannot_frame_an_answer_past_its_content_length(self):
+        # A proxy in front of the relay may carry other callers' requests (for other
+        # tunnels) on the same connection: bytes past an answer's Content-Length would be
+        # the answer to the next of them, and an answer shorter than it would swallow it.
+        evil = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nEVIL!\n"
+        cases = {   # target: (Content-Length values, body, whether the head carries the end)
+            b"/t3/long": ((b"5",), b"hello" + evil, False),
+            b"/t3/short": ((b"500",), b"hello", False),
+            b"/t3/empty": ((b"10",), b"", True),
+            b"/t3/two": ((b"5", b"61"), b"hello" + evil, False),
+        }
+        factory, rogue = await self.rogue_connector("t3")
+
+        def on_message(payload, isBinary):
+            frame = http_frames.decode(payload)
+            if isinstance(frame, http_frames.RequestHead):
+                lengths, body, end = cases[b"/t3" + frame.target]
+                head = http_frames.ResponseHead(frame.stream, 200, b"OK", tuple((b"content-length", v) for v in lengths),
+                                                end=end)
+                rest = [] if end else [http_frames.Data(frame.stream, body)] * bool(body) + [http_frames.End(frame.stream)]
+                for out in [head, *rest]:
+                    rogue.sendMessage(http_frames.encode(out), isBinary=True)
+        rogue.onMessage = on_message
+        # HEAD, 204 and 304 carry no body whatever their Content-Length says.
+        cases[b"/t3/head"] = ((b"40",), b"", False)
+        raw = await raw_request(self.port, b"HEAD /t3/head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+        del cases[b"/t3/head"]
+        for target in cases:   # (the last, two lengths, is a protocol error: it closes the link)
+            raw = await raw_request(self.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /t3/long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertNotIn(b"EVIL", raw, target)
+            # Read as a proxy reads it, by Content-Length: the relay's own answers (502 for
+            # what it could refuse before a byte went out), or the first answer cut short.
+            answers = by_length(raw)
+            self.assertLessEqual(len(answers), 2, (target, raw))
+            for status, body in answers:
+                self.assertTrue(status[9:12] in (b"502", b"404") or body == b"hello", (target, raw))
+        self.assertEqual(len(by_length(raw)), 2)   # (/two: 502 at its head, then 404 for the pipelined one)
+        await self.still_serving()
+
 
 
 # -- the mux port before admission ----------------------------------------------------------

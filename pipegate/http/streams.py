@@ -94,6 +94,7 @@ class RelayStream:
     _expiry: tuple[int, str] = (GATEWAY_TIMEOUT, "")
     _reading = None        # the caller's pace taking the answer (ReadingPace), once it began
     _reading_call = None
+    _left = None           # bytes of the answer its Content-Length still owes the caller (None: not framed by it)
     _given = 0             # bytes of the answer handed to the caller's connection
     _acked = None          # what its TCP stack had acknowledged when the answer began (None: unknown)
 
@@ -443,6 +444,12 @@ class RelayStream:
             size = len(frame.data)
             flow = self.flow
             flow.held(size)  # (raises FrameError before the write if the connector overran its credit)
+            left = self._left
+            if left is not None:
+                if size > left:
+                    self.fail(BAD_GATEWAY, "the answer went on past its Content-Length", notify=BAD_GATEWAY)
+                    return
+                self._left = left - size
             self.relay.stats.inc("bytes", "down", size)
             self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT,
                       "the local app stalled")
@@ -463,6 +470,9 @@ class RelayStream:
         elif isinstance(frame, frames.End):
             if not self._responding:
                 raise frames.FrameError("END before RESPONSE_HEAD")
+            if self._left:
+                self.fail(BAD_GATEWAY, "the answer ended before its Content-Length", notify=BAD_GATEWAY)
+                return
             self._finish()
             self.request.unregisterProducer()
             self.request.finish()
@@ -495,8 +505,20 @@ class RelayStream:
         # Written by the first body write (RelayRequest.write), past twisted.web's Headers;
         # an untyped answer stays untyped (twisted.web would add text/html).
         pairs = filter_headers(headers)
+        lengths = [value for name, value in pairs if name.lower() == b"content-length"]
+        if lengths and request.method != b"HEAD" and head.status not in (204, 304):
+            # The caller (and any proxy in front that reuses its connection to the relay for
+            # other callers) finds the end of this answer by its Content-Length: more or
+            # fewer bytes would make the rest of the connection another answer.
+            if len(set(lengths)) > 1 or not lengths[0].isdigit():
+                raise frames.FrameError("RESPONSE_HEAD with an invalid Content-Length")
+            self._left = int(lengths[0])
+        if head.end and self._left:
+            self._responding = False   # (nothing went out: the caller gets the 502)
+            self.fail(BAD_GATEWAY, "the answer ended before its Content-Length", notify=BAD_GATEWAY)
+            return
         request.proxied_head = pairs
-        request.proxied_length = b"content-length" in [name.lower() for name, _ in pairs]
+        request.proxied_length = bool(lengths)
         if head.end:
             self._finish()
             request.finish()
