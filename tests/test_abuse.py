@@ -293,6 +293,23 @@ class RelayAbuse(unittest.TestCase):
         self.assertTrue(any("not valid HTTP" in str(e.get("reason")) for e in self.events))
         await self.still_serving()
 
+    async def test_a_ping_flood_from_a_connector_that_never_reads_gets_few_pongs(self):
+        # Autobahn answers every ping with a pong, and a connector that does not read makes
+        # the relay keep them all: memory as fast as the connector can send.
+        factory, rogue = await self.rogue_connector("t3")
+        pongs = []
+        rogue.onPong = pongs.append
+        rogue.transport.pauseProducing()           # reads nothing from here on
+        for n in range(5000):
+            rogue.sendPing(b"%124d" % n)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        rogue.transport.resumeProducing()
+        await eventually(lambda: pongs)
+        await task.deferLater(reactor, 1.5, lambda: None)
+        self.assertLessEqual(len(pongs), 3)        # one a second, for the most recent ping (RFC 6455 5.5.3)
+        self.assertEqual(pongs[-1], b"%124d" % 4999)
+        await self.still_serving()
+
     async def test_a_connector_cannot_frame_an_answer_past_its_content_length(self):
         # A proxy in front of the relay may carry other callers' requests (for other
         # tunnels) on the same connection: bytes past an answer's Content-Length would be

@@ -253,6 +253,10 @@ class Relay(service.Service, Drainer):
             self.log.info("drained")
 
 
+#: At most one pong a second to a connector's pings (ConnectorLink.onPing).
+PONG_INTERVAL = 1.0
+
+
 class ConnectorLink(FrameLink, WebSocketServerProtocol):
     """The relay's end of one connector's WebSocket."""
 
@@ -303,6 +307,28 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         return frames.SUBPROTOCOL, {visitors.HEADER: visitors.ACCEPTED}
 
     _unread = None   # after a refused login: aborts a caller that never reads the refusal
+    _pong_at = float("-inf")   # when the last pong went out
+    _pong_call = None          # the pending pong for the most recent ping, if it had to wait
+    _pong_payload = b""
+
+    def onPing(self, payload):
+        # Autobahn answers every ping, and a connector that pings and never reads made the
+        # relay queue every pong: memory as fast as it could send.  RFC 6455 5.5.3 lets an
+        # endpoint answer only the most recent ping: at most one pong a second goes out.
+        self._pong_payload = payload
+        if self._pong_call is not None:
+            return
+        clock = self.factory.relay.clock
+        wait = self._pong_at + PONG_INTERVAL - clock.seconds()
+        if wait <= 0:
+            self._pong()
+        else:
+            self._pong_call = clock.callLater(wait, self._pong)
+
+    def _pong(self) -> None:
+        self._pong_call = None
+        self._pong_at = self.factory.relay.clock.seconds()
+        super().onPing(self._pong_payload)   # (Autobahn's: a pong while the link is open)
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         super().failHandshake(reason, code, responseHeaders)
@@ -319,6 +345,9 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
 
     def connectionLost(self, reason):
         self._unread = cancel(self._unread)
+        call, self._pong_call = self._pong_call, None
+        if call is not None and call.active():
+            call.cancel()
         super().connectionLost(reason)
 
     def onOpen(self):
