@@ -324,7 +324,8 @@ class RelayChannel(ChannelTimers, http.HTTPChannel):
             # The connection closes after this answer; twisted.web's loseConnection waits until
             # the caller has read all of it, and one that never reads would hold it (its fd, its
             # cap units) for ever.  The idle timeout (suspended for the request) stays off.
-            self._pg_unread = UnreadAbort(self.site.reactor, self.site.timeOut, self.transport, self._pg_unread_log)
+            self._pg_unread = UnreadAbort(self.site.reactor, self.site.timeOut, self.transport, self._pg_unread_log,
+                                          self.site.relay_resource.relay.config.min_download_rate)
         super().requestDone(request)
 
     def rawDataReceived(self, data):

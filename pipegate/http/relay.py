@@ -337,7 +337,8 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         # would hold, with the connection, for ever.  It is aborted an idle timeout later.
         relay = self.factory.relay
         if relay.config.idle_timeout and self.transport is not None and self._unread is None:
-            self._unread = UnreadAbort(relay.clock, relay.config.idle_timeout, self.transport, self._unread_log)
+            self._unread = UnreadAbort(relay.clock, relay.config.idle_timeout, self.transport, self._unread_log,
+                                       relay.config.min_download_rate)
 
     def _unread_log(self) -> None:
         self._log.info("refused login: the caller did not read the refusal within {seconds:g} s; closing",

@@ -569,6 +569,7 @@ class RelayStream:
         held, self._held = bytes(self._held), bytearray()
         self.pipe = UpgradePipe(self.link, self.stream_id, clock=self.relay.clock, method=self.request.method,
                                 idle_timeout=self.relay.config.upgrade_idle_timeout, held=held,
+                                min_rate=self.relay.config.min_download_rate,
                                 on_answer=self._upgrade_answered, on_closed=self._upgrade_closed)
         take_over(self.request, self.pipe)
 
