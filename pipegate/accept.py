@@ -277,13 +277,63 @@ class SiteLimits:
     until the process ran out of descriptors, and with it every gate and public listener.
     """
 
-    def __init__(self, per_source: int = 16, total: int = 256, idle: float = 30.0) -> None:
-        self.per_source, self.total, self.idle = per_source, total, idle
+    def __init__(self, per_source: int = 16, total: int = 256, idle: float = 30.0, max_body: int = 65536) -> None:
+        self.per_source, self.total, self.idle, self.max_body = per_source, total, idle, max_body
 
     @classmethod
     def of(cls, options) -> SiteLimits:
         """The limits a service's options set (L{pipegate.config.API_PARAMETERS})."""
-        return cls(options["api-max-conns-per-ip"], options["api-max-conns"], options["api-idle-timeout"])
+        return cls(options["api-max-conns-per-ip"], options["api-max-conns"], options["api-idle-timeout"],
+                   options["api-max-body-bytes"])
+
+
+def bounded_request(max_body: int):
+    """A twisted.web request class for a small site (L{small_site}): bodies of at most C{max_body} bytes."""
+    from twisted.web import server   # (here: a service without a small site loads no twisted.web)
+
+    class BoundedRequest(server.Request):
+        """
+        A request of a small site whose body may hold at most C{max_body} bytes.  twisted.web
+        reads a whole body before it renders, into a temporary file past 100 KB, so a stranger
+        could fill the disk with one POST; past the bound (a C{Content-Length} over it at the
+        head, or a chunked body as it grows) the caller gets 413 and the connection closes,
+        and nothing more is read or kept.  (C{gotLength}, C{handleContentChunk} and
+        C{requestReceived} are twisted.web's public C{Request} methods.)
+        """
+
+        _refused = False
+        _seen = 0
+
+        def gotLength(self, length):
+            if length is not None and length > self.max_body:
+                self._refuse()
+                return
+            super().gotLength(length)
+
+        def handleContentChunk(self, data):
+            if self._refused:
+                return
+            self._seen += len(data)
+            if self._seen > self.max_body:
+                self._refuse()
+                return
+            super().handleContentChunk(data)
+
+        def requestReceived(self, command, path, version):
+            if not self._refused:
+                super().requestReceived(command, path, version)
+
+        def _refuse(self) -> None:
+            self._refused = True
+            self.content = None
+            transport = self.channel.transport if self.channel is not None else None
+            if transport is not None:
+                transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+                transport.loseConnection()   # (which stops reading: the rest is never taken)
+
+    BoundedRequest.max_body = max_body
+    return BoundedRequest
 
 
 def small_site(description: str, site, reactor, what: str, limits: SiteLimits) -> service.Service:
@@ -293,5 +343,7 @@ def small_site(description: str, site, reactor, what: str, limits: SiteLimits) -
     connection is closed at accept, one log line per interval).
     """
     site.timeOut = limits.idle
+    if limits.max_body:
+        site.requestFactory = bounded_request(limits.max_body)
     gate = ConnectionGate(site, Budget(limits.per_source, limits.total), reactor, what=what)
     return strports.service(description, gate, reactor=reactor)

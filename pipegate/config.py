@@ -68,6 +68,8 @@ API_PARAMETERS = [
      non_negative_int],
     ["api-idle-timeout", None, "30", "Seconds a connection to a small HTTP listener may stay idle.",
      positive_float],
+    ["api-max-body-bytes", None, "65536", "Largest request body a small HTTP listener reads; larger -> 413 "
+                                           "at once, nothing spooled. 0 = no bound.", non_negative_int],
 ]
 
 

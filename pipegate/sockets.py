@@ -305,21 +305,26 @@ def bytes_acked(transport) -> int | None:
 class UnreadAbort:
     """
     Aborts C{transport}, which is closing behind bytes queued for its peer, once C{seconds}
-    pass in which the peer took none of them (the bytes it acknowledged did not grow): a
-    caller who never reads its answer is cut, one who reads it slowly but steadily is not.
-    Twisted's loseConnection alone waits for the flush for ever.  C{on_abort()} is called
-    just before (to log it); L{cancel} when the connection is gone.  C{seconds} 0: never.
+    pass in which the peer took none of them (the bytes it acknowledged did not grow), or,
+    with C{min_rate}, fewer than C{min_rate} bytes a second of them: a caller who never
+    reads its answer is cut, one who reads it slowly but steadily is not, and one who takes
+    a trickle (one segment a timeout) to keep the connection and the answer's buffers is
+    cut too.  Twisted's loseConnection alone waits for the flush for ever.  C{on_abort()} is
+    called just before (to log it); L{cancel} when the connection is gone.  C{seconds} 0:
+    never.
     """
 
-    def __init__(self, clock, seconds: float, transport, on_abort=lambda: None) -> None:
+    def __init__(self, clock, seconds: float, transport, on_abort=lambda: None, min_rate: float = 0.0) -> None:
         self.transport = transport
         self.on_abort = on_abort
+        self._least = max(1, int(min_rate * seconds))   # bytes a timeout must see taken
         self._acked = bytes_acked(transport)
         self._timer = IdleTimer(clock, seconds, self._expired)
 
     def _expired(self) -> None:
         acked = bytes_acked(self.transport)
-        if acked is not None and acked != self._acked:   # still taking it, slowly: wait on
+        if acked is not None and self._acked is not None and acked - self._acked >= self._least:
+            # still taking it, slowly: wait on
             self._acked = acked
             self._timer = IdleTimer(self._timer.clock, self._timer.seconds, self._expired)
             return

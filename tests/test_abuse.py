@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import socket
 import struct
 
 import attrs
@@ -27,10 +28,22 @@ from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory, MuxLink
 from pipegate.ports.services import Service
 from tests.support import (
-    Loopback, TestApp, connect_raw, eventually, raw_request, request, split_response, token_for,
-    ws_connect,
+    Loopback, TestApp, connect_raw, eventually, raw_request, read_steadily, request, split_response,
+    token_for, ws_connect,
 )
 from tests.test_ports_e2e import CERT, SECRET, PortPlane, free_port
+
+
+def by_length(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """The answers in C{raw} as a proxy reads them: each head, then as many bytes as its Content-Length says."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        size = int(length.group(1)) if length else len(rest)
+        answers.append((head.split(b"\r\n", 1)[0], rest[:size]))
+        raw = rest[size:]
+    return answers
 
 
 def elapsed_since(start: float) -> float:
@@ -280,6 +293,65 @@ class RelayAbuse(unittest.TestCase):
         self.assertTrue(any("not valid HTTP" in str(e.get("reason")) for e in self.events))
         await self.still_serving()
 
+    async def test_a_ping_flood_from_a_connector_that_never_reads_gets_few_pongs(self):
+        # Autobahn answers every ping with a pong, and a connector that does not read makes
+        # the relay keep them all: memory as fast as the connector can send.
+        factory, rogue = await self.rogue_connector("t3")
+        pongs = []
+        rogue.onPong = pongs.append
+        rogue.transport.pauseProducing()           # reads nothing from here on
+        for n in range(5000):
+            rogue.sendPing(b"%124d" % n)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        rogue.transport.resumeProducing()
+        await eventually(lambda: pongs)
+        await task.deferLater(reactor, 1.5, lambda: None)
+        self.assertLessEqual(len(pongs), 3)        # one a second, for the most recent ping (RFC 6455 5.5.3)
+        self.assertEqual(pongs[-1], b"%124d" % 4999)
+        await self.still_serving()
+
+    async def test_a_connector_cannot_frame_an_answer_past_its_content_length(self):
+        # A proxy in front of the relay may carry other callers' requests (for other
+        # tunnels) on the same connection: bytes past an answer's Content-Length would be
+        # the answer to the next of them, and an answer shorter than it would swallow it.
+        evil = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nEVIL!\n"
+        cases = {   # target: (Content-Length values, body, whether the head carries the end)
+            b"/t3/long": ((b"5",), b"hello" + evil, False),
+            b"/t3/short": ((b"500",), b"hello", False),
+            b"/t3/empty": ((b"10",), b"", True),
+            b"/t3/two": ((b"5", b"61"), b"hello" + evil, False),
+        }
+        factory, rogue = await self.rogue_connector("t3")
+
+        def on_message(payload, isBinary):
+            frame = http_frames.decode(payload)
+            if isinstance(frame, http_frames.RequestHead):
+                lengths, body, end = cases[b"/t3" + frame.target]
+                head = http_frames.ResponseHead(frame.stream, 200, b"OK", tuple((b"content-length", v) for v in lengths),
+                                                end=end)
+                rest = [] if end else [http_frames.Data(frame.stream, body)] * bool(body) + [http_frames.End(frame.stream)]
+                for out in [head, *rest]:
+                    rogue.sendMessage(http_frames.encode(out), isBinary=True)
+        rogue.onMessage = on_message
+        # HEAD, 204 and 304 carry no body whatever their Content-Length says.
+        cases[b"/t3/head"] = ((b"40",), b"", False)
+        raw = await raw_request(self.port, b"HEAD /t3/head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw)
+        del cases[b"/t3/head"]
+        for target in cases:   # (the last, two lengths, is a protocol error: it closes the link)
+            raw = await raw_request(self.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /t3/long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertNotIn(b"EVIL", raw, target)
+            # Read as a proxy reads it, by Content-Length: the relay's own answers (502 for
+            # what it could refuse before a byte went out), or the first answer cut short.
+            answers = by_length(raw)
+            self.assertLessEqual(len(answers), 2, (target, raw))
+            for status, body in answers:
+                self.assertTrue(status[9:12] in (b"502", b"404") or body == b"hello", (target, raw))
+        self.assertEqual(len(by_length(raw)), 2)   # (/two: 502 at its head, then 404 for the pipelined one)
+        await self.still_serving()
+
+
 
 # -- the mux port before admission ----------------------------------------------------------
 
@@ -459,3 +531,110 @@ class MuxPortAbuse(PortPlane):
 
     test_a_thousand_half_open_tls_handshakes.timeout = 120
 
+
+
+class SlowReaders(unittest.TestCase):
+    """
+    Slow read: a caller asks for a large answer and takes it a little at a time, enough to
+    keep the answer moving inside --request-timeout.  The answer's head frees the caller's
+    share of the tunnel (--caller-share), so one address could hold every slot of a tunnel
+    (--max-in-flight) for as long as it kept reading a trickle.
+    """
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app = TestApp()
+        app_port = await self.loop.app(self.app)
+        self.relay, self.port = await self.loop.relay(
+            idle_timeout=30, request_timeout=30, max_in_flight=4, caller_share=50,
+            min_download_rate=200_000, download_grace=1.0)
+        await self.loop.connector(self.port, app_port, "t1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    def slow_reader(self, size: int, chunk: int = 4096, every: float = 0.25, close: bool = False) -> defer.Deferred:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, chunk)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", self.port.getHost().port))
+        sock.sendall(b"GET /t1/big/%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (size, b"Connection: close\r\n" if close else b""))
+        sock.setblocking(False)
+        reading = defer.ensureDeferred(read_steadily(sock, chunk, every, timeout=30))
+
+        async def stop():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # (the reading loop sees the end)
+            except OSError:
+                pass                              # (the relay cut it: the loop has ended)
+            await reading
+            sock.close()
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        return reading
+
+    async def test_slow_readers_cannot_hold_every_slot_of_a_tunnel(self):
+        size = 50_000_000
+        reading = []
+        for held in range(1, 5):   # one after another: each answer's head frees its share
+            # Each takes 4 KiB every 0.25 s (16 KB/s): always some progress, far below the 200 kB/s asked.
+            reading.append(self.slow_reader(size))
+            await eventually(lambda: self.relay.tunnels["t1"].in_flight == held
+                             and all(s._responding for s in self.relay.tunnels["t1"].links[0].streams.values()))
+        agent = self.loop.agent()
+        codes = []
+
+        async def bystander_served():
+            response, _ = await request(agent, b"GET", f"{self.base}/t1/ok")
+            codes.append(response.code)
+            return response.code == 200
+        start = reactor.seconds()
+        while not await bystander_served():
+            self.assertLess(elapsed_since(start), 15, f"bystander never served: {codes}")
+            await task.deferLater(reactor, 0.25, lambda: None)
+        self.assertEqual(codes[0], 503)          # the readers did hold every slot at first
+        for ended in reading:
+            how, got = await ended
+            self.assertLess(len(got), size, how)  # cut off, not served to the end
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
+
+    async def test_a_reader_above_the_rate_gets_the_whole_answer(self):
+        size = 8_000_000   # more than the loopback buffers hold (about 3 MB), so it does push back
+        # 64 KiB every 0.05 s (1.3 MB/s), with the relay asking for 200 kB/s.
+        how, got = await self.slow_reader(size, chunk=65536, every=0.05, close=True)
+        self.assertEqual(how, "eof")
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got[:40])
+        self.assertGreater(len(got), size)
+
+
+class HostTricks(unittest.TestCase):
+    """Subdomain routing (--domain): requests whose tunnel a proxy in front could read differently."""
+
+    async def setUp(self):
+        self.loop = Loopback(self)
+        self.app1, self.app2 = TestApp(), TestApp()
+        app1_port, app2_port = await self.loop.app(self.app1), await self.loop.app(self.app2)
+        self.relay, self.port = await self.loop.relay(domain="example.test")
+        await self.loop.connector(self.port, app1_port, "t1")
+        await self.loop.connector(self.port, app2_port, "t2")
+
+    async def get(self, target: bytes, *hosts: bytes) -> bytes:
+        lines = b"".join(b"Host: " + host + b"\r\n" for host in hosts)
+        return await raw_request(self.port, b"GET " + target + b" HTTP/1.1\r\n" + lines + b"Connection: close\r\n\r\n")
+
+    async def test_ambiguous_hosts_are_refused(self):
+        cases = [
+            (b"/x", b"t1.example.test", b"t2.example.test"),   # the relay routed by the last one
+            (b"/x", b"t2.example.test", b"t2.example.test"),
+            (b"http://t2.example.test/x", b"t1.example.test"),  # RFC 9112: the target's authority wins
+            (b"http://t1.example.test/x",),
+        ]
+        for target, *hosts in cases:
+            raw = await self.get(target, *hosts)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), (target, hosts, raw[:80]))
+        self.assertEqual((self.app1.seen, self.app2.seen), ([], []))
+
+    async def test_one_host_still_routes(self):
+        for target, host in [(b"/x", b"t2.example.test"), (b"/x", b"T2.EXAMPLE.TEST.:80"),
+                             (b"http://t2.example.test/x", b"t2.example.test")]:
+            raw = await self.get(target, host)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), (target, host, raw[:80]))
+        self.assertEqual([seen["uri"] for seen in self.app2.seen], ["/x"] * 3)
+        self.assertEqual(self.app1.seen, [])

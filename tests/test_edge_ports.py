@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task, threads
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
@@ -468,6 +468,44 @@ class UDPGateCaps(PortPlane):
         self.assertEqual(self.gw.hold.used, 0)
 
 
+class OversizedDatagrams(PortPlane):
+    """
+    A UDP datagram over IPv6 may carry up to 65,527 bytes, more than a DATAGRAM frame's
+    65,507 (the largest IPv4 payload).  One such datagram from anyone, to a gate on an
+    IPv6 address, closed the gateway's whole link to the provider: every channel on it.
+    """
+
+    async def test_an_oversized_datagram_is_dropped_and_the_link_stays(self):
+        backend = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
+        self.cleanups.append(backend.stopListening)
+        gate = free_port(socket.SOCK_DGRAM)
+        gw, mux = await self.gateway(listen="::1")
+        self.provider(mux, [Service(gate, "127.0.0.1", backend.getHost().port, protocol="udp")])
+        await eventually(lambda: (gate, "udp") in gw.gates)
+        link = gw.links[0] if isinstance(gw.links, list) else next(iter(gw.links))
+        senders = []
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            self.addCleanup(s.close)
+            s.bind(("::1", 0))
+            s.setblocking(False)
+            senders.append(s)
+
+        async def echoed(s, data):
+            s.sendto(data, ("::1", gate))
+            got = []
+            await eventually(lambda: got.extend(UDPGateCaps.answers(s)) or data in got)
+        attached, fresh = senders
+        await echoed(attached, b"hello")            # its flow's channel is open below
+        for s in (attached, fresh):                 # an open flow, and a new one
+            s.sendto(b"x" * 65_520, ("::1", gate))
+        await eventually(lambda: gw.dropped_datagrams >= 2)
+        for s in (attached, fresh):
+            await echoed(s, b"still here")
+        self.assertEqual(list(gw.links), [link])
+        self.assertFalse(self.logged("DATAGRAM payload"))
+
+
 class HoldTests(unittest.SynchronousTestCase):
     def test_default_holds_one_round_trip_at_one_gigabit(self):
         hold = Hold()
@@ -721,6 +759,54 @@ class SmallListeners(PortPlane):
         gw, _ = await self.gateway()
         await self.attack(self.added(lambda top, description, limits: add_metrics_listener(
             top, gw, "gateway", description, reactor, limits)), 16)
+
+    async def test_a_huge_body_is_refused_at_its_head_and_never_spooled(self):
+        # twisted.web reads a whole body before it renders, into a temporary file past
+        # 100 KB: a stranger's POST to /unlimited (public) filled the disk at wire speed
+        # (1.5 GB in 5 s on loopback) however small the answer.
+        from twisted.web import resource
+
+        from pipegate.accept import SiteLimits
+        from pipegate.mux.node import add_http
+        port = free_port()
+        top = service.MultiService()
+        add_http(top, f"tcp:{port}:interface=127.0.0.1", resource.Resource(), reactor,
+                 SiteLimits(idle=5, max_body=65536))
+        top.startService()
+        self.cleanups.append(top.stopService)
+
+        def post(head: bytes, stop: int, chunk: bytes = b"x" * 65536) -> tuple[int, bytes]:
+            """Send C{head}, then C{chunk} until C{stop} bytes went out or the server stops taking them."""
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(2)
+            s.sendall(head)
+            sent = 0
+            try:
+                while sent < stop:
+                    sent += s.send(chunk)
+            except OSError:
+                pass
+            answer = b""
+            try:
+                while True:
+                    data = s.recv(4096)
+                    if not data:
+                        break
+                    answer += data
+            except OSError:
+                pass
+            s.close()
+            return sent, answer
+
+        sent, answer = await threads.deferToThread(
+            post, b"POST /unlimited HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n", 200_000_000)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:80])
+        self.assertLess(sent, 50_000_000)   # (what the kernel buffers took, not the 200 MB)
+        sent, answer = await threads.deferToThread(
+            post, b"POST /unlimited HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 200_000_000,
+            b"10000\r\n" + b"x" * 65536 + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:80])
+        self.assertLess(sent, 50_000_000)
 
     async def test_the_api_options_bound_the_listeners_a_service_makes(self):
         # PIPEGATE_API_* reach the gateway's /unlimited listener through its makeService.

@@ -467,11 +467,11 @@ class UnreadAnswers(unittest.TestCase):
     and total caps stayed for ever.  Now the idle timeout runs from the answer's end.
     """
 
-    async def caller(self, head: bytes):
+    async def caller(self, head: bytes, **config):
         """A caller from ATTACKER with 4 KiB buffers both ends, that has sent C{head}: (relay, budget, socket)."""
         loop = Loopback(self)
         app = await loop.listen(protocol.Factory.forProtocol(BigAnswer))
-        relay, _ = await loop.relay(idle_timeout=1.0, upgrade_idle_timeout=1.0, request_timeout=30)
+        relay, _ = await loop.relay(idle_timeout=1.0, upgrade_idle_timeout=1.0, request_timeout=30, **config)
         budget = Budget(per_source=5, total=100)
         port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             ConnectionGate(RelaySite(relay), budget, reactor, what="relay"))
@@ -512,6 +512,18 @@ class UnreadAnswers(unittest.TestCase):
 
     async def test_a_refused_upgrade_whose_caller_never_reads(self):
         await self.attack(upgrade_request(b"/big"), lambda stats: stats.get("upgrades", "refused"))
+
+    async def test_a_caller_that_takes_a_trickle_of_its_unread_answer_is_cut(self):
+        # Acknowledging a little in each idle timeout kept the connection, and the answer's
+        # buffers at the relay, for as long as the caller liked: each timeout must now see
+        # --min-download-rate bytes a second taken (100 kB/s here; the caller takes 8 KB/s).
+        for head in (b"GET /t1/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", upgrade_request(b"/big")):
+            relay, budget, sock = await self.caller(head, min_download_rate=100_000)
+            await eventually(lambda: relay.tunnels["t1"].in_flight == 0)
+            reading = defer.ensureDeferred(read_steadily(sock, 4096, 0.5, timeout=30))
+            await eventually(lambda: budget.held(ATTACKER) == 0, timeout=5)
+            ended, got = await reading
+            self.assertLess(len(got.partition(b"\r\n\r\n")[2]), BigAnswer.size, head)
 
     async def answer_read_steadily(self, head: bytes) -> tuple[str, int]:
         """Send C{head}, then read 4 KiB every 50 ms (about 80 KB/s: never 1 s without a byte)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from pipegate.http.routing import Redirect, Route, directory_redirect, domain_label, is_health, route
+from pipegate.http.routing import (
+    Redirect, Route, directory_redirect, domain_label, host_refusal, is_health, route,
+)
 
 
 def by_path(uri: bytes, method: bytes = b"GET", upgrade: bool = False, host: bytes | None = b"relay"):
@@ -100,3 +102,25 @@ class DirectoryRedirect(unittest.TestCase):
         self.assertIsNone(directory_redirect(b"a", b"/", b"", b"", b"GET", False))
         self.assertIsNone(directory_redirect(b"a", b"", b"", b"", b"PUT", False))
         self.assertIsNone(directory_redirect(b"a", b"", b"", b"", b"GET", True))
+
+
+class AmbiguousHosts(unittest.TestCase):
+    """host_refusal: a request whose tunnel a proxy in front could read differently."""
+
+    def test_more_than_one_host_line(self):
+        for domain in (None, "example.test"):
+            self.assertEqual(host_refusal(b"/x", [b"t1.example.test", b"t2.example.test"], domain),
+                             "more than one Host header")
+            self.assertEqual(host_refusal(b"/x", [b"a", b"a"], domain), "more than one Host header")
+
+    def test_absolute_form_must_name_the_host_with_a_domain(self):
+        refusal = "the request target and Host name different hosts"
+        self.assertEqual(host_refusal(b"http://t2.example.test/x", [b"t1.example.test"], "example.test"), refusal)
+        self.assertEqual(host_refusal(b"http://t2.example.test?q", [], "example.test"), refusal)
+        self.assertIsNone(host_refusal(b"HTTP://T2.example.test:80/x", [b"t2.EXAMPLE.test:80"], "example.test"))
+        # Without --domain the host names no tunnel: only the path does.
+        self.assertIsNone(host_refusal(b"http://relay.example/app/x", [b"relay"], None))
+
+    def test_one_host_and_an_origin_form_target(self):
+        self.assertIsNone(host_refusal(b"/x", [b"t1.example.test"], "example.test"))
+        self.assertIsNone(host_refusal(b"/x", [], None))

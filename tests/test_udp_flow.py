@@ -241,3 +241,20 @@ class DatagramSenderTests(unittest.TestCase):
             send(b"a")           # no exception: it would close the link that carried it
             send(b"b", ("127.0.0.2", 9))
             self.assertEqual(drops, [1, 1])
+
+
+class OversizedBackendDatagramTests(unittest.TestCase):
+    def test_a_service_datagram_no_frame_can_carry_is_dropped_and_counted(self) -> None:
+        # (An IPv6 service may send up to 65,527 bytes; encoding it would close the link.)
+        from pipegate.ports.udp import BackendSocket
+        clock = Clock()
+        flow = Flow(clock, 10.0, lambda data: None, lambda f: None)
+        link = FakeLink()
+        flow.attach(link, 7)
+        backend = BackendSocket()
+        backend.flow = flow
+        backend.datagramReceived(b"x" * (frames.MAX_DATAGRAM + 1), ("::1", 53))
+        backend.datagramReceived(b"x" * frames.MAX_DATAGRAM, ("::1", 53))
+        self.assertEqual(flow.dropped, 1)
+        self.assertEqual([len(f.data) for f in link.sent], [frames.MAX_DATAGRAM])
+        flow.close(notify=False)

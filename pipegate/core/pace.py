@@ -49,3 +49,44 @@ class MinimumPace:
     def too_slow(self, now: float) -> bool:
         deadline = self.deadline()
         return deadline is not None and now >= deadline
+
+
+class ReadingPace:
+    """
+    The pace a caller must take an answer at ("slow read"): the time its connection pushes
+    back (the relay has more to write than the caller takes) may add up to C{grace}
+    seconds, plus one second for every C{rate} bytes the caller took.  Time the answer
+    waits for the local app is not counted, so a slow app or a quiet event stream costs
+    nothing; a caller that keeps its receive window almost shut and takes a trickle (enough
+    to keep the answer moving inside the request timeout) is cut once it falls behind.
+    What the caller took is passed in (C{taken}): the bytes its TCP stack acknowledged
+    where that is known, not what was handed to its connection, of which the kernel's
+    send buffer alone holds megabytes.
+    """
+
+    def __init__(self, rate: float, grace: float) -> None:
+        self.rate = rate
+        self.grace = grace
+        self._stalled = 0.0                # seconds pushed back so far, in finished stretches
+        self._since: float | None = None   # when the current push-back began
+
+    @property
+    def stalled(self) -> bool:
+        return self._since is not None
+
+    def stall(self, now: float) -> None:
+        """The caller's connection pushes back (pauseProducing)."""
+        if self._since is None:
+            self._since = now
+
+    def unstall(self, now: float) -> None:
+        """It takes again (resumeProducing)."""
+        if self._since is not None:
+            self._stalled += now - self._since
+            self._since = None
+
+    def deadline(self, taken: int) -> float | None:
+        """When the caller is too slow unless it takes more; None while it is not pushing back."""
+        if self._since is None:
+            return None
+        return self._since + self.grace + taken / self.rate - self._stalled

@@ -27,12 +27,13 @@ from twisted.web.http_headers import Headers
 
 from pipegate import _compat
 from pipegate.http import frames, routing
+from pipegate.http.channeltimers import ChannelTimers
 from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
 from pipegate.http.upgrade import UpgradePipe
 from pipegate.sockets import UnreadAbort, eager_writes, plain_writes
-from pipegate.timers import IdleTimer, cancel
+from pipegate.timers import cancel
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -226,7 +227,7 @@ class RelayRequest(server.Request):
 
 
 
-class RelayChannel(http.HTTPChannel):
+class RelayChannel(ChannelTimers, http.HTTPChannel):
     """
     An HTTP channel that starts processing public requests at the end of the headers.
 
@@ -238,8 +239,6 @@ class RelayChannel(http.HTTPChannel):
     log = Logger()  # (not HTTPChannel's private _log)
     _pg_early: RelayRequest | None = None
     _pg_in_head = True
-    _pg_head_timer = None
-    _pg_head_armed = False  # the head timer runs for the head being received
     #: Where bytes past an upgrade request's head go (its stream, then its L{UpgradePipe}),
     #: instead of waiting in the channel for a next request that is never parsed.
     raw_sink = None
@@ -247,43 +246,6 @@ class RelayChannel(http.HTTPChannel):
     _pg_host = None
     _pg_secure = None
     _pg_refused = False   # a line over MAX_LENGTH was answered: what follows is dropped
-
-    #: The idle timeout (TimeoutMixin's C{timeOut}), on one L{IdleTimer} per connection.
-    _pg_idle: IdleTimer | None = None
-    _pg_idle_on = False
-    _pg_idle_period = None   # the idle timeout to restore once a head that may take over is done
-    _pg_unread: UnreadAbort | None = None   # the last answer is done: the connection closes behind it
-
-    def setTimeout(self, period):
-        """
-        TimeoutMixin's, on an L{IdleTimer} (pipegate/timers.py) instead of a DelayedCall:
-        twisted.web suspends the idle timeout for each request and restarts it when the
-        request is done, which on a DelayedCall is a cancel and a new call (heap operations,
-        and Python comparisons in the reactor's heap) per request; here it is a flag and a
-        touch.  Fires at the same time, as TimeoutMixin would.
-        """
-        prev, self.timeOut = self.timeOut, period
-        if period is None:
-            self._pg_idle_on = False
-            return prev
-        timer = self._pg_idle
-        if timer is not None and timer.active() and timer.seconds == period:
-            timer.touch()
-        else:
-            cancel(timer)
-            self._pg_idle = IdleTimer(self.site.reactor, period, self._pg_idle_expired)
-        self._pg_idle_on = True
-        return prev
-
-    def resetTimeout(self):
-        if self._pg_idle_on:
-            self._pg_idle.touch()
-
-    def _pg_idle_expired(self):
-        # (a suspended timer, between a request's head and its end, lapses unheard)
-        if self._pg_idle_on:
-            self._pg_idle_on = False  # (TimeoutMixin forgets its call when it fires)
-            self.timeoutConnection()
 
     def getHost(self):
         # Read once per connection: tcp.Server.getHost calls getsockname() every time, and
@@ -362,7 +324,8 @@ class RelayChannel(http.HTTPChannel):
             # The connection closes after this answer; twisted.web's loseConnection waits until
             # the caller has read all of it, and one that never reads would hold it (its fd, its
             # cap units) for ever.  The idle timeout (suspended for the request) stays off.
-            self._pg_unread = UnreadAbort(self.site.reactor, self.site.timeOut, self.transport, self._pg_unread_log)
+            self._pg_unread = UnreadAbort(self.site.reactor, self.site.timeOut, self.transport, self._pg_unread_log,
+                                          self.site.relay_resource.relay.config.min_download_rate)
         super().requestDone(request)
 
     def rawDataReceived(self, data):
@@ -412,32 +375,6 @@ class RelayChannel(http.HTTPChannel):
             else:
                 self._pg_head_timer = self.callLater(self.timeOut, self._pg_head_late)
         super().dataReceived(data)
-
-    def _pg_head_late(self):
-        self._pg_head_timer = None
-        if not self._pg_head_armed:
-            return  # between heads: the next head's first byte arms it again
-        self.log.info("request head from {peer} not complete within {seconds:g} s; closing",
-                       peer=str(self.transport.getPeer()), seconds=self.timeOut)
-        self.timeoutConnection()
-
-    def timeoutConnection(self):
-        # The head timer and the idle timer fire together when a caller sent its bytes at
-        # once and stalled (a TLS ClientHello to this plain port); a second timeout would
-        # replace, and so leak, the first one's pending forced abort.  (_abortingCall is
-        # HTTPChannel's, Twisted 26.10.0; test_http_e2e LoginFailures.test_wss_to_a_plain_port
-        # leaves the reactor dirty if it changes.)
-        if not _compat.abort_pending(self):
-            super().timeoutConnection()
-
-    def _pg_unread_log(self):
-        self.log.info("{peer} did not read its answer within {seconds:g} s of its end; closing",
-                      peer=str(self.transport.getPeer()), seconds=self.site.timeOut)
-
-    def _pg_cancel_head_timer(self):
-        timer, self._pg_head_timer = self._pg_head_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
 
     def connectionLost(self, reason):
         plain_writes(self.transport)

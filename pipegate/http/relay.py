@@ -64,6 +64,8 @@ class RelayConfig:
     caller_share: int = 50              # % of max_in_flight one caller IP's waiting requests may hold
     min_body_rate: float = 500.0        # bytes/s a request body must average after body_grace; 0 = off
     body_grace: float = 20.0
+    min_download_rate: float = 500.0    # bytes/s a caller must take an answer at while it pushes back; 0 = off
+    download_grace: float = 20.0
 
     @property
     def per_caller(self) -> int:
@@ -131,6 +133,12 @@ class Relay(service.Service, Drainer):
     def public_request(self, request) -> None:
         """A public request for a tunnel (a RelayRequest, pipegate/http/public.py), its head just in."""
         asks_upgrade = request.asks_upgrade()
+        refused = routing.host_refusal(request.uri, request.requestHeaders.getRawHeaders(b"host", []),
+                                       self.config.domain)
+        if refused is not None:
+            request.body_sink = None
+            plain(request, http.BAD_REQUEST, refused)
+            return
         routed = routing.route(request.uri, request.host_header(), request.method,
                                asks_upgrade, self.config.domain)
         if isinstance(routed, routing.Redirect):
@@ -245,6 +253,10 @@ class Relay(service.Service, Drainer):
             self.log.info("drained")
 
 
+#: At most one pong a second to a connector's pings (ConnectorLink.onPing).
+PONG_INTERVAL = 1.0
+
+
 class ConnectorLink(FrameLink, WebSocketServerProtocol):
     """The relay's end of one connector's WebSocket."""
 
@@ -295,6 +307,28 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         return frames.SUBPROTOCOL, {visitors.HEADER: visitors.ACCEPTED}
 
     _unread = None   # after a refused login: aborts a caller that never reads the refusal
+    _pong_at = float("-inf")   # when the last pong went out
+    _pong_call = None          # the pending pong for the most recent ping, if it had to wait
+    _pong_payload = b""
+
+    def onPing(self, payload):
+        # Autobahn answers every ping, and a connector that pings and never reads made the
+        # relay queue every pong: memory as fast as it could send.  RFC 6455 5.5.3 lets an
+        # endpoint answer only the most recent ping: at most one pong a second goes out.
+        self._pong_payload = payload
+        if self._pong_call is not None:
+            return
+        clock = self.factory.relay.clock
+        wait = self._pong_at + PONG_INTERVAL - clock.seconds()
+        if wait <= 0:
+            self._pong()
+        else:
+            self._pong_call = clock.callLater(wait, self._pong)
+
+    def _pong(self) -> None:
+        self._pong_call = None
+        self._pong_at = self.factory.relay.clock.seconds()
+        super().onPing(self._pong_payload)   # (Autobahn's: a pong while the link is open)
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         super().failHandshake(reason, code, responseHeaders)
@@ -303,7 +337,8 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
         # would hold, with the connection, for ever.  It is aborted an idle timeout later.
         relay = self.factory.relay
         if relay.config.idle_timeout and self.transport is not None and self._unread is None:
-            self._unread = UnreadAbort(relay.clock, relay.config.idle_timeout, self.transport, self._unread_log)
+            self._unread = UnreadAbort(relay.clock, relay.config.idle_timeout, self.transport, self._unread_log,
+                                       relay.config.min_download_rate)
 
     def _unread_log(self) -> None:
         self._log.info("refused login: the caller did not read the refusal within {seconds:g} s; closing",
@@ -311,6 +346,9 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
 
     def connectionLost(self, reason):
         self._unread = cancel(self._unread)
+        call, self._pong_call = self._pong_call, None
+        if call is not None and call.active():
+            call.cancel()
         super().connectionLost(reason)
 
     def onOpen(self):

@@ -58,6 +58,34 @@ def is_health(uri: bytes, host: bytes | None, domain: str | None) -> bool:
     return uri.split(b"?")[0] == b"/healthz" and domain_label(host, domain) is None
 
 
+def _authority(uri: bytes) -> bytes | None:
+    """The authority of an absolute-form target (C{http://host:port/path}), else None."""
+    if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
+        rest = uri.split(b"//", 1)[1]
+        cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+        return rest[:cut]
+    return None
+
+
+def host_refusal(uri: bytes, hosts: list[bytes], domain: str | None) -> str | None:
+    """
+    Why a request's C{Host} lines (C{hosts}, all of them) make its tunnel ambiguous, or
+    None.  More than one C{Host} line is refused (RFC 9112 3.2 asks for 400): the relay
+    routes by one, and a proxy or filter in front of it may have looked at the other.  With
+    C{--domain}, where the host names the tunnel, an absolute-form target must name the
+    same host as C{Host}: RFC 9112 3.2.2 has a server route by the target's authority, the
+    relay by C{Host}, and a proxy in front that follows the RFC would send one tunnel's
+    caller to another's app.
+    """
+    if len(hosts) > 1:
+        return "more than one Host header"
+    if domain:
+        authority = _authority(uri)
+        if authority is not None and (not hosts or authority.lower() != hosts[0].strip().lower()):
+            return "the request target and Host name different hosts"
+    return None
+
+
 def route(uri: bytes, host: bytes | None, method: bytes, upgrade: bool,
           domain: str | None) -> Route | Redirect | str:
     """

@@ -25,11 +25,12 @@ from twisted.web.http import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND, REQUEST_TI
 from zope.interface import implementer
 
 from pipegate.core import window
-from pipegate.core.pace import MinimumPace
+from pipegate.core.pace import MinimumPace, ReadingPace
 from pipegate.http import frames
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
+from pipegate.sockets import bytes_acked
 from pipegate.timers import IdleTimer
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
@@ -91,6 +92,11 @@ class RelayStream:
     _upload_hold = None
     _timer: IdleTimer | None = None   # the 404 / 504 deadline (_arm)
     _expiry: tuple[int, str] = (GATEWAY_TIMEOUT, "")
+    _reading = None        # the caller's pace taking the answer (ReadingPace), once it began
+    _reading_call = None
+    _left = None           # bytes of the answer its Content-Length still owes the caller (None: not framed by it)
+    _given = 0             # bytes of the answer handed to the caller's connection
+    _acked = None          # what its TCP stack had acknowledged when the answer began (None: unknown)
 
     def __init__(self, relay, tunnel: Tunnel, request, target: bytes, prefix: bytes, upgrade: bool) -> None:
         # relay: pipegate.http.relay.Relay; request: pipegate.http.public.RelayRequest
@@ -221,6 +227,34 @@ class RelayStream:
         else:
             self._pace_call = self.relay.clock.callLater(pace.deadline() - now, self._check_pace)
 
+    def _check_reading(self) -> None:
+        self._reading_call = None
+        reading = self._reading
+        if self._done or reading is None:
+            return
+        now = self.relay.clock.seconds()
+        deadline = reading.deadline(self._taken())
+        if deadline is None:
+            return   # (taking again: the next push-back arms it)
+        if now >= deadline:
+            self.log.info("{tunnel_id}: caller {caller} took the answer too slowly (under {rate:g} bytes/s); cut",
+                          tunnel_id=self.tunnel.id, caller=self.caller, rate=reading.rate)
+            self.fail(REQUEST_TIMEOUT, f"caller too slow taking the answer (under {reading.rate:g} bytes/s)",
+                      notify=REQUEST_TIMEOUT)
+        else:
+            self._reading_call = self.relay.clock.callLater(deadline - now, self._check_reading)
+
+    def _taken(self) -> int:
+        """What the caller took of the answer: acknowledged bytes where known, else what it was given."""
+        start, transport = self._acked, self.request.transport
+        acked = bytes_acked(transport) if start is not None and transport is not None else None
+        return self._given if acked is None else acked - start
+
+    def _stop_reading_check(self) -> None:
+        call, self._reading_call = self._reading_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def _stop_pace(self) -> None:
         self._pace = None
         call, self._pace_call = self._pace_call, None
@@ -247,6 +281,7 @@ class RelayStream:
         # by the cycle collector (25 objects a request, a collection every ~30 requests).
         self._cancel_timer()
         self._stop_pace()
+        self._stop_reading_check()
         if self.request.on_caller_gone == self._caller_gone:
             self.request.on_caller_gone = _stream_over
         for hold in (self._download_hold, self._upload_hold):
@@ -409,9 +444,17 @@ class RelayStream:
             size = len(frame.data)
             flow = self.flow
             flow.held(size)  # (raises FrameError before the write if the connector overran its credit)
+            left = self._left
+            if left is not None:
+                if size > left:
+                    self.fail(BAD_GATEWAY, "the answer went on past its Content-Length", notify=BAD_GATEWAY)
+                    return
+                self._left = left - size
             self.relay.stats.inc("bytes", "down", size)
             self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT,
                       "the local app stalled")
+            if self._reading is not None:
+                self._given += size
             self.request.write(frame.data)  # (may pause us: then no credit goes back)
             delay = self._charge(self.down_buckets, size)
             if delay > 0:
@@ -427,6 +470,9 @@ class RelayStream:
         elif isinstance(frame, frames.End):
             if not self._responding:
                 raise frames.FrameError("END before RESPONSE_HEAD")
+            if self._left:
+                self.fail(BAD_GATEWAY, "the answer ended before its Content-Length", notify=BAD_GATEWAY)
+                return
             self._finish()
             self.request.unregisterProducer()
             self.request.finish()
@@ -459,22 +505,50 @@ class RelayStream:
         # Written by the first body write (RelayRequest.write), past twisted.web's Headers;
         # an untyped answer stays untyped (twisted.web would add text/html).
         pairs = filter_headers(headers)
+        lengths = [value for name, value in pairs if name.lower() == b"content-length"]
+        if lengths and request.method != b"HEAD" and head.status not in (204, 304):
+            # The caller (and any proxy in front that reuses its connection to the relay for
+            # other callers) finds the end of this answer by its Content-Length: more or
+            # fewer bytes would make the rest of the connection another answer.
+            if len(set(lengths)) > 1 or not lengths[0].isdigit():
+                raise frames.FrameError("RESPONSE_HEAD with an invalid Content-Length")
+            self._left = int(lengths[0])
+        if head.end and self._left:
+            self._responding = False   # (nothing went out: the caller gets the 502)
+            self.fail(BAD_GATEWAY, "the answer ended before its Content-Length", notify=BAD_GATEWAY)
+            return
         request.proxied_head = pairs
-        request.proxied_length = b"content-length" in [name.lower() for name, _ in pairs]
+        request.proxied_length = bool(lengths)
         if head.end:
             self._finish()
             request.finish()
             return
         request.registerProducer(self, True)
         self._arm(self.relay.config.request_timeout, GATEWAY_TIMEOUT, "the local app stalled")
+        if self.relay.config.min_download_rate:
+            # A caller taking a trickle would hold its slot for ever ("slow read"): the
+            # head freed its share of the tunnel (core/pace.py ReadingPace).
+            self._reading = ReadingPace(self.relay.config.min_download_rate, self.relay.config.download_grace)
+            self._given = 0
+            self._acked = bytes_acked(request.transport) if request.transport is not None else None
 
     # IPushProducer: the caller's connection pushes back on the response
     def pauseProducing(self) -> None:
         self._paused = True
-        self.flow.sink_paused(self.relay.clock.seconds())
+        now = self.relay.clock.seconds()
+        self.flow.sink_paused(now)
+        reading = self._reading
+        if reading is not None and not self._done:
+            reading.stall(now)
+            if self._reading_call is None:
+                self._reading_call = self.relay.clock.callLater(
+                    max(0.0, reading.deadline(self._taken()) - now), self._check_reading)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._reading is not None:
+            self._reading.unstall(self.relay.clock.seconds())
+            self._stop_reading_check()
         if self._download_hold is not None:
             return  # shaped: _download_released grants the credit
         self._sink_resumed()
@@ -495,6 +569,7 @@ class RelayStream:
         held, self._held = bytes(self._held), bytearray()
         self.pipe = UpgradePipe(self.link, self.stream_id, clock=self.relay.clock, method=self.request.method,
                                 idle_timeout=self.relay.config.upgrade_idle_timeout, held=held,
+                                min_rate=self.relay.config.min_download_rate,
                                 on_answer=self._upgrade_answered, on_closed=self._upgrade_closed)
         take_over(self.request, self.pipe)
 

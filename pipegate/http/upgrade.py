@@ -181,13 +181,14 @@ class UpgradePipe(StreamPipe):
     log = Logger()
 
     def __init__(self, link: FrameSink, stream_id: int, *, clock: IReactorTime, method: bytes,
-                 idle_timeout: float, held: bytes = b"",
+                 idle_timeout: float, held: bytes = b"", min_rate: float = 0.0,
                  on_answer: Callable[[int], None] = lambda status: None,
                  on_closed: Callable[[UpgradePipe], None] = lambda pipe: None) -> None:
         super().__init__(link, stream_id)
         self.clock = clock
         self.method = method
         self.idle_timeout = idle_timeout
+        self.min_rate = min_rate   # bytes/s a caller closed behind must take (UnreadAbort); 0: any
         self.state = HANDSHAKE
         self.status = 0
         self.started = clock.seconds()
@@ -381,7 +382,7 @@ class UpgradePipe(StreamPipe):
         if self.transport is None:
             return
         self._cancel_idle()
-        self._idle = UnreadAbort(self.clock, self.idle_timeout, self.transport, self._unread)
+        self._idle = UnreadAbort(self.clock, self.idle_timeout, self.transport, self._unread, self.min_rate)
         # A streaming producer still registered (this pipe) would keep the connection open
         # once its queue drained: Twisted then resumes the producer instead of closing.
         self.transport.unregisterProducer()

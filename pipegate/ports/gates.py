@@ -18,6 +18,7 @@ from pipegate.core.budget import RATE, Budget, SourceRate, source_key
 from pipegate.core.window import GrowthBudget
 from pipegate.core.policy import Decision
 from pipegate.mux.channel import StreamChannel
+from pipegate.mux.frames import MAX_DATAGRAM
 from pipegate.sockets import read_waiting
 from pipegate.stats import Stats
 from pipegate.core.bucket import datagram_allowed
@@ -165,6 +166,11 @@ class UDPGate(DatagramProtocol):
         self._send = datagram_sender(self.transport, self._dropped)
 
     def datagramReceived(self, data, addr):
+        if len(data) > MAX_DATAGRAM:
+            # Over IPv6 a datagram may carry up to 65,527 bytes, more than a DATAGRAM frame
+            # (the largest IPv4 payload): sent on, it closed the whole link to the provider.
+            self._dropped()
+            return
         gateway = self.gateway
         flow = self.flows.get(addr)
         if flow is None:

@@ -222,6 +222,9 @@ class BackendSocket(DatagramProtocol):
 
     def datagramReceived(self, data, addr):
         if self.flow is not None:
+            if len(data) > frames.MAX_DATAGRAM:   # (an IPv6 service's: no DATAGRAM frame carries it)
+                self.flow.count_drop()
+                return
             self.flow.outbound(data)
 
     def connectionRefused(self):
