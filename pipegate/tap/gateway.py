@@ -10,7 +10,8 @@ from twisted.python import usage
 from pipegate.accept import EmfileGuard, SiteLimits
 from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.core.source import SourceError, load_source
-from pipegate.fdlimit import default_caps, pick, raise_nofile
+from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
+from pipegate.startup import node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError
@@ -167,6 +168,10 @@ def gate_caps(options: Options, budget=None) -> dict[str, int]:
         "{conns_ip} per IP, {conns} in all; UDP flows {flows_ip} per IP, {flows} in all",
         soft=budget.soft, before=budget.before, hard=budget.hard, conns_ip=caps["max-conns-per-ip"],
         conns=caps["max-conns"], flows_ip=caps["max-flows-per-ip"], flows=caps["max-flows"])
+    warning = overcommitted(budget, {"max-conns": options["max-conns"] or 0})
+    if warning:
+        Logger(namespace="pipegate.gateway").warn("{problem}", problem=warning)
+    Logger(namespace="pipegate.gateway").info("{line}", line=node_line("gateway", options))
     return caps
 
 

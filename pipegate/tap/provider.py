@@ -9,7 +9,8 @@ from twisted.python import usage
 
 from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.core.source import SourceError, load_source
-from pipegate.fdlimit import default_caps, pick, raise_nofile
+from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
+from pipegate.startup import node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard, SiteLimits
@@ -170,6 +171,10 @@ def backend_caps(options: Options, budget=None) -> dict[str, int]:
         "{total} in all, {per_ip} per client IP, {udp} of them UDP flows",
         soft=budget.soft, before=budget.before, hard=budget.hard, total=caps["max-backends"],
         per_ip=caps["max-backends-per-ip"], udp=caps["max-udp-backends"])
+    warning = overcommitted(budget, {"max-backends": options["max-backends"] or 0})
+    if warning:
+        Logger(namespace="pipegate.provider").warn("{problem}", problem=warning)
+    Logger(namespace="pipegate.provider").info("{line}", line=node_line("provider", options))
     return caps
 
 

@@ -20,7 +20,8 @@ from pipegate.core.policydoc import load_policy
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget
-from pipegate.fdlimit import default_caps, raise_nofile
+from pipegate.fdlimit import default_caps, overcommitted, raise_nofile
+from pipegate.startup import relay_line
 
 
 def _fetch(url: str) -> bytes:
@@ -155,7 +156,7 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
             try:
                 self["tls"] = ReloadingServerTLS(self["tls-cert"], self["tls-key"])
             except CertificateError as e:
-                raise usage.UsageError(f"--tls-cert: {e}") from None
+                raise usage.UsageError(f"--{e.option}: {e}") from None
 
 
 def relay_config(options: Options) -> RelayConfig:
@@ -230,6 +231,12 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
              "at {per_ip} per IP (0 = none) and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
              per_ip=per_ip, total=total)
+    warning = overcommitted(fds, {"max-connections": options["max-connections"]})
+    if warning:
+        log.warn("{problem}", problem=warning)
+    log.info("{line}", line=relay_line(options, per_ip, total))
+    if options.get("tls") is not None:
+        options["tls"].warn_problem()
     relay = Relay(relay_config(options), reactor)
     reloads = []
     if options.get("revocations") is not None:
