@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import json
 
+from prometheus_client import ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.web import resource, server
@@ -175,6 +176,9 @@ class OpsResource(resource.Resource):
                  access: StatusAccess | None = None) -> None:
         super().__init__()
         self.registry = registry_for(collector, *more)
+        # process_open_fds against process_max_fds (the soft LimitNOFILE), resident memory, CPU:
+        # the client library's standard process metrics, read from /proc at scrape time.
+        self.registry.register(ProcessCollector(registry=None))
         self.putChild(b"metrics", _Metrics(self.registry))
         self.putChild(b"status", _Status(status, access))
 
