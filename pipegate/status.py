@@ -183,6 +183,19 @@ class OpsResource(resource.Resource):
         self.putChild(b"status", _Status(status, access))
 
 
+class OpsSite(server.Site):
+    """The ops listener's site: its access log leaves out successful C{/metrics} scrapes
+    (one every 15 s from Prometheus would flood the journal) and keeps every other request."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request) -> None:
+        if request.code == 200 and request.path == b"/metrics":
+            return
+        super().log(request)
+
+
 def add_ops(top: service.MultiService, description: str | None, collector: ServiceCollector,
             status, reactor, *more: ServiceCollector, access: StatusAccess | None = None,
             limits: SiteLimits) -> None:
@@ -192,9 +205,7 @@ def add_ops(top: service.MultiService, description: str | None, collector: Servi
     """
     if not description:
         return
-    site = server.Site(OpsResource(collector, status, *more, access=access), reactor=reactor)
-    site.noisy = False
-    site.displayTracebacks = False
+    site = OpsSite(OpsResource(collector, status, *more, access=access), reactor=reactor)
     small_site(description, site, reactor, "--metrics", limits).setServiceParent(top)
 
 

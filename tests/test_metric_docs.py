@@ -85,3 +85,32 @@ class ProcessMetrics(unittest.TestCase):
         values = dict(re.findall(r"^(process_(?:open|max)_fds) (\S+)$", text, re.M))
         self.assertEqual(float(values["process_max_fds"]), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.assertEqual(float(values["process_open_fds"]), len(os.listdir("/proc/self/fd")))
+
+
+class ScrapesAreNotLogged(unittest.TestCase):
+    """Prometheus scrapes /metrics every 15 s: a log line each was 5,760 lines a day in journald."""
+
+    async def test_metrics_quiet_status_logged(self):
+        from twisted.internet import endpoints, reactor
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from pipegate.metrics import ServiceCollector
+        from pipegate.stats import Stats
+        from pipegate.status import OpsResource, OpsSite
+        from tests.support import Loopback, request
+
+        loop = Loopback(self)
+        site = OpsSite(OpsResource(ServiceCollector(Stats(), (), lambda: []), lambda: {}))
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        loop.ports.append(port)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        agent = loop.agent()
+        for path in ("/metrics", "/status", "/nope"):
+            response, _ = await request(agent, b"GET", base + path)
+        text = [formatEvent(e) for e in events]
+        self.assertEqual([t for t in text if "GET /metrics" in t], [])
+        self.assertEqual(len([t for t in text if "GET /status" in t]), 1)
+        self.assertEqual(len([t for t in text if "GET /nope" in t]), 1)
