@@ -17,6 +17,7 @@ from pipegate.config import (API_PARAMETERS, EnvOptions, non_negative_float, non
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -161,6 +162,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     recorder = None
     if options["inspect"]:
         from pipegate.http.inspect.recorder import Recorder

@@ -23,6 +23,7 @@ from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedR
 from pipegate.ports.services import Exposure, parse_filters, parse_only_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -121,6 +122,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     caps = gate_caps(options)
     guard = EmfileGuard(reactor)
     guard.setServiceParent(top)

@@ -22,6 +22,7 @@ from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import merge_services, parse_service_spec, parse_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -124,6 +125,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     records = Records() if options["resolver"] else None
     caps = backend_caps(options)
     provider = Provider(ProviderConfig(

@@ -17,6 +17,7 @@ from pipegate.mux.options import HUB_PARAMETERS, HubOptions
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget
@@ -223,6 +224,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     top = service.MultiService()
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     fds = raise_nofile()
     usable = fds.usable()
     if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
