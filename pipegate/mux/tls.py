@@ -81,9 +81,13 @@ class LinkTLSFactory(BatchedTLSFactory):
 class _LinkTLSClientEndpoint:
     """C{endpoints.wrapClientTLS} with L{LinkTLSFactory}."""
 
-    def __init__(self, creator, wrapped) -> None:
+    def __init__(self, creator, wrapped, description: str = "?") -> None:
         self._creator = creator
         self._wrapped = wrapped
+        self._description = description
+
+    def __repr__(self) -> str:   # in ClientService's "Scheduling retry N to connect ..." lines
+        return f"<TLS link to {self._description}>"
 
     def connect(self, factory):
         return self._wrapped.connect(LinkTLSFactory(self._creator, True, factory)).addCallback(
@@ -109,4 +113,4 @@ def client_endpoint(reactor, description: str, verify_hostname: str | None = Non
         creator = ssl.optionsForClientTLS(verify_hostname, trustRoot=trust)
     else:
         creator = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-    return _LinkTLSClientEndpoint(creator, plain)
+    return _LinkTLSClientEndpoint(creator, plain, description)
