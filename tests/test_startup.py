@@ -164,3 +164,45 @@ class ProviderLine(unittest.TestCase):
                       "tcp:127.0.0.1:7000; metrics off; drain timeout 30 s", lines(events))
         [warning] = [e for e in lines(events, LogLevel.warn) if "LimitNOFILE" in e]
         self.assertIn("--max-backends (5000)", warning)
+
+
+class PortInUse(unittest.TestCase):
+    """A listener that cannot bind (a port in use, a port below 1024 without the capability)
+    printed a 40-line traceback; now one line naming the option, exit status 1."""
+
+    def test_line(self):
+        import errno
+        import socket
+
+        from twisted.internet.error import CannotListenError
+
+        from pipegate.startup import cannot_listen
+
+        options = {"listen": "tcp:80", "metrics": "tcp:9100:interface=127.0.0.1", "https": None}
+        busy = CannotListenError("127.0.0.1", 9100, socket.error(errno.EADDRINUSE, "Address already in use"))
+        self.assertEqual(cannot_listen(busy, options),
+                         "--metrics: cannot listen on 127.0.0.1:9100: Address already in use")
+        denied = CannotListenError("", 80, socket.error(errno.EACCES, "Permission denied"))
+        self.assertEqual(cannot_listen(denied, options),
+                         "--listen: cannot listen on *:80: Permission denied (a port below 1024 needs "
+                         "AmbientCapabilities=CAP_NET_BIND_SERVICE in the unit, or socket activation)")
+
+    async def test_relay_and_gateway_processes(self):
+        import socket
+
+        from tests.test_processes import TWISTD, child_env, spawn
+
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        relay = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen",
+                                      f"tcp:{port}:interface=127.0.0.1"], child_env(PIPEGATE_JWT_SECRET=SECRET))
+        gateway = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-gateway", "--mux",
+                                        f"tcp:{port}:interface=127.0.0.1"], child_env(PIPEGATE_ROUTER=ROUTER))
+        for child, option in ((relay, "--listen"), (gateway, "--mux")):
+            self.assertEqual(await child.ended, 1)
+            self.assertIn(f"{option}: cannot listen on 127.0.0.1:{port}: Address already in use".encode(),
+                          child.output)
+            self.assertNotIn(b"Traceback", child.output)

@@ -18,6 +18,7 @@ from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
 from pipegate.drain import RepeatedStopSignal
+from pipegate.startup import StartupRoot
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -160,7 +161,7 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
     RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     recorder = None

@@ -10,7 +10,7 @@ from twisted.python import usage
 from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
-from pipegate.startup import node_line
+from pipegate.startup import StartupRoot, node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard, SiteLimits
@@ -123,7 +123,7 @@ def _short_form_hint(sources: list[str]) -> str:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
     RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     records = Records() if options["resolver"] else None

@@ -22,7 +22,7 @@ from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget
 from pipegate.fdlimit import default_caps, overcommitted, raise_nofile
-from pipegate.startup import relay_line
+from pipegate.startup import StartupRoot, relay_line
 
 
 def _fetch(url: str) -> bytes:
@@ -222,7 +222,7 @@ def behind_proxy(description: str) -> bool:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
     RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     fds = raise_nofile()
