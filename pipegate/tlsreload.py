@@ -126,7 +126,7 @@ class ReloadingServerTLS:
 
 
 def nothing_to_reload() -> None:
-    Logger().info("SIGHUP: nothing to reload (no --tls-cert)")
+    Logger().info("SIGHUP: nothing to reload (no --tls-cert, no --revoked)")
 
 
 class ReloadOnSignal(service.Service):
