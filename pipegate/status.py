@@ -24,11 +24,13 @@ def _peer(link) -> str:
 
 
 def relay_status(relay) -> dict:
+    full = relay.stats.by_label("in_flight_refusals")   # 503s at --max-in-flight, by tunnel
     return {
         "service": "relay",
         "draining": relay.stopping,
         "tunnels": [
-            {"id": t.id, "connectors": len(t.links), "in_flight": t.in_flight, "waiting": len(t.waiting)}
+            {"id": t.id, "connectors": len(t.links), "in_flight": t.in_flight, "waiting": len(t.waiting),
+             "refused_full": int(full.get(t.id, 0))}
             for t in sorted(relay.tunnels.values(), key=lambda t: t.id)
         ],
     }

@@ -319,6 +319,9 @@ class EdgeRelay(unittest.TestCase):
         self.assertIn(b" 503 ", split_response(bytes(refused.received))[0])
         refused.transport.loseConnection()
         self.assertEqual(self.relay.stats.by_label("in_flight_refusals"), {"t1": 1})
+        from pipegate.status import relay_status
+
+        self.assertEqual(relay_status(self.relay)["tunnels"][0]["refused_full"], 1)   # pipegate status
         self.assertEqual(self.relay.stats.get("caller_share_refusals"), 0)
         for proto in held:
             proto.transport.loseConnection()
