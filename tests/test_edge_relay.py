@@ -595,7 +595,7 @@ class RelayProcess(unittest.TestCase):
         self.start()
         await self.up()
         out = self.child.output.decode()
-        self.assertIn("public connections capped at 16 per IP (0 = none) and 64 in total", out)
+        self.assertIn("public connections capped at 16 per IP and 64 in total", out)
         protos = await self.flood(300)
         await eventually(lambda: b"connection refused" in self.child.output, timeout=20)
         for _ in range(5):

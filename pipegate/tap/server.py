@@ -231,7 +231,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         usable -= min(usable // 2, options["mux-max-peers"])
     per_ip, total = connection_caps(options, usable)
     log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
-             "at {per_ip} per IP (0 = none) and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
+             "at {per_ip} per IP and {total} in total", soft=fds.soft, before=fds.before, hard=fds.hard,
              per_ip=per_ip, total=total)
     warning = overcommitted(fds, {"max-connections": options["max-connections"]})
     if warning:
