@@ -107,3 +107,46 @@ class Files(unittest.TestCase):
             options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--tls-cert", cert + ".missing",
                                   "--tls-key", key])
         self.assertEqual(str(caught.exception), f"--tls-cert: {cert}.missing: No such file or directory")
+
+
+class LinkCertificates(unittest.TestCase):
+    """The gateway's and provider's --tls-cert/--tls-key (mux links): a key that does not match
+    was a VerifyError traceback at startup; an expired certificate went unmentioned."""
+
+    def parse(self, *argv: str):
+        from pipegate.tap.gateway import Options
+
+        options = Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        options.parseOptions(["--mux", "tcp:7000:interface=127.0.0.1", *argv])
+        return options
+
+    def test_mismatched_key(self):
+        cert, _ = cert_files(self, NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=600))
+        _, other_key = cert_files(self, NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=600))
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--tls-cert", cert, "--tls-key", other_key)
+        self.assertEqual(str(caught.exception), "--tls-cert: the key does not match the certificate")
+
+    def test_not_a_certificate(self):
+        _, key = cert_files(self, NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=600))
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--tls-cert", key, "--tls-key", key)
+        self.assertTrue(str(caught.exception).startswith("--tls-cert: cannot read the certificate or key"),
+                        str(caught.exception))
+
+    def test_expired_certificate_warns(self):
+        from pipegate.tap.gateway import gate_caps
+        from pipegate.fdlimit import FdBudget
+
+        long_ago = datetime.datetime(2020, 1, 1, tzinfo=UTC)
+        cert, key = cert_files(self, long_ago, long_ago + datetime.timedelta(days=30))
+        options = self.parse("--tls-cert", cert, "--tls-key", key)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        gate_caps(options, FdBudget(1024, 1024, 1024))
+        from twisted.logger import formatEvent
+
+        self.assertIn(f"--tls-cert {cert}: the certificate expired on 2020-01-31T00:00:00+00:00; clients will "
+                      "refuse it", [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn])

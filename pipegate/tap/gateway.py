@@ -174,6 +174,9 @@ def gate_caps(options: Options, budget=None) -> dict[str, int]:
     if warning:
         Logger(namespace="pipegate.gateway").warn("{problem}", problem=warning)
     Logger(namespace="pipegate.gateway").info("{line}", line=node_line("gateway", options))
+    if options.get("tls-problem"):
+        Logger(namespace="pipegate.gateway").warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"],
+                                      tls_problem=options["tls-problem"])
     return caps
 
 

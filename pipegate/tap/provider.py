@@ -177,6 +177,9 @@ def backend_caps(options: Options, budget=None) -> dict[str, int]:
     if warning:
         Logger(namespace="pipegate.provider").warn("{problem}", problem=warning)
     Logger(namespace="pipegate.provider").info("{line}", line=node_line("provider", options))
+    if options.get("tls-problem"):
+        Logger(namespace="pipegate.provider").warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"],
+                                      tls_problem=options["tls-problem"])
     return caps
 
 
