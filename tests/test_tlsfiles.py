@@ -150,3 +150,34 @@ class LinkCertificates(unittest.TestCase):
 
         self.assertIn(f"--tls-cert {cert}: the certificate expired on 2020-01-31T00:00:00+00:00; clients will "
                       "refuse it", [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn])
+
+
+class TrustFiles(unittest.TestCase):
+    """--ca-file (connector) and --tls-ca (provider, gateway) naming a file that is not a PEM
+    certificate (a key, say): an OpenSSL 'no start line' traceback at startup."""
+
+    def test_connector_ca_file(self):
+        from pipegate.tap.client import Options
+
+        _, key = cert_files(self, NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=600))
+        options = Options()
+        options.environ = {"PIPEGATE_TOKEN": "x"}
+        with self.assertRaises((usage.UsageError, SystemExit)) as caught:
+            options.parseOptions(["--ca-file", key, "http://127.0.0.1:3000", "wss://relay.example.com/my-app"])
+        self.assertIn(f"--ca-file: {key}: not a PEM certificate", str(caught.exception))
+
+    def test_provider_tls_ca(self):
+        import json
+
+        from pipegate.tap.provider import Options
+
+        _, key = cert_files(self, NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=600))
+        services = self.mktemp()
+        with open(services, "w") as f:
+            json.dump({"services": [{"gatePort": 2222, "serviceHost": "127.0.0.1", "servicePort": 22}]}, f)
+        options = Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--services", services, "--connect", "tcp:127.0.0.1:7000",
+                                  "--tls-verify", "gw.example.com", "--tls-ca", key])
+        self.assertEqual(str(caught.exception), f"--tls-ca: {key}: not a PEM certificate")

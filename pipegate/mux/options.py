@@ -107,6 +107,10 @@ def check_link_options(options, prefix: str = "") -> None:
     for name in (key, cert, prefix + "tls-ca"):
         if options.get(name) and not os.path.isfile(options[name]):
             raise usage.UsageError(f"--{name}: no such file: {options[name]}")
+    if options.get(prefix + "tls-ca"):
+        from pipegate.config import check_pem_certificate
+
+        check_pem_certificate(prefix + "tls-ca", options[prefix + "tls-ca"])
     if options[cert]:
         options[prefix + "tls-problem"] = _check_certificate(options[cert], options[key], f"--{cert}")
     from pipegate.mux import frames

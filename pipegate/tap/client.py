@@ -86,6 +86,9 @@ class Options(EnvOptions):
         check_server_endpoint("inspect", self["inspect"])
         if self["ca-file"] and not os.path.isfile(self["ca-file"]):
             raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
+        from pipegate.config import check_pem_certificate
+
+        check_pem_certificate("ca-file", self["ca-file"])
         segments = [segment for segment in parts.path.split("/") if segment]
         if len(segments) > 1:
             # The relay routes public traffic by the first path segment: behind a prefix
