@@ -181,3 +181,18 @@ class TrustFiles(unittest.TestCase):
             options.parseOptions(["--services", services, "--connect", "tcp:127.0.0.1:7000",
                                   "--tls-verify", "gw.example.com", "--tls-ca", key])
         self.assertEqual(str(caught.exception), f"--tls-ca: {key}: not a PEM certificate")
+
+
+class HubCertificate(unittest.TestCase):
+    def test_expired_hub_certificate_warns(self):
+        from twisted.logger import formatEvent
+
+        from tests.test_startup import relay_service
+
+        long_ago = datetime.datetime(2020, 1, 1, tzinfo=UTC)
+        cert, key = cert_files(self, long_ago, long_ago + datetime.timedelta(days=30))
+        events = relay_service(self, "--listen", "tcp:8000:interface=127.0.0.1", "--mux",
+                               "tcp:7000:interface=127.0.0.1", "--mux-router", "ab" * 32,
+                               "--mux-tls-cert", cert, "--mux-tls-key", key)
+        self.assertIn(f"--mux-tls-cert {cert}: the certificate expired on 2020-01-31T00:00:00+00:00; clients "
+                      "will refuse it", [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn])

@@ -239,6 +239,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     log.info("{line}", line=relay_line(options, per_ip, total))
     if options.get("tls") is not None:
         options["tls"].warn_problem()
+    if options.get("mux-tls-problem"):   # the hub's certificate (check_link_options)
+        log.warn("--mux-tls-cert {path}: {tls_problem}", path=options["mux-tls-cert"],
+                 tls_problem=options["mux-tls-problem"])
     relay = Relay(relay_config(options), reactor)
     reloads = []
     if options.get("revocations") is not None:
