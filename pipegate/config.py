@@ -216,3 +216,18 @@ def check_server_endpoint(name: str, value: str | None) -> None:
         endpoints.serverFromString(reactor, value)
     except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
         raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None
+
+
+def check_pem_certificate(name: str, path: str | None) -> None:
+    """Stop startup with one line naming C{--name} unless C{path} holds a PEM certificate."""
+    if not path:
+        return
+    from twisted.internet import ssl
+
+    try:
+        with open(path, "rb") as f:
+            ssl.Certificate.loadPEM(f.read())
+    except OSError as e:
+        raise usage.UsageError(f"--{name}: {path}: {e.strerror}") from None
+    except Exception:   # pyOpenSSL's crypto.Error, or an empty file: not a certificate either way
+        raise usage.UsageError(f"--{name}: {path}: not a PEM certificate") from None

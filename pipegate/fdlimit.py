@@ -69,3 +69,18 @@ def default_caps(usable: int, per_unit: int = 1, share: int = 4, per_source_max:
 def pick(value: int | None, default: int) -> int:
     """An option's value, or C{default} when it was left to the fd budget (C{None})."""
     return default if value is None else value
+
+
+def overcommitted(budget: FdBudget, caps: dict[str, int], reserve: int = RESERVE) -> str | None:
+    """
+    A warning when the caps an operator set (option name -> descriptors it may take; 0 =
+    no cap, not counted) need more descriptors than C{budget} leaves, else None.
+    """
+    need = sum(value for value in caps.values() if value > 0)
+    usable = budget.usable(reserve)
+    if need <= usable:
+        return None
+    names = " + ".join(f"--{name} ({value})" for name, value in caps.items() if value > 0)
+    return (f"{names} needs more file descriptors than the soft limit {budget.soft} (hard {budget.hard}) "
+            f"leaves ({usable} after {reserve} for the service itself): connections past it fail with "
+            f"EMFILE; raise LimitNOFILE= in the unit to at least {need + reserve}, or lower the cap")

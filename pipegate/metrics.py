@@ -83,7 +83,8 @@ def relay_collector(relay) -> ServiceCollector:
         ]
     return ServiceCollector(relay.stats, ("requests", "bytes", "admission_failures", "policy_denials",
                                           "caller_decisions", "throttled_seconds", "drain_cut",
-                                          "connections_refused", "caller_share_refusals", "upgrades"), gauges)
+                                          "connections_refused", "caller_share_refusals", "in_flight_refusals",
+                                          "upgrades"), gauges)
 
 
 def hub_collector(hub) -> ServiceCollector:

@@ -33,6 +33,8 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
                             "total) or emfile (accepting paused: no descriptors left).", "cap"),
     "caller_share_refusals": ("Public requests refused because their caller IP already held its share of "
                               "a tunnel's --max-in-flight slots.", None),
+    "in_flight_refusals": ("Public requests refused with 503 because their tunnel had --max-in-flight requests "
+                           "in flight, by tunnel ((offline) while no connector is logged in).", "tunnel"),
     "upgrades": ("Passthrough (Upgrade) requests by outcome: switched (101), refused (the app answered "
                  "otherwise), failed.", "result"),
 }

@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import json
 
+from prometheus_client import ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.web import resource, server
@@ -23,11 +24,13 @@ def _peer(link) -> str:
 
 
 def relay_status(relay) -> dict:
+    full = relay.stats.by_label("in_flight_refusals")   # 503s at --max-in-flight, by tunnel
     return {
         "service": "relay",
         "draining": relay.stopping,
         "tunnels": [
-            {"id": t.id, "connectors": len(t.links), "in_flight": t.in_flight, "waiting": len(t.waiting)}
+            {"id": t.id, "connectors": len(t.links), "in_flight": t.in_flight, "waiting": len(t.waiting),
+             "refused_full": int(full.get(t.id, 0))}
             for t in sorted(relay.tunnels.values(), key=lambda t: t.id)
         ],
     }
@@ -175,8 +178,24 @@ class OpsResource(resource.Resource):
                  access: StatusAccess | None = None) -> None:
         super().__init__()
         self.registry = registry_for(collector, *more)
+        # process_open_fds against process_max_fds (the soft LimitNOFILE), resident memory, CPU:
+        # the client library's standard process metrics, read from /proc at scrape time.
+        self.registry.register(ProcessCollector(registry=None))
         self.putChild(b"metrics", _Metrics(self.registry))
         self.putChild(b"status", _Status(status, access))
+
+
+class OpsSite(server.Site):
+    """The ops listener's site: its access log leaves out successful C{/metrics} scrapes
+    (one every 15 s from Prometheus would flood the journal) and keeps every other request."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request) -> None:
+        if request.code == 200 and request.path == b"/metrics":
+            return
+        super().log(request)
 
 
 def add_ops(top: service.MultiService, description: str | None, collector: ServiceCollector,
@@ -188,9 +207,7 @@ def add_ops(top: service.MultiService, description: str | None, collector: Servi
     """
     if not description:
         return
-    site = server.Site(OpsResource(collector, status, *more, access=access), reactor=reactor)
-    site.noisy = False
-    site.displayTracebacks = False
+    site = OpsSite(OpsResource(collector, status, *more, access=access), reactor=reactor)
     small_site(description, site, reactor, "--metrics", limits).setServiceParent(top)
 
 

@@ -4,11 +4,14 @@ TLS on a listener from PEM files that can be reloaded (SIGHUP) without a restart
 L{ReloadingServerTLS} hands every new connection an C{SSL.Connection} built from the
 current certificate; a reload swaps the certificate for connections made afterwards,
 while connections already made keep theirs.  A failed reload (missing file, key not
-matching) logs why and keeps serving the old certificate.
+matching) logs why and keeps serving the old certificate.  A certificate that has expired,
+is not valid yet or expires within L{SOON} is loaded all the same (a reload can replace it
+without a restart) and named in one warning line (L{validity_problem}).
 """
 
 from __future__ import annotations
 
+import datetime
 import signal
 
 from OpenSSL import SSL, crypto
@@ -20,18 +23,42 @@ from zope.interface import implementer
 
 
 class CertificateError(ValueError):
-    pass
+    """A certificate or key file that cannot serve; C{option} names the file's option."""
+
+    option = "tls-cert"
+
+
+#: A certificate expiring within this is worth a warning (Let's Encrypt renews 30 days ahead).
+SOON = datetime.timedelta(days=14)
+
+
+def validity_problem(not_before: datetime.datetime, not_after: datetime.datetime,
+                     now: datetime.datetime) -> str | None:
+    """What is wrong with a certificate's validity period at C{now}, or None."""
+    if now > not_after:
+        return f"the certificate expired on {not_after.isoformat()}; clients will refuse it"
+    if now < not_before:
+        return f"the certificate is not valid before {not_before.isoformat()} (check the clock); clients will refuse it"
+    if not_after - now < SOON:
+        days = (not_after - now).total_seconds() / 86400
+        return f"the certificate expires on {not_after.isoformat()}, in {days:.1f} days"
+    return None
 
 
 def load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     """CertificateOptions from a PEM certificate (chain) file and a PEM key file."""
-    try:
-        with open(cert_path, "rb") as f:
-            chain_pem = f.read()
-        with open(key_path, "rb") as f:
-            key_pem = f.read()
-    except OSError as e:
-        raise CertificateError(f"{e.filename}: {e.strerror}") from None
+    for path, option in ((cert_path, "tls-cert"), (key_path, "tls-key")):
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            error = CertificateError(f"{e.filename}: {e.strerror}")
+            error.option = option
+            raise error from None
+        if option == "tls-cert":
+            chain_pem = pem
+        else:
+            key_pem = pem
     if not chain_pem.strip():
         raise CertificateError(f"{cert_path}: no certificate")
     return options_from_pem(chain_pem, key_pem)
@@ -65,10 +92,23 @@ class ReloadingServerTLS:
 
     log = Logger()
 
-    def __init__(self, cert_path: str, key_path: str) -> None:
+    def __init__(self, cert_path: str, key_path: str, clock=None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.cert_path = cert_path
         self.key_path = key_path
+        self.clock = clock
         self.options = load_options(cert_path, key_path)
+        self.problem = self._problem()   # logged by the service at startup
+
+    def _problem(self) -> str | None:
+        cert = self.options.certificate.to_cryptography()
+        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+        return validity_problem(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
+
+    def warn_problem(self) -> None:
+        if self.problem is not None:
+            self.log.warn("--tls-cert {path}: {tls_problem}", path=self.cert_path, tls_problem=self.problem)
 
     def reload(self) -> bool:
         try:
@@ -77,6 +117,8 @@ class ReloadingServerTLS:
             self.log.error("TLS reload failed, keeping the previous certificate: {error}", error=e)
             return False
         self.log.info("TLS certificate reloaded from {path}", path=self.cert_path)
+        self.problem = self._problem()
+        self.warn_problem()
         return True
 
     def serverConnectionForTLS(self, tlsProtocol):
@@ -84,7 +126,7 @@ class ReloadingServerTLS:
 
 
 def nothing_to_reload() -> None:
-    Logger().info("SIGHUP: nothing to reload (no --tls-cert)")
+    Logger().info("SIGHUP: nothing to reload (no --tls-cert, no --revoked)")
 
 
 class ReloadOnSignal(service.Service):

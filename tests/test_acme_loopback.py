@@ -169,6 +169,48 @@ class IssuerErrors(unittest.TestCase):
         self.assertEqual(error.kind, "ca_error")
 
 
+class Unreachable(unittest.TestCase):
+    """What an operator reads when the directory cannot be reached: the URL and the cause, short."""
+
+    async def issue(self, url: str, ca_file: str | None = None) -> AcmeFailure:
+        from twisted.internet import threads
+
+        from pipegate.http.acmeclient import Issuer
+
+        store = CertStore(self.mktemp())
+        store.prepare()
+        challenges = Challenges()
+        issuer = Issuer(url, store, challenges.publish, challenges.withdraw, ca_file=ca_file, timeout=5)
+        with self.assertRaises(AcmeFailure) as caught:
+            await threads.deferToThread(issuer.issue, "example.test")
+        self.assertEqual(caught.exception.kind, "unreachable")
+        return caught.exception
+
+    async def test_connection_refused(self):
+        from tests.test_ports_e2e import free_port
+
+        port = free_port()
+        error = await self.issue(f"https://127.0.0.1:{port}/dir")
+        self.assertEqual(error.problem, f"cannot reach https://127.0.0.1:{port}/dir: Connection refused")
+
+    async def test_untrusted_certificate_points_at_acme_ca_file(self):
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.web import resource, server
+
+        from pipegate.tlsreload import options_from_pem
+        from tests.test_systemd import make_cert
+
+        cert, key = make_cert()
+        factory = TLSMemoryBIOFactory(options_from_pem(cert, key), False, server.Site(resource.Resource()))
+        port = (await Loopback(self).listen(factory)).getHost().port
+        error = await self.issue(f"https://127.0.0.1:{port}/dir")
+        self.assertTrue(error.problem.startswith(f"cannot reach https://127.0.0.1:{port}/dir: certificate "
+                                                 "verify failed: "), error.problem)
+        self.assertTrue(error.problem.endswith("(a CA of your own: --acme-ca-file)"), error.problem)
+        del ssl
+
+
 class LazyImport(unittest.TestCase):
     def test_acme_library_loaded_only_for_an_order(self):
         """Not without --acme-directory, and with it not before the first order."""

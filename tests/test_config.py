@@ -450,6 +450,10 @@ class ClientOptionsTests(unittest.TestCase):
         present = FilePath(self.mktemp())
         present.parent().makedirs(ignoreExistingDirectory=True)
         present.setContent(b"")
+        self.assertUsage("--ca-file", args=("--ca-file", present.path) + args)   # empty: no certificate
+        from tests.test_systemd import make_cert
+
+        present.setContent(make_cert()[0])
         o = self.parse("--ca-file", present.path, *args)
         self.assertEqual(o["ca-file"], present.path)
         o = self.parse(*args, PIPEGATE_CA_FILE=present.path)

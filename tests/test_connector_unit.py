@@ -523,3 +523,31 @@ class PassthroughTests(unittest.TestCase):
         [reset] = h.relay.take()
         self.assertEqual((reset.stream, reset.code), (1, 502))
         self.assertEqual(h.session.streams, {})
+
+
+class LinkLossWording(unittest.TestCase):
+    """The relay said GOAWAY (drain, revoked token): the log said 'replaced' although the
+    new link had not connected (and, for a revoked token, never would)."""
+
+    def test_goaway_link_lost_says_a_new_link_is_being_dialled(self):
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from pipegate.http.connector import Connector
+        from pipegate.http.target import ConnectorConfig, Target
+
+        reactor = MemoryReactorClock()
+        connector = Connector(reactor, ConnectorConfig(Target.parse("http://127.0.0.1:3000")),
+                              "ws://127.0.0.1:8000/t1", "token", "t1")
+        connector.startService()
+        self.addCleanup(connector.stopService)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link = object()
+        connector.links.append(link)
+        connector.relay_going_away(link)
+        connector.link_down(link, 1000, "relay shutting down")
+        lines = [formatEvent(e) for e in events if "link to the relay lost" in formatEvent(e)]
+        self.assertEqual(lines, ["link to the relay lost (1000 relay shutting down) after the relay's "
+                                 "GOAWAY; a new link is being dialled"])

@@ -75,6 +75,78 @@ class DrainHelper(unittest.TestCase):
         self.successResultOf(node.when_drained())
 
 
+class FakeSignals:
+    """signal.signal/getsignal over a dict: the reactor's handlers as twistd leaves them."""
+
+    def __init__(self, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+    def getsignal(self, number):
+        return self.handlers.get(number, signal.SIG_DFL)
+
+    def signal(self, number, handler):
+        previous, self.handlers[number] = self.getsignal(number), handler
+        return previous
+
+
+class RepeatedStop(unittest.TestCase):
+    """A second SIGTERM while draining: one line, no ReactorNotRunning traceback."""
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import globalLogPublisher
+
+        from pipegate.drain import RepeatedStopSignal
+
+        self.stops = []
+        self.signals = FakeSignals({signal.SIGTERM: lambda n, f: self.stops.append(n),
+                                    signal.SIGINT: signal.SIG_IGN})
+        class Reactor(MemoryReactorClock):
+            removed: list = []
+
+            def callFromThread(self, f, *args):   # (MemoryReactor has no threads)
+                f(*args)
+
+            def addSystemEventTrigger(self, *args, **kwargs):   # (MemoryReactor returns no id)
+                super().addSystemEventTrigger(*args, **kwargs)
+                return "trigger-id"
+
+            def removeSystemEventTrigger(self, trigger):   # (not implemented by MemoryReactor)
+                self.removed.append(trigger)
+
+        self.reactor = Reactor()
+        self.guard = RepeatedStopSignal(self.reactor, self.signals)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.guard.startService()
+        self.reactor.run()   # callWhenRunning: installed after the reactor's own handlers
+
+    def test_first_signal_stops_the_second_is_logged(self):
+        from twisted.logger import formatEvent
+
+        handler = self.signals.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(self.stops, [signal.SIGTERM])
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(self.stops, [signal.SIGTERM])   # reactor.stop() is not called again
+        lines = [formatEvent(e) for e in self.events if "again while stopping" in formatEvent(e)]
+        self.assertEqual(lines, ["SIGTERM again while stopping: the drain goes on (up to --drain-timeout); "
+                                 "SIGKILL ends the process at once"] * 2)
+
+    def test_ignored_sigint_stays_ignored(self):
+        self.assertIs(self.signals.getsignal(signal.SIGINT), signal.SIG_IGN)
+
+    def test_stopping_outside_a_shutdown_restores_the_handlers(self):
+        before = self.signals.handlers.copy()
+        self.guard.stopService()
+        self.assertNotEqual(before[signal.SIGTERM], self.signals.handlers[signal.SIGTERM])
+        self.assertEqual(self.reactor.removed, ["trigger-id"])
+        self.signals.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        self.assertEqual(self.stops, [signal.SIGTERM])
+
+
 class Trickle(resource.Resource):
     """GET /trickle/N: N chunks of 64 KiB of the test pattern, one every 20 ms."""
 
@@ -217,6 +289,24 @@ class RelayDrain(unittest.TestCase):
         self.assertNotIn(b"Traceback", relay.output)
         with self.assertRaises(Exception):  # the listener is gone with the process
             await self.get("/t1/x")
+
+    async def test_second_sigterm_while_draining(self):
+        relay = self.start_relay("--drain-timeout", "2")
+        connector = self.start_connector()
+        await self.online(connector)
+        response, big = await self.get("/t1/trickle/400")
+        await eventually(lambda: len(big.received) > 0)
+        relay.transport.signalProcess(signal.SIGTERM)
+        await eventually(lambda: b"draining: " in relay.output, timeout=10)
+        relay.transport.signalProcess(signal.SIGTERM)
+        await eventually(lambda: b"SIGTERM again while stopping" in relay.output, timeout=10)
+        await big.done
+        await relay.ended
+        self.assertIn(b"drain timeout: 1 request(s) cut", relay.output)
+        self.assertNotIn(b"Traceback", relay.output)
+        self.assertNotIn(b"ReactorNotRunning", relay.output)
+        connector.transport.signalProcess(signal.SIGTERM)
+        await connector.ended
 
 
 class Trickler(protocol.Protocol):

@@ -309,6 +309,24 @@ class EdgeRelay(unittest.TestCase):
         await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
         self.assertEqual(self.relay.tunnels["t1"].callers.held(), 0)
 
+    async def test_a_full_tunnel_counts_its_refusals_by_tunnel(self):
+        """Operator: a 503 for --max-in-flight was only a 503 in requests_total, with no reason."""
+        await self.start(max_in_flight=2, caller_share=100)
+        held = [await connect_raw(self.port, upgrade_request(b"/silent"), ATTACKER) for _ in range(2)]
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 2)
+        refused = await connect_raw(self.port, upgrade_request(b"/silent"), ATTACKER)
+        await eventually(lambda: b"\r\n\r\n" in refused.received)
+        self.assertIn(b" 503 ", split_response(bytes(refused.received))[0])
+        refused.transport.loseConnection()
+        self.assertEqual(self.relay.stats.by_label("in_flight_refusals"), {"t1": 1})
+        from pipegate.status import relay_status
+
+        self.assertEqual(relay_status(self.relay)["tunnels"][0]["refused_full"], 1)   # pipegate status
+        self.assertEqual(self.relay.stats.get("caller_share_refusals"), 0)
+        for proto in held:
+            proto.transport.loseConnection()
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 0)
+
     async def test_one_ipv6_64_is_one_caller(self):
         """Issue 17 review: each IPv6 address had its own share, so one host's /64 took every slot."""
         from pipegate.http.forwarded import parse_trusted_proxies
@@ -589,7 +607,7 @@ class RelayProcess(unittest.TestCase):
         self.start()
         await self.up()
         out = self.child.output.decode()
-        self.assertIn("public connections capped at 16 per IP (0 = none) and 64 in total; new ones at 50 a second", out)
+        self.assertIn("public connections capped at 16 per IP and 64 in total; new ones at 50 a second", out)
         protos = await self.flood(300)
         await eventually(lambda: b"connection refused" in self.child.output, timeout=20)
         for _ in range(5):

@@ -152,8 +152,8 @@ class RelayMetrics(unittest.TestCase):
         status = json.loads(body)
         self.assertEqual(status["service"], "relay")
         self.assertEqual(status["tunnels"], [
-            {"id": "t1", "connectors": 2, "in_flight": 0, "waiting": 0},
-            {"id": "t2", "connectors": 1, "in_flight": 1, "waiting": 0},
+            {"id": "t1", "connectors": 2, "in_flight": 0, "waiting": 0, "refused_full": 0},
+            {"id": "t2", "connectors": 1, "in_flight": 1, "waiting": 0, "refused_full": 0},
         ])
         # pipegate status URL, as a real process, while the relay serves
         child = spawn(self, [sys.executable, "-m", "pipegate", "status", self.ops], child_env())
@@ -161,7 +161,7 @@ class RelayMetrics(unittest.TestCase):
         out = child.output.decode()
         self.assertIn("tunnels (2):", out)
         row = next(line.split() for line in out.splitlines() if line.strip().startswith("t2"))
-        self.assertEqual(row, ["t2", "1", "1", "0"])
+        self.assertEqual(row, ["t2", "1", "1", "0", "0"])
         for link in self.relay.tunnels["t2"].links:
             link.go_away("test over")
         await pending

@@ -259,3 +259,14 @@ class LinkWrites(unittest.TestCase):
         self.assertEqual(self.received(), [
             self.frames.OpenOk(3), self.frames.Window(3, 1000), self.frames.Data(3, pattern(SEND_AT_ONCE)),
             self.frames.Fin(3)])
+
+
+class DialerLogNames(unittest.TestCase):
+    """ClientService logs 'Scheduling retry N to connect <endpoint> in S seconds': the
+    operator must read the peer there, not '<..._LinkTLSClientEndpoint object at 0x7f...>'."""
+
+    def test_repr_names_the_peer(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        endpoint = tls.client_endpoint(MemoryReactorClock(), "tcp:gw.example.com:7000")
+        self.assertEqual(repr(endpoint), "<TLS link to tcp:gw.example.com:7000>")

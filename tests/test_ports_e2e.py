@@ -713,6 +713,34 @@ class FirstHourLogs(PortPlane):
         self.assertTrue(gw.stats.by_label("admission_failures"))
 
 
+class CertificateCheckLogs(PortPlane):
+    """docs/deployment.md §7.6: a provider whose --tls-verify check fails said only 'closed
+    before admission (wrong router secret, refused role, or TLS failure)' every second."""
+
+    async def test_an_untrusted_gateway_certificate_is_named(self):
+        import os
+
+        from tests.test_systemd import make_cert
+
+        gw, mux = await self.gateway()
+        ca = os.path.join(self.mktemp())
+        with open(ca, "wb") as f:
+            f.write(make_cert("some other CA")[0])
+        prov = Provider(ProviderConfig(services=()), reactor)
+        prov.startService()
+        self.cleanups.append(prov.stopService)
+        link_config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER, ping_interval=0.5, ping_deadline=2)
+        endpoint = tls.client_endpoint(reactor, f"tcp:127.0.0.1:{mux.getHost().port}", "gw.example.com", ca)
+        client = internet.ClientService(endpoint, LinkFactory(prov, link_config, reactor, True),
+                                        retryPolicy=lambda n: 0.5, clock=reactor)
+        client.startService()
+        self.cleanups.append(client.stopService)
+        await eventually(lambda: self.logged("closed before admission: TLS: certificate verify failed: the "
+                                             "peer's certificate is not for gw.example.com (--tls-verify)"))
+        self.assertEqual(prov.links, set())
+        self.assertFalse(self.logged("while verifying certificate"))   # no traceback from Twisted
+
+
 class UDPFlowLogs(PortPlane):
     def test_summary_every_interval_on_a_clock(self):
         from twisted.internet.testing import EventLoggingObserver

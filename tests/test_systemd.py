@@ -258,7 +258,8 @@ class TLSReload(unittest.TestCase):
                                       f"tcp:{port}:interface=127.0.0.1"], child_env(PIPEGATE_JWT_SECRET=SECRET))
         await eventually(lambda: b"starting on %d" % port in relay.output, timeout=20)
         relay.transport.signalProcess(signal.SIGHUP)
-        await eventually(lambda: b"SIGHUP: nothing to reload" in relay.output, timeout=10)
+        await eventually(lambda: b"SIGHUP: nothing to reload (no --tls-cert, no --revoked)" in relay.output,
+                         timeout=10)
         client = Fetch()
         await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         self.addCleanup(lambda: client.transport.abortConnection())

@@ -14,6 +14,8 @@ without ACME, or one restarted with valid certificates, does not need.
 from __future__ import annotations
 
 import datetime
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +68,32 @@ def _problem(error: messages.Error) -> str:
         ident = getattr(sub.identifier, "value", "") if getattr(sub, "identifier", None) else ""
         text += f"; [{ident}] {sub.typ}: {sub.detail or ''}"
     return text
+
+
+def _unreachable(error: requests.RequestException, url: str) -> str:
+    """
+    A network failure in a few words: requests wraps the cause (refused, unknown host,
+    certificate not trusted) two or three levels deep in text an operator has to dig through.
+    """
+    seen: set[int] = set()
+    stack: list = [error]
+    cause = None
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return (f"cannot reach {url}: certificate verify failed: {item.verify_message} "
+                    "(a CA of your own: --acme-ca-file)")
+        if isinstance(item, socket.gaierror):
+            return f"cannot reach {url}: unknown host name ({item.strerror})"
+        if isinstance(item, OSError) and item.strerror and cause is None:
+            cause = item.strerror
+        stack.extend([getattr(item, "reason", None), item.__cause__, item.__context__, *item.args])
+    if cause is None and isinstance(error, requests.Timeout):
+        cause = "timed out"
+    return f"cannot reach {url}: {cause or f'{type(error).__name__}: {error}'}"
 
 
 class Issuer:
@@ -125,7 +153,7 @@ class Issuer:
         except errors.TimeoutError:
             raise AcmeFailure("timeout", f"no certificate within {self.poll_timeout:g} s") from None
         except requests.RequestException as e:
-            raise AcmeFailure("unreachable", f"{type(e).__name__}: {e}") from None
+            raise AcmeFailure("unreachable", _unreachable(e, self.directory_url)) from None
         except errors.Error as e:
             raise AcmeFailure("ca_error", f"{type(e).__name__}: {e}",
                               retry_after[-1] if retry_after else None) from None

@@ -305,8 +305,9 @@ class Connector(service.MultiService):
             if not self.links and self.online is None:
                 self.online = defer.Deferred()
             if self.running and not self.stopping:
-                self.log.info("link to the relay lost ({code} {reason}); {what}", code=code,
-                              reason=reason or "", what="replaced" if retiring else "reconnecting")
+                self.log.info("link to the relay lost ({code} {reason}){what}", code=code, reason=reason or "",
+                              what=" after the relay's GOAWAY; a new link is being dialled" if retiring
+                              else "; reconnecting")
 
     # -- redial: why an attempt failed, logged with the next delay (self.dialer, a
     # pipegate.dialer.Redialer, dials; self.redial is its backoff).

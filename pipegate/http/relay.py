@@ -167,6 +167,7 @@ class Relay(service.Service, Drainer):
                 return
             tunnel = self.tunnels.tunnel(tunnel_id)
         if tunnel.in_flight >= self.config.max_in_flight:
+            self.stats.inc("in_flight_refusals", tunnel.id if tunnel.links else "(offline)")
             plain(request, http.SERVICE_UNAVAILABLE, "too many requests in flight for this tunnel")
             return
         caller = _source_key(getattr(request.getClientAddress(), "host", "") or "")   # IPv6 by its /64

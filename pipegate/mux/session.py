@@ -29,7 +29,7 @@ from pipegate.stats import stats_of
 from pipegate.mux import frames
 from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
 from pipegate.mux.decoder import FrameDecoder
-from pipegate.mux.tls import LinkTLSProtocol
+from pipegate.mux.tls import LinkTLSProtocol, tls_failure
 from pipegate.timers import cancel
 
 ROLE_NAMES = {frames.ROLE_PROVIDER: "provider", frames.ROLE_GATEWAY: "gateway",
@@ -231,8 +231,13 @@ class MuxLink(Protocol):
                                peer=self.peer_name)
             else:
                 self.stats.inc("admission_failures", "tls")
-                self._warn_unadmitted("link with {peer} closed before admission (wrong router secret, "
-                                      "refused role, or TLS failure)", peer=self.peer_name)
+                why = tls_failure(reason)
+                if why is not None:
+                    self._warn_unadmitted("link with {peer} closed before admission: TLS: {why}",
+                                          peer=self.peer_name, why=why)
+                else:
+                    self._warn_unadmitted("link with {peer} closed before admission (wrong router secret, "
+                                          "refused role, or TLS failure)", peer=self.peer_name)
                 self._refused("the link closed before admission (wrong router secret, refused role, "
                               "or TLS failure)")
         self._stop_timers()

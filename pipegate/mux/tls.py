@@ -23,7 +23,11 @@ from pipegate._compat import BatchedTLSFactory, BatchedTLSProtocol
 
 
 def generated_certificate(name: str = "pipegate-node") -> ssl.PrivateCertificate:
-    """A fresh self-signed P-256 certificate, valid for ten years."""
+    """
+    A fresh self-signed P-256 certificate, valid for ten years.  It names C{name} in a
+    subjectAltName too: a peer with --tls-verify then sees a name mismatch it can report
+    (Twisted logs a certificate without any subjectAltName as a critical traceback).
+    """
     now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -31,10 +35,30 @@ def generated_certificate(name: str = "pipegate-node") -> ssl.PrivateCertificate
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .sign(key, hashes.SHA256()))
     pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return ssl.PrivateCertificate.loadPEM(pem)
+
+
+def tls_failure(reason) -> str | None:
+    """Why a TLS handshake failed, in a few words, from a C{connectionLost} reason; else None."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if reason is None:
+        return None
+    if reason.check(VerificationError):
+        names = [getattr(getattr(e, "mismatched_id", None), "hostname", None) or
+                 getattr(getattr(e, "mismatched_id", None), "ip", None) for e in reason.value.errors]
+        wanted = ", ".join(n.decode() if isinstance(n, bytes) else str(n) for n in names if n) or "?"
+        return f"certificate verify failed: the peer's certificate is not for {wanted} (--tls-verify)"
+    if reason.check(SSL.Error):
+        parts = [entry[2] for entry in reason.value.args[0] if isinstance(entry, tuple) and len(entry) == 3] \
+            if reason.value.args and isinstance(reason.value.args[0], list) else []
+        return "; ".join(p for p in parts if p) or str(reason.value)
+    return None
 
 
 def load_certificate(key_path: str, cert_path: str) -> ssl.PrivateCertificate:
@@ -81,9 +105,13 @@ class LinkTLSFactory(BatchedTLSFactory):
 class _LinkTLSClientEndpoint:
     """C{endpoints.wrapClientTLS} with L{LinkTLSFactory}."""
 
-    def __init__(self, creator, wrapped) -> None:
+    def __init__(self, creator, wrapped, description: str = "?") -> None:
         self._creator = creator
         self._wrapped = wrapped
+        self._description = description
+
+    def __repr__(self) -> str:   # in ClientService's "Scheduling retry N to connect ..." lines
+        return f"<TLS link to {self._description}>"
 
     def connect(self, factory):
         return self._wrapped.connect(LinkTLSFactory(self._creator, True, factory)).addCallback(
@@ -109,4 +137,4 @@ def client_endpoint(reactor, description: str, verify_hostname: str | None = Non
         creator = ssl.optionsForClientTLS(verify_hostname, trustRoot=trust)
     else:
         creator = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-    return _LinkTLSClientEndpoint(creator, plain)
+    return _LinkTLSClientEndpoint(creator, plain, description)

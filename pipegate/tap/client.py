@@ -17,6 +17,8 @@ from pipegate.config import (API_PARAMETERS, EnvOptions, non_negative_float, non
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
+from pipegate.drain import RepeatedStopSignal
+from pipegate.startup import StartupRoot
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -84,6 +86,9 @@ class Options(EnvOptions):
         check_server_endpoint("inspect", self["inspect"])
         if self["ca-file"] and not os.path.isfile(self["ca-file"]):
             raise usage.UsageError(f"--ca-file: no such file: {self['ca-file']}")
+        from pipegate.config import check_pem_certificate
+
+        check_pem_certificate("ca-file", self["ca-file"])
         segments = [segment for segment in parts.path.split("/") if segment]
         if len(segments) > 1:
             # The relay routes public traffic by the first path segment: behind a prefix
@@ -159,8 +164,9 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     recorder = None
     if options["inspect"]:
         from pipegate.http.inspect.recorder import Recorder

@@ -10,7 +10,8 @@ from twisted.python import usage
 from pipegate.accept import EmfileGuard, SiteLimits
 from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.core.source import SourceError, load_source
-from pipegate.fdlimit import default_caps, pick, raise_nofile
+from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
+from pipegate.startup import StartupRoot, node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError
@@ -22,6 +23,7 @@ from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedR
 from pipegate.ports.services import Exposure, parse_filters, parse_only_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -121,8 +123,9 @@ class Options(DockerOptionsMixin, MuxOptions):
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     caps = gate_caps(options)
     guard = EmfileGuard(reactor)
     guard.setServiceParent(top)
@@ -173,6 +176,13 @@ def gate_caps(options: Options, budget=None) -> dict[str, int]:
         soft=budget.soft, before=budget.before, hard=budget.hard, conns_ip=caps["max-conns-per-ip"],
         conns=caps["max-conns"], rate=options["conn-rate-per-ip"], flows_ip=caps["max-flows-per-ip"],
         flows=caps["max-flows"])
+    warning = overcommitted(budget, {"max-conns": options["max-conns"] or 0})
+    if warning:
+        Logger(namespace="pipegate.gateway").warn("{problem}", problem=warning)
+    Logger(namespace="pipegate.gateway").info("{line}", line=node_line("gateway", options))
+    if options.get("tls-problem"):
+        Logger(namespace="pipegate.gateway").warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"],
+                                      tls_problem=options["tls-problem"])
     return caps
 
 

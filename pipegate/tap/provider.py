@@ -9,7 +9,8 @@ from twisted.python import usage
 
 from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.core.source import SourceError, load_source
-from pipegate.fdlimit import default_caps, pick, raise_nofile
+from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
+from pipegate.startup import StartupRoot, node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard, SiteLimits
@@ -21,6 +22,7 @@ from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import merge_services, parse_service_spec, parse_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -121,8 +123,9 @@ def _short_form_hint(sources: list[str]) -> str:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     records = Records() if options["resolver"] else None
     caps = backend_caps(options)
     provider = Provider(ProviderConfig(
@@ -170,6 +173,13 @@ def backend_caps(options: Options, budget=None) -> dict[str, int]:
         "{total} in all, {per_ip} per client IP, {udp} of them UDP flows",
         soft=budget.soft, before=budget.before, hard=budget.hard, total=caps["max-backends"],
         per_ip=caps["max-backends-per-ip"], udp=caps["max-udp-backends"])
+    warning = overcommitted(budget, {"max-backends": options["max-backends"] or 0})
+    if warning:
+        Logger(namespace="pipegate.provider").warn("{problem}", problem=warning)
+    Logger(namespace="pipegate.provider").info("{line}", line=node_line("provider", options))
+    if options.get("tls-problem"):
+        Logger(namespace="pipegate.provider").warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"],
+                                      tls_problem=options["tls-problem"])
     return caps
 
 

@@ -17,10 +17,12 @@ from pipegate.mux.options import HUB_PARAMETERS, HubOptions
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
+from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget, SourceRate
-from pipegate.fdlimit import default_caps, raise_nofile
+from pipegate.fdlimit import default_caps, overcommitted, raise_nofile
+from pipegate.startup import StartupRoot, relay_line
 
 
 def _fetch(url: str) -> bytes:
@@ -163,7 +165,7 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
             try:
                 self["tls"] = ReloadingServerTLS(self["tls-cert"], self["tls-key"])
             except CertificateError as e:
-                raise usage.UsageError(f"--tls-cert: {e}") from None
+                raise usage.UsageError(f"--{e.option}: {e}") from None
 
 
 def relay_config(options: Options) -> RelayConfig:
@@ -240,8 +242,9 @@ def behind_proxy(description: str) -> bool:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
     FrozenStartupHeap(reactor).setServiceParent(top)
+    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     fds = raise_nofile()
     usable = fds.usable()
     if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
@@ -249,9 +252,18 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     per_ip, total = connection_caps(options, usable)
     rate = connection_rate(options, per_ip)
     log.info("file descriptors: soft limit {soft} (was {before}), hard {hard}; public connections capped "
-             "at {per_ip} per IP (0 = none) and {total} in total; new ones at {rate:g} a second per IP "
+             "at {per_ip} per IP and {total} in total; new ones at {rate:g} a second per IP "
              "(0 = no limit)", soft=fds.soft, before=fds.before, hard=fds.hard, per_ip=per_ip, total=total,
              rate=options["conn-rate-per-ip"])
+    warning = overcommitted(fds, {"max-connections": options["max-connections"]})
+    if warning:
+        log.warn("{problem}", problem=warning)
+    log.info("{line}", line=relay_line(options, per_ip, total))
+    if options.get("tls") is not None:
+        options["tls"].warn_problem()
+    if options.get("mux-tls-problem"):   # the hub's certificate (check_link_options)
+        log.warn("--mux-tls-cert {path}: {tls_problem}", path=options["mux-tls-cert"],
+                 tls_problem=options["mux-tls-problem"])
     relay = Relay(relay_config(options), reactor)
     reloads = []
     if options.get("revocations") is not None:

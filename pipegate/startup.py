@@ -1,0 +1,98 @@
+"""
+The one line each public service logs at startup (after the fd budget line): what it
+listens on, its TLS or ACME state and its bounds, so that an operator reading
+C{journalctl -u pipegate-relay} sees the configuration in force without the unit file.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+
+#: Options whose values are server endpoints bound at startup.
+LISTENER_OPTIONS = ("listen", "https", "metrics", "mux", "unlimited", "resolver", "inspect")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s" if value else "off"
+
+
+def relay_line(options, per_ip: int, total: int) -> str:
+    """The relay's line; C{per_ip} and C{total} are the connection caps in force."""
+    listen = options["listen"]
+    tls = options.get("tls")
+    if tls is not None:
+        until = tls.options.certificate.to_cryptography().not_valid_after_utc.isoformat()
+        tls_state = f"TLS from --tls-cert {options['tls-cert']}, valid until {until}, reloaded on SIGHUP"
+    elif listen.lower().startswith("ssl:"):
+        tls_state = "TLS from the ssl: endpoint, read once"
+    else:
+        tls_state = "plain HTTP, no TLS"
+    if options["acme-directory"]:
+        acme = f"ACME from {options['acme-directory']} for {options['domain']}, HTTPS on {options['https']}"
+    else:
+        acme = "ACME off"
+    metrics = f"metrics on {options['metrics']}" if options["metrics"] else "metrics off"
+    body = f"up to {options['max-body-bytes']} bytes" if options["max-body-bytes"] else "unlimited"
+    hub = f"; port-plane hub on {' '.join(options['mux'])}" if options["mux"] else ""
+    return (f"relay on {listen} ({tls_state}); {acme}; {metrics}; bounds: {per_ip} connections per IP, "
+            f"{total} in all, {options['max-in-flight']} requests in flight per tunnel, bodies {body}, "
+            f"request timeout {_seconds(options['request-timeout'])}, idle timeout "
+            f"{_seconds(options['idle-timeout'])}, drain timeout {_seconds(options['drain-timeout'])}; "
+            f"revocation list {options['revoked'] or 'off'}{hub}")
+
+
+def node_line(kind: str, options) -> str:
+    """A gateway's or provider's line: its links, their certificate, and (gateway) where gates bind."""
+    if options["tls-cert"]:
+        tls = f"TLS from --tls-cert {options['tls-cert']}"
+    else:
+        tls = "TLS, a new self-signed certificate each start"
+    if options["tls-verify"]:
+        tls += f"; dialled peers must prove {options['tls-verify']}"
+    links = " ".join(options["mux"]) or "none"
+    dials = " ".join(options["connect"]) or "none"
+    gates = f"; gates on {options['listen']}" if kind == "gateway" else ""
+    metrics = f"metrics on {options['metrics']}" if options["metrics"] else "metrics off"
+    return (f"{kind} links on {links} ({tls}); dials {dials}{gates}; {metrics}; "
+            f"drain timeout {_seconds(options['drain-timeout'])}")
+
+
+def cannot_listen(error: CannotListenError, options) -> str:
+    """One line for a listener that could not bind, naming the option that asked for it."""
+    port = str(error.port)
+    named = []
+    for name in LISTENER_OPTIONS:
+        try:
+            value = options[name]
+        except KeyError:
+            continue
+        for description in ([value] if isinstance(value, str) else value or ()):
+            if re.search(rf"(^|:){re.escape(port)}(:|$)", description):
+                named.append(f"--{name}")
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    line = f"cannot listen on {error.interface or '*'}:{port}: {reason}"
+    if getattr(error.socketError, "errno", None) == errno.EACCES and error.port < 1024:
+        line += (" (a port below 1024 needs AmbientCapabilities=CAP_NET_BIND_SERVICE in the unit, "
+                 "or socket activation)")
+    return f"{'/'.join(named)}: {line}" if named else line
+
+
+class StartupRoot(service.MultiService):
+    """
+    The root of a service's tree: a listener that cannot bind at startup stops twistd with
+    one line naming its option (exit status 1) instead of a traceback.
+    """
+
+    def __init__(self, options) -> None:
+        super().__init__()
+        self.options = options
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(cannot_listen(e, self.options)) from None
