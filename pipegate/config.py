@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.application import service
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 TRUE = {"1", "true", "yes", "on"}
@@ -214,3 +216,64 @@ def check_server_endpoint(name: str, value: str | None) -> None:
         endpoints.serverFromString(reactor, value)
     except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
         raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None
+
+
+def _listen_port(description: str) -> str | None:
+    """The port (or unix path) a server endpoint string listens on: C{tcp:8000:...} -> C{"8000"}."""
+    kind, _, rest = description.partition(":")
+    if not rest or kind.lower() == "systemd":
+        return None
+    first = rest.replace("\\:", "\0").split(":")[0].replace("\0", ":")
+    return first.partition("=")[2] if first.startswith(("port=", "address=")) else first
+
+
+def cannot_listen(options: Mapping[str, Any], error: BaseException) -> str:
+    """
+    One line for a listener that could not bind at startup: the option that asked for it
+    (found by its port), the address, the reason, and what to do.
+    """
+    port = getattr(error, "port", None)
+    socket_error = getattr(error, "socketError", None)
+    reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+    errno = getattr(socket_error, "errno", None)
+    named = ""
+    for name, value in options.items():
+        for description in value if isinstance(value, list) else [value]:
+            if not isinstance(description, str) or ":" not in description:
+                continue
+            listens = _listen_port(description)
+            if listens is None:
+                continue
+            if (port is not None and listens == str(port)) or (
+                    isinstance(error, OverflowError) and listens.isdigit() and int(listens) > 65535):
+                named = f"--{name} {description}: "
+                break
+        if named:
+            break
+    if isinstance(error, OverflowError):
+        return f"{named}the port must be 0 to 65535"
+    where = f"{getattr(error, 'interface', None) or 'any'}:{port}" if port is not None else "the address"
+    hint = {98: "another program, perhaps another PipeGate, holds it: stop that one or choose another port",
+            13: "ports below 1024 need root or CAP_NET_BIND_SERVICE: choose a port above 1023",
+            99: "this host has no such address: use one of its own, or 0.0.0.0"}.get(errno, "")
+    return f"{named}cannot listen on {where}: {reason}" + (f" ({hint})" if hint else "")
+
+
+class TopService(service.MultiService):
+    """
+    The top service of each twistd plugin: a listener that cannot bind (port taken,
+    privileged port, no such address) stops startup with one line naming its option, as a
+    bad option does, instead of twistd's 40-line traceback.  Exit status 1 as before, so
+    systemd still sees the failure.
+    """
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.options = options
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OverflowError) as e:
+            program = getattr(self.options, "program_name", lambda: "pipegate")()
+            raise SystemExit(f"{program}: {cannot_listen(self.options, e)}") from None

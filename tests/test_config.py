@@ -56,6 +56,35 @@ class HelperTests(unittest.TestCase):
             self.assertRaises(ValueError, config.non_negative_float, bad)
 
 
+class CannotListenTests(unittest.TestCase):
+    """L{config.cannot_listen}: the one line for a listener that cannot bind."""
+
+    def error(self, interface, port, errno, strerror):
+        from twisted.internet.error import CannotListenError
+        return CannotListenError(interface, port, OSError(errno, strerror))
+
+    def test_names_the_option_by_its_port(self):
+        options = {"listen": "tcp:8000", "metrics": "tcp:9100:interface=127.0.0.1", "mux": ["tcp:7000"],
+                   "domain": None, "max-in-flight": 100}
+        self.assertEqual(config.cannot_listen(options, self.error("127.0.0.1", 9100, 98, "Address already in use")),
+                         "--metrics tcp:9100:interface=127.0.0.1: cannot listen on 127.0.0.1:9100: Address already "
+                         "in use (another program, perhaps another PipeGate, holds it: stop that one or choose "
+                         "another port)")
+        self.assertTrue(config.cannot_listen(options, self.error("", 7000, 13, "Permission denied")).startswith(
+            "--mux tcp:7000: cannot listen on any:7000: Permission denied (ports below 1024"))
+        self.assertEqual(config.cannot_listen({"listen": "tcp:port=80"}, self.error("10.0.0.1", 80, 99, "x")),
+                         "--listen tcp:port=80: cannot listen on 10.0.0.1:80: x (this host has no such address: "
+                         "use one of its own, or 0.0.0.0)")
+
+    def test_no_option_found_still_says_where(self):
+        self.assertEqual(config.cannot_listen({"listen": "tcp:8000"}, self.error("", 8001, 1, "nope")),
+                         "cannot listen on any:8001: nope")
+
+    def test_port_out_of_range(self):
+        self.assertEqual(config.cannot_listen({"listen": "tcp:8000", "metrics": "tcp:99999"}, OverflowError()),
+                         "--metrics tcp:99999: the port must be 0 to 65535")
+
+
 class _Base(config.EnvOptions):
     optParameters = [["count", None, "3", "A count.", config.positive_int],
                      ["name", None, "x", "A name (no converter)."]]

@@ -133,6 +133,39 @@ class Plugins(unittest.TestCase):
             self.assertTrue(lines[0].startswith(expected), (lines[0], expected))
             self.assertNotIn("Usage:", out)
 
+    async def test_a_taken_port_stops_every_plugin_with_one_line(self):
+        """
+        A second relay on the same port, or a gateway whose --mux port is taken, used to die
+        with twistd's 40-line traceback ending in CannotListenError; now one line names the
+        option, the address and what to do, and the exit status stays 1.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        cases = [
+            (["pipegate-server", "--listen", endpoint], {"PIPEGATE_JWT_SECRET": SECRET}, "--listen"),
+            (["pipegate-server", "--listen", "tcp:0:interface=127.0.0.1", "--metrics", endpoint],
+             {"PIPEGATE_JWT_SECRET": SECRET}, "--metrics"),
+            (["pipegate-gateway", "--router", "ab" * 32, "--mux", endpoint], {}, "--mux"),
+            (["pipegate-provider", "--router", "ab" * 32, "--mux", endpoint], {}, "--mux"),
+            (["pipegate-client", "--inspect", endpoint, "http://127.0.0.1:1", "ws://127.0.0.1:2"],
+             {"PIPEGATE_TOKEN": token_for("t1")}, "--inspect"),
+        ]
+        for argv, env, option in cases:
+            code, out = await run(self, TWISTD + ["-n", "--pidfile="] + argv, **env)
+            self.assertEqual(code, 1, out)
+            self.assertNotIn("Traceback", out)
+            self.assertIn(f"{argv[0]}: {option} {endpoint}: cannot listen on 127.0.0.1:{port}: "
+                          "Address already in use (another program", out)
+        code, out = await run(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen", "tcp:70000"],
+                              PIPEGATE_JWT_SECRET=SECRET)
+        self.assertEqual(code, 1, out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn("pipegate-server: --listen tcp:70000: the port must be 0 to 65535", out)
+
     async def test_python_m_entry_points_name_themselves(self):
         """Issue 18 item 10: `python -m pipegate.server --help` said only `[options]`."""
         for name in ("server", "client"):

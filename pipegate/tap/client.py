@@ -12,8 +12,8 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.accept import SiteLimits
-from pipegate.config import (API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_float,
-                             positive_int)
+from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, non_negative_float, non_negative_int,
+                             positive_float, positive_int)
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
@@ -159,7 +159,7 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = TopService(options)
     FrozenStartupHeap(reactor).setServiceParent(top)
     recorder = None
     if options["inspect"]:

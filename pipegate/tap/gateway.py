@@ -8,7 +8,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.accept import EmfileGuard, SiteLimits
-from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
+from pipegate.config import TopService, auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
@@ -118,7 +118,7 @@ class Options(DockerOptionsMixin, MuxOptions):
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = TopService(options)
     FrozenStartupHeap(reactor).setServiceParent(top)
     caps = gate_caps(options)
     guard = EmfileGuard(reactor)

@@ -7,7 +7,7 @@ import urllib.request
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
+from pipegate.config import TopService, auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, pick, raise_nofile
 from pipegate.mux import frames
@@ -121,7 +121,7 @@ def _short_form_hint(sources: list[str]) -> str:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = TopService(options)
     FrozenStartupHeap(reactor).setServiceParent(top)
     records = Records() if options["resolver"] else None
     caps = backend_caps(options)

@@ -8,7 +8,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
+from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, non_negative_float, non_negative_int,
+                             positive_float, positive_int)
 from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
@@ -220,7 +221,7 @@ def behind_proxy(description: str) -> bool:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = service.MultiService()
+    top = TopService(options)
     FrozenStartupHeap(reactor).setServiceParent(top)
     fds = raise_nofile()
     usable = fds.usable()
