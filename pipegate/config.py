@@ -25,29 +25,45 @@ def env_name(option: str) -> str:
     return "PIPEGATE_" + option.upper().replace("-", "_")
 
 
+def _whole(value: str) -> int:
+    """C{int(value)}, whose error says what was expected rather than C{invalid literal for int()}."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+
+
+def _number(value: str) -> float:
+    """C{float(value)}, whose error says what was expected rather than C{could not convert string}."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
 def positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole(value)
     if number <= 0:
         raise ValueError("must be greater than 0")
     return number
 
 
 def non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _whole(value)
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
 
 
 def positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not number > 0:
         raise ValueError("must be greater than 0")
     return number
 
 
 def non_negative_float(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not number >= 0:
         raise ValueError("must be 0 or more")
     return number
@@ -195,7 +211,7 @@ def auto_or_non_negative_int(value: str) -> int | None:
     """C{"auto"} -> C{None} (the service sizes it from its fd budget); else an int >= 0 (0 = no cap)."""
     if value.strip().lower() == "auto":
         return None
-    number = int(value)
+    number = _whole(value)
     if number < 0:
         raise ValueError('must be "auto", 0 (no cap) or more')
     return number

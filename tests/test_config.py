@@ -56,6 +56,26 @@ class HelperTests(unittest.TestCase):
             self.assertRaises(ValueError, config.non_negative_float, bad)
 
 
+class NumberWordingTests(unittest.TestCase):
+    """A mistyped number used to say `invalid literal for int() with base 10: '1M'`."""
+
+    def test_what_was_expected_and_what_was_given(self):
+        for convert, bad, expected in (
+                (config.positive_int, "1M", "expected a whole number, got '1M'"),
+                (config.non_negative_int, "1.5", "expected a whole number, got '1.5'"),
+                (config.auto_or_non_negative_int, "lots", "expected a whole number, got 'lots'"),
+                (config.positive_float, "5s", "expected a number, got '5s'"),
+                (config.non_negative_float, "", "expected a number, got ''")):
+            e = self.assertRaises(ValueError, convert, bad)
+            self.assertEqual(str(e), expected)
+
+    def test_a_service_option_says_it(self):
+        options = server.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--max-body-bytes", "10MB"])
+        self.assertEqual(str(e), "--max-body-bytes: expected a whole number, got '10MB'")
+
+
 class CannotListenTests(unittest.TestCase):
     """L{config.cannot_listen}: the one line for a listener that cannot bind."""
 
