@@ -168,7 +168,9 @@ class EnvOptions(usage.Options):
             raise SystemExit(f"{self.program_name()}: {e}") from None
 
     def program_name(self) -> str:
-        """C{twistd pipegate-server} under twistd, else the running script's name."""
+        """C{twistd pipegate-server} under twistd, else C{program} if set, else the running script's name."""
+        if getattr(self, "program", None):
+            return self.program
         script = os.path.basename(sys.argv[0])
         if self.parent is not None and getattr(self.parent, "subCommand", None):
             runner = script if script in ("twistd", "twist") else "twistd"

@@ -165,6 +165,11 @@ class Plugins(unittest.TestCase):
         self.assertEqual(code, 1, out)
         self.assertNotIn("Traceback", out)
         self.assertIn("pipegate-server: --listen tcp:70000: the port must be 0 to 65535", out)
+        code, out = await run(self, [sys.executable, "-m", "pipegate.server", "--listen", endpoint],
+                              PIPEGATE_JWT_SECRET=SECRET)
+        self.assertEqual(code, 1, out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn(f"python -m pipegate.server: --listen {endpoint}: cannot listen", out)
 
     async def test_python_m_entry_points_name_themselves(self):
         """Issue 18 item 10: `python -m pipegate.server --help` said only `[options]`."""
