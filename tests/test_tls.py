@@ -197,3 +197,32 @@ class OversizedLineOverTLS(unittest.TestCase):
         answer = await threads.deferToThread(caller)
         self.assertTrue(answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), answer[:60])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class SilentRelay(unittest.TestCase):
+    """A relay URL whose server accepts TCP and never answers (a firewall, a stuck proxy)."""
+
+    async def test_stopping_during_a_pending_wss_login_does_not_wait_for_its_timeout(self):
+        # Ctrl-C on a connector whose wss:// login hung (a plain port, a stuck proxy) used to
+        # wait out Autobahn's 30 s opening-handshake timeout: closing a TLS connection whose
+        # handshake never completes waits for the handshake.  Now the pending login is cut.
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Silent(Protocol):
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        lost: list = []
+        loop = Loopback(self)
+        app = await loop.app()
+        port = await loop.listen(Factory.forProtocol(Silent))
+        connector = Connector(
+            reactor, ConnectorConfig(Target.parse(f"http://127.0.0.1:{app.getHost().port}")),
+            f"wss://localhost:{port.getHost().port}", token_for("t1"), "t1", retry_policy=lambda attempt: 0.2)
+        connector.startService()
+        await eventually(lambda: loop.wrappers[-1].protocols)
+        stopped = connector.stopService()
+        # Cut at once (abortConnection), not after the 30 s handshake timeout; 10 s is
+        # eventually()'s default patience.
+        await eventually(lambda: lost and stopped.called)
+        self.assertEqual(connector.links, [])

@@ -137,7 +137,12 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
         self._lost_reason: Failure | None = None
         self._handshake_error: str | None = None
 
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.connector.pending.add(self)   # until logged in or gone
+
     def connectionLost(self, reason):
+        self.factory.connector.pending.discard(self)
         self._lost_reason = reason  # onClose, called from here, says why a login failed
         super().connectionLost(reason)
 
@@ -159,6 +164,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
             self.dropConnection(abort=True)
             return
         self._opened = True
+        self.factory.connector.pending.discard(self)
         self.link_opened()
         self.factory.connector.link_up(self)
 
@@ -220,6 +226,7 @@ class Connector(service.MultiService):
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
         self.links: list[ConnectorProtocol] = []
+        self.pending: set[ConnectorProtocol] = set()   # connected, not logged in yet
         self.window_budget = window.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self._ever_online = False
@@ -388,6 +395,11 @@ class Connector(service.MultiService):
         cut = self.in_flight()
         if not in_time and cut:
             self.log.warn("drain timeout: {count} request(s) cut", count=cut)
+        # A login still pending is cut: closing a TLS connection whose handshake never
+        # completes (wss:// to a plain port, a stuck proxy) would wait for the 30 s
+        # handshake timeout, and Ctrl-C with it.
+        for attempt in list(self.pending):
+            attempt.transport.abortConnection()
         d = super().stopService()
         for link in list(self.links):
             link.sendClose(1000, "connector stopping")
