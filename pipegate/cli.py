@@ -62,7 +62,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from pipegate.status import format_status
 
+    import http.client
+
     url = args.url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url   # `pipegate status 127.0.0.1:9100`
     if not url.endswith("/status"):
         url += "/status"
     req = urllib.request.Request(url)
@@ -72,8 +76,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as response:
             status = json.loads(response.read(16 * 1024 * 1024))
+    except http.client.HTTPException:
+        print(f"pipegate status: {url}: not an HTTP answer (is this a --metrics listener?)", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as e:
-        print(f"pipegate status: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        hint = " (is this a --metrics listener?)" if getattr(e, "code", None) == 404 else ""
+        print(f"pipegate status: {url}: {getattr(e, 'reason', e)}{hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status, indent=1))
