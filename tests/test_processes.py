@@ -218,6 +218,12 @@ class ConnectorProcess(unittest.TestCase):
             self.assertNotEqual(code, 0, name)
             self.assertIn("the relay refused the login: 401", out, name)
             self.assertNotIn(token, out, name)
+            # What to do, not only what went wrong (a newcomer's usual two mistakes).
+            hint = {"expired": "(mint a new one with `pipegate token -c t1`",
+                    "wrong secret": "(the token was minted with another secret than the relay's "
+                                    "PIPEGATE_JWT_SECRET"}.get(name)
+            if hint:
+                self.assertIn(hint, out, name)
         self.assertEqual(self.relay.tunnels, {})
 
     async def test_sub_path_mismatch_refused(self):

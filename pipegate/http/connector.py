@@ -366,6 +366,11 @@ class Connector(service.MultiService):
         message = f"the relay refused the login: {reason}"
         if "revoked" in reason:
             message += " (this token was revoked on the relay; ask its operator for a new one)"
+        elif "signature" in reason:
+            message += (" (the token was minted with another secret than the relay's PIPEGATE_JWT_SECRET: "
+                        f"mint it where that secret is, with `pipegate token -c {self.tunnel_id}`)")
+        elif "expired" in reason:
+            message += f" (mint a new one with `pipegate token -c {self.tunnel_id}`, `--ttl` for a longer life)"
         self.log.critical("{message}", message=message)
         self.dialer.stop_dialing()
         if self.on_fatal is not None:
