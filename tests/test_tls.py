@@ -226,3 +226,49 @@ class SilentRelay(unittest.TestCase):
         # eventually()'s default patience.
         await eventually(lambda: lost and stopped.called)
         self.assertEqual(connector.links, [])
+
+
+class TLSClientAtThePlainPort(unittest.TestCase):
+    """
+    A wss:// connector (or an https:// browser) at the relay's plain port: the relay used
+    to hold the ClientHello until its 60 s idle timeout, so the connector said why only
+    after its own 30 s handshake timeout.  A TLS record cannot start an HTTP request, so
+    the relay closes such a connection at once and the connector's next line says
+    "a plain port needs ws://, not wss://".
+    """
+
+    def relay_listener(self, *args):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from pipegate.tap import server
+
+        options = server.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": "tls-plain-port-secret-0123456789abcdef"}
+        options.parseOptions(["--listen", "tcp:8000:interface=127.0.0.1", *args])
+        clock = MemoryReactorClock()
+        top = server.makeService(options, clock)
+        top.privilegedStartService()
+        [(_port, factory, _backlog, _interface)] = clock.tcpServers
+
+        def connect():
+            protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+            protocol.makeConnection(transport)
+            self.addCleanup(lambda: protocol.connectionLost(None) if not transport.disconnected else None)
+            return protocol, transport
+        return connect
+
+    def test_a_client_hello_is_cut_at_once(self):
+        connect = self.relay_listener()
+        protocol, transport = connect()
+        protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x07" * 32)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_http_still_served(self):
+        connect = self.relay_listener()
+        protocol, transport = connect()
+        protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        self.assertFalse(transport.disconnected)

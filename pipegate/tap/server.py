@@ -268,7 +268,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     ReloadOnSignal(reload_all if reloads else nothing_to_reload, reactor).setServiceParent(top)
     budget = Budget(per_source=per_ip, total=total, exempt=_TrustedPeers(options["trusted-proxies"]))
     factory = ConnectionGate(factory, budget, reactor, what="relay", per_source=not behind_proxy(options["listen"]),
-                             on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
+                             on_refused=lambda cap: relay.stats.inc("connections_refused", cap),
+                             plain_http=tls is None)   # a wss:// client at a plain port is cut at once
     guard = EmfileGuard(reactor, on_pause=lambda: relay.stats.inc("connections_refused", "emfile"))
     guard.setServiceParent(top)
     # Added last so that it stops first: no new connections while the relay drains.
