@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 TRUE = {"1", "true", "yes", "on"}
@@ -285,9 +286,42 @@ class TopService(service.MultiService):
     systemd still sees the failure.
     """
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
+    log = Logger()
+
+    def __init__(self, options: Mapping[str, Any], reactor=None) -> None:
         super().__init__()
         self.options = options
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # Only as a command (twistd, python -m): a test's service must not take the test
+        # runner's signals.
+        as_command = getattr(self.options, "parent", None) is not None or getattr(self.options, "program", None)
+        if self.reactor is not None and as_command:
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.arm_second_signal)
+
+    def arm_second_signal(self) -> None:
+        """
+        The first SIGINT/SIGTERM started a drain (up to --drain-timeout): a second one ends
+        every drain now, cutting what is still in flight, instead of twistd's
+        ReactorNotRunning traceback and more waiting.
+        """
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def second(signum, frame):
+            self.reactor.callFromThread(self.stop_now)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, second)
+
+    def stop_now(self) -> None:
+        from pipegate.drain import cut_drains
+
+        self.log.warn("second signal: stopping now, cutting {count} drain(s)", count=cut_drains())
 
     def privilegedStartService(self) -> None:
         try:

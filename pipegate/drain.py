@@ -19,6 +19,9 @@ from twisted.internet.task import LoopingCall
 
 POLL_INTERVAL = 0.05
 
+#: The checks of the drains under way (L{cut_drains} ends them; a second Ctrl-C).
+_under_way: set = set()
+
 
 def drain(clock: IReactorTime, timeout: float, idle: Callable[[], bool],
           interval: float = POLL_INTERVAL) -> defer.Deferred[bool]:
@@ -29,18 +32,31 @@ def drain(clock: IReactorTime, timeout: float, idle: Callable[[], bool],
         return result
     deadline = clock.seconds() + timeout
 
-    def check() -> None:
+    def check(cut: bool = False) -> None:
         if idle():
+            end(True)
+        elif cut or clock.seconds() >= deadline:
+            end(False)
+
+    def end(in_time: bool) -> None:
+        _under_way.discard(check)
+        if poller.running:
             poller.stop()
-            result.callback(True)
-        elif clock.seconds() >= deadline:
-            poller.stop()
-            result.callback(False)
+        result.callback(in_time)
 
     poller = LoopingCall(check)
     poller.clock = clock
     poller.start(interval, now=False)
+    _under_way.add(check)
     return result
+
+
+def cut_drains() -> int:
+    """End every drain under way now, as if its timeout had passed; says how many there were."""
+    checks = list(_under_way)
+    for check in checks:
+        check(cut=True)
+    return len(checks)
 
 
 class Drainer:

@@ -47,6 +47,20 @@ class DrainHelper(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), False)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_cut_ends_every_drain_under_way_at_once(self):
+        # A second Ctrl-C (config.TopService): the drains end now, as at their timeout.
+        from pipegate.drain import cut_drains
+
+        clock = task.Clock()
+        first, second = drain(clock, 30, lambda: False), drain(clock, 30, lambda: False)
+        done = drain(clock, 30, lambda: True)
+        clock.advance(1)
+        self.assertEqual(cut_drains(), 2)
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (False, False))
+        self.assertTrue(self.successResultOf(done))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(cut_drains(), 0)
+
     def test_after_drain_waits_for_the_node(self):
         from twisted.application import service
 

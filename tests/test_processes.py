@@ -232,6 +232,28 @@ class ConnectorProcess(unittest.TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("differs from the token", out)
 
+    async def test_a_second_ctrl_c_stops_a_draining_connector_now(self):
+        # Ctrl-C with a request in flight (a long poll, a dev server's live-reload socket)
+        # drains for up to --drain-timeout (30 s); pressing Ctrl-C again printed a
+        # ReactorNotRunning traceback and went on waiting.  Now it stops at once.
+        child = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token", token_for("t1"),
+                                      self.app_url, self.relay_url], child_env())
+        await eventually(lambda: "t1" in self.relay.tunnels and self.relay.tunnels["t1"].links, timeout=30)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.loop.pools.append(pool)
+        pending = request(Agent(reactor, pool=pool), b"GET",
+                          f"http://127.0.0.1:{self.relay_port.getHost().port}/t1/slow/60")
+        pending = defer.Deferred.fromCoroutine(pending)
+        pending.addErrback(lambda failure: None)
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 1)
+        child.transport.signalProcess("INT")
+        await eventually(lambda: b"draining: 1 request(s) in flight" in child.output, timeout=10)
+        self.assertIn(b"Ctrl-C again to stop now", child.output)
+        child.transport.signalProcess("INT")
+        await eventually(lambda: child.ended.called, timeout=10)
+        self.assertNotIn(b"Traceback", child.output)
+        self.assertIn(b"second signal: stopping now, cutting 1 drain", child.output)
+
     async def test_serves_and_never_logs_the_token(self):
         token = token_for("t1")
         child = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", self.app_url,

@@ -390,7 +390,7 @@ class Connector(service.MultiService):
             link.send(frames.GoAway(b"connector stopping"))
         count = self.in_flight()
         if count:
-            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s",
+            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s (Ctrl-C again to stop now)",
                           count=count, timeout=self.config.drain_timeout)
         d = drain(self.reactor, self.config.drain_timeout, lambda: self.in_flight() == 0)
         d.addCallback(self._drained)

@@ -159,7 +159,7 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = TopService(options)
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
     recorder = None
     if options["inspect"]:

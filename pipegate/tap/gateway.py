@@ -118,7 +118,7 @@ class Options(DockerOptionsMixin, MuxOptions):
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = TopService(options)
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
     caps = gate_caps(options)
     guard = EmfileGuard(reactor)

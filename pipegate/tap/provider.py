@@ -121,7 +121,7 @@ def _short_form_hint(sources: list[str]) -> str:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = TopService(options)
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
     records = Records() if options["resolver"] else None
     caps = backend_caps(options)

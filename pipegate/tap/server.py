@@ -221,7 +221,7 @@ def behind_proxy(description: str) -> bool:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = TopService(options)
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
     fds = raise_nofile()
     usable = fds.usable()
