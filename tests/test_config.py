@@ -451,6 +451,16 @@ class ClientOptionsTests(unittest.TestCase):
         self.assertUsage("SERVER_URL", args=(TARGET, "ws://relay/xyz?token=" + token("abc")))
         self.assertUsage("SERVER_URL", args=(TARGET, "ws://relay/xyz"), PIPEGATE_TOKEN=token())
 
+    def test_a_pasted_token_with_spaces_or_its_label_is_taken(self):
+        # Copying the `JWT Bearer:    eyJ...` line of `pipegate token` (or a token with the
+        # spaces around it, or "Bearer eyJ...") used to say "not a PipeGate token".
+        good = token("abc")
+        for pasted in (f" {good} ", f"Bearer {good}", f"JWT Bearer:    {good}\n"):
+            options = self.parse("--token", pasted, TARGET, "ws://127.0.0.1:8000/abc")
+            self.assertEqual(options["token"], good)
+            options = self.parse(TARGET, "ws://127.0.0.1:8000/abc", PIPEGATE_TOKEN=pasted)
+            self.assertEqual(options["token"], good)
+
     def test_not_a_token(self):
         for bad in ("garbage", "a.b.c", auth.mint(SETTINGS, "abc", 0)[:20]):
             self.assertUsage("--token", args=("--token", bad, TARGET, "ws://relay"))

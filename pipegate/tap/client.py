@@ -20,6 +20,14 @@ from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_cred
 from pipegate.heap import FrozenStartupHeap
 
 
+def pasted_token(value: str | None) -> str | None:
+    """A token as pasted: the spaces around it, a C{Bearer} or C{JWT Bearer:} label before it, dropped."""
+    if value is None:
+        return None
+    words = value.split()
+    return words[-1] if words and words[0].rstrip(":") in ("Bearer", "JWT") else value.strip()
+
+
 class Options(EnvOptions):
     synopsis = "[options] TARGET_URL SERVER_URL"
     longdesc = (
@@ -92,7 +100,7 @@ class Options(EnvOptions):
                 f"SERVER_URL: a path prefix (/{'/'.join(segments[:-1])}) is not supported; the relay "
                 "serves /<connection-id> at the root of its host: ws(s)://host[:port][/<connection-id>]")
         path_id = segments[-1] if segments else None
-        token = self["token"] or self.environ.get("PIPEGATE_TOKEN")
+        token = pasted_token(self["token"] or self.environ.get("PIPEGATE_TOKEN"))
         if not token:
             token = (parse_qs(parts.query).get("token") or [None])[0]
         if not token:
