@@ -278,6 +278,20 @@ def cannot_listen(options: Mapping[str, Any], error: BaseException) -> str:
     return f"{named}cannot listen on {where}: {reason}" + (f" ({hint})" if hint else "")
 
 
+def say_where_a_daemon_goes(options) -> None:
+    """
+    Without C{-n}, twistd goes to the background without a word: one line on the terminal
+    says where the log is and how to stop it (twistd has not redirected stderr yet).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon", True) or not hasattr(options, "program_name"):
+        return
+    logfile = parent.get("logfile") or "twistd.log"
+    pidfile = parent.get("pidfile") or "twistd.pid"
+    print(f"{options.program_name()}: running in the background (no -n): log in {logfile}, "
+          f"stop with kill $(cat {pidfile})", file=sys.stderr, flush=True)
+
+
 class TopService(service.MultiService):
     """
     The top service of each twistd plugin: a listener that cannot bind (port taken,
@@ -292,6 +306,7 @@ class TopService(service.MultiService):
         super().__init__()
         self.options = options
         self.reactor = reactor
+        say_where_a_daemon_goes(options)
 
     def startService(self) -> None:
         super().startService()

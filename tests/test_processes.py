@@ -171,6 +171,23 @@ class Plugins(unittest.TestCase):
         self.assertNotIn("Traceback", out)
         self.assertIn(f"python -m pipegate.server: --listen {endpoint}: cannot listen", out)
 
+    async def test_without_n_it_says_where_it_went(self):
+        # `twistd pipegate-server` without -n went to the background without a word.
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        pidfile, logfile = os.path.join(directory, "relay.pid"), os.path.join(directory, "relay.log")
+        code, out = await run(self, TWISTD + ["--pidfile", pidfile, "--logfile", logfile, "pipegate-server",
+                                              "--listen", "tcp:0:interface=127.0.0.1"], PIPEGATE_JWT_SECRET=SECRET)
+        await eventually(lambda: os.path.exists(pidfile))
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: os.kill(pid, signal.SIGKILL) if os.path.exists(pidfile) else None)
+        self.assertEqual(code, 0, out)
+        self.assertEqual(out, f"twistd pipegate-server: running in the background (no -n): log in {logfile}, "
+                              f"stop with kill $(cat {pidfile})\n")
+        os.kill(pid, signal.SIGTERM)
+        await eventually(lambda: not os.path.exists(pidfile))
+
     async def test_python_m_entry_points_name_themselves(self):
         """Issue 18 item 10: `python -m pipegate.server --help` said only `[options]`."""
         for name in ("server", "client"):
