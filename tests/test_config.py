@@ -478,6 +478,13 @@ class ClientOptionsTests(unittest.TestCase):
         for url in ("http://relay/abc", "https://relay", "ws://", "ws:///abc", "relay:8080",
                     "ws://relay:99999/abc", "ws://relay:port/abc"):
             self.assertUsage("SERVER_URL", args=("--token", token(), TARGET, url))
+        # The relay's public URL given instead: say which scheme to write.
+        self.assertUsage("SERVER_URL", "(the relay's WebSocket URL: wss://relay/abc)",
+                         args=("--token", token(), TARGET, "https://relay/abc"))
+        secret = token()
+        message = self.assertUsage("(the relay's WebSocket URL: ws://relay:8000/abc)",
+                                   args=(TARGET, f"http://relay:8000/abc?token={secret}"))
+        self.assertNotIn(secret, message)
 
     def test_missing_urls(self):
         self.assertUsage("TARGET_URL", "SERVER_URL", args=("--token", token()))

@@ -80,8 +80,11 @@ class Options(EnvOptions):
             raise usage.UsageError(str(e)) from None
         parts = urlsplit(self["server-url"])
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            hint = ""
+            if parts.scheme in ("http", "https") and parts.hostname:
+                hint = f" (the relay's WebSocket URL: {parts._replace(scheme='ws' + parts.scheme[4:], query='', fragment='').geturl()})"
             raise usage.UsageError(
-                f"SERVER_URL: expected ws(s)://host[:port][/<connection-id>], got {parts.scheme}://...")
+                f"SERVER_URL: expected ws(s)://host[:port][/<connection-id>], got {parts.scheme}://...{hint}")
         try:
             parts.port
         except ValueError as e:
