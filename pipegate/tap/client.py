@@ -82,7 +82,8 @@ class Options(EnvOptions):
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             hint = ""
             if parts.scheme in ("http", "https") and parts.hostname:
-                hint = f" (the relay's WebSocket URL: {parts._replace(scheme='ws' + parts.scheme[4:], query='', fragment='').geturl()})"
+                websocket = parts._replace(scheme="ws" + parts.scheme[4:], query="", fragment="")
+                hint = f" (the relay's WebSocket URL: {websocket.geturl()})"
             raise usage.UsageError(
                 f"SERVER_URL: expected ws(s)://host[:port][/<connection-id>], got {parts.scheme}://...{hint}")
         try:
