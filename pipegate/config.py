@@ -225,6 +225,17 @@ def auto_or_positive_int(value: str) -> int | None:
     return None if value.strip().lower() == "auto" else positive_int(value)
 
 
+def endpoint_hint(value: str) -> str:
+    """What to write instead of a port or a host:port given where an endpoint string goes."""
+    value = value.strip()
+    if value.isdigit():
+        return f" (write tcp:{value} for TCP port {value})"
+    host, _, port = value.rpartition(":")
+    if port.isdigit() and ("." in host or host == "localhost") and ":" not in host and "=" not in host:
+        return f" (write tcp:{value})"
+    return ""
+
+
 def check_server_endpoint(name: str, value: str | None) -> None:
     """Stop startup with one line naming C{--name} when C{value} is not a server endpoint."""
     if not value:
@@ -234,7 +245,7 @@ def check_server_endpoint(name: str, value: str | None) -> None:
     try:
         endpoints.serverFromString(reactor, value)
     except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
-        raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None
+        raise usage.UsageError(f"--{name}: {e or type(e).__name__}{endpoint_hint(value)}") from None
 
 
 def _listen_port(description: str) -> str | None:

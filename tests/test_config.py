@@ -76,6 +76,32 @@ class NumberWordingTests(unittest.TestCase):
         self.assertEqual(str(e), "--max-body-bytes: expected a whole number, got '10MB'")
 
 
+class EndpointHintTests(unittest.TestCase):
+    """`--listen 8000` or `--connect gw:7000` said only "Unknown endpoint type: '8000'"."""
+
+    def test_a_port_or_host_port_alone_gets_the_string_to_write(self):
+        from pipegate.tap import gateway, provider
+
+        options = server.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--listen", "8000"])
+        self.assertTrue(str(e).startswith("--listen: "), str(e))
+        self.assertTrue(str(e).endswith("(write tcp:8000 for TCP port 8000)"), str(e))
+        options = gateway.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--mux", "7000"])
+        self.assertTrue(str(e).endswith("(write tcp:7000 for TCP port 7000)"), str(e))
+        options = provider.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--connect", "gw.example.com:7000"])
+        self.assertTrue(str(e).endswith("(write tcp:gw.example.com:7000)"), str(e))
+        options = provider.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--connect", "tcp:gw:7000", "--metrics", "9100"])
+        self.assertTrue(str(e).endswith("(write tcp:9100 for TCP port 9100)"), str(e))
+        self.assertEqual(config.endpoint_hint("tcpp:8000"), "")
+
+
 class CannotListenTests(unittest.TestCase):
     """L{config.cannot_listen}: the one line for a listener that cannot bind."""
 

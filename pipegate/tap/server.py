@@ -8,8 +8,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, non_negative_float, non_negative_int,
-                             positive_float, positive_int)
+from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, endpoint_hint, non_negative_float,
+                             non_negative_int, positive_float, positive_int)
 from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
@@ -126,7 +126,7 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
                 f"--listen: {self['listen']}: no such socket from systemd (LISTEN_FDS, LISTEN_FDNAMES, "
                 "LISTEN_PID)") from None
         except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
-            raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
+            raise usage.UsageError(f"--listen: {e or type(e).__name__}{endpoint_hint(self['listen'])}") from None
         if self["caller-share"] > 100:
             raise usage.UsageError("--caller-share: a percentage, 1 to 100")
         if self["domain"] is not None and not self["domain"].strip("."):
