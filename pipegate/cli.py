@@ -26,6 +26,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if not secret:
         print("pipegate scan: --router: the router secret is required (or PIPEGATE_ROUTER)", file=sys.stderr)
         return 2
+    from twisted.internet import endpoints, reactor
+
+    from pipegate.config import endpoint_hint
+
+    try:
+        endpoints.clientFromString(reactor, args.connect)
+    except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
+        print(f"pipegate scan: --connect: {args.connect}: {e or type(e).__name__}{endpoint_hint(args.connect)}",
+              file=sys.stderr)
+        return 2
     return scan_main(secret, args.connect, args.timeout)
 
 

@@ -188,6 +188,13 @@ class Plugins(unittest.TestCase):
         os.kill(pid, signal.SIGTERM)
         await eventually(lambda: not os.path.exists(pidfile))
 
+    async def test_scan_names_a_bad_connect_and_what_to_write(self):
+        code, out = await run(self, [sys.executable, "-m", "pipegate", "scan", "--router", "ab" * 32,
+                                     "--connect", "127.0.0.1:7000"])
+        self.assertEqual(code, 2, out)
+        self.assertEqual(out, "pipegate scan: --connect: 127.0.0.1:7000: Unknown endpoint type: '127.0.0.1' "
+                              "(write tcp:127.0.0.1:7000)\n")
+
     async def test_python_m_entry_points_name_themselves(self):
         """Issue 18 item 10: `python -m pipegate.server --help` said only `[options]`."""
         for name in ("server", "client"):
