@@ -77,6 +77,25 @@ class _Gated(ProtocolWrapper):
         return _log_prefix(self.wrappedProtocol)
 
 
+class _PlainGated(_Gated):
+    """
+    A connection to a plain HTTP listener: one whose first byte starts a TLS record (0x16,
+    a wss:// connector or an https:// browser at the wrong port) is closed at once, so that
+    the client says "a plain port needs ws://" now instead of after its handshake timeout.
+    No HTTP request (nor PROXY header) can start with that byte.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[0] == 0x16:
+                self.transport.abortConnection()
+                return
+        self.wrappedProtocol.dataReceived(data)
+
+
 def _log_prefix(wrapped) -> str:
     prefix = getattr(wrapped, "logPrefix", None)
     return prefix() if prefix is not None else wrapped.__class__.__name__
@@ -94,6 +113,7 @@ class ConnectionGate(WrappingFactory):
     @param rate: new connections per source IP over time (L{SourceRate}), checked once the
         caps on connections held at once let one in; None: no limit.  Sources C{budget}
         exempts (trusted proxies) are exempt from it too.
+    @param plain_http: the listener speaks plain HTTP: a TLS handshake is cut at once (L{_PlainGated}).
     """
 
     protocol = _Gated
@@ -105,8 +125,11 @@ class ConnectionGate(WrappingFactory):
 
     def __init__(self, wrapped, budget: Budget, clock: IReactorTime, *,
                  on_refused: Callable[[str], None] = lambda cap: None, what: str = "listener",
-                 log_interval: float = 10.0, per_source: bool = True, rate: SourceRate | None = None) -> None:
+                 log_interval: float = 10.0, per_source: bool = True, rate: SourceRate | None = None,
+                 plain_http: bool = False) -> None:
         super().__init__(wrapped)
+        if plain_http:
+            self.protocol = _PlainGated
         self.per_source = per_source
         self.budget = budget
         self.rate = rate

@@ -26,6 +26,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if not secret:
         print("pipegate scan: --router: the router secret is required (or PIPEGATE_ROUTER)", file=sys.stderr)
         return 2
+    from twisted.internet import endpoints, reactor
+
+    from pipegate.config import endpoint_hint
+
+    try:
+        endpoints.clientFromString(reactor, args.connect)
+    except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
+        print(f"pipegate scan: --connect: {args.connect}: {e or type(e).__name__}{endpoint_hint(args.connect)}",
+              file=sys.stderr)
+        return 2
     return scan_main(secret, args.connect, args.timeout)
 
 
@@ -62,7 +72,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from pipegate.status import format_status
 
+    import http.client
+
     url = args.url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url   # `pipegate status 127.0.0.1:9100`
     if not url.endswith("/status"):
         url += "/status"
     req = urllib.request.Request(url)
@@ -72,8 +86,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as response:
             status = json.loads(response.read(16 * 1024 * 1024))
+    except http.client.HTTPException:
+        print(f"pipegate status: {url}: not an HTTP answer (is this a --metrics listener?)", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as e:
-        print(f"pipegate status: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        hint = " (is this a --metrics listener?)" if getattr(e, "code", None) == 404 else ""
+        print(f"pipegate status: {url}: {getattr(e, 'reason', e)}{hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status, indent=1))

@@ -13,6 +13,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 TRUE = {"1", "true", "yes", "on"}
@@ -23,29 +26,45 @@ def env_name(option: str) -> str:
     return "PIPEGATE_" + option.upper().replace("-", "_")
 
 
+def _whole(value: str) -> int:
+    """C{int(value)}, whose error says what was expected rather than C{invalid literal for int()}."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+
+
+def _number(value: str) -> float:
+    """C{float(value)}, whose error says what was expected rather than C{could not convert string}."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
 def positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole(value)
     if number <= 0:
         raise ValueError("must be greater than 0")
     return number
 
 
 def non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _whole(value)
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
 
 
 def positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not number > 0:
         raise ValueError("must be greater than 0")
     return number
 
 
 def non_negative_float(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not number >= 0:
         raise ValueError("must be 0 or more")
     return number
@@ -152,7 +171,9 @@ class EnvOptions(usage.Options):
             raise SystemExit(f"{self.program_name()}: {e}") from None
 
     def program_name(self) -> str:
-        """C{twistd pipegate-server} under twistd, else the running script's name."""
+        """C{twistd pipegate-server} under twistd, else C{program} if set, else the running script's name."""
+        if getattr(self, "program", None):
+            return self.program
         script = os.path.basename(sys.argv[0])
         if self.parent is not None and getattr(self.parent, "subCommand", None):
             runner = script if script in ("twistd", "twist") else "twistd"
@@ -195,7 +216,7 @@ def auto_or_non_negative_int(value: str) -> int | None:
     """C{"auto"} -> C{None} (the service sizes it from its fd budget); else an int >= 0 (0 = no cap)."""
     if value.strip().lower() == "auto":
         return None
-    number = int(value)
+    number = _whole(value)
     if number < 0:
         raise ValueError('must be "auto", 0 (no cap) or more')
     return number
@@ -204,6 +225,17 @@ def auto_or_non_negative_int(value: str) -> int | None:
 def auto_or_positive_int(value: str) -> int | None:
     """C{"auto"} -> C{None} (the service works it out); else an int > 0."""
     return None if value.strip().lower() == "auto" else positive_int(value)
+
+
+def endpoint_hint(value: str) -> str:
+    """What to write instead of a port or a host:port given where an endpoint string goes."""
+    value = value.strip()
+    if value.isdigit():
+        return f" (write tcp:{value} for TCP port {value})"
+    host, _, port = value.rpartition(":")
+    if port.isdigit() and ("." in host or host == "localhost") and ":" not in host and "=" not in host:
+        return f" (write tcp:{value})"
+    return ""
 
 
 def check_server_endpoint(name: str, value: str | None) -> None:
@@ -215,7 +247,7 @@ def check_server_endpoint(name: str, value: str | None) -> None:
     try:
         endpoints.serverFromString(reactor, value)
     except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
-        raise usage.UsageError(f"--{name}: {e or type(e).__name__}") from None
+        raise usage.UsageError(f"--{name}: {e or type(e).__name__}{endpoint_hint(value)}") from None
 
 
 def check_pem_certificate(name: str, path: str | None) -> None:
@@ -231,3 +263,113 @@ def check_pem_certificate(name: str, path: str | None) -> None:
         raise usage.UsageError(f"--{name}: {path}: {e.strerror}") from None
     except Exception:   # pyOpenSSL's crypto.Error, or an empty file: not a certificate either way
         raise usage.UsageError(f"--{name}: {path}: not a PEM certificate") from None
+
+
+def _listen_port(description: str) -> str | None:
+    """The port (or unix path) a server endpoint string listens on: C{tcp:8000:...} -> C{"8000"}."""
+    kind, _, rest = description.partition(":")
+    if not rest or kind.lower() == "systemd":
+        return None
+    first = rest.replace("\\:", "\0").split(":")[0].replace("\0", ":")
+    return first.partition("=")[2] if first.startswith(("port=", "address=")) else first
+
+
+def cannot_listen(options: Mapping[str, Any], error: BaseException) -> str:
+    """
+    One line for a listener that could not bind at startup: the option that asked for it
+    (found by its port), the address, the reason, and what to do.
+    """
+    port = getattr(error, "port", None)
+    socket_error = getattr(error, "socketError", None)
+    reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+    errno = getattr(socket_error, "errno", None)
+    named = ""
+    for name, value in options.items():
+        for description in value if isinstance(value, list) else [value]:
+            if not isinstance(description, str) or ":" not in description:
+                continue
+            listens = _listen_port(description)
+            if listens is None:
+                continue
+            if (port is not None and listens == str(port)) or (
+                    isinstance(error, OverflowError) and listens.isdigit() and int(listens) > 65535):
+                named = f"--{name} {description}: "
+                break
+        if named:
+            break
+    if isinstance(error, OverflowError):
+        return f"{named}the port must be 0 to 65535"
+    where = f"{getattr(error, 'interface', None) or 'any'}:{port}" if port is not None else "the address"
+    hint = {98: "another program, perhaps another PipeGate, holds it: stop that one or choose another port",
+            13: "ports below 1024 need root or CAP_NET_BIND_SERVICE (AmbientCapabilities= in a systemd "
+                "unit): choose a port above 1023",
+            99: "this host has no such address: use one of its own, or 0.0.0.0"}.get(errno, "")
+    return f"{named}cannot listen on {where}: {reason}" + (f" ({hint})" if hint else "")
+
+
+def say_where_a_daemon_goes(options) -> None:
+    """
+    Without C{-n}, twistd goes to the background without a word: one line on the terminal
+    says where the log is and how to stop it (twistd has not redirected stderr yet).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon", True) or not hasattr(options, "program_name"):
+        return
+    logfile = parent.get("logfile") or "twistd.log"
+    pidfile = parent.get("pidfile") or "twistd.pid"
+    print(f"{options.program_name()}: running in the background (no -n): log in {logfile}, "
+          f"stop with kill $(cat {pidfile})", file=sys.stderr, flush=True)
+
+
+class TopService(service.MultiService):
+    """
+    The top service of each twistd plugin: a listener that cannot bind (port taken,
+    privileged port, no such address) stops startup with one line naming its option, as a
+    bad option does, instead of twistd's 40-line traceback.  Exit status 1 as before, so
+    systemd still sees the failure.
+    """
+
+    log = Logger()
+
+    def __init__(self, options: Mapping[str, Any], reactor=None) -> None:
+        super().__init__()
+        self.options = options
+        self.reactor = reactor
+        say_where_a_daemon_goes(options)
+
+    def startService(self) -> None:
+        super().startService()
+        # Only as a command (twistd, python -m): a test's service must not take the test
+        # runner's signals.
+        as_command = getattr(self.options, "parent", None) is not None or getattr(self.options, "program", None)
+        if self.reactor is not None and as_command:
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.arm_second_signal)
+
+    def arm_second_signal(self) -> None:
+        """
+        The first SIGINT/SIGTERM started a drain (up to --drain-timeout): a second one ends
+        every drain now, cutting what is still in flight, instead of twistd's
+        ReactorNotRunning traceback and more waiting.
+        """
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def second(signum, frame):
+            self.reactor.callFromThread(self.stop_now)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, second)
+
+    def stop_now(self) -> None:
+        from pipegate.drain import cut_drains
+
+        self.log.warn("second signal: stopping now, cutting {count} drain(s)", count=cut_drains())
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OverflowError) as e:
+            program = getattr(self.options, "program_name", lambda: "pipegate")()
+            raise SystemExit(f"{program}: {cannot_listen(self.options, e)}") from None

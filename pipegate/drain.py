@@ -10,16 +10,17 @@ metrics listener) until it is over.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 POLL_INTERVAL = 0.05
+
+#: The checks of the drains under way (L{cut_drains} ends them; a second Ctrl-C).
+_under_way: set = set()
 
 
 def drain(clock: IReactorTime, timeout: float, idle: Callable[[], bool],
@@ -31,18 +32,31 @@ def drain(clock: IReactorTime, timeout: float, idle: Callable[[], bool],
         return result
     deadline = clock.seconds() + timeout
 
-    def check() -> None:
+    def check(cut: bool = False) -> None:
         if idle():
+            end(True)
+        elif cut or clock.seconds() >= deadline:
+            end(False)
+
+    def end(in_time: bool) -> None:
+        _under_way.discard(check)
+        if poller.running:
             poller.stop()
-            result.callback(True)
-        elif clock.seconds() >= deadline:
-            poller.stop()
-            result.callback(False)
+        result.callback(in_time)
 
     poller = LoopingCall(check)
     poller.clock = clock
     poller.start(interval, now=False)
+    _under_way.add(check)
     return result
+
+
+def cut_drains() -> int:
+    """End every drain under way now, as if its timeout had passed; says how many there were."""
+    checks = list(_under_way)
+    for check in checks:
+        check(cut=True)
+    return len(checks)
 
 
 class Drainer:
@@ -91,68 +105,3 @@ class AfterDrain(service.MultiService):
         d.addCallback(lambda _: service.MultiService.stopService(self))
         return d
 
-
-class RepeatedStopSignal(service.Service):
-    """
-    A second SIGTERM (or SIGINT) while the service drains.  twistd's handler would call
-    C{reactor.stop()} again, which raises C{ReactorNotRunning} and logs a critical
-    traceback; this logs one line instead and lets the drain go on (bounded by
-    C{--drain-timeout}, and under systemd by C{TimeoutStopSec=}).
-
-    The reactor installs its handlers when it starts running, after C{startService}: this
-    wraps them from C{callWhenRunning} (public API; it relies only on signal.getsignal
-    returning the reactor's handler, whatever that is, and calls it for the first signal;
-    checked with Twisted 26.10).  Ignored or default handlers are left alone.
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor, signals=signal, numbers=(signal.SIGTERM, signal.SIGINT)) -> None:
-        self.reactor = reactor
-        self.signals = signals
-        self.numbers = numbers
-        self.stopping = False
-        self._previous: dict[int, Callable] = {}
-
-    _trigger = None
-
-    def startService(self):
-        super().startService()
-        if self._trigger is None:
-            self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
-        self.reactor.callWhenRunning(self._install)
-
-    def _install(self) -> None:
-        if not self.running:
-            return
-        for number in self.numbers:
-            previous = self.signals.getsignal(number)
-            if callable(previous) and number not in self._previous:
-                self._previous[number] = previous
-                self.signals.signal(number, self._handle)
-
-    def _shutting_down(self) -> None:
-        self.stopping = True
-
-    def _handle(self, number, frame) -> None:
-        if not self.stopping:
-            self.stopping = True
-            self._previous[number](number, frame)
-            return
-        self.reactor.callFromThread(self._again, number)
-
-    def _again(self, number) -> None:
-        self.log.warn("{signal} again while stopping: the drain goes on (up to --drain-timeout); "
-                      "SIGKILL ends the process at once", signal=signal.Signals(number).name)
-
-    def stopService(self):
-        # Stopped as part of a shutdown: keep catching repeats until the process ends.
-        # Stopped on its own (tests): give the handlers back.
-        if not self.stopping:
-            for number, previous in self._previous.items():
-                self.signals.signal(number, previous)
-            self._previous.clear()
-            if self._trigger is not None:   # (MemoryReactor hands out no trigger ids)
-                self.reactor.removeSystemEventTrigger(self._trigger)
-                self._trigger = None   # (a tree may be stopped twice)
-        return super().stopService()

@@ -19,6 +19,7 @@ def run_foreground(module_name: str, argv: list[str], program: str) -> int:
     module = importlib.import_module(module_name)
     options = module.Options()
     options.synopsis = f"Usage: {program} {options.synopsis}"
+    options.program = program   # names the command in a listener's bind error too (config.TopService)
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:

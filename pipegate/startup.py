@@ -6,15 +6,6 @@ C{journalctl -u pipegate-relay} sees the configuration in force without the unit
 
 from __future__ import annotations
 
-import errno
-import re
-
-from twisted.application import service
-from twisted.internet.error import CannotListenError
-
-#: Options whose values are server endpoints bound at startup.
-LISTENER_OPTIONS = ("listen", "https", "metrics", "mux", "unlimited", "resolver", "inspect")
-
 
 def _seconds(value: float) -> str:
     return f"{value:g} s" if value else "off"
@@ -59,40 +50,3 @@ def node_line(kind: str, options) -> str:
     metrics = f"metrics on {options['metrics']}" if options["metrics"] else "metrics off"
     return (f"{kind} links on {links} ({tls}); dials {dials}{gates}; {metrics}; "
             f"drain timeout {_seconds(options['drain-timeout'])}")
-
-
-def cannot_listen(error: CannotListenError, options) -> str:
-    """One line for a listener that could not bind, naming the option that asked for it."""
-    port = str(error.port)
-    named = []
-    for name in LISTENER_OPTIONS:
-        try:
-            value = options[name]
-        except KeyError:
-            continue
-        for description in ([value] if isinstance(value, str) else value or ()):
-            if re.search(rf"(^|:){re.escape(port)}(:|$)", description):
-                named.append(f"--{name}")
-    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
-    line = f"cannot listen on {error.interface or '*'}:{port}: {reason}"
-    if getattr(error.socketError, "errno", None) == errno.EACCES and error.port < 1024:
-        line += (" (a port below 1024 needs AmbientCapabilities=CAP_NET_BIND_SERVICE in the unit, "
-                 "or socket activation)")
-    return f"{'/'.join(named)}: {line}" if named else line
-
-
-class StartupRoot(service.MultiService):
-    """
-    The root of a service's tree: a listener that cannot bind at startup stops twistd with
-    one line naming its option (exit status 1) instead of a traceback.
-    """
-
-    def __init__(self, options) -> None:
-        super().__init__()
-        self.options = options
-
-    def privilegedStartService(self):
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise SystemExit(cannot_listen(e, self.options)) from None

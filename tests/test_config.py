@@ -56,6 +56,81 @@ class HelperTests(unittest.TestCase):
             self.assertRaises(ValueError, config.non_negative_float, bad)
 
 
+class NumberWordingTests(unittest.TestCase):
+    """A mistyped number used to say `invalid literal for int() with base 10: '1M'`."""
+
+    def test_what_was_expected_and_what_was_given(self):
+        for convert, bad, expected in (
+                (config.positive_int, "1M", "expected a whole number, got '1M'"),
+                (config.non_negative_int, "1.5", "expected a whole number, got '1.5'"),
+                (config.auto_or_non_negative_int, "lots", "expected a whole number, got 'lots'"),
+                (config.positive_float, "5s", "expected a number, got '5s'"),
+                (config.non_negative_float, "", "expected a number, got ''")):
+            e = self.assertRaises(ValueError, convert, bad)
+            self.assertEqual(str(e), expected)
+
+    def test_a_service_option_says_it(self):
+        options = server.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--max-body-bytes", "10MB"])
+        self.assertEqual(str(e), "--max-body-bytes: expected a whole number, got '10MB'")
+
+
+class EndpointHintTests(unittest.TestCase):
+    """`--listen 8000` or `--connect gw:7000` said only "Unknown endpoint type: '8000'"."""
+
+    def test_a_port_or_host_port_alone_gets_the_string_to_write(self):
+        from pipegate.tap import gateway, provider
+
+        options = server.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--listen", "8000"])
+        self.assertTrue(str(e).startswith("--listen: "), str(e))
+        self.assertTrue(str(e).endswith("(write tcp:8000 for TCP port 8000)"), str(e))
+        options = gateway.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--mux", "7000"])
+        self.assertTrue(str(e).endswith("(write tcp:7000 for TCP port 7000)"), str(e))
+        options = provider.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--connect", "gw.example.com:7000"])
+        self.assertTrue(str(e).endswith("(write tcp:gw.example.com:7000)"), str(e))
+        options = provider.Options()
+        options.environ = {"PIPEGATE_ROUTER": "ab" * 32}
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--connect", "tcp:gw:7000", "--metrics", "9100"])
+        self.assertTrue(str(e).endswith("(write tcp:9100 for TCP port 9100)"), str(e))
+        self.assertEqual(config.endpoint_hint("tcpp:8000"), "")
+
+
+class CannotListenTests(unittest.TestCase):
+    """L{config.cannot_listen}: the one line for a listener that cannot bind."""
+
+    def error(self, interface, port, errno, strerror):
+        from twisted.internet.error import CannotListenError
+        return CannotListenError(interface, port, OSError(errno, strerror))
+
+    def test_names_the_option_by_its_port(self):
+        options = {"listen": "tcp:8000", "metrics": "tcp:9100:interface=127.0.0.1", "mux": ["tcp:7000"],
+                   "domain": None, "max-in-flight": 100}
+        self.assertEqual(config.cannot_listen(options, self.error("127.0.0.1", 9100, 98, "Address already in use")),
+                         "--metrics tcp:9100:interface=127.0.0.1: cannot listen on 127.0.0.1:9100: Address already "
+                         "in use (another program, perhaps another PipeGate, holds it: stop that one or choose "
+                         "another port)")
+        self.assertTrue(config.cannot_listen(options, self.error("", 7000, 13, "Permission denied")).startswith(
+            "--mux tcp:7000: cannot listen on any:7000: Permission denied (ports below 1024"))
+        self.assertEqual(config.cannot_listen({"listen": "tcp:port=80"}, self.error("10.0.0.1", 80, 99, "x")),
+                         "--listen tcp:port=80: cannot listen on 10.0.0.1:80: x (this host has no such address: "
+                         "use one of its own, or 0.0.0.0)")
+
+    def test_no_option_found_still_says_where(self):
+        self.assertEqual(config.cannot_listen({"listen": "tcp:8000"}, self.error("", 8001, 1, "nope")),
+                         "cannot listen on any:8001: nope")
+
+    def test_port_out_of_range(self):
+        self.assertEqual(config.cannot_listen({"listen": "tcp:8000", "metrics": "tcp:99999"}, OverflowError()),
+                         "--metrics tcp:99999: the port must be 0 to 65535")
+
+
 class _Base(config.EnvOptions):
     optParameters = [["count", None, "3", "A count.", config.positive_int],
                      ["name", None, "x", "A name (no converter)."]]
@@ -402,6 +477,16 @@ class ClientOptionsTests(unittest.TestCase):
         self.assertUsage("SERVER_URL", args=(TARGET, "ws://relay/xyz?token=" + token("abc")))
         self.assertUsage("SERVER_URL", args=(TARGET, "ws://relay/xyz"), PIPEGATE_TOKEN=token())
 
+    def test_a_pasted_token_with_spaces_or_its_label_is_taken(self):
+        # Copying the `JWT Bearer:    eyJ...` line of `pipegate token` (or a token with the
+        # spaces around it, or "Bearer eyJ...") used to say "not a PipeGate token".
+        good = token("abc")
+        for pasted in (f" {good} ", f"Bearer {good}", f"JWT Bearer:    {good}\n"):
+            options = self.parse("--token", pasted, TARGET, "ws://127.0.0.1:8000/abc")
+            self.assertEqual(options["token"], good)
+            options = self.parse(TARGET, "ws://127.0.0.1:8000/abc", PIPEGATE_TOKEN=pasted)
+            self.assertEqual(options["token"], good)
+
     def test_not_a_token(self):
         for bad in ("garbage", "a.b.c", auth.mint(SETTINGS, "abc", 0)[:20]):
             self.assertUsage("--token", args=("--token", bad, TARGET, "ws://relay"))
@@ -419,6 +504,13 @@ class ClientOptionsTests(unittest.TestCase):
         for url in ("http://relay/abc", "https://relay", "ws://", "ws:///abc", "relay:8080",
                     "ws://relay:99999/abc", "ws://relay:port/abc"):
             self.assertUsage("SERVER_URL", args=("--token", token(), TARGET, url))
+        # The relay's public URL given instead: say which scheme to write.
+        self.assertUsage("SERVER_URL", "(the relay's WebSocket URL: wss://relay/abc)",
+                         args=("--token", token(), TARGET, "https://relay/abc"))
+        secret = token()
+        message = self.assertUsage("(the relay's WebSocket URL: ws://relay:8000/abc)",
+                                   args=(TARGET, f"http://relay:8000/abc?token={secret}"))
+        self.assertNotIn(secret, message)
 
     def test_missing_urls(self):
         self.assertUsage("TARGET_URL", "SERVER_URL", args=("--token", token()))

@@ -176,6 +176,22 @@ class RequestHeadTests(unittest.TestCase):
         self.assertIn(b"local app unreachable", reset.reason)
         self.assertEqual(h.session.streams, {})
 
+    def test_unreachable_app_log_line_names_the_target(self):
+        # The connector's line said only "connection refused": a newcomer whose app was not
+        # started (or listens on another port) now reads which TARGET_URL it tried.  The
+        # caller's 502 does not name it (a stranger need not learn the private address).
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        h = Harness(self)
+        h.app.refuse = ConnectionRefusedError("connection refused")
+        h.request()
+        [reset] = h.relay.take()
+        self.assertNotIn(b"127.0.0.1", reset.reason)
+        [line] = [formatEvent(e) for e in events if "failed: 502" in formatEvent(e)]
+        self.assertTrue(line.endswith("(is the app at http://127.0.0.1:3000/base/ running?)"), line)
+
 
 class ResponseTests(unittest.TestCase):
     def test_response_head_body_and_end(self):

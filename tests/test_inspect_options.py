@@ -82,6 +82,20 @@ class InspectOptions(unittest.TestCase):
             warnings = [e for e in events if "keep it on loopback" in e.get("log_format", "")]
             self.assertEqual(len(warnings), int(warned), endpoint)
 
+    def test_the_connector_log_says_where_to_open_it(self):
+        # `--inspect tcp:4040:...` logged only "Site starting on 4040": now the URL to open.
+        for endpoint, url in (("tcp:4040:interface=127.0.0.1", "http://127.0.0.1:4040/"),
+                              ("tcp:4041", "http://127.0.0.1:4041/"),
+                              ("tcp6:4042:interface=\\:\\:1", "http://[::1]:4042/")):
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            top = client.makeService(parse("--inspect", endpoint), MemoryReactorClock())
+            [inspector] = [s for s in top if isinstance(s, Inspector)]
+            inspector.privilegedStartService()
+            inspector.startService()
+            self.addCleanup(inspector.stopService)
+            lines = [e["url"] for e in events if "request inspector" in e.get("log_format", "")]
+            self.assertEqual(lines, [url], endpoint)
+
     def test_bad_values_name_the_option(self):
         for args, env, name in [
             (["--inspect", "tcpp:4040"], {}, "--inspect"),

@@ -177,6 +177,29 @@ class RelayMetrics(unittest.TestCase):
         self.assertEqual(await child.ended, 1)
         self.assertIn(b"pipegate status:", child.output)
 
+    async def test_status_command_on_something_else_is_one_line(self):
+        # `pipegate status` pointed at a port that is not a --metrics listener (an SSH or
+        # echo server) printed a 30-line http.client traceback; `host:port` without
+        # http:// said "unknown url type".
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Banner(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+                self.transport.loseConnection()
+
+        port = await Loopback(self).listen(Factory.forProtocol(Banner))
+        child = spawn(self, [sys.executable, "-m", "pipegate", "status", f"http://127.0.0.1:{port.getHost().port}"],
+                      child_env())
+        self.assertEqual(await child.ended, 1)
+        out = child.output.decode()
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(out.count("\n"), 1, out)
+        self.assertIn("not an HTTP answer (is this a --metrics listener?)", out)
+        child = spawn(self, [sys.executable, "-m", "pipegate", "status", self.ops.split("//", 1)[1]], child_env())
+        self.assertEqual(await child.ended, 0, child.output)
+        self.assertIn(b"tunnels (", child.output)
+
 
 class RelayShapingMetrics(unittest.TestCase):
     async def test_policy_denials_and_throttled_seconds(self):

@@ -133,6 +133,68 @@ class Plugins(unittest.TestCase):
             self.assertTrue(lines[0].startswith(expected), (lines[0], expected))
             self.assertNotIn("Usage:", out)
 
+    async def test_a_taken_port_stops_every_plugin_with_one_line(self):
+        """
+        A second relay on the same port, or a gateway whose --mux port is taken, used to die
+        with twistd's 40-line traceback ending in CannotListenError; now one line names the
+        option, the address and what to do, and the exit status stays 1.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        cases = [
+            (["pipegate-server", "--listen", endpoint], {"PIPEGATE_JWT_SECRET": SECRET}, "--listen"),
+            (["pipegate-server", "--listen", "tcp:0:interface=127.0.0.1", "--metrics", endpoint],
+             {"PIPEGATE_JWT_SECRET": SECRET}, "--metrics"),
+            (["pipegate-gateway", "--router", "ab" * 32, "--mux", endpoint], {}, "--mux"),
+            (["pipegate-provider", "--router", "ab" * 32, "--mux", endpoint], {}, "--mux"),
+            (["pipegate-client", "--inspect", endpoint, "http://127.0.0.1:1", "ws://127.0.0.1:2"],
+             {"PIPEGATE_TOKEN": token_for("t1")}, "--inspect"),
+        ]
+        for argv, env, option in cases:
+            code, out = await run(self, TWISTD + ["-n", "--pidfile="] + argv, **env)
+            self.assertEqual(code, 1, out)
+            self.assertNotIn("Traceback", out)
+            self.assertIn(f"{argv[0]}: {option} {endpoint}: cannot listen on 127.0.0.1:{port}: "
+                          "Address already in use (another program", out)
+        code, out = await run(self, TWISTD + ["-n", "--pidfile=", "pipegate-server", "--listen", "tcp:70000"],
+                              PIPEGATE_JWT_SECRET=SECRET)
+        self.assertEqual(code, 1, out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn("pipegate-server: --listen tcp:70000: the port must be 0 to 65535", out)
+        code, out = await run(self, [sys.executable, "-m", "pipegate.server", "--listen", endpoint],
+                              PIPEGATE_JWT_SECRET=SECRET)
+        self.assertEqual(code, 1, out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn(f"python -m pipegate.server: --listen {endpoint}: cannot listen", out)
+
+    async def test_without_n_it_says_where_it_went(self):
+        # `twistd pipegate-server` without -n went to the background without a word.
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        pidfile, logfile = os.path.join(directory, "relay.pid"), os.path.join(directory, "relay.log")
+        code, out = await run(self, TWISTD + ["--pidfile", pidfile, "--logfile", logfile, "pipegate-server",
+                                              "--listen", "tcp:0:interface=127.0.0.1"], PIPEGATE_JWT_SECRET=SECRET)
+        await eventually(lambda: os.path.exists(pidfile))
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: os.kill(pid, signal.SIGKILL) if os.path.exists(pidfile) else None)
+        self.assertEqual(code, 0, out)
+        self.assertEqual(out, f"twistd pipegate-server: running in the background (no -n): log in {logfile}, "
+                              f"stop with kill $(cat {pidfile})\n")
+        os.kill(pid, signal.SIGTERM)
+        await eventually(lambda: not os.path.exists(pidfile))
+
+    async def test_scan_names_a_bad_connect_and_what_to_write(self):
+        code, out = await run(self, [sys.executable, "-m", "pipegate", "scan", "--router", "ab" * 32,
+                                     "--connect", "127.0.0.1:7000"])
+        self.assertEqual(code, 2, out)
+        self.assertEqual(out, "pipegate scan: --connect: 127.0.0.1:7000: Unknown endpoint type: '127.0.0.1' "
+                              "(write tcp:127.0.0.1:7000)\n")
+
     async def test_python_m_entry_points_name_themselves(self):
         """Issue 18 item 10: `python -m pipegate.server --help` said only `[options]`."""
         for name in ("server", "client"):
@@ -180,6 +242,12 @@ class ConnectorProcess(unittest.TestCase):
             self.assertNotEqual(code, 0, name)
             self.assertIn("the relay refused the login: 401", out, name)
             self.assertNotIn(token, out, name)
+            # What to do, not only what went wrong (a newcomer's usual two mistakes).
+            hint = {"expired": "(mint a new one with `pipegate token -c t1`",
+                    "wrong secret": "(the token was minted with another secret than the relay's "
+                                    "PIPEGATE_JWT_SECRET"}.get(name)
+            if hint:
+                self.assertIn(hint, out, name)
         self.assertEqual(self.relay.tunnels, {})
 
     async def test_sub_path_mismatch_refused(self):
@@ -187,6 +255,28 @@ class ConnectorProcess(unittest.TestCase):
                                               token_for("t1"), self.app_url, self.relay_url + "/t2"])
         self.assertNotEqual(code, 0)
         self.assertIn("differs from the token", out)
+
+    async def test_a_second_ctrl_c_stops_a_draining_connector_now(self):
+        # Ctrl-C with a request in flight (a long poll, a dev server's live-reload socket)
+        # drains for up to --drain-timeout (30 s); pressing Ctrl-C again printed a
+        # ReactorNotRunning traceback and went on waiting.  Now it stops at once.
+        child = spawn(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token", token_for("t1"),
+                                      self.app_url, self.relay_url], child_env())
+        await eventually(lambda: "t1" in self.relay.tunnels and self.relay.tunnels["t1"].links, timeout=30)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.loop.pools.append(pool)
+        pending = request(Agent(reactor, pool=pool), b"GET",
+                          f"http://127.0.0.1:{self.relay_port.getHost().port}/t1/slow/60")
+        pending = defer.Deferred.fromCoroutine(pending)
+        pending.addErrback(lambda failure: None)
+        await eventually(lambda: self.relay.tunnels["t1"].in_flight == 1)
+        child.transport.signalProcess("INT")
+        await eventually(lambda: b"draining: 1 request(s) in flight" in child.output, timeout=10)
+        self.assertIn(b"Ctrl-C again to stop now", child.output)
+        child.transport.signalProcess("INT")
+        await eventually(lambda: child.ended.called, timeout=10)
+        self.assertNotIn(b"Traceback", child.output)
+        self.assertIn(b"second signal: stopping now, cutting 1 drain", child.output)
 
     async def test_serves_and_never_logs_the_token(self):
         token = token_for("t1")

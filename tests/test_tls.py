@@ -197,3 +197,78 @@ class OversizedLineOverTLS(unittest.TestCase):
         answer = await threads.deferToThread(caller)
         self.assertTrue(answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), answer[:60])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class SilentRelay(unittest.TestCase):
+    """A relay URL whose server accepts TCP and never answers (a firewall, a stuck proxy)."""
+
+    async def test_stopping_during_a_pending_wss_login_does_not_wait_for_its_timeout(self):
+        # Ctrl-C on a connector whose wss:// login hung (a plain port, a stuck proxy) used to
+        # wait out Autobahn's 30 s opening-handshake timeout: closing a TLS connection whose
+        # handshake never completes waits for the handshake.  Now the pending login is cut.
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Silent(Protocol):
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        lost: list = []
+        loop = Loopback(self)
+        app = await loop.app()
+        port = await loop.listen(Factory.forProtocol(Silent))
+        connector = Connector(
+            reactor, ConnectorConfig(Target.parse(f"http://127.0.0.1:{app.getHost().port}")),
+            f"wss://localhost:{port.getHost().port}", token_for("t1"), "t1", retry_policy=lambda attempt: 0.2)
+        connector.startService()
+        await eventually(lambda: loop.wrappers[-1].protocols)
+        stopped = connector.stopService()
+        # Cut at once (abortConnection), not after the 30 s handshake timeout; 10 s is
+        # eventually()'s default patience.
+        await eventually(lambda: lost and stopped.called)
+        self.assertEqual(connector.links, [])
+
+
+class TLSClientAtThePlainPort(unittest.TestCase):
+    """
+    A wss:// connector (or an https:// browser) at the relay's plain port: the relay used
+    to hold the ClientHello until its 60 s idle timeout, so the connector said why only
+    after its own 30 s handshake timeout.  A TLS record cannot start an HTTP request, so
+    the relay closes such a connection at once and the connector's next line says
+    "a plain port needs ws://, not wss://".
+    """
+
+    def relay_listener(self, *args):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from pipegate.tap import server
+
+        options = server.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": "tls-plain-port-secret-0123456789abcdef"}
+        options.parseOptions(["--listen", "tcp:8000:interface=127.0.0.1", *args])
+        clock = MemoryReactorClock()
+        top = server.makeService(options, clock)
+        top.privilegedStartService()
+        [(_port, factory, _backlog, _interface)] = clock.tcpServers
+
+        def connect():
+            protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+            protocol.makeConnection(transport)
+            self.addCleanup(lambda: protocol.connectionLost(None) if not transport.disconnected else None)
+            return protocol, transport
+        return connect
+
+    def test_a_client_hello_is_cut_at_once(self):
+        connect = self.relay_listener()
+        protocol, transport = connect()
+        protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x07" * 32)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_http_still_served(self):
+        connect = self.relay_listener()
+        protocol, transport = connect()
+        protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        self.assertFalse(transport.disconnected)

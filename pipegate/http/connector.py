@@ -137,7 +137,12 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
         self._lost_reason: Failure | None = None
         self._handshake_error: str | None = None
 
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.connector.pending.add(self)   # until logged in or gone
+
     def connectionLost(self, reason):
+        self.factory.connector.pending.discard(self)
         self._lost_reason = reason  # onClose, called from here, says why a login failed
         super().connectionLost(reason)
 
@@ -159,6 +164,7 @@ class ConnectorProtocol(FrameLink, WebSocketClientProtocol):
             self.dropConnection(abort=True)
             return
         self._opened = True
+        self.factory.connector.pending.discard(self)
         self.link_opened()
         self.factory.connector.link_up(self)
 
@@ -220,6 +226,7 @@ class Connector(service.MultiService):
         self.tunnel_id = tunnel_id
         self.on_fatal = on_fatal
         self.links: list[ConnectorProtocol] = []
+        self.pending: set[ConnectorProtocol] = set()   # connected, not logged in yet
         self.window_budget = window.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self._ever_online = False
@@ -360,6 +367,11 @@ class Connector(service.MultiService):
         message = f"the relay refused the login: {reason}"
         if "revoked" in reason:
             message += " (this token was revoked on the relay; ask its operator for a new one)"
+        elif "signature" in reason:
+            message += (" (the token was minted with another secret than the relay's PIPEGATE_JWT_SECRET: "
+                        f"mint it where that secret is, with `pipegate token -c {self.tunnel_id}`)")
+        elif "expired" in reason:
+            message += f" (mint a new one with `pipegate token -c {self.tunnel_id}`, `--ttl` for a longer life)"
         self.log.critical("{message}", message=message)
         self.dialer.stop_dialing()
         if self.on_fatal is not None:
@@ -379,7 +391,7 @@ class Connector(service.MultiService):
             link.send(frames.GoAway(b"connector stopping"))
         count = self.in_flight()
         if count:
-            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s",
+            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s (Ctrl-C again to stop now)",
                           count=count, timeout=self.config.drain_timeout)
         d = drain(self.reactor, self.config.drain_timeout, lambda: self.in_flight() == 0)
         d.addCallback(self._drained)
@@ -389,6 +401,11 @@ class Connector(service.MultiService):
         cut = self.in_flight()
         if not in_time and cut:
             self.log.warn("drain timeout: {count} request(s) cut", count=cut)
+        # A login still pending is cut: closing a TLS connection whose handshake never
+        # completes (wss:// to a plain port, a stuck proxy) would wait for the 30 s
+        # handshake timeout, and Ctrl-C with it.
+        for attempt in list(self.pending):
+            attempt.transport.abortConnection()
         d = super().stopService()
         for link in list(self.links):
             link.sendClose(1000, "connector stopping")

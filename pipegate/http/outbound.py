@@ -189,8 +189,11 @@ class ConnectorStream:
 
     def reset(self, code: int, reason: str) -> None:
         if not self._closed:
-            self.log.info("request {correlation} failed: {code} {reason}",
-                          correlation=self.head.correlation.decode(), code=code, reason=reason)
+            hint = ""
+            if reason.startswith("local app unreachable"):   # the caller's 502 does not name it
+                hint = f" (is the app at {self.session.config.target.url(b'').decode()} running?)"
+            self.log.info("request {correlation} failed: {code} {reason}{hint}",
+                          correlation=self.head.correlation.decode(), code=code, reason=reason, hint=hint)
             self.send(frames.Reset(self.stream_id, code, reason.encode()))
             self.close()
 

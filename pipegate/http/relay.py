@@ -235,7 +235,7 @@ class Relay(service.Service, Drainer):
                 link.announce_going_away("relay shutting down")
         in_flight = sum(t.in_flight for t in self.tunnels.values())
         if in_flight:
-            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s",
+            self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s (Ctrl-C again to stop now)",
                           count=in_flight, timeout=self.config.drain_timeout)
         return self.start_drain(self.clock, self.config.drain_timeout,
                                 lambda: not any(t.in_flight for t in self.tunnels.values()),

@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from pipegate.core.budget import SourceRate
 from pipegate.config import (
-    API_PARAMETERS, EnvOptions, auto_or_positive_int, check_server_endpoint, non_negative_float, non_negative_int,
+    API_PARAMETERS, EnvOptions, auto_or_positive_int, check_server_endpoint, endpoint_hint, non_negative_float, non_negative_int,
     positive_float, positive_int,
 )
 
@@ -85,12 +85,12 @@ class MuxOptions(EnvOptions):
             try:
                 endpoints.serverFromString(reactor, value)
             except Exception as e:
-                raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}") from None
+                raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}{endpoint_hint(value)}") from None
         for value in self["connect"]:
             try:
                 endpoints.clientFromString(reactor, value)
             except Exception as e:
-                raise usage.UsageError(f"--connect: {value}: {e or type(e).__name__}") from None
+                raise usage.UsageError(f"--connect: {value}: {e or type(e).__name__}{endpoint_hint(value)}") from None
         check_server_endpoint("metrics", self["metrics"])
         check_link_options(self)
 
@@ -205,7 +205,7 @@ class HubOptions:
             try:
                 endpoints.serverFromString(reactor, value)
             except Exception as e:
-                raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}") from None
+                raise usage.UsageError(f"--mux: {value}: {e or type(e).__name__}{endpoint_hint(value)}") from None
         check_link_options(self, "mux-")
 
 

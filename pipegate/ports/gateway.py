@@ -472,7 +472,7 @@ class Gateway(service.Service, Drainer):
         for link in list(self.links):
             link.announce_going_away("gateway stopping")
         if self.tcp_clients:
-            self.log.info("draining: {count} connection(s) open, up to {timeout:g} s",
+            self.log.info("draining: {count} connection(s) open, up to {timeout:g} s (Ctrl-C again to stop now)",
                           count=len(self.tcp_clients), timeout=self.config.drain_timeout)
         drained = self.start_drain(self.clock, self.config.drain_timeout,
                                    lambda: not self.tcp_clients, self._drained)

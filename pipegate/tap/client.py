@@ -12,14 +12,20 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.accept import SiteLimits
-from pipegate.config import (API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_float,
-                             positive_int)
+from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, non_negative_float, non_negative_int,
+                             positive_float, positive_int)
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
-from pipegate.drain import RepeatedStopSignal
-from pipegate.startup import StartupRoot
 from pipegate.heap import FrozenStartupHeap
+
+
+def pasted_token(value: str | None) -> str | None:
+    """A token as pasted: the spaces around it, a C{Bearer} or C{JWT Bearer:} label before it, dropped."""
+    if value is None:
+        return None
+    words = value.split()
+    return words[-1] if words and words[0].rstrip(":") in ("Bearer", "JWT") else value.strip()
 
 
 class Options(EnvOptions):
@@ -74,8 +80,12 @@ class Options(EnvOptions):
             raise usage.UsageError(str(e)) from None
         parts = urlsplit(self["server-url"])
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            hint = ""
+            if parts.scheme in ("http", "https") and parts.hostname:
+                websocket = parts._replace(scheme="ws" + parts.scheme[4:], query="", fragment="")
+                hint = f" (the relay's WebSocket URL: {websocket.geturl()})"
             raise usage.UsageError(
-                f"SERVER_URL: expected ws(s)://host[:port][/<connection-id>], got {parts.scheme}://...")
+                f"SERVER_URL: expected ws(s)://host[:port][/<connection-id>], got {parts.scheme}://...{hint}")
         try:
             parts.port
         except ValueError as e:
@@ -97,7 +107,7 @@ class Options(EnvOptions):
                 f"SERVER_URL: a path prefix (/{'/'.join(segments[:-1])}) is not supported; the relay "
                 "serves /<connection-id> at the root of its host: ws(s)://host[:port][/<connection-id>]")
         path_id = segments[-1] if segments else None
-        token = self["token"] or self.environ.get("PIPEGATE_TOKEN")
+        token = pasted_token(self["token"] or self.environ.get("PIPEGATE_TOKEN"))
         if not token:
             token = (parse_qs(parts.query).get("token") or [None])[0]
         if not token:
@@ -164,9 +174,8 @@ def make_connector(options: Options, reactor, **kwargs) -> Connector:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
-    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     recorder = None
     if options["inspect"]:
         from pipegate.http.inspect.recorder import Recorder

@@ -8,10 +8,10 @@ from twisted.application import service
 from twisted.python import usage
 
 from pipegate.accept import EmfileGuard, SiteLimits
-from pipegate.config import auto_or_non_negative_int, non_negative_float, positive_float, positive_int
+from pipegate.config import TopService, auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
-from pipegate.startup import StartupRoot, node_line
+from pipegate.startup import node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError
@@ -23,7 +23,6 @@ from pipegate.ports.unlimited import MIN_SECRET_CHARS, UnlimitedGate, UnlimitedR
 from pipegate.ports.services import Exposure, parse_filters, parse_only_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
 from pipegate.tap.provider import fetch
-from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -123,9 +122,8 @@ class Options(DockerOptionsMixin, MuxOptions):
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
-    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     caps = gate_caps(options)
     guard = EmfileGuard(reactor)
     guard.setServiceParent(top)

@@ -7,10 +7,10 @@ import urllib.request
 from twisted.application import service
 from twisted.python import usage
 
-from pipegate.config import auto_or_non_negative_int, non_negative_int, positive_float
+from pipegate.config import TopService, auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.core.source import SourceError, load_source
 from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
-from pipegate.startup import StartupRoot, node_line
+from pipegate.startup import node_line
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard, SiteLimits
@@ -22,7 +22,6 @@ from pipegate.ports.provider import Provider, ProviderConfig, service_route
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import merge_services, parse_service_spec, parse_services
 from pipegate.tap.dockeropts import DOCKER_PARAMETERS, DockerOptionsMixin
-from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 
 
@@ -123,9 +122,8 @@ def _short_form_hint(sources: list[str]) -> str:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
-    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     records = Records() if options["resolver"] else None
     caps = backend_caps(options)
     provider = Provider(ProviderConfig(

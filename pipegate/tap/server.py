@@ -8,7 +8,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pipegate import auth
-from pipegate.config import API_PARAMETERS, EnvOptions, non_negative_float, non_negative_int, positive_float, positive_int
+from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, endpoint_hint, non_negative_float,
+                             non_negative_int, positive_float, positive_int)
 from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
@@ -17,12 +18,11 @@ from pipegate.mux.options import HUB_PARAMETERS, HubOptions
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError, normalize_ip
 from pipegate.core.policydoc import load_policy
-from pipegate.drain import RepeatedStopSignal
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget, SourceRate
 from pipegate.fdlimit import default_caps, overcommitted, raise_nofile
-from pipegate.startup import StartupRoot, relay_line
+from pipegate.startup import relay_line
 
 
 def _fetch(url: str) -> bytes:
@@ -135,7 +135,7 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
                 f"--listen: {self['listen']}: no such socket from systemd (LISTEN_FDS, LISTEN_FDNAMES, "
                 "LISTEN_PID)") from None
         except Exception as e:  # endpoint parsers raise many kinds; all mean a bad value
-            raise usage.UsageError(f"--listen: {e or type(e).__name__}") from None
+            raise usage.UsageError(f"--listen: {e or type(e).__name__}{endpoint_hint(self['listen'])}") from None
         if self["caller-share"] > 100:
             raise usage.UsageError("--caller-share: a percentage, 1 to 100")
         if self["domain"] is not None and not self["domain"].strip("."):
@@ -242,9 +242,8 @@ def behind_proxy(description: str) -> bool:
 def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    top = StartupRoot(options)   # a listener that cannot bind: one line, not a traceback
+    top = TopService(options, reactor)
     FrozenStartupHeap(reactor).setServiceParent(top)
-    RepeatedStopSignal(reactor).setServiceParent(top)   # a second SIGTERM while draining
     fds = raise_nofile()
     usable = fds.usable()
     if options["mux"]:  # the hub's links come out of the same budget: keep up to half for them
@@ -301,7 +300,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     ReloadOnSignal(reload_all if reloads else nothing_to_reload, reactor).setServiceParent(top)
     budget = Budget(per_source=per_ip, total=total, exempt=_TrustedPeers(options["trusted-proxies"]))
     factory = ConnectionGate(factory, budget, reactor, what="relay", per_source=not behind_proxy(options["listen"]),
-                             rate=rate, on_refused=lambda cap: relay.stats.inc("connections_refused", cap))
+                             rate=rate, on_refused=lambda cap: relay.stats.inc("connections_refused", cap),
+                             plain_http=tls is None)   # a wss:// client at a plain port is cut at once
     guard = EmfileGuard(reactor, on_pause=lambda: relay.stats.inc("connections_refused", "emfile"))
     guard.setServiceParent(top)
     # Added last so that it stops first: no new connections while the relay drains.

@@ -310,7 +310,9 @@ class Inspector(service.MultiService):
         self.site.displayTracebacks = False
         self.endpoint = endpoint
         if endpoint is not None:
-            strports.service(endpoint, self.site, reactor=reactor).setServiceParent(self)
+            listening = strports.service(endpoint, self.site, reactor=reactor)
+            listening.endpoint = _Announced(listening.endpoint)   # logs the URL to open
+            listening.setServiceParent(self)
 
     def startService(self):
         if self.endpoint is not None and not is_loopback_endpoint(self.endpoint):
@@ -340,7 +342,24 @@ def is_loopback_endpoint(description: str) -> bool:
 
 
 def inspector_url(port) -> str:
-    """The page's URL for a listening port."""
+    """The page's URL for a listening port (on every interface: its loopback one)."""
     address = port.getHost()
-    host = f"[{address.host}]" if ":" in address.host else address.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{address.port}/"
+
+
+class _Announced:
+    """A server endpoint whose port, once listening, is logged as the inspector's URL."""
+
+    log = Logger()
+
+    def __init__(self, endpoint) -> None:
+        self.endpoint = endpoint
+
+    def listen(self, factory):
+        def listening(port):
+            self.log.info("request inspector at {url} (every request through the tunnel, with replay)",
+                          url=inspector_url(port))
+            return port
+        return self.endpoint.listen(factory).addCallback(listening)
