@@ -142,9 +142,14 @@ class ConnectionGate(WrappingFactory):
         source = source_of(addr)
         # A peer without an IP (a unix socket) is its own source: only the total cap applies.
         key = source if source is not None and self.per_source else object()
+        exempt = self.budget.exempt
+        if key is source and source not in exempt and addr.host in exempt:
+            # An IPv6 trusted proxy: its source is its /64, which --trusted-proxy does not
+            # name; it counts under its own address, which the budget exempts.
+            key = addr.host
         rate = self.rate
         cap = self.budget.acquire(key)
-        if (cap is None and rate is not None and key is source and source not in self.budget.exempt
+        if (cap is None and rate is not None and key is source and source not in exempt
                 and not rate.allow(source, self.clock.seconds())):
             self.budget.release(key)
             cap = RATE

@@ -151,7 +151,10 @@ def start_ports(reactor, gate_port: int = 7001, patience: float = 10.0):
             server.Site(DemoApp()))
         services.addService(_Listening(app_port))
         tops = []
-        for tap, argv in ((gateway, ["--mux", f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1"]),
+        # The gate listens on 127.0.0.1 only, for this machine's clients: no per-IP rate (a
+        # loop of curls, or ab without keep-alive, opens more than 100 connections a second).
+        for tap, argv in ((gateway, ["--mux", f"tcp:{mux}:interface=127.0.0.1", "--listen", "127.0.0.1",
+                                     "--conn-rate-per-ip", "0"]),
                           (provider, ["--connect", f"tcp:127.0.0.1:{mux}",
                                       "--service", f"{gate_port}:127.0.0.1:{app_port.getHost().port}"])):
             options = tap.Options()

@@ -32,7 +32,7 @@ from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.target import ConnectorConfig, Target
 from pipegate.ports.services import Service
 from tests.support import (
-    Loopback, RawHTTP, TestApp, WSClient, debian_tool, eventually, pattern, split_response,
+    Loopback, PeerProcess, RawHTTP, TestApp, WSClient, debian_tool, eventually, pattern, split_response,
     start_peer, token_for,
 )
 from tests.test_ports_e2e import PortPlane, free_port
@@ -60,7 +60,7 @@ def substitute(block: str, replacements: dict[str, str]) -> str:
     return block
 
 
-async def start_nginx(case: unittest.TestCase, server_block: str, ports) -> None:
+async def start_nginx(case: unittest.TestCase, server_block: str, ports) -> PeerProcess:
     """Run a foreground nginx whose http {} context holds C{server_block}."""
     path = debian_tool(case, "nginx", "/usr/sbin/nginx")
     directory = FilePath(case.mktemp())
@@ -84,7 +84,7 @@ http {{
 {server_block}
 }}
 """.encode())
-    await start_peer(case, [path, "-e", "stderr", "-p", directory.path, "-c", config.path], ports)
+    return await start_peer(case, [path, "-e", "stderr", "-p", directory.path, "-c", config.path], ports)
 
 
 async def tls_exchange(port: int, payload: bytes, trust, source: str = CALLER) -> bytes:
@@ -119,7 +119,7 @@ class NginxInFrontOfTheRelay(unittest.TestCase):
             "/etc/letsencrypt/live/relay.example.com/privkey.pem": key,
             "proxy_pass http://127.0.0.1:8000;": f"proxy_pass http://127.0.0.1:{relay_port.getHost().port};",
         })
-        await start_nginx(self, block, [self.front])
+        self.nginx = await start_nginx(self, block, [self.front])
         # The connector logs in through nginx, as in a deployment: wss:// and a WebSocket upgrade.
         self.connector = Connector(
             reactor, ConnectorConfig(Target.parse(f"http://127.0.0.1:{app_port.getHost().port}")),
@@ -127,7 +127,12 @@ class NginxInFrontOfTheRelay(unittest.TestCase):
             retry_policy=lambda attempt: 0.2)
         self.connector.startService()
         self.loop.services.append(self.connector)
-        await self.connector.online
+        # A documented block that breaks the WebSocket upgrade (its Connection header, say)
+        # leaves the connector redialling: a failure naming it, not the 120 s test timeout.
+        try:
+            await eventually(lambda: self.connector.online is None, timeout=20)   # (None once fired)
+        except AssertionError:
+            self.fail(f"the connector did not log in through nginx within 20 s: {self.nginx.output.decode()}")
 
     async def test_a_caller_is_seen_through_nginx(self):
         raw = await tls_exchange(self.front, b"GET /t1/who?x=1 HTTP/1.1\r\nHost: relay.example.com\r\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.task import Clock
@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from pipegate import auth
 from pipegate.accept import ConnectionGate
 from pipegate.core import window
-from pipegate.core.budget import PER_SOURCE, TOTAL, Budget
+from pipegate.core.budget import PER_SOURCE, TOTAL, Budget, SourceRate
 from pipegate.http import frames, visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.public import RelaySite, raw_request_line
@@ -167,6 +167,41 @@ class GateWithoutPerSource(unittest.TestCase):
         self.assertEqual(churn("127.0.0.10"), 3)          # another address has its own bucket
         options.parseOptions(["--conn-rate-per-ip", "0"])
         self.assertIsNone(server_tap.connection_rate(options, per_ip=3))
+
+    def test_an_ipv6_trusted_proxy_is_exempt_from_the_per_ip_cap_and_the_rate(self):
+        # The per-IP key of an IPv6 peer is its /64 ("::/64" for ::1), which no --trusted-proxy
+        # entry names: the exemption is decided on the peer's own address.  Before, a proxy on
+        # ::1 (nginx's proxy_pass http://localhost:8000, the documented PIPEGATE_TRUSTED_PROXY=
+        # 127.0.0.1,::1) met the per-IP cap and the rate like any one caller; another host of
+        # its /64 is still held to both.
+        clock = Clock()
+        options = server_tap.Options()
+        options.environ = {"PIPEGATE_JWT_SECRET": "s" * 32}
+        options.parseOptions(["--trusted-proxy", "127.0.0.1,::1,2001:db8::7"])
+        budget = Budget(per_source=3, total=100, exempt=server_tap._TrustedPeers(options["trusted-proxies"]))
+        gate = ConnectionGate(Factory.forProtocol(Protocol), budget, clock, rate=SourceRate(1, 3))
+
+        def held(host: str, n: int) -> int:
+            built = [gate.buildProtocol(IPv6Address("TCP", host, port)) for port in range(n)]
+            return sum(p is not None for p in built)
+
+        def churn(host: str) -> int:
+            accepted = 0
+            for port in range(10):
+                protocol = gate.buildProtocol(IPv6Address("TCP", host, port))
+                if protocol is not None:
+                    accepted += 1
+                    protocol.makeConnection(StringTransport())
+                    protocol.connectionLost(Failure(ConnectionDone()))
+            return accepted
+
+        self.assertEqual(churn("::1"), 10)
+        self.assertEqual(churn("2001:db8::7"), 10)
+        self.assertEqual(churn("2001:db8::8"), 3)          # its neighbour is not trusted
+        self.assertEqual(held("::1", 10), 10)
+        self.assertEqual(held("2001:db8::9", 10), 0)       # (the /64's cap of 3, and no token left)
+        clock.advance(100)
+        self.assertEqual(held("2001:db8::9", 10), 3)
 
 
 class RevocationPolling(unittest.TestCase):

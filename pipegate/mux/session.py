@@ -85,9 +85,10 @@ class LinkOwner(TypingProtocol):
 
 
 # The link's socket buffers this much before it pauses its producer.  A pause and the
-# resume after it reach every channel of the link (each stops or starts reading its
-# socket), so with Twisted's 64 KiB default, thousands of busy channels spent the link's
-# time pausing and resuming each other; with a larger buffer each round trip moves more.
+# resume after it reached every channel of the link (each stopped or started reading its
+# socket; since MuxLink.hold only the channels that read meanwhile), so with Twisted's 64 KiB
+# default, thousands of busy channels spent the link's time pausing and resuming each other;
+# with a larger buffer each round trip moves more.
 LINK_WRITE_BUFFER = 4 * 1024 * 1024
 
 
