@@ -193,8 +193,9 @@ class Tunnel(unittest.TestCase):
 
     async def test_set_cookie_kept_separate(self):
         response, _ = await request(self.agent, b"GET", self.base + "/t1/cookies")
+        # Path=/ scoped to the tunnel: by path, all tunnels share one origin (tests/test_cookies.py).
         self.assertEqual(response.headers.getRawHeaders(b"set-cookie"),
-                         [b"a=1; Path=/", b"b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT; Path=/"])
+                         [b"a=1; Path=/t1/", b"b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT; Path=/t1/"])
 
     async def test_gzip_byte_identical(self):
         response, body = await request(self.agent, b"GET", self.base + "/t1/gzip",

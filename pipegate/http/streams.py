@@ -27,6 +27,7 @@ from zope.interface import implementer
 from pipegate.core import window
 from pipegate.core.pace import MinimumPace, ReadingPace
 from pipegate.http import frames
+from pipegate.http.cookies import scope_cookies
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
 from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
@@ -505,6 +506,8 @@ class RelayStream:
         # Written by the first body write (RelayRequest.write), past twisted.web's Headers;
         # an untyped answer stays untyped (twisted.web would add text/html).
         pairs = filter_headers(headers)
+        if self.prefix:  # reached by /<id>/: one origin for all tunnels (http/cookies.py)
+            pairs = scope_cookies(pairs, self.prefix)
         lengths = [value for name, value in pairs if name.lower() == b"content-length"]
         if lengths and request.method != b"HEAD" and head.status not in (204, 304):
             # The caller (and any proxy in front that reuses its connection to the relay for
