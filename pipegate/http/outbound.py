@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from pipegate.core import window
 from pipegate.http import frames
+from pipegate.http.location import public_location
 from pipegate.http.appclient import AppPool
 from pipegate.http.pipe import HOP_BY_HOP, connection_names, StreamPipe, filter_headers
 from pipegate.http.target import ConnectorConfig
@@ -317,6 +318,9 @@ class ConnectorStream:
         # whose Content-Length header, if any, passes as the app sent it), as with Agent.
         if length is not None:
             headers += ((b"Content-Length", b"%d" % length),)
+        if 300 <= status < 400:  # a Location naming the app itself: the public URL (http/location.py)
+            head = self.head
+            headers = public_location(headers, self.session.config.target, head.scheme, head.host, head.prefix)
         # The head, and the body and END when the app's answer is already in (one read),
         # leave in one socket write: the link sends what a reactor turn produced at its end.
         try:
