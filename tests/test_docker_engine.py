@@ -5,6 +5,7 @@ the Engine API double (tests/docker_double.py) on a real UNIX socket.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -117,6 +118,23 @@ class ClientTests(EngineCase):
         self.assertTrue(message.startswith(f"GET /containers/json: cannot reach the engine at {self.double.endpoint}: "),
                         message)
         self.assertNotIn("\n", message)
+
+    async def test_missing_socket_says_why(self):
+        """A socket path that does not exist: the reason in words, not the bare errno ('...: 2')."""
+        missing = EngineClient(reactor, "unix:" + os.path.join(self.dir, "nosuch.sock"), timeout=5)
+        self.addCleanup(missing.close)
+        with self.assertRaises(EngineError) as caught:
+            await missing.containers()
+        self.assertTrue(str(caught.exception).endswith(": No such file or directory"), str(caught.exception))
+
+    def test_permission_denied_names_the_fix(self):
+        """EACCES on the socket (the process lacks the socket's group), as Twisted's UNIX connector raises it.
+        Built by hand: the tests run as root, which no socket mode refuses."""
+        from twisted.internet import error
+        from pipegate.ports.engine import _reason
+        reason = _reason(error.getConnectError((errno.EACCES, os.strerror(errno.EACCES))))
+        self.assertEqual(reason, "Permission denied (give the process the socket's group, or run it as root:"
+                                 " docs/docker.md §1)")
 
     async def test_invalid_json(self):
         path = os.path.join(self.dir, "garbage.sock")

@@ -17,8 +17,10 @@ C{POST /containers/create: HTTP 409: Conflict. The container name ... is already
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -229,6 +231,12 @@ def _was_cancelled(e: Exception) -> bool:
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, error.ConnectError) and isinstance(e.osError, int):
+        # A UNIX socket's ConnectError carries the bare errno (str() would print "2"), the words in args.
+        text = os.strerror(e.osError)
+        if e.osError == errno.EACCES:
+            return f"{text} (give the process the socket's group, or run it as root: docs/docker.md §1)"
+        return text
     if isinstance(e, error.ConnectError) and e.osError is not None:
         return _one_line(str(e.osError))
     reasons = getattr(e, "reasons", None)  # ResponseNeverReceived & co carry a list of Failures
