@@ -211,6 +211,22 @@ class EventTests(EngineCase):
         self.assertEqual(stream.attempt, 0)
         self.assertTrue(self.logged("open again"))
 
+    async def test_engine_down_from_the_start_is_one_line(self):
+        """Engine unreachable when Docker mode starts: the refresh loop's line is the one error line
+        (docs/docker.md §5); the stream retries without a second 'cannot reach the engine' line."""
+        await self.double.down()
+        stream, seen, opened = self.stream()
+        await eventually(lambda: stream.attempt >= 2)
+        self.assertEqual(self.logged("cannot reach the engine"), 0)
+        await self.double.up()
+        await eventually(lambda: opened)
+
+    async def test_events_refused_from_the_start_is_logged(self):
+        """An engine that answers but refuses /events: the stream's own error line is the only signal."""
+        self.engine.events_status = 404
+        stream, seen, opened = self.stream()
+        await eventually(lambda: self.logged("docker: event stream: GET /events: HTTP 404", "error"))
+
     def test_backoff(self):
         delays = [backoff_delay(n) for n in range(1, 12)]
         self.assertTrue(0.5 <= delays[0] <= 1.0)

@@ -65,6 +65,10 @@ class EngineError(Exception):
         self.status = status
 
 
+class _Unanswered(EngineError):
+    """Opening C{/events} got no answer at all (unreachable, timeout): an outage the refresh loop reports."""
+
+
 def _one_line(text: str, limit: int = _ERROR_TEXT) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -356,9 +360,9 @@ class EventStream(service.Service):
         except defer.CancelledError:
             raise
         except defer.TimeoutError:
-            raise EngineError(f"GET /events: no answer from the engine within {engine.timeout:g} s") from None
+            raise _Unanswered(f"GET /events: no answer from the engine within {engine.timeout:g} s") from None
         except Exception as e:
-            raise EngineError(f"GET /events: cannot reach the engine at {engine.description}: {_reason(e)}") from None
+            raise _Unanswered(f"GET /events: cannot reach the engine at {engine.description}: {_reason(e)}") from None
         if response.code != 200:
             reader = _BoundedBody(engine.max_body, "GET /events")
             response.deliverBody(reader)
@@ -394,7 +398,10 @@ class EventStream(service.Service):
             return None
         message = failure.getErrorMessage() if failure.check(EngineError) else _one_line(str(failure.value))
         if self.attempt == 0:
-            self.log.error("docker: event stream: {error}", error=message)
+            # No answer at all (unreachable, timeout): the refresh loop, which meets the same outage,
+            # logs the one error line (docs/docker.md §5). An HTTP error is the stream's alone.
+            if not failure.check(_Unanswered):
+                self.log.error("docker: event stream: {error}", error=message)
             self._logged = True
         return None
 
