@@ -5,6 +5,7 @@ the Engine API double (tests/docker_double.py) on a real UNIX socket.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -118,6 +119,23 @@ class ClientTests(EngineCase):
                         message)
         self.assertNotIn("\n", message)
 
+    async def test_missing_socket_says_why(self):
+        """A socket path that does not exist: the reason in words, not the bare errno ('...: 2')."""
+        missing = EngineClient(reactor, "unix:" + os.path.join(self.dir, "nosuch.sock"), timeout=5)
+        self.addCleanup(missing.close)
+        with self.assertRaises(EngineError) as caught:
+            await missing.containers()
+        self.assertTrue(str(caught.exception).endswith(": No such file or directory"), str(caught.exception))
+
+    def test_permission_denied_names_the_fix(self):
+        """EACCES on the socket (the process lacks the socket's group), as Twisted's UNIX connector raises it.
+        Built by hand: the tests run as root, which no socket mode refuses."""
+        from twisted.internet import error
+        from pipegate.ports.engine import _reason
+        reason = _reason(error.getConnectError((errno.EACCES, os.strerror(errno.EACCES))))
+        self.assertEqual(reason, "Permission denied (give the process the socket's group, or run it as root:"
+                                 " docs/docker.md §1)")
+
     async def test_invalid_json(self):
         path = os.path.join(self.dir, "garbage.sock")
 
@@ -192,6 +210,22 @@ class EventTests(EngineCase):
         await eventually(lambda: len(opened) == 2)
         self.assertEqual(stream.attempt, 0)
         self.assertTrue(self.logged("open again"))
+
+    async def test_engine_down_from_the_start_is_one_line(self):
+        """Engine unreachable when Docker mode starts: the refresh loop's line is the one error line
+        (docs/docker.md §5); the stream retries without a second 'cannot reach the engine' line."""
+        await self.double.down()
+        stream, seen, opened = self.stream()
+        await eventually(lambda: stream.attempt >= 2)
+        self.assertEqual(self.logged("cannot reach the engine"), 0)
+        await self.double.up()
+        await eventually(lambda: opened)
+
+    async def test_events_refused_from_the_start_is_logged(self):
+        """An engine that answers but refuses /events: the stream's own error line is the only signal."""
+        self.engine.events_status = 404
+        stream, seen, opened = self.stream()
+        await eventually(lambda: self.logged("docker: event stream: GET /events: HTTP 404", "error"))
 
     def test_backoff(self):
         delays = [backoff_delay(n) for n in range(1, 12)]

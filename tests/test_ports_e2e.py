@@ -741,6 +741,36 @@ class CertificateCheckLogs(PortPlane):
         self.assertFalse(self.logged("while verifying certificate"))   # no traceback from Twisted
 
 
+class ClosedAtAccept(PortPlane):
+    """A dialling peer whose listener closes the connection at accept (a hub or gateway at
+    --mux-max-conns-per-ip, or not a PipeGate mux port) logged only a debug line 'connection
+    from ... closed without sending anything (a TCP probe)': the operator saw nothing but retries."""
+
+    async def test_the_dialler_warns(self):
+        from twisted.logger import LogLevel
+
+        class CloseAtOnce(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.loseConnection()
+
+        listener = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(CloseAtOnce))
+        self.cleanups.append(listener.stopListening)
+        prov = Provider(ProviderConfig(services=()), reactor)
+        prov.startService()
+        self.cleanups.append(prov.stopService)
+        link_config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER, ping_interval=0.5, ping_deadline=2)
+        endpoint = tls.client_endpoint(reactor, f"tcp:127.0.0.1:{listener.getHost().port}")
+        client = internet.ClientService(endpoint, LinkFactory(prov, link_config, reactor, True),
+                                        retryPolicy=lambda n: 0.5, clock=reactor)
+        client.startService()
+        self.cleanups.append(client.stopService)
+        await eventually(lambda: self.logged("closed the connection before TLS"))
+        event = next(e for e in self.events if "closed the connection before TLS" in e.get("log_format", ""))
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertFalse(self.logged("a TCP probe"))
+
+
 class UDPFlowLogs(PortPlane):
     def test_summary_every_interval_on_a_clock(self):
         from twisted.internet.testing import EventLoggingObserver

@@ -227,7 +227,12 @@ class MuxLink(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         if not self.admitted and not self.closed:
-            if self.silent_peer():
+            if self.silent_peer() and self.is_tls_client:
+                # We dialled and the listener hung up at once: its cap, its drain, or not a mux port.
+                self._warn_unadmitted("link with {peer} closed before admission: {peer} closed the connection "
+                                      "before TLS (at a cap such as --mux-max-conns-per-ip, stopping, or not a "
+                                      "PipeGate --mux port)", peer=self.peer_name)
+            elif self.silent_peer():
                 self.log.debug("connection from {peer} closed without sending anything (a TCP probe)",
                                peer=self.peer_name)
             else:

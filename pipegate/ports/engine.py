@@ -17,8 +17,10 @@ C{POST /containers/create: HTTP 409: Conflict. The container name ... is already
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -61,6 +63,10 @@ class EngineError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _Unanswered(EngineError):
+    """Opening C{/events} got no answer at all (unreachable, timeout): an outage the refresh loop reports."""
 
 
 def _one_line(text: str, limit: int = _ERROR_TEXT) -> str:
@@ -229,6 +235,12 @@ def _was_cancelled(e: Exception) -> bool:
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, error.ConnectError) and isinstance(e.osError, int):
+        # A UNIX socket's ConnectError carries the bare errno (str() would print "2"), the words in args.
+        text = os.strerror(e.osError)
+        if e.osError == errno.EACCES:
+            return f"{text} (give the process the socket's group, or run it as root: docs/docker.md §1)"
+        return text
     if isinstance(e, error.ConnectError) and e.osError is not None:
         return _one_line(str(e.osError))
     reasons = getattr(e, "reasons", None)  # ResponseNeverReceived & co carry a list of Failures
@@ -348,9 +360,9 @@ class EventStream(service.Service):
         except defer.CancelledError:
             raise
         except defer.TimeoutError:
-            raise EngineError(f"GET /events: no answer from the engine within {engine.timeout:g} s") from None
+            raise _Unanswered(f"GET /events: no answer from the engine within {engine.timeout:g} s") from None
         except Exception as e:
-            raise EngineError(f"GET /events: cannot reach the engine at {engine.description}: {_reason(e)}") from None
+            raise _Unanswered(f"GET /events: cannot reach the engine at {engine.description}: {_reason(e)}") from None
         if response.code != 200:
             reader = _BoundedBody(engine.max_body, "GET /events")
             response.deliverBody(reader)
@@ -386,7 +398,10 @@ class EventStream(service.Service):
             return None
         message = failure.getErrorMessage() if failure.check(EngineError) else _one_line(str(failure.value))
         if self.attempt == 0:
-            self.log.error("docker: event stream: {error}", error=message)
+            # No answer at all (unreachable, timeout): the refresh loop, which meets the same outage,
+            # logs the one error line (docs/docker.md §5). An HTTP error is the stream's alone.
+            if not failure.check(_Unanswered):
+                self.log.error("docker: event stream: {error}", error=message)
             self._logged = True
         return None
 
