@@ -50,3 +50,22 @@ def node_line(kind: str, options) -> str:
     metrics = f"metrics on {options['metrics']}" if options["metrics"] else "metrics off"
     return (f"{kind} links on {links} ({tls}); dials {dials}{gates}; {metrics}; "
             f"drain timeout {_seconds(options['drain-timeout'])}")
+
+
+def log_node_start(kind: str, budget, capped: dict[str, int], options) -> None:
+    """
+    After a node's fd budget line: a warning when an option in C{capped} asks for more
+    descriptors than C{budget} allows, the node's own line (L{node_line}), and a warning
+    for a problem with its --tls-cert.
+    """
+    from twisted.logger import Logger
+
+    from pipegate.fdlimit import overcommitted
+
+    log = Logger(namespace=f"pipegate.{kind}")
+    warning = overcommitted(budget, capped)
+    if warning:
+        log.warn("{problem}", problem=warning)
+    log.info("{line}", line=node_line(kind, options))
+    if options.get("tls-problem"):
+        log.warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"], tls_problem=options["tls-problem"])

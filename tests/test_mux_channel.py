@@ -48,6 +48,20 @@ class RecordingLink:
         return granted
 
 
+class CountingSocket(StringTransport):
+    """A channel's TCP socket that counts its producer calls."""
+
+    calls = 0
+
+    def pauseProducing(self):
+        self.calls += 1
+        super().pauseProducing()
+
+    def resumeProducing(self):
+        self.calls += 1
+        super().resumeProducing()
+
+
 class ChannelWindow(unittest.TestCase):
 
     def setUp(self):
@@ -173,17 +187,7 @@ class ChannelReading(unittest.TestCase):
         self.link = RecordingLink()
         self.channel = StreamChannel(WINDOW)
 
-        class Counting(StringTransport):
-            calls = 0
-
-            def pauseProducing(self):
-                self.calls += 1
-                super().pauseProducing()
-
-            def resumeProducing(self):
-                self.calls += 1
-                super().resumeProducing()
-        self.transport = Counting()
+        self.transport = CountingSocket()
         self.channel.makeConnection(self.transport)
         self.channel.attach(self.link, 1)
 

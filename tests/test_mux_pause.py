@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet.testing import StringTransport
-
 from pipegate.mux import frames
 from pipegate.mux.channel import EARLY_HOLD, StreamChannel
 from pipegate.mux.decoder import FrameDecoder
 from pipegate.mux.session import LinkConfig, MuxLink
+from tests.test_mux_channel import CountingSocket
 from tests.test_mux_session import EXPORTER, SECRET, LinkTestCase, RecordingNode, TLSTransport
 
 WINDOW = 4 * frames.MAX_DATA
@@ -62,20 +61,6 @@ class FillingTransport(TLSTransport):
             self.producer.resumeProducing()
 
 
-class Socket(StringTransport):
-    """A channel's TCP socket: counts its producer calls."""
-
-    calls = 0
-
-    def pauseProducing(self):
-        self.calls += 1
-        super().pauseProducing()
-
-    def resumeProducing(self):
-        self.calls += 1
-        super().resumeProducing()
-
-
 class PausedLink(LinkTestCase):
 
     def setUp(self) -> None:
@@ -98,7 +83,7 @@ class PausedLink(LinkTestCase):
 
     def channel(self, attach: bool = True) -> StreamChannel:
         channel = StreamChannel(WINDOW)
-        channel.makeConnection(Socket())
+        channel.makeConnection(CountingSocket())
         if attach:
             self.attach(channel)
         return channel

@@ -10,8 +10,8 @@ from twisted.python import usage
 from pipegate.accept import EmfileGuard, SiteLimits
 from pipegate.config import TopService, auto_or_non_negative_int, non_negative_float, positive_float, positive_int
 from pipegate.core.source import SourceError, load_source
-from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
-from pipegate.startup import node_line
+from pipegate.fdlimit import default_caps, pick, raise_nofile
+from pipegate.startup import log_node_start
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.core.policy import PolicyError
@@ -174,13 +174,7 @@ def gate_caps(options: Options, budget=None) -> dict[str, int]:
         soft=budget.soft, before=budget.before, hard=budget.hard, conns_ip=caps["max-conns-per-ip"],
         conns=caps["max-conns"], rate=options["conn-rate-per-ip"], flows_ip=caps["max-flows-per-ip"],
         flows=caps["max-flows"])
-    warning = overcommitted(budget, {"max-conns": options["max-conns"] or 0})
-    if warning:
-        Logger(namespace="pipegate.gateway").warn("{problem}", problem=warning)
-    Logger(namespace="pipegate.gateway").info("{line}", line=node_line("gateway", options))
-    if options.get("tls-problem"):
-        Logger(namespace="pipegate.gateway").warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"],
-                                      tls_problem=options["tls-problem"])
+    log_node_start("gateway", budget, {"max-conns": options["max-conns"] or 0}, options)
     return caps
 
 

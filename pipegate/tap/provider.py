@@ -9,8 +9,8 @@ from twisted.python import usage
 
 from pipegate.config import TopService, auto_or_non_negative_int, non_negative_int, positive_float
 from pipegate.core.source import SourceError, load_source
-from pipegate.fdlimit import default_caps, overcommitted, pick, raise_nofile
-from pipegate.startup import node_line
+from pipegate.fdlimit import default_caps, pick, raise_nofile
+from pipegate.startup import log_node_start
 from pipegate.mux import frames
 from pipegate.opslistener import add_metrics_listener
 from pipegate.accept import EmfileGuard, SiteLimits
@@ -171,13 +171,7 @@ def backend_caps(options: Options, budget=None) -> dict[str, int]:
         "{total} in all, {per_ip} per client IP, {udp} of them UDP flows",
         soft=budget.soft, before=budget.before, hard=budget.hard, total=caps["max-backends"],
         per_ip=caps["max-backends-per-ip"], udp=caps["max-udp-backends"])
-    warning = overcommitted(budget, {"max-backends": options["max-backends"] or 0})
-    if warning:
-        Logger(namespace="pipegate.provider").warn("{problem}", problem=warning)
-    Logger(namespace="pipegate.provider").info("{line}", line=node_line("provider", options))
-    if options.get("tls-problem"):
-        Logger(namespace="pipegate.provider").warn("--tls-cert {path}: {tls_problem}", path=options["tls-cert"],
-                                      tls_problem=options["tls-problem"])
+    log_node_start("provider", budget, {"max-backends": options["max-backends"] or 0}, options)
     return caps
 
 
