@@ -45,6 +45,13 @@ def validity_problem(not_before: datetime.datetime, not_after: datetime.datetime
     return None
 
 
+def certificate_problem(options: ssl.CertificateOptions, clock) -> str | None:
+    """L{validity_problem} of the certificate C{options} serve, at C{clock}'s time."""
+    cert = options.certificate.to_cryptography()
+    now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc)
+    return validity_problem(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
+
+
 def load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     """CertificateOptions from a PEM certificate (chain) file and a PEM key file."""
     for path, option in ((cert_path, "tls-cert"), (key_path, "tls-key")):
@@ -99,12 +106,7 @@ class ReloadingServerTLS:
         self.key_path = key_path
         self.clock = clock
         self.options = load_options(cert_path, key_path)
-        self.problem = self._problem()   # logged by the service at startup
-
-    def _problem(self) -> str | None:
-        cert = self.options.certificate.to_cryptography()
-        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-        return validity_problem(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
+        self.problem = certificate_problem(self.options, clock)   # logged by the service at startup
 
     def warn_problem(self) -> None:
         if self.problem is not None:
@@ -117,7 +119,7 @@ class ReloadingServerTLS:
             self.log.error("TLS reload failed, keeping the previous certificate: {error}", error=e)
             return False
         self.log.info("TLS certificate reloaded from {path}", path=self.cert_path)
-        self.problem = self._problem()
+        self.problem = certificate_problem(self.options, self.clock)
         self.warn_problem()
         return True
 

@@ -112,7 +112,7 @@ def check_link_options(options, prefix: str = "") -> None:
 
         check_pem_certificate(prefix + "tls-ca", options[prefix + "tls-ca"])
     if options[cert]:
-        options[prefix + "tls-problem"] = _check_certificate(options[cert], options[key], f"--{cert}")
+        options[prefix + "tls-problem"] = _check_certificate(options[cert], options[key], prefix)
     from pipegate.mux import frames
 
     if options[prefix + "max-frame-size"] < frames.MIN_MAX_FRAME_SIZE:
@@ -121,31 +121,22 @@ def check_link_options(options, prefix: str = "") -> None:
         raise usage.UsageError(f"--{prefix}ping-deadline: must be longer than --{prefix}ping-interval")
 
 
-def _check_certificate(cert_path: str, key_path: str, option: str) -> str | None:
+def _check_certificate(cert_path: str, key_path: str, prefix: str) -> str | None:
     """
-    Load the pair as the links will: a key that does not match, or a file that is not PEM,
-    stops the start with one line; returns what is wrong with the validity period, if anything
-    (expired, not yet valid, expiring soon), for a warning once the service logs.
+    Load the pair as the links will: an unreadable file, a key that does not match, or a
+    file that is not PEM stops the start with one line naming its option; returns what is
+    wrong with the validity period, if anything (expired, not yet valid, expiring soon), for
+    a warning once the service logs.
     """
-    import datetime
-
     from twisted.internet import reactor
 
-    from pipegate.tlsreload import CertificateError, options_from_pem, validity_problem
+    from pipegate.tlsreload import CertificateError, certificate_problem, load_options
 
-    pems = []
-    for path in (cert_path, key_path):
-        try:
-            with open(path, "rb") as f:
-                pems.append(f.read())
-        except OSError as e:
-            raise usage.UsageError(f"{option}: {path}: {e.strerror}") from None
     try:
-        certificate = options_from_pem(*pems).certificate.to_cryptography()
+        tls = load_options(cert_path, key_path)
     except CertificateError as e:
-        raise usage.UsageError(f"{option}: {e}") from None
-    now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
-    return validity_problem(certificate.not_valid_before_utc, certificate.not_valid_after_utc, now)
+        raise usage.UsageError(f"--{prefix}{e.option}: {e}") from None
+    return certificate_problem(tls, reactor)
 
 
 # --- options -----------------------------------------------------------------------
