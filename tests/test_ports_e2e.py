@@ -756,15 +756,7 @@ class ClosedAtAccept(PortPlane):
         listener = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             protocol.Factory.forProtocol(CloseAtOnce))
         self.cleanups.append(listener.stopListening)
-        prov = Provider(ProviderConfig(services=()), reactor)
-        prov.startService()
-        self.cleanups.append(prov.stopService)
-        link_config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER, ping_interval=0.5, ping_deadline=2)
-        endpoint = tls.client_endpoint(reactor, f"tcp:127.0.0.1:{listener.getHost().port}")
-        client = internet.ClientService(endpoint, LinkFactory(prov, link_config, reactor, True),
-                                        retryPolicy=lambda n: 0.5, clock=reactor)
-        client.startService()
-        self.cleanups.append(client.stopService)
+        self.provider(listener, [])   # dials it
         await eventually(lambda: self.logged("closed the connection before TLS"))
         event = next(e for e in self.events if "closed the connection before TLS" in e.get("log_format", ""))
         self.assertEqual(event["log_level"], LogLevel.warn)

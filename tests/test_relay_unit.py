@@ -119,6 +119,18 @@ class ConnectionCaps(unittest.TestCase):
         self.assertFalse(server_tap.behind_proxy("systemd:domain=INET:index=0"))
 
 
+def churn_through(gate, address, host: str) -> int:
+    """Ten connections from C{host} through C{gate}, each closed before the next one opens: how many it let in."""
+    accepted = 0
+    for port in range(10):
+        protocol = gate.buildProtocol(address("TCP", host, port))
+        if protocol is not None:
+            accepted += 1
+            protocol.makeConnection(StringTransport())
+            protocol.connectionLost(Failure(ConnectionDone()))
+    return accepted
+
+
 class GateWithoutPerSource(unittest.TestCase):
     def test_a_proxy_listener_meets_the_total_only(self):
         budget = Budget(per_source=1, total=4)
@@ -150,14 +162,7 @@ class GateWithoutPerSource(unittest.TestCase):
         gate = ConnectionGate(Factory.forProtocol(Protocol), budget, clock, rate=rate, on_refused=refused.append)
 
         def churn(host: str) -> int:
-            accepted = 0
-            for port in range(10):   # each closed before the next one opens
-                protocol = gate.buildProtocol(IPv4Address("TCP", host, port))
-                if protocol is not None:
-                    accepted += 1
-                    protocol.makeConnection(StringTransport())
-                    protocol.connectionLost(Failure(ConnectionDone()))
-            return accepted
+            return churn_through(gate, IPv4Address, host)
 
         self.assertEqual(churn("127.0.0.8"), 3)           # the burst
         self.assertEqual(refused, [RATE] * 7)
@@ -186,14 +191,7 @@ class GateWithoutPerSource(unittest.TestCase):
             return sum(p is not None for p in built)
 
         def churn(host: str) -> int:
-            accepted = 0
-            for port in range(10):
-                protocol = gate.buildProtocol(IPv6Address("TCP", host, port))
-                if protocol is not None:
-                    accepted += 1
-                    protocol.makeConnection(StringTransport())
-                    protocol.connectionLost(Failure(ConnectionDone()))
-            return accepted
+            return churn_through(gate, IPv6Address, host)
 
         self.assertEqual(churn("::1"), 10)
         self.assertEqual(churn("2001:db8::7"), 10)

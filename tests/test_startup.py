@@ -27,26 +27,26 @@ def lines(events, level=None) -> list[str]:
     return [formatEvent(e) for e in events if level is None or e["log_level"] == level]
 
 
-def relay_service(testcase, *argv: str):
-    from pipegate.tap.server import Options, makeService
-
-    options = Options()
-    options.environ = {"PIPEGATE_JWT_SECRET": SECRET}
+def started(testcase, tap, environ: dict, argv) -> list:
+    """The events of C{tap}'s makeService (on a MemoryReactorClock) for C{argv}."""
+    options = tap.Options()
+    options.environ = environ
     options.parseOptions(list(argv))
     events = captured(testcase)
-    makeService(options, MemoryReactorClock())
+    tap.makeService(options, MemoryReactorClock())
     return events
+
+
+def relay_service(testcase, *argv: str):
+    from pipegate.tap import server
+
+    return started(testcase, server, {"PIPEGATE_JWT_SECRET": SECRET}, argv)
 
 
 def gateway_service(testcase, *argv: str):
-    from pipegate.tap.gateway import Options, makeService
+    from pipegate.tap import gateway
 
-    options = Options()
-    options.environ = {"PIPEGATE_ROUTER": ROUTER}
-    options.parseOptions(list(argv))
-    events = captured(testcase)
-    makeService(options, MemoryReactorClock())
-    return events
+    return started(testcase, gateway, {"PIPEGATE_ROUTER": ROUTER}, argv)
 
 
 class RelayLine(unittest.TestCase):
