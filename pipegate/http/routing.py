@@ -58,12 +58,15 @@ def is_health(uri: bytes, host: bytes | None, domain: str | None) -> bool:
     return uri.split(b"?")[0] == b"/healthz" and domain_label(host, domain) is None
 
 
-def _authority(uri: bytes) -> bytes | None:
-    """The authority of an absolute-form target (C{http://host:port/path}), else None."""
+def _absolute(uri: bytes) -> tuple[bytes, bytes] | None:
+    """
+    An absolute-form target (RFC 9112 3.2.2, C{http://host:port/path?query}) as its
+    authority and the rest (C{/path?query}, C{?query} or empty); None for any other form.
+    """
     if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
         rest = uri.split(b"//", 1)[1]
         cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
-        return rest[:cut]
+        return rest[:cut], rest[cut:]
     return None
 
 
@@ -80,8 +83,8 @@ def host_refusal(uri: bytes, hosts: list[bytes], domain: str | None) -> str | No
     if len(hosts) > 1:
         return "more than one Host header"
     if domain:
-        authority = _authority(uri)
-        if authority is not None and (not hosts or authority.lower() != hosts[0].strip().lower()):
+        absolute = _absolute(uri)
+        if absolute is not None and (not hosts or absolute[0].lower() != hosts[0].strip().lower()):
             return "the request target and Host name different hosts"
     return None
 
@@ -92,11 +95,10 @@ def route(uri: bytes, host: bytes | None, method: bytes, upgrade: bool,
     Map a request (its target, C{Host}, method, whether it asks for an Upgrade) to a
     L{Route}, a L{Redirect}, or an error reason (C{"unknown tunnel"}: 404, else 400).
     """
-    if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
-        # absolute-form (RFC 9112 3.2.2): keep the origin-form part
-        rest = uri.split(b"//", 1)[1]
-        cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
-        uri = rest[cut:] if rest[cut:cut + 1] == b"/" else b"/" + rest[cut:]
+    absolute = _absolute(uri)
+    if absolute is not None:   # keep the origin-form part
+        rest = absolute[1]
+        uri = rest if rest[:1] == b"/" else b"/" + rest
     if not uri.startswith(b"/"):
         return "bad request target"
     label = domain_label(host, domain)
