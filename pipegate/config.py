@@ -18,6 +18,14 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
+#: Exit status of a service stopped by its own configuration (a bad option, variable or file):
+#: sysexits.h's EX_CONFIG.  A systemd unit's C{RestartPreventExitStatus=78} then keeps it stopped
+#: instead of restarting into the same mistake every C{RestartSec=} (docs/deployment.md §1).
+EX_CONFIG = 78
+#: Exit status of a connector whose token the relay refused (sysexits.h's EX_NOPERM): no retry
+#: helps until a new token is installed.
+EX_NOPERM = 77
+
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
@@ -167,8 +175,9 @@ class EnvOptions(usage.Options):
             if self.parent is None:
                 raise  # a caller of our own (python -m, tests) reports it
             # Under twistd: left alone, twistd prints its whole usage (about 60 lines)
-            # before the line that matters.  Print that line only, and exit 1.
-            raise SystemExit(f"{self.program_name()}: {e}") from None
+            # before the line that matters.  Print that line only, and exit EX_CONFIG.
+            print(f"{self.program_name()}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EX_CONFIG) from None
 
     def program_name(self) -> str:
         """C{twistd pipegate-server} under twistd, else C{program} if set, else the running script's name."""

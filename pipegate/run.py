@@ -7,6 +7,8 @@ import sys
 
 from twisted.python import usage
 
+from pipegate.config import EX_CONFIG
+
 
 def run_foreground(module_name: str, argv: list[str], program: str) -> int:
     """
@@ -24,7 +26,7 @@ def run_foreground(module_name: str, argv: list[str], program: str) -> int:
         options.parseOptions(argv)
     except usage.UsageError as e:
         print(f"{program}: {e}", file=sys.stderr)
-        return 1
+        return EX_CONFIG
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     top = module.makeService(options, reactor)
     top.privilegedStartService()

@@ -47,6 +47,21 @@ class ExecStartLines(unittest.TestCase):
         services = {shlex.split(line)[4] for line in exec_lines()}
         self.assertEqual(services, {"pipegate-server", "pipegate-client", "pipegate-gateway", "pipegate-provider"})
 
+    def test_units_do_not_restart_into_a_bad_configuration(self):
+        """
+        A bad option exits EX_CONFIG (tests/test_processes.py): every documented unit that
+        restarts on failure says RestartPreventExitStatus= with it, else systemd restarts a
+        misconfigured service every RestartSec= for ever.
+        """
+        with open(os.path.join(ROOT, "docs", "deployment.md"), encoding="utf-8") as f:
+            blocks = re.findall(r"```ini\n(.*?)```", f.read(), re.S)
+        restarting = [b for b in blocks if "Restart=on-failure" in b]
+        self.assertGreaterEqual(len(restarting), 4)
+        for block in restarting:
+            prevent = re.search(r"^RestartPreventExitStatus=(.+)$", block, re.M)
+            self.assertIsNotNone(prevent, block)
+            self.assertIn(str(config.EX_CONFIG), prevent.group(1).split(), block)
+
     def test_every_execstart_parses(self):
         checked = 0
         for line in exec_lines():

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from pipegate import auth
+from pipegate.config import EX_CONFIG, EX_NOPERM
 from tests.support import SECRET, Loopback, eventually, free_port, request, token_for
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -107,7 +108,8 @@ class Plugins(unittest.TestCase):
     async def test_config_errors_are_one_line_for_every_plugin(self):
         """
         Issue 18 item 12: twistd used to print its whole usage (about 60 lines) before the
-        line naming the option.  Now each plugin prints that line only and exits 1.
+        line naming the option.  Now each plugin prints that line only and exits 78
+        (EX_CONFIG), which a unit's RestartPreventExitStatus=78 keeps from restarting.
         """
         short = "ab" * 8
         cases = [
@@ -127,7 +129,7 @@ class Plugins(unittest.TestCase):
         ]
         for argv, env, expected in cases:
             code, out = await run(self, TWISTD + ["-n", "--pidfile="] + argv, **env)
-            self.assertEqual(code, 1, out)
+            self.assertEqual(code, EX_CONFIG, out)
             lines = out.strip().splitlines()
             self.assertEqual(len(lines), 1, out)
             self.assertTrue(lines[0].startswith(expected), (lines[0], expected))
@@ -203,7 +205,7 @@ class Plugins(unittest.TestCase):
             self.assertTrue(out.startswith(f"Usage: python -m pipegate.{name} [options]"), out[:80])
         code, out = await run(self, [sys.executable, "-m", "pipegate.server", "--max-in-flight", "0"],
                               PIPEGATE_JWT_SECRET=SECRET)
-        self.assertEqual(code, 1, out)
+        self.assertEqual(code, EX_CONFIG, out)
         self.assertEqual(out.strip(), "python -m pipegate.server: --max-in-flight: must be greater than 0")
 
     async def test_port_plane_plugins_answer_help(self):
@@ -239,7 +241,7 @@ class ConnectorProcess(unittest.TestCase):
         for name, token in cases.items():
             code, out = await run(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token", token,
                                                   self.app_url, self.relay_url])
-            self.assertNotEqual(code, 0, name)
+            self.assertEqual(code, EX_NOPERM, name)   # RestartPreventExitStatus=77: no retry helps
             self.assertIn("the relay refused the login: 401", out, name)
             self.assertNotIn(token, out, name)
             # What to do, not only what went wrong (a newcomer's usual two mistakes).
@@ -253,7 +255,7 @@ class ConnectorProcess(unittest.TestCase):
     async def test_sub_path_mismatch_refused(self):
         code, out = await run(self, TWISTD + ["-n", "--pidfile=", "pipegate-client", "--token",
                                               token_for("t1"), self.app_url, self.relay_url + "/t2"])
-        self.assertNotEqual(code, 0)
+        self.assertEqual(code, EX_CONFIG, out)
         self.assertIn("differs from the token", out)
 
     async def test_a_second_ctrl_c_stops_a_draining_connector_now(self):

@@ -12,8 +12,8 @@ from twisted.python import usage
 
 from pipegate import auth
 from pipegate.accept import SiteLimits
-from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, non_negative_float, non_negative_int,
-                             positive_float, positive_int)
+from pipegate.config import (API_PARAMETERS, EX_NOPERM, EnvOptions, TopService, non_negative_float,
+                             non_negative_int, positive_float, positive_int)
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, ConnectorError, Target
 from pipegate.http.visitors import VisitorPolicy, VisitorPolicyError, parse_credentials, parse_network
@@ -182,7 +182,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
 
         recorder = Recorder(reactor, options["inspect-max"], options["inspect-body-bytes"])
     connector = make_connector(
-        options, reactor, on_fatal=lambda message: fatal_exit(reactor, message), observer=recorder)
+        options, reactor, on_fatal=lambda message: fatal_exit(reactor, message, EX_NOPERM), observer=recorder)
     connector.setServiceParent(top)
     if recorder is not None:
         from pipegate.http.inspect.web import Inspector
