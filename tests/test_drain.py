@@ -213,6 +213,25 @@ class RelayDrain(unittest.TestCase):
         relay2.transport.signalProcess(signal.SIGTERM)
         await relay2.ended
 
+    async def test_an_idle_relay_says_goaway_before_it_exits(self):
+        """
+        With nothing in flight the drain ended in the turn it began, and twistd's shutdown
+        dropped every connection before the GOAWAY and the close frame it had queued were
+        written: the connector logged "1006 connection was closed uncleanly" on every relay
+        restart and waited out a backoff before it redialled.
+        """
+        relay = self.start_relay()
+        connector = self.start_connector()
+        await self.online(connector)
+        relay.transport.signalProcess(signal.SIGTERM)
+        await relay.ended
+        await eventually(lambda: b"relay is going away" in connector.output, timeout=10)
+        await eventually(lambda: b"link to the relay lost (1000 relay shutting down)" in connector.output,
+                         timeout=10)
+        self.assertNotIn(b"1006", connector.output)
+        connector.transport.signalProcess(signal.SIGTERM)
+        await connector.ended
+
     async def test_drain_timeout_cuts_with_a_clear_status(self):
         relay = self.start_relay("--drain-timeout", "1")
         connector = self.start_connector()

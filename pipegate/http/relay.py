@@ -24,7 +24,7 @@ from pipegate import auth
 from pipegate.core import window
 from pipegate.http import frames, routing
 from pipegate.http.forwarded import NOBODY, TrustedProxies
-from pipegate.drain import Drainer
+from pipegate.drain import Drainer, drain
 from pipegate.stats import Stats
 from pipegate.core.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
 from pipegate.core.bucket import BucketPool
@@ -73,6 +73,13 @@ class RelayConfig:
         return max(1, self.max_in_flight * self.caller_share // 100)
 
 
+#: Seconds a stopping relay waits, after its drain, for its connectors to answer the close
+#: of their links (within a round trip, normally).  twistd drops every connection in the
+#: turn the last stopService Deferred fires, before what is queued on them is written, so
+#: without this wait an idle relay's GOAWAY and close frame never left it.
+CLOSE_WAIT = 2.0
+
+
 class Relay(service.Service, Drainer):
     """
     The relay's state: tunnels by id, and the policies applied to public requests.
@@ -91,6 +98,7 @@ class Relay(service.Service, Drainer):
         self.stats = Stats()
         self.tunnels = Tunnels(config.jwt, config.per_caller, clock, self.stats)
         self.share_log = LogThrottle(10.0)
+        self.open_links: set[ConnectorLink] = set()   # logged in, TCP connection not yet lost
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -237,9 +245,11 @@ class Relay(service.Service, Drainer):
         if in_flight:
             self.log.info("draining: {count} request(s) in flight, up to {timeout:g} s (Ctrl-C again to stop now)",
                           count=in_flight, timeout=self.config.drain_timeout)
-        return self.start_drain(self.clock, self.config.drain_timeout,
-                                lambda: not any(t.in_flight for t in self.tunnels.values()),
-                                self._drained)
+        d = self.start_drain(self.clock, self.config.drain_timeout,
+                             lambda: not any(t.in_flight for t in self.tunnels.values()),
+                             self._drained)
+        d.addCallback(lambda _: drain(self.clock, CLOSE_WAIT, lambda: not self.open_links))
+        return d
 
     def _drained(self, in_time: bool) -> None:
         cut = 0
@@ -346,6 +356,7 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
                        seconds=self.factory.relay.config.idle_timeout)
 
     def connectionLost(self, reason):
+        self.factory.relay.open_links.discard(self)
         self._unread = cancel(self._unread)
         call, self._pong_call = self._pong_call, None
         if call is not None and call.active():
@@ -354,6 +365,7 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
 
     def onOpen(self):
         self._open = True
+        self.factory.relay.open_links.add(self)
         self.link_opened()
         self.factory.relay.tunnels.attach(self)
         if self.factory.relay.stopping:
