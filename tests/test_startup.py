@@ -60,6 +60,21 @@ class RelayLine(unittest.TestCase):
                   "bodies unlimited, request timeout 300 s, idle timeout 60 s, drain timeout 30 s; "
                   "revocation list off")
 
+    def test_no_factory_lines(self):
+        # twisted.web's "Starting factory <pipegate.http.public.RelaySite object at 0x7f...>" and its
+        # "Stopping factory" said nothing that the line above does not, in worse words.
+        from twisted.internet.task import Clock
+
+        from pipegate import auth
+        from pipegate.http.public import RelaySite
+        from pipegate.http.relay import Relay, RelayConfig
+
+        events = captured(self)
+        site = RelaySite(Relay(RelayConfig(jwt=auth.JWTSettings(secret=SECRET)), Clock()))
+        site.doStart()
+        site.doStop()
+        self.assertEqual([line for line in lines(events) if "factory" in line], [])
+
     def test_tls_metrics_and_revocations(self):
         from tests.test_tlsfiles import NOW, cert_files
         import datetime

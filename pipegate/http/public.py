@@ -488,6 +488,7 @@ class RelayResource(resource.Resource):
 class RelaySite(server.Site):
     requestFactory = RelayRequest
     protocol = RelayChannel
+    noisy = False   # no "Starting factory <...RelaySite object at 0x...>": the startup line names the listener
 
     def __init__(self, relay: Relay) -> None:
         self.relay_resource = RelayResource(relay)
