@@ -23,7 +23,8 @@ from OpenSSL.SSL import Error, WantReadError
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols import tls as _twisted_tls
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.logger import Logger
+from twisted.application.internet import ClientService
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 from twisted.python.failure import Failure
 
 _log = Logger()
@@ -254,6 +255,20 @@ def quiet_pool(pool):
     return pool
 
 
+# -- twisted.application.internet.ClientService ---------------------------------------------
+
+class QuietClientService(ClientService):
+    """
+    A C{ClientService} without its "Scheduling retry 1 to connect <endpoint> in 0.8202498342316469
+    seconds." line after every failed attempt, which repeated the line PipeGate's dialers log for it (the
+    reason in the user's words, and the next delay).  ClientService logs through its private class
+    attribute C{_log}, handed to its state machine by C{__init__} (Twisted 26.10.0); here its warnings
+    and errors still pass.  Guard: tests.test_compat.ClientServiceLog.
+    """
+
+    _log = Logger(observer=FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(LogLevel.warn)]))
+
+
 # -- twisted.web.http.HTTPChannel (the relay's early start of public requests) --------------
 # Why: the relay starts forwarding a public request when its headers are complete and streams its body
 # (HTTPChannel only calls requestReceived after the whole body), and keeps the caller's raw request
@@ -282,10 +297,7 @@ def set_request_path(channel, path: bytes) -> None:
 
 
 def reset_request_parser(channel) -> None:
-    """
-    Reset C{channel}'s per-request parser state for the next request, exactly as
-    C{HTTPChannel.allContentReceived} does before it calls C{requestReceived}.
-    """
+    """Reset C{channel}'s parser for the next request, as C{allContentReceived} does before C{requestReceived}."""
     channel.length = 0
     channel._receivedHeaderCount = 0
     channel._receivedHeaderSize = 0
@@ -295,22 +307,14 @@ def reset_request_parser(channel) -> None:
 
 
 def hold_for_request(channel) -> None:
-    """
-    What C{HTTPChannel.allContentReceived} does next: suspend the idle timeout while the request is
-    answered (C{requestDone} restores it from C{_savedTimeOut}) and mark the channel as handling a
-    request (C{_handlingRequest}, which makes it queue pipelined input).
-    """
+    """What C{allContentReceived} does next: hold the idle timeout (C{_savedTimeOut}), queue pipelined input."""
     if channel.timeOut:
         channel._savedTimeOut = channel.setTimeout(None)
     channel._handlingRequest = True
 
 
 def abort_pending(channel) -> bool:
-    """
-    Whether C{channel} has already scheduled its forced abort after a timeout
-    (C{HTTPChannel._abortingCall}); a second C{timeoutConnection} would replace, and so leak, the first
-    one's delayed call.
-    """
+    """Whether C{channel} has scheduled its abort after a timeout (a second one would leak the first)."""
     return channel._abortingCall is not None
 
 
@@ -319,11 +323,9 @@ def abort_pending(channel) -> bool:
 def cancel_close_timer(protocol) -> None:
     """
     Autobahn leaves its close-handshake timer pending when the TCP connection goes first; cancel it so a
-    closed link leaves nothing scheduled.
-
-    C{closeHandshakeTimeoutCall} is an undocumented attribute of Autobahn's C{WebSocketProtocol}
-    (Autobahn 26.11.1: set in C{sendCloseFrame}, cancelled only when the peer's close frame arrives);
-    there is no public way to cancel it.  Guard: tests.test_compat.AutobahnState.
+    closed link leaves nothing scheduled.  C{closeHandshakeTimeoutCall}: an undocumented attribute of
+    Autobahn's C{WebSocketProtocol} (26.11.1: set in C{sendCloseFrame}, cancelled only when the peer's
+    close frame arrives); no public way to cancel it.  Guard: tests.test_compat.AutobahnState.
     """
     call = getattr(protocol, "closeHandshakeTimeoutCall", None)
     protocol.closeHandshakeTimeoutCall = None
@@ -336,12 +338,10 @@ def cancel_close_timer(protocol) -> None:
 
 def handshake_status_line(protocol) -> str:
     """
-    The HTTP status line of the server's answer to a WebSocket client's opening handshake (C{"HTTP/1.1
-    409 Conflict"}), or C{""} before one arrived.
-
-    C{http_status_line} is an undocumented attribute of Autobahn's C{WebSocketClientProtocol} (Autobahn
-    26.11.1, set in C{processHandshake}); the public C{failHandshake(reason)} gets only Autobahn's text,
-    not the status.  Guard: tests.test_compat.AutobahnState.
+    The status line of the server's answer to a WebSocket client's handshake (C{"HTTP/1.1 409 Conflict"}),
+    or C{""}.  C{http_status_line}: an undocumented attribute of Autobahn's C{WebSocketClientProtocol}
+    (26.11.1, set in C{processHandshake}); C{failHandshake(reason)} gets only Autobahn's text.  Guard:
+    tests.test_compat.AutobahnState.
     """
     return getattr(protocol, "http_status_line", "") or ""
 

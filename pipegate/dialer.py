@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pipegate._compat import QuietClientService
 from pipegate.core.redial import Redial
 
 
@@ -40,14 +41,22 @@ class Redialer(service.MultiService):
         self.retry_policy = retry_policy if retry_policy is not None else Redial()
         self.backoff = backoff if backoff is not None or not isinstance(self.retry_policy, Redial) \
             else self.retry_policy
-        self._retiring: dict[Hashable, internet.ClientService] = {}   # link -> the dialler it came from
+        self._retiring: dict[Hashable, QuietClientService] = {}   # link -> the dialler it came from
+        #: Told every delay the retry policy picks (the dialer's one line per failed attempt).
+        self.on_retry: Callable[[float], None] | None = None
         self.current = self._dial()
 
-    def _dial(self) -> internet.ClientService:
-        dialer = internet.ClientService(self.endpoint, self.factory, retryPolicy=self.retry_policy,
-                                        clock=self.clock)
+    def _dial(self) -> QuietClientService:
+        dialer = QuietClientService(self.endpoint, self.factory, retryPolicy=self._next_attempt,
+                                    clock=self.clock)
         dialer.setServiceParent(self)
         return dialer
+
+    def _next_attempt(self, attempt: int) -> float:
+        delay = self.retry_policy(attempt)
+        if self.on_retry is not None:
+            self.on_retry(delay)
+        return delay
 
     def succeeded(self) -> None:
         """A link reached its goal (admitted, logged in): the next failure waits the shortest delay."""

@@ -22,8 +22,10 @@ from types import MethodType
 from pathlib import Path
 
 from OpenSSL import SSL
-from twisted.internet import abstract, protocol, ssl, task, tcp
-from twisted.internet.error import ConnectionDone
+from twisted.application import internet
+from twisted.internet import abstract, defer, protocol, ssl, task, tcp
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import policies, tls as twisted_tls
 from twisted.trial import unittest
@@ -240,6 +242,39 @@ class WebClient(GuardMixin, unittest.TestCase):
         self.assertIsInstance(factory, web_client._HTTP11ClientFactory)
         self.assertFalse(factory.noisy)
         self.assertTrue(web_client._HTTP11ClientFactory(lambda protocol: None, "metadata").noisy)
+
+
+class _Refused:
+    """A client endpoint whose every connection attempt is refused."""
+
+    def connect(self, factory):
+        return defer.fail(ConnectionRefusedError())
+
+
+class ClientServiceLog(GuardMixin, unittest.TestCase):
+    """QuietClientService: twisted.application.internet.ClientService."""
+
+    def events(self, cls) -> list[str]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = task.Clock()
+        dialer = cls(_Refused(), protocol.Factory.forProtocol(protocol.Protocol), retryPolicy=lambda n: 1.0,
+                     clock=clock)
+        dialer.startService()
+        dialer.startService()   # ClientService warns about a second start
+        clock.advance(1.0)      # a second failed attempt
+        dialer.stopService()
+        return [formatEvent(e) for e in events]
+
+    def test_retry_lines_are_dropped_and_warnings_pass(self):
+        self.assertPrivate(internet.ClientService, "_log", "QuietClientService")
+        self.assertSourceHas(internet.ClientService.__init__, "log=self._log", "QuietClientService")
+        stock = self.events(internet.ClientService)
+        self.assertTrue(any(line.startswith("Scheduling retry 1 to connect") for line in stock), stock)
+        quiet = self.events(_compat.QuietClientService)
+        self.assertFalse(any("Scheduling retry" in line for line in quiet), quiet)
+        self.assertTrue(any(line.startswith("Duplicate ClientService.startService") for line in quiet), quiet)
 
 
 class _Request(http.Request):

@@ -56,22 +56,39 @@ def link_services(node, config: LinkConfig, reactor, mux: list[str], connect: li
         endpoint = tls.client_endpoint(reactor, description, verify_hostname, ca_file)
         # The delay grows over failed admissions (a wrong router secret), not only over
         # failed TCP connects, and resets once a link is admitted (core/redial.py).
-        endpoint = ReportingEndpoint(endpoint, DialFailures(description))
-        services.append(LinkFactory(node, config, reactor, True).dialer(endpoint, retry_policy))
+        failures = DialFailures(description)
+        links = LinkFactory(node, config, reactor, True)
+        dialer = links.dialer(ReportingEndpoint(endpoint, failures), retry_policy)
+        dialer.on_retry = failures.next_attempt
+        services.append(dialer)
     return services
 
 
 class DialFailures:
-    """Logs why a dial of C{description} failed, in the words of describe_connect_error."""
+    """
+    One line per failed dial of C{description}: why (in the words of describe_connect_error,
+    when TCP or the name lookup failed) and the delay before the next attempt.
+    """
 
     log = Logger()
 
     def __init__(self, description: str) -> None:
         self.description = description
+        self._why: str | None = None
 
     def __call__(self, failure) -> None:
-        self.log.warn("cannot connect to {peer}: {why}", peer=self.description,
-                      why=describe_connect_error(failure.value))
+        """ReportingEndpoint: the connection attempt failed (the retry policy runs next)."""
+        self._why = describe_connect_error(failure.value)
+
+    def next_attempt(self, delay: float) -> None:
+        """Redialer.on_retry: the retry policy picked C{delay}."""
+        why, self._why = self._why, None
+        if why is not None:
+            self.log.warn("cannot connect to {peer}: {why}; next attempt in {delay:.1f} s",
+                          peer=self.description, why=why, delay=delay)
+        else:   # the link closed, or ended before admission (its own line said why)
+            self.log.info("link to {peer} down; next attempt in {delay:.1f} s",
+                          peer=self.description, delay=delay)
 
 
 def certificate_from(options: MuxOptions):
