@@ -19,6 +19,10 @@ from pipegate._compat import QuietClientService
 from pipegate.core.redial import Redial
 
 
+#: What a retired dialler's retry policy answers (L{Redialer._dial}): never waited.
+RETIRED_DELAY = 60.0
+
+
 class Redialer(service.MultiService):
     """
     One peer we dial, kept connected: a L{ClientService} that redials C{endpoint} with
@@ -44,19 +48,23 @@ class Redialer(service.MultiService):
         self._retiring: dict[Hashable, QuietClientService] = {}   # link -> the dialler it came from
         #: Told every delay the retry policy picks (the dialer's one line per failed attempt).
         self.on_retry: Callable[[float], None] | None = None
-        self.current = self._dial()
+        self.current: QuietClientService = self._dial()
 
     def _dial(self) -> QuietClientService:
-        dialer = QuietClientService(self.endpoint, self.factory, retryPolicy=self._next_attempt,
-                                    clock=self.clock)
+        def next_attempt(attempt: int) -> float:
+            if dialer is not self.current:
+                # A retired dialler whose link closed after GOAWAY: it is stopped on the next
+                # turn, so this delay is never waited; it is no failed attempt either.
+                return RETIRED_DELAY
+            delay = self.retry_policy(attempt)
+            if self.on_retry is not None:
+                self.on_retry(delay)
+            return delay
+
+        dialer = QuietClientService(self.endpoint, self.factory, retryPolicy=next_attempt, clock=self.clock)
+        self.current = dialer   # before it starts: an attempt may fail at once
         dialer.setServiceParent(self)
         return dialer
-
-    def _next_attempt(self, attempt: int) -> float:
-        delay = self.retry_policy(attempt)
-        if self.on_retry is not None:
-            self.on_retry(delay)
-        return delay
 
     def succeeded(self) -> None:
         """A link reached its goal (admitted, logged in): the next failure waits the shortest delay."""
@@ -71,7 +79,7 @@ class Redialer(service.MultiService):
         if not self.running or not self.current.running or link in self._retiring:
             return False
         self._retiring[link] = self.current
-        self.current = self._dial()
+        self._dial()
         return True
 
     def retiring(self, link) -> bool:

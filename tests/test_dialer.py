@@ -114,6 +114,24 @@ class RedialerTests(unittest.TestCase):
         self.assertTrue(self.redialer.current.running)
         self.assertFalse(self.redialer.retiring(link))
 
+    def test_on_retry_hears_each_delay_of_the_current_dialler_only(self) -> None:
+        delays: list[float] = []
+        self.redialer.on_retry = delays.append
+        self.endpoint.fail()
+        self.assertEqual(delays, [1.0])
+        self.clock.advance(1)
+        link = self.endpoint.succeed()
+        self.redialer.succeeded()
+        # GOAWAY: a replacement is dialled; the old link's close is no failed attempt, and its
+        # retiring dialler neither logs a "next attempt" it will never make nor grows the backoff.
+        self.assertTrue(self.redialer.going_away(link))
+        self.redialer.link_closed(link)
+        link.transport.loseConnection()
+        self.assertEqual(delays, [1.0])
+        self.assertEqual(self.backoff.failures, 0)
+        self.endpoint.fail()   # the replacement's first attempt
+        self.assertEqual(delays, [1.0, 1.0])
+
     def test_a_link_that_was_not_replaced_keeps_its_dialler(self) -> None:
         link = self.endpoint.succeed()
         old = self.redialer.current
