@@ -26,7 +26,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import LogLevel
 from twisted.python import log
 from twisted.python.failure import Failure
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
 from pipegate._compat import (
@@ -377,49 +377,6 @@ def connect_protocol(endpoint, protocol):
     connection (py-spy; git log -p benchmarks/README.md).
     """
     return endpoint.connect(_OneShotFactory(protocol))
-
-
-class _DirectConnect(ClientFactory):
-    """L{connect_stream}'s factory: the connector gets C{protocol} itself, or tells C{failed}."""
-
-    noisy = False
-
-    def __init__(self, protocol, failed) -> None:
-        self._protocol = protocol
-        self._failed = failed
-
-    def buildProtocol(self, addr):
-        # Handed over once: the factory (which the Connector keeps) then holds neither the
-        # protocol nor the failure callback's closure, and no cycle through them remains.
-        protocol, self._protocol, self._failed = self._protocol, None, None
-        protocol.factory = self
-        return protocol
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        if self._failed is not None:   # (None once connected: buildProtocol)
-            self._failed(reason)
-
-    def clientConnectionLost(self, connector, reason) -> None:
-        # The Connector and its Client refer to each other (connector.transport,
-        # transport.connector); Twisted leaves that cycle to the garbage collector.
-        connector.transport = None
-
-
-def connect_stream(reactor, host: str, port: int, timeout: float, protocol, failed) -> None:
-    """
-    Connect C{protocol} to C{host}:C{port}: its C{connectionMade} says it is connected;
-    if the connection cannot be made, C{failed(failure)} is called instead.
-
-    An address literal goes straight to C{reactor.connectTCP}: no endpoint, no protocol
-    wrapper between the socket and C{protocol} (Twisted's endpoints put a
-    C{_WrappingProtocol} there, one more call on every read, and declare its interfaces
-    and chain Deferreds for every connection), no per-connection factory log lines.  A
-    host name goes through L{stream_endpoint} (resolution, happy eyeballs).
-    """
-    if isIPAddress(host) or isIPv6Address(host):
-        reactor.connectTCP(host, port, _DirectConnect(protocol, failed), timeout=timeout)
-    else:
-        connect_protocol(stream_endpoint(reactor, host, port, timeout), protocol).addErrback(failed)
 
 
 #: A per-flow UDP socket that reads one datagram per wakeup drains the socket instead

@@ -222,10 +222,11 @@ class TCP(PortPlane):
         self.assertEqual(await self.echo_through(self.gate, b"question"), b"questionbye")
 
     async def test_a_connection_leaves_nothing_for_the_cycle_collector(self):
-        # Each end's channel, its socket and (provider) the Connector that dialled the
-        # backend are freed by reference counting once the connection is over: no
-        # reference cycle (the eager write method on the socket, the dialling factory's
-        # closure, Connector <-> Client left some 34 objects per connection to the collector).
+        # Each end's channel and its socket (at the provider, the StreamClient that
+        # dialled the backend: pipegate.tcpclient) are freed by reference counting once the
+        # connection is over: no reference cycle (the eager write method on the socket, the
+        # dialling factory's closure, Twisted's Connector <-> Client left some 34 objects
+        # per connection to the collector).
         refs, kinds = [], set()
         made = StreamChannel.connectionMade
 
@@ -242,7 +243,7 @@ class TCP(PortPlane):
             del refs[:]
             kinds.clear()
             self.assertEqual(await self.echo_through(self.gate, b"x"), b"xbye")
-            self.assertEqual(sorted(kinds), ["BackendChannel", "Client", "Connector", "GateConnection", "Server"])
+            self.assertEqual(sorted(kinds), ["BackendChannel", "GateConnection", "Server", "StreamClient"])
             await eventually(lambda: all(ref() is None for ref in refs), timeout=5)
 
     def test_services_dispatch_without_the_legacy_log_context(self):

@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.sockets import (
-    bounded_reads, close_now, close_write, connect_protocol, connect_stream, eager_writes, no_delay, read_waiting, send_now,
+    bounded_reads, close_now, close_write, connect_protocol, eager_writes, no_delay, read_waiting, send_now,
     socket_transport, stream_endpoint)
 from tests.support import Loopback, TestApp, eventually, request
 
@@ -386,57 +386,6 @@ class CloseWriteTests(unittest.TestCase):
         close_write(transport)
         self.assertTrue(transport.write_lost)
         close_write(StringTransport())              # none to lose: nothing happens
-
-
-class ConnectStreamTests(unittest.TestCase):
-    """connect_stream: an address literal is connected with no wrapper and no log line; failures are told."""
-
-    async def connect(self, host: str, port: int):
-        made, failed = defer.Deferred(), []
-
-        class Client(Protocol):
-            def connectionMade(self):
-                made.callback(self)
-
-        client = Client()
-        connect_stream(reactor, host, port, 3.0, client, failed.append)
-        return client, made, failed
-
-    async def test_an_address_literal_connects_the_protocol_itself(self):
-        listener = plain_listener(self)
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        client, made, failed = await self.connect("127.0.0.1", listener.getsockname()[1])
-        self.assertIs(await made, client)
-        self.assertIs(client.transport.protocol, client)   # no protocol wrapper in between
-        peer, _ = listener.accept()
-        self.addCleanup(peer.close)
-        self.assertEqual(peer.getpeername()[1], client.transport.getHost().port)
-        lost = defer.Deferred()
-        client.connectionLost = lambda reason: lost.callback(None)
-        client.transport.loseConnection()
-        await lost
-        await task.deferLater(reactor, 0, lambda: None)
-        self.assertEqual(failed, [])
-        self.assertEqual([e.get("log_format") for e in events], [])
-
-    async def test_refused_is_told(self):
-        listener = plain_listener(self)
-        port = listener.getsockname()[1]
-        listener.close()
-        client, made, failed = await self.connect("127.0.0.1", port)
-        await eventually(lambda: failed)
-        self.assertFalse(made.called)
-        self.assertEqual(len(failed), 1)
-        self.assertTrue(failed[0].check(error.ConnectionRefusedError))
-
-    async def test_a_host_name_goes_through_an_endpoint(self):
-        listener = plain_listener(self)
-        client, made, failed = await self.connect("localhost", listener.getsockname()[1])
-        self.assertIs(await made, client)
-        self.assertIsNot(client.transport.protocol, client)   # the endpoint's wrapper
-        client.transport.abortConnection()
 
 
 class LinkSocketTests(unittest.TestCase):

@@ -28,7 +28,8 @@ from pipegate.ports.services import Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, BackendSocket, Flow, datagram_sender, evict_idle, set_buffers)
 from pipegate._compat import lean_dispatch
-from pipegate.sockets import connect_stream, listen_udp_quietly
+from pipegate.tcpclient import connect_stream
+from pipegate.sockets import listen_udp_quietly
 
 
 def service_route(svc: Service, policy: bytes = b"") -> frames.Route:
