@@ -104,10 +104,17 @@ def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
 
 
 class LinkChannel:
-    """An entry of a link's channel table; every notification defaults to doing nothing."""
+    """
+    An entry of a link's channel table; every notification defaults to doing nothing.  An
+    entry that is not a LinkChannel has these methods of its own (L{StreamChannel}).
+    """
 
     def frame_received(self, frame) -> None:
         pass
+
+    def payload_received(self, channel_id: int, data: bytes) -> None:
+        """A DATA frame, as the link's hot path gives it (no L{frames.Data} made): by default as one."""
+        self.frame_received(frames.Data(channel_id, data))
 
     def link_resumed(self) -> None:
         """The link took more again; called for the channels that asked (L{MuxLink.hold})."""
@@ -121,6 +128,11 @@ _Datagram = frames.Datagram
 _COALESCED = frozenset({frames.Data, frames.Datagram})
 # DATA written in pieces at least this big (a TLS record's worth) goes at once: see _write.
 SEND_AT_ONCE = 16_384
+# The largest payload of a DATA frame that send_data leaves for the turn's end (its frame is shorter
+# than SEND_AT_ONCE), and the frame's prefix (length, type, channel).
+_SMALL_DATA = SEND_AT_ONCE - 1 - frames.PREFIX.size
+_DATA_PREFIX = frames.PREFIX.pack
+_DATA, _HEADER_SIZE, _MAX_CHANNEL = frames.DATA, frames.HEADER_SIZE, frames.MAX_CHANNEL
 
 
 class LinkError(Exception):
@@ -157,6 +169,7 @@ class MuxLink(Protocol):
         self.stats = stats_of(node)
         # DATA goes straight to its channel unless a subclass routes frames its own way (the hub)
         self._direct_data = type(self)._frame is MuxLink._frame
+        self.decoder.data_pairs = self._direct_data
         # bytes direction: up = client -> service, i.e. gateway -> provider
         self._sent, self._received = ("up", "down") if config.role == frames.ROLE_GATEWAY else ("down", "up")
         # The "bytes" counter's key for what this link sends: send_data and dataReceived add to
@@ -204,8 +217,22 @@ class MuxLink(Protocol):
             channels = self.channels
             # (Stats.inc's work without its call, once per frame: see _count_sent)
             counts, received_key = self.stats.counts, ("bytes", self._received)
+            # Decided once per read: a link admitted by a Hello of this read sends the rest of
+            # it through _frame, which does the same with them.
+            direct = self.admitted and self._direct_data
             for frame in received:
-                if type(frame) in _PAYLOAD and self.admitted and self._direct_data:
+                if type(frame) is tuple:
+                    # A DATA frame, as (channel, payload) (the decoder's data_pairs: no Data
+                    # object per message), straight to its channel.
+                    channel_id, payload = frame
+                    if direct:
+                        counts[received_key] = counts.get(received_key, 0) + len(payload)
+                        channel = channels.get(channel_id)
+                        if channel is not None:
+                            channel.payload_received(channel_id, payload)
+                    else:
+                        self._frame(frames.Data(channel_id, payload))
+                elif direct and type(frame) in _PAYLOAD:
                     # The hot path (one frame per message or datagram under request/response
                     # load), without the dispatch of _frame.
                     counts[received_key] = counts.get(received_key, 0) + len(frame.data)
@@ -379,6 +406,14 @@ class MuxLink(Protocol):
         """Send DATA frames for C{chunks} in one write: with the turn's other frames when small (L{_write})."""
         if self.admitted and chunks and not self.closed and self.transport is not None:
             counts, key = self.stats.counts, self._sent_key
+            if len(chunks) == 1:
+                # One small message (a request or a reply): encode_data's frame and checks, inline.
+                chunk = chunks[0]
+                size = len(chunk)
+                if 0 < size <= _SMALL_DATA and 0 < channel_id <= _MAX_CHANNEL:
+                    counts[key] = counts.get(key, 0) + size
+                    self.transport.write(_DATA_PREFIX(_HEADER_SIZE + size, _DATA, channel_id) + chunk)
+                    return
             counts[key] = counts.get(key, 0) + sum(map(len, chunks))
             wire = frames.encode_data(channel_id, chunks)
             if len(wire) >= SEND_AT_ONCE:
