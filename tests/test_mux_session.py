@@ -339,7 +339,7 @@ class SendData(LinkTestCase):
     def sent(self, link: MuxLink, channel_id: int, chunks) -> tuple:
         """What send_data wrote (held for the turn's end, or at once), counted, or raised."""
         writes: list = []
-        link.transport.write = lambda data: writes.append(("turn", bytes(data)))
+        link._write_later = lambda data: writes.append(("turn", bytes(data)))
         link._write_now = lambda data: writes.append(("now", bytes(data)))
         before = link.stats.get("bytes", "down")
         try:

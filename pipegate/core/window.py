@@ -167,29 +167,6 @@ class ReceiveWindow:
             self._run += max(0, ungranted + size)
         self.ungranted = ungranted + size
 
-    def arrived(self, size: int, sink_full: bool) -> int:
-        """
-        L{passed_on}(C{size}), then, unless C{sink_full}, L{grant}(C{max(1, window // 2)}): what
-        L{Flow.arrived} does, in one call (once per DATA frame), with L{grant} called only when it
-        would grow the window or return credit.
-        """
-        if size > self.available:
-            raise FrameError(f"peer sent {size} bytes with {self.available} of credit")
-        self.available -= size
-        ungranted = self.ungranted
-        if ungranted >= 0:
-            run = self._run = self._run + size
-        else:
-            run = self._run = self._run + max(0, ungranted + size)
-        ungranted = self.ungranted = ungranted + size
-        if sink_full:
-            return 0
-        window = self.window
-        half = window // 2
-        if (run < window or window >= self.max_window) and (ungranted < half or ungranted < 1):
-            return 0   # (grant would neither grow the window nor return credit)
-        return self.grant(half if half > 1 else 1)
-
     def grant(self, at_least: int = 0) -> int:
         """
         Return the credit to send in a WINDOW frame now (0 = nothing to send).  With
@@ -266,9 +243,26 @@ class Flow:
     # -- incoming
     def arrived(self, size: int) -> int:
         """C{size} bytes arrived from the peer and were handed to the sink; return the credit to grant."""
-        # (passed_on, then grant(max(1, window // 2)) unless the sink is full: ReceiveWindow.arrived;
-        # raises FrameError if the peer overran its credit)
-        return self.recv.arrived(size, self.sink_full)
+        # recv.passed_on(size), then, unless the sink is full, recv.grant(max(1, recv.window // 2)),
+        # in one call (once per DATA frame), with grant called only when it would grow the window
+        # or return credit.
+        recv = self.recv
+        if size > recv.available:
+            raise FrameError(f"peer sent {size} bytes with {recv.available} of credit")
+        recv.available -= size
+        ungranted = recv.ungranted
+        if ungranted >= 0:
+            run = recv._run = recv._run + size
+        else:
+            run = recv._run = recv._run + max(0, ungranted + size)
+        ungranted = recv.ungranted = ungranted + size
+        if self.sink_full:
+            return 0
+        window = recv.window
+        half = window // 2
+        if (run < window or window >= recv.max_window) and (ungranted < half or ungranted < 1):
+            return 0   # (grant would neither grow the window nor return credit)
+        return recv.grant(half if half > 1 else 1)
 
     def held(self, size: int) -> None:
         """C{size} bytes arrived from the peer and wait for the sink (see L{handed_on})."""

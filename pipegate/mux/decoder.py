@@ -28,6 +28,8 @@ def _check_limit(max_frame_size: int) -> None:
 DataPair = tuple[int, bytes]
 
 _PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
+_LENGTH_SIZE = _LENGTH.size
+_FRAME_PREFIX = struct.Struct(">IBI").unpack_from   # length, type, channel at once
 _MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
 _MAX_DATAGRAM_SIZE = HEADER_SIZE + MAX_DATAGRAM  # the largest declared length of a DATAGRAM frame
 _SMALL_READ = 4096
@@ -159,16 +161,22 @@ class FrameDecoder:
         offset = 0
         max_frame_size = self.max_frame_size
         pairs = self.data_pairs
-        while end - offset >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(data, offset)
+        while True:
+            left = end - offset
+            if left >= _PREFIX:   # length, type and channel in one unpack
+                size, kind, channel = _FRAME_PREFIX(data, offset)
+            elif left >= _LENGTH_SIZE:   # (a length alone is checked as soon as it is in)
+                (size,) = _LENGTH.unpack_from(data, offset)
+            else:
+                break
             if size > max_frame_size:
                 raise FrameError(f"declared frame length {size} exceeds {max_frame_size}")
             if size < HEADER_SIZE:
                 raise FrameError(f"declared frame length {size} is shorter than the header")
-            total = _LENGTH.size + size
-            if end - offset < total:
+            total = _LENGTH_SIZE + size
+            if left < total:
                 break
-            kind, channel = _HEADER.unpack_from(data, offset + _LENGTH.size)
+            # (here left >= total >= _PREFIX: kind and channel were read)
             if kind == DATA and channel and HEADER_SIZE < size <= _MAX_DATA_SIZE:
                 # _decode_body's checks for DATA, inline: one per message under request/response load
                 payload = data[offset + _PREFIX:offset + total]
