@@ -322,6 +322,23 @@ class Dispatch(LinkTestCase):
                          [f"closing link with {gateway.peer_name}: DATA on channel 1 after its FIN"])
         self.assertEqual(channel.transport.value(), b"")   # the late bytes never reach the socket
 
+    def test_payloads_are_counted_up_to_a_frame_that_fails(self) -> None:
+        # Counted once per read, as each frame was before: the frames delivered and the one
+        # that broke the link (here DATA over the channel's credit), not those after it.
+        provider, gateway = self.pair()
+        channel = StreamChannel(10)
+        channel.makeConnection(StringTransport())
+        channel.attach(gateway, gateway.allocate_channel(channel))
+        other = RecordingChannel()
+        other_id = gateway.allocate_channel(other)
+        gateway.dataReceived(b"".join(frames.encode(f) for f in (
+            frames.Data(other_id, b"dg"), frames.Datagram(other_id, b"d"), frames.Data(channel.channel_id, b"12345"),
+            frames.Data(channel.channel_id, b"x" * 11), frames.Data(other_id, b"never"))))
+        self.assertTrue(gateway.closed)
+        self.assertEqual(gateway.stats.get("bytes", "down"), 2 + 1 + 5 + 11)
+        self.assertEqual(channel.transport.value(), b"12345")
+        self.assertEqual(other.frames, [frames.Data(other_id, b"dg"), frames.Datagram(other_id, b"d")])
+
     def test_loss_reaches_channels_node_and_owner(self) -> None:
         provider, gateway = self.pair()
         channel = RecordingChannel()

@@ -219,34 +219,39 @@ class MuxLink(Protocol):
             if received:
                 self._last_seen = self.clock.seconds()
             channels = self.channels
-            # (Stats.inc's work without its call, once per frame: see _count_sent)
-            counts, received_key = self.stats.counts, ("bytes", self._received)
             # Decided once per read: a link admitted by a Hello of this read sends the rest of
             # it through _frame, which does the same with them.
             direct = self.admitted and self._direct_data
-            for frame in received:
-                if type(frame) is tuple:
-                    # A DATA frame, as (channel, payload) (the decoder's data_pairs: no Data
-                    # object per message), straight to its channel.
-                    channel_id, payload = frame
-                    if direct:
-                        counts[received_key] = counts.get(received_key, 0) + len(payload)
-                        channel = channels.get(channel_id)
+            payload_bytes = 0   # DATA and DATAGRAM payloads of this read, counted once at its end
+            try:
+                for frame in received:
+                    if type(frame) is tuple:
+                        # A DATA frame, as (channel, payload) (the decoder's data_pairs: no Data
+                        # object per message), straight to its channel.
+                        channel_id, payload = frame
+                        if direct:
+                            payload_bytes += len(payload)
+                            channel = channels.get(channel_id)
+                            if channel is not None:
+                                channel.payload_received(channel_id, payload)
+                        else:
+                            self._frame(frames.Data(channel_id, payload))
+                    elif direct and type(frame) in _PAYLOAD:
+                        # The hot path (one frame per message or datagram under request/response
+                        # load), without the dispatch of _frame.
+                        payload_bytes += len(frame.data)
+                        channel = channels.get(frame.channel)
                         if channel is not None:
-                            channel.payload_received(channel_id, payload)
+                            channel.frame_received(frame)
                     else:
-                        self._frame(frames.Data(channel_id, payload))
-                elif direct and type(frame) in _PAYLOAD:
-                    # The hot path (one frame per message or datagram under request/response
-                    # load), without the dispatch of _frame.
-                    counts[received_key] = counts.get(received_key, 0) + len(frame.data)
-                    channel = channels.get(frame.channel)
-                    if channel is not None:
-                        channel.frame_received(frame)
-                else:
-                    self._frame(frame)
-                if self.closed:
-                    return
+                        self._frame(frame)
+                    if self.closed:
+                        return
+            finally:
+                if payload_bytes:
+                    # (Stats.inc's work without its call, once per read: see _sent_key)
+                    counts, key = self.stats.counts, ("bytes", self._received)
+                    counts[key] = counts.get(key, 0) + payload_bytes
             if not self.admitted and self.decoder.buffered > MAX_BEFORE_ADMISSION:
                 raise LinkError(f"{self.decoder.buffered} bytes before admission without a whole Hello")
         except (frames.FrameError, LinkError) as e:
