@@ -104,10 +104,7 @@ def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
 
 
 class LinkChannel:
-    """
-    An entry of a link's channel table; every notification defaults to doing nothing.  An
-    entry that is not a LinkChannel has these methods of its own (L{StreamChannel}).
-    """
+    """An entry of a link's channel table (or one with these methods: L{StreamChannel}); each does nothing."""
 
     def frame_received(self, frame) -> None:
         pass
@@ -128,8 +125,7 @@ _Datagram = frames.Datagram
 _COALESCED = frozenset({frames.Data, frames.Datagram})
 # DATA written in pieces at least this big (a TLS record's worth) goes at once: see _write.
 SEND_AT_ONCE = 16_384
-# The largest payload of a DATA frame that send_data leaves for the turn's end (its frame is shorter
-# than SEND_AT_ONCE), and the frame's prefix (length, type, channel).
+# The largest DATA payload whose frame (after its prefix: length, type, channel) is under SEND_AT_ONCE
 _SMALL_DATA = SEND_AT_ONCE - 1 - frames.PREFIX.size
 _DATA_PREFIX = frames.PREFIX.pack
 _DATA, _HEADER_SIZE, _MAX_CHANNEL = frames.DATA, frames.HEADER_SIZE, frames.MAX_CHANNEL
