@@ -20,7 +20,7 @@ import struct
 from errno import EAGAIN, ECONNREFUSED, EINTR, EWOULDBLOCK
 from types import MethodType
 
-from twisted.internet import endpoints, main, udp
+from twisted.internet import endpoints, main, tcp, udp
 from twisted.internet.error import ConnectionLost
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import LogLevel
@@ -32,6 +32,9 @@ from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 from pipegate._compat import (
     flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, write_closed)
 from pipegate.timers import IdleTimer
+
+
+_TCP_DO_READ = tcp.Connection.doRead   # (stream_socket replaces it on the connection, not this)
 
 
 def socket_transport(transport):
@@ -120,17 +123,37 @@ def _eager_writes_on(sock) -> None:
 def stream_socket(transport, buffer_size: int):
     """
     L{no_delay} and L{eager_writes} on the TCP socket under C{transport}, with
-    C{bufferSize} set to C{buffer_size}; returns that socket, or None when there is none.
+    C{bufferSize} set to C{buffer_size}, and its reads delivered in one call instead of
+    Twisted's two (L{_direct_read}); returns that socket, or None when there is none.
     (What a tunnelled connection does to its socket, with one lookup of the socket
-    instead of one per step.)
+    instead of one per step.)  L{plain_writes} undoes the write and read methods.
     """
     transport = socket_transport(transport)
     if transport is None:
         return None
     _no_delay_on(transport)
     _eager_writes_on(transport)
+    if has_write_buffers(transport) and type(transport).doRead is _TCP_DO_READ:
+        # (a twisted.internet.tcp.Connection whose doRead is Twisted's own: bounded_reads and
+        # startTLS leave the socket alone)
+        transport.doRead = MethodType(_direct_read, transport)
     transport.bufferSize = buffer_size
     return transport
+
+
+def _direct_read(transport):
+    # Twisted's tcp.Connection.doRead and its _dataReceived in one call (once per message read
+    # from a tunnelled connection's socket): the same recv, the same results.
+    try:
+        data = transport.socket.recv(transport.bufferSize)
+    except OSError as e:
+        if e.args[0] == EWOULDBLOCK:
+            return None
+        return main.CONNECTION_LOST
+    if not data:
+        return main.CONNECTION_DONE
+    transport.protocol.dataReceived(data)
+    return None
 
 
 def read_waiting(transport, data_received) -> None:
@@ -166,16 +189,17 @@ def read_waiting(transport, data_received) -> None:
 
 def plain_writes(transport) -> None:
     """
-    Undo L{eager_writes} on the socket under C{transport}; call it from the protocol's
-    C{connectionLost}.
+    Undo L{eager_writes} (and L{stream_socket}'s reads) on the socket under C{transport};
+    call it from the protocol's C{connectionLost}.
 
-    The bound method that L{eager_writes} sets refers to its transport, and the transport
-    to it: a reference cycle per connection, which only the garbage collector would
+    The bound methods that L{eager_writes} and L{stream_socket} set refer to their transport,
+    and the transport to them: a reference cycle per connection, which only the garbage collector would
     otherwise free (and each collection walks every live object of its generation).
     """
     transport = socket_transport(transport)
     if transport is not None:
         transport.__dict__.pop("write", None)
+        transport.__dict__.pop("doRead", None)   # (stream_socket's)
 
 
 def _at_the_socket(transport) -> bool:

@@ -710,6 +710,45 @@ class PropertyTests(unittest.TestCase):
         self.assertEqual(decoder.buffered, 0)
 
     @PROPERTY
+    @given(st.lists(frame_strategy, max_size=8), st.data())
+    def test_data_pairs_are_the_data_frames(self, sent, data):
+        # FrameDecoder(data_pairs=True) (a MuxLink's) gives each DATA frame as (channel, payload)
+        # and everything else as the plain decoder does: the same frames, held bytes and errors
+        # read by read, for streams split anywhere, as bytes or read-only views, and mutated.
+        stream = bytearray(b"".join(encode(f) for f in sent))
+        for _ in range(data.draw(st.integers(0, 2)) if stream else 0):
+            stream[data.draw(st.integers(0, len(stream) - 1))] = data.draw(st.integers(0, 255))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+        chunks = [bytes(stream[a:b]) for a, b in zip([0] + cuts, cuts + [len(stream)])]
+        if data.draw(st.booleans()):
+            chunks = [memoryview(chunk).toreadonly() for chunk in chunks]
+        plain, paired = FrameDecoder(), FrameDecoder(data_pairs=True)
+
+        def outcome(decoder, chunk):
+            try:
+                return decoder.feed(chunk), decoder.buffered
+            except FrameError as e:
+                return str(e)
+
+        for chunk in chunks:
+            expected = outcome(plain, chunk)
+            if not isinstance(expected, str):
+                received, held = expected
+                expected = [(f.channel, f.data) if type(f) is Data else f for f in received], held
+            got = outcome(paired, chunk)
+            self.assertEqual(got, expected)
+            if not isinstance(got, str):
+                self.assertEqual([type(f[1]) for f in got[0] if type(f) is tuple], [bytes] * sum(
+                    type(f) is tuple for f in got[0]))
+
+    def test_data_pairs_from_the_general_path(self):
+        # A DATA frame across two reads (the general path) is a pair too.
+        wire = encode(Data(5, b"x" * 300)) + encode(Fin(5))
+        decoder = FrameDecoder(data_pairs=True)
+        self.assertEqual(decoder.feed(wire[:100]), [])
+        self.assertEqual(decoder.feed(wire[100:]), [(5, b"x" * 300), Fin(5)])
+
+    @PROPERTY
     @given(st.lists(st.binary(max_size=64), max_size=8))
     def test_random_bytes_only_frame_errors(self, chunks):
         decoder = FrameDecoder()

@@ -174,6 +174,28 @@ class Admission(LinkTestCase):
         self.assertEqual(gateway.owner.events, [("refused", "Routes before admission")])
         self.assertEqual(gateway.stats.get("admission_failures", "protocol"), 1)
 
+    def test_data_before_hello_closes_the_link(self) -> None:
+        # (DATA comes from the decoder as a pair: the link makes it a frame for the refusal)
+        gateway = self.link(frames.ROLE_GATEWAY, False, owner=RecordingOwner())
+        gateway.handshakeCompleted()
+        gateway.dataReceived(frames.encode(frames.Data(1, b"early")))
+        self.assertTrue(gateway.closed)
+        self.assertEqual(gateway.owner.events, [("refused", "Data before admission")])
+
+    def test_data_in_the_read_that_admits_goes_to_its_channel(self) -> None:
+        provider = self.link(frames.ROLE_PROVIDER, True, owner=RecordingOwner())
+        gateway = self.link(frames.ROLE_GATEWAY, False, owner=RecordingOwner())
+        provider.handshakeCompleted()
+        gateway.handshakeCompleted()
+        hello = provider.transport.value()
+        provider.transport.clear()
+        channel = RecordingChannel()
+        gateway.reserve_channel(4, channel)
+        gateway.dataReceived(hello + frames.encode(frames.Data(4, b"with the hello")))
+        self.assertTrue(gateway.admitted)
+        self.assertEqual(channel.frames, [frames.Data(4, b"with the hello")])
+        self.assertEqual(gateway.stats.get("bytes", "down"), 14)
+
     def test_provider_to_provider_is_refused(self) -> None:
         a = self.link(frames.ROLE_PROVIDER, True)
         b = self.link(frames.ROLE_PROVIDER, False)
@@ -300,6 +322,23 @@ class Dispatch(LinkTestCase):
                          [f"closing link with {gateway.peer_name}: DATA on channel 1 after its FIN"])
         self.assertEqual(channel.transport.value(), b"")   # the late bytes never reach the socket
 
+    def test_payloads_are_counted_up_to_a_frame_that_fails(self) -> None:
+        # Counted once per read, as each frame was before: the frames delivered and the one
+        # that broke the link (here DATA over the channel's credit), not those after it.
+        provider, gateway = self.pair()
+        channel = StreamChannel(10)
+        channel.makeConnection(StringTransport())
+        channel.attach(gateway, gateway.allocate_channel(channel))
+        other = RecordingChannel()
+        other_id = gateway.allocate_channel(other)
+        gateway.dataReceived(b"".join(frames.encode(f) for f in (
+            frames.Data(other_id, b"dg"), frames.Datagram(other_id, b"d"), frames.Data(channel.channel_id, b"12345"),
+            frames.Data(channel.channel_id, b"x" * 11), frames.Data(other_id, b"never"))))
+        self.assertTrue(gateway.closed)
+        self.assertEqual(gateway.stats.get("bytes", "down"), 2 + 1 + 5 + 11)
+        self.assertEqual(channel.transport.value(), b"12345")
+        self.assertEqual(other.frames, [frames.Data(other_id, b"dg"), frames.Datagram(other_id, b"d")])
+
     def test_loss_reaches_channels_node_and_owner(self) -> None:
         provider, gateway = self.pair()
         channel = RecordingChannel()
@@ -309,6 +348,51 @@ class Dispatch(LinkTestCase):
         self.assertEqual(gateway.channel_count(), 0)
         self.assertEqual(gateway.node.events[-1], ("lost", gateway))
         self.assertEqual(gateway.owner.events[-1], "closed")
+
+
+class SendData(LinkTestCase):
+    """send_data's inline path for one small chunk against encode_data and the general rule."""
+
+    def sent(self, link: MuxLink, channel_id: int, chunks) -> tuple:
+        """What send_data wrote (held for the turn's end, or at once), counted, or raised."""
+        writes: list = []
+        link._write_later = lambda data: writes.append(("turn", bytes(data)))
+        link._write_now = lambda data: writes.append(("now", bytes(data)))
+        before = link.stats.get("bytes", "down")
+        try:
+            link.send_data(channel_id, chunks)
+        except frames.FrameError as e:
+            return "error", str(e), writes
+        return writes, link.stats.get("bytes", "down") - before
+
+    def expected(self, channel_id: int, chunks) -> tuple:
+        """The same by encode_data and the rule of _write."""
+        from pipegate.mux.session import SEND_AT_ONCE
+        if not chunks:
+            return [], 0
+        try:
+            wire = frames.encode_data(channel_id, chunks)
+        except frames.FrameError as e:
+            return "error", str(e), []
+        return [("now" if len(wire) >= SEND_AT_ONCE else "turn", wire)], sum(map(len, chunks))
+
+    def test_as_encode_data(self) -> None:
+        from pipegate.mux.session import SEND_AT_ONCE
+        provider, gateway = self.pair()
+        sizes = [0, 1, 5, SEND_AT_ONCE - 11, SEND_AT_ONCE - 10, SEND_AT_ONCE - 9, SEND_AT_ONCE - 8,
+                 SEND_AT_ONCE, frames.MAX_DATA, frames.MAX_DATA + 1]
+        channels = [0, 1, 7, frames.MAX_CHANNEL, frames.MAX_CHANNEL + 1, -1]
+        cases = [(c, [b"x" * n]) for c in channels for n in sizes]
+        cases += [(3, [memoryview(b"abcdef")[1:4]]), (3, [memoryview(b"y" * (SEND_AT_ONCE - 9))]),
+                  (3, []), (3, [b"ab", b"cd"]), (3, [b"a", b""]), (0, [b"a", b"b"])]
+        for channel_id, chunks in cases:
+            self.assertEqual(self.sent(provider, channel_id, chunks), self.expected(channel_id, chunks),
+                             (channel_id, [len(c) for c in chunks]))
+
+    def test_nothing_once_closed(self) -> None:
+        provider, gateway = self.pair()
+        provider.closed = True
+        self.assertEqual(self.sent(provider, 3, [b"late"]), ([], 0))
 
 
 class ChannelTable(LinkTestCase):

@@ -16,8 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.sockets import (
-    bounded_reads, close_now, close_write, connect_protocol, eager_writes, no_delay, read_waiting, send_now,
-    socket_transport, stream_endpoint)
+    bounded_reads, close_now, close_write, connect_protocol, eager_writes, no_delay, plain_writes, read_waiting,
+    send_now, socket_transport, stream_endpoint, stream_socket)
 from tests.support import Loopback, TestApp, eventually, request
 
 
@@ -223,6 +223,51 @@ class BoundedReadTests(unittest.TestCase):
         self.assertLessEqual(max(map(len, collect.chunks)), 65536)
         self.assertGreater(len(collect.chunks), 1)
         self.assertIsInstance(reason, error.ConnectionDone)
+
+
+class DirectReadTests(unittest.TestCase):
+    """stream_socket's reads (one call, not Twisted's doRead and _dataReceived) against Twisted's own."""
+
+    async def pair(self):
+        """Two connections: one read through stream_socket's doRead, one through Twisted's."""
+        ends = []
+        for direct in (True, False):
+            collect, peer = await connect_to(plain_listener(self), _Collect())
+            self.addCleanup(peer.close)
+            self.addCleanup(collect.transport.abortConnection)
+            reactor.removeReader(collect.transport)   # (the test reads them itself)
+            if direct:
+                self.assertIs(stream_socket(collect.transport, 1000), collect.transport)
+                self.assertIn("doRead", vars(collect.transport))
+            else:
+                collect.transport.bufferSize = 1000
+            ends.append((collect, peer))
+        return ends
+
+    async def test_the_same_results(self):
+        for case in ("data", "nothing", "end", "reset"):
+            results = []
+            for collect, peer in await self.pair():
+                if case == "data":
+                    peer.sendall(b"x" * 1500)
+                elif case == "end":
+                    peer.shutdown(socket.SHUT_WR)
+                elif case == "reset":
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    peer.close()
+                got = [collect.transport.doRead() for _ in range(2)]
+                results.append(([type(r) for r in got], collect.chunks))
+            self.assertEqual(results[0], results[1], case)
+            self.assertEqual(results[0][0], {"data": [type(None), type(None)], "nothing": [type(None), type(None)],
+                                             "end": [error.ConnectionDone, error.ConnectionDone],
+                                             "reset": [error.ConnectionLost, error.ConnectionDone]}[case])
+            self.assertEqual(b"".join(results[0][1]), b"x" * 1500 if case == "data" else b"")
+
+    async def test_plain_writes_undoes_it(self):
+        (collect, peer), _ = await self.pair()
+        plain_writes(collect.transport)
+        self.assertNotIn("doRead", vars(collect.transport))
+        self.assertNotIn("write", vars(collect.transport))
 
 
 class ReadWaitingTests(unittest.TestCase):

@@ -372,6 +372,47 @@ class FlowTests(unittest.TestCase):
         self.assertEqual(budget.used, 0)
 
 
+class FlowArrivedTests(unittest.TestCase):
+
+    def test_arrived_is_passed_on_then_grant(self):
+        # Flow.arrived (one call per DATA frame) against what it stands for: recv.passed_on, then
+        # recv.grant(max(1, window // 2)) unless the sink is full; the same credit, state and
+        # refusals, through growth (with and without a budget running out), shrinks, explicit
+        # grants and tiny windows.
+        for seed in range(40):
+            rng = random.Random(seed)
+            initial = rng.choice((1, 2, 3, 100, 1000))
+            max_window = rng.choice((0, initial, 4 * initial, 8 * initial + 3))
+            limit = rng.choice((0, initial, 1 << 20))
+            budgets = [GrowthBudget(limit), GrowthBudget(limit)]
+            a, b = (ReceiveWindow(available=initial, max_window=max_window, budget=budget) for budget in budgets)
+            flow = Flow(SendWindow(), b)
+            for _ in range(400):
+                step = rng.random()
+                if step < 0.75:
+                    n = rng.randint(0, max(1, a.available + 1))
+                    flow.sink_full = rng.random() < 0.2
+                    if n > a.available:
+                        self.assertRaises(FrameError, a.passed_on, n)
+                        self.assertRaises(FrameError, flow.arrived, n)
+                    else:
+                        a.passed_on(n)
+                        expected = 0 if flow.sink_full else a.grant(max(1, a.window // 2))
+                        self.assertEqual(flow.arrived(n), expected)
+                elif step < 0.9:
+                    at_least = rng.choice((0, 1, a.window // 2))
+                    self.assertEqual(a.grant(at_least), b.grant(at_least))
+                elif step < 0.97:
+                    a.shrink()
+                    b.shrink()
+                else:
+                    a.release()
+                    b.release()
+                self.assertEqual(attrs.asdict(a, recurse=False) | {"budget": None},
+                                 attrs.asdict(b, recurse=False) | {"budget": None})
+                self.assertEqual(budgets[0].used, budgets[1].used)
+
+
 class PropertyTests(unittest.TestCase):
 
     @PROPERTY

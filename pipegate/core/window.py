@@ -243,11 +243,26 @@ class Flow:
     # -- incoming
     def arrived(self, size: int) -> int:
         """C{size} bytes arrived from the peer and were handed to the sink; return the credit to grant."""
+        # recv.passed_on(size), then, unless the sink is full, recv.grant(max(1, recv.window // 2)),
+        # in one call (once per DATA frame), with grant called only when it would grow the window
+        # or return credit.
         recv = self.recv
-        recv.passed_on(size)  # (raises FrameError if the peer overran its credit)
+        if size > recv.available:
+            raise FrameError(f"peer sent {size} bytes with {recv.available} of credit")
+        recv.available -= size
+        ungranted = recv.ungranted
+        if ungranted >= 0:
+            run = recv._run = recv._run + size
+        else:
+            run = recv._run = recv._run + max(0, ungranted + size)
+        ungranted = recv.ungranted = ungranted + size
         if self.sink_full:
             return 0
-        return recv.grant(max(1, recv.window // 2))
+        window = recv.window
+        half = window // 2
+        if (run < window or window >= recv.max_window) and (ungranted < half or ungranted < 1):
+            return 0   # (grant would neither grow the window nor return credit)
+        return recv.grant(half if half > 1 else 1)
 
     def held(self, size: int) -> None:
         """C{size} bytes arrived from the peer and wait for the sink (see L{handed_on})."""

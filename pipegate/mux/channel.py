@@ -105,7 +105,8 @@ class StreamChannel(Protocol):
             return
         if self._idle_timer is not None:
             self._idle_timer.touch()
-        if self.link is None:
+        link = self.link
+        if link is None:
             # Held until attach; once EARLY_HOLD bytes are held (plus at most one read), the
             # socket is paused until attach resumes it.
             self._early.append(data)
@@ -113,13 +114,15 @@ class StreamChannel(Protocol):
                 self._paused = True
                 self.transport.pauseProducing()
             return
-        self._send(data)
-        if self.flow.send.blocked or self.link.paused:
+        # _send and SendWindow.blocked, inline: this is once per message read from the socket.
+        send = self.flow.send
+        link.send_data(self.channel_id, send.write(data))
+        if send.queued > 0 or send.window <= 0 or link.paused:
             # (Otherwise the socket is still being read, as it was for this data.)
             self._update_reading()
 
     def _send(self, data: bytes) -> None:
-        self.link.send_data(self.channel_id, self.flow.write(data))
+        self.link.send_data(self.channel_id, self.flow.send.write(data))
 
     def _update_reading(self) -> None:
         # Only a change goes to the transport (the channel is the only one that pauses its
@@ -162,20 +165,25 @@ class StreamChannel(Protocol):
             self._finished()
 
     # -- link side
+    def payload_received(self, channel_id: int, data: bytes) -> None:
+        """A DATA frame's payload: the link's hot path (L{MuxLink.dataReceived}) makes no frame for it."""
+        if self.done:
+            return
+        if self.fin_received:
+            raise frames.FrameError(f"DATA on channel {self.channel_id} after its FIN")
+        if self._idle_timer is not None:
+            self._idle_timer.touch()
+        # (Flow.arrived raises before the write if the peer overran its credit.)
+        credit = self.flow.arrived(len(data))
+        self.transport.write(data)  # (eager_writes: sent now when the socket takes it)
+        if credit:
+            self.link.send(frames.Window(self.channel_id, credit))
+
     def frame_received(self, frame) -> None:
         if self.done:
             return
-        if type(frame) is _Data:  # the hot path, before the match below
-            if self.fin_received:
-                raise frames.FrameError(f"DATA on channel {self.channel_id} after its FIN")
-            data = frame.data
-            if self._idle_timer is not None:
-                self._idle_timer.touch()
-            # (Flow.arrived raises before the write if the peer overran its credit.)
-            credit = self.flow.arrived(len(data))
-            self.transport.write(data)  # (eager_writes: sent now when the socket takes it)
-            if credit:
-                self.link.send(frames.Window(self.channel_id, credit))
+        if type(frame) is _Data:
+            self.payload_received(frame.channel, frame.data)
             return
         match frame:
             case frames.Window(_, increment):

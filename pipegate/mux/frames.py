@@ -55,10 +55,10 @@ _PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BI")    # type, channel
-_PREFIX = struct.Struct(">IBI")   # length, type, channel: _LENGTH and _HEADER in one pack
+_PREFIX = PREFIX = struct.Struct(">IBI")   # length, type, channel: _LENGTH and _HEADER in one pack
 HEADER_SIZE = _HEADER.size        # the smallest declared length (type + channel)
 MIN_MAX_FRAME_SIZE = HEADER_SIZE + MAX_DATA   # a limit below this could not carry full DATA
-_MAX_CHANNEL = 2**32 - 1
+_MAX_CHANNEL = MAX_CHANNEL = 2**32 - 1   # channel ids are 1 to this
 
 
 

@@ -104,10 +104,14 @@ def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
 
 
 class LinkChannel:
-    """An entry of a link's channel table; every notification defaults to doing nothing."""
+    """An entry of a link's channel table (or one with these methods: L{StreamChannel}); each does nothing."""
 
     def frame_received(self, frame) -> None:
         pass
+
+    def payload_received(self, channel_id: int, data: bytes) -> None:
+        """A DATA frame, as the link's hot path gives it (no L{frames.Data} made): by default as one."""
+        self.frame_received(frames.Data(channel_id, data))
 
     def link_resumed(self) -> None:
         """The link took more again; called for the channels that asked (L{MuxLink.hold})."""
@@ -121,6 +125,10 @@ _Datagram = frames.Datagram
 _COALESCED = frozenset({frames.Data, frames.Datagram})
 # DATA written in pieces at least this big (a TLS record's worth) goes at once: see _write.
 SEND_AT_ONCE = 16_384
+# The largest DATA payload whose frame (after its prefix: length, type, channel) is under SEND_AT_ONCE
+_SMALL_DATA = SEND_AT_ONCE - 1 - frames.PREFIX.size
+_DATA_PREFIX = frames.PREFIX.pack
+_DATA, _HEADER_SIZE, _MAX_CHANNEL = frames.DATA, frames.HEADER_SIZE, frames.MAX_CHANNEL
 
 
 class LinkError(Exception):
@@ -157,6 +165,7 @@ class MuxLink(Protocol):
         self.stats = stats_of(node)
         # DATA goes straight to its channel unless a subclass routes frames its own way (the hub)
         self._direct_data = type(self)._frame is MuxLink._frame
+        self.decoder.data_pairs = self._direct_data
         # bytes direction: up = client -> service, i.e. gateway -> provider
         self._sent, self._received = ("up", "down") if config.role == frames.ROLE_GATEWAY else ("down", "up")
         # The "bytes" counter's key for what this link sends: send_data and dataReceived add to
@@ -175,6 +184,10 @@ class MuxLink(Protocol):
     # -- connection
     def connectionMade(self) -> None:
         self._write_now = write_now(self.transport)
+        # What holds small frames for the turn's end (the TLS layer's write), looked up once: an
+        # attribute of the layer is found through ProtocolWrapper's __getattr__ slot (about 400
+        # instructions), and this is once per message sent.
+        self._write_later = self.transport.write
         no_delay(self.transport)
         eager_writes(self.transport)
         link_write_buffer(self.transport)
@@ -202,20 +215,39 @@ class MuxLink(Protocol):
             if received:
                 self._last_seen = self.clock.seconds()
             channels = self.channels
-            # (Stats.inc's work without its call, once per frame: see _count_sent)
-            counts, received_key = self.stats.counts, ("bytes", self._received)
-            for frame in received:
-                if type(frame) in _PAYLOAD and self.admitted and self._direct_data:
-                    # The hot path (one frame per message or datagram under request/response
-                    # load), without the dispatch of _frame.
-                    counts[received_key] = counts.get(received_key, 0) + len(frame.data)
-                    channel = channels.get(frame.channel)
-                    if channel is not None:
-                        channel.frame_received(frame)
-                else:
-                    self._frame(frame)
-                if self.closed:
-                    return
+            # Decided once per read: a link admitted by a Hello of this read sends the rest of
+            # it through _frame, which does the same with them.
+            direct = self.admitted and self._direct_data
+            payload_bytes = 0   # DATA and DATAGRAM payloads of this read, counted once at its end
+            try:
+                for frame in received:
+                    if type(frame) is tuple:
+                        # A DATA frame, as (channel, payload) (the decoder's data_pairs: no Data
+                        # object per message), straight to its channel.
+                        channel_id, payload = frame
+                        if direct:
+                            payload_bytes += len(payload)
+                            channel = channels.get(channel_id)
+                            if channel is not None:
+                                channel.payload_received(channel_id, payload)
+                        else:
+                            self._frame(frames.Data(channel_id, payload))
+                    elif direct and type(frame) in _PAYLOAD:
+                        # The hot path (one frame per message or datagram under request/response
+                        # load), without the dispatch of _frame.
+                        payload_bytes += len(frame.data)
+                        channel = channels.get(frame.channel)
+                        if channel is not None:
+                            channel.frame_received(frame)
+                    else:
+                        self._frame(frame)
+                    if self.closed:
+                        return
+            finally:
+                if payload_bytes:
+                    # (Stats.inc's work without its call, once per read: see _sent_key)
+                    counts, key = self.stats.counts, ("bytes", self._received)
+                    counts[key] = counts.get(key, 0) + payload_bytes
             if not self.admitted and self.decoder.buffered > MAX_BEFORE_ADMISSION:
                 raise LinkError(f"{self.decoder.buffered} bytes before admission without a whole Hello")
         except (frames.FrameError, LinkError) as e:
@@ -349,7 +381,7 @@ class MuxLink(Protocol):
             # through _write_now: not through the TLS layer's turn-end buffer, which would
             # schedule one more flush per frame (pipegate._compat.write_now).
             if type(frame) in _COALESCED and len(frame.data) < SEND_AT_ONCE:
-                self.transport.write(frames.encode(frame))
+                self._write_later(frames.encode(frame))
                 return
             self._write_now(frames.encode(frame))
             send_now(self.transport)
@@ -373,19 +405,27 @@ class MuxLink(Protocol):
             wire = frames.encode_datagram(channel_id, data)
             counts, key = self.stats.counts, self._sent_key
             counts[key] = counts.get(key, 0) + len(data)
-            self.transport.write(wire)
+            self._write_later(wire)
 
     def send_data(self, channel_id: int, chunks) -> None:
         """Send DATA frames for C{chunks} in one write: with the turn's other frames when small (L{_write})."""
         if self.admitted and chunks and not self.closed and self.transport is not None:
             counts, key = self.stats.counts, self._sent_key
+            if len(chunks) == 1:
+                # One small message (a request or a reply): encode_data's frame and checks, inline.
+                chunk = chunks[0]
+                size = len(chunk)
+                if 0 < size <= _SMALL_DATA and 0 < channel_id <= _MAX_CHANNEL:
+                    counts[key] = counts.get(key, 0) + size
+                    self._write_later(_DATA_PREFIX(_HEADER_SIZE + size, _DATA, channel_id) + chunk)
+                    return
             counts[key] = counts.get(key, 0) + sum(map(len, chunks))
             wire = frames.encode_data(channel_id, chunks)
             if len(wire) >= SEND_AT_ONCE:
                 self._write_now(wire)
                 send_now(self.transport)
             else:
-                self.transport.write(wire)
+                self._write_later(wire)
 
     # -- the channel table: nodes and channels go through these, never through self.channels
     def allocate_channel(self, channel) -> int:
