@@ -21,6 +21,9 @@ from pipegate.core.redial import Redial
 
 #: What a retired dialler's retry policy answers (L{Redialer._dial}): never waited.
 RETIRED_DELAY = 60.0
+#: For this long after a peer's GOAWAY, until a link is admitted again, the peer counts as
+#: stopping (L{Redialer.peer_stopping}): longer than a peer's default drain (30 s).
+STOPPING_FOR = 60.0
 
 
 class Redialer(service.MultiService):
@@ -46,6 +49,7 @@ class Redialer(service.MultiService):
         self.backoff = backoff if backoff is not None or not isinstance(self.retry_policy, Redial) \
             else self.retry_policy
         self._retiring: dict[Hashable, QuietClientService] = {}   # link -> the dialler it came from
+        self._went_away_at: float | None = None   # the peer's last GOAWAY, until a success
         #: Told every delay the retry policy picks (the dialer's one line per failed attempt).
         self.on_retry: Callable[[float], None] | None = None
         self.current: QuietClientService = self._dial()
@@ -68,6 +72,7 @@ class Redialer(service.MultiService):
 
     def succeeded(self) -> None:
         """A link reached its goal (admitted, logged in): the next failure waits the shortest delay."""
+        self._went_away_at = None
         if self.backoff is not None:
             self.backoff.succeeded()
 
@@ -76,11 +81,20 @@ class Redialer(service.MultiService):
         The peer of C{link} said GOAWAY: dial a replacement now and retire the dialler of
         C{link} once it closes.  Says whether it did (not while stopping, once per link).
         """
+        self._went_away_at = self.clock.seconds()
         if not self.running or not self.current.running or link in self._retiring:
             return False
         self._retiring[link] = self.current
         self._dial()
         return True
+
+    def peer_stopping(self) -> bool:
+        """
+        The peer said GOAWAY lately and no link was admitted since: a dial it hangs up on is
+        its drain at work (the replacement reaches it while it stops), not a fault to warn about.
+        """
+        went = self._went_away_at
+        return went is not None and self.clock.seconds() - went < STOPPING_FOR
 
     def retiring(self, link) -> bool:
         """C{link} went away and has been replaced."""

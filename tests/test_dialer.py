@@ -132,6 +132,19 @@ class RedialerTests(unittest.TestCase):
         self.endpoint.fail()   # the replacement's first attempt
         self.assertEqual(delays, [1.0, 1.0])
 
+    def test_the_peer_counts_as_stopping_after_its_goaway_until_a_success_or_a_while(self) -> None:
+        from pipegate.dialer import STOPPING_FOR
+
+        link = self.endpoint.succeed()
+        self.assertFalse(self.redialer.peer_stopping())
+        self.redialer.going_away(link)
+        self.assertTrue(self.redialer.peer_stopping())
+        self.redialer.succeeded()   # a link admitted again
+        self.assertFalse(self.redialer.peer_stopping())
+        self.redialer.going_away(self.endpoint.succeed())
+        self.clock.advance(STOPPING_FOR)
+        self.assertFalse(self.redialer.peer_stopping())
+
     def test_a_link_that_was_not_replaced_keeps_its_dialler(self) -> None:
         link = self.endpoint.succeed()
         old = self.redialer.current

@@ -73,6 +73,9 @@ class RecordingOwner:
     def link_closed(self, link) -> None:
         self.events.append("closed")
 
+    def peer_stopping(self) -> bool:
+        return False
+
 
 class RecordingChannel(LinkChannel):
     def __init__(self) -> None:

@@ -766,6 +766,32 @@ class ClosedAtAccept(PortPlane):
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertFalse(self.logged("a TCP probe"))
 
+    async def test_after_a_goaway_it_is_the_peer_stopping(self):
+        # A gateway that says GOAWAY still hangs up on the replacement its provider dials at
+        # once (it is draining): that is no fault to warn about, until a link is admitted again.
+        from twisted.logger import LogLevel
+
+        from pipegate.mux.node import link_services
+
+        class CloseAtOnce(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.loseConnection()
+
+        listener = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(CloseAtOnce))
+        self.cleanups.append(listener.stopListening)
+        prov = Provider(ProviderConfig(), reactor)
+        config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
+        (dialer,) = link_services(prov, config, reactor, [], [f"tcp:127.0.0.1:{listener.getHost().port}"],
+                                  certificate=CERT, retry_policy=lambda attempt: 0.2)
+        dialer.startService()
+        self.cleanups.append(dialer.stopService)
+        await eventually(lambda: self.logged("closed the connection before TLS"))   # a warning, as above
+        self.assertTrue(dialer.going_away(object()))   # what a link does when its peer says GOAWAY
+        await eventually(lambda: self.logged("closed before TLS: it is stopping"))
+        event = next(e for e in self.events if "it is stopping" in e.get("log_format", ""))
+        self.assertEqual(event["log_level"], LogLevel.info)
+
 
 class UDPFlowLogs(PortPlane):
     def test_summary_every_interval_on_a_clock(self):

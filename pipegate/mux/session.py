@@ -66,11 +66,7 @@ class Node(TypingProtocol):
 
 
 class LinkOwner(TypingProtocol):
-    """
-    What a link tells the factory that built it (L{LinkFactory}), about itself rather than
-    its frames: admission, refusal, the peer's GOAWAY, the end.  A link built without one
-    (C{owner=None}) tells nobody.
-    """
+    """What a link tells the factory that built it (L{LinkFactory}) about itself; C{owner=None}: nobody."""
 
     # Lines about links that ended before admission go through this throttle, if any.
     unadmitted_log: LogThrottle | None
@@ -83,12 +79,11 @@ class LinkOwner(TypingProtocol):
 
     def link_closed(self, link: MuxLink) -> None: ...
 
+    def peer_stopping(self) -> bool: ...
 
-# The link's socket buffers this much before it pauses its producer.  A pause and the
-# resume after it reached every channel of the link (each stopped or started reading its
-# socket; since MuxLink.hold only the channels that read meanwhile), so with Twisted's 64 KiB
-# default, thousands of busy channels spent the link's time pausing and resuming each other;
-# with a larger buffer each round trip moves more.
+
+# The link's socket buffers this much before it pauses its producer (with Twisted's 64 KiB,
+# thousands of busy channels spent the link's time pausing and resuming each other).
 LINK_WRITE_BUFFER = 4 * 1024 * 1024
 
 
@@ -259,7 +254,10 @@ class MuxLink(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         if not self.admitted and not self.closed:
-            if self.silent_peer() and self.is_tls_client:
+            stopping = self.owner is not None and self.owner.peer_stopping()   # (it said GOAWAY)
+            if self.silent_peer() and self.is_tls_client and stopping:
+                self.log.info("link with {peer} closed before TLS: it is stopping", peer=self.peer_name)
+            elif self.silent_peer() and self.is_tls_client:
                 # We dialled and the listener hung up at once: its cap, its drain, or not a mux port.
                 self._warn_unadmitted("link with {peer} closed before admission: {peer} closed the connection "
                                       "before TLS (at a cap such as --mux-max-conns-per-ip, stopping, or not a "
@@ -591,6 +589,9 @@ class LinkFactory(Factory):
     def link_closed(self, link: MuxLink) -> None:
         if self.redialer is not None:
             self.redialer.link_closed(link)
+
+    def peer_stopping(self) -> bool:
+        return self.redialer is not None and self.redialer.peer_stopping()
 
     def buildProtocol(self, addr):
         link = MuxLink(self.node, self.config, self.clock, self.is_tls_client, owner=self)
