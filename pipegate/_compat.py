@@ -74,7 +74,7 @@ class BatchedTLSProtocol(BufferingTLSTransport):
             return
         connection = self._tlsConnection
         data = memoryview(bytes)
-        if type(bytes) is _bytes and self._handshakeDone:   # (a failure: pyOpenSSL's send retries, says which)
+        if type(bytes) is _bytes and self._handshakeDone:   # (on a failure pyOpenSSL's send retries, raises)
             data = data[max(0, _SSL_write(connection._ssl, bytes, len(bytes))):]
         while data:
             try:
@@ -586,7 +586,7 @@ class TurnEndClock:
 # TCP: fewer link reads, no pyOpenSSL wrappers").  Guard: tests.test_compat.BIOProbe.
 _lib, _ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
 _bio_pending, _NULL = getattr(_lib, "BIO_get_mem_data", None), getattr(_ffi, "NULL", None)
-_SSL_read, _SSL_write, _BIO_write = (getattr(_lib, name, None) for name in ("SSL_read", "SSL_write", "BIO_write"))
+_SSL_read, _SSL_write, _BIO_write = (getattr(_lib, n, None) for n in ("SSL_read", "SSL_write", "BIO_write"))
 _bytes = bytes   # (BatchedTLSProtocol._write's argument has the name, as in Twisted)
 _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False) if _ffi is not None else None
 

@@ -115,7 +115,8 @@ class TLSLayer(GuardMixin, unittest.TestCase):
         client, server = handshaken_pair(_compat.BatchedTLSFactory)
         for side in (client, server):
             self.assertIsInstance(side, _compat.BatchedTLSProtocol)
-            for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_handshakeDone", "_appSendBuffer"):
+            for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_handshakeDone",
+                         "_appSendBuffer"):
                 self.assertPrivate(side, name, "BatchedTLSProtocol")
             self.assertIsInstance(side._tlsConnection, SSL.Connection)
             self.assertIs(side._lostTLSConnection, False)

@@ -82,7 +82,8 @@ class Batching(unittest.TestCase):
         pair = Pair()
         sends = []
         original = _compat._SSL_write   # (what BatchedTLSProtocol._write calls once the handshake is done)
-        self.patch(_compat, "_SSL_write", lambda ssl, data, size: sends.append(size) or original(ssl, data, size))
+        self.patch(_compat, "_SSL_write",
+                   lambda ssl, data, size: sends.append(size) or original(ssl, data, size))
         payload = pattern(256 * 1024)
         pair.client_transport.writes = 0
         pair.client.write(payload)
