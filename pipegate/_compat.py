@@ -37,31 +37,36 @@ CHECKED_AGAINST = {"twisted": "26.10.0", "pyopenssl": "26.4.0", "autobahn": "26.
 # and hands every record to the protocol on its own: five of each per 64 KiB mux DATA frame.  Against
 # the stock TLSMemoryBIOFactory (benchmarks/README.md "TLS layer of mux links"): gateway + provider
 # 9-19 % less CPU per GB (iperf3, all four configurations); small frames the same.  No public hook
-# batches the record work: this overrides three private methods of TLSMemoryBIOProtocol.
-
-# More than the plaintext of one TLS record (16 KiB); a read or a send of less goes as bytes.
-_RECV = 2**15
+# batches the record work: this overrides private methods of TLSMemoryBIOProtocol.
+_RECV = 2**15   # more than the plaintext of one TLS record (16 KiB); a read or a send of less goes as bytes
 
 
 class BatchedTLSProtocol(BufferingTLSTransport):
     """
-    Twisted's TLS layer, with the record work batched per write and per read.
-
-    A write goes to OpenSSL whole (a memory BIO takes all of it, with L{whole_writes}), the send BIO is
-    drained into one transport write (from 32 KiB a memoryview, if the transport's C{write} has a
-    true C{takes_views}: L{pipegate.sockets.eager_writes}), and the plaintext of everything received
-    is delivered in one C{dataReceived} (L{_pg_read}: from 32 KiB as a read-only memoryview that
-    nothing reuses).  Handshake, errors, close and producers are the base class's; without the BIO
-    probe (below) the layer is the base class.
+    Twisted's TLS layer, with the record work batched per write and per read.  A write is one
+    C{SSL_write} (L{whole_writes}; after the handshake, without pyOpenSSL's wrapper), the send BIO is
+    drained into one transport write (from 32 KiB a memoryview, if the transport's C{write} has a true
+    C{takes_views}: L{pipegate.sockets.eager_writes}), a read goes into the receive BIO (after the
+    handshake, without pyOpenSSL's wrapper) and its plaintext is delivered in one C{dataReceived}
+    (L{_pg_read}: from 32 KiB as a read-only memoryview that nothing reuses).  Handshake, errors, close
+    and producers are the base class's; without the BIO probe (below), it is the base class.
 
     Private names used (Twisted 26.10.0, twisted.protocols.tls.TLSMemoryBIOProtocol): overrides and calls
     C{_write(bytes)}, C{_flushSendBIO()}, C{_flushReceiveBIO()}; calls C{_bufferedWrite},
-    C{_tlsShutdownFinished}; reads C{_tlsConnection}, C{_lostTLSConnection}, C{_aborted}.  The base
-    class must still route its writes, reads, handshake and shutdown through the overridden methods.
-    Guard: tests.test_compat.TLSLayer.
+    C{_tlsShutdownFinished}; reads C{_tlsConnection}, C{_lostTLSConnection}, C{_aborted},
+    C{_handshakeDone}, C{_appSendBuffer}.  The base class must still route its writes, reads, handshake
+    and shutdown through the overridden methods.  Guard: tests.test_compat.TLSLayer.
     """
 
     _pg_probe = False   # whether the memory BIOs can be asked what they hold (probe_bios, below)
+
+    def dataReceived(self, data):
+        if type(data) is _bytes and self._handshakeDone and self._pg_probe and not self._appSendBuffer \
+                and not self._lostTLSConnection \
+                and _BIO_write(self._tlsConnection._into_ssl, data, len(data)) == len(data):
+            self._flushReceiveBIO()   # (a memory BIO takes all or, failing, nothing: then the base class's)
+        else:
+            TLSMemoryBIOProtocol.dataReceived(self, data)
 
     def _write(self, bytes):
         if not self._pg_probe:
@@ -70,6 +75,8 @@ class BatchedTLSProtocol(BufferingTLSTransport):
             return
         connection = self._tlsConnection
         data = memoryview(bytes)
+        if type(bytes) is _bytes and self._handshakeDone:   # (on a failure pyOpenSSL's send retries, raises)
+            data = data[max(0, _SSL_write(connection._ssl, bytes, len(bytes))):]
         while data:
             try:
                 sent = connection.send(data)
@@ -105,47 +112,40 @@ class BatchedTLSProtocol(BufferingTLSTransport):
             TLSMemoryBIOProtocol._flushReceiveBIO(self)
 
     def _pg_read(self, connection):
-        # Every record OpenSSL can decrypt now, each SSL_read straight into one fresh buffer (pyOpenSSL's
-        # recv allocates, copies into bytes and checks errors in Python per record, then the records
-        # were joined).  True: all read (the BIOs are empty, or part of a record waits); False: an error,
-        # the end, or a full buffer, left to the base class's loop.
-        ssl, into = connection._ssl, connection._into_ssl
-        size = _bio_pending(into, _NULL) + _lib.SSL_pending(ssl) + _RECV
-        buffer, got, read = _new_buffer("char[]", size), 0, 1
-        while read > 0 and got < size and (_lib.SSL_pending(ssl) or _bio_pending(into, _NULL)):
-            read = _lib.SSL_read(ssl, buffer + got, size - got)
-            got += max(read, 0)
+        # Every record OpenSSL can decrypt now, each SSL_read straight into one fresh buffer, until WANT_READ
+        # (read-ahead is off: no whole record left; plaintext is never longer than its records: SIZE holds
+        # all).  True: all read; False: an error, the end, or a full buffer, for the base class's loop.
+        ssl = connection._ssl
+        size = _bio_pending(connection._into_ssl, _NULL) + _lib.SSL_pending(ssl) + _RECV
+        buffer, got = _new_buffer("char[]", size), 0
+        read = _SSL_read(ssl, buffer, size)
+        while read > 0 and got + read < size:
+            got += read
+            read = _SSL_read(ssl, buffer + got, size - got)
+        got += max(read, 0)
         if got and not self._aborted:
             data = _ffi.buffer(buffer, got)
-            ProtocolWrapper.dataReceived(self, data[:] if got < _RECV else memoryview(data).toreadonly())
-        return got < size and (read > 0 or _lib.SSL_get_error(ssl, read) == _lib.SSL_ERROR_WANT_READ)
+            self.wrappedProtocol.dataReceived(data[:] if got < _RECV else memoryview(data).toreadonly())
+        return read <= 0 and _lib.SSL_get_error(ssl, read) == _lib.SSL_ERROR_WANT_READ
 
 
 def whole_writes(connection: SSL.Connection) -> None:
     """
-    Let one C{SSL_write} take a whole buffer.
-
-    pyOpenSSL turns on C{SSL_MODE_ENABLE_PARTIAL_WRITE}, with which C{SSL_write} returns after each 16
-    KiB record; into a memory BIO, which never blocks, it can write every record of the buffer in one
-    call instead.  No public call clears a mode on one connection (pyOpenSSL 26.4.0 has
-    C{Context.set_mode} only, which cannot clear), so this uses pyOpenSSL's private C{SSL._lib} (the
-    cffi binding) and C{Connection._ssl} (the C{SSL*}).  Without them, writes stay partial: still
-    correct (the loop in L{BatchedTLSProtocol._write}), one record per call.  Guard:
-    tests.test_compat.PyOpenSSL.
+    Let one C{SSL_write} take a whole buffer: pyOpenSSL turns on C{SSL_MODE_ENABLE_PARTIAL_WRITE} (one
+    16 KiB record per call), and no public call clears a mode on one connection (pyOpenSSL 26.4.0:
+    C{Context.set_mode} cannot clear).  Uses pyOpenSSL's private C{SSL._lib} (the cffi binding) and
+    C{Connection._ssl}; without them writes stay partial (still correct: the loop in
+    L{BatchedTLSProtocol._write}).  Guard: tests.test_compat.PyOpenSSL.
     """
-    lib, ssl_pointer = getattr(SSL, "_lib", None), getattr(connection, "_ssl", None)
-    if lib is None or ssl_pointer is None or not hasattr(lib, "SSL_clear_mode"):
-        return
-    lib.SSL_clear_mode(ssl_pointer, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    if hasattr(_lib, "SSL_clear_mode") and getattr(connection, "_ssl", None) is not None:
+        _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
 
 class BatchedTLSFactory(TLSMemoryBIOFactory):
     """
-    C{TLSMemoryBIOFactory} making L{BatchedTLSProtocol}s whose connections have L{whole_writes}.
-
-    The factory has no public hook on the C{SSL.Connection} it creates per protocol: this wraps its
-    private C{_creatorCallable} (Twisted 26.10.0; called once per protocol from
-    C{TLSMemoryBIOProtocol.makeConnection}).  Guard:
+    C{TLSMemoryBIOFactory} making L{BatchedTLSProtocol}s whose connections have L{whole_writes}: no
+    public hook on the C{SSL.Connection} made per protocol, so this wraps the private C{_creatorCallable}
+    (Twisted 26.10.0; called once per protocol from C{TLSMemoryBIOProtocol.makeConnection}).  Guard:
     tests.test_compat.TLSLayer.test_factory_creates_connections_through_creator_callable.
     """
 
@@ -574,27 +574,26 @@ class TurnEndClock:
         return self.reactor.callLater(delay, func, *args, **kw)
 
 
-# -- pyOpenSSL: what a connection's memory BIOs hold, and records read into a buffer of ours --------
-# Why: BatchedTLSProtocol learnt that it had read every record, and that OpenSSL had nothing to send
-# after a read, from a WantReadError (pyOpenSSL's recv and bio_read on an empty memory BIO:
-# SSL_get_error, the error queue, an exception made and caught; 2.2 and 1.1 us), twice per mux link
-# read; and pyOpenSSL's recv (and recv_into) and bio_read read into a buffer of their own, then copy
-# it.  No public call says what a memory BIO holds or reads into the caller's memory: this asks
-# OpenSSL's BIO_get_mem_data (NULL pointer: the byte count) and SSL_pending, and calls SSL_read,
-# SSL_get_error and BIO_read, through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi} (its
-# allocator, without zeroing), on the connection's private C{_ssl}, C{_into_ssl} and C{_from_ssl}
-# (pyOpenSSL 26.4.0, cryptography 50.0.2).  Reading stops when the incoming BIO is empty and
-# SSL_pending is 0, or at WANT_READ (read-ahead is off: OpenSSL then holds at most part of a record).
-# Without these names the layer is Twisted's.  Bulk TCP: 13-20 % fewer instructions per MB in gateway
-# + provider (benchmarks/README.md, "Bulk TCP: records read into one buffer").  Guard:
-# tests.test_compat.BIOProbe.
+# -- pyOpenSSL: what the memory BIOs hold, records read into a buffer of ours, calls without wrappers --
+# Why: pyOpenSSL's recv, bio_read and bio_write copy through buffers of their own and check errors in
+# Python per call, and raise WantReadError on an empty BIO (2.2 and 1.1 us; BatchedTLSProtocol met it
+# twice per link read).  No public call says what a memory BIO holds or reads into the caller's memory:
+# this calls OpenSSL's BIO_get_mem_data (NULL pointer: the byte count), SSL_pending, SSL_read, SSL_write,
+# SSL_get_error, BIO_read and BIO_write through pyOpenSSL's private cffi binding C{SSL._lib} / C{SSL._ffi}
+# (its allocator, without zeroing), on the connection's private C{_ssl}, C{_into_ssl} and C{_from_ssl}
+# (pyOpenSSL 26.4.0, cryptography 50.0.2); without them the layer is Twisted's.  Bulk TCP: 13-20 %, then
+# 4-7 % fewer instructions per MB (benchmarks/README.md, "Bulk TCP: records read into one buffer", "Bulk
+# TCP: fewer link reads, no pyOpenSSL wrappers").  Guard: tests.test_compat.BIOProbe.
 _lib, _ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
 _bio_pending, _NULL = getattr(_lib, "BIO_get_mem_data", None), getattr(_ffi, "NULL", None)
+_SSL_read, _SSL_write, _BIO_write = (getattr(_lib, n, None) for n in ("SSL_read", "SSL_write", "BIO_write"))
+_bytes = bytes   # (BatchedTLSProtocol._write's argument has the name, as in Twisted)
 _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False) if _ffi is not None else None
 
 
 def probe_bios(connection) -> bool:
     """Whether L{BatchedTLSProtocol} can ask C{connection}'s memory BIOs what they hold."""
-    names = [getattr(_lib, name, None) for name in ("SSL_read", "SSL_pending", "SSL_get_error", "BIO_read")]
+    names = [getattr(_lib, name, None) for name in ("SSL_read", "SSL_write", "SSL_pending", "SSL_get_error",
+                                                    "BIO_read", "BIO_write")]
     names += [getattr(connection, name, None) for name in ("_ssl", "_into_ssl", "_from_ssl")]
     return all(x is not None for x in (_bio_pending, _NULL, _new_buffer, *names))

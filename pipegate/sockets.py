@@ -59,7 +59,12 @@ def _no_delay_on(sock) -> None:
         pass
 
 
-READ_SIZE = 65_536
+# A mux link's reads: about two 64 KiB DATA frames per read halve the receiver's reads, wakeups and TLS
+# layer calls per byte; just under glibc's 128 KiB mmap threshold, as a channel's reads
+# (pipegate.mux.channel.CHANNEL_SOCKET_BUFFER; a larger read costs an mmap, an mremap and a munmap: see
+# below).  64 KiB -> 127 KiB: 3-5 % fewer instructions per MB in gateway + provider (benchmarks/README.md,
+# "Bulk TCP: fewer link reads, no pyOpenSSL wrappers").
+READ_SIZE = 130_048
 
 
 def bounded_reads(transport, size: int = READ_SIZE) -> None:

@@ -117,11 +117,14 @@ class TLSLayer(GuardMixin, unittest.TestCase):
         client, server = handshaken_pair(_compat.BatchedTLSFactory)
         for side in (client, server):
             self.assertIsInstance(side, _compat.BatchedTLSProtocol)
-            for name in ("_tlsConnection", "_lostTLSConnection", "_aborted"):
+            for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_handshakeDone",
+                         "_appSendBuffer"):
                 self.assertPrivate(side, name, "BatchedTLSProtocol")
             self.assertIsInstance(side._tlsConnection, SSL.Connection)
             self.assertIs(side._lostTLSConnection, False)
             self.assertIs(side._aborted, False)
+            self.assertIs(side._handshakeDone, True)
+            self.assertEqual(side._appSendBuffer, [])
         client.write(b"x" * 70_000)
         server.dataReceived(client.transport.value())
         self.assertEqual(server.wrappedProtocol.chunks, [b"x" * 70_000])
@@ -731,8 +734,8 @@ class BIOProbe(GuardMixin, unittest.TestCase):
     def test_private_names(self):
         self.assertPrivate(SSL, "_lib", "probe_bios")
         self.assertPrivate(SSL, "_ffi", "probe_bios")
-        for name in ("BIO_get_mem_data", "BIO_read", "SSL_pending", "SSL_read", "SSL_get_error",
-                     "SSL_ERROR_WANT_READ"):
+        for name in ("BIO_get_mem_data", "BIO_read", "BIO_write", "SSL_pending", "SSL_read", "SSL_write",
+                     "SSL_get_error", "SSL_ERROR_WANT_READ"):
             self.assertPrivate(SSL._lib, name, "probe_bios")
         for name in ("new_allocator", "buffer"):
             self.assertPrivate(SSL._ffi, name, "BatchedTLSProtocol._pg_read")
@@ -784,6 +787,24 @@ class BIOProbe(GuardMixin, unittest.TestCase):
             server._tlsConnection = connection
         self.assertEqual(calls, [])
         self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"p" * 40_000)
+
+    def test_after_the_handshake_reads_and_writes_skip_pyopenssl_s_wrappers(self):
+        # BIO_write and SSL_write straight through the cffi binding: pyOpenSSL's bio_write and send
+        # (their checks, in Python) are not called for a read or a write of the link.
+        client, server = handshaken_pair(_compat.BatchedTLSFactory)
+        client.transport.clear()
+
+        def refuse(*args):
+            raise AssertionError("pyOpenSSL's wrapper called")
+        for side in (client, server):
+            for name in ("bio_write", "send", "recv"):
+                self.patch(side._tlsConnection, name, refuse)
+        for size in (100, 70_000):
+            client.write(b"w" * size)
+            _compat.flush_tls_buffer(client)
+            server.dataReceived(client.transport.value())
+            client.transport.clear()
+        self.assertEqual(b"".join(server.wrappedProtocol.chunks), b"w" * 70_100)
 
     def test_the_end_after_data_is_still_the_base_class_s(self):
         # SSL_read's 0 at the peer's close_notify: the data before it is delivered, then the

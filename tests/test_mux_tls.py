@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from pipegate import _compat
 from pipegate.mux import tls
 from pipegate.mux.decoder import FrameDecoder
 from tests.support import NullNode, pattern
@@ -80,9 +81,9 @@ class Batching(unittest.TestCase):
     def test_one_write_is_one_ssl_write_and_one_transport_write(self):
         pair = Pair()
         sends = []
-        connection = pair.client._tlsConnection
-        original = connection.send
-        connection.send = lambda data: sends.append(len(data)) or original(data)
+        original = _compat._SSL_write   # (what BatchedTLSProtocol._write calls once the handshake is done)
+        self.patch(_compat, "_SSL_write",
+                   lambda ssl, data, size: sends.append(size) or original(ssl, data, size))
         payload = pattern(256 * 1024)
         pair.client_transport.writes = 0
         pair.client.write(payload)

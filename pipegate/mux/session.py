@@ -90,7 +90,7 @@ LINK_WRITE_BUFFER = 4 * 1024 * 1024
 def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
     """
     Raise the write buffer of the socket under C{transport} (through TLS or wrappers),
-    keeping its reads at 64 KiB (L{pipegate.sockets.bounded_reads}).
+    keeping its reads at READ_SIZE (127 KiB: L{pipegate.sockets.bounded_reads}).
     """
     transport = socket_transport(transport)
     if transport is not None:
