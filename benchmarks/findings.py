@@ -42,14 +42,15 @@ FINDINGS = {
     "redis": (
         "At -P 1 every request is four reactor events (a read at the gate, the frame at the "
         "provider, the answer at the provider, the frame at the gateway), each paying Twisted's "
-        "dispatch, a TLS record and a send: about 24-27 µs of CPU per SET+GET, level with the HAProxy "
-        "pair in the same run and with its ratio to direct (0.27-0.30 x), against ssh's 18-20 (C), whose "
+        "dispatch, a TLS record and a send: about 25 µs of CPU per SET+GET (23:02 run: 24.8, the "
+        "HAProxy pair 29.8; ratio 0.32 x direct against its 0.28 x), against ssh's 19-22 (C), whose "
         "ratio (0.34-0.36 x) sets the target. py-spy (flamegraph-redis-*-after.svg) puts the "
         "sends first (36-48 % of wall samples; on loopback a send also wakes the other process), then "
         "the reactor's per-event dispatch and log context (~11 %; the log context has since gone, "
         "about 10 % less CPU per request in cpu_ab), then the TLS layer; the link already aggregates "
         "small writes per reactor turn (one TLS send per 13 requests under load), now flushed "
-        "without a timed call. Per request each process runs about 50 Python calls (cProfile)."
+        "without a timed call. Per request each process runs about 40-43 Python calls (cProfile; "
+        "55.8 / 52.2 before the per-message path lost its Data objects, benchmarks/README.md)."
     ),
     "udp_rr": (
         "One request is one datagram in and one out at each of two processes: four reactor events, "
