@@ -750,9 +750,8 @@ class ClosedAtAccept(PortPlane):
     --mux-max-conns-per-ip, or not a PipeGate mux port) logged only a debug line 'connection
     from ... closed without sending anything (a TCP probe)': the operator saw nothing but retries."""
 
-    async def test_the_dialler_warns(self):
-        from twisted.logger import LogLevel
-
+    async def closing_listener(self):
+        """A listener that closes every connection it accepts."""
         class CloseAtOnce(protocol.Protocol):
             def connectionMade(self):
                 self.transport.loseConnection()
@@ -760,6 +759,12 @@ class ClosedAtAccept(PortPlane):
         listener = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             protocol.Factory.forProtocol(CloseAtOnce))
         self.cleanups.append(listener.stopListening)
+        return listener
+
+    async def test_the_dialler_warns(self):
+        from twisted.logger import LogLevel
+
+        listener = await self.closing_listener()
         self.provider(listener, [])   # dials it
         await eventually(lambda: self.logged("closed the connection before TLS"))
         event = next(e for e in self.events if "closed the connection before TLS" in e.get("log_format", ""))
@@ -773,13 +778,7 @@ class ClosedAtAccept(PortPlane):
 
         from pipegate.mux.node import link_services
 
-        class CloseAtOnce(protocol.Protocol):
-            def connectionMade(self):
-                self.transport.loseConnection()
-
-        listener = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            protocol.Factory.forProtocol(CloseAtOnce))
-        self.cleanups.append(listener.stopListening)
+        listener = await self.closing_listener()
         prov = Provider(ProviderConfig(), reactor)
         config = LinkConfig(secret=SECRET, role=frames.ROLE_PROVIDER)
         (dialer,) = link_services(prov, config, reactor, [], [f"tcp:127.0.0.1:{listener.getHost().port}"],
