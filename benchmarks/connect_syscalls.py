@@ -14,51 +14,30 @@ strace (and ptrace permission).  Exact up to how events batch into reactor turns
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks import procs as procs_module
 from benchmarks.loadgen import connect_echo
 from benchmarks.procs import Processes, install_signal_handlers
+from benchmarks.tools import strace_calls, strace_counts
 from benchmarks.topology import PortPlane
-
-
-def calls_by_name(table: str) -> dict[str, int]:
-    """The calls column of an `strace -c` table, by system call."""
-    calls = {}
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
-            calls[parts[-1]] = int(parts[3])
-    return calls
 
 
 def main(tree: str | None = None, n: int = 1000) -> dict:
     if tree:
         procs_module.REPO = os.path.abspath(tree)
     result = {}
-    with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
+    with Processes() as procs:
         plane = PortPlane(procs, "echo")
         for _ in range(50):
             connect_echo(plane.gate)
-        traces = []
-        for child in plane.services:
-            out = Path(tmp) / f"{child.name}.txt"
-            traces.append((child.name, out, subprocess.Popen(
-                ["strace", "-c", "-f", "-o", str(out), "-p", str(child.pid)], stderr=subprocess.DEVNULL)))
-        time.sleep(1)   # (strace attached)
-        for _ in range(n):
-            connect_echo(plane.gate)
-        time.sleep(0.5)   # (the last close handled)
-        for _, _, p in traces:
-            p.send_signal(signal.SIGINT)
-            p.wait()
-        for name, out, _ in traces:
-            calls = calls_by_name(out.read_text())
+        with strace_counts(plane.services) as tables:
+            for _ in range(n):
+                connect_echo(plane.gate)
+            time.sleep(0.5)   # (the last close handled)
+        for name, table in tables.items():
+            calls = strace_calls(table)
             result[name] = {k: v / n for k, v in calls.items()}
             by_call = "  ".join(f"{k} {v / n:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]))
             print(f"{name}: {sum(calls.values()) / n:.2f} system calls per connection: {by_call}", flush=True)

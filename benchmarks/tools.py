@@ -1,14 +1,19 @@
-"""wrk and iperf3: find them, run them, parse what they print."""
+"""wrk, iperf3 and strace: find them, run them, parse what they print."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.procs import run_tool
 
@@ -184,3 +189,35 @@ def iperf3(port: int, seconds: float, *, parallel: int = 1, reverse: bool = Fals
         out["jitter_ms"] = received.get("jitter_ms")
         out["blksize"] = data["start"]["test_start"].get("blksize")
     return out
+
+
+@contextlib.contextmanager
+def strace_counts(children):
+    """
+    `strace -c -f` attached to each of C{children} (processes with C{name} and C{pid}) for
+    the block; yields a dict that, once the block is left, holds each one's table by name.
+    Needs strace (and ptrace permission).
+    """
+    tables: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {child.name: Path(tmp) / f"{child.name}.txt" for child in children}
+        traces = [subprocess.Popen(["strace", "-c", "-f", "-o", str(outs[child.name]), "-p", str(child.pid)],
+                                   stderr=subprocess.DEVNULL) for child in children]
+        time.sleep(1)   # (strace attached)
+        try:
+            yield tables
+        finally:
+            for trace in traces:
+                trace.send_signal(signal.SIGINT)
+                trace.wait()
+        tables.update((name, out.read_text()) for name, out in outs.items())
+
+
+def strace_calls(table: str) -> dict[str, int]:
+    """The calls column of an `strace -c` table, by system call."""
+    calls = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3])
+    return calls

@@ -15,14 +15,11 @@ syscalls per request.
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
-import tempfile
-import time
-from pathlib import Path
+import contextlib
 
 from benchmarks import loadgen
 from benchmarks.procs import Processes, install_signal_handlers
+from benchmarks.tools import strace_counts
 from benchmarks.topology import CpuMeter, PortPlane
 
 
@@ -33,30 +30,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
     install_signal_handlers()
-    with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
+    with Processes() as procs:
         plane = PortPlane(procs, "echo")
         loadgen.udp_request_response(plane.gate, 1)
-        straces = []
-        if args.strace:
-            for child in plane.services:
-                out = Path(tmp) / f"{child.name}.txt"
-                straces.append((child.name, out, subprocess.Popen(
-                    ["strace", "-c", "-f", "-o", str(out), "-p", str(child.pid)],
-                    stderr=subprocess.DEVNULL)))
-            time.sleep(1)
-        with CpuMeter(plane.services) as cpu:
-            u = loadgen.udp_request_response(plane.gate, args.seconds, warmup=0)
-        for _, _, p in straces:
-            p.send_signal(signal.SIGINT)
-            p.wait()
+        with strace_counts(plane.services) if args.strace else contextlib.nullcontext({}) as tables:
+            with CpuMeter(plane.services) as cpu:
+                u = loadgen.udp_request_response(plane.gate, args.seconds, warmup=0)
         n = max(1, u["answered"])
         per = {name: round(s / n * 1e6, 1) for name, s in cpu.seconds.items()}
         print(args.label, f"answered {u['answered']} lost {u['lost']} req/s {u['rps']}",
               f"CPU us/request {per} total {round(sum(per.values()), 1)}",
               f"kernel % of one core {cpu.kernel_percent}", flush=True)
-        for name, out, _ in straces:
+        for name, table in tables.items():
             print(f"== {name}: strace -c over {u['answered']} requests")
-            print(out.read_text())
+            print(table)
 
 
 if __name__ == "__main__":
