@@ -11,8 +11,8 @@ import struct
 from pipegate.core.codec import FrameError
 from pipegate.core.window import MAX_DATA
 from pipegate.mux.frames import (
-    DATA, DATAGRAM, HEADER_SIZE, MAX_DATAGRAM, MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, Data, Datagram, Frame,
-    decode_body,
+    DATA, DATAGRAM, HEADER_SIZE, MAX_DATAGRAM, MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, PREFIX, Data, Datagram,
+    Frame, decode_body,
 )
 
 _LENGTH = struct.Struct(">I")     # the length prefix (as frames.encode writes it)
@@ -29,7 +29,7 @@ DataPair = tuple[int, bytes]
 
 _PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
 _LENGTH_SIZE = _LENGTH.size
-_FRAME_PREFIX = struct.Struct(">IBI").unpack_from   # length, type, channel at once
+_FRAME_PREFIX = PREFIX.unpack_from   # length, type, channel at once
 _MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
 _MAX_DATAGRAM_SIZE = HEADER_SIZE + MAX_DATAGRAM  # the largest declared length of a DATAGRAM frame
 _SMALL_READ = 4096
