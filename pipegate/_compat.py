@@ -182,18 +182,14 @@ def flush_tls_buffer(transport) -> None:
 
 
 # -- Twisted's TCP transport (twisted.internet.tcp.Connection, abstract.FileDescriptor) ------
-# Why: see pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and 4 MiB reads
-# cost the links most of their per-message time; no public API sends at once or bounds the read size
-# separately from bufferSize.
+# Why: pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and 4 MiB reads cost
+# the links most of their per-message time; no public API sends at once or bounds reads apart from bufferSize.
 
 def tcp_data_received(transport):
     """
-    The bound C{_dataReceived(data)} of a C{twisted.internet.tcp.Connection} (what its C{doRead} calls
-    with what C{recv} returned), or None for another transport.
-
-    L{pipegate.sockets.bounded_reads} replaces C{doRead} with one reading a fixed size and calling this.
-    Private (Twisted 26.10.0).  Guard:
-    tests.test_compat.TCPTransport.test_connection_reads_through_data_received.
+    The bound C{_dataReceived(data)} of a C{tcp.Connection} (what its C{doRead} calls with what C{recv}
+    returned; L{pipegate.sockets.bounded_reads} calls it), or None for another transport.  Private
+    (Twisted 26.10.0).  Guard: tests.test_compat.TCPTransport.test_connection_reads_through_data_received.
     """
     return getattr(transport, "_dataReceived", None)
 
@@ -208,25 +204,30 @@ def has_write_buffers(transport) -> bool:
 
 def nothing_queued(transport) -> bool:
     """
-    Whether the write buffers of C{transport} (a C{FileDescriptor}) are empty.
-
-    Reads C{_tempDataLen} (private), C{dataBuffer} and C{offset} (undocumented) of
-    C{twisted.internet.abstract.FileDescriptor} (Twisted 26.10.0).  Guard:
-    tests.test_compat.TCPTransport.test_file_descriptor_write_buffers.
+    Whether the write buffers of C{transport} (a C{FileDescriptor}) are empty: reads C{_tempDataLen}
+    (private), C{dataBuffer} and C{offset} (undocumented) of C{twisted.internet.abstract.FileDescriptor}
+    (Twisted 26.10.0).  Guard: tests.test_compat.TCPTransport.test_file_descriptor_write_buffers.
     """
     return not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
 
 
 def write_closed(transport, mark: bool = False) -> bool:
     """
-    Whether the write side of C{transport} (a C{FileDescriptor}) has been shut down
-    (C{loseWriteConnection} done): its private C{_writeDisconnected} (Twisted 26.10.0).  C{mark}: set it
-    first (the socket was shut down directly: loseConnection then closes at once, without a wakeup to
-    flush).  Guard: tests.test_compat.TCPTransport.test_write_disconnected_flag.
+    Whether the write side of C{transport} (a C{FileDescriptor}) is shut down (C{loseWriteConnection} done):
+    private C{_writeDisconnected} (Twisted 26.10.0).  C{mark}: set it first (shut down directly: then
+    C{loseConnection} closes at once).  Guard: tests.test_compat.TCPTransport.test_write_disconnected_flag.
     """
     if mark:
         transport._writeDisconnected = True
     return transport._writeDisconnected
+
+
+def writable_now(t) -> bool:
+    """Whether bytes for C{t} (a C{tcp.Connection}) may go to its socket now: L{nothing_queued}, open, not
+    L{write_closed}, no startTLS; one call (the eager write's, per message) instead of those two, reading
+    the same names (Twisted 26.10.0).  Guard: tests.test_compat.TCPTransport.test_writable_now."""
+    return (not t._tempDataLen and t.offset >= len(t.dataBuffer) and t.connected and not t.disconnecting
+            and not t._writeDisconnected and not t.TLS)
 
 
 # -- twisted.web.client ---------------------------------------------------------------------

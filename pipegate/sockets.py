@@ -30,7 +30,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 
 from pipegate._compat import (
-    flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, write_closed)
+    flush_tls_buffer, has_write_buffers, nothing_queued, tcp_data_received, writable_now, write_closed)
 from pipegate.timers import IdleTimer
 
 
@@ -111,8 +111,8 @@ def eager_writes(transport) -> None:
     unregistered again: two C{epoll_ctl} calls and the reactor's bookkeeping for every
     write of a link or channel that keeps up.  Overrides the transport's C{write} with
     one that reads private state of C{twisted.internet.abstract.FileDescriptor}
-    (L{pipegate._compat.nothing_queued}, L{pipegate._compat.write_closed}).  A send
-    error is left to the reactor, as in L{send_now}.
+    (L{pipegate._compat.writable_now}).  A send error is left to the reactor, as in
+    L{send_now}.
     """
     transport = socket_transport(transport)
     if transport is not None:
@@ -207,20 +207,11 @@ def plain_writes(transport) -> None:
         transport.__dict__.pop("doRead", None)   # (stream_socket's)
 
 
-def _at_the_socket(transport) -> bool:
-    """
-    Whether bytes for C{transport} (a C{tcp.Connection}) may go to its socket now: nothing
-    queued ahead of them, open for writing, and no startTLS (bytes must go through its TLS
-    layer then).
-    """
-    return (nothing_queued(transport) and transport.connected and not transport.disconnecting
-            and not write_closed(transport) and not transport.TLS)
-
-
 def _eager_write(transport, data: bytes | memoryview) -> None:
-    # (_at_the_socket, inline: this is every write of a link or a channel)
-    if type(data) in (bytes, memoryview) and nothing_queued(transport) and transport.connected \
-            and not transport.disconnecting and not write_closed(transport) and not transport.TLS:
+    # Sent now when nothing is queued ahead of it, the socket is open for writing and there is no
+    # startTLS (bytes must go through its TLS layer then): writable_now, one call (this is every
+    # write of a link or a channel).
+    if type(data) in (bytes, memoryview) and writable_now(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -287,7 +278,7 @@ def close_write(transport) -> None:
 
 def _shut_write(transport) -> bool:
     """Shut the write side of C{transport} down now, if it is a TCP socket with nothing queued; says whether it did."""
-    if has_write_buffers(transport) and _at_the_socket(transport):
+    if has_write_buffers(transport) and writable_now(transport):
         try:
             transport.getHandle().shutdown(socket.SHUT_WR)
         except OSError:
@@ -309,7 +300,7 @@ def close_now(transport) -> None:
     (its C{shutdown} and C{close}: the peer gets the same FIN, a reactor turn sooner).
     Otherwise (bytes queued, TLS, a wrapper) C{loseConnection} as before.
     """
-    if has_write_buffers(transport) and _at_the_socket(transport):
+    if has_write_buffers(transport) and writable_now(transport):
         write_closed(transport, mark=True)
     transport.loseConnection()
 

@@ -226,6 +226,37 @@ class TCPTransport(GuardMixin, unittest.TestCase):
         lost[0].trap(ConnectionDone)
         self.assertFalse(fd.disconnecting)
 
+    def test_writable_now(self):
+        # The eager write's one call: the same answer as nothing_queued, write_closed and the public flags.
+        for name in ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected"):
+            self.assertPrivate(abstract.FileDescriptor(reactor=MemoryReactorClock()), name, "writable_now")
+
+        def general(fd) -> bool:
+            return (_compat.nothing_queued(fd) and bool(fd.connected) and not fd.disconnecting
+                    and not _compat.write_closed(fd) and not fd.TLS)
+
+        def states():
+            yield "fresh", lambda fd: None
+            yield "queued", lambda fd: fd.write(b"abc")
+            yield "queued, then flushed", lambda fd: (fd.write(b"abc"), setattr(fd, "offset", 3),
+                                                      setattr(fd, "_tempDataLen", 0),
+                                                      setattr(fd, "dataBuffer", b"abc"))
+            yield "in the buffer, not flushed", lambda fd: setattr(fd, "dataBuffer", b"abc")
+            yield "not connected", lambda fd: setattr(fd, "connected", 0)
+            yield "disconnecting", lambda fd: setattr(fd, "disconnecting", True)
+            yield "write closed", lambda fd: _compat.write_closed(fd, mark=True)
+            yield "startTLS", lambda fd: setattr(fd, "TLS", True)
+
+        answers = {}
+        for name, change in states():
+            fd = self.file_descriptor()
+            fd.TLS = False
+            change(fd)
+            answers[name] = _compat.writable_now(fd)
+            self.assertEqual(answers[name], general(fd), name)
+        self.assertEqual([name for name, writable in answers.items() if writable],
+                         ["fresh", "queued, then flushed"])
+
 
 class WebClient(GuardMixin, unittest.TestCase):
     """quiet_pool / quiet_http11_client_factory: twisted.web.client."""
