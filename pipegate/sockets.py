@@ -129,9 +129,10 @@ def stream_socket(transport, buffer_size: int):
     """
     L{no_delay} and L{eager_writes} on the TCP socket under C{transport}, with
     C{bufferSize} set to C{buffer_size}, and its reads delivered in one call instead of
-    Twisted's two (L{_direct_read}); returns that socket, or None when there is none.
-    (What a tunnelled connection does to its socket, with one lookup of the socket
-    instead of one per step.)  L{plain_writes} undoes the write and read methods.
+    Twisted's two, small while the messages are (L{_direct_read}); returns that socket, or
+    None when there is none.  (What a tunnelled connection does to its socket, with one
+    lookup of the socket instead of one per step.)  L{plain_writes} undoes the write and
+    read methods.
     """
     transport = socket_transport(transport)
     if transport is None:
@@ -142,21 +143,38 @@ def stream_socket(transport, buffer_size: int):
         # (a twisted.internet.tcp.Connection whose doRead is Twisted's own: bounded_reads and
         # startTLS leave the socket alone)
         transport.doRead = MethodType(_direct_read, transport)
+        transport.pg_read_size = min(SMALL_READ, buffer_size)
     transport.bufferSize = buffer_size
     return transport
 
 
+# A tunnelled connection's reads while its messages are small (a request, an answer): the largest
+# bytes object CPython allocates from its own small-object pool (512 bytes, header included).
+# A read of bufferSize (127 KiB) allocates that much from the C library and shrinks it to what came:
+# about 700 instructions of malloc and realloc per read (callgrind, benchmarks.rr_instr).
+SMALL_READ = 512 - 33
+
+
 def _direct_read(transport):
     # Twisted's tcp.Connection.doRead and its _dataReceived in one call (once per message read
-    # from a tunnelled connection's socket): the same recv, the same results.
+    # from a tunnelled connection's socket): the same results, from a recv of pg_read_size.  A
+    # read that fills it makes the next one take bufferSize, as Twisted's would (the rest waits
+    # for the next wakeup: level-triggered, it comes at once); a read of SMALL_READ or less
+    # makes the next one small again.
+    size = transport.pg_read_size
     try:
-        data = transport.socket.recv(transport.bufferSize)
+        data = transport.socket.recv(size)
     except OSError as e:
         if e.args[0] == EWOULDBLOCK:
             return None
         return main.CONNECTION_LOST
     if not data:
         return main.CONNECTION_DONE
+    got = len(data)
+    if got == size:
+        transport.pg_read_size = transport.bufferSize
+    elif got <= SMALL_READ < size:
+        transport.pg_read_size = SMALL_READ
     transport.protocol.dataReceived(data)
     return None
 

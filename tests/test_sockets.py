@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from pipegate.sockets import (
     bounded_reads, close_now, close_write, connect_protocol, eager_writes, no_delay, plain_writes, read_waiting,
-    send_now, socket_transport, stream_endpoint, stream_socket)
+    send_now, socket_transport, stream_endpoint, stream_socket, SMALL_READ)
 from tests.support import Loopback, TestApp, eventually, request
 
 
@@ -255,13 +255,47 @@ class DirectReadTests(unittest.TestCase):
                 elif case == "reset":
                     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     peer.close()
-                got = [collect.transport.doRead() for _ in range(2)]
-                results.append(([type(r) for r in got], collect.chunks))
+                got = [collect.transport.doRead() for _ in range(3)]
+                results.append(([type(r) for r in got], b"".join(collect.chunks)))
             self.assertEqual(results[0], results[1], case)
-            self.assertEqual(results[0][0], {"data": [type(None), type(None)], "nothing": [type(None), type(None)],
-                                             "end": [error.ConnectionDone, error.ConnectionDone],
-                                             "reset": [error.ConnectionLost, error.ConnectionDone]}[case])
-            self.assertEqual(b"".join(results[0][1]), b"x" * 1500 if case == "data" else b"")
+            self.assertEqual(results[0][0], {"data": [type(None)] * 3, "nothing": [type(None)] * 3,
+                                             "end": [error.ConnectionDone] * 3,
+                                             "reset": [error.ConnectionLost] + [error.ConnectionDone] * 2}[case])
+            self.assertEqual(results[0][1], b"x" * 1500 if case == "data" else b"")
+
+    async def test_small_reads_while_the_messages_are_small(self):
+        # Reads of SMALL_READ (pymalloc-sized bytes) until one fills it; then bufferSize, as Twisted's,
+        # until one brings SMALL_READ or less.  What comes, and in what order, is what Twisted's reads give.
+        (direct, direct_peer), (general, general_peer) = await self.pair()
+        self.assertEqual(direct.transport.pg_read_size, SMALL_READ)
+        sizes = []
+        for message in (b"a" * 40, b"b" * 40, b"c" * 2000, b"d" * 2000, b"e" * 600, b"f" * 100, b"g" * 30,
+                        b"h" * SMALL_READ, b"i" * 5):
+            for collect, peer in ((direct, direct_peer), (general, general_peer)):
+                peer.sendall(message)
+                before = len(collect.chunks)
+                while len(b"".join(collect.chunks[before:])) < len(message):
+                    if collect is direct:
+                        sizes.append(collect.transport.pg_read_size)
+                    self.assertIsNone(collect.transport.doRead())
+                self.assertEqual(b"".join(collect.chunks[before:]), message)
+        self.assertEqual(b"".join(direct.chunks), b"".join(general.chunks))
+        self.assertEqual(sizes, [SMALL_READ, SMALL_READ, SMALL_READ, 1000, 1000, 1000, 1000, 1000, 1000,
+                                 SMALL_READ, SMALL_READ, 1000])
+        self.assertEqual([len(chunk) for chunk in direct.chunks],
+                         [40, 40, SMALL_READ, 1000, 521, 1000, 1000, 600, 100, 30, SMALL_READ, 5])
+        self.assertEqual(direct.transport.pg_read_size, SMALL_READ)
+
+    async def test_small_reads_never_exceed_the_buffer(self):
+        collect, peer = await connect_to(plain_listener(self), _Collect())
+        self.addCleanup(peer.close)
+        self.addCleanup(collect.transport.abortConnection)
+        reactor.removeReader(collect.transport)
+        stream_socket(collect.transport, 100)
+        peer.sendall(b"x" * 250)
+        for _ in range(3):
+            collect.transport.doRead()
+        self.assertEqual([len(chunk) for chunk in collect.chunks], [100, 100, 50])
 
     async def test_plain_writes_undoes_it(self):
         (collect, peer), _ = await self.pair()
