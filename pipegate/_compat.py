@@ -15,7 +15,6 @@ reason and its guard test.
 
 from __future__ import annotations
 
-from errno import EINTR as _EINTR
 from types import MethodType
 
 from OpenSSL import SSL
@@ -182,14 +181,16 @@ def flush_tls_buffer(transport) -> None:
 
 
 # -- Twisted's TCP transport (twisted.internet.tcp.Connection, abstract.FileDescriptor) ------
-# Why: pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and 4 MiB reads cost
-# the links most of their per-message time; no public API sends at once or bounds reads apart from bufferSize.
+# Why: see pipegate/sockets.py (eager_writes, bounded_reads): per-write epoll_ctl calls and 4 MiB reads
+# cost the links most of their per-message time; no public API sends at once or bounds the read size
+# separately from bufferSize.
 
 def tcp_data_received(transport):
     """
-    The bound C{_dataReceived(data)} of a C{tcp.Connection} (what its C{doRead} calls with what C{recv}
-    returned; L{pipegate.sockets.bounded_reads} calls it), or None for another transport.  Private
-    (Twisted 26.10.0).  Guard: tests.test_compat.TCPTransport.test_connection_reads_through_data_received.
+    The bound C{_dataReceived(data)} of a C{twisted.internet.tcp.Connection} (what its C{doRead} calls
+    with what C{recv} returned), or None for another transport: L{pipegate.sockets.bounded_reads}'s
+    C{doRead} reads a fixed size and calls it.  Private (Twisted 26.10.0).  Guard:
+    tests.test_compat.TCPTransport.test_connection_reads_through_data_received.
     """
     return getattr(transport, "_dataReceived", None)
 
@@ -211,6 +212,13 @@ def nothing_queued(transport) -> bool:
     return not transport._tempDataLen and transport.offset >= len(transport.dataBuffer)
 
 
+def writable_now(t) -> bool:
+    """Whether bytes for C{t} (a C{tcp.Connection}) may go to its socket now: L{nothing_queued}, open, not
+    L{write_closed}, no startTLS, in one call (Twisted 26.10.0).  Guard: TCPTransport.test_writable_now."""
+    return (not t._tempDataLen and t.offset >= len(t.dataBuffer) and t.connected and not t.disconnecting
+            and not t._writeDisconnected and not t.TLS)
+
+
 def write_closed(transport, mark: bool = False) -> bool:
     """
     Whether the write side of C{transport} (a C{FileDescriptor}) is shut down (C{loseWriteConnection} done):
@@ -220,14 +228,6 @@ def write_closed(transport, mark: bool = False) -> bool:
     if mark:
         transport._writeDisconnected = True
     return transport._writeDisconnected
-
-
-def writable_now(t) -> bool:
-    """Whether bytes for C{t} (a C{tcp.Connection}) may go to its socket now: L{nothing_queued}, open, not
-    L{write_closed}, no startTLS; one call (the eager write's, per message) instead of those two, reading
-    the same names (Twisted 26.10.0).  Guard: tests.test_compat.TCPTransport.test_writable_now."""
-    return (not t._tempDataLen and t.offset >= len(t.dataBuffer) and t.connected and not t.disconnecting
-            and not t._writeDisconnected and not t.TLS)
 
 
 # -- twisted.web.client ---------------------------------------------------------------------
@@ -449,20 +449,18 @@ def write_now(transport):
 
 
 # -- Twisted's epoll reactor: I/O events dispatched without the legacy log context ----------
-# Why: EPollReactor.doPoll wraps every I/O event in twisted.python.log.callWithLogger (the selectable's
-# logPrefix(), a copy and update of the legacy log context dict, a push and pop on the context tracker:
-# about 13 Python calls per event) for the "system" field of legacy log.msg/log.err lines, which
-# PipeGate (twisted.logger) does not write; a gateway or provider handles 5-6 events per tunnelled
-# connection and one or two per small message.  No public API chooses how the reactor dispatches.
-# lean_dispatch gives one EPollReactor a doIteration that is doPoll's loop with a try/except in place of
-# callWithLogger (an exception escaping an event is still logged and the loop goes on; legacy lines
-# logged inside an event say system "-").  Reads the reactor's private C{_poller}, C{_selectables} and
-# calls its private C{_doReadOrWrite} (Twisted 26.10.0, epollreactor.EPollReactor.doPoll and
-# posixbase._PollLikeMixin).  Guard: tests.test_compat.LeanDispatch.
-#
-# The same loop then runs the calls queued for the turn's end (TurnEndClock): the links' TLS layers
-# flush their small writes there instead of in a callLater(0) each turn (public: the clock parameter of
-# TLSMemoryBIOFactory, which only its small-write aggregator uses).
+# Why: EPollReactor.doPoll wraps every I/O event in twisted.python.log.callWithLogger (logPrefix(), a copy
+# and update of the legacy log context dict, a push and pop on the context tracker: about 13 Python calls
+# per event) for the "system" field of legacy log.msg/log.err lines, which PipeGate (twisted.logger) does
+# not write; a gateway or provider handles 5-6 events per tunnelled connection, 1-2 per small message.
+# No public API chooses how the reactor dispatches.  lean_dispatch gives one EPollReactor a doIteration
+# that is doPoll's loop with a try/except in place of callWithLogger (an exception escaping an event is
+# still logged, the loop goes on; legacy lines logged inside an event say system "-"), a read event alone
+# handled inline as _doReadOrWrite's read branch (its call and class-attribute reads: ~1,700 instructions
+# an event).  Private (Twisted 26.10.0, doPoll, posixbase._PollLikeMixin): the reactor's _poller,
+# _selectables, _POLL_IN, _doReadOrWrite, _disconnectSelectable.  Guard: tests.test_compat.LeanDispatch.
+# The loop then runs the calls queued for the turn's end (TurnEndClock): the links' TLS layers flush small
+# writes there, not in a callLater(0) a turn (public: TLSMemoryBIOFactory's clock, used by its aggregator).
 
 class _TurnEndCall:
     """A call queued for the end of the reactor's current turn (see L{TurnEndClock})."""
@@ -480,21 +478,16 @@ class _TurnEndCall:
 
 
 class _LeanPoll:
-    """
-    C{doIteration} of one EPollReactor: doPoll's loop without callWithLogger, then the calls queued for
-    the turn's end (L{TurnEndClock}).
-    """
+    """One EPollReactor's C{doIteration}: doPoll's loop without callWithLogger, then TurnEndClock's calls."""
 
     __slots__ = ("reactor", "turn_end")
 
     def __init__(self, reactor) -> None:
-        self.reactor = reactor
-        self.turn_end: list[_TurnEndCall] = []
+        self.reactor, self.turn_end = reactor, []
 
     def __call__(self, timeout):
         if self.turn_end:
-            # Queued by a timed call or outside the loop: run them now, and do not sleep (what they did
-            # may have scheduled a timed call the timeout did not see).
+            # Queued outside the loop or by a timed call: run now, do not sleep (they may add timed calls).
             self._end_turn()
             timeout = 0
         elif timeout is None:
@@ -503,16 +496,23 @@ class _LeanPoll:
         selectables = reactor._selectables
         try:
             events = reactor._poller.poll(timeout, len(selectables))
-        except OSError as err:
-            if err.errno == _EINTR:
-                return
-            raise
-        dispatch = reactor._doReadOrWrite
+        except InterruptedError:   # (an OSError with errno EINTR, as doPoll checks)
+            return
+        dispatch, disconnect, read = reactor._doReadOrWrite, reactor._disconnectSelectable, reactor._POLL_IN
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
                 try:
-                    dispatch(selectable, fd, event)
+                    if event != read or selectable.fileno() == -1:
+                        dispatch(selectable, fd, event)
+                        continue
+                    try:   # (_doReadOrWrite's read: see the section's comment)
+                        why = selectable.doRead()
+                    except BaseException as e:   # (logged, and the selectable disconnected, as there)
+                        why = e
+                        _log.failure("Unhandled error reading {selectable!r}", selectable=selectable)
+                    if why:
+                        disconnect(selectable, why, True)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:
@@ -532,8 +532,7 @@ class _LeanPoll:
                         self.turn_end[:0] = calls[index + 1:]   # the rest still runs (a flush each)
                         raise
                     except BaseException:
-                        _log.failure("Unhandled error in a call at the end of a reactor turn: {func!r}",
-                                     func=call.func)
+                        _log.failure("Unhandled error in a call at the turn's end: {func!r}", func=call.func)
 
 
 def lean_dispatch(reactor) -> bool:
@@ -544,7 +543,8 @@ def lean_dispatch(reactor) -> bool:
     from twisted.internet.epollreactor import EPollReactor
     if not isinstance(reactor, EPollReactor) or type(reactor).doPoll is not EPollReactor.doPoll:
         return False
-    if not all(hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")):
+    names = ("_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "_POLL_IN")
+    if not all(hasattr(reactor, name) for name in names):
         return False
     if type(reactor.doIteration) is not _LeanPoll:
         reactor.doIteration = _LeanPoll(reactor)

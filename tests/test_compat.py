@@ -24,6 +24,7 @@ from pathlib import Path
 from OpenSSL import SSL
 from twisted.application import internet
 from twisted.internet import abstract, defer, protocol, ssl, task, tcp
+from twisted.internet import error
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -668,6 +669,84 @@ class LeanDispatch(GuardMixin, unittest.TestCase):
         self.assertNotIn(failing, reactor.getReaders())
         self.assertIn(fine, reactor.getReaders())
         reactor.removeReader(fine)
+
+    def test_read_events_inline_as_do_read_or_write(self):
+        # A read event alone runs _doReadOrWrite's read branch inline: the same calls, logs and disconnects as
+        # the reactor's own doPoll, for every outcome of doRead.
+        import socket
+        from twisted.internet import main, posixbase
+        from twisted.internet.epollreactor import EPollReactor
+        from twisted.internet.interfaces import IHalfCloseableDescriptor
+        from zope.interface import implementer
+        use = "lean_dispatch"
+        for name in ("_disconnectSelectable", "_POLL_IN"):
+            self.assertPrivate(EPollReactor, name, use)
+        self.assertSignature(EPollReactor._disconnectSelectable, ["self", "selectable", "why", "isRead", "faildict"],
+                             use)
+        for fragment in ("if selectable.fileno() == -1:", "why = selectable.doRead()", "why = sys.exc_info()[1]",
+                         "log.err()", "self._disconnectSelectable(selectable, why, inRead)"):
+            self.assertSourceHas(posixbase._PollLikeMixin._doReadOrWrite, fragment, use)
+
+        def run(lean: bool, outcome: str) -> list:
+            reactor = self.reactor()
+            seen = []
+            if lean:
+                self.assertTrue(_compat.lean_dispatch(reactor))
+                general = reactor._doReadOrWrite
+                reactor._doReadOrWrite = lambda *args: (seen.append("general path"), general(*args))
+
+            @implementer(IHalfCloseableDescriptor)
+            class Reader(abstract.FileDescriptor):
+                def __init__(self, sock):
+                    super().__init__(reactor)
+                    self.sock = sock
+                    self.connected = True
+                    self.registered = False
+
+                def fileno(self):
+                    return -1 if outcome == "no fd" and self.registered else self.sock.fileno()
+
+                def doRead(self):
+                    seen.append(("read", self.sock.recv(10)))
+                    if outcome == "raises":
+                        raise ValueError("doRead failed")
+                    return {"done": main.CONNECTION_DONE, "lost": main.CONNECTION_LOST}.get(outcome)
+
+                def readConnectionLost(self, reason):
+                    seen.append(("readConnectionLost", reason.type))
+
+                def connectionLost(self, reason):
+                    seen.append(("connectionLost", reason.type))
+
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            reader = Reader(a)
+            reactor.addReader(reader)
+            reader.registered = True
+            b.send(b"x")
+            if lean:
+                reactor.doIteration(1)
+            else:
+                EPollReactor.doPoll(reactor, 1)
+            seen.append(("still read", reader in reactor.getReaders()))
+            seen.append(("logged", [type(f.value) for f in self.flushLoggedErrors()]))
+            reactor.removeReader(reader)
+            return seen
+
+        expected = {
+            "none": [("read", b"x"), ("still read", True), ("logged", [])],
+            "done": [("read", b"x"), ("readConnectionLost", error.ConnectionDone), ("still read", False),
+                     ("logged", [])],
+            "lost": [("read", b"x"), ("connectionLost", error.ConnectionLost), ("still read", False),
+                     ("logged", [])],
+            "raises": [("read", b"x"), ("connectionLost", ValueError), ("still read", False),
+                       ("logged", [ValueError])],
+            "no fd": [("connectionLost", error.ConnectionFdescWentAway), ("still read", False), ("logged", [])],
+        }
+        for outcome, seen in expected.items():
+            self.assertEqual(run(False, outcome), seen, outcome)
+            self.assertEqual(run(True, outcome), ["general path"] * (outcome == "no fd") + seen, outcome)
 
     def test_turn_end_calls_run_after_the_events_of_the_turn(self):
         import socket
