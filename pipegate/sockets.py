@@ -143,7 +143,7 @@ def stream_socket(transport, buffer_size: int):
         # (a twisted.internet.tcp.Connection whose doRead is Twisted's own: bounded_reads and
         # startTLS leave the socket alone)
         transport.doRead = MethodType(_direct_read, transport)
-        transport.pg_read_size = min(SMALL_READ, buffer_size)
+        transport.pg_read_size, transport.pg_small_reads = min(SMALL_READ, buffer_size), 0
     transport.bufferSize = buffer_size
     return transport
 
@@ -151,16 +151,21 @@ def stream_socket(transport, buffer_size: int):
 # A tunnelled connection's reads while its messages are small (a request, an answer): the largest
 # bytes object CPython allocates from its own small-object pool (512 bytes, header included).
 # A read of bufferSize (127 KiB) allocates that much from the C library and shrinks it to what came:
-# about 700 instructions of malloc and realloc per read (callgrind, benchmarks.rr_instr).
+# about 650 instructions of malloc and realloc per read (callgrind, benchmarks.rr_instr).
 SMALL_READ = 512 - 33
+
+# Reads of bufferSize in a row that bring SMALL_READ or less before the reads are small again: a
+# stream that mixes small and larger messages (redis-benchmark -P 16: 16 requests of 40-60 bytes,
+# then the next 16) stays on bufferSize, instead of each larger one costing a second read and wakeup.
+SMALL_STREAK = 16
 
 
 def _direct_read(transport):
     # Twisted's tcp.Connection.doRead and its _dataReceived in one call (once per message read
     # from a tunnelled connection's socket): the same results, from a recv of pg_read_size.  A
-    # read that fills it makes the next one take bufferSize, as Twisted's would (the rest waits
-    # for the next wakeup: level-triggered, it comes at once); a read of SMALL_READ or less
-    # makes the next one small again.
+    # read that fills it makes the next ones take bufferSize, as Twisted's would (the rest waits
+    # for the next wakeup: level-triggered, it comes at once), until SMALL_STREAK of them in a
+    # row bring SMALL_READ or less.
     size = transport.pg_read_size
     try:
         data = transport.socket.recv(size)
@@ -172,9 +177,13 @@ def _direct_read(transport):
         return main.CONNECTION_DONE
     got = len(data)
     if got == size:
-        transport.pg_read_size = transport.bufferSize
+        transport.pg_read_size, transport.pg_small_reads = transport.bufferSize, 0
     elif got <= SMALL_READ < size:
-        transport.pg_read_size = SMALL_READ
+        transport.pg_small_reads += 1
+        if transport.pg_small_reads >= SMALL_STREAK:
+            transport.pg_read_size = SMALL_READ
+    elif size > SMALL_READ:
+        transport.pg_small_reads = 0
     transport.protocol.dataReceived(data)
     return None
 

@@ -17,7 +17,8 @@ from twisted.trial import unittest
 
 from pipegate.sockets import (
     bounded_reads, close_now, close_write, connect_protocol, eager_writes, no_delay, plain_writes, read_waiting,
-    send_now, socket_transport, stream_endpoint, stream_socket, SMALL_READ)
+    send_now, socket_transport, stream_endpoint, stream_socket)
+from pipegate.sockets import SMALL_READ, SMALL_STREAK
 from tests.support import Loopback, TestApp, eventually, request
 
 
@@ -258,19 +259,22 @@ class DirectReadTests(unittest.TestCase):
                 got = [collect.transport.doRead() for _ in range(3)]
                 results.append(([type(r) for r in got], b"".join(collect.chunks)))
             self.assertEqual(results[0], results[1], case)
-            self.assertEqual(results[0][0], {"data": [type(None)] * 3, "nothing": [type(None)] * 3,
-                                             "end": [error.ConnectionDone] * 3,
-                                             "reset": [error.ConnectionLost] + [error.ConnectionDone] * 2}[case])
+            done = error.ConnectionDone
+            nothing = [type(None)] * 3
+            self.assertEqual(results[0][0], {"data": nothing, "nothing": nothing, "end": [done] * 3,
+                                             "reset": [error.ConnectionLost, done, done]}[case])
             self.assertEqual(results[0][1], b"x" * 1500 if case == "data" else b"")
 
     async def test_small_reads_while_the_messages_are_small(self):
         # Reads of SMALL_READ (pymalloc-sized bytes) until one fills it; then bufferSize, as Twisted's,
-        # until one brings SMALL_READ or less.  What comes, and in what order, is what Twisted's reads give.
+        # until SMALL_STREAK of those in a row bring SMALL_READ or less.  What comes, and in what order, is
+        # what Twisted's reads give.
         (direct, direct_peer), (general, general_peer) = await self.pair()
         self.assertEqual(direct.transport.pg_read_size, SMALL_READ)
         sizes = []
-        for message in (b"a" * 40, b"b" * 40, b"c" * 2000, b"d" * 2000, b"e" * 600, b"f" * 100, b"g" * 30,
-                        b"h" * SMALL_READ, b"i" * 5):
+        messages = [b"a" * 40, b"b" * 40, b"c" * 2000, b"d" * 2000, b"e" * 600]
+        messages += [b"s" * 30] * SMALL_STREAK + [b"t" * 600, b"u" * 5]
+        for message in messages:
             for collect, peer in ((direct, direct_peer), (general, general_peer)):
                 peer.sendall(message)
                 before = len(collect.chunks)
@@ -280,11 +284,10 @@ class DirectReadTests(unittest.TestCase):
                     self.assertIsNone(collect.transport.doRead())
                 self.assertEqual(b"".join(collect.chunks[before:]), message)
         self.assertEqual(b"".join(direct.chunks), b"".join(general.chunks))
-        self.assertEqual(sizes, [SMALL_READ, SMALL_READ, SMALL_READ, 1000, 1000, 1000, 1000, 1000, 1000,
-                                 SMALL_READ, SMALL_READ, 1000])
-        self.assertEqual([len(chunk) for chunk in direct.chunks],
-                         [40, 40, SMALL_READ, 1000, 521, 1000, 1000, 600, 100, 30, SMALL_READ, 5])
-        self.assertEqual(direct.transport.pg_read_size, SMALL_READ)
+        self.assertEqual(sizes, [SMALL_READ] * 3 + [1000] * (5 + SMALL_STREAK) + [SMALL_READ, 1000, 1000])
+        chunks = [40, 40, SMALL_READ, 1000, 521, 1000, 1000, 600] + [30] * SMALL_STREAK + [SMALL_READ, 121, 5]
+        self.assertEqual([len(chunk) for chunk in direct.chunks], chunks)
+        self.assertEqual(direct.transport.pg_read_size, 1000)
 
     async def test_small_reads_never_exceed_the_buffer(self):
         collect, peer = await connect_to(plain_listener(self), _Collect())
