@@ -25,29 +25,10 @@ from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.provider import Provider, ProviderConfig
 from pipegate.ports.services import Exposure, Filter, Service
-from tests.support import collector_off, eventually, pattern
+from tests.support import collector_off, eventually, free_port, pattern
 
 SECRET = bytes(range(32))
 CERT = tls.generated_certificate()
-
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int, kind=socket.SOCK_STREAM) -> list[int]:
-    """C{count} distinct free ports: all held at once while they are picked (free_port
-    called twice in a row may return the same port)."""
-    held = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
 
 
 @implementer(IHalfCloseableProtocol)
