@@ -153,6 +153,20 @@ class TLSLayer(GuardMixin, unittest.TestCase):
         server.dataReceived(client.transport.value())
         self.assertEqual(server.wrappedProtocol.chunks, [b"small"])
 
+    def test_flush_asks_nothing_of_other_transports(self):
+        # A wrapper (the gateway's accept gate around a mux link's socket) would look _aggregator up
+        # through its __getattr__ and miss: an AttributeError raised and caught per flush.
+        asked = []
+
+        class Wrapper(policies.ProtocolWrapper):
+            def __getattr__(self, name):
+                asked.append(name)
+                return super().__getattr__(name)
+        wrapper = Wrapper(policies.WrappingFactory(protocol.Factory()), protocol.Protocol())
+        wrapper.makeConnection(StringTransport())
+        _compat.flush_tls_buffer(wrapper)
+        self.assertEqual(asked, [])
+
 
 class PyOpenSSL(GuardMixin, unittest.TestCase):
     """whole_writes: pyOpenSSL's SSL._lib and Connection._ssl."""
