@@ -222,6 +222,19 @@ def write_closed(transport, mark: bool = False) -> bool:
     return transport._writeDisconnected
 
 
+def close_without_shutdown(connection_class):
+    """
+    Class decorator: the orderly close of a C{tcp.Connection} subclass's socket is a C{close} alone.
+    C{_SocketCloser._closeSocket} calls C{shutdown(SHUT_RDWR)} first unless its private class attribute
+    C{_shouldShutdown} (Twisted 26.10.0) is false; after both ends' FINs that fails (C{ENOTCONN}, an
+    OSError raised and caught): at every close of a provider's service connection.  Not needed, as
+    Twisted's comment there says: no other process holds the socket (close-on-exec), so C{close} sends the
+    same FIN (or reset, for unread data).  Guard: tests.test_compat.TCPTransport.test_should_shutdown.
+    """
+    connection_class._shouldShutdown = False
+    return connection_class
+
+
 # -- twisted.web.client ---------------------------------------------------------------------
 
 def quiet_http11_client_factory(quiescentCallback, metadata):

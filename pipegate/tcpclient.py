@@ -33,6 +33,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python import log
 from twisted.python.failure import Failure
 
+from pipegate._compat import close_without_shutdown
 from pipegate.sockets import connect_protocol, stream_endpoint
 
 _PENDING = frozenset({EINPROGRESS, EALREADY, EWOULDBLOCK})
@@ -113,11 +114,13 @@ def _address(family: int, sockaddr: tuple):
     return address.IPv4Address("TCP", *sockaddr[:2])
 
 
+@close_without_shutdown
 class StreamClient(tcp.Connection):
     """
     The client side of a TCP connection, connected by L{connect} (see the module's doc).
     Once connected, a C{tcp.Connection} like Twisted's own client's, with its
-    C{getHost} and C{getPeer}.
+    C{getHost} and C{getPeer}; its close is a C{close} alone, without the C{shutdown}
+    before it that fails after a half-close from both ends.
     """
 
     #: Whether L{connect} asks again at once whether the connect is done (tests turn it off

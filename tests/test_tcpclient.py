@@ -93,6 +93,18 @@ async def _received(peer: socket.socket, size: int) -> bytes:
     return b"".join(data)
 
 
+class _RecordingSocket(socket.socket):
+    """A socket that records the C{shutdown} calls made on it."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.shutdowns: list[int] = []
+
+    def shutdown(self, how: int) -> None:
+        self.shutdowns.append(how)
+        super().shutdown(how)
+
+
 class ConnectStreamTests(unittest.TestCase):
 
     def connect(self, host: str, port: int, timeout: float = 3.0, on=reactor):
@@ -253,6 +265,22 @@ class ConnectStreamTests(unittest.TestCase):
         self.assertEqual(client.transport.getHost().port, peer.getpeername()[1])
         client.transport.abortConnection()
         await client.lost
+
+    async def test_closes_without_a_shutdown_first(self):
+        # After a half-close from both ends (a tunnelled connection's usual end), the shutdown(2)
+        # Twisted makes before the close fails (ENOTCONN); the close alone sends the FIN.
+        listener = plain_listener(self)
+        sock, client, failed = _RecordingSocket(), _Client(), []
+        StreamClient(sock, client, reactor, listener.getsockname()).connect(3.0, failed.append)
+        await client.made
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        client.transport.write(b"x")
+        client.transport.loseConnection()
+        await client.lost
+        client.reason.trap(error.ConnectionDone)
+        self.assertEqual(sock.shutdowns, [])
+        self.assertEqual(await _received(peer, 2), b"x")   # and the end of the stream
 
     async def test_a_host_name_goes_through_an_endpoint(self):
         listener = plain_listener(self)
