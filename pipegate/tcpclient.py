@@ -41,7 +41,7 @@ _CONNECTED = frozenset({0, EISCONN})
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 _NAME_INFO = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 # What a close after a half-close tells the protocol, made once (as Twisted's reactor does for the
-# ends it reads): see StreamClient.loseConnection.
+# ends it reads): see PromptClose.
 _CLOSED = Failure(main.CONNECTION_DONE)
 
 
@@ -117,13 +117,31 @@ def _address(family: int, sockaddr: tuple):
     return address.IPv4Address("TCP", *sockaddr[:2])
 
 
+class PromptClose:
+    """
+    Mixed into a C{tcp.Connection} subclass (first): a close of a socket shut for writing
+    (every tunnelled connection's end: L{pipegate.sockets.close_now}), which
+    C{FileDescriptor.loseConnection} does at once, hands the protocol a C{ConnectionDone}
+    failure made once instead of a new one each time (its making and C{connectionLost}'s
+    check of its type cost about 20 Python calls and an AttributeError raised and caught).
+    """
+
+    def loseConnection(self) -> None:
+        if self.connected and not self.disconnecting and not self.TLS and write_closed(self):
+            self.stopReading()
+            self.stopWriting()
+            self.connectionLost(_CLOSED)
+        else:
+            super().loseConnection()
+
+
 @close_without_shutdown
-class StreamClient(tcp.Connection):
+class StreamClient(PromptClose, tcp.Connection):
     """
     The client side of a TCP connection, connected by L{connect} (see the module's doc).
     Once connected, a C{tcp.Connection} like Twisted's own client's, with its
     C{getHost} and C{getPeer}; its close is a C{close} alone, without the C{shutdown}
-    before it that fails after a half-close from both ends.
+    before it that fails after a half-close from both ends, and a L{PromptClose}.
     """
 
     #: Whether L{connect} asks again at once whether the connect is done (tests turn it off
@@ -195,17 +213,6 @@ class StreamClient(tcp.Connection):
         self.socket.close()
         del self.protocol   # (never connected: Twisted's connector does not tell it either)
         failed(Failure(reason))
-
-    def loseConnection(self) -> None:
-        if self.connected and not self.disconnecting and not self.TLS and write_closed(self):
-            # FileDescriptor.loseConnection's close at once of a socket shut for writing (every
-            # tunnelled connection's end), without making a new Failure each time (its making and
-            # connectionLost's check of its type: about 20 Python calls and an AttributeError).
-            self.stopReading()
-            self.stopWriting()
-            self.connectionLost(_CLOSED)
-        else:
-            tcp.Connection.loseConnection(self)
 
     def connectionLost(self, reason) -> None:
         if self.connected:
