@@ -62,7 +62,7 @@ class GateServer(PromptClose, tcp.Server):
 
 def serve_gate(port) -> None:
     """Make the connections C{port} (a gate's listening port) accepts L{GateServer}s."""
-    if isinstance(port, tcp.Port):   # (Port's public transport attribute; a test's fake port is left as it is)
+    if isinstance(port, tcp.Port):   # (its public transport attribute; a test's fake port stays as it is)
         port.transport = GateServer
 
 
