@@ -29,7 +29,8 @@ import sys
 import time
 
 from benchmarks import tools
-from benchmarks.procs import REPO, RESULTS, Interrupted, background_cpu, install_signal_handlers, raise_nofile
+from benchmarks.procs import (REPO, RESULTS, Interrupted, background_cpu, compile_tree, install_signal_handlers,
+                             raise_nofile)
 from benchmarks.profiling import Profiler
 from benchmarks.report import markdown
 from benchmarks.scenarios import SCENARIOS, Ctx
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     install_signal_handlers()
     nofile = raise_nofile()
+    compile_tree()   # the services load PipeGate from .pyc, as an installed PipeGate
     reps = args.reps or (1 if args.quick else 3)
     if args.scale:
         scale = tuple(int(x) for x in args.scale.split(","))

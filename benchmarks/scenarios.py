@@ -763,7 +763,8 @@ def idle_rss(ctx: Ctx) -> dict:
                 "echo backend, a bare Python + Twisted process (the floor for any Twisted service). "
                 "The twistd floor is Twisted's own `portforward` plugin idle under `twistd -n`: twistd's "
                 "imports and plugin discovery, before PipeGate's code. Stock `twistd -n web` serving an "
-                "empty directory is issue 22's yardstick."),
+                "empty directory is issue 22's yardstick. Every service loads its modules from .pyc, PipeGate's "
+                "too (the harness compiles the tree first, as pip compiles an install)."),
         "figures": figs, "checks": checks,
     }
 

@@ -81,9 +81,8 @@ reactor.run()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from benchmarks.procs import free_port   # (procs imports this module)
+    return free_port()
 
 
 def proc_status(pid: int, field: str) -> int:

@@ -1,16 +1,11 @@
 """
-Every use of a private name of Twisted, pyOpenSSL or Autobahn, in one place.
+Every use of a private name of Twisted, pyOpenSSL or Autobahn: nothing else in pipegate/ reaches one.
 
-Each entry says why no public API does the job and the releases it was checked against;
-tests/test_compat.py has a guard test per entry that fails, naming the private name, when an upgrade
-changes it.  The upper bounds in pyproject.toml (twisted<26.11, pyopenssl<26.5, autobahn<26.12) are the
-releases after the ones checked: raise a bound only after tests.test_compat (and the suite) pass on the
-new release.
-
-Checked against: Twisted 26.10.0, pyOpenSSL 26.4.0, Autobahn 26.11.1 (Python 3.11).
-
-Nothing else in pipegate/ reaches a private name of these three libraries; a new use goes here, with its
-reason and its guard test.
+Each entry says why no public API does the job and the releases it was checked against (all: Twisted
+26.10.0, pyOpenSSL 26.4.0, Autobahn 26.11.1, Python 3.11); tests/test_compat.py has a guard test per entry
+that fails, naming the private name, when an upgrade changes it.  pyproject.toml's upper bounds
+(twisted<26.11, pyopenssl<26.5, autobahn<26.12) are the releases after these: raise one only after
+tests.test_compat (and the suite) pass on the new release.  A new use goes here, with its reason and guard.
 """
 
 from __future__ import annotations
@@ -168,16 +163,16 @@ class BatchedTLSFactory(TLSMemoryBIOFactory):
 
 def flush_tls_buffer(transport) -> None:
     """
-    Write out what Twisted's buffering TLS layer (C{BufferingTLSTransport}) holds for the end of the
-    reactor turn, if C{transport} is one.
-
-    Small writes wait in its private C{_aggregator} (Twisted 26.10.0) until a C{callLater(0)}; the
-    public C{loseConnection} flushes it but also closes.  Guard:
-    tests.test_compat.TLSLayer.test_buffering_layer_aggregates_in_aggregator.
+    Write out what Twisted's buffering TLS layer (C{BufferingTLSTransport}) holds for the reactor turn's
+    end, if C{transport} is one (nothing else is asked: a miss through a C{ProtocolWrapper}'s
+    C{__getattr__} raises and catches an AttributeError).  Small writes wait in its private
+    C{_aggregator} (Twisted 26.10.0) until a C{callLater(0)}; the public C{loseConnection} flushes it but
+    also closes.  Guard: tests.test_compat.TLSLayer.test_buffering_layer_aggregates_in_aggregator.
     """
-    aggregator = getattr(transport, "_aggregator", None)
-    if aggregator is not None:
-        aggregator.flush()
+    if isinstance(transport, BufferingTLSTransport):
+        aggregator = getattr(transport, "_aggregator", None)
+        if aggregator is not None:
+            aggregator.flush()
 
 
 # -- Twisted's TCP transport (twisted.internet.tcp.Connection, abstract.FileDescriptor) ------
@@ -230,19 +225,29 @@ def write_closed(transport, mark: bool = False) -> bool:
     return transport._writeDisconnected
 
 
+def close_without_shutdown(connection_class):
+    """
+    Class decorator: the orderly close of a C{tcp.Connection} subclass's socket is a C{close} alone.
+    C{_SocketCloser._closeSocket} calls C{shutdown(SHUT_RDWR)} first unless its private class attribute
+    C{_shouldShutdown} (Twisted 26.10.0) is false; after both ends' FINs that fails (C{ENOTCONN}, an
+    OSError raised and caught): at every close of a provider's service connection.  Not needed, as
+    Twisted's comment there says: no other process holds the socket (close-on-exec), so C{close} sends the
+    same FIN (or reset, for unread data).  Guard: tests.test_compat.TCPTransport.test_should_shutdown.
+    """
+    connection_class._shouldShutdown = False
+    return connection_class
+
+
 # -- twisted.web.client ---------------------------------------------------------------------
 
 def quiet_http11_client_factory(quiescentCallback, metadata):
     """
-    The factory C{HTTPConnectionPool} builds per new connection (Twisted's private
-    C{_HTTP11ClientFactory}), without the "Starting factory" / "Stopping factory" log lines it writes
-    for every one: the connector opens one per request to the local app, the Docker client one per
-    Engine request.
-
-    C{HTTPConnectionPool} has no public way to choose the factory, so L{quiet_pool} sets its private
-    C{_factory}, which the pool calls as C{_factory(quiescentCallback, metadata)} (Twisted 26.10.0,
-    C{HTTPConnectionPool._newConnection}).  (Imported here, not at the top: the port plane does not load
-    twisted.web.)  Guard: tests.test_compat.WebClient.
+    The factory C{HTTPConnectionPool} builds per new connection (Twisted's private C{_HTTP11ClientFactory})
+    without the "Starting factory" / "Stopping factory" lines it logs for each: the connector opens one per
+    request to the local app, the Docker client one per Engine request.  The pool has no public way to
+    choose the factory: L{quiet_pool} sets its private C{_factory}, which it calls with C{(quiescentCallback,
+    metadata)} (Twisted 26.10.0, C{HTTPConnectionPool._newConnection}).  (Imported here, not at the top:
+    the port plane does not load twisted.web.)  Guard: tests.test_compat.WebClient.
     """
     from twisted.web.client import _HTTP11ClientFactory
     factory = _HTTP11ClientFactory(quiescentCallback, metadata)
@@ -260,11 +265,10 @@ def quiet_pool(pool):
 
 class QuietClientService(ClientService):
     """
-    A C{ClientService} without its "Scheduling retry 1 to connect <endpoint> in 0.8202498342316469
-    seconds." line after every failed attempt, which repeated the line PipeGate's dialers log for it (the
-    reason in the user's words, and the next delay).  ClientService logs through its private class
-    attribute C{_log}, handed to its state machine by C{__init__} (Twisted 26.10.0); here its warnings
-    and errors still pass.  Guard: tests.test_compat.ClientServiceLog.
+    A C{ClientService} without its "Scheduling retry 1 to connect <endpoint> in 0.82... seconds." line after
+    every failed attempt (PipeGate's dialers log the reason, in the user's words, and the next delay).  It
+    logs through its private class attribute C{_log}, handed to its state machine by C{__init__} (Twisted
+    26.10.0); its warnings and errors still pass.  Guard: tests.test_compat.ClientServiceLog.
     """
 
     _log = Logger(observer=FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(LogLevel.warn)]))
@@ -376,21 +380,18 @@ def autobahn_traffic_seen(protocol) -> None:
 
 # -- Autobahn's compiled XOR masker ----------------------------------------------------------
 # Why: the links mask and unmask their own data frames (pipegate.http.pipe).  Autobahn's public maskers
-# (autobahn.websocket.xormasker) come from its NVX wrapper modules, which parse their C declarations
-# with pycparser when imported: about 1.2 MiB of RSS in every relay and connector, which pipegate.http
-# avoids by starting Autobahn with AUTOBAHN_USE_NVX=0 (Autobahn then masks its own few frames, the
-# handshake's pings and closes, in Python).  The compiled extension module those wrappers load,
-# C{_nvx_xormasker}, is importable on its own and needs no parsing; it is Autobahn's, undocumented
-# (Autobahn 26.11.1: C{autobahn/nvx/_xormasker.py} builds it; its functions are what C{XorMaskerNvx}
-# calls).  Without it (an Autobahn built without NVX) the public masker serves.  Guard:
-# tests.test_compat.AutobahnMasker.
+# (autobahn.websocket.xormasker) come from its NVX wrappers, which parse C declarations with pycparser
+# when imported: about 1.2 MiB of RSS in every relay and connector, avoided by AUTOBAHN_USE_NVX=0
+# (Autobahn then masks its own few frames, pings and closes, in Python).  The compiled module the
+# wrappers load, C{_nvx_xormasker}, imports on its own without parsing; it is undocumented (Autobahn
+# 26.11.1: built by C{autobahn/nvx/_xormasker.py}; its functions are what C{XorMaskerNvx} calls).
+# Without it (no NVX build) the public masker serves.  Guard: tests.test_compat.AutobahnMasker.
 try:
     from _nvx_xormasker import ffi as _nvx_ffi, lib as _nvx_lib
 except ImportError:  # pragma: no cover - Autobahn built without its native extensions
     _nvx_ffi = _nvx_lib = None
 
-# Implementation number of C{nvx_xormask_set_impl}: 2 = SSE2 (Autobahn's XOR_MASKER_SSE2).
-_NVX_SSE2 = 2
+_NVX_SSE2 = 2   # C{nvx_xormask_set_impl}'s number for SSE2 (Autobahn's XOR_MASKER_SSE2)
 
 
 def xor_mask(mask: bytes, payload: bytes) -> bytes:
@@ -553,11 +554,10 @@ def lean_dispatch(reactor) -> bool:
 
 class TurnEndClock:
     """
-    The clock of the links' TLS layers (L{BatchedTLSFactory}): C{callLater(0, f)}, which Twisted's
-    small-write aggregator makes once per turn that writes, runs C{f} when the reactor's current turn
-    has handled its I/O events, from a plain list, if the reactor dispatches with L{lean_dispatch}: no
-    DelayedCall made, pushed on the reactor's heap and popped (about 3,000 instructions).  Anything else
-    goes to the reactor.
+    The clock of the links' TLS layers (L{BatchedTLSFactory}): C{callLater(0, f)}, which Twisted's small-write
+    aggregator makes once per turn that writes, runs C{f} when the reactor's current turn has handled its
+    I/O events, from a plain list, if the reactor dispatches with L{lean_dispatch}: no DelayedCall made,
+    pushed on the reactor's heap and popped (about 3,000 instructions).  Anything else goes to the reactor.
     """
 
     def __init__(self, reactor) -> None:

@@ -26,19 +26,23 @@ import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
 
-from twisted.internet import address, error, tcp
+from twisted.internet import address, error, main, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.python import log
 from twisted.python.failure import Failure
 
+from pipegate._compat import close_without_shutdown, write_closed
 from pipegate.sockets import connect_protocol, stream_endpoint
 
 _PENDING = frozenset({EINPROGRESS, EALREADY, EWOULDBLOCK})
 _CONNECTED = frozenset({0, EISCONN})
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 _NAME_INFO = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+# What a close after a half-close tells the protocol, made once (as Twisted's reactor does for the
+# ends it reads): see PromptClose.
+_CLOSED = Failure(main.CONNECTION_DONE)
 
 
 @functools.lru_cache(maxsize=256)   # once per connection; a provider has a few services
@@ -113,11 +117,31 @@ def _address(family: int, sockaddr: tuple):
     return address.IPv4Address("TCP", *sockaddr[:2])
 
 
-class StreamClient(tcp.Connection):
+class PromptClose:
+    """
+    Mixed into a C{tcp.Connection} subclass (first): a close of a socket shut for writing
+    (every tunnelled connection's end: L{pipegate.sockets.close_now}), which
+    C{FileDescriptor.loseConnection} does at once, hands the protocol a C{ConnectionDone}
+    failure made once instead of a new one each time (its making and C{connectionLost}'s
+    check of its type cost about 20 Python calls and an AttributeError raised and caught).
+    """
+
+    def loseConnection(self) -> None:
+        if self.connected and not self.disconnecting and not self.TLS and write_closed(self):
+            self.stopReading()
+            self.stopWriting()
+            self.connectionLost(_CLOSED)
+        else:
+            super().loseConnection()
+
+
+@close_without_shutdown
+class StreamClient(PromptClose, tcp.Connection):
     """
     The client side of a TCP connection, connected by L{connect} (see the module's doc).
     Once connected, a C{tcp.Connection} like Twisted's own client's, with its
-    C{getHost} and C{getPeer}.
+    C{getHost} and C{getPeer}; its close is a C{close} alone, without the C{shutdown}
+    before it that fails after a half-close from both ends, and a L{PromptClose}.
     """
 
     #: Whether L{connect} asks again at once whether the connect is done (tests turn it off

@@ -65,11 +65,46 @@ def pattern(size: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_ports = random.Random(os.urandom(16))   # (its own generator: a test seeding `random` changes nothing)
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws the source ports of outgoing connections and C{bind(0)} from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999   # Linux's default (and no /proc elsewhere)
+    return low, high
+
+
+def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> list[int]:
+    """
+    C{count} distinct ports of 127.0.0.1, free when picked, for a process the test starts to
+    bind.  They are picked below the ephemeral range: a port from C{bind(0)} is one the
+    kernel may hand the very next outgoing connection (of this test, of another process) as
+    its source port, which then holds it when the service tries to listen.
+    """
+    low = min(ephemeral_ports()[0], 65536)
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            s = socket.socket(socket.AF_INET, kind)
+            try:
+                s.bind(("127.0.0.1", _ports.randrange(10000, max(low, 10001))))
+            except OSError:   # in use (or in TIME_WAIT): pick another
+                s.close()
+                continue
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port of 127.0.0.1 that was free a moment ago (see L{free_ports})."""
+    return free_ports(1, kind)[0]
 
 
 def limited_twistd(nofile: int) -> list[str]:

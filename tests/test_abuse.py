@@ -31,7 +31,8 @@ from tests.support import (
     Loopback, TestApp, connect_raw, eventually, raw_request, read_steadily, request, split_response,
     token_for, ws_connect,
 )
-from tests.test_ports_e2e import CERT, SECRET, PortPlane, free_port
+from tests.test_ports_e2e import CERT, SECRET, PortPlane
+from tests.support import free_port
 
 
 def by_length(raw: bytes) -> list[tuple[bytes, bytes]]:

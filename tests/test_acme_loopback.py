@@ -187,7 +187,7 @@ class Unreachable(unittest.TestCase):
         return caught.exception
 
     async def test_connection_refused(self):
-        from tests.test_ports_e2e import free_port
+        from tests.support import free_port
 
         port = free_port()
         error = await self.issue(f"https://127.0.0.1:{port}/dir")

@@ -19,8 +19,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pipegate.tap import server as tap
-from tests.pebble import Pebble, free_port
-from tests.support import SECRET, Loopback, eventually, request
+from tests.pebble import Pebble
+from tests.support import SECRET, Loopback, eventually, free_port, request
 
 DOMAIN = "pipegate.test"
 

@@ -154,6 +154,20 @@ class TLSLayer(GuardMixin, unittest.TestCase):
         server.dataReceived(client.transport.value())
         self.assertEqual(server.wrappedProtocol.chunks, [b"small"])
 
+    def test_flush_asks_nothing_of_other_transports(self):
+        # A wrapper (the gateway's accept gate around a mux link's socket) would look _aggregator up
+        # through its __getattr__ and miss: an AttributeError raised and caught per flush.
+        asked = []
+
+        class Wrapper(policies.ProtocolWrapper):
+            def __getattr__(self, name):
+                asked.append(name)
+                return super().__getattr__(name)
+        wrapper = Wrapper(policies.WrappingFactory(protocol.Factory()), protocol.Protocol())
+        wrapper.makeConnection(StringTransport())
+        _compat.flush_tls_buffer(wrapper)
+        self.assertEqual(asked, [])
+
 
 class PyOpenSSL(GuardMixin, unittest.TestCase):
     """whole_writes: pyOpenSSL's SSL._lib and Connection._ssl."""
@@ -174,7 +188,7 @@ class PyOpenSSL(GuardMixin, unittest.TestCase):
 
 
 class TCPTransport(GuardMixin, unittest.TestCase):
-    """tcp_data_received, has_write_buffers, nothing_queued, write_closed."""
+    """tcp_data_received, has_write_buffers, nothing_queued, write_closed, close_without_shutdown."""
 
     def file_descriptor(self) -> abstract.FileDescriptor:
         fd = abstract.FileDescriptor(reactor=MemoryReactorClock())
@@ -257,6 +271,27 @@ class TCPTransport(GuardMixin, unittest.TestCase):
             self.assertEqual(answers[name], general(fd), name)
         self.assertEqual([name for name, writable in answers.items() if writable],
                          ["fresh", "queued, then flushed"])
+
+    def test_should_shutdown(self):
+        self.assertPrivate(tcp.Connection, "_shouldShutdown", "close_without_shutdown")
+        self.assertIs(tcp.Connection._shouldShutdown, True)
+        self.assertSourceHas(tcp.Connection._closeSocket, "if self._shouldShutdown:", "close_without_shutdown")
+        calls = []
+
+        class Socket:
+            def shutdown(self, how):
+                calls.append(("shutdown", how))
+
+            def close(self):
+                calls.append("close")
+        plain = type("Plain", (tcp.Connection,), {})
+        closing = _compat.close_without_shutdown(type("Closing", (tcp.Connection,), {}))
+        for kind, expected in ((plain, [("shutdown", 2), "close"]), (closing, ["close"])):
+            connection = kind.__new__(kind)
+            connection.socket = Socket()
+            del calls[:]
+            connection._closeSocket(True)   # (orderly: what connectionLost asks but after an abort)
+            self.assertEqual(calls, expected, kind)
 
 
 class WebClient(GuardMixin, unittest.TestCase):
@@ -1079,7 +1114,7 @@ _PRIVATE = frozenset({
     "_aggregator", "_creatorCallable", "_tlsConnection", "_lostTLSConnection", "_aborted", "_flushSendBIO",
     "_flushReceiveBIO", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished", "_lib", "_ssl",
     "closeHandshakeTimeoutCall", "http_status_line", "current_frame", "inside_message", "autoPingTimeoutCall",
-    "_cancelAutoPingTimeoutCall", "_nvx_xormasker"})
+    "_cancelAutoPingTimeoutCall", "_nvx_xormasker", "_shouldShutdown"})
 # ...and names that are private only on someone else's object (ours on self): pool._factory.
 _PRIVATE_ON_OTHERS = frozenset({"_factory"})
 

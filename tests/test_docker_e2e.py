@@ -21,9 +21,9 @@ from pipegate.ports.docker.helperspec import helper_name, secret_free
 from pipegate.tap import gateway as gateway_tap
 from pipegate.tap import provider as provider_tap
 from tests.docker_double import EngineDouble
-from tests.support import eventually
+from tests.support import eventually, free_port
 from pipegate.ports.services import Service
-from tests.test_ports_e2e import SECRET, PortPlane, UDPEcho, free_port
+from tests.test_ports_e2e import SECRET, PortPlane, UDPEcho
 from tests.test_processes import TWISTD, child_env, spawn
 
 SECRET_HEX = SECRET.hex()

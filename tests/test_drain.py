@@ -19,8 +19,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 
 from pipegate.drain import AfterDrain, Drainer, drain
-from tests.support import SECRET, TestApp, eventually, pattern, token_for
-from tests.test_ports_e2e import Client, free_port, free_ports
+from tests.support import SECRET, TestApp, eventually, free_port, free_ports, pattern, token_for
+from tests.test_ports_e2e import Client
 from tests.test_processes import TWISTD, child_env, spawn
 
 CHUNK = 64 * 1024

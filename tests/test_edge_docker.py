@@ -16,10 +16,9 @@ from pipegate.ports.docker.containers import CLAIM_GRACE_REFRESHES, discover
 from pipegate.ports.gateway import parse_port_ranges
 from pipegate.tap import gateway as gateway_tap
 from pipegate.tap import provider as provider_tap
-from tests.support import eventually
+from tests.support import eventually, free_port, free_ports
 from tests.test_docker_discovery import NETWORK, make_container
 from tests.test_docker_e2e import SECRET_HEX, DockerPlane
-from tests.test_ports_e2e import free_port, free_ports
 
 
 class Answer(protocol.Protocol):

@@ -28,9 +28,9 @@ from pipegate.ports.gateway import GatewayConfig
 from pipegate.ports.services import Service
 from pipegate.ports.udp import Flow, Hold
 from pipegate.tap import gateway as gateway_tap
-from tests.support import eventually, read_steadily
+from tests.support import eventually, free_port, read_steadily
 
-from tests.test_ports_e2e import CERT, SECRET, Client, Echo, PortPlane, UDPEcho, free_port
+from tests.test_ports_e2e import CERT, SECRET, Client, Echo, PortPlane, UDPEcho
 
 
 class Held(Client):

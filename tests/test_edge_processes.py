@@ -18,8 +18,8 @@ from twisted.internet import endpoints, protocol, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
-from tests.support import eventually
-from tests.test_ports_e2e import Client, Echo, UDPEcho, free_ports
+from tests.support import eventually, free_ports
+from tests.test_ports_e2e import Client, Echo, UDPEcho
 from tests.test_processes import TWISTD, child_env, spawn
 
 SECRET = "ab" * 32

@@ -20,8 +20,10 @@ from twisted.trial import unittest
 
 from pipegate.ports.services import Service
 from tests.faultproxy import FaultProxy
-from tests.support import Loopback, TestApp, connect_raw, eventually, raw_request, request, token_for
-from tests.test_ports_e2e import Client, Echo, PortPlane, free_port, free_ports
+from tests.support import (
+    Loopback, TestApp, connect_raw, eventually, free_port, free_ports, raw_request, request, token_for,
+)
+from tests.test_ports_e2e import Client, Echo, PortPlane
 from tests.test_processes import TWISTD, child_env, spawn
 from tests.test_secrets import JWT_SECRET
 

@@ -18,8 +18,8 @@ from twisted.trial import unittest
 
 from pipegate.http.connector import Connector
 from pipegate.http.target import ConnectorConfig, Target
-from tests.support import Loopback, TestApp, pattern, request, token_for
-from tests.test_proxyprotocol import free_port, haproxy_or_skip, start_haproxy
+from tests.support import Loopback, TestApp, free_port, pattern, request, token_for
+from tests.test_proxyprotocol import haproxy_or_skip, start_haproxy
 
 DOMAIN = "tunnels.test"
 

@@ -803,7 +803,7 @@ class LoginFailures(unittest.TestCase):
         self.assertEqual(relay.tunnels, {})
 
     async def test_connection_refused(self):
-        from tests.test_ports_e2e import free_port
+        from tests.support import free_port
 
         why = await self.failures(f"ws://127.0.0.1:{free_port()}/t1")
         self.assertEqual(why, "cannot connect: connection refused")

@@ -26,8 +26,8 @@ from pipegate.mux.hubcore import HubConfig
 from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.services import Service
-from tests.support import eventually, pattern
-from tests.test_ports_e2e import CERT, SECRET, Client, PortPlane, Source, UDPEcho, free_port, free_ports
+from tests.support import eventually, free_port, free_ports, pattern
+from tests.test_ports_e2e import CERT, SECRET, Client, PortPlane, Source, UDPEcho
 
 OTHER = bytes(range(100, 132))     # a second router's secret
 STRANGER = bytes(range(200, 232))  # a secret the hub does not know

@@ -22,7 +22,7 @@ from pipegate.http.visitors import VisitorPolicy
 from tests.support import (
     SECRET, SETTINGS, Loopback, TestApp, eventually, raw_request, request, split_response, token_for,
 )
-from tests.test_ports_e2e import free_port
+from tests.support import free_port
 from tests.test_processes import TWISTD, child_env, spawn
 
 

@@ -21,8 +21,8 @@ from zope.interface import implementer
 
 from pipegate.mux import session
 from pipegate.ports.services import Service
-from tests.support import Loopback, TestApp, eventually, pattern
-from tests.test_ports_e2e import PortPlane, free_port
+from tests.support import Loopback, TestApp, eventually, free_port, pattern
+from tests.test_ports_e2e import PortPlane
 
 HTTP_REQUESTS = 3_000
 HTTP_CONCURRENCY = 100

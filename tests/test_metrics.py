@@ -20,8 +20,8 @@ from pipegate.metrics import (
 from pipegate.ports.services import Service
 from pipegate.stats import Stats
 from pipegate.status import OpsResource, format_status, gateway_status, provider_status, relay_status
-from tests.support import Loopback, eventually, request, token_for
-from tests.test_ports_e2e import Client, PortPlane, free_port
+from tests.support import Loopback, eventually, free_port, request, token_for
+from tests.test_ports_e2e import Client, PortPlane
 from tests.test_processes import child_env, spawn
 
 

@@ -741,6 +741,62 @@ class PropertyTests(unittest.TestCase):
                 self.assertEqual([type(f[1]) for f in got[0] if type(f) is tuple], [bytes] * sum(
                     type(f) is tuple for f in got[0]))
 
+    @PROPERTY
+    @given(st.lists(st.one_of(frame_strategy, frame_strategy, st.builds(
+        lambda channel, size, fill: Data(channel, bytes([fill]) * size),
+        channels, st.integers(4000, MAX_DATA), st.integers(0, 255))), max_size=8), st.data())
+    def test_views_are_the_data_pairs(self, sent, data):
+        # FrameDecoder(data_pairs=True, views=True) (a MuxLink's) gives a DATA payload of 4 KiB or more
+        # that lies whole in a read-only view (or in bytes) as a view of that read, uncopied; everything else as
+        # the data_pairs decoder does: the same frames, payload bytes, held bytes and errors read by
+        # read, for streams split anywhere, as bytes or read-only views, and mutated.
+        stream = bytearray(b"".join(encode(f) for f in sent))
+        for _ in range(data.draw(st.integers(0, 2)) if stream and data.draw(st.booleans()) else 0):
+            stream[data.draw(st.integers(0, len(stream) - 1))] = data.draw(st.integers(0, 255))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+        chunks = [bytes(stream[a:b]) for a, b in zip([0] + cuts, cuts + [len(stream)])]
+        as_views = data.draw(st.booleans())
+        if as_views:
+            chunks = [memoryview(bytearray(chunk)).toreadonly() for chunk in chunks]
+        paired, viewing = FrameDecoder(data_pairs=True), FrameDecoder(data_pairs=True, views=True)
+
+        def outcome(decoder, chunk):
+            try:
+                return decoder.feed(chunk), decoder.buffered
+            except FrameError as e:
+                return str(e)
+
+        buffers = []
+        for chunk in chunks:
+            buffers.append(chunk.obj if as_views else chunk)
+            expected, got = outcome(paired, chunk), outcome(viewing, chunk)
+            self.assertEqual(got, expected)   # (a view equals the bytes it shows)
+            if isinstance(got, str):
+                break
+            for frame in got[0]:
+                if type(frame) is tuple and type(frame[1]) is memoryview:
+                    self.assertGreaterEqual(len(frame[1]), 4096)
+                    self.assertTrue(frame[1].readonly)
+                    # (of a read given, or of bytes: a join of the decoder's own when a read ended in a prefix)
+                    self.assertTrue(type(frame[1].obj) is bytes or any(frame[1].obj is b for b in buffers))
+                elif type(frame) is tuple:
+                    self.assertIs(type(frame[1]), bytes)
+
+    def test_a_bulk_payload_whole_in_a_view_is_given_as_a_view_of_it(self):
+        # A bulk link's receiver copied every payload byte once here; now only the one across reads.
+        first, second, third = Data(3, b"x" * 60_000), Data(4, b"y" * 50_000), Data(5, b"z" * 4087)
+        wire = encode(first) + encode(second) + encode(third) + encode(Fin(5))
+        decoder = FrameDecoder(data_pairs=True, views=True)
+        view = memoryview(bytearray(wire[:100_000])).toreadonly()
+        got = decoder.feed(view)
+        self.assertEqual(got, [(3, first.data)])
+        self.assertIs(got[0][1].obj, view.obj)   # no copy
+        got = decoder.feed(memoryview(bytearray(wire[100_000:])).toreadonly())
+        self.assertEqual(got, [(4, second.data), (5, third.data), Fin(5)])
+        self.assertEqual([type(f[1]) for f in got[:2]], [bytes, bytes])   # across reads: joined; small: copied
+        self.assertEqual(FrameDecoder(data_pairs=True).feed(view), [(3, first.data)])
+        self.assertIs(type(FrameDecoder(data_pairs=True).feed(view)[0][1]), bytes)   # (not without views)
+
     def test_data_pairs_from_the_general_path(self):
         # A DATA frame across two reads (the general path) is a pair too.
         wire = encode(Data(5, b"x" * 300)) + encode(Fin(5))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial import unittest
 
 from pipegate.core.budget import LogThrottle
@@ -87,6 +89,27 @@ class RecordingChannel(LinkChannel):
 
     def link_lost(self) -> None:
         self.lost = True
+
+
+class ViewTakingTransport(StringTransport):
+    """A socket transport whose write takes memoryviews (as pipegate.sockets' eager write): kept as given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list = []
+
+    def write(self, data) -> None:
+        self.written.append(data)
+
+    write.takes_views = True
+
+
+class Shaper(ProtocolWrapper):
+    """A wrapper with a write of its own (a rate shaper may hold what it is given): bytes only."""
+
+    def write(self, data) -> None:
+        assert type(data) is bytes
+        super().write(data)
 
 
 class LinkTestCase(unittest.TestCase):
@@ -341,6 +364,37 @@ class Dispatch(LinkTestCase):
         self.assertEqual(gateway.stats.get("bytes", "down"), 2 + 1 + 5 + 11)
         self.assertEqual(channel.transport.value(), b"12345")
         self.assertEqual(other.frames, [frames.Data(other_id, b"dg"), frames.Datagram(other_id, b"d")])
+
+    def test_bulk_payloads_reach_view_taking_sockets_as_views_and_others_as_bytes(self) -> None:
+        # A DATA payload of 4 KiB or more, whole in a read given as a read-only view (the TLS layer's, from
+        # 32 KiB), goes on uncopied to a StreamChannel whose socket's write takes views (pipegate.sockets'
+        # eager write: it queues what the kernel does not take as bytes), also through a pass-through
+        # ProtocolWrapper; any other channel or socket gets bytes (it may keep what it is given).
+        provider, gateway = self.pair()
+        plain = StreamChannel(frames.MAX_DATA)
+        plain.makeConnection(StringTransport())
+        viewing, wrapped, shaped = (StreamChannel(frames.MAX_DATA) for _ in range(3))
+        viewing.makeConnection(ViewTakingTransport())
+        ProtocolWrapper(WrappingFactory(Factory()), wrapped).makeConnection(ViewTakingTransport())
+        Shaper(WrappingFactory(Factory()), shaped).makeConnection(ViewTakingTransport())
+        other = RecordingChannel()
+        channels = [plain, viewing, wrapped, shaped]
+        for channel in channels:
+            channel.attach(gateway, gateway.allocate_channel(channel))
+        other_id = gateway.allocate_channel(other)
+        sent = [frames.Data(c.channel_id, bytes([i]) * 5_000) for i, c in enumerate(channels)]
+        sent.append(frames.Data(other_id, b"o" * 5_000))
+        read = memoryview(bytearray(b"".join(map(frames.encode, sent)))).toreadonly()
+        gateway.dataReceived(read)
+        self.assertFalse(gateway.closed)
+        got = [plain.transport.value(), viewing.transport.written, wrapped.transport.transport.written,
+               shaped.transport.transport.written]
+        self.assertEqual(got[0], sent[0].data)
+        self.assertEqual([b"".join(w) for w in got[1:]], [f.data for f in sent[1:4]])
+        self.assertEqual([type(w[0]) for w in got[1:]], [memoryview, memoryview, bytes])
+        self.assertIs(got[1][0].obj, read.obj)   # not copied
+        self.assertEqual(other.frames, [sent[-1]])
+        self.assertIs(type(other.frames[0].data), bytes)
 
     def test_loss_reaches_channels_node_and_owner(self) -> None:
         provider, gateway = self.pair()

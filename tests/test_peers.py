@@ -35,7 +35,8 @@ from tests.support import (
     Loopback, PeerProcess, RawHTTP, TestApp, WSClient, debian_tool, eventually, pattern, split_response,
     start_peer, token_for,
 )
-from tests.test_ports_e2e import PortPlane, free_port
+from tests.test_ports_e2e import PortPlane
+from tests.support import free_port
 from tests.test_tls import make_ca_and_cert
 
 CALLER = "127.0.0.2"

@@ -17,8 +17,8 @@ from pipegate.core.policydoc import load_policy
 from pipegate.ports.resolver import Records
 from pipegate.ports.services import Service
 from pipegate.ports.unlimited import UnlimitedGate, UnlimitedResource, make_token
-from tests.support import eventually, pattern, request
-from tests.test_ports_e2e import Echo, PortPlane, free_port
+from tests.support import eventually, free_port, pattern, request
+from tests.test_ports_e2e import Echo, PortPlane
 
 
 def policy(doc) -> object:

@@ -12,8 +12,10 @@ import weakref
 
 from twisted.application import internet
 from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -25,29 +27,10 @@ from pipegate.mux.session import LinkConfig, LinkFactory
 from pipegate.ports.gateway import Gateway, GatewayConfig
 from pipegate.ports.provider import Provider, ProviderConfig
 from pipegate.ports.services import Exposure, Filter, Service
-from tests.support import collector_off, eventually, pattern
+from tests.support import collector_off, eventually, free_port, pattern
 
 SECRET = bytes(range(32))
 CERT = tls.generated_certificate()
-
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int, kind=socket.SOCK_STREAM) -> list[int]:
-    """C{count} distinct free ports: all held at once while they are picked (free_port
-    called twice in a row may return the same port)."""
-    held = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -243,8 +226,25 @@ class TCP(PortPlane):
             del refs[:]
             kinds.clear()
             self.assertEqual(await self.echo_through(self.gate, b"x"), b"xbye")
-            self.assertEqual(sorted(kinds), ["BackendChannel", "GateConnection", "Server", "StreamClient"])
+            self.assertEqual(sorted(kinds), ["BackendChannel", "GateConnection", "GateServer", "StreamClient"])
             await eventually(lambda: all(ref() is None for ref in refs), timeout=5)
+
+    async def test_a_connection_s_end_makes_no_failure(self):
+        # Gateway and provider close a tunnelled connection's sockets after shutting them for
+        # writing; Twisted's loseConnection makes a new ConnectionDone failure for each
+        # (pipegate.tcpclient.PromptClose: one made once).
+        self.assertEqual(await self.echo_through(self.gate, b"warm"), b"warmbye")
+        made = []
+        init = Failure.__init__
+
+        def recording(failure, exc_value=None, *args, **kw):
+            if isinstance(exc_value, ConnectionDone):
+                made.append(exc_value)
+            init(failure, exc_value, *args, **kw)
+        self.patch(Failure, "__init__", recording)
+        self.assertEqual(await self.echo_through(self.gate, b"x"), b"xbye")
+        await task.deferLater(reactor, 0.05, lambda: None)   # (anything left of the provider's close)
+        self.assertEqual(made, [])
 
     def test_services_dispatch_without_the_legacy_log_context(self):
         # Gateway and provider, started, make the (epoll) reactor dispatch I/O events

@@ -13,8 +13,8 @@ import sys
 from twisted.internet import endpoints, protocol, reactor
 from twisted.trial import unittest
 
-from tests.support import eventually
-from tests.test_ports_e2e import Client, Echo, free_ports
+from tests.support import eventually, free_ports
+from tests.test_ports_e2e import Client, Echo
 from tests.test_processes import TWISTD, child_env, run, spawn
 
 SECRET = "ab" * 32

@@ -180,7 +180,7 @@ class Plugins(unittest.TestCase):
         pidfile, logfile = os.path.join(directory, "relay.pid"), os.path.join(directory, "relay.log")
         code, out = await run(self, TWISTD + ["--pidfile", pidfile, "--logfile", logfile, "pipegate-server",
                                               "--listen", "tcp:0:interface=127.0.0.1"], PIPEGATE_JWT_SECRET=SECRET)
-        await eventually(lambda: os.path.exists(pidfile))
+        await eventually(lambda: os.path.exists(pidfile), timeout=30)   # (a bound for a loaded machine)
         with open(pidfile) as f:
             pid = int(f.read())
         self.addCleanup(lambda: os.kill(pid, signal.SIGKILL) if os.path.exists(pidfile) else None)
@@ -188,7 +188,7 @@ class Plugins(unittest.TestCase):
         self.assertEqual(out, f"twistd pipegate-server: running in the background (no -n): log in {logfile}, "
                               f"stop with kill $(cat {pidfile})\n")
         os.kill(pid, signal.SIGTERM)
-        await eventually(lambda: not os.path.exists(pidfile))
+        await eventually(lambda: not os.path.exists(pidfile), timeout=30)
 
     async def test_scan_names_a_bad_connect_and_what_to_write(self):
         code, out = await run(self, [sys.executable, "-m", "pipegate", "scan", "--router", "ab" * 32,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import socket
 import sys
 
 from twisted.internet import defer, endpoints, reactor
@@ -19,8 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from pipegate.ports import proxyprotocol as pp
-from tests.support import PeerProcess, behind_proxy_listener, debian_tool, start_peer
-from tests.test_ports_e2e import free_ports
+from tests.support import PeerProcess, behind_proxy_listener, debian_tool, free_ports, start_peer
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -186,11 +184,6 @@ HAPROXY = "/usr/sbin/haproxy"
 def haproxy_or_skip(testcase) -> str:
     return debian_tool(testcase, "haproxy", HAPROXY)
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_haproxy(case: unittest.TestCase, path: str, config: str, ports) -> PeerProcess:

@@ -10,7 +10,8 @@ from twisted.internet import endpoints, reactor
 
 
 from pipegate.ports.services import Service
-from tests.test_ports_e2e import PortPlane, free_port
+from tests.test_ports_e2e import PortPlane
+from tests.support import free_port
 from tests import test_proxyprotocol as consumer
 
 

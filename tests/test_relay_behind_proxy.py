@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.core.policydoc import load_policy
-from tests.support import Loopback, TestApp, raw_request, split_response
-from tests.test_proxyprotocol import free_port, haproxy_or_skip, start_haproxy
+from tests.support import Loopback, TestApp, free_port, raw_request, split_response
+from tests.test_proxyprotocol import haproxy_or_skip, start_haproxy
 
 HTTP_MODE = """\
 defaults

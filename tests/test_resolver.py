@@ -11,8 +11,8 @@ from twisted.web import server
 
 from pipegate.ports.resolver import Records, ResolverResource
 from pipegate.ports.services import Service
-from tests.support import eventually, request
-from tests.test_ports_e2e import Client, PortPlane, free_port
+from tests.support import eventually, free_port, request
+from tests.test_ports_e2e import Client, PortPlane
 
 
 class Backend(protocol.Protocol):

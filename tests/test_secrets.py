@@ -25,8 +25,11 @@ from pipegate.mux import frames, tls
 from pipegate.mux.session import LinkConfig, LinkFactory, MuxLink
 from pipegate.ports.services import Service
 from tests.faultproxy import FaultProxy
-from tests.support import SECRET as JWT_SECRET, Loopback, TestApp, eventually, raw_request, request, token_for
-from tests.test_ports_e2e import Client, Echo, PortPlane, free_port, free_ports
+from tests.support import (
+    SECRET as JWT_SECRET, Loopback, TestApp, eventually, free_port, free_ports, raw_request, request,
+    token_for,
+)
+from tests.test_ports_e2e import Client, Echo, PortPlane
 from tests.test_processes import TWISTD, child_env, spawn
 
 ROUTER = bytes.fromhex("5e" * 16 + "c7" * 16)

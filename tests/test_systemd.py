@@ -24,8 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pipegate.logs import JSONLinesObserver, record
-from tests.support import SECRET, eventually
-from tests.test_ports_e2e import free_port
+from tests.support import SECRET, eventually, free_port
 from tests.test_processes import TWISTD, Child, child_env, spawn
 
 

@@ -11,9 +11,11 @@ from twisted.internet import address, defer, error, reactor, task
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pipegate import tcpclient
+from pipegate.sockets import close_write
 from pipegate.tcpclient import StreamClient, connect_stream
 from tests.support import eventually
 from tests.test_sockets import plain_listener
@@ -91,6 +93,18 @@ async def _received(peer: socket.socket, size: int) -> bytes:
         return not chunk or len(b"".join(data)) == size
     await eventually(read)
     return b"".join(data)
+
+
+class _RecordingSocket(socket.socket):
+    """A socket that records the C{shutdown} calls made on it."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.shutdowns: list[int] = []
+
+    def shutdown(self, how: int) -> None:
+        self.shutdowns.append(how)
+        super().shutdown(how)
 
 
 class ConnectStreamTests(unittest.TestCase):
@@ -253,6 +267,40 @@ class ConnectStreamTests(unittest.TestCase):
         self.assertEqual(client.transport.getHost().port, peer.getpeername()[1])
         client.transport.abortConnection()
         await client.lost
+
+    async def test_closes_without_a_shutdown_first(self):
+        # After a half-close from both ends (a tunnelled connection's usual end), the shutdown(2)
+        # Twisted makes before the close fails (ENOTCONN); the close alone sends the FIN.
+        listener = plain_listener(self)
+        sock, client, failed = _RecordingSocket(), _Client(), []
+        StreamClient(sock, client, reactor, listener.getsockname()).connect(3.0, failed.append)
+        await client.made
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        client.transport.write(b"x")
+        client.transport.loseConnection()
+        await client.lost
+        client.reason.trap(error.ConnectionDone)
+        self.assertEqual(sock.shutdowns, [])
+        self.assertEqual(await _received(peer, 2), b"x")   # and the end of the stream
+
+    async def test_a_close_after_the_write_side_makes_no_failure(self):
+        # Twisted's loseConnection makes a new ConnectionDone failure for every close of a socket
+        # shut for writing (and connectionLost works out its type's parents): one made once serves.
+        listener = plain_listener(self)
+        client, failed = self.connect("127.0.0.1", listener.getsockname()[1])
+        await client.made
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        close_write(client.transport)
+        made = []
+        init = Failure.__init__
+        self.patch(Failure, "__init__", lambda failure, *a, **kw: made.append(a) or init(failure, *a, **kw))
+        client.transport.loseConnection()
+        self.assertTrue(client.lost.called)   # (at once)
+        self.assertEqual(made, [])
+        client.reason.trap(error.ConnectionDone)
+        self.assertEqual(await _received(peer, 1), b"")
 
     async def test_a_host_name_goes_through_an_endpoint(self):
         listener = plain_listener(self)

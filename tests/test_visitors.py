@@ -147,6 +147,15 @@ class Ownership(unittest.TestCase):
         same = VisitorPolicy.from_options("app", ["ann:pw"])
         self.assertIsNone(join_refusal([Holder("a", True, self.p1)], Holder("b", True, same)))
 
+    def test_no_policy_and_an_empty_one_are_the_same(self):
+        # The relay records a login without the header as None (visitors.py stays unloaded);
+        # one that sends an empty policy must still join it, and a real policy is kept.
+        self.assertIsNone(Holder("a", False, EMPTY).policy)
+        self.assertIsNone(Holder("a", False, VisitorPolicy.decode("{}")).policy)
+        self.assertEqual(Holder("a", False, self.p1).policy, self.p1)
+        self.assertIsNone(join_refusal([Holder("a", False, None)], Holder("a", False, VisitorPolicy.decode(" "))))
+        self.assertIn("visitor policy", join_refusal([Holder("a", False, None)], Holder("a", False, self.p1)))
+
 
 class RevocationList(unittest.TestCase):
     def test_parse(self):

@@ -49,7 +49,8 @@ class TrustedProxies:
     def trusts(self, address: Address) -> bool:
         return any(address.version == n.version and address in n for n in self.networks)
 
-    def _trusted_peer(self, peer: str) -> bool:
+    def trusts_peer(self, peer: str) -> bool:
+        """Whether C{peer} (an IP as text; anything else is not trusted) is a trusted proxy."""
         if not self.networks:
             return False
         try:
@@ -65,7 +66,7 @@ class TrustedProxies:
         is then the caller), and if every entry is trusted the leftmost one is the caller.
         Entries left of the caller are the caller's own claims and never believed.
         """
-        if not self._trusted_peer(peer):
+        if not self.trusts_peer(peer):
             return peer
         entries = [e for line in forwarded_for for e in line.split(b",")]
         caller = peer
@@ -85,7 +86,7 @@ class TrustedProxies:
         C{peer} is trusted and sent C{X-Forwarded-Proto}; then that header's last value
         (the one the proxy next to the relay set) when it is C{http} or C{https}.
         """
-        if not forwarded_proto or not self._trusted_peer(peer):
+        if not forwarded_proto or not self.trusts_peer(peer):
             return seen
         last = forwarded_proto[-1].rsplit(b",", 1)[-1].strip().lower()
         return last if last in (b"http", b"https") else seen

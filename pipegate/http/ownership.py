@@ -9,10 +9,17 @@ declares the same visitor policy.  Otherwise the login is refused with 409.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
-from pipegate.http.visitors import VisitorPolicy
+if TYPE_CHECKING:   # the relay loads visitors.py only for a login that declares a policy
+    from pipegate.http.visitors import VisitorPolicy
+
+
+def declared(policy: VisitorPolicy | None) -> VisitorPolicy | None:
+    """A login's visitor policy, None when it declares none (or an empty one)."""
+    return None if policy is None or policy.empty else policy
 
 
 @attrs.frozen
@@ -21,7 +28,7 @@ class Holder:
 
     jti: str | None
     shared: bool
-    policy: VisitorPolicy
+    policy: VisitorPolicy | None = attrs.field(converter=declared)   # None: no visitor policy
 
 
 def join_refusal(holders: Iterable[Holder], newcomer: Holder) -> str | None:

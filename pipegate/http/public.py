@@ -13,7 +13,7 @@ import io
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
@@ -28,12 +28,14 @@ from twisted.web.http_headers import Headers
 from pipegate import _compat
 from pipegate.http import frames, routing
 from pipegate.http.channeltimers import ChannelTimers
-from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.http.relay import ConnectorLink, Relay
 from pipegate.http.streams import RelayStream, own_headers, plain
-from pipegate.http.upgrade import UpgradePipe
 from pipegate.sockets import UnreadAbort, eager_writes, plain_writes
 from pipegate.timers import cancel
+
+if TYPE_CHECKING:
+    from pipegate.http.forwarded import TrustedProxies   # loaded only with --trusted-proxy (tap/server.py)
+    from pipegate.http.upgrade import UpgradePipe        # loaded by the first upgrade request (streams.py)
 
 _TOKEN_IN_QUERY = re.compile(rb"(?i)(token=)[^&\s]*")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -100,9 +102,9 @@ class RelayRequest(server.Request):
             self._upgrade = self.requestHeaders.hasHeader(b"upgrade")
         return self._upgrade
 
-    def _trusted(self) -> TrustedProxies:
+    def _trusted(self) -> TrustedProxies | None:
         site = getattr(self.channel, "site", None)
-        return getattr(site, "trusted_proxies", NOBODY)
+        return getattr(site, "trusted_proxies", None)
 
     def getClientAddress(self):
         """

@@ -11,6 +11,7 @@ tunnel registry and connector logins), streams.py (one request carried over a li
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import attrs
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -23,24 +24,29 @@ from twisted.web import http
 from pipegate import auth
 from pipegate.core import window
 from pipegate.http import frames, routing
-from pipegate.http.forwarded import NOBODY, TrustedProxies
 from pipegate.drain import Drainer, drain
 from pipegate.stats import Stats
-from pipegate.core.policy import EMPTY, Policy, PolicyError, decide, normalize_ip
-from pipegate.core.bucket import BucketPool
 from pipegate.core.budget import LogThrottle, source_key
 from pipegate._compat import cancel_close_timer
 from pipegate.http.pipe import FrameLink
-from pipegate.http import visitors
 from pipegate.http.ownership import Holder
 from pipegate.http.tunnels import Tunnel, Tunnels
 from pipegate.http.streams import RelayStream, plain
 from pipegate.sockets import UnreadAbort
 from pipegate.timers import cancel
 
+if TYPE_CHECKING:   # loaded only by a relay given --ingress-policy, --trusted-proxy or --tunnel-rate
+    from pipegate.core.bucket import BucketPool
+    from pipegate.core.policy import Policy
+    from pipegate.http.forwarded import TrustedProxies
+
 
 # A caller's key is parsed once, not on every request of its connections.
 _source_key = lru_cache(maxsize=4096)(source_key)
+
+# visitors.HEADER and visitors.ACCEPTED written out (tests/test_lean_startup.py checks that they
+# agree): the relay loads pipegate/http/visitors.py only for a login that declares a policy.
+VISITOR_HEADER, VISITOR_ACCEPTED = "PipeGate-Visitor-Policy", "enforced"
 
 
 @attrs.frozen
@@ -54,12 +60,12 @@ class RelayConfig:
     ping_interval: float = 20.0
     idle_timeout: float = 60.0
     access_log: bool = False
-    policy: Policy = EMPTY              # ingress policy for public callers (deny -> 403)
+    policy: Policy | None = None        # ingress policy for public callers (deny -> 403); None: none
     tunnel_rate: float = 0.0            # bytes/s per tunnel and direction; 0 = unlimited
     drain_timeout: float = 30.0         # seconds requests in flight may take to finish on stop
     max_window: int = frames.MAX_WINDOW        # credit a response's window may grow to
     window_budget: int = frames.WINDOW_BUDGET  # growth shared by all responses in flight
-    trusted_proxies: TrustedProxies = NOBODY   # peers whose X-Forwarded-For/-Proto are believed
+    trusted_proxies: TrustedProxies | None = None   # peers whose X-Forwarded-For/-Proto are believed
     upgrade_idle_timeout: float = 300.0 # seconds an upgraded (101) pipe may carry no byte; 0 = forever
     caller_share: int = 50              # % of max_in_flight one caller IP's waiting requests may hold
     min_body_rate: float = 500.0        # bytes/s a request body must average after body_grace; 0 = off
@@ -93,12 +99,25 @@ class Relay(service.Service, Drainer):
         self.config = config
         self.clock = clock
         self.stopping = False
-        self.pool = BucketPool()
+        self._pool: BucketPool | None = None
+        if config.tunnel_rate or (config.policy is not None and not config.policy.empty):
+            self._make_pool()   # shaping configured: its code loads at startup, not at a request
         self.window_budget = window.GrowthBudget(config.window_budget)
         self.stats = Stats()
         self.tunnels = Tunnels(config.jwt, config.per_caller, clock, self.stats)
         self.share_log = LogThrottle(10.0)
         self.open_links: set[ConnectorLink] = set()   # logged in, TCP connection not yet lost
+
+    @property
+    def pool(self) -> BucketPool:
+        """The token buckets that shape public requests (policy limits, --tunnel-rate)."""
+        return self._pool if self._pool is not None else self._make_pool()
+
+    def _make_pool(self) -> BucketPool:
+        from pipegate.core.bucket import BucketPool
+
+        self._pool = BucketPool()
+        return self._pool
 
     def _buckets(self, request, tunnel_id: str) -> tuple[list, list, list] | None:
         """
@@ -106,15 +125,19 @@ class Relay(service.Service, Drainer):
         when the ingress policy refuses the caller.
         """
         config = self.config
-        if config.policy.empty and not config.tunnel_rate:
+        policy = config.policy
+        if (policy is None or policy.empty) and not config.tunnel_rate:
             return [], [], []   # (unshaped and unfiltered: most relays)
         now = self.clock.seconds()
         wanted = []
-        if not config.policy.empty:
+        if policy is not None and not policy.empty:
+            # (loaded at startup with the policy: pipegate/tap/server.py)
+            from pipegate.core.policy import PolicyError, decide, normalize_ip
+
             ip = getattr(request.getClientAddress(), "host", "")
             try:
                 port = getattr(request.getHost(), "port", 0)  # 0 on a unix: listener
-                decision = decide([config.policy], ip, port, "tcp", now * 1000)
+                decision = decide([policy], ip, port, "tcp", now * 1000)
             except PolicyError:
                 return None
             if not decision.allow:
@@ -276,7 +299,7 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.tunnel_id = ""
-        self.holder = Holder(None, False, visitors.EMPTY)
+        self.holder = Holder(None, False, None)
         self.streams: dict[int, RelayStream] = {}
         self._next_stream = 1
         self._open = False
@@ -303,19 +326,28 @@ class ConnectorLink(FrameLink, WebSocketServerProtocol):
             token = request.params["token"][0]
         try:
             claims = relay.tunnels.authenticate_claims(path_id, token)
-            try:
-                policy = visitors.VisitorPolicy.decode(request.headers.get(visitors.HEADER.lower()))
-            except visitors.VisitorPolicyError as e:
-                relay.stats.inc("admission_failures", "bad_policy")
-                raise ConnectionDeny(400, f"bad {visitors.HEADER}: {e}")
-            holder = Holder(claims.jti, claims.shared, policy)
+            holder = Holder(claims.jti, claims.shared, self._visitor_policy(request, relay))
             relay.tunnels.admit(claims.sub, holder)
         except ConnectionDeny as e:
             self._log.info("connector login refused ({code}): {reason}", code=e.code, reason=e.reason)
             raise
         self.tunnel_id, self.holder = claims.sub, holder
         # The answer tells a connector that declared a policy that this relay enforces it.
-        return frames.SUBPROTOCOL, {visitors.HEADER: visitors.ACCEPTED}
+        return frames.SUBPROTOCOL, {VISITOR_HEADER: VISITOR_ACCEPTED}
+
+    @staticmethod
+    def _visitor_policy(request, relay: Relay):
+        """The visitor policy a login declares (None: none); 400 when it is malformed."""
+        text = request.headers.get(VISITOR_HEADER.lower())
+        if text is None or not text.strip():
+            return None
+        from pipegate.http import visitors
+
+        try:
+            return visitors.VisitorPolicy.decode(text)
+        except visitors.VisitorPolicyError as e:
+            relay.stats.inc("admission_failures", "bad_policy")
+            raise ConnectionDeny(400, f"bad {VISITOR_HEADER}: {e}")
 
     _unread = None   # after a refused login: aborts a caller that never reads the refusal
     _pong_at = float("-inf")   # when the last pong went out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -30,9 +30,11 @@ from pipegate.http import frames
 from pipegate.http.cookies import scope_cookies
 from pipegate.http.pipe import StreamPipe, filter_headers
 from pipegate.http.tunnels import Tunnel
-from pipegate.http.upgrade import HANDSHAKE, MAX_HELD, UpgradePipe, take_over
 from pipegate.sockets import bytes_acked
 from pipegate.timers import IdleTimer
+
+if TYPE_CHECKING:   # the passthrough code loads with a relay's first upgrade request, where used
+    from pipegate.http.upgrade import UpgradePipe   # (an idle relay does not hold it: test_lean_startup)
 
 # What a connector may put in a response head (RFC 9110 token names; no CR, LF or NUL in
 # values or the reason): anything else would split the caller's response.
@@ -144,6 +146,7 @@ class RelayStream:
             self.tunnel.callers.release(self.caller)
 
     def _hold_raw(self, data: bytes) -> None:
+        from pipegate.http.upgrade import MAX_HELD   # (after the first time: a lookup)
         self._held += data
         transport = self.request.channel.transport if self.request.channel else None
         if len(self._held) > MAX_HELD and transport is not None:
@@ -569,6 +572,7 @@ class RelayStream:
     # -- passthrough
     def _hijack(self) -> None:
         """Hand the caller's connection to an L{UpgradePipe} (pipegate/http/upgrade.py)."""
+        from pipegate.http.upgrade import UpgradePipe, take_over
         held, self._held = bytes(self._held), bytearray()
         self.pipe = UpgradePipe(self.link, self.stream_id, clock=self.relay.clock, method=self.request.method,
                                 idle_timeout=self.relay.config.upgrade_idle_timeout, held=held,
@@ -585,6 +589,7 @@ class RelayStream:
             self.release_share()
 
     def _upgrade_closed(self, pipe: UpgradePipe) -> None:
+        from pipegate.http.upgrade import HANDSHAKE
         if pipe.state == HANDSHAKE:  # no answer from the app: 502, 504, or the caller left
             self.relay.stats.inc("upgrades", "failed")
         self.relay.stats.inc("bytes", "up", pipe.bytes_up)

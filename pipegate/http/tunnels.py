@@ -12,6 +12,7 @@ with C{request}, C{assign(link)} and C{fail(code, reason)} (pipegate/http/stream
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 from autobahn.websocket.types import ConnectionDeny
@@ -22,10 +23,12 @@ from twisted.web import http
 from pipegate import auth
 from pipegate.core.budget import Budget
 from pipegate.core.routes import RouteTable
-from pipegate.http import visitors
 from pipegate.http.ownership import Holder, join_refusal
-from pipegate.http.revocation import Revocations
 from pipegate.stats import Stats
+
+if TYPE_CHECKING:
+    from pipegate.http.revocation import Revocations   # loaded only with --revoked (tap/server.py)
+    from pipegate.http.visitors import VisitorGate     # loaded by the first login with a visitor policy
 
 
 @attrs.define(eq=False)
@@ -39,7 +42,7 @@ class Tunnel:
     callers: Budget = attrs.field(factory=lambda: Budget(per_source=0, total=0))
     waiting: list = attrs.field(factory=list)
     in_flight: int = 0
-    gate: visitors.VisitorGate | None = None   # the visitor policy its connectors declared
+    gate: VisitorGate | None = None   # the visitor policy its connectors declared
 
     @property
     def links(self) -> list:
@@ -70,7 +73,7 @@ class Tunnels(Mapping):
         self.stats = stats
         self._by_id: dict[str, Tunnel] = {}
         self.leaving: set = set()                  # links told GOAWAY, finishing their requests
-        self.revocations = Revocations()           # --revoked: token ids and connection ids
+        self.revocations: Revocations | None = None   # --revoked: token ids and connection ids
         self.login_observers: list = []  # callables(tunnel_id) told of every connector login (ACME)
 
     def __getitem__(self, tunnel_id: str) -> Tunnel:
@@ -110,7 +113,7 @@ class Tunnels(Mapping):
         if path_id is not None and path_id.lower() != sub:
             self.stats.inc("admission_failures", "wrong_path")
             raise ConnectionDeny(403, "token subject does not match the path")
-        if self.revocations.revoked(claims.jti, sub):
+        if self.revocations is not None and self.revocations.revoked(claims.jti, sub):
             self.stats.inc("admission_failures", "revoked")
             raise ConnectionDeny(401, "token revoked")
         return attrs.evolve(claims, sub=sub)
@@ -168,8 +171,13 @@ class Tunnels(Mapping):
         """A connector logged in: its waiting requests (visitor policy permitting) go to it."""
         tunnel = self.tunnel(link.tunnel_id)
         if not tunnel.links:
-            policy = link.holder.policy
-            tunnel.gate = None if policy.empty else visitors.VisitorGate(tunnel.id, policy)
+            policy = link.holder.policy   # (None: the connector declared no visitor policy)
+            if policy is None:
+                tunnel.gate = None
+            else:
+                from pipegate.http.visitors import VisitorGate
+
+                tunnel.gate = VisitorGate(tunnel.id, policy)
         tunnel.connectors.announce(link, [tunnel.id])
         self.log.info("connector up for tunnel {tunnel_id} ({count} connected)",
                       tunnel_id=link.tunnel_id, count=len(tunnel.links))

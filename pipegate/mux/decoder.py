@@ -33,6 +33,7 @@ _FRAME_PREFIX = PREFIX.unpack_from   # length, type, channel at once
 _MAX_DATA_SIZE = HEADER_SIZE + MAX_DATA  # the largest declared length of a DATA frame
 _MAX_DATAGRAM_SIZE = HEADER_SIZE + MAX_DATAGRAM  # the largest declared length of a DATAGRAM frame
 _SMALL_READ = 4096
+_MIN_VIEW = HEADER_SIZE + _SMALL_READ   # the smallest declared length of a DATA frame given as a view
 
 
 class FrameDecoder:
@@ -54,12 +55,20 @@ class FrameDecoder:
     a L{Data} (checked the same way; every other frame as always): a link dispatching
     one DATA frame per message then makes no attrs object per message
     (L{pipegate.mux.session.MuxLink}; about a tenth of its per-message work).
+
+    With C{views} too, a DATA payload of 4 KiB or more that lies whole in a read given as a
+    read-only memoryview is given as a view of that read (no copy: a bulk link's receiver
+    copied every byte once here); its frame is checked as any other.  Such a view is valid
+    as long as its reader keeps it (the buffer is never reused) but holds the whole read's
+    memory while kept: whoever takes it should write it on or copy it (L{MuxLink.dataReceived}).
     """
 
-    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE, data_pairs: bool = False) -> None:
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE, data_pairs: bool = False,
+                 views: bool = False) -> None:
         _check_limit(max_frame_size)
         self.max_frame_size = max_frame_size
         self.data_pairs = data_pairs
+        self.views = views
         self._parts: list[memoryview] = []
         self._held = 0
         self._failed: FrameError | None = None
@@ -123,6 +132,16 @@ class FrameDecoder:
                 break
             kind, channel = _HEADER.unpack_from(first, _LENGTH.size)
             if len(first) >= total:
+                if self.views and kind == DATA and channel and _MIN_VIEW <= size <= _MAX_DATA_SIZE:
+                    # A bulk payload whole in one read: a view of it (decode_body's DATA checks, inline)
+                    view = first[_PREFIX:total]
+                    frames.append((channel, view) if self.data_pairs else Data(channel, view))
+                    if len(first) == total:
+                        del parts[0]
+                    else:
+                        parts[0] = first[total:]
+                    self._held -= total
+                    continue
                 payload = bytes(first[_PREFIX:total])
                 if len(first) == total:
                     del parts[0]

@@ -24,11 +24,12 @@ from zope.interface import implementer
 from pipegate._compat import write_now
 from pipegate.core.budget import LogThrottle
 from pipegate.dialer import Redialer
-from pipegate.sockets import bounded_reads, eager_writes, no_delay, send_now, socket_transport
+from pipegate.sockets import eager_writes, no_delay, send_now
 from pipegate.stats import stats_of
 from pipegate.mux import frames
 from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
 from pipegate.mux.decoder import FrameDecoder
+from pipegate.mux.linkio import LINK_WRITE_BUFFER, link_write_buffer, takes_views  # noqa: F401 (re-exported)
 from pipegate.mux.tls import LinkTLSProtocol, tls_failure
 from pipegate.timers import cancel
 
@@ -80,22 +81,6 @@ class LinkOwner(TypingProtocol):
     def link_closed(self, link: MuxLink) -> None: ...
 
     def peer_stopping(self) -> bool: ...
-
-
-# The link's socket buffers this much before it pauses its producer (with Twisted's 64 KiB,
-# thousands of busy channels spent the link's time pausing and resuming each other).
-LINK_WRITE_BUFFER = 4 * 1024 * 1024
-
-
-def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
-    """
-    Raise the write buffer of the socket under C{transport} (through TLS or wrappers),
-    keeping its reads at READ_SIZE (127 KiB: L{pipegate.sockets.bounded_reads}).
-    """
-    transport = socket_transport(transport)
-    if transport is not None:
-        transport.bufferSize = max(transport.bufferSize, size)
-        bounded_reads(transport)
 
 
 class LinkChannel:
@@ -160,7 +145,8 @@ class MuxLink(Protocol):
         self.stats = stats_of(node)
         # DATA goes straight to its channel unless a subclass routes frames its own way (the hub)
         self._direct_data = type(self)._frame is MuxLink._frame
-        self.decoder.data_pairs = self._direct_data
+        # (and bulk payloads as views of the read they came in, when the channel takes them: takes_views)
+        self.decoder.data_pairs = self.decoder.views = self._direct_data
         # bytes direction: up = client -> service, i.e. gateway -> provider
         self._sent, self._received = ("up", "down") if config.role == frames.ROLE_GATEWAY else ("down", "up")
         # The "bytes" counter's key for what this link sends: send_data and dataReceived add to
@@ -224,9 +210,11 @@ class MuxLink(Protocol):
                             payload_bytes += len(payload)
                             channel = channels.get(channel_id)
                             if channel is not None:
+                                if type(payload) is memoryview and not takes_views(channel):
+                                    payload = payload.tobytes()
                                 channel.payload_received(channel_id, payload)
                         else:
-                            self._frame(frames.Data(channel_id, payload))
+                            self._frame(frames.Data(channel_id, bytes(payload)))
                     elif direct and type(frame) in _PAYLOAD:
                         # The hot path (one frame per message or datagram under request/response
                         # load), without the dispatch of _frame.

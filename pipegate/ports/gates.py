@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 from typing import Protocol as TypingProtocol
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from pipegate.mux.channel import StreamChannel
 from pipegate.mux.frames import MAX_DATAGRAM
 from pipegate.sockets import read_waiting
 from pipegate.stats import Stats
+from pipegate.tcpclient import PromptClose
 from pipegate.core.bucket import datagram_allowed
 from pipegate.throttle import Shaper
 from pipegate.ports.udp import Flow, Hold, datagram_sender
@@ -52,6 +54,16 @@ class GateOwner(TypingProtocol):
     def admit_flow(self, source: str, port: int) -> bool: ...
 
     def try_open(self, key, client, attempt=None) -> None: ...
+
+
+class GateServer(PromptClose, tcp.Server):
+    """A client's TCP connection to a gate, as Twisted's own, with a L{PromptClose}."""
+
+
+def serve_gate(port) -> None:
+    """Make the connections C{port} (a gate's listening port) accepts L{GateServer}s."""
+    if isinstance(port, tcp.Port):   # (its public transport attribute; a test's fake port stays as it is)
+        port.transport = GateServer
 
 
 class GateFactory(Factory):

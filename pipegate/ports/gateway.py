@@ -25,7 +25,7 @@ from pipegate.core.policydoc import policy_from_bytes
 from pipegate.core.bucket import BucketPool
 from pipegate.core.window import GrowthBudget
 from pipegate.mux.session import LinkChannel
-from pipegate.ports.gates import GateConnection, GateFactory, UDPGate
+from pipegate.ports.gates import GateConnection, GateFactory, UDPGate, serve_gate
 from pipegate.ports.services import Exposure, Service
 from pipegate.ports.udp import (
     EVICT_MIN_IDLE, UDP_BUFFER, UDP_HOLD, UDP_HOLD_TOTAL, Flow, Hold, evict_idle, set_buffers,
@@ -392,6 +392,7 @@ class Gateway(service.Service, Drainer):
             if not self.running or key not in self.exposed():
                 return listening.stopListening()
             self._forget_bind_failures(key)
+            serve_gate(listening)
             self.gates[key] = (listening, None)
             if self.guard is not None:
                 self.guard.ports.append(listening)

@@ -11,13 +11,10 @@ from pipegate import auth
 from pipegate.config import (API_PARAMETERS, EnvOptions, TopService, endpoint_hint, non_negative_float,
                              non_negative_int, positive_float, positive_int)
 from pipegate.http.acmeoptions import ACME_FLAGS, ACME_PARAMETERS, AcmeOptions, acme_for
-from pipegate.http.forwarded import parse_trusted_proxies
 from pipegate.http.public import RelaySite
 from pipegate.http.relay import Relay, RelayConfig
 from pipegate.mux.options import HUB_PARAMETERS, HubOptions
 from pipegate.opslistener import add_metrics_listener
-from pipegate.core.policy import PolicyError, normalize_ip
-from pipegate.core.policydoc import load_policy
 from pipegate.heap import FrozenStartupHeap
 from pipegate.accept import ConnectionGate, EmfileGuard, SiteLimits, listener as guarded_listener
 from pipegate.core.budget import Budget, SourceRate
@@ -112,14 +109,25 @@ class Options(AcmeOptions, HubOptions, EnvOptions):
     ]
 
     def check(self) -> None:
-        try:
-            self["policy"] = load_policy(self["ingress-policy"], _fetch)[0]
-        except PolicyError as e:
-            raise usage.UsageError(f"--ingress-policy: {e}") from None
-        try:
-            self["trusted-proxies"] = parse_trusted_proxies(",".join(self["trusted-proxy"]))
-        except ValueError as e:
-            raise usage.UsageError(f"--trusted-proxy: {e}") from None
+        # The policy and proxy code loads only for the options that need it, and then here,
+        # at startup, so that a broken module stops the relay at once (tests/test_lean_startup.py).
+        self["policy"] = None   # (no --ingress-policy: every caller is let in, unshaped)
+        if self["ingress-policy"]:
+            from pipegate.core.policy import PolicyError
+            from pipegate.core.policydoc import load_policy
+
+            try:
+                self["policy"] = load_policy(self["ingress-policy"], _fetch)[0]
+            except PolicyError as e:
+                raise usage.UsageError(f"--ingress-policy: {e}") from None
+        self["trusted-proxies"] = None   # (no --trusted-proxy: no forwarding header is believed)
+        if self["trusted-proxy"]:
+            from pipegate.http.forwarded import parse_trusted_proxies
+
+            try:
+                self["trusted-proxies"] = parse_trusted_proxies(",".join(self["trusted-proxy"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--trusted-proxy: {e}") from None
         try:
             self["jwt"] = auth.JWTSettings.from_values(
                 self.environ.get("PIPEGATE_JWT_SECRET"), self["jwt-algorithms"],
@@ -195,7 +203,7 @@ def relay_config(options: Options) -> RelayConfig:
 
 
 class _TrustedPeers:
-    """The peers --trusted-proxy names, as a set of IPs for L{Budget.exempt}."""
+    """The peers --trusted-proxy names (None: nobody), as a set of IPs for L{Budget.exempt}."""
 
     def __init__(self, trusted) -> None:
         self.trusted = trusted
@@ -203,10 +211,7 @@ class _TrustedPeers:
     def __contains__(self, ip) -> bool:
         if not self.trusted or not isinstance(ip, str):
             return False
-        try:
-            return self.trusted.trusts(normalize_ip(ip))
-        except PolicyError:
-            return False
+        return self.trusted.trusts_peer(ip)
 
 
 log = Logger(namespace="pipegate.tap.server")

@@ -1,0 +1,49 @@
+"""
+What a mux link does to the sockets under it and the channels it writes to: its socket's
+write buffer (L{link_write_buffer}), and which channels take a DATA payload as a view of
+the read it came in (L{takes_views}).
+"""
+
+from __future__ import annotations
+
+from twisted.protocols.policies import ProtocolWrapper
+
+from pipegate.mux.channel import StreamChannel
+from pipegate.sockets import bounded_reads, socket_transport
+
+# The link's socket buffers this much before it pauses its producer (with Twisted's 64 KiB,
+# thousands of busy channels spent the link's time pausing and resuming each other).
+LINK_WRITE_BUFFER = 4 * 1024 * 1024
+
+
+def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
+    """
+    Raise the write buffer of the socket under C{transport} (through TLS or wrappers),
+    keeping its reads at READ_SIZE (127 KiB: L{pipegate.sockets.bounded_reads}).
+    """
+    transport = socket_transport(transport)
+    if transport is not None:
+        transport.bufferSize = max(transport.bufferSize, size)
+        bounded_reads(transport)
+
+
+_STREAM_PAYLOAD = StreamChannel.payload_received
+_WRAPPER_WRITE = ProtocolWrapper.write
+
+
+def takes_views(channel) -> bool:
+    """
+    Whether C{channel} may be given a DATA payload as a read-only memoryview of a link read
+    (L{pipegate.mux.decoder.FrameDecoder}'s C{views}) instead of bytes: a L{StreamChannel}
+    whose C{payload_received} is its own (it writes the payload to its socket and keeps
+    nothing), over a socket whose C{write} takes views (L{pipegate.sockets.eager_writes}:
+    what the kernel does not take at once it queues as bytes), found through pass-through
+    C{ProtocolWrapper}s such as the gateway's C{ConnectionGate}.  Anything else (a wrapper
+    with a C{write} of its own, such as a rate shaper, which may hold what it is given) gets bytes.
+    """
+    if getattr(type(channel), "payload_received", None) is not _STREAM_PAYLOAD:
+        return False
+    write = getattr(channel.transport, "write", None)
+    while getattr(write, "__func__", None) is _WRAPPER_WRITE:
+        write = getattr(write.__self__.transport, "write", None)
+    return getattr(getattr(write, "__func__", None), "takes_views", False) is True
