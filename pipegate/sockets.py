@@ -123,6 +123,7 @@ def _eager_writes_on(sock) -> None:
     if has_write_buffers(sock):   # (else not a twisted.internet.tcp.Connection)
         # A bound method, not a closure: this is per tunnelled connection (about 64 bytes).
         sock.write = MethodType(_eager_write, sock)
+        sock.writeSequence = MethodType(_eager_write_sequence, sock)
 
 
 def stream_socket(transport, buffer_size: int):
@@ -231,6 +232,7 @@ def plain_writes(transport) -> None:
     transport = socket_transport(transport)
     if transport is not None:
         transport.__dict__.pop("write", None)
+        transport.__dict__.pop("writeSequence", None)
         transport.__dict__.pop("doRead", None)   # (stream_socket's)
 
 
@@ -254,6 +256,43 @@ def _eager_write(transport, data: bytes | memoryview) -> None:
 # A memoryview may be written (the mux links' TLS layer sends its records from a buffer of its own
 # without copying them into bytes first: pipegate._compat.BatchedTLSProtocol._flushSendBIO).
 _eager_write.takes_views = True
+
+# The most pieces one sendmsg takes (Linux's IOV_MAX; more fail with EMSGSIZE).
+IOV_MAX = 1024
+
+
+def _eager_write_sequence(transport, pieces) -> None:
+    # _eager_write of the pieces' concatenation, with one sendmsg per IOV_MAX pieces instead of
+    # a join and a send (a mux link hands one channel's DATA payloads of a read here as views of
+    # it: pipegate.mux.linkio.deliver_pieces).  What the kernel does not take is queued as bytes.
+    if type(pieces) is not list:
+        pieces = list(pieces)
+    start = 0
+    if writable_now(transport):
+        sendmsg = transport.socket.sendmsg
+        while start < len(pieces):
+            chunk = pieces[start:start + IOV_MAX]
+            try:
+                sent = sendmsg(chunk)
+            except OSError:
+                sent = 0
+            for piece in chunk:
+                size = len(piece)
+                if sent < size:
+                    break
+                sent -= size
+                start += 1
+            else:
+                continue
+            if sent:
+                pieces = [pieces[start][sent:], *pieces[start + 1:]]
+                start = 0
+            break
+    if start < len(pieces):
+        type(transport).write(transport, b"".join(pieces[start:]))  # queue the rest: FileDescriptor.write
+
+
+_eager_write_sequence.takes_views = True
 
 
 def send_now(transport) -> None:

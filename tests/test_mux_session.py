@@ -92,7 +92,8 @@ class RecordingChannel(LinkChannel):
 
 
 class ViewTakingTransport(StringTransport):
-    """A socket transport whose write takes memoryviews (as pipegate.sockets' eager write): kept as given."""
+    """A socket transport whose write and writeSequence take memoryviews (as pipegate.sockets' eager
+    write): kept as given (a writeSequence as a list)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,6 +103,11 @@ class ViewTakingTransport(StringTransport):
         self.written.append(data)
 
     write.takes_views = True
+
+    def writeSequence(self, pieces) -> None:
+        self.written.append(list(pieces))
+
+    writeSequence.takes_views = True
 
 
 class Shaper(ProtocolWrapper):

@@ -196,6 +196,59 @@ class EagerWriteTests(unittest.TestCase):
         self.assertEqual(b"".join(got), expected)
 
 
+    async def collect(self, size: int) -> bytes:
+        got = []
+        self.peer.setblocking(False)
+        for _ in range(500):
+            await task.deferLater(reactor, 0.01, lambda: None)
+            try:
+                while True:
+                    got.append(self.peer.recv(1 << 20))
+            except BlockingIOError:
+                pass
+            if sum(map(len, got)) >= size:
+                break
+        return b"".join(got)
+
+    def test_a_sequence_goes_out_in_sendmsgs_of_at_most_iov_max_pieces(self):
+        # One sendmsg per IOV_MAX (1024) pieces: more would fail with EMSGSIZE.
+        transport = self.client.transport
+        self.assertTrue(transport.writeSequence.__func__.takes_views)
+        calls = []
+        real = transport.socket
+
+        class Counting:
+            def sendmsg(self, pieces):
+                calls.append(len(pieces))
+                return real.sendmsg(pieces)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+        transport.socket = Counting()
+        self.addCleanup(setattr, transport, "socket", real)
+        pieces = [memoryview(bytes([i % 251]) * 3) for i in range(2500)]
+        transport.writeSequence(pieces)
+        self.assertEqual(calls, [1024, 1024, 452])
+        self.assertEqual(self.drain_peer(7500), b"".join(pieces))
+        self.assertEqual(transport._tempDataLen, 0)
+        calls.clear()
+        transport.writeSequence([b"one", memoryview(b"two")])
+        self.assertEqual(calls, [2])
+        self.assertEqual(self.drain_peer(6), b"onetwo")
+
+    async def test_what_a_sequence_leaves_is_queued_as_bytes_in_order(self):
+        transport = self.client.transport
+        big = bytearray(bytes(range(256)) * 8_000)   # 2 MiB a piece, 10 MiB in all
+        pieces = [memoryview(big)[i:i + 2_048_000] for i in range(0, len(big), 2_048_000)] * 5
+        transport.writeSequence(pieces)
+        self.assertGreater(transport._tempDataLen, 0)
+        transport.writeSequence([memoryview(b"be"), b"hind"])   # queued behind, joined
+        self.assertTrue(all(type(part) is bytes for part in transport._tempDataBuffer))
+        expected = bytes(big) * 5 + b"behind"
+        big[:] = bytes(len(big))                     # what was queued was copied
+        self.assertEqual(await self.collect(len(expected)), expected)
+
+
 class _Collect(Protocol):
     def __init__(self) -> None:
         self.chunks: list[bytes] = []

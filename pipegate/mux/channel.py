@@ -179,6 +179,23 @@ class StreamChannel(Protocol):
         if credit:
             self.link.send(frames.Window(self.channel_id, credit))
 
+    def pieces_received(self, channel_id: int, pieces: list, size: int) -> None:
+        """
+        Consecutive DATA payloads of one link read as their pieces (views of it: see
+        L{pipegate.mux.linkio.deliver_pieces}), C{size} bytes in all: one credit check for all of
+        them (a group that overruns the credit writes nothing), then one C{writeSequence}.
+        """
+        if self.done:
+            return
+        if self.fin_received:
+            raise frames.FrameError(f"DATA on channel {self.channel_id} after its FIN")
+        if self._idle_timer is not None:
+            self._idle_timer.touch()
+        credit = self.flow.arrived(size)
+        self.transport.writeSequence(pieces)  # (eager_writes: one sendmsg, the rest queued as bytes)
+        if credit:
+            self.link.send(frames.Window(self.channel_id, credit))
+
     def frame_received(self, frame) -> None:
         if self.done:
             return

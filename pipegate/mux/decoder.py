@@ -24,8 +24,9 @@ def _check_limit(max_frame_size: int) -> None:
         raise ValueError(f"max frame size must be at least {MIN_MAX_FRAME_SIZE} bytes")
 
 
-# A DATA frame as FrameDecoder(data_pairs=True) gives it: (channel, payload).
-DataPair = tuple[int, bytes]
+# A DATA frame as FrameDecoder(data_pairs=True) gives it: (channel, payload); with views, the
+# payload may be a memoryview or a list of them (see FrameDecoder).
+DataPair = tuple[int, "bytes | memoryview | list[memoryview]"]
 
 _PREFIX = _LENGTH.size + HEADER_SIZE   # length, type, channel: what precedes a payload
 _LENGTH_SIZE = _LENGTH.size
@@ -61,6 +62,10 @@ class FrameDecoder:
     copied every byte once here); its frame is checked as any other.  Such a view is valid
     as long as its reader keeps it (the buffer is never reused) but holds the whole read's
     memory while kept: whoever takes it should write it on or copy it (L{MuxLink.dataReceived}).
+    With C{data_pairs} too, such a payload across reads is given as a list of its pieces (views of
+    those reads, in order), and the bulk payloads of consecutive DATA frames of one channel
+    (views or such lists) as one pair whose payload is the list of all their pieces: a payload
+    is then bytes, a memoryview or a list of memoryviews (whose concatenation it stands for).
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE, data_pairs: bool = False,
@@ -135,7 +140,10 @@ class FrameDecoder:
                 if self.views and kind == DATA and channel and _MIN_VIEW <= size <= _MAX_DATA_SIZE:
                     # A bulk payload whole in one read: a view of it (decode_body's DATA checks, inline)
                     view = first[_PREFIX:total]
-                    frames.append((channel, view) if self.data_pairs else Data(channel, view))
+                    if self.data_pairs:
+                        _add_pieces(frames, channel, [view])
+                    else:
+                        frames.append(Data(channel, view))
                     if len(first) == total:
                         del parts[0]
                     else:
@@ -148,7 +156,7 @@ class FrameDecoder:
                 else:
                     parts[0] = first[total:]
             else:
-                pieces = [first[_PREFIX:]]
+                pieces = [first[_PREFIX:]] if len(first) > _PREFIX else []
                 need = total - len(first)
                 del parts[0]
                 while need:
@@ -161,6 +169,12 @@ class FrameDecoder:
                         pieces.append(part[:need])
                         parts[0] = part[need:]
                         need = 0
+                if self.views and self.data_pairs and kind == DATA and channel and (
+                        _MIN_VIEW <= size <= _MAX_DATA_SIZE):
+                    # A bulk payload across reads: its pieces, views of those reads (no join)
+                    self._held -= total
+                    _add_pieces(frames, channel, pieces)
+                    continue
                 payload = b"".join(pieces)
             self._held -= total
             frame = decode_body(kind, channel, payload)
@@ -210,6 +224,21 @@ class FrameDecoder:
             self._parts.append(memoryview(data)[offset:] if offset else memoryview(data))
             self._held = end - offset
         return frames
+
+
+def _add_pieces(frames: list, channel: int, pieces: list) -> None:
+    # A bulk DATA payload as views (FrameDecoder's views and data_pairs): one view alone, or with
+    # the pieces of the DATA of the same channel just before it, as one list of pieces.
+    if frames:
+        last = frames[-1]
+        if type(last) is tuple and last[0] == channel and type(last[1]) is not bytes:
+            held = last[1]
+            if type(held) is list:
+                held += pieces
+            else:
+                frames[-1] = (channel, [held, *pieces])
+            return
+    frames.append((channel, pieces[0] if len(pieces) == 1 else pieces))
 
 
 def decode(data: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> Frame:

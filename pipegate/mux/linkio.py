@@ -28,22 +28,52 @@ def link_write_buffer(transport, size: int = LINK_WRITE_BUFFER) -> None:
 
 
 _STREAM_PAYLOAD = StreamChannel.payload_received
+_STREAM_PIECES = StreamChannel.pieces_received
 _WRAPPER_WRITE = ProtocolWrapper.write
+_WRAPPER_WRITE_SEQUENCE = ProtocolWrapper.writeSequence
+
+
+def _takes(transport, name: str, wrapped) -> bool:
+    # Whether transport's write method C{name}, through pass-through wrappers, takes views.
+    write = getattr(transport, name, None)
+    while getattr(write, "__func__", None) is wrapped:
+        write = getattr(write.__self__.transport, name, None)
+    return getattr(getattr(write, "__func__", None), "takes_views", False) is True
 
 
 def takes_views(channel) -> bool:
     """
     Whether C{channel} may be given a DATA payload as a read-only memoryview of a link read
-    (L{pipegate.mux.decoder.FrameDecoder}'s C{views}) instead of bytes: a L{StreamChannel}
-    whose C{payload_received} is its own (it writes the payload to its socket and keeps
-    nothing), over a socket whose C{write} takes views (L{pipegate.sockets.eager_writes}:
-    what the kernel does not take at once it queues as bytes), found through pass-through
-    C{ProtocolWrapper}s such as the gateway's C{ConnectionGate}.  Anything else (a wrapper
-    with a C{write} of its own, such as a rate shaper, which may hold what it is given) gets bytes.
+    (L{pipegate.mux.decoder.FrameDecoder}'s C{views}) instead of bytes, or several as their pieces
+    (L{deliver_pieces}): a L{StreamChannel} whose C{payload_received} and C{pieces_received} are its
+    own (it writes the payload to its socket and keeps nothing), over a socket whose C{write} and
+    C{writeSequence} take views (L{pipegate.sockets.eager_writes}: what the kernel does not take at
+    once it queues as bytes), found through pass-through C{ProtocolWrapper}s such as the gateway's
+    C{ConnectionGate}.  Anything else (a wrapper with a C{write} of its own, such as a rate shaper,
+    which may hold what it is given) gets bytes.
     """
-    if getattr(type(channel), "payload_received", None) is not _STREAM_PAYLOAD:
+    kind = type(channel)
+    if getattr(kind, "payload_received", None) is not _STREAM_PAYLOAD or (
+            getattr(kind, "pieces_received", None) is not _STREAM_PIECES):
         return False
-    write = getattr(channel.transport, "write", None)
-    while getattr(write, "__func__", None) is _WRAPPER_WRITE:
-        write = getattr(write.__self__.transport, "write", None)
-    return getattr(getattr(write, "__func__", None), "takes_views", False) is True
+    transport = channel.transport
+    return (_takes(transport, "write", _WRAPPER_WRITE)
+            and _takes(transport, "writeSequence", _WRAPPER_WRITE_SEQUENCE))
+
+
+def deliver_pieces(channel, channel_id: int, pieces: list) -> int:
+    """
+    Give C{channel} (or None: a channel not open) the DATA payloads of one read that the decoder
+    gave as one list of pieces (L{pipegate.mux.decoder.FrameDecoder}), and return their size: in
+    one C{pieces_received} to a channel that L{takes_views} (one credit check, one C{sendmsg}), else
+    joined, as one payload.  Either way a group that overruns the channel's credit writes nothing.
+    """
+    size = 0
+    for piece in pieces:
+        size += len(piece)
+    if channel is not None:
+        if takes_views(channel):
+            channel.pieces_received(channel_id, pieces, size)
+        else:
+            channel.payload_received(channel_id, b"".join(pieces))
+    return size

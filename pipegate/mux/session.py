@@ -29,7 +29,8 @@ from pipegate.stats import stats_of
 from pipegate.mux import frames
 from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
 from pipegate.mux.decoder import FrameDecoder
-from pipegate.mux.linkio import LINK_WRITE_BUFFER, link_write_buffer, takes_views  # noqa: F401 (re-exported)
+from pipegate.mux.linkio import (  # noqa: F401 (LINK_WRITE_BUFFER, link_write_buffer re-exported)
+    LINK_WRITE_BUFFER, deliver_pieces, link_write_buffer, takes_views)
 from pipegate.mux.tls import LinkTLSProtocol, tls_failure
 from pipegate.timers import cancel
 
@@ -206,7 +207,9 @@ class MuxLink(Protocol):
                         # A DATA frame, as (channel, payload) (the decoder's data_pairs: no Data
                         # object per message), straight to its channel.
                         channel_id, payload = frame
-                        if direct:
+                        if direct and type(payload) is list:   # bulk payloads as pieces (linkio)
+                            payload_bytes += deliver_pieces(channels.get(channel_id), channel_id, payload)
+                        elif direct:
                             payload_bytes += len(payload)
                             channel = channels.get(channel_id)
                             if channel is not None:
@@ -214,7 +217,8 @@ class MuxLink(Protocol):
                                     payload = payload.tobytes()
                                 channel.payload_received(channel_id, payload)
                         else:
-                            self._frame(frames.Data(channel_id, bytes(payload)))
+                            self._frame(frames.Data(channel_id, b"".join(payload) if type(payload) is list
+                                                    else bytes(payload)))
                     elif direct and type(frame) in _PAYLOAD:
                         # The hot path (one frame per message or datagram under request/response
                         # load), without the dispatch of _frame.
