@@ -264,7 +264,7 @@ IOV_MAX = 1024
 def _eager_write_sequence(transport, pieces) -> None:
     # _eager_write of the pieces' concatenation, with one sendmsg per IOV_MAX pieces instead of
     # a join and a send (a mux link hands one channel's DATA payloads of a read here as views of
-    # it: pipegate.mux.linkio.deliver_pieces).  What the kernel does not take is queued as bytes.
+    # it: pipegate.mux.linkio.deliver_views).  What the kernel does not take is queued as bytes.
     if type(pieces) is not list:
         pieces = list(pieces)
     start = 0

@@ -182,7 +182,7 @@ class StreamChannel(Protocol):
     def pieces_received(self, channel_id: int, pieces: list, size: int) -> None:
         """
         Consecutive DATA payloads of one link read as their pieces (views of it: see
-        L{pipegate.mux.linkio.deliver_pieces}), C{size} bytes in all: one credit check for all of
+        L{pipegate.mux.linkio.deliver_views}), C{size} bytes in all: one credit check for all of
         them (a group that overruns the credit writes nothing), then one C{writeSequence}.
         """
         if self.done:

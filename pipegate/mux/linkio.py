@@ -61,19 +61,25 @@ def takes_views(channel) -> bool:
             and _takes(transport, "writeSequence", _WRAPPER_WRITE_SEQUENCE))
 
 
-def deliver_pieces(channel, channel_id: int, pieces: list) -> int:
+def deliver_views(channel, channel_id: int, payload) -> int:
     """
-    Give C{channel} (or None: a channel not open) the DATA payloads of one read that the decoder
-    gave as one list of pieces (L{pipegate.mux.decoder.FrameDecoder}), and return their size: in
-    one C{pieces_received} to a channel that L{takes_views} (one credit check, one C{sendmsg}), else
-    joined, as one payload.  Either way a group that overruns the channel's credit writes nothing.
+    Give C{channel} (or None: a channel not open) a DATA payload that the decoder gave as a view
+    of the read, or the payloads of one channel's consecutive DATA of a read as one list of
+    pieces (L{pipegate.mux.decoder.FrameDecoder}), and return its size.  To a channel that
+    L{takes_views} as they are (pieces in one C{pieces_received}: one credit check, one
+    C{sendmsg}), else as bytes (pieces joined, as one payload).  Either way a group that overruns
+    the channel's credit writes nothing.
     """
+    if type(payload) is not list:
+        if channel is not None:
+            channel.payload_received(channel_id, payload if takes_views(channel) else payload.tobytes())
+        return len(payload)
     size = 0
-    for piece in pieces:
+    for piece in payload:
         size += len(piece)
     if channel is not None:
         if takes_views(channel):
-            channel.pieces_received(channel_id, pieces, size)
+            channel.pieces_received(channel_id, payload, size)
         else:
-            channel.payload_received(channel_id, b"".join(pieces))
+            channel.payload_received(channel_id, b"".join(payload))
     return size

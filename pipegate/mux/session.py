@@ -30,7 +30,7 @@ from pipegate.mux import frames
 from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
 from pipegate.mux.decoder import FrameDecoder
 from pipegate.mux.linkio import (  # noqa: F401 (LINK_WRITE_BUFFER, link_write_buffer re-exported)
-    LINK_WRITE_BUFFER, deliver_pieces, link_write_buffer, takes_views)
+    LINK_WRITE_BUFFER, deliver_views, link_write_buffer, takes_views)
 from pipegate.mux.tls import LinkTLSProtocol, tls_failure
 from pipegate.timers import cancel
 
@@ -207,15 +207,13 @@ class MuxLink(Protocol):
                         # A DATA frame, as (channel, payload) (the decoder's data_pairs: no Data
                         # object per message), straight to its channel.
                         channel_id, payload = frame
-                        if direct and type(payload) is list:   # bulk payloads as pieces (linkio)
-                            payload_bytes += deliver_pieces(channels.get(channel_id), channel_id, payload)
-                        elif direct:
+                        if direct and type(payload) is bytes:
                             payload_bytes += len(payload)
                             channel = channels.get(channel_id)
                             if channel is not None:
-                                if type(payload) is memoryview and not takes_views(channel):
-                                    payload = payload.tobytes()
                                 channel.payload_received(channel_id, payload)
+                        elif direct:   # a bulk payload as a view of the read, or one channel's as pieces
+                            payload_bytes += deliver_views(channels.get(channel_id), channel_id, payload)
                         else:
                             self._frame(frames.Data(channel_id, b"".join(payload) if type(payload) is list
                                                     else bytes(payload)))
