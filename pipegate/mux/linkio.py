@@ -45,7 +45,7 @@ def takes_views(channel) -> bool:
     """
     Whether C{channel} may be given a DATA payload as a read-only memoryview of a link read
     (L{pipegate.mux.decoder.FrameDecoder}'s C{views}) instead of bytes, or several as their pieces
-    (L{deliver_pieces}): a L{StreamChannel} whose C{payload_received} and C{pieces_received} are its
+    (L{deliver_views}): a L{StreamChannel} whose C{payload_received} and C{pieces_received} are its
     own (it writes the payload to its socket and keeps nothing), over a socket whose C{write} and
     C{writeSequence} take views (L{pipegate.sockets.eager_writes}: what the kernel does not take at
     once it queues as bytes), found through pass-through C{ProtocolWrapper}s such as the gateway's
