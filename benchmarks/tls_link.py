@@ -52,7 +52,7 @@ BATCH = 50
 
 
 def _prepare(transport) -> None:
-    from pipegate.mux.session import link_write_buffer
+    from pipegate.mux.linkio import link_write_buffer
     from pipegate.sockets import eager_writes, no_delay
     no_delay(transport)
     eager_writes(transport)

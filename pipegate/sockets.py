@@ -74,7 +74,7 @@ def bounded_reads(transport, size: int = READ_SIZE) -> None:
 
     Twisted's TCP transport uses C{bufferSize} twice: as how much it buffers before
     pausing its producer, and as the size of every C{recv}.  A mux link raises the
-    first to 4 MiB (L{pipegate.mux.session.link_write_buffer}), which made each read
+    first to 4 MiB (L{pipegate.mux.linkio.link_write_buffer}), which made each read
     allocate a 4 MiB bytes object: above the C library's mmap threshold, so every
     read cost an C{mmap}, an C{mremap} and a C{munmap} and a page fault per 4 KiB
     received (strace of the provider: 3 of each per tunnelled connection).  The

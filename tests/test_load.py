@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
 
-from pipegate.mux import session
+from pipegate.mux import linkio
 from pipegate.ports.services import Service
 from tests.support import Loopback, TestApp, eventually, free_port, pattern
 from tests.test_ports_e2e import PortPlane
@@ -173,7 +173,7 @@ class TCPLoad(PortPlane):
         for link in (next(iter(gw.links)), next(iter(prov.links))):
             tcp = link.transport.transport          # under the TLS layer
             self.assertIsInstance(tcp, FileDescriptor)
-            self.assertGreaterEqual(tcp.bufferSize, session.LINK_WRITE_BUFFER)
-            self.assertEqual(session.LINK_WRITE_BUFFER, 4 * 1024 * 1024)
+            self.assertGreaterEqual(tcp.bufferSize, linkio.LINK_WRITE_BUFFER)
+            self.assertEqual(linkio.LINK_WRITE_BUFFER, 4 * 1024 * 1024)
 
     test_2000_concurrent_channels_on_one_link_byte_exact.timeout = 300

@@ -29,8 +29,7 @@ from pipegate.stats import stats_of
 from pipegate.mux import frames
 from pipegate.mux.hello import EXPORTER_LABEL, hello_mac, verify_hello
 from pipegate.mux.decoder import FrameDecoder
-from pipegate.mux.linkio import (  # noqa: F401 (LINK_WRITE_BUFFER, link_write_buffer re-exported)
-    LINK_WRITE_BUFFER, deliver_views, link_write_buffer, takes_views)
+from pipegate.mux.linkio import deliver_views, link_write_buffer
 from pipegate.mux.tls import LinkTLSProtocol, tls_failure
 from pipegate.timers import cancel
 
