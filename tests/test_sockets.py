@@ -182,19 +182,7 @@ class EagerWriteTests(unittest.TestCase):
         self.assertTrue(all(type(part) is bytes for part in transport._tempDataBuffer))
         expected = bytes(big) + b"behind"
         big[:] = bytes(len(big))                     # what was queued was copied
-        got = []
-        self.peer.setblocking(False)
-        for _ in range(500):
-            await task.deferLater(reactor, 0.01, lambda: None)
-            try:
-                while True:
-                    got.append(self.peer.recv(1 << 20))
-            except BlockingIOError:
-                pass
-            if sum(map(len, got)) >= len(expected):
-                break
-        self.assertEqual(b"".join(got), expected)
-
+        self.assertEqual(await self.collect(len(expected)), expected)
 
     async def collect(self, size: int) -> bytes:
         got = []
