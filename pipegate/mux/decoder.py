@@ -136,25 +136,21 @@ class FrameDecoder:
             if self._held < total:
                 break
             kind, channel = _HEADER.unpack_from(first, _LENGTH.size)
+            # A bulk DATA payload, given as views of the reads it lies in (decode_body's DATA checks, inline)
+            bulk = self.views and kind == DATA and channel and _MIN_VIEW <= size <= _MAX_DATA_SIZE
             if len(first) >= total:
-                if self.views and kind == DATA and channel and _MIN_VIEW <= size <= _MAX_DATA_SIZE:
-                    # A bulk payload whole in one read: a view of it (decode_body's DATA checks, inline)
-                    view = first[_PREFIX:total]
-                    if self.data_pairs:
-                        _add_pieces(frames, channel, [view])
-                    else:
-                        frames.append(Data(channel, view))
-                    if len(first) == total:
-                        del parts[0]
-                    else:
-                        parts[0] = first[total:]
-                    self._held -= total
-                    continue
-                payload = bytes(first[_PREFIX:total])
+                payload = first[_PREFIX:total] if bulk else bytes(first[_PREFIX:total])
                 if len(first) == total:
                     del parts[0]
                 else:
                     parts[0] = first[total:]
+                if bulk:   # whole in one read: a view of it
+                    self._held -= total
+                    if self.data_pairs:
+                        _add_pieces(frames, channel, [payload])
+                    else:
+                        frames.append(Data(channel, payload))
+                    continue
             else:
                 pieces = [first[_PREFIX:]] if len(first) > _PREFIX else []
                 need = total - len(first)
@@ -169,9 +165,7 @@ class FrameDecoder:
                         pieces.append(part[:need])
                         parts[0] = part[need:]
                         need = 0
-                if self.views and self.data_pairs and kind == DATA and channel and (
-                        _MIN_VIEW <= size <= _MAX_DATA_SIZE):
-                    # A bulk payload across reads: its pieces, views of those reads (no join)
+                if bulk and self.data_pairs:   # across reads: its pieces, views of those reads (no join)
                     self._held -= total
                     _add_pieces(frames, channel, pieces)
                     continue
